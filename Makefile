@@ -1,0 +1,63 @@
+# Agent Orchestrator Service. `make run` serves with embedded defaults; `make test` installs what
+# it needs and runs every check CI runs.
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+BIN         := $(VENV)/bin
+BUF_VERSION := 1.75.0
+BUF         := .tools/node_modules/.bin/buf
+STAMP       := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help setup tools gen gen-check lint fmt test run bench docker clean
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)  ## Create .venv with the service and its dev tools.
+
+$(BUF):
+	npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+tools: $(STAMP) $(BUF)  ## Also install buf (npm) and redis-server (apt) when missing.
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+gen: $(STAMP)  ## Regenerate generated/ from protos/.
+	$(PY) scripts/gen_protos.py
+
+gen-check: $(STAMP)  ## Fail if generated/ is stale.
+	$(PY) scripts/gen_protos.py --check
+
+lint: tools gen-check  ## buf lint, ruff, mypy, codegen drift.
+	$(BUF) lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)  ## Format and autofix.
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: tools lint  ## Install what is missing, lint, run every test.
+	$(BIN)/pytest
+
+run: $(STAMP)  ## Serve on :50051 with embedded defaults (in-memory registry unless REDIS_URL is set).
+	$(BIN)/orchestrator serve
+
+bench: tools  ## Run the benchmarks and print their tables.
+	$(PY) -m bench
+
+docker:  ## Build the container image.
+	docker build -t agent-orchestrator:dev .
+
+clean:  ## Remove the virtualenv and tool caches.
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Typed async clients for the platform's downstream services."""

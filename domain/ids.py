@@ -1,0 +1,37 @@
+"""Identifier generation and validation."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+
+# Tenant ids end up inside Redis hash tags, so braces and separators are not allowed.
+TENANT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Ids the orchestrator hands out (uuid7 in canonical form).
+RESOURCE_ID_PATTERN = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+)
+
+
+def new_id() -> str:
+    """A UUIDv7 string: its first 48 bits are the Unix time in ms, so ids sort by creation."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 68) & 0xFFF) << 64  # rand_a (12 bits)
+    value |= 0b10 << 62  # variant
+    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b (62 bits)
+    return str(uuid.UUID(int=value))
+
+
+def is_resource_id(value: str) -> bool:
+    """Whether ``value`` has the shape of an id this service issues."""
+    return bool(RESOURCE_ID_PATTERN.match(value))
+
+
+def is_tenant_id(value: str) -> bool:
+    """Whether ``value`` is an acceptable tenant id."""
+    return bool(TENANT_ID_PATTERN.match(value))

@@ -1,0 +1,174 @@
+"""Session rules: validation, limits, pagination tokens, and the state checks callers rely on."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from domain.ids import is_resource_id, new_id
+from domain.models import NewSession, Page, Session, SessionFilter, SessionState
+from registry.base import SessionStore
+
+MAX_ID_CHARS = 128
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_CHARS = 128
+MAX_METADATA_VALUE_CHARS = 1024
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """Configured session limits, in milliseconds."""
+
+    default_ttl_ms: int
+    max_ttl_ms: int
+    min_ttl_ms: int = 1000
+
+
+def require_session_id(value: str, field: str = "session_id") -> str:
+    """Validate a session id argument (presence and shape)."""
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    if not is_resource_id(value):
+        raise InvalidArgument.field(field, "is not a valid session id")
+    return value
+
+
+class SessionManager:
+    """Creates, reads, lists and closes sessions for one tenant at a time."""
+
+    def __init__(self, store: SessionStore, policy: SessionPolicy) -> None:
+        self._store = store
+        self._policy = policy
+
+    async def create(
+        self,
+        tenant_id: str,
+        *,
+        agent_id: str,
+        user_id: str,
+        metadata: Mapping[str, str],
+        ttl_ms: int | None,
+    ) -> Session:
+        new = self._validate_new(agent_id, user_id, metadata, ttl_ms)
+        return await self._store.create_session(tenant_id, new_id(), new)
+
+    async def get(self, tenant_id: str, session_id: str) -> Session:
+        """Read a session, sliding its expiry. NotFound for missing and other tenants' ids."""
+        require_session_id(session_id)
+        session = await self._store.get_session(tenant_id, session_id, touch=True)
+        if session is None:
+            raise NotFound(f"session {session_id} not found")
+        return session
+
+    async def get_open(self, tenant_id: str, session_id: str) -> Session:
+        """Read a session that must accept new work (ACTIVE or BUSY)."""
+        session = await self.get(tenant_id, session_id)
+        if not session.state.is_open:
+            raise FailedPrecondition(f"session {session_id} is {session.state.value}")
+        return session
+
+    async def list(
+        self,
+        tenant_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        state: SessionState | None,
+        agent_id: str | None,
+    ) -> Page[Session]:
+        if page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        filter = SessionFilter(state=state, agent_id=agent_id or None)
+        after = decode_page_token(page_token, filter) if page_token else None
+        page = await self._store.list_sessions(tenant_id, limit=limit, after=after, filter=filter)
+        token = encode_page_token(page.next_cursor, filter) if page.next_cursor else None
+        return Page(page.items, token)
+
+    async def close(self, tenant_id: str, session_id: str) -> Session:
+        require_session_id(session_id)
+        session = await self._store.close_session(tenant_id, session_id)
+        if session is None:
+            raise NotFound(f"session {session_id} not found")
+        if session.state is SessionState.EXPIRED:
+            raise FailedPrecondition(f"session {session_id} is expired")
+        return session
+
+    def _validate_new(
+        self, agent_id: str, user_id: str, metadata: Mapping[str, str], ttl_ms: int | None
+    ) -> NewSession:
+        violations: list[FieldViolation] = []
+        if not agent_id:
+            violations.append(FieldViolation("agent_id", "is required"))
+        elif len(agent_id) > MAX_ID_CHARS:
+            violations.append(FieldViolation("agent_id", f"exceeds {MAX_ID_CHARS} characters"))
+        if len(user_id) > MAX_ID_CHARS:
+            violations.append(FieldViolation("user_id", f"exceeds {MAX_ID_CHARS} characters"))
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            violations.append(
+                FieldViolation("metadata", f"has more than {MAX_METADATA_ENTRIES} entries")
+            )
+        for key, value in metadata.items():
+            if not key or len(key) > MAX_METADATA_KEY_CHARS:
+                violations.append(
+                    FieldViolation(
+                        f"metadata[{key!r}]",
+                        f"key must be 1 to {MAX_METADATA_KEY_CHARS} characters",
+                    )
+                )
+            elif len(value) > MAX_METADATA_VALUE_CHARS:
+                violations.append(
+                    FieldViolation(
+                        f"metadata[{key!r}]", f"value exceeds {MAX_METADATA_VALUE_CHARS} characters"
+                    )
+                )
+        policy = self._policy
+        if ttl_ms is None:
+            ttl_ms = policy.default_ttl_ms
+        elif not policy.min_ttl_ms <= ttl_ms <= policy.max_ttl_ms:
+            violations.append(
+                FieldViolation(
+                    "ttl",
+                    f"must be between {policy.min_ttl_ms / 1000:g}s and "
+                    f"{policy.max_ttl_ms / 1000:g}s",
+                )
+            )
+        if violations:
+            raise InvalidArgument(violations)
+        return NewSession(
+            agent_id=agent_id, user_id=user_id, metadata=dict(metadata), ttl_ms=ttl_ms
+        )
+
+
+def _filter_fingerprint(filter: SessionFilter) -> str:
+    raw = f"{filter.state.value if filter.state else ''}\x00{filter.agent_id or ''}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def encode_page_token(cursor: str, filter: SessionFilter) -> str:
+    """An opaque token that carries the cursor and the filter it is valid for."""
+    payload = json.dumps({"v": 1, "after": cursor, "f": _filter_fingerprint(filter)})
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, filter: SessionFilter) -> str:
+    """The cursor inside a page token; InvalidArgument for a forged, stale or foreign token."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        after = payload["after"]
+        fingerprint = payload["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidArgument.field("page_token", "is not a valid page token") from None
+    if not isinstance(after, str) or not is_resource_id(after):
+        raise InvalidArgument.field("page_token", "is not a valid page token")
+    if fingerprint != _filter_fingerprint(filter):
+        raise InvalidArgument.field("page_token", "was issued for different filters")
+    return after

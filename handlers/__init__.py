@@ -1,0 +1,1 @@
+"""gRPC servicers: translate protobuf <-> domain and map domain errors to status codes."""

@@ -1,0 +1,77 @@
+"""Protobuf <-> domain conversions. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from domain.errors import InvalidArgument
+from domain.models import Session, SessionState, TokenUsage
+from orchestrator.v1 import common_pb2, session_pb2
+
+_STATE_TO_PB = {
+    SessionState.ACTIVE: session_pb2.SESSION_STATE_ACTIVE,
+    SessionState.BUSY: session_pb2.SESSION_STATE_BUSY,
+    SessionState.CLOSED: session_pb2.SESSION_STATE_CLOSED,
+    SessionState.EXPIRED: session_pb2.SESSION_STATE_EXPIRED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def duration_from_ms(ms: int) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(ms)
+    return duration
+
+
+def optional_duration_ms(holder: object, field: str, duration: duration_pb2.Duration) -> int | None:
+    """Milliseconds of an optional Duration field, None when unset; negative is invalid."""
+    if not holder.HasField(field):  # type: ignore[attr-defined]
+        return None
+    if duration.seconds < 0 or duration.nanos < 0:
+        raise InvalidArgument.field(field, "must not be negative")
+    return int(duration.ToMilliseconds())
+
+
+def usage_to_pb(usage: TokenUsage) -> common_pb2.TokenUsage:
+    return common_pb2.TokenUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def usage_from_pb(usage: common_pb2.TokenUsage) -> TokenUsage:
+    return TokenUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
+def session_state_from_pb(state: session_pb2.SessionState.ValueType) -> SessionState | None:
+    """A filter state: None for UNSPECIFIED; InvalidArgument for unknown numbers."""
+    if state == session_pb2.SESSION_STATE_UNSPECIFIED:
+        return None
+    try:
+        return _STATE_FROM_PB[state]
+    except KeyError:
+        raise InvalidArgument.field("state", f"unknown session state {state}") from None
+
+
+def session_to_pb(session: Session) -> session_pb2.Session:
+    return session_pb2.Session(
+        session_id=session.session_id,
+        agent_id=session.agent_id,
+        user_id=session.user_id,
+        state=_STATE_TO_PB[session.state],
+        metadata=dict(session.metadata),
+        create_time=timestamp_from_ms(session.created_at_ms),
+        update_time=timestamp_from_ms(session.updated_at_ms),
+        expire_time=timestamp_from_ms(session.expires_at_ms),
+        pending_job_ids=list(session.pending_job_ids),
+        message_count=session.message_count,
+        token_usage=usage_to_pb(session.usage),
+        ttl=duration_from_ms(session.ttl_ms),
+    )

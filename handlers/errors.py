@@ -1,0 +1,140 @@
+"""The one place where domain errors become gRPC statuses (with rich error details)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from domain.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[DomainError], int] = {
+    InvalidArgument: code_pb2.INVALID_ARGUMENT,
+    NotFound: code_pb2.NOT_FOUND,
+    AlreadyExists: code_pb2.ALREADY_EXISTS,
+    FailedPrecondition: code_pb2.FAILED_PRECONDITION,
+    Unauthenticated: code_pb2.UNAUTHENTICATED,
+    PermissionDenied: code_pb2.PERMISSION_DENIED,
+    ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
+    Unavailable: code_pb2.UNAVAILABLE,
+    DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
+}
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_grpc_status(error: DomainError) -> grpc.Status:
+    """The gRPC status for a domain error, with google.rpc details where they help."""
+    code = next((c for cls, c in _CODES.items() if isinstance(error, cls)), code_pb2.INTERNAL)
+    status = status_pb2.Status(code=code, message=error.message)
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        status.details.append(_pack(bad_request))
+    elif isinstance(error, ResourceExhausted):
+        if error.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(int(error.retry_after_s * 1000))
+            status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        if error.quota_subject:
+            violation = error_details_pb2.QuotaFailure.Violation(
+                subject=error.quota_subject, description=error.quota_description
+            )
+            status.details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
+    return rpc_status.to_status(status)
+
+
+def trailing_metadata_for(error: DomainError) -> tuple[tuple[str, str | bytes], ...]:
+    """Extra trailing metadata: a plain retry-after header for rate-limited calls."""
+    if isinstance(error, ResourceExhausted) and error.retry_after_s is not None:
+        return (("retry-after", str(max(1, round(error.retry_after_s)))),)
+    return ()
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
+    """End the call with the status for ``error``."""
+    status = to_grpc_status(error)
+    metadata = tuple(status.trailing_metadata) + trailing_metadata_for(error)
+    await context.abort(status.code, status.details, metadata)
+
+
+async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    log.exception("unhandled error in RPC handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def unary_errors(
+    method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
+    """Decorate a unary servicer method so domain errors end the call with their status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
+        try:
+            return await method(self, request, context)
+        except DomainError as error:
+            await abort_with(context, error)
+            raise  # unreachable: abort raises
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_internal(context, exc)
+            raise
+
+    return wrapper
+
+
+def stream_errors(
+    method: Callable[[Self, Req, Ctx], AsyncIterator[Resp]],
+) -> Callable[[Self, Req, Ctx], AsyncIterator[Resp]]:
+    """Decorate a server-streaming servicer method (an async generator) the same way. The
+    wrapper is itself an async generator, so tracing interceptors can wrap it."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except DomainError as error:
+            await abort_with(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_internal(context, exc)
+
+    return wrapper

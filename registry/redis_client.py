@@ -1,0 +1,49 @@
+"""Creating Redis clients and turning connection failures into domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from domain.errors import Unavailable
+
+RESP_PROTOCOL = 3
+
+
+def create_redis(
+    url: str,
+    *,
+    socket_timeout_s: float,
+    connect_timeout_s: float,
+    max_connections: int = 64,
+    client_name: str = "agent-orchestrator",
+) -> Redis:
+    """A pooled client speaking RESP3 with short timeouts, so a dead Redis fails calls fast
+    (UNAVAILABLE) instead of hanging them. One quick retry covers a dropped idle connection."""
+    return Redis.from_url(
+        url,
+        protocol=RESP_PROTOCOL,
+        decode_responses=True,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        max_connections=max_connections,
+        client_name=client_name,
+    )
+
+
+@contextmanager
+def redis_errors_as_unavailable() -> Iterator[None]:
+    """Map connection-level Redis failures to domain.errors.Unavailable."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        raise Unavailable(f"redis unavailable: {exc}") from exc
+    except redis_errors.BusyLoadingError as exc:  # pragma: no cover - subclass kept explicit
+        raise Unavailable(f"redis is loading: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The orchestrator process: configuration, server assembly, interceptors, health, CLI."""

@@ -1,0 +1,177 @@
+"""The orchestrator's gRPC server: owns the options, the services, health and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from domain.sessions import SessionManager, SessionPolicy
+from handlers.sessions import SessionServicer
+from orchestrator.v1 import (
+    batch_pb2,
+    batch_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    task_update_pb2,
+    task_update_pb2_grpc,
+)
+from registry.backends import Registry, RegistryConfig, open_registry
+from server.config import Settings
+from server.health import HealthMonitor
+from server.interceptors import CallerInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+    batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
+    task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
+)
+
+
+def registry_config(settings: Settings) -> RegistryConfig:
+    return RegistryConfig(
+        redis_url=settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        session_retention_ms=int(settings.session_retention * 1000),
+        socket_timeout_s=settings.redis_socket_timeout,
+        connect_timeout_s=settings.redis_connect_timeout,
+        max_connections=settings.redis_max_connections,
+    )
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message limits, keepalive for long-lived streams, port reuse."""
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients keep idle streams alive with pings every 10 s or more.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 1 if settings.so_reuseport else 0),
+    ]
+
+
+@dataclass
+class Lifecycle:
+    """Shared shutdown signal: long-lived stream handlers end cleanly once it is set."""
+
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class OrchestratorServer:
+    """One server process: build with settings, ``start()``, then ``stop()``."""
+
+    def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or open_registry(registry_config(settings))
+        self.lifecycle = Lifecycle()
+        self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = HealthMonitor(
+            self.health_servicer,
+            SERVICE_NAMES,
+            self.registry.backend.ping,
+            interval_s=settings.health_interval,
+        )
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    def _build(self) -> grpc.aio.Server:
+        settings = self.settings
+        server = grpc.aio.server(
+            interceptors=[CallerInterceptor()],
+            options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        sessions = SessionManager(
+            self.registry.sessions,
+            SessionPolicy(
+                default_ttl_ms=int(settings.session_default_ttl * 1000),
+                max_ttl_ms=int(settings.session_max_ttl * 1000),
+            ),
+        )
+        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
+        # Defined in the contract; their handlers answer UNIMPLEMENTED until they are built.
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(
+            chat_pb2_grpc.ChatServiceServicer(),  # type: ignore[abstract]
+            server,
+        )
+        batch_pb2_grpc.add_BatchServiceServicer_to_server(
+            batch_pb2_grpc.BatchServiceServicer(),  # type: ignore[abstract]
+            server,
+        )
+        task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
+            task_update_pb2_grpc.TaskUpdateServiceServicer(),  # type: ignore[abstract]
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        return server
+
+    async def start(self) -> None:
+        """Bind, probe the backend once, start serving and the health watcher."""
+        if self.registry.backend.name == "memory":
+            log.warning(
+                "no REDIS_URL set: using the in-memory registry (single process only; "
+                "state is not shared between replicas and is lost on restart)"
+            )
+        self._server = self._build()
+        self.port = self._server.add_insecure_port(self.settings.listen_address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.settings.listen_address}")
+        await self.health.check_once()
+        await self._server.start()
+        self.health.start()
+        log.info(
+            "serving on %s (port %d) with the %s registry",
+            self.settings.listen_address,
+            self.port,
+            self.registry.backend.name,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish
+        within the grace period, end streams, then close the backend."""
+        if self._server is None or self._stopped.is_set():
+            return
+        grace = self.settings.shutdown_grace if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        await self.health.shutdown()
+        self.lifecycle.stopping.set()
+        await self._server.stop(grace)
+        await self.registry.backend.aclose()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
+        await self.stop()

@@ -1,0 +1,61 @@
+"""The ``orchestrator`` command: ``serve`` runs the server, ``health`` probes one (for
+container health checks), ``settings`` prints the configuration variables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.app import OrchestratorServer
+from server.config import Settings, SettingsError
+from server.logging_setup import configure_logging
+
+
+async def _health(address: str, service: str, timeout_s: float) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"health check failed: {exc.code().name} {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server (configured by environment variables)")
+    probe = commands.add_parser("health", help="check a running server's health; exit 0 if SERVING")
+    probe.add_argument("--address", default="localhost:50051")
+    probe.add_argument("--service", default="", help="a service name; empty for the server")
+    probe.add_argument("--timeout", type=float, default=3.0)
+    commands.add_parser("settings", help="list the configuration environment variables")
+    args = parser.parse_args(argv)
+
+    if args.command == "health":
+        return asyncio.run(_health(args.address, args.service, args.timeout))
+    if args.command == "settings":
+        for name, default, help_text in Settings.documentation():
+            print(f"{name:28} {default or '(unset)':20} {help_text}")
+        return 0
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(OrchestratorServer(settings).serve_until_signalled())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Typed settings, read from environment variables. Every variable is listed in the README."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used."""
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+
+
+def _env(name: str, default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """Declare a setting: its environment variable, default and description."""
+    return field(default=default, metadata={"env": name, "help": help, "parse": parse})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Service configuration. Durations are in seconds."""
+
+    listen_address: str = _env(
+        "ORCH_LISTEN_ADDRESS", "[::]:50051", "host:port the gRPC server binds"
+    )
+    redis_url: str | None = _env(
+        "REDIS_URL", None, "Redis URL; unset runs the single-process in-memory registry"
+    )
+    redis_key_prefix: str = _env("ORCH_REDIS_KEY_PREFIX", "ao", "prefix of every Redis key")
+    redis_socket_timeout: float = _env(
+        "ORCH_REDIS_SOCKET_TIMEOUT", 2.0, "Redis command timeout (not used for blocking reads)"
+    )
+    redis_connect_timeout: float = _env("ORCH_REDIS_CONNECT_TIMEOUT", 1.0, "Redis connect timeout")
+    redis_max_connections: int = _env(
+        "ORCH_REDIS_MAX_CONNECTIONS", 64, "Redis connection pool size"
+    )
+    session_default_ttl: float = _env(
+        "ORCH_SESSION_DEFAULT_TTL", 3600.0, "sliding session TTL when a request sets none"
+    )
+    session_max_ttl: float = _env(
+        "ORCH_SESSION_MAX_TTL", 7 * 24 * 3600.0, "largest session TTL a request may ask for"
+    )
+    session_retention: float = _env(
+        "ORCH_SESSION_RETENTION",
+        3600.0,
+        "how long closed and expired sessions stay readable before they vanish",
+    )
+    max_message_bytes: int = _env(
+        "ORCH_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, "largest gRPC message sent or received"
+    )
+    max_concurrent_rpcs: int = _env(
+        "ORCH_MAX_CONCURRENT_RPCS",
+        20000,
+        "cap on RPCs in flight (open streams count); beyond it calls get RESOURCE_EXHAUSTED",
+    )
+    keepalive_time: float = _env(
+        "ORCH_KEEPALIVE_TIME", 30.0, "HTTP/2 keepalive ping interval on idle connections"
+    )
+    keepalive_timeout: float = _env(
+        "ORCH_KEEPALIVE_TIMEOUT", 10.0, "time to wait for a keepalive ack before closing"
+    )
+    so_reuseport: bool = _env(
+        "ORCH_SO_REUSEPORT",
+        False,
+        "let several processes bind the same port",
+        _parse_bool,
+    )
+    shutdown_grace: float = _env(
+        "ORCH_SHUTDOWN_GRACE", 10.0, "time in-flight calls get to finish on SIGTERM/SIGINT"
+    )
+    health_interval: float = _env(
+        "ORCH_HEALTH_INTERVAL", 1.0, "how often the backend is probed for the health service"
+    )
+    log_level: str = _env("ORCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _env("ORCH_LOG_FORMAT", "text", "text or json (one object per line)")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from ``environ`` (default: os.environ) and validate it."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            raw = environ.get(name)
+            if raw is None or (raw == "" and f.default is None):
+                continue
+            parse = f.metadata["parse"] or _parser_for(f.default)
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}={raw!r}: {exc}") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        problems = []
+        for name in (
+            "redis_socket_timeout",
+            "redis_connect_timeout",
+            "session_default_ttl",
+            "session_max_ttl",
+            "keepalive_time",
+            "keepalive_timeout",
+            "health_interval",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.session_default_ttl > self.session_max_ttl:
+            problems.append("session_default_ttl must not exceed session_max_ttl")
+        if self.session_retention < 0 or self.shutdown_grace < 0:
+            problems.append("session_retention and shutdown_grace must not be negative")
+        if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
+            problems.append("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
+        if self.log_format not in ("text", "json"):
+            problems.append("log_format must be text or json")
+        if ":" not in self.listen_address:
+            problems.append("listen_address must be host:port")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) for every setting, for the README and --help."""
+        return [
+            (f.metadata["env"], "" if f.default is None else str(f.default), f.metadata["help"])
+            for f in dataclasses.fields(cls)
+        ]
+
+
+def _parser_for(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str

@@ -1,0 +1,80 @@
+"""The gRPC health service, driven by a watcher that probes the storage backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from grpc_health.v1 import health, health_pb2
+
+from domain.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthMonitor:
+    """Sets every service (and the overall "" entry) SERVING while ``probe`` succeeds and
+    NOT_SERVING while it fails; flips back on its own when the backend returns."""
+
+    def __init__(
+        self,
+        servicer: health.aio.HealthServicer,  # type: ignore[name-defined]
+        services: Iterable[str],
+        probe: Callable[[], Awaitable[None]],
+        *,
+        interval_s: float,
+    ) -> None:
+        self.servicer = servicer
+        self._names = ["", *services]
+        self._probe = probe
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self._stopping = False
+
+    @property
+    def serving(self) -> bool:
+        return bool(self._serving)
+
+    async def check_once(self) -> bool:
+        """Probe now and publish the result; returns whether the backend is up."""
+        try:
+            await asyncio.wait_for(self._probe(), timeout=max(self._interval_s, 1.0))
+            ok = True
+        except (Unavailable, TimeoutError) as exc:
+            ok = False
+            if self._serving is not False:
+                log.warning("backend unavailable, health NOT_SERVING: %s", exc)
+        if ok and self._serving is False:
+            log.info("backend reachable again, health SERVING")
+        await self._publish(ok)
+        return ok
+
+    async def _publish(self, ok: bool) -> None:
+        if self._stopping:
+            return
+        self._serving = ok
+        for name in self._names:
+            await self.servicer.set(name, SERVING if ok else NOT_SERVING)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="health-monitor")
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._interval_s)
+
+    async def shutdown(self) -> None:
+        """Stop probing and report NOT_SERVING for good (graceful shutdown)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()

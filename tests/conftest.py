@@ -1,0 +1,58 @@
+"""Shared fixtures: one private redis-server per test session, flushed before each test that
+uses it, and real orchestrator servers on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.support.redis_process import RedisProcess
+from tests.support.servers import RunningServer, running_server, test_settings
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[RedisProcess]:
+    proc = RedisProcess()
+    proc.start()
+    yield proc
+    proc.close()
+
+
+@pytest.fixture
+async def redis_url(redis_process: RedisProcess) -> str:
+    """The private Redis, emptied for this test."""
+    client = Redis.from_url(redis_process.url)
+    await client.flushall()
+    await client.aclose()
+    return redis_process.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, protocol=3, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """Runs a test once per registry backend: None selects the in-memory one."""
+    if request.param == "memory":
+        return None
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def server(backend_url: str | None) -> AsyncIterator[RunningServer]:
+    """A real orchestrator server on a free port, once per backend."""
+    async with running_server(test_settings(backend_url)) as running:
+        yield running
+
+
+@pytest.fixture
+async def redis_server(redis_url: str) -> AsyncIterator[RunningServer]:
+    """A real orchestrator server on the private Redis."""
+    async with running_server(test_settings(redis_url)) as running:
+        yield running

@@ -1,0 +1,1 @@
+"""Test helpers: real redis-server processes and real orchestrator servers on loopback."""

@@ -1,0 +1,55 @@
+"""Running real orchestrator servers inside the test's event loop."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from server.app import OrchestratorServer
+from server.config import Settings
+
+
+def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
+    """Settings for a server on a free loopback port with short timeouts."""
+    base = Settings(
+        listen_address="127.0.0.1:0",
+        redis_url=redis_url,
+        health_interval=0.2,
+        shutdown_grace=1.0,
+        redis_socket_timeout=1.0,
+        redis_connect_timeout=0.5,
+    )
+    settings = dataclasses.replace(base, **overrides)
+    settings.validate()
+    return settings
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: OrchestratorServer
+    channel: grpc.aio.Channel
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
+    server = OrchestratorServer(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield RunningServer(server, channel)
+    finally:
+        await channel.close(grace=None)
+        await server.stop(grace=0.5)
+
+
+def tenant(tenant_id: str, **extra: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata for a tenant (until API keys replace the header)."""
+    return (("x-tenant-id", tenant_id), *extra.items())
