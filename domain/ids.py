@@ -15,15 +15,28 @@ RESOURCE_ID_PATTERN = re.compile(
 )
 
 
+_last_ms = 0
+_counter = 0
+
+
 def new_id() -> str:
-    """A UUIDv7 string: its first 48 bits are the Unix time in ms, so ids sort by creation."""
+    """A UUIDv7 string: its first 48 bits are the Unix time in ms and the next 12 a counter
+    (RFC 9562 method 1), so ids from one process sort in creation order, even within a ms."""
+    global _last_ms, _counter
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    if ms > _last_ms:
+        _last_ms, _counter = ms, int.from_bytes(os.urandom(2), "big") & 0x3FF
+    else:  # same ms (or the clock stepped back): keep counting within the last ms
+        _counter += 1
+        if _counter > 0xFFF:
+            _last_ms, _counter = _last_ms + 1, 0
+        ms = _last_ms
+    rand_b = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
     value = (ms & 0xFFFF_FFFF_FFFF) << 80
     value |= 0x7 << 76  # version
-    value |= ((rand >> 68) & 0xFFF) << 64  # rand_a (12 bits)
+    value |= _counter << 64  # rand_a: the monotonic counter
     value |= 0b10 << 62  # variant
-    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b (62 bits)
+    value |= rand_b
     return str(uuid.UUID(int=value))
 
 
