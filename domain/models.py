@@ -87,3 +87,23 @@ class Page(Generic[T]):
 
     items: list[T]
     next_cursor: str | None
+
+
+class WorkKind(enum.StrEnum):
+    """The kind of work a request asks for (orchestrator.v1.WorkKind)."""
+
+    LLM_QUERY = "llm_query"
+    RAG_QUERY = "rag_query"
+    EMBEDDING = "embedding"
+
+
+class Service(enum.StrEnum):
+    """A downstream service that runs jobs and reports back (orchestrator.v1.Service)."""
+
+    QUERY = "query"
+    EMBEDDING = "embedding"
+
+    @classmethod
+    def for_kind(cls, kind: WorkKind) -> Service:
+        """Query handles LLM and RAG work; Embedding handles embeddings."""
+        return cls.EMBEDDING if kind is WorkKind.EMBEDDING else cls.QUERY

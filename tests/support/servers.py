@@ -53,3 +53,8 @@ async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
 def tenant(tenant_id: str, **extra: str) -> tuple[tuple[str, str], ...]:
     """Call metadata for a tenant (until API keys replace the header)."""
     return (("x-tenant-id", tenant_id), *extra.items())
+
+
+def service(tenant_id: str = "platform", **extra: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata for a platform service publishing task updates."""
+    return (("x-tenant-id", tenant_id), ("x-caller-role", "service"), *extra.items())
