@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import grpc
@@ -210,3 +211,25 @@ async def test_close_unknown_session_is_not_found(server: RunningServer) -> None
             metadata=tenant("acme"),
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_closing_an_expired_session_is_failed_precondition(server: RunningServer) -> None:
+    created = await create(server, ttl=duration_pb2.Duration(seconds=1))
+    request = session_pb2.GetSessionRequest(session_id=created.session_id)
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # wait (bounded) for the 1 s TTL to run out; reading without touching
+        listed = await stub(server).ListSessions(
+            session_pb2.ListSessionsRequest(state=session_pb2.SESSION_STATE_EXPIRED),
+            metadata=tenant("acme"),
+        )
+        if any(s.session_id == created.session_id for s in listed.sessions):
+            break
+        assert asyncio.get_running_loop().time() < deadline, "session never expired"
+        await asyncio.sleep(0.05)
+    got = await stub(server).GetSession(request, metadata=tenant("acme"))
+    assert got.session.state == session_pb2.SESSION_STATE_EXPIRED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub(server).CloseSession(
+            session_pb2.CloseSessionRequest(session_id=created.session_id), metadata=tenant("acme")
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -28,6 +28,9 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
     return settings
 
 
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @dataclasses.dataclass
 class RunningServer:
     server: OrchestratorServer

@@ -1,0 +1,49 @@
+"""Domain errors map to gRPC statuses with google.rpc details, in one place."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from domain.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from handlers.errors import to_grpc_status, trailing_metadata_for
+
+
+def details_of(status: grpc.Status) -> status_pb2.Status:
+    raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    return status_pb2.Status.FromString(raw)
+
+
+def test_invalid_argument_lists_every_field_violation() -> None:
+    error = InvalidArgument([FieldViolation("a", "is required"), FieldViolation("b", "too long")])
+    status = to_grpc_status(error)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    assert details_of(status).details[0].Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("a", "is required"),
+        ("b", "too long"),
+    ]
+
+
+def test_not_found_has_no_details() -> None:
+    status = to_grpc_status(NotFound("session x not found"))
+    assert status.code == grpc.StatusCode.NOT_FOUND
+    assert status.details == "session x not found"
+
+
+def test_resource_exhausted_carries_retry_info_quota_and_retry_after() -> None:
+    error = ResourceExhausted(
+        "slow down", retry_after_s=1.5, quota_subject="tenant:acme", quota_description="budget"
+    )
+    status = to_grpc_status(error)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = details_of(status).details
+    retry = error_details_pb2.RetryInfo()
+    quota = error_details_pb2.QuotaFailure()
+    assert details[0].Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == 1500
+    assert details[1].Unpack(quota)
+    assert quota.violations[0].subject == "tenant:acme"
+    assert trailing_metadata_for(error) == (("retry-after", "2"),)

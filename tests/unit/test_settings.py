@@ -1,0 +1,44 @@
+"""Settings come from environment variables, typed and validated."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import Settings, SettingsError
+
+
+def test_defaults_serve_on_50051_with_the_memory_registry() -> None:
+    settings = Settings.from_env({})
+    assert settings.listen_address.endswith(":50051")
+    assert settings.redis_url is None
+
+
+def test_values_are_parsed_by_type() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://127.0.0.1:7000/1",
+            "ORCH_SESSION_DEFAULT_TTL": "120",
+            "ORCH_MAX_CONCURRENT_RPCS": "50",
+            "ORCH_SO_REUSEPORT": "true",
+        }
+    )
+    assert settings.redis_url == "redis://127.0.0.1:7000/1"
+    assert settings.session_default_ttl == 120.0
+    assert settings.max_concurrent_rpcs == 50
+    assert settings.so_reuseport is True
+
+
+def test_an_unparsable_value_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="ORCH_MAX_CONCURRENT_RPCS"):
+        Settings.from_env({"ORCH_MAX_CONCURRENT_RPCS": "many"})
+
+
+def test_inconsistent_values_are_rejected() -> None:
+    with pytest.raises(SettingsError, match="session_default_ttl"):
+        Settings.from_env({"ORCH_SESSION_DEFAULT_TTL": "10", "ORCH_SESSION_MAX_TTL": "5"})
+
+
+def test_every_setting_is_documented() -> None:
+    for name, _default, help_text in Settings.documentation():
+        assert name.startswith(("ORCH_", "REDIS_URL"))
+        assert help_text
