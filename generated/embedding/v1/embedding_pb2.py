@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\"q\n\x16SubmitEmbeddingRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\")\n\x17SubmitEmbeddingResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelEmbeddingRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\",\n\x17\x43\x61ncelEmbeddingResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x32\xd2\x01\n\x10\x45mbeddingService\x12^\n\x0fSubmitEmbedding\x12$.embedding.v1.SubmitEmbeddingRequest\x1a%.embedding.v1.SubmitEmbeddingResponse\x12^\n\x0f\x43\x61ncelEmbedding\x12$.embedding.v1.CancelEmbeddingRequest\x1a%.embedding.v1.CancelEmbeddingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\"\x81\x01\n\x16SubmitEmbeddingRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t\")\n\x17SubmitEmbeddingResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelEmbeddingRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\",\n\x17\x43\x61ncelEmbeddingResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x32\xd2\x01\n\x10\x45mbeddingService\x12^\n\x0fSubmitEmbedding\x12$.embedding.v1.SubmitEmbeddingRequest\x1a%.embedding.v1.SubmitEmbeddingResponse\x12^\n\x0f\x43\x61ncelEmbedding\x12$.embedding.v1.CancelEmbeddingRequest\x1a%.embedding.v1.CancelEmbeddingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedding.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITEMBEDDINGREQUEST']._serialized_start=46
-  _globals['_SUBMITEMBEDDINGREQUEST']._serialized_end=159
-  _globals['_SUBMITEMBEDDINGRESPONSE']._serialized_start=161
-  _globals['_SUBMITEMBEDDINGRESPONSE']._serialized_end=202
-  _globals['_CANCELEMBEDDINGREQUEST']._serialized_start=204
-  _globals['_CANCELEMBEDDINGREQUEST']._serialized_end=263
-  _globals['_CANCELEMBEDDINGRESPONSE']._serialized_start=265
-  _globals['_CANCELEMBEDDINGRESPONSE']._serialized_end=309
-  _globals['_EMBEDDINGSERVICE']._serialized_start=312
-  _globals['_EMBEDDINGSERVICE']._serialized_end=522
+  _globals['_SUBMITEMBEDDINGREQUEST']._serialized_start=47
+  _globals['_SUBMITEMBEDDINGREQUEST']._serialized_end=176
+  _globals['_SUBMITEMBEDDINGRESPONSE']._serialized_start=178
+  _globals['_SUBMITEMBEDDINGRESPONSE']._serialized_end=219
+  _globals['_CANCELEMBEDDINGREQUEST']._serialized_start=221
+  _globals['_CANCELEMBEDDINGREQUEST']._serialized_end=280
+  _globals['_CANCELEMBEDDINGRESPONSE']._serialized_start=282
+  _globals['_CANCELEMBEDDINGRESPONSE']._serialized_end=326
+  _globals['_EMBEDDINGSERVICE']._serialized_start=329
+  _globals['_EMBEDDINGSERVICE']._serialized_end=539
 # @@protoc_insertion_point(module_scope)

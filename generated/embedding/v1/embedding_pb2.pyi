@@ -32,6 +32,7 @@ class SubmitEmbeddingRequest(_message.Message):
     TEXTS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant the work is for; notices about the job carry it back."""
     session_id: _builtins.str
@@ -40,6 +41,10 @@ class SubmitEmbeddingRequest(_message.Message):
     """Model to use; empty lets the service choose."""
     request_id: _builtins.str
     """The orchestrator's request id, for tracing."""
+    job_id: _builtins.str
+    """The job id the orchestrator assigned. The service must report under this id and return it;
+    a repeated submit with the same job id is the same job (retries are idempotent).
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The texts to embed."""
@@ -52,10 +57,11 @@ class SubmitEmbeddingRequest(_message.Message):
         texts: _abc.Iterable[_builtins.str] | None = ...,
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id", "session_id", b"session_id", "tenant_id", b"tenant_id", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "model", b"model", "request_id", b"request_id", "session_id", b"session_id", "tenant_id", b"tenant_id", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -69,7 +75,7 @@ class SubmitEmbeddingResponse(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job id under which the service will report."""
+    """The job id under which the service will report (the request's job_id when one was given)."""
     def __init__(
         self,
         *,

@@ -60,6 +60,7 @@ class SubmitQueryRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     COLLECTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant the work is for; notices about the job carry it back."""
     session_id: _builtins.str
@@ -74,6 +75,10 @@ class SubmitQueryRequest(_message.Message):
     """Model to use; empty lets the service choose."""
     request_id: _builtins.str
     """The orchestrator's request id, for tracing."""
+    job_id: _builtins.str
+    """The job id the orchestrator assigned. The service must report under this id and return it;
+    a repeated submit with the same job id is the same job (retries are idempotent).
+    """
     @_builtins.property
     def collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """For RAG: the collections to retrieve from."""
@@ -89,10 +94,11 @@ class SubmitQueryRequest(_message.Message):
         model: _builtins.str = ...,
         collections: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "collections", b"collections", "mode", b"mode", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "collections", b"collections", "job_id", b"job_id", "mode", b"mode", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -106,7 +112,7 @@ class SubmitQueryResponse(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """The job id under which the service will report."""
+    """The job id under which the service will report (the request's job_id when one was given)."""
     def __init__(
         self,
         *,
