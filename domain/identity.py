@@ -29,6 +29,11 @@ class Caller:
     tenant_id: str
     role: Role
     request_id: str = ""
+    # The API key the caller authenticated with (its public id, never the secret); empty until
+    # key authentication is configured.
+    key_id: str = ""
+    # W3C trace context of the incoming call, passed on to downstream calls.
+    traceparent: str | None = None
 
 
 _current: ContextVar[Caller | None] = ContextVar("orchestrator_caller", default=None)
