@@ -67,6 +67,10 @@ class SessionManager:
             raise NotFound(f"session {session_id} not found")
         return session
 
+    async def peek(self, tenant_id: str, session_id: str) -> Session | None:
+        """Read a session without sliding its expiry (for followers); None when gone."""
+        return await self._store.get_session(tenant_id, session_id, touch=False)
+
     async def get_open(self, tenant_id: str, session_id: str) -> Session:
         """Read a session that must accept new work (ACTIVE or BUSY)."""
         session = await self.get(tenant_id, session_id)

@@ -6,11 +6,19 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from registry.base import SessionStore
+from registry.base import EventLog, JobStore, SessionStore
 from registry.keys import KeySpace
+from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
 from registry.redis_client import create_redis, redis_errors_as_unavailable
+from registry.redis_events import RedisEventLog
+from registry.redis_jobs import EventLogConfig, RedisJobStore
 from registry.redis_sessions import RedisSessionStore
+
+# How long the event reader blocks on its pub/sub connection before it checks its state; the
+# connection's socket timeout is longer than this, so an idle subscription is never mistaken for
+# a dead one.
+EVENT_READ_BLOCK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +31,8 @@ class RegistryConfig:
     socket_timeout_s: float = 2.0
     connect_timeout_s: float = 1.0
     max_connections: int = 64
+    event_log_max_events: int = 1000
+    event_log_ttl_ms: int = 24 * 3600 * 1000
 
 
 class MemoryBackend:
@@ -53,20 +63,41 @@ class RedisBackend:
         await self.redis.aclose()
 
 
+class _Closable:
+    async def aclose(self) -> None:
+        return None
+
+
 @dataclass(slots=True)
 class Registry:
     """The stores of one process, over one backend."""
 
     backend: MemoryBackend | RedisBackend
     sessions: SessionStore
+    jobs: JobStore
+    events: EventLog
+    event_reader: RedisEventLog | _Closable
+
+    async def aclose(self) -> None:
+        await self.event_reader.aclose()
+        await self.backend.aclose()
 
 
 def open_registry(config: RegistryConfig) -> Registry:
     """Build the stores; no I/O happens until the first call."""
     if not config.redis_url:
+        events = MemoryEventLog(
+            max_events=config.event_log_max_events, ttl_ms=config.event_log_ttl_ms
+        )
+        sessions = MemorySessionStore(
+            retention_ms=config.session_retention_ms, on_close=events.session_closed
+        )
         return Registry(
             backend=MemoryBackend(),
-            sessions=MemorySessionStore(retention_ms=config.session_retention_ms),
+            sessions=sessions,
+            jobs=MemoryJobStore(sessions, events),
+            events=events,
+            event_reader=_Closable(),
         )
     redis = create_redis(
         config.redis_url,
@@ -74,8 +105,21 @@ def open_registry(config: RegistryConfig) -> Registry:
         connect_timeout_s=config.connect_timeout_s,
         max_connections=config.max_connections,
     )
+    subscriber = create_redis(
+        config.redis_url,
+        socket_timeout_s=EVENT_READ_BLOCK_S + 5.0,
+        connect_timeout_s=config.connect_timeout_s,
+        max_connections=2,
+        client_name="agent-orchestrator-events",
+        retries=0,
+    )
     keys = KeySpace(config.key_prefix)
+    reader = RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S)
+    log_config = EventLogConfig(config.event_log_max_events, config.event_log_ttl_ms)
     return Registry(
         backend=RedisBackend(redis),
         sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
+        jobs=RedisJobStore(redis, keys, log_config),
+        events=reader,
+        event_reader=reader,
     )

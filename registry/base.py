@@ -3,9 +3,24 @@ tests/registry runs one contract suite against every backend."""
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from domain.jobs import (
+    EventDraft,
+    EventPage,
+    FinishOutcome,
+    Job,
+    JobLimits,
+    NewJob,
+    Notice,
+    NoticeOutcome,
+    SessionEvent,
+    StartedJob,
+    StartRefused,
+)
 from domain.models import NewSession, Page, Session, SessionFilter
+from registry.fanout import Feed, LocalFanout
 
 
 class SessionStore(Protocol):
@@ -45,4 +60,60 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+        ...
+
+
+class JobStore(Protocol):
+    """Jobs, their sessions' bookkeeping and the session event log, changed atomically together.
+
+    Every method that changes a job also appends the matching SessionEvent to the session's log
+    and publishes it to every process following the session."""
+
+    async def start_job(
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
+    ) -> StartedJob | StartRefused:
+        """Record a PENDING job on an open session (which becomes BUSY, counts the message and
+        lists the job as pending) and append its accepted event."""
+        ...
+
+    async def mark_running(self, tenant_id: str, job_id: str) -> None:
+        """PENDING -> RUNNING once the service took the job (no event; no-op otherwise)."""
+        ...
+
+    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+        """Check a notice against its job (tenant, service, order, state) and apply it."""
+        ...
+
+    async def finish_job(
+        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
+    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        """End an unfinished job as cancelled or failed (draft.kind), from the orchestrator's
+        side."""
+        ...
+
+    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+        """A job of this tenant, or None."""
+        ...
+
+    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+        """Mark up to ``limit`` jobs past their deadline TIMED_OUT (each exactly once, even
+        with several processes reaping) and return their timed_out events."""
+        ...
+
+
+class EventLog(Protocol):
+    """Reading a session's retained events and following new ones."""
+
+    # The feeds of this process's client streams (to end them all on shutdown).
+    fanout: LocalFanout
+
+    async def read_after(
+        self, tenant_id: str, session_id: str, after: int, *, limit: int
+    ) -> EventPage:
+        """Up to ``limit`` retained events with sequence > ``after``, oldest first."""
+        ...
+
+    def subscribe(self, tenant_id: str, session_id: str) -> AbstractAsyncContextManager[Feed]:
+        """Follow live events. On entry the subscription is in effect: every event appended
+        afterwards is delivered to the feed (or the feed is marked lagging)."""
         ...

@@ -30,3 +30,36 @@ class KeySpace:
     def session_index(self, tenant_id: str) -> str:
         """Sorted set (all scores 0) of the tenant's session ids; ids sort by creation time."""
         return f"{self.tenant_tag(tenant_id)}:sessions"
+
+    def session_events(self, tenant_id: str, session_id: str) -> str:
+        """Stream of the session's events; entry ids are ``<sequence>-0``."""
+        return f"{self.tenant_tag(tenant_id)}:session:{session_id}:events"
+
+    def session_event_seq(self, tenant_id: str, session_id: str) -> str:
+        """Counter of the session's last event sequence (outlives trimming of the stream)."""
+        return f"{self.tenant_tag(tenant_id)}:session:{session_id}:seq"
+
+    def job(self, tenant_id: str, job_id: str) -> str:
+        """Hash with a job's fields."""
+        return f"{self.tenant_tag(tenant_id)}:job:{job_id}"
+
+    def job_index(self, job_id: str) -> str:
+        """String ``<tenant> <session>`` for a job id: lets a notice's claimed tenant be checked
+        against the job's real one (a wrong tenant is then reported, not "unknown job")."""
+        return f"{self.prefix}:jobidx:{job_id}"
+
+    def job_deadlines(self) -> str:
+        """Sorted set of ``<tenant> <job>`` by the time the reaper should look at the job.
+        Only a hint: the job hash holds the real deadlines, checked atomically by the reaper."""
+        return f"{self.prefix}:job-deadlines"
+
+    def session_channel(self, tenant_id: str, session_id: str) -> str:
+        """Pub/sub channel of the session's events (fan-out to every server process)."""
+        return f"{self.prefix}:ev:{tenant_id}:{session_id}"
+
+    def parse_session_channel(self, channel: str) -> tuple[str, str] | None:
+        head = f"{self.prefix}:ev:"
+        if not channel.startswith(head):
+            return None
+        tenant_id, _, session_id = channel[len(head) :].partition(":")
+        return (tenant_id, session_id) if session_id else None

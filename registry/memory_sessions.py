@@ -22,9 +22,16 @@ def wall_clock_ms() -> int:
 class MemorySessionStore:
     """registry.base.SessionStore in a dict."""
 
-    def __init__(self, *, retention_ms: int, clock: Callable[[], int] = wall_clock_ms) -> None:
+    def __init__(
+        self,
+        *,
+        retention_ms: int,
+        clock: Callable[[], int] = wall_clock_ms,
+        on_close: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._retention_ms = retention_ms
         self._clock = clock
+        self._on_close = on_close
         self._sessions: dict[tuple[str, str], Session] = {}
         self._index: dict[str, list[str]] = {}  # tenant -> session ids, ascending
 
@@ -58,7 +65,17 @@ class MemorySessionStore:
         if session is not None and session.state.is_open:
             session = replace(session, state=SessionState.CLOSED, updated_at_ms=self._clock())
             self._sessions[(tenant_id, session_id)] = session
+            if self._on_close is not None:
+                self._on_close(tenant_id, session_id)
         return session
+
+    def peek(self, tenant_id: str, session_id: str) -> Session | None:
+        """The session as of now, without sliding its expiry (for the memory job store)."""
+        return self._current(tenant_id, session_id)
+
+    def put(self, session: Session) -> None:
+        """Replace a stored session (for the memory job store)."""
+        self._sessions[(session.tenant_id, session.session_id)] = session
 
     async def list_sessions(
         self, tenant_id: str, *, limit: int, after: str | None, filter: SessionFilter

@@ -22,6 +22,7 @@ def create_redis(
     connect_timeout_s: float,
     max_connections: int = 64,
     client_name: str = "agent-orchestrator",
+    retries: int = 1,
 ) -> Redis:
     """A pooled client speaking RESP3 with short timeouts, so a dead Redis fails calls fast
     (UNAVAILABLE) instead of hanging them. One quick retry covers a dropped idle connection."""
@@ -32,7 +33,7 @@ def create_redis(
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
         socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=retries),
         max_connections=max_connections,
         client_name=client_name,
     )

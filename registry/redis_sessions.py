@@ -69,7 +69,8 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
 """
 )
 
-# KEYS: session, pending. ARGV: retention_ms.
+# KEYS: session, pending. ARGV: retention_ms, event channel. Followers of the session's events
+# are told on its channel (registry.event_codec) so their streams end.
 _CLOSE = (
     _NOW
     + """
@@ -86,6 +87,7 @@ if state == 'active' or state == 'busy' then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'updated', now)
     redis.call('PEXPIREAT', KEYS[1], now + retention)
     redis.call('PEXPIREAT', KEYS[2], now + retention)
+    redis.call('PUBLISH', ARGV[2], '0 ' .. now .. ' closed')
   end
 end
 return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
@@ -178,7 +180,8 @@ class RedisSessionStore:
     async def close_session(self, tenant_id: str, session_id: str) -> Session | None:
         with redis_errors_as_unavailable():
             raw = await self._close(
-                keys=self._session_keys(tenant_id, session_id), args=[self._retention_ms]
+                keys=self._session_keys(tenant_id, session_id),
+                args=[self._retention_ms, self._keys.session_channel(tenant_id, session_id)],
             )
         if not raw:
             return None

@@ -11,8 +11,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from domain.chat import ChatOrchestrator
+from domain.dispatch import Dispatcher
+from domain.errors import PermissionDenied, Unauthenticated
+from domain.identity import Caller, Role
+from domain.jobs import JobLimits
+from domain.notices import NoticeProcessor
+from domain.reaper import JobReaper
 from domain.sessions import SessionManager, SessionPolicy
+from handlers.chat import ChatServicer
 from handlers.sessions import SessionServicer
+from handlers.task_updates import TaskUpdateServicer
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -26,7 +35,8 @@ from orchestrator.v1 import (
 from registry.backends import Registry, RegistryConfig, open_registry
 from server.config import Settings
 from server.health import HealthMonitor
-from server.interceptors import CallerInterceptor
+from server.interceptors import CallerInterceptor, IdentityError, caller_from_headers
+from server.ws_bridge import WebSocketBridge
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,41 @@ def registry_config(settings: Settings) -> RegistryConfig:
         socket_timeout_s=settings.redis_socket_timeout,
         connect_timeout_s=settings.redis_connect_timeout,
         max_connections=settings.redis_max_connections,
+        event_log_max_events=settings.event_log_max_events,
+        event_log_ttl_ms=int(settings.event_log_ttl * 1000),
     )
+
+
+def job_limits(settings: Settings) -> JobLimits:
+    return JobLimits(
+        deadline_ms=int(settings.job_deadline * 1000),
+        heartbeat_ms=int(settings.job_heartbeat * 1000),
+        retention_ms=int(settings.job_retention * 1000),
+    )
+
+
+def default_dispatcher(settings: Settings) -> Dispatcher:
+    """gRPC clients of the configured downstream services."""
+    from clients.downstream import DownstreamConfig, GrpcDispatcher
+
+    return GrpcDispatcher(
+        DownstreamConfig(
+            query_address=settings.query_service_address,
+            embedding_address=settings.embedding_service_address,
+            attempt_timeout_s=settings.downstream_timeout,
+            max_attempts=settings.downstream_attempts,
+        )
+    )
+
+
+async def header_identity(headers: dict[str, str]) -> Caller:
+    """The WebSocket bridge's caller, from the same headers as gRPC calls."""
+    try:
+        return caller_from_headers(tuple(headers.items()), Role.SERVICE)
+    except IdentityError as exc:
+        if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+            raise PermissionDenied(f"{exc.message} (role)") from None
+        raise Unauthenticated(exc.message) from None
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -74,9 +118,24 @@ class Lifecycle:
 class OrchestratorServer:
     """One server process: build with settings, ``start()``, then ``stop()``."""
 
-    def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry or open_registry(registry_config(settings))
+        self.dispatcher = dispatcher or default_dispatcher(settings)
+        self.limits = job_limits(settings)
+        self.notices = NoticeProcessor(self.registry.jobs, self.limits)
+        self.reaper = JobReaper(
+            self.registry.jobs, self.limits, interval_s=settings.reaper_interval
+        )
+        self.ws_bridge = WebSocketBridge(
+            self.notices, header_identity, max_message_bytes=settings.max_message_bytes
+        )
         self.lifecycle = Lifecycle()
         self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.health = HealthMonitor(
@@ -104,18 +163,17 @@ class OrchestratorServer:
             ),
         )
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
-        # Defined in the contract; their handlers answer UNIMPLEMENTED until they are built.
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            chat_pb2_grpc.ChatServiceServicer(),  # type: ignore[abstract]
-            server,
+        chat = ChatOrchestrator(
+            sessions, self.registry.jobs, self.registry.events, self.dispatcher, self.limits
         )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(chat), server)
+        # Defined in the contract; its handlers answer UNIMPLEMENTED until they are built.
         batch_pb2_grpc.add_BatchServiceServicer_to_server(
             batch_pb2_grpc.BatchServiceServicer(),  # type: ignore[abstract]
             server,
         )
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
-            task_update_pb2_grpc.TaskUpdateServiceServicer(),  # type: ignore[abstract]
-            server,
+            TaskUpdateServicer(self.notices), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         reflection.enable_server_reflection(
@@ -142,6 +200,9 @@ class OrchestratorServer:
         await self.health.check_once()
         await self._server.start()
         self.health.start()
+        self.reaper.start()
+        if self.settings.ws_address:
+            await self.ws_bridge.start(self.settings.ws_address)
         log.info(
             "serving on %s (port %d) with the %s registry",
             self.settings.listen_address,
@@ -158,8 +219,13 @@ class OrchestratorServer:
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
         self.lifecycle.stopping.set()
+        await self.reaper.stop()
+        await self.ws_bridge.stop()
+        # Client streams end once they have sent what they have; unary calls get the grace.
+        self.registry.events.fanout.close_all()
         await self._server.stop(grace)
-        await self.registry.backend.aclose()
+        await self.dispatcher.aclose()
+        await self.registry.aclose()
         self._stopped.set()
         log.info("stopped")
 

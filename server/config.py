@@ -82,6 +82,51 @@ class Settings:
     health_interval: float = _env(
         "ORCH_HEALTH_INTERVAL", 1.0, "how often the backend is probed for the health service"
     )
+    query_service_address: str = _env(
+        "ORCH_QUERY_SERVICE_ADDRESS", "localhost:50061", "host:port of the Query Service"
+    )
+    embedding_service_address: str = _env(
+        "ORCH_EMBEDDING_SERVICE_ADDRESS", "localhost:50061", "host:port of the Embedding Service"
+    )
+    downstream_timeout: float = _env(
+        "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt"
+    )
+    downstream_attempts: int = _env(
+        "ORCH_DOWNSTREAM_ATTEMPTS", 3, "downstream call attempts (retried on UNAVAILABLE only)"
+    )
+    job_deadline: float = _env(
+        "ORCH_JOB_DEADLINE", 300.0, "a job times out this long after it started"
+    )
+    job_heartbeat: float = _env(
+        "ORCH_JOB_HEARTBEAT",
+        60.0,
+        "...or this long after its service last reported (progress and deltas extend it)",
+    )
+    job_retention: float = _env(
+        "ORCH_JOB_RETENTION", 86400.0, "how long finished jobs stay readable"
+    )
+    reaper_interval: float = _env(
+        "ORCH_REAPER_INTERVAL", 1.0, "how often each process looks for timed-out jobs"
+    )
+    event_log_max_events: int = _env(
+        "ORCH_EVENT_LOG_MAX_EVENTS", 1000, "events kept per session for resuming streams"
+    )
+    event_log_ttl: float = _env(
+        "ORCH_EVENT_LOG_TTL",
+        86400.0,
+        "a session's event log is dropped this long after its last event",
+    )
+    ws_address: str = _env(
+        "ORCH_WS_ADDRESS",
+        "0.0.0.0:8000",
+        "host:port of the WebSocket bridge for JSON notices (/ws/task_updates); empty: off",
+    )
+    embedded_reference: bool = _env(
+        "ORCH_EMBEDDED_REFERENCE",
+        False,
+        "also run the reference Query/Embedding services in this process (for `make run`)",
+        _parse_bool,
+    )
     log_level: str = _env("ORCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _env("ORCH_LOG_FORMAT", "text", "text or json (one object per line)")
 
@@ -114,6 +159,11 @@ class Settings:
             "keepalive_time",
             "keepalive_timeout",
             "health_interval",
+            "downstream_timeout",
+            "job_deadline",
+            "job_heartbeat",
+            "reaper_interval",
+            "event_log_ttl",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -123,6 +173,12 @@ class Settings:
             problems.append("session_retention and shutdown_grace must not be negative")
         if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
             problems.append("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
+        if self.downstream_attempts < 1 or self.event_log_max_events < 1:
+            problems.append("downstream_attempts and event_log_max_events must be >= 1")
+        if self.job_retention < 0:
+            problems.append("job_retention must not be negative")
+        if self.ws_address and ":" not in self.ws_address:
+            problems.append("ws_address must be host:port (or empty)")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
         if ":" not in self.listen_address:

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from domain.dispatch import Dispatcher
 from server.app import OrchestratorServer
 from server.config import Settings
 
@@ -22,6 +23,8 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         shutdown_grace=1.0,
         redis_socket_timeout=1.0,
         redis_connect_timeout=0.5,
+        ws_address="127.0.0.1:0",
+        reaper_interval=0.1,
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()
@@ -42,8 +45,10 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
-    server = OrchestratorServer(settings)
+async def running_server(
+    settings: Settings, *, dispatcher: Dispatcher | None = None
+) -> AsyncIterator[RunningServer]:
+    server = OrchestratorServer(settings, dispatcher=dispatcher)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -1,0 +1,217 @@
+"""The chat job flow: a message becomes a job handed to a downstream service, and the job's
+events reach every client following the session.
+
+SendMessage: check the session, subscribe to its events, record the job (accepted event), hand
+it to the service with the orchestrator-assigned job id, then stream the job's events until its
+final one. Because the job is recorded before the service sees it, a notice can never arrive for
+a job the orchestrator does not know yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from domain.dispatch import CallContext, Dispatcher, DownstreamError, WorkRequest
+from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from domain.event_stream import SessionFollower
+from domain.ids import is_resource_id, new_id
+from domain.jobs import (
+    EventDraft,
+    EventKind,
+    FinishOutcome,
+    JobLimits,
+    NewJob,
+    SessionEvent,
+    StartRefused,
+)
+from domain.models import Service, WorkKind
+from domain.sessions import SessionManager, require_session_id
+from registry.base import EventLog, JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_CONTENT_CHARS = 64 * 1024
+MAX_MODEL_CHARS = 128
+MAX_COLLECTIONS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """A SendMessage request, already translated from protobuf."""
+
+    session_id: str
+    content: str
+    kind: WorkKind = WorkKind.LLM_QUERY
+    model: str = ""
+    collections: Sequence[str] = field(default_factory=tuple)
+    reject_if_busy: bool = False
+
+
+def require_job_id(value: str, field: str = "job_id") -> str:
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    if not is_resource_id(value):
+        raise InvalidArgument.field(field, "is not a valid job id")
+    return value
+
+
+def validate_message(message: ChatMessage) -> None:
+    violations: list[FieldViolation] = []
+    try:
+        require_session_id(message.session_id)
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+    if not message.content.strip():
+        violations.append(FieldViolation("content", "is required"))
+    elif len(message.content) > MAX_CONTENT_CHARS:
+        violations.append(FieldViolation("content", f"exceeds {MAX_CONTENT_CHARS} characters"))
+    if len(message.model) > MAX_MODEL_CHARS:
+        violations.append(FieldViolation("model", f"exceeds {MAX_MODEL_CHARS} characters"))
+    if message.collections and message.kind is not WorkKind.RAG_QUERY:
+        violations.append(FieldViolation("collections", "is only allowed for RAG queries"))
+    if len(message.collections) > MAX_COLLECTIONS:
+        violations.append(FieldViolation("collections", f"has more than {MAX_COLLECTIONS}"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+class ChatOrchestrator:
+    """Sends messages, follows sessions and cancels jobs, for one tenant per call."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        jobs: JobStore,
+        events: EventLog,
+        dispatcher: Dispatcher,
+        limits: JobLimits,
+        *,
+        idle_check_s: float = 30.0,
+    ) -> None:
+        self._sessions = sessions
+        self._jobs = jobs
+        self._events = events
+        self._dispatcher = dispatcher
+        self._limits = limits
+        self._idle_check_s = idle_check_s
+
+    async def send(self, ctx: CallContext, message: ChatMessage) -> AsyncIterator[SessionEvent]:
+        """Start a job for the message and yield its events, ending with its final one."""
+        validate_message(message)
+        tenant_id = ctx.tenant_id
+        session = await self._sessions.get_open(tenant_id, message.session_id)
+        job = NewJob(
+            job_id=new_id(),
+            session_id=session.session_id,
+            agent_id=session.agent_id,
+            service=Service.for_kind(message.kind),
+            kind=message.kind,
+            content=message.content,
+            request_id=ctx.request_id,
+            model=message.model,
+        )
+        async with self._events.subscribe(tenant_id, session.session_id) as feed:
+            started = await self._jobs.start_job(
+                tenant_id, job, self._limits, reject_if_busy=message.reject_if_busy
+            )
+            if isinstance(started, StartRefused):
+                raise _refusal(started, session.session_id)
+            yield started.accepted
+            await self._dispatch(ctx, job, session.agent_id, message)
+            follower = SessionFollower(
+                self._events,
+                feed,
+                tenant_id,
+                session.session_id,
+                still_open=lambda: self._is_open(tenant_id, session.session_id),
+                idle_check_s=self._idle_check_s,
+            )
+            async for event in follower.events(started.accepted.sequence):
+                if event.job_id != job.job_id:
+                    continue
+                yield event
+                if event.kind.is_final:
+                    return
+
+    async def _dispatch(
+        self, ctx: CallContext, job: NewJob, agent_id: str, message: ChatMessage
+    ) -> None:
+        work = WorkRequest(
+            job_id=job.job_id,
+            tenant_id=ctx.tenant_id,
+            session_id=job.session_id,
+            agent_id=agent_id,
+            kind=job.kind,
+            content=job.content,
+            model=job.model,
+            collections=tuple(message.collections),
+        )
+        try:
+            await self._dispatcher.submit(work, ctx)
+        except DownstreamError as exc:
+            log.warning("job %s not handed to %s: %s", job.job_id, job.service.value, exc)
+            error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+            draft = EventDraft(job.job_id, EventKind.FAILED, job.request_id, {"error": error})
+            await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
+            return
+        await self._jobs.mark_running(ctx.tenant_id, job.job_id)
+
+    async def _is_open(self, tenant_id: str, session_id: str) -> bool:
+        session = await self._sessions.peek(tenant_id, session_id)
+        return session is not None and session.state.is_open
+
+    async def follow(
+        self, tenant_id: str, session_id: str, after: int
+    ) -> AsyncIterator[SessionEvent]:
+        """Yield the session's events after ``after``, then live ones, until it closes."""
+        if after < 0:
+            raise InvalidArgument.field("after_sequence", "must not be negative")
+        session = await self._sessions.get(tenant_id, session_id)
+        async with self._events.subscribe(tenant_id, session_id) as feed:
+            if not session.state.is_open:
+                feed.mark_closed()  # replay what is retained, then end
+            follower = SessionFollower(
+                self._events,
+                feed,
+                tenant_id,
+                session_id,
+                still_open=lambda: self._is_open(tenant_id, session_id),
+                idle_check_s=self._idle_check_s,
+            )
+            async for event in follower.events(after):
+                yield event
+
+    async def cancel(self, ctx: CallContext, session_id: str, job_id: str) -> SessionEvent:
+        """Cancel a job in flight; the cancelled event is published to the session."""
+        require_session_id(session_id)
+        require_job_id(job_id)
+        job = await self._jobs.get_job(ctx.tenant_id, job_id)
+        if job is None or job.session_id != session_id:
+            raise NotFound(f"job {job_id} not found in session {session_id}")
+        draft = EventDraft(
+            job_id, EventKind.CANCELLED, job.request_id, {"reason": "cancelled by the client"}
+        )
+        outcome, event = await self._jobs.finish_job(ctx.tenant_id, job_id, draft, self._limits)
+        if outcome is FinishOutcome.ALREADY_FINAL:
+            raise FailedPrecondition(f"job {job_id} has already finished")
+        if outcome is FinishOutcome.UNKNOWN_JOB or event is None:
+            raise NotFound(f"job {job_id} not found in session {session_id}")
+        try:
+            await self._dispatcher.cancel(job.service, job_id, ctx)
+        except DownstreamError as exc:
+            # The job is cancelled here whatever the service says; its late notices are
+            # rejected as "job finished".
+            log.warning("cancel of job %s not delivered to %s: %s", job_id, job.service, exc)
+        return event
+
+
+def _refusal(refused: StartRefused, session_id: str) -> Exception:
+    if refused is StartRefused.SESSION_MISSING:
+        return NotFound(f"session {session_id} not found")
+    if refused is StartRefused.SESSION_BUSY:
+        return FailedPrecondition(
+            f"session {session_id} has a job in flight and the request asked to reject"
+        )
+    return FailedPrecondition(f"session {session_id} is not open")

@@ -1,0 +1,106 @@
+"""Following a session's events without gaps or duplicates.
+
+A follower subscribes first, then reads the retained log after its cursor, then takes live
+events from its feed. Anything the feed may have dropped (a slow client, a reconnect of the
+reader, a sequence gap) is re-read from the log, so every event after the cursor is yielded
+exactly once and in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from domain.jobs import EventKind, SessionEvent
+from registry.base import EventLog
+from registry.fanout import Feed
+
+CATCH_UP_PAGE = 500
+
+
+def history_truncated(session_id: str, requested_after: int, oldest: int) -> SessionEvent:
+    """The event that tells a follower events between its cursor and ``oldest`` are gone."""
+    return SessionEvent(
+        session_id=session_id,
+        job_id="",
+        sequence=oldest - 1,
+        time_ms=time.time_ns() // 1_000_000,
+        kind=EventKind.HISTORY_TRUNCATED,
+        data={"requested_after": requested_after, "oldest_retained": oldest},
+    )
+
+
+class SessionFollower:
+    """Yields the events of one session after a cursor, for one client stream.
+
+    ``still_open`` is asked when no event arrived for ``idle_check_s``; the stream ends when it
+    returns False (the session expired). It also ends after the feed reports the session closed.
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        feed: Feed,
+        tenant_id: str,
+        session_id: str,
+        *,
+        still_open: Callable[[], Awaitable[bool]] | None = None,
+        idle_check_s: float = 30.0,
+    ) -> None:
+        self._log = log
+        self._feed = feed
+        self._tenant_id = tenant_id
+        self._session_id = session_id
+        self._still_open = still_open
+        self._idle_check_s = idle_check_s
+        self.last = 0
+
+    async def _catch_up(self, *, report_truncation: bool) -> AsyncIterator[SessionEvent]:
+        """Yield retained events after ``self.last`` until the log has no more."""
+        first_page = True
+        while True:
+            page = await self._log.read_after(
+                self._tenant_id, self._session_id, self.last, limit=CATCH_UP_PAGE
+            )
+            if first_page and report_truncation and self.last > 0:
+                oldest = page.oldest_retained
+                if oldest is None and page.last_sequence > self.last:
+                    oldest = page.last_sequence + 1
+                if oldest is not None and oldest > self.last + 1:
+                    yield history_truncated(self._session_id, self.last, oldest)
+            first_page = False
+            for event in page.events:
+                if event.sequence > self.last:
+                    self.last = event.sequence
+                    yield event
+            if len(page.events) < CATCH_UP_PAGE:
+                return
+
+    async def events(self, after: int) -> AsyncIterator[SessionEvent]:
+        self.last = max(after, 0)
+        feed = self._feed
+        async for event in self._catch_up(report_truncation=True):
+            yield event
+        while True:
+            if not await feed.wait(self._idle_check_s):
+                if self._still_open is not None and not await self._still_open():
+                    return
+                continue
+            if feed.lagging:
+                feed.lagging = False
+                feed.drain()
+                async for event in self._catch_up(report_truncation=True):
+                    yield event
+            for event in feed.drain():
+                if event.sequence <= self.last:
+                    continue
+                if event.sequence > self.last + 1:  # something was missed: re-read the log
+                    async for missed in self._catch_up(report_truncation=True):
+                        yield missed
+                    continue
+                self.last = event.sequence
+                yield event
+            if feed.closed and not feed.lagging:
+                async for event in self._catch_up(report_truncation=True):
+                    yield event
+                return

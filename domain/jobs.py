@@ -1,0 +1,201 @@
+"""The job flow's domain objects: jobs (tasks), notices from services and session events.
+
+A job is one piece of work handed to a downstream service. Its state machine is
+
+    pending -> running -> completed | failed | timed_out | cancelled
+
+and every transition is atomic in the registry, so a duplicate or late notice changes nothing.
+Everything that happens to a job becomes a SessionEvent with a per-session, strictly increasing
+sequence number; clients follow those events live and resume from a sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from domain.models import Service, TokenUsage, WorkKind
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (JobState.PENDING, JobState.RUNNING)
+
+
+class EventKind(enum.StrEnum):
+    """What a session event reports (the ChatEvent oneof)."""
+
+    ACCEPTED = "accepted"
+    PROGRESS = "progress"
+    DELTA = "delta"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    HISTORY_TRUNCATED = "history_truncated"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL_EVENTS
+
+
+_FINAL_EVENTS = frozenset(
+    {EventKind.COMPLETED, EventKind.FAILED, EventKind.TIMED_OUT, EventKind.CANCELLED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One event of a session as stored and fanned out.
+
+    ``data`` holds the kind's payload as plain JSON-compatible values:
+    accepted {service, kind, content, deadline_ms}; progress {fraction, message}; delta {text};
+    completed {result, usage}; failed {error}; timed_out {deadline_ms}; cancelled {reason};
+    history_truncated {requested_after, oldest_retained}.
+    """
+
+    session_id: str
+    job_id: str
+    sequence: int
+    time_ms: int
+    kind: EventKind
+    request_id: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event before the registry gives it a sequence and a time."""
+
+    job_id: str
+    kind: EventKind
+    request_id: str
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """Retained events after a cursor. ``oldest_retained`` is the sequence of the oldest event
+    still stored (None when none is); ``last_sequence`` the newest sequence ever assigned."""
+
+    events: list[SessionEvent]
+    oldest_retained: int | None
+    last_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """Configured job timing, in milliseconds."""
+
+    # The job fails as timed_out this long after it started, whatever it reports.
+    deadline_ms: int
+    # ...or this long after its last notice (progress and deltas extend it).
+    heartbeat_ms: int
+    # How long finished jobs stay readable.
+    retention_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job about to be handed to a service."""
+
+    job_id: str
+    session_id: str
+    agent_id: str
+    service: Service
+    kind: WorkKind
+    content: str
+    request_id: str
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job as recorded."""
+
+    job_id: str
+    tenant_id: str
+    session_id: str
+    service: Service
+    kind: WorkKind
+    state: JobState
+    request_id: str
+    created_at_ms: int
+    updated_at_ms: int
+    deadline_ms: int
+    heartbeat_deadline_ms: int
+    last_notice_sequence: int = 0
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+class NoticeEvent(enum.StrEnum):
+    PROGRESS = "progress"
+    DELTA = "delta"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A validated notice from a service about one of its jobs."""
+
+    event: NoticeEvent
+    service: Service
+    job_id: str
+    tenant_id: str
+    sequence: int
+    agent_id: str = ""
+    # The event payload for the session (see SessionEvent.data).
+    data: Mapping[str, Any] = field(default_factory=dict)
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+class Verdict(enum.StrEnum):
+    """What became of a notice."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    UNKNOWN_JOB = "unknown_job"
+    WRONG_TENANT = "wrong_tenant"
+    WRONG_SERVICE = "wrong_service"
+    JOB_FINISHED = "job_finished"
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeOutcome:
+    verdict: Verdict
+    event: SessionEvent | None = None
+    detail: str = ""
+
+
+class StartRefused(enum.StrEnum):
+    """Why a job could not be recorded for a session."""
+
+    SESSION_MISSING = "session_missing"
+    SESSION_NOT_OPEN = "session_not_open"
+    SESSION_BUSY = "session_busy"
+
+
+@dataclass(frozen=True, slots=True)
+class StartedJob:
+    job: Job
+    accepted: SessionEvent
+
+
+class FinishOutcome(enum.StrEnum):
+    """Result of finishing a job from the orchestrator's side (cancel, dispatch failure)."""
+
+    DONE = "done"
+    UNKNOWN_JOB = "unknown_job"
+    ALREADY_FINAL = "already_final"

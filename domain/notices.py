@@ -1,0 +1,128 @@
+"""Notices from the platform's services: validation, application, and the verdict tally a
+PublishUpdates stream (or a WebSocket) answers with.
+
+A notice is judged on its own: a malformed one or one about another tenant's job is rejected
+and counted, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from domain.ids import is_resource_id, is_tenant_id
+from domain.jobs import JobLimits, Notice, NoticeEvent, NoticeOutcome, Verdict
+from domain.models import Service, TokenUsage
+from registry.base import JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_REJECTIONS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeInput:
+    """A notice as received, before validation. ``sequence`` None means the sender does not
+    number its notices (the seed's JSON form): each one is then applied in arrival order."""
+
+    event: NoticeEvent | None
+    service: Service | None
+    job_id: str
+    tenant_id: str
+    sequence: int | None
+    agent_id: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+class MalformedNotice(ValueError):
+    """A notice field is missing or out of range; the message names the field."""
+
+
+def validate_notice(raw: NoticeInput) -> Notice:
+    if raw.event is None:
+        raise MalformedNotice("event: is required")
+    if raw.service is None:
+        raise MalformedNotice("service: is required")
+    if not raw.job_id:
+        raise MalformedNotice("job_id: is required")
+    if not is_resource_id(raw.job_id):
+        raise MalformedNotice("job_id: is not a job id issued by the orchestrator")
+    if not raw.tenant_id:
+        raise MalformedNotice("tenant_id: is required")
+    if not is_tenant_id(raw.tenant_id):
+        raise MalformedNotice("tenant_id: is not a valid tenant id")
+    if raw.sequence is not None and raw.sequence < 1:
+        raise MalformedNotice("sequence: must be 1 or more")
+    if raw.event is NoticeEvent.PROGRESS:
+        fraction = raw.data.get("fraction", 0.0)
+        if not 0.0 <= fraction <= 1.0:
+            raise MalformedNotice("progress: must be between 0 and 1")
+    usage = raw.usage
+    if min(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) < 0:
+        raise MalformedNotice("usage: token counts must not be negative")
+    return Notice(
+        event=raw.event,
+        service=raw.service,
+        job_id=raw.job_id,
+        tenant_id=raw.tenant_id,
+        sequence=raw.sequence or 0,
+        agent_id=raw.agent_id,
+        data=raw.data,
+        usage=usage,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    index: int
+    job_id: str
+    verdict: Verdict
+    detail: str
+
+
+@dataclass(slots=True)
+class VerdictTally:
+    """Counts of every verdict of one stream, and the first rejected notices."""
+
+    received: int = 0
+    counts: dict[Verdict, int] = field(default_factory=lambda: dict.fromkeys(Verdict, 0))
+    rejected: list[Rejection] = field(default_factory=list)
+    rejected_truncated: bool = False
+
+    def add(self, job_id: str, outcome: NoticeOutcome) -> None:
+        index = self.received
+        self.received += 1
+        self.counts[outcome.verdict] += 1
+        if outcome.verdict in (Verdict.ACCEPTED, Verdict.DUPLICATE):
+            return
+        if len(self.rejected) < MAX_LISTED_REJECTIONS:
+            self.rejected.append(Rejection(index, job_id, outcome.verdict, outcome.detail))
+        else:
+            self.rejected_truncated = True
+
+
+class NoticeProcessor:
+    """Validates and applies notices."""
+
+    def __init__(self, jobs: JobStore, limits: JobLimits) -> None:
+        self._jobs = jobs
+        self._limits = limits
+
+    async def process(self, raw: NoticeInput) -> NoticeOutcome:
+        try:
+            notice = validate_notice(raw)
+        except MalformedNotice as exc:
+            return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
+        outcome = await self._jobs.apply_notice(notice, self._limits)
+        if outcome.verdict is not Verdict.ACCEPTED:
+            log.info(
+                "notice rejected: %s (job %s, tenant %s, service %s)",
+                outcome.verdict.value,
+                notice.job_id,
+                notice.tenant_id,
+                notice.service.value,
+            )
+        return outcome

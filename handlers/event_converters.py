@@ -1,0 +1,192 @@
+"""Protobuf <-> domain conversions of the job flow: chat requests, events and notices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from domain.errors import InvalidArgument
+from domain.jobs import EventKind, NoticeEvent, SessionEvent
+from domain.models import Service, TokenUsage, WorkKind
+from domain.notices import NoticeInput
+from handlers.converters import timestamp_from_ms, usage_from_pb, usage_to_pb
+from orchestrator.v1 import chat_pb2, common_pb2, task_update_pb2
+
+_KIND_FROM_PB = {
+    common_pb2.WORK_KIND_UNSPECIFIED: WorkKind.LLM_QUERY,
+    common_pb2.WORK_KIND_LLM_QUERY: WorkKind.LLM_QUERY,
+    common_pb2.WORK_KIND_RAG_QUERY: WorkKind.RAG_QUERY,
+    common_pb2.WORK_KIND_EMBEDDING: WorkKind.EMBEDDING,
+}
+_KIND_TO_PB = {
+    WorkKind.LLM_QUERY: common_pb2.WORK_KIND_LLM_QUERY,
+    WorkKind.RAG_QUERY: common_pb2.WORK_KIND_RAG_QUERY,
+    WorkKind.EMBEDDING: common_pb2.WORK_KIND_EMBEDDING,
+}
+_SERVICE_TO_PB = {
+    Service.QUERY: common_pb2.SERVICE_QUERY,
+    Service.EMBEDDING: common_pb2.SERVICE_EMBEDDING,
+}
+_SERVICE_FROM_PB = {v: k for k, v in _SERVICE_TO_PB.items()}
+_NOTICE_FROM_PB = {
+    task_update_pb2.NOTICE_EVENT_PROGRESS: NoticeEvent.PROGRESS,
+    task_update_pb2.NOTICE_EVENT_DELTA: NoticeEvent.DELTA,
+    task_update_pb2.NOTICE_EVENT_COMPLETED: NoticeEvent.COMPLETED,
+    task_update_pb2.NOTICE_EVENT_FAILED: NoticeEvent.FAILED,
+}
+
+
+def work_kind_from_pb(kind: common_pb2.WorkKind.ValueType) -> WorkKind:
+    try:
+        return _KIND_FROM_PB[kind]
+    except KeyError:
+        raise InvalidArgument.field("kind", f"unknown work kind {kind}") from None
+
+
+def service_from_pb(service: common_pb2.Service.ValueType) -> Service | None:
+    return _SERVICE_FROM_PB.get(service)
+
+
+# -- results, errors and usage as plain data (SessionEvent.data) ---------------------------------
+
+
+def result_to_data(result: common_pb2.JobResult) -> dict[str, Any]:
+    data: dict[str, Any] = {"text": result.text, "model": result.model}
+    if result.embeddings:
+        data["embeddings"] = [list(v.values) for v in result.embeddings]
+    if result.HasField("data"):
+        data["data"] = json_format.MessageToDict(result.data)
+    return data
+
+
+def result_from_data(data: Mapping[str, Any]) -> common_pb2.JobResult:
+    result = common_pb2.JobResult(text=str(data.get("text", "")), model=str(data.get("model", "")))
+    for values in data.get("embeddings") or ():
+        result.embeddings.add(values=[float(v) for v in values])
+    extra = data.get("data")
+    if isinstance(extra, Mapping) and extra:
+        struct = struct_pb2.Struct()
+        struct.update(extra)
+        result.data.CopyFrom(struct)
+    return result
+
+
+def usage_to_data(usage: TokenUsage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def usage_from_data(data: Mapping[str, Any] | None) -> TokenUsage:
+    data = data or {}
+    return TokenUsage(
+        int(data.get("prompt_tokens", 0)),
+        int(data.get("completion_tokens", 0)),
+        int(data.get("total_tokens", 0)),
+    )
+
+
+def error_to_data(error: common_pb2.JobError) -> dict[str, Any]:
+    return {
+        "code": error.code or "unknown",
+        "message": error.message,
+        "retryable": error.retryable,
+    }
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+def event_to_pb(event: SessionEvent) -> chat_pb2.ChatEvent:
+    pb = chat_pb2.ChatEvent(
+        session_id=event.session_id,
+        job_id=event.job_id,
+        sequence=event.sequence,
+        time=timestamp_from_ms(event.time_ms),
+        request_id=event.request_id,
+    )
+    data = event.data
+    kind = event.kind
+    if kind is EventKind.ACCEPTED:
+        pb.accepted.CopyFrom(
+            chat_pb2.JobAccepted(
+                service=_SERVICE_TO_PB[Service(data["service"])],
+                kind=_KIND_TO_PB[WorkKind(data["kind"])],
+                content=data.get("content", ""),
+                deadline=timestamp_from_ms(int(data["deadline_ms"])),
+            )
+        )
+    elif kind is EventKind.PROGRESS:
+        pb.progress.CopyFrom(
+            chat_pb2.JobProgress(
+                fraction=float(data.get("fraction", 0.0)), message=data.get("message", "")
+            )
+        )
+    elif kind is EventKind.DELTA:
+        pb.delta.CopyFrom(chat_pb2.TextDelta(text=data.get("text", "")))
+    elif kind is EventKind.COMPLETED:
+        pb.completed.CopyFrom(
+            chat_pb2.JobCompleted(
+                result=result_from_data(data.get("result") or {}),
+                usage=usage_to_pb(usage_from_data(data.get("usage"))),
+            )
+        )
+    elif kind is EventKind.FAILED:
+        error = data.get("error") or {}
+        pb.failed.CopyFrom(
+            chat_pb2.JobFailed(
+                error=common_pb2.JobError(
+                    code=str(error.get("code", "unknown")),
+                    message=str(error.get("message", "")),
+                    retryable=bool(error.get("retryable", False)),
+                )
+            )
+        )
+    elif kind is EventKind.TIMED_OUT:
+        pb.timed_out.CopyFrom(
+            chat_pb2.JobTimedOut(deadline=timestamp_from_ms(int(data["deadline_ms"])))
+        )
+    elif kind is EventKind.CANCELLED:
+        pb.cancelled.CopyFrom(chat_pb2.JobCancelled(reason=data.get("reason", "")))
+    else:
+        pb.history_truncated.CopyFrom(
+            chat_pb2.HistoryTruncated(
+                requested_after_sequence=int(data["requested_after"]),
+                oldest_retained_sequence=int(data["oldest_retained"]),
+            )
+        )
+    return pb
+
+
+# -- notices -----------------------------------------------------------------------------------
+
+
+def notice_from_pb(request: task_update_pb2.PublishUpdatesRequest) -> NoticeInput:
+    event = _NOTICE_FROM_PB.get(request.event)
+    data: dict[str, Any]
+    usage = TokenUsage()
+    if event is NoticeEvent.PROGRESS:
+        data = {"fraction": request.progress, "message": request.status_message}
+    elif event is NoticeEvent.DELTA:
+        data = {"text": request.delta}
+    elif event is NoticeEvent.COMPLETED:
+        usage = usage_from_pb(request.usage)
+        data = {"result": result_to_data(request.result), "usage": usage_to_data(usage)}
+    elif event is NoticeEvent.FAILED:
+        data = {"error": error_to_data(request.error)}
+    else:
+        data = {}
+    return NoticeInput(
+        event=event,
+        service=service_from_pb(request.service),
+        job_id=request.job_id,
+        tenant_id=request.tenant_id,
+        sequence=request.sequence,
+        agent_id=request.agent_id,
+        data=data,
+        usage=usage,
+    )

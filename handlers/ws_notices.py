@@ -1,0 +1,107 @@
+"""The seed's JSON task notices <-> domain, for the WebSocket bridge.
+
+The seed's form: ``{"event": "job_completed", "service": "query|embedding", "job_id": "...",
+"tenant_id": "...", "agent_id": "optional", "result": {...}}``. Events ``job_progress``,
+``job_delta`` and ``job_failed`` (or the bare names) carry ``progress``/``message``, ``delta``
+and ``error``. ``sequence`` is optional: without it notices apply in arrival order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from domain.jobs import NoticeEvent, NoticeOutcome
+from domain.models import Service
+from domain.notices import NoticeInput
+from handlers.event_converters import usage_from_data, usage_to_data
+
+_EVENTS = {
+    "job_completed": NoticeEvent.COMPLETED,
+    "job_failed": NoticeEvent.FAILED,
+    "job_progress": NoticeEvent.PROGRESS,
+    "job_delta": NoticeEvent.DELTA,
+    **{e.value: e for e in NoticeEvent},
+}
+_RESULT_FIELDS = ("text", "model", "embeddings", "usage")
+
+
+class NoticeShapeError(ValueError):
+    """The JSON is valid but not a notice object (answered as malformed)."""
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _result_data(result: Mapping[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "text": _text(result.get("text") or result.get("answer") or result.get("output")),
+        "model": _text(result.get("model")),
+    }
+    embeddings = result.get("embeddings")
+    if isinstance(embeddings, list) and all(isinstance(v, list) for v in embeddings):
+        data["embeddings"] = [[float(x) for x in v] for v in embeddings]
+    extra = {k: v for k, v in result.items() if k not in _RESULT_FIELDS}
+    if extra:
+        data["data"] = extra
+    return data
+
+
+def notice_from_json(message: Any) -> NoticeInput:
+    if not isinstance(message, Mapping):
+        raise NoticeShapeError("a notice must be a JSON object")
+    event = _EVENTS.get(_text(message.get("event")))
+    try:
+        service: Service | None = Service(_text(message.get("service")))
+    except ValueError:
+        service = None
+    sequence = message.get("sequence")
+    if sequence is not None and (not isinstance(sequence, int) or isinstance(sequence, bool)):
+        raise NoticeShapeError("sequence: must be an integer")
+    result = message.get("result")
+    result = result if isinstance(result, Mapping) else {}
+    usage = usage_from_data(message.get("usage") or result.get("usage"))
+    data: dict[str, Any]
+    if event is NoticeEvent.COMPLETED:
+        data = {"result": _result_data(result), "usage": usage_to_data(usage)}
+    elif event is NoticeEvent.FAILED:
+        error = message.get("error")
+        if isinstance(error, Mapping):
+            data = {
+                "error": {
+                    "code": _text(error.get("code")) or "unknown",
+                    "message": _text(error.get("message")),
+                    "retryable": bool(error.get("retryable", False)),
+                }
+            }
+        else:
+            data = {"error": {"code": "unknown", "message": _text(error), "retryable": False}}
+    elif event is NoticeEvent.PROGRESS:
+        progress = message.get("progress", 0.0)
+        if not isinstance(progress, int | float) or isinstance(progress, bool):
+            raise NoticeShapeError("progress: must be a number")
+        data = {"fraction": float(progress), "message": _text(message.get("message"))}
+    elif event is NoticeEvent.DELTA:
+        data = {"text": _text(message.get("delta") or result.get("text"))}
+    else:
+        data = {}
+    return NoticeInput(
+        event=event,
+        service=service,
+        job_id=_text(message.get("job_id")),
+        tenant_id=_text(message.get("tenant_id")),
+        sequence=sequence,
+        agent_id=_text(message.get("agent_id")),
+        data=data,
+        usage=usage,
+    )
+
+
+def verdict_to_json(index: int, job_id: str, outcome: NoticeOutcome) -> dict[str, Any]:
+    reply: dict[str, Any] = {"index": index, "job_id": job_id, "verdict": outcome.verdict.value}
+    if outcome.detail:
+        reply["detail"] = outcome.detail
+    if outcome.event is not None:
+        reply["sequence"] = outcome.event.sequence
+    return reply

@@ -1,0 +1,284 @@
+"""Jobs and session events in process memory: the embedded default (single process only).
+
+Same semantics as the Redis store (the contract tests run against both): every change is made
+without an await in between, which on one event loop makes it atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from domain.jobs import (
+    EventDraft,
+    EventKind,
+    EventPage,
+    FinishOutcome,
+    Job,
+    JobLimits,
+    JobState,
+    NewJob,
+    Notice,
+    NoticeEvent,
+    NoticeOutcome,
+    SessionEvent,
+    StartedJob,
+    StartRefused,
+    Verdict,
+)
+from domain.models import SessionState
+from registry.fanout import Feed, LocalFanout
+from registry.memory_sessions import MemorySessionStore, wall_clock_ms
+
+
+@dataclass(slots=True)
+class _SessionLog:
+    last: int = 0
+    events: deque[SessionEvent] = field(default_factory=deque)
+    touched_ms: int = 0
+
+
+class MemoryEventLog:
+    """registry.base.EventLog in memory; also where the memory job store appends."""
+
+    def __init__(
+        self, *, max_events: int, ttl_ms: int, clock: Callable[[], int] = wall_clock_ms
+    ) -> None:
+        self._max_events = max_events
+        self._ttl_ms = ttl_ms
+        self._clock = clock
+        self._logs: dict[tuple[str, str], _SessionLog] = {}
+        self.fanout = LocalFanout()
+
+    def _log(self, key: tuple[str, str]) -> _SessionLog | None:
+        log = self._logs.get(key)
+        if log is not None and self._clock() >= log.touched_ms + self._ttl_ms:
+            del self._logs[key]
+            return None
+        return log
+
+    def append(self, tenant_id: str, session_id: str, draft: EventDraft) -> SessionEvent:
+        key = (tenant_id, session_id)
+        log = self._log(key)
+        if log is None:
+            log = self._logs[key] = _SessionLog()
+        now = self._clock()
+        log.last += 1
+        log.touched_ms = now
+        event = SessionEvent(
+            session_id=session_id,
+            job_id=draft.job_id,
+            sequence=log.last,
+            time_ms=now,
+            kind=draft.kind,
+            request_id=draft.request_id,
+            data=draft.data,
+        )
+        log.events.append(event)
+        while len(log.events) > self._max_events:
+            log.events.popleft()
+        self.fanout.deliver(key, event)
+        return event
+
+    def session_closed(self, tenant_id: str, session_id: str) -> None:
+        self.fanout.close_session((tenant_id, session_id))
+
+    async def read_after(
+        self, tenant_id: str, session_id: str, after: int, *, limit: int
+    ) -> EventPage:
+        log = self._log((tenant_id, session_id))
+        if log is None:
+            return EventPage([], None, 0)
+        events = [e for e in log.events if e.sequence > after][:limit]
+        oldest = log.events[0].sequence if log.events else None
+        return EventPage(events, oldest, log.last)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, tenant_id: str, session_id: str) -> AsyncIterator[Feed]:
+        feed = Feed((tenant_id, session_id))
+        self.fanout.add(feed)
+        try:
+            yield feed
+        finally:
+            self.fanout.remove(feed)
+
+
+class MemoryJobStore:
+    """registry.base.JobStore in memory, over the memory session store and event log."""
+
+    def __init__(
+        self,
+        sessions: MemorySessionStore,
+        events: MemoryEventLog,
+        *,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self._sessions = sessions
+        self._events = events
+        self._clock = clock
+        self._jobs: dict[str, Job] = {}
+        self._expires: dict[str, int] = {}  # job id -> when the record is dropped
+        self._deadlines: list[tuple[int, str]] = []  # heap of (due, job id), a hint
+
+    def _job(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is not None and self._clock() >= self._expires[job_id]:
+            del self._jobs[job_id], self._expires[job_id]
+            return None
+        return job
+
+    def _release(self, job: Job, now: int, *, completed_usage: bool) -> None:
+        session = self._sessions.peek(job.tenant_id, job.session_id)
+        if session is None:
+            return
+        pending = tuple(j for j in session.pending_job_ids if j != job.job_id)
+        changes: dict[str, Any] = {"pending_job_ids": pending}
+        if session.state is SessionState.BUSY and not pending:
+            changes.update(state=SessionState.ACTIVE, updated_at_ms=now)
+        if completed_usage:
+            changes.update(message_count=session.message_count + 1, usage=session.usage + job.usage)
+        self._sessions.put(replace(session, **changes))
+
+    async def start_job(
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
+    ) -> StartedJob | StartRefused:
+        session = self._sessions.peek(tenant_id, new.session_id)
+        if session is None:
+            return StartRefused.SESSION_MISSING
+        if not session.state.is_open:
+            return StartRefused.SESSION_NOT_OPEN
+        if reject_if_busy and session.pending_job_ids:
+            return StartRefused.SESSION_BUSY
+        now = self._clock()
+        job = Job(
+            job_id=new.job_id,
+            tenant_id=tenant_id,
+            session_id=new.session_id,
+            service=new.service,
+            kind=new.kind,
+            state=JobState.PENDING,
+            request_id=new.request_id,
+            created_at_ms=now,
+            updated_at_ms=now,
+            deadline_ms=now + limits.deadline_ms,
+            heartbeat_deadline_ms=now + limits.heartbeat_ms,
+        )
+        self._jobs[new.job_id] = job
+        self._expires[new.job_id] = now + limits.deadline_ms + limits.retention_ms
+        due = min(job.deadline_ms, job.heartbeat_deadline_ms)
+        heapq.heappush(self._deadlines, (due, new.job_id))
+        self._sessions.put(
+            replace(
+                session,
+                state=SessionState.BUSY,
+                updated_at_ms=now,
+                message_count=session.message_count + 1,
+                pending_job_ids=tuple(sorted((*session.pending_job_ids, new.job_id))),
+            )
+        )
+        data = {
+            "service": new.service.value,
+            "kind": new.kind.value,
+            "content": new.content,
+            "model": new.model,
+            "deadline_ms": due,
+        }
+        event = self._events.append(
+            tenant_id,
+            new.session_id,
+            EventDraft(new.job_id, EventKind.ACCEPTED, new.request_id, data),
+        )
+        return StartedJob(job, event)
+
+    async def mark_running(self, tenant_id: str, job_id: str) -> None:
+        job = self._job(job_id)
+        if job is not None and job.tenant_id == tenant_id and job.state is JobState.PENDING:
+            self._jobs[job_id] = replace(job, state=JobState.RUNNING)
+
+    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+        job = self._job(notice.job_id)
+        if job is None:
+            return NoticeOutcome(Verdict.UNKNOWN_JOB)
+        if job.tenant_id != notice.tenant_id:
+            return NoticeOutcome(Verdict.WRONG_TENANT)
+        if job.service is not notice.service:
+            return NoticeOutcome(Verdict.WRONG_SERVICE)
+        sequence = notice.sequence or job.last_notice_sequence + 1  # 0: unnumbered
+        if sequence <= job.last_notice_sequence:
+            return NoticeOutcome(Verdict.DUPLICATE)
+        if job.state.is_final:
+            return NoticeOutcome(Verdict.JOB_FINISHED)
+        now = self._clock()
+        if notice.event in (NoticeEvent.PROGRESS, NoticeEvent.DELTA):
+            job = replace(
+                job,
+                state=JobState.RUNNING,
+                last_notice_sequence=sequence,
+                updated_at_ms=now,
+                heartbeat_deadline_ms=now + limits.heartbeat_ms,
+            )
+            self._jobs[job.job_id] = job
+        else:
+            job = replace(
+                job,
+                state=JobState(notice.event.value),
+                last_notice_sequence=sequence,
+                updated_at_ms=now,
+                usage=notice.usage,
+            )
+            self._jobs[job.job_id] = job
+            self._expires[job.job_id] = now + limits.retention_ms
+            self._release(job, now, completed_usage=notice.event is NoticeEvent.COMPLETED)
+        event = self._events.append(
+            job.tenant_id,
+            job.session_id,
+            EventDraft(job.job_id, EventKind(notice.event.value), job.request_id, notice.data),
+        )
+        return NoticeOutcome(Verdict.ACCEPTED, event)
+
+    async def finish_job(
+        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
+    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        job = self._job(job_id)
+        if job is None or job.tenant_id != tenant_id:
+            return FinishOutcome.UNKNOWN_JOB, None
+        if job.state.is_final:
+            return FinishOutcome.ALREADY_FINAL, None
+        return FinishOutcome.DONE, self._finish(job, JobState(draft.kind.value), draft.data, limits)
+
+    def _finish(
+        self, job: Job, state: JobState, data: dict[str, Any] | Any, limits: JobLimits
+    ) -> SessionEvent:
+        now = self._clock()
+        job = replace(job, state=state, updated_at_ms=now)
+        self._jobs[job.job_id] = job
+        self._expires[job.job_id] = now + limits.retention_ms
+        self._release(job, now, completed_usage=False)
+        return self._events.append(
+            job.tenant_id,
+            job.session_id,
+            EventDraft(job.job_id, EventKind(state.value), job.request_id, data),
+        )
+
+    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+        job = self._job(job_id)
+        return job if job is not None and job.tenant_id == tenant_id else None
+
+    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+        now = self._clock()
+        events: list[SessionEvent] = []
+        while self._deadlines and self._deadlines[0][0] <= now and len(events) < limit:
+            _, job_id = heapq.heappop(self._deadlines)
+            job = self._job(job_id)
+            if job is None or job.state.is_final:
+                continue
+            due = min(job.deadline_ms, job.heartbeat_deadline_ms)
+            if now < due:
+                heapq.heappush(self._deadlines, (due, job_id))
+                continue
+            events.append(self._finish(job, JobState.TIMED_OUT, {"deadline_ms": due}, limits))
+        return events

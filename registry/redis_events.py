@@ -1,0 +1,231 @@
+"""Session event logs in Redis, and the one pub/sub reader per process that feeds every client
+stream of the process (registry.base.EventLog).
+
+Events are appended by the job scripts to a per-session stream and published on a per-session
+channel in the same atomic step. This process subscribes (on one dedicated connection) to the
+channels of the sessions its clients follow, and the reader task hands each message to the local
+fan-out. Subscribing is confirmed before ``subscribe()`` returns, so a caller that reads the log
+afterwards misses nothing: older events are in the log, newer ones arrive live.
+
+The reader's connection has no retries of its own: when it drops, the reader reconnects,
+resubscribes and marks every feed lagging, so streams re-read what they may have missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from domain.errors import Unavailable
+from domain.jobs import EventPage
+from registry import redis_job_scripts as scripts
+from registry.event_codec import decode_message, decode_stream_entry
+from registry.fanout import Feed, LocalFanout
+from registry.keys import KeySpace
+from registry.redis_client import redis_errors_as_unavailable
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisEventLog:
+    """registry.base.EventLog on Redis streams and pub/sub."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        subscriber: Redis,
+        keys: KeySpace,
+        *,
+        read_block_s: float = 5.0,
+        subscribe_timeout_s: float = 5.0,
+    ) -> None:
+        """``redis`` serves log reads; ``subscriber`` is a client reserved for the pub/sub
+        connection (its socket timeout must exceed ``read_block_s``)."""
+        self._redis = redis
+        self._subscriber = subscriber
+        self._keys = keys
+        self._read_block_s = read_block_s
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._read_after = redis.register_script(scripts.READ_AFTER)
+        self.fanout = LocalFanout()
+        self._pubsub: PubSub | None = None
+        # Channels with SUBSCRIBE commands not yet confirmed, and who waits for them.
+        self._unconfirmed: dict[str, int] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._has_channels = asyncio.Event()
+        self._closing = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read_after(
+        self, tenant_id: str, session_id: str, after: int, *, limit: int
+    ) -> EventPage:
+        keys = self._keys
+        with redis_errors_as_unavailable():
+            last, oldest, entries = await self._read_after(
+                keys=[
+                    keys.session_event_seq(tenant_id, session_id),
+                    keys.session_events(tenant_id, session_id),
+                ],
+                args=[max(after, 0), limit],
+            )
+        events = [
+            decode_stream_entry(
+                session_id,
+                _str(entry_id),
+                {_str(k): _str(v) for k, v in _pairs(fields).items()},
+            )
+            for entry_id, fields in entries
+        ]
+        oldest_seq = int(_str(oldest).split("-", 1)[0]) if oldest else None
+        return EventPage(events, oldest_seq, int(last))
+
+    # -- following -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, tenant_id: str, session_id: str) -> AsyncIterator[Feed]:
+        feed = Feed((tenant_id, session_id))
+        channel = self._keys.session_channel(tenant_id, session_id)
+        first = self.fanout.add(feed)
+        try:
+            if first:
+                await self._send("SUBSCRIBE", channel)
+            await self._wait_confirmed(channel)
+            yield feed
+        finally:
+            if self.fanout.remove(feed):
+                with contextlib.suppress(*_CONNECTION_ERRORS, Unavailable):
+                    await self._send("UNSUBSCRIBE", channel)
+
+    async def _send(self, command: str, channel: str) -> None:
+        self._ensure_reader()
+        if command == "SUBSCRIBE":
+            self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+            self._confirmed.setdefault(channel, asyncio.Event())
+        pubsub = self._pubsub
+        if pubsub is None:  # the reader is reconnecting; it subscribes every followed session
+            return
+        try:
+            if command == "SUBSCRIBE":
+                await pubsub.subscribe(channel)
+                self._has_channels.set()
+            else:
+                await pubsub.unsubscribe(channel)
+        except _CONNECTION_ERRORS as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+
+    async def _wait_confirmed(self, channel: str) -> None:
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            return
+        try:
+            await asyncio.wait_for(confirmed.wait(), self._subscribe_timeout_s)
+        except TimeoutError:
+            raise Unavailable("redis did not confirm the event subscription") from None
+
+    def _ensure_reader(self) -> None:
+        if self._task is None and not self._closing:
+            self._pubsub = self._new_pubsub()
+            self._task = asyncio.create_task(self._run(), name="event-log-reader")
+
+    def _new_pubsub(self) -> PubSub:
+        return self._subscriber.pubsub()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closing:
+            try:
+                if self._pubsub is None:
+                    await self._reconnect()
+                    backoff = 0.05
+                await self._has_channels.wait()
+                assert self._pubsub is not None
+                message = await self._pubsub.get_message(timeout=self._read_block_s)
+                if message is not None:
+                    self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except _CONNECTION_ERRORS as exc:
+                log.warning("event subscription lost (%s); reconnecting", exc)
+                await self._drop_pubsub()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                log.exception("event reader failed; reconnecting")
+                await self._drop_pubsub()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._has_channels.clear()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _reconnect(self) -> None:
+        """Resubscribe every followed session, then tell every feed to re-read the log."""
+        pubsub = self._new_pubsub()
+        channels = [self._keys.session_channel(t, s) for t, s in self.fanout.sessions()]
+        self._unconfirmed = {}
+        for channel in channels:
+            self._unconfirmed[channel] = 1
+            self._confirmed.setdefault(channel, asyncio.Event())
+        if channels:
+            await pubsub.subscribe(*channels)
+            self._has_channels.set()
+        self._pubsub = pubsub
+        log.info("event subscription restored (%d sessions)", len(channels))
+        self.fanout.mark_all_lagging()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = _str(message["type"])
+        channel = _str(message["channel"])
+        if kind == "message":
+            key = self._keys.parse_session_channel(channel)
+            if key is None or not self.fanout.has(key):
+                return
+            event = decode_message(key[1], _str(message["data"]))
+            if event is None:
+                self.fanout.close_session(key)
+            else:
+                self.fanout.deliver(key, event)
+        elif kind == "subscribe":
+            left = self._unconfirmed.get(channel, 0) - 1
+            if left > 0:
+                self._unconfirmed[channel] = left
+                return
+            self._unconfirmed.pop(channel, None)
+            confirmed = self._confirmed.pop(channel, None)
+            if confirmed is not None:
+                confirmed.set()
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._drop_pubsub()
+        await self._subscriber.aclose()
+
+
+def _pairs(fields: Any) -> dict[Any, Any]:
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=True))

@@ -1,0 +1,166 @@
+"""Lua scripts of the Redis job store. Each one changes a job, its session's bookkeeping and the
+session's event log in one atomic step, with Redis's own clock.
+
+Every script takes the same five keys, all under the tenant's hash tag (one cluster slot):
+KEYS[1] job hash, KEYS[2] session hash, KEYS[3] session pending set, KEYS[4] session event
+sequence counter, KEYS[5] session event stream. Every script returns
+``{status, sequence, now, envelope}`` (only status when nothing was appended).
+
+Event envelopes are assembled here by concatenation: the job id is validated by the caller, the
+request id is stored JSON-encoded, and the data is JSON made by the caller.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function envelope(job_id, request_json, kind, data_json)
+  return '{"j":"' .. job_id .. '","r":' .. request_json .. ',"k":"' .. kind .. '","d":'
+    .. data_json .. '}'
+end
+
+-- Append an event: next sequence, stream entry <seq>-0 (capped at maxlen), publish.
+local function append(env, maxlen, ttl, channel)
+  local seq = redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  redis.call('XADD', KEYS[5], 'MAXLEN', maxlen, seq .. '-0', 't', now, 'e', env)
+  redis.call('PEXPIRE', KEYS[5], ttl)
+  redis.call('PUBLISH', channel, seq .. ' ' .. now .. ' ' .. env)
+  return seq
+end
+
+-- The job left the session's pending set; an idle busy session becomes active again.
+local function release(job_id)
+  redis.call('SREM', KEYS[3], job_id)
+  if redis.call('HGET', KEYS[2], 'state') == 'busy' and redis.call('SCARD', KEYS[3]) == 0 then
+    redis.call('HSET', KEYS[2], 'state', 'active', 'updated', now)
+  end
+end
+
+local function is_final(state)
+  return state ~= 'pending' and state ~= 'running'
+end
+"""
+
+# ARGV: 1 job_id, 2 session_id, 3 service, 4 kind, 5 request_json, 6 agent_id, 7 model,
+# 8 accepted data JSON without its closing brace, 9 deadline_ms, 10 heartbeat_ms,
+# 11 job retention_ms, 12 reject_if_busy, 13 maxlen, 14 ttl, 15 channel
+START = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'session_missing'} end
+local s = redis.call('HMGET', KEYS[2], 'state', 'expires')
+if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2]) then
+  return {'session_not_open'}
+end
+if ARGV[12] == '1' and redis.call('SCARD', KEYS[3]) > 0 then return {'session_busy'} end
+local deadline = now + tonumber(ARGV[9])
+local hb = now + tonumber(ARGV[10])
+redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV[4],
+  'state', 'pending', 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
+  'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
+  'ptok', 0, 'ctok', 0, 'ttok', 0)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[9]) + tonumber(ARGV[11]))
+redis.call('SADD', KEYS[3], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+redis.call('HINCRBY', KEYS[2], 'msgs', 1)
+redis.call('HSET', KEYS[2], 'state', 'busy', 'updated', now)
+local data = ARGV[8] .. ',"deadline_ms":' .. math.min(deadline, hb) .. '}'
+local env = envelope(ARGV[1], ARGV[5], 'accepted', data)
+local seq = append(env, ARGV[13], tonumber(ARGV[14]), ARGV[15])
+return {'ok', seq, now, env}
+"""
+)
+
+# ARGV: 1 job_id
+MARK_RUNNING = """
+if redis.call('HGET', KEYS[1], 'state') == 'pending' then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+end
+return 1
+"""
+
+# ARGV: 1 job_id, 2 service, 3 notice sequence, 4 event, 5 data JSON, 6 heartbeat_ms,
+# 7 prompt tokens, 8 completion tokens, 9 total tokens, 10 job retention_ms, 11 maxlen,
+# 12 ttl, 13 channel
+NOTICE = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown_job'} end
+local f = redis.call('HMGET', KEYS[1], 'service', 'state', 'nseq', 'request')
+if f[1] ~= ARGV[2] then return {'wrong_service'} end
+-- Sequence 0: the sender does not number its notices; apply in arrival order.
+local n = tonumber(ARGV[3])
+if n == 0 then n = tonumber(f[3]) + 1 elseif n <= tonumber(f[3]) then return {'duplicate'} end
+if is_final(f[2]) then return {'job_finished'} end
+local event = ARGV[4]
+if event == 'progress' or event == 'delta' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'nseq', n, 'updated', now,
+    'hb', now + tonumber(ARGV[6]))
+else
+  redis.call('HSET', KEYS[1], 'state', event, 'nseq', n, 'updated', now,
+    'ptok', ARGV[7], 'ctok', ARGV[8], 'ttok', ARGV[9])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[10]))
+  release(ARGV[1])
+  if event == 'completed' and redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('HINCRBY', KEYS[2], 'msgs', 1)
+    redis.call('HINCRBY', KEYS[2], 'ptok', ARGV[7])
+    redis.call('HINCRBY', KEYS[2], 'ctok', ARGV[8])
+    redis.call('HINCRBY', KEYS[2], 'ttok', ARGV[9])
+  end
+end
+local env = envelope(ARGV[1], f[4], event, ARGV[5])
+local seq = append(env, ARGV[11], tonumber(ARGV[12]), ARGV[13])
+return {'accepted', seq, now, env}
+"""
+)
+
+# ARGV: 1 job_id, 2 final state (cancelled | failed), 3 data JSON, 4 job retention_ms,
+# 5 maxlen, 6 ttl, 7 channel
+FINISH = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown_job'} end
+local f = redis.call('HMGET', KEYS[1], 'state', 'request')
+if is_final(f[1]) then return {'already_final'} end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+release(ARGV[1])
+local env = envelope(ARGV[1], f[2], ARGV[2], ARGV[3])
+local seq = append(env, ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return {'done', seq, now, env}
+"""
+)
+
+# ARGV: 1 job_id, 2 job retention_ms, 3 maxlen, 4 ttl, 5 channel.
+# Returns {'later', due} when a heartbeat moved the deadline, {'gone'} or {'final'}.
+REAP = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local f = redis.call('HMGET', KEYS[1], 'state', 'request', 'deadline', 'hb')
+if is_final(f[1]) then return {'final'} end
+local due = math.min(tonumber(f[3]), tonumber(f[4]))
+if now < due then return {'later', due} end
+redis.call('HSET', KEYS[1], 'state', 'timed_out', 'updated', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+release(ARGV[1])
+local env = envelope(ARGV[1], f[2], 'timed_out', '{"deadline_ms":' .. due .. '}')
+local seq = append(env, ARGV[3], tonumber(ARGV[4]), ARGV[5])
+return {'done', seq, now, env}
+"""
+)
+
+# KEYS: 1 event sequence counter, 2 event stream. ARGV: 1 after, 2 count.
+# Returns {last sequence, oldest retained entry id or false, entries after the cursor}.
+READ_AFTER = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local oldest = false
+if #first > 0 then oldest = first[1][1] end
+local entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+return {last, oldest, entries}
+"""

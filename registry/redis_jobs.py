@@ -1,0 +1,275 @@
+"""Jobs and session events in Redis (registry.base.JobStore).
+
+A job is a hash under its tenant's hash tag, changed only by the Lua scripts in
+registry.redis_job_scripts, which also keep the session's bookkeeping and append the event
+(stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
+slot and are only hints or lookups: the job index (job id -> tenant, session), written before
+the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from domain.jobs import (
+    EventDraft,
+    FinishOutcome,
+    Job,
+    JobLimits,
+    JobState,
+    NewJob,
+    Notice,
+    NoticeOutcome,
+    SessionEvent,
+    StartedJob,
+    StartRefused,
+    Verdict,
+)
+from domain.models import Service, TokenUsage, WorkKind
+from registry import redis_job_scripts as scripts
+from registry.event_codec import decode_envelope
+from registry.keys import KeySpace
+from registry.redis_client import redis_errors_as_unavailable
+
+_INDEX_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventLogConfig:
+    """Bounds of each session's event log."""
+
+    max_events: int
+    ttl_ms: int
+
+
+def _compact(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisJobStore:
+    """registry.base.JobStore on Redis."""
+
+    def __init__(self, redis: Redis, keys: KeySpace, log: EventLogConfig) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._log = log
+        self._start = redis.register_script(scripts.START)
+        self._mark_running = redis.register_script(scripts.MARK_RUNNING)
+        self._notice = redis.register_script(scripts.NOTICE)
+        self._finish = redis.register_script(scripts.FINISH)
+        self._reap = redis.register_script(scripts.REAP)
+        # job id -> (tenant, session): immutable once written, so safe to cache.
+        self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
+        k = self._keys
+        return [
+            k.job(tenant_id, job_id),
+            k.session(tenant_id, session_id),
+            k.session_pending(tenant_id, session_id),
+            k.session_event_seq(tenant_id, session_id),
+            k.session_events(tenant_id, session_id),
+        ]
+
+    def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
+        return decode_envelope(session_id, int(reply[1]), int(reply[2]), _str(reply[3]))
+
+    def _remember(self, job_id: str, tenant_id: str, session_id: str) -> None:
+        self._index[job_id] = (tenant_id, session_id)
+        if len(self._index) > _INDEX_CACHE_SIZE:
+            self._index.popitem(last=False)
+
+    async def _locate(self, job_id: str) -> tuple[str, str] | None:
+        found = self._index.get(job_id)
+        if found is not None:
+            return found
+        with redis_errors_as_unavailable():
+            raw = await self._redis.get(self._keys.job_index(job_id))
+        if raw is None:
+            return None
+        tenant_id, _, session_id = _str(raw).partition(" ")
+        self._remember(job_id, tenant_id, session_id)
+        return tenant_id, session_id
+
+    async def start_job(
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
+    ) -> StartedJob | StartRefused:
+        keys = self._keys
+        accepted = {
+            "service": new.service.value,
+            "kind": new.kind.value,
+            "content": new.content,
+            "model": new.model,
+        }
+        index_ttl = limits.deadline_ms + limits.retention_ms
+        with redis_errors_as_unavailable():
+            # The index goes first so that a notice can never find a job it cannot locate.
+            await self._redis.set(
+                keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl
+            )
+            reply = await self._start(
+                keys=self._job_keys(tenant_id, new.session_id, new.job_id),
+                args=[
+                    new.job_id,
+                    new.session_id,
+                    new.service.value,
+                    new.kind.value,
+                    json.dumps(new.request_id),
+                    new.agent_id,
+                    new.model,
+                    _compact(accepted)[:-1],
+                    limits.deadline_ms,
+                    limits.heartbeat_ms,
+                    limits.retention_ms,
+                    "1" if reject_if_busy else "0",
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    keys.session_channel(tenant_id, new.session_id),
+                ],
+            )
+            status = _str(reply[0])
+            if status != "ok":
+                await self._redis.delete(keys.job_index(new.job_id))
+                return StartRefused(status)
+            self._remember(new.job_id, tenant_id, new.session_id)
+            event = self._event(new.session_id, reply)
+            await self._redis.zadd(
+                keys.job_deadlines(),
+                {f"{tenant_id} {new.session_id} {new.job_id}": event.data["deadline_ms"]},
+            )
+        now = event.time_ms
+        job = Job(
+            job_id=new.job_id,
+            tenant_id=tenant_id,
+            session_id=new.session_id,
+            service=new.service,
+            kind=new.kind,
+            state=JobState.PENDING,
+            request_id=new.request_id,
+            created_at_ms=now,
+            updated_at_ms=now,
+            deadline_ms=now + limits.deadline_ms,
+            heartbeat_deadline_ms=now + limits.heartbeat_ms,
+        )
+        return StartedJob(job, event)
+
+    async def mark_running(self, tenant_id: str, job_id: str) -> None:
+        with redis_errors_as_unavailable():
+            await self._mark_running(keys=[self._keys.job(tenant_id, job_id)], args=[job_id])
+
+    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+        located = await self._locate(notice.job_id)
+        if located is None:
+            return NoticeOutcome(Verdict.UNKNOWN_JOB)
+        tenant_id, session_id = located
+        if tenant_id != notice.tenant_id:
+            return NoticeOutcome(Verdict.WRONG_TENANT)
+        usage = notice.usage
+        with redis_errors_as_unavailable():
+            reply = await self._notice(
+                keys=self._job_keys(tenant_id, session_id, notice.job_id),
+                args=[
+                    notice.job_id,
+                    notice.service.value,
+                    notice.sequence,
+                    notice.event.value,
+                    _compact(notice.data),
+                    limits.heartbeat_ms,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.total_tokens,
+                    limits.retention_ms,
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    self._keys.session_channel(tenant_id, session_id),
+                ],
+            )
+        verdict = Verdict(_str(reply[0]))
+        if verdict is not Verdict.ACCEPTED:
+            return NoticeOutcome(verdict)
+        return NoticeOutcome(verdict, self._event(session_id, reply))
+
+    async def finish_job(
+        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
+    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        located = await self._locate(job_id)
+        if located is None or located[0] != tenant_id:
+            return FinishOutcome.UNKNOWN_JOB, None
+        session_id = located[1]
+        with redis_errors_as_unavailable():
+            reply = await self._finish(
+                keys=self._job_keys(tenant_id, session_id, job_id),
+                args=[
+                    job_id,
+                    draft.kind.value,
+                    _compact(draft.data),
+                    limits.retention_ms,
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    self._keys.session_channel(tenant_id, session_id),
+                ],
+            )
+        outcome = FinishOutcome(_str(reply[0]))
+        if outcome is not FinishOutcome.DONE:
+            return outcome, None
+        return outcome, self._event(session_id, reply)
+
+    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+        with redis_errors_as_unavailable():
+            fields = await self._redis.hgetall(self._keys.job(tenant_id, job_id))
+        if not fields:
+            return None
+        f = {_str(k): _str(v) for k, v in fields.items()}
+        return Job(
+            job_id=job_id,
+            tenant_id=tenant_id,
+            session_id=f["session"],
+            service=Service(f["service"]),
+            kind=WorkKind(f["kind"]),
+            state=JobState(f["state"]),
+            request_id=json.loads(f["request"]),
+            created_at_ms=int(f["created"]),
+            updated_at_ms=int(f["updated"]),
+            deadline_ms=int(f["deadline"]),
+            heartbeat_deadline_ms=int(f["hb"]),
+            last_notice_sequence=int(f["nseq"]),
+            usage=TokenUsage(int(f["ptok"]), int(f["ctok"]), int(f["ttok"])),
+        )
+
+    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+        deadlines = self._keys.job_deadlines()
+        events: list[SessionEvent] = []
+        with redis_errors_as_unavailable():
+            seconds, micros = await self._redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            due = await self._redis.zrangebyscore(deadlines, "-inf", now_ms, start=0, num=limit)
+            for raw in due:
+                member = _str(raw)
+                tenant_id, session_id, job_id = member.split(" ", 2)
+                reply = await self._reap(
+                    keys=self._job_keys(tenant_id, session_id, job_id),
+                    args=[
+                        job_id,
+                        limits.retention_ms,
+                        self._log.max_events,
+                        self._log.ttl_ms,
+                        self._keys.session_channel(tenant_id, session_id),
+                    ],
+                )
+                status = _str(reply[0])
+                if status == "later":
+                    await self._redis.zadd(deadlines, {member: int(reply[1])}, xx=True)
+                    continue
+                await self._redis.zrem(deadlines, member)
+                if status == "done":
+                    events.append(self._event(session_id, reply))
+        return events

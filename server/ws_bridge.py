@@ -1,0 +1,106 @@
+"""The WebSocket bridge: ``/ws/task_updates`` takes the seed's JSON task notices and feeds them
+to the same notice processor as TaskUpdateService/PublishUpdates, answering each message with a
+JSON verdict. Malformed JSON is answered with an error message; the socket stays open."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from domain.errors import DomainError
+from domain.identity import Caller, Role
+from domain.notices import NoticeProcessor
+from handlers.ws_notices import NoticeShapeError, notice_from_json, verdict_to_json
+
+log = logging.getLogger(__name__)
+
+PATH = "/ws/task_updates"
+
+# Identifies the caller of an upgrade request from its headers; raises DomainError to refuse.
+Authenticator = Callable[[dict[str, str]], Awaitable[Caller]]
+
+
+class WebSocketBridge:
+    """An aiohttp server with the one WebSocket route."""
+
+    def __init__(
+        self,
+        notices: NoticeProcessor,
+        authenticate: Authenticator,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self._notices = notices
+        self._authenticate = authenticate
+        self._max_message_bytes = max_message_bytes
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        app = web.Application()
+        app.router.add_get(PATH, self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port))
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else int(port)
+        log.info("WebSocket bridge on %s%s (port %d)", address, PATH, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            caller = await self._authenticate(headers)
+        except DomainError as exc:
+            status = 403 if "role" in exc.message else 401
+            return web.json_response({"error": exc.message}, status=status)
+        if caller.role is not Role.SERVICE:
+            return web.json_response({"error": "this endpoint needs the service role"}, status=403)
+        socket = web.WebSocketResponse(max_msg_size=self._max_message_bytes, heartbeat=30.0)
+        await socket.prepare(request)
+        index = 0
+        async for message in socket:
+            if message.type is not WSMsgType.TEXT:
+                if message.type is WSMsgType.BINARY:
+                    await socket.send_json({"error": "malformed", "detail": "send JSON text"})
+                continue
+            await socket.send_json(await self._answer(index, message.data))
+            index += 1
+        return socket
+
+    async def _answer(self, index: int, text: str) -> dict[str, Any]:
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            return {"index": index, "error": "malformed_json", "detail": str(exc)}
+        job_id = payload.get("job_id", "") if isinstance(payload, dict) else ""
+        try:
+            raw = notice_from_json(payload)
+        except (NoticeShapeError, TypeError, ValueError) as exc:
+            return {
+                "index": index,
+                "job_id": job_id if isinstance(job_id, str) else "",
+                "verdict": "malformed",
+                "detail": str(exc),
+            }
+        try:
+            outcome = await self._notices.process(raw)
+        except DomainError as exc:  # e.g. Redis down: answer, keep the socket
+            return {
+                "index": index,
+                "job_id": raw.job_id,
+                "error": "unavailable",
+                "detail": exc.message,
+            }
+        return verdict_to_json(index, raw.job_id, outcome)
