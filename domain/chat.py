@@ -168,8 +168,11 @@ class ChatOrchestrator:
         """Yield the session's events after ``after``, then live ones, until it closes."""
         if after < 0:
             raise InvalidArgument.field("after_sequence", "must not be negative")
-        session = await self._sessions.get(tenant_id, session_id)
+        require_session_id(session_id)
         async with self._events.subscribe(tenant_id, session_id) as feed:
+            # Read the session once the subscription is in effect, so a close that happens
+            # after this read is seen on the feed.
+            session = await self._sessions.get(tenant_id, session_id)
             if not session.state.is_open:
                 feed.mark_closed()  # replay what is retained, then end
             follower = SessionFollower(

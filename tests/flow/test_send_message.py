@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -153,7 +155,7 @@ async def test_events_of_other_jobs_are_not_in_the_send_stream(flow: Flow) -> No
 
 async def test_request_id_is_echoed_on_the_jobs_events(flow: Flow) -> None:
     session_id = await flow.new_session()
-    call = flow.chat.SendMessage(
+    call: Any = flow.chat.SendMessage(
         chat_pb2.SendMessageRequest(session_id=session_id, content="hi"),
         metadata=(("x-tenant-id", "acme"), ("x-request-id", "req-42")),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -21,8 +21,14 @@ from orchestrator.v1 import (
 from tests.support.downstream import RecordingDispatcher
 from tests.support.servers import RunningServer, service, tenant
 
+if TYPE_CHECKING:
+    from orchestrator.v1.chat_pb2_grpc import ChatServiceAsyncStub
+    from orchestrator.v1.session_pb2_grpc import SessionServiceAsyncStub
+    from orchestrator.v1.task_update_pb2_grpc import TaskUpdateServiceAsyncStub
+
 Event = chat_pb2.ChatEvent
 TIMEOUT_S = 10.0
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 def notice(
@@ -70,11 +76,11 @@ class Flow:
         return self.running.channel
 
     @property
-    def chat(self) -> chat_pb2_grpc.ChatServiceStub:
+    def chat(self) -> ChatServiceAsyncStub:
         return chat_pb2_grpc.ChatServiceStub(self.channel)
 
     @property
-    def sessions(self) -> session_pb2_grpc.SessionServiceStub:
+    def sessions(self) -> SessionServiceAsyncStub:
         return session_pb2_grpc.SessionServiceStub(self.channel)
 
     async def new_session(self, tenant_id: str = "acme") -> str:
@@ -87,7 +93,8 @@ class Flow:
         reply = await self.sessions.GetSession(
             session_pb2.GetSessionRequest(session_id=session_id), metadata=tenant(tenant_id)
         )
-        return reply.session
+        session: session_pb2.Session = reply.session
+        return session
 
     def send(
         self, session_id: str, content: str = "hello", tenant_id: str = "acme", **fields: Any
@@ -120,7 +127,9 @@ class Flow:
         metadata: Any = None,
         channel: grpc.aio.Channel | None = None,
     ) -> task_update_pb2.PublishUpdatesResponse:
-        stub = task_update_pb2_grpc.TaskUpdateServiceStub(channel or self.channel)
+        stub: TaskUpdateServiceAsyncStub = task_update_pb2_grpc.TaskUpdateServiceStub(
+            channel or self.channel
+        )
         reply: task_update_pb2.PublishUpdatesResponse = await stub.PublishUpdates(
             iter(notices), metadata=metadata or service(), timeout=TIMEOUT_S
         )
@@ -134,7 +143,7 @@ async def read_events(call: Any, count: int, timeout_s: float = TIMEOUT_S) -> li
         events: list[Event] = []
         while len(events) < count:
             message = await call.read()
-            assert message is not grpc.aio.EOF, f"stream ended after {events}"
+            assert message is not EOF, f"stream ended after {events}"
             events.append(message.event)
         return events
 
@@ -144,7 +153,7 @@ async def read_events(call: Any, count: int, timeout_s: float = TIMEOUT_S) -> li
 async def read_to_end(call: Any, timeout_s: float = TIMEOUT_S) -> list[Event]:
     async def collect() -> list[Event]:
         events: list[Event] = []
-        while (message := await call.read()) is not grpc.aio.EOF:
+        while (message := await call.read()) is not EOF:
             events.append(message.event)
         return events
 
