@@ -32,6 +32,10 @@ class Seen(NamedTuple):
     traceparent: str | None
 
 
+# The submit log keeps the latest entries only, so long benchmark runs do not grow it forever.
+SEEN_LIMIT = 10_000
+
+
 class Runtime:
     """What both servicers share: settings, the reporter, running jobs and the submit log."""
 
