@@ -21,7 +21,12 @@ class NoticeWriter:
     """Builds one job's notices with the fields every notice carries and the next sequence."""
 
     def __init__(
-        self, reporter: Reporter, service: int, job_id: str, tenant_id: str, agent_id: str
+        self,
+        reporter: Reporter,
+        service: common_pb2.Service.ValueType,
+        job_id: str,
+        tenant_id: str,
+        agent_id: str,
     ) -> None:
         self._reporter = reporter
         self._service = service
@@ -30,12 +35,12 @@ class NoticeWriter:
         self._agent_id = agent_id
         self.sequence = 0
 
-    def _send(self, event: int, **fields: Any) -> None:
+    def _send(self, event: task_update_pb2.NoticeEvent.ValueType, **fields: Any) -> None:
         self.sequence += 1
         self._reporter.publish(
             Notice(
-                event=event,  # type: ignore[arg-type]
-                service=self._service,  # type: ignore[arg-type]
+                event=event,
+                service=self._service,
                 job_id=self.job_id,
                 tenant_id=self._tenant_id,
                 agent_id=self._agent_id,

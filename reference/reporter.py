@@ -3,9 +3,10 @@
 ``publish()`` only enqueues. A background task keeps a client-streaming call open, fed by an
 async generator reading the queue. When the call fails (orchestrator not up yet, restarted) the
 notice that was being written goes back to the front and the call is reopened with backoff.
-The last few notices written on a stream that then broke are sent again as well: gRPC gives
-no per-message acknowledgement, so they may have been lost in flight, and the orchestrator
-treats a repeated (job, sequence) as a harmless duplicate.
+The last notices written (up to ``resend_window``) on a stream that then broke are sent again
+too: gRPC has no per-message acknowledgement and the transport buffers hundreds of small
+messages, so they may have been lost in flight; the orchestrator treats a repeated
+(job, sequence) as a harmless duplicate.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Reporter:
         *,
         reconnect_base_s: float = 0.1,
         reconnect_cap_s: float = 2.0,
-        resend_window: int = 32,
+        resend_window: int = 1024,
     ) -> None:
         self.target = target
         self._metadata = tuple(metadata)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
+from orchestrator.v1 import common_pb2, task_update_pb2
 from query.v1 import query_pb2, query_pb2_grpc
 from reference.app import ReferenceServices
+from reference.reporter import Notice, Reporter
 from tests.reference.conftest import Stack, reference_config
 from tests.support.redis_process import free_port
 from tests.support.task_updates import RecordingOrchestrator
@@ -64,3 +68,42 @@ async def test_stop_with_the_orchestrator_down_gives_up_in_time() -> None:
         await query_pb2_grpc.QueryServiceStub(channel).SubmitQuery(ask("lost"), timeout=5)
     await reference.stop(grace=0.1)
     assert reference.reporter.unwritten > 0
+
+
+async def test_no_notice_is_lost_when_the_stream_breaks_under_load() -> None:
+    first = RecordingOrchestrator()
+    await first.start()
+    reporter = Reporter(first.address, (), reconnect_base_s=0.02, reconnect_cap_s=0.2)
+    reporter.start()
+    total = 3000
+
+    async def produce() -> None:
+        for i in range(total):
+            reporter.publish(
+                Notice(
+                    event=task_update_pb2.NOTICE_EVENT_PROGRESS,
+                    service=common_pb2.SERVICE_QUERY,
+                    job_id=f"j{i}",
+                    tenant_id="t",
+                    sequence=1,
+                )
+            )
+            if i % 50 == 0:
+                await asyncio.sleep(0)  # let the stream run meanwhile
+
+    producer = asyncio.create_task(produce())
+    second = RecordingOrchestrator(port=first.port)
+    try:
+        await first.recorder.wait_until(lambda: len(first.recorder.notices) >= 100)
+        await first.stop(None)  # breaks the stream mid-flow
+        await second.start()
+        await producer
+        await reporter.wait_drained(20)
+        await reporter.stop(5)
+        jobs = {n.job_id for n in first.recorder.notices + second.recorder.notices}
+        assert len(jobs) == total
+    finally:
+        producer.cancel()
+        await reporter.stop(1)
+        await first.stop(None)
+        await second.stop(None)
