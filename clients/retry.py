@@ -43,7 +43,7 @@ class RetryPolicy:
 
     def backoff(self, retry: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, capped."""
-        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2.0**retry)
+        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** min(retry, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

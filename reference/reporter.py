@@ -3,10 +3,10 @@
 ``publish()`` only enqueues. A background task keeps a client-streaming call open, fed by an
 async generator reading the queue. When the call fails (orchestrator not up yet, restarted) the
 notice that was being written goes back to the front and the call is reopened with backoff.
-The last notices written (up to ``resend_window``) on a stream that then broke are sent again
-too: gRPC has no per-message acknowledgement and the transport buffers hundreds of small
-messages, so they may have been lost in flight; the orchestrator treats a repeated
-(job, sequence) as a harmless duplicate.
+The last notices written (up to ``resend_window``, within ``resend_horizon_s``) on a stream
+that then broke are sent again too: gRPC has no per-message acknowledgement and the transport
+buffers hundreds of small messages, so they may have been lost in flight; the orchestrator
+treats a repeated (job, sequence) as a harmless duplicate.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
@@ -43,7 +44,7 @@ class _Stream:
         self.closed = False
         self.in_flight: Notice | None = None
         self.written = 0
-        self.recent: deque[Notice] = deque()
+        self.recent: deque[tuple[float, Notice]] = deque()  # (monotonic time written, notice)
 
     def ended(self) -> bool:
         return self.closed
@@ -60,12 +61,14 @@ class Reporter:
         reconnect_base_s: float = 0.1,
         reconnect_cap_s: float = 2.0,
         resend_window: int = 1024,
+        resend_horizon_s: float = 60.0,
     ) -> None:
         self.target = target
         self._metadata = tuple(metadata)
         self._reconnect_base_s = reconnect_base_s
         self._reconnect_cap_s = reconnect_cap_s
         self._resend_window = resend_window
+        self._resend_horizon_s = resend_horizon_s
         self._queue: asyncio.Queue[Notice] = asyncio.Queue()
         self._retry: deque[Notice] = deque()  # notices to send again before the queue
         self._wakeup = asyncio.Event()
@@ -144,7 +147,7 @@ class Reporter:
                 return  # the call ended meanwhile; _requeue already took the notice back
             stream.in_flight = None
             stream.written += 1
-            stream.recent.append(notice)
+            stream.recent.append((time.monotonic(), notice))
             if len(stream.recent) > self._resend_window:
                 stream.recent.popleft()
             self._unwritten -= 1
@@ -158,7 +161,9 @@ class Reporter:
         self._wakeup.set()  # let the ended call's generator see it is closed
         again: list[Notice] = []
         if lost > 0:
-            resend = list(stream.recent)[-lost:]
+            # Older notices were surely delivered (a dead connection is noticed well before).
+            since = time.monotonic() - self._resend_horizon_s
+            resend = [notice for at, notice in list(stream.recent)[-lost:] if at >= since]
             again.extend(resend)
             self._unwritten += len(resend)
         if stream.in_flight is not None:
@@ -213,7 +218,7 @@ class Reporter:
                 if self._stopping and self._unwritten == 0:
                     return
             # A stream that carried notices was healthy: reconnect soon. Otherwise back off more.
-            failures = 1 if stream.written else failures + 1
+            failures = 1 if stream.written else min(failures + 1, 30)
             await self._backoff(failures)
 
     async def _backoff(self, failures: int) -> None:
