@@ -1,0 +1,89 @@
+"""Settings of the reference services, read from REF_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_PUBLISH_METADATA: tuple[tuple[str, str], ...] = (
+    ("x-tenant-id", "platform"),
+    ("x-caller-role", "service"),
+)
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceConfig:
+    """What the reference services listen on, where they report and how jobs behave.
+
+    Rates are fractions of jobs from 0 to 1, chosen deterministically from the job id.
+    """
+
+    listen_address: str = "[::]:50061"
+    orchestrator_address: str = "localhost:50051"
+    step_delay_s: float = 0.05
+    deltas: int = 3
+    failure_rate: float = 0.0
+    silent_rate: float = 0.0
+    embedding_dim: int = 8
+    publish_metadata: tuple[tuple[str, str], ...] = DEFAULT_PUBLISH_METADATA
+    log_level: str = "INFO"
+    # Reporter reconnect backoff (seconds) and how long stop() may take to flush notices.
+    reconnect_base_s: float = 0.1
+    reconnect_cap_s: float = 2.0
+    stop_timeout_s: float = 5.0
+
+    def validate(self) -> None:
+        for name in ("failure_rate", "silent_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+        if self.deltas < 1:
+            raise ConfigError(f"deltas must be at least 1, got {self.deltas}")
+        if self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be at least 1, got {self.embedding_dim}")
+        if self.step_delay_s < 0:
+            raise ConfigError(f"step_delay_s must not be negative, got {self.step_delay_s}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ReferenceConfig:
+        """Read REF_* variables (unset ones keep their defaults) and validate."""
+        env = os.environ if env is None else env
+        default = cls()
+
+        def number(name: str, fallback: float) -> float:
+            raw = env.get(name)
+            try:
+                return fallback if raw in (None, "") else float(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
+
+        def integer(name: str, fallback: int) -> int:
+            raw = env.get(name)
+            try:
+                return fallback if raw in (None, "") else int(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: expected an integer, got {raw!r}") from exc
+
+        api_key = env.get("REF_PUBLISH_API_KEY", "")
+        metadata = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else DEFAULT_PUBLISH_METADATA
+        )
+        config = cls(
+            listen_address=env.get("REF_LISTEN_ADDRESS") or default.listen_address,
+            orchestrator_address=env.get("REF_ORCHESTRATOR_ADDRESS")
+            or default.orchestrator_address,
+            step_delay_s=number("REF_STEP_DELAY", default.step_delay_s),
+            deltas=integer("REF_DELTAS", default.deltas),
+            failure_rate=number("REF_FAILURE_RATE", default.failure_rate),
+            silent_rate=number("REF_SILENT_RATE", default.silent_rate),
+            embedding_dim=integer("REF_EMBEDDING_DIM", default.embedding_dim),
+            publish_metadata=metadata,
+            log_level=env.get("REF_LOG_LEVEL") or default.log_level,
+        )
+        config.validate()
+        return config

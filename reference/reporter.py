@@ -1,0 +1,227 @@
+"""Job notices to the orchestrator over ONE long-lived PublishUpdates stream per process.
+
+``publish()`` only enqueues. A background task keeps a client-streaming call open, fed by an
+async generator reading the queue. When the call fails (orchestrator not up yet, restarted) the
+notice that was being written goes back to the front and the call is reopened with backoff.
+The last notices written (up to ``resend_window``, within ``resend_horizon_s``) on a stream
+that then broke are sent again too: gRPC has no per-message acknowledgement and the transport
+buffers hundreds of small messages, so they may have been lost in flight; the orchestrator
+treats a repeated (job, sequence) as a harmless duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Notice = task_update_pb2.PublishUpdatesRequest
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    # Notice a dead orchestrator on an idle stream (its server accepts pings every 10 s+).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+class _Stream:
+    """State of one PublishUpdates call: closed once the call has ended."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.in_flight: Notice | None = None
+        self.written = 0
+        self.recent: deque[tuple[float, Notice]] = deque()  # (monotonic time written, notice)
+
+    def ended(self) -> bool:
+        return self.closed
+
+
+class Reporter:
+    """Publishes notices in order over one stream; ``start()``, ``publish()``, ``stop()``."""
+
+    def __init__(
+        self,
+        target: str,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        reconnect_base_s: float = 0.1,
+        reconnect_cap_s: float = 2.0,
+        resend_window: int = 1024,
+        resend_horizon_s: float = 60.0,
+    ) -> None:
+        self.target = target
+        self._metadata = tuple(metadata)
+        self._reconnect_base_s = reconnect_base_s
+        self._reconnect_cap_s = reconnect_cap_s
+        self._resend_window = resend_window
+        self._resend_horizon_s = resend_horizon_s
+        self._queue: asyncio.Queue[Notice] = asyncio.Queue()
+        self._retry: deque[Notice] = deque()  # notices to send again before the queue
+        self._wakeup = asyncio.Event()
+        self._unwritten = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self.connects = 0  # streams opened, for tests and logs
+        self.last_response: task_update_pb2.PublishUpdatesResponse | None = None
+
+    @property
+    def unwritten(self) -> int:
+        """Notices published but not yet written to a stream."""
+        return self._unwritten
+
+    def start(self) -> None:
+        if self._task is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="reporter")
+
+    def publish(self, notice: Notice) -> None:
+        """Queue a notice; never blocks."""
+        self._queue.put_nowait(notice)
+        self._unwritten += 1
+        self._drained.clear()
+        self._wakeup.set()
+
+    async def wait_drained(self, timeout_s: float | None = None) -> None:
+        """Wait until every published notice was written to a stream (TimeoutError if not)."""
+        async with asyncio.timeout(timeout_s):
+            await self._drained.wait()
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued, close the stream and await the orchestrator's counts; give up
+        (dropping unsent notices, with a warning) after ``timeout_s``."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            log.warning("reporter stopped with %d notice(s) unsent", self._unwritten)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+        self._task = None
+
+    def _take(self) -> Notice | None:
+        if self._retry:
+            return self._retry.popleft()
+        with contextlib.suppress(asyncio.QueueEmpty):
+            return self._queue.get_nowait()
+        return None
+
+    async def _requests(self, stream: _Stream) -> AsyncIterator[Notice]:
+        """The request side of one call. Ends on stop once everything is written (half-close,
+        so the orchestrator answers), or silently once the call is over."""
+        while not stream.closed:
+            notice = self._take()
+            if notice is None:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            stream.in_flight = notice
+            yield notice
+            # gRPC asks for the next message only after this one was written.
+            if stream.ended():
+                return  # the call ended meanwhile; _requeue already took the notice back
+            stream.in_flight = None
+            stream.written += 1
+            stream.recent.append((time.monotonic(), notice))
+            if len(stream.recent) > self._resend_window:
+                stream.recent.popleft()
+            self._unwritten -= 1
+            if self._unwritten == 0:
+                self._drained.set()
+
+    def _requeue(self, stream: _Stream, *, lost: int) -> None:
+        """After a call ended: put the notice being written and the last ``lost`` written ones
+        back in front of the queue, in order."""
+        stream.closed = True
+        self._wakeup.set()  # let the ended call's generator see it is closed
+        again: list[Notice] = []
+        if lost > 0:
+            # Older notices were surely delivered (a dead connection is noticed well before).
+            since = time.monotonic() - self._resend_horizon_s
+            resend = [notice for at, notice in list(stream.recent)[-lost:] if at >= since]
+            again.extend(resend)
+            self._unwritten += len(resend)
+        if stream.in_flight is not None:
+            again.append(stream.in_flight)
+            stream.in_flight = None
+        if again:
+            self._drained.clear()
+        self._retry.extendleft(reversed(again))
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        stub = task_update_pb2_grpc.TaskUpdateServiceStub(self._channel)
+        failures = 0
+        while True:
+            if self._stopping and self._unwritten == 0:
+                return
+            stream = _Stream()
+            self.connects += 1
+            call = stub.PublishUpdates(self._requests(stream), metadata=self._metadata)
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as exc:
+                self._requeue(stream, lost=self._resend_window)
+                log.warning(
+                    "PublishUpdates to %s failed (%s: %s); %d notice(s) waiting, reconnecting",
+                    self.target,
+                    exc.code().name,
+                    exc.details(),
+                    self._unwritten,
+                )
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            else:
+                # Notices the orchestrator did not count were cut off when it ended the call.
+                self._requeue(stream, lost=stream.written - response.received)
+                self.last_response = response
+                log.info(
+                    "PublishUpdates closed: wrote %d; received %d, accepted %d, duplicate %d, "
+                    "rejected unknown_job=%d wrong_tenant=%d wrong_service=%d job_finished=%d "
+                    "malformed=%d",
+                    stream.written,
+                    response.received,
+                    response.accepted,
+                    response.duplicate,
+                    response.rejected_unknown_job,
+                    response.rejected_wrong_tenant,
+                    response.rejected_wrong_service,
+                    response.rejected_job_finished,
+                    response.rejected_malformed,
+                )
+                if self._stopping and self._unwritten == 0:
+                    return
+            # A stream that carried notices was healthy: reconnect soon. Otherwise back off more.
+            failures = 1 if stream.written else min(failures + 1, 30)
+            await self._backoff(failures)
+
+    async def _backoff(self, failures: int) -> None:
+        ceiling = min(self._reconnect_cap_s, self._reconnect_base_s * 2.0 ** (failures - 1))
+        pause = ceiling / 2 + random.uniform(0, ceiling / 2)
+        await asyncio.sleep(pause)

@@ -1,0 +1,189 @@
+"""Servicers of query.v1.QueryService and embedding.v1.EmbeddingService with deterministic
+jobs that report progress, deltas and the outcome through the Reporter."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+
+import grpc
+
+from embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from orchestrator.v1 import common_pb2
+from query.v1 import query_pb2, query_pb2_grpc
+from reference import content
+from reference.config import ReferenceConfig
+from reference.jobs import JobTable, NoticeWriter
+from reference.reporter import Reporter
+
+if TYPE_CHECKING:
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+class Seen(NamedTuple):
+    """What one submit received (for tests)."""
+
+    method: str
+    job_id: str
+    tenant_id: str
+    request_id: str | None
+    traceparent: str | None
+
+
+# The submit log keeps the latest entries only, so long benchmark runs do not grow it forever.
+SEEN_LIMIT = 10_000
+
+
+class Runtime:
+    """What both servicers share: settings, the reporter, running jobs and the submit log."""
+
+    def __init__(self, config: ReferenceConfig, reporter: Reporter) -> None:
+        self.config = config
+        self.reporter = reporter
+        self.jobs = JobTable()
+        self.seen: list[Seen] = []
+
+    def admit(self, method: str, job_id: str, tenant_id: str, context: Context) -> tuple[str, str]:
+        """Resolve the job id and tenant of a submit and record it. The tenant falls back to the
+        x-tenant-id header."""
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        job_id = job_id or uuid.uuid4().hex
+        tenant_id = tenant_id or metadata.get("x-tenant-id", "")
+        self.seen.append(
+            Seen(
+                method, job_id, tenant_id, metadata.get("x-request-id"), metadata.get("traceparent")
+            )
+        )
+        return job_id, tenant_id
+
+    async def step(self) -> None:
+        await asyncio.sleep(self.config.step_delay_s)
+
+    def outcome(self, job_id: str) -> str:
+        """ "silent", "fail" or "ok", decided by the job id alone."""
+        if content.is_silent(job_id, self.config.silent_rate):
+            return "silent"
+        if content.fails(job_id, self.config.failure_rate):
+            return "fail"
+        return "ok"
+
+
+async def _fail(notices: NoticeWriter, runtime: Runtime) -> None:
+    await runtime.step()
+    notices.failed(
+        "model_error",
+        f"the reference model failed job {notices.job_id} (REF_FAILURE_RATE)",
+        retryable=False,
+    )
+
+
+async def run_query(
+    runtime: Runtime, notices: NoticeWriter, request: query_pb2.SubmitQueryRequest
+) -> None:
+    """progress 0 -> deltas -> progress 1 -> completed (or progress -> failed, or nothing)."""
+    outcome = runtime.outcome(notices.job_id)
+    if outcome == "silent":
+        return
+    notices.progress(0.0, "started")
+    if outcome == "fail":
+        await _fail(notices, runtime)
+        return
+    collections: Sequence[str] = (
+        list(request.collections) if request.mode == query_pb2.QUERY_MODE_RAG else ()
+    )
+    text = content.answer_text(request.prompt, collections)
+    chunks = content.split_deltas(text, runtime.config.deltas)
+    for chunk in chunks:
+        await runtime.step()
+        notices.delta(chunk)
+    await runtime.step()
+    notices.progress(1.0, "generated")
+    prompt_tokens = content.word_count(request.prompt)
+    completion_tokens = content.word_count(text)
+    notices.completed(
+        common_pb2.JobResult(text=text, model=request.model or content.DEFAULT_QUERY_MODEL),
+        common_pb2.TokenUsage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+async def run_embedding(
+    runtime: Runtime, notices: NoticeWriter, request: embedding_pb2.SubmitEmbeddingRequest
+) -> None:
+    """progress 0 -> completed with one vector per text (or progress -> failed, or nothing)."""
+    outcome = runtime.outcome(notices.job_id)
+    if outcome == "silent":
+        return
+    notices.progress(0.0, "started")
+    if outcome == "fail":
+        await _fail(notices, runtime)
+        return
+    await runtime.step()
+    dim = runtime.config.embedding_dim
+    vectors = [common_pb2.Vector(values=content.embedding_vector(t, dim)) for t in request.texts]
+    prompt_tokens = sum(content.word_count(t) for t in request.texts)
+    notices.completed(
+        common_pb2.JobResult(
+            embeddings=vectors, model=request.model or content.DEFAULT_EMBEDDING_MODEL
+        ),
+        common_pb2.TokenUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+    )
+
+
+class QueryServicer(query_pb2_grpc.QueryServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def SubmitQuery(
+        self, request: query_pb2.SubmitQueryRequest, context: Context
+    ) -> query_pb2.SubmitQueryResponse:
+        job_id, tenant_id = self.runtime.admit(
+            "SubmitQuery", request.job_id, request.tenant_id, context
+        )
+        if not tenant_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
+        if not request.prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required")
+        notices = NoticeWriter(
+            self.runtime.reporter, common_pb2.SERVICE_QUERY, job_id, tenant_id, request.agent_id
+        )
+        self.runtime.jobs.start(job_id, tenant_id, run_query(self.runtime, notices, request))
+        return query_pb2.SubmitQueryResponse(job_id=job_id)
+
+    async def CancelQuery(
+        self, request: query_pb2.CancelQueryRequest, context: Context
+    ) -> query_pb2.CancelQueryResponse:
+        cancelled = self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+        return query_pb2.CancelQueryResponse(cancelled=cancelled)
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def SubmitEmbedding(
+        self, request: embedding_pb2.SubmitEmbeddingRequest, context: Context
+    ) -> embedding_pb2.SubmitEmbeddingResponse:
+        job_id, tenant_id = self.runtime.admit(
+            "SubmitEmbedding", request.job_id, request.tenant_id, context
+        )
+        if not tenant_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
+        if not request.texts:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
+        notices = NoticeWriter(
+            self.runtime.reporter, common_pb2.SERVICE_EMBEDDING, job_id, tenant_id, ""
+        )
+        self.runtime.jobs.start(job_id, tenant_id, run_embedding(self.runtime, notices, request))
+        return embedding_pb2.SubmitEmbeddingResponse(job_id=job_id)
+
+    async def CancelEmbedding(
+        self, request: embedding_pb2.CancelEmbeddingRequest, context: Context
+    ) -> embedding_pb2.CancelEmbeddingResponse:
+        cancelled = self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+        return embedding_pb2.CancelEmbeddingResponse(cancelled=cancelled)

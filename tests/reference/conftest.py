@@ -1,0 +1,63 @@
+"""Fixtures: a recording stand-in orchestrator and the reference services reporting to it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from embedding.v1 import embedding_pb2_grpc
+from query.v1 import query_pb2_grpc
+from reference.app import ReferenceServices
+from reference.config import ReferenceConfig
+from tests.support.task_updates import RecordingOrchestrator
+
+
+def reference_config(orchestrator_address: str, **overrides: Any) -> ReferenceConfig:
+    """Loopback, port 0, no delay between notices, fast reconnects."""
+    base = ReferenceConfig(
+        listen_address="127.0.0.1:0",
+        orchestrator_address=orchestrator_address,
+        step_delay_s=0.0,
+        reconnect_base_s=0.02,
+        reconnect_cap_s=0.2,
+        stop_timeout_s=2.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@dataclasses.dataclass
+class Stack:
+    orchestrator: RecordingOrchestrator
+    reference: ReferenceServices
+    channel: grpc.aio.Channel
+
+    @property
+    def query(self) -> query_pb2_grpc.QueryServiceAsyncStub:
+        return query_pb2_grpc.QueryServiceStub(self.channel)
+
+    @property
+    def embedding(self) -> embedding_pb2_grpc.EmbeddingServiceAsyncStub:
+        return embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
+
+
+@pytest.fixture
+def overrides() -> dict[str, Any]:
+    """Config overrides for the ``stack`` fixture; tests override it with parametrize."""
+    return {}
+
+
+@pytest.fixture
+async def stack(overrides: dict[str, Any]) -> AsyncIterator[Stack]:
+    orchestrator = RecordingOrchestrator()
+    await orchestrator.start()
+    reference = ReferenceServices(reference_config(orchestrator.address, **overrides))
+    await reference.start()
+    channel = grpc.aio.insecure_channel(reference.address)
+    yield Stack(orchestrator, reference, channel)
+    await channel.close(grace=None)
+    await reference.stop(grace=0.1)
+    await orchestrator.stop(None)

@@ -1,0 +1,109 @@
+"""The reporter's single stream survives an orchestrator that is late or restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from orchestrator.v1 import common_pb2, task_update_pb2
+from query.v1 import query_pb2, query_pb2_grpc
+from reference.app import ReferenceServices
+from reference.reporter import Notice, Reporter
+from tests.reference.conftest import Stack, reference_config
+from tests.support.redis_process import free_port
+from tests.support.task_updates import RecordingOrchestrator
+
+
+def ask(job_id: str) -> query_pb2.SubmitQueryRequest:
+    return query_pb2.SubmitQueryRequest(tenant_id="acme", prompt=f"prompt {job_id}", job_id=job_id)
+
+
+async def test_notices_wait_for_a_late_orchestrator_and_survive_its_restart() -> None:
+    orchestrator = RecordingOrchestrator(port=free_port())  # not started yet
+    reference = ReferenceServices(reference_config(orchestrator.address))
+    await reference.start()
+    channel = grpc.aio.insecure_channel(reference.address)
+    stub = query_pb2_grpc.QueryServiceStub(channel)
+    try:
+        await stub.SubmitQuery(ask("early"), timeout=5)
+        await orchestrator.start()
+        recorder = orchestrator.recorder
+        early = await recorder.wait_finished("early")
+        assert [n.sequence for n in early] == [1, 2, 3, 4, 5, 6]
+        await reference.reporter.wait_drained(5)
+
+        await orchestrator.stop(None)  # restart: the open stream breaks
+        await stub.SubmitQuery(ask("during"), timeout=5)
+        restarted = RecordingOrchestrator(port=orchestrator.port)
+        await restarted.start()
+        during = await restarted.recorder.wait_finished("during")
+        assert [n.sequence for n in during] == [1, 2, 3, 4, 5, 6]
+        assert "".join(n.delta for n in during) == during[-1].result.text
+        assert reference.reporter.connects >= 2
+    finally:
+        await channel.close(grace=None)
+        await reference.stop(grace=0.1)
+        await orchestrator.stop(None)
+        if "restarted" in locals():
+            await restarted.stop(None)
+
+
+async def test_stop_half_closes_and_gets_the_counts(stack: Stack) -> None:
+    stub = query_pb2_grpc.QueryServiceStub(stack.channel)
+    await stub.SubmitQuery(ask("j"), timeout=5)
+    await stack.orchestrator.recorder.wait_finished("j")
+    await stack.reference.stop(grace=0.1)
+    response = stack.reference.reporter.last_response
+    assert response is not None
+    assert response.received == response.accepted == 6
+    assert stack.reference.reporter.unwritten == 0
+
+
+async def test_stop_with_the_orchestrator_down_gives_up_in_time() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    reference = ReferenceServices(reference_config(address, stop_timeout_s=0.3))
+    await reference.start()
+    async with grpc.aio.insecure_channel(reference.address) as channel:
+        await query_pb2_grpc.QueryServiceStub(channel).SubmitQuery(ask("lost"), timeout=5)
+    await reference.stop(grace=0.1)
+    assert reference.reporter.unwritten > 0
+
+
+async def test_no_notice_is_lost_when_the_stream_breaks_under_load() -> None:
+    first = RecordingOrchestrator()
+    await first.start()
+    reporter = Reporter(first.address, (), reconnect_base_s=0.02, reconnect_cap_s=0.2)
+    reporter.start()
+    total = 3000
+
+    async def produce() -> None:
+        for i in range(total):
+            reporter.publish(
+                Notice(
+                    event=task_update_pb2.NOTICE_EVENT_PROGRESS,
+                    service=common_pb2.SERVICE_QUERY,
+                    job_id=f"j{i}",
+                    tenant_id="t",
+                    sequence=1,
+                )
+            )
+            if i % 50 == 0:
+                await asyncio.sleep(0)  # let the stream run meanwhile
+
+    producer = asyncio.create_task(produce())
+    second = RecordingOrchestrator(port=first.port)
+    try:
+        await first.recorder.wait_until(lambda: len(first.recorder.notices) >= 100)
+        await first.stop(None)  # breaks the stream mid-flow
+        await second.start()
+        await producer
+        await reporter.wait_drained(20)
+        await reporter.stop(5)
+        jobs = {n.job_id for n in first.recorder.notices + second.recorder.notices}
+        assert len(jobs) == total
+    finally:
+        producer.cancel()
+        await reporter.stop(1)
+        await first.stop(None)
+        await second.stop(None)
