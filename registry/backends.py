@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from registry.base import SessionStore
+from registry.api_keys_memory import MemoryApiKeyStore
+from registry.api_keys_redis import RedisApiKeyStore
+from registry.base import ApiKeyStore, SessionStore
 from registry.keys import KeySpace
 from registry.memory_sessions import MemorySessionStore
 from registry.redis_client import create_redis, redis_errors_as_unavailable
@@ -59,6 +61,7 @@ class Registry:
 
     backend: MemoryBackend | RedisBackend
     sessions: SessionStore
+    api_keys: ApiKeyStore
 
 
 def open_registry(config: RegistryConfig) -> Registry:
@@ -67,6 +70,7 @@ def open_registry(config: RegistryConfig) -> Registry:
         return Registry(
             backend=MemoryBackend(),
             sessions=MemorySessionStore(retention_ms=config.session_retention_ms),
+            api_keys=MemoryApiKeyStore(),
         )
     redis = create_redis(
         config.redis_url,
@@ -78,4 +82,5 @@ def open_registry(config: RegistryConfig) -> Registry:
     return Registry(
         backend=RedisBackend(redis),
         sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
+        api_keys=RedisApiKeyStore(redis, keys),
     )
