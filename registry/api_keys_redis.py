@@ -91,7 +91,7 @@ class RedisApiKeyStore:
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         with redis_errors_as_unavailable():
-            fields = await self._redis.hgetall(self._keys.api_key(key_id))  # type: ignore[misc]
+            fields = await self._redis.hgetall(self._keys.api_key(key_id))
         return key_from_hash(key_id, _as_dict(fields)) if fields else None
 
     async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
@@ -102,9 +102,12 @@ class RedisApiKeyStore:
             while True:
                 start = f"({cursor}" if cursor else "-"
                 want = limit - len(found) + 1  # one more tells whether a next page exists
-                ids: list[str] = await self._redis.zrange(
-                    index, start, "+", bylex=True, offset=0, num=want
-                )
+                ids = [
+                    str(key_id)
+                    for key_id in await self._redis.zrange(
+                        index, start, "+", bylex=True, offset=0, num=want
+                    )
+                ]
                 if not ids:
                     return Page(found, None)
                 pipe = self._redis.pipeline(transaction=False)
