@@ -6,13 +6,17 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from domain.api_keys import ApiKeyManager
 from domain.sessions import SessionManager, SessionPolicy
+from handlers.admin import AdminServicer
 from handlers.sessions import SessionServicer
+from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -24,9 +28,11 @@ from orchestrator.v1 import (
     task_update_pb2_grpc,
 )
 from registry.backends import Registry, RegistryConfig, open_registry
+from server.auth import Authenticator
 from server.config import Settings
 from server.health import HealthMonitor
 from server.interceptors import CallerInterceptor
+from server.key_seeding import seed_keys
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ SERVICE_NAMES = (
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
     task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -64,6 +71,27 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files, or None to serve plaintext. With a
+    client CA file, every client must present a certificate signed by it (mTLS)."""
+    if not settings.tls_cert_file or not settings.tls_key_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    chain = Path(settings.tls_cert_file).read_bytes()
+    client_ca = (
+        Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def transport_name(settings: Settings) -> str:
+    if settings.tls_client_ca_file:
+        return "mutual TLS"
+    return "TLS" if settings.tls_cert_file else "plaintext"
+
+
 @dataclass
 class Lifecycle:
     """Shared shutdown signal: long-lived stream handlers end cleanly once it is set."""
@@ -78,6 +106,9 @@ class OrchestratorServer:
         self.settings = settings
         self.registry = registry or open_registry(registry_config(settings))
         self.lifecycle = Lifecycle()
+        self.api_keys = ApiKeyManager(self.registry.api_keys)
+        # Authenticates bearer API keys; the WebSocket bridge reuses it.
+        self.authenticator = Authenticator(self.api_keys)
         self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.health = HealthMonitor(
             self.health_servicer,
@@ -92,7 +123,7 @@ class OrchestratorServer:
     def _build(self) -> grpc.aio.Server:
         settings = self.settings
         server = grpc.aio.server(
-            interceptors=[CallerInterceptor()],
+            interceptors=[CallerInterceptor(self.authenticator)],
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -117,6 +148,7 @@ class OrchestratorServer:
             task_update_pb2_grpc.TaskUpdateServiceServicer(),  # type: ignore[abstract]
             server,
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.api_keys), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         reflection.enable_server_reflection(
             (
@@ -136,16 +168,26 @@ class OrchestratorServer:
                 "state is not shared between replicas and is lost on restart)"
             )
         self._server = self._build()
-        self.port = self._server.add_insecure_port(self.settings.listen_address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.settings.listen_address)
+        else:
+            self.port = self._server.add_secure_port(self.settings.listen_address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.listen_address}")
-        await self.health.check_once()
+        if await self.health.check_once():
+            await seed_keys(
+                self.settings, self.api_keys, in_memory=self.registry.backend.name == "memory"
+            )
+        elif self.settings.bootstrap_admin_key:
+            log.warning("backend unavailable at start: the bootstrap admin key was not stored")
         await self._server.start()
         self.health.start()
         log.info(
-            "serving on %s (port %d) with the %s registry",
+            "serving on %s (port %d, %s) with the %s registry",
             self.settings.listen_address,
             self.port,
+            transport_name(self.settings),
             self.registry.backend.name,
         )
 
