@@ -22,7 +22,7 @@ SERVICE = admin_pb2.API_KEY_ROLE_SERVICE
 
 
 def admin_stub(server: RunningServer) -> admin_pb2_grpc.AdminServiceAsyncStub:
-    return admin_pb2_grpc.AdminServiceStub(server.channel)  # type: ignore[return-value]
+    return admin_pb2_grpc.AdminServiceStub(server.channel)
 
 
 async def create_key(
