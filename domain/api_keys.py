@@ -20,7 +20,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from domain.errors import InvalidArgument, NotFound, Unauthenticated
+from domain.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from domain.identity import Role
 from domain.ids import is_tenant_id
 from domain.models import Page
@@ -34,6 +34,7 @@ KEY_ID_BYTES = 8
 MAX_DESCRIPTION_CHARS = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+CREATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +152,12 @@ class ApiKeyManager:
     async def create(self, tenant_id: str, role: str, description: str) -> IssuedKey:
         """A new key for ``tenant_id`` with ``role``; the plaintext is in the result only."""
         parsed = validate_owner(tenant_id, role, description)
-        issued = new_key(tenant_id, parsed, description)
-        stored = await self._store.add_key(issued.record)
-        if stored is None:  # a 64-bit id collided: practically never; let the caller retry
-            raise InvalidArgument.field("key_id", "collided with an existing key, retry")
-        return IssuedKey(issued.api_key, stored)
+        for _ in range(CREATE_ATTEMPTS):  # a 64-bit random id practically never collides
+            issued = new_key(tenant_id, parsed, description)
+            stored = await self._store.add_key(issued.record)
+            if stored is not None:
+                return IssuedKey(issued.api_key, stored)
+        raise AlreadyExists("could not pick an unused key id; try again")
 
     async def ensure(self, record: ApiKey) -> bool:
         """Store a configured key unless its id exists; returns whether it was added."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from domain.api_keys import KEY_ID_PATTERN, ApiKey, ApiKeyManager, record_for_plaintext
-from domain.errors import InvalidArgument
+from domain.errors import InvalidArgument, Unauthenticated
 from domain.identity import Role
 from server.config import Settings, SettingsError
 
@@ -108,3 +108,12 @@ async def seed_keys(settings: Settings, keys: ApiKeyManager, *, in_memory: bool)
         )
         if await keys.ensure(record):
             log.info("stored the bootstrap admin key %s", record.key_id)
+            return
+        try:
+            await keys.verify(settings.bootstrap_admin_key)
+        except Unauthenticated:
+            log.warning(
+                "ORCH_BOOTSTRAP_ADMIN_KEY: key %s exists with another secret or is revoked; "
+                "it was left as it is",
+                record.key_id,
+            )

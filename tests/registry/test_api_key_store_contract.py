@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 
 from domain.api_keys import ApiKey, hash_secret
 from domain.identity import Role
@@ -83,3 +84,25 @@ async def test_revoked_keys_stay_listed(store: ApiKeyStore) -> None:
     await store.revoke_key("k0001")
     listed = await store.list_keys("acme", limit=10, after=None)
     assert [k.revoked for k in listed.items] == [True]
+
+
+async def test_redis_listing_skips_and_prunes_index_entries_without_a_record(
+    redis_url: str,
+) -> None:
+    """A crash between the record and the index write leaves an index entry alone."""
+    registry = open_registry(
+        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=1000)
+    )
+    try:
+        for key_id in ("k0001", "k0003"):
+            await registry.api_keys.add_key(record(key_id))
+        raw = Redis.from_url(redis_url, decode_responses=True)
+        await raw.zadd("test:{t:acme}:apikeys", {"k0002": 0})
+        first = await registry.api_keys.list_keys("acme", limit=1, after=None)
+        second = await registry.api_keys.list_keys("acme", limit=1, after=first.next_cursor)
+        assert [k.key_id for k in (*first.items, *second.items)] == ["k0001", "k0003"]
+        assert second.next_cursor is None
+        assert await raw.zrange("test:{t:acme}:apikeys", 0, -1) == ["k0001", "k0003"]
+        await raw.aclose()
+    finally:
+        await registry.backend.aclose()
