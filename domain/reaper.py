@@ -22,6 +22,7 @@ class JobReaper:
         self._limits = limits
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def reap_once(self) -> list[SessionEvent]:
         """One pass; returns the timed_out events it published."""
@@ -39,18 +40,26 @@ class JobReaper:
         self._task = asyncio.create_task(self._run(), name="job-reaper")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.reap_once()
             except Unavailable as exc:
                 log.debug("reaper skipped a pass: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")
-            await asyncio.sleep(self._interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self, timeout_s: float = 2.0) -> None:
+        """Let the current pass finish (a cancelled Redis call may be swallowed by the client,
+        so stopping is a flag first and a cancel only as the last resort)."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task

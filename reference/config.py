@@ -6,9 +6,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# The orchestrator's documented local demo service key (`make run` only); set
+# REF_PUBLISH_API_KEY to a real service key anywhere else.
+DEMO_SERVICE_KEY = "ao_demoservice_local-demo-service-key-0001"
 DEFAULT_PUBLISH_METADATA: tuple[tuple[str, str], ...] = (
-    ("x-tenant-id", "platform"),
-    ("x-caller-role", "service"),
+    ("authorization", f"Bearer {DEMO_SERVICE_KEY}"),
 )
 
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from registry.base import EventLog, JobStore, SessionStore
+from registry.api_keys_memory import MemoryApiKeyStore
+from registry.api_keys_redis import RedisApiKeyStore
+from registry.base import ApiKeyStore, EventLog, JobStore, SessionStore
 from registry.keys import KeySpace
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
@@ -77,6 +79,7 @@ class Registry:
     jobs: JobStore
     events: EventLog
     event_reader: RedisEventLog | _Closable
+    api_keys: ApiKeyStore
 
     async def aclose(self) -> None:
         await self.event_reader.aclose()
@@ -98,6 +101,7 @@ def open_registry(config: RegistryConfig) -> Registry:
             jobs=MemoryJobStore(sessions, events),
             events=events,
             event_reader=_Closable(),
+            api_keys=MemoryApiKeyStore(),
         )
     redis = create_redis(
         config.redis_url,
@@ -122,4 +126,5 @@ def open_registry(config: RegistryConfig) -> Registry:
         jobs=RedisJobStore(redis, keys, log_config),
         events=reader,
         event_reader=reader,
+        api_keys=RedisApiKeyStore(redis, keys),
     )

@@ -4,7 +4,7 @@ tests/registry runs one contract suite against every backend."""
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from domain.jobs import (
     EventDraft,
@@ -21,6 +21,9 @@ from domain.jobs import (
 )
 from domain.models import NewSession, Page, Session, SessionFilter
 from registry.fanout import Feed, LocalFanout
+
+if TYPE_CHECKING:
+    from domain.api_keys import ApiKey
 
 
 class SessionStore(Protocol):
@@ -116,4 +119,27 @@ class EventLog(Protocol):
     def subscribe(self, tenant_id: str, session_id: str) -> AbstractAsyncContextManager[Feed]:
         """Follow live events. On entry the subscription is in effect: every event appended
         afterwards is delivered to the feed (or the feed is marked lagging)."""
+
+
+class ApiKeyStore(Protocol):
+    """API key records of all tenants, by key id, with a per-tenant listing. Stores never see
+    a plaintext secret, only its hash (domain.api_keys)."""
+
+    async def add_key(self, key: ApiKey) -> ApiKey | None:
+        """Store a new key, stamping its creation time; None (and no change) when a key with
+        that id exists already."""
+        ...
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        """The key with this id (revoked or not), or None."""
+        ...
+
+    async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
+        """Up to ``limit`` of the tenant's keys in ascending key id order, strictly after the
+        key id ``after``. ``next_cursor`` is the id to pass as ``after`` for the next page."""
+        ...
+
+    async def revoke_key(self, key_id: str) -> ApiKey | None:
+        """Mark a key revoked (keeping the first revocation time) and return it; None when
+        missing."""
         ...

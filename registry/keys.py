@@ -63,3 +63,12 @@ class KeySpace:
             return None
         tenant_id, _, session_id = channel[len(head) :].partition(":")
         return (tenant_id, session_id) if session_id else None
+
+    def api_key(self, key_id: str) -> str:
+        """Hash with one API key's record (tenant, role, secret hash, times). Looked up by key
+        id alone, so it carries its own hash tag rather than the tenant's."""
+        return f"{self.prefix}:apikey:{{k:{key_id}}}"
+
+    def api_key_index(self, tenant_id: str) -> str:
+        """Sorted set (all scores 0) of the tenant's key ids, for listing."""
+        return f"{self.tenant_tag(tenant_id)}:apikeys"

@@ -5,23 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from domain.api_keys import ApiKeyManager
 from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
-from domain.errors import PermissionDenied, Unauthenticated
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.reaper import JobReaper
 from domain.sessions import SessionManager, SessionPolicy
+from handlers.admin import AdminServicer
 from handlers.chat import ChatServicer
 from handlers.sessions import SessionServicer
 from handlers.task_updates import TaskUpdateServicer
+from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -33,9 +37,11 @@ from orchestrator.v1 import (
     task_update_pb2_grpc,
 )
 from registry.backends import Registry, RegistryConfig, open_registry
+from server.auth import Authenticator, authorize
 from server.config import Settings
 from server.health import HealthMonitor
-from server.interceptors import CallerInterceptor, IdentityError, caller_from_headers
+from server.interceptors import CallerInterceptor
+from server.key_seeding import seed_keys
 from server.ws_bridge import WebSocketBridge
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ SERVICE_NAMES = (
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
     task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -83,14 +90,19 @@ def default_dispatcher(settings: Settings) -> Dispatcher:
     )
 
 
-async def header_identity(headers: dict[str, str]) -> Caller:
-    """The WebSocket bridge's caller, from the same headers as gRPC calls."""
-    try:
-        return caller_from_headers(tuple(headers.items()), Role.SERVICE)
-    except IdentityError as exc:
-        if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-            raise PermissionDenied(f"{exc.message} (role)") from None
-        raise Unauthenticated(exc.message) from None
+def websocket_identity(
+    authenticator: Authenticator,
+) -> Callable[[dict[str, str]], Awaitable[Caller]]:
+    """The WebSocket bridge's caller: the same bearer API keys as gRPC, service role only."""
+
+    async def identify(headers: dict[str, str]) -> Caller:
+        caller = await authenticator.authenticate_bearer(
+            headers.get("authorization"), request_id=headers.get("x-request-id", "")
+        )
+        authorize(caller, Role.SERVICE)
+        return caller
+
+    return identify
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -106,6 +118,27 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.so_reuseport", 1 if settings.so_reuseport else 0),
     ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files, or None to serve plaintext. With a
+    client CA file, every client must present a certificate signed by it (mTLS)."""
+    if not settings.tls_cert_file or not settings.tls_key_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    chain = Path(settings.tls_cert_file).read_bytes()
+    client_ca = (
+        Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def transport_name(settings: Settings) -> str:
+    if settings.tls_client_ca_file:
+        return "mutual TLS"
+    return "TLS" if settings.tls_cert_file else "plaintext"
 
 
 @dataclass
@@ -133,10 +166,15 @@ class OrchestratorServer:
         self.reaper = JobReaper(
             self.registry.jobs, self.limits, interval_s=settings.reaper_interval
         )
-        self.ws_bridge = WebSocketBridge(
-            self.notices, header_identity, max_message_bytes=settings.max_message_bytes
-        )
         self.lifecycle = Lifecycle()
+        self.api_keys = ApiKeyManager(self.registry.api_keys)
+        # Authenticates bearer API keys; the WebSocket bridge reuses it.
+        self.authenticator = Authenticator(self.api_keys)
+        self.ws_bridge = WebSocketBridge(
+            self.notices,
+            websocket_identity(self.authenticator),
+            max_message_bytes=settings.max_message_bytes,
+        )
         self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.health = HealthMonitor(
             self.health_servicer,
@@ -151,7 +189,7 @@ class OrchestratorServer:
     def _build(self) -> grpc.aio.Server:
         settings = self.settings
         server = grpc.aio.server(
-            interceptors=[CallerInterceptor()],
+            interceptors=[CallerInterceptor(self.authenticator)],
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -175,6 +213,7 @@ class OrchestratorServer:
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
             TaskUpdateServicer(self.notices), server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.api_keys), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         reflection.enable_server_reflection(
             (
@@ -194,19 +233,29 @@ class OrchestratorServer:
                 "state is not shared between replicas and is lost on restart)"
             )
         self._server = self._build()
-        self.port = self._server.add_insecure_port(self.settings.listen_address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.settings.listen_address)
+        else:
+            self.port = self._server.add_secure_port(self.settings.listen_address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.listen_address}")
-        await self.health.check_once()
+        if await self.health.check_once():
+            await seed_keys(
+                self.settings, self.api_keys, in_memory=self.registry.backend.name == "memory"
+            )
+        elif self.settings.bootstrap_admin_key:
+            log.warning("backend unavailable at start: the bootstrap admin key was not stored")
+        if self.settings.ws_address:
+            await self.ws_bridge.start(self.settings.ws_address)
         await self._server.start()
         self.health.start()
         self.reaper.start()
-        if self.settings.ws_address:
-            await self.ws_bridge.start(self.settings.ws_address)
         log.info(
-            "serving on %s (port %d) with the %s registry",
+            "serving on %s (port %d, %s) with the %s registry",
             self.settings.listen_address,
             self.port,
+            transport_name(self.settings),
             self.registry.backend.name,
         )
 

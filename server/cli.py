@@ -6,17 +6,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
+from server.dev_stack import serve_with_reference
 from server.logging_setup import configure_logging
 
 
-async def _health(address: str, service: str, timeout_s: float) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
+def _channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:
+    """Plaintext, or TLS when a CA file is given (mTLS with a client certificate and key)."""
+    if not args.ca_file:
+        return grpc.aio.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.ca_file).read_bytes(),
+        private_key=Path(args.key_file).read_bytes() if args.key_file else None,
+        certificate_chain=Path(args.cert_file).read_bytes() if args.cert_file else None,
+    )
+    return grpc.aio.secure_channel(address, credentials)
+
+
+async def _health(args: argparse.Namespace) -> int:
+    """Health and reflection are public: no API key is needed."""
+    address, service, timeout_s = args.address, args.service, args.timeout
+    async with _channel(address, args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(
@@ -38,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--address", default="localhost:50051")
     probe.add_argument("--service", default="", help="a service name; empty for the server")
     probe.add_argument("--timeout", type=float, default=3.0)
+    probe.add_argument("--ca-file", help="PEM CA that signed the server certificate: use TLS")
+    probe.add_argument("--cert-file", help="PEM client certificate, for mutual TLS")
+    probe.add_argument("--key-file", help="PEM key of the client certificate, for mutual TLS")
     commands.add_parser("settings", help="list the configuration environment variables")
     args = parser.parse_args(argv)
 
     if args.command == "health":
-        return asyncio.run(_health(args.address, args.service, args.timeout))
+        return asyncio.run(_health(args))
     if args.command == "settings":
         for name, default, help_text in Settings.documentation():
             print(f"{name:28} {default or '(unset)':20} {help_text}")
@@ -53,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(OrchestratorServer(settings).serve_until_signalled())
+    try:
+        if settings.embedded_reference:
+            asyncio.run(serve_with_reference(settings))
+        else:
+            asyncio.run(OrchestratorServer(settings).serve_until_signalled())
+    except SettingsError as exc:  # e.g. an unreadable ORCH_API_KEYS_FILE, found at start
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from domain.api_keys import parse_key
+from domain.errors import Unauthenticated
+
 
 class SettingsError(ValueError):
     """An environment variable has a value that cannot be used."""
@@ -129,6 +132,34 @@ class Settings:
     )
     log_level: str = _env("ORCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _env("ORCH_LOG_FORMAT", "text", "text or json (one object per line)")
+    demo_keys: bool = _env(
+        "ORCH_DEMO_KEYS",
+        True,
+        "in-memory registry only: seed the fixed demo API keys listed in the README "
+        "(local use only)",
+        _parse_bool,
+    )
+    api_keys_file: str | None = _env(
+        "ORCH_API_KEYS_FILE",
+        None,
+        "in-memory registry only: JSON file of API keys to accept (plaintext or SHA-256 "
+        "hashed secrets)",
+    )
+    bootstrap_admin_key: str | None = _env(
+        "ORCH_BOOTSTRAP_ADMIN_KEY",
+        None,
+        "an admin API key (ao_<key_id>_<secret>) stored at start unless its id exists; "
+        "creates the first admin key of a Redis deployment",
+    )
+    tls_cert_file: str | None = _env(
+        "ORCH_TLS_CERT_FILE", None, "PEM server certificate chain; set with the key to serve TLS"
+    )
+    tls_key_file: str | None = _env("ORCH_TLS_KEY_FILE", None, "PEM private key of the certificate")
+    tls_client_ca_file: str | None = _env(
+        "ORCH_TLS_CLIENT_CA_FILE",
+        None,
+        "PEM CA bundle; when set, every client must present a certificate it signed (mTLS)",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -183,6 +214,19 @@ class Settings:
             problems.append("log_format must be text or json")
         if ":" not in self.listen_address:
             problems.append("listen_address must be host:port")
+        if self.api_keys_file and self.redis_url:
+            problems.append(
+                "ORCH_API_KEYS_FILE applies to the in-memory registry only; on Redis use "
+                "ORCH_BOOTSTRAP_ADMIN_KEY and AdminService"
+            )
+        if self.bootstrap_admin_key and not _looks_like_api_key(self.bootstrap_admin_key):
+            problems.append("ORCH_BOOTSTRAP_ADMIN_KEY must look like ao_<key_id>_<secret>")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("ORCH_TLS_CERT_FILE and ORCH_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append(
+                "ORCH_TLS_CLIENT_CA_FILE needs ORCH_TLS_CERT_FILE and ORCH_TLS_KEY_FILE"
+            )
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -193,6 +237,14 @@ class Settings:
             (f.metadata["env"], "" if f.default is None else str(f.default), f.metadata["help"])
             for f in dataclasses.fields(cls)
         ]
+
+
+def _looks_like_api_key(value: str) -> bool:
+    try:
+        parse_key(value)
+    except Unauthenticated:
+        return False
+    return True
 
 
 def _parser_for(default: Any) -> Callable[[str], Any]:

@@ -66,7 +66,9 @@ class HealthMonitor:
         self._task = asyncio.create_task(self._run(), name="health-monitor")
 
     async def _run(self) -> None:
-        while True:
+        # The loop ends on the flag, not only on cancellation: a cancel that lands inside a Redis
+        # call can come back as a connection error, which check_once() treats as an outage.
+        while not self._stopping:
             await self.check_once()
             await asyncio.sleep(self._interval_s)
 
@@ -75,6 +77,6 @@ class HealthMonitor:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 2.0)
         await self.servicer.enter_graceful_shutdown()

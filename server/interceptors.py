@@ -1,78 +1,31 @@
 """Server interceptors.
 
-CallerInterceptor establishes who is calling and binds it (domain.identity) for the handler.
-Until API-key authentication lands, the tenant comes from the ``x-tenant-id`` header and the
-role from ``x-caller-role`` (default ``client``). Health and reflection need no identity.
+CallerInterceptor authenticates each call by its bearer API key (server.auth), checks the role
+the method needs, and binds the Caller (domain.identity) for the handler. Health and reflection
+are public. A missing or bad key ends the call UNAUTHENTICATED, the wrong role
+PERMISSION_DENIED, an unreachable key store UNAVAILABLE.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from domain.errors import DomainError
 from domain.identity import Caller, Role, bind_caller, unbind_caller
-from domain.ids import is_tenant_id
-
-TENANT_HEADER = "x-tenant-id"
-ROLE_HEADER = "x-caller-role"
-REQUEST_ID_HEADER = "x-request-id"
-
-PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-# The role each service requires; methods of other services require CLIENT.
-SERVICE_ROLES: dict[str, Role] = {
-    "/orchestrator.v1.TaskUpdateService/": Role.SERVICE,
-}
+from handlers.errors import abort_internal, abort_with
+from server.auth import Authenticator, required_role
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class IdentityError(Exception):
-    """Why a call is refused before it reaches its handler."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def required_role(method: str) -> Role | None:
-    """The role a method needs, or None for public methods."""
-    if method.startswith(PUBLIC_PREFIXES):
-        return None
-    for prefix, role in SERVICE_ROLES.items():
-        if method.startswith(prefix):
-            return role
-    return Role.CLIENT
-
-
-def caller_from_headers(metadata: tuple[tuple[str, str | bytes], ...], needed: Role) -> Caller:
-    """Build the Caller from request headers; IdentityError when it is missing or not allowed."""
-    headers = {key: value for key, value in metadata if isinstance(value, str)}
-    tenant = headers.get(TENANT_HEADER, "")
-    if not tenant:
-        raise IdentityError(grpc.StatusCode.UNAUTHENTICATED, f"missing {TENANT_HEADER} header")
-    if not is_tenant_id(tenant):
-        raise IdentityError(
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"{TENANT_HEADER} must be 1-64 letters, digits, '.', '_' or '-'",
-        )
-    try:
-        role = Role(headers.get(ROLE_HEADER, Role.CLIENT.value))
-    except ValueError:
-        raise IdentityError(grpc.StatusCode.PERMISSION_DENIED, "unknown caller role") from None
-    if role is not needed:
-        raise IdentityError(
-            grpc.StatusCode.PERMISSION_DENIED, f"this method needs the {needed.value} role"
-        )
-    request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    return Caller(tenant_id=tenant, role=role, request_id=request_id[:128])
-
-
 class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Binds the caller's identity around each handler, refusing calls without one."""
+    """Binds the authenticated caller around each handler, refusing calls without one."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
 
     async def intercept_service(
         self,
@@ -84,22 +37,28 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         needed = required_role(method)
         if handler is None or needed is None:
             return handler
-        return _wrap(handler, needed)
+        return _wrap(handler, self._authenticator, needed)
 
 
-def _identify(context: Ctx, needed: Role) -> Caller:
-    return caller_from_headers(tuple(context.invocation_metadata() or ()), needed)
+async def _identify(context: Ctx, authenticator: Authenticator, needed: Role) -> Caller:
+    """The authorized caller, or the call ends with the matching status."""
+    try:
+        return await authenticator.authenticate_metadata(
+            tuple(context.invocation_metadata() or ()), needed
+        )
+    except DomainError as error:
+        await abort_with(context, error)
+    except Exception as exc:
+        await abort_internal(context, exc)
+    raise AssertionError("unreachable: abort raises")
 
 
-def _wrap(handler: Any, needed: Role) -> Any:
+def _wrap(handler: Any, authenticator: Authenticator, needed: Role) -> Any:
     """The same handler with each behavior run under the caller's identity."""
 
     def unary(behavior: Callable[[Any, Ctx], Awaitable[Any]]) -> Any:
         async def run(request: Any, context: Ctx) -> Any:
-            try:
-                caller = _identify(context, needed)
-            except IdentityError as exc:
-                await context.abort(exc.code, exc.message)
+            caller = await _identify(context, authenticator, needed)
             token = bind_caller(caller)
             try:
                 return await behavior(request, context)
@@ -110,10 +69,7 @@ def _wrap(handler: Any, needed: Role) -> Any:
 
     def streaming(behavior: Callable[[Any, Ctx], AsyncIterator[Any]]) -> Any:
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            try:
-                caller = _identify(context, needed)
-            except IdentityError as exc:
-                await context.abort(exc.code, exc.message)
+            caller = await _identify(context, authenticator, needed)
             # Each RPC runs in its own task (its own context copy), so the binding needs no
             # reset; resetting from a generator's finally may run in another context.
             bind_caller(caller)

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from domain.errors import DomainError
+from domain.errors import DomainError, PermissionDenied, Unavailable
 from domain.identity import Caller, Role
 from domain.notices import NoticeProcessor
 from handlers.ws_notices import NoticeShapeError, notice_from_json, verdict_to_json
@@ -48,9 +48,8 @@ class WebSocketBridge:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or None, int(port))
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else int(port)
+        bound = self._runner.addresses
+        self.port = int(bound[0][1]) if bound else int(port)
         log.info("WebSocket bridge on %s%s (port %d)", address, PATH, self.port)
 
     async def stop(self) -> None:
@@ -62,9 +61,12 @@ class WebSocketBridge:
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             caller = await self._authenticate(headers)
+        except PermissionDenied as exc:
+            return web.json_response({"error": exc.message}, status=403)
+        except Unavailable as exc:
+            return web.json_response({"error": exc.message}, status=503)
         except DomainError as exc:
-            status = 403 if "role" in exc.message else 401
-            return web.json_response({"error": exc.message}, status=status)
+            return web.json_response({"error": exc.message}, status=401)
         if caller.role is not Role.SERVICE:
             return web.json_response({"error": "this endpoint needs the service role"}, status=403)
         socket = web.WebSocketResponse(max_msg_size=self._max_message_bytes, heartbeat=30.0)

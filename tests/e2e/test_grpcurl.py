@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from domain.identity import Role
+from server.key_seeding import DEMO_KEYS
 from tests.support.processes import BIN, ServerProcess
 
 GRPCURL = str(BIN / "grpcurl")
+# The documented demo keys `make run` seeds, by (tenant, role).
+DEMO = {(key.tenant_id, key.role): key.api_key for key in DEMO_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +41,20 @@ def grpcurl(
 
 
 def call(
-    server: ServerProcess, method: str, body: dict[str, object], tenant: str = "demo"
+    server: ServerProcess,
+    method: str,
+    body: dict[str, object],
+    tenant: str = "demo",
+    role: Role = Role.CLIENT,
+    package: str = "orchestrator.v1",
 ) -> subprocess.CompletedProcess[str]:
-    flags = ("-H", f"x-tenant-id: {tenant}", "-d", json.dumps(body))
-    return grpcurl(server, f"orchestrator.v1.{method}", flags=flags)
+    """Call with the demo key of ``tenant`` and ``role``, as the README shows."""
+    key = DEMO[(tenant, role)]
+    flags = ("-H", f"authorization: Bearer {key}", "-d", json.dumps(body))
+    return grpcurl(server, f"{package}.{method}", flags=flags)
 
 
-def test_list_shows_the_four_services_health_and_reflection(served: ServerProcess) -> None:
+def test_list_shows_the_services_health_and_reflection(served: ServerProcess) -> None:
     result = grpcurl(served, "list")
     assert result.returncode == 0, result.stderr
     services = set(result.stdout.split())
@@ -52,6 +63,7 @@ def test_list_shows_the_four_services_health_and_reflection(served: ServerProces
         "orchestrator.v1.ChatService",
         "orchestrator.v1.BatchService",
         "orchestrator.v1.TaskUpdateService",
+        "orchestrator.admin.v1.AdminService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
@@ -99,6 +111,44 @@ def test_missing_agent_id_is_invalid_argument_naming_the_field(served: ServerPro
     result = call(served, "SessionService/CreateSession", {})
     assert "Code: InvalidArgument" in result.stderr
     assert '"field":"agent_id"' in result.stderr.replace(" ", "")
+
+
+def test_without_a_key_calls_are_unauthenticated(served: ServerProcess) -> None:
+    flags = ("-H", "x-tenant-id: demo", "-d", json.dumps({"agent_id": "a"}))
+    result = grpcurl(served, "orchestrator.v1.SessionService/CreateSession", flags=flags)
+    assert "Code: Unauthenticated" in result.stderr
+
+
+def test_the_startup_log_lists_the_demo_keys_with_a_warning(served: ServerProcess) -> None:
+    log = served.log()
+    assert "local use only" in log
+    assert all(key.api_key in log for key in DEMO_KEYS)
+
+
+def test_admin_creates_a_key_that_works_then_revokes_it(served: ServerProcess) -> None:
+    created = call(
+        served,
+        "AdminService/CreateApiKey",
+        {"tenant_id": "demo", "role": "API_KEY_ROLE_CLIENT", "description": "e2e"},
+        tenant="platform",
+        role=Role.ADMIN,
+        package="orchestrator.admin.v1",
+    )
+    assert created.returncode == 0, created.stderr
+    reply = json.loads(created.stdout)
+    flags = ("-H", f"authorization: Bearer {reply['api_key']}", "-d", '{"agent_id": "a"}')
+    target = "orchestrator.v1.SessionService/CreateSession"
+    assert grpcurl(served, target, flags=flags).returncode == 0
+    revoked = call(
+        served,
+        "AdminService/RevokeApiKey",
+        {"key_id": reply["key_id"]},
+        tenant="platform",
+        role=Role.ADMIN,
+        package="orchestrator.admin.v1",
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    assert "Code: Unauthenticated" in grpcurl(served, target, flags=flags).stderr
 
 
 def test_sigterm_stops_gracefully(tmp_path: Path) -> None:

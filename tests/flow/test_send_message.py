@@ -11,6 +11,7 @@ from domain.dispatch import DownstreamError
 from domain.models import WorkKind
 from orchestrator.v1 import chat_pb2, common_pb2, session_pb2
 from tests.support.flow import Flow, completed, kind_of, notice, read_events, read_to_end
+from tests.support.servers import tenant
 
 
 async def test_a_message_streams_accepted_progress_deltas_and_completed(flow: Flow) -> None:
@@ -118,7 +119,7 @@ async def test_a_closed_session_refuses_messages(flow: Flow) -> None:
     session_id = await flow.new_session()
     await flow.sessions.CloseSession(
         session_pb2.CloseSessionRequest(session_id=session_id),
-        metadata=(("x-tenant-id", "acme"),),
+        metadata=tenant("acme"),
     )
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await read_to_end(flow.send(session_id))
@@ -157,7 +158,7 @@ async def test_request_id_is_echoed_on_the_jobs_events(flow: Flow) -> None:
     session_id = await flow.new_session()
     call: Any = flow.chat.SendMessage(
         chat_pb2.SendMessageRequest(session_id=session_id, content="hi"),
-        metadata=(("x-tenant-id", "acme"), ("x-request-id", "req-42")),
+        metadata=(*tenant("acme"), ("x-request-id", "req-42")),
     )
     first = await call.read()
     assert first.event.request_id == "req-42"

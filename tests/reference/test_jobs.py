@@ -10,6 +10,7 @@ from embedding.v1 import embedding_pb2
 from orchestrator.v1 import common_pb2, task_update_pb2
 from query.v1 import query_pb2
 from reference import content
+from reference.config import DEMO_SERVICE_KEY
 from tests.reference.conftest import Stack
 
 PROGRESS = task_update_pb2.NOTICE_EVENT_PROGRESS
@@ -181,8 +182,7 @@ async def test_the_stream_carries_the_service_identity(stack: Stack) -> None:
     await stack.query.SubmitQuery(ask("hi", "m1"), timeout=5)
     await stack.orchestrator.recorder.wait_finished("m1")
     metadata = stack.orchestrator.recorder.stream_metadata[0]
-    assert metadata["x-tenant-id"] == "platform"
-    assert metadata["x-caller-role"] == "service"
+    assert metadata["authorization"] == f"Bearer {DEMO_SERVICE_KEY}"
 
 
 async def test_invalid_submits_are_rejected(stack: Stack) -> None:

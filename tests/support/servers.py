@@ -1,4 +1,13 @@
-"""Running real orchestrator servers inside the test's event loop."""
+"""Running real orchestrator servers inside the test's event loop, and call metadata.
+
+Authentication in tests: every call needs ``authorization: Bearer <api key>``. ``tenant(tid)``,
+``service(tid)`` and ``admin(tid)`` return that header with a deterministic test key for the
+tenant and role (tests.support.keys). ``running_server`` wraps the server's key store in
+tests.support.keys.TestKeyStore, which accepts those keys for any tenant id on both backends, so
+tests need no key setup: just pass ``metadata=tenant("acme")``. Keys created through AdminService
+are real keys in the real store. ``orchestrator serve`` child processes (tests.support.processes)
+do not know the test keys; they use the demo keys (server.key_seeding.DEMO_KEYS).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +19,11 @@ from typing import Any
 import grpc
 
 from domain.dispatch import Dispatcher
-from server.app import OrchestratorServer
+from domain.identity import Role
+from registry.backends import open_registry
+from server.app import OrchestratorServer, registry_config
 from server.config import Settings
+from tests.support.keys import TestKeyStore, api_key_for
 
 
 def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
@@ -48,7 +60,9 @@ class RunningServer:
 async def running_server(
     settings: Settings, *, dispatcher: Dispatcher | None = None
 ) -> AsyncIterator[RunningServer]:
-    server = OrchestratorServer(settings, dispatcher=dispatcher)
+    registry = open_registry(registry_config(settings))
+    registry.api_keys = TestKeyStore(registry.api_keys)
+    server = OrchestratorServer(settings, registry=registry, dispatcher=dispatcher)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -58,11 +72,21 @@ async def running_server(
         await server.stop(grace=0.5)
 
 
+def bearer(api_key: str) -> tuple[str, str]:
+    """The authorization header for an API key."""
+    return ("authorization", f"Bearer {api_key}")
+
+
 def tenant(tenant_id: str, **extra: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata for a tenant (until API keys replace the header)."""
-    return (("x-tenant-id", tenant_id), *extra.items())
+    """Call metadata for a client of ``tenant_id`` (Chat, Session, Batch services)."""
+    return (bearer(api_key_for(tenant_id, Role.CLIENT)), *extra.items())
 
 
 def service(tenant_id: str = "platform", **extra: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata for a platform service publishing task updates."""
-    return (("x-tenant-id", tenant_id), ("x-caller-role", "service"), *extra.items())
+    """Call metadata for a platform service publishing task updates (TaskUpdateService)."""
+    return (bearer(api_key_for(tenant_id, Role.SERVICE)), *extra.items())
+
+
+def admin(tenant_id: str = "platform", **extra: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata for an operator (AdminService)."""
+    return (bearer(api_key_for(tenant_id, Role.ADMIN)), *extra.items())

@@ -1,0 +1,134 @@
+"""API keys in Redis.
+
+Layout (see registry.keys): one hash per key id (``{k:<key_id>}`` hash tag, since calls look a
+key up by id alone) and a per-tenant index sorted set under the tenant's hash tag. A key is
+written hash first, index second, so a listed id always has its record; an index entry whose
+record is missing (a crash between the two writes) is skipped and pruned when listed. Scripts
+take the time from Redis. Nothing is cached by readers: a revocation is visible to every
+replica at its next lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from domain.api_keys import ApiKey
+from domain.identity import Role
+from domain.models import Page
+from registry.keys import KeySpace
+from registry.redis_client import redis_errors_as_unavailable
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: key hash. ARGV: tenant, role, description, secret hash.
+_ADD = (
+    _NOW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'role', ARGV[2], 'desc', ARGV[3],
+  'hash', ARGV[4], 'created', now, 'revoked', '')
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: key hash.
+_REVOKE = (
+    _NOW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('HGET', KEYS[1], 'revoked') == '' then
+  redis.call('HSET', KEYS[1], 'revoked', now)
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+
+def _as_dict(raw: Any) -> dict[str, str]:
+    """Lua returns HGETALL as a flat list; RESP3 commands return a dict. Accept both."""
+    if isinstance(raw, dict):
+        return raw
+    return dict(zip(raw[::2], raw[1::2], strict=True))
+
+
+def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
+    revoked = fields.get("revoked", "")
+    return ApiKey(
+        key_id=key_id,
+        tenant_id=fields["tenant"],
+        role=Role(fields["role"]),
+        description=fields["desc"],
+        secret_sha256=fields["hash"],
+        created_at_ms=int(fields["created"]),
+        revoked_at_ms=int(revoked) if revoked else None,
+    )
+
+
+class RedisApiKeyStore:
+    """registry.base.ApiKeyStore on Redis."""
+
+    def __init__(self, redis: Redis, keys: KeySpace) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._add = redis.register_script(_ADD)
+        self._revoke = redis.register_script(_REVOKE)
+
+    async def add_key(self, key: ApiKey) -> ApiKey | None:
+        with redis_errors_as_unavailable():
+            raw = await self._add(
+                keys=[self._keys.api_key(key.key_id)],
+                args=[key.tenant_id, key.role.value, key.description, key.secret_sha256],
+            )
+            if not raw:
+                return None
+            await self._redis.zadd(self._keys.api_key_index(key.tenant_id), {key.key_id: 0})
+        return key_from_hash(key.key_id, _as_dict(raw))
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        with redis_errors_as_unavailable():
+            fields = await self._redis.hgetall(self._keys.api_key(key_id))
+        return key_from_hash(key_id, _as_dict(fields)) if fields else None
+
+    async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
+        index = self._keys.api_key_index(tenant_id)
+        found: list[ApiKey] = []
+        cursor = after
+        with redis_errors_as_unavailable():
+            while True:
+                start = f"({cursor}" if cursor else "-"
+                want = limit - len(found) + 1  # one more tells whether a next page exists
+                ids = [
+                    str(key_id)
+                    for key_id in await self._redis.zrange(
+                        index, start, "+", bylex=True, offset=0, num=want
+                    )
+                ]
+                if not ids:
+                    return Page(found, None)
+                pipe = self._redis.pipeline(transaction=False)
+                for key_id in ids:
+                    pipe.hgetall(self._keys.api_key(key_id))
+                replies = await pipe.execute()
+                vanished: list[str] = []
+                for key_id, fields in zip(ids, replies, strict=True):
+                    if not fields:
+                        vanished.append(key_id)
+                        continue
+                    if len(found) == limit:
+                        return Page(found, found[-1].key_id)
+                    found.append(key_from_hash(key_id, _as_dict(fields)))
+                if vanished:
+                    await self._redis.zrem(index, *vanished)
+                cursor = ids[-1]
+                if len(ids) < want:
+                    return Page(found, None)
+
+    async def revoke_key(self, key_id: str) -> ApiKey | None:
+        with redis_errors_as_unavailable():
+            raw = await self._revoke(keys=[self._keys.api_key(key_id)])
+        return key_from_hash(key_id, _as_dict(raw)) if raw else None

@@ -1,0 +1,47 @@
+"""`make run`: the orchestrator with the reference Query/Embedding services in the same process,
+so a new user can chat end to end with nothing else running."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+from reference.app import ReferenceServices
+from reference.config import ReferenceConfig
+from server.app import OrchestratorServer
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _port(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def reference_config(settings: Settings, orchestrator_port: int) -> ReferenceConfig:
+    """REF_* settings, bound to the port the orchestrator expects the Query Service on and
+    reporting back to this orchestrator."""
+    base = ReferenceConfig.from_env()
+    return dataclasses.replace(
+        base,
+        listen_address=f"127.0.0.1:{_port(settings.query_service_address)}",
+        orchestrator_address=f"127.0.0.1:{orchestrator_port}",
+    )
+
+
+async def serve_with_reference(settings: Settings) -> None:
+    """Run both until SIGTERM or SIGINT, then stop the reference services first."""
+    server = OrchestratorServer(settings)
+    await server.start()
+    reference = ReferenceServices(reference_config(settings, server.port))
+    await reference.start()
+    log.info("reference Query/Embedding services embedded on %s", reference.address)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    await reference.stop()
+    await server.stop()

@@ -1,0 +1,86 @@
+"""The whole flow with the reference Query and Embedding services over real gRPC: the
+orchestrator delegates, the services report back through PublishUpdates, the client streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from orchestrator.v1 import common_pb2
+from reference.app import ReferenceServices
+from reference.config import ReferenceConfig
+from tests.support.downstream import RecordingDispatcher
+from tests.support.flow import Flow, kind_of, read_to_end
+from tests.support.redis_process import free_port
+from tests.support.servers import running_server, service, test_settings
+
+
+@dataclass
+class Platform:
+    flow: Flow
+    reference: ReferenceServices
+
+
+@pytest.fixture
+async def platform(backend_url: str | None) -> AsyncIterator[Platform]:
+    orchestrator_port, reference_port = free_port(), free_port()
+    settings = test_settings(
+        backend_url,
+        listen_address=f"127.0.0.1:{orchestrator_port}",
+        query_service_address=f"127.0.0.1:{reference_port}",
+        embedding_service_address=f"127.0.0.1:{reference_port}",
+        downstream_timeout=2.0,
+    )
+    reference = ReferenceServices(
+        ReferenceConfig(
+            listen_address=f"127.0.0.1:{reference_port}",
+            orchestrator_address=f"127.0.0.1:{orchestrator_port}",
+            step_delay_s=0.0,
+            publish_metadata=service(),
+        )
+    )
+    async with running_server(settings) as running:
+        await reference.start()
+        try:
+            yield Platform(Flow(running, RecordingDispatcher()), reference)
+        finally:
+            await reference.stop()
+
+
+async def test_a_query_streams_accepted_deltas_and_completed(platform: Platform) -> None:
+    flow = platform.flow
+    session_id = await flow.new_session()
+    events = await read_to_end(flow.send(session_id, "What is RAG?"))
+    kinds = [kind_of(e) for e in events]
+    assert kinds[0] == "accepted" and kinds[-1] == "completed"
+    assert "delta" in kinds and "progress" in kinds
+    answer = "".join(e.delta.text for e in events if kind_of(e) == "delta")
+    assert answer == events[-1].completed.result.text
+    assert "What is RAG?" in answer
+    assert events[-1].completed.usage.total_tokens > 0
+    session = await flow.get_session(session_id)
+    assert session.token_usage.total_tokens == events[-1].completed.usage.total_tokens
+    (seen,) = [s for s in platform.reference.seen if s.job_id == events[0].job_id]
+    assert seen.tenant_id == "acme"
+
+
+async def test_an_embedding_returns_vectors(platform: Platform) -> None:
+    flow = platform.flow
+    session_id = await flow.new_session()
+    events = await read_to_end(
+        flow.send(session_id, "embed this", kind=common_pb2.WORK_KIND_EMBEDDING)
+    )
+    assert kind_of(events[-1]) == "completed"
+    (vector,) = events[-1].completed.result.embeddings
+    assert len(vector.values) == 8
+
+
+async def test_a_downstream_that_is_down_fails_the_job_quickly(platform: Platform) -> None:
+    await platform.reference.stop()
+    flow = platform.flow
+    session_id = await flow.new_session()
+    events = await read_to_end(flow.send(session_id, "anyone there?"), timeout_s=8.0)
+    assert [kind_of(e) for e in events] == ["accepted", "failed"]
+    assert events[1].failed.error.code == "downstream_unavailable"

@@ -1,0 +1,143 @@
+"""Keys stored at start: demo keys and ORCH_API_KEYS_FILE (in-memory registry only) and
+ORCH_BOOTSTRAP_ADMIN_KEY (Redis too)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from domain.api_keys import hash_secret
+from domain.identity import Role
+from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from server.app import OrchestratorServer
+from server.config import Settings, SettingsError
+from server.key_seeding import DEMO_KEYS, load_keys_file
+from tests.support.servers import bearer, test_settings
+
+PLAIN = "ao_filekey01_" + "p" * 30
+HASHED_SECRET = "h" * 30
+
+
+def write_keys(path: Path, entries: object) -> str:
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_a_keys_file_takes_plaintext_and_hashed_secrets(tmp_path: Path) -> None:
+    path = write_keys(
+        tmp_path / "keys.json",
+        {
+            "keys": [
+                {"api_key": PLAIN, "tenant_id": "acme", "role": "client"},
+                {
+                    "key_id": "filekey02",
+                    "secret_sha256": hash_secret(HASHED_SECRET),
+                    "tenant_id": "platform",
+                    "role": "service",
+                    "description": "billing",
+                },
+            ]
+        },
+    )
+    first, second = load_keys_file(path)
+    assert (first.key_id, first.tenant_id, first.role) == ("filekey01", "acme", Role.CLIENT)
+    assert first.secret_sha256 == hash_secret("p" * 30)
+    assert (second.key_id, second.role, second.description) == (
+        "filekey02",
+        Role.SERVICE,
+        "billing",
+    )
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([], "expected"),
+        ({"keys": [{"tenant_id": "acme", "role": "client"}]}, "missing"),
+        ({"keys": [{"api_key": PLAIN, "tenant_id": "acme", "role": "root"}]}, "root"),
+        ({"keys": [{"api_key": "nope", "tenant_id": "acme", "role": "client"}]}, "api_key"),
+        (
+            {"keys": [{"key_id": "k1", "secret_sha256": "00", "tenant_id": "a", "role": "admin"}]},
+            "key_id",
+        ),
+        (
+            {
+                "keys": [
+                    {"key_id": "key1", "secret_sha256": "zz", "tenant_id": "a", "role": "admin"}
+                ]
+            },
+            "secret_sha256",
+        ),
+    ],
+)
+def test_bad_keys_files_are_settings_errors(tmp_path: Path, document: object, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_keys_file(write_keys(tmp_path / "keys.json", document))
+
+
+def test_an_unreadable_keys_file_is_a_settings_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError):
+        load_keys_file(str(tmp_path / "missing.json"))
+
+
+def test_keys_files_are_for_the_in_memory_registry_only() -> None:
+    with pytest.raises(SettingsError, match="in-memory"):
+        Settings.from_env({"REDIS_URL": "redis://x", "ORCH_API_KEYS_FILE": "/k.json"})
+
+
+def test_the_bootstrap_key_must_look_like_a_key() -> None:
+    with pytest.raises(SettingsError, match="ORCH_BOOTSTRAP_ADMIN_KEY"):
+        Settings.from_env({"ORCH_BOOTSTRAP_ADMIN_KEY": "secret"})
+
+
+async def list_keys(server: OrchestratorServer, api_key: str, tenant_id: str) -> list[str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        reply = await admin_pb2_grpc.AdminServiceStub(channel).ListApiKeys(
+            admin_pb2.ListApiKeysRequest(tenant_id=tenant_id), metadata=(bearer(api_key),)
+        )
+    return [k.key_id for k in reply.keys]
+
+
+async def test_the_embedded_default_seeds_demo_keys_and_the_keys_file(tmp_path: Path) -> None:
+    admin_key = "ao_fileadmin_" + "a" * 30
+    path = write_keys(
+        tmp_path / "keys.json",
+        {"keys": [{"api_key": admin_key, "tenant_id": "ops", "role": "admin"}]},
+    )
+    server = OrchestratorServer(test_settings(None, api_keys_file=path))
+    await server.start()
+    try:
+        demo_admin = next(k for k in DEMO_KEYS if k.role is Role.ADMIN)
+        assert await list_keys(server, demo_admin.api_key, "demo") == ["democlient"]
+        assert await list_keys(server, admin_key, "ops") == ["fileadmin"]
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_demo_keys_can_be_disabled() -> None:
+    server = OrchestratorServer(test_settings(None, demo_keys=False))
+    await server.start()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await list_keys(server, DEMO_KEYS[-1].api_key, "demo")
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_redis_gets_the_bootstrap_admin_key_but_no_demo_keys(redis_url: str) -> None:
+    bootstrap = "ao_bootstrap01_" + "b" * 43
+    settings = test_settings(redis_url, bootstrap_admin_key=bootstrap)
+    for _ in range(2):  # a restart keeps the stored key and does not fail
+        server = OrchestratorServer(settings)
+        await server.start()
+        try:
+            assert await list_keys(server, bootstrap, "platform") == ["bootstrap01"]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await list_keys(server, DEMO_KEYS[-1].api_key, "demo")
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await server.stop(grace=0)
