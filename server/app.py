@@ -6,11 +6,13 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from domain.rate_limits import StreamSlots
 from domain.sessions import SessionManager, SessionPolicy
 from handlers.sessions import SessionServicer
 from orchestrator.v1 import (
@@ -23,10 +25,20 @@ from orchestrator.v1 import (
     task_update_pb2,
     task_update_pb2_grpc,
 )
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backends import RedisBackend, Registry, RegistryConfig, open_registry
+from registry.base import RateLimiter
+from registry.keys import KeySpace
+from registry.memory_rate_limiter import MemoryRateLimiter
+from registry.redis_rate_limiter import RedisRateLimiter
+from server import metrics as metrics_module
 from server.config import Settings
+from server.context_interceptor import ContextInterceptor
 from server.health import HealthMonitor
 from server.interceptors import CallerInterceptor
+from server.metrics import Metrics, MetricsHttpServer
+from server.metrics_interceptor import MetricsInterceptor
+from server.rate_limit_interceptor import RateLimitInterceptor
+from server.tracing import tracing_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,13 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def open_rate_limiter(registry: Registry, settings: Settings) -> RateLimiter:
+    """Limits shared through Redis when the registry uses it, else kept in process memory."""
+    if isinstance(registry.backend, RedisBackend):
+        return RedisRateLimiter(registry.backend.redis, KeySpace(settings.redis_key_prefix))
+    return MemoryRateLimiter()
+
+
 @dataclass
 class Lifecycle:
     """Shared shutdown signal: long-lived stream handlers end cleanly once it is set."""
@@ -74,9 +93,19 @@ class Lifecycle:
 class OrchestratorServer:
     """One server process: build with settings, ``start()``, then ``stop()``."""
 
-    def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry | None = None,
+        tracer_provider: Any = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry or open_registry(registry_config(settings))
+        self.metrics = Metrics()
+        self.metrics_http: MetricsHttpServer | None = None
+        # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
+        self.tracer_provider = tracer_provider
         self.lifecycle = Lifecycle()
         self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.health = HealthMonitor(
@@ -89,10 +118,36 @@ class OrchestratorServer:
         self.port = 0
         self._stopped = asyncio.Event()
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+        """The chain, outermost first: tracing (optional), request context, metrics, identity,
+        rate limits. Metrics sit outside identity and limits so their refusals are counted;
+        limits sit inside identity because they need the caller."""
+        settings = self.settings
+        chain: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        if settings.otel_enabled:
+            tracing = tracing_interceptor(self.tracer_provider)
+            if tracing is not None:
+                chain.append(tracing)
+        limiter = (
+            open_rate_limiter(self.registry, settings) if settings.rate_limit_enabled else None
+        )
+        chain += [
+            ContextInterceptor(),
+            MetricsInterceptor(self.metrics),
+            CallerInterceptor(),
+            RateLimitInterceptor(
+                limiter,
+                settings.rate_limit_rules(),
+                StreamSlots(settings.max_streams_per_tenant),
+                self.metrics,
+            ),
+        ]
+        return chain
+
     def _build(self) -> grpc.aio.Server:
         settings = self.settings
         server = grpc.aio.server(
-            interceptors=[CallerInterceptor()],
+            interceptors=self.interceptors(),
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -140,6 +195,10 @@ class OrchestratorServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.listen_address}")
         await self.health.check_once()
+        if self.settings.metrics_address:
+            self.metrics_http = MetricsHttpServer(self.metrics, self.settings.metrics_address)
+            await self.metrics_http.start()
+        metrics_module.install(self.metrics)
         await self._server.start()
         self.health.start()
         log.info(
@@ -159,6 +218,9 @@ class OrchestratorServer:
         await self.health.shutdown()
         self.lifecycle.stopping.set()
         await self._server.stop(grace)
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
+        metrics_module.uninstall(self.metrics)
         await self.registry.backend.aclose()
         self._stopped.set()
         log.info("stopped")

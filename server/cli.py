@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
 from server.logging_setup import configure_logging
+from server.tracing import configure_tracer_provider
 
 
 async def _health(address: str, service: str, timeout_s: float) -> int:
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.otel_enabled:
+        configure_tracer_provider()
     asyncio.run(OrchestratorServer(settings).serve_until_signalled())
     return 0
 

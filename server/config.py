@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from domain.rate_limits import Rate, RateLimitRules, parse_overrides
 
 
 class SettingsError(ValueError):
@@ -84,6 +87,45 @@ class Settings:
     )
     log_level: str = _env("ORCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _env("ORCH_LOG_FORMAT", "text", "text or json (one object per line)")
+    rate_limit_enabled: bool = _env(
+        "ORCH_RATE_LIMIT_ENABLED",
+        True,
+        "enforce the per-tenant and per-key request rates",
+        _parse_bool,
+    )
+    rate_limit_rps: float = _env(
+        "ORCH_RATE_LIMIT_RPS", 50.0, "sustained requests per second per tenant"
+    )
+    rate_limit_burst: int = _env(
+        "ORCH_RATE_LIMIT_BURST", 100, "requests a tenant may make at once above its rate"
+    )
+    rate_limit_key_rps: float = _env(
+        "ORCH_RATE_LIMIT_KEY_RPS", 0.0, "requests per second per API key; 0: no per-key limit"
+    )
+    rate_limit_key_burst: int = _env(
+        "ORCH_RATE_LIMIT_KEY_BURST", 0, "burst per API key; 0: twice the key rate"
+    )
+    rate_limit_overrides: str = _env(
+        "ORCH_RATE_LIMIT_OVERRIDES",
+        "",
+        "per-tenant rate:burst, e.g. tenantA=5:10,tenantB=1000:2000",
+    )
+    max_streams_per_tenant: int = _env(
+        "ORCH_MAX_STREAMS_PER_TENANT",
+        1000,
+        "open server-streaming calls per tenant and process; beyond it RESOURCE_EXHAUSTED",
+    )
+    metrics_address: str = _env(
+        "ORCH_METRICS_ADDRESS",
+        "0.0.0.0:9464",
+        "host:port of the Prometheus /metrics endpoint; empty disables it",
+    )
+    otel_enabled: bool = _env(
+        "ORCH_OTEL_ENABLED",
+        False,
+        "trace every RPC with OpenTelemetry (needs the tracing extra)",
+        _parse_bool,
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -127,8 +169,30 @@ class Settings:
             problems.append("log_format must be text or json")
         if ":" not in self.listen_address:
             problems.append("listen_address must be host:port")
+        if self.metrics_address and ":" not in self.metrics_address:
+            problems.append("metrics_address must be host:port or empty")
+        try:
+            self.rate_limit_rules()
+        except ValueError as exc:
+            problems.append(f"rate limits: {exc}")
+        if self.rate_limit_key_rps < 0 or self.rate_limit_key_burst < 0:
+            problems.append("rate_limit_key_rps and rate_limit_key_burst must not be negative")
+        if self.max_streams_per_tenant < 1:
+            problems.append("max_streams_per_tenant must be >= 1")
         if problems:
             raise SettingsError("; ".join(problems))
+
+    def rate_limit_rules(self) -> RateLimitRules:
+        """The request-rate rules these settings describe (ValueError when invalid)."""
+        key: Rate | None = None
+        if self.rate_limit_key_rps > 0:
+            burst = self.rate_limit_key_burst or max(1, math.ceil(2 * self.rate_limit_key_rps))
+            key = Rate(self.rate_limit_key_rps, burst)
+        return RateLimitRules(
+            default=Rate(self.rate_limit_rps, self.rate_limit_burst),
+            key=key,
+            overrides=parse_overrides(self.rate_limit_overrides),
+        )
 
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:

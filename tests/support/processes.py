@@ -21,7 +21,12 @@ class ServerProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self._env = {**os.environ, "ORCH_LISTEN_ADDRESS": self.address, **env}
+        self._env = {
+            **os.environ,
+            "ORCH_LISTEN_ADDRESS": self.address,
+            "ORCH_METRICS_ADDRESS": "127.0.0.1:0",
+            **env,
+        }
         self._env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None
         self.proc: subprocess.Popen[bytes] | None = None
 

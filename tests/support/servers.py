@@ -22,6 +22,7 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         shutdown_grace=1.0,
         redis_socket_timeout=1.0,
         redis_connect_timeout=0.5,
+        metrics_address="127.0.0.1:0",
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()
