@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,7 @@ class OrchestratorServer:
         *,
         registry: Registry | None = None,
         tracer_provider: Any = None,
+        extra_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
         self.settings = settings
         self.registry = registry or open_registry(registry_config(settings))
@@ -106,6 +108,8 @@ class OrchestratorServer:
         self.metrics_http: MetricsHttpServer | None = None
         # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
         self.tracer_provider = tracer_provider
+        # More services behind the same interceptors (tests and benchmarks use it).
+        self.extra_handlers = tuple(extra_handlers)
         self.lifecycle = Lifecycle()
         self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.health = HealthMonitor(
@@ -173,6 +177,8 @@ class OrchestratorServer:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        if self.extra_handlers:
+            server.add_generic_rpc_handlers(self.extra_handlers)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,

@@ -43,8 +43,9 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
-    server = OrchestratorServer(settings)
+async def running_server(settings: Settings, **server_args: Any) -> AsyncIterator[RunningServer]:
+    """A started server (``server_args`` go to OrchestratorServer) and a channel to it."""
+    server = OrchestratorServer(settings, **server_args)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
