@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 from server import metrics
 from server.app import OrchestratorServer
-from tests.support.probe import WATCH, Probe
+from tests.support.probe import WATCH, Probe, watch_method
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
 
 LIST = "/orchestrator.v1.SessionService/ListSessions"
@@ -53,7 +53,7 @@ async def test_metrics_count_calls_codes_latency_streams_and_refusals() -> None:
             await sessions.ListSessions(
                 session_pb2.ListSessionsRequest(), metadata=tenant("limited")
             )
-        stream = server.channel.unary_stream(WATCH)(b"", metadata=tenant("acme"))
+        stream = watch_method(server.channel)(b"", metadata=tenant("acme"))
         assert await stream.read() == b"open"
         metrics.record_tokens("acme", 42)  # outside an RPC: goes to the running server
         metrics.record_notice("accepted")

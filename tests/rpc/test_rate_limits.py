@@ -4,7 +4,7 @@ retry-after trailer, recovery after the delay, and one limit shared by replicas 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from orchestrator.v1 import session_pb2, session_pb2_grpc
-from tests.support.probe import WATCH, Probe
+from tests.support.probe import EOF, Probe, watch_method
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ async def test_a_tenant_over_its_rate_is_refused_then_recovers(backend_url: str 
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         delay = retry_delay_s(error)
         assert 0 < delay <= 0.2
-        assert dict(error.trailing_metadata() or ())["retry-after"] == "1"
+        trailers: dict[str, Any] = dict(cast(Any, error.trailing_metadata()) or ())
+        assert trailers["retry-after"] == "1"
         assert quota_subjects(error) == ["tenant:limited"]
 
         # Another tenant (default limits) is unaffected meanwhile.
@@ -105,7 +106,7 @@ async def test_open_streams_are_capped_per_tenant() -> None:
     probe = Probe()
     settings = test_settings(None, max_streams_per_tenant=2)
     async with running_server(settings, extra_handlers=[probe.handler()]) as server:
-        watch = server.channel.unary_stream(WATCH)
+        watch = watch_method(server.channel)
         streams = [watch(b"", metadata=tenant("acme")) for _ in range(2)]
         for stream in streams:
             assert await stream.read() == b"open"
@@ -122,8 +123,8 @@ async def test_open_streams_are_capped_per_tenant() -> None:
         # Ending the streams frees the slots: the status arrives after the server let go.
         probe.release.set()
         for stream in [*streams, other]:
-            assert await stream.read() is grpc.aio.EOF
+            assert await stream.read() is EOF
             assert await stream.code() == grpc.StatusCode.OK
         again = watch(b"", metadata=tenant("acme"))
         assert await again.read() == b"open"
-        assert await again.read() is grpc.aio.EOF
+        assert await again.read() is EOF

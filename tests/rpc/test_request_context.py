@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 from server.logging_setup import JsonFormatter, RequestContextFilter
-from tests.support.probe import ECHO, Probe
+from tests.support.probe import ECHO, Probe, echo_method
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -60,7 +60,7 @@ async def test_calls_without_identity_get_a_request_id_too(server: RunningServer
 async def test_handlers_and_the_caller_see_the_same_context(
     server: RunningServer, probe: Probe
 ) -> None:
-    echo = server.channel.unary_unary(ECHO)
+    echo = echo_method(server.channel)
     call = echo(
         b"hi", metadata=tenant("acme", **{"x-request-id": "r-1", "traceparent": TRACEPARENT})
     )
@@ -100,7 +100,7 @@ def json_lines() -> Iterator[list[str]]:
 async def test_json_log_lines_carry_the_request_context(
     server: RunningServer, json_lines: list[str]
 ) -> None:
-    echo = server.channel.unary_unary(ECHO)
+    echo = echo_method(server.channel)
     await echo(b"", metadata=tenant("acme", **{"x-request-id": "log-me"}))
     entry = json.loads(json_lines[-1])
     assert entry["message"] == "probe called"

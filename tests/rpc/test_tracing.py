@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from orchestrator.v1 import session_pb2, session_pb2_grpc
-from tests.support.probe import WATCH, Probe
+from tests.support.probe import Probe, watch_method
 from tests.support.servers import running_server, tenant, test_settings
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -33,7 +33,7 @@ async def test_unary_and_streaming_calls_make_server_spans_under_the_incoming_tr
         await session_pb2_grpc.SessionServiceStub(server.channel).ListSessions(
             session_pb2.ListSessionsRequest(), metadata=tenant("acme", traceparent=traceparent)
         )
-        stream = server.channel.unary_stream(WATCH)(b"", metadata=tenant("acme"))
+        stream = watch_method(server.channel)(b"", metadata=tenant("acme"))
         assert [message async for message in stream] == [b"open"]
     provider.shutdown()
 

@@ -17,6 +17,8 @@ from domain.request_context import current_request_id, current_traceparent
 
 WATCH = "/test.v1.Probe/Watch"
 ECHO = "/test.v1.Probe/Echo"
+# grpc.aio.EOF, which the type stubs do not declare.
+EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 log = logging.getLogger("tests.probe")
 
 
@@ -57,3 +59,13 @@ class Probe:
                 "Echo": grpc.unary_unary_rpc_method_handler(self.echo),
             },
         )
+
+
+def watch_method(channel: grpc.aio.Channel) -> Any:
+    """The Watch stream as a raw-bytes multicallable."""
+    return channel.unary_stream(WATCH, request_serializer=None, response_deserializer=None)
+
+
+def echo_method(channel: grpc.aio.Channel) -> Any:
+    """The Echo call as a raw-bytes multicallable."""
+    return channel.unary_unary(ECHO, request_serializer=None, response_deserializer=None)
