@@ -3,6 +3,7 @@ tests/registry runs one contract suite against every backend."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +25,7 @@ from registry.fanout import Feed, LocalFanout
 
 if TYPE_CHECKING:
     from domain.api_keys import ApiKey
+from domain.rate_limits import Bucket, RateDecision
 
 
 class SessionStore(Protocol):
@@ -142,4 +144,14 @@ class ApiKeyStore(Protocol):
     async def revoke_key(self, key_id: str) -> ApiKey | None:
         """Mark a key revoked (keeping the first revocation time) and return it; None when
         missing."""
+
+
+class RateLimiter(Protocol):
+    """Request-rate limits (domain.rate_limits, GCRA) shared by every replica using the
+    backend. All buckets of one call belong to one tenant."""
+
+    async def acquire(self, buckets: Sequence[Bucket]) -> RateDecision:
+        """Take one request from every bucket, atomically: either all allow it and all are
+        charged, or none is charged and the decision names the bucket that needs the longest
+        wait. Raises domain.errors.Unavailable when the backend cannot be reached."""
         ...

@@ -19,6 +19,12 @@ class KeySpace:
     def tenant_tag(self, tenant_id: str) -> str:
         return f"{self.prefix}:{{t:{tenant_id}}}"
 
+    def rate_limit(self, tenant_id: str, key_id: str = "") -> str:
+        """String with a GCRA theoretical arrival time (microseconds, Redis clock): the
+        tenant's bucket, or with ``key_id`` the bucket of one of its API keys."""
+        suffix = f":key:{key_id}" if key_id else ""
+        return f"{self.tenant_tag(tenant_id)}:ratelimit{suffix}"
+
     def session(self, tenant_id: str, session_id: str) -> str:
         """Hash with the session's fields."""
         return f"{self.tenant_tag(tenant_id)}:session:{session_id}"

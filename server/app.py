@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from domain.dispatch import Dispatcher
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
+from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
 from domain.sessions import SessionManager, SessionPolicy
 from handlers.admin import AdminServicer
@@ -36,12 +38,22 @@ from orchestrator.v1 import (
     task_update_pb2,
     task_update_pb2_grpc,
 )
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backends import RedisBackend, Registry, RegistryConfig, open_registry
+from registry.base import RateLimiter
+from registry.keys import KeySpace
+from registry.memory_rate_limiter import MemoryRateLimiter
+from registry.redis_rate_limiter import RedisRateLimiter
+from server import metrics as metrics_module
 from server.auth import Authenticator, authorize
 from server.config import Settings
+from server.context_interceptor import ContextInterceptor
 from server.health import HealthMonitor
 from server.interceptors import CallerInterceptor
 from server.key_seeding import seed_keys
+from server.metrics import Metrics, MetricsHttpServer
+from server.metrics_interceptor import MetricsInterceptor
+from server.rate_limit_interceptor import RateLimitInterceptor
+from server.tracing import tracing_interceptor
 from server.ws_bridge import WebSocketBridge
 
 log = logging.getLogger(__name__)
@@ -141,6 +153,13 @@ def transport_name(settings: Settings) -> str:
     return "TLS" if settings.tls_cert_file else "plaintext"
 
 
+def open_rate_limiter(registry: Registry, settings: Settings) -> RateLimiter:
+    """Limits shared through Redis when the registry uses it, else kept in process memory."""
+    if isinstance(registry.backend, RedisBackend):
+        return RedisRateLimiter(registry.backend.redis, KeySpace(settings.redis_key_prefix))
+    return MemoryRateLimiter()
+
+
 @dataclass
 class Lifecycle:
     """Shared shutdown signal: long-lived stream handlers end cleanly once it is set."""
@@ -157,6 +176,8 @@ class OrchestratorServer:
         *,
         registry: Registry | None = None,
         dispatcher: Dispatcher | None = None,
+        tracer_provider: Any = None,
+        extra_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
         self.settings = settings
         self.registry = registry or open_registry(registry_config(settings))
@@ -166,6 +187,12 @@ class OrchestratorServer:
         self.reaper = JobReaper(
             self.registry.jobs, self.limits, interval_s=settings.reaper_interval
         )
+        self.metrics = Metrics()
+        self.metrics_http: MetricsHttpServer | None = None
+        # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
+        self.tracer_provider = tracer_provider
+        # More services behind the same interceptors (tests and benchmarks use it).
+        self.extra_handlers = tuple(extra_handlers)
         self.lifecycle = Lifecycle()
         self.api_keys = ApiKeyManager(self.registry.api_keys)
         # Authenticates bearer API keys; the WebSocket bridge reuses it.
@@ -186,10 +213,36 @@ class OrchestratorServer:
         self.port = 0
         self._stopped = asyncio.Event()
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+        """The chain, outermost first: tracing (optional), request context, metrics, identity,
+        rate limits. Metrics sit outside identity and limits so their refusals are counted;
+        limits sit inside identity because they need the caller."""
+        settings = self.settings
+        chain: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        if settings.otel_enabled:
+            tracing = tracing_interceptor(self.tracer_provider)
+            if tracing is not None:
+                chain.append(tracing)
+        limiter = (
+            open_rate_limiter(self.registry, settings) if settings.rate_limit_enabled else None
+        )
+        chain += [
+            ContextInterceptor(),
+            MetricsInterceptor(self.metrics),
+            CallerInterceptor(self.authenticator),
+            RateLimitInterceptor(
+                limiter,
+                settings.rate_limit_rules(),
+                StreamSlots(settings.max_streams_per_tenant),
+                self.metrics,
+            ),
+        ]
+        return chain
+
     def _build(self) -> grpc.aio.Server:
         settings = self.settings
         server = grpc.aio.server(
-            interceptors=[CallerInterceptor(self.authenticator)],
+            interceptors=self.interceptors(),
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -215,6 +268,8 @@ class OrchestratorServer:
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.api_keys), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        if self.extra_handlers:
+            server.add_generic_rpc_handlers(self.extra_handlers)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
@@ -248,6 +303,10 @@ class OrchestratorServer:
             log.warning("backend unavailable at start: the bootstrap admin key was not stored")
         if self.settings.ws_address:
             await self.ws_bridge.start(self.settings.ws_address)
+        if self.settings.metrics_address:
+            self.metrics_http = MetricsHttpServer(self.metrics, self.settings.metrics_address)
+            await self.metrics_http.start()
+        metrics_module.install(self.metrics)
         await self._server.start()
         self.health.start()
         self.reaper.start()
@@ -275,6 +334,10 @@ class OrchestratorServer:
         await self._server.stop(grace)
         await self.dispatcher.aclose()
         await self.registry.aclose()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
+        metrics_module.uninstall(self.metrics)
+        await self.registry.backend.aclose()
         self._stopped.set()
         log.info("stopped")
 

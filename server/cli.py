@@ -15,6 +15,7 @@ from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
 from server.dev_stack import serve_with_reference
 from server.logging_setup import configure_logging
+from server.tracing import configure_tracer_provider
 
 
 def _channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.otel_enabled:
+        configure_tracer_provider()
     try:
         if settings.embedded_reference:
             asyncio.run(serve_with_reference(settings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 
 from domain.api_keys import parse_key
 from domain.errors import Unauthenticated
+from domain.rate_limits import Rate, RateLimitRules, parse_overrides
 
 
 class SettingsError(ValueError):
@@ -160,6 +162,45 @@ class Settings:
         None,
         "PEM CA bundle; when set, every client must present a certificate it signed (mTLS)",
     )
+    rate_limit_enabled: bool = _env(
+        "ORCH_RATE_LIMIT_ENABLED",
+        True,
+        "enforce the per-tenant and per-key request rates",
+        _parse_bool,
+    )
+    rate_limit_rps: float = _env(
+        "ORCH_RATE_LIMIT_RPS", 50.0, "sustained requests per second per tenant"
+    )
+    rate_limit_burst: int = _env(
+        "ORCH_RATE_LIMIT_BURST", 100, "requests a tenant may make at once above its rate"
+    )
+    rate_limit_key_rps: float = _env(
+        "ORCH_RATE_LIMIT_KEY_RPS", 0.0, "requests per second per API key; 0: no per-key limit"
+    )
+    rate_limit_key_burst: int = _env(
+        "ORCH_RATE_LIMIT_KEY_BURST", 0, "burst per API key; 0: twice the key rate"
+    )
+    rate_limit_overrides: str = _env(
+        "ORCH_RATE_LIMIT_OVERRIDES",
+        "",
+        "per-tenant rate:burst, e.g. tenantA=5:10,tenantB=1000:2000",
+    )
+    max_streams_per_tenant: int = _env(
+        "ORCH_MAX_STREAMS_PER_TENANT",
+        1000,
+        "open server-streaming calls per tenant and process; beyond it RESOURCE_EXHAUSTED",
+    )
+    metrics_address: str = _env(
+        "ORCH_METRICS_ADDRESS",
+        "0.0.0.0:9464",
+        "host:port of the Prometheus /metrics endpoint; empty disables it",
+    )
+    otel_enabled: bool = _env(
+        "ORCH_OTEL_ENABLED",
+        False,
+        "trace every RPC with OpenTelemetry (needs the tracing extra)",
+        _parse_bool,
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -227,8 +268,30 @@ class Settings:
             problems.append(
                 "ORCH_TLS_CLIENT_CA_FILE needs ORCH_TLS_CERT_FILE and ORCH_TLS_KEY_FILE"
             )
+        if self.metrics_address and ":" not in self.metrics_address:
+            problems.append("metrics_address must be host:port or empty")
+        try:
+            self.rate_limit_rules()
+        except ValueError as exc:
+            problems.append(f"rate limits: {exc}")
+        if self.rate_limit_key_rps < 0 or self.rate_limit_key_burst < 0:
+            problems.append("rate_limit_key_rps and rate_limit_key_burst must not be negative")
+        if self.max_streams_per_tenant < 1:
+            problems.append("max_streams_per_tenant must be >= 1")
         if problems:
             raise SettingsError("; ".join(problems))
+
+    def rate_limit_rules(self) -> RateLimitRules:
+        """The request-rate rules these settings describe (ValueError when invalid)."""
+        key: Rate | None = None
+        if self.rate_limit_key_rps > 0:
+            burst = self.rate_limit_key_burst or max(1, math.ceil(2 * self.rate_limit_key_rps))
+            key = Rate(self.rate_limit_key_rps, burst)
+        return RateLimitRules(
+            default=Rate(self.rate_limit_rps, self.rate_limit_burst),
+            key=key,
+            overrides=parse_overrides(self.rate_limit_overrides),
+        )
 
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:

@@ -25,6 +25,7 @@ class ServerProcess:
             **os.environ,
             "ORCH_LISTEN_ADDRESS": self.address,
             "ORCH_WS_ADDRESS": "127.0.0.1:0",
+            "ORCH_METRICS_ADDRESS": "127.0.0.1:0",
             **env,
         }
         self._env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None

@@ -37,6 +37,7 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         redis_connect_timeout=0.5,
         ws_address="127.0.0.1:0",
         reaper_interval=0.1,
+        metrics_address="127.0.0.1:0",
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()
@@ -58,11 +59,13 @@ class RunningServer:
 
 @asynccontextmanager
 async def running_server(
-    settings: Settings, *, dispatcher: Dispatcher | None = None
+    settings: Settings, *, dispatcher: Dispatcher | None = None, **server_args: Any
 ) -> AsyncIterator[RunningServer]:
+    """A started server (``server_args`` go to OrchestratorServer) and a channel to it. The
+    server accepts the deterministic test keys of tenant()/service()/admin()."""
     registry = open_registry(registry_config(settings))
     registry.api_keys = TestKeyStore(registry.api_keys)
-    server = OrchestratorServer(settings, registry=registry, dispatcher=dispatcher)
+    server = OrchestratorServer(settings, registry=registry, dispatcher=dispatcher, **server_args)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -1,0 +1,77 @@
+"""Per-call request context: the request id and the incoming W3C trace context.
+
+The context interceptor (server.context_interceptor) binds both for every RPC before any other
+interceptor of ours runs, so this module is the single source of truth for them: log lines,
+the Caller built by the identity layer and downstream clients all read them from here. Each
+RPC runs in its own asyncio task (its own context copy), so a binding never leaks into another
+call.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from contextvars import ContextVar
+
+REQUEST_ID_HEADER = "x-request-id"
+TRACEPARENT_HEADER = "traceparent"
+MAX_REQUEST_ID_LENGTH = 128
+
+# Printable ASCII without spaces or quotes: safe in headers, log lines and JSON.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+# W3C Trace Context: version-traceid-parentid-flags, lowercase hex. Version ff is invalid; a
+# future version may append fields after the flags.
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+
+_request_id: ContextVar[str] = ContextVar("orchestrator_request_id", default="")
+_traceparent: ContextVar[str | None] = ContextVar("orchestrator_traceparent", default=None)
+_method: ContextVar[str] = ContextVar("orchestrator_method", default="")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_request_id(value: str) -> bool:
+    """Whether a caller-supplied request id can be used as is (1-128 safe characters)."""
+    return bool(_REQUEST_ID.match(value))
+
+
+def parse_traceparent(value: str | None) -> str | None:
+    """The traceparent header when it is well formed, else None (an invalid one is dropped,
+    as the W3C spec asks, rather than failing the call)."""
+    if not value:
+        return None
+    value = value.strip()
+    match = _TRACEPARENT.match(value)
+    if match is None:
+        return None
+    version, trace_id, parent_id, _flags, rest = match.groups()
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    if version == "00" and rest:
+        return None
+    return value
+
+
+def bind_request_context(request_id: str, traceparent: str | None, method: str = "") -> None:
+    """Bind the current RPC's context. Called once per call, in the call's own task, so no
+    reset is needed (and resetting from an async generator could run in another context)."""
+    _request_id.set(request_id)
+    _traceparent.set(traceparent)
+    _method.set(method)
+
+
+def current_request_id() -> str:
+    """The current RPC's request id; empty outside of an RPC."""
+    return _request_id.get()
+
+
+def current_traceparent() -> str | None:
+    """The incoming W3C traceparent of the current RPC, to send on downstream calls."""
+    return _traceparent.get()
+
+
+def current_method() -> str:
+    """The full gRPC method name of the current RPC (``/pkg.Service/Method``); empty outside."""
+    return _method.get()

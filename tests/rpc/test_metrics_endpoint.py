@@ -1,0 +1,109 @@
+"""The Prometheus endpoint of a real server after a few calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.v1 import session_pb2, session_pb2_grpc
+from server import metrics
+from server.app import OrchestratorServer
+from tests.support.probe import WATCH, Probe, watch_method
+from tests.support.servers import RunningServer, running_server, tenant, test_settings
+
+LIST = "/orchestrator.v1.SessionService/ListSessions"
+GET = "/orchestrator.v1.SessionService/GetSession"
+
+
+def samples(text: str) -> dict[tuple[Any, ...], float]:
+    """Every sample of an exposition, by (name, *sorted label pairs)."""
+    return {
+        (sample.name, *sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(server: RunningServer) -> str:
+    assert server.server.metrics_http is not None
+    url = f"http://127.0.0.1:{server.server.metrics_http.port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return await response.text()
+
+
+async def test_metrics_count_calls_codes_latency_streams_and_refusals() -> None:
+    probe = Probe()
+    settings = test_settings(None, rate_limit_overrides="limited=0.5:1")
+    async with running_server(settings, extra_handlers=[probe.handler()]) as server:
+        sessions = session_pb2_grpc.SessionServiceStub(server.channel)
+        for _ in range(3):
+            await sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=tenant("acme"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await sessions.GetSession(
+                session_pb2.GetSessionRequest(session_id="nope"), metadata=tenant("acme")
+            )
+        await sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=tenant("limited"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await sessions.ListSessions(
+                session_pb2.ListSessionsRequest(), metadata=tenant("limited")
+            )
+        stream = watch_method(server.channel)(b"", metadata=tenant("acme"))
+        assert await stream.read() == b"open"
+        metrics.record_tokens("acme", 42)  # outside an RPC: goes to the running server
+        metrics.record_notice("accepted")
+
+        text = await scrape(server)
+
+        probe.release.set()
+        await stream.read()
+
+    found = samples(text)
+    assert found["orchestrator_rpcs_total", ("code", "OK"), ("method", LIST)] == 4
+    assert found["orchestrator_rpcs_total", ("code", "RESOURCE_EXHAUSTED"), ("method", LIST)] == 1
+    assert found["orchestrator_rpcs_total", ("code", "INVALID_ARGUMENT"), ("method", GET)] == 1
+    assert found["orchestrator_rpc_duration_seconds_bucket", ("le", "+Inf"), ("method", LIST)] == 5
+    assert found["orchestrator_rpc_duration_seconds_count", ("method", LIST)] == 5
+    assert found["orchestrator_open_streams", ("method", WATCH)] == 1
+    assert found["orchestrator_rate_limited_total", ("limit", "tenant"), ("tenant", "limited")] == 1
+    assert found["orchestrator_tokens_total", ("tenant", "acme")] == 42
+    assert found["orchestrator_notices_total", ("verdict", "accepted")] == 1
+    # The raw exposition has the usual shape too.
+    assert f'orchestrator_rpcs_total{{code="OK",method="{LIST}"}} 4.0' in text
+
+
+async def test_two_servers_keep_separate_registries() -> None:
+    async with (
+        running_server(test_settings(None)) as first,
+        running_server(test_settings(None)) as second,
+    ):
+        await session_pb2_grpc.SessionServiceStub(first.channel).ListSessions(
+            session_pb2.ListSessionsRequest(), metadata=tenant("acme")
+        )
+        assert LIST in await scrape(first)
+        assert LIST not in await scrape(second)
+
+
+async def test_an_empty_address_disables_the_endpoint() -> None:
+    server = OrchestratorServer(test_settings(None, metrics_address=""))
+    await server.start()
+    try:
+        assert server.metrics_http is None
+    finally:
+        await server.stop(grace=0)
+
+
+def test_job_flow_helpers_do_nothing_without_a_server() -> None:
+    metrics.set_tasks("running", 3)
+    metrics.set_queue_depth("batch", 2)
+    mine = metrics.Metrics()
+    mine.set_tasks("running", 3)
+    mine.set_queue_depth("batch", 2)
+    text = mine.exposition().decode()
+    assert 'orchestrator_tasks{state="running"} 3.0' in text
+    assert 'orchestrator_queue_depth{queue="batch"} 2.0' in text

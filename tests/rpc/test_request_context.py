@@ -1,0 +1,109 @@
+"""Request ids and trace context over a real server: echoed in the initial metadata of every
+call, bound for handlers and the Caller, and on every JSON log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestrator.v1 import session_pb2, session_pb2_grpc
+from server.logging_setup import JsonFormatter, RequestContextFilter
+from tests.support.probe import ECHO, Probe, echo_method
+from tests.support.servers import RunningServer, running_server, tenant, test_settings
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def server(probe: Probe) -> AsyncIterator[RunningServer]:
+    async with running_server(test_settings(None), extra_handlers=[probe.handler()]) as running:
+        yield running
+
+
+async def initial_request_id(server: RunningServer, **headers: str) -> str:
+    call = session_pb2_grpc.SessionServiceStub(server.channel).ListSessions(
+        session_pb2.ListSessionsRequest(), metadata=tenant("acme", **headers)
+    )
+    await call
+    return str(dict(await call.initial_metadata())["x-request-id"])
+
+
+async def test_a_given_request_id_is_echoed(server: RunningServer) -> None:
+    assert await initial_request_id(server, **{"x-request-id": "req-42.a"}) == "req-42.a"
+
+
+async def test_a_request_id_is_generated_when_missing_or_invalid(server: RunningServer) -> None:
+    generated = await initial_request_id(server)
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert await initial_request_id(server) != generated
+    for bad in ("x" * 129, "has space", 'quote"'):
+        replaced = await initial_request_id(server, **{"x-request-id": bad})
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced)
+
+
+async def test_calls_without_identity_get_a_request_id_too(server: RunningServer) -> None:
+    call = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest())
+    await call
+    assert dict(await call.initial_metadata())["x-request-id"]
+
+
+async def test_handlers_and_the_caller_see_the_same_context(
+    server: RunningServer, probe: Probe
+) -> None:
+    echo = echo_method(server.channel)
+    call = echo(
+        b"hi", metadata=tenant("acme", **{"x-request-id": "r-1", "traceparent": TRACEPARENT})
+    )
+    assert await call == b"hi"
+    seen = probe.seen[-1]
+    assert seen.request_id == "r-1" and seen.traceparent == TRACEPARENT
+    assert seen.caller is not None
+    assert (seen.caller.request_id, seen.caller.traceparent) == ("r-1", TRACEPARENT)
+
+    await echo(b"", metadata=tenant("acme", traceparent="00-not-a-trace"))
+    seen = probe.seen[-1]
+    assert seen.traceparent is None
+    assert seen.caller is not None and seen.caller.request_id == seen.request_id != ""
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.addFilter(RequestContextFilter())
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def json_lines() -> Iterator[list[str]]:
+    handler = _Records()
+    logger = logging.getLogger("tests.probe")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+async def test_json_log_lines_carry_the_request_context(
+    server: RunningServer, json_lines: list[str]
+) -> None:
+    echo = echo_method(server.channel)
+    await echo(b"", metadata=tenant("acme", **{"x-request-id": "log-me"}))
+    entry = json.loads(json_lines[-1])
+    assert entry["message"] == "probe called"
+    assert entry["request_id"] == "log-me"
+    assert entry["tenant"] == "acme"
+    assert entry["method"] == ECHO
