@@ -207,6 +207,11 @@ class RedisWorkQueue:
         self._listener = _Listener(redis, self._prefix + "ch:done", self._prefix + "ch:ready")
 
     @property
+    def redis(self) -> Redis:
+        """The client the queue uses."""
+        return self._redis
+
+    @property
     def prefix(self) -> str:
         """The prefix of every key of this queue."""
         return self._prefix
