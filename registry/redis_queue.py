@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -79,8 +79,10 @@ def create_queue_redis(
     client_name: str = "agent-orchestrator-queue",
 ) -> Redis:
     """A pooled client for the queue: like registry.redis_client.create_redis but returning raw
-    bytes, so payloads and results need no encoding."""
-    return Redis.from_url(
+    bytes, so payloads and results need no encoding. The pool blocks (up to the socket timeout)
+    when every connection is busy instead of failing: many concurrent waiters and completions
+    are normal for a queue."""
+    pool = BlockingConnectionPool.from_url(
         url,
         protocol=3,
         decode_responses=False,
@@ -89,8 +91,10 @@ def create_queue_redis(
         socket_keepalive=True,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
         max_connections=max_connections,
+        timeout=socket_timeout_s,
         client_name=client_name,
     )
+    return Redis.from_pool(pool)
 
 
 def _text(value: Any) -> str:
