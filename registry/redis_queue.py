@@ -253,8 +253,8 @@ class RedisWorkQueue:
                 await self._listener.ensure_started()
                 self._listener.work_ready.clear()
             with redis_errors_as_unavailable():
-                raw, hint_ms = await self._dequeue(args=args)
-            items = [self._item(consumer, row) for row in raw]
+                packed, hint_ms = await self._dequeue(args=args)
+            items = self._items(consumer, packed)
             remaining = deadline - loop.time()
             if items or remaining <= 0:
                 return items
@@ -392,17 +392,32 @@ class RedisWorkQueue:
         return self._keys.work_stream(self._queue, item.priority.value, item.tenant_id)
 
     @staticmethod
-    def _item(consumer: str, row: list[Any]) -> WorkItem:
-        item_id, entry, tenant, kind, priority, batch, payload, deliveries, enqueued = row
-        return WorkItem(
-            item_id=_text(item_id),
-            tenant_id=_text(tenant),
-            kind=_text(kind),
-            payload=payload,
-            priority=QueuePriority(_text(priority)),
-            batch_id=_text(batch) or None,
-            deliveries=int(deliveries),
-            enqueued_at_ms=int(enqueued),
-            consumer=consumer,
-            receipt=_text(entry),
-        )
+    def _items(consumer: str, packed: bytes) -> list[WorkItem]:
+        """Decode the dequeue script's reply: nine "<length>:<bytes>" fields per item."""
+        fields: list[bytes] = []
+        pos, end = 0, len(packed)
+        while pos < end:
+            colon = packed.index(b":", pos)
+            start = colon + 1
+            pos = start + int(packed[pos:colon])
+            fields.append(packed[start:pos])
+        items: list[WorkItem] = []
+        for i in range(0, len(fields), 9):
+            item_id, entry, tenant, kind, priority, batch, payload, deliveries, enqueued = fields[
+                i : i + 9
+            ]
+            items.append(
+                WorkItem(
+                    item_id=item_id.decode(),
+                    tenant_id=tenant.decode(),
+                    kind=kind.decode(),
+                    payload=payload,
+                    priority=QueuePriority(priority.decode()),
+                    batch_id=batch.decode() or None,
+                    deliveries=int(deliveries),
+                    enqueued_at_ms=int(enqueued),
+                    consumer=consumer,
+                    receipt=entry.decode(),
+                )
+            )
+        return items

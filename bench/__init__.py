@@ -1,0 +1,2 @@
+"""Benchmarks: each module has a ``main()`` that sets up what it needs, runs bounded and prints
+a table. ``python -m bench`` runs them all."""
