@@ -165,6 +165,10 @@ class _Listener:
                 self._subscribed.clear()
                 log.warning("work queue listener lost its connection: %s", exc)
                 await asyncio.sleep(0.2)
+            except Exception:  # keep listening whatever happens; waiters re-check on wake
+                self._subscribed.clear()
+                log.exception("work queue listener failed; restarting it")
+                await asyncio.sleep(0.2)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

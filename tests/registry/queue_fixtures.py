@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from registry.keys import KeySpace
-from registry.memory_queue import MemoryWorkQueue
 from registry.queue_base import NewWorkItem, QueueConfig, QueuePriority, WorkQueue
-from registry.redis_queue import RedisWorkQueue, create_queue_redis
+from registry.queues import open_work_queue
 
 # Short times so lease expiry, backoff and result expiry happen within a test.
 CONFIG = QueueConfig(max_deliveries=3, retry_base_ms=50, retry_cap_ms=200, result_ttl_ms=600)
@@ -20,20 +18,11 @@ async def open_queue(
     backend_url: str | None, config: QueueConfig = CONFIG
 ) -> AsyncIterator[WorkQueue]:
     """A queue on the given backend (None: memory), closed afterwards."""
-    if backend_url is None:
-        memory = MemoryWorkQueue(config)
-        try:
-            yield memory
-        finally:
-            await memory.aclose()
-        return
-    redis = create_queue_redis(backend_url)
-    queue = RedisWorkQueue(redis, KeySpace("test"), queue="work", config=config)
+    opened = open_work_queue(backend_url, key_prefix="test", queue="work", config=config)
     try:
-        yield queue
+        yield opened.queue
     finally:
-        await queue.aclose()
-        await redis.aclose()
+        await opened.aclose()
 
 
 def new_item(
