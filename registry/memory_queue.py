@@ -312,9 +312,12 @@ class MemoryWorkQueue:
         out: list[WorkItem] = []
         now = self._clock()
         # 1. Leases not renewed for lease_ms: their consumer is presumed dead.
-        for receipt, lease in list(self._leases.items()):
-            if len(out) >= count or lease.renewed_at + lease_ms > now:
+        expired: list[tuple[str, _Lease]] = []
+        for receipt, lease in self._leases.items():  # oldest renewal first: stop at a live one
+            if len(expired) >= count or lease.renewed_at + lease_ms > now:
                 break
+            expired.append((receipt, lease))
+        for receipt, lease in expired:
             del self._leases[receipt]
             item = self._deliver(lease.item_id, receipt, consumer, reclaimed=True)
             if item is not None:
