@@ -78,3 +78,17 @@ class KeySpace:
     def api_key_index(self, tenant_id: str) -> str:
         """Sorted set (all scores 0) of the tenant's key ids, for listing."""
         return f"{self.tenant_tag(tenant_id)}:apikeys"
+
+    def work_queue(self, queue: str) -> str:
+        """Prefix of every key of a work queue (registry.redis_queue_scripts lists them). The
+        hash tag is the queue, not a tenant: the per-level tenant rotation and the scripts that
+        serve several tenants in one call need every key of the queue in one slot."""
+        return f"{self.prefix}:{{q:{queue}}}:"
+
+    def work_item(self, queue: str, item_id: str) -> str:
+        """Hash with a work item's metadata, payload, state and result."""
+        return f"{self.work_queue(queue)}i:{item_id}"
+
+    def work_stream(self, queue: str, priority: str, tenant_id: str) -> str:
+        """Stream of one tenant's ready items at one priority level."""
+        return f"{self.work_queue(queue)}s:{priority}:{tenant_id}"

@@ -1,6 +1,7 @@
-"""A tiny test service, ``orchestrator.v1.TestProbe`` (under the client-role prefix), served behind the real interceptor chain (through
-OrchestratorServer's ``extra_handlers``): a server stream that stays open until released, and
-a unary echo. Both record what the edge layer bound for them."""
+"""A tiny test service, ``orchestrator.v1.TestProbe`` (so it needs the client role), served
+behind the real interceptor chain (through OrchestratorServer's ``extra_handlers``): a server
+stream that stays open until released, and a unary echo. Both record what the edge layer bound
+for them."""
 
 from __future__ import annotations
 

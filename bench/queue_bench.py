@@ -1,0 +1,168 @@
+"""Work queue throughput against a raw Redis Streams loop, on a private redis-server.
+
+(a) raw: XADD, XREADGROUP and XACK + XDEL on one stream, pipelined in batches of 100: the most
+    a client of this language can push through a consumer group.
+(b) queue: items through the whole path — enqueue (batches of 100), a QueueWorker leasing in
+    batches with a no-op handler, compare-and-set completion with acknowledgement and stored
+    result — from the first enqueue to the last stored result.
+
+Both run in one process on the same server, so the ratio (b)/(a) measures the queue's own cost.
+Bounded: ``--items`` (default 20,000) per run, then it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from domain.worker import QueueWorker
+from registry.keys import KeySpace
+from registry.queue_base import NewWorkItem, QueueConfig, WorkItem
+from registry.redis_queue import RedisWorkQueue, create_queue_redis
+from tests.support.redis_process import RedisProcess
+
+BATCH = 100
+TARGET_RATIO = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    name: str
+    items: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+async def raw_streams(url: str, items: int) -> Measurement:
+    """XADD / XREADGROUP / XACK+XDEL in pipelined batches."""
+    redis = create_queue_redis(url)
+    stream, group = "bench:raw", "g"
+    await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    payload = b"x" * 64
+    started = time.perf_counter()
+    done = 0
+    while done < items:
+        size = min(BATCH, items - done)
+        pipe = redis.pipeline(transaction=False)
+        for _ in range(size):
+            pipe.xadd(stream, {"d": payload})
+        await pipe.execute()
+        read = await redis.xreadgroup(group, "c1", {stream: ">"}, count=size)
+        ids = _entry_ids(read)
+        pipe = redis.pipeline(transaction=False)
+        pipe.xack(stream, group, *ids)
+        pipe.xdel(stream, *ids)
+        await pipe.execute()
+        done += len(ids)
+    seconds = time.perf_counter() - started
+    await redis.delete(stream)
+    await redis.aclose()
+    return Measurement("raw XADD/XREADGROUP/XACK", items, seconds)
+
+
+def _entry_ids(read: Any) -> list[bytes]:
+    """Entry ids of an XREADGROUP reply: RESP3 gives {stream: [[entries]]}, RESP2 a list of
+    [stream, entries] pairs."""
+    groups = list(read.values()) if isinstance(read, dict) else [pair[1] for pair in read or []]
+    ids: list[bytes] = []
+    for entries in groups:
+        if entries and isinstance(entries[0], list):
+            entries = entries[0]
+        ids += [entry_id for entry_id, _ in entries]
+    return ids
+
+
+class _CountingQueue(RedisWorkQueue):
+    """The Redis queue, announcing when ``expected`` results have been stored."""
+
+    def __init__(self, redis: Redis, expected: int) -> None:
+        super().__init__(
+            redis, KeySpace("bench"), queue="bench", config=QueueConfig(result_ttl_ms=600_000)
+        )
+        self.expected = expected
+        self.stored = 0
+        self.all_stored = asyncio.Event()
+
+    async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:
+        stored = await super().complete(results)
+        self.stored += sum(stored)
+        if self.stored >= self.expected:
+            self.all_stored.set()
+        return stored
+
+
+async def queue_path(url: str, items: int, concurrency: int) -> Measurement:
+    """enqueue -> QueueWorker (no-op handler) -> complete with stored result."""
+    redis = create_queue_redis(url, max_connections=32)
+    queue = _CountingQueue(redis, items)
+
+    async def no_op(item: WorkItem) -> bytes:
+        return b"ok"
+
+    worker = QueueWorker(queue, no_op, concurrency=concurrency, lease_s=30, poll_s=0.05)
+    running = asyncio.create_task(worker.run())
+    payload = b"x" * 64
+    started = time.perf_counter()
+    for start in range(0, items, BATCH):
+        await queue.enqueue(
+            [
+                NewWorkItem(item_id=f"i{n}", tenant_id="t1", kind="bench", payload=payload)
+                for n in range(start, min(start + BATCH, items))
+            ]
+        )
+    await asyncio.wait_for(queue.all_stored.wait(), 300)
+    seconds = time.perf_counter() - started
+    worker.stop()
+    await running
+    last = await queue.get_result(f"i{items - 1}")
+    assert last is not None and last.value == b"ok"
+    await queue.aclose()
+    await redis.aclose()
+    return Measurement(f"queue enqueue->worker->result (concurrency {concurrency})", items, seconds)
+
+
+def print_table(raw: Measurement, full: Measurement) -> None:
+    ratio = full.per_second / raw.per_second if raw.per_second else 0.0
+    rows = [
+        ("path", "items", "seconds", "items/s"),
+        (raw.name, str(raw.items), f"{raw.seconds:.2f}", f"{raw.per_second:,.0f}"),
+        (full.name, str(full.items), f"{full.seconds:.2f}", f"{full.per_second:,.0f}"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+    verdict = "ok" if ratio >= TARGET_RATIO else "BELOW TARGET"
+    print(f"ratio queue/raw = {ratio:.2f} (target >= {TARGET_RATIO}) {verdict}")
+
+
+async def run(items: int, concurrency: int) -> None:
+    redis_server = RedisProcess()
+    redis_server.start()
+    try:
+        raw = await raw_streams(redis_server.url, items)
+        full = await queue_path(redis_server.url, items, concurrency)
+        print_table(raw, full)
+    finally:
+        redis_server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    asyncio.run(run(args.items, args.concurrency))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Running a handler over a work queue, whatever the backend.
+
+:class:`QueueWorker` keeps up to ``concurrency`` items in flight: it leases items in batches
+(only as many as it has free slots, so it never holds work it cannot start), runs
+``handler(item)`` for each, renews every in-flight lease on one timer (a third of the lease) and
+records the outcome: a returned value completes the item, :class:`PermanentError` dead-letters
+it, any other exception fails it with a retry (backoff and the delivery limit are the queue's).
+
+Completions are batched: finished items wait a moment in a buffer that one flusher task hands
+to ``queue.complete`` in a single call, so a fast handler costs one round trip per batch, not
+per item. A slot is freed only once its item's outcome is recorded, so leases keep being renewed
+until then.
+
+``stop()`` stops leasing; ``run()`` then lets in-flight items finish for ``grace_s`` and
+releases the rest (they are ready again at once, their delivery uncounted), so a rolling restart
+loses and delays nothing. A worker that dies without stopping loses nothing either: its leases
+expire and other workers reclaim the items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from domain.errors import Unavailable
+from registry.queue_base import FailOutcome, WorkItem, WorkQueue
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[WorkItem], Awaitable[bytes]]
+
+# After a backend error the worker waits this long before leasing again.
+_ERROR_BACKOFF_S = 0.5
+# Largest number of completions sent in one call.
+_COMPLETE_BATCH = 200
+
+
+class PermanentError(Exception):
+    """Raised by a handler when retrying cannot help: the item goes to the dead letter now."""
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """What a worker did, for logs and tests."""
+
+    leased: int = 0
+    completed: int = 0  # results stored
+    duplicates: int = 0  # results discarded: the item had already finished elsewhere
+    retried: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    lost_leases: int = 0  # renewals that found the item reclaimed by another consumer
+
+
+def default_consumer_name() -> str:
+    """Unique per process: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class QueueWorker:
+    """Runs ``handler`` over ``queue`` with bounded concurrency until stopped."""
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        handler: Handler,
+        *,
+        concurrency: int = 8,
+        lease_s: float = 30.0,
+        consumer: str | None = None,
+        poll_s: float = 1.0,
+        grace_s: float = 10.0,
+    ) -> None:
+        if concurrency < 1 or lease_s <= 0 or poll_s <= 0 or grace_s < 0:
+            raise ValueError("concurrency, lease_s and poll_s must be positive")
+        self.queue = queue
+        self.handler = handler
+        self.concurrency = concurrency
+        self.lease_ms = max(int(lease_s * 1000), 1)
+        self.consumer = consumer or default_consumer_name()
+        self.poll_ms = max(int(poll_s * 1000), 1)
+        self.grace_s = grace_s
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+        self._inflight: dict[asyncio.Task[None], WorkItem] = {}
+        self._slot_free = asyncio.Event()
+        self._to_complete: list[tuple[WorkItem, bytes, asyncio.Future[bool]]] = []
+        self._completions_waiting = asyncio.Event()
+        self._lost: set[WorkItem] = set()  # deliveries whose lease another consumer took
+
+    def stop(self) -> None:
+        """Stop leasing new items; ``run`` returns after the grace period at the latest."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Lease and process items until :meth:`stop`, then drain gracefully."""
+        flusher = asyncio.create_task(self._flush_loop(), name="queue-worker-flush")
+        renewer = asyncio.create_task(self._renew_loop(), name="queue-worker-renew")
+        try:
+            await self._lease_loop()
+        finally:
+            await self._drain()
+            renewer.cancel()
+            self._stopping.set()
+            self._completions_waiting.set()
+            await asyncio.gather(flusher, renewer, return_exceptions=True)
+
+    async def _lease_loop(self) -> None:
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._wait_or_stop(self._slot_free, None)
+                continue
+            try:
+                items = await self.queue.dequeue(
+                    self.consumer, count=free, lease_ms=self.lease_ms, wait_ms=self.poll_ms
+                )
+            except Unavailable as exc:
+                log.warning("work queue unavailable: %s", exc)
+                await self._wait_or_stop(None, _ERROR_BACKOFF_S)
+                continue
+            self.stats.leased += len(items)
+            for item in items:
+                task = asyncio.create_task(self._process(item), name=f"work-{item.item_id}")
+                self._inflight[task] = item
+                task.add_done_callback(self._task_done)
+
+    async def _wait_or_stop(self, event: asyncio.Event | None, timeout_s: float | None) -> None:
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if event is not None:
+            waits.append(asyncio.ensure_future(event.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        item = self._inflight.pop(task, None)
+        if item is not None:
+            self._lost.discard(item)
+        self._slot_free.set()
+
+    async def _process(self, item: WorkItem) -> None:
+        try:
+            value = await self.handler(item)
+        except asyncio.CancelledError:
+            # Stopped past the grace period: give the item back so another worker starts it now.
+            with contextlib.suppress(Unavailable):
+                if await asyncio.shield(self.queue.release(item)):
+                    self.stats.released += 1
+            raise
+        except PermanentError as exc:
+            await self._fail(item, f"{type(exc).__name__}: {exc}", retry=False)
+            return
+        except Exception as exc:
+            await self._fail(item, f"{type(exc).__name__}: {exc}", retry=True)
+            return
+        # The value is buffered for the flusher; a cancellation from here on still stores it.
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._to_complete.append((item, value, done))
+        self._completions_waiting.set()
+        if await asyncio.shield(done):
+            self.stats.completed += 1
+        else:
+            self.stats.duplicates += 1
+
+    async def _fail(self, item: WorkItem, error: str, *, retry: bool) -> None:
+        try:
+            outcome = await self.queue.fail(item, error, retry=retry)
+        except Unavailable as exc:  # the lease will expire and the item come back
+            log.warning("could not record failure of %s: %s", item.item_id, exc)
+            return
+        if outcome is FailOutcome.RETRY_SCHEDULED:
+            self.stats.retried += 1
+        elif outcome is FailOutcome.DEAD_LETTERED:
+            self.stats.dead_lettered += 1
+
+    async def _flush_loop(self) -> None:
+        """Send buffered completions, one batch per call, until stopped and empty."""
+        while True:
+            await self._completions_waiting.wait()
+            self._completions_waiting.clear()
+            while self._to_complete:
+                batch = self._to_complete[:_COMPLETE_BATCH]
+                del self._to_complete[: len(batch)]
+                await self._complete_batch(batch)
+            if self._stopping.is_set() and not self._inflight:
+                return
+
+    async def _complete_batch(
+        self, batch: list[tuple[WorkItem, bytes, asyncio.Future[bool]]]
+    ) -> None:
+        for attempt in range(3):
+            try:
+                stored = await self.queue.complete([(item, value) for item, value, _ in batch])
+            except Unavailable as exc:
+                log.warning("could not store %d results (attempt %d): %s", len(batch), attempt, exc)
+                await asyncio.sleep(_ERROR_BACKOFF_S)
+                continue
+            for (_, _, done), flag in zip(batch, stored, strict=True):
+                if not done.done():
+                    done.set_result(flag)
+            return
+        # Give up: leases expire and the items are redelivered; their results stored then.
+        for _, _, done in batch:
+            if not done.done():
+                done.set_result(False)
+
+    async def _renew_loop(self) -> None:
+        """Renew every in-flight lease each third of the lease."""
+        interval = self.lease_ms / 3000.0
+        while True:
+            await asyncio.sleep(interval)
+            for item in list(self._inflight.values()):
+                if item in self._lost:
+                    continue
+                try:
+                    held = await self.queue.renew(item)
+                except Unavailable as exc:
+                    log.warning("could not renew lease of %s: %s", item.item_id, exc)
+                    break
+                if not held:  # reclaimed meanwhile; the result is still offered (CAS decides)
+                    self._lost.add(item)
+                    self.stats.lost_leases += 1
+
+    async def _drain(self) -> None:
+        """Let in-flight items finish for the grace period, then cancel (release) the rest."""
+        if not self._inflight:
+            return
+        tasks = list(self._inflight)
+        _, pending = await asyncio.wait(tasks, timeout=self.grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,165 @@
+"""domain.worker.QueueWorker over both queue backends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from domain.worker import PermanentError, QueueWorker
+from registry.queue_base import QueueStats, ResultStatus, WorkItem, WorkQueue
+from tests.registry.queue_fixtures import CONFIG, LEASE_MS, new_item, open_queue
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def queue(backend_url: str | None) -> AsyncIterator[WorkQueue]:
+    async with open_queue(backend_url) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def running(worker: QueueWorker) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(worker.run())
+    try:
+        yield task
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def make_worker(
+    queue: WorkQueue,
+    handler: Callable[[WorkItem], Awaitable[bytes]],
+    *,
+    consumer: str = "w1",
+    concurrency: int = 4,
+    grace_s: float = 2.0,
+) -> QueueWorker:
+    return QueueWorker(
+        queue,
+        handler,
+        concurrency=concurrency,
+        lease_s=LEASE_MS / 1000,
+        consumer=consumer,
+        poll_s=0.05,
+        grace_s=grace_s,
+    )
+
+
+async def echo(item: WorkItem) -> bytes:
+    return b"echo:" + item.payload
+
+
+async def test_worker_processes_every_item_once(queue: WorkQueue) -> None:
+    calls: Counter[str] = Counter()
+
+    async def handler(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        await asyncio.sleep(0.001)
+        return await echo(item)
+
+    worker = make_worker(queue, handler, concurrency=8)
+    async with running(worker):
+        await queue.enqueue([new_item(f"i{n}") for n in range(100)])
+        results = await asyncio.gather(*(queue.wait_result(f"i{n}", 10) for n in range(100)))
+    assert [r.value if r else None for r in results] == [f"echo:i{n}".encode() for n in range(100)]
+    assert set(calls.values()) == {1}
+    assert worker.stats.completed == 100
+    assert await queue.stats() == QueueStats(0, 0, 0, 0)
+
+
+async def test_worker_renews_the_lease_of_a_long_item(queue: WorkQueue) -> None:
+    calls: Counter[str] = Counter()
+    started = asyncio.Event()
+
+    async def slow(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        started.set()
+        await asyncio.sleep(LEASE_MS / 1000 * 4)
+        return b"slow"
+
+    first = make_worker(queue, slow, consumer="w1")
+    second = make_worker(queue, slow, consumer="w2")
+    async with running(first):
+        await queue.enqueue([new_item("long")])
+        # w2 starts once w1 holds the item and keeps polling (and reclaiming) all along.
+        await asyncio.wait_for(started.wait(), 5)
+        async with running(second):
+            result = await queue.wait_result("long", 10)
+    assert result is not None
+    assert (result.value, result.deliveries) == (b"slow", 1)
+    assert calls == {"long": 1}
+    assert first.stats.lost_leases == 0
+
+
+async def test_failures_are_retried_then_dead_lettered(queue: WorkQueue) -> None:
+    calls: Counter[str] = Counter()
+
+    async def flaky(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        if item.item_id == "permanent":
+            raise PermanentError("bad input")
+        if item.item_id == "always" or item.deliveries < 2:
+            raise RuntimeError(f"attempt {item.deliveries}")
+        return b"ok"
+
+    worker = make_worker(queue, flaky)
+    async with running(worker):
+        await queue.enqueue([new_item("flaky"), new_item("always"), new_item("permanent")])
+        flaky_result, always, permanent = await asyncio.gather(
+            *(queue.wait_result(i, 10) for i in ("flaky", "always", "permanent"))
+        )
+    assert flaky_result is not None
+    assert (flaky_result.status, flaky_result.deliveries) == (ResultStatus.SUCCEEDED, 2)
+    assert always is not None
+    assert (always.status, always.error) == (ResultStatus.FAILED, "RuntimeError: attempt 3")
+    assert permanent is not None
+    assert (permanent.status, permanent.error) == (ResultStatus.FAILED, "PermanentError: bad input")
+    assert calls == {"flaky": 2, "always": CONFIG.max_deliveries, "permanent": 1}
+    assert sorted(d.item_id for d in await queue.list_dead()) == ["always", "permanent"]
+
+
+async def test_stop_finishes_items_within_the_grace_period(queue: WorkQueue) -> None:
+    started = asyncio.Event()
+
+    async def short(item: WorkItem) -> bytes:
+        started.set()
+        await asyncio.sleep(0.1)
+        return b"done"
+
+    worker = make_worker(queue, short, grace_s=5)
+    task = asyncio.create_task(worker.run())
+    await queue.enqueue([new_item("i1")])
+    await asyncio.wait_for(started.wait(), 5)
+    worker.stop()
+    await asyncio.wait_for(task, 5)
+    result = await queue.get_result("i1")
+    assert result is not None
+    assert result.value == b"done"
+
+
+async def test_stop_releases_items_past_the_grace_period(queue: WorkQueue) -> None:
+    started = asyncio.Event()
+
+    async def stuck(item: WorkItem) -> bytes:
+        started.set()
+        await asyncio.sleep(3600)
+        return b"never"
+
+    worker = make_worker(queue, stuck, grace_s=0.1)
+    task = asyncio.create_task(worker.run())
+    await queue.enqueue([new_item("i1")])
+    await asyncio.wait_for(started.wait(), 5)
+    worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert worker.stats.released == 1
+    # Ready again at once (no lease wait) and the aborted delivery is not counted.
+    async with running(make_worker(queue, echo, consumer="w2")):
+        result = await queue.wait_result("i1", 5)
+    assert result is not None
+    assert (result.value, result.deliveries) == (b"echo:i1", 1)
