@@ -81,6 +81,9 @@ def bench_settings(redis_url: str | None, **overrides: Any) -> Settings:
         reaper_interval=1.0,
         redis_socket_timeout=5.0,
         downstream_timeout=5.0,
+        # The pool refuses (UNAVAILABLE) rather than queues beyond its size; bursts of stream
+        # opens and chats need more than the default 64.
+        redis_max_connections=256,
     )
     base.update(overrides)
     return test_settings(redis_url, **base)
@@ -418,10 +421,20 @@ def open_channels(address: str, count: int) -> list[grpc.aio.Channel]:
 
 
 async def start_jobs(
-    channel: grpc.aio.Channel, session_ids: list[str], stub: StubQuery
+    channel: grpc.aio.Channel, session_ids: list[str], stub: StubQuery, batch: int = 50
 ) -> list[str]:
     """One job in flight per session (accepted, handed to the stub service, running); the
-    SendMessage calls are then dropped, the jobs stay running."""
+    SendMessage calls are then dropped, the jobs stay running. In batches: the server's Redis
+    pool (64 connections) refuses rather than queues beyond its size."""
+    job_ids: list[str] = []
+    for start in range(0, len(session_ids), batch):
+        job_ids += await _start_jobs(channel, session_ids[start : start + batch], stub)
+    return job_ids
+
+
+async def _start_jobs(
+    channel: grpc.aio.Channel, session_ids: list[str], stub: StubQuery
+) -> list[str]:
     chat = chat_pb2_grpc.ChatServiceStub(channel)
     metadata = tenant(TENANT)
     expected = len(stub.submitted) + len(session_ids)
@@ -439,8 +452,8 @@ async def start_jobs(
     while len(stub.submitted) < expected:
         if time.monotonic() > deadline:
             raise RuntimeError("jobs were not handed to the stub service")
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.3)  # let each handler mark its job running
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # let each handler mark its job running
     for call in calls:
         call.cancel()
     return job_ids
@@ -459,40 +472,69 @@ class Followers:
         self.latencies: list[float] | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.calls: list[Any] = []
+        self.errors: list[grpc.aio.AioRpcError] = []
 
-    def open(
-        self, channels: list[grpc.aio.Channel], session_ids: list[str], per_session: int
+    def check(self) -> None:
+        if self.errors:
+            raise RuntimeError(f"{len(self.errors)} streams failed, first: {self.errors[0]}")
+
+    async def open(
+        self,
+        channels: list[grpc.aio.Channel],
+        session_ids: list[str],
+        per_session: int,
+        batch: int = 200,
+        timeout_s: float = 60.0,
     ) -> None:
+        """Open ``per_session`` streams on each session, spread over ``channels``, in waves of
+        ``batch`` (each confirmed open by its first event before the next wave: the server's
+        Redis pool refuses rather than queues beyond its size)."""
         metadata = tenant(TENANT)
-        self.expected_open += len(session_ids) * per_session
-        n = 0
-        for session_id in session_ids:
-            for _ in range(per_session):
-                stub = chat_pb2_grpc.ChatServiceStub(channels[n % len(channels)])
-                n += 1
-                call = stub.StreamSession(
-                    chat_pb2.StreamSessionRequest(session_id=session_id), metadata=metadata
-                )
+        request = chat_pb2.StreamSessionRequest
+        wanted = [sid for sid in session_ids for _ in range(per_session)]
+        for start in range(0, len(wanted), batch):
+            for session_id in wanted[start : start + batch]:
+                stub = chat_pb2_grpc.ChatServiceStub(channels[len(self.calls) % len(channels)])
+                call = stub.StreamSession(request(session_id=session_id), metadata=metadata)
                 self.calls.append(call)
                 self.tasks.append(asyncio.create_task(self._read(call)))
+            self.expected_open = len(self.calls)
+            self.all_open.clear()
+            if self.opened < self.expected_open:
+                await asyncio.wait_for(self.all_open.wait(), timeout_s)
+            self.check()
+
+    async def wait_reached(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self.reached.wait(), timeout_s)
+        self.check()
 
     async def _read(self, call: Any) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            async for reply in call:
-                event = reply.event
-                if event.HasField("accepted"):
-                    self.opened += 1
-                    if self.opened >= self.expected_open:
-                        self.all_open.set()
-                    continue
-                if not event.HasField("delta"):
-                    continue
-                now = time.perf_counter_ns()
-                if self.latencies is not None:
-                    self.latencies.append((now - int(event.delta.text)) / 1e6)
-                self.delivered += 1
-                if self.delivered >= self.target:
-                    self.reached.set()
+        try:
+            await self._read_events(call)
+        except asyncio.CancelledError:
+            pass
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.errors.append(exc)
+                self.all_open.set()  # wake open() to report it
+                self.reached.set()
+
+    async def _read_events(self, call: Any) -> None:
+        async for reply in call:
+            event = reply.event
+            if event.HasField("accepted"):
+                self.opened += 1
+                if self.opened >= self.expected_open:
+                    self.all_open.set()
+                continue
+            if not event.HasField("delta"):
+                continue
+            now = time.perf_counter_ns()
+            if self.latencies is not None:
+                self.latencies.append((now - int(event.delta.text)) / 1e6)
+            self.delivered += 1
+            if self.delivered >= self.target:
+                self.reached.set()
 
     def expect(self, more: int) -> None:
         self.target = self.delivered + more
@@ -606,17 +648,16 @@ async def fanout(
                 session_ids = await create_sessions(channels[0], sessions)
                 jobs = await start_jobs(channels[0], session_ids, stub)
                 sequences = dict.fromkeys(jobs, 0)
-                followers.open(channels, session_ids, per_session)
-                await asyncio.wait_for(followers.all_open.wait(), 60)
+                await followers.open(channels, session_ids, per_session)
                 streams = sessions * per_session
                 # Warm up, then the peak: as fast as the publishers go.
                 followers.expect(len(jobs) * per_session)
                 await publish_all(channels, jobs, len(jobs), publishers, sequences)
-                await asyncio.wait_for(followers.reached.wait(), 30)
+                await followers.wait_reached(30)
                 followers.expect(notices * per_session)
                 started = time.perf_counter()
                 await publish_all(channels, jobs, notices, publishers, sequences)
-                await asyncio.wait_for(followers.reached.wait(), 120)
+                await followers.wait_reached(120)
                 seconds = time.perf_counter() - started
                 peak = notices * per_session / seconds
                 # Paced at half the peak, with latencies.
@@ -632,7 +673,7 @@ async def fanout(
                     sequences,
                     interval_s=per_session / rate,
                 )
-                await asyncio.wait_for(followers.reached.wait(), 60)
+                await followers.wait_reached(60)
                 latencies = followers.latencies
                 return FanoutResult(
                     streams,
@@ -684,8 +725,7 @@ async def idle_streams(
                 await start_jobs(channels[0], session_ids, stub)
                 await asyncio.sleep(1.0)
                 rss_before = child.rss_bytes()
-                followers.open(channels, session_ids, per_session)
-                await asyncio.wait_for(followers.all_open.wait(), 120)
+                await followers.open(channels, session_ids, per_session)
                 await asyncio.sleep(1.0)
                 rss_after = child.rss_bytes()
                 cpu_before = child.cpu_seconds()
