@@ -8,6 +8,7 @@ import sys
 # Add new benchmark modules here; each has a ``main()`` that prints its table and returns a
 # non-zero status when a target is missed (None counts as success).
 MODULES = [
+    "bench.flow_bench",
     "bench.queue_bench",
     "bench.interceptor_bench",
 ]

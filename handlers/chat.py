@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,6 +10,7 @@ import grpc
 
 from domain.chat import ChatMessage, ChatOrchestrator
 from domain.identity import current_caller
+from domain.jobs import SessionEvent
 from handlers.call_context import call_context
 from handlers.errors import stream_errors, unary_errors
 from handlers.event_converters import event_to_pb, work_kind_from_pb
@@ -17,11 +19,36 @@ from orchestrator.v1 import chat_pb2, chat_pb2_grpc
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
+class ResponseCache:
+    """The StreamSession response of recent events, built once and shared by every stream
+    that sends the same event object (the fan-out hands one object to all followers of a
+    session). Keyed by identity and holding the event, so a key is never reused while cached;
+    the shared message is never mutated after it is built."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._items: OrderedDict[int, tuple[SessionEvent, chat_pb2.StreamSessionResponse]] = (
+            OrderedDict()
+        )
+
+    def response(self, event: SessionEvent) -> chat_pb2.StreamSessionResponse:
+        key = id(event)
+        cached = self._items.get(key)
+        if cached is not None and cached[0] is event:
+            return cached[1]
+        response = chat_pb2.StreamSessionResponse(event=event_to_pb(event))
+        self._items[key] = (event, response)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return response
+
+
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Thin adapter over domain.chat.ChatOrchestrator."""
 
     def __init__(self, chat: ChatOrchestrator) -> None:
         self._chat = chat
+        self._responses = ResponseCache()
 
     @stream_errors
     async def SendMessage(
@@ -43,8 +70,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.StreamSessionRequest, context: Ctx
     ) -> AsyncIterator[chat_pb2.StreamSessionResponse]:
         tenant_id = current_caller().tenant_id
+        responses = self._responses
         async for event in self._chat.follow(tenant_id, request.session_id, request.after_sequence):
-            yield chat_pb2.StreamSessionResponse(event=event_to_pb(event))
+            yield responses.response(event)
 
     @unary_errors
     async def CancelJob(

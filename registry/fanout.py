@@ -54,8 +54,11 @@ class Feed:
         if self._events or self.lagging or self.closed:
             return True
         self._wakeup.clear()
+        # asyncio.timeout, not wait_for: no extra task per wake-up (this runs once per event
+        # per stream, the hottest wait of the fan-out).
         try:
-            await asyncio.wait_for(self._wakeup.wait(), within_s)
+            async with asyncio.timeout(within_s):
+                await self._wakeup.wait()
         except TimeoutError:
             return False
         return True

@@ -67,6 +67,10 @@ class RedisEventLog:
         self._confirmed: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
         self._has_channels = asyncio.Event()
+        # One (UN)SUBSCRIBE at a time: a fresh PubSub takes its connection from the pool on
+        # its first command, and concurrent first commands would each take one (leaking them,
+        # exhausting the pool and losing the confirmations sent on the extra connections).
+        self._command_lock = asyncio.Lock()
         self._closing = False
 
     # -- reading ---------------------------------------------------------------------------
@@ -120,11 +124,12 @@ class RedisEventLog:
         if pubsub is None:  # the reader is reconnecting; it subscribes every followed session
             return
         try:
-            if command == "SUBSCRIBE":
-                await pubsub.subscribe(channel)
-                self._has_channels.set()
-            else:
-                await pubsub.unsubscribe(channel)
+            async with self._command_lock:
+                if command == "SUBSCRIBE":
+                    await pubsub.subscribe(channel)
+                    self._has_channels.set()
+                else:
+                    await pubsub.unsubscribe(channel)
         except _CONNECTION_ERRORS as exc:
             raise Unavailable(f"redis unavailable: {exc}") from exc
 

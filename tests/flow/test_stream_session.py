@@ -96,3 +96,14 @@ async def test_a_negative_cursor_is_invalid(flow: Flow) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await read_to_end(flow.follow(session_id, after=-1))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_many_sessions_followed_at_once_on_a_fresh_server(flow: Flow) -> None:
+    # The first subscriptions of a process race to open its pub/sub connection; each must be
+    # confirmed on the one connection the reader reads (none leaked, none lost).
+    sessions = [await flow.new_session() for _ in range(12)]
+    calls = [flow.send(session_id) for session_id in sessions]
+    firsts = [await read_events(call, 1) for call in calls]
+    assert all(kind_of(first) == "accepted" for (first,) in firsts)
+    for call in calls:
+        call.cancel()

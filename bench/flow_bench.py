@@ -1,0 +1,919 @@
+"""The job flow under load, in one run, on a private redis-server:
+
+1. chats: SendMessage until the completed event, closed loop at a fixed concurrency, with the
+   reference Query service answering at once (step delay 0, 2 deltas: 5 notices per job), on
+   the orchestrator backed by Redis BESIDE a bare grpc.aio relay doing the same hops without
+   Redis or auth (client -> relay SendMessage -> SubmitQuery on the same reference service ->
+   its notices back over its PublishUpdates stream into the relay -> the client). Client,
+   servers and reference service share one event loop in this process, for both paths, so the
+   ratio orchestrator/relay is the orchestrator's own cost. Target ratio >= 0.5.
+2. fan-out: the orchestrator runs as a child process (``--serve-child``); this process opens
+   1,000 StreamSession streams over 100 sessions (10 followers each, over several channels),
+   each session has one job in flight (accepted through a stub Query service here), and
+   several PublishUpdates streams publish delta notices for those jobs. Each delta carries its
+   perf_counter send time (publisher and followers share this process). Peak: N notices as
+   fast as possible, delivered events/s across the 1,000 streams (target >= 10,000). Then
+   notices paced at half that rate for a few seconds: p99 notice-to-client latency (target
+   <= 10 ms).
+3. idle: a fresh orchestrator child, 10,000 StreamSession streams (1,000 sessions x 10, over
+   20 channels, each stream confirmed open by reading the session's accepted event). Memory per
+   stream is the child's RSS (/proc/<pid>/status VmRSS) after opening them minus before,
+   / 10,000 (target <= 20 KB); CPU is the child's utime+stime (/proc/<pid>/stat) over 5 s of
+   idling, as a percentage of one core.
+
+Bounded in count and time. ``python -m bench.flow_bench [--chats N] ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from orchestrator.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    common_pb2,
+    session_pb2,
+    session_pb2_grpc,
+    task_update_pb2,
+    task_update_pb2_grpc,
+)
+from query.v1 import query_pb2, query_pb2_grpc
+from reference.app import ReferenceServices
+from reference.config import ReferenceConfig
+from server.config import Settings
+from tests.support.redis_process import RedisProcess, free_port
+from tests.support.servers import running_server, service, tenant, test_settings
+
+TENANT = "bench"
+TARGET_CHAT_RATIO = 0.5
+TARGET_FANOUT_EPS = 10_000.0
+TARGET_FANOUT_P99_MS = 10.0
+TARGET_IDLE_KB = 20.0
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+NOTICE = task_update_pb2
+# Separate connections per channel (channels with equal arguments would share one).
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def bench_settings(redis_url: str | None, **overrides: Any) -> Settings:
+    """Test settings without the limits that would throttle a benchmark."""
+    base: dict[str, Any] = dict(
+        rate_limit_enabled=False,
+        max_streams_per_tenant=50_000,
+        max_concurrent_rpcs=100_000,
+        ws_address="",
+        metrics_address="",
+        health_interval=1.0,
+        reaper_interval=1.0,
+        redis_socket_timeout=5.0,
+        downstream_timeout=5.0,
+        # The pool refuses (UNAVAILABLE) rather than queues beyond its size; bursts of stream
+        # opens and chats need more than the default 64.
+        redis_max_connections=256,
+    )
+    base.update(overrides)
+    return test_settings(redis_url, **base)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+# -- 1. chats: orchestrator vs bare relay ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    name: str
+    chats: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def per_second(self) -> float:
+        return self.chats / self.seconds if self.seconds > 0 else 0.0
+
+
+async def drive_chats(
+    name: str,
+    channel: grpc.aio.Channel,
+    session_ids: list[str],
+    chats: int,
+    concurrency: int,
+) -> ChatResult:
+    """Closed loop: ``concurrency`` workers, each sending on its own sessions, one chat at a
+    time, until ``chats`` chats have completed."""
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    metadata = tenant(TENANT)
+    latencies: list[float] = []
+    issued = 0
+
+    async def worker(index: int) -> None:
+        nonlocal issued
+        mine = session_ids[index::concurrency] or session_ids
+        turn = 0
+        while issued < chats:
+            issued += 1
+            session_id = mine[turn % len(mine)]
+            turn += 1
+            started = time.perf_counter()
+            call = stub.SendMessage(
+                chat_pb2.SendMessageRequest(session_id=session_id, content="What is RAG?"),
+                metadata=metadata,
+                timeout=30,
+            )
+            last: str | None = ""
+            async for reply in call:
+                last = reply.event.WhichOneof("kind")
+            if last != "completed":
+                raise RuntimeError(f"{name}: chat ended with {last!r}")
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return ChatResult(
+        name,
+        len(latencies),
+        seconds,
+        percentile(latencies, 0.5) * 1000,
+        percentile(latencies, 0.99) * 1000,
+    )
+
+
+class BareRelay(chat_pb2_grpc.ChatServiceServicer, task_update_pb2_grpc.TaskUpdateServiceServicer):
+    """SendMessage and PublishUpdates with nothing in between but a dict of queues: no Redis,
+    no auth, no sessions, no interceptors."""
+
+    def __init__(self, query_address: str) -> None:
+        self._query_address = query_address
+        self._channel: grpc.aio.Channel | None = None
+        self._waiting: dict[str, asyncio.Queue[task_update_pb2.PublishUpdatesRequest]] = {}
+
+    def _query(self) -> Any:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._query_address)
+        return query_pb2_grpc.QueryServiceStub(self._channel)
+
+    async def SendMessage(
+        self, request: chat_pb2.SendMessageRequest, context: Any
+    ) -> AsyncIterator[chat_pb2.SendMessageResponse]:
+        job_id = uuid.uuid4().hex
+        queue: asyncio.Queue[task_update_pb2.PublishUpdatesRequest] = asyncio.Queue()
+        self._waiting[job_id] = queue
+        try:
+            yield chat_pb2.SendMessageResponse(
+                event=chat_pb2.ChatEvent(
+                    session_id=request.session_id,
+                    job_id=job_id,
+                    sequence=1,
+                    accepted=chat_pb2.JobAccepted(content=request.content),
+                )
+            )
+            await self._query().SubmitQuery(
+                query_pb2.SubmitQueryRequest(
+                    tenant_id=TENANT,
+                    session_id=request.session_id,
+                    prompt=request.content,
+                    job_id=job_id,
+                ),
+                timeout=5,
+            )
+            while True:
+                notice = await queue.get()
+                event = chat_pb2.ChatEvent(
+                    session_id=request.session_id, job_id=job_id, sequence=notice.sequence + 1
+                )
+                if notice.event == NOTICE.NOTICE_EVENT_PROGRESS:
+                    event.progress.fraction = notice.progress
+                    event.progress.message = notice.status_message
+                elif notice.event == NOTICE.NOTICE_EVENT_DELTA:
+                    event.delta.text = notice.delta
+                elif notice.event == NOTICE.NOTICE_EVENT_COMPLETED:
+                    event.completed.result.CopyFrom(notice.result)
+                    event.completed.usage.CopyFrom(notice.usage)
+                else:
+                    event.failed.error.CopyFrom(notice.error)
+                yield chat_pb2.SendMessageResponse(event=event)
+                if notice.event in (NOTICE.NOTICE_EVENT_COMPLETED, NOTICE.NOTICE_EVENT_FAILED):
+                    return
+        finally:
+            del self._waiting[job_id]
+
+    async def PublishUpdates(
+        self, request_iterator: AsyncIterator[task_update_pb2.PublishUpdatesRequest], context: Any
+    ) -> task_update_pb2.PublishUpdatesResponse:
+        received = accepted = 0
+        async for notice in request_iterator:
+            received += 1
+            queue = self._waiting.get(notice.job_id)
+            if queue is not None:
+                accepted += 1
+                queue.put_nowait(notice)
+        return task_update_pb2.PublishUpdatesResponse(received=received, accepted=accepted)
+
+    async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
+
+
+def reference_config(listen: str, orchestrator: str, deltas: int) -> ReferenceConfig:
+    return ReferenceConfig(
+        listen_address=listen,
+        orchestrator_address=orchestrator,
+        step_delay_s=0.0,
+        deltas=deltas,
+        publish_metadata=service(),
+        log_level="WARNING",
+    )
+
+
+async def chats_on_orchestrator(
+    redis_url: str, chats: int, concurrency: int, sessions: int, deltas: int
+) -> ChatResult:
+    orchestrator_port, reference_port = free_port(), free_port()
+    settings = bench_settings(
+        redis_url,
+        listen_address=f"127.0.0.1:{orchestrator_port}",
+        query_service_address=f"127.0.0.1:{reference_port}",
+    )
+    reference = ReferenceServices(
+        reference_config(f"127.0.0.1:{reference_port}", f"127.0.0.1:{orchestrator_port}", deltas)
+    )
+    async with running_server(settings) as running:
+        await reference.start()
+        try:
+            session_ids = await create_sessions(running.channel, sessions)
+            # Warm up (channels, scripts, the reporter's stream), then measure.
+            await drive_chats("warm-up", running.channel, session_ids, concurrency, concurrency)
+            return await drive_chats(
+                "orchestrator (Redis)", running.channel, session_ids, chats, concurrency
+            )
+        finally:
+            await reference.stop()
+
+
+async def chats_on_relay(chats: int, concurrency: int, sessions: int, deltas: int) -> ChatResult:
+    relay_port, reference_port = free_port(), free_port()
+    relay = BareRelay(f"127.0.0.1:{reference_port}")  # type: ignore[abstract]
+    server = grpc.aio.server()
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(relay, server)
+    task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(relay, server)
+    server.add_insecure_port(f"127.0.0.1:{relay_port}")
+    reference = ReferenceServices(
+        reference_config(f"127.0.0.1:{reference_port}", f"127.0.0.1:{relay_port}", deltas)
+    )
+    await server.start()
+    await reference.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}")
+    try:
+        session_ids = [f"s{n}" for n in range(sessions)]
+        await drive_chats("warm-up", channel, session_ids, concurrency, concurrency)
+        return await drive_chats("bare grpc.aio relay", channel, session_ids, chats, concurrency)
+    finally:
+        await channel.close(None)
+        await reference.stop()
+        await server.stop(0.5)
+        await relay.aclose()
+
+
+async def create_sessions(channel: grpc.aio.Channel, count: int) -> list[str]:
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    metadata = tenant(TENANT)
+    ids: list[str] = []
+    for start in range(0, count, 100):
+        replies = await asyncio.gather(
+            *(
+                stub.CreateSession(
+                    session_pb2.CreateSessionRequest(agent_id="bench-agent"),
+                    metadata=metadata,
+                    timeout=30,
+                )
+                for _ in range(min(100, count - start))
+            )
+        )
+        ids += [reply.session.session_id for reply in replies]
+    return ids
+
+
+# -- the orchestrator as a child process ----------------------------------------------------------
+
+
+class StubQuery(query_pb2_grpc.QueryServiceServicer):
+    """Accepts every submit and does nothing: the bench publishes the notices itself."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    async def SubmitQuery(
+        self, request: query_pb2.SubmitQueryRequest, context: Any
+    ) -> query_pb2.SubmitQueryResponse:
+        self.submitted.append(request.job_id)
+        return query_pb2.SubmitQueryResponse(job_id=request.job_id)
+
+
+@contextlib.asynccontextmanager
+async def stub_query_server() -> AsyncIterator[tuple[str, StubQuery]]:
+    stub = StubQuery()  # type: ignore[abstract]
+    server = grpc.aio.server()
+    query_pb2_grpc.add_QueryServiceServicer_to_server(stub, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", stub
+    finally:
+        await server.stop(0.2)
+
+
+async def serve_child(redis_url: str, query_address: str) -> None:
+    """The ``--serve-child`` entry point: an orchestrator accepting the test keys; prints
+    ``PORT <n>`` once serving and stops on SIGTERM."""
+    logging.basicConfig(level=logging.WARNING)
+    settings = bench_settings(redis_url, query_service_address=query_address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with running_server(settings) as running:
+        print(f"PORT {running.server.port}", flush=True)
+        await stop.wait()
+
+
+class ServerChild:
+    """``python -m bench.flow_bench --serve-child``: the orchestrator in its own process, so
+    its memory and CPU are its own."""
+
+    def __init__(self, redis_url: str, query_address: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.flow_bench",
+                "--serve-child",
+                redis_url,
+                query_address,
+            ],
+            stdout=subprocess.PIPE,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            self.close()
+            raise RuntimeError(f"orchestrator child did not start: {line!r}")
+        self.address = f"127.0.0.1:{int(line.split()[1])}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        # Fields 14 and 15 (utime, stime) counted from 1; [0] here is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def server_child(redis_url: str, query_address: str) -> Iterator[ServerChild]:
+    child = ServerChild(redis_url, query_address)
+    try:
+        yield child
+    finally:
+        child.close()
+
+
+def open_channels(address: str, count: int) -> list[grpc.aio.Channel]:
+    return [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(count)]
+
+
+async def start_jobs(
+    channel: grpc.aio.Channel, session_ids: list[str], stub: StubQuery, batch: int = 50
+) -> list[str]:
+    """One job in flight per session (accepted, handed to the stub service, running); the
+    SendMessage calls are then dropped, the jobs stay running. In batches: the server's Redis
+    pool (64 connections) refuses rather than queues beyond its size."""
+    job_ids: list[str] = []
+    for start in range(0, len(session_ids), batch):
+        job_ids += await _start_jobs(channel, session_ids[start : start + batch], stub)
+    return job_ids
+
+
+async def _start_jobs(
+    channel: grpc.aio.Channel, session_ids: list[str], stub: StubQuery
+) -> list[str]:
+    chat = chat_pb2_grpc.ChatServiceStub(channel)
+    metadata = tenant(TENANT)
+    expected = len(stub.submitted) + len(session_ids)
+    calls = [
+        chat.SendMessage(
+            chat_pb2.SendMessageRequest(session_id=sid, content="follow me"),
+            metadata=metadata,
+            timeout=60,
+        )
+        for sid in session_ids
+    ]
+    firsts: list[Any] = await asyncio.gather(*(call.read() for call in calls))
+    job_ids = [str(first.event.job_id) for first in firsts]
+    deadline = time.monotonic() + 30
+    while len(stub.submitted) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError("jobs were not handed to the stub service")
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # let each handler mark its job running
+    for call in calls:
+        call.cancel()
+    return job_ids
+
+
+class Followers:
+    """StreamSession streams; counts delta events and records their latency."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.all_open = asyncio.Event()
+        self.expected_open = 0
+        self.delivered = 0
+        self.target = 0
+        self.reached = asyncio.Event()
+        self.latencies: list[float] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.calls: list[Any] = []
+        self.errors: list[grpc.aio.AioRpcError] = []
+
+    def check(self) -> None:
+        if self.errors:
+            raise RuntimeError(f"{len(self.errors)} streams failed, first: {self.errors[0]}")
+
+    async def open(
+        self,
+        channels: list[grpc.aio.Channel],
+        session_ids: list[str],
+        per_session: int,
+        batch: int = 200,
+        timeout_s: float = 60.0,
+    ) -> None:
+        """Open ``per_session`` streams on each session, spread over ``channels``, in waves of
+        ``batch`` (each confirmed open by its first event before the next wave: the server's
+        Redis pool refuses rather than queues beyond its size)."""
+        metadata = tenant(TENANT)
+        request = chat_pb2.StreamSessionRequest
+        wanted = [sid for sid in session_ids for _ in range(per_session)]
+        for start in range(0, len(wanted), batch):
+            for session_id in wanted[start : start + batch]:
+                stub = chat_pb2_grpc.ChatServiceStub(channels[len(self.calls) % len(channels)])
+                call = stub.StreamSession(request(session_id=session_id), metadata=metadata)
+                self.calls.append(call)
+                self.tasks.append(asyncio.create_task(self._read(call)))
+            self.expected_open = len(self.calls)
+            self.all_open.clear()
+            if self.opened < self.expected_open:
+                await asyncio.wait_for(self.all_open.wait(), timeout_s)
+            self.check()
+
+    async def wait_reached(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self.reached.wait(), timeout_s)
+        self.check()
+
+    async def _read(self, call: Any) -> None:
+        try:
+            await self._read_events(call)
+        except asyncio.CancelledError:
+            pass
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.errors.append(exc)
+                self.all_open.set()  # wake open() to report it
+                self.reached.set()
+
+    async def _read_events(self, call: Any) -> None:
+        async for reply in call:
+            event = reply.event
+            if event.HasField("accepted"):
+                self.opened += 1
+                if self.opened >= self.expected_open:
+                    self.all_open.set()
+                continue
+            if not event.HasField("delta"):
+                continue
+            now = time.perf_counter_ns()
+            if self.latencies is not None:
+                self.latencies.append((now - int(event.delta.text)) / 1e6)
+            self.delivered += 1
+            if self.delivered >= self.target:
+                self.reached.set()
+
+    def expect(self, more: int) -> None:
+        self.target = self.delivered + more
+        self.reached.clear()
+
+    async def close(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutResult:
+    streams: int
+    sessions: int
+    notices: int
+    delivered: int
+    seconds: float
+    paced_rate: float  # delivered events/s asked for in the paced phase
+    paced_delivered: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def per_second(self) -> float:
+        return self.delivered / self.seconds if self.seconds > 0 else 0.0
+
+
+async def publish(
+    channel: grpc.aio.Channel,
+    jobs: list[str],
+    count: int,
+    sequences: dict[str, int],
+    interval_s: float = 0.0,
+) -> task_update_pb2.PublishUpdatesResponse:
+    """``count`` delta notices round-robin over ``jobs`` on one PublishUpdates stream, each
+    stamped with its send time; paced at one per ``interval_s`` when that is set."""
+    stub = task_update_pb2_grpc.TaskUpdateServiceStub(channel)
+
+    async def notices() -> AsyncIterator[task_update_pb2.PublishUpdatesRequest]:
+        started = time.perf_counter()
+        for n in range(count):
+            if interval_s:
+                due = started + n * interval_s
+                delay = due - time.perf_counter()
+                if delay > 0.001:
+                    await asyncio.sleep(delay)
+            job_id = jobs[n % len(jobs)]
+            sequences[job_id] += 1
+            yield task_update_pb2.PublishUpdatesRequest(
+                event=NOTICE.NOTICE_EVENT_DELTA,
+                service=common_pb2.SERVICE_QUERY,
+                job_id=job_id,
+                tenant_id=TENANT,
+                sequence=sequences[job_id],
+                delta=str(time.perf_counter_ns()),
+            )
+
+    reply: task_update_pb2.PublishUpdatesResponse = await stub.PublishUpdates(
+        notices(), metadata=service(), timeout=120
+    )
+    return reply
+
+
+async def publish_all(
+    channels: list[grpc.aio.Channel],
+    jobs: list[str],
+    notices: int,
+    publishers: int,
+    sequences: dict[str, int],
+    interval_s: float = 0.0,
+) -> None:
+    """``publishers`` streams, each for its own share of the jobs (so per-job order holds)."""
+    shares = [jobs[p::publishers] for p in range(publishers)]
+    counts = [
+        notices // publishers + (1 if p < notices % publishers else 0) for p in range(publishers)
+    ]
+    replies = await asyncio.gather(
+        *(
+            publish(
+                channels[p % len(channels)],
+                shares[p],
+                counts[p],
+                sequences,
+                interval_s * publishers,
+            )
+            for p in range(publishers)
+            if counts[p]
+        )
+    )
+    accepted = sum(reply.accepted for reply in replies)
+    if accepted != notices:
+        raise RuntimeError(f"only {accepted} of {notices} notices accepted: {replies}")
+
+
+async def fanout(
+    redis_url: str,
+    *,
+    sessions: int,
+    per_session: int,
+    notices: int,
+    publishers: int,
+    paced_s: float,
+    channels_count: int = 10,
+) -> FanoutResult:
+    async with stub_query_server() as (query_address, stub):
+        with server_child(redis_url, query_address) as child:
+            channels = open_channels(child.address, channels_count)
+            followers = Followers()
+            try:
+                session_ids = await create_sessions(channels[0], sessions)
+                jobs = await start_jobs(channels[0], session_ids, stub)
+                sequences = dict.fromkeys(jobs, 0)
+                await followers.open(channels, session_ids, per_session)
+                streams = sessions * per_session
+                # Warm up, then the peak: as fast as the publishers go.
+                followers.expect(len(jobs) * per_session)
+                await publish_all(channels, jobs, len(jobs), publishers, sequences)
+                await followers.wait_reached(30)
+                followers.expect(notices * per_session)
+                started = time.perf_counter()
+                await publish_all(channels, jobs, notices, publishers, sequences)
+                await followers.wait_reached(120)
+                seconds = time.perf_counter() - started
+                peak = notices * per_session / seconds
+                # Paced at half the peak, with latencies.
+                rate = peak / 2
+                paced_notices = max(len(jobs), int(rate / per_session * paced_s))
+                followers.latencies = []
+                followers.expect(paced_notices * per_session)
+                await publish_all(
+                    channels,
+                    jobs,
+                    paced_notices,
+                    publishers,
+                    sequences,
+                    interval_s=per_session / rate,
+                )
+                await followers.wait_reached(60)
+                latencies = followers.latencies
+                return FanoutResult(
+                    streams,
+                    sessions,
+                    notices,
+                    notices * per_session,
+                    seconds,
+                    rate,
+                    len(latencies),
+                    percentile(latencies, 0.5),
+                    percentile(latencies, 0.99),
+                )
+            finally:
+                await followers.close()
+                for channel in channels:
+                    await channel.close(None)
+
+
+# -- 3. idle streams ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdleResult:
+    streams: int
+    sessions: int
+    rss_before: int
+    rss_after: int
+    idle_s: float
+    cpu_s: float
+
+    @property
+    def kb_per_stream(self) -> float:
+        return (self.rss_after - self.rss_before) / self.streams / 1024
+
+    @property
+    def cpu_percent(self) -> float:
+        return 100 * self.cpu_s / self.idle_s
+
+
+async def idle_streams(
+    redis_url: str, *, sessions: int, per_session: int, idle_s: float, channels_count: int = 20
+) -> IdleResult:
+    async with stub_query_server() as (query_address, stub):
+        with server_child(redis_url, query_address) as child:
+            channels = open_channels(child.address, channels_count)
+            followers = Followers()
+            try:
+                session_ids = await create_sessions(channels[0], sessions)
+                await start_jobs(channels[0], session_ids, stub)
+                await asyncio.sleep(1.0)
+                rss_before = child.rss_bytes()
+                await followers.open(channels, session_ids, per_session)
+                await asyncio.sleep(1.0)
+                rss_after = child.rss_bytes()
+                cpu_before = child.cpu_seconds()
+                started = time.perf_counter()
+                await asyncio.sleep(idle_s)
+                idle = time.perf_counter() - started
+                cpu = child.cpu_seconds() - cpu_before
+                return IdleResult(
+                    sessions * per_session, sessions, rss_before, rss_after, idle, cpu
+                )
+            finally:
+                await followers.close()
+                for channel in channels:
+                    await channel.close(None)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    orchestrator: ChatResult
+    relay: ChatResult
+    fanout: FanoutResult
+    idle: IdleResult
+
+    @property
+    def chat_ratio(self) -> float:
+        return (
+            self.orchestrator.per_second / self.relay.per_second if self.relay.per_second else 0.0
+        )
+
+    def verdicts(self) -> dict[str, bool]:
+        return {
+            "chat ratio": self.chat_ratio >= TARGET_CHAT_RATIO,
+            "fan-out rate": self.fanout.per_second >= TARGET_FANOUT_EPS,
+            "fan-out p99": self.fanout.p99_ms <= TARGET_FANOUT_P99_MS,
+            "idle memory": self.idle.kb_per_stream <= TARGET_IDLE_KB,
+        }
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def print_results(r: Results) -> None:
+    ok = r.verdicts()
+
+    def mark(name: str) -> str:
+        return "ok" if ok[name] else "BELOW TARGET"
+
+    print("1. chats: SendMessage -> completed (reference service, step delay 0)")
+    _table(
+        [
+            ("path", "chats", "seconds", "chats/s", "p50 ms", "p99 ms"),
+            *(
+                (
+                    c.name,
+                    str(c.chats),
+                    f"{c.seconds:.2f}",
+                    f"{c.per_second:,.0f}",
+                    f"{c.p50_ms:.1f}",
+                    f"{c.p99_ms:.1f}",
+                )
+                for c in (r.relay, r.orchestrator)
+            ),
+        ]
+    )
+    print(
+        f"ratio orchestrator/relay = {r.chat_ratio:.2f} (target >= {TARGET_CHAT_RATIO}) "
+        f"{mark('chat ratio')}"
+    )
+    f = r.fanout
+    print(
+        f"2. fan-out: {f.streams:,} StreamSession streams over {f.sessions} sessions, "
+        f"orchestrator in a child process"
+    )
+    _table(
+        [
+            ("measure", "value", "target", "verdict"),
+            (
+                f"peak delivered events/s ({f.notices:,} notices -> {f.delivered:,} events)",
+                f"{f.per_second:,.0f}",
+                f">= {TARGET_FANOUT_EPS:,.0f}",
+                mark("fan-out rate"),
+            ),
+            (
+                f"notice->client p50 at {f.paced_rate:,.0f} events/s "
+                f"({f.paced_delivered:,} events)",
+                f"{f.p50_ms:.2f} ms",
+                "",
+                "",
+            ),
+            (
+                f"notice->client p99 at {f.paced_rate:,.0f} events/s",
+                f"{f.p99_ms:.2f} ms",
+                f"<= {TARGET_FANOUT_P99_MS:.0f} ms",
+                mark("fan-out p99"),
+            ),
+        ]
+    )
+    i = r.idle
+    print(f"3. idle: {i.streams:,} StreamSession streams over {i.sessions:,} sessions (child RSS)")
+    _table(
+        [
+            ("measure", "value", "target", "verdict"),
+            (
+                "RSS before -> after",
+                f"{i.rss_before / 2**20:.1f} -> {i.rss_after / 2**20:.1f} MiB",
+                "",
+                "",
+            ),
+            (
+                "memory per stream",
+                f"{i.kb_per_stream:.1f} KB",
+                f"<= {TARGET_IDLE_KB:.0f} KB",
+                mark("idle memory"),
+            ),
+            (
+                f"server CPU while idle ({i.idle_s:.1f} s)",
+                f"{i.cpu_percent:.1f} % of a core",
+                "",
+                "",
+            ),
+        ]
+    )
+
+
+async def run(args: argparse.Namespace) -> Results:
+    redis_server = RedisProcess()
+    redis_server.start()
+    try:
+        relay = await chats_on_relay(args.chats, args.concurrency, args.sessions, args.deltas)
+        orchestrator = await chats_on_orchestrator(
+            redis_server.url, args.chats, args.concurrency, args.sessions, args.deltas
+        )
+        fan = await fanout(
+            redis_server.url,
+            sessions=args.fanout_sessions,
+            per_session=args.followers,
+            notices=args.notices,
+            publishers=args.publishers,
+            paced_s=args.paced_seconds,
+        )
+        idle = await idle_streams(
+            redis_server.url,
+            sessions=args.idle_sessions,
+            per_session=args.idle_followers,
+            idle_s=args.idle_seconds,
+        )
+        return Results(orchestrator, relay, fan, idle)
+    finally:
+        redis_server.close()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--chats", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--sessions", type=int, default=320)
+    p.add_argument("--deltas", type=int, default=2)
+    p.add_argument("--fanout-sessions", type=int, default=100)
+    p.add_argument("--followers", type=int, default=10, help="streams per fan-out session")
+    p.add_argument("--notices", type=int, default=3000)
+    p.add_argument("--publishers", type=int, default=8, help="PublishUpdates streams")
+    p.add_argument("--paced-seconds", type=float, default=3.0)
+    p.add_argument("--idle-sessions", type=int, default=1000)
+    p.add_argument("--idle-followers", type=int, default=10, help="streams per idle session")
+    p.add_argument("--idle-seconds", type=float, default=5.0)
+    p.add_argument("--serve-child", nargs=2, metavar=("REDIS_URL", "QUERY_ADDRESS"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.serve_child:
+        asyncio.run(serve_child(*args.serve_child))
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("server.app").setLevel(logging.ERROR)
+    results = asyncio.run(run(args))
+    print_results(results)
+    return 0 if all(results.verdicts().values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
