@@ -128,7 +128,9 @@ class ChatOrchestrator:
                 still_open=lambda: self._is_open(tenant_id, session.session_id),
                 idle_check_s=self._idle_check_s,
             )
-            async for event in follower.events(started.accepted.sequence):
+            # The feed was subscribed before the job existed, so every later event arrives on
+            # it: no initial read of the log (a gap or lag still triggers one).
+            async for event in follower.events(started.accepted.sequence, catch_up=False):
                 if event.job_id != job.job_id:
                     continue
                 yield event
@@ -155,8 +157,7 @@ class ChatOrchestrator:
             error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
             draft = EventDraft(job.job_id, EventKind.FAILED, job.request_id, {"error": error})
             await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
-            return
-        await self._jobs.mark_running(ctx.tenant_id, job.job_id)
+        # The job turns RUNNING with the service's first notice (no extra round trip here).
 
     async def _is_open(self, tenant_id: str, session_id: str) -> bool:
         session = await self._sessions.peek(tenant_id, session_id)

@@ -76,11 +76,14 @@ class SessionFollower:
             if len(page.events) < CATCH_UP_PAGE:
                 return
 
-    async def events(self, after: int) -> AsyncIterator[SessionEvent]:
+    async def events(self, after: int, *, catch_up: bool = True) -> AsyncIterator[SessionEvent]:
+        """Events after ``after``. ``catch_up=False`` skips the first read of the log, for a
+        caller whose feed was in effect before the event ``after`` was appended."""
         self.last = max(after, 0)
         feed = self._feed
-        async for event in self._catch_up(report_truncation=True):
-            yield event
+        if catch_up:
+            async for event in self._catch_up(report_truncation=True):
+                yield event
         while True:
             if not await feed.wait(self._idle_check_s):
                 if self._still_open is not None and not await self._still_open():

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -25,8 +25,11 @@ def create_redis(
     retries: int = 1,
 ) -> Redis:
     """A pooled client speaking RESP3 with short timeouts, so a dead Redis fails calls fast
-    (UNAVAILABLE) instead of hanging them. One quick retry covers a dropped idle connection."""
-    return Redis.from_url(
+    (UNAVAILABLE) instead of hanging them. One quick retry covers a dropped idle connection.
+
+    The pool blocks (up to the socket timeout) when all its connections are busy, so a burst of
+    calls queues for a connection instead of failing with "too many connections"."""
+    pool = BlockingConnectionPool.from_url(
         url,
         protocol=RESP_PROTOCOL,
         decode_responses=True,
@@ -35,8 +38,10 @@ def create_redis(
         socket_keepalive=True,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=retries),
         max_connections=max_connections,
+        timeout=socket_timeout_s,
         client_name=client_name,
     )
+    return Redis.from_pool(pool)  # the client owns the pool and closes it
 
 
 @contextmanager
