@@ -7,6 +7,7 @@ and counted, and the stream goes on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,28 @@ class NoticeProcessor:
     def __init__(self, jobs: JobStore, limits: JobLimits) -> None:
         self._jobs = jobs
         self._limits = limits
+
+    async def process_many(self, raws: list[NoticeInput]) -> list[NoticeOutcome]:
+        """Apply notices that arrived together: those about one job in order, different jobs
+        concurrently. Outcomes come back in the order of ``raws``."""
+        if len(raws) == 1:
+            return [await self.process(raws[0])]
+        by_job: dict[str, list[int]] = {}
+        for index, raw in enumerate(raws):
+            by_job.setdefault(raw.job_id, []).append(index)
+        outcomes: list[NoticeOutcome | None] = [None] * len(raws)
+
+        async def run(indexes: list[int]) -> None:
+            for index in indexes:
+                outcomes[index] = await self.process(raws[index])
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for indexes in by_job.values():
+                    group.create_task(run(indexes))
+        except ExceptionGroup as failed:  # e.g. Redis went away: report it as itself
+            raise failed.exceptions[0] from None
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def process(self, raw: NoticeInput) -> NoticeOutcome:
         try:

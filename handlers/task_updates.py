@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,7 +59,44 @@ class TaskUpdateServicer(task_update_pb2_grpc.TaskUpdateServiceServicer):
         context: Ctx,
     ) -> task_update_pb2.PublishUpdatesResponse:
         tally = VerdictTally()
-        async for request in request_iterator:
-            outcome = await self._notices.process(notice_from_pb(request))
-            tally.add(request.job_id, outcome)
+        async for batch in _batches(request_iterator):
+            outcomes = await self._notices.process_many([notice_from_pb(r) for r in batch])
+            for request, outcome in zip(batch, outcomes, strict=True):
+                tally.add(request.job_id, outcome)
         return tally_to_pb(tally)
+
+
+async def _batches(
+    requests: AsyncIterator[task_update_pb2.PublishUpdatesRequest], max_batch: int = 128
+) -> AsyncIterator[list[task_update_pb2.PublishUpdatesRequest]]:
+    """Group the notices that have already arrived, so notices about different jobs are
+    applied concurrently; a batch never waits for more notices than are there."""
+    queue: asyncio.Queue[task_update_pb2.PublishUpdatesRequest | None] = asyncio.Queue(
+        maxsize=max_batch * 4
+    )
+
+    async def pump() -> None:
+        try:
+            async for request in requests:
+                await queue.put(request)
+        finally:
+            await queue.put(None)
+
+    reader = asyncio.create_task(pump())
+    try:
+        done = False
+        while not done:
+            first = await queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < max_batch and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+            yield batch
+        await reader  # surfaces a broken request stream
+    finally:
+        reader.cancel()
