@@ -60,6 +60,10 @@ def _refused(exc: DomainError) -> ItemOutcome:
     )
 
 
+class FollowInterrupted(Exception):
+    """The session's events stopped before the job's final one while the session is open."""
+
+
 class BatchRunner:
     """The work queue handler for batch items."""
 
@@ -108,6 +112,9 @@ class BatchRunner:
                     await self._manager.cancel_job(ctx, message.session_id, event.job_id)
             elif event.kind.is_final:
                 return outcome_of(event)
-        # The session closed before the job ended.
+        # The follow ended before the job did: the session closed, or this process is
+        # stopping (then the queue gives the item to another delivery).
+        if await self._chat.session_is_open(ctx.tenant_id, message.session_id):
+            raise FollowInterrupted(f"stopped following the job of item {index}")
         error = {"code": "session_closed", "message": "the session closed", "retryable": False}
         return ItemOutcome(ItemState.FAILED, error=error)
