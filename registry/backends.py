@@ -132,6 +132,5 @@ def open_registry(config: RegistryConfig) -> Registry:
         events=reader,
         event_reader=reader,
         api_keys=RedisApiKeyStore(redis, keys),
-        # Blocking result reads stay well below the command timeout.
-        batches=RedisBatchStore(redis, keys, max_block_s=config.socket_timeout_s / 2),
+        batches=RedisBatchStore(redis, keys),
     )

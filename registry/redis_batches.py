@@ -2,14 +2,16 @@
 
 Layout (registry.keys): per batch a hash (fields and counts), a hash of item states, a hash of
 custom ids, a hash of the jobs running items and a stream of results whose entry ids are the
-result sequences (``<sequence>-0``), so a reader resumes with XRANGE/XREAD from its cursor;
+result sequences (``<sequence>-0``), so a reader resumes with XRANGE from its cursor;
 per tenant an index sorted set and one string per idempotency key; one global expiry schedule.
 Every multi-key change is one Lua script (registry.redis_batch_scripts).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,11 +43,10 @@ def _compact(data: Any) -> str:
 class RedisBatchStore:
     """Implements registry.batch_base.BatchStore on Redis 7."""
 
-    def __init__(self, redis: Redis, keys: KeySpace, *, max_block_s: float = 1.0) -> None:
+    def __init__(self, redis: Redis, keys: KeySpace, *, poll_s: float = 0.1) -> None:
         self._redis = redis
         self._keys = keys
-        # Longest blocking read; must stay below the client's socket timeout.
-        self._max_block_ms = max(int(max_block_s * 1000), 1)
+        self._poll_s = poll_s
         self._create = redis.register_script(scripts.CREATE)
         self._start = redis.register_script(scripts.START_ITEM)
         self._attach = redis.register_script(scripts.ATTACH_JOB)
@@ -182,16 +183,19 @@ class RedisBatchStore:
     async def read_results(
         self, tenant_id: str, batch_id: str, after: int, *, limit: int, wait_s: float
     ) -> list[ItemResult]:
+        """Waiting polls (XRANGE every ``poll_s``) rather than blocking in XREAD: a blocked
+        read would hold one of the shared pool's connections per open stream."""
         key = self._keys.batch_results(tenant_id, batch_id)
-        with redis_errors_as_unavailable():
-            entries: list[Any] = await self._redis.xrange(  # type: ignore[assignment]
-                key, min=f"({after}-0", max="+", count=limit
-            )
-            if not entries and wait_s > 0:
-                block_ms = min(max(int(wait_s * 1000), 1), self._max_block_ms)
-                reply = await self._redis.xread({key: f"{after}-0"}, count=limit, block=block_ms)
-                entries = _stream_entries(reply, key)
-        return [_result(batch_id, entry_id, fields) for entry_id, fields in entries]
+        deadline = time.monotonic() + max(wait_s, 0.0)
+        while True:
+            with redis_errors_as_unavailable():
+                entries: list[Any] = await self._redis.xrange(  # type: ignore[assignment]
+                    key, min=f"({after}-0", max="+", count=limit
+                )
+            left = deadline - time.monotonic()
+            if entries or left <= 0:
+                return [_result(batch_id, entry_id, fields) for entry_id, fields in entries]
+            await asyncio.sleep(min(self._poll_s, left))
 
     async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
         with redis_errors_as_unavailable():
@@ -209,19 +213,6 @@ class RedisBatchStore:
     async def forget_expiry(self, tenant_id: str, batch_id: str) -> None:
         with redis_errors_as_unavailable():
             await self._redis.zrem(self._keys.batch_expiry(), f"{tenant_id} {batch_id}")
-
-
-def _stream_entries(reply: Any, key: str) -> list[tuple[str, Mapping[str, str]]]:
-    """XREAD's reply as (id, fields) pairs: RESP3 gives a map, RESP2 a list of pairs."""
-    if not reply:
-        return []
-    if isinstance(reply, Mapping):
-        streams = reply.get(key) or next(iter(reply.values()))
-        return list(streams[0] if streams and isinstance(streams[0], list) else streams)
-    for name, entries in reply:
-        if name == key:
-            return list(entries)
-    return []
 
 
 def _result(batch_id: str, entry_id: str, fields: Mapping[str, str]) -> ItemResult:
