@@ -163,6 +163,10 @@ class ChatOrchestrator:
         session = await self._sessions.peek(tenant_id, session_id)
         return session is not None and session.state.is_open
 
+    async def session_is_open(self, tenant_id: str, session_id: str) -> bool:
+        """Whether the session still accepts work (read without sliding its expiry)."""
+        return await self._is_open(tenant_id, session_id)
+
     async def follow(
         self, tenant_id: str, session_id: str, after: int
     ) -> AsyncIterator[SessionEvent]:

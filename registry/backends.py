@@ -9,9 +9,12 @@ from redis.asyncio import Redis
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
 from registry.base import ApiKeyStore, EventLog, JobStore, SessionStore
+from registry.batch_base import BatchStore
 from registry.keys import KeySpace
+from registry.memory_batches import MemoryBatchStore
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
+from registry.redis_batches import RedisBatchStore
 from registry.redis_client import create_redis, redis_errors_as_unavailable
 from registry.redis_events import RedisEventLog
 from registry.redis_jobs import EventLogConfig, RedisJobStore
@@ -80,6 +83,7 @@ class Registry:
     events: EventLog
     event_reader: RedisEventLog | _Closable
     api_keys: ApiKeyStore
+    batches: BatchStore
 
     async def aclose(self) -> None:
         await self.event_reader.aclose()
@@ -102,6 +106,7 @@ def open_registry(config: RegistryConfig) -> Registry:
             events=events,
             event_reader=_Closable(),
             api_keys=MemoryApiKeyStore(),
+            batches=MemoryBatchStore(),
         )
     redis = create_redis(
         config.redis_url,
@@ -127,4 +132,5 @@ def open_registry(config: RegistryConfig) -> Registry:
         events=reader,
         event_reader=reader,
         api_keys=RedisApiKeyStore(redis, keys),
+        batches=RedisBatchStore(redis, keys),
     )

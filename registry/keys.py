@@ -79,6 +79,39 @@ class KeySpace:
         """Sorted set (all scores 0) of the tenant's key ids, for listing."""
         return f"{self.tenant_tag(tenant_id)}:apikeys"
 
+    def batch(self, tenant_id: str, batch_id: str) -> str:
+        """Hash with a batch's fields and counts."""
+        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}"
+
+    def batch_item_states(self, tenant_id: str, batch_id: str) -> str:
+        """Hash of item index -> item state."""
+        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:states"
+
+    def batch_custom_ids(self, tenant_id: str, batch_id: str) -> str:
+        """Hash of item index -> the caller's custom_id."""
+        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:cids"
+
+    def batch_jobs(self, tenant_id: str, batch_id: str) -> str:
+        """Hash of item index -> ``<job_id> <session_id>`` of the job running it."""
+        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:jobs"
+
+    def batch_results(self, tenant_id: str, batch_id: str) -> str:
+        """Stream of the batch's item results; entry ids are ``<sequence>-0``."""
+        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:results"
+
+    def batch_index(self, tenant_id: str) -> str:
+        """Sorted set (all scores 0) of the tenant's batch ids; ids sort by creation time."""
+        return f"{self.tenant_tag(tenant_id)}:batches"
+
+    def batch_idempotency(self, tenant_id: str, key: str) -> str:
+        """String: the batch id submitted with an idempotency key."""
+        return f"{self.tenant_tag(tenant_id)}:batch-idem:{key}"
+
+    def batch_expiry(self) -> str:
+        """Sorted set of ``<tenant> <batch>`` by expiry time; a hint for the expiry sweeper
+        (the batch hash holds the real expiry, checked atomically)."""
+        return f"{self.prefix}:batch-expiry"
+
     def work_queue(self, queue: str) -> str:
         """Prefix of every key of a work queue (registry.redis_queue_scripts lists them). The
         hash tag is the queue, not a tenant: the per-level tenant rotation and the scripts that

@@ -22,8 +22,8 @@ from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
-from domain.sessions import SessionManager, SessionPolicy
 from handlers.admin import AdminServicer
+from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
 from handlers.sessions import SessionServicer
 from handlers.task_updates import TaskUpdateServicer
@@ -45,6 +45,7 @@ from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import Authenticator, authorize
+from server.batch_stack import BatchStack, session_manager
 from server.config import Settings
 from server.context_interceptor import ContextInterceptor
 from server.health import HealthMonitor
@@ -209,6 +210,11 @@ class OrchestratorServer:
             self.registry.backend.ping,
             interval_s=settings.health_interval,
         )
+        self.sessions = session_manager(self.registry, settings)
+        self.chat = ChatOrchestrator(
+            self.sessions, self.registry.jobs, self.registry.events, self.dispatcher, self.limits
+        )
+        self.batch = BatchStack(settings, self.registry, self.sessions, self.chat)
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -246,23 +252,11 @@ class OrchestratorServer:
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        sessions = SessionManager(
-            self.registry.sessions,
-            SessionPolicy(
-                default_ttl_ms=int(settings.session_default_ttl * 1000),
-                max_ttl_ms=int(settings.session_max_ttl * 1000),
-            ),
+        session_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self.sessions), server
         )
-        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
-        chat = ChatOrchestrator(
-            sessions, self.registry.jobs, self.registry.events, self.dispatcher, self.limits
-        )
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(chat), server)
-        # Defined in the contract; its handlers answer UNIMPLEMENTED until they are built.
-        batch_pb2_grpc.add_BatchServiceServicer_to_server(
-            batch_pb2_grpc.BatchServiceServicer(),  # type: ignore[abstract]
-            server,
-        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.chat), server)
+        batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batch.manager), server)
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
             TaskUpdateServicer(self.notices), server
         )
@@ -310,6 +304,9 @@ class OrchestratorServer:
         await self._server.start()
         self.health.start()
         self.reaper.start()
+        self.batch.expirer.start()
+        if self.settings.batch_worker_enabled:
+            self.batch.start_worker()
         log.info(
             "serving on %s (port %d, %s) with the %s registry",
             self.settings.listen_address,
@@ -327,6 +324,8 @@ class OrchestratorServer:
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
         self.lifecycle.stopping.set()
+        # Batch items in flight get the grace period before their streams are ended below.
+        await self.batch.aclose()
         await self.reaper.stop()
         await self.ws_bridge.stop()
         # Client streams end once they have sent what they have; unary calls get the grace.

@@ -47,6 +47,22 @@ async def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _worker(settings: Settings, concurrency: int) -> int:
+    """Batch workers only: they share the Redis work queue with every server and worker."""
+    import dataclasses
+
+    from server.app import default_dispatcher, job_limits
+    from server.batch_stack import run_workers
+
+    if not settings.redis_url:
+        print("configuration error: orchestrator worker needs REDIS_URL", file=sys.stderr)
+        return 2
+    if concurrency > 0:
+        settings = dataclasses.replace(settings, batch_worker_concurrency=concurrency)
+    asyncio.run(run_workers(settings, default_dispatcher(settings), job_limits(settings)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--cert-file", help="PEM client certificate, for mutual TLS")
     probe.add_argument("--key-file", help="PEM key of the client certificate, for mutual TLS")
     commands.add_parser("settings", help="list the configuration environment variables")
+    worker = commands.add_parser(
+        "worker", help="run only batch workers against REDIS_URL (no gRPC server)"
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="items run at once (default: ORCH_BATCH_WORKER_CONCURRENCY)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "health":
@@ -75,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.otel_enabled:
         configure_tracer_provider()
+    if args.command == "worker":
+        return _worker(settings, args.concurrency)
     try:
         if settings.embedded_reference:
             asyncio.run(serve_with_reference(settings))

@@ -195,6 +195,44 @@ class Settings:
         "0.0.0.0:9464",
         "host:port of the Prometheus /metrics endpoint; empty disables it",
     )
+    batch_max_items: int = _env(
+        "ORCH_BATCH_MAX_ITEMS", 10_000, "most items one SubmitBatch may carry"
+    )
+    batch_completion_window: float = _env(
+        "ORCH_BATCH_COMPLETION_WINDOW",
+        86400.0,
+        "time a batch may take when the request sets no completion_window; then unfinished "
+        "items expire",
+    )
+    batch_max_completion_window: float = _env(
+        "ORCH_BATCH_MAX_COMPLETION_WINDOW",
+        7 * 24 * 3600.0,
+        "largest completion_window a request may ask for",
+    )
+    batch_worker_enabled: bool = _env(
+        "ORCH_BATCH_WORKER_ENABLED",
+        True,
+        "run a batch worker inside the server process (`orchestrator worker` runs more)",
+        _parse_bool,
+    )
+    batch_worker_concurrency: int = _env(
+        "ORCH_BATCH_WORKER_CONCURRENCY", 16, "batch items each worker runs at once"
+    )
+    batch_worker_lease: float = _env(
+        "ORCH_BATCH_WORKER_LEASE",
+        30.0,
+        "work queue lease of a running item; renewed while it runs, reclaimed when a worker dies",
+    )
+    batch_worker_poll: float = _env(
+        "ORCH_BATCH_WORKER_POLL",
+        1.0,
+        "longest wait of an idle worker for work; also bounds how long stopping it takes",
+    )
+    batch_expiry_interval: float = _env(
+        "ORCH_BATCH_EXPIRY_INTERVAL",
+        1.0,
+        "how often each server process looks for batches past their completion window",
+    )
     otel_enabled: bool = _env(
         "ORCH_OTEL_ENABLED",
         False,
@@ -236,6 +274,11 @@ class Settings:
             "job_heartbeat",
             "reaper_interval",
             "event_log_ttl",
+            "batch_completion_window",
+            "batch_max_completion_window",
+            "batch_worker_lease",
+            "batch_worker_poll",
+            "batch_expiry_interval",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -276,6 +319,10 @@ class Settings:
             problems.append(f"rate limits: {exc}")
         if self.rate_limit_key_rps < 0 or self.rate_limit_key_burst < 0:
             problems.append("rate_limit_key_rps and rate_limit_key_burst must not be negative")
+        if self.batch_max_items < 1 or self.batch_worker_concurrency < 1:
+            problems.append("batch_max_items and batch_worker_concurrency must be >= 1")
+        if self.batch_completion_window > self.batch_max_completion_window:
+            problems.append("batch_completion_window must not exceed batch_max_completion_window")
         if self.max_streams_per_tenant < 1:
             problems.append("max_streams_per_tenant must be >= 1")
         if problems:

@@ -33,6 +33,10 @@ class RecordingDispatcher:
     async def aclose(self) -> None:
         return None
 
+    async def wait_submit(self) -> WorkRequest:
+        """The next work handed to the 'service', however long it takes."""
+        return await self._arrivals.get()
+
     async def next_submit(self, timeout_s: float = 5.0) -> WorkRequest:
         """The next work handed to the 'service' (waits for it)."""
         return await asyncio.wait_for(self._arrivals.get(), timeout_s)

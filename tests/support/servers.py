@@ -38,6 +38,10 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         ws_address="127.0.0.1:0",
         reaper_interval=0.1,
         metrics_address="127.0.0.1:0",
+        # The embedded batch worker is off unless a test turns it on (tests/batch does): it
+        # costs every server stop up to one poll.
+        batch_worker_enabled=False,
+        batch_worker_poll=0.1,
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()

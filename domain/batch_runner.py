@@ -1,0 +1,120 @@
+"""Running batch items: the work queue handler of every batch worker (embedded in the server
+or ``orchestrator worker`` processes).
+
+An item runs exactly like a chat message: ChatOrchestrator.send starts a job on the item's
+session (or the batch's internal session), hands it to the downstream service and follows the
+session's events until the job's final one; the item's result is that final event. The store's
+compare-and-set gives every item exactly one result, however often the queue delivers it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from domain.batch_models import ItemKind, ItemOutcome, ItemState
+from domain.batches import BatchManager
+from domain.chat import ChatMessage, ChatOrchestrator
+from domain.dispatch import CallContext
+from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from domain.jobs import EventKind, SessionEvent
+from registry.batch_base import BatchStore
+from registry.queue_base import WorkItem
+
+log = logging.getLogger(__name__)
+
+DONE = b"done"
+SKIPPED = b"skipped"
+
+
+def outcome_of(event: SessionEvent) -> ItemOutcome:
+    """The item outcome a job's final event stands for."""
+    data = event.data
+    if event.kind is EventKind.COMPLETED:
+        return ItemOutcome(
+            ItemState.COMPLETED,
+            event.job_id,
+            result=dict(data.get("result") or {}),
+            usage=dict(data.get("usage") or {}),
+        )
+    if event.kind is EventKind.CANCELLED:
+        reason = str(data.get("reason", "cancelled"))
+        error = {"code": "cancelled", "message": reason, "retryable": False}
+        return ItemOutcome(ItemState.CANCELLED, event.job_id, error=error)
+    if event.kind is EventKind.TIMED_OUT:
+        error = {"code": "timed_out", "message": "the job timed out", "retryable": True}
+        return ItemOutcome(ItemState.FAILED, event.job_id, error=error)
+    error = dict(data.get("error") or {"code": "unknown", "message": "", "retryable": False})
+    return ItemOutcome(ItemState.FAILED, event.job_id, error=error)
+
+
+def _refused(exc: DomainError) -> ItemOutcome:
+    code = {
+        NotFound: "not_found",
+        FailedPrecondition: "failed_precondition",
+        InvalidArgument: "invalid_argument",
+    }.get(type(exc), "error")
+    return ItemOutcome(
+        ItemState.FAILED, error={"code": code, "message": exc.message, "retryable": False}
+    )
+
+
+class FollowInterrupted(Exception):
+    """The session's events stopped before the job's final one while the session is open."""
+
+
+class BatchRunner:
+    """The work queue handler for batch items."""
+
+    def __init__(self, store: BatchStore, manager: BatchManager, chat: ChatOrchestrator) -> None:
+        self._store = store
+        self._manager = manager
+        self._chat = chat
+
+    async def handle(self, item: WorkItem) -> bytes:
+        spec: dict[str, Any] = json.loads(item.payload)
+        tenant_id, batch_id, index = spec["tenant"], spec["batch"], int(spec["index"])
+        redelivery = item.deliveries > 1
+        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=redelivery):
+            return SKIPPED  # cancelled, expired or finished elsewhere
+        kind = ItemKind(spec["kind"])
+        session_id = spec["session"]
+        if kind is not ItemKind.CHAT_MESSAGE:
+            batch = await self._store.get_batch(tenant_id, batch_id)
+            session_id = batch.session_id if batch is not None else ""
+        ctx = CallContext(tenant_id=tenant_id, request_id=spec.get("request_id") or batch_id)
+        message = ChatMessage(
+            session_id=session_id,
+            content=spec["content"],
+            kind=kind.work_kind,
+            model=spec.get("model", ""),
+            collections=tuple(spec.get("collections") or ()),
+        )
+        try:
+            outcome = await self._run(ctx, batch_id, index, message)
+        except Unavailable:
+            raise  # the queue retries the delivery; the item is still RUNNING
+        except DomainError as exc:
+            outcome = _refused(exc)
+        await self._store.finish_item(tenant_id, batch_id, index, outcome)
+        return DONE
+
+    async def _run(
+        self, ctx: CallContext, batch_id: str, index: int, message: ChatMessage
+    ) -> ItemOutcome:
+        async for event in self._chat.send(ctx, message):
+            if event.kind is EventKind.ACCEPTED:
+                keep = await self._store.attach_job(
+                    ctx.tenant_id, batch_id, index, event.job_id, message.session_id
+                )
+                if not keep:  # the batch is being cancelled (or the item already ended)
+                    await self._manager.cancel_job(ctx, message.session_id, event.job_id)
+            elif event.kind.is_final:
+                return outcome_of(event)
+        # The follow ended before the job did: the session closed, or this process is
+        # stopping (then the queue gives the item to another delivery).
+        if await self._chat.session_is_open(ctx.tenant_id, message.session_id):
+            raise FollowInterrupted(f"stopped following the job of item {index}")
+        error = {"code": "session_closed", "message": "the session closed", "retryable": False}
+        return ItemOutcome(ItemState.FAILED, error=error)

@@ -1,0 +1,229 @@
+"""Batches in process memory: the single-process twin of registry.redis_batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from domain.batch_models import (
+    Batch,
+    BatchCounts,
+    BatchState,
+    ItemOutcome,
+    ItemResult,
+    ItemState,
+    NewBatch,
+    RunningItem,
+)
+from domain.models import Page
+
+_COUNT_FIELDS = ("queued", "running", "completed", "failed", "cancelled", "expired")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Record:
+    batch: Batch
+    custom_ids: list[str]
+    states: list[ItemState]
+    jobs: dict[int, tuple[str, str]] = field(default_factory=dict)
+    results: list[ItemResult] = field(default_factory=list)
+    appended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MemoryBatchStore:
+    """Implements registry.batch_base.BatchStore over dicts (one event loop)."""
+
+    def __init__(self) -> None:
+        self._batches: dict[tuple[str, str], _Record] = {}
+        self._idempotency: dict[tuple[str, str], str] = {}
+
+    async def create_batch(self, tenant_id: str, new: NewBatch) -> tuple[Batch, bool]:
+        if new.idempotency_key:
+            existing = self._idempotency.get((tenant_id, new.idempotency_key))
+            if existing is not None:
+                return self._batches[(tenant_id, existing)].batch, False
+            self._idempotency[(tenant_id, new.idempotency_key)] = new.batch_id
+        now = _now_ms()
+        total = len(new.custom_ids)
+        batch = Batch(
+            batch_id=new.batch_id,
+            tenant_id=tenant_id,
+            state=BatchState.QUEUED,
+            priority=new.priority,
+            counts=BatchCounts(total=total, queued=total),
+            idempotency_key=new.idempotency_key,
+            metadata=dict(new.metadata),
+            created_ms=now,
+            updated_ms=now,
+            expire_ms=now + new.window_ms,
+            session_id=new.session_id,
+        )
+        self._batches[(tenant_id, new.batch_id)] = _Record(
+            batch, list(new.custom_ids), [ItemState.QUEUED] * total
+        )
+        return batch, True
+
+    async def find_by_idempotency_key(self, tenant_id: str, key: str) -> Batch | None:
+        batch_id = self._idempotency.get((tenant_id, key))
+        return None if batch_id is None else await self.get_batch(tenant_id, batch_id)
+
+    async def get_batch(self, tenant_id: str, batch_id: str) -> Batch | None:
+        record = self._batches.get((tenant_id, batch_id))
+        return None if record is None else record.batch
+
+    async def list_batches(
+        self, tenant_id: str, *, limit: int, after: str | None, state: BatchState | None
+    ) -> Page[Batch]:
+        ids = sorted((b for t, b in self._batches if t == tenant_id), reverse=True)
+        if after is not None:
+            ids = [b for b in ids if b < after]
+        found: list[Batch] = []
+        for position, batch_id in enumerate(ids):
+            batch = self._batches[(tenant_id, batch_id)].batch
+            if state is None or batch.state is state:
+                found.append(batch)
+            if len(found) == limit:
+                more = position + 1 < len(ids)
+                return Page(found, batch_id if more else None)
+        return Page(found, None)
+
+    async def start_item(
+        self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
+    ) -> bool:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None or not 0 <= index < len(record.states):
+            return False
+        batch = record.batch
+        if batch.state not in (BatchState.QUEUED, BatchState.IN_PROGRESS):
+            return False
+        if _now_ms() >= batch.expire_ms:
+            return False
+        current = record.states[index]
+        if current is ItemState.RUNNING and redelivery:
+            return True
+        if current is not ItemState.QUEUED:
+            return False
+        record.states[index] = ItemState.RUNNING
+        counts = replace(batch.counts, queued=batch.counts.queued - 1)
+        counts = replace(counts, running=counts.running + 1)
+        record.batch = replace(
+            batch, state=BatchState.IN_PROGRESS, counts=counts, updated_ms=_now_ms()
+        )
+        return True
+
+    async def attach_job(
+        self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str
+    ) -> bool:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None or record.states[index] is not ItemState.RUNNING:
+            return False
+        record.jobs[index] = (job_id, session_id)
+        return record.batch.state is not BatchState.CANCELLING
+
+    async def finish_item(
+        self, tenant_id: str, batch_id: str, index: int, outcome: ItemOutcome
+    ) -> int | None:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None or record.states[index].is_final:
+            return None
+        result = self._finish(record, index, outcome.state, outcome.job_id, outcome.to_data())
+        self._maybe_complete(record)
+        return result.sequence
+
+    def _finish(
+        self, record: _Record, index: int, state: ItemState, job_id: str, data: dict[str, Any]
+    ) -> ItemResult:
+        previous = record.states[index]
+        record.states[index] = state
+        counts: dict[str, int] = {
+            name: getattr(record.batch.counts, name) for name in _COUNT_FIELDS
+        }
+        counts[previous.value] -= 1
+        counts[state.value] += 1
+        now = _now_ms()
+        record.batch = replace(
+            record.batch,
+            counts=BatchCounts(total=record.batch.counts.total, **counts),
+            updated_ms=now,
+        )
+        result = ItemResult(
+            batch_id=record.batch.batch_id,
+            custom_id=record.custom_ids[index],
+            sequence=len(record.results) + 1,
+            state=state,
+            job_id=job_id or record.jobs.get(index, ("", ""))[0],
+            finish_ms=now,
+            data=data,
+        )
+        record.results.append(result)
+        record.appended.set()
+        record.appended = asyncio.Event()
+        return result
+
+    def _maybe_complete(self, record: _Record) -> None:
+        counts = record.batch.counts
+        if counts.finished < counts.total:
+            return
+        final = (
+            BatchState.CANCELLED
+            if record.batch.state is BatchState.CANCELLING
+            else BatchState.COMPLETED
+        )
+        record.batch = replace(record.batch, state=final, finish_ms=record.batch.updated_ms)
+
+    async def stop_batch(
+        self, tenant_id: str, batch_id: str, state: BatchState, error: dict[str, object]
+    ) -> tuple[Batch | None, list[RunningItem]]:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None:
+            return None, []
+        if record.batch.state.is_final:
+            return record.batch, []
+        expire = state is BatchState.EXPIRED
+        item_state = ItemState.EXPIRED if expire else ItemState.CANCELLED
+        running: list[RunningItem] = []
+        for index, current in enumerate(record.states):
+            if current is ItemState.RUNNING:
+                job_id, session_id = record.jobs.get(index, ("", ""))
+                running.append(RunningItem(index, job_id, session_id))
+            if current is ItemState.QUEUED or (expire and current is ItemState.RUNNING):
+                self._finish(record, index, item_state, "", {"error": dict(error)})
+        now = _now_ms()
+        if expire:
+            record.batch = replace(record.batch, state=BatchState.EXPIRED, finish_ms=now)
+        elif record.batch.counts.running > 0:
+            record.batch = replace(record.batch, state=BatchState.CANCELLING, updated_ms=now)
+        else:
+            record.batch = replace(record.batch, state=BatchState.CANCELLED, finish_ms=now)
+        return record.batch, running
+
+    async def read_results(
+        self, tenant_id: str, batch_id: str, after: int, *, limit: int, wait_s: float
+    ) -> list[ItemResult]:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None:
+            return []
+        if len(record.results) <= after and wait_s > 0:
+            try:
+                await asyncio.wait_for(record.appended.wait(), wait_s)
+            except TimeoutError:
+                return []
+        return record.results[max(after, 0) : max(after, 0) + limit]
+
+    async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
+        now = _now_ms()
+        due = [
+            key
+            for key, record in self._batches.items()
+            if not record.batch.state.is_final and record.batch.expire_ms <= now
+        ]
+        return due[:limit]
+
+    async def forget_expiry(self, tenant_id: str, batch_id: str) -> None:
+        return None

@@ -1,0 +1,255 @@
+"""Batches in Redis.
+
+Layout (registry.keys): per batch a hash (fields and counts), a hash of item states, a hash of
+custom ids, a hash of the jobs running items and a stream of results whose entry ids are the
+result sequences (``<sequence>-0``), so a reader resumes with XRANGE from its cursor;
+per tenant an index sorted set and one string per idempotency key; one global expiry schedule.
+Every multi-key change is one Lua script (registry.redis_batch_scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+
+from domain.batch_models import (
+    Batch,
+    BatchCounts,
+    BatchState,
+    ItemOutcome,
+    ItemResult,
+    ItemState,
+    NewBatch,
+    RunningItem,
+)
+from domain.models import Page
+from registry import redis_batch_scripts as scripts
+from registry.keys import KeySpace
+from registry.queue_base import QueuePriority
+from registry.redis_client import redis_errors_as_unavailable
+
+_LIST_SCAN_BUDGET = 5000
+
+
+def _compact(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+class RedisBatchStore:
+    """Implements registry.batch_base.BatchStore on Redis 7."""
+
+    def __init__(self, redis: Redis, keys: KeySpace, *, poll_s: float = 0.1) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._poll_s = poll_s
+        self._create = redis.register_script(scripts.CREATE)
+        self._start = redis.register_script(scripts.START_ITEM)
+        self._attach = redis.register_script(scripts.ATTACH_JOB)
+        self._finish = redis.register_script(scripts.FINISH_ITEM)
+        self._stop = redis.register_script(scripts.STOP)
+
+    def _item_keys(self, tenant_id: str, batch_id: str) -> list[str]:
+        k = self._keys
+        return [
+            k.batch(tenant_id, batch_id),
+            k.batch_item_states(tenant_id, batch_id),
+            k.batch_custom_ids(tenant_id, batch_id),
+            k.batch_jobs(tenant_id, batch_id),
+            k.batch_results(tenant_id, batch_id),
+        ]
+
+    async def create_batch(self, tenant_id: str, new: NewBatch) -> tuple[Batch, bool]:
+        keys = [
+            *self._item_keys(tenant_id, new.batch_id),
+            self._keys.batch_index(tenant_id),
+            self._keys.batch_idempotency(tenant_id, new.idempotency_key),
+        ]
+        args: list[Any] = [
+            new.batch_id,
+            tenant_id,
+            new.priority.value,
+            new.idempotency_key,
+            _compact(dict(new.metadata)),
+            new.window_ms,
+            new.session_id,
+            *new.custom_ids,
+        ]
+        with redis_errors_as_unavailable():
+            created, batch_id = await self._create(keys=keys, args=args)
+            batch = await self.get_batch(tenant_id, str(batch_id))
+            if batch is None:  # pragma: no cover - only if the keys vanished meanwhile
+                raise RuntimeError(f"batch {batch_id} vanished")
+            if int(created):
+                await self._redis.zadd(
+                    self._keys.batch_expiry(), {f"{tenant_id} {batch_id}": batch.expire_ms}
+                )
+        return batch, bool(int(created))
+
+    async def find_by_idempotency_key(self, tenant_id: str, key: str) -> Batch | None:
+        with redis_errors_as_unavailable():
+            batch_id = await self._redis.get(self._keys.batch_idempotency(tenant_id, key))
+        return None if batch_id is None else await self.get_batch(tenant_id, str(batch_id))
+
+    async def get_batch(self, tenant_id: str, batch_id: str) -> Batch | None:
+        with redis_errors_as_unavailable():
+            fields: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
+                self._keys.batch(tenant_id, batch_id)
+            )
+        return _batch(batch_id, fields) if fields else None
+
+    async def list_batches(
+        self, tenant_id: str, *, limit: int, after: str | None, state: BatchState | None
+    ) -> Page[Batch]:
+        index = self._keys.batch_index(tenant_id)
+        found: list[Batch] = []
+        cursor = after
+        examined = 0
+        chunk = max(limit, 100)
+        with redis_errors_as_unavailable():
+            while examined < _LIST_SCAN_BUDGET:
+                start = f"({cursor}" if cursor else "+"
+                ids: list[str] = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                    "ZRANGE", index, start, "-", "BYLEX", "REV", "LIMIT", 0, chunk
+                )
+                if not ids:
+                    return Page(found, None)
+                pipe = self._redis.pipeline(transaction=False)
+                for batch_id in ids:
+                    pipe.hgetall(self._keys.batch(tenant_id, batch_id))
+                replies = await pipe.execute()
+                for batch_id, fields in zip(ids, replies, strict=True):
+                    examined += 1
+                    cursor = batch_id
+                    if not fields:
+                        continue
+                    batch = _batch(batch_id, fields)
+                    if state is None or batch.state is state:
+                        found.append(batch)
+                        if len(found) == limit:
+                            return Page(found, batch_id)
+        return Page(found, cursor)
+
+    async def start_item(
+        self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
+    ) -> bool:
+        keys = self._item_keys(tenant_id, batch_id)[:2]
+        with redis_errors_as_unavailable():
+            ok = await self._start(keys=keys, args=[index, 1 if redelivery else 0])
+        return bool(int(ok))
+
+    async def attach_job(
+        self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str
+    ) -> bool:
+        k = self._keys
+        keys = [
+            k.batch(tenant_id, batch_id),
+            k.batch_item_states(tenant_id, batch_id),
+            k.batch_jobs(tenant_id, batch_id),
+        ]
+        with redis_errors_as_unavailable():
+            ok = await self._attach(keys=keys, args=[index, f"{job_id} {session_id}"])
+        return bool(int(ok))
+
+    async def finish_item(
+        self, tenant_id: str, batch_id: str, index: int, outcome: ItemOutcome
+    ) -> int | None:
+        args = [index, outcome.state.value, outcome.job_id, _compact(outcome.to_data())]
+        with redis_errors_as_unavailable():
+            seq = await self._finish(keys=self._item_keys(tenant_id, batch_id), args=args)
+        return int(seq) or None
+
+    async def stop_batch(
+        self, tenant_id: str, batch_id: str, state: BatchState, error: dict[str, object]
+    ) -> tuple[Batch | None, list[RunningItem]]:
+        mode = ItemState.EXPIRED if state is BatchState.EXPIRED else ItemState.CANCELLED
+        with redis_errors_as_unavailable():
+            reply = await self._stop(
+                keys=self._item_keys(tenant_id, batch_id),
+                args=[mode.value, _compact({"error": error})],
+            )
+        if not int(reply[0]):
+            return None, []
+        running: list[RunningItem] = []
+        for i in range(1, len(reply), 2):
+            job_id, _, session_id = str(reply[i + 1]).partition(" ")
+            running.append(RunningItem(int(reply[i]), job_id, session_id))
+        return await self.get_batch(tenant_id, batch_id), running
+
+    async def read_results(
+        self, tenant_id: str, batch_id: str, after: int, *, limit: int, wait_s: float
+    ) -> list[ItemResult]:
+        """Waiting polls (XRANGE every ``poll_s``) rather than blocking in XREAD: a blocked
+        read would hold one of the shared pool's connections per open stream."""
+        key = self._keys.batch_results(tenant_id, batch_id)
+        deadline = time.monotonic() + max(wait_s, 0.0)
+        while True:
+            with redis_errors_as_unavailable():
+                entries: list[Any] = await self._redis.xrange(  # type: ignore[assignment]
+                    key, min=f"({after}-0", max="+", count=limit
+                )
+            left = deadline - time.monotonic()
+            if entries or left <= 0:
+                return [_result(batch_id, entry_id, fields) for entry_id, fields in entries]
+            await asyncio.sleep(min(self._poll_s, left))
+
+    async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
+        with redis_errors_as_unavailable():
+            seconds, micros = await self._redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            members = await self._redis.zrangebyscore(
+                self._keys.batch_expiry(), "-inf", now_ms, start=0, num=limit
+            )
+        due: list[tuple[str, str]] = []
+        for member in members:
+            tenant_id, _, batch_id = str(member).partition(" ")
+            due.append((tenant_id, batch_id))
+        return due
+
+    async def forget_expiry(self, tenant_id: str, batch_id: str) -> None:
+        with redis_errors_as_unavailable():
+            await self._redis.zrem(self._keys.batch_expiry(), f"{tenant_id} {batch_id}")
+
+
+def _result(batch_id: str, entry_id: str, fields: Mapping[str, str]) -> ItemResult:
+    return ItemResult(
+        batch_id=batch_id,
+        custom_id=fields.get("c", ""),
+        sequence=int(str(entry_id).partition("-")[0]),
+        state=ItemState(fields["s"]),
+        job_id=fields.get("j", ""),
+        finish_ms=int(fields.get("t", 0)),
+        data=json.loads(fields.get("d") or "{}"),
+    )
+
+
+def _batch(batch_id: str, f: Mapping[str, str]) -> Batch:
+    def n(name: str) -> int:
+        return int(f.get(name, 0))
+
+    return Batch(
+        batch_id=batch_id,
+        tenant_id=f["tenant"],
+        state=BatchState(f["state"]),
+        priority=QueuePriority(f["priority"]),
+        counts=BatchCounts(
+            total=n("total"),
+            queued=n("queued"),
+            running=n("running"),
+            completed=n("completed"),
+            failed=n("failed"),
+            cancelled=n("cancelled"),
+            expired=n("expired"),
+        ),
+        idempotency_key=f.get("idem", ""),
+        metadata=json.loads(f.get("metadata") or "{}"),
+        created_ms=n("created"),
+        updated_ms=n("updated"),
+        expire_ms=n("expire"),
+        finish_ms=n("finish"),
+        session_id=f.get("session", ""),
+    )

@@ -1,0 +1,140 @@
+"""The BatchStore contract: every backend must pass every test here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from domain.batch_models import BatchState, ItemOutcome, ItemState, NewBatch
+from domain.ids import new_id
+from registry.backends import RegistryConfig, open_registry
+from registry.batch_base import BatchStore
+from registry.queue_base import QueuePriority
+
+ERROR: dict[str, object] = {"code": "cancelled", "message": "stop", "retryable": False}
+
+
+@pytest.fixture
+async def store(backend_url: str | None) -> AsyncIterator[BatchStore]:
+    registry = open_registry(
+        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=1000)
+    )
+    yield registry.batches
+    await registry.aclose()
+
+
+def new_batch(size: int, key: str = "", window_ms: int = 60_000) -> NewBatch:
+    return NewBatch(
+        batch_id=new_id(),
+        priority=QueuePriority.LOW,
+        idempotency_key=key,
+        metadata={"m": "1"},
+        window_ms=window_ms,
+        custom_ids=[f"c{n}" for n in range(size)],
+    )
+
+
+def done(job: str = "j") -> ItemOutcome:
+    return ItemOutcome(ItemState.COMPLETED, job, result={"text": "ok"}, usage={"total_tokens": 1})
+
+
+async def test_create_is_idempotent_per_tenant_key(store: BatchStore) -> None:
+    batch, created = await store.create_batch("t1", new_batch(3, key="k"))
+    assert created and batch.state is BatchState.QUEUED
+    assert (batch.counts.total, batch.counts.queued) == (3, 3)
+    assert batch.priority is QueuePriority.LOW and dict(batch.metadata) == {"m": "1"}
+    again, created_again = await store.create_batch("t1", new_batch(5, key="k"))
+    assert not created_again and again.batch_id == batch.batch_id and again.counts.total == 3
+    other, created_other = await store.create_batch("t2", new_batch(1, key="k"))
+    assert created_other and other.batch_id != batch.batch_id
+    found = await store.find_by_idempotency_key("t1", "k")
+    assert found is not None and found.batch_id == batch.batch_id
+    assert await store.get_batch("t2", batch.batch_id) is None
+
+
+async def test_each_item_gets_exactly_one_result_and_counts_add_up(store: BatchStore) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(20))
+    bid = batch.batch_id
+    assert await store.start_item("t1", bid, 0, redelivery=False)
+    assert not await store.start_item("t1", bid, 0, redelivery=False)
+    assert await store.start_item("t1", bid, 0, redelivery=True)
+    started = await store.get_batch("t1", bid)
+    assert started is not None and started.state is BatchState.IN_PROGRESS
+    assert (started.counts.queued, started.counts.running) == (19, 1)
+    # Racing finishes of every item: one result each.
+    outcomes = [done(), ItemOutcome(ItemState.FAILED, error={"code": "x"})]
+    seqs = await asyncio.gather(
+        *(store.finish_item("t1", bid, n, outcomes[k]) for n in range(20) for k in range(2))
+    )
+    assert sorted(s for s in seqs if s is not None) == list(range(1, 21))
+    final = await store.get_batch("t1", bid)
+    assert final is not None and final.state is BatchState.COMPLETED and final.finish_ms
+    c = final.counts
+    assert c.completed + c.failed == 20 and c.queued == c.running == 0
+    results = await store.read_results("t1", bid, 0, limit=100, wait_s=0)
+    assert [r.sequence for r in results] == list(range(1, 21))
+    assert {r.custom_id for r in results} == {f"c{n}" for n in range(20)}
+    tail = await store.read_results("t1", bid, 18, limit=100, wait_s=0)
+    assert [r.sequence for r in tail] == [19, 20]
+
+
+async def test_cancel_stops_queued_items_and_reports_running_jobs(store: BatchStore) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(4))
+    bid = batch.batch_id
+    assert await store.start_item("t1", bid, 1, redelivery=False)
+    assert await store.attach_job("t1", bid, 1, "job-1", "sess-1")
+    cancelling, running = await store.stop_batch("t1", bid, BatchState.CANCELLED, ERROR)
+    assert cancelling is not None and cancelling.state is BatchState.CANCELLING
+    assert [(r.index, r.job_id, r.session_id) for r in running] == [(1, "job-1", "sess-1")]
+    assert cancelling.counts.cancelled == 3 and cancelling.counts.running == 1
+    assert not await store.start_item("t1", bid, 0, redelivery=False)
+    assert not await store.attach_job("t1", bid, 1, "job-1", "sess-1")  # cancel it
+    seq = await store.finish_item("t1", bid, 1, ItemOutcome(ItemState.CANCELLED, "job-1"))
+    assert seq == 4
+    final = await store.get_batch("t1", bid)
+    assert final is not None and final.state is BatchState.CANCELLED and final.counts.cancelled == 4
+    results = await store.read_results("t1", bid, 0, limit=10, wait_s=0)
+    assert {r.state for r in results} == {ItemState.CANCELLED}
+    assert [r.job_id for r in results if r.custom_id == "c1"] == ["job-1"]
+    unchanged, none_running = await store.stop_batch("t1", bid, BatchState.CANCELLED, ERROR)
+    assert unchanged is not None and unchanged.state is BatchState.CANCELLED and not none_running
+
+
+async def test_expiry_marks_every_unfinished_item(store: BatchStore) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(3, window_ms=1000))
+    bid = batch.batch_id
+    assert await store.start_item("t1", bid, 0, redelivery=False)
+    await store.finish_item("t1", bid, 0, done())
+    assert await store.start_item("t1", bid, 1, redelivery=False)
+    expired, running = await store.stop_batch("t1", bid, BatchState.EXPIRED, ERROR)
+    assert expired is not None and expired.state is BatchState.EXPIRED
+    assert [r.index for r in running] == [1]
+    assert (expired.counts.completed, expired.counts.expired, expired.counts.running) == (1, 2, 0)
+    assert await store.finish_item("t1", bid, 1, done()) is None  # too late
+    assert await store.stop_batch(
+        "t1", "01890000-0000-7000-8000-000000000000", BatchState.EXPIRED, ERROR
+    ) == (None, [])
+
+
+async def test_a_reader_waits_for_the_next_result(store: BatchStore) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(1))
+    bid = batch.batch_id
+    reader = asyncio.create_task(store.read_results("t1", bid, 0, limit=10, wait_s=0.5))
+    await asyncio.sleep(0)  # let the reader start waiting
+    await store.start_item("t1", bid, 0, redelivery=False)
+    await store.finish_item("t1", bid, 0, done())
+    results = await asyncio.wait_for(reader, 5)
+    assert [r.custom_id for r in results] == ["c0"]
+
+
+async def test_batches_list_newest_first_per_tenant(store: BatchStore) -> None:
+    ids = [(await store.create_batch("t1", new_batch(1)))[0].batch_id for _ in range(3)]
+    await store.create_batch("t2", new_batch(1))
+    page = await store.list_batches("t1", limit=2, after=None, state=None)
+    assert [b.batch_id for b in page.items] == ids[::-1][:2] and page.next_cursor == ids[1]
+    rest = await store.list_batches("t1", limit=2, after=page.next_cursor, state=None)
+    assert [b.batch_id for b in rest.items] == ids[:1]
+    done_only = await store.list_batches("t1", limit=10, after=None, state=BatchState.COMPLETED)
+    assert done_only.items == []
