@@ -8,14 +8,23 @@ from redis.asyncio import Redis
 
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
-from registry.base import ApiKeyStore, EventLog, JobStore, SessionStore
+from registry.base import (
+    ApiKeyStore,
+    EmbeddingCache,
+    EventLog,
+    JobStore,
+    SessionStore,
+    UsageStore,
+)
 from registry.keys import KeySpace
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
+from registry.memory_usage import MemoryEmbeddingCache, MemoryUsageStore
 from registry.redis_client import create_redis, redis_errors_as_unavailable
 from registry.redis_events import RedisEventLog
 from registry.redis_jobs import EventLogConfig, RedisJobStore
 from registry.redis_sessions import RedisSessionStore
+from registry.redis_usage import RedisEmbeddingCache, RedisUsageStore
 
 # How long the event reader blocks on its pub/sub connection before it checks its state; the
 # connection's socket timeout is longer than this, so an idle subscription is never mistaken for
@@ -80,6 +89,8 @@ class Registry:
     events: EventLog
     event_reader: RedisEventLog | _Closable
     api_keys: ApiKeyStore
+    usage: UsageStore
+    embedding_cache: EmbeddingCache
 
     async def aclose(self) -> None:
         await self.event_reader.aclose()
@@ -95,13 +106,16 @@ def open_registry(config: RegistryConfig) -> Registry:
         sessions = MemorySessionStore(
             retention_ms=config.session_retention_ms, on_close=events.session_closed
         )
+        usage = MemoryUsageStore()
         return Registry(
             backend=MemoryBackend(),
             sessions=sessions,
-            jobs=MemoryJobStore(sessions, events),
+            jobs=MemoryJobStore(sessions, events, usage=usage),
             events=events,
             event_reader=_Closable(),
             api_keys=MemoryApiKeyStore(),
+            usage=usage,
+            embedding_cache=MemoryEmbeddingCache(),
         )
     redis = create_redis(
         config.redis_url,
@@ -127,4 +141,6 @@ def open_registry(config: RegistryConfig) -> Registry:
         events=reader,
         event_reader=reader,
         api_keys=RedisApiKeyStore(redis, keys),
+        usage=RedisUsageStore(redis, keys),
+        embedding_cache=RedisEmbeddingCache(redis, keys),
     )

@@ -14,15 +14,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
 from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
+from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
 from domain.sessions import SessionManager, SessionPolicy
+from domain.usage import TokenBudget
 from handlers.admin import AdminServicer
 from handlers.chat import ChatServicer
 from handlers.sessions import SessionServicer
@@ -183,7 +186,20 @@ class OrchestratorServer:
         self.registry = registry or open_registry(registry_config(settings))
         self.dispatcher = dispatcher or default_dispatcher(settings)
         self.limits = job_limits(settings)
-        self.notices = NoticeProcessor(self.registry.jobs, self.limits)
+        self.embedding_cache = EmbeddingResultCache(
+            self.registry.embedding_cache,
+            EmbeddingCachePolicy(
+                ttl_ms=int(settings.embedding_cache_ttl * 1000),
+                model_version=settings.embedding_model_version,
+            ),
+        )
+        self.budget = TokenBudget(self.registry.usage, settings.budget_rules())
+        self.notices = NoticeProcessor(
+            self.registry.jobs,
+            self.limits,
+            embedding_cache=self.embedding_cache,
+            metrics=metrics_module,
+        )
         self.reaper = JobReaper(
             self.registry.jobs, self.limits, interval_s=settings.reaper_interval
         )
@@ -255,7 +271,13 @@ class OrchestratorServer:
         )
         session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
         chat = ChatOrchestrator(
-            sessions, self.registry.jobs, self.registry.events, self.dispatcher, self.limits
+            sessions,
+            self.registry.jobs,
+            self.registry.events,
+            self.dispatcher,
+            self.limits,
+            budget=self.budget,
+            embedding_cache=self.embedding_cache,
         )
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(chat), server)
         # Defined in the contract; its handlers answer UNIMPLEMENTED until they are built.
@@ -266,7 +288,10 @@ class OrchestratorServer:
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
             TaskUpdateServicer(self.notices), server
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.api_keys), server)
+        queries = AdminQueries(self.registry.jobs, self.registry.usage, settings.budget_rules())
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.api_keys, queries), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         if self.extra_handlers:
             server.add_generic_rpc_handlers(self.extra_handlers)
