@@ -26,7 +26,7 @@ from domain.sessions import SessionManager, SessionPolicy
 from handlers.sessions import SessionServicer
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 from registry.memory_sessions import MemorySessionStore
-from server.app import OrchestratorServer
+from server.app import OrchestratorServer, server_options
 from server.config import Settings
 from server.edge import Edge
 from server.interceptors import CallerInterceptor
@@ -63,7 +63,13 @@ class _BoundSessionServicer(SessionServicer):
 
 
 async def _bare_server() -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
+    """The servicer alone, on a server with the same options (message limits, keepalive,
+    maximum concurrent RPCs) as the orchestrator's, so only the edge differs."""
+    settings = _chain_settings()
+    server = grpc.aio.server(
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     manager = SessionManager(
         MemorySessionStore(retention_ms=3_600_000),
         SessionPolicy(default_ttl_ms=3_600_000, max_ttl_ms=7 * 24 * 3_600_000),
