@@ -266,7 +266,8 @@ class MemoryJobStore:
         job = replace(job, state=state, updated_at_ms=now)
         self._jobs[job.job_id] = job
         self._expires[job.job_id] = now + limits.retention_ms
-        self._release(job, now, completed_usage=False)
+        # Completed from the embedding cache: the reply counts as a message (usage is 0).
+        self._release(job, now, completed_usage=state is JobState.COMPLETED)
         return self._events.append(
             job.tenant_id,
             job.session_id,

@@ -133,8 +133,8 @@ return {'accepted', seq, now, env}
 """
 )
 
-# ARGV: 1 job_id, 2 final state (cancelled | failed), 3 data JSON, 4 job retention_ms,
-# 5 maxlen, 6 ttl, 7 channel
+# ARGV: 1 job_id, 2 final state (cancelled | failed | completed from the cache), 3 data JSON,
+# 4 job retention_ms, 5 maxlen, 6 ttl, 7 channel
 FINISH = (
     _PRELUDE
     + """
@@ -144,6 +144,10 @@ if is_final(f[1]) then return {'already_final'} end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated', now)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
 release(ARGV[1])
+-- Completed from the embedding cache: the reply counts as a message, as with a notice.
+if ARGV[2] == 'completed' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'msgs', 1)
+end
 local env = envelope(ARGV[1], f[2], ARGV[2], ARGV[3])
 local seq = append(env, ARGV[5], tonumber(ARGV[6]), ARGV[7])
 return {'done', seq, now, env}

@@ -72,6 +72,10 @@ async def test_a_repeated_embedding_is_answered_from_the_cache(flow: Flow) -> No
     assert task.state == admin_pb2.TASK_STATE_COMPLETED and task.usage.total_tokens == 0
     replay = await read_events_of(flow, other_session)
     assert [kind_of(e) for e in replay] == ["accepted", "completed"]
+    # The session bookkeeping matches the miss's: one message and its reply, session idle.
+    miss, hit = await flow.get_session(session_id), await flow.get_session(other_session)
+    assert hit.message_count == miss.message_count == 2
+    assert hit.state == miss.state and not hit.pending_job_ids
     # Only the service's tokens count.
     assert (await tenant_usage(flow.channel, "acme")).total.total_tokens == 4
 
