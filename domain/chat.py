@@ -1,10 +1,14 @@
 """The chat job flow: a message becomes a job handed to a downstream service, and the job's
 events reach every client following the session.
 
-SendMessage: check the session, subscribe to its events, record the job (accepted event), hand
-it to the service with the orchestrator-assigned job id, then stream the job's events until its
-final one. Because the job is recorded before the service sees it, a notice can never arrive for
-a job the orchestrator does not know yet.
+SendMessage: check the session and the tenant's daily token budget, subscribe to the session's
+events, record the job (accepted event), hand it to the service with the orchestrator-assigned
+job id, then stream the job's events until its final one. Because the job is recorded before the
+service sees it, a notice can never arrive for a job the orchestrator does not know yet.
+
+Embedding work whose (model, text) is in the embedding cache (domain.embedding_cache) takes the
+same path, except that the job is completed from the cached result (usage 0) instead of being
+handed to the service.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from domain.dispatch import CallContext, Dispatcher, DownstreamError, WorkRequest
+from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from domain.event_stream import SessionFollower
 from domain.ids import is_resource_id, new_id
@@ -28,6 +34,7 @@ from domain.jobs import (
 )
 from domain.models import Service, WorkKind
 from domain.sessions import SessionManager, require_session_id
+from domain.usage import TokenBudget
 from registry.base import EventLog, JobStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_CONTENT_CHARS = 64 * 1024
 MAX_MODEL_CHARS = 128
 MAX_COLLECTIONS = 32
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,8 @@ class ChatOrchestrator:
         dispatcher: Dispatcher,
         limits: JobLimits,
         *,
+        budget: TokenBudget | None = None,
+        embedding_cache: EmbeddingResultCache | None = None,
         idle_check_s: float = 30.0,
     ) -> None:
         self._sessions = sessions
@@ -95,6 +105,8 @@ class ChatOrchestrator:
         self._events = events
         self._dispatcher = dispatcher
         self._limits = limits
+        self._budget = budget
+        self._cache = embedding_cache
         self._idle_check_s = idle_check_s
 
     async def send(self, ctx: CallContext, message: ChatMessage) -> AsyncIterator[SessionEvent]:
@@ -102,6 +114,14 @@ class ChatOrchestrator:
         validate_message(message)
         tenant_id = ctx.tenant_id
         session = await self._sessions.get_open(tenant_id, message.session_id)
+        if self._budget is not None:
+            await self._budget.check(tenant_id)
+        cache_key = ""
+        cached: dict[str, Any] | None = None
+        cache = self._cache
+        if cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING:
+            cache_key = cache.key_for(message.model, message.content)
+            cached = await cache.lookup(tenant_id, cache_key)
         job = NewJob(
             job_id=new_id(),
             session_id=session.session_id,
@@ -111,6 +131,8 @@ class ChatOrchestrator:
             content=message.content,
             request_id=ctx.request_id,
             model=message.model,
+            # A hit needs no fill; a miss remembers where its result goes.
+            cache_key=cache_key if cached is None else "",
         )
         async with self._events.subscribe(tenant_id, session.session_id) as feed:
             started = await self._jobs.start_job(
@@ -119,7 +141,10 @@ class ChatOrchestrator:
             if isinstance(started, StartRefused):
                 raise _refusal(started, session.session_id)
             yield started.accepted
-            await self._dispatch(ctx, job, session.agent_id, message)
+            if cached is not None:
+                await self._complete_from_cache(ctx, job, cached)
+            else:
+                await self._dispatch(ctx, job, session.agent_id, message)
             follower = SessionFollower(
                 self._events,
                 feed,
@@ -158,6 +183,14 @@ class ChatOrchestrator:
             draft = EventDraft(job.job_id, EventKind.FAILED, job.request_id, {"error": error})
             await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
         # The job turns RUNNING with the service's first notice (no extra round trip here).
+
+    async def _complete_from_cache(
+        self, ctx: CallContext, job: NewJob, result: dict[str, Any]
+    ) -> None:
+        """Complete the job with a cached result, as its service would have (usage 0)."""
+        data = {"result": result, "usage": dict.fromkeys(_USAGE_FIELDS, 0)}
+        draft = EventDraft(job.job_id, EventKind.COMPLETED, job.request_id, data)
+        await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
 
     async def _is_open(self, tenant_id: str, session_id: str) -> bool:
         session = await self._sessions.peek(tenant_id, session_id)

@@ -117,6 +117,9 @@ class NewJob:
     content: str
     request_id: str
     model: str = ""
+    # Set for cacheable embedding work: where the completed result is cached
+    # (domain.embedding_cache).
+    cache_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,9 @@ class Job:
     heartbeat_deadline_ms: int
     last_notice_sequence: int = 0
     usage: TokenUsage = field(default_factory=TokenUsage)
+    agent_id: str = ""
+    model: str = ""
+    cache_key: str = ""
 
 
 class NoticeEvent(enum.StrEnum):

@@ -11,8 +11,9 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from domain.embedding_cache import EmbeddingResultCache
 from domain.ids import is_resource_id, is_tenant_id
 from domain.jobs import JobLimits, Notice, NoticeEvent, NoticeOutcome, Verdict
 from domain.models import Service, TokenUsage
@@ -105,12 +106,30 @@ class VerdictTally:
             self.rejected_truncated = True
 
 
-class NoticeProcessor:
-    """Validates and applies notices."""
+class NoticeMetrics(Protocol):
+    """Where verdicts and tokens are counted (the server passes the server.metrics module)."""
 
-    def __init__(self, jobs: JobStore, limits: JobLimits) -> None:
+    def record_notice(self, verdict: str) -> None: ...
+
+    def record_tokens(self, tenant: str, n: int) -> None: ...
+
+
+class NoticeProcessor:
+    """Validates and applies notices, counts every verdict and the tokens of completed jobs
+    (server.metrics), and fills the embedding cache from completed embedding jobs."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        limits: JobLimits,
+        *,
+        embedding_cache: EmbeddingResultCache | None = None,
+        metrics: NoticeMetrics | None = None,
+    ) -> None:
         self._jobs = jobs
         self._limits = limits
+        self._cache = embedding_cache
+        self._metrics = metrics
 
     async def process_many(self, raws: list[NoticeInput]) -> list[NoticeOutcome]:
         """Apply notices that arrived together: those about one job in order, different jobs
@@ -135,11 +154,22 @@ class NoticeProcessor:
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def process(self, raw: NoticeInput) -> NoticeOutcome:
+        outcome = await self._process(raw)
+        if self._metrics is not None:
+            self._metrics.record_notice(outcome.verdict.value)
+        return outcome
+
+    async def _process(self, raw: NoticeInput) -> NoticeOutcome:
         try:
             notice = validate_notice(raw)
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
         outcome = await self._jobs.apply_notice(notice, self._limits)
+        if outcome.verdict is Verdict.ACCEPTED and notice.event is NoticeEvent.COMPLETED:
+            if self._metrics is not None:
+                self._metrics.record_tokens(notice.tenant_id, notice.usage.total_tokens)
+            if notice.service is Service.EMBEDDING:
+                await self._fill_cache(notice)
         if outcome.verdict is not Verdict.ACCEPTED:
             log.info(
                 "notice rejected: %s (job %s, tenant %s, service %s)",
@@ -149,3 +179,12 @@ class NoticeProcessor:
                 notice.service.value,
             )
         return outcome
+
+    async def _fill_cache(self, notice: Notice) -> None:
+        cache = self._cache
+        result = notice.data.get("result")
+        if cache is None or not cache.enabled or not isinstance(result, Mapping):
+            return
+        job = await self._jobs.get_job(notice.tenant_id, notice.job_id)
+        if job is not None and job.cache_key:
+            await cache.fill(notice.tenant_id, job.cache_key, result)

@@ -1,6 +1,6 @@
 """Per-call request context: the request id and the incoming W3C trace context.
 
-The context interceptor (server.context_interceptor) binds both for every RPC before any other
+The edge (server.edge) binds both for every RPC before any other
 interceptor of ours runs, so this module is the single source of truth for them: log lines,
 the Caller built by the identity layer and downstream clients all read them from here. Each
 RPC runs in its own asyncio task (its own context copy), so a binding never leaks into another
@@ -9,8 +9,8 @@ call.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from contextvars import ContextVar
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -29,7 +29,8 @@ _method: ContextVar[str] = ContextVar("orchestrator_method", default="")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (as ``uuid4().hex`` gave, at a quarter of the cost)."""
+    return os.urandom(16).hex()
 
 
 def valid_request_id(value: str) -> bool:

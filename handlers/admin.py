@@ -1,16 +1,22 @@
-"""orchestrator.admin.v1.AdminService: API key management for operators (admin role)."""
+"""orchestrator.admin.v1.AdminService: API keys, tasks and token usage for operators (admin
+role)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
+from domain.admin import AdminQueries, TenantUsage
 from domain.api_keys import ApiKey, ApiKeyManager
 from domain.identity import Role
-from handlers.converters import timestamp_from_ms
+from domain.jobs import Job, JobState
+from domain.models import Service, WorkKind
+from handlers.converters import timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from orchestrator.v1 import common_pb2
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -20,6 +26,72 @@ _ROLE_TO_PB = {
     Role.ADMIN: admin_pb2.API_KEY_ROLE_ADMIN,
 }
 _ROLE_FROM_PB = {value: role.value for role, value in _ROLE_TO_PB.items()}
+_STATE_TO_PB = {
+    JobState.PENDING: admin_pb2.TASK_STATE_PENDING,
+    JobState.RUNNING: admin_pb2.TASK_STATE_RUNNING,
+    JobState.COMPLETED: admin_pb2.TASK_STATE_COMPLETED,
+    JobState.FAILED: admin_pb2.TASK_STATE_FAILED,
+    JobState.TIMED_OUT: admin_pb2.TASK_STATE_TIMED_OUT,
+    JobState.CANCELLED: admin_pb2.TASK_STATE_CANCELLED,
+}
+_SERVICE_TO_PB = {
+    Service.QUERY: common_pb2.SERVICE_QUERY,
+    Service.EMBEDDING: common_pb2.SERVICE_EMBEDDING,
+}
+_KIND_TO_PB = {
+    WorkKind.LLM_QUERY: common_pb2.WORK_KIND_LLM_QUERY,
+    WorkKind.RAG_QUERY: common_pb2.WORK_KIND_RAG_QUERY,
+    WorkKind.EMBEDDING: common_pb2.WORK_KIND_EMBEDDING,
+}
+
+
+def task_to_pb(job: Job) -> admin_pb2.Task:
+    return admin_pb2.Task(
+        job_id=job.job_id,
+        tenant_id=job.tenant_id,
+        session_id=job.session_id,
+        agent_id=job.agent_id,
+        service=_SERVICE_TO_PB[job.service],
+        kind=_KIND_TO_PB[job.kind],
+        state=_STATE_TO_PB[job.state],
+        request_id=job.request_id,
+        model=job.model,
+        create_time=timestamp_from_ms(job.created_at_ms),
+        update_time=timestamp_from_ms(job.updated_at_ms),
+        deadline_time=timestamp_from_ms(job.deadline_ms),
+        last_notice_sequence=job.last_notice_sequence,
+        usage=usage_to_pb(job.usage),
+    )
+
+
+def _agents_to_pb(agents: Mapping[str, int]) -> list[admin_pb2.AgentUsage]:
+    return [
+        admin_pb2.AgentUsage(agent_id=agent, total_tokens=tokens)
+        for agent, tokens in sorted(agents.items())
+    ]
+
+
+def tenant_usage_to_pb(usage: TenantUsage) -> admin_pb2.GetTenantUsageResponse:
+    report = usage.report
+    return admin_pb2.GetTenantUsageResponse(
+        tenant_id=report.tenant_id,
+        start_date=report.first.isoformat(),
+        end_date=report.last.isoformat(),
+        days=[
+            admin_pb2.DayUsage(
+                date=day.date.isoformat(),
+                usage=usage_to_pb(day.usage),
+                completed_tasks=day.jobs,
+                agents=_agents_to_pb(day.agents),
+            )
+            for day in report.days
+        ],
+        total=usage_to_pb(report.total),
+        completed_tasks=report.jobs,
+        agents=_agents_to_pb(report.agents),
+        daily_token_budget=usage.daily_budget,
+        tokens_today=usage.tokens_today,
+    )
 
 
 def api_key_to_pb(key: ApiKey) -> admin_pb2.ApiKey:
@@ -38,10 +110,11 @@ def api_key_to_pb(key: ApiKey) -> admin_pb2.ApiKey:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Thin adapter over domain.api_keys.ApiKeyManager."""
+    """Thin adapter over domain.api_keys.ApiKeyManager and domain.admin.AdminQueries."""
 
-    def __init__(self, keys: ApiKeyManager) -> None:
+    def __init__(self, keys: ApiKeyManager, queries: AdminQueries) -> None:
         self._keys = keys
+        self._queries = queries
 
     @unary_errors
     async def CreateApiKey(
@@ -72,3 +145,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.RevokeApiKeyResponse:
         revoked = await self._keys.revoke(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_to_pb(revoked))
+
+    @unary_errors
+    async def GetTask(
+        self, request: admin_pb2.GetTaskRequest, context: Ctx
+    ) -> admin_pb2.GetTaskResponse:
+        job = await self._queries.get_task(request.tenant_id, request.job_id)
+        return admin_pb2.GetTaskResponse(task=task_to_pb(job))
+
+    @unary_errors
+    async def GetTenantUsage(
+        self, request: admin_pb2.GetTenantUsageRequest, context: Ctx
+    ) -> admin_pb2.GetTenantUsageResponse:
+        usage = await self._queries.tenant_usage(
+            request.tenant_id, request.start_date, request.end_date
+        )
+        return tenant_usage_to_pb(usage)

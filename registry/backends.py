@@ -8,17 +8,26 @@ from redis.asyncio import Redis
 
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
-from registry.base import ApiKeyStore, EventLog, JobStore, SessionStore
+from registry.base import (
+    ApiKeyStore,
+    EmbeddingCache,
+    EventLog,
+    JobStore,
+    SessionStore,
+    UsageStore,
+)
 from registry.batch_base import BatchStore
 from registry.keys import KeySpace
 from registry.memory_batches import MemoryBatchStore
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
+from registry.memory_usage import MemoryEmbeddingCache, MemoryUsageStore
 from registry.redis_batches import RedisBatchStore
 from registry.redis_client import create_redis, redis_errors_as_unavailable
 from registry.redis_events import RedisEventLog
 from registry.redis_jobs import EventLogConfig, RedisJobStore
 from registry.redis_sessions import RedisSessionStore
+from registry.redis_usage import RedisEmbeddingCache, RedisUsageStore
 
 # How long the event reader blocks on its pub/sub connection before it checks its state; the
 # connection's socket timeout is longer than this, so an idle subscription is never mistaken for
@@ -84,6 +93,8 @@ class Registry:
     event_reader: RedisEventLog | _Closable
     api_keys: ApiKeyStore
     batches: BatchStore
+    usage: UsageStore
+    embedding_cache: EmbeddingCache
 
     async def aclose(self) -> None:
         await self.event_reader.aclose()
@@ -99,14 +110,17 @@ def open_registry(config: RegistryConfig) -> Registry:
         sessions = MemorySessionStore(
             retention_ms=config.session_retention_ms, on_close=events.session_closed
         )
+        usage = MemoryUsageStore()
         return Registry(
             backend=MemoryBackend(),
             sessions=sessions,
-            jobs=MemoryJobStore(sessions, events),
+            jobs=MemoryJobStore(sessions, events, usage=usage),
             events=events,
             event_reader=_Closable(),
             api_keys=MemoryApiKeyStore(),
             batches=MemoryBatchStore(),
+            usage=usage,
+            embedding_cache=MemoryEmbeddingCache(),
         )
     redis = create_redis(
         config.redis_url,
@@ -133,4 +147,6 @@ def open_registry(config: RegistryConfig) -> Registry:
         event_reader=reader,
         api_keys=RedisApiKeyStore(redis, keys),
         batches=RedisBatchStore(redis, keys),
+        usage=RedisUsageStore(redis, keys),
+        embedding_cache=RedisEmbeddingCache(redis, keys),
     )

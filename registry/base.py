@@ -25,6 +25,7 @@ from registry.fanout import Feed, LocalFanout
 
 if TYPE_CHECKING:
     from domain.api_keys import ApiKey
+    from domain.usage import DayUsage
 from domain.rate_limits import Bucket, RateDecision
 
 
@@ -92,8 +93,8 @@ class JobStore(Protocol):
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
     ) -> tuple[FinishOutcome, SessionEvent | None]:
-        """End an unfinished job as cancelled or failed (draft.kind), from the orchestrator's
-        side."""
+        """End an unfinished job as cancelled or failed (draft.kind), or completed from the
+        embedding cache, from the orchestrator's side."""
         ...
 
     async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
@@ -154,4 +155,31 @@ class RateLimiter(Protocol):
         """Take one request from every bucket, atomically: either all allow it and all are
         charged, or none is charged and the decision names the bucket that needs the longest
         wait. Raises domain.errors.Unavailable when the backend cannot be reached."""
+        ...
+
+
+class UsageStore(Protocol):
+    """Token usage per tenant and UTC day (days since the epoch), with per-agent totals. The
+    job store adds to it atomically with each completed notice; this interface reads it."""
+
+    async def usage_days(self, tenant_id: str, first_day: int, last_day: int) -> list[DayUsage]:
+        """The days from ``first_day`` to ``last_day`` (inclusive) that have usage, oldest
+        first."""
+        ...
+
+    async def tokens_today(self, tenant_id: str) -> int:
+        """The tenant's total tokens of the current UTC day (by the backend's clock)."""
+        ...
+
+
+class EmbeddingCache(Protocol):
+    """Embedding results by tenant and cache key (domain.embedding_cache builds the key),
+    shared by every replica using the backend."""
+
+    async def get_result(self, tenant_id: str, key: str) -> str | None:
+        """The cached result (JSON), or None when missing or expired."""
+        ...
+
+    async def put_result(self, tenant_id: str, key: str, result_json: str, ttl_ms: int) -> None:
+        """Store a result for ``ttl_ms`` milliseconds (replacing any older one)."""
         ...

@@ -49,6 +49,18 @@ class KeySpace:
         """Hash with a job's fields."""
         return f"{self.tenant_tag(tenant_id)}:job:{job_id}"
 
+    def usage_prefix(self, tenant_id: str) -> str:
+        """Prefix of the tenant's daily usage hashes; the key of a day appends its number
+        (days since the epoch, UTC). Fields: total, prompt, completion, jobs, agent:<id>."""
+        return f"{self.tenant_tag(tenant_id)}:usage:"
+
+    def usage_day(self, tenant_id: str, day: int) -> str:
+        return f"{self.usage_prefix(tenant_id)}{day}"
+
+    def embedding_cache(self, tenant_id: str, key: str) -> str:
+        """String with a cached embedding result (JSON), expiring after the cache TTL."""
+        return f"{self.tenant_tag(tenant_id)}:embcache:{key}"
+
     def job_index(self, job_id: str) -> str:
         """String ``<tenant> <session>`` for a job id: lets a notice's claimed tenant be checked
         against the job's real one (a wrong tenant is then reported, not "unknown job")."""

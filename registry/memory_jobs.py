@@ -33,6 +33,7 @@ from domain.jobs import (
 from domain.models import SessionState
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
+from registry.memory_usage import MemoryUsageStore
 
 
 @dataclass(slots=True)
@@ -115,11 +116,13 @@ class MemoryJobStore:
         sessions: MemorySessionStore,
         events: MemoryEventLog,
         *,
+        usage: MemoryUsageStore | None = None,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._sessions = sessions
         self._events = events
         self._clock = clock
+        self.usage = usage if usage is not None else MemoryUsageStore(clock=clock)
         self._jobs: dict[str, Job] = {}
         self._expires: dict[str, int] = {}  # job id -> when the record is dropped
         self._deadlines: list[tuple[int, str]] = []  # heap of (due, job id), a hint
@@ -166,6 +169,9 @@ class MemoryJobStore:
             updated_at_ms=now,
             deadline_ms=now + limits.deadline_ms,
             heartbeat_deadline_ms=now + limits.heartbeat_ms,
+            agent_id=new.agent_id,
+            model=new.model,
+            cache_key=new.cache_key,
         )
         self._jobs[new.job_id] = job
         self._expires[new.job_id] = now + limits.deadline_ms + limits.retention_ms
@@ -232,7 +238,10 @@ class MemoryJobStore:
             )
             self._jobs[job.job_id] = job
             self._expires[job.job_id] = now + limits.retention_ms
-            self._release(job, now, completed_usage=notice.event is NoticeEvent.COMPLETED)
+            completed = notice.event is NoticeEvent.COMPLETED
+            self._release(job, now, completed_usage=completed)
+            if completed:
+                self.usage.add(job.tenant_id, job.agent_id, job.usage)
         event = self._events.append(
             job.tenant_id,
             job.session_id,
@@ -257,7 +266,8 @@ class MemoryJobStore:
         job = replace(job, state=state, updated_at_ms=now)
         self._jobs[job.job_id] = job
         self._expires[job.job_id] = now + limits.retention_ms
-        self._release(job, now, completed_usage=False)
+        # Completed from the embedding cache: the reply counts as a message (usage is 0).
+        self._release(job, now, completed_usage=state is JobState.COMPLETED)
         return self._events.append(
             job.tenant_id,
             job.session_id,

@@ -46,7 +46,7 @@ end
 
 # ARGV: 1 job_id, 2 session_id, 3 service, 4 kind, 5 request_json, 6 agent_id, 7 model,
 # 8 accepted data JSON without its closing brace, 9 deadline_ms, 10 heartbeat_ms,
-# 11 job retention_ms, 12 reject_if_busy, 13 maxlen, 14 ttl, 15 channel
+# 11 job retention_ms, 12 reject_if_busy, 13 maxlen, 14 ttl, 15 channel, 16 cache key
 START = (
     _PRELUDE
     + """
@@ -61,7 +61,7 @@ local hb = now + tonumber(ARGV[10])
 redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV[4],
   'state', 'pending', 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
-  'ptok', 0, 'ctok', 0, 'ttok', 0)
+  'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[9]) + tonumber(ARGV[11]))
 redis.call('SADD', KEYS[3], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[2])
@@ -85,7 +85,12 @@ return 1
 
 # ARGV: 1 job_id, 2 service, 3 notice sequence, 4 event, 5 data JSON, 6 heartbeat_ms,
 # 7 prompt tokens, 8 completion tokens, 9 total tokens, 10 job retention_ms, 11 maxlen,
-# 12 ttl, 13 channel
+# 12 ttl, 13 channel, 14 usage key prefix, 15 usage retention_ms.
+# A completed notice also adds its tokens to the tenant's usage hash of the current UTC day
+# (``<usage key prefix><days since the epoch>``, by the Redis clock): fields total, prompt,
+# completion, jobs and ``agent:<agent id>``. That key is built here because the day comes from
+# the Redis clock; the prefix carries the tenant's hash tag, so it lives in the same cluster
+# slot as KEYS[1..5].
 NOTICE = (
     _PRELUDE
     + """
@@ -111,6 +116,16 @@ else
     redis.call('HINCRBY', KEYS[2], 'ctok', ARGV[8])
     redis.call('HINCRBY', KEYS[2], 'ttok', ARGV[9])
   end
+  if event == 'completed' then
+    local ukey = ARGV[14] .. math.floor(now / 86400000)
+    local agent = redis.call('HGET', KEYS[1], 'agent') or ''
+    redis.call('HINCRBY', ukey, 'total', ARGV[9])
+    redis.call('HINCRBY', ukey, 'prompt', ARGV[7])
+    redis.call('HINCRBY', ukey, 'completion', ARGV[8])
+    redis.call('HINCRBY', ukey, 'jobs', 1)
+    redis.call('HINCRBY', ukey, 'agent:' .. agent, ARGV[9])
+    redis.call('PEXPIRE', ukey, tonumber(ARGV[15]))
+  end
 end
 local env = envelope(ARGV[1], f[4], event, ARGV[5])
 local seq = append(env, ARGV[11], tonumber(ARGV[12]), ARGV[13])
@@ -118,8 +133,8 @@ return {'accepted', seq, now, env}
 """
 )
 
-# ARGV: 1 job_id, 2 final state (cancelled | failed), 3 data JSON, 4 job retention_ms,
-# 5 maxlen, 6 ttl, 7 channel
+# ARGV: 1 job_id, 2 final state (cancelled | failed | completed from the cache), 3 data JSON,
+# 4 job retention_ms, 5 maxlen, 6 ttl, 7 channel
 FINISH = (
     _PRELUDE
     + """
@@ -129,6 +144,10 @@ if is_final(f[1]) then return {'already_final'} end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated', now)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
 release(ARGV[1])
+-- Completed from the embedding cache: the reply counts as a message, as with a notice.
+if ARGV[2] == 'completed' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'msgs', 1)
+end
 local env = envelope(ARGV[1], f[2], ARGV[2], ARGV[3])
 local seq = append(env, ARGV[5], tonumber(ARGV[6]), ARGV[7])
 return {'done', seq, now, env}
@@ -153,6 +172,13 @@ local seq = append(env, ARGV[3], tonumber(ARGV[4]), ARGV[5])
 return {'done', seq, now, env}
 """
 )
+
+# ARGV: 1 usage key prefix. The tenant's total tokens of the current UTC day (Redis clock).
+USAGE_TODAY = """
+local t = redis.call('TIME')
+local day = math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / 86400000)
+return tonumber(redis.call('HGET', ARGV[1] .. day, 'total') or '0')
+"""
 
 # KEYS: 1 event sequence counter, 2 event stream. ARGV: 1 after, 2 count.
 # Returns {last sequence, oldest retained entry id or false, entries after the cursor}.

@@ -31,6 +31,7 @@ from domain.jobs import (
     Verdict,
 )
 from domain.models import Service, TokenUsage, WorkKind
+from domain.usage import USAGE_RETENTION_MS
 from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
@@ -134,6 +135,7 @@ class RedisJobStore:
                     self._log.max_events,
                     self._log.ttl_ms,
                     keys.session_channel(tenant_id, new.session_id),
+                    new.cache_key,
                 ],
             )
             status = _str(reply[0])
@@ -159,6 +161,9 @@ class RedisJobStore:
             updated_at_ms=now,
             deadline_ms=now + limits.deadline_ms,
             heartbeat_deadline_ms=now + limits.heartbeat_ms,
+            agent_id=new.agent_id,
+            model=new.model,
+            cache_key=new.cache_key,
         )
         return StartedJob(job, event)
 
@@ -191,6 +196,8 @@ class RedisJobStore:
                     self._log.max_events,
                     self._log.ttl_ms,
                     self._keys.session_channel(tenant_id, session_id),
+                    self._keys.usage_prefix(tenant_id),
+                    USAGE_RETENTION_MS,
                 ],
             )
         verdict = Verdict(_str(reply[0]))
@@ -243,6 +250,9 @@ class RedisJobStore:
             heartbeat_deadline_ms=int(f["hb"]),
             last_notice_sequence=int(f["nseq"]),
             usage=TokenUsage(int(f["ptok"]), int(f["ctok"]), int(f["ttok"])),
+            agent_id=f.get("agent", ""),
+            model=f.get("model", ""),
+            cache_key=f.get("ckey", ""),
         )
 
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:

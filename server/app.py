@@ -12,16 +12,20 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionServicer
 
+from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
 from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
+from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
+from domain.usage import TokenBudget
 from handlers.admin import AdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
@@ -47,12 +51,10 @@ from server import metrics as metrics_module
 from server.auth import Authenticator, authorize
 from server.batch_stack import BatchStack, session_manager
 from server.config import Settings
-from server.context_interceptor import ContextInterceptor
+from server.edge import Edge, EdgeRegistrar
 from server.health import HealthMonitor
-from server.interceptors import CallerInterceptor
 from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
-from server.metrics_interceptor import MetricsInterceptor
 from server.rate_limit_interceptor import RateLimitInterceptor
 from server.tracing import tracing_interceptor
 from server.ws_bridge import WebSocketBridge
@@ -184,7 +186,20 @@ class OrchestratorServer:
         self.registry = registry or open_registry(registry_config(settings))
         self.dispatcher = dispatcher or default_dispatcher(settings)
         self.limits = job_limits(settings)
-        self.notices = NoticeProcessor(self.registry.jobs, self.limits)
+        self.embedding_cache = EmbeddingResultCache(
+            self.registry.embedding_cache,
+            EmbeddingCachePolicy(
+                ttl_ms=int(settings.embedding_cache_ttl * 1000),
+                model_version=settings.embedding_model_version,
+            ),
+        )
+        self.budget = TokenBudget(self.registry.usage, settings.budget_rules())
+        self.notices = NoticeProcessor(
+            self.registry.jobs,
+            self.limits,
+            embedding_cache=self.embedding_cache,
+            metrics=metrics_module,
+        )
         self.reaper = JobReaper(
             self.registry.jobs, self.limits, interval_s=settings.reaper_interval
         )
@@ -212,7 +227,13 @@ class OrchestratorServer:
         )
         self.sessions = session_manager(self.registry, settings)
         self.chat = ChatOrchestrator(
-            self.sessions, self.registry.jobs, self.registry.events, self.dispatcher, self.limits
+            self.sessions,
+            self.registry.jobs,
+            self.registry.events,
+            self.dispatcher,
+            self.limits,
+            budget=self.budget,
+            embedding_cache=self.embedding_cache,
         )
         self.batch = BatchStack(settings, self.registry, self.sessions, self.chat)
         self._server: grpc.aio.Server | None = None
@@ -220,30 +241,31 @@ class OrchestratorServer:
         self._stopped = asyncio.Event()
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-        """The chain, outermost first: tracing (optional), request context, metrics, identity,
-        rate limits. Metrics sit outside identity and limits so their refusals are counted;
-        limits sit inside identity because they need the caller."""
-        settings = self.settings
+        """grpc interceptors: OpenTelemetry's when tracing is enabled, else none. They run
+        outside the edge (``edge()``), which every registered method handler is wrapped in."""
         chain: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
-        if settings.otel_enabled:
+        if self.settings.otel_enabled:
             tracing = tracing_interceptor(self.tracer_provider)
             if tracing is not None:
                 chain.append(tracing)
+        return chain
+
+    def edge(self) -> Edge | None:
+        """The edge chain (server.edge): request context, metrics, identity and rate limits,
+        in that order, in one wrapper per method: metrics outside identity and limits so their
+        refusals are counted, limits after identity because they need the caller. None serves
+        the services bare (benchmarks compare against that)."""
+        settings = self.settings
         limiter = (
             open_rate_limiter(self.registry, settings) if settings.rate_limit_enabled else None
         )
-        chain += [
-            ContextInterceptor(),
-            MetricsInterceptor(self.metrics),
-            CallerInterceptor(self.authenticator),
-            RateLimitInterceptor(
-                limiter,
-                settings.rate_limit_rules(),
-                StreamSlots(settings.max_streams_per_tenant),
-                self.metrics,
-            ),
-        ]
-        return chain
+        limits = RateLimitInterceptor(
+            limiter,
+            settings.rate_limit_rules(),
+            StreamSlots(settings.max_streams_per_tenant),
+            self.metrics,
+        )
+        return Edge(self.metrics, self.authenticator, limits)
 
     def _build(self) -> grpc.aio.Server:
         settings = self.settings
@@ -252,25 +274,34 @@ class OrchestratorServer:
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
+        edge = self.edge()
+        # Services are added through the registrar, which wraps their handlers in the edge.
+        target: Any = server if edge is None else EdgeRegistrar(server, edge)
         session_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.sessions), server
+            SessionServicer(self.sessions), target
         )
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.chat), server)
-        batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batch.manager), server)
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.chat), target)
+        batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batch.manager), target)
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
-            TaskUpdateServicer(self.notices), server
+            TaskUpdateServicer(self.notices), target
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.api_keys), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        queries = AdminQueries(self.registry.jobs, self.registry.usage, settings.budget_rules())
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.api_keys, queries), target
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, target)
         if self.extra_handlers:
-            server.add_generic_rpc_handlers(self.extra_handlers)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+            target.add_generic_rpc_handlers(self.extra_handlers)
+        # What reflection.enable_server_reflection does for an aio server, through the edge.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            AioReflectionServicer(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                )
             ),
-            server,
+            target,
         )
         return server
 

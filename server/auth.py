@@ -95,6 +95,27 @@ class Authenticator:
             header_value, self.keys, request_id=request_id, traceparent=traceparent
         )
 
+    async def authenticate_header(
+        self,
+        header_value: str | None,
+        needed: Role,
+        *,
+        request_id: str,
+        traceparent: str | None,
+    ) -> Caller:
+        """The authorized Caller for an ``authorization`` header value, carrying the call's
+        (already validated) request id and traceparent. The key is looked up on every call."""
+        record = await self.keys.verify(bearer_token(header_value))
+        caller = Caller(
+            tenant_id=record.tenant_id,
+            role=record.role,
+            request_id=request_id,
+            key_id=record.key_id,
+            traceparent=traceparent,
+        )
+        authorize(caller, needed)
+        return caller
+
     async def authenticate_metadata(
         self, metadata: tuple[tuple[str, str | bytes], ...], needed: Role
     ) -> Caller:

@@ -12,6 +12,7 @@ from typing import Any
 from domain.api_keys import parse_key
 from domain.errors import Unauthenticated
 from domain.rate_limits import Rate, RateLimitRules, parse_overrides
+from domain.usage import BudgetRules, parse_budget_overrides
 
 
 class SettingsError(ValueError):
@@ -190,6 +191,26 @@ class Settings:
         1000,
         "open server-streaming calls per tenant and process; beyond it RESOURCE_EXHAUSTED",
     )
+    token_budget_daily: int = _env(
+        "ORCH_TOKEN_BUDGET_DAILY",
+        0,
+        "tokens a tenant may use per UTC day before new work is refused; 0: unlimited",
+    )
+    token_budget_overrides: str = _env(
+        "ORCH_TOKEN_BUDGET_OVERRIDES",
+        "",
+        "per-tenant daily token budgets, e.g. tenantA=100000,tenantB=0 (0: unlimited)",
+    )
+    embedding_cache_ttl: float = _env(
+        "ORCH_EMBEDDING_CACHE_TTL",
+        86400.0,
+        "how long embedding results are cached per (tenant, model, text); 0 disables the cache",
+    )
+    embedding_model_version: str = _env(
+        "ORCH_EMBEDDING_MODEL_VERSION",
+        "1",
+        "part of every embedding cache key: change it when the embedding model changes",
+    )
     metrics_address: str = _env(
         "ORCH_METRICS_ADDRESS",
         "0.0.0.0:9464",
@@ -323,6 +344,14 @@ class Settings:
             problems.append("batch_max_items and batch_worker_concurrency must be >= 1")
         if self.batch_completion_window > self.batch_max_completion_window:
             problems.append("batch_completion_window must not exceed batch_max_completion_window")
+        if self.token_budget_daily < 0:
+            problems.append("token_budget_daily must not be negative")
+        try:
+            parse_budget_overrides(self.token_budget_overrides)
+        except ValueError as exc:
+            problems.append(f"token budgets: {exc}")
+        if self.embedding_cache_ttl < 0:
+            problems.append("embedding_cache_ttl must not be negative")
         if self.max_streams_per_tenant < 1:
             problems.append("max_streams_per_tenant must be >= 1")
         if problems:
@@ -338,6 +367,13 @@ class Settings:
             default=Rate(self.rate_limit_rps, self.rate_limit_burst),
             key=key,
             overrides=parse_overrides(self.rate_limit_overrides),
+        )
+
+    def budget_rules(self) -> BudgetRules:
+        """The daily token budgets these settings describe."""
+        return BudgetRules(
+            default=self.token_budget_daily,
+            overrides=parse_budget_overrides(self.token_budget_overrides),
         )
 
     @classmethod

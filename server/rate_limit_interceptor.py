@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from domain.errors import ResourceExhausted, Unavailable
-from domain.identity import peek_caller
+from domain.identity import Caller, peek_caller
 from domain.rate_limits import RateLimitRules, StreamSlots
 from handlers.errors import abort_with
 from registry.base import RateLimiter
@@ -67,9 +67,13 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         )
 
     async def _check_rate(self, context: Ctx) -> None:
-        """Abort the call when its tenant or key is over its rate."""
         caller = peek_caller()
-        if caller is None or self.limiter is None:
+        if caller is not None:
+            await self.check_rate(caller, context)
+
+    async def check_rate(self, caller: Caller, context: Ctx) -> None:
+        """Abort the call when its tenant or key is over its rate."""
+        if self.limiter is None:
             return
         buckets = self.rules.buckets(caller.tenant_id, caller.key_id)
         try:
@@ -104,11 +108,14 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         return run
 
     async def _take_stream_slot(self, context: Ctx) -> str | None:
+        caller = peek_caller()
+        return None if caller is None else await self.take_stream_slot(caller, context)
+
+    async def take_stream_slot(self, caller: Caller, context: Ctx) -> str | None:
         """Take one of the tenant's stream slots (abort when none is left); returns the tenant
         to release it for, or None when streams are not capped for this call."""
-        caller = peek_caller()
         slots = self.streams
-        if caller is None or slots is None:
+        if slots is None:
             return None
         tenant = caller.tenant_id
         if not slots.try_acquire(tenant):
@@ -124,7 +131,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             )
         return tenant
 
-    def _release(self, tenant: str | None) -> None:
+    def release(self, tenant: str | None) -> None:
         if tenant is not None and self.streams is not None:
             self.streams.release(tenant)
 
@@ -136,7 +143,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 async for response in behavior(request, context):
                     yield response
             finally:
-                self._release(tenant)
+                self.release(tenant)
 
         return run
 
@@ -149,6 +156,6 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             try:
                 return await behavior(request, context)
             finally:
-                self._release(tenant)
+                self.release(tenant)
 
         return run

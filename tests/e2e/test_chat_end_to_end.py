@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from orchestrator.v1 import common_pb2
+from orchestrator.v1 import chat_pb2, common_pb2
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
 from tests.support.downstream import RecordingDispatcher
 from tests.support.flow import Flow, kind_of, read_to_end
 from tests.support.redis_process import free_port
-from tests.support.servers import running_server, service, test_settings
+from tests.support.servers import running_server, service, tenant, test_settings
 
 
 @dataclass
@@ -84,3 +84,39 @@ async def test_a_downstream_that_is_down_fails_the_job_quickly(platform: Platfor
     events = await read_to_end(flow.send(session_id, "anyone there?"), timeout_s=8.0)
     assert [kind_of(e) for e in events] == ["accepted", "failed"]
     assert events[1].failed.error.code == "downstream_unavailable"
+
+
+@pytest.mark.parametrize("kind", [common_pb2.WORK_KIND_LLM_QUERY, common_pb2.WORK_KIND_EMBEDDING])
+async def test_the_service_sees_the_callers_request_id_and_traceparent(
+    platform: Platform, kind: int
+) -> None:
+    flow = platform.flow
+    session_id = await flow.new_session()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    call = flow.chat.SendMessage(
+        chat_pb2.SendMessageRequest(session_id=session_id, content="trace me", kind=kind),  # type: ignore[arg-type]
+        metadata=tenant("acme", **{"x-request-id": "req-e2e-42", "traceparent": traceparent}),
+        timeout=10,
+    )
+    events = await read_to_end(call)
+    assert kind_of(events[-1]) == "completed"
+    assert {e.request_id for e in events} == {"req-e2e-42"}
+    (seen,) = [s for s in platform.reference.seen if s.job_id == events[0].job_id]
+    assert (seen.tenant_id, seen.request_id, seen.traceparent) == (
+        "acme",
+        "req-e2e-42",
+        traceparent,
+    )
+
+
+async def test_without_headers_the_service_sees_the_generated_request_id(
+    platform: Platform,
+) -> None:
+    flow = platform.flow
+    session_id = await flow.new_session()
+    call = flow.send(session_id, "no headers")
+    initial = dict(await call.initial_metadata())
+    events = await read_to_end(call)
+    (seen,) = [s for s in platform.reference.seen if s.job_id == events[0].job_id]
+    assert seen.request_id == initial["x-request-id"] == events[0].request_id
+    assert seen.traceparent is None

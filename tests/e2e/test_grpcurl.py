@@ -160,3 +160,26 @@ def test_sigterm_stops_gracefully(tmp_path: Path) -> None:
         server.kill()
     assert "shutting down" in server.log()
     assert "stopped" in server.log()
+
+
+def test_admin_reads_usage_and_tasks_as_the_readme_shows(served: ServerProcess) -> None:
+    usage = call(
+        served,
+        "AdminService/GetTenantUsage",
+        {"tenant_id": "demo", "start_date": "2026-01-01", "end_date": "2026-01-31"},
+        tenant="platform",
+        role=Role.ADMIN,
+        package="orchestrator.admin.v1",
+    )
+    assert usage.returncode == 0, usage.stderr
+    reply = json.loads(usage.stdout)
+    assert (reply["start_date"], reply["end_date"]) == ("2026-01-01", "2026-01-31")
+    missing = call(
+        served,
+        "AdminService/GetTask",
+        {"tenant_id": "demo", "job_id": "0190a0b0-0000-7000-8000-000000000001"},
+        tenant="platform",
+        role=Role.ADMIN,
+        package="orchestrator.admin.v1",
+    )
+    assert "NotFound" in missing.stderr

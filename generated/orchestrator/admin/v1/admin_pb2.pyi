@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from orchestrator.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -49,6 +50,46 @@ API_KEY_ROLE_SERVICE: ApiKeyRole.ValueType  # 2
 API_KEY_ROLE_ADMIN: ApiKeyRole.ValueType  # 3
 """Operators: this AdminService."""
 Global___ApiKeyRole: _TypeAlias = ApiKeyRole  # noqa: Y015
+
+class _TaskState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_STATE_UNSPECIFIED: _TaskState.ValueType  # 0
+    """Never returned."""
+    TASK_STATE_PENDING: _TaskState.ValueType  # 1
+    """Recorded; not yet taken by its service."""
+    TASK_STATE_RUNNING: _TaskState.ValueType  # 2
+    """Taken by its service, which may be reporting progress."""
+    TASK_STATE_COMPLETED: _TaskState.ValueType  # 3
+    """Finished with a result."""
+    TASK_STATE_FAILED: _TaskState.ValueType  # 4
+    """Finished with an error (reported by the service, or the service could not be reached)."""
+    TASK_STATE_TIMED_OUT: _TaskState.ValueType  # 5
+    """Ended by the orchestrator: past its deadline or its heartbeat."""
+    TASK_STATE_CANCELLED: _TaskState.ValueType  # 6
+    """Ended by the client (CancelJob)."""
+
+class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
+    """Where a task is in its lifecycle."""
+
+TASK_STATE_UNSPECIFIED: TaskState.ValueType  # 0
+"""Never returned."""
+TASK_STATE_PENDING: TaskState.ValueType  # 1
+"""Recorded; not yet taken by its service."""
+TASK_STATE_RUNNING: TaskState.ValueType  # 2
+"""Taken by its service, which may be reporting progress."""
+TASK_STATE_COMPLETED: TaskState.ValueType  # 3
+"""Finished with a result."""
+TASK_STATE_FAILED: TaskState.ValueType  # 4
+"""Finished with an error (reported by the service, or the service could not be reached)."""
+TASK_STATE_TIMED_OUT: TaskState.ValueType  # 5
+"""Ended by the orchestrator: past its deadline or its heartbeat."""
+TASK_STATE_CANCELLED: TaskState.ValueType  # 6
+"""Ended by the client (CancelJob)."""
+Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):
@@ -267,3 +308,291 @@ class RevokeApiKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeApiKeyResponse: _TypeAlias = RevokeApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class Task(_message.Message):
+    """A task (job) as recorded by the orchestrator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_NOTICE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The task's id (the job_id of ChatService events)."""
+    tenant_id: _builtins.str
+    """The tenant the task belongs to."""
+    session_id: _builtins.str
+    """The session the task was sent on."""
+    agent_id: _builtins.str
+    """The agent of that session."""
+    service: _common_pb2.Service.ValueType
+    """The downstream service that runs the task."""
+    kind: _common_pb2.WorkKind.ValueType
+    """What kind of work the task is."""
+    state: Global___TaskState.ValueType
+    """Where the task is in its lifecycle."""
+    request_id: _builtins.str
+    """The request id of the call that created the task."""
+    model: _builtins.str
+    """The model the caller asked for; empty for the service's default."""
+    last_notice_sequence: _builtins.int
+    """Sequence number of the last notice its service sent."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task last changed."""
+
+    @_builtins.property
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task times out if it has not finished (its overall deadline)."""
+
+    @_builtins.property
+    def usage(self) -> _common_pb2.TokenUsage:
+        """Tokens the task used (set once it completed)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        service: _common_pb2.Service.ValueType = ...,
+        kind: _common_pb2.WorkKind.ValueType = ...,
+        state: Global___TaskState.ValueType = ...,
+        request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        last_notice_sequence: _builtins.int = ...,
+        usage: _common_pb2.TokenUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "deadline_time", b"deadline_time", "job_id", b"job_id", "kind", b"kind", "last_notice_sequence", b"last_notice_sequence", "model", b"model", "request_id", b"request_id", "service", b"service", "session_id", b"session_id", "state", b"state", "tenant_id", b"tenant_id", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class GetTaskRequest(_message.Message):
+    """GetTask input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant the task belongs to. Required."""
+    job_id: _builtins.str
+    """The task's id. Required."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskRequest: _TypeAlias = GetTaskRequest  # noqa: Y015
+
+@_typing.final
+class GetTaskResponse(_message.Message):
+    """GetTask output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskResponse: _TypeAlias = GetTaskResponse  # noqa: Y015
+
+@_typing.final
+class AgentUsage(_message.Message):
+    """Tokens one agent used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent's id (empty for tasks on sessions without an agent)."""
+    total_tokens: _builtins.int
+    """Total tokens of the agent's completed tasks."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        total_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "total_tokens", b"total_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentUsage: _TypeAlias = AgentUsage  # noqa: Y015
+
+@_typing.final
+class DayUsage(_message.Message):
+    """A tenant's tokens of one UTC day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    COMPLETED_TASKS_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    date: _builtins.str
+    """The UTC day, as YYYY-MM-DD."""
+    completed_tasks: _builtins.int
+    """Number of tasks that completed that day."""
+    @_builtins.property
+    def usage(self) -> _common_pb2.TokenUsage:
+        """Tokens of the tasks that completed that day."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentUsage]:
+        """Total tokens per agent, in agent id order."""
+
+    def __init__(
+        self,
+        *,
+        date: _builtins.str = ...,
+        usage: _common_pb2.TokenUsage | None = ...,
+        completed_tasks: _builtins.int = ...,
+        agents: _abc.Iterable[Global___AgentUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "completed_tasks", b"completed_tasks", "date", b"date", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DayUsage: _TypeAlias = DayUsage  # noqa: Y015
+
+@_typing.final
+class GetTenantUsageRequest(_message.Message):
+    """GetTenantUsage input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant whose usage to read. Required."""
+    start_date: _builtins.str
+    """First UTC day of the range, as YYYY-MM-DD; empty means end_date."""
+    end_date: _builtins.str
+    """Last UTC day of the range (inclusive), as YYYY-MM-DD; empty means today. At most 400 days
+    after start_date.
+    """
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "start_date", b"start_date", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTenantUsageRequest: _TypeAlias = GetTenantUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetTenantUsageResponse(_message.Message):
+    """GetTenantUsage output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    COMPLETED_TASKS_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    DAILY_TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    TOKENS_TODAY_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    start_date: _builtins.str
+    """First day of the range read, as YYYY-MM-DD."""
+    end_date: _builtins.str
+    """Last day of the range read, as YYYY-MM-DD."""
+    completed_tasks: _builtins.int
+    """Number of tasks completed over the whole range."""
+    daily_token_budget: _builtins.int
+    """The tenant's daily token budget (ORCH_TOKEN_BUDGET_DAILY or its override); 0: unlimited."""
+    tokens_today: _builtins.int
+    """Tokens the tenant used today (UTC), which the budget is checked against."""
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___DayUsage]:
+        """Every day of the range that has usage, oldest first."""
+
+    @_builtins.property
+    def total(self) -> _common_pb2.TokenUsage:
+        """Tokens over the whole range."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentUsage]:
+        """Total tokens per agent over the whole range, in agent id order."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        days: _abc.Iterable[Global___DayUsage] | None = ...,
+        total: _common_pb2.TokenUsage | None = ...,
+        completed_tasks: _builtins.int = ...,
+        agents: _abc.Iterable[Global___AgentUsage] | None = ...,
+        daily_token_budget: _builtins.int = ...,
+        tokens_today: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "completed_tasks", b"completed_tasks", "daily_token_budget", b"daily_token_budget", "days", b"days", "end_date", b"end_date", "start_date", b"start_date", "tenant_id", b"tenant_id", "tokens_today", b"tokens_today", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTenantUsageResponse: _TypeAlias = GetTenantUsageResponse  # noqa: Y015

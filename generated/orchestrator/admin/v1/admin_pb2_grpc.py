@@ -26,11 +26,7 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Operator tasks: API key management today. Planned additions, kept in this service:
-    rpc GetTask(GetTaskRequest) returns (GetTaskResponse);
-    any tenant's background task by id, for support;
-    rpc GetTenantUsage(GetTenantUsageRequest) returns (GetTenantUsageResponse);
-    a tenant's token usage and rate-limit state.
+    """Operator tasks: API key management, task lookup and token usage.
     """
 
     def __init__(self, channel):
@@ -54,14 +50,20 @@ class AdminServiceStub:
                 request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/GetTask',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTaskResponse.FromString,
+                _registered_method=True)
+        self.GetTenantUsage = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/GetTenantUsage',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Operator tasks: API key management today. Planned additions, kept in this service:
-    rpc GetTask(GetTaskRequest) returns (GetTaskResponse);
-    any tenant's background task by id, for support;
-    rpc GetTenantUsage(GetTenantUsageRequest) returns (GetTenantUsageResponse);
-    a tenant's token usage and rate-limit state.
+    """Operator tasks: API key management, task lookup and token usage.
     """
 
     def CreateApiKey(self, request, context):
@@ -87,6 +89,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTask(self, request, context):
+        """Returns one task (a job handed to a downstream service) of a tenant, for support. A task
+        of another tenant, or one past its retention (ORCH_JOB_RETENTION), is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenantUsage(self, request, context):
+        """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
+        totals, and the tenant's daily token budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +123,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTaskRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'GetTenantUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantUsage,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'orchestrator.admin.v1.AdminService', rpc_method_handlers)
@@ -114,11 +142,7 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Operator tasks: API key management today. Planned additions, kept in this service:
-    rpc GetTask(GetTaskRequest) returns (GetTaskResponse);
-    any tenant's background task by id, for support;
-    rpc GetTenantUsage(GetTenantUsageRequest) returns (GetTenantUsageResponse);
-    a tenant's token usage and rate-limit state.
+    """Operator tasks: API key management, task lookup and token usage.
     """
 
     @staticmethod
@@ -192,6 +216,60 @@ class AdminService:
             '/orchestrator.admin.v1.AdminService/RevokeApiKey',
             orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
             orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/GetTask',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTaskRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/GetTenantUsage',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,12 +29,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """Operator tasks: API key management today. Planned additions, kept in this service:
-      rpc GetTask(GetTaskRequest) returns (GetTaskResponse);
-        any tenant's background task by id, for support;
-      rpc GetTenantUsage(GetTenantUsageRequest) returns (GetTenantUsageResponse);
-        a tenant's token usage and rate-limit state.
-    """
+    """Operator tasks: API key management, task lookup and token usage."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -50,15 +45,18 @@ class AdminServiceStub:
     """Revokes an API key for good. Every replica refuses it from the next call on. Revoking a
     revoked key succeeds and keeps the first revocation time; an unknown key is NOT_FOUND.
     """
+    GetTask: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTaskRequest, _admin_pb2.GetTaskResponse]
+    """Returns one task (a job handed to a downstream service) of a tenant, for support. A task
+    of another tenant, or one past its retention (ORCH_JOB_RETENTION), is NOT_FOUND.
+    """
+    GetTenantUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTenantUsageRequest, _admin_pb2.GetTenantUsageResponse]
+    """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
+    totals, and the tenant's daily token budget.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """Operator tasks: API key management today. Planned additions, kept in this service:
-      rpc GetTask(GetTaskRequest) returns (GetTaskResponse);
-        any tenant's background task by id, for support;
-      rpc GetTenantUsage(GetTenantUsageRequest) returns (GetTenantUsageResponse);
-        a tenant's token usage and rate-limit state.
-    """
+    """Operator tasks: API key management, task lookup and token usage."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
@@ -71,14 +69,17 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Revokes an API key for good. Every replica refuses it from the next call on. Revoking a
     revoked key succeeds and keeps the first revocation time; an unknown key is NOT_FOUND.
     """
+    GetTask: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTaskRequest, _admin_pb2.GetTaskResponse]  # type: ignore[assignment]
+    """Returns one task (a job handed to a downstream service) of a tenant, for support. A task
+    of another tenant, or one past its retention (ORCH_JOB_RETENTION), is NOT_FOUND.
+    """
+    GetTenantUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTenantUsageRequest, _admin_pb2.GetTenantUsageResponse]  # type: ignore[assignment]
+    """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
+    totals, and the tenant's daily token budget.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator tasks: API key management today. Planned additions, kept in this service:
-      rpc GetTask(GetTaskRequest) returns (GetTaskResponse);
-        any tenant's background task by id, for support;
-      rpc GetTenantUsage(GetTenantUsageRequest) returns (GetTenantUsageResponse);
-        a tenant's token usage and rate-limit state.
-    """
+    """Operator tasks: API key management, task lookup and token usage."""
 
     @_abc_1.abstractmethod
     def CreateApiKey(
@@ -106,6 +107,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RevokeApiKeyResponse, _abc.Awaitable[_admin_pb2.RevokeApiKeyResponse]]:
         """Revokes an API key for good. Every replica refuses it from the next call on. Revoking a
         revoked key succeeds and keeps the first revocation time; an unknown key is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTask(
+        self,
+        request: _admin_pb2.GetTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetTaskResponse, _abc.Awaitable[_admin_pb2.GetTaskResponse]]:
+        """Returns one task (a job handed to a downstream service) of a tenant, for support. A task
+        of another tenant, or one past its retention (ORCH_JOB_RETENTION), is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTenantUsage(
+        self,
+        request: _admin_pb2.GetTenantUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetTenantUsageResponse, _abc.Awaitable[_admin_pb2.GetTenantUsageResponse]]:
+        """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
+        totals, and the tenant's daily token budget.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,245 @@
+"""The edge: request context, metrics, identity and rate limits in one wrapper per method.
+
+The four edge concerns used to be four grpc interceptors, each with its own coroutine in
+``intercept_service`` and its own wrapper around every call, each reading the call's metadata.
+Now one wrapper per method does all four, and it is applied when the services are registered
+(``EdgeRegistrar``), not by an interceptor, so no per-call handler lookup through an
+interceptor chain happens either. grpc interceptors still work on top (OpenTelemetry's, when
+enabled, is the outermost). Per call, the wrapper:
+
+1. reads the metadata once (``x-request-id``, ``traceparent``, ``authorization``), binds the
+   request context (domain.request_context) and sends the request id in the initial metadata
+   (every RPC, health and reflection included);
+2. counts and times the call (server.metrics; streams are also counted while open), so the
+   refusals below are counted like any other outcome;
+3. authenticates the bearer API key and checks the role the method needs (server.auth), and
+   binds the Caller (domain.identity), built with the request id and traceparent of step 1;
+4. charges the tenant's (and key's) request rate and takes a stream slot for server streams
+   (server.rate_limit_interceptor.RateLimitInterceptor's checks, reused).
+
+Nothing about the key is cached between calls: a revoked key is refused on its next call by
+every replica. What depends only on the method (role, whether it is limited, the wrapped
+handler) is computed once per method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from domain.errors import DomainError
+from domain.identity import Caller, Role, bind_caller
+from domain.request_context import (
+    REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
+    bind_request_context,
+    new_request_id,
+    parse_traceparent,
+    valid_request_id,
+)
+from handlers.errors import abort_internal, abort_with
+from server import metrics as metrics_module
+from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
+from server.metrics import Metrics
+from server.rate_limit_interceptor import EXEMPT_PREFIXES, RateLimitInterceptor
+from server.wrapping import Ctx, HandlerCache, StreamBehavior, UnaryBehavior, wrap_handler
+
+_OK = grpc.StatusCode.OK
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+_CANCELLED = grpc.StatusCode.CANCELLED
+
+
+def _final_code(context: Ctx, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else default
+
+
+def read_metadata(context: Ctx) -> tuple[str, str | None, str | None]:
+    """(request id, traceparent or None, authorization or None) in one pass over the call's
+    metadata; an invalid or missing request id is replaced by a new one."""
+    request_id = ""
+    traceparent: str | None = None
+    authorization: str | None = None
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION_HEADER:
+            if authorization is None and isinstance(value, str):
+                authorization = value
+        elif key == REQUEST_ID_HEADER:
+            if isinstance(value, str):
+                request_id = value
+        elif key == TRACEPARENT_HEADER and isinstance(value, str):
+            traceparent = value
+    if not valid_request_id(request_id):
+        request_id = new_request_id()
+    return request_id, parse_traceparent(traceparent), authorization
+
+
+class _Plan:
+    """What the edge does for one method, decided once."""
+
+    __slots__ = ("limited", "method", "needed")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.needed: Role | None = required_role(method)
+        self.limited = self.needed is not None and not method.startswith(EXEMPT_PREFIXES)
+
+
+class Edge:
+    """The whole edge chain as one wrapper per method (see the module docstring)."""
+
+    def __init__(
+        self, metrics: Metrics, authenticator: Authenticator, limits: RateLimitInterceptor
+    ) -> None:
+        self._metrics = metrics
+        self._authenticator = authenticator
+        self._limits = limits
+        self._cache = HandlerCache()
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        """``handler`` (a grpc.RpcMethodHandler of ``method``) run behind the edge; None stays
+        None (an unknown method: UNIMPLEMENTED)."""
+        if handler is None:
+            return None
+        return self._cache.get(method, handler, lambda: self._wrap(handler, _Plan(method)))
+
+    def _wrap(self, handler: Any, plan: _Plan) -> Any:
+        return wrap_handler(
+            handler,
+            lambda b: self._unary(b, plan, stream=False),
+            lambda b: self._streaming(b, plan),
+            lambda b: self._unary(b, plan, stream=True),
+        )
+
+    async def _begin(self, context: Ctx, plan: _Plan) -> Caller | None:
+        """Steps 1, 3 and 4 (step 2 wraps them): bind the request context, echo the request
+        id, authenticate and authorize, charge the rate. Ends the call on refusal."""
+        request_id, traceparent, authorization = read_metadata(context)
+        bind_request_context(request_id, traceparent, plan.method)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        needed = plan.needed
+        if needed is None:
+            return None
+        try:
+            caller = await self._authenticator.authenticate_header(
+                authorization, needed, request_id=request_id, traceparent=traceparent
+            )
+        except DomainError as error:
+            await abort_with(context, error)
+            raise AssertionError("unreachable: abort raises") from None
+        except Exception as exc:
+            await abort_internal(context, exc)
+            raise AssertionError("unreachable: abort raises") from None
+        bind_caller(caller)
+        if plan.limited:
+            await self._limits.check_rate(caller, context)
+        return caller
+
+    def _unary(self, behavior: UnaryBehavior, plan: _Plan, *, stream: bool) -> UnaryBehavior:
+        """Unary-response calls, and (``stream``) server streams written with context.write."""
+        metrics = self._metrics
+        method = plan.method
+        limits = self._limits
+
+        async def run(request: Any, context: Ctx) -> Any:
+            metrics_module.bind(metrics)
+            start = time.perf_counter()
+            code = _UNKNOWN
+            slot: str | None = None
+            if stream:
+                metrics.stream_opened(method)
+            try:
+                caller = await self._begin(context, plan)
+                if stream and caller is not None and plan.limited:
+                    slot = await limits.take_stream_slot(caller, context)
+                response = await behavior(request, context)
+                code = _final_code(context, _OK)
+                return response
+            except asyncio.CancelledError:
+                code = _CANCELLED
+                raise
+            except BaseException:
+                code = _final_code(context, _UNKNOWN)
+                raise
+            finally:
+                limits.release(slot)
+                if stream:
+                    metrics.stream_closed(method)
+                metrics.observe_rpc(method, code, time.perf_counter() - start)
+
+        return run
+
+    def _streaming(self, behavior: StreamBehavior, plan: _Plan) -> StreamBehavior:
+        metrics = self._metrics
+        method = plan.method
+        limits = self._limits
+
+        async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            metrics_module.bind(metrics)
+            start = time.perf_counter()
+            code = _UNKNOWN
+            slot: str | None = None
+            metrics.stream_opened(method)
+            try:
+                caller = await self._begin(context, plan)
+                if caller is not None and plan.limited:
+                    slot = await limits.take_stream_slot(caller, context)
+                async for response in behavior(request, context):
+                    yield response
+                code = _final_code(context, _OK)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _CANCELLED
+                raise
+            except BaseException:
+                code = _final_code(context, _UNKNOWN)
+                raise
+            finally:
+                limits.release(slot)
+                metrics.stream_closed(method)
+                metrics.observe_rpc(method, code, time.perf_counter() - start)
+
+        return run
+
+
+class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose method handlers run behind the edge."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], edge: Edge) -> None:
+        self._inner = inner
+        self._edge = edge
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._inner.service(handler_call_details)
+        return self._edge.wrap(handler_call_details.method, handler)
+
+
+class EdgeRegistrar:
+    """Stands in for a grpc.aio.Server when services are added (the generated
+    ``add_*Servicer_to_server`` functions, health, reflection): every method handler they
+    register is wrapped by the edge. Pass it where those functions expect the server."""
+
+    def __init__(self, server: grpc.aio.Server, edge: Edge) -> None:
+        self._server = server
+        self._edge = edge
+
+    def add_generic_rpc_handlers(
+        self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_EdgeGenericHandler(handler, self._edge) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service_name,
+            {
+                name: self._edge.wrap(f"/{service_name}/{name}", handler)
+                for name, handler in method_handlers.items()
+            },
+        )
