@@ -11,7 +11,7 @@ USER orchestrator
 ENV PYTHONUNBUFFERED=1 \
     ORCH_LISTEN_ADDRESS=0.0.0.0:50051 \
     ORCH_LOG_FORMAT=json
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 # Uses the gRPC health protocol (grpc.health.v1.Health/Check), not a TCP probe.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["orchestrator", "health", "--address", "127.0.0.1:50051", "--timeout", "3"]
