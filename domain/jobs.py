@@ -121,6 +121,25 @@ class NewJob:
     # (domain.embedding_cache).
     cache_key: str = ""
 
+    def recorded(self, tenant_id: str, now_ms: int, limits: JobLimits) -> Job:
+        """The PENDING job a store records for this at ``now_ms``."""
+        return Job(
+            job_id=self.job_id,
+            tenant_id=tenant_id,
+            session_id=self.session_id,
+            service=self.service,
+            kind=self.kind,
+            state=JobState.PENDING,
+            request_id=self.request_id,
+            created_at_ms=now_ms,
+            updated_at_ms=now_ms,
+            deadline_ms=now_ms + limits.deadline_ms,
+            heartbeat_deadline_ms=now_ms + limits.heartbeat_ms,
+            agent_id=self.agent_id,
+            model=self.model,
+            cache_key=self.cache_key,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Job:

@@ -10,15 +10,13 @@ replica at its next lookup.
 
 from __future__ import annotations
 
-from typing import Any
-
 from redis.asyncio import Redis
 
 from domain.api_keys import ApiKey
 from domain.identity import Role
 from domain.models import Page
 from registry.keys import KeySpace
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
 
 _NOW = """
 local t = redis.call('TIME')
@@ -47,13 +45,6 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 )
-
-
-def _as_dict(raw: Any) -> dict[str, str]:
-    """Lua returns HGETALL as a flat list; RESP3 commands return a dict. Accept both."""
-    if isinstance(raw, dict):
-        return raw
-    return dict(zip(raw[::2], raw[1::2], strict=True))
 
 
 def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
@@ -87,12 +78,12 @@ class RedisApiKeyStore:
             if not raw:
                 return None
             await self._redis.zadd(self._keys.api_key_index(key.tenant_id), {key.key_id: 0})
-        return key_from_hash(key.key_id, _as_dict(raw))
+        return key_from_hash(key.key_id, pairs_to_dict(raw))
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         with redis_errors_as_unavailable():
             fields = await self._redis.hgetall(self._keys.api_key(key_id))
-        return key_from_hash(key_id, _as_dict(fields)) if fields else None
+        return key_from_hash(key_id, pairs_to_dict(fields)) if fields else None
 
     async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
         index = self._keys.api_key_index(tenant_id)
@@ -121,7 +112,7 @@ class RedisApiKeyStore:
                         continue
                     if len(found) == limit:
                         return Page(found, found[-1].key_id)
-                    found.append(key_from_hash(key_id, _as_dict(fields)))
+                    found.append(key_from_hash(key_id, pairs_to_dict(fields)))
                 if vanished:
                     await self._redis.zrem(index, *vanished)
                 cursor = ids[-1]
@@ -131,4 +122,4 @@ class RedisApiKeyStore:
     async def revoke_key(self, key_id: str) -> ApiKey | None:
         with redis_errors_as_unavailable():
             raw = await self._revoke(keys=[self._keys.api_key(key_id)])
-        return key_from_hash(key_id, _as_dict(raw)) if raw else None
+        return key_from_hash(key_id, pairs_to_dict(raw)) if raw else None

@@ -77,11 +77,6 @@ class RedisBackend:
         await self.redis.aclose()
 
 
-class _Closable:
-    async def aclose(self) -> None:
-        return None
-
-
 @dataclass(slots=True)
 class Registry:
     """The stores of one process, over one backend."""
@@ -90,14 +85,13 @@ class Registry:
     sessions: SessionStore
     jobs: JobStore
     events: EventLog
-    event_reader: RedisEventLog | _Closable
     api_keys: ApiKeyStore
     batches: BatchStore
     usage: UsageStore
     embedding_cache: EmbeddingCache
 
     async def aclose(self) -> None:
-        await self.event_reader.aclose()
+        await self.events.aclose()
         await self.backend.aclose()
 
 
@@ -116,7 +110,6 @@ def open_registry(config: RegistryConfig) -> Registry:
             sessions=sessions,
             jobs=MemoryJobStore(sessions, events, usage=usage),
             events=events,
-            event_reader=_Closable(),
             api_keys=MemoryApiKeyStore(),
             batches=MemoryBatchStore(),
             usage=usage,
@@ -137,14 +130,12 @@ def open_registry(config: RegistryConfig) -> Registry:
         retries=0,
     )
     keys = KeySpace(config.key_prefix)
-    reader = RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S)
     log_config = EventLogConfig(config.event_log_max_events, config.event_log_ttl_ms)
     return Registry(
         backend=RedisBackend(redis),
         sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
         jobs=RedisJobStore(redis, keys, log_config),
-        events=reader,
-        event_reader=reader,
+        events=RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S),
         api_keys=RedisApiKeyStore(redis, keys),
         batches=RedisBatchStore(redis, keys),
         usage=RedisUsageStore(redis, keys),

@@ -79,11 +79,8 @@ class JobStore(Protocol):
         self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
     ) -> StartedJob | StartRefused:
         """Record a PENDING job on an open session (which becomes BUSY, counts the message and
-        lists the job as pending) and append its accepted event."""
-        ...
-
-    async def mark_running(self, tenant_id: str, job_id: str) -> None:
-        """PENDING -> RUNNING once the service took the job (no event; no-op otherwise)."""
+        lists the job as pending) and append its accepted event. The job turns RUNNING with
+        the service's first notice."""
         ...
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
@@ -122,6 +119,11 @@ class EventLog(Protocol):
     def subscribe(self, tenant_id: str, session_id: str) -> AbstractAsyncContextManager[Feed]:
         """Follow live events. On entry the subscription is in effect: every event appended
         afterwards is delivered to the feed (or the feed is marked lagging)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop following (the per-process reader) and release its connection."""
+        ...
 
 
 class ApiKeyStore(Protocol):

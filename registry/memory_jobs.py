@@ -107,6 +107,9 @@ class MemoryEventLog:
         finally:
             self.fanout.remove(feed)
 
+    async def aclose(self) -> None:
+        return None
+
 
 class MemoryJobStore:
     """registry.base.JobStore in memory, over the memory session store and event log."""
@@ -157,22 +160,7 @@ class MemoryJobStore:
         if reject_if_busy and session.pending_job_ids:
             return StartRefused.SESSION_BUSY
         now = self._clock()
-        job = Job(
-            job_id=new.job_id,
-            tenant_id=tenant_id,
-            session_id=new.session_id,
-            service=new.service,
-            kind=new.kind,
-            state=JobState.PENDING,
-            request_id=new.request_id,
-            created_at_ms=now,
-            updated_at_ms=now,
-            deadline_ms=now + limits.deadline_ms,
-            heartbeat_deadline_ms=now + limits.heartbeat_ms,
-            agent_id=new.agent_id,
-            model=new.model,
-            cache_key=new.cache_key,
-        )
+        job = new.recorded(tenant_id, now, limits)
         self._jobs[new.job_id] = job
         self._expires[new.job_id] = now + limits.deadline_ms + limits.retention_ms
         due = min(job.deadline_ms, job.heartbeat_deadline_ms)
@@ -199,11 +187,6 @@ class MemoryJobStore:
             EventDraft(new.job_id, EventKind.ACCEPTED, new.request_id, data),
         )
         return StartedJob(job, event)
-
-    async def mark_running(self, tenant_id: str, job_id: str) -> None:
-        job = self._job(job_id)
-        if job is not None and job.tenant_id == tenant_id and job.state is JobState.PENDING:
-            self._jobs[job_id] = replace(job, state=JobState.RUNNING)
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         job = self._job(notice.job_id)

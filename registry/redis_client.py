@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -53,3 +54,16 @@ def redis_errors_as_unavailable() -> Iterator[None]:
         raise Unavailable(f"redis unavailable: {exc}") from exc
     except redis_errors.BusyLoadingError as exc:  # pragma: no cover - subclass kept explicit
         raise Unavailable(f"redis is loading: {exc}") from exc
+
+
+def as_str(value: Any) -> str:
+    """A reply value as text, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def pairs_to_dict(flat: Any) -> dict[Any, Any]:
+    """Lua returns HGETALL-like replies as a flat list; RESP3 commands return a dict. Accept
+    both."""
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2], strict=True))

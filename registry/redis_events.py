@@ -29,15 +29,11 @@ from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_message, decode_stream_entry
 from registry.fanout import Feed, LocalFanout
 from registry.keys import KeySpace
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import as_str, pairs_to_dict, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisEventLog:
@@ -90,12 +86,12 @@ class RedisEventLog:
         events = [
             decode_stream_entry(
                 session_id,
-                _str(entry_id),
-                {_str(k): _str(v) for k, v in _pairs(fields).items()},
+                as_str(entry_id),
+                {as_str(k): as_str(v) for k, v in pairs_to_dict(fields).items()},
             )
             for entry_id, fields in entries
         ]
-        oldest_seq = int(_str(oldest).split("-", 1)[0]) if oldest else None
+        oldest_seq = int(as_str(oldest).split("-", 1)[0]) if oldest else None
         return EventPage(events, oldest_seq, int(last))
 
     # -- following -------------------------------------------------------------------------
@@ -198,13 +194,13 @@ class RedisEventLog:
         self.fanout.mark_all_lagging()
 
     def _handle(self, message: dict[str, Any]) -> None:
-        kind = _str(message["type"])
-        channel = _str(message["channel"])
+        kind = as_str(message["type"])
+        channel = as_str(message["channel"])
         if kind == "message":
             key = self._keys.parse_session_channel(channel)
             if key is None or not self.fanout.has(key):
                 return
-            event = decode_message(key[1], _str(message["data"]))
+            event = decode_message(key[1], as_str(message["data"]))
             if event is None:
                 self.fanout.close_session(key)
             else:
@@ -228,9 +224,3 @@ class RedisEventLog:
             self._task = None
         await self._drop_pubsub()
         await self._subscriber.aclose()
-
-
-def _pairs(fields: Any) -> dict[Any, Any]:
-    if isinstance(fields, dict):
-        return fields
-    return dict(zip(fields[::2], fields[1::2], strict=True))

@@ -75,14 +75,6 @@ return {'ok', seq, now, env}
 """
 )
 
-# ARGV: 1 job_id
-MARK_RUNNING = """
-if redis.call('HGET', KEYS[1], 'state') == 'pending' then
-  redis.call('HSET', KEYS[1], 'state', 'running')
-end
-return 1
-"""
-
 # ARGV: 1 job_id, 2 service, 3 notice sequence, 4 event, 5 data JSON, 6 heartbeat_ms,
 # 7 prompt tokens, 8 completion tokens, 9 total tokens, 10 job retention_ms, 11 maxlen,
 # 12 ttl, 13 channel, 14 usage key prefix, 15 usage retention_ms.

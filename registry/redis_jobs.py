@@ -35,7 +35,7 @@ from domain.usage import USAGE_RETENTION_MS
 from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import as_str, redis_errors_as_unavailable
 
 _INDEX_CACHE_SIZE = 100_000
 
@@ -52,10 +52,6 @@ def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class RedisJobStore:
     """registry.base.JobStore on Redis."""
 
@@ -64,7 +60,6 @@ class RedisJobStore:
         self._keys = keys
         self._log = log
         self._start = redis.register_script(scripts.START)
-        self._mark_running = redis.register_script(scripts.MARK_RUNNING)
         self._notice = redis.register_script(scripts.NOTICE)
         self._finish = redis.register_script(scripts.FINISH)
         self._reap = redis.register_script(scripts.REAP)
@@ -82,7 +77,7 @@ class RedisJobStore:
         ]
 
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
-        return decode_envelope(session_id, int(reply[1]), int(reply[2]), _str(reply[3]))
+        return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
 
     def _remember(self, job_id: str, tenant_id: str, session_id: str) -> None:
         self._index[job_id] = (tenant_id, session_id)
@@ -97,7 +92,7 @@ class RedisJobStore:
             raw = await self._redis.get(self._keys.job_index(job_id))
         if raw is None:
             return None
-        tenant_id, _, session_id = _str(raw).partition(" ")
+        tenant_id, _, session_id = as_str(raw).partition(" ")
         self._remember(job_id, tenant_id, session_id)
         return tenant_id, session_id
 
@@ -113,11 +108,11 @@ class RedisJobStore:
         }
         index_ttl = limits.deadline_ms + limits.retention_ms
         with redis_errors_as_unavailable():
-            # The index goes first so that a notice can never find a job it cannot locate.
-            await self._redis.set(
-                keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl
-            )
-            reply = await self._start(
+            # One round trip; the index is written first so that a notice can never find a job
+            # it cannot locate.
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
+            await self._start(
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
                     new.job_id,
@@ -137,8 +132,10 @@ class RedisJobStore:
                     keys.session_channel(tenant_id, new.session_id),
                     new.cache_key,
                 ],
+                client=pipe,
             )
-            status = _str(reply[0])
+            _, reply = await pipe.execute()
+            status = as_str(reply[0])
             if status != "ok":
                 await self._redis.delete(keys.job_index(new.job_id))
                 return StartRefused(status)
@@ -148,28 +145,8 @@ class RedisJobStore:
                 keys.job_deadlines(),
                 {f"{tenant_id} {new.session_id} {new.job_id}": event.data["deadline_ms"]},
             )
-        now = event.time_ms
-        job = Job(
-            job_id=new.job_id,
-            tenant_id=tenant_id,
-            session_id=new.session_id,
-            service=new.service,
-            kind=new.kind,
-            state=JobState.PENDING,
-            request_id=new.request_id,
-            created_at_ms=now,
-            updated_at_ms=now,
-            deadline_ms=now + limits.deadline_ms,
-            heartbeat_deadline_ms=now + limits.heartbeat_ms,
-            agent_id=new.agent_id,
-            model=new.model,
-            cache_key=new.cache_key,
-        )
+        job = new.recorded(tenant_id, event.time_ms, limits)
         return StartedJob(job, event)
-
-    async def mark_running(self, tenant_id: str, job_id: str) -> None:
-        with redis_errors_as_unavailable():
-            await self._mark_running(keys=[self._keys.job(tenant_id, job_id)], args=[job_id])
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         located = await self._locate(notice.job_id)
@@ -200,7 +177,7 @@ class RedisJobStore:
                     USAGE_RETENTION_MS,
                 ],
             )
-        verdict = Verdict(_str(reply[0]))
+        verdict = Verdict(as_str(reply[0]))
         if verdict is not Verdict.ACCEPTED:
             return NoticeOutcome(verdict)
         return NoticeOutcome(verdict, self._event(session_id, reply))
@@ -225,7 +202,7 @@ class RedisJobStore:
                     self._keys.session_channel(tenant_id, session_id),
                 ],
             )
-        outcome = FinishOutcome(_str(reply[0]))
+        outcome = FinishOutcome(as_str(reply[0]))
         if outcome is not FinishOutcome.DONE:
             return outcome, None
         return outcome, self._event(session_id, reply)
@@ -235,7 +212,7 @@ class RedisJobStore:
             fields = await self._redis.hgetall(self._keys.job(tenant_id, job_id))
         if not fields:
             return None
-        f = {_str(k): _str(v) for k, v in fields.items()}
+        f = {as_str(k): as_str(v) for k, v in fields.items()}
         return Job(
             job_id=job_id,
             tenant_id=tenant_id,
@@ -263,7 +240,7 @@ class RedisJobStore:
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             due = await self._redis.zrangebyscore(deadlines, "-inf", now_ms, start=0, num=limit)
             for raw in due:
-                member = _str(raw)
+                member = as_str(raw)
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._reap(
                     keys=self._job_keys(tenant_id, session_id, job_id),
@@ -275,7 +252,7 @@ class RedisJobStore:
                         self._keys.session_channel(tenant_id, session_id),
                     ],
                 )
-                status = _str(reply[0])
+                status = as_str(reply[0])
                 if status == "later":
                     await self._redis.zadd(deadlines, {member: int(reply[1])}, xx=True)
                     continue

@@ -59,7 +59,7 @@ from registry.queue_base import (
     WorkItem,
     WorkResult,
 )
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import as_str, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ def create_queue_redis(
         client_name=client_name,
     )
     return Redis.from_pool(pool)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _Listener:
@@ -301,7 +297,7 @@ class RedisWorkQueue:
                     config.retry_cap_ms,
                 ]
             )
-        return FailOutcome(_text(outcome))
+        return FailOutcome(as_str(outcome))
 
     async def release(self, item: WorkItem) -> bool:
         with redis_errors_as_unavailable():
@@ -322,7 +318,7 @@ class RedisWorkQueue:
             item_id=item_id,
             status=ResultStatus.SUCCEEDED if done else ResultStatus.FAILED,
             value=value if done and isinstance(value, bytes) else None,
-            error=None if done else _text(error or b""),
+            error=None if done else as_str(error or b""),
             deliveries=int(deliveries or 0),
             finished_at_ms=int(finished or 0),
         )
@@ -358,7 +354,7 @@ class RedisWorkQueue:
                 return []
             pipe = self._redis.pipeline(transaction=False)
             for _, fields in entries:
-                pipe.hgetall(self._keys.work_item(self._queue, _text(fields[b"i"])))
+                pipe.hgetall(self._keys.work_item(self._queue, as_str(fields[b"i"])))
             records = await pipe.execute()
         found: list[DeadLetter] = []
         for (position, fields), record in zip(entries, records, strict=True):
@@ -366,16 +362,16 @@ class RedisWorkQueue:
                 continue
             found.append(
                 DeadLetter(
-                    item_id=_text(fields[b"i"]),
-                    tenant_id=_text(record[b"t"]),
-                    kind=_text(record[b"k"]),
+                    item_id=as_str(fields[b"i"]),
+                    tenant_id=as_str(record[b"t"]),
+                    kind=as_str(record[b"k"]),
                     payload=record.get(b"d", b""),
-                    priority=QueuePriority(_text(record[b"p"])),
-                    batch_id=_text(record[b"b"]) or None,
+                    priority=QueuePriority(as_str(record[b"p"])),
+                    batch_id=as_str(record[b"b"]) or None,
                     deliveries=int(record[b"n"]),
-                    error=_text(record.get(b"err", b"")),
+                    error=as_str(record.get(b"err", b"")),
                     dead_at_ms=int(record.get(b"f", 0)),
-                    position=_text(position),
+                    position=as_str(position),
                 )
             )
         return found

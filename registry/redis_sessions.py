@@ -10,13 +10,12 @@ then Redis drops their keys; the index forgets them lazily.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from redis.asyncio import Redis
 
 from domain.models import NewSession, Page, Session, SessionFilter, SessionState, TokenUsage
 from registry.keys import KeySpace
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
 
 # Shared Lua prelude: the Redis server's time in milliseconds.
 _NOW = """
@@ -128,13 +127,6 @@ def session_from_hash(
     )
 
 
-def _pairs_to_dict(flat: Any) -> dict[str, str]:
-    """Lua returns HGETALL as a flat list; RESP3 pipelines return a dict. Accept both."""
-    if isinstance(flat, dict):
-        return flat
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 class RedisSessionStore:
     """registry.base.SessionStore on Redis."""
 
@@ -165,7 +157,7 @@ class RedisSessionStore:
                     keys.session(tenant_id, ""),
                 ],
             )
-        return session_from_hash(tenant_id, session_id, _pairs_to_dict(raw[0]), raw[1])
+        return session_from_hash(tenant_id, session_id, pairs_to_dict(raw[0]), raw[1])
 
     async def get_session(self, tenant_id: str, session_id: str, *, touch: bool) -> Session | None:
         with redis_errors_as_unavailable():
@@ -175,7 +167,7 @@ class RedisSessionStore:
             )
         if not raw:
             return None
-        return session_from_hash(tenant_id, session_id, _pairs_to_dict(raw[0]), raw[1])
+        return session_from_hash(tenant_id, session_id, pairs_to_dict(raw[0]), raw[1])
 
     async def close_session(self, tenant_id: str, session_id: str) -> Session | None:
         with redis_errors_as_unavailable():
@@ -185,7 +177,7 @@ class RedisSessionStore:
             )
         if not raw:
             return None
-        return session_from_hash(tenant_id, session_id, _pairs_to_dict(raw[0]), raw[1])
+        return session_from_hash(tenant_id, session_id, pairs_to_dict(raw[0]), raw[1])
 
     async def list_sessions(
         self, tenant_id: str, *, limit: int, after: str | None, filter: SessionFilter
@@ -215,7 +207,7 @@ class RedisSessionStore:
                 for i, session_id in enumerate(ids):
                     examined += 1
                     cursor = session_id
-                    fields = _pairs_to_dict(replies[1 + 2 * i])
+                    fields = pairs_to_dict(replies[1 + 2 * i])
                     if not fields:
                         vanished.append(session_id)
                         continue

@@ -14,17 +14,13 @@ from domain.models import TokenUsage
 from domain.usage import DayUsage
 from registry import redis_job_scripts as scripts
 from registry.keys import KeySpace
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import as_str, redis_errors_as_unavailable
 
 _AGENT = "agent:"
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def day_usage_from_hash(day: int, raw: dict[Any, Any]) -> DayUsage:
-    fields = {_str(k): int(_str(v)) for k, v in raw.items()}
+    fields = {as_str(k): int(as_str(v)) for k, v in raw.items()}
     agents = {k[len(_AGENT) :]: v for k, v in fields.items() if k.startswith(_AGENT)}
     return DayUsage(
         day=day,
@@ -70,7 +66,7 @@ class RedisEmbeddingCache:
     async def get_result(self, tenant_id: str, key: str) -> str | None:
         with redis_errors_as_unavailable():
             raw = await self._redis.get(self._keys.embedding_cache(tenant_id, key))
-        return None if raw is None else _str(raw)
+        return None if raw is None else as_str(raw)
 
     async def put_result(self, tenant_id: str, key: str, result_json: str, ttl_ms: int) -> None:
         with redis_errors_as_unavailable():

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +162,6 @@ def open_rate_limiter(registry: Registry, settings: Settings) -> RateLimiter:
     return MemoryRateLimiter()
 
 
-@dataclass
-class Lifecycle:
-    """Shared shutdown signal: long-lived stream handlers end cleanly once it is set."""
-
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 class OrchestratorServer:
     """One server process: build with settings, ``start()``, then ``stop()``."""
 
@@ -209,7 +201,6 @@ class OrchestratorServer:
         self.tracer_provider = tracer_provider
         # More services behind the same interceptors (tests and benchmarks use it).
         self.extra_handlers = tuple(extra_handlers)
-        self.lifecycle = Lifecycle()
         self.api_keys = ApiKeyManager(self.registry.api_keys)
         # Authenticates bearer API keys; the WebSocket bridge reuses it.
         self.authenticator = Authenticator(self.api_keys)
@@ -354,7 +345,6 @@ class OrchestratorServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
-        self.lifecycle.stopping.set()
         # Batch items in flight get the grace period before their streams are ended below.
         await self.batch.aclose()
         await self.reaper.stop()

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from domain.errors import DomainError, PermissionDenied, Unavailable
-from domain.identity import Caller, Role
+from domain.identity import Caller
 from domain.notices import NoticeProcessor
 from handlers.ws_notices import NoticeShapeError, notice_from_json, verdict_to_json
 
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 PATH = "/ws/task_updates"
 
-# Identifies the caller of an upgrade request from its headers; raises DomainError to refuse.
+# Identifies the caller of an upgrade request from its headers and checks it has the service
+# role; raises DomainError (PermissionDenied for the wrong role) to refuse.
 Authenticator = Callable[[dict[str, str]], Awaitable[Caller]]
 
 
@@ -60,15 +61,13 @@ class WebSocketBridge:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            caller = await self._authenticate(headers)
+            await self._authenticate(headers)
         except PermissionDenied as exc:
             return web.json_response({"error": exc.message}, status=403)
         except Unavailable as exc:
             return web.json_response({"error": exc.message}, status=503)
         except DomainError as exc:
             return web.json_response({"error": exc.message}, status=401)
-        if caller.role is not Role.SERVICE:
-            return web.json_response({"error": "this endpoint needs the service role"}, status=403)
         socket = web.WebSocketResponse(max_msg_size=self._max_message_bytes, heartbeat=30.0)
         await socket.prepare(request)
         index = 0
