@@ -18,7 +18,7 @@ from domain.batches import BatchManager
 from domain.chat import ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
 from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from domain.jobs import EventKind, SessionEvent
+from domain.jobs import EventKind, IfBusy, SessionEvent
 from registry.batch_base import BatchStore
 from registry.queue_base import WorkItem
 
@@ -90,6 +90,9 @@ class BatchRunner:
             kind=kind.work_kind,
             model=spec.get("model", ""),
             collections=tuple(spec.get("collections") or ()),
+            # The batch's own session runs its items side by side; a user's session runs
+            # them in order with its other messages.
+            if_busy=IfBusy.HOLD if kind is ItemKind.CHAT_MESSAGE else IfBusy.RUN,
         )
         try:
             outcome = await self._run(ctx, batch_id, index, message)

@@ -6,6 +6,11 @@ events, record the job (accepted event), hand it to the service with the orchest
 job id, then stream the job's events until its final one. Because the job is recorded before the
 service sees it, a notice can never arrive for a job the orchestrator does not know yet.
 
+A session runs its messages in order: a message sent while the session has jobs in flight is
+recorded QUEUED behind them (or refused, if the request asks), and background messages are
+always queued; queued jobs go through the ``chat`` work queue (domain.queued_chat), whose worker
+starts each one when its turn comes. The sender's stream is the same either way.
+
 Embedding work whose (model, text) is in the embedding cache (domain.embedding_cache) takes the
 same path, except that the job is completed from the cached result (usage 0) instead of being
 handed to the service.
@@ -20,22 +25,35 @@ from typing import Any
 
 from domain.dispatch import CallContext, Dispatcher, DownstreamError, WorkRequest
 from domain.embedding_cache import EmbeddingResultCache
-from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from domain.event_stream import SessionFollower
 from domain.ids import is_resource_id, new_id
 from domain.jobs import (
+    ActivateOutcome,
     EventDraft,
     EventKind,
     FinishOutcome,
+    IfBusy,
     JobLimits,
+    JobState,
     NewJob,
     SessionEvent,
+    StartedJob,
     StartRefused,
 )
 from domain.models import Service, WorkKind
+from domain.queued_chat import QueuedChat
 from domain.sessions import SessionManager, require_session_id
 from domain.usage import TokenBudget
 from registry.base import EventLog, JobStore
+from registry.fanout import Feed
+from registry.queue_base import QueuePriority, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +72,11 @@ class ChatMessage:
     kind: WorkKind = WorkKind.LLM_QUERY
     model: str = ""
     collections: Sequence[str] = field(default_factory=tuple)
-    reject_if_busy: bool = False
+    # When the session has jobs in flight: wait behind them (default), refuse, or run anyway.
+    if_busy: IfBusy = IfBusy.HOLD
+    # Go through the work queue at ``priority`` even when the session is idle.
+    background: bool = False
+    priority: QueuePriority = QueuePriority.NORMAL
 
 
 def require_job_id(value: str, field: str = "job_id") -> str:
@@ -98,8 +120,11 @@ class ChatOrchestrator:
         *,
         budget: TokenBudget | None = None,
         embedding_cache: EmbeddingResultCache | None = None,
+        queue: WorkQueue | None = None,
         idle_check_s: float = 30.0,
     ) -> None:
+        """``queue`` is the ``chat`` work queue that queued jobs go through; without one,
+        background messages are refused and busy sessions run messages side by side."""
         self._sessions = sessions
         self._jobs = jobs
         self._events = events
@@ -107,21 +132,20 @@ class ChatOrchestrator:
         self._limits = limits
         self._budget = budget
         self._cache = embedding_cache
+        self._queue = queue
         self._idle_check_s = idle_check_s
 
     async def send(self, ctx: CallContext, message: ChatMessage) -> AsyncIterator[SessionEvent]:
         """Start a job for the message and yield its events, ending with its final one."""
         validate_message(message)
+        if message.background and self._queue is None:
+            raise Unavailable("background work is not available: no work queue is configured")
         tenant_id = ctx.tenant_id
         session = await self._sessions.get_open(tenant_id, message.session_id)
         if self._budget is not None:
             await self._budget.check(tenant_id)
-        cache_key = ""
-        cached: dict[str, Any] | None = None
         cache = self._cache
-        if cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING:
-            cache_key = cache.key_for(message.model, message.content)
-            cached = await cache.lookup(tenant_id, cache_key)
+        cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
         job = NewJob(
             job_id=new_id(),
             session_id=session.session_id,
@@ -131,49 +155,146 @@ class ChatOrchestrator:
             content=message.content,
             request_id=ctx.request_id,
             model=message.model,
-            # A hit needs no fill; a miss remembers where its result goes.
-            cache_key=cache_key if cached is None else "",
+            # Where a completed result goes (a cache hit completes the job and fills nothing).
+            cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
         )
+        if_busy = message.if_busy
+        if if_busy is IfBusy.HOLD and self._queue is None:
+            if_busy = IfBusy.RUN
         async with self._events.subscribe(tenant_id, session.session_id) as feed:
             started = await self._jobs.start_job(
-                tenant_id, job, self._limits, reject_if_busy=message.reject_if_busy
+                tenant_id, job, self._limits, if_busy=if_busy, hold=message.background
             )
             if isinstance(started, StartRefused):
                 raise _refusal(started, session.session_id)
-            yield started.accepted
-            if cached is not None:
-                await self._complete_from_cache(ctx, job, cached)
+            if started.queued:
+                await self._enqueue(ctx, job, started, message)
+                yield started.accepted
             else:
-                await self._dispatch(ctx, job, session.agent_id, message)
-            follower = SessionFollower(
-                self._events,
-                feed,
-                tenant_id,
-                session.session_id,
-                still_open=lambda: self._is_open(tenant_id, session.session_id),
-                idle_check_s=self._idle_check_s,
-            )
+                yield started.accepted
+                await self._launch(ctx, job, message.collections)
             # The feed was subscribed before the job existed, so every later event arrives on
             # it: no initial read of the log (a gap or lag still triggers one).
-            async for event in follower.events(started.accepted.sequence, catch_up=False):
-                if event.job_id != job.job_id:
-                    continue
+            async for event in self._job_events(
+                feed, tenant_id, job.job_id, started.accepted.sequence, catch_up=False
+            ):
                 yield event
-                if event.kind.is_final:
-                    return
 
-    async def _dispatch(
-        self, ctx: CallContext, job: NewJob, agent_id: str, message: ChatMessage
+    async def _job_events(
+        self, feed: Feed, tenant_id: str, job_id: str, after: int, *, catch_up: bool
+    ) -> AsyncIterator[SessionEvent]:
+        """The job's events on the session after ``after``, up to and including its final one
+        (fewer if the session closes first)."""
+        session_id = feed.key[1]
+        follower = SessionFollower(
+            self._events,
+            feed,
+            tenant_id,
+            session_id,
+            still_open=lambda: self._is_open(tenant_id, session_id),
+            idle_check_s=self._idle_check_s,
+        )
+        async for event in follower.events(after, catch_up=catch_up):
+            if event.job_id != job_id:
+                continue
+            yield event
+            if event.kind.is_final:
+                return
+
+    async def _enqueue(
+        self, ctx: CallContext, job: NewJob, started: StartedJob, message: ChatMessage
     ) -> None:
-        work = WorkRequest(
-            job_id=job.job_id,
+        """Put a queued job on the work queue; if that fails the job fails with it."""
+        assert self._queue is not None  # start_job only queues when there is a queue
+        queued = QueuedChat(
             tenant_id=ctx.tenant_id,
+            job_id=job.job_id,
             session_id=job.session_id,
-            agent_id=agent_id,
+            request_id=job.request_id,
+            accepted_sequence=started.accepted.sequence,
             kind=job.kind,
             content=job.content,
             model=job.model,
             collections=tuple(message.collections),
+        )
+        try:
+            await self._queue.enqueue([queued.work_item(message.priority)])
+        except Unavailable as exc:
+            error = {"code": "unavailable", "message": exc.message, "retryable": True}
+            draft = EventDraft(job.job_id, EventKind.FAILED, job.request_id, {"error": error})
+            await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
+            raise
+
+    async def run_queued(self, queued: QueuedChat) -> SessionEvent | None:
+        """Run a queued job when its turn comes and return its final event (the ``chat`` work
+        queue's handler, via domain.queued_chat). None when there was nothing to run: the job
+        already ended, or it is unknown."""
+        tenant_id, job_id = queued.tenant_id, queued.job_id
+        ctx = CallContext(tenant_id=tenant_id, request_id=queued.request_id)
+        async with self._events.subscribe(tenant_id, queued.session_id) as feed:
+            while True:
+                outcome = await self._jobs.activate_job(tenant_id, job_id, self._limits)
+                if outcome is ActivateOutcome.WAIT:
+                    await self._until_a_job_ends(feed)
+                    continue
+                break
+            if outcome in (ActivateOutcome.FINAL, ActivateOutcome.UNKNOWN_JOB):
+                return None
+            if outcome is ActivateOutcome.SESSION_NOT_OPEN:
+                reason = {"reason": "the session closed before the job's turn came"}
+                draft = EventDraft(job_id, EventKind.CANCELLED, queued.request_id, reason)
+                _, event = await self._jobs.finish_job(tenant_id, job_id, draft, self._limits)
+                return event
+            record = await self._jobs.get_job(tenant_id, job_id)
+            if record is None:
+                return None
+            if record.state is JobState.PENDING:
+                # STARTED now, or by an earlier delivery that died around the hand-off: hand it
+                # over (again: at least once; its service reports under the same job id).
+                job = NewJob(
+                    job_id=job_id,
+                    session_id=record.session_id,
+                    agent_id=record.agent_id,
+                    service=record.service,
+                    kind=record.kind,
+                    content=queued.content,
+                    request_id=record.request_id,
+                    model=record.model,
+                    cache_key=record.cache_key,
+                )
+                await self._launch(ctx, job, queued.collections)
+            async for event in self._job_events(
+                feed, tenant_id, job_id, queued.accepted_sequence, catch_up=True
+            ):
+                if event.kind.is_final:
+                    return event
+        return None
+
+    async def _until_a_job_ends(self, feed: Feed) -> None:
+        """Wait until the session's feed shows a final event (or may have missed one), or the
+        idle check interval passes."""
+        while await feed.wait(self._idle_check_s):
+            events = feed.drain()
+            if feed.lagging or feed.closed or any(e.kind.is_final for e in events):
+                feed.lagging = False
+                return
+
+    async def _launch(self, ctx: CallContext, job: NewJob, collections: Sequence[str]) -> None:
+        """Complete a started job from the embedding cache, or hand it to its service."""
+        if job.cache_key and self._cache is not None:
+            cached = await self._cache.lookup(ctx.tenant_id, job.cache_key)
+            if cached is not None:
+                await self._complete_from_cache(ctx, job, cached)
+                return
+        work = WorkRequest(
+            job_id=job.job_id,
+            tenant_id=ctx.tenant_id,
+            session_id=job.session_id,
+            agent_id=job.agent_id,
+            kind=job.kind,
+            content=job.content,
+            model=job.model,
+            collections=tuple(collections),
         )
         try:
             await self._dispatcher.submit(work, ctx)
@@ -239,6 +360,8 @@ class ChatOrchestrator:
             raise FailedPrecondition(f"job {job_id} has already finished")
         if outcome is FinishOutcome.UNKNOWN_JOB or event is None:
             raise NotFound(f"job {job_id} not found in session {session_id}")
+        if job.state is JobState.QUEUED:
+            return event  # never handed to its service; its work item will find it final
         try:
             await self._dispatcher.cancel(job.service, job_id, ctx)
         except DownstreamError as exc:

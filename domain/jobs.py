@@ -2,7 +2,12 @@
 
 A job is one piece of work handed to a downstream service. Its state machine is
 
-    pending -> running -> completed | failed | timed_out | cancelled
+    [queued ->] pending -> running -> completed | failed | timed_out | cancelled
+
+A job starts QUEUED when it must wait for its turn: background work, or a message sent while the
+session already has jobs in flight. A queued job is handed to its service (QUEUED -> PENDING)
+only once every job its session accepted before it has finished; it can be cancelled or time
+out while it waits.
 
 and every transition is atomic in the registry, so a duplicate or late notice changes nothing.
 Everything that happens to a job becomes a SessionEvent with a per-session, strictly increasing
@@ -20,6 +25,7 @@ from domain.models import Service, TokenUsage, WorkKind
 
 
 class JobState(enum.StrEnum):
+    QUEUED = "queued"
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -29,7 +35,7 @@ class JobState(enum.StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self not in (JobState.PENDING, JobState.RUNNING)
+        return self not in (JobState.QUEUED, JobState.PENDING, JobState.RUNNING)
 
 
 class EventKind(enum.StrEnum):
@@ -59,9 +65,9 @@ class SessionEvent:
     """One event of a session as stored and fanned out.
 
     ``data`` holds the kind's payload as plain JSON-compatible values:
-    accepted {service, kind, content, deadline_ms}; progress {fraction, message}; delta {text};
-    completed {result, usage}; failed {error}; timed_out {deadline_ms}; cancelled {reason};
-    history_truncated {requested_after, oldest_retained}.
+    accepted {service, kind, content, deadline_ms[, queued]}; progress {fraction, message};
+    delta {text}; completed {result, usage}; failed {error}; timed_out {deadline_ms};
+    cancelled {reason}; history_truncated {requested_after, oldest_retained}.
     """
 
     session_id: str
@@ -103,6 +109,8 @@ class JobLimits:
     heartbeat_ms: int
     # How long finished jobs stay readable.
     retention_ms: int
+    # A queued job times out if its turn has not come this long after it was accepted.
+    queue_timeout_ms: int = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,20 +129,25 @@ class NewJob:
     # (domain.embedding_cache).
     cache_key: str = ""
 
-    def recorded(self, tenant_id: str, now_ms: int, limits: JobLimits) -> Job:
-        """The PENDING job a store records for this at ``now_ms``."""
+    def recorded(
+        self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
+    ) -> Job:
+        """The job a store records for this at ``now_ms``: PENDING, or QUEUED (whose deadlines
+        are the queue timeout until its turn comes)."""
+        deadline_ms = now_ms + (limits.queue_timeout_ms if queued else limits.deadline_ms)
+        heartbeat_ms = deadline_ms if queued else now_ms + limits.heartbeat_ms
         return Job(
             job_id=self.job_id,
             tenant_id=tenant_id,
             session_id=self.session_id,
             service=self.service,
             kind=self.kind,
-            state=JobState.PENDING,
+            state=JobState.QUEUED if queued else JobState.PENDING,
             request_id=self.request_id,
             created_at_ms=now_ms,
             updated_at_ms=now_ms,
-            deadline_ms=now_ms + limits.deadline_ms,
-            heartbeat_deadline_ms=now_ms + limits.heartbeat_ms,
+            deadline_ms=deadline_ms,
+            heartbeat_deadline_ms=heartbeat_ms,
             agent_id=self.agent_id,
             model=self.model,
             cache_key=self.cache_key,
@@ -204,6 +217,33 @@ class NoticeOutcome:
     detail: str = ""
 
 
+class IfBusy(enum.StrEnum):
+    """What starting a job does when its session already has jobs in flight (queued or not)."""
+
+    # Start it now regardless (a batch's own session runs its items side by side).
+    RUN = "run"
+    # Refuse: StartRefused.SESSION_BUSY.
+    REJECT = "reject"
+    # Record it QUEUED, behind them.
+    HOLD = "hold"
+
+
+class ActivateOutcome(enum.StrEnum):
+    """What asking to start a QUEUED job found."""
+
+    # Now PENDING: hand it to its service.
+    STARTED = "started"
+    # Jobs its session accepted before it are still in flight.
+    WAIT = "wait"
+    # Already PENDING or RUNNING: an earlier delivery of its work item started it.
+    ALREADY_STARTED = "already_started"
+    # Finished while it waited (cancelled or timed out).
+    FINAL = "final"
+    UNKNOWN_JOB = "unknown_job"
+    # Its session was closed or expired while it waited.
+    SESSION_NOT_OPEN = "session_not_open"
+
+
 class StartRefused(enum.StrEnum):
     """Why a job could not be recorded for a session."""
 
@@ -216,6 +256,11 @@ class StartRefused(enum.StrEnum):
 class StartedJob:
     job: Job
     accepted: SessionEvent
+
+    @property
+    def queued(self) -> bool:
+        """Whether the job waits for its turn instead of going to its service now."""
+        return self.job.state is JobState.QUEUED
 
 
 class FinishOutcome(enum.StrEnum):

@@ -27,6 +27,7 @@ _ROLE_TO_PB = {
 }
 _ROLE_FROM_PB = {value: role.value for role, value in _ROLE_TO_PB.items()}
 _STATE_TO_PB = {
+    JobState.QUEUED: admin_pb2.TASK_STATE_QUEUED,
     JobState.PENDING: admin_pb2.TASK_STATE_PENDING,
     JobState.RUNNING: admin_pb2.TASK_STATE_RUNNING,
     JobState.COMPLETED: admin_pb2.TASK_STATE_COMPLETED,

@@ -9,14 +9,30 @@ from typing import Any
 import grpc
 
 from domain.chat import ChatMessage, ChatOrchestrator
+from domain.errors import InvalidArgument
 from domain.identity import current_caller
-from domain.jobs import SessionEvent
+from domain.jobs import IfBusy, SessionEvent
+from handlers.batch_converters import priority_from_pb
 from handlers.call_context import call_context
 from handlers.errors import stream_errors, unary_errors
 from handlers.event_converters import event_to_pb, work_kind_from_pb
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+_IF_BUSY_FROM_PB = {
+    chat_pb2.BUSY_POLICY_UNSPECIFIED: IfBusy.HOLD,
+    chat_pb2.BUSY_POLICY_QUEUE: IfBusy.HOLD,
+    chat_pb2.BUSY_POLICY_REJECT: IfBusy.REJECT,
+}
+
+
+def if_busy_from_pb(policy: chat_pb2.BusyPolicy.ValueType) -> IfBusy:
+    try:
+        return _IF_BUSY_FROM_PB[policy]
+    except KeyError:
+        raise InvalidArgument.field("busy_policy", f"unknown value {int(policy)}") from None
 
 
 class ResponseCache:
@@ -60,7 +76,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             kind=work_kind_from_pb(request.kind),
             model=request.model,
             collections=tuple(request.collections),
-            reject_if_busy=request.busy_policy == chat_pb2.BUSY_POLICY_REJECT,
+            if_busy=if_busy_from_pb(request.busy_policy),
+            background=request.background,
+            priority=priority_from_pb(request.priority),
         )
         async for event in self._chat.send(call_context(context), message):
             yield chat_pb2.SendMessageResponse(event=event_to_pb(event))

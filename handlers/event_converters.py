@@ -118,6 +118,7 @@ def event_to_pb(event: SessionEvent) -> chat_pb2.ChatEvent:
                 kind=_KIND_TO_PB[WorkKind(data["kind"])],
                 content=data.get("content", ""),
                 deadline=timestamp_from_ms(int(data["deadline_ms"])),
+                queued=bool(data.get("queued", False)),
             )
         )
     elif kind is EventKind.PROGRESS:

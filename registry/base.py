@@ -8,9 +8,11 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from domain.jobs import (
+    ActivateOutcome,
     EventDraft,
     EventPage,
     FinishOutcome,
+    IfBusy,
     Job,
     JobLimits,
     NewJob,
@@ -76,11 +78,18 @@ class JobStore(Protocol):
     and publishes it to every process following the session."""
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
     ) -> StartedJob | StartRefused:
-        """Record a PENDING job on an open session (which becomes BUSY, counts the message and
-        lists the job as pending) and append its accepted event. The job turns RUNNING with
-        the service's first notice."""
+        """Record a job on an open session (which becomes BUSY, counts the message and lists
+        the job as in flight) and append its accepted event. The job is PENDING, or QUEUED at
+        the back of the session's line (accepted data ``queued: true``) when ``hold`` is set or
+        the session is busy and ``if_busy`` is HOLD.
+        A PENDING job turns RUNNING with the service's first notice."""
+        ...
+
+    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+        """Turn a QUEUED job PENDING (fresh deadlines) if it is first in its session's line
+        and no job accepted before it is still in flight; otherwise say why not."""
         ...
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:

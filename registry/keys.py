@@ -33,6 +33,10 @@ class KeySpace:
         """Set of the session's job ids in flight."""
         return f"{self.tenant_tag(tenant_id)}:session:{session_id}:pending"
 
+    def session_line(self, tenant_id: str, session_id: str) -> str:
+        """List of the session's QUEUED job ids, oldest first: the order they start in."""
+        return f"{self.tenant_tag(tenant_id)}:session:{session_id}:line"
+
     def session_index(self, tenant_id: str) -> str:
         """Sorted set (all scores 0) of the tenant's session ids; ids sort by creation time."""
         return f"{self.tenant_tag(tenant_id)}:sessions"

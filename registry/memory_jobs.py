@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.jobs import (
+    ActivateOutcome,
     EventDraft,
     EventKind,
     EventPage,
     FinishOutcome,
+    IfBusy,
     Job,
     JobLimits,
     JobState,
@@ -129,6 +131,8 @@ class MemoryJobStore:
         self._jobs: dict[str, Job] = {}
         self._expires: dict[str, int] = {}  # job id -> when the record is dropped
         self._deadlines: list[tuple[int, str]] = []  # heap of (due, job id), a hint
+        # (tenant, session) -> the session's QUEUED job ids, oldest first.
+        self._lines: dict[tuple[str, str], deque[str]] = {}
 
     def _job(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
@@ -141,6 +145,9 @@ class MemoryJobStore:
         session = self._sessions.peek(job.tenant_id, job.session_id)
         if session is None:
             return
+        line = self._lines.get((job.tenant_id, job.session_id))
+        if line is not None and job.job_id in line:
+            line.remove(job.job_id)
         pending = tuple(j for j in session.pending_job_ids if j != job.job_id)
         changes: dict[str, Any] = {"pending_job_ids": pending}
         if session.state is SessionState.BUSY and not pending:
@@ -150,21 +157,26 @@ class MemoryJobStore:
         self._sessions.put(replace(session, **changes))
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
     ) -> StartedJob | StartRefused:
         session = self._sessions.peek(tenant_id, new.session_id)
         if session is None:
             return StartRefused.SESSION_MISSING
         if not session.state.is_open:
             return StartRefused.SESSION_NOT_OPEN
-        if reject_if_busy and session.pending_job_ids:
+        busy = bool(session.pending_job_ids)
+        if if_busy is IfBusy.REJECT and busy:
             return StartRefused.SESSION_BUSY
+        queued = hold or (if_busy is IfBusy.HOLD and busy)
         now = self._clock()
-        job = new.recorded(tenant_id, now, limits)
+        job = new.recorded(tenant_id, now, limits, queued=queued)
         self._jobs[new.job_id] = job
-        self._expires[new.job_id] = now + limits.deadline_ms + limits.retention_ms
+        lifetime = limits.queue_timeout_ms + limits.deadline_ms if queued else limits.deadline_ms
+        self._expires[new.job_id] = now + lifetime + limits.retention_ms
         due = min(job.deadline_ms, job.heartbeat_deadline_ms)
         heapq.heappush(self._deadlines, (due, new.job_id))
+        if queued:
+            self._lines.setdefault((tenant_id, new.session_id), deque()).append(new.job_id)
         self._sessions.put(
             replace(
                 session,
@@ -174,19 +186,52 @@ class MemoryJobStore:
                 pending_job_ids=tuple(sorted((*session.pending_job_ids, new.job_id))),
             )
         )
-        data = {
+        data: dict[str, Any] = {
             "service": new.service.value,
             "kind": new.kind.value,
             "content": new.content,
             "model": new.model,
             "deadline_ms": due,
         }
+        if queued:
+            data["queued"] = True
         event = self._events.append(
             tenant_id,
             new.session_id,
             EventDraft(new.job_id, EventKind.ACCEPTED, new.request_id, data),
         )
         return StartedJob(job, event)
+
+    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+        job = self._job(job_id)
+        if job is None or job.tenant_id != tenant_id:
+            return ActivateOutcome.UNKNOWN_JOB
+        if job.state in (JobState.PENDING, JobState.RUNNING):
+            return ActivateOutcome.ALREADY_STARTED
+        if job.state.is_final:
+            return ActivateOutcome.FINAL
+        session = self._sessions.peek(tenant_id, job.session_id)
+        if session is None or not session.state.is_open:
+            return ActivateOutcome.SESSION_NOT_OPEN
+        line = self._lines.get((tenant_id, job.session_id))
+        # Its turn: first in the line, and every job in flight is in the line (none started).
+        if not line or line[0] != job_id or len(session.pending_job_ids) > len(line):
+            return ActivateOutcome.WAIT
+        line.popleft()
+        if not line:
+            del self._lines[(tenant_id, job.session_id)]
+        now = self._clock()
+        job = replace(
+            job,
+            state=JobState.PENDING,
+            updated_at_ms=now,
+            deadline_ms=now + limits.deadline_ms,
+            heartbeat_deadline_ms=now + limits.heartbeat_ms,
+        )
+        self._jobs[job_id] = job
+        self._expires[job_id] = now + limits.deadline_ms + limits.retention_ms
+        heapq.heappush(self._deadlines, (min(job.deadline_ms, job.heartbeat_deadline_ms), job_id))
+        return ActivateOutcome.STARTED
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         job = self._job(notice.job_id)
@@ -196,6 +241,8 @@ class MemoryJobStore:
             return NoticeOutcome(Verdict.WRONG_TENANT)
         if job.service is not notice.service:
             return NoticeOutcome(Verdict.WRONG_SERVICE)
+        if job.state is JobState.QUEUED:  # not handed to any service yet
+            return NoticeOutcome(Verdict.UNKNOWN_JOB)
         sequence = notice.sequence or job.last_notice_sequence + 1  # 0: unnumbered
         if sequence <= job.last_notice_sequence:
             return NoticeOutcome(Verdict.DUPLICATE)

@@ -1,9 +1,10 @@
 """Lua scripts of the Redis job store. Each one changes a job, its session's bookkeeping and the
 session's event log in one atomic step, with Redis's own clock.
 
-Every script takes the same five keys, all under the tenant's hash tag (one cluster slot):
-KEYS[1] job hash, KEYS[2] session hash, KEYS[3] session pending set, KEYS[4] session event
-sequence counter, KEYS[5] session event stream. Every script returns
+Every script takes the same six keys, all under the tenant's hash tag (one cluster slot):
+KEYS[1] job hash, KEYS[2] session hash, KEYS[3] session pending set (every job in flight,
+queued or not), KEYS[4] session event sequence counter, KEYS[5] session event stream, KEYS[6]
+session line (list of its QUEUED jobs, oldest first). Every script returns
 ``{status, sequence, now, envelope}`` (only status when nothing was appended).
 
 Event envelopes are assembled here by concatenation: the job id is validated by the caller, the
@@ -31,22 +32,25 @@ local function append(env, maxlen, ttl, channel)
   return seq
 end
 
--- The job left the session's pending set; an idle busy session becomes active again.
+-- The job left the session's pending set (and its line, if it was queued); an idle busy
+-- session becomes active again.
 local function release(job_id)
   redis.call('SREM', KEYS[3], job_id)
+  redis.call('LREM', KEYS[6], 1, job_id)
   if redis.call('HGET', KEYS[2], 'state') == 'busy' and redis.call('SCARD', KEYS[3]) == 0 then
     redis.call('HSET', KEYS[2], 'state', 'active', 'updated', now)
   end
 end
 
 local function is_final(state)
-  return state ~= 'pending' and state ~= 'running'
+  return state ~= 'pending' and state ~= 'running' and state ~= 'queued'
 end
 """
 
 # ARGV: 1 job_id, 2 session_id, 3 service, 4 kind, 5 request_json, 6 agent_id, 7 model,
 # 8 accepted data JSON without its closing brace, 9 deadline_ms, 10 heartbeat_ms,
-# 11 job retention_ms, 12 reject_if_busy, 13 maxlen, 14 ttl, 15 channel, 16 cache key
+# 11 job retention_ms, 12 if busy (run | reject | hold), 13 maxlen, 14 ttl, 15 channel,
+# 16 cache key, 17 queue timeout_ms, 18 hold ('1': queue it even on an idle session)
 START = (
     _PRELUDE
     + """
@@ -55,20 +59,36 @@ local s = redis.call('HMGET', KEYS[2], 'state', 'expires')
 if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2]) then
   return {'session_not_open'}
 end
-if ARGV[12] == '1' and redis.call('SCARD', KEYS[3]) > 0 then return {'session_busy'} end
+local busy = redis.call('SCARD', KEYS[3]) > 0
+if ARGV[12] == 'reject' and busy then return {'session_busy'} end
+local queued = ARGV[18] == '1' or (ARGV[12] == 'hold' and busy)
+local state = 'pending'
+local lifetime = tonumber(ARGV[9])
 local deadline = now + tonumber(ARGV[9])
 local hb = now + tonumber(ARGV[10])
+if queued then
+  state = 'queued'
+  lifetime = tonumber(ARGV[17]) + tonumber(ARGV[9])
+  deadline = now + tonumber(ARGV[17])
+  hb = deadline
+end
 redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV[4],
-  'state', 'pending', 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
+  'state', state, 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
   'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[9]) + tonumber(ARGV[11]))
+redis.call('PEXPIRE', KEYS[1], lifetime + tonumber(ARGV[11]))
 redis.call('SADD', KEYS[3], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+if queued then
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[6], ttl) end
+end
 redis.call('HINCRBY', KEYS[2], 'msgs', 1)
 redis.call('HSET', KEYS[2], 'state', 'busy', 'updated', now)
-local data = ARGV[8] .. ',"deadline_ms":' .. math.min(deadline, hb) .. '}'
+local data = ARGV[8] .. ',"deadline_ms":' .. math.min(deadline, hb)
+if queued then data = data .. ',"queued":true' end
+data = data .. '}'
 local env = envelope(ARGV[1], ARGV[5], 'accepted', data)
 local seq = append(env, ARGV[13], tonumber(ARGV[14]), ARGV[15])
 return {'ok', seq, now, env}
@@ -89,6 +109,8 @@ NOTICE = (
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', KEYS[1], 'service', 'state', 'nseq', 'request')
 if f[1] ~= ARGV[2] then return {'wrong_service'} end
+-- A queued job has not been handed to any service yet.
+if f[2] == 'queued' then return {'unknown_job'} end
 -- Sequence 0: the sender does not number its notices; apply in arrival order.
 local n = tonumber(ARGV[3])
 if n == 0 then n = tonumber(f[3]) + 1 elseif n <= tonumber(f[3]) then return {'duplicate'} end
@@ -122,6 +144,33 @@ end
 local env = envelope(ARGV[1], f[4], event, ARGV[5])
 local seq = append(env, ARGV[11], tonumber(ARGV[12]), ARGV[13])
 return {'accepted', seq, now, env}
+"""
+)
+
+# ARGV: 1 job_id, 2 deadline_ms, 3 heartbeat_ms, 4 job retention_ms.
+# Returns {'started', due} (due: the new deadline) or {reason} (domain.jobs.ActivateOutcome).
+ACTIVATE = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown_job'} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'pending' or state == 'running' then return {'already_started'} end
+if state ~= 'queued' then return {'final'} end
+local s = redis.call('HMGET', KEYS[2], 'state', 'expires')
+if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2] or '0') then
+  return {'session_not_open'}
+end
+-- Its turn: first in the line, and every job in flight is in the line (none started).
+if redis.call('LINDEX', KEYS[6], 0) ~= ARGV[1]
+    or redis.call('SCARD', KEYS[3]) > redis.call('LLEN', KEYS[6]) then
+  return {'wait'}
+end
+redis.call('LPOP', KEYS[6])
+local deadline = now + tonumber(ARGV[2])
+local hb = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'pending', 'updated', now, 'deadline', deadline, 'hb', hb)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[4]))
+return {'started', math.min(deadline, hb)}
 """
 )
 

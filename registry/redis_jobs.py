@@ -17,8 +17,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from domain.jobs import (
+    ActivateOutcome,
     EventDraft,
     FinishOutcome,
+    IfBusy,
     Job,
     JobLimits,
     JobState,
@@ -63,6 +65,7 @@ class RedisJobStore:
         self._notice = redis.register_script(scripts.NOTICE)
         self._finish = redis.register_script(scripts.FINISH)
         self._reap = redis.register_script(scripts.REAP)
+        self._activate = redis.register_script(scripts.ACTIVATE)
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -74,6 +77,7 @@ class RedisJobStore:
             k.session_pending(tenant_id, session_id),
             k.session_event_seq(tenant_id, session_id),
             k.session_events(tenant_id, session_id),
+            k.session_line(tenant_id, session_id),
         ]
 
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
@@ -97,7 +101,7 @@ class RedisJobStore:
         return tenant_id, session_id
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, reject_if_busy: bool
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
     ) -> StartedJob | StartRefused:
         keys = self._keys
         accepted = {
@@ -106,7 +110,7 @@ class RedisJobStore:
             "content": new.content,
             "model": new.model,
         }
-        index_ttl = limits.deadline_ms + limits.retention_ms
+        index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         with redis_errors_as_unavailable():
             # One round trip; the index is written first so that a notice can never find a job
             # it cannot locate.
@@ -126,11 +130,13 @@ class RedisJobStore:
                     limits.deadline_ms,
                     limits.heartbeat_ms,
                     limits.retention_ms,
-                    "1" if reject_if_busy else "0",
+                    if_busy.value,
                     self._log.max_events,
                     self._log.ttl_ms,
                     keys.session_channel(tenant_id, new.session_id),
                     new.cache_key,
+                    limits.queue_timeout_ms,
+                    "1" if hold else "0",
                 ],
                 client=pipe,
             )
@@ -145,8 +151,27 @@ class RedisJobStore:
                 keys.job_deadlines(),
                 {f"{tenant_id} {new.session_id} {new.job_id}": event.data["deadline_ms"]},
             )
-        job = new.recorded(tenant_id, event.time_ms, limits)
+        job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
         return StartedJob(job, event)
+
+    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+        located = await self._locate(job_id)
+        if located is None or located[0] != tenant_id:
+            return ActivateOutcome.UNKNOWN_JOB
+        session_id = located[1]
+        with redis_errors_as_unavailable():
+            reply = await self._activate(
+                keys=self._job_keys(tenant_id, session_id, job_id),
+                args=[job_id, limits.deadline_ms, limits.heartbeat_ms, limits.retention_ms],
+            )
+            outcome = ActivateOutcome(as_str(reply[0]))
+            if outcome is ActivateOutcome.STARTED:
+                # The reaper must look at the job by its new deadline, not the queue timeout.
+                await self._redis.zadd(
+                    self._keys.job_deadlines(),
+                    {f"{tenant_id} {session_id} {job_id}": int(reply[1])},
+                )
+        return outcome
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         located = await self._locate(notice.job_id)

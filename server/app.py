@@ -48,7 +48,7 @@ from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import Authenticator, authorize
-from server.batch_stack import BatchStack, session_manager
+from server.batch_stack import CHAT_QUEUE, BatchStack, open_queue, session_manager
 from server.config import Settings
 from server.edge import Edge, EdgeRegistrar
 from server.health import HealthMonitor
@@ -87,6 +87,7 @@ def job_limits(settings: Settings) -> JobLimits:
         deadline_ms=int(settings.job_deadline * 1000),
         heartbeat_ms=int(settings.job_heartbeat * 1000),
         retention_ms=int(settings.job_retention * 1000),
+        queue_timeout_ms=int(settings.job_queue_timeout * 1000),
     )
 
 
@@ -217,6 +218,7 @@ class OrchestratorServer:
             interval_s=settings.health_interval,
         )
         self.sessions = session_manager(self.registry, settings)
+        chat_queue = open_queue(settings, CHAT_QUEUE)
         self.chat = ChatOrchestrator(
             self.sessions,
             self.registry.jobs,
@@ -225,8 +227,9 @@ class OrchestratorServer:
             self.limits,
             budget=self.budget,
             embedding_cache=self.embedding_cache,
+            queue=chat_queue.queue,
         )
-        self.batch = BatchStack(settings, self.registry, self.sessions, self.chat)
+        self.batch = BatchStack(settings, self.registry, self.sessions, self.chat, chat_queue)
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -329,6 +332,8 @@ class OrchestratorServer:
         self.batch.expirer.start()
         if self.settings.batch_worker_enabled:
             self.batch.start_worker()
+        if self.settings.chat_worker_enabled:
+            self.batch.start_chat_worker()
         log.info(
             "serving on %s (port %d, %s) with the %s registry",
             self.settings.listen_address,

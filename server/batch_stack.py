@@ -1,6 +1,6 @@
-"""The batch machinery of one process: the work queue, the manager, the expiry sweeper and the
-queue worker that runs items. The server embeds it; ``orchestrator worker`` runs only the
-worker part against Redis."""
+"""The work queue machinery of one process: the ``batch`` queue with its manager, expiry sweeper
+and worker, and the ``chat`` queue of queued chat messages with its worker. The server embeds
+it; ``orchestrator worker`` runs only the workers against Redis."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from domain.batches import BatchExpirer, BatchManager, BatchPolicy
 from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
 from domain.jobs import JobLimits
+from domain.queued_chat import QueuedChatRunner
 from domain.sessions import SessionManager, SessionPolicy
 from domain.worker import QueueWorker
 from registry.backends import Registry, open_registry
@@ -22,6 +23,19 @@ from server.config import Settings
 log = logging.getLogger(__name__)
 
 BATCH_QUEUE = "batch"
+CHAT_QUEUE = "chat"
+
+
+def open_queue(settings: Settings, name: str) -> OpenedQueue:
+    """One named work queue on the configured backend."""
+    return open_work_queue(
+        settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        queue=name,
+        socket_timeout_s=settings.redis_socket_timeout,
+        connect_timeout_s=settings.redis_connect_timeout,
+        max_connections=settings.redis_max_connections,
+    )
 
 
 def session_manager(registry: Registry, settings: Settings) -> SessionManager:
@@ -43,7 +57,9 @@ def batch_policy(settings: Settings) -> BatchPolicy:
 
 
 class BatchStack:
-    """Queue, manager, expirer and (once started) worker over one registry."""
+    """Batch queue, manager, expirer and (once started) workers of both queues over one
+    registry. ``chat_queue`` is the queue ``chat`` enqueues queued messages on; the stack
+    closes it."""
 
     def __init__(
         self,
@@ -51,16 +67,14 @@ class BatchStack:
         registry: Registry,
         sessions: SessionManager,
         chat: ChatOrchestrator,
+        chat_queue: OpenedQueue,
     ) -> None:
         self.settings = settings
-        self.opened: OpenedQueue = open_work_queue(
-            settings.redis_url,
-            key_prefix=settings.redis_key_prefix,
-            queue=BATCH_QUEUE,
-            socket_timeout_s=settings.redis_socket_timeout,
-            connect_timeout_s=settings.redis_connect_timeout,
-            max_connections=settings.redis_max_connections,
-        )
+        self.opened: OpenedQueue = open_queue(settings, BATCH_QUEUE)
+        self.chat_queue = chat_queue
+        self.chat_runner = QueuedChatRunner(chat)
+        self.chat_worker: QueueWorker | None = None
+        self._chat_worker_task: asyncio.Task[None] | None = None
         self.manager = BatchManager(
             registry.batches,
             self.opened.queue,
@@ -96,31 +110,58 @@ class BatchStack:
         )
         return self.worker
 
+    def start_chat_worker(self, concurrency: int | None = None) -> QueueWorker:
+        """Start running queued chat messages in this process."""
+        if self.chat_worker is not None:
+            return self.chat_worker
+        self.chat_worker = QueueWorker(
+            self.chat_queue.queue,
+            self.chat_runner.handle,
+            concurrency=concurrency or self.settings.chat_worker_concurrency,
+            lease_s=self.settings.batch_worker_lease,
+            poll_s=self.settings.batch_worker_poll,
+            grace_s=self.settings.shutdown_grace,
+        )
+        self._chat_worker_task = asyncio.create_task(self.chat_worker.run(), name="chat-worker")
+        log.info(
+            "chat worker %s started (concurrency %d)",
+            self.chat_worker.consumer,
+            self.chat_worker.concurrency,
+        )
+        return self.chat_worker
+
     async def stop_worker(self) -> None:
         """Stop leasing; running items get the shutdown grace, then go back to the queue."""
-        if self.worker is not None:
-            self.worker.stop()
-        task, self._worker_task = self._worker_task, None
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
+        for worker in (self.worker, self.chat_worker):
+            if worker is not None:
+                worker.stop()
+        tasks = [t for t in (self._worker_task, self._chat_worker_task) if t is not None]
+        self._worker_task = self._chat_worker_task = None
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         await self.stop_worker()
         await self.expirer.stop()
         await self.opened.aclose()
+        await self.chat_queue.aclose()
 
 
 async def run_workers(settings: Settings, dispatcher: Dispatcher, limits: JobLimits) -> None:
-    """``orchestrator worker``: run batch items against REDIS_URL until SIGTERM/SIGINT."""
+    """``orchestrator worker``: run batch items and queued chat messages against REDIS_URL
+    until SIGTERM/SIGINT."""
     from server.app import registry_config
 
     if not settings.redis_url:
         raise ValueError("orchestrator worker needs REDIS_URL (workers share the queue)")
     registry = open_registry(registry_config(settings))
     sessions = session_manager(registry, settings)
-    chat = ChatOrchestrator(sessions, registry.jobs, registry.events, dispatcher, limits)
-    stack = BatchStack(settings, registry, sessions, chat)
+    chat_queue = open_queue(settings, CHAT_QUEUE)
+    chat = ChatOrchestrator(
+        sessions, registry.jobs, registry.events, dispatcher, limits, queue=chat_queue.queue
+    )
+    stack = BatchStack(settings, registry, sessions, chat, chat_queue)
     stack.start_worker()
+    stack.start_chat_worker()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

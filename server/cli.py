@@ -48,7 +48,8 @@ async def _health(args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, concurrency: int) -> int:
-    """Batch workers only: they share the Redis work queue with every server and worker."""
+    """Queue workers only (batch items and queued chat messages): they share the Redis work
+    queues with every server and worker."""
     import dataclasses
 
     from server.app import default_dispatcher, job_limits

@@ -111,6 +111,12 @@ class Settings:
     job_retention: float = _env(
         "ORCH_JOB_RETENTION", 86400.0, "how long finished jobs stay readable"
     )
+    job_queue_timeout: float = _env(
+        "ORCH_JOB_QUEUE_TIMEOUT",
+        3600.0,
+        "a queued message (background, or behind a busy session) times out if its turn has not "
+        "come by then",
+    )
     reaper_interval: float = _env(
         "ORCH_REAPER_INTERVAL", 1.0, "how often each process looks for timed-out jobs"
     )
@@ -239,6 +245,18 @@ class Settings:
     batch_worker_concurrency: int = _env(
         "ORCH_BATCH_WORKER_CONCURRENCY", 16, "batch items each worker runs at once"
     )
+    chat_worker_enabled: bool = _env(
+        "ORCH_CHAT_WORKER_ENABLED",
+        True,
+        "run the worker of queued chat messages inside the server process (`orchestrator "
+        "worker` runs more)",
+        _parse_bool,
+    )
+    chat_worker_concurrency: int = _env(
+        "ORCH_CHAT_WORKER_CONCURRENCY",
+        64,
+        "queued chat messages each worker runs (or waits for their turn) at once",
+    )
     batch_worker_lease: float = _env(
         "ORCH_BATCH_WORKER_LEASE",
         30.0,
@@ -293,6 +311,7 @@ class Settings:
             "downstream_timeout",
             "job_deadline",
             "job_heartbeat",
+            "job_queue_timeout",
             "reaper_interval",
             "event_log_ttl",
             "batch_completion_window",
@@ -342,6 +361,8 @@ class Settings:
             problems.append("rate_limit_key_rps and rate_limit_key_burst must not be negative")
         if self.batch_max_items < 1 or self.batch_worker_concurrency < 1:
             problems.append("batch_max_items and batch_worker_concurrency must be >= 1")
+        if self.chat_worker_concurrency < 1:
+            problems.append("chat_worker_concurrency must be >= 1")
         if self.batch_completion_window > self.batch_max_completion_window:
             problems.append("batch_completion_window must not exceed batch_max_completion_window")
         if self.token_budget_daily < 0:

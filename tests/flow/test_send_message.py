@@ -143,17 +143,6 @@ async def test_busy_policy_reject_refuses_a_second_job(flow: Flow) -> None:
     call.cancel()
 
 
-async def test_events_of_other_jobs_are_not_in_the_send_stream(flow: Flow) -> None:
-    session_id = await flow.new_session()
-    first_call, first = await flow.start_job(session_id)
-    second_call, second = await flow.start_job(session_id)
-    await flow.publish([completed(second.job_id, 1, "two"), completed(first.job_id, 1, "one")])
-    first_events = await read_to_end(first_call)
-    second_events = await read_to_end(second_call)
-    assert [e.completed.result.text for e in first_events] == ["one"]
-    assert [e.completed.result.text for e in second_events] == ["two"]
-
-
 async def test_request_id_is_echoed_on_the_jobs_events(flow: Flow) -> None:
     session_id = await flow.new_session()
     call: Any = flow.chat.SendMessage(

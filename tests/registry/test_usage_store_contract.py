@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from domain.ids import new_id
-from domain.jobs import JobLimits, NewJob, Notice, NoticeEvent, Verdict
+from domain.jobs import IfBusy, JobLimits, NewJob, Notice, NoticeEvent, Verdict
 from domain.models import NewSession, Service, TokenUsage, WorkKind
 from domain.usage import USAGE_RETENTION_MS, day_number
 from registry.backends import Registry, RegistryConfig, open_registry
@@ -35,7 +35,7 @@ async def run_job(
     await registry.sessions.create_session(tenant, session_id, NewSession(agent, "", {}, 60_000))
     job_id = new_id()
     new = NewJob(job_id, session_id, agent, Service.QUERY, WorkKind.LLM_QUERY, "hi", "r1")
-    await registry.jobs.start_job(tenant, new, LIMITS, reject_if_busy=False)
+    await registry.jobs.start_job(tenant, new, LIMITS, if_busy=IfBusy.RUN)
     notice = Notice(event, Service.QUERY, job_id, tenant, 1, data={}, usage=usage)
     outcome = await registry.jobs.apply_notice(notice, LIMITS)
     assert outcome.verdict is Verdict.ACCEPTED

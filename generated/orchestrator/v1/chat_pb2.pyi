@@ -30,7 +30,9 @@ class _BusyPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BusyPolicy
     BUSY_POLICY_UNSPECIFIED: _BusyPolicy.ValueType  # 0
     """Not set: BUSY_POLICY_QUEUE."""
     BUSY_POLICY_QUEUE: _BusyPolicy.ValueType  # 1
-    """Run the new message after the jobs already in flight."""
+    """Queue the new message: it is handed to its service once the jobs already in flight (and
+    messages queued before it) have finished; its accepted event says queued.
+    """
     BUSY_POLICY_REJECT: _BusyPolicy.ValueType  # 2
     """Fail the call with FAILED_PRECONDITION."""
 
@@ -40,7 +42,9 @@ class BusyPolicy(_BusyPolicy, metaclass=_BusyPolicyEnumTypeWrapper):
 BUSY_POLICY_UNSPECIFIED: BusyPolicy.ValueType  # 0
 """Not set: BUSY_POLICY_QUEUE."""
 BUSY_POLICY_QUEUE: BusyPolicy.ValueType  # 1
-"""Run the new message after the jobs already in flight."""
+"""Queue the new message: it is handed to its service once the jobs already in flight (and
+messages queued before it) have finished; its accepted event says queued.
+"""
 BUSY_POLICY_REJECT: BusyPolicy.ValueType  # 2
 """Fail the call with FAILED_PRECONDITION."""
 Global___BusyPolicy: _TypeAlias = BusyPolicy  # noqa: Y015
@@ -68,9 +72,12 @@ class SendMessageRequest(_message.Message):
     model: _builtins.str
     """Model to use; empty lets the downstream service choose."""
     background: _builtins.bool
-    """Run through the work queue instead of at once (long-running work)."""
+    """Run through the work queue even when the session is idle (long-running work): the job is
+    accepted at once and a queue worker hands it to its service; its events still reach the
+    session's stream (and this call's stream, while it stays open).
+    """
     priority: _common_pb2.Priority.ValueType
-    """Queue priority when background is set."""
+    """Work queue priority of the job when it is queued (background, or behind busy work)."""
     busy_policy: Global___BusyPolicy.ValueType
     """What to do when the session already has a job in flight."""
     @_builtins.property
@@ -327,15 +334,22 @@ class JobAccepted(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
     service: _common_pb2.Service.ValueType
     """The service running the job."""
     kind: _common_pb2.WorkKind.ValueType
     """The kind of work."""
     content: _builtins.str
     """The user's message."""
+    queued: _builtins.bool
+    """The job waits in the work queue (background, or behind the session's jobs in flight) and is
+    handed to its service when every job the session accepted before it has finished.
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When the job times out unless the service reports progress."""
+        """When the job times out unless the service reports progress. For a queued job: when it times
+        out unless its turn has come by then.
+        """
 
     def __init__(
         self,
@@ -344,10 +358,11 @@ class JobAccepted(_message.Message):
         kind: _common_pb2.WorkKind.ValueType = ...,
         content: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        queued: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "deadline", b"deadline", "kind", b"kind", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "deadline", b"deadline", "kind", b"kind", "queued", b"queued", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,8 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """Ended by the orchestrator: past its deadline or its heartbeat."""
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 6
     """Ended by the client (CancelJob)."""
+    TASK_STATE_QUEUED: _TaskState.ValueType  # 7
+    """Waiting for its turn in the work queue; not yet handed to its service."""
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """Where a task is in its lifecycle."""
@@ -89,6 +91,8 @@ TASK_STATE_TIMED_OUT: TaskState.ValueType  # 5
 """Ended by the orchestrator: past its deadline or its heartbeat."""
 TASK_STATE_CANCELLED: TaskState.ValueType  # 6
 """Ended by the client (CancelJob)."""
+TASK_STATE_QUEUED: TaskState.ValueType  # 7
+"""Waiting for its turn in the work queue; not yet handed to its service."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final

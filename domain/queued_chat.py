@@ -1,0 +1,101 @@
+"""Chat work that waits for its turn in the work queue.
+
+A message sent with ``background`` set, or sent while its session already has jobs in flight
+(the default busy policy), is recorded as a QUEUED job and put on the ``chat`` work queue at
+its priority. A queue worker (in the server, or an ``orchestrator worker`` process) takes the
+item and hands it to :meth:`ChatOrchestrator.run_queued`, which waits until every job the
+session accepted before it has finished, starts it (QUEUED -> PENDING), hands it to its
+service and follows it to its final event; that event is the item's result. The job's events go
+to the session's stream as any job's do, so the client that sent the message (or any follower)
+sees them.
+
+The queue delivers at least once: a worker that dies mid-item leaves the job to the next
+delivery, which follows a job already started and re-sends one still PENDING. Results stay
+exactly-once because the job's state machine accepts one final event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from domain.jobs import SessionEvent
+from domain.models import WorkKind
+from registry.queue_base import NewWorkItem, QueuePriority, WorkItem
+
+if TYPE_CHECKING:
+    from domain.chat import ChatOrchestrator
+
+ITEM_KIND = "chat_job"
+SKIPPED = b"skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedChat:
+    """What a worker needs to start a queued job: the job as recorded, and the parts of the
+    message the job record does not keep."""
+
+    tenant_id: str
+    job_id: str
+    session_id: str
+    request_id: str
+    accepted_sequence: int
+    kind: WorkKind
+    content: str
+    model: str = ""
+    collections: Sequence[str] = ()
+
+    def work_item(self, priority: QueuePriority) -> NewWorkItem:
+        """The queue item; its id is the job id, so enqueueing twice changes nothing."""
+        payload = {
+            "tenant": self.tenant_id,
+            "job": self.job_id,
+            "session": self.session_id,
+            "request_id": self.request_id,
+            "seq": self.accepted_sequence,
+            "kind": self.kind.value,
+            "content": self.content,
+            "model": self.model,
+            "collections": list(self.collections),
+        }
+        return NewWorkItem(
+            item_id=self.job_id,
+            tenant_id=self.tenant_id,
+            kind=ITEM_KIND,
+            payload=json.dumps(payload, separators=(",", ":")).encode(),
+            priority=priority,
+        )
+
+    @classmethod
+    def from_item(cls, item: WorkItem) -> QueuedChat:
+        spec = json.loads(item.payload)
+        return cls(
+            tenant_id=spec["tenant"],
+            job_id=spec["job"],
+            session_id=spec["session"],
+            request_id=spec.get("request_id", ""),
+            accepted_sequence=int(spec["seq"]),
+            kind=WorkKind(spec["kind"]),
+            content=spec["content"],
+            model=spec.get("model", ""),
+            collections=tuple(spec.get("collections") or ()),
+        )
+
+
+def result_of(event: SessionEvent) -> bytes:
+    """The work item's stored result: the job's final event."""
+    body = {"job_id": event.job_id, "kind": event.kind.value, "data": dict(event.data)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class QueuedChatRunner:
+    """The ``chat`` work queue's handler."""
+
+    def __init__(self, chat: ChatOrchestrator) -> None:
+        self._chat = chat
+
+    async def handle(self, item: WorkItem) -> bytes:
+        final = await self._chat.run_queued(QueuedChat.from_item(item))
+        return SKIPPED if final is None else result_of(final)
