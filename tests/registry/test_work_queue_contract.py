@@ -163,10 +163,15 @@ async def test_renewing_keeps_a_long_item_from_being_reclaimed(queue: WorkQueue)
     await queue.enqueue([new_item("i1")])
     item = await take_one(queue)
     deadline = time.monotonic() + LEASE_MS / 1000 * 3
-    while time.monotonic() < deadline:
+    checked = 0
+    while time.monotonic() < deadline or checked == 0:
         assert await queue.renew(item) is True
+        renewed = time.monotonic()
         await asyncio.sleep(LEASE_MS / 1000 / 3)
-        assert await take(queue, "c2") == []
+        # A loop stalled past the lease (a loaded machine) proves nothing either way.
+        if time.monotonic() - renewed < LEASE_MS / 1000 * 0.8:
+            assert await take(queue, "c2") == []
+            checked += 1
     assert await queue.complete([(item, b"ok")]) == [True]
 
 
