@@ -103,6 +103,19 @@ class BatchRunner:
         await self._store.finish_item(tenant_id, batch_id, index, outcome)
         return DONE
 
+    async def dead_lettered(self, item: WorkItem, error: str) -> None:
+        """The queue gave up on the item: it fails (retryable), so the batch can finish."""
+        spec: dict[str, Any] = json.loads(item.payload)
+        outcome = ItemOutcome(
+            ItemState.FAILED,
+            error={
+                "code": "dead_lettered",
+                "message": f"gave up after {item.deliveries} deliveries: {error}",
+                "retryable": True,
+            },
+        )
+        await self._store.finish_item(spec["tenant"], spec["batch"], int(spec["index"]), outcome)
+
     async def _run(
         self, ctx: CallContext, batch_id: str, index: int, message: ChatMessage
     ) -> ItemOutcome:

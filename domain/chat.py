@@ -270,6 +270,12 @@ class ChatOrchestrator:
                     return event
         return None
 
+    async def fail_queued(self, queued: QueuedChat, message: str) -> None:
+        """End a queued job that its work queue gave up on as failed (if still unfinished)."""
+        error = {"code": "dead_lettered", "message": message, "retryable": True}
+        draft = EventDraft(queued.job_id, EventKind.FAILED, queued.request_id, {"error": error})
+        await self._jobs.finish_job(queued.tenant_id, queued.job_id, draft, self._limits)
+
     async def _until_a_job_ends(self, feed: Feed) -> None:
         """Wait until the session's feed shows a final event (or may have missed one), or the
         idle check interval passes."""

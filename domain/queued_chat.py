@@ -99,3 +99,8 @@ class QueuedChatRunner:
     async def handle(self, item: WorkItem) -> bytes:
         final = await self._chat.run_queued(QueuedChat.from_item(item))
         return SKIPPED if final is None else result_of(final)
+
+    async def dead_lettered(self, item: WorkItem, error: str) -> None:
+        """The queue gave up on the item: its job fails, unless it already ended."""
+        queued = QueuedChat.from_item(item)
+        await self._chat.fail_queued(queued, f"gave up after {item.deliveries} deliveries: {error}")

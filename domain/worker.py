@@ -33,6 +33,9 @@ from registry.queue_base import FailOutcome, WorkItem, WorkQueue
 log = logging.getLogger(__name__)
 
 Handler = Callable[[WorkItem], Awaitable[bytes]]
+# Told when a failed delivery sent its item to the dead letter, so the owner of the work can
+# record the failure (a batch item, a queued chat job) instead of leaving it running.
+DeadLetterHook = Callable[[WorkItem, str], Awaitable[None]]
 
 # After a backend error the worker waits this long before leasing again.
 _ERROR_BACKOFF_S = 0.5
@@ -75,6 +78,7 @@ class QueueWorker:
         consumer: str | None = None,
         poll_s: float = 1.0,
         grace_s: float = 10.0,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         if concurrency < 1 or lease_s <= 0 or poll_s <= 0 or grace_s < 0:
             raise ValueError("concurrency, lease_s and poll_s must be positive")
@@ -85,6 +89,7 @@ class QueueWorker:
         self.consumer = consumer or default_consumer_name()
         self.poll_ms = max(int(poll_s * 1000), 1)
         self.grace_s = grace_s
+        self.on_dead_letter = on_dead_letter
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], WorkItem] = {}
@@ -181,6 +186,11 @@ class QueueWorker:
             self.stats.retried += 1
         elif outcome is FailOutcome.DEAD_LETTERED:
             self.stats.dead_lettered += 1
+            if self.on_dead_letter is not None:
+                try:
+                    await self.on_dead_letter(item, error)
+                except Exception:  # the item is dead-lettered either way; say so and go on
+                    log.exception("dead-letter hook failed for %s", item.item_id)
 
     async def _flush_loop(self) -> None:
         """Send buffered completions, one batch per call, until stopped and empty."""

@@ -124,6 +124,24 @@ async def test_failures_are_retried_then_dead_lettered(queue: WorkQueue) -> None
     assert sorted(d.item_id for d in await queue.list_dead()) == ["always", "permanent"]
 
 
+async def test_the_dead_letter_hook_hears_of_each_item_given_up_on(queue: WorkQueue) -> None:
+    told: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    async def always_fails(item: WorkItem) -> bytes:
+        raise RuntimeError(f"attempt {item.deliveries}")
+
+    async def hook(item: WorkItem, error: str) -> None:
+        told.put_nowait((item.item_id, error))
+
+    worker = make_worker(queue, always_fails)
+    worker.on_dead_letter = hook
+    async with running(worker):
+        await queue.enqueue([new_item("doomed")])
+        heard = await asyncio.wait_for(told.get(), 10)
+    assert heard == ("doomed", f"RuntimeError: attempt {CONFIG.max_deliveries}")
+    assert told.empty()
+
+
 async def test_stop_finishes_items_within_the_grace_period(queue: WorkQueue) -> None:
     started = asyncio.Event()
 

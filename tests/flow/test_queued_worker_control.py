@@ -1,5 +1,5 @@
-"""Queued messages are taken from the work queue by priority: with one worker slot, a
-high-priority message sent last is handed to its service first."""
+"""Queued messages with the chat worker under the test's control: taken by priority, and
+failed (not left waiting) when the queue gives up on them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from orchestrator.v1 import common_pb2
-from tests.support.flow import Flow, completed, kind_of
+from tests.support.flow import Flow, completed, kind_of, read_to_end
 
 
 @pytest.fixture
@@ -33,3 +33,19 @@ async def test_a_high_priority_background_message_is_served_before_a_low_one(
     assert (await flow.dispatcher.next_submit()).job_id == accepted[common_pb2.PRIORITY_HIGH]
     await flow.publish([completed(accepted[common_pb2.PRIORITY_HIGH], 1, "high")])
     assert (await flow.dispatcher.next_submit()).job_id == accepted[common_pb2.PRIORITY_LOW]
+
+
+async def test_a_queued_message_the_queue_gives_up_on_fails_with_dead_lettered(
+    flow: Flow,
+) -> None:
+    session_id = await flow.new_session()
+    call = flow.send(session_id, background=True)
+    first = await call.read()
+    assert first.event.accepted.queued
+    server = flow.running.server
+    (item,) = await server.batch.chat_queue.queue.dequeue("test", count=1, lease_ms=60_000)
+    await server.batch.chat_runner.dead_lettered(item, "RuntimeError: boom")
+    (failed,) = await read_to_end(call)
+    assert kind_of(failed) == "failed"
+    assert failed.failed.error.code == "dead_lettered"
+    assert "boom" in failed.failed.error.message
