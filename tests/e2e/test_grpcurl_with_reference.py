@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server.kill()
 
 
-def messages(stdout: str) -> list[dict[str, object]]:
+def messages(stdout: str) -> list[dict[str, Any]]:
     """grpcurl prints each streamed message as one JSON document."""
-    decoder, found, at = json.JSONDecoder(), [], 0
+    decoder, at = json.JSONDecoder(), 0
+    found: list[dict[str, Any]] = []
     text = stdout.strip()
     while at < len(text):
         value, end = decoder.raw_decode(text, at)
