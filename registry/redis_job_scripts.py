@@ -1,10 +1,12 @@
 """Lua scripts of the Redis job store. Each one changes a job, its session's bookkeeping and the
 session's event log in one atomic step, with Redis's own clock.
 
-Every script takes the same five keys, all under the tenant's hash tag (one cluster slot):
+Every script takes the same seven keys, all under the tenant's hash tag (one cluster slot):
 KEYS[1] job hash, KEYS[2] session hash, KEYS[3] session pending set, KEYS[4] session event
-sequence counter, KEYS[5] session event stream. Every script returns
-``{status, sequence, now, envelope}`` (only status when nothing was appended).
+sequence counter, KEYS[5] session event stream, KEYS[6] and KEYS[7] the tenant's sets of pending
+and running jobs (scored by when the job hash expires; counted for the tasks-by-state metric).
+Every script returns ``{status, sequence, now, envelope}`` (only status when nothing was
+appended).
 
 Event envelopes are assembled here by concatenation: the job id is validated by the caller, the
 request id is stored JSON-encoded, and the data is JSON made by the caller.
@@ -31,8 +33,21 @@ local function append(env, maxlen, ttl, channel)
   return seq
 end
 
--- The job left the session's pending set; an idle busy session becomes active again.
+-- Keep a key at least ``ttl`` ms longer (a key without a TTL gets one).
+local function extend(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- The job is final or gone: it leaves the tenant's sets of unfinished jobs.
+local function uncount(job_id)
+  redis.call('ZREM', KEYS[6], job_id)
+  redis.call('ZREM', KEYS[7], job_id)
+end
+
+-- The job is final: it is no longer counted and leaves the session's pending set; an idle busy
+-- session becomes active again.
 local function release(job_id)
+  uncount(job_id)
   redis.call('SREM', KEYS[3], job_id)
   if redis.call('HGET', KEYS[2], 'state') == 'busy' and redis.call('SCARD', KEYS[3]) == 0 then
     redis.call('HSET', KEYS[2], 'state', 'active', 'updated', now)
@@ -62,7 +77,14 @@ redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV
   'state', 'pending', 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
   'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[9]) + tonumber(ARGV[11]))
+local lifetime = tonumber(ARGV[9]) + tonumber(ARGV[11])
+redis.call('PEXPIRE', KEYS[1], lifetime)
+-- Counted as pending until the job ends or its hash expires; jobs that vanished unfinished
+-- (their hash expired first) are trimmed here.
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. now)
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. now)
+redis.call('ZADD', KEYS[6], now + lifetime, ARGV[1])
+extend(KEYS[6], lifetime)
 redis.call('SADD', KEYS[3], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
@@ -97,6 +119,12 @@ local event = ARGV[4]
 if event == 'progress' or event == 'delta' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'nseq', n, 'updated', now,
     'hb', now + tonumber(ARGV[6]))
+  if f[2] == 'pending' then
+    local ttl = redis.call('PTTL', KEYS[1])
+    redis.call('ZREM', KEYS[6], ARGV[1])
+    redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
+    extend(KEYS[7], ttl)
+  end
 else
   redis.call('HSET', KEYS[1], 'state', event, 'nseq', n, 'updated', now,
     'ptok', ARGV[7], 'ctok', ARGV[8], 'ttok', ARGV[9])
@@ -151,7 +179,10 @@ return {'done', seq, now, env}
 REAP = (
     _PRELUDE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  uncount(ARGV[1])
+  return {'gone'}
+end
 local f = redis.call('HMGET', KEYS[1], 'state', 'request', 'deadline', 'hb')
 if is_final(f[1]) then return {'final'} end
 local due = math.min(tonumber(f[3]), tonumber(f[4]))
