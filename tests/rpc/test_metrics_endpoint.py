@@ -153,10 +153,11 @@ async def test_the_tasks_gauge_follows_a_job_from_pending_to_running_to_finished
 
 async def test_the_queue_depth_gauge_counts_queued_batch_items(backend_url: str | None) -> None:
     # test_settings leave the embedded batch worker off, so submitted items stay ready.
+    dispatcher = RecordingDispatcher()
     settings = test_settings(backend_url, metrics_sample_interval=0.05)
-    async with running_server(settings, dispatcher=RecordingDispatcher()) as server:
+    async with running_server(settings, dispatcher=dispatcher) as server:
         await scrape_until(server, lambda found: batch_queue(found)["ready"] == 0)
-        flow = Flow(server, RecordingDispatcher())
+        flow = Flow(server, dispatcher)
         await submit(flow, [llm_item(f"item-{i}") for i in range(3)])
         found = await scrape_until(server, lambda found: batch_queue(found)["ready"] == 3)
         assert batch_queue(found) == {"ready": 3, "leased": 0, "delayed": 0, "dead": 0}
