@@ -35,7 +35,11 @@ class JobState(enum.StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.PENDING, JobState.RUNNING)
+        return self not in UNFINISHED_STATES
+
+
+# The states a job can still leave (every other state is final).
+UNFINISHED_STATES = (JobState.QUEUED, JobState.PENDING, JobState.RUNNING)
 
 
 class EventKind(enum.StrEnum):

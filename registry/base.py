@@ -15,6 +15,7 @@ from domain.jobs import (
     IfBusy,
     Job,
     JobLimits,
+    JobState,
     NewJob,
     Notice,
     NoticeOutcome,
@@ -110,6 +111,12 @@ class JobStore(Protocol):
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
         """Mark up to ``limit`` jobs past their deadline TIMED_OUT (each exactly once, even
         with several processes reaping) and return their timed_out events."""
+        ...
+
+    async def count_unfinished(self) -> dict[JobState, int]:
+        """How many jobs of all tenants are in each unfinished state (domain.jobs
+        UNFINISHED_STATES, every one a key, zero included) now, as every process sharing the
+        backend sees it. Jobs whose record expired unfinished are not counted."""
         ...
 
 

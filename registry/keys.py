@@ -53,6 +53,12 @@ class KeySpace:
         """Hash with a job's fields."""
         return f"{self.tenant_tag(tenant_id)}:job:{job_id}"
 
+    def jobs_in_state(self, tenant_id: str, state: str) -> str:
+        """Sorted set of the tenant's job ids in one unfinished state (pending or running),
+        scored by when the job's hash expires (ms, Redis clock): a member whose score has
+        passed is a job that vanished unfinished, not counted and trimmed later."""
+        return f"{self.tenant_tag(tenant_id)}:jobs:{state}"
+
     def usage_prefix(self, tenant_id: str) -> str:
         """Prefix of the tenant's daily usage hashes; the key of a day appends its number
         (days since the epoch, UTC). Fields: total, prompt, completion, jobs, agent:<id>."""
@@ -70,8 +76,14 @@ class KeySpace:
         against the job's real one (a wrong tenant is then reported, not "unknown job")."""
         return f"{self.prefix}:jobidx:{job_id}"
 
+    def job_tenants(self) -> str:
+        """Set of the tenant ids that started jobs: where counting unfinished jobs looks (one
+        ``jobs_in_state`` pair per tenant). Written with every start, never pruned; outside
+        every tenant's slot, so only a lookup list."""
+        return f"{self.prefix}:job-tenants"
+
     def job_deadlines(self) -> str:
-        """Sorted set of ``<tenant> <job>`` by the time the reaper should look at the job.
+        """Sorted set of ``<tenant> <session> <job>`` by the time the reaper should look at it.
         Only a hint: the job hash holds the real deadlines, checked atomically by the reaper."""
         return f"{self.prefix}:job-deadlines"
 

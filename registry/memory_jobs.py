@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.jobs import (
+    UNFINISHED_STATES,
     ActivateOutcome,
     EventDraft,
     EventKind,
@@ -133,6 +134,7 @@ class MemoryJobStore:
         self._deadlines: list[tuple[int, str]] = []  # heap of (due, job id), a hint
         # (tenant, session) -> the session's QUEUED job ids, oldest first.
         self._lines: dict[tuple[str, str], deque[str]] = {}
+        self._unfinished: set[str] = set()  # ids of jobs last seen pending or running
 
     def _job(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
@@ -173,6 +175,7 @@ class MemoryJobStore:
         self._jobs[new.job_id] = job
         lifetime = limits.queue_timeout_ms + limits.deadline_ms if queued else limits.deadline_ms
         self._expires[new.job_id] = now + lifetime + limits.retention_ms
+        self._unfinished.add(new.job_id)
         due = min(job.deadline_ms, job.heartbeat_deadline_ms)
         heapq.heappush(self._deadlines, (due, new.job_id))
         if queued:
@@ -268,6 +271,7 @@ class MemoryJobStore:
             )
             self._jobs[job.job_id] = job
             self._expires[job.job_id] = now + limits.retention_ms
+            self._unfinished.discard(job.job_id)
             completed = notice.event is NoticeEvent.COMPLETED
             self._release(job, now, completed_usage=completed)
             if completed:
@@ -296,6 +300,7 @@ class MemoryJobStore:
         job = replace(job, state=state, updated_at_ms=now)
         self._jobs[job.job_id] = job
         self._expires[job.job_id] = now + limits.retention_ms
+        self._unfinished.discard(job.job_id)
         # Completed from the embedding cache: the reply counts as a message (usage is 0).
         self._release(job, now, completed_usage=state is JobState.COMPLETED)
         return self._events.append(
@@ -307,6 +312,16 @@ class MemoryJobStore:
     async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
         job = self._job(job_id)
         return job if job is not None and job.tenant_id == tenant_id else None
+
+    async def count_unfinished(self) -> dict[JobState, int]:
+        counts = dict.fromkeys(UNFINISHED_STATES, 0)
+        for job_id in list(self._unfinished):
+            job = self._job(job_id)  # drops a record that expired unfinished
+            if job is None or job.state.is_final:
+                self._unfinished.discard(job_id)
+            else:
+                counts[job.state] += 1
+        return counts
 
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
         now = self._clock()

@@ -1,10 +1,12 @@
 """Lua scripts of the Redis job store. Each one changes a job, its session's bookkeeping and the
 session's event log in one atomic step, with Redis's own clock.
 
-Every script takes the same six keys, all under the tenant's hash tag (one cluster slot):
+Every script takes the same nine keys, all under the tenant's hash tag (one cluster slot):
 KEYS[1] job hash, KEYS[2] session hash, KEYS[3] session pending set (every job in flight,
 queued or not), KEYS[4] session event sequence counter, KEYS[5] session event stream, KEYS[6]
-session line (list of its QUEUED jobs, oldest first). Every script returns
+and KEYS[7] the tenant's sets of pending and running jobs (scored by when the job hash expires;
+counted for the tasks-by-state metric), KEYS[8] session line (list of its QUEUED jobs, oldest
+first), KEYS[9] the tenant's set of queued jobs (like KEYS[6]). Every script returns
 ``{status, sequence, now, envelope}`` (only status when nothing was appended).
 
 Event envelopes are assembled here by concatenation: the job id is validated by the caller, the
@@ -32,11 +34,25 @@ local function append(env, maxlen, ttl, channel)
   return seq
 end
 
--- The job left the session's pending set (and its line, if it was queued); an idle busy
+-- Keep a key at least ``ttl`` ms longer (a key without a TTL gets one).
+local function extend(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- The job is final or gone: it leaves the tenant's sets of unfinished jobs.
+local function uncount(job_id)
+  redis.call('ZREM', KEYS[6], job_id)
+  redis.call('ZREM', KEYS[7], job_id)
+  redis.call('ZREM', KEYS[9], job_id)
+end
+
+-- The job is final: it is no longer counted and leaves the session's pending set (and its
+-- line, if it was queued); an idle busy
 -- session becomes active again.
 local function release(job_id)
+  uncount(job_id)
   redis.call('SREM', KEYS[3], job_id)
-  redis.call('LREM', KEYS[6], 1, job_id)
+  redis.call('LREM', KEYS[8], 1, job_id)
   if redis.call('HGET', KEYS[2], 'state') == 'busy' and redis.call('SCARD', KEYS[3]) == 0 then
     redis.call('HSET', KEYS[2], 'state', 'active', 'updated', now)
   end
@@ -76,13 +92,23 @@ redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV
   'state', state, 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
   'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16])
-redis.call('PEXPIRE', KEYS[1], lifetime + tonumber(ARGV[11]))
+lifetime = lifetime + tonumber(ARGV[11])
+redis.call('PEXPIRE', KEYS[1], lifetime)
+-- Counted as queued or pending until the job ends or its hash expires; jobs that vanished
+-- unfinished (their hash expired first) are trimmed here.
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. now)
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. now)
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. now)
+local counted = KEYS[6]
+if queued then counted = KEYS[9] end
+redis.call('ZADD', counted, now + lifetime, ARGV[1])
+extend(counted, lifetime)
 redis.call('SADD', KEYS[3], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
 if queued then
-  redis.call('RPUSH', KEYS[6], ARGV[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[6], ttl) end
+  redis.call('RPUSH', KEYS[8], ARGV[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[8], ttl) end
 end
 redis.call('HINCRBY', KEYS[2], 'msgs', 1)
 redis.call('HSET', KEYS[2], 'state', 'busy', 'updated', now)
@@ -119,6 +145,12 @@ local event = ARGV[4]
 if event == 'progress' or event == 'delta' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'nseq', n, 'updated', now,
     'hb', now + tonumber(ARGV[6]))
+  if f[2] == 'pending' then
+    local ttl = redis.call('PTTL', KEYS[1])
+    redis.call('ZREM', KEYS[6], ARGV[1])
+    redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
+    extend(KEYS[7], ttl)
+  end
 else
   redis.call('HSET', KEYS[1], 'state', event, 'nseq', n, 'updated', now,
     'ptok', ARGV[7], 'ctok', ARGV[8], 'ttok', ARGV[9])
@@ -161,15 +193,19 @@ if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2] or '0') then
   return {'session_not_open'}
 end
 -- Its turn: first in the line, and every job in flight is in the line (none started).
-if redis.call('LINDEX', KEYS[6], 0) ~= ARGV[1]
-    or redis.call('SCARD', KEYS[3]) > redis.call('LLEN', KEYS[6]) then
+if redis.call('LINDEX', KEYS[8], 0) ~= ARGV[1]
+    or redis.call('SCARD', KEYS[3]) > redis.call('LLEN', KEYS[8]) then
   return {'wait'}
 end
-redis.call('LPOP', KEYS[6])
+redis.call('LPOP', KEYS[8])
 local deadline = now + tonumber(ARGV[2])
 local hb = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'pending', 'updated', now, 'deadline', deadline, 'hb', hb)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[4]))
+local lifetime = tonumber(ARGV[2]) + tonumber(ARGV[4])
+redis.call('PEXPIRE', KEYS[1], lifetime)
+redis.call('ZREM', KEYS[9], ARGV[1])
+redis.call('ZADD', KEYS[6], now + lifetime, ARGV[1])
+extend(KEYS[6], lifetime)
 return {'started', math.min(deadline, hb)}
 """
 )
@@ -200,7 +236,10 @@ return {'done', seq, now, env}
 REAP = (
     _PRELUDE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  uncount(ARGV[1])
+  return {'gone'}
+end
 local f = redis.call('HMGET', KEYS[1], 'state', 'request', 'deadline', 'hb')
 if is_final(f[1]) then return {'final'} end
 local due = math.min(tonumber(f[3]), tonumber(f[4]))

@@ -5,6 +5,8 @@ registry.redis_job_scripts, which also keep the session's bookkeeping and append
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
 slot and are only hints or lookups: the job index (job id -> tenant, session), written before
 the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
+A third, the set of tenants that started jobs, tells ``count_unfinished`` which tenants' sets of
+pending and running jobs (kept by the scripts, in the tenant's slot) to count.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from domain.jobs import (
+    UNFINISHED_STATES,
     ActivateOutcome,
     EventDraft,
     FinishOutcome,
@@ -77,7 +80,10 @@ class RedisJobStore:
             k.session_pending(tenant_id, session_id),
             k.session_event_seq(tenant_id, session_id),
             k.session_events(tenant_id, session_id),
+            k.jobs_in_state(tenant_id, JobState.PENDING.value),
+            k.jobs_in_state(tenant_id, JobState.RUNNING.value),
             k.session_line(tenant_id, session_id),
+            k.jobs_in_state(tenant_id, JobState.QUEUED.value),
         ]
 
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
@@ -116,6 +122,7 @@ class RedisJobStore:
             # it cannot locate.
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
+            pipe.sadd(keys.job_tenants(), tenant_id)
             await self._start(
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
@@ -140,7 +147,7 @@ class RedisJobStore:
                 ],
                 client=pipe,
             )
-            _, reply = await pipe.execute()
+            _, _, reply = await pipe.execute()
             status = as_str(reply[0])
             if status != "ok":
                 await self._redis.delete(keys.job_index(new.job_id))
@@ -256,6 +263,26 @@ class RedisJobStore:
             model=f.get("model", ""),
             cache_key=f.get("ckey", ""),
         )
+
+    async def count_unfinished(self) -> dict[JobState, int]:
+        """One SMEMBERS, then two ZCOUNTs per tenant that ever started a job, in one pipeline:
+        members scored before now are jobs whose hash expired unfinished, not counted."""
+        keys = self._keys
+        counts = dict.fromkeys(UNFINISHED_STATES, 0)
+        with redis_errors_as_unavailable():
+            tenants = [as_str(t) for t in await self._redis.smembers(keys.job_tenants())]
+            if not tenants:
+                return counts
+            seconds, micros = await self._redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            pipe = self._redis.pipeline(transaction=False)
+            for tenant_id in tenants:
+                for state in UNFINISHED_STATES:
+                    pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
+            replies = await pipe.execute()
+        for i, n in enumerate(replies):
+            counts[UNFINISHED_STATES[i % len(UNFINISHED_STATES)]] += int(n)
+        return counts
 
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
         deadlines = self._keys.job_deadlines()

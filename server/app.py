@@ -48,12 +48,13 @@ from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import Authenticator, authorize
-from server.batch_stack import CHAT_QUEUE, BatchStack, open_queue, session_manager
+from server.batch_stack import BATCH_QUEUE, CHAT_QUEUE, BatchStack, open_queue, session_manager
 from server.config import Settings
 from server.edge import Edge, EdgeRegistrar
 from server.health import HealthMonitor
 from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
+from server.metrics_sampler import MetricsSampler
 from server.rate_limit_interceptor import RateLimitInterceptor
 from server.tracing import tracing_interceptor
 from server.ws_bridge import WebSocketBridge
@@ -230,6 +231,13 @@ class OrchestratorServer:
             queue=chat_queue.queue,
         )
         self.batch = BatchStack(settings, self.registry, self.sessions, self.chat, chat_queue)
+        # Tasks by state and queue depth, read from the registry while /metrics is served.
+        self.sampler = MetricsSampler(
+            self.metrics,
+            self.registry.jobs,
+            {BATCH_QUEUE: self.batch.opened.queue, CHAT_QUEUE: chat_queue.queue},
+            interval_s=settings.metrics_sample_interval,
+        )
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -325,6 +333,7 @@ class OrchestratorServer:
         if self.settings.metrics_address:
             self.metrics_http = MetricsHttpServer(self.metrics, self.settings.metrics_address)
             await self.metrics_http.start()
+            self.sampler.start()
         metrics_module.install(self.metrics)
         await self._server.start()
         self.health.start()
@@ -350,6 +359,7 @@ class OrchestratorServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
+        await self.sampler.stop()
         # Batch items in flight get the grace period before their streams are ended below.
         await self.batch.aclose()
         await self.reaper.stop()

@@ -222,6 +222,12 @@ class Settings:
         "0.0.0.0:9464",
         "host:port of the Prometheus /metrics endpoint; empty disables it",
     )
+    metrics_sample_interval: float = _env(
+        "ORCH_METRICS_SAMPLE_INTERVAL",
+        5.0,
+        "how often each process reads the tasks-by-state and queue-depth gauges from the "
+        "registry (only while the /metrics endpoint is enabled)",
+    )
     batch_max_items: int = _env(
         "ORCH_BATCH_MAX_ITEMS", 10_000, "most items one SubmitBatch may carry"
     )
@@ -319,6 +325,7 @@ class Settings:
             "batch_worker_lease",
             "batch_worker_poll",
             "batch_expiry_interval",
+            "metrics_sample_interval",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")

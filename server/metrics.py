@@ -5,9 +5,10 @@ Each server owns a ``Metrics`` with its own CollectorRegistry (not prometheus_cl
 one), so several servers in one process (tests, benchmarks) neither collide nor mix counts.
 
 Code outside the interceptors records through the module functions (``record_notice``,
-``record_tokens``, ``set_tasks``, ``set_queue_depth``): they write to the Metrics bound to the
-current RPC (the metrics interceptor binds it) or, outside of an RPC (background workers), to the
-one the running server installed with ``install``. With neither they do nothing.
+``record_tokens``): they write to the Metrics bound to the current RPC (the metrics interceptor
+binds it) or, outside of an RPC (background workers), to the one the running server installed
+with ``install``. With neither they do nothing. The registry-wide gauges (tasks by state, queue
+depth) have one writer, the server's sampler (server.metrics_sampler).
 """
 
 from __future__ import annotations
@@ -82,9 +83,19 @@ class Metrics:
             ["tenant", "limit"],
             registry=r,
         )
-        self.tasks = Gauge("orchestrator_tasks", "Tasks by state", ["state"], registry=r)
+        self.tasks = Gauge(
+            "orchestrator_tasks",
+            "Unfinished tasks (jobs) of all tenants by state (pending, running), as sampled "
+            "from the registry",
+            ["state"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
-            "orchestrator_queue_depth", "Jobs waiting, by queue", ["queue"], registry=r
+            "orchestrator_queue_depth",
+            "Work queue items by queue and state (ready, leased, delayed, dead), as sampled "
+            "from the registry",
+            ["queue", "state"],
+            registry=r,
         )
         self.notices = Counter(
             "orchestrator_notices",
@@ -122,8 +133,8 @@ class Metrics:
     def set_tasks(self, state: str, n: int) -> None:
         self.tasks.labels(state).set(n)
 
-    def set_queue_depth(self, queue: str, n: int) -> None:
-        self.queue_depth.labels(queue).set(n)
+    def set_queue_depth(self, queue: str, state: str, n: int) -> None:
+        self.queue_depth.labels(queue, state).set(n)
 
     def record_notice(self, verdict: str) -> None:
         self.notices.labels(verdict).inc()
@@ -172,18 +183,6 @@ def record_tokens(tenant: str, n: int) -> None:
     """Add ``n`` LLM tokens to the tenant's total."""
     if (m := current()) is not None:
         m.record_tokens(tenant, n)
-
-
-def set_tasks(state: str, n: int) -> None:
-    """Set how many tasks are in ``state`` now."""
-    if (m := current()) is not None:
-        m.set_tasks(state, n)
-
-
-def set_queue_depth(queue: str, n: int) -> None:
-    """Set how many jobs wait in ``queue`` now."""
-    if (m := current()) is not None:
-        m.set_queue_depth(queue, n)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -1,7 +1,11 @@
-"""The Prometheus endpoint of a real server after a few calls."""
+"""The Prometheus endpoint of a real server after a few calls, and the registry-wide gauges
+(tasks by state, queue depth) its sampler keeps current."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -12,14 +16,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 from server import metrics
 from server.app import OrchestratorServer
+from tests.support.batches import llm_item, submit
+from tests.support.downstream import RecordingDispatcher
+from tests.support.flow import Flow, completed, notice, read_to_end
 from tests.support.probe import WATCH, Probe, watch_method
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
 
 LIST = "/orchestrator.v1.SessionService/ListSessions"
 GET = "/orchestrator.v1.SessionService/GetSession"
+Samples = dict[tuple[Any, ...], float]
 
 
-def samples(text: str) -> dict[tuple[Any, ...], float]:
+def samples(text: str) -> Samples:
     """Every sample of an exposition, by (name, *sorted label pairs)."""
     return {
         (sample.name, *sorted(sample.labels.items())): sample.value
@@ -35,6 +43,32 @@ async def scrape(server: RunningServer) -> str:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         return await response.text()
+
+
+async def scrape_until(server: RunningServer, wanted: Callable[[Samples], bool]) -> Samples:
+    """Scrape until ``wanted`` holds: the gauges change when the sampler next runs, an event
+    the endpoint cannot report, so poll with a bounded deadline."""
+    deadline = time.monotonic() + 10
+    while not wanted(found := samples(await scrape(server))):
+        assert time.monotonic() < deadline, f"never matched; last scrape: {found}"
+        await asyncio.sleep(0.02)
+    return found
+
+
+def tasks(found: Samples) -> tuple[float | None, float | None]:
+    """The (pending, running) tasks gauges."""
+    return (
+        found.get(("orchestrator_tasks", ("state", "pending"))),
+        found.get(("orchestrator_tasks", ("state", "running"))),
+    )
+
+
+def batch_queue(found: Samples) -> dict[str, float | None]:
+    """The batch queue's depth by state."""
+    return {
+        state: found.get(("orchestrator_queue_depth", ("queue", "batch"), ("state", state)))
+        for state in ("ready", "leased", "delayed", "dead")
+    }
 
 
 async def test_metrics_count_calls_codes_latency_streams_and_refusals() -> None:
@@ -98,12 +132,32 @@ async def test_an_empty_address_disables_the_endpoint() -> None:
         await server.stop(grace=0)
 
 
-def test_job_flow_helpers_do_nothing_without_a_server() -> None:
-    metrics.set_tasks("running", 3)
-    metrics.set_queue_depth("batch", 2)
-    mine = metrics.Metrics()
-    mine.set_tasks("running", 3)
-    mine.set_queue_depth("batch", 2)
-    text = mine.exposition().decode()
-    assert 'orchestrator_tasks{state="running"} 3.0' in text
-    assert 'orchestrator_queue_depth{queue="batch"} 2.0' in text
+async def test_the_tasks_gauge_follows_a_job_from_pending_to_running_to_finished(
+    backend_url: str | None,
+) -> None:
+    dispatcher = RecordingDispatcher()
+    settings = test_settings(backend_url, metrics_sample_interval=0.05)
+    async with running_server(settings, dispatcher=dispatcher) as server:
+        await scrape_until(server, lambda found: tasks(found) == (0, 0))
+        flow = Flow(server, dispatcher)
+        call, accepted = await flow.start_job(await flow.new_session())
+        await scrape_until(server, lambda found: tasks(found) == (1, 0))
+
+        await flow.publish([notice(accepted.job_id, 1, "progress", progress=0.5)])
+        await scrape_until(server, lambda found: tasks(found) == (0, 1))
+
+        await flow.publish([completed(accepted.job_id, 2, "done")])
+        await read_to_end(call)
+        await scrape_until(server, lambda found: tasks(found) == (0, 0))
+
+
+async def test_the_queue_depth_gauge_counts_queued_batch_items(backend_url: str | None) -> None:
+    # test_settings leave the embedded batch worker off, so submitted items stay ready.
+    dispatcher = RecordingDispatcher()
+    settings = test_settings(backend_url, metrics_sample_interval=0.05)
+    async with running_server(settings, dispatcher=dispatcher) as server:
+        await scrape_until(server, lambda found: batch_queue(found)["ready"] == 0)
+        flow = Flow(server, dispatcher)
+        await submit(flow, [llm_item(f"item-{i}") for i in range(3)])
+        found = await scrape_until(server, lambda found: batch_queue(found)["ready"] == 3)
+        assert batch_queue(found) == {"ready": 3, "leased": 0, "delayed": 0, "dead": 0}

@@ -1,0 +1,195 @@
+"""JobStore.count_unfinished on both backends: how many jobs of all tenants are queued, pending
+and running right now (the source of the orchestrator_tasks gauge)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from domain.ids import new_id
+from domain.jobs import (
+    EventDraft,
+    EventKind,
+    FinishOutcome,
+    IfBusy,
+    JobLimits,
+    JobState,
+    NewJob,
+    Notice,
+    NoticeEvent,
+    StartedJob,
+    StartRefused,
+    Verdict,
+)
+from domain.models import NewSession, Service, WorkKind
+from registry.backends import Registry, RegistryConfig, open_registry
+from registry.keys import KeySpace
+
+LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=60_000, retention_ms=60_000)
+# A job record that expires (unfinished) a moment after its start.
+SHORT_LIVED = JobLimits(deadline_ms=200, heartbeat_ms=200, retention_ms=100)
+PREFIX = "test"
+
+
+@pytest.fixture
+async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
+    opened = open_registry(
+        RegistryConfig(redis_url=backend_url, key_prefix=PREFIX, session_retention_ms=60_000)
+    )
+    yield opened
+    await opened.backend.aclose()
+
+
+def counts(pending: int = 0, running: int = 0, queued: int = 0) -> dict[JobState, int]:
+    return {JobState.QUEUED: queued, JobState.PENDING: pending, JobState.RUNNING: running}
+
+
+async def start(registry: Registry, tenant: str = "acme", limits: JobLimits = LIMITS) -> StartedJob:
+    session_id = new_id()
+    await registry.sessions.create_session(tenant, session_id, NewSession("a1", "", {}, 60_000))
+    new = NewJob(new_id(), session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r1")
+    started = await registry.jobs.start_job(tenant, new, limits, if_busy=IfBusy.RUN)
+    assert isinstance(started, StartedJob)
+    return started
+
+
+async def tell(registry: Registry, started: StartedJob, event: NoticeEvent, seq: int) -> None:
+    job = started.job
+    notice = Notice(event, Service.QUERY, job.job_id, job.tenant_id, seq, data={})
+    assert (await registry.jobs.apply_notice(notice, LIMITS)).verdict is Verdict.ACCEPTED
+
+
+async def wait_for_counts(registry: Registry, wanted: dict[JobState, int]) -> None:
+    """Poll until the counts read as ``wanted`` (time must pass; there is no event)."""
+    deadline = time.monotonic() + 5
+    while (found := await registry.jobs.count_unfinished()) != wanted:
+        assert time.monotonic() < deadline, f"counts stayed {found}, expected {wanted}"
+        await asyncio.sleep(0.05)
+
+
+async def test_no_jobs_count_zero_in_every_unfinished_state(registry: Registry) -> None:
+    assert await registry.jobs.count_unfinished() == counts()
+
+
+async def test_a_started_job_counts_as_pending(registry: Registry) -> None:
+    await start(registry)
+    await start(registry)
+    assert await registry.jobs.count_unfinished() == counts(pending=2)
+
+
+async def test_a_refused_start_is_not_counted(registry: Registry) -> None:
+    started = await start(registry)
+    again = NewJob(
+        new_id(), started.job.session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r2"
+    )
+    refused = await registry.jobs.start_job("acme", again, LIMITS, if_busy=IfBusy.REJECT)
+    assert refused is StartRefused.SESSION_BUSY
+    assert await registry.jobs.count_unfinished() == counts(pending=1)
+
+
+async def test_a_queued_job_counts_as_queued_until_its_turn_then_pending(
+    registry: Registry,
+) -> None:
+    first = await start(registry)
+    behind = NewJob(
+        new_id(), first.job.session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r2"
+    )
+    queued = await registry.jobs.start_job("acme", behind, LIMITS, if_busy=IfBusy.HOLD)
+    assert isinstance(queued, StartedJob) and queued.queued
+    assert await registry.jobs.count_unfinished() == counts(pending=1, queued=1)
+    await tell(registry, first, NoticeEvent.COMPLETED, 1)
+    await registry.jobs.activate_job("acme", behind.job_id, LIMITS)
+    assert await registry.jobs.count_unfinished() == counts(pending=1)
+
+
+async def test_a_cancelled_queued_job_is_no_longer_counted(registry: Registry) -> None:
+    first = await start(registry)
+    behind = NewJob(
+        new_id(), first.job.session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r2"
+    )
+    await registry.jobs.start_job("acme", behind, LIMITS, if_busy=IfBusy.HOLD)
+    draft = EventDraft(behind.job_id, EventKind.CANCELLED, "r2", {"reason": "x"})
+    await registry.jobs.finish_job("acme", behind.job_id, draft, LIMITS)
+    assert await registry.jobs.count_unfinished() == counts(pending=1)
+
+
+async def test_a_job_counts_as_running_from_its_first_progress_or_delta(
+    registry: Registry,
+) -> None:
+    first, second, _ = await start(registry), await start(registry), await start(registry)
+    await tell(registry, first, NoticeEvent.PROGRESS, 1)
+    await tell(registry, first, NoticeEvent.DELTA, 2)
+    await tell(registry, second, NoticeEvent.DELTA, 1)
+    assert await registry.jobs.count_unfinished() == counts(pending=1, running=2)
+
+
+@pytest.mark.parametrize("event", [NoticeEvent.COMPLETED, NoticeEvent.FAILED])
+async def test_a_job_finished_by_its_service_is_not_counted(
+    registry: Registry, event: NoticeEvent
+) -> None:
+    from_pending, from_running = await start(registry), await start(registry)
+    await tell(registry, from_running, NoticeEvent.PROGRESS, 1)
+    await tell(registry, from_pending, event, 1)
+    await tell(registry, from_running, event, 2)
+    assert await registry.jobs.count_unfinished() == counts()
+
+
+async def test_a_cancelled_job_is_not_counted(registry: Registry) -> None:
+    started = await start(registry)
+    await tell(registry, started, NoticeEvent.PROGRESS, 1)
+    draft = EventDraft(started.job.job_id, EventKind.CANCELLED, "r1", {"reason": "test"})
+    outcome, _ = await registry.jobs.finish_job("acme", started.job.job_id, draft, LIMITS)
+    assert outcome is FinishOutcome.DONE
+    assert await registry.jobs.count_unfinished() == counts()
+
+
+async def test_a_timed_out_job_is_not_counted(registry: Registry) -> None:
+    limits = JobLimits(deadline_ms=100, heartbeat_ms=100, retention_ms=60_000)
+    await start(registry, limits=limits)
+    deadline = time.monotonic() + 5
+    while not await registry.jobs.reap_expired(limits, limit=10):
+        assert time.monotonic() < deadline, "the job never timed out"
+        await asyncio.sleep(0.05)
+    assert await registry.jobs.count_unfinished() == counts()
+
+
+async def test_jobs_of_every_tenant_are_counted(registry: Registry) -> None:
+    await start(registry, "acme")
+    await tell(registry, await start(registry, "globex"), NoticeEvent.PROGRESS, 1)
+    await start(registry, "initech")
+    assert await registry.jobs.count_unfinished() == counts(pending=2, running=1)
+
+
+async def test_a_job_whose_record_expired_unfinished_is_not_counted(
+    registry: Registry,
+) -> None:
+    await start(registry, limits=LIMITS)
+    vanishing = await start(registry, limits=SHORT_LIVED)
+    await wait_for_counts(registry, counts(pending=1))
+    assert await registry.jobs.get_job("acme", vanishing.job.job_id) is None
+
+
+async def test_redis_keeps_no_sets_of_finished_or_vanished_jobs(redis_url: str) -> None:
+    registry = open_registry(
+        RegistryConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
+    )
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        pending = await start(registry)
+        await start(registry, limits=SHORT_LIVED)
+        await wait_for_counts(registry, counts(pending=1))
+        # The next start trims the vanished job; finishing the others empties both sets.
+        running = await start(registry)
+        await tell(registry, running, NoticeEvent.PROGRESS, 1)
+        await tell(registry, running, NoticeEvent.COMPLETED, 2)
+        await tell(registry, pending, NoticeEvent.FAILED, 1)
+        keys = KeySpace(PREFIX)
+        for state in (JobState.PENDING, JobState.RUNNING):
+            assert await redis.exists(keys.jobs_in_state("acme", state.value)) == 0
+    finally:
+        await redis.aclose()
+        await registry.backend.aclose()
