@@ -37,7 +37,13 @@ from typing import Any, TypeAlias
 import grpc
 from redis.asyncio import Redis
 
-from bench.batch_processes import Child, start_orchestrator, start_reference, wait_serving
+from bench.batch_processes import (
+    Child,
+    start_orchestrator,
+    start_reference,
+    start_worker,
+    wait_serving,
+)
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -265,21 +271,13 @@ class Memory:
     redis_peak: int
 
 
-@dataclass(frozen=True, slots=True)
-class Cpu:
-    """CPU seconds each process used during the batch."""
-
-    orchestrator: float
-    reference: float
-    redis: float
-
-
 @dataclass
 class Results:
     concurrency: int
+    worker_processes: int
     batch: BatchRun
     memory: Memory
-    cpu: Cpu
+    cpu: dict[str, float]  # CPU seconds each process (kind) used during the batch
     chats: ChatsRun | None
     problems: list[str]
 
@@ -301,28 +299,48 @@ async def redis_info(redis: Redis) -> tuple[int, int, float]:
     )
 
 
+@dataclass
+class Platform:
+    orchestrator: Child
+    reference: Child
+    workers: list[Child]
+    channel: grpc.aio.Channel
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {
+            "orchestrator": self.orchestrator.cpu_seconds(),
+            "workers": sum(worker.cpu_seconds() for worker in self.workers),
+            "reference": self.reference.cpu_seconds(),
+        }
+
+
 @contextlib.asynccontextmanager
-async def platform(
-    redis_url: str, concurrency: int, *, step_delay_s: float, failure_rate: float
-) -> AsyncIterator[tuple[Child, Child, grpc.aio.Channel]]:
-    """The orchestrator and the reference services as child processes, and a channel."""
+async def platform(redis_url: str, args: argparse.Namespace) -> AsyncIterator[Platform]:
+    """The orchestrator, the workers and the reference services as child processes, and a
+    channel to the orchestrator."""
     orchestrator_port, reference_port = free_port(), free_port()
     orchestrator_address = f"127.0.0.1:{orchestrator_port}"
-    with (
-        start_orchestrator(
-            redis_url, f"127.0.0.1:{reference_port}", orchestrator_port, concurrency
-        ) as orchestrator,
-        start_reference(
-            reference_port,
-            orchestrator_address,
-            step_delay_s=step_delay_s,
-            deltas=2,
-            failure_rate=failure_rate,
-        ) as reference,
-    ):
-        await wait_serving(reference, f"127.0.0.1:{reference_port}")
+    reference_address = f"127.0.0.1:{reference_port}"
+    with contextlib.ExitStack() as children:
+        orchestrator = children.enter_context(
+            start_orchestrator(redis_url, reference_address, orchestrator_port, args.concurrency)
+        )
+        workers = [
+            children.enter_context(start_worker(redis_url, reference_address, args.concurrency))
+            for _ in range(args.worker_processes)
+        ]
+        reference = children.enter_context(
+            start_reference(
+                reference_port,
+                orchestrator_address,
+                step_delay_s=args.step_delay,
+                deltas=2,
+                failure_rate=args.failure_rate,
+            )
+        )
+        await wait_serving(reference, reference_address)
         async with grpc.aio.insecure_channel(orchestrator_address) as channel:
-            yield orchestrator, reference, channel
+            yield Platform(orchestrator, reference, workers, channel)
 
 
 async def run(args: argparse.Namespace) -> Results:
@@ -338,30 +356,23 @@ async def run(args: argparse.Namespace) -> Results:
 async def measure(redis_url: str, args: argparse.Namespace) -> Results:
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
-        async with platform(
-            redis_url,
-            args.concurrency,
-            step_delay_s=args.step_delay,
-            failure_rate=args.failure_rate,
-        ) as (orchestrator, reference, channel):
+        async with platform(redis_url, args) as p:
+            channel, orchestrator = p.channel, p.orchestrator
             chat_sessions = await create_sessions(channel, args.chat_sessions)
             # Warm up (channels, scripts, the reference's notice stream), then measure.
-            warm_up = make_items(2 * args.concurrency, chat_sessions, "warm-up")
-            await run_batch(channel, warm_up, timeout_s=60)
+            slots = args.concurrency * (1 + args.worker_processes)
+            await run_batch(channel, make_items(2 * slots, chat_sessions, "warm-up"), 60)
             items = make_items(args.items, chat_sessions, "item")
             redis_before, _, redis_cpu = await redis_info(redis)
-            cpu_before = (orchestrator.cpu_seconds(), reference.cpu_seconds())
+            cpu_before = p.cpu_seconds()
             rss_before = orchestrator.status_bytes("VmRSS")
             peak_reset = orchestrator.reset_peak()
             batch = await run_batch(channel, items, timeout_s=args.timeout)
             peak = orchestrator.status_bytes("VmHWM")
             rss_after = orchestrator.status_bytes("VmRSS")
             redis_after, redis_peak, redis_cpu_after = await redis_info(redis)
-            cpu = Cpu(
-                orchestrator.cpu_seconds() - cpu_before[0],
-                reference.cpu_seconds() - cpu_before[1],
-                redis_cpu_after - redis_cpu,
-            )
+            cpu = {name: s - cpu_before[name] for name, s in p.cpu_seconds().items()}
+            cpu["redis"] = redis_cpu_after - redis_cpu
             memory = Memory(
                 rss_before, peak, peak_reset, rss_after, redis_before, redis_after, redis_peak
             )
@@ -369,8 +380,10 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
             chats = None
             if args.baseline_items:
                 baseline = make_items(args.baseline_items, chat_sessions, "chat")
-                chats = await run_chats(channel, baseline, args.concurrency)
-            return Results(args.concurrency, batch, memory, cpu, chats, problems)
+                chats = await run_chats(channel, baseline, slots)
+            return Results(
+                args.concurrency, args.worker_processes, batch, memory, cpu, chats, problems
+            )
     finally:
         await redis.aclose()
 
@@ -390,9 +403,14 @@ def _mib(value: int) -> str:
 
 def print_results(r: Results) -> None:
     b, m, c = r.batch, r.memory, r.cpu
+    workers = (
+        f" + {r.worker_processes} `orchestrator worker` process(es)" if r.worker_processes else ""
+    )
+    slots = r.concurrency * (1 + r.worker_processes)
     print(
-        f"one batch of {b.items:,} items (LLM 40 %, RAG 10 %, embedding 30 %, chat 20 %), "
-        f"batch worker concurrency {r.concurrency}, reference services in their own process"
+        f"one batch of {b.items:,} items (LLM 40 %, RAG 10 %, embedding 30 %, chat 20 %); "
+        f"batch worker concurrency {r.concurrency} in the server{workers}; "
+        "reference services in their own process"
     )
     rows: list[tuple[str, ...]] = [
         ("path", "items", "seconds", "items/s"),
@@ -406,7 +424,7 @@ def print_results(r: Results) -> None:
     if r.chats is not None:
         rows.append(
             (
-                f"individual SendMessage, {r.concurrency} at a time",
+                f"individual SendMessage, {slots} at a time",
                 f"{r.chats.chats:,}",
                 f"{r.chats.seconds:.2f}",
                 f"{r.chats.per_second:,.0f}",
@@ -443,10 +461,12 @@ def print_results(r: Results) -> None:
                 f"{(m.redis_after - m.redis_before) / max(b.items, 1) / 1024:.1f} KB",
             ),
             (
-                "CPU during the batch",
-                f"orchestrator {100 * c.orchestrator / b.seconds:.0f} %, "
-                f"reference {100 * c.reference / b.seconds:.0f} %, "
-                f"redis {100 * c.redis / b.seconds:.0f} % of a core",
+                "CPU during the batch (% of one core)",
+                ", ".join(
+                    f"{name} {100 * seconds / max(b.seconds, 1e-9):.0f} %"
+                    for name, seconds in c.items()
+                    if name != "workers" or r.worker_processes
+                ),
             ),
         ]
     )
@@ -469,6 +489,9 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=Settings().batch_worker_concurrency,
         help="batch worker concurrency (default: the server's) and baseline client slots",
+    )
+    p.add_argument(
+        "--worker-processes", type=int, default=0, help="`orchestrator worker` processes to add"
     )
     p.add_argument("--chat-sessions", type=int, default=4, help="sessions for chat items")
     p.add_argument("--baseline-items", type=int, default=2000, help="0 skips the baseline")

@@ -4,6 +4,7 @@
   CONCURRENCY``): a real OrchestratorServer on a private Redis with the batch worker embedded,
   accepting the deterministic test keys (tests.support.keys); prints ``PORT <n>`` once serving
   and stops on SIGTERM;
+- optionally ``orchestrator worker`` processes sharing the batch queue;
 - the reference Query/Embedding services (``orchestrator-reference``, REF_* settings), reporting
   to that orchestrator with the test service key.
 
@@ -175,6 +176,22 @@ def start_reference(
     }
     proc = subprocess.Popen([str(BIN / "orchestrator-reference")], env=env, cwd=ROOT)
     return Child(proc, "reference services")
+
+
+def start_worker(redis_url: str, query_address: str, concurrency: int) -> Child:
+    """``orchestrator worker``: batch items only, on the same Redis queue as the server."""
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "ORCH_QUERY_SERVICE_ADDRESS": query_address,
+        "ORCH_EMBEDDING_SERVICE_ADDRESS": query_address,
+        "ORCH_BATCH_WORKER_POLL": "0.2",
+        "ORCH_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "orchestrator"), "worker", "--concurrency", str(concurrency)], env=env, cwd=ROOT
+    )
+    return Child(proc, "orchestrator worker")
 
 
 async def wait_serving(child: Child, address: str, timeout_s: float = 20.0) -> None:
