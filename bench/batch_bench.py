@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -219,6 +220,7 @@ class ChatsRun:
     chats: int
     seconds: float
     failed: int
+    server_cpu_s: float = 0.0  # the orchestrator's CPU seconds over the run
 
     @property
     def per_second(self) -> float:
@@ -286,6 +288,17 @@ class Results:
         if self.chats is None or not self.chats.per_second:
             return 0.0
         return self.batch.per_second / self.chats.per_second
+
+    @property
+    def batch_cpu_ms(self) -> float:
+        """Server-side CPU per item (orchestrator and workers), in ms."""
+        return 1000 * (self.cpu["orchestrator"] + self.cpu["workers"]) / max(self.batch.items, 1)
+
+    @property
+    def chat_cpu_ms(self) -> float:
+        if self.chats is None:
+            return 0.0
+        return 1000 * self.chats.server_cpu_s / max(self.chats.chats, 1)
 
 
 async def redis_info(redis: Redis) -> tuple[int, int, float]:
@@ -380,7 +393,11 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
             chats = None
             if args.baseline_items:
                 baseline = make_items(args.baseline_items, chat_sessions, "chat")
+                chat_cpu = orchestrator.cpu_seconds()
                 chats = await run_chats(channel, baseline, slots)
+                chats = dataclasses.replace(
+                    chats, server_cpu_s=orchestrator.cpu_seconds() - chat_cpu
+                )
             return Results(
                 args.concurrency, args.worker_processes, batch, memory, cpu, chats, problems
             )
@@ -432,7 +449,10 @@ def print_results(r: Results) -> None:
         )
     _table(rows)
     if r.chats is not None:
-        print(f"ratio batch/individual = {r.ratio:.2f}")
+        print(
+            f"ratio batch/individual = {r.ratio:.2f} (items/s); server CPU per item: batch "
+            f"{r.batch_cpu_ms:.2f} ms, individual {r.chat_cpu_ms:.2f} ms"
+        )
     states = ", ".join(
         f"{batch_pb2.BatchItemState.Name(s).removeprefix('BATCH_ITEM_STATE_').lower()} {n:,}"
         for s, n in sorted(b.states.items())
