@@ -3,7 +3,10 @@
 Four processes on loopback: a private redis-server, the orchestrator (a real OrchestratorServer
 with the batch worker embedded at the server's default concurrency), the reference Query and
 Embedding services (``orchestrator-reference``, answering after a few ms per step, a small
-share of jobs failing on purpose) and this process, the client (bench.batch_processes).
+share of jobs failing on purpose) and this process, the client (bench.batch_processes). The
+reference services run in their own process rather than embedded in the server (as `make run`
+does) so the server's memory and CPU are its own. ``--worker-processes N`` adds N
+``orchestrator worker`` processes on the same queue.
 
 The client submits one batch over gRPC (SubmitBatch) mixing LLM queries, RAG queries,
 embeddings and chat messages on a few sessions of its own, reads StreamBatchResults from cursor
@@ -15,8 +18,10 @@ before submitting) and Redis' used_memory before, after and at its peak (INFO me
 Baseline in the same run, on the same servers: the same mix of work as individual SendMessage
 calls (chat items become LLM queries), a closed loop at the batch worker's concurrency, each
 client slot on its own session. The ratio batch/individual is what the batch machinery (work
-queue, item scripts, result stream) costs or saves against a client doing it itself. No
-numeric target (issue 4 asks for the figures): the exit status reports the correctness checks.
+queue, item scripts, result stream) costs or saves against a client doing it itself; server
+CPU per item (the orchestrator's, and the workers', from /proc) compares the two paths without
+the noise of a shared machine. No numeric target (issue 4 asks for the figures): the exit
+status reports the correctness checks.
 
 Bounded in count and time. ``python -m bench.batch_bench [--items N] ...``.
 """
