@@ -11,6 +11,7 @@ MODULES = [
     "bench.flow_bench",
     "bench.queue_bench",
     "bench.interceptor_bench",
+    "bench.batch_bench",
 ]
 
 

@@ -90,9 +90,9 @@ class BatchRunner:
             kind=kind.work_kind,
             model=spec.get("model", ""),
             collections=tuple(spec.get("collections") or ()),
-            # The batch's own session runs its items side by side; a user's session runs
-            # them in order with its other messages.
-            if_busy=IfBusy.HOLD if kind is ItemKind.CHAT_MESSAGE else IfBusy.RUN,
+            # Batch items are independent: they run side by side, also on a user's session
+            # (holding them in the session's line would keep worker slots waiting).
+            if_busy=IfBusy.RUN,
         )
         try:
             outcome = await self._run(ctx, batch_id, index, message)
