@@ -1,5 +1,6 @@
-"""Batches run by `orchestrator worker` processes on Redis against the reference services: the
-server only accepts the batch and the notices; two worker processes share the queue."""
+"""Batches and background messages run by `orchestrator worker` processes on Redis against the
+reference services: the server only accepts the work and the notices; two worker processes
+share the queues."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
 from tests.support.batches import get_batch, llm_item, read_results, stream, submit
 from tests.support.downstream import RecordingDispatcher
-from tests.support.flow import Flow
+from tests.support.flow import Flow, kind_of, read_to_end
 from tests.support.redis_process import free_port
 from tests.support.servers import running_server, service, test_settings
 
@@ -32,6 +33,7 @@ async def platform(redis_url: str) -> AsyncIterator[tuple[Flow, str]]:
         redis_url,
         listen_address=f"127.0.0.1:{orchestrator_port}",
         batch_worker_enabled=False,
+        chat_worker_enabled=False,
     )
     reference = ReferenceServices(
         ReferenceConfig(
@@ -97,3 +99,15 @@ async def test_worker_processes_run_a_batch_exactly_once(
     for proc in workers:
         proc.send_signal(signal.SIGTERM)
     assert [proc.wait(timeout=15) for proc in workers] == [0, 0]
+
+
+async def test_worker_processes_run_a_background_message(
+    platform: tuple[Flow, str], workers: list[subprocess.Popen[bytes]]
+) -> None:
+    flow, _ = platform
+    session_id = await flow.new_session()
+    call = flow.send(session_id, "run me later", background=True)
+    events = await read_to_end(call, timeout_s=30.0)
+    assert events[0].accepted.queued
+    assert kind_of(events[-1]) in ("completed", "failed")  # the reference fails some on purpose
+    assert all(e.job_id == events[0].job_id for e in events)
