@@ -47,6 +47,7 @@ class RegistryConfig:
     max_connections: int = 64
     event_log_max_events: int = 1000
     event_log_ttl_ms: int = 24 * 3600 * 1000
+    batch_retention_ms: int = 7 * 24 * 3600 * 1000
 
 
 class MemoryBackend:
@@ -111,7 +112,7 @@ def open_registry(config: RegistryConfig) -> Registry:
             jobs=MemoryJobStore(sessions, events, usage=usage),
             events=events,
             api_keys=MemoryApiKeyStore(),
-            batches=MemoryBatchStore(),
+            batches=MemoryBatchStore(retention_ms=config.batch_retention_ms),
             usage=usage,
             embedding_cache=MemoryEmbeddingCache(),
         )
@@ -137,7 +138,7 @@ def open_registry(config: RegistryConfig) -> Registry:
         jobs=RedisJobStore(redis, keys, log_config),
         events=RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S),
         api_keys=RedisApiKeyStore(redis, keys),
-        batches=RedisBatchStore(redis, keys),
+        batches=RedisBatchStore(redis, keys, retention_ms=config.batch_retention_ms),
         usage=RedisUsageStore(redis, keys),
         embedding_cache=RedisEmbeddingCache(redis, keys),
     )

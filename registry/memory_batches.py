@@ -39,11 +39,31 @@ class _Record:
 class MemoryBatchStore:
     """Implements registry.batch_base.BatchStore over dicts (one event loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retention_ms: int = 7 * 24 * 3600 * 1000) -> None:
         self._batches: dict[tuple[str, str], _Record] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
+        self._retention_ms = retention_ms
+        self._swept_ms = 0
+
+    def _drop_retired(self) -> None:
+        """Forget batches final for longer than the retention, with their idempotency keys
+        (a scan, so at most every 100 ms)."""
+        now = _now_ms()
+        if now - self._swept_ms < 100:
+            return
+        self._swept_ms = now
+        retired = [
+            key
+            for key, record in self._batches.items()
+            if record.batch.finish_ms and now >= record.batch.finish_ms + self._retention_ms
+        ]
+        for tenant_id, batch_id in retired:
+            batch = self._batches.pop((tenant_id, batch_id)).batch
+            if batch.idempotency_key:
+                self._idempotency.pop((tenant_id, batch.idempotency_key), None)
 
     async def create_batch(self, tenant_id: str, new: NewBatch) -> tuple[Batch, bool]:
+        self._drop_retired()
         if new.idempotency_key:
             existing = self._idempotency.get((tenant_id, new.idempotency_key))
             if existing is not None:
@@ -74,12 +94,14 @@ class MemoryBatchStore:
         return None if batch_id is None else await self.get_batch(tenant_id, batch_id)
 
     async def get_batch(self, tenant_id: str, batch_id: str) -> Batch | None:
+        self._drop_retired()
         record = self._batches.get((tenant_id, batch_id))
         return None if record is None else record.batch
 
     async def list_batches(
         self, tenant_id: str, *, limit: int, after: str | None, state: BatchState | None
     ) -> Page[Batch]:
+        self._drop_retired()
         ids = sorted((b for t, b in self._batches if t == tenant_id), reverse=True)
         if after is not None:
             ids = [b for b in ids if b < after]

@@ -32,25 +32,29 @@ end
 """
 
 # KEYS: batch, states, cids, jobs, results, index, idem.
-# ARGV: batch_id, tenant, priority, idem_key, metadata_json, window_ms, session_id, cid1...
-# Returns {1, batch_id} when created, {0, existing_id} for a known idempotency key.
+# ARGV: batch_id, tenant, priority, idem_key, metadata_json, window_ms, session_id,
+# retention_ms, cid1... Everything expires by window + retention at the latest (a final batch
+# gets its retention from when it became final). Returns {1, batch_id} when created,
+# {0, existing_id} for a known idempotency key.
 CREATE = (
     _NOW
     + """
+local lifetime = tonumber(ARGV[6]) + tonumber(ARGV[8])
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[7])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[7], ARGV[1])
+  redis.call('SET', KEYS[7], ARGV[1], 'PX', lifetime)
 end
-local total = #ARGV - 7
+local total = #ARGV - 8
 redis.call('HSET', KEYS[1], 'tenant', ARGV[2], 'priority', ARGV[3], 'idem', ARGV[4],
   'metadata', ARGV[5], 'session', ARGV[7], 'state', 'queued', 'created', now, 'updated', now,
   'expire', now + tonumber(ARGV[6]), 'finish', 0, 'total', total, 'queued', total,
   'running', 0, 'completed', 0, 'failed', 0, 'cancelled', 0, 'expired', 0, 'seq', 0)
 for i = 1, total do
   redis.call('HSET', KEYS[2], i - 1, 'queued')
-  redis.call('HSET', KEYS[3], i - 1, ARGV[7 + i])
+  redis.call('HSET', KEYS[3], i - 1, ARGV[8 + i])
 end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], lifetime) end
 redis.call('ZADD', KEYS[6], 0, ARGV[1])
 return {1, ARGV[1]}
 """
@@ -82,18 +86,29 @@ if redis.call('HGET', KEYS[1], 'state') == 'cancelling' then return 0 end
 return 1
 """
 
-_MAYBE_COMPLETE = """
-local function maybe_complete()
+# A final batch keeps its keys (batch, states, custom ids, jobs, results) for ``ms`` more.
+_RETAIN = """
+local function retain(ms)
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ms) end
+end
+"""
+
+_MAYBE_COMPLETE = (
+    _RETAIN
+    + """
+local function maybe_complete(retention)
   local c = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed', 'cancelled', 'expired')
   local done = tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) + tonumber(c[5])
   if done < tonumber(c[1]) then return end
   local final = 'completed'
   if redis.call('HGET', KEYS[1], 'state') == 'cancelling' then final = 'cancelled' end
   redis.call('HSET', KEYS[1], 'state', final, 'finish', now)
+  retain(retention)
 end
 """
+)
 
-# KEYS: batch, states, cids, jobs, results. ARGV: index, state, job_id, data_json.
+# KEYS: batch, states, cids, jobs, results. ARGV: index, state, job_id, data_json, retention_ms.
 # Returns the result's sequence, or 0 when the item had already finished.
 FINISH_ITEM = (
     _NOW
@@ -104,16 +119,18 @@ local item = redis.call('HGET', KEYS[2], ARGV[1])
 if item ~= 'queued' and item ~= 'running' then return 0 end
 local seq = append(ARGV[1], item, ARGV[2], ARGV[3], ARGV[4])
 redis.call('HSET', KEYS[1], 'updated', now)
-maybe_complete()
+maybe_complete(tonumber(ARGV[5]))
 return seq
 """
 )
 
-# KEYS: batch, states, cids, jobs, results. ARGV: 'cancelled' or 'expired', error data JSON.
-# Returns {found (0/1), index1, job1, index2, job2, ...} of the items that were running.
+# KEYS: batch, states, cids, jobs, results. ARGV: 'cancelled' or 'expired', error data JSON,
+# retention_ms. Returns {found (0/1), index1, job1, index2, job2, ...} of the items that were
+# running.
 STOP = (
     _NOW
     + _APPEND
+    + _RETAIN
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0} end
@@ -135,10 +152,12 @@ for i = 1, #items, 2 do
 end
 if expire then
   redis.call('HSET', KEYS[1], 'state', 'expired', 'finish', now, 'updated', now)
+  retain(tonumber(ARGV[3]))
 elseif tonumber(redis.call('HGET', KEYS[1], 'running')) > 0 then
   redis.call('HSET', KEYS[1], 'state', 'cancelling', 'updated', now)
 else
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finish', now, 'updated', now)
+  retain(tonumber(ARGV[3]))
 end
 return running
 """

@@ -43,7 +43,15 @@ def _compact(data: Any) -> str:
 class RedisBatchStore:
     """Implements registry.batch_base.BatchStore on Redis 7."""
 
-    def __init__(self, redis: Redis, keys: KeySpace, *, poll_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        *,
+        poll_s: float = 0.1,
+        retention_ms: int = 7 * 24 * 3600 * 1000,
+    ) -> None:
+        self._retention_ms = retention_ms
         self._redis = redis
         self._keys = keys
         self._poll_s = poll_s
@@ -77,11 +85,17 @@ class RedisBatchStore:
             _compact(dict(new.metadata)),
             new.window_ms,
             new.session_id,
+            self._retention_ms,
             *new.custom_ids,
         ]
         with redis_errors_as_unavailable():
             created, batch_id = await self._create(keys=keys, args=args)
             batch = await self.get_batch(tenant_id, str(batch_id))
+            if batch is None and not int(created):
+                # The key names a batch dropped after its retention: the key is free again.
+                await self._redis.delete(keys[-1])
+                created, batch_id = await self._create(keys=keys, args=args)
+                batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None:  # pragma: no cover - only if the keys vanished meanwhile
                 raise RuntimeError(f"batch {batch_id} vanished")
             if int(created):
@@ -122,6 +136,10 @@ class RedisBatchStore:
                 for batch_id in ids:
                     pipe.hgetall(self._keys.batch(tenant_id, batch_id))
                 replies = await pipe.execute()
+                # Batches dropped after their retention leave the index too.
+                gone = [b for b, fields in zip(ids, replies, strict=True) if not fields]
+                if gone:
+                    await self._redis.zrem(index, *gone)
                 for batch_id, fields in zip(ids, replies, strict=True):
                     examined += 1
                     cursor = batch_id
@@ -158,7 +176,13 @@ class RedisBatchStore:
     async def finish_item(
         self, tenant_id: str, batch_id: str, index: int, outcome: ItemOutcome
     ) -> int | None:
-        args = [index, outcome.state.value, outcome.job_id, _compact(outcome.to_data())]
+        args = [
+            index,
+            outcome.state.value,
+            outcome.job_id,
+            _compact(outcome.to_data()),
+            self._retention_ms,
+        ]
         with redis_errors_as_unavailable():
             seq = await self._finish(keys=self._item_keys(tenant_id, batch_id), args=args)
         return int(seq) or None
@@ -170,7 +194,7 @@ class RedisBatchStore:
         with redis_errors_as_unavailable():
             reply = await self._stop(
                 keys=self._item_keys(tenant_id, batch_id),
-                args=[mode.value, _compact({"error": error})],
+                args=[mode.value, _compact({"error": error}), self._retention_ms],
             )
         if not int(reply[0]):
             return None, []

@@ -80,6 +80,7 @@ def registry_config(settings: Settings) -> RegistryConfig:
         max_connections=settings.redis_max_connections,
         event_log_max_events=settings.event_log_max_events,
         event_log_ttl_ms=int(settings.event_log_ttl * 1000),
+        batch_retention_ms=int(settings.batch_retention * 1000),
     )
 
 

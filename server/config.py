@@ -242,6 +242,12 @@ class Settings:
         7 * 24 * 3600.0,
         "largest completion_window a request may ask for",
     )
+    batch_retention: float = _env(
+        "ORCH_BATCH_RETENTION",
+        7 * 24 * 3600.0,
+        "a finished batch (its results and idempotency key too) is dropped this long after it "
+        "became final",
+    )
     batch_worker_enabled: bool = _env(
         "ORCH_BATCH_WORKER_ENABLED",
         True,
@@ -322,6 +328,7 @@ class Settings:
             "event_log_ttl",
             "batch_completion_window",
             "batch_max_completion_window",
+            "batch_retention",
             "batch_worker_lease",
             "batch_worker_poll",
             "batch_expiry_interval",

@@ -138,3 +138,53 @@ async def test_batches_list_newest_first_per_tenant(store: BatchStore) -> None:
     assert [b.batch_id for b in rest.items] == ids[:1]
     done_only = await store.list_batches("t1", limit=10, after=None, state=BatchState.COMPLETED)
     assert done_only.items == []
+
+
+@pytest.fixture
+async def short_retention_store(backend_url: str | None) -> AsyncIterator[BatchStore]:
+    registry = open_registry(
+        RegistryConfig(
+            redis_url=backend_url,
+            key_prefix="test-retention",
+            session_retention_ms=1000,
+            batch_retention_ms=200,
+        )
+    )
+    yield registry.batches
+    await registry.aclose()
+
+
+async def _until_gone(store: BatchStore, tenant_id: str, batch_id: str) -> None:
+    """Poll until the batch is dropped (time must pass; there is no event); bounded."""
+    for _ in range(200):
+        if await store.get_batch(tenant_id, batch_id) is None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"batch {batch_id} was kept past its retention")
+
+
+async def test_a_final_batch_is_dropped_after_its_retention_with_its_idempotency_key(
+    short_retention_store: BatchStore,
+) -> None:
+    store = short_retention_store
+    batch, _ = await store.create_batch("t1", new_batch(1, key="nightly"))
+    await store.finish_item("t1", batch.batch_id, 0, done())
+    await _until_gone(store, "t1", batch.batch_id)
+    assert await store.find_by_idempotency_key("t1", "nightly") is None
+    page = await store.list_batches("t1", limit=10, after=None, state=None)
+    assert page.items == []
+    again, created = await store.create_batch("t1", new_batch(1, key="nightly"))
+    assert created and again.batch_id != batch.batch_id
+
+
+async def test_an_unfinished_batch_is_kept_past_the_retention(
+    short_retention_store: BatchStore,
+) -> None:
+    store = short_retention_store
+    batch, _ = await store.create_batch("t1", new_batch(2, window_ms=60_000))
+    await store.finish_item("t1", batch.batch_id, 0, done())
+    finished, _ = await store.create_batch("t1", new_batch(1))
+    await store.finish_item("t1", finished.batch_id, 0, done())
+    await _until_gone(store, "t1", finished.batch_id)
+    kept = await store.get_batch("t1", batch.batch_id)
+    assert kept is not None and kept.counts.completed == 1
