@@ -6,7 +6,9 @@ the SHA-256 of the secret is stored; verification compares digests in constant t
 carries 256 random bits, so a plain hash needs no salt or stretching.
 
 Lookups are not cached: every call reads the key record from the store, so a revocation takes
-effect on every replica at the next call.
+effect on every replica at the next call. What is remembered per process is only a pure function
+of the presented text, its key id and secret digest (``ApiKeyManager.verify``), so a live key is
+not parsed and hashed again on every call.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ MAX_DESCRIPTION_CHARS = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 CREATE_ATTEMPTS = 3
+# Presented keys whose id and digest verify remembers; past this many the memo starts over.
+MAX_REMEMBERED_DIGESTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,11 @@ class ApiKeyManager:
 
     def __init__(self, store: ApiKeyStore) -> None:
         self._store = store
+        # Presented key text -> (key id, SHA-256 of its secret), for keys that verified. Both
+        # follow from the text alone, so this never goes stale; the record (revocation included)
+        # is still read from the store on every call. Only verified keys are kept, so guessing
+        # cannot fill it.
+        self._digests: dict[str, tuple[str, str]] = {}
 
     async def create(self, tenant_id: str, role: str, description: str) -> IssuedKey:
         """A new key for ``tenant_id`` with ``role``; the plaintext is in the result only."""
@@ -188,11 +197,20 @@ class ApiKeyManager:
     async def verify(self, api_key: str) -> ApiKey:
         """The live record of a presented key; Unauthenticated when unknown, wrong or revoked.
         The message never says which, so it does not help guessing."""
-        key_id, secret = parse_key(api_key)
+        remembered = self._digests.get(api_key)
+        if remembered is None:
+            key_id, secret = parse_key(api_key)
+            presented = hash_secret(secret)
+        else:
+            key_id, presented = remembered
         record = await self._store.get_key(key_id)
-        presented = hash_secret(secret)
         expected = record.secret_sha256 if record is not None else hash_secret("")
         matches = hmac.compare_digest(presented, expected)
         if record is None or not matches or record.revoked:
+            self._digests.pop(api_key, None)
             raise Unauthenticated("invalid or revoked API key")
+        if remembered is None:
+            if len(self._digests) >= MAX_REMEMBERED_DIGESTS:
+                self._digests.clear()
+            self._digests[api_key] = (key_id, presented)
         return record

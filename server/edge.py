@@ -25,8 +25,8 @@ handler) is computed once per method.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -79,14 +79,16 @@ def read_metadata(context: Ctx) -> tuple[str, str | None, str | None]:
 
 
 class _Plan:
-    """What the edge does for one method, decided once."""
+    """What the edge does for one method, decided once: the role it needs, whether it is rate
+    limited, and where its metrics go."""
 
-    __slots__ = ("limited", "method", "needed")
+    __slots__ = ("limited", "method", "needed", "recorder")
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, metrics: Metrics) -> None:
         self.method = method
         self.needed: Role | None = required_role(method)
         self.limited = self.needed is not None and not method.startswith(EXEMPT_PREFIXES)
+        self.recorder = metrics.recorder(method)
 
 
 class Edge:
@@ -105,7 +107,9 @@ class Edge:
         None (an unknown method: UNIMPLEMENTED)."""
         if handler is None:
             return None
-        return self._cache.get(method, handler, lambda: self._wrap(handler, _Plan(method)))
+        return self._cache.get(
+            method, handler, lambda: self._wrap(handler, _Plan(method, self._metrics))
+        )
 
     def _wrap(self, handler: Any, plan: _Plan) -> Any:
         return wrap_handler(
@@ -142,18 +146,19 @@ class Edge:
     def _unary(self, behavior: UnaryBehavior, plan: _Plan, *, stream: bool) -> UnaryBehavior:
         """Unary-response calls, and (``stream``) server streams written with context.write."""
         metrics = self._metrics
-        method = plan.method
+        recorder = plan.recorder
         limits = self._limits
+        begin = self._begin
 
         async def run(request: Any, context: Ctx) -> Any:
             metrics_module.bind(metrics)
-            start = time.perf_counter()
+            start = perf_counter()
             code = _UNKNOWN
             slot: str | None = None
             if stream:
-                metrics.stream_opened(method)
+                recorder.stream_opened()
             try:
-                caller = await self._begin(context, plan)
+                caller = await begin(context, plan)
                 if stream and caller is not None and plan.limited:
                     slot = await limits.take_stream_slot(caller, context)
                 response = await behavior(request, context)
@@ -166,24 +171,25 @@ class Edge:
                 code = _final_code(context, _UNKNOWN)
                 raise
             finally:
-                limits.release(slot)
+                if slot is not None:
+                    limits.release(slot)
                 if stream:
-                    metrics.stream_closed(method)
-                metrics.observe_rpc(method, code, time.perf_counter() - start)
+                    recorder.stream_closed()
+                recorder.observe(code, perf_counter() - start)
 
         return run
 
     def _streaming(self, behavior: StreamBehavior, plan: _Plan) -> StreamBehavior:
         metrics = self._metrics
-        method = plan.method
+        recorder = plan.recorder
         limits = self._limits
 
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
             metrics_module.bind(metrics)
-            start = time.perf_counter()
+            start = perf_counter()
             code = _UNKNOWN
             slot: str | None = None
-            metrics.stream_opened(method)
+            recorder.stream_opened()
             try:
                 caller = await self._begin(context, plan)
                 if caller is not None and plan.limited:
@@ -199,8 +205,8 @@ class Edge:
                 raise
             finally:
                 limits.release(slot)
-                metrics.stream_closed(method)
-                metrics.observe_rpc(method, code, time.perf_counter() - start)
+                recorder.stream_closed()
+                recorder.observe(code, perf_counter() - start)
 
         return run
 

@@ -106,26 +106,24 @@ class Metrics:
         self.tokens = Counter(
             "orchestrator_tokens", "LLM tokens used, by tenant", ["tenant"], registry=r
         )
-        # labels() costs a lock and a dict lookup; the hot path keeps its own children.
-        self._rpc_children: dict[tuple[str, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
+        # labels() costs a lock and a dict lookup; the edge keeps one recorder per method.
+        self._recorders: dict[str, RpcRecorder] = {}
+
+    def recorder(self, method: str) -> RpcRecorder:
+        """The RPC metrics of one method (the same object for every call of it)."""
+        recorder = self._recorders.get(method)
+        if recorder is None:
+            recorder = self._recorders[method] = RpcRecorder(self, method)
+        return recorder
 
     def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        key = (method, code.name)
-        counter = self._rpc_children.get(key)
-        if counter is None:
-            counter = self._rpc_children[key] = self.rpcs.labels(method, code.name)
-        counter.inc()
-        histogram = self._duration_children.get(method)
-        if histogram is None:
-            histogram = self._duration_children[method] = self.rpc_duration.labels(method)
-        histogram.observe(seconds)
+        self.recorder(method).observe(code, seconds)
 
     def stream_opened(self, method: str) -> None:
-        self.open_streams.labels(method).inc()
+        self.recorder(method).stream_opened()
 
     def stream_closed(self, method: str) -> None:
-        self.open_streams.labels(method).dec()
+        self.recorder(method).stream_closed()
 
     def record_rate_limited(self, tenant: str, limit: str) -> None:
         self.rate_limited.labels(tenant, limit).inc()
@@ -145,6 +143,41 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RpcRecorder:
+    """One method's RPC count, latency and open streams, with the labelled children looked up
+    on first use only (a method's series appear once it has been called, as with labels())."""
+
+    __slots__ = ("_counters", "_duration", "_method", "_metrics", "_streams")
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._metrics = metrics
+        self._method = method
+        self._counters: dict[grpc.StatusCode, Any] = {}
+        self._duration: Any = None
+        self._streams: Any = None
+
+    def observe(self, code: grpc.StatusCode, seconds: float) -> None:
+        counter = self._counters.get(code)
+        if counter is None:
+            counter = self._counters[code] = self._metrics.rpcs.labels(self._method, code.name)
+        counter.inc()
+        duration = self._duration
+        if duration is None:
+            duration = self._duration = self._metrics.rpc_duration.labels(self._method)
+        duration.observe(seconds)
+
+    def _open_streams(self) -> Any:
+        if self._streams is None:
+            self._streams = self._metrics.open_streams.labels(self._method)
+        return self._streams
+
+    def stream_opened(self) -> None:
+        self._open_streams().inc()
+
+    def stream_closed(self) -> None:
+        self._open_streams().dec()
 
 
 _bound: ContextVar[Metrics | None] = ContextVar("orchestrator_metrics", default=None)

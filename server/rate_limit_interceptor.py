@@ -20,7 +20,7 @@ import grpc
 
 from domain.errors import ResourceExhausted, Unavailable
 from domain.identity import Caller, peek_caller
-from domain.rate_limits import RateLimitRules, StreamSlots
+from domain.rate_limits import Bucket, RateLimitRules, StreamSlots
 from handlers.errors import abort_with
 from registry.base import RateLimiter
 from server.metrics import Metrics
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # At most one "limiter unavailable" warning per this many seconds.
 _WARN_EVERY_S = 10.0
+# Bucket tuples kept per (tenant, key id); past this many the cache starts over.
+_MAX_CACHED_BUCKETS = 10_000
 
 
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -50,6 +52,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self.metrics = metrics
         self._cache = HandlerCache()
         self._last_warning = 0.0
+        # The buckets of a (tenant, key id) follow from the rules alone, which do not change.
+        self._buckets: dict[tuple[str, str], tuple[Bucket, ...]] = {}
 
     async def intercept_service(
         self,
@@ -75,7 +79,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         """Abort the call when its tenant or key is over its rate."""
         if self.limiter is None:
             return
-        buckets = self.rules.buckets(caller.tenant_id, caller.key_id)
+        buckets = self.buckets(caller.tenant_id, caller.key_id)
         try:
             decision = await self.limiter.acquire(buckets)
         except Unavailable as exc:
@@ -99,6 +103,17 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 quota_description=f"at most {bucket.rate}",
             ),
         )
+
+    def buckets(self, tenant_id: str, key_id: str) -> tuple[Bucket, ...]:
+        """``rules.buckets``, built once per tenant and key."""
+        subject = (tenant_id, key_id)
+        buckets = self._buckets.get(subject)
+        if buckets is None:
+            buckets = self.rules.buckets(tenant_id, key_id)
+            if len(self._buckets) >= _MAX_CACHED_BUCKETS:
+                self._buckets.clear()
+            self._buckets[subject] = buckets
+        return buckets
 
     def _unary(self, behavior: UnaryBehavior) -> UnaryBehavior:
         async def run(request: Any, context: Ctx) -> Any:

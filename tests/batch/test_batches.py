@@ -111,6 +111,7 @@ async def test_the_same_idempotency_key_returns_the_same_batch(flow: Flow) -> No
         again = await submit(flow, [llm_item("a"), llm_item("b")], idempotency_key="k-1")
         other = await submit(flow, [llm_item("a")], tenant_id="globex", idempotency_key="k-1")
         await read_results(stream(flow, first.batch_id))
+        await read_results(stream(flow, other.batch_id, tenant_id="globex"))
     assert again.batch_id == first.batch_id and again.counts.total == 1
     assert other.batch_id != first.batch_id
     assert len(flow.dispatcher.submitted) == 2  # one item of each tenant's batch ran

@@ -76,6 +76,22 @@ async def test_verify_refuses_unknown_wrong_and_revoked_keys(keys: ApiKeyManager
         await keys.verify(issued.api_key)
 
 
+async def test_a_key_verified_before_is_still_checked_against_the_store(
+    keys: ApiKeyManager,
+) -> None:
+    issued = await keys.create("acme", "client", "")
+    key_id, secret = parse_key(issued.api_key)
+    for _ in range(2):  # the second call uses the remembered id and digest
+        assert (await keys.verify(issued.api_key)).key_id == key_id
+    with pytest.raises(Unauthenticated):
+        await keys.verify(format_key(key_id, secret[::-1]))
+    assert (await keys.verify(issued.api_key)).key_id == key_id
+    await keys.revoke(key_id)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            await keys.verify(issued.api_key)
+
+
 @pytest.mark.parametrize(
     ("tenant_id", "role", "description", "field"),
     [
