@@ -146,6 +146,7 @@ class Edge:
     def _unary(self, behavior: UnaryBehavior, plan: _Plan, *, stream: bool) -> UnaryBehavior:
         """Unary-response calls, and (``stream``) server streams written with context.write."""
         metrics = self._metrics
+        method = plan.method
         recorder = plan.recorder
         limits = self._limits
         begin = self._begin
@@ -156,7 +157,7 @@ class Edge:
             code = _UNKNOWN
             slot: str | None = None
             if stream:
-                recorder.stream_opened()
+                metrics.stream_opened(method)
             try:
                 caller = await begin(context, plan)
                 if stream and caller is not None and plan.limited:
@@ -174,13 +175,14 @@ class Edge:
                 if slot is not None:
                     limits.release(slot)
                 if stream:
-                    recorder.stream_closed()
+                    metrics.stream_closed(method)
                 recorder.observe(code, perf_counter() - start)
 
         return run
 
     def _streaming(self, behavior: StreamBehavior, plan: _Plan) -> StreamBehavior:
         metrics = self._metrics
+        method = plan.method
         recorder = plan.recorder
         limits = self._limits
 
@@ -189,7 +191,7 @@ class Edge:
             start = perf_counter()
             code = _UNKNOWN
             slot: str | None = None
-            recorder.stream_opened()
+            metrics.stream_opened(method)
             try:
                 caller = await self._begin(context, plan)
                 if caller is not None and plan.limited:
@@ -205,7 +207,7 @@ class Edge:
                 raise
             finally:
                 limits.release(slot)
-                recorder.stream_closed()
+                metrics.stream_closed(method)
                 recorder.observe(code, perf_counter() - start)
 
         return run

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -24,9 +23,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+
+from server.rpc_metrics import RpcCollector, RpcRecorder
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +58,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.rpcs = Counter(
-            "orchestrator_rpcs",
-            "Finished RPCs by method and status code",
-            ["method", "code"],
-            registry=r,
-        )
-        self.rpc_duration = Histogram(
-            "orchestrator_rpc_duration_seconds",
-            "RPC latency by method (for streams: how long the stream was open)",
-            ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        # RPC counts and latency: kept without a lock per call (server.rpc_metrics).
+        self.rpc = RpcCollector(LATENCY_BUCKETS)
+        r.register(self.rpc)
         self.open_streams = Gauge(
             "orchestrator_open_streams",
             "Streaming RPCs open now, by method",
@@ -106,24 +96,19 @@ class Metrics:
         self.tokens = Counter(
             "orchestrator_tokens", "LLM tokens used, by tenant", ["tenant"], registry=r
         )
-        # labels() costs a lock and a dict lookup; the edge keeps one recorder per method.
-        self._recorders: dict[str, RpcRecorder] = {}
 
     def recorder(self, method: str) -> RpcRecorder:
-        """The RPC metrics of one method (the same object for every call of it)."""
-        recorder = self._recorders.get(method)
-        if recorder is None:
-            recorder = self._recorders[method] = RpcRecorder(self, method)
-        return recorder
+        """Where the calls of ``method`` are counted and timed (one object per method)."""
+        return self.rpc.recorder(method)
 
     def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.recorder(method).observe(code, seconds)
+        self.rpc.recorder(method).observe(code, seconds)
 
     def stream_opened(self, method: str) -> None:
-        self.recorder(method).stream_opened()
+        self.open_streams.labels(method).inc()
 
     def stream_closed(self, method: str) -> None:
-        self.recorder(method).stream_closed()
+        self.open_streams.labels(method).dec()
 
     def record_rate_limited(self, tenant: str, limit: str) -> None:
         self.rate_limited.labels(tenant, limit).inc()
@@ -143,41 +128,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class RpcRecorder:
-    """One method's RPC count, latency and open streams, with the labelled children looked up
-    on first use only (a method's series appear once it has been called, as with labels())."""
-
-    __slots__ = ("_counters", "_duration", "_method", "_metrics", "_streams")
-
-    def __init__(self, metrics: Metrics, method: str) -> None:
-        self._metrics = metrics
-        self._method = method
-        self._counters: dict[grpc.StatusCode, Any] = {}
-        self._duration: Any = None
-        self._streams: Any = None
-
-    def observe(self, code: grpc.StatusCode, seconds: float) -> None:
-        counter = self._counters.get(code)
-        if counter is None:
-            counter = self._counters[code] = self._metrics.rpcs.labels(self._method, code.name)
-        counter.inc()
-        duration = self._duration
-        if duration is None:
-            duration = self._duration = self._metrics.rpc_duration.labels(self._method)
-        duration.observe(seconds)
-
-    def _open_streams(self) -> Any:
-        if self._streams is None:
-            self._streams = self._metrics.open_streams.labels(self._method)
-        return self._streams
-
-    def stream_opened(self) -> None:
-        self._open_streams().inc()
-
-    def stream_closed(self) -> None:
-        self._open_streams().dec()
 
 
 _bound: ContextVar[Metrics | None] = ContextVar("orchestrator_metrics", default=None)
