@@ -23,9 +23,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 # future version may append fields after the flags.
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
-_request_id: ContextVar[str] = ContextVar("orchestrator_request_id", default="")
-_traceparent: ContextVar[str | None] = ContextVar("orchestrator_traceparent", default=None)
-_method: ContextVar[str] = ContextVar("orchestrator_method", default="")
+# (request id, traceparent, method) of the current RPC, in one variable: one set per call.
+_current: ContextVar[tuple[str, str | None, str]] = ContextVar(
+    "orchestrator_request_context", default=("", None, "")
+)
 
 
 def new_request_id() -> str:
@@ -60,21 +61,19 @@ def parse_traceparent(value: str | None) -> str | None:
 def bind_request_context(request_id: str, traceparent: str | None, method: str = "") -> None:
     """Bind the current RPC's context. Called once per call, in the call's own task, so no
     reset is needed (and resetting from an async generator could run in another context)."""
-    _request_id.set(request_id)
-    _traceparent.set(traceparent)
-    _method.set(method)
+    _current.set((request_id, traceparent, method))
 
 
 def current_request_id() -> str:
     """The current RPC's request id; empty outside of an RPC."""
-    return _request_id.get()
+    return _current.get()[0]
 
 
 def current_traceparent() -> str | None:
     """The incoming W3C traceparent of the current RPC, to send on downstream calls."""
-    return _traceparent.get()
+    return _current.get()[1]
 
 
 def current_method() -> str:
     """The full gRPC method name of the current RPC (``/pkg.Service/Method``); empty outside."""
-    return _method.get()
+    return _current.get()[2]
