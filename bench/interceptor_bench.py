@@ -15,7 +15,11 @@ Client and servers share one event loop, as in the test suite, so the figures ar
 one core; compare the ratios, not the absolute numbers. Exits non-zero when the QPS overhead is
 over the target.
 
-Run with ``python -m bench.interceptor_bench [--calls N] [--rounds R] [--concurrency C]``.
+``--redis`` runs both servers on a private redis-server instead (the bench key is stored there),
+where the chain adds two Redis round trips per call (the key's record and the rate-limit script)
+to the handler's one.
+
+Run with ``python -m bench.interceptor_bench [--calls N] [--rounds R] [--concurrency C] [--redis]``.
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ from typing import Any
 
 import grpc
 
+from domain.api_keys import record_for_plaintext
 from domain.identity import Caller, Role, bind_caller, unbind_caller
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 from server.app import OrchestratorServer
 from server.config import Settings
 from server.edge import Edge
+from tests.support.redis_process import RedisProcess
 
 TENANT = "demo"
 TARGET_OVERHEAD_PCT = 15.0
 # The documented demo client key (tenant "demo"), which servers on the in-memory registry accept.
-METADATA = (("authorization", "Bearer ao_democlient_local-demo-client-key-0001"),)
+API_KEY = "ao_democlient_local-demo-client-key-0001"
+METADATA = (("authorization", f"Bearer {API_KEY}"),)
 BASELINE = "no interceptors"
 CHAINED = "edge chain"
 
@@ -97,20 +104,21 @@ class _NoEdgeServer(OrchestratorServer):
         return None
 
 
-def _settings() -> Settings:
+def _settings(redis_url: str | None = None) -> Settings:
     return Settings(
         listen_address="127.0.0.1:0",
         metrics_address="",
         ws_address="",
+        redis_url=redis_url,
         rate_limit_rps=1_000_000.0,
         rate_limit_burst=1_000_000,
         health_interval=5.0,
     )
 
 
-async def _start_baseline() -> OrchestratorServer:
+async def _start_baseline(redis_url: str | None = None) -> OrchestratorServer:
     """The chain-less server, started with the bench caller bound so its RPC tasks inherit it."""
-    server = _NoEdgeServer(_settings())
+    server = _NoEdgeServer(_settings(redis_url))
     token = bind_caller(Caller(tenant_id=TENANT, role=Role.CLIENT))
     try:
         await server.start()
@@ -171,10 +179,14 @@ async def _measure(ports: tuple[int, int], calls: int, concurrency: int, rounds:
     return comparison
 
 
-async def run(calls: int, concurrency: int, rounds: int) -> Comparison:
-    baseline = await _start_baseline()
-    chained = OrchestratorServer(_settings())
+async def run(
+    calls: int, concurrency: int, rounds: int, redis_url: str | None = None
+) -> Comparison:
+    baseline = await _start_baseline(redis_url)
+    chained = OrchestratorServer(_settings(redis_url))
     await chained.start()
+    # The in-memory registry knows the demo key; a Redis one gets it stored.
+    await chained.api_keys.ensure(record_for_plaintext(API_KEY, TENANT, Role.CLIENT, "bench"))
     try:
         return await _measure((baseline.port, chained.port), calls, concurrency, rounds)
     finally:
@@ -182,10 +194,10 @@ async def run(calls: int, concurrency: int, rounds: int) -> Comparison:
         await baseline.stop(grace=0)
 
 
-def report(comparison: Comparison, concurrency: int) -> str:
+def report(comparison: Comparison, concurrency: int, registry: str = "memory") -> str:
     rounds = len(comparison.baseline.qps)
     lines = [
-        f"Edge chain: unary GetSession, concurrency {concurrency}, memory registry, "
+        f"Edge chain: unary GetSession, concurrency {concurrency}, {registry} registry, "
         f"{rounds} interleaved rounds",
         f"{'server':<16} {'calls':>7} {'QPS (median)':>13} {'p50 ms':>8} {'p99 ms':>8}",
     ]
@@ -211,12 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=1000, help="calls per server per round")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=24, help="rounds (each runs both servers)")
+    parser.add_argument(
+        "--redis", action="store_true", help="both servers on a private redis-server"
+    )
     args = parser.parse_args(argv)
     logging.getLogger("server").setLevel(logging.ERROR)
 
-    comparison = asyncio.run(run(args.calls, args.concurrency, args.rounds))
+    redis_server = RedisProcess() if args.redis else None
+    if redis_server is not None:
+        redis_server.start()
+    try:
+        url = redis_server.url if redis_server is not None else None
+        comparison = asyncio.run(run(args.calls, args.concurrency, args.rounds, url))
+    finally:
+        if redis_server is not None:
+            redis_server.close()
     print()
-    print(report(comparison, args.concurrency))
+    print(report(comparison, args.concurrency, "Redis" if args.redis else "memory"))
     return 0 if comparison.overhead_pct <= TARGET_OVERHEAD_PCT else 1
 
 

@@ -14,3 +14,8 @@ async def test_the_interceptor_bench_measures_both_servers_in_interleaved_rounds
         assert r.percentile_ms(0.99) >= r.percentile_ms(0.5)
     assert len(comparison.paired_overheads) == 2
     assert "overhead:" in interceptor_bench.report(comparison, concurrency=4)
+
+
+async def test_the_interceptor_bench_runs_on_redis(redis_url: str) -> None:
+    comparison = await interceptor_bench.run(calls=20, concurrency=4, rounds=1, redis_url=redis_url)
+    assert comparison.baseline.calls == comparison.chained.calls == 20
