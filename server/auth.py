@@ -1,7 +1,7 @@
 """Authentication and roles: who a bearer API key identifies, and what that role may call.
 
 ``authenticate_bearer`` turns an ``authorization`` header value into a Caller; the gRPC
-interceptor (server.interceptors) and the WebSocket bridge both use it. Failures are domain
+edge (server.edge) and the WebSocket bridge both use it. Failures are domain
 errors: Unauthenticated for a missing, malformed, unknown or revoked key, Unavailable when the
 key store cannot be reached. ``authorize`` raises PermissionDenied for the wrong role.
 """
