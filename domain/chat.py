@@ -216,13 +216,14 @@ class ChatOrchestrator:
             content=job.content,
             model=job.model,
             collections=tuple(message.collections),
+            agent_id=job.agent_id,
+            cache_key=job.cache_key,
         )
         try:
             await self._queue.enqueue([queued.work_item(message.priority)])
         except Unavailable as exc:
             error = {"code": "unavailable", "message": exc.message, "retryable": True}
-            draft = EventDraft(job.job_id, EventKind.FAILED, job.request_id, {"error": error})
-            await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
+            await self._fail(ctx.tenant_id, job.job_id, job.request_id, error)
             raise
 
     async def run_queued(self, queued: QueuedChat) -> SessionEvent | None:
@@ -245,22 +246,20 @@ class ChatOrchestrator:
                 draft = EventDraft(job_id, EventKind.CANCELLED, queued.request_id, reason)
                 _, event = await self._jobs.finish_job(tenant_id, job_id, draft, self._limits)
                 return event
-            record = await self._jobs.get_job(tenant_id, job_id)
-            if record is None:
-                return None
-            if record.state is JobState.PENDING:
-                # STARTED now, or by an earlier delivery that died around the hand-off: hand it
-                # over (again: at least once; its service reports under the same job id).
+            # STARTED now, or (ALREADY_STARTED) by an earlier delivery that died around the
+            # hand-off: a job still PENDING is handed over (again: at least once; its service
+            # reports under the same job id), a RUNNING one only followed.
+            if outcome is ActivateOutcome.STARTED or await self._is_pending(tenant_id, job_id):
                 job = NewJob(
                     job_id=job_id,
-                    session_id=record.session_id,
-                    agent_id=record.agent_id,
-                    service=record.service,
-                    kind=record.kind,
+                    session_id=queued.session_id,
+                    agent_id=queued.agent_id,
+                    service=Service.for_kind(queued.kind),
+                    kind=queued.kind,
                     content=queued.content,
-                    request_id=record.request_id,
-                    model=record.model,
-                    cache_key=record.cache_key,
+                    request_id=queued.request_id,
+                    model=queued.model,
+                    cache_key=queued.cache_key,
                 )
                 await self._launch(ctx, job, queued.collections)
             async for event in self._job_events(
@@ -270,11 +269,21 @@ class ChatOrchestrator:
                     return event
         return None
 
+    async def _is_pending(self, tenant_id: str, job_id: str) -> bool:
+        record = await self._jobs.get_job(tenant_id, job_id)
+        return record is not None and record.state is JobState.PENDING
+
     async def fail_queued(self, queued: QueuedChat, message: str) -> None:
         """End a queued job that its work queue gave up on as failed (if still unfinished)."""
         error = {"code": "dead_lettered", "message": message, "retryable": True}
-        draft = EventDraft(queued.job_id, EventKind.FAILED, queued.request_id, {"error": error})
-        await self._jobs.finish_job(queued.tenant_id, queued.job_id, draft, self._limits)
+        await self._fail(queued.tenant_id, queued.job_id, queued.request_id, error)
+
+    async def _fail(
+        self, tenant_id: str, job_id: str, request_id: str, error: dict[str, Any]
+    ) -> None:
+        """End an unfinished job as failed with ``error`` (a no-op for a finished one)."""
+        draft = EventDraft(job_id, EventKind.FAILED, request_id, {"error": error})
+        await self._jobs.finish_job(tenant_id, job_id, draft, self._limits)
 
     async def _until_a_job_ends(self, feed: Feed) -> None:
         """Wait until the session's feed shows a final event (or may have missed one), or the
@@ -307,8 +316,7 @@ class ChatOrchestrator:
         except DownstreamError as exc:
             log.warning("job %s not handed to %s: %s", job.job_id, job.service.value, exc)
             error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
-            draft = EventDraft(job.job_id, EventKind.FAILED, job.request_id, {"error": error})
-            await self._jobs.finish_job(ctx.tenant_id, job.job_id, draft, self._limits)
+            await self._fail(ctx.tenant_id, job.job_id, job.request_id, error)
         # The job turns RUNNING with the service's first notice (no extra round trip here).
 
     async def _complete_from_cache(

@@ -46,6 +46,8 @@ class QueuedChat:
     content: str
     model: str = ""
     collections: Sequence[str] = ()
+    agent_id: str = ""
+    cache_key: str = ""
 
     def work_item(self, priority: QueuePriority) -> NewWorkItem:
         """The queue item; its id is the job id, so enqueueing twice changes nothing."""
@@ -59,6 +61,8 @@ class QueuedChat:
             "content": self.content,
             "model": self.model,
             "collections": list(self.collections),
+            "agent": self.agent_id,
+            "ckey": self.cache_key,
         }
         return NewWorkItem(
             item_id=self.job_id,
@@ -81,6 +85,8 @@ class QueuedChat:
             content=spec["content"],
             model=spec.get("model", ""),
             collections=tuple(spec.get("collections") or ()),
+            agent_id=spec.get("agent", ""),
+            cache_key=spec.get("ckey", ""),
         )
 
 

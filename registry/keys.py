@@ -54,7 +54,7 @@ class KeySpace:
         return f"{self.tenant_tag(tenant_id)}:job:{job_id}"
 
     def jobs_in_state(self, tenant_id: str, state: str) -> str:
-        """Sorted set of the tenant's job ids in one unfinished state (pending or running),
+        """Sorted set of the tenant's job ids in one unfinished state (queued, pending, running),
         scored by when the job's hash expires (ms, Redis clock): a member whose score has
         passed is a job that vanished unfinished, not counted and trimmed later."""
         return f"{self.tenant_tag(tenant_id)}:jobs:{state}"

@@ -134,7 +134,7 @@ class MemoryJobStore:
         self._deadlines: list[tuple[int, str]] = []  # heap of (due, job id), a hint
         # (tenant, session) -> the session's QUEUED job ids, oldest first.
         self._lines: dict[tuple[str, str], deque[str]] = {}
-        self._unfinished: set[str] = set()  # ids of jobs last seen pending or running
+        self._unfinished: set[str] = set()  # ids of jobs last seen unfinished
 
     def _job(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)

@@ -47,8 +47,7 @@ local function uncount(job_id)
 end
 
 -- The job is final: it is no longer counted and leaves the session's pending set (and its
--- line, if it was queued); an idle busy
--- session becomes active again.
+-- line, if it was queued); an idle busy session becomes active again.
 local function release(job_id)
   uncount(job_id)
   redis.call('SREM', KEYS[3], job_id)

@@ -6,7 +6,7 @@ registry.redis_job_scripts, which also keep the session's bookkeeping and append
 slot and are only hints or lookups: the job index (job id -> tenant, session), written before
 the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
 A third, the set of tenants that started jobs, tells ``count_unfinished`` which tenants' sets of
-pending and running jobs (kept by the scripts, in the tenant's slot) to count.
+queued, pending and running jobs (kept by the scripts, in the tenant's slot) to count.
 """
 
 from __future__ import annotations

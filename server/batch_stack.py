@@ -15,8 +15,9 @@ from domain.dispatch import Dispatcher
 from domain.jobs import JobLimits
 from domain.queued_chat import QueuedChatRunner
 from domain.sessions import SessionManager, SessionPolicy
-from domain.worker import QueueWorker
+from domain.worker import DeadLetterHook, Handler, QueueWorker
 from registry.backends import Registry, open_registry
+from registry.queue_base import WorkQueue
 from registry.queues import OpenedQueue, open_work_queue
 from server.config import Settings
 
@@ -92,45 +93,48 @@ class BatchStack:
 
     def start_worker(self, concurrency: int | None = None) -> QueueWorker:
         """Start leasing and running batch items in this process."""
-        if self.worker is not None:
-            return self.worker
-        self.worker = QueueWorker(
-            self.opened.queue,
-            self.runner.handle,
-            concurrency=concurrency or self.settings.batch_worker_concurrency,
-            on_dead_letter=self.runner.dead_lettered,
-            lease_s=self.settings.batch_worker_lease,
-            poll_s=self.settings.batch_worker_poll,
-            grace_s=self.settings.shutdown_grace,
-        )
-        self._worker_task = asyncio.create_task(self.worker.run(), name="batch-worker")
-        log.info(
-            "batch worker %s started (concurrency %d)",
-            self.worker.consumer,
-            self.worker.concurrency,
-        )
+        if self.worker is None:
+            self.worker, self._worker_task = self._run_worker(
+                "batch",
+                self.opened.queue,
+                self.runner.handle,
+                self.runner.dead_lettered,
+                concurrency or self.settings.batch_worker_concurrency,
+            )
         return self.worker
 
     def start_chat_worker(self, concurrency: int | None = None) -> QueueWorker:
         """Start running queued chat messages in this process."""
-        if self.chat_worker is not None:
-            return self.chat_worker
-        self.chat_worker = QueueWorker(
-            self.chat_queue.queue,
-            self.chat_runner.handle,
-            concurrency=concurrency or self.settings.chat_worker_concurrency,
-            on_dead_letter=self.chat_runner.dead_lettered,
+        if self.chat_worker is None:
+            self.chat_worker, self._chat_worker_task = self._run_worker(
+                "chat",
+                self.chat_queue.queue,
+                self.chat_runner.handle,
+                self.chat_runner.dead_lettered,
+                concurrency or self.settings.chat_worker_concurrency,
+            )
+        return self.chat_worker
+
+    def _run_worker(
+        self,
+        name: str,
+        queue: WorkQueue,
+        handler: Handler,
+        on_dead_letter: DeadLetterHook,
+        concurrency: int,
+    ) -> tuple[QueueWorker, asyncio.Task[None]]:
+        worker = QueueWorker(
+            queue,
+            handler,
+            concurrency=concurrency,
+            on_dead_letter=on_dead_letter,
             lease_s=self.settings.batch_worker_lease,
             poll_s=self.settings.batch_worker_poll,
             grace_s=self.settings.shutdown_grace,
         )
-        self._chat_worker_task = asyncio.create_task(self.chat_worker.run(), name="chat-worker")
-        log.info(
-            "chat worker %s started (concurrency %d)",
-            self.chat_worker.consumer,
-            self.chat_worker.concurrency,
-        )
-        return self.chat_worker
+        task = asyncio.create_task(worker.run(), name=f"{name}-worker")
+        log.info("%s worker %s started (concurrency %d)", name, worker.consumer, concurrency)
+        return worker, task
 
     async def stop_worker(self) -> None:
         """Stop leasing; running items get the shutdown grace, then go back to the queue."""

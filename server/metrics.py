@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from contextvars import ContextVar
 
-import grpc
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -75,8 +74,8 @@ class Metrics:
         )
         self.tasks = Gauge(
             "orchestrator_tasks",
-            "Unfinished tasks (jobs) of all tenants by state (pending, running), as sampled "
-            "from the registry",
+            "Unfinished tasks (jobs) of all tenants by state (queued, pending, running), as "
+            "sampled from the registry",
             ["state"],
             registry=r,
         )
@@ -100,9 +99,6 @@ class Metrics:
     def recorder(self, method: str) -> RpcRecorder:
         """Where the calls of ``method`` are counted and timed (one object per method)."""
         return self.rpc.recorder(method)
-
-    def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.rpc.recorder(method).observe(code, seconds)
 
     def stream_opened(self, method: str) -> None:
         self.open_streams.labels(method).inc()
