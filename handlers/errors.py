@@ -24,6 +24,7 @@ from domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from domain.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,25 @@ def trailing_metadata_for(error: DomainError) -> tuple[tuple[str, str | bytes], 
     return ()
 
 
+def _request_id_trailer() -> tuple[tuple[str, str | bytes], ...]:
+    """The call's request id as trailing metadata: an abort replaces the trailers the edge may
+    have set, and a failed call should name its request id wherever it is read."""
+    request_id = current_request_id()
+    return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+
+
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
     """End the call with the status for ``error``."""
     status = to_grpc_status(error)
-    metadata = tuple(status.trailing_metadata) + trailing_metadata_for(error)
+    metadata = (
+        tuple(status.trailing_metadata) + trailing_metadata_for(error) + _request_id_trailer()
+    )
     await context.abort(status.code, status.details, metadata)
 
 
 async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
     log.exception("unhandled error in RPC handler", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error", _request_id_trailer())
 
 
 Req = TypeVar("Req")

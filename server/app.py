@@ -268,7 +268,12 @@ class OrchestratorServer:
             StreamSlots(settings.max_streams_per_tenant),
             self.metrics,
         )
-        return Edge(self.metrics, self.authenticator, limits)
+        return Edge(
+            self.metrics,
+            self.authenticator,
+            limits,
+            trailing_request_ids=settings.unary_request_id == "trailing",
+        )
 
     def _build(self) -> grpc.aio.Server:
         settings = self.settings

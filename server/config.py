@@ -192,6 +192,13 @@ class Settings:
         "",
         "per-tenant rate:burst, e.g. tenantA=5:10,tenantB=1000:2000",
     )
+    unary_request_id: str = _env(
+        "ORCH_UNARY_REQUEST_ID",
+        "initial",
+        "where unary-response calls return x-request-id: initial (response headers, like "
+        "streams; grpc.aio sends them in a batch of their own) or trailing (response trailers, "
+        "sent with the response at no extra cost)",
+    )
     max_streams_per_tenant: int = _env(
         "ORCH_MAX_STREAMS_PER_TENANT",
         1000,
@@ -350,6 +357,8 @@ class Settings:
             problems.append("ws_address must be host:port (or empty)")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
+        if self.unary_request_id not in ("initial", "trailing"):
+            problems.append("unary_request_id must be initial or trailing")
         if ":" not in self.listen_address:
             problems.append("listen_address must be host:port")
         if self.api_keys_file and self.redis_url:

@@ -8,8 +8,8 @@ interceptor chain happens either. grpc interceptors still work on top (OpenTelem
 enabled, is the outermost). Per call, the wrapper:
 
 1. reads the metadata once (``x-request-id``, ``traceparent``, ``authorization``), binds the
-   request context (domain.request_context) and sends the request id in the initial metadata
-   (every RPC, health and reflection included);
+   request context (domain.request_context) and returns the request id in the metadata of
+   every RPC, health and reflection included (see the end of this docstring);
 2. counts and times the call (server.metrics; streams are also counted while open), so the
    refusals below are counted like any other outcome;
 3. authenticates the bearer API key and checks the role the method needs (server.auth), and
@@ -22,9 +22,14 @@ call by every replica; only the parse and hash of a presented key that verified 
 (domain.api_keys). What depends only on the method (role, whether it is limited, its metrics
 recorder, the wrapped handler) is computed once per method.
 
-Echoing the request id costs grpc.aio a send-initial-metadata batch of its own on unary calls
-(the final batch carries only empty initial metadata; grpc.aio has no way to put ours in it): in
-the bench (bench.interceptor_bench) that batch alone is about half of the chain's overhead.
+Echoing the request id in the initial metadata costs grpc.aio a send-initial-metadata batch of
+its own on unary-response calls (its final batch carries only empty initial metadata; grpc.aio
+has no way to put ours in it): in the bench (bench.interceptor_bench) that batch alone costs more
+than the rest of the chain. With ``trailing_request_ids`` (ORCH_UNARY_REQUEST_ID=trailing)
+unary-response calls return the id in their trailing metadata instead, which goes out in the
+final batch at no extra cost; server streams always send it in their initial metadata, before
+their first message. Refused and failed calls carry it in their trailers in both modes
+(handlers.errors).
 """
 
 from __future__ import annotations
@@ -100,11 +105,17 @@ class Edge:
     """The whole edge chain as one wrapper per method (see the module docstring)."""
 
     def __init__(
-        self, metrics: Metrics, authenticator: Authenticator, limits: RateLimitInterceptor
+        self,
+        metrics: Metrics,
+        authenticator: Authenticator,
+        limits: RateLimitInterceptor,
+        *,
+        trailing_request_ids: bool = False,
     ) -> None:
         self._metrics = metrics
         self._authenticator = authenticator
         self._limits = limits
+        self._trailing_request_ids = trailing_request_ids
         self._cache = HandlerCache()
 
     def wrap(self, method: str, handler: Any) -> Any:
@@ -124,12 +135,16 @@ class Edge:
             lambda b: self._unary(b, plan, stream=True),
         )
 
-    async def _begin(self, context: Ctx, plan: _Plan) -> Caller | None:
+    async def _begin(self, context: Ctx, plan: _Plan, *, trailing_id: bool) -> Caller | None:
         """Steps 1, 3 and 4 (step 2 wraps them): bind the request context, echo the request
-        id, authenticate and authorize, charge the rate. Ends the call on refusal."""
+        id (in the trailers when ``trailing_id``), authenticate and authorize, charge the rate.
+        Ends the call on refusal."""
         request_id, traceparent, authorization = read_metadata(context)
         bind_request_context(request_id, traceparent, plan.method)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        if trailing_id:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        else:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         needed = plan.needed
         if needed is None:
             return None
@@ -155,6 +170,7 @@ class Edge:
         recorder = plan.recorder
         limits = self._limits
         begin = self._begin
+        trailing_id = self._trailing_request_ids and not stream
 
         async def run(request: Any, context: Ctx) -> Any:
             metrics_module.bind(metrics)
@@ -164,7 +180,7 @@ class Edge:
             if stream:
                 metrics.stream_opened(method)
             try:
-                caller = await begin(context, plan)
+                caller = await begin(context, plan, trailing_id=trailing_id)
                 if stream and caller is not None and plan.limited:
                     slot = await limits.take_stream_slot(caller, context)
                 response = await behavior(request, context)
@@ -198,7 +214,7 @@ class Edge:
             slot: str | None = None
             metrics.stream_opened(method)
             try:
-                caller = await self._begin(context, plan)
+                caller = await self._begin(context, plan, trailing_id=False)
                 if caller is not None and plan.limited:
                     slot = await limits.take_stream_slot(caller, context)
                 async for response in behavior(request, context):

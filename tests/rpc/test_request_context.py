@@ -1,5 +1,6 @@
 """Request ids and trace context over a real server: echoed in the initial metadata of every
-call, bound for handlers and the Caller, and on every JSON log line."""
+call (or, with ORCH_UNARY_REQUEST_ID=trailing, in the trailers of unary-response calls), in the
+trailers of refused calls, bound for handlers and the Caller, and on every JSON log line."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.v1 import session_pb2, session_pb2_grpc
+from orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
 from server.logging_setup import JsonFormatter, RequestContextFilter
 from tests.support.probe import ECHO, Probe, echo_method
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
@@ -55,6 +58,50 @@ async def test_calls_without_identity_get_a_request_id_too(server: RunningServer
     call = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest())
     await call
     assert dict(await call.initial_metadata())["x-request-id"]
+
+
+@pytest.mark.parametrize("mode", ["initial", "trailing"])
+async def test_a_refused_call_names_its_request_id_in_its_trailers(mode: str) -> None:
+    async with running_server(test_settings(None, unary_request_id=mode)) as running:
+        call = session_pb2_grpc.SessionServiceStub(running.channel).ListSessions(
+            session_pb2.ListSessionsRequest(),
+            metadata=(("authorization", "Bearer ao_nosuchkey_wrong"), ("x-request-id", "r-no")),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        trailers: dict[str, Any] = dict(cast(Any, refused.value.trailing_metadata()) or ())
+        assert trailers["x-request-id"] == "r-no"
+
+
+async def test_unary_calls_can_return_the_request_id_in_their_trailers() -> None:
+    async with running_server(test_settings(None, unary_request_id="trailing")) as running:
+        call = session_pb2_grpc.SessionServiceStub(running.channel).ListSessions(
+            session_pb2.ListSessionsRequest(), metadata=tenant("acme", **{"x-request-id": "r-t"})
+        )
+        await call
+        assert dict(await call.trailing_metadata())["x-request-id"] == "r-t"
+        assert "x-request-id" not in dict(await call.initial_metadata())
+
+
+async def test_streams_send_the_request_id_first_even_when_unary_calls_send_it_last() -> None:
+    async with running_server(test_settings(None, unary_request_id="trailing")) as running:
+        created = await session_pb2_grpc.SessionServiceStub(running.channel).CreateSession(
+            session_pb2.CreateSessionRequest(agent_id="agent"), metadata=tenant("acme")
+        )
+        stream = chat_pb2_grpc.ChatServiceStub(running.channel).StreamSession(
+            chat_pb2.StreamSessionRequest(session_id=created.session.session_id),
+            metadata=tenant("acme", **{"x-request-id": "r-s"}),
+            timeout=10,
+        )
+        # No event is sent (the session is idle): the headers arrive before any message.
+        assert dict(await stream.initial_metadata())["x-request-id"] == "r-s"
+        stream.cancel()
+        watch = health_pb2_grpc.HealthStub(running.channel).Watch(
+            health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "r-w"),), timeout=10
+        )
+        assert dict(await watch.initial_metadata())["x-request-id"] == "r-w"
+        watch.cancel()
 
 
 async def test_handlers_and_the_caller_see_the_same_context(

@@ -38,6 +38,13 @@ def test_inconsistent_values_are_rejected() -> None:
         Settings.from_env({"ORCH_SESSION_DEFAULT_TTL": "10", "ORCH_SESSION_MAX_TTL": "5"})
 
 
+def test_the_unary_request_id_goes_in_initial_or_trailing_metadata() -> None:
+    assert Settings.from_env({}).unary_request_id == "initial"
+    assert Settings.from_env({"ORCH_UNARY_REQUEST_ID": "trailing"}).unary_request_id == "trailing"
+    with pytest.raises(SettingsError, match="unary_request_id"):
+        Settings.from_env({"ORCH_UNARY_REQUEST_ID": "headers"})
+
+
 def test_every_setting_is_documented() -> None:
     for name, _default, help_text in Settings.documentation():
         assert name.startswith(("ORCH_", "REDIS_URL"))
