@@ -5,6 +5,10 @@ registry.redis_job_scripts, which also keep the session's bookkeeping and append
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
 slot and are only hints or lookups: the job index (job id -> tenant, session), written before
 the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
+A job enters the deadline set in the same pipeline as its start script, scored a little before
+its first possible deadline by this process's clock: the reaper then looks at it early and moves
+it to its real due time (REAP answers "later"), so no crash between two commands can leave a
+job untimed, and a start costs one round trip.
 A third, the set of tenants that started jobs, tells ``count_unfinished`` which tenants' sets of
 queued, pending and running jobs (kept by the scripts, in the tenant's slot) to count.
 """
@@ -12,6 +16,7 @@ queued, pending and running jobs (kept by the scripts, in the tenant's slot) to 
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +46,20 @@ from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
 from registry.redis_client import as_str, redis_errors_as_unavailable
+
+# How much earlier than its first possible deadline (by this process's clock) a new job is
+# scored in the deadline set: covers clock skew between this process and Redis.
+_EARLY_DEADLINE_MARGIN_MS = 2_000
+
+
+def _early_due_ms(limits: JobLimits, *, may_queue: bool) -> int:
+    """A score at or before the deadline the start script will give a new job, so the reaper
+    looks at it no later than it is due."""
+    first = min(limits.deadline_ms, limits.heartbeat_ms)
+    if may_queue:
+        first = min(first, limits.queue_timeout_ms)
+    return int(time.time() * 1000) + first - _EARLY_DEADLINE_MARGIN_MS
+
 
 _INDEX_CACHE_SIZE = 100_000
 
@@ -117,12 +136,15 @@ class RedisJobStore:
             "model": new.model,
         }
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
+        deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
+        early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         with redis_errors_as_unavailable():
             # One round trip; the index is written first so that a notice can never find a job
             # it cannot locate.
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
             pipe.sadd(keys.job_tenants(), tenant_id)
+            pipe.zadd(keys.job_deadlines(), {deadline_member: early_due})
             await self._start(
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
@@ -147,17 +169,16 @@ class RedisJobStore:
                 ],
                 client=pipe,
             )
-            _, _, reply = await pipe.execute()
+            *_, reply = await pipe.execute()
             status = as_str(reply[0])
             if status != "ok":
-                await self._redis.delete(keys.job_index(new.job_id))
+                cleanup = self._redis.pipeline(transaction=False)
+                cleanup.delete(keys.job_index(new.job_id))
+                cleanup.zrem(keys.job_deadlines(), deadline_member)
+                await cleanup.execute()
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
             event = self._event(new.session_id, reply)
-            await self._redis.zadd(
-                keys.job_deadlines(),
-                {f"{tenant_id} {new.session_id} {new.job_id}": event.data["deadline_ms"]},
-            )
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
         return StartedJob(job, event)
 

@@ -1,0 +1,86 @@
+"""The reaper's deadline set on Redis: a job enters it in the same round trip as its start
+script, scored no later than its real deadline, and an early look only moves it to that
+deadline (it never times a job out early)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from domain.ids import new_id
+from domain.jobs import IfBusy, JobLimits, NewJob, StartedJob, StartRefused
+from domain.models import NewSession, Service, WorkKind
+from registry.backends import Registry, RegistryConfig, open_registry
+from registry.keys import KeySpace
+
+LIMITS = JobLimits(
+    deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
+)
+TENANT = "acme"
+DEADLINES = KeySpace("test").job_deadlines()
+
+
+@pytest.fixture
+async def registry(redis_url: str) -> AsyncIterator[Registry]:
+    opened = open_registry(
+        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
+    )
+    yield opened
+    await opened.backend.aclose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def start(registry: Registry, session_id: str, if_busy: IfBusy) -> StartedJob | StartRefused:
+    new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
+    return await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=if_busy)
+
+
+async def new_session(registry: Registry) -> str:
+    session_id = new_id()
+    await registry.sessions.create_session(
+        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
+    )
+    return session_id
+
+
+def member(started: StartedJob) -> str:
+    return f"{TENANT} {started.job.session_id} {started.job.job_id}"
+
+
+async def test_a_started_job_is_timed_no_later_than_its_deadline(
+    registry: Registry, redis: Redis
+) -> None:
+    started = await start(registry, await new_session(registry), IfBusy.RUN)
+    assert isinstance(started, StartedJob)
+    score = await redis.zscore(DEADLINES, member(started))
+    assert score is not None
+    assert score <= started.accepted.data["deadline_ms"]
+
+
+async def test_an_early_look_moves_the_job_to_its_deadline(
+    registry: Registry, redis: Redis
+) -> None:
+    started = await start(registry, await new_session(registry), IfBusy.RUN)
+    assert isinstance(started, StartedJob)
+    await redis.zadd(DEADLINES, {member(started): 0})
+
+    assert await registry.jobs.reap_expired(LIMITS, limit=10) == []
+    assert await redis.zscore(DEADLINES, member(started)) == started.accepted.data["deadline_ms"]
+    job = await registry.jobs.get_job(TENANT, started.job.job_id)
+    assert job is not None and not job.state.is_final
+
+
+async def test_a_refused_start_leaves_nothing_to_time(registry: Registry, redis: Redis) -> None:
+    session_id = await new_session(registry)
+    assert isinstance(await start(registry, session_id, IfBusy.RUN), StartedJob)
+    refused = await start(registry, session_id, IfBusy.REJECT)
+    assert isinstance(refused, StartRefused)
+    assert await redis.zcard(DEADLINES) == 1
