@@ -252,6 +252,25 @@ return {'done', seq, now, env}
 """
 )
 
+# KEYS: 1 the set of tenants that started jobs, then per tenant of ARGV its sets of queued,
+# pending and running jobs (three keys each, in UNFINISHED_STATES order). ARGV: tenant ids.
+# Drops from KEYS[1] every listed tenant with no unfinished job left; a start that races with
+# this adds its job before it adds its tenant back, so a tenant is never dropped while counted.
+PRUNE_TENANTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dropped = 0
+for i, tenant in ipairs(ARGV) do
+  local base = 1 + (i - 1) * 3
+  local live = 0
+  for j = 1, 3 do
+    live = live + redis.call('ZCOUNT', KEYS[base + j], now, '+inf')
+  end
+  if live == 0 then dropped = dropped + redis.call('SREM', KEYS[1], tenant) end
+end
+return dropped
+"""
+
 # ARGV: 1 usage key prefix. The tenant's total tokens of the current UTC day (Redis clock).
 USAGE_TODAY = """
 local t = redis.call('TIME')

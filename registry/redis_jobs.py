@@ -9,8 +9,9 @@ A job enters the deadline set in the same pipeline as its start script, scored a
 its first possible deadline by this process's clock: the reaper then looks at it early and moves
 it to its real due time (REAP answers "later"), so no crash between two commands can leave a
 job untimed, and a start costs one round trip.
-A third, the set of tenants that started jobs, tells ``count_unfinished`` which tenants' sets of
-queued, pending and running jobs (kept by the scripts, in the tenant's slot) to count.
+A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
+pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
+tenants found with nothing unfinished, so the set follows the active tenants.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class RedisJobStore:
         self._finish = redis.register_script(scripts.FINISH)
         self._reap = redis.register_script(scripts.REAP)
         self._activate = redis.register_script(scripts.ACTIVATE)
+        self._prune_tenants = redis.register_script(scripts.PRUNE_TENANTS)
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -143,7 +145,6 @@ class RedisJobStore:
             # it cannot locate.
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
-            pipe.sadd(keys.job_tenants(), tenant_id)
             pipe.zadd(keys.job_deadlines(), {deadline_member: early_due})
             await self._start(
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
@@ -169,7 +170,10 @@ class RedisJobStore:
                 ],
                 client=pipe,
             )
-            *_, reply = await pipe.execute()
+            # After the script, which counts the job: count_unfinished's pruning can then
+            # never drop the tenant of a counted job (PRUNE_TENANTS).
+            pipe.sadd(keys.job_tenants(), tenant_id)
+            _, _, reply, _ = await pipe.execute()
             status = as_str(reply[0])
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
@@ -286,8 +290,9 @@ class RedisJobStore:
         )
 
     async def count_unfinished(self) -> dict[JobState, int]:
-        """One SMEMBERS, then two ZCOUNTs per tenant that ever started a job, in one pipeline:
-        members scored before now are jobs whose hash expired unfinished, not counted."""
+        """One SMEMBERS, then two ZCOUNTs per tenant that started a job, in one pipeline:
+        members scored before now are jobs whose hash expired unfinished, not counted. Tenants
+        found with nothing unfinished are dropped from the set (a script re-checks each)."""
         keys = self._keys
         counts = dict.fromkeys(UNFINISHED_STATES, 0)
         with redis_errors_as_unavailable():
@@ -300,9 +305,27 @@ class RedisJobStore:
             for tenant_id in tenants:
                 for state in UNFINISHED_STATES:
                     pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
-            replies = await pipe.execute()
+            replies = [int(n) for n in await pipe.execute()]
+            per_tenant = len(UNFINISHED_STATES)
+            idle = [
+                tenant_id
+                for i, tenant_id in enumerate(tenants)
+                if not any(replies[i * per_tenant : (i + 1) * per_tenant])
+            ]
+            if idle:
+                await self._prune_tenants(
+                    keys=[
+                        keys.job_tenants(),
+                        *(
+                            keys.jobs_in_state(tenant_id, state.value)
+                            for tenant_id in idle
+                            for state in UNFINISHED_STATES
+                        ),
+                    ],
+                    args=idle,
+                )
         for i, n in enumerate(replies):
-            counts[UNFINISHED_STATES[i % len(UNFINISHED_STATES)]] += int(n)
+            counts[UNFINISHED_STATES[i % per_tenant]] += n
         return counts
 
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:

@@ -193,3 +193,28 @@ async def test_redis_keeps_no_sets_of_finished_or_vanished_jobs(redis_url: str) 
     finally:
         await redis.aclose()
         await registry.backend.aclose()
+
+
+async def test_redis_forgets_tenants_with_nothing_unfinished_when_counting(
+    redis_url: str,
+) -> None:
+    registry = open_registry(
+        RegistryConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
+    )
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    tenants = KeySpace(PREFIX).job_tenants()
+    try:
+        done = await start(registry, "globex")
+        await tell(registry, done, NoticeEvent.COMPLETED, 1)
+        await start(registry, "acme")
+        assert await redis.smembers(tenants) == {"acme", "globex"}
+
+        assert await registry.jobs.count_unfinished() == counts(pending=1)
+        assert await redis.smembers(tenants) == {"acme"}
+        # A tenant that starts again is counted again.
+        await start(registry, "globex")
+        assert await registry.jobs.count_unfinished() == counts(pending=2)
+        assert await redis.smembers(tenants) == {"acme", "globex"}
+    finally:
+        await redis.aclose()
+        await registry.backend.aclose()
