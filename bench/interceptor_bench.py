@@ -57,7 +57,7 @@ from orchestrator.v1 import session_pb2, session_pb2_grpc
 from server.app import OrchestratorServer
 from server.config import Settings
 from server.edge import Edge
-from server.rate_limit_interceptor import RateLimitInterceptor
+from server.edge_limits import EdgeLimits
 from server.wrapping import Ctx
 from tests.support.redis_process import RedisProcess
 
@@ -153,7 +153,7 @@ class _EchoOnlyServer(OrchestratorServer):
     """The orchestrator's server whose services only echo a request id."""
 
     def edge(self) -> Edge | None:
-        no_limits = RateLimitInterceptor(None, self.settings.rate_limit_rules())
+        no_limits = EdgeLimits(None, self.settings.rate_limit_rules())
         return _EchoOnlyEdge(self.metrics, self.authenticator, no_limits)
 
 

@@ -352,14 +352,11 @@ class BatchManager:
         every result was yielded."""
         if after < 0:
             raise InvalidArgument.field("after_sequence", "must not be negative")
-        await self.get(tenant_id, batch_id)
+        # The state is read before each page of results: a final batch has every result
+        # appended already.
+        batch: Batch | None = await self.get(tenant_id, batch_id)
         cursor = after
-        while True:
-            # Read the state first: a final batch has every result appended already.
-            batch = await self._store.get_batch(tenant_id, batch_id)
-            if batch is None:
-                return
-            batch = await self._settle(batch)
+        while batch is not None:
             final = batch.state.is_final
             results = await self._store.read_results(
                 tenant_id,
@@ -373,6 +370,9 @@ class BatchManager:
                 yield result
             if final and not results:
                 return
+            batch = await self._store.get_batch(tenant_id, batch_id)
+            if batch is not None:
+                batch = await self._settle(batch)
 
 
 class BatchExpirer:

@@ -6,13 +6,11 @@ current_caller() and pass the tenant explicitly to the domain services.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 from domain.errors import Unauthenticated
-from domain.request_context import current_request_id, current_traceparent
 
 
 class Role(enum.StrEnum):
@@ -55,16 +53,7 @@ def peek_caller() -> Caller | None:
 
 
 def bind_caller(caller: Caller) -> Token[Caller | None]:
-    """Bind the caller for this RPC. The request context (domain.request_context) is the source
-    of truth for the request id and traceparent: when one is bound, it replaces whatever the
-    identity layer derived from the headers, so logs, replies and the Caller agree."""
-    request_id = current_request_id()
-    if request_id and (
-        request_id != caller.request_id or current_traceparent() != caller.traceparent
-    ):
-        caller = dataclasses.replace(
-            caller, request_id=request_id, traceparent=current_traceparent()
-        )
+    """Bind the caller for this RPC (the edge builds it with the call's request context)."""
     return _current.set(caller)
 
 

@@ -105,10 +105,6 @@ class BudgetRules:
     def budget_for(self, tenant_id: str) -> int:
         return self.overrides.get(tenant_id, self.default)
 
-    @property
-    def enabled(self) -> bool:
-        return self.default > 0 or any(v > 0 for v in self.overrides.values())
-
 
 class TokenBudget:
     """Refuses new work for tenants whose tokens of today reached their budget. Every path

@@ -12,11 +12,10 @@ from domain.admin import AdminQueries, TenantUsage
 from domain.api_keys import ApiKey, ApiKeyManager
 from domain.identity import Role
 from domain.jobs import Job, JobState
-from domain.models import Service, WorkKind
 from handlers.converters import timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
+from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator.v1 import common_pb2
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -35,15 +34,6 @@ _STATE_TO_PB = {
     JobState.TIMED_OUT: admin_pb2.TASK_STATE_TIMED_OUT,
     JobState.CANCELLED: admin_pb2.TASK_STATE_CANCELLED,
 }
-_SERVICE_TO_PB = {
-    Service.QUERY: common_pb2.SERVICE_QUERY,
-    Service.EMBEDDING: common_pb2.SERVICE_EMBEDDING,
-}
-_KIND_TO_PB = {
-    WorkKind.LLM_QUERY: common_pb2.WORK_KIND_LLM_QUERY,
-    WorkKind.RAG_QUERY: common_pb2.WORK_KIND_RAG_QUERY,
-    WorkKind.EMBEDDING: common_pb2.WORK_KIND_EMBEDDING,
-}
 
 
 def task_to_pb(job: Job) -> admin_pb2.Task:
@@ -52,8 +42,8 @@ def task_to_pb(job: Job) -> admin_pb2.Task:
         tenant_id=job.tenant_id,
         session_id=job.session_id,
         agent_id=job.agent_id,
-        service=_SERVICE_TO_PB[job.service],
-        kind=_KIND_TO_PB[job.kind],
+        service=SERVICE_TO_PB[job.service],
+        kind=KIND_TO_PB[job.kind],
         state=_STATE_TO_PB[job.state],
         request_id=job.request_id,
         model=job.model,

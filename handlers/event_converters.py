@@ -20,16 +20,16 @@ _KIND_FROM_PB = {
     common_pb2.WORK_KIND_RAG_QUERY: WorkKind.RAG_QUERY,
     common_pb2.WORK_KIND_EMBEDDING: WorkKind.EMBEDDING,
 }
-_KIND_TO_PB = {
+KIND_TO_PB = {
     WorkKind.LLM_QUERY: common_pb2.WORK_KIND_LLM_QUERY,
     WorkKind.RAG_QUERY: common_pb2.WORK_KIND_RAG_QUERY,
     WorkKind.EMBEDDING: common_pb2.WORK_KIND_EMBEDDING,
 }
-_SERVICE_TO_PB = {
+SERVICE_TO_PB = {
     Service.QUERY: common_pb2.SERVICE_QUERY,
     Service.EMBEDDING: common_pb2.SERVICE_EMBEDDING,
 }
-_SERVICE_FROM_PB = {v: k for k, v in _SERVICE_TO_PB.items()}
+_SERVICE_FROM_PB = {v: k for k, v in SERVICE_TO_PB.items()}
 _NOTICE_FROM_PB = {
     task_update_pb2.NOTICE_EVENT_PROGRESS: NoticeEvent.PROGRESS,
     task_update_pb2.NOTICE_EVENT_DELTA: NoticeEvent.DELTA,
@@ -114,8 +114,8 @@ def event_to_pb(event: SessionEvent) -> chat_pb2.ChatEvent:
     if kind is EventKind.ACCEPTED:
         pb.accepted.CopyFrom(
             chat_pb2.JobAccepted(
-                service=_SERVICE_TO_PB[Service(data["service"])],
-                kind=_KIND_TO_PB[WorkKind(data["kind"])],
+                service=SERVICE_TO_PB[Service(data["service"])],
+                kind=KIND_TO_PB[WorkKind(data["kind"])],
                 content=data.get("content", ""),
                 deadline=timestamp_from_ms(int(data["deadline_ms"])),
                 queued=bool(data.get("queued", False)),

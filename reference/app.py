@@ -52,8 +52,9 @@ class ReferenceServices:
 
     @property
     def seen(self) -> list[Seen]:
-        """Every submit received: (method, job_id, tenant_id, request_id, traceparent)."""
-        return self.runtime.seen
+        """The latest submits received (at most SEEN_LIMIT): (method, job_id, tenant_id,
+        request_id, traceparent)."""
+        return list(self.runtime.seen)
 
     async def start(self) -> int:
         server = grpc.aio.server()

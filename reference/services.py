@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
@@ -43,7 +44,7 @@ class Runtime:
         self.config = config
         self.reporter = reporter
         self.jobs = JobTable()
-        self.seen: list[Seen] = []
+        self.seen: deque[Seen] = deque(maxlen=SEEN_LIMIT)
 
     def admit(self, method: str, job_id: str, tenant_id: str, context: Context) -> tuple[str, str]:
         """Resolve the job id and tenant of a submit and record it. The tenant falls back to the

@@ -11,16 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from domain.jobs import EventDraft, EventKind, SessionEvent
-
-CLOSED_MARKER = "closed"
-
-
-def encode_envelope(draft: EventDraft) -> str:
-    return json.dumps(
-        {"j": draft.job_id, "r": draft.request_id, "k": draft.kind.value, "d": draft.data},
-        separators=(",", ":"),
-    )
+from domain.jobs import EventKind, SessionEvent
 
 
 def decode_envelope(session_id: str, sequence: int, time_ms: int, raw: str) -> SessionEvent:

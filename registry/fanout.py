@@ -112,9 +112,6 @@ class LocalFanout:
             for feed in feeds:
                 feed.mark_lagging()
 
-    def __len__(self) -> int:
-        return sum(len(feeds) for feeds in self._feeds.values())
-
     def close_all(self) -> None:
         """End every stream of this process once it has caught up (server shutdown)."""
         for feeds in self._feeds.values():

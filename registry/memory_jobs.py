@@ -262,20 +262,11 @@ class MemoryJobStore:
             )
             self._jobs[job.job_id] = job
         else:
-            job = replace(
-                job,
-                state=JobState(notice.event.value),
-                last_notice_sequence=sequence,
-                updated_at_ms=now,
-                usage=notice.usage,
-            )
-            self._jobs[job.job_id] = job
-            self._expires[job.job_id] = now + limits.retention_ms
-            self._unfinished.discard(job.job_id)
-            completed = notice.event is NoticeEvent.COMPLETED
-            self._release(job, now, completed_usage=completed)
-            if completed:
+            job = replace(job, last_notice_sequence=sequence, usage=notice.usage)
+            if notice.event is NoticeEvent.COMPLETED:
                 self.usage.add(job.tenant_id, job.agent_id, job.usage)
+            final = self._finish(job, JobState(notice.event.value), notice.data, limits)
+            return NoticeOutcome(Verdict.ACCEPTED, final)
         event = self._events.append(
             job.tenant_id,
             job.session_id,

@@ -24,16 +24,18 @@ def create_redis(
     max_connections: int = 64,
     client_name: str = "agent-orchestrator",
     retries: int = 1,
+    decode_responses: bool = True,
 ) -> Redis:
     """A pooled client speaking RESP3 with short timeouts, so a dead Redis fails calls fast
     (UNAVAILABLE) instead of hanging them. One quick retry covers a dropped idle connection.
 
     The pool blocks (up to the socket timeout) when all its connections are busy, so a burst of
-    calls queues for a connection instead of failing with "too many connections"."""
+    calls queues for a connection instead of failing with "too many connections".
+    ``decode_responses`` False returns raw bytes (the work queue's payloads need no decoding)."""
     pool = BlockingConnectionPool.from_url(
         url,
         protocol=RESP_PROTOCOL,
-        decode_responses=True,
+        decode_responses=decode_responses,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
         socket_keepalive=True,

@@ -290,16 +290,19 @@ class RedisJobStore:
         )
 
     async def count_unfinished(self) -> dict[JobState, int]:
-        """One SMEMBERS, then two ZCOUNTs per tenant that started a job, in one pipeline:
+        """SMEMBERS with TIME, then the ZCOUNTs of each tenant that started a job, in one pipeline:
         members scored before now are jobs whose hash expired unfinished, not counted. Tenants
         found with nothing unfinished are dropped from the set (a script re-checks each)."""
         keys = self._keys
         counts = dict.fromkeys(UNFINISHED_STATES, 0)
         with redis_errors_as_unavailable():
-            tenants = [as_str(t) for t in await self._redis.smembers(keys.job_tenants())]
+            read = self._redis.pipeline(transaction=False)
+            read.smembers(keys.job_tenants())
+            read.time()
+            members, (seconds, micros) = await read.execute()
+            tenants = [as_str(t) for t in members]
             if not tenants:
                 return counts
-            seconds, micros = await self._redis.time()
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:

@@ -41,10 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from registry import redis_queue_scripts as scripts
 from registry.keys import KeySpace
@@ -59,7 +57,7 @@ from registry.queue_base import (
     WorkItem,
     WorkResult,
 )
-from registry.redis_client import as_str, redis_errors_as_unavailable
+from registry.redis_client import as_str, create_redis, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +76,17 @@ def create_queue_redis(
     max_connections: int = 64,
     client_name: str = "agent-orchestrator-queue",
 ) -> Redis:
-    """A pooled client for the queue: like registry.redis_client.create_redis but returning raw
-    bytes, so payloads and results need no encoding. The pool blocks (up to the socket timeout)
-    when every connection is busy instead of failing: many concurrent waiters and completions
-    are normal for a queue."""
-    pool = BlockingConnectionPool.from_url(
+    """A pooled client for the queue: registry.redis_client.create_redis returning raw bytes,
+    so payloads and results need no encoding. Its pool blocks when every connection is busy:
+    many concurrent waiters and completions are normal for a queue."""
+    return create_redis(
         url,
-        protocol=3,
-        decode_responses=False,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=connect_timeout_s,
-        socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        socket_timeout_s=socket_timeout_s,
+        connect_timeout_s=connect_timeout_s,
         max_connections=max_connections,
-        timeout=socket_timeout_s,
         client_name=client_name,
+        decode_responses=False,
     )
-    return Redis.from_pool(pool)
 
 
 class _Listener:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,13 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionSe
 
 from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
-from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
-from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
-from domain.usage import TokenBudget
+from domain.request_context import REQUEST_ID_HEADER
 from handlers.admin import AdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
@@ -47,15 +44,24 @@ from registry.keys import KeySpace
 from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
-from server.auth import Authenticator, authorize
-from server.batch_stack import BATCH_QUEUE, CHAT_QUEUE, BatchStack, open_queue, session_manager
+from server.auth import AUTHORIZATION_HEADER, Authenticator, authorize
+from server.batch_stack import (
+    BATCH_QUEUE,
+    CHAT_QUEUE,
+    BatchStack,
+    chat_orchestrator,
+    embedding_cache,
+    open_queue,
+    session_manager,
+)
 from server.config import Settings
 from server.edge import Edge, EdgeRegistrar
+from server.edge_limits import EdgeLimits
 from server.health import HealthMonitor
 from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
-from server.rate_limit_interceptor import RateLimitInterceptor
+from server.signals import wait_for_stop_signal
 from server.tracing import tracing_interceptor
 from server.ws_bridge import WebSocketBridge
 
@@ -114,7 +120,7 @@ def websocket_identity(
 
     async def identify(headers: dict[str, str]) -> Caller:
         caller = await authenticator.authenticate_bearer(
-            headers.get("authorization"), request_id=headers.get("x-request-id", "")
+            headers.get(AUTHORIZATION_HEADER), request_id=headers.get(REQUEST_ID_HEADER, "")
         )
         authorize(caller, Role.SERVICE)
         return caller
@@ -181,14 +187,7 @@ class OrchestratorServer:
         self.registry = registry or open_registry(registry_config(settings))
         self.dispatcher = dispatcher or default_dispatcher(settings)
         self.limits = job_limits(settings)
-        self.embedding_cache = EmbeddingResultCache(
-            self.registry.embedding_cache,
-            EmbeddingCachePolicy(
-                ttl_ms=int(settings.embedding_cache_ttl * 1000),
-                model_version=settings.embedding_model_version,
-            ),
-        )
-        self.budget = TokenBudget(self.registry.usage, settings.budget_rules())
+        self.embedding_cache = embedding_cache(self.registry, settings)
         self.notices = NoticeProcessor(
             self.registry.jobs,
             self.limits,
@@ -221,15 +220,14 @@ class OrchestratorServer:
         )
         self.sessions = session_manager(self.registry, settings)
         chat_queue = open_queue(settings, CHAT_QUEUE)
-        self.chat = ChatOrchestrator(
+        self.chat = chat_orchestrator(
+            settings,
+            self.registry,
             self.sessions,
-            self.registry.jobs,
-            self.registry.events,
             self.dispatcher,
             self.limits,
-            budget=self.budget,
-            embedding_cache=self.embedding_cache,
-            queue=chat_queue.queue,
+            self.embedding_cache,
+            chat_queue.queue,
         )
         self.batch = BatchStack(settings, self.registry, self.sessions, self.chat, chat_queue)
         # Tasks by state and queue depth, read from the registry while /metrics is served.
@@ -262,7 +260,7 @@ class OrchestratorServer:
         limiter = (
             open_rate_limiter(self.registry, settings) if settings.rate_limit_enabled else None
         )
-        limits = RateLimitInterceptor(
+        limits = EdgeLimits(
             limiter,
             settings.rate_limit_rules(),
             StreamSlots(settings.max_streams_per_tenant),
@@ -378,7 +376,6 @@ class OrchestratorServer:
         if self.metrics_http is not None:
             await self.metrics_http.stop()
         metrics_module.uninstall(self.metrics)
-        await self.registry.backend.aclose()
         self._stopped.set()
         log.info("stopped")
 
@@ -388,9 +385,5 @@ class OrchestratorServer:
     async def serve_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        await stop_requested.wait()
+        await wait_for_stop_signal()
         await self.stop()

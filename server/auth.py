@@ -8,16 +8,17 @@ key store cannot be reached. ``authorize`` raises PermissionDenied for the wrong
 
 from __future__ import annotations
 
-import uuid
-
 from domain.api_keys import ApiKeyManager
 from domain.errors import PermissionDenied, Unauthenticated
 from domain.identity import Caller, Role
+from domain.request_context import (
+    MAX_REQUEST_ID_LENGTH,
+    REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
+    new_request_id,
+)
 
 AUTHORIZATION_HEADER = "authorization"
-REQUEST_ID_HEADER = "x-request-id"
-TRACEPARENT_HEADER = "traceparent"
-MAX_REQUEST_ID_CHARS = 128
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # The role each service family requires, by method prefix; first match wins.
@@ -62,7 +63,7 @@ async def authenticate_bearer(
     return Caller(
         tenant_id=record.tenant_id,
         role=record.role,
-        request_id=(request_id or uuid.uuid4().hex)[:MAX_REQUEST_ID_CHARS],
+        request_id=(request_id or new_request_id())[:MAX_REQUEST_ID_LENGTH],
         key_id=record.key_id,
         traceparent=traceparent,
     )

@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from domain.batch_runner import BatchRunner
 from domain.batches import BatchExpirer, BatchManager, BatchPolicy
 from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
+from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.jobs import JobLimits
 from domain.queued_chat import QueuedChatRunner
 from domain.sessions import SessionManager, SessionPolicy
+from domain.usage import TokenBudget
 from domain.worker import DeadLetterHook, Handler, QueueWorker
 from registry.backends import Registry, open_registry
 from registry.queue_base import WorkQueue
 from registry.queues import OpenedQueue, open_work_queue
 from server.config import Settings
+from server.signals import wait_for_stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,39 @@ def session_manager(registry: Registry, settings: Settings) -> SessionManager:
             default_ttl_ms=int(settings.session_default_ttl * 1000),
             max_ttl_ms=int(settings.session_max_ttl * 1000),
         ),
+    )
+
+
+def embedding_cache(registry: Registry, settings: Settings) -> EmbeddingResultCache:
+    return EmbeddingResultCache(
+        registry.embedding_cache,
+        EmbeddingCachePolicy(
+            ttl_ms=int(settings.embedding_cache_ttl * 1000),
+            model_version=settings.embedding_model_version,
+        ),
+    )
+
+
+def chat_orchestrator(
+    settings: Settings,
+    registry: Registry,
+    sessions: SessionManager,
+    dispatcher: Dispatcher,
+    limits: JobLimits,
+    cache: EmbeddingResultCache,
+    chat_queue: WorkQueue,
+) -> ChatOrchestrator:
+    """The chat job flow as every process that starts work runs it (servers and
+    ``orchestrator worker``): token budgets, the embedding cache and the chat queue."""
+    return ChatOrchestrator(
+        sessions,
+        registry.jobs,
+        registry.events,
+        dispatcher,
+        limits,
+        budget=TokenBudget(registry.usage, settings.budget_rules()),
+        embedding_cache=cache,
+        queue=chat_queue,
     )
 
 
@@ -162,18 +197,15 @@ async def run_workers(settings: Settings, dispatcher: Dispatcher, limits: JobLim
     registry = open_registry(registry_config(settings))
     sessions = session_manager(registry, settings)
     chat_queue = open_queue(settings, CHAT_QUEUE)
-    chat = ChatOrchestrator(
-        sessions, registry.jobs, registry.events, dispatcher, limits, queue=chat_queue.queue
+    cache = embedding_cache(registry, settings)
+    chat = chat_orchestrator(
+        settings, registry, sessions, dispatcher, limits, cache, chat_queue.queue
     )
     stack = BatchStack(settings, registry, sessions, chat, chat_queue)
     stack.start_worker()
     stack.start_chat_worker()
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
     try:
-        await stop_requested.wait()
+        await wait_for_stop_signal()
     finally:
         log.info("worker stopping")
         await stack.aclose()

@@ -3,15 +3,14 @@ so a new user can chat end to end with nothing else running."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import signal
 
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
 from server.app import OrchestratorServer
 from server.config import Settings
+from server.signals import wait_for_stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,6 @@ async def serve_with_reference(settings: Settings) -> None:
     reference = ReferenceServices(reference_config(settings, server.port))
     await reference.start()
     log.info("reference Query/Embedding services embedded on %s", reference.address)
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await stop_requested.wait()
+    await wait_for_stop_signal()
     await reference.stop()
     await server.stop()

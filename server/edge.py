@@ -15,11 +15,11 @@ enabled, is the outermost). Per call, the wrapper:
 3. authenticates the bearer API key and checks the role the method needs (server.auth), and
    binds the Caller (domain.identity), built with the request id and traceparent of step 1;
 4. charges the tenant's (and key's) request rate and takes a stream slot for server streams
-   (server.rate_limit_interceptor.RateLimitInterceptor's checks, reused).
+   (server.edge_limits).
 
 The key's record is read from the store on every call, so a revoked key is refused on its next
 call by every replica; only the parse and hash of a presented key that verified are remembered
-(domain.api_keys). What depends only on the method (role, whether it is limited, its metrics
+(domain.api_keys). What depends only on the method (its role, its metrics
 recorder, the wrapped handler) is computed once per method.
 
 Echoing the request id in the initial metadata costs grpc.aio a send-initial-metadata batch of
@@ -54,8 +54,8 @@ from domain.request_context import (
 from handlers.errors import abort_internal, abort_with
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
+from server.edge_limits import EdgeLimits
 from server.metrics import Metrics
-from server.rate_limit_interceptor import EXEMPT_PREFIXES, RateLimitInterceptor
 from server.wrapping import Ctx, HandlerCache, StreamBehavior, UnaryBehavior, wrap_handler
 
 _OK = grpc.StatusCode.OK
@@ -89,15 +89,14 @@ def read_metadata(context: Ctx) -> tuple[str, str | None, str | None]:
 
 
 class _Plan:
-    """What the edge does for one method, decided once: the role it needs, whether it is rate
-    limited, and where its metrics go."""
+    """What the edge does for one method, decided once: the role it needs (None for public
+    methods, which are neither authenticated nor limited) and where its metrics go."""
 
-    __slots__ = ("limited", "method", "needed", "recorder")
+    __slots__ = ("method", "needed", "recorder")
 
     def __init__(self, method: str, metrics: Metrics) -> None:
         self.method = method
         self.needed: Role | None = required_role(method)
-        self.limited = self.needed is not None and not method.startswith(EXEMPT_PREFIXES)
         self.recorder = metrics.recorder(method)
 
 
@@ -108,7 +107,7 @@ class Edge:
         self,
         metrics: Metrics,
         authenticator: Authenticator,
-        limits: RateLimitInterceptor,
+        limits: EdgeLimits,
         *,
         trailing_request_ids: bool = False,
     ) -> None:
@@ -159,8 +158,7 @@ class Edge:
             await abort_internal(context, exc)
             raise AssertionError("unreachable: abort raises") from None
         bind_caller(caller)
-        if plan.limited:
-            await self._limits.check_rate(caller, context)
+        await self._limits.check_rate(caller, context)
         return caller
 
     def _unary(self, behavior: UnaryBehavior, plan: _Plan, *, stream: bool) -> UnaryBehavior:
@@ -181,7 +179,7 @@ class Edge:
                 metrics.stream_opened(method)
             try:
                 caller = await begin(context, plan, trailing_id=trailing_id)
-                if stream and caller is not None and plan.limited:
+                if stream and caller is not None:
                     slot = await limits.take_stream_slot(caller, context)
                 response = await behavior(request, context)
                 code = _final_code(context, _OK)
@@ -215,7 +213,7 @@ class Edge:
             metrics.stream_opened(method)
             try:
                 caller = await self._begin(context, plan, trailing_id=False)
-                if caller is not None and plan.limited:
+                if caller is not None:
                     slot = await limits.take_stream_slot(caller, context)
                 async for response in behavior(request, context):
                     yield response
