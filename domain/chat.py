@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,7 +181,8 @@ class ChatOrchestrator:
             if isinstance(started, StartRefused):
                 raise _refusal(started, session.session_id)
             if started.queued:
-                await self._enqueue(ctx, job, started, message)
+                # Shielded: a caller going away does not leave the job off the work queue.
+                await asyncio.shield(self._owned(self._enqueue(ctx, job, started, message)))
             else:
                 # Before the caller sees `accepted`: whatever the caller does next, the job
                 # reaches its service (or fails with a reason).
@@ -311,13 +312,18 @@ class ChatOrchestrator:
                 feed.lagging = False
                 return
 
-    def _hand_off_soon(self, ctx: CallContext, job: NewJob, attempt: int = 1) -> None:
-        """Hand a started job over in a task owned by this orchestrator (see ``drain``)."""
-        # The caller's deadline bounds its stream, not the hand-off.
-        ctx = CallContext(ctx.tenant_id, ctx.request_id, traceparent=ctx.traceparent)
-        task = asyncio.create_task(self._hand_off(ctx, job, attempt), name=f"handoff-{job.job_id}")
+    def _owned(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task this orchestrator tracks (see ``drain``)."""
+        task = asyncio.create_task(work)
         self._handoffs.add(task)
         task.add_done_callback(self._handoffs.discard)
+        return task
+
+    def _hand_off_soon(self, ctx: CallContext, job: NewJob, attempt: int = 1) -> None:
+        """Hand a started job over in a task owned by this orchestrator."""
+        # The caller's deadline bounds its stream, not the hand-off.
+        ctx = CallContext(ctx.tenant_id, ctx.request_id, traceparent=ctx.traceparent)
+        self._owned(self._hand_off(ctx, job, attempt)).set_name(f"handoff-{job.job_id}")
 
     async def _hand_off(self, ctx: CallContext, job: NewJob, attempt: int) -> None:
         """Launch the job holding its hand-off lease, then mark the hand-off done. A hand-off
