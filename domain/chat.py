@@ -6,6 +6,13 @@ events, record the job (accepted event), hand it to the service with the orchest
 job id, then stream the job's events until its final one. Because the job is recorded before the
 service sees it, a notice can never arrive for a job the orchestrator does not know yet.
 
+The hand-off is not the caller's: it runs in a task this orchestrator owns, started before the
+accepted event is yielded, so a caller that goes away cannot stop it. The job store keeps the
+job's work spec and a hand-off lease with the job (renewed while a slow submit goes on) until
+the hand-off is confirmed; if this process dies first, any process's ``HandoffRecovery`` loop
+(domain.handoff) claims the job when the lease runs out and hands it over again, and fails it
+``handoff_failed`` after ``JobLimits.handoff_attempts`` hand-offs (docs/adr/0001).
+
 A session runs its messages in order: a message sent while the session has jobs in flight is
 recorded QUEUED behind them (or refused, if the request asks), and background messages are
 always queued; queued jobs go through the ``chat`` work queue (domain.queued_chat), whose worker
@@ -18,8 +25,10 @@ handed to the service.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +48,7 @@ from domain.jobs import (
     EventDraft,
     EventKind,
     FinishOutcome,
+    HandoffClaim,
     IfBusy,
     JobLimits,
     JobState,
@@ -134,6 +144,8 @@ class ChatOrchestrator:
         self._cache = embedding_cache
         self._queue = queue
         self._idle_check_s = idle_check_s
+        # Hand-offs in progress in this process (owned here, not by any caller's stream).
+        self._handoffs: set[asyncio.Task[None]] = set()
 
     async def send(self, ctx: CallContext, message: ChatMessage) -> AsyncIterator[SessionEvent]:
         """Start a job for the message and yield its events, ending with its final one."""
@@ -157,6 +169,7 @@ class ChatOrchestrator:
             model=message.model,
             # Where a completed result goes (a cache hit completes the job and fills nothing).
             cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
+            collections=tuple(message.collections),
         )
         if_busy = message.if_busy
         if if_busy is IfBusy.HOLD and self._queue is None:
@@ -168,11 +181,13 @@ class ChatOrchestrator:
             if isinstance(started, StartRefused):
                 raise _refusal(started, session.session_id)
             if started.queued:
-                await self._enqueue(ctx, job, started, message)
-                yield started.accepted
+                # Shielded: a caller going away does not leave the job off the work queue.
+                await asyncio.shield(self._owned(self._enqueue(ctx, job, started, message)))
             else:
-                yield started.accepted
-                await self._launch(ctx, job, message.collections)
+                # Before the caller sees `accepted`: whatever the caller does next, the job
+                # reaches its service (or fails with a reason).
+                self._hand_off_soon(ctx, job)
+            yield started.accepted
             # The feed was subscribed before the job existed, so every later event arrives on
             # it: no initial read of the log (a gap or lag still triggers one).
             async for event in self._job_events(
@@ -215,7 +230,7 @@ class ChatOrchestrator:
             kind=job.kind,
             content=job.content,
             model=job.model,
-            collections=tuple(message.collections),
+            collections=job.collections,
             agent_id=job.agent_id,
             cache_key=job.cache_key,
         )
@@ -246,9 +261,11 @@ class ChatOrchestrator:
                 draft = EventDraft(job_id, EventKind.CANCELLED, queued.request_id, reason)
                 _, event = await self._jobs.finish_job(tenant_id, job_id, draft, self._limits)
                 return event
-            # STARTED now, or (ALREADY_STARTED) by an earlier delivery that died around the
-            # hand-off: a job still PENDING is handed over (again: at least once; its service
-            # reports under the same job id), a RUNNING one only followed.
+            # STARTED now: handed over like any job (in a task of its own, with a lease that
+            # any process's hand-off recovery takes over if this one dies). ALREADY_STARTED by
+            # an earlier delivery that died around the hand-off: a job still PENDING is handed
+            # over again (at least once; its service reports under the same job id), a RUNNING
+            # one only followed.
             if outcome is ActivateOutcome.STARTED or await self._is_pending(tenant_id, job_id):
                 job = NewJob(
                     job_id=job_id,
@@ -260,8 +277,9 @@ class ChatOrchestrator:
                     request_id=queued.request_id,
                     model=queued.model,
                     cache_key=queued.cache_key,
+                    collections=tuple(queued.collections),
                 )
-                await self._launch(ctx, job, queued.collections)
+                self._hand_off_soon(ctx, job)
             async for event in self._job_events(
                 feed, tenant_id, job_id, queued.accepted_sequence, catch_up=True
             ):
@@ -294,7 +312,124 @@ class ChatOrchestrator:
                 feed.lagging = False
                 return
 
-    async def _launch(self, ctx: CallContext, job: NewJob, collections: Sequence[str]) -> None:
+    def _owned(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in a task this orchestrator tracks (see ``drain``)."""
+        task = asyncio.create_task(work)
+        self._handoffs.add(task)
+        task.add_done_callback(self._handoffs.discard)
+        return task
+
+    def _hand_off_soon(self, ctx: CallContext, job: NewJob, attempt: int = 1) -> None:
+        """Hand a started job over in a task owned by this orchestrator."""
+        # The caller's deadline bounds its stream, not the hand-off.
+        ctx = CallContext(ctx.tenant_id, ctx.request_id, traceparent=ctx.traceparent)
+        self._owned(self._hand_off(ctx, job, attempt)).set_name(f"handoff-{job.job_id}")
+
+    async def _hand_off(self, ctx: CallContext, job: NewJob, attempt: int) -> None:
+        """Launch the job holding its hand-off lease, then mark the hand-off done. A hand-off
+        that cannot finish (the registry unreachable, an unexpected error, this process
+        stopping) leaves the lease to run out: any process's recovery then redoes it."""
+        try:
+            await self._holding_lease(ctx.tenant_id, job.job_id, self._launch(ctx, job))
+        except asyncio.CancelledError:
+            log.warning(
+                "hand-off of job %s to the %s service interrupted by shutdown; another process "
+                "will hand it over when its lease runs out",
+                job.job_id,
+                job.service.value,
+            )
+            raise
+        except Exception as exc:
+            log.warning(
+                "hand-off of job %s to the %s service (attempt %d) did not finish: %s: %s; it "
+                "is handed over again when its lease runs out",
+                job.job_id,
+                job.service.value,
+                attempt,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        try:
+            await self._jobs.handoff_done(ctx.tenant_id, job.job_id)
+        except Unavailable as exc:
+            # Harmless: the service's first notice confirms it too; until then the recovery
+            # may hand it over once more (at least once).
+            log.info("job %s handed over; marking it so failed: %s", job.job_id, exc)
+
+    async def _holding_lease(self, tenant_id: str, job_id: str, work: Awaitable[None]) -> None:
+        """Run ``work``, renewing the job's hand-off lease while it goes on (a slow submit is
+        not taken for an interrupted one)."""
+        task = asyncio.ensure_future(work)
+        every_s = max(self._limits.handoff_grace_ms / 3000, 0.05)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=every_s)
+                if not task.done():
+                    with contextlib.suppress(Unavailable):
+                        await self._jobs.renew_handoff(tenant_id, job_id, self._limits)
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def recover_handoffs(self, *, limit: int = 100) -> list[HandoffClaim]:
+        """Claim the jobs whose hand-off was interrupted (no confirmation within the lease, in
+        any process) and hand each over again, or fail it when it has had every attempt or is
+        past its deadline. Returns the claims."""
+        claims = await self._jobs.claim_handoffs(self._limits, limit=limit)
+        for claim in claims:
+            job = claim.job
+            ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
+            if claim.exhausted:
+                log.warning(
+                    "job %s failed: its hand-off to the %s service was interrupted %d times "
+                    "(or the job is past its deadline)",
+                    job.job_id,
+                    job.service.value,
+                    claim.attempt,
+                )
+                error = {
+                    "code": "handoff_failed",
+                    "message": (
+                        f"the job could not be handed to the {job.service.value} service "
+                        f"({claim.attempt} hand-offs interrupted)"
+                    ),
+                    "retryable": True,
+                }
+                await self._fail(claim.tenant_id, job.job_id, job.request_id, error)
+                await self._jobs.handoff_done(claim.tenant_id, job.job_id)
+                continue
+            log.warning(
+                "job %s: its hand-off to the %s service was interrupted; handing it over again "
+                "(attempt %d of %d)",
+                job.job_id,
+                job.service.value,
+                claim.attempt,
+                self._limits.handoff_attempts,
+            )
+            self._hand_off_soon(ctx, job, claim.attempt)
+        return claims
+
+    @property
+    def handoffs_in_progress(self) -> int:
+        return len(self._handoffs)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown: give the hand-offs in progress up to ``timeout_s`` to finish, then cancel
+        the rest (their leases run out and another process redoes them)."""
+        tasks = set(self._handoffs)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.0))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    async def _launch(self, ctx: CallContext, job: NewJob) -> None:
         """Complete a started job from the embedding cache, or hand it to its service."""
         if job.cache_key and self._cache is not None:
             cached = await self._cache.lookup(ctx.tenant_id, job.cache_key)
@@ -309,7 +444,7 @@ class ChatOrchestrator:
             kind=job.kind,
             content=job.content,
             model=job.model,
-            collections=tuple(collections),
+            collections=job.collections,
         )
         try:
             await self._dispatcher.submit(work, ctx)

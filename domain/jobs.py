@@ -115,6 +115,11 @@ class JobLimits:
     retention_ms: int
     # A queued job times out if its turn has not come this long after it was accepted.
     queue_timeout_ms: int = 3_600_000
+    # A PENDING job whose hand-off to its service has not been confirmed this long after it
+    # started (or after its lease was last renewed) is handed over again by any process...
+    handoff_grace_ms: int = 5_000
+    # ...up to this many hand-offs in all; then (or past its deadline) it fails handoff_failed.
+    handoff_attempts: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,8 @@ class NewJob:
     # Set for cacheable embedding work: where the completed result is cached
     # (domain.embedding_cache).
     cache_key: str = ""
+    # RAG collections to search (kept with the job until it is handed over, like content).
+    collections: tuple[str, ...] = ()
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -178,6 +185,20 @@ class Job:
     agent_id: str = ""
     model: str = ""
     cache_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffClaim:
+    """A PENDING job whose hand-off to its service was interrupted (no confirmation within its
+    lease), claimed by one process: ``job`` is its work spec as recorded at the start,
+    ``attempt`` the number of this hand-off (2: the first redo). ``exhausted``: it has had
+    every attempt, or is past its deadline, and must fail instead; the claim holds a lease
+    either way, so no other process takes it meanwhile."""
+
+    tenant_id: str
+    job: NewJob
+    attempt: int
+    exhausted: bool = False
 
 
 class NoticeEvent(enum.StrEnum):

@@ -12,6 +12,7 @@ from domain.jobs import (
     EventDraft,
     EventPage,
     FinishOutcome,
+    HandoffClaim,
     IfBusy,
     Job,
     JobLimits,
@@ -85,7 +86,29 @@ class JobStore(Protocol):
         the job as in flight) and append its accepted event. The job is PENDING, or QUEUED at
         the back of the session's line (accepted data ``queued: true``) when ``hold`` is set or
         the session is busy and ``if_busy`` is HOLD.
-        A PENDING job turns RUNNING with the service's first notice."""
+        A PENDING job turns RUNNING with the service's first notice.
+
+        The job's work spec (``new``, collections included) is kept with it until it is handed
+        over, and a PENDING job is due for a hand-off check ``limits.handoff_grace_ms`` after
+        the start (its first hand-off's lease), in the same atomic step or round trip: see
+        ``claim_handoffs``."""
+        ...
+
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+        """Extend the lease of a hand-off in progress to ``limits.handoff_grace_ms`` from now;
+        False (and no change) when the job is no longer waiting for one."""
+        ...
+
+    async def handoff_done(self, tenant_id: str, job_id: str) -> None:
+        """The job reached its service (or ended): drop its work spec and hand-off check. The
+        service's first notice and every final state do the same."""
+        ...
+
+    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+        """Up to ``limit`` PENDING jobs whose hand-off lease ran out without confirmation,
+        each claimed atomically (a new lease of ``limits.handoff_grace_ms``, the attempt
+        counted), so one process redoes each. A claim is ``exhausted`` when the job has had
+        ``limits.handoff_attempts`` hand-offs or is past its deadline."""
         ...
 
     async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:

@@ -87,6 +87,12 @@ class KeySpace:
         Only a hint: the job hash holds the real deadlines, checked atomically by the reaper."""
         return f"{self.prefix}:job-deadlines"
 
+    def job_handoffs(self) -> str:
+        """Sorted set of ``<tenant> <session> <job>`` by when a job's hand-off to its service
+        should be checked (the lease of the hand-off in progress). Only a hint, like
+        ``job_deadlines``: the job hash holds the spec and the real lease, checked atomically."""
+        return f"{self.prefix}:job-handoffs"
+
     def session_channel(self, tenant_id: str, session_id: str) -> str:
         """Pub/sub channel of the session's events (fan-out to every server process)."""
         return f"{self.prefix}:ev:{tenant_id}:{session_id}"

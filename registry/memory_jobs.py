@@ -20,6 +20,7 @@ from domain.jobs import (
     EventKind,
     EventPage,
     FinishOutcome,
+    HandoffClaim,
     IfBusy,
     Job,
     JobLimits,
@@ -37,6 +38,16 @@ from domain.models import SessionState
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
 from registry.memory_usage import MemoryUsageStore
+
+
+@dataclass(slots=True)
+class _Handoff:
+    """A job's work spec until it is handed over, and its hand-off lease (while PENDING)."""
+
+    tenant_id: str
+    spec: NewJob
+    lease_ms: int = 0
+    attempts: int = 0
 
 
 @dataclass(slots=True)
@@ -135,6 +146,8 @@ class MemoryJobStore:
         # (tenant, session) -> the session's QUEUED job ids, oldest first.
         self._lines: dict[tuple[str, str], deque[str]] = {}
         self._unfinished: set[str] = set()  # ids of jobs last seen unfinished
+        # job id -> work spec and lease, from the start until the job is handed over or ends.
+        self._handoffs: dict[str, _Handoff] = {}
 
     def _job(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
@@ -178,6 +191,9 @@ class MemoryJobStore:
         self._unfinished.add(new.job_id)
         due = min(job.deadline_ms, job.heartbeat_deadline_ms)
         heapq.heappush(self._deadlines, (due, new.job_id))
+        self._handoffs[new.job_id] = _Handoff(
+            tenant_id, new, lease_ms=now + limits.handoff_grace_ms, attempts=0 if queued else 1
+        )
         if queued:
             self._lines.setdefault((tenant_id, new.session_id), deque()).append(new.job_id)
         self._sessions.put(
@@ -234,7 +250,46 @@ class MemoryJobStore:
         self._jobs[job_id] = job
         self._expires[job_id] = now + limits.deadline_ms + limits.retention_ms
         heapq.heappush(self._deadlines, (min(job.deadline_ms, job.heartbeat_deadline_ms), job_id))
+        handoff = self._handoffs.get(job_id)
+        if handoff is not None:
+            handoff.lease_ms, handoff.attempts = now + limits.handoff_grace_ms, 1
         return ActivateOutcome.STARTED
+
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+        handoff = self._handoffs.get(job_id)
+        job = self._job(job_id)
+        if handoff is None or job is None or job.tenant_id != tenant_id:
+            return False
+        if job.state is not JobState.PENDING:
+            return False
+        handoff.lease_ms = self._clock() + limits.handoff_grace_ms
+        return True
+
+    async def handoff_done(self, tenant_id: str, job_id: str) -> None:
+        handoff = self._handoffs.get(job_id)
+        if handoff is not None and handoff.tenant_id == tenant_id:
+            del self._handoffs[job_id]
+
+    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+        now = self._clock()
+        claims: list[HandoffClaim] = []
+        for job_id, handoff in list(self._handoffs.items()):
+            if len(claims) >= limit:
+                break
+            job = self._job(job_id)
+            if job is None or job.state.is_final:
+                del self._handoffs[job_id]
+                continue
+            if job.state is not JobState.PENDING or now < handoff.lease_ms:
+                continue  # queued (waits for its turn), running, or its lease holds
+            handoff.lease_ms = now + limits.handoff_grace_ms
+            exhausted = handoff.attempts >= limits.handoff_attempts or now >= job.deadline_ms
+            if not exhausted:
+                handoff.attempts += 1
+            claims.append(
+                HandoffClaim(handoff.tenant_id, handoff.spec, handoff.attempts, exhausted)
+            )
+        return claims
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         job = self._job(notice.job_id)
@@ -252,6 +307,7 @@ class MemoryJobStore:
         if job.state.is_final:
             return NoticeOutcome(Verdict.JOB_FINISHED)
         now = self._clock()
+        self._handoffs.pop(job.job_id, None)  # the service has it
         if notice.event in (NoticeEvent.PROGRESS, NoticeEvent.DELTA):
             job = replace(
                 job,
@@ -292,6 +348,7 @@ class MemoryJobStore:
         self._jobs[job.job_id] = job
         self._expires[job.job_id] = now + limits.retention_ms
         self._unfinished.discard(job.job_id)
+        self._handoffs.pop(job.job_id, None)
         # Completed from the embedding cache: the reply counts as a message (usage is 0).
         self._release(job, now, completed_usage=state is JobState.COMPLETED)
         return self._events.append(

@@ -46,9 +46,15 @@ local function uncount(job_id)
   redis.call('ZREM', KEYS[9], job_id)
 end
 
+-- The job reached its service or ended: its work spec and hand-off lease go.
+local function handed_over()
+  redis.call('HDEL', KEYS[1], 'ho', 'hol', 'hoa')
+end
+
 -- The job is final: it is no longer counted and leaves the session's pending set (and its
 -- line, if it was queued); an idle busy session becomes active again.
 local function release(job_id)
+  handed_over()
   uncount(job_id)
   redis.call('SREM', KEYS[3], job_id)
   redis.call('LREM', KEYS[8], 1, job_id)
@@ -65,7 +71,11 @@ end
 # ARGV: 1 job_id, 2 session_id, 3 service, 4 kind, 5 request_json, 6 agent_id, 7 model,
 # 8 accepted data JSON without its closing brace, 9 deadline_ms, 10 heartbeat_ms,
 # 11 job retention_ms, 12 if busy (run | reject | hold), 13 maxlen, 14 ttl, 15 channel,
-# 16 cache key, 17 queue timeout_ms, 18 hold ('1': queue it even on an idle session)
+# 16 cache key, 17 queue timeout_ms, 18 hold ('1': queue it even on an idle session),
+# 19 hand-off spec JSON (what the job hash does not hold of the work request), 20 hand-off
+# grace_ms. The spec stays in field ``ho`` until the job is handed over (or ends); ``hol`` is
+# the hand-off's lease (a PENDING job not confirmed by then is handed over again, see
+# CLAIM_HANDOFF) and ``hoa`` the number of hand-offs started (0 while queued).
 START = (
     _PRELUDE
     + """
@@ -90,7 +100,8 @@ end
 redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV[4],
   'state', state, 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
-  'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16])
+  'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16],
+  'ho', ARGV[19], 'hol', now + tonumber(ARGV[20]), 'hoa', queued and 0 or 1)
 lifetime = lifetime + tonumber(ARGV[11])
 redis.call('PEXPIRE', KEYS[1], lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished
@@ -145,6 +156,7 @@ if event == 'progress' or event == 'delta' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'nseq', n, 'updated', now,
     'hb', now + tonumber(ARGV[6]))
   if f[2] == 'pending' then
+    handed_over()
     local ttl = redis.call('PTTL', KEYS[1])
     redis.call('ZREM', KEYS[6], ARGV[1])
     redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
@@ -178,7 +190,7 @@ return {'accepted', seq, now, env}
 """
 )
 
-# ARGV: 1 job_id, 2 deadline_ms, 3 heartbeat_ms, 4 job retention_ms.
+# ARGV: 1 job_id, 2 deadline_ms, 3 heartbeat_ms, 4 job retention_ms, 5 hand-off grace_ms.
 # Returns {'started', due} (due: the new deadline) or {reason} (domain.jobs.ActivateOutcome).
 ACTIVATE = (
     _PRELUDE
@@ -199,7 +211,8 @@ end
 redis.call('LPOP', KEYS[8])
 local deadline = now + tonumber(ARGV[2])
 local hb = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'pending', 'updated', now, 'deadline', deadline, 'hb', hb)
+redis.call('HSET', KEYS[1], 'state', 'pending', 'updated', now, 'deadline', deadline, 'hb', hb,
+  'hol', now + tonumber(ARGV[5]), 'hoa', 1)
 local lifetime = tonumber(ARGV[2]) + tonumber(ARGV[4])
 redis.call('PEXPIRE', KEYS[1], lifetime)
 redis.call('ZREM', KEYS[9], ARGV[1])
@@ -251,6 +264,45 @@ local seq = append(env, ARGV[3], tonumber(ARGV[4]), ARGV[5])
 return {'done', seq, now, env}
 """
 )
+
+# KEYS: 1 the job hash (only). ARGV: 1 hand-off grace_ms.
+# Extends the lease of a hand-off in progress; returns the new lease, or 0 when the job is not
+# PENDING with its spec (handed over, ended, queued or gone).
+RENEW_HANDOFF = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'ho')
+if f[1] ~= 'pending' or not f[2] then return 0 end
+local t = redis.call('TIME')
+local lease = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'hol', lease)
+return lease
+"""
+
+# KEYS: 1 the job hash (only). ARGV: 1 hand-off grace_ms, 2 most hand-offs.
+# A PENDING job with its spec whose lease has passed is claimed: a new lease, and (unless it
+# has had every hand-off or is past its deadline: 'exhausted') one more hand-off counted.
+# Returns {'gone'} | {'done'} (nothing to hand over) | {'later', lease} |
+# {'claimed' or 'exhausted', lease, attempts, spec, session, service, kind, request, agent,
+# model, cache key}.
+CLAIM_HANDOFF = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local f = redis.call('HMGET', KEYS[1], 'state', 'ho', 'hol', 'hoa', 'deadline', 'session',
+  'service', 'kind', 'request', 'agent', 'model', 'ckey')
+if f[1] ~= 'pending' or not f[2] then return {'done'} end
+local lease = tonumber(f[3] or '0')
+if now < lease then return {'later', lease} end
+lease = now + tonumber(ARGV[1])
+local attempts = tonumber(f[4] or '0')
+local status = 'exhausted'
+if attempts < tonumber(ARGV[2]) and now < tonumber(f[5]) then
+  status = 'claimed'
+  attempts = attempts + 1
+end
+redis.call('HSET', KEYS[1], 'hol', lease, 'hoa', attempts)
+return {status, lease, attempts, f[2], f[6], f[7], f[8], f[9], f[10] or '', f[11] or '',
+  f[12] or ''}
+"""
 
 # KEYS: 1 the set of tenants that started jobs, then per tenant of ARGV its sets of queued,
 # pending and running jobs (three keys each, in UNFINISHED_STATES order). ARGV: tenant ids.

@@ -9,6 +9,11 @@ A job enters the deadline set in the same pipeline as its start script, scored a
 its first possible deadline by this process's clock: the reaper then looks at it early and moves
 it to its real due time (REAP answers "later"), so no crash between two commands can leave a
 job untimed, and a start costs one round trip.
+A job's hand-off to its service is tracked the same way: the start script keeps the job's work
+spec and a hand-off lease in the job hash, and the start pipeline scores the job in the
+hand-off set at the end of that lease; the process handing it over removes it once the service
+took it (``handoff_done``), and ``claim_handoffs`` (any process) finds the jobs whose hand-off
+was interrupted.
 A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
 pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
 tenants found with nothing unfinished, so the set follows the active tenants.
@@ -29,6 +34,7 @@ from domain.jobs import (
     ActivateOutcome,
     EventDraft,
     FinishOutcome,
+    HandoffClaim,
     IfBusy,
     Job,
     JobLimits,
@@ -62,6 +68,10 @@ def _early_due_ms(limits: JobLimits, *, may_queue: bool) -> int:
     return int(time.time() * 1000) + first - _EARLY_DEADLINE_MARGIN_MS
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 _INDEX_CACHE_SIZE = 100_000
 
 
@@ -90,6 +100,8 @@ class RedisJobStore:
         self._reap = redis.register_script(scripts.REAP)
         self._activate = redis.register_script(scripts.ACTIVATE)
         self._prune_tenants = redis.register_script(scripts.PRUNE_TENANTS)
+        self._renew_handoff = redis.register_script(scripts.RENEW_HANDOFF)
+        self._claim_handoff = redis.register_script(scripts.CLAIM_HANDOFF)
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -140,12 +152,19 @@ class RedisJobStore:
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
+        spec = _compact({"c": new.content, "l": list(new.collections)})
         with redis_errors_as_unavailable():
             # One round trip; the index is written first so that a notice can never find a job
             # it cannot locate.
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
             pipe.zadd(keys.job_deadlines(), {deadline_member: early_due})
+            if not hold:
+                # A queued job (always with ``hold``) enters it when its turn comes instead;
+                # one queued behind a busy session is found queued and dropped by the claim.
+                pipe.zadd(
+                    keys.job_handoffs(), {deadline_member: _now_ms() + limits.handoff_grace_ms}
+                )
             await self._start(
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
@@ -167,18 +186,21 @@ class RedisJobStore:
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
+                    spec,
+                    limits.handoff_grace_ms,
                 ],
                 client=pipe,
             )
             # After the script, which counts the job: count_unfinished's pruning can then
             # never drop the tenant of a counted job (PRUNE_TENANTS).
             pipe.sadd(keys.job_tenants(), tenant_id)
-            _, _, reply, _ = await pipe.execute()
+            reply = (await pipe.execute())[-2]
             status = as_str(reply[0])
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
                 cleanup.zrem(keys.job_deadlines(), deadline_member)
+                cleanup.zrem(keys.job_handoffs(), deadline_member)
                 await cleanup.execute()
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
@@ -194,16 +216,95 @@ class RedisJobStore:
         with redis_errors_as_unavailable():
             reply = await self._activate(
                 keys=self._job_keys(tenant_id, session_id, job_id),
-                args=[job_id, limits.deadline_ms, limits.heartbeat_ms, limits.retention_ms],
+                args=[
+                    job_id,
+                    limits.deadline_ms,
+                    limits.heartbeat_ms,
+                    limits.retention_ms,
+                    limits.handoff_grace_ms,
+                ],
             )
             outcome = ActivateOutcome(as_str(reply[0]))
             if outcome is ActivateOutcome.STARTED:
-                # The reaper must look at the job by its new deadline, not the queue timeout.
-                await self._redis.zadd(
-                    self._keys.job_deadlines(),
-                    {f"{tenant_id} {session_id} {job_id}": int(reply[1])},
-                )
+                # The reaper must look at the job by its new deadline, not the queue timeout,
+                # and its hand-off is now due to be confirmed (the same round trip).
+                member = f"{tenant_id} {session_id} {job_id}"
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.zadd(self._keys.job_deadlines(), {member: int(reply[1])})
+                pipe.zadd(self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms})
+                await pipe.execute()
         return outcome
+
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+        located = await self._locate(job_id)
+        if located is None or located[0] != tenant_id:
+            return False
+        member = f"{tenant_id} {located[1]} {job_id}"
+        with redis_errors_as_unavailable():
+            pipe = self._redis.pipeline(transaction=False)
+            await self._renew_handoff(
+                keys=[self._keys.job(tenant_id, job_id)],
+                args=[limits.handoff_grace_ms],
+                client=pipe,
+            )
+            # Only an entry still there moves (XX): a finished hand-off's stays gone.
+            pipe.zadd(
+                self._keys.job_handoffs(),
+                {member: _now_ms() + limits.handoff_grace_ms},
+                xx=True,
+            )
+            lease, _ = await pipe.execute()
+        return int(lease) > 0
+
+    async def handoff_done(self, tenant_id: str, job_id: str) -> None:
+        located = await self._locate(job_id)
+        if located is None or located[0] != tenant_id:
+            return
+        with redis_errors_as_unavailable():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa")
+            pipe.zrem(self._keys.job_handoffs(), f"{tenant_id} {located[1]} {job_id}")
+            await pipe.execute()
+
+    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+        handoffs = self._keys.job_handoffs()
+        claims: list[HandoffClaim] = []
+        with redis_errors_as_unavailable():
+            seconds, micros = await self._redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            due = await self._redis.zrangebyscore(handoffs, "-inf", now_ms, start=0, num=limit)
+            for raw in due:
+                member = as_str(raw)
+                tenant_id, _, job_id = member.split(" ", 2)
+                reply = await self._claim_handoff(
+                    keys=[self._keys.job(tenant_id, job_id)],
+                    args=[limits.handoff_grace_ms, limits.handoff_attempts],
+                )
+                status = as_str(reply[0])
+                if status in ("gone", "done"):
+                    await self._redis.zrem(handoffs, member)
+                    continue
+                # Looked at again when the lease (new, or still held) runs out.
+                await self._redis.zadd(handoffs, {member: int(reply[1])}, xx=True)
+                if status == "later":
+                    continue
+                spec = json.loads(as_str(reply[3]))
+                job = NewJob(
+                    job_id=job_id,
+                    session_id=as_str(reply[4]),
+                    agent_id=as_str(reply[8]),
+                    service=Service(as_str(reply[5])),
+                    kind=WorkKind(as_str(reply[6])),
+                    content=spec["c"],
+                    request_id=json.loads(as_str(reply[7])),
+                    model=as_str(reply[9]),
+                    cache_key=as_str(reply[10]),
+                    collections=tuple(spec.get("l") or ()),
+                )
+                claims.append(
+                    HandoffClaim(tenant_id, job, int(reply[2]), exhausted=status == "exhausted")
+                )
+        return claims
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         located = await self._locate(notice.job_id)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionSe
 from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
 from domain.dispatch import Dispatcher
+from domain.handoff import HandoffRecovery
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
@@ -96,6 +97,8 @@ def job_limits(settings: Settings) -> JobLimits:
         heartbeat_ms=int(settings.job_heartbeat * 1000),
         retention_ms=int(settings.job_retention * 1000),
         queue_timeout_ms=int(settings.job_queue_timeout * 1000),
+        handoff_grace_ms=int(settings.handoff_grace * 1000),
+        handoff_attempts=settings.handoff_attempts,
     )
 
 
@@ -230,6 +233,8 @@ class OrchestratorServer:
             chat_queue.queue,
         )
         self.batch = BatchStack(settings, self.registry, self.sessions, self.chat, chat_queue)
+        # Hands over again the jobs whose hand-off was interrupted (in any process).
+        self.handoffs = HandoffRecovery(self.chat, interval_s=settings.reaper_interval)
         # Tasks by state and queue depth, read from the registry while /metrics is served.
         self.sampler = MetricsSampler(
             self.metrics,
@@ -342,6 +347,7 @@ class OrchestratorServer:
         await self._server.start()
         self.health.start()
         self.reaper.start()
+        self.handoffs.start()
         self.batch.expirer.start()
         if self.settings.batch_worker_enabled:
             self.batch.start_worker()
@@ -364,6 +370,7 @@ class OrchestratorServer:
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
         await self.sampler.stop()
+        await self.handoffs.stop()
         # Batch items in flight get the grace period before their streams are ended below.
         await self.batch.aclose()
         await self.reaper.stop()
@@ -371,6 +378,8 @@ class OrchestratorServer:
         # Client streams end once they have sent what they have; unary calls get the grace.
         self.registry.events.fanout.close_all()
         await self._server.stop(grace)
+        # Hand-offs in progress finish (bounded); the rest is redone by another process.
+        await self.chat.drain(grace)
         await self.dispatcher.aclose()
         await self.registry.aclose()
         if self.metrics_http is not None:

@@ -12,6 +12,7 @@ from domain.batches import BatchExpirer, BatchManager, BatchPolicy
 from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
 from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
+from domain.handoff import HandoffRecovery
 from domain.jobs import JobLimits
 from domain.queued_chat import QueuedChatRunner
 from domain.sessions import SessionManager, SessionPolicy
@@ -202,12 +203,17 @@ async def run_workers(settings: Settings, dispatcher: Dispatcher, limits: JobLim
         settings, registry, sessions, dispatcher, limits, cache, chat_queue.queue
     )
     stack = BatchStack(settings, registry, sessions, chat, chat_queue)
+    # Workers hand jobs over too, so they also redo interrupted hand-offs (of any process).
+    handoffs = HandoffRecovery(chat, interval_s=settings.reaper_interval)
+    handoffs.start()
     stack.start_worker()
     stack.start_chat_worker()
     try:
         await wait_for_stop_signal()
     finally:
         log.info("worker stopping")
+        await handoffs.stop()
         await stack.aclose()
+        await chat.drain(settings.shutdown_grace)
         await dispatcher.aclose()
         await registry.aclose()

@@ -118,7 +118,20 @@ class Settings:
         "come by then",
     )
     reaper_interval: float = _env(
-        "ORCH_REAPER_INTERVAL", 1.0, "how often each process looks for timed-out jobs"
+        "ORCH_REAPER_INTERVAL",
+        1.0,
+        "how often each process looks for timed-out jobs and for interrupted hand-offs",
+    )
+    handoff_grace: float = _env(
+        "ORCH_HANDOFF_GRACE",
+        5.0,
+        "a started job whose hand-off to its service is not confirmed this long after it began "
+        "(the lease is renewed while a submit goes on) is handed over again by any process",
+    )
+    handoff_attempts: int = _env(
+        "ORCH_HANDOFF_ATTEMPTS",
+        3,
+        "hand-offs a job gets (the first included) before it fails with handoff_failed",
     )
     event_log_max_events: int = _env(
         "ORCH_EVENT_LOG_MAX_EVENTS", 1000, "events kept per session for resuming streams"
@@ -332,6 +345,7 @@ class Settings:
             "job_heartbeat",
             "job_queue_timeout",
             "reaper_interval",
+            "handoff_grace",
             "event_log_ttl",
             "batch_completion_window",
             "batch_max_completion_window",
@@ -349,6 +363,8 @@ class Settings:
             problems.append("session_retention and shutdown_grace must not be negative")
         if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
             problems.append("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
+        if self.handoff_attempts < 1:
+            problems.append("handoff_attempts must be >= 1")
         if self.downstream_attempts < 1 or self.event_log_max_events < 1:
             problems.append("downstream_attempts and event_log_max_events must be >= 1")
         if self.job_retention < 0:

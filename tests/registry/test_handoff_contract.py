@@ -1,0 +1,219 @@
+"""The JobStore's hand-off record on both backends: a started job keeps its work spec and a
+hand-off lease until it is handed over; a PENDING job whose lease ran out without confirmation
+is claimed by exactly one claimer, with everything needed to hand it over again, and after the
+last attempt (or past its deadline) the claim says it is exhausted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from domain.ids import new_id
+from domain.jobs import (
+    ActivateOutcome,
+    EventDraft,
+    EventKind,
+    HandoffClaim,
+    IfBusy,
+    JobLimits,
+    NewJob,
+    Notice,
+    NoticeEvent,
+    StartedJob,
+)
+from domain.models import NewSession, Service, WorkKind
+from registry.backends import Registry, RegistryConfig, open_registry
+
+GRACE_MS = 300
+LIMITS = JobLimits(
+    deadline_ms=60_000,
+    heartbeat_ms=30_000,
+    retention_ms=60_000,
+    queue_timeout_ms=600_000,
+    handoff_grace_ms=GRACE_MS,
+    handoff_attempts=3,
+)
+TENANT = "acme"
+
+
+@pytest.fixture
+async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
+    opened = open_registry(
+        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+    )
+    yield opened
+    await opened.backend.aclose()
+
+
+async def new_session(registry: Registry) -> str:
+    session_id = new_id()
+    await registry.sessions.create_session(
+        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
+    )
+    return session_id
+
+
+def rag_job(session_id: str) -> NewJob:
+    return NewJob(
+        job_id=new_id(),
+        session_id=session_id,
+        agent_id="agent-1",
+        service=Service.QUERY,
+        kind=WorkKind.RAG_QUERY,
+        content="What is the refund policy?",
+        request_id="req-1",
+        model="m-large",
+        cache_key="",
+        collections=("docs", "faq"),
+    )
+
+
+async def start(
+    registry: Registry,
+    new: NewJob | None = None,
+    *,
+    limits: JobLimits = LIMITS,
+    if_busy: IfBusy = IfBusy.RUN,
+    hold: bool = False,
+) -> StartedJob:
+    new = new or rag_job(await new_session(registry))
+    started = await registry.jobs.start_job(TENANT, new, limits, if_busy=if_busy, hold=hold)
+    assert isinstance(started, StartedJob)
+    return started
+
+
+async def claims_within(
+    registry: Registry, seconds: float, limits: JobLimits = LIMITS
+) -> list[HandoffClaim]:
+    """Claim until something is claimed or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        claims = await registry.jobs.claim_handoffs(limits, limit=10)
+        if claims or time.monotonic() >= deadline:
+            return claims
+        await asyncio.sleep(0.02)
+
+
+async def test_a_started_job_is_not_claimed_while_its_hand_off_lease_holds(
+    registry: Registry,
+) -> None:
+    await start(registry)
+    assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
+
+
+async def test_an_unconfirmed_hand_off_is_claimed_after_its_lease_with_the_whole_work_spec(
+    registry: Registry,
+) -> None:
+    new = rag_job(await new_session(registry))
+    await start(registry, new)
+    began = time.monotonic()
+    (claim,) = await claims_within(registry, 3.0)
+    assert time.monotonic() - began >= GRACE_MS / 1000 * 0.8
+    assert claim == HandoffClaim(TENANT, new, attempt=2)
+
+
+async def test_a_claim_holds_a_new_lease_so_nobody_else_claims_it_meanwhile(
+    registry: Registry,
+) -> None:
+    await start(registry)
+    (claim,) = await claims_within(registry, 3.0)
+    assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
+    (again,) = await claims_within(registry, 3.0)
+    assert (claim.attempt, again.attempt) == (2, 3)
+
+
+async def test_concurrent_claimers_get_each_job_once(registry: Registry) -> None:
+    jobs = {(await start(registry)).job.job_id for _ in range(5)}
+    await asyncio.sleep(GRACE_MS / 1000 + 0.05)  # every lease has run out
+    rounds = await asyncio.gather(
+        *(registry.jobs.claim_handoffs(LIMITS, limit=10) for _ in range(4))
+    )
+    claimed = [c.job.job_id for claims in rounds for c in claims]
+    assert sorted(claimed) == sorted(jobs)
+
+
+async def test_a_confirmed_hand_off_is_never_claimed(registry: Registry) -> None:
+    started = await start(registry)
+    await registry.jobs.handoff_done(TENANT, started.job.job_id)
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+
+
+async def test_the_services_first_notice_confirms_the_hand_off(registry: Registry) -> None:
+    started = await start(registry)
+    notice = Notice(
+        NoticeEvent.PROGRESS, Service.QUERY, started.job.job_id, TENANT, 1, "agent-1", {}
+    )
+    await registry.jobs.apply_notice(notice, LIMITS)
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+
+
+async def test_a_finished_job_is_never_claimed(registry: Registry) -> None:
+    started = await start(registry)
+    draft = EventDraft(started.job.job_id, EventKind.CANCELLED, "req-1", {"reason": "test"})
+    await registry.jobs.finish_job(TENANT, started.job.job_id, draft, LIMITS)
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+
+
+async def test_a_renewed_lease_is_not_claimed_until_it_runs_out(registry: Registry) -> None:
+    started = await start(registry)
+    job_id = started.job.job_id
+    began = time.monotonic()
+    for _ in range(4):  # renew at half the grace, for twice the grace
+        await asyncio.sleep(GRACE_MS / 2000)
+        assert await registry.jobs.renew_handoff(TENANT, job_id, LIMITS)
+        assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
+    (claim,) = await claims_within(registry, 3.0)
+    assert claim.job.job_id == job_id
+    assert time.monotonic() - began >= GRACE_MS / 1000 * 2
+
+
+async def test_renewing_a_confirmed_hand_off_changes_nothing(registry: Registry) -> None:
+    started = await start(registry)
+    await registry.jobs.handoff_done(TENANT, started.job.job_id)
+    assert not await registry.jobs.renew_handoff(TENANT, started.job.job_id, LIMITS)
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+
+
+async def test_after_the_last_attempt_the_claim_is_exhausted(registry: Registry) -> None:
+    await start(registry)
+    attempts = [await claims_within(registry, 3.0) for _ in range(3)]
+    assert [(c.attempt, c.exhausted) for (c,) in attempts] == [(2, False), (3, False), (3, True)]
+
+
+async def test_a_job_past_its_deadline_is_exhausted_at_once(registry: Registry) -> None:
+    short = JobLimits(
+        deadline_ms=200,
+        heartbeat_ms=60_000,
+        retention_ms=60_000,
+        handoff_grace_ms=GRACE_MS,
+        handoff_attempts=3,
+    )
+    await start(registry, limits=short)
+    (claim,) = await claims_within(registry, 3.0, short)
+    assert claim.exhausted and claim.attempt == 1
+
+
+async def test_a_queued_job_is_claimed_only_once_its_turn_came(registry: Registry) -> None:
+    session_id = await new_session(registry)
+    queued = rag_job(session_id)
+    await start(registry, queued, hold=True)
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+    outcome = await registry.jobs.activate_job(TENANT, queued.job_id, LIMITS)
+    assert outcome is ActivateOutcome.STARTED
+    assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
+    (claim,) = await claims_within(registry, 3.0)
+    assert claim == HandoffClaim(TENANT, queued, attempt=2)
+
+
+async def test_a_job_queued_behind_a_busy_session_is_not_claimed_while_it_waits(
+    registry: Registry,
+) -> None:
+    session_id = await new_session(registry)
+    first = await start(registry, rag_job(session_id))
+    await registry.jobs.handoff_done(TENANT, first.job.job_id)
+    behind = await start(registry, rag_job(session_id), if_busy=IfBusy.HOLD)
+    assert behind.queued
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
