@@ -11,7 +11,7 @@ accepted event is yielded, so a caller that goes away cannot stop it. The job st
 job's work spec and a hand-off lease with the job (renewed while a slow submit goes on) until
 the hand-off is confirmed; if this process dies first, any process's ``HandoffRecovery`` loop
 (domain.handoff) claims the job when the lease runs out and hands it over again, and fails it
-``handoff_failed`` after ``JobLimits.handoff_attempts`` hand-offs (docs/adr/0001).
+``handoff_failed`` after ``JobLimits.handoff_attempts`` hand-offs (docs/adr/0007).
 
 A session runs its messages in order: a message sent while the session has jobs in flight is
 recorded QUEUED behind them (or refused, if the request asks), and background messages are
