@@ -176,7 +176,13 @@ def notice_from_pb(request: task_update_pb2.PublishUpdatesRequest) -> NoticeInpu
         data = {"text": request.delta}
     elif event is NoticeEvent.COMPLETED:
         usage = usage_from_pb(request.usage)
-        data = {"result": result_to_data(request.result), "usage": usage_to_data(usage)}
+        try:
+            result = result_to_data(request.result)
+        except ValueError:  # NaN or infinity in result.data: not JSON
+            return NoticeInput.malformed_frame(
+                "result: holds a value that is not finite JSON data", request.job_id
+            )
+        data = {"result": result, "usage": usage_to_data(usage)}
     elif event is NoticeEvent.FAILED:
         data = {"error": error_to_data(request.error)}
     else:
