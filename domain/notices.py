@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from domain.embedding_cache import EmbeddingResultCache
+from domain.errors import DataLoss
 from domain.ids import is_resource_id, is_tenant_id
 from domain.jobs import JobLimits, Notice, NoticeEvent, NoticeOutcome, Verdict
 from domain.models import Service, TokenUsage
@@ -296,6 +297,9 @@ class NoticeProcessor:
         result = notice.data.get("result")
         if cache is None or not cache.enabled or not isinstance(result, Mapping):
             return
-        job = await self._jobs.get_job(notice.tenant_id, notice.job_id)
+        try:
+            job = await self._jobs.get_job(notice.tenant_id, notice.job_id)
+        except DataLoss:  # logged by the store; the notice is applied, only the cache misses
+            return
         if job is not None and job.cache_key:
             await cache.fill(notice.tenant_id, job.cache_key, result)
