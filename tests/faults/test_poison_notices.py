@@ -171,7 +171,6 @@ WS_POISON: dict[str, tuple[str, Any]] = {
         "sequence",
         lambda j: json.dumps(_completed_json(j, sequence=INT64_MAX)),
     ),
-    "sequence-not-an-integer": ("sequence", lambda j: json.dumps(_completed_json(j, sequence=1.5))),
     "nested-result": (
         "result",
         lambda j: json.dumps(_completed_json(j, result={"text": "x", "n": _nested(100)})),
