@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from domain.errors import InvalidArgument
@@ -70,8 +71,9 @@ def _wrap_unary_request(behavior: Any, decoder: _Decoder) -> Any:
 
         async def stream(raw: Any, context: Ctx) -> AsyncIterator[Any]:
             request = await decoder.decode(raw, context)
-            async for response in behavior(request, context):
-                yield response
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
 
         return stream
 
@@ -86,8 +88,9 @@ def _wrap_stream_request(behavior: Any, decoder: _Decoder) -> Any:
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(raw_frames: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
-            async for response in behavior(decoder.frames(raw_frames, context), context):
-                yield response
+            async with aclosing(behavior(decoder.frames(raw_frames, context), context)) as out:
+                async for response in out:
+                    yield response
 
         return stream
 
