@@ -77,3 +77,7 @@ class Unavailable(DomainError):
 
 class DeadlineExceeded(DomainError):
     """The work did not finish in the time allowed."""
+
+
+class DataLoss(DomainError):
+    """A stored record cannot be read (corrupted, or written by an incompatible release)."""

@@ -53,6 +53,10 @@ class EventKind(enum.StrEnum):
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
     HISTORY_TRUNCATED = "history_truncated"
+    # A stored event that could not be read (never written): it keeps its sequence so followers
+    # count past it, and clients do not see it (a final one is read as failed instead, see
+    # unreadable_event).
+    UNREADABLE = "unreadable"
 
     @property
     def is_final(self) -> bool:
@@ -81,6 +85,28 @@ class SessionEvent:
     kind: EventKind
     request_id: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+UNREADABLE_EVENT_CODE = "unreadable_event"
+
+
+def unreadable_event(
+    session_id: str, sequence: int, time_ms: int, job_id: str, kind: str, reason: str
+) -> SessionEvent:
+    """What a stored event that cannot be read stands for. A final one (``kind``) still ends
+    its job for everyone following it: it reads as a failure of the job, with code
+    ``unreadable_event``; any other one is UNREADABLE, which clients do not see."""
+    if kind in _FINAL_EVENTS and job_id:
+        error = {
+            "code": UNREADABLE_EVENT_CODE,
+            "message": f"the job's {kind} event (sequence {sequence}) cannot be read: {reason}",
+            "retryable": False,
+        }
+        return SessionEvent(
+            session_id, job_id, sequence, time_ms, EventKind.FAILED, data={"error": error}
+        )
+    data = {"kind": kind, "reason": reason}
+    return SessionEvent(session_id, job_id, sequence, time_ms, EventKind.UNREADABLE, data=data)
 
 
 @dataclass(frozen=True, slots=True)

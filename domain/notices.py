@@ -8,12 +8,15 @@ and counted, and the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from domain.embedding_cache import EmbeddingResultCache
+from domain.errors import DataLoss
 from domain.ids import is_resource_id, is_tenant_id
 from domain.jobs import JobLimits, Notice, NoticeEvent, NoticeOutcome, Verdict
 from domain.models import Service, TokenUsage
@@ -23,11 +26,32 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED_REJECTIONS = 1000
 
+# Bounds of every notice field, whichever transport it came by (PublishUpdates or the
+# WebSocket). A notice beyond one is malformed, and the verdict names the field.
+# Sequences and token counts pass through Lua (numbers are doubles) and Redis integer fields:
+# 2**53 - 1 is the largest integer both keep exactly.
+MAX_SEQUENCE = 2**53 - 1
+MAX_TOKENS = 1_000_000_000
+MAX_AGENT_ID_CHARS = 128
+MAX_MODEL_CHARS = 128
+MAX_DELTA_CHARS = 64 * 1024
+MAX_STATUS_MESSAGE_CHARS = 1024
+MAX_ERROR_CODE_CHARS = 128
+MAX_ERROR_MESSAGE_CHARS = 4096
+# A result as JSON (text, embeddings and structured data together).
+MAX_RESULT_BYTES = 1024 * 1024
+# Nesting of a result, the result object itself being level 1. Its structured data becomes a
+# google.protobuf.Struct inside every ChatEvent that carries it, and protobuf refuses messages
+# nested deeper than 100 levels (each JSON level is two); 24 leaves room for the envelope.
+MAX_RESULT_DEPTH = 24
+
 
 @dataclass(frozen=True, slots=True)
 class NoticeInput:
     """A notice as received, before validation. ``sequence`` None means the sender does not
-    number its notices (the seed's JSON form): each one is then applied in arrival order."""
+    number its notices (the seed's JSON form): each one is then applied in arrival order.
+    ``problem`` is set when the transport could not translate the notice (a frame that does
+    not decode): it fails validation as malformed with that detail."""
 
     event: NoticeEvent | None
     service: Service | None
@@ -37,6 +61,12 @@ class NoticeInput:
     agent_id: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
     usage: TokenUsage = field(default_factory=TokenUsage)
+    problem: str = ""
+
+    @classmethod
+    def malformed_frame(cls, problem: str, job_id: str = "") -> NoticeInput:
+        """A notice that could not be read at all; ``problem`` names the field."""
+        return cls(None, None, job_id, "", None, problem=problem)
 
 
 class MalformedNotice(ValueError):
@@ -44,6 +74,8 @@ class MalformedNotice(ValueError):
 
 
 def validate_notice(raw: NoticeInput) -> Notice:
+    if raw.problem:
+        raise MalformedNotice(raw.problem)
     if raw.event is None:
         raise MalformedNotice("event: is required")
     if raw.service is None:
@@ -56,15 +88,18 @@ def validate_notice(raw: NoticeInput) -> Notice:
         raise MalformedNotice("tenant_id: is required")
     if not is_tenant_id(raw.tenant_id):
         raise MalformedNotice("tenant_id: is not a valid tenant id")
-    if raw.sequence is not None and raw.sequence < 1:
-        raise MalformedNotice("sequence: must be 1 or more")
-    if raw.event is NoticeEvent.PROGRESS:
-        fraction = raw.data.get("fraction", 0.0)
-        if not 0.0 <= fraction <= 1.0:
-            raise MalformedNotice("progress: must be between 0 and 1")
+    if raw.sequence is not None and not 1 <= raw.sequence <= MAX_SEQUENCE:
+        raise MalformedNotice(f"sequence: must be from 1 to {MAX_SEQUENCE}")
+    _check_text("agent_id", raw.agent_id, MAX_AGENT_ID_CHARS)
+    _check_data(raw.event, raw.data)
     usage = raw.usage
-    if min(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) < 0:
-        raise MalformedNotice("usage: token counts must not be negative")
+    for name, count in (
+        ("prompt_tokens", usage.prompt_tokens),
+        ("completion_tokens", usage.completion_tokens),
+        ("total_tokens", usage.total_tokens),
+    ):
+        if not 0 <= count <= MAX_TOKENS:
+            raise MalformedNotice(f"usage.{name}: must be from 0 to {MAX_TOKENS}")
     return Notice(
         event=raw.event,
         service=raw.service,
@@ -75,6 +110,83 @@ def validate_notice(raw: NoticeInput) -> Notice:
         data=raw.data,
         usage=usage,
     )
+
+
+def _check_text(name: str, value: Any, limit: int) -> None:
+    if not isinstance(value, str):
+        raise MalformedNotice(f"{name}: must be text")
+    if len(value) > limit:
+        raise MalformedNotice(f"{name}: longer than {limit} characters")
+
+
+def _check_data(event: NoticeEvent, data: Mapping[str, Any]) -> None:
+    """The event's own fields (the shapes handlers.event_converters and handlers.ws_notices
+    build)."""
+    if event is NoticeEvent.PROGRESS:
+        fraction = data.get("fraction", 0.0)
+        if not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+            raise MalformedNotice("progress: must be between 0 and 1")
+        _check_text("status_message", data.get("message", ""), MAX_STATUS_MESSAGE_CHARS)
+    elif event is NoticeEvent.DELTA:
+        _check_text("delta", data.get("text", ""), MAX_DELTA_CHARS)
+    elif event is NoticeEvent.FAILED:
+        error = data.get("error")
+        if not isinstance(error, Mapping):
+            raise MalformedNotice("error: must be an object")
+        _check_text("error.code", error.get("code", ""), MAX_ERROR_CODE_CHARS)
+        _check_text("error.message", error.get("message", ""), MAX_ERROR_MESSAGE_CHARS)
+    elif event is NoticeEvent.COMPLETED:
+        _check_result(data.get("result", {}))
+
+
+def _check_result(result: Any) -> None:
+    if not isinstance(result, Mapping):
+        raise MalformedNotice("result: must be an object")
+    _check_text("result.model", result.get("model", ""), MAX_MODEL_CHARS)
+    embeddings = result.get("embeddings", [])
+    if not isinstance(embeddings, list) or not all(
+        isinstance(vector, list) and all(_is_finite_number(x) for x in vector)
+        for vector in embeddings
+    ):
+        raise MalformedNotice("result.embeddings: must be lists of finite numbers")
+    check_json_tree("result", result, MAX_RESULT_DEPTH, MalformedNotice)
+    size = len(json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_RESULT_BYTES:
+        raise MalformedNotice(f"result: larger than {MAX_RESULT_BYTES} bytes as JSON")
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= MAX_SEQUENCE
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def check_json_tree(
+    name: str, value: Any, max_depth: int, error: Callable[[str], Exception]
+) -> None:
+    """Raise ``error`` naming ``name`` unless ``value`` is plain JSON data (objects with text
+    keys, arrays, text, booleans, null, finite numbers, integers within +-(2**53 - 1)) nested at
+    most ``max_depth`` levels (``value`` itself being level 1). Iterative, so any depth is
+    safe to check."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(item, Mapping):
+            if not all(isinstance(key, str) for key in item):
+                raise error(f"{name}: object keys must be text")
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        elif item is None or isinstance(item, str | bool) or _is_finite_number(item):
+            continue
+        else:
+            raise error(f"{name}: holds a value that is not finite JSON data")
+        if depth > max_depth:
+            raise error(f"{name}: nested deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +297,9 @@ class NoticeProcessor:
         result = notice.data.get("result")
         if cache is None or not cache.enabled or not isinstance(result, Mapping):
             return
-        job = await self._jobs.get_job(notice.tenant_id, notice.job_id)
+        try:
+            job = await self._jobs.get_job(notice.tenant_id, notice.job_id)
+        except DataLoss:  # logged by the store; the notice is applied, only the cache misses
+            return
         if job is not None and job.cache_key:
             await cache.fill(notice.tenant_id, job.cache_key, result)

@@ -15,7 +15,7 @@ from domain.jobs import IfBusy, SessionEvent
 from handlers.batch_converters import priority_from_pb
 from handlers.call_context import call_context
 from handlers.errors import stream_errors, unary_errors
-from handlers.event_converters import event_to_pb, work_kind_from_pb
+from handlers.event_converters import event_to_pb, sendable_event, work_kind_from_pb
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -43,16 +43,18 @@ class ResponseCache:
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size
-        self._items: OrderedDict[int, tuple[SessionEvent, chat_pb2.StreamSessionResponse]] = (
-            OrderedDict()
-        )
+        self._items: OrderedDict[
+            int, tuple[SessionEvent, chat_pb2.StreamSessionResponse | None]
+        ] = OrderedDict()
 
-    def response(self, event: SessionEvent) -> chat_pb2.StreamSessionResponse:
+    def response(self, event: SessionEvent) -> chat_pb2.StreamSessionResponse | None:
+        """None for an event clients do not see (handlers.event_converters.sendable_event)."""
         key = id(event)
         cached = self._items.get(key)
         if cached is not None and cached[0] is event:
             return cached[1]
-        response = chat_pb2.StreamSessionResponse(event=event_to_pb(event))
+        pb = sendable_event(event)
+        response = None if pb is None else chat_pb2.StreamSessionResponse(event=pb)
         self._items[key] = (event, response)
         if len(self._items) > self._size:
             self._items.popitem(last=False)
@@ -81,7 +83,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             priority=priority_from_pb(request.priority),
         )
         async for event in self._chat.send(call_context(context), message):
-            yield chat_pb2.SendMessageResponse(event=event_to_pb(event))
+            pb = sendable_event(event)
+            if pb is not None:
+                yield chat_pb2.SendMessageResponse(event=pb)
 
     @stream_errors
     async def StreamSession(
@@ -90,7 +94,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         tenant_id = current_caller().tenant_id
         responses = self._responses
         async for event in self._chat.follow(tenant_id, request.session_id, request.after_sequence):
-            yield responses.response(event)
+            response = responses.response(event)
+            if response is not None:
+                yield response
 
     @unary_errors
     async def CancelJob(

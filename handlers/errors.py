@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from domain.errors import (
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     DomainError,
     FailedPrecondition,
@@ -38,6 +39,7 @@ _CODES: dict[type[DomainError], int] = {
     ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
     Unavailable: code_pb2.UNAVAILABLE,
     DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
+    DataLoss: code_pb2.DATA_LOSS,
 }
 
 

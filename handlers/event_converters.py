@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
 from domain.errors import InvalidArgument
-from domain.jobs import EventKind, NoticeEvent, SessionEvent
+from domain.jobs import EventKind, NoticeEvent, SessionEvent, unreadable_event
 from domain.models import Service, TokenUsage, WorkKind
-from domain.notices import NoticeInput
+from domain.notices import MAX_RESULT_DEPTH, NoticeInput, check_json_tree
 from handlers.converters import timestamp_from_ms, usage_from_pb, usage_to_pb
 from orchestrator.v1 import chat_pb2, common_pb2, task_update_pb2
+
+log = logging.getLogger(__name__)
 
 _KIND_FROM_PB = {
     common_pb2.WORK_KIND_UNSPECIFIED: WorkKind.LLM_QUERY,
@@ -62,6 +65,10 @@ def result_to_data(result: common_pb2.JobResult) -> dict[str, Any]:
 
 
 def result_from_data(data: Mapping[str, Any]) -> common_pb2.JobResult:
+    """The stored result as protobuf. Raises ValueError for one protobuf cannot carry (nested
+    beyond domain.notices.MAX_RESULT_DEPTH, non-finite numbers), which an older release may
+    have stored."""
+    check_json_tree("result", data, MAX_RESULT_DEPTH, ValueError)
     result = common_pb2.JobResult(text=str(data.get("text", "")), model=str(data.get("model", "")))
     for values in data.get("embeddings") or ():
         result.embeddings.add(values=[float(v) for v in values])
@@ -163,6 +170,41 @@ def event_to_pb(event: SessionEvent) -> chat_pb2.ChatEvent:
     return pb
 
 
+def sendable_event(event: SessionEvent) -> chat_pb2.ChatEvent | None:
+    """The ChatEvent clients get for ``event``, None for one they do not see. A stored event
+    that cannot be converted never ends a stream: a final one is sent as a failure of its job
+    (code ``unreadable_event``, so its followers still see it end), any other is skipped; a
+    WARNING names it. Unreadable events were logged when read."""
+    if event.kind is EventKind.UNREADABLE:
+        return None
+    try:
+        return event_to_pb(event)
+    except Exception as exc:  # KeyError, ValueError, protobuf's DecodeError, ...: bad data
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+    final = event.kind.is_final and bool(event.job_id)
+    log.warning(
+        "session %s event %d (%s of job %s) cannot be sent (%s); %s",
+        event.session_id,
+        event.sequence,
+        event.kind.value,
+        event.job_id or "-",
+        reason,
+        "sent as a failure of the job" if final else "skipped",
+    )
+    if not final:
+        return None
+    return event_to_pb(
+        unreadable_event(
+            event.session_id,
+            event.sequence,
+            event.time_ms,
+            event.job_id,
+            event.kind.value,
+            "its data cannot be converted",
+        )
+    )
+
+
 # -- notices -----------------------------------------------------------------------------------
 
 
@@ -176,7 +218,13 @@ def notice_from_pb(request: task_update_pb2.PublishUpdatesRequest) -> NoticeInpu
         data = {"text": request.delta}
     elif event is NoticeEvent.COMPLETED:
         usage = usage_from_pb(request.usage)
-        data = {"result": result_to_data(request.result), "usage": usage_to_data(usage)}
+        try:
+            result = result_to_data(request.result)
+        except ValueError:  # NaN or infinity in result.data: not JSON
+            return NoticeInput.malformed_frame(
+                "result: holds a value that is not finite JSON data", request.job_id
+            )
+        data = {"result": result, "usage": usage_to_data(usage)}
     elif event is NoticeEvent.FAILED:
         data = {"error": error_to_data(request.error)}
     else:

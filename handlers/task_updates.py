@@ -9,9 +9,10 @@ from typing import Any
 import grpc
 
 from domain.jobs import Verdict
-from domain.notices import NoticeProcessor, VerdictTally
+from domain.notices import NoticeInput, NoticeProcessor, VerdictTally
 from handlers.errors import unary_errors
 from handlers.event_converters import notice_from_pb
+from handlers.framing import raw_request_frames
 from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -52,28 +53,41 @@ class TaskUpdateServicer(task_update_pb2_grpc.TaskUpdateServiceServicer):
     def __init__(self, notices: NoticeProcessor) -> None:
         self._notices = notices
 
+    @raw_request_frames
     @unary_errors
-    async def PublishUpdates(
-        self,
-        request_iterator: AsyncIterator[task_update_pb2.PublishUpdatesRequest],
-        context: Ctx,
+    async def PublishUpdates(  # type: ignore[override]  # frames as bytes (handlers.framing)
+        self, request_iterator: AsyncIterator[bytes], context: Ctx
     ) -> task_update_pb2.PublishUpdatesResponse:
+        """The request frames arrive as bytes (server.decoding): each is parsed here, so a
+        frame that is not a valid notice counts as malformed and the stream goes on."""
         tally = VerdictTally()
         async for batch in _batches(request_iterator):
-            outcomes = await self._notices.process_many([notice_from_pb(r) for r in batch])
-            for request, outcome in zip(batch, outcomes, strict=True):
-                tally.add(request.job_id, outcome)
+            raws = [notice_from_frame(frame) for frame in batch]
+            outcomes = await self._notices.process_many(raws)
+            for raw, outcome in zip(raws, outcomes, strict=True):
+                tally.add(raw.job_id, outcome)
         return tally_to_pb(tally)
 
 
+def notice_from_frame(frame: bytes) -> NoticeInput:
+    """One request frame as a notice; a frame that does not parse as a PublishUpdatesRequest
+    is a notice that fails validation as malformed."""
+    try:
+        request = task_update_pb2.PublishUpdatesRequest.FromString(frame)
+    except Exception:  # DecodeError: truncated, invalid UTF-8, too deep, ...
+        return NoticeInput.malformed_frame(f"notice: not a valid {_REQUEST_NAME}")
+    return notice_from_pb(request)
+
+
+_REQUEST_NAME = task_update_pb2.PublishUpdatesRequest.DESCRIPTOR.full_name
+
+
 async def _batches(
-    requests: AsyncIterator[task_update_pb2.PublishUpdatesRequest], max_batch: int = 128
-) -> AsyncIterator[list[task_update_pb2.PublishUpdatesRequest]]:
+    requests: AsyncIterator[bytes], max_batch: int = 128
+) -> AsyncIterator[list[bytes]]:
     """Group the notices that have already arrived, so notices about different jobs are
     applied concurrently; a batch never waits for more notices than are there."""
-    queue: asyncio.Queue[task_update_pb2.PublishUpdatesRequest | None] = asyncio.Queue(
-        maxsize=max_batch * 4
-    )
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=max_batch * 4)
 
     async def pump() -> None:
         try:

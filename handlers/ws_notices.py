@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from domain.jobs import NoticeEvent, NoticeOutcome
-from domain.models import Service
+from domain.models import Service, TokenUsage
 from domain.notices import NoticeInput
-from handlers.event_converters import usage_from_data, usage_to_data
+from handlers.event_converters import usage_to_data
 
 _EVENTS = {
     "job_completed": NoticeEvent.COMPLETED,
@@ -34,18 +34,49 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _result_data(result: Mapping[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = {
         "text": _text(result.get("text") or result.get("answer") or result.get("output")),
         "model": _text(result.get("model")),
     }
     embeddings = result.get("embeddings")
-    if isinstance(embeddings, list) and all(isinstance(v, list) for v in embeddings):
-        data["embeddings"] = [[float(x) for x in v] for v in embeddings]
+    if embeddings is not None:
+        if not isinstance(embeddings, list) or not all(
+            isinstance(v, list) and all(_number(x) for x in v) for v in embeddings
+        ):
+            raise NoticeShapeError("result.embeddings: must be lists of numbers")
+        try:
+            data["embeddings"] = [[float(x) for x in v] for v in embeddings]
+        except OverflowError:
+            raise NoticeShapeError("result.embeddings: must be lists of finite numbers") from None
     extra = {k: v for k, v in result.items() if k not in _RESULT_FIELDS}
     if extra:
         data["data"] = extra
     return data
+
+
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _usage(value: Any) -> TokenUsage:
+    """Token counts as sent: whole numbers (their range is checked with the notice)."""
+    if value is None:
+        return TokenUsage()
+    if not isinstance(value, Mapping):
+        raise NoticeShapeError("usage: must be an object")
+    counts: list[int] = []
+    for name in _USAGE_FIELDS:
+        count = value.get(name, 0)
+        if isinstance(count, float) and count.is_integer():
+            count = int(count)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise NoticeShapeError(f"usage.{name}: must be a whole number")
+        counts.append(count)
+    return TokenUsage(*counts)
 
 
 def notice_from_json(message: Any) -> NoticeInput:
@@ -61,7 +92,7 @@ def notice_from_json(message: Any) -> NoticeInput:
         raise NoticeShapeError("sequence: must be an integer")
     result = message.get("result")
     result = result if isinstance(result, Mapping) else {}
-    usage = usage_from_data(message.get("usage") or result.get("usage"))
+    usage = _usage(message.get("usage") or result.get("usage"))
     data: dict[str, Any]
     if event is NoticeEvent.COMPLETED:
         data = {"result": _result_data(result), "usage": usage_to_data(usage)}
@@ -81,7 +112,11 @@ def notice_from_json(message: Any) -> NoticeInput:
         progress = message.get("progress", 0.0)
         if not isinstance(progress, int | float) or isinstance(progress, bool):
             raise NoticeShapeError("progress: must be a number")
-        data = {"fraction": float(progress), "message": _text(message.get("message"))}
+        try:
+            fraction = float(progress)
+        except OverflowError:
+            raise NoticeShapeError("progress: must be between 0 and 1") from None
+        data = {"fraction": fraction, "message": _text(message.get("message"))}
     elif event is NoticeEvent.DELTA:
         data = {"text": _text(message.get("delta") or result.get("text"))}
     else:
@@ -96,6 +131,24 @@ def notice_from_json(message: Any) -> NoticeInput:
         data=data,
         usage=usage,
     )
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether decoded JSON nests objects and arrays more than ``limit`` levels (``value``
+    itself being level 1). Iterative, so any depth is safe to check."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def verdict_to_json(index: int, job_id: str, outcome: NoticeOutcome) -> dict[str, Any]:

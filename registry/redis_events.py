@@ -200,7 +200,11 @@ class RedisEventLog:
             key = self._keys.parse_session_channel(channel)
             if key is None or not self.fanout.has(key):
                 return
-            event = decode_message(key[1], as_str(message["data"]))
+            try:
+                event = decode_message(key[1], as_str(message["data"]))
+            except ValueError:  # no sequence: followers find the gap at the next event
+                log.warning("session %s: unreadable event message ignored", key[1])
+                return
             if event is None:
                 self.fanout.close_session(key)
             else:

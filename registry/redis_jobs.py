@@ -22,6 +22,7 @@ tenants found with nothing unfinished, so the set follows the active tenants.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from domain.errors import DataLoss
 from domain.jobs import (
     UNFINISHED_STATES,
     ActivateOutcome,
@@ -53,6 +55,8 @@ from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
 from registry.redis_client import as_str, redis_errors_as_unavailable
+
+log = logging.getLogger(__name__)
 
 # How much earlier than its first possible deadline (by this process's clock) a new job is
 # scored in the deadline set: covers clock skew between this process and Redis.
@@ -371,24 +375,13 @@ class RedisJobStore:
         if not fields:
             return None
         f = {as_str(k): as_str(v) for k, v in fields.items()}
-        return Job(
-            job_id=job_id,
-            tenant_id=tenant_id,
-            session_id=f["session"],
-            service=Service(f["service"]),
-            kind=WorkKind(f["kind"]),
-            state=JobState(f["state"]),
-            request_id=json.loads(f["request"]),
-            created_at_ms=int(f["created"]),
-            updated_at_ms=int(f["updated"]),
-            deadline_ms=int(f["deadline"]),
-            heartbeat_deadline_ms=int(f["hb"]),
-            last_notice_sequence=int(f["nseq"]),
-            usage=TokenUsage(int(f["ptok"]), int(f["ctok"]), int(f["ttok"])),
-            agent_id=f.get("agent", ""),
-            model=f.get("model", ""),
-            cache_key=f.get("ckey", ""),
-        )
+        try:
+            return _job_from_fields(tenant_id, job_id, f)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning(
+                "job %s of tenant %s: stored record cannot be read (%r)", job_id, tenant_id, exc
+            )
+            raise DataLoss(f"the stored record of task {job_id} cannot be read") from None
 
     async def count_unfinished(self) -> dict[JobState, int]:
         """SMEMBERS with TIME, then the ZCOUNTs of each tenant that started a job, in one pipeline:
@@ -460,3 +453,28 @@ class RedisJobStore:
                 if status == "done":
                     events.append(self._event(session_id, reply))
         return events
+
+
+def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
+    """A job hash as a Job; raises KeyError, ValueError or TypeError when it does not parse."""
+    request_id = json.loads(f["request"])
+    if not isinstance(request_id, str):
+        raise TypeError("request id is not text")
+    return Job(
+        job_id=job_id,
+        tenant_id=tenant_id,
+        session_id=f["session"],
+        service=Service(f["service"]),
+        kind=WorkKind(f["kind"]),
+        state=JobState(f["state"]),
+        request_id=request_id,
+        created_at_ms=int(f["created"]),
+        updated_at_ms=int(f["updated"]),
+        deadline_ms=int(f["deadline"]),
+        heartbeat_deadline_ms=int(f["hb"]),
+        last_notice_sequence=int(f["nseq"]),
+        usage=TokenUsage(int(f["ptok"]), int(f["ctok"]), int(f["ttok"])),
+        agent_id=f.get("agent", ""),
+        model=f.get("model", ""),
+        cache_key=f.get("ckey", ""),
+    )

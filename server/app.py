@@ -286,8 +286,9 @@ class OrchestratorServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         edge = self.edge()
-        # Services are added through the registrar, which wraps their handlers in the edge.
-        target: Any = server if edge is None else EdgeRegistrar(server, edge)
+        # Services are added through the registrar, which makes every method decode its own
+        # requests (server.decoding) and wraps it in the edge.
+        target: Any = EdgeRegistrar(server, edge)
         session_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.sessions), target
         )

@@ -17,6 +17,10 @@ enabled, is the outermost). Per call, the wrapper:
 4. charges the tenant's (and key's) request rate and takes a stream slot for server streams
    (server.edge_limits).
 
+Only then is the request parsed (server.decoding, applied by the registrar inside the edge):
+bytes that are not a valid message are INVALID_ARGUMENT, counted like any outcome, and a caller
+without a key never gets its bytes parsed.
+
 The key's record is read from the store on every call, so a revoked key is refused on its next
 call by every replica; only the parse and hash of a presented key that verified are remembered
 (domain.api_keys). What depends only on the method (its role, its metrics
@@ -54,6 +58,7 @@ from domain.request_context import (
 from handlers.errors import abort_internal, abort_with
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
+from server.decoding import decode_in_handler
 from server.edge_limits import EdgeLimits
 from server.metrics import Metrics
 from server.wrapping import Ctx, HandlerCache, StreamBehavior, UnaryBehavior, wrap_handler
@@ -115,18 +120,10 @@ class Edge:
         self._authenticator = authenticator
         self._limits = limits
         self._trailing_request_ids = trailing_request_ids
-        self._cache = HandlerCache()
 
     def wrap(self, method: str, handler: Any) -> Any:
-        """``handler`` (a grpc.RpcMethodHandler of ``method``) run behind the edge; None stays
-        None (an unknown method: UNIMPLEMENTED)."""
-        if handler is None:
-            return None
-        return self._cache.get(
-            method, handler, lambda: self._wrap(handler, _Plan(method, self._metrics))
-        )
-
-    def _wrap(self, handler: Any, plan: _Plan) -> Any:
+        """``handler`` (a grpc.RpcMethodHandler of ``method``) run behind the edge."""
+        plan = _Plan(method, self._metrics)
         return wrap_handler(
             handler,
             lambda b: self._unary(b, plan, stream=False),
@@ -232,32 +229,46 @@ class Edge:
         return run
 
 
-class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """A generic handler whose method handlers run behind the edge."""
+class _RegisteringGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose method handlers are prepared by the registrar."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], edge: Edge) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], registrar: EdgeRegistrar) -> None:
         self._inner = inner
-        self._edge = edge
+        self._registrar = registrar
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = self._inner.service(handler_call_details)
-        return self._edge.wrap(handler_call_details.method, handler)
+        return self._registrar.prepare(handler_call_details.method, handler)
 
 
 class EdgeRegistrar:
     """Stands in for a grpc.aio.Server when services are added (the generated
     ``add_*Servicer_to_server`` functions, health, reflection): every method handler they
-    register is wrapped by the edge. Pass it where those functions expect the server."""
+    register decodes its requests itself (server.decoding: undecodable bytes are
+    INVALID_ARGUMENT) and runs behind the edge (none: ``edge`` None, for benchmarks). Pass it
+    where those functions expect the server."""
 
-    def __init__(self, server: grpc.aio.Server, edge: Edge) -> None:
+    def __init__(self, server: grpc.aio.Server, edge: Edge | None) -> None:
         self._server = server
         self._edge = edge
+        self._cache = HandlerCache()
+
+    def prepare(self, method: str, handler: Any) -> Any:
+        """The handler grpc is given for ``handler`` of ``method``; None stays None (an unknown
+        method: UNIMPLEMENTED). Built once per method."""
+        if handler is None:
+            return None
+        return self._cache.get(method, handler, lambda: self._prepare(method, handler))
+
+    def _prepare(self, method: str, handler: Any) -> Any:
+        decoded = decode_in_handler(handler)
+        return decoded if self._edge is None else self._edge.wrap(method, decoded)
 
     def add_generic_rpc_handlers(
         self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
     ) -> None:
         self._server.add_generic_rpc_handlers(
-            tuple(_EdgeGenericHandler(handler, self._edge) for handler in handlers)
+            tuple(_RegisteringGenericHandler(handler, self) for handler in handlers)
         )
 
     def add_registered_method_handlers(
@@ -266,7 +277,7 @@ class EdgeRegistrar:
         self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
             service_name,
             {
-                name: self._edge.wrap(f"/{service_name}/{name}", handler)
+                name: self.prepare(f"/{service_name}/{name}", handler)
                 for name, handler in method_handlers.items()
             },
         )

@@ -1,6 +1,7 @@
 """The WebSocket bridge: ``/ws/task_updates`` takes the seed's JSON task notices and feeds them
 to the same notice processor as TaskUpdateService/PublishUpdates, answering each message with a
-JSON verdict. Malformed JSON is answered with an error message; the socket stays open."""
+JSON verdict. Malformed JSON, or JSON nested deeper than MAX_JSON_DEPTH, is answered with an
+error message; the socket stays open."""
 
 from __future__ import annotations
 
@@ -14,11 +15,19 @@ from aiohttp import WSMsgType, web
 from domain.errors import DomainError, PermissionDenied, Unavailable
 from domain.identity import Caller
 from domain.notices import NoticeProcessor
-from handlers.ws_notices import NoticeShapeError, notice_from_json, verdict_to_json
+from handlers.ws_notices import (
+    NoticeShapeError,
+    nested_deeper_than,
+    notice_from_json,
+    verdict_to_json,
+)
 
 log = logging.getLogger(__name__)
 
 PATH = "/ws/task_updates"
+# Deeper JSON is answered as malformed_json before it is looked at (a notice's result is
+# bounded more tightly: domain.notices.MAX_RESULT_DEPTH).
+MAX_JSON_DEPTH = 128
 
 # Identifies the caller of an upgrade request from its headers and checks it has the service
 # role; raises DomainError (PermissionDenied for the wrong role) to refuse.
@@ -81,14 +90,23 @@ class WebSocketBridge:
         return socket
 
     async def _answer(self, index: int, text: str) -> dict[str, Any]:
+        too_deep = {
+            "index": index,
+            "error": "malformed_json",
+            "detail": f"nested deeper than {MAX_JSON_DEPTH} levels",
+        }
         try:
             payload = json.loads(text)
+        except RecursionError:  # far deeper than the limit: the parser gave up
+            return too_deep
         except ValueError as exc:
             return {"index": index, "error": "malformed_json", "detail": str(exc)}
+        if nested_deeper_than(payload, MAX_JSON_DEPTH):
+            return too_deep
         job_id = payload.get("job_id", "") if isinstance(payload, dict) else ""
         try:
             raw = notice_from_json(payload)
-        except (NoticeShapeError, TypeError, ValueError) as exc:
+        except (NoticeShapeError, TypeError, ValueError, ArithmeticError) as exc:
             return {
                 "index": index,
                 "job_id": job_id if isinstance(job_id, str) else "",
