@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionServicer
 
@@ -57,7 +57,7 @@ from server.batch_stack import (
 from server.config import Settings
 from server.edge import Edge, EdgeRegistrar
 from server.edge_limits import EdgeLimits
-from server.health import HealthMonitor
+from server.health import HealthMonitor, HealthServicer
 from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
@@ -211,7 +211,7 @@ class OrchestratorServer:
             websocket_identity(self.authenticator),
             max_message_bytes=settings.max_message_bytes,
         )
-        self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health_servicer = HealthServicer()
         self.health = HealthMonitor(
             self.health_servicer,
             SERVICE_NAMES,
