@@ -45,6 +45,7 @@ from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, authorize
+from server.auth_failures import AuthFailures
 from server.batch_stack import (
     BATCH_QUEUE,
     CHAT_QUEUE,
@@ -61,6 +62,7 @@ from server.health import HealthMonitor, HealthServicer
 from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
+from server.revocation import OpenStreams, RevocationWatch
 from server.signals import wait_for_stop_signal
 from server.tracing import tracing_interceptor
 from server.ws_bridge import WebSocketBridge
@@ -206,6 +208,10 @@ class OrchestratorServer:
         self.api_keys = ApiKeyManager(self.registry.api_keys)
         # Authenticates bearer API keys; the WebSocket bridge reuses it.
         self.authenticator = Authenticator(self.api_keys)
+        # Open streams by key id; the watch ends those of revoked keys (server.revocation).
+        self.revocation = RevocationWatch(
+            OpenStreams(), self.api_keys, interval_s=settings.revocation_check_interval
+        )
         self.ws_bridge = WebSocketBridge(
             self.notices,
             websocket_identity(self.authenticator),
@@ -271,6 +277,8 @@ class OrchestratorServer:
             self.authenticator,
             limits,
             trailing_request_ids=settings.unary_request_id == "trailing",
+            open_streams=self.revocation.streams,
+            auth_failures=AuthFailures(settings.auth_failure_limit, settings.auth_failure_window),
         )
 
     def _build(self) -> grpc.aio.Server:
@@ -342,6 +350,7 @@ class OrchestratorServer:
         await self._server.start()
         self.health.start()
         self.reaper.start()
+        self.revocation.start()
         self.batch.expirer.start()
         if self.settings.batch_worker_enabled:
             self.batch.start_worker()
@@ -367,6 +376,7 @@ class OrchestratorServer:
         # Batch items in flight get the grace period before their streams are ended below.
         await self.batch.aclose()
         await self.reaper.stop()
+        await self.revocation.stop()
         await self.ws_bridge.stop()
         # Client streams end once they have sent what they have; unary calls get the grace.
         self.registry.events.fanout.close_all()
