@@ -20,6 +20,7 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from domain.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
@@ -193,6 +194,14 @@ class ApiKeyManager:
         if revoked is None:
             raise NotFound(f"API key {key_id} not found")
         return revoked
+
+    async def revoked_among(self, key_ids: Collection[str]) -> set[str]:
+        """Which of these key ids are revoked now, in one read of the store. A key missing
+        from the store is not counted: only a revocation ends what a key has open (a store
+        that lost its data is a matter for the health probe, not a reason to cut streams)."""
+        ids = sorted(key_ids)
+        records = await self._store.get_keys(ids)
+        return {record.key_id for record in records if record is not None and record.revoked}
 
     async def verify(self, api_key: str) -> ApiKey:
         """The live record of a presented key; Unauthenticated when unknown, wrong or revoked.

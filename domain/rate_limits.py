@@ -148,3 +148,39 @@ class StreamSlots:
 
     def open_streams(self, tenant_id: str) -> int:
         return self._open.get(tenant_id, 0)
+
+
+class FailureThrottle:
+    """Per-peer limit on failed attempts (failed authentications): a peer may fail ``rate.burst``
+    times at once, then once per ``rate.interval_us``; past that ``retry_after_s`` says how long
+    it must wait. GCRA as above, kept in process memory for at most ``max_peers`` peers (the
+    least recently failing are forgotten first, and a peer whose failures are all forgiven
+    holds no entry once touched), so a flood of addresses cannot grow it without bound."""
+
+    def __init__(self, rate: Rate, *, max_peers: int = 10_000) -> None:
+        self.rate = rate
+        self.max_peers = max_peers
+        self._tats: dict[str, float] = {}  # insertion order = least recently failing first
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def retry_after_s(self, peer: str, now_s: float) -> float:
+        """0 when ``peer`` may try now, else the seconds until it may."""
+        tat = self._tats.get(peer)
+        if tat is None:
+            return 0.0
+        now_us = now_s * 1_000_000
+        if tat <= now_us:
+            del self._tats[peer]
+            return 0.0
+        return gcra(tat, now_us, self.rate)[1] / 1_000_000
+
+    def record_failure(self, peer: str, now_s: float) -> None:
+        now_us = now_s * 1_000_000
+        new_tat, wait_us = gcra(self._tats.pop(peer, None), now_us, self.rate)
+        if wait_us > 0:  # already throttled: keep the bucket as it is
+            new_tat -= self.rate.interval_us
+        self._tats[peer] = new_tat
+        while len(self._tats) > self.max_peers:
+            del self._tats[next(iter(self._tats))]

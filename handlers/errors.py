@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -26,6 +27,7 @@ from domain.errors import (
     Unavailable,
 )
 from domain.request_context import REQUEST_ID_HEADER, current_request_id
+from handlers.request_limits import check_request
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,8 @@ def unary_errors(
     @functools.wraps(method)
     async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
         try:
+            if isinstance(request, Message):  # client streams are bounded per message
+                check_request(request)
             return await method(self, request, context)
         except DomainError as error:
             await abort_with(context, error)
@@ -140,6 +144,8 @@ def stream_errors(
     @functools.wraps(method)
     async def wrapper(self: Self, request: Req, context: Ctx) -> AsyncIterator[Resp]:
         try:
+            if isinstance(request, Message):
+                check_request(request)
             async for response in method(self, request, context):
                 yield response
         except DomainError as error:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from domain.api_keys import ApiKey
@@ -29,6 +29,9 @@ class MemoryApiKeyStore:
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         return self._keys.get(key_id)
+
+    async def get_keys(self, key_ids: Sequence[str]) -> list[ApiKey | None]:
+        return [self._keys.get(key_id) for key_id in key_ids]
 
     async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
         ids = self._index.get(tenant_id, [])

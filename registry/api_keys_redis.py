@@ -10,6 +10,8 @@ replica at its next lookup.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from redis.asyncio import Redis
 
 from domain.api_keys import ApiKey
@@ -84,6 +86,19 @@ class RedisApiKeyStore:
         with redis_errors_as_unavailable():
             fields = await self._redis.hgetall(self._keys.api_key(key_id))
         return key_from_hash(key_id, pairs_to_dict(fields)) if fields else None
+
+    async def get_keys(self, key_ids: Sequence[str]) -> list[ApiKey | None]:
+        if not key_ids:
+            return []
+        with redis_errors_as_unavailable():
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.hgetall(self._keys.api_key(key_id))
+            replies = await pipe.execute()
+        return [
+            key_from_hash(key_id, pairs_to_dict(fields)) if fields else None
+            for key_id, fields in zip(key_ids, replies, strict=True)
+        ]
 
     async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
         index = self._keys.api_key_index(tenant_id)

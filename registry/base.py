@@ -178,6 +178,10 @@ class ApiKeyStore(Protocol):
         """The key with this id (revoked or not), or None."""
         ...
 
+    async def get_keys(self, key_ids: Sequence[str]) -> list[ApiKey | None]:
+        """The keys with these ids, in the same order (None where missing), in one read."""
+        ...
+
     async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
         """Up to ``limit`` of the tenant's keys in ascending key id order, strictly after the
         key id ``after``. ``next_cursor`` is the id to pass as ``after`` for the next page."""

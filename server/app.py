@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionServicer
 
@@ -46,6 +46,7 @@ from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, authorize
+from server.auth_failures import AuthFailures
 from server.batch_stack import (
     BATCH_QUEUE,
     CHAT_QUEUE,
@@ -58,10 +59,11 @@ from server.batch_stack import (
 from server.config import Settings
 from server.edge import Edge, EdgeRegistrar
 from server.edge_limits import EdgeLimits
-from server.health import HealthMonitor
+from server.health import HealthMonitor, HealthServicer
 from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
+from server.revocation import OpenStreams, RevocationWatch
 from server.signals import wait_for_stop_signal
 from server.tracing import tracing_interceptor
 from server.ws_bridge import WebSocketBridge
@@ -209,12 +211,16 @@ class OrchestratorServer:
         self.api_keys = ApiKeyManager(self.registry.api_keys)
         # Authenticates bearer API keys; the WebSocket bridge reuses it.
         self.authenticator = Authenticator(self.api_keys)
+        # Open streams by key id; the watch ends those of revoked keys (server.revocation).
+        self.revocation = RevocationWatch(
+            OpenStreams(), self.api_keys, interval_s=settings.revocation_check_interval
+        )
         self.ws_bridge = WebSocketBridge(
             self.notices,
             websocket_identity(self.authenticator),
             max_message_bytes=settings.max_message_bytes,
         )
-        self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health_servicer = HealthServicer()
         self.health = HealthMonitor(
             self.health_servicer,
             SERVICE_NAMES,
@@ -276,6 +282,8 @@ class OrchestratorServer:
             self.authenticator,
             limits,
             trailing_request_ids=settings.unary_request_id == "trailing",
+            open_streams=self.revocation.streams,
+            auth_failures=AuthFailures(settings.auth_failure_limit, settings.auth_failure_window),
         )
 
     def _build(self) -> grpc.aio.Server:
@@ -349,6 +357,7 @@ class OrchestratorServer:
         self.health.start()
         self.reaper.start()
         self.handoffs.start()
+        self.revocation.start()
         self.batch.expirer.start()
         if self.settings.batch_worker_enabled:
             self.batch.start_worker()
@@ -375,6 +384,7 @@ class OrchestratorServer:
         # Batch items in flight get the grace period before their streams are ended below.
         await self.batch.aclose()
         await self.reaper.stop()
+        await self.revocation.stop()
         await self.ws_bridge.stop()
         # Client streams end once they have sent what they have; unary calls get the grace.
         self.registry.events.fanout.close_all()

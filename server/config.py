@@ -217,6 +217,23 @@ class Settings:
         1000,
         "open server-streaming calls per tenant and process; beyond it RESOURCE_EXHAUSTED",
     )
+    revocation_check_interval: float = _env(
+        "ORCH_REVOCATION_CHECK_INTERVAL",
+        1.0,
+        "how often each process checks whether the API keys of its open streams were revoked "
+        "(one read for all of them) and ends those streams; 0: never",
+    )
+    auth_failure_limit: int = _env(
+        "ORCH_AUTH_FAILURE_LIMIT",
+        20,
+        "failed authentications one client address may make per ORCH_AUTH_FAILURE_WINDOW; "
+        "beyond it its calls get RESOURCE_EXHAUSTED without a key check; 0: no limit",
+    )
+    auth_failure_window: float = _env(
+        "ORCH_AUTH_FAILURE_WINDOW",
+        60.0,
+        "the window of ORCH_AUTH_FAILURE_LIMIT (failures are forgiven at limit/window per second)",
+    )
     token_budget_daily: int = _env(
         "ORCH_TOKEN_BUDGET_DAILY",
         0,
@@ -412,6 +429,10 @@ class Settings:
             problems.append(f"token budgets: {exc}")
         if self.embedding_cache_ttl < 0:
             problems.append("embedding_cache_ttl must not be negative")
+        if self.revocation_check_interval < 0 or self.auth_failure_limit < 0:
+            problems.append("revocation_check_interval and auth_failure_limit must not be negative")
+        if self.auth_failure_window <= 0:
+            problems.append("auth_failure_window must be positive")
         if self.max_streams_per_tenant < 1:
             problems.append("max_streams_per_tenant must be >= 1")
         if problems:

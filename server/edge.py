@@ -45,7 +45,7 @@ from typing import Any
 
 import grpc
 
-from domain.errors import DomainError
+from domain.errors import DomainError, Unauthenticated
 from domain.identity import Caller, Role, bind_caller
 from domain.request_context import (
     REQUEST_ID_HEADER,
@@ -58,9 +58,11 @@ from domain.request_context import (
 from handlers.errors import abort_internal, abort_with
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
+from server.auth_failures import AuthFailures
 from server.decoding import decode_in_handler
 from server.edge_limits import EdgeLimits
 from server.metrics import Metrics
+from server.revocation import OpenStream, OpenStreams, revoked_error
 from server.wrapping import Ctx, HandlerCache, StreamBehavior, UnaryBehavior, wrap_handler
 
 _OK = grpc.StatusCode.OK
@@ -115,8 +117,14 @@ class Edge:
         limits: EdgeLimits,
         *,
         trailing_request_ids: bool = False,
+        open_streams: OpenStreams | None = None,
+        auth_failures: AuthFailures | None = None,
     ) -> None:
         self._metrics = metrics
+        # Streaming calls by key id, so a revoked key's streams can be ended (server.revocation).
+        self._open_streams = open_streams or OpenStreams()
+        # Failed authentications: logged (sampled) and throttled per client address.
+        self._auth_failures = auth_failures or AuthFailures(0, 1.0)
         self._authenticator = authenticator
         self._limits = limits
         self._trailing_request_ids = trailing_request_ids
@@ -124,9 +132,10 @@ class Edge:
     def wrap(self, method: str, handler: Any) -> Any:
         """``handler`` (a grpc.RpcMethodHandler of ``method``) run behind the edge."""
         plan = _Plan(method, self._metrics)
+        client_stream = handler.stream_unary is not None
         return wrap_handler(
             handler,
-            lambda b: self._unary(b, plan, stream=False),
+            lambda b: self._unary(b, plan, stream=False, client_stream=client_stream),
             lambda b: self._streaming(b, plan),
             lambda b: self._unary(b, plan, stream=True),
         )
@@ -144,10 +153,19 @@ class Edge:
         needed = plan.needed
         if needed is None:
             return None
+        failures = self._auth_failures
+        if failures.tracking:  # some address failed lately: is this one throttled?
+            refusal = failures.refusal(context.peer())
+            if refusal is not None:
+                await abort_with(context, refusal)
         try:
             caller = await self._authenticator.authenticate_header(
                 authorization, needed, request_id=request_id, traceparent=traceparent
             )
+        except Unauthenticated as error:
+            failures.failed(context.peer(), authorization, plan.method, error.message)
+            await abort_with(context, error)
+            raise AssertionError("unreachable: abort raises") from None
         except DomainError as error:
             await abort_with(context, error)
             raise AssertionError("unreachable: abort raises") from None
@@ -158,36 +176,49 @@ class Edge:
         await self._limits.check_rate(caller, context)
         return caller
 
-    def _unary(self, behavior: UnaryBehavior, plan: _Plan, *, stream: bool) -> UnaryBehavior:
-        """Unary-response calls, and (``stream``) server streams written with context.write."""
+    def _unary(
+        self, behavior: UnaryBehavior, plan: _Plan, *, stream: bool, client_stream: bool = False
+    ) -> UnaryBehavior:
+        """Unary-response calls, and (``stream``) server streams written with context.write.
+        Streams of either direction are registered by key id while open (server.revocation)."""
         metrics = self._metrics
         method = plan.method
         recorder = plan.recorder
         limits = self._limits
         begin = self._begin
         trailing_id = self._trailing_request_ids and not stream
+        open_streams = self._open_streams
+        tracked = stream or client_stream
 
         async def run(request: Any, context: Ctx) -> Any:
             metrics_module.bind(metrics)
             start = perf_counter()
             code = _UNKNOWN
             slot: str | None = None
+            entry: OpenStream | None = None
             if stream:
                 metrics.stream_opened(method)
             try:
                 caller = await begin(context, plan, trailing_id=trailing_id)
                 if stream and caller is not None:
                     slot = await limits.take_stream_slot(caller, context)
+                if tracked and caller is not None:
+                    entry = open_streams.open(caller.key_id)
+                    entry.inside = True
                 response = await behavior(request, context)
                 code = _final_code(context, _OK)
                 return response
             except asyncio.CancelledError:
                 code = _CANCELLED
+                if entry is not None and entry.revoked:
+                    await _end_revoked(context)
                 raise
             except BaseException:
                 code = _final_code(context, _UNKNOWN)
                 raise
             finally:
+                if entry is not None:
+                    open_streams.close(entry)
                 if slot is not None:
                     limits.release(slot)
                 if stream:
@@ -201,32 +232,63 @@ class Edge:
         method = plan.method
         recorder = plan.recorder
         limits = self._limits
+        open_streams = self._open_streams
 
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
             metrics_module.bind(metrics)
             start = perf_counter()
             code = _UNKNOWN
             slot: str | None = None
+            entry = _UNTRACKED
             metrics.stream_opened(method)
             try:
                 caller = await self._begin(context, plan, trailing_id=False)
                 if caller is not None:
                     slot = await limits.take_stream_slot(caller, context)
+                    entry = open_streams.open(caller.key_id)
+                entry.inside = True
                 async for response in behavior(request, context):
+                    entry.inside = False
                     yield response
+                    if entry.revoked:
+                        await abort_with(context, revoked_error())
+                    entry.inside = True
                 code = _final_code(context, _OK)
-            except (asyncio.CancelledError, GeneratorExit):
+            except asyncio.CancelledError:
+                code = _CANCELLED
+                if entry.revoked:
+                    await _end_revoked(context)
+                raise
+            except GeneratorExit:
                 code = _CANCELLED
                 raise
             except BaseException:
                 code = _final_code(context, _UNKNOWN)
                 raise
             finally:
+                if entry is not _UNTRACKED:
+                    open_streams.close(entry)
                 limits.release(slot)
                 metrics.stream_closed(method)
                 recorder.observe(code, perf_counter() - start)
 
         return run
+
+
+# Stands in for the registry entry of a stream that is not tracked (public methods).
+_UNTRACKED = OpenStream("", None)
+
+
+async def _end_revoked(context: Ctx) -> None:
+    """The call's task was cancelled because its key was revoked (server.revocation): take
+    the cancellation back and end the call with UNAUTHENTICATED, unless the client has gone
+    already (then the cancellation stands)."""
+    if context.done():
+        return
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    await abort_with(context, revoked_error())
 
 
 class _RegisteringGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]

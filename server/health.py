@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from domain.errors import Unavailable
@@ -15,6 +17,31 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# More entries than this and List answers RESOURCE_EXHAUSTED, as the health protocol allows.
+MAX_LISTED_SERVICES = 100
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined,misc]
+    """grpc's aio health servicer plus ``List`` (grpc's leaves it UNIMPLEMENTED although
+    reflection offers it): every registered entry ("" for the server) with its status."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        statuses = dict(self._server_status)
+        if len(statuses) > MAX_LISTED_SERVICES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {MAX_LISTED_SERVICES} health entries; use Check or Watch",
+            )
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in statuses.items()
+            }
+        )
 
 
 class HealthMonitor:

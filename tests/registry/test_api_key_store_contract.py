@@ -59,6 +59,18 @@ async def test_revoke_marks_the_key_once(store: ApiKeyStore) -> None:
     assert read is not None and read.revoked
 
 
+async def test_get_keys_reads_several_keys_in_order_with_none_for_missing(
+    store: ApiKeyStore,
+) -> None:
+    await store.add_key(record("k0001"))
+    await store.add_key(record("k0002"))
+    await store.revoke_key("k0002")
+    found = await store.get_keys(["k0002", "nope0000", "k0001"])
+    assert [k.key_id if k else None for k in found] == ["k0002", None, "k0001"]
+    assert [k.revoked if k else None for k in found] == [True, None, False]
+    assert await store.get_keys([]) == []
+
+
 async def test_list_is_per_tenant_in_id_order_with_pages(store: ApiKeyStore) -> None:
     for key_id in ("k0003", "k0001", "k0005", "k0002", "k0004"):
         await store.add_key(record(key_id))

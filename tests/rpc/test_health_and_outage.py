@@ -88,3 +88,30 @@ async def test_graceful_shutdown_reports_not_serving_to_watchers(redis_url: str)
         second = await watch.read()
         assert second.status == NOT_SERVING
         await stopping  # the grace period ends the watch; the server stops
+
+
+async def test_health_list_reports_every_service_with_its_status(
+    outage_server: RunningServer,
+) -> None:
+    stub = health_pb2_grpc.HealthStub(outage_server.channel)
+    reply = await stub.List(health_pb2.HealthListRequest(), timeout=10)
+    assert {name: entry.status for name, entry in reply.statuses.items()} == {
+        "": SERVING,
+        "orchestrator.v1.SessionService": SERVING,
+        "orchestrator.v1.ChatService": SERVING,
+        "orchestrator.v1.BatchService": SERVING,
+        "orchestrator.v1.TaskUpdateService": SERVING,
+        "orchestrator.admin.v1.AdminService": SERVING,
+    }
+
+
+async def test_health_list_follows_an_outage(
+    outage_server: RunningServer, own_redis: RedisProcess
+) -> None:
+    own_redis.stop()
+    await wait_for_status(outage_server.channel, NOT_SERVING)
+    reply = await health_pb2_grpc.HealthStub(outage_server.channel).List(
+        health_pb2.HealthListRequest(), timeout=10
+    )
+    assert reply.statuses, "List must name the registered services"
+    assert {entry.status for entry in reply.statuses.values()} == {NOT_SERVING}

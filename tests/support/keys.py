@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from domain.api_keys import ApiKey, format_key, hash_secret
 from domain.identity import Role
@@ -72,6 +73,13 @@ class TestKeyStore:
     async def get_key(self, key_id: str) -> ApiKey | None:
         derived = derived_record(key_id)
         return derived if derived is not None else await self.inner.get_key(key_id)
+
+    async def get_keys(self, key_ids: Sequence[str]) -> list[ApiKey | None]:
+        found = await self.inner.get_keys(key_ids)
+        return [
+            derived if (derived := derived_record(key_id)) is not None else record
+            for key_id, record in zip(key_ids, found, strict=True)
+        ]
 
     async def list_keys(self, tenant_id: str, *, limit: int, after: str | None) -> Page[ApiKey]:
         return await self.inner.list_keys(tenant_id, limit=limit, after=after)
