@@ -13,6 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from domain.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
     DomainError,
@@ -38,6 +39,7 @@ _CODES: dict[type[DomainError], int] = {
     ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
     Unavailable: code_pb2.UNAVAILABLE,
     DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
+    Aborted: code_pb2.ABORTED,
 }
 
 
