@@ -101,7 +101,7 @@ async def chat(address: str, client: Any, *, after_accepted: Any = None) -> list
             metadata=client,
             timeout=TIMEOUT_S,
         )
-        call = chat_pb2_grpc.ChatServiceStub(channel).SendMessage(
+        call: Any = chat_pb2_grpc.ChatServiceStub(channel).SendMessage(
             chat_pb2.SendMessageRequest(
                 session_id=session.session.session_id, content="What is an agent?"
             ),
