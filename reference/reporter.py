@@ -45,15 +45,23 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-# A dns:/// target resolves to every replica; round_robin picks a ready one for each call.
+# A dns:/// name (or an ipv4:/ipv6: list) stands for every replica; round_robin picks a ready
+# one for each call.
 ROUND_ROBIN_OPTION = (
     "grpc.service_config",
     json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}),
 )
 
 
+# Targets that name several addresses themselves (ipv4:a:1,b:2 lists them with commas).
+_BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
 def split_targets(target: str) -> list[str]:
-    """The gRPC targets of a comma-separated list (ValueError when one is empty)."""
+    """The gRPC targets of a comma-separated list (ValueError when one is empty); an ``ipv4:``
+    or ``ipv6:`` address list stays one target."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        return [target]
     targets = [part.strip() for part in target.split(",")]
     if not all(targets):
         raise ValueError(f"empty address in {target!r}")
@@ -63,7 +71,7 @@ def split_targets(target: str) -> list[str]:
 def channel_options(target: str) -> list[tuple[str, int | str]]:
     """Channel options for one target: round_robin for names that resolve to many addresses."""
     options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
-    if target.startswith("dns:"):
+    if target.startswith(_BALANCED_SCHEMES):
         options.append(ROUND_ROBIN_OPTION)
     return options
 
@@ -216,7 +224,7 @@ class Reporter:
         # Calls that failed since the last healthy stream: back off only once every target
         # had its chance (a dns name twice: round_robin moves on to another ready replica).
         failed_in_a_row = 0
-        chances = sum(2 if target.startswith("dns:") else 1 for target in self.targets)
+        chances = sum(2 if t.startswith(_BALANCED_SCHEMES) else 1 for t in self.targets)
         while True:
             if self._stopping and self._unwritten == 0:
                 return

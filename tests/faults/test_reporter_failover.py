@@ -1,12 +1,13 @@
 """The reference services report to every orchestrator replica (REF_ORCHESTRATOR_ADDRESS
 "a,b"): with one replica killed -9, jobs started through the other still complete, the ones in
 flight included, and none of their notices is refused as job_finished. Real processes: two
-`orchestrator serve` replicas on one redis-server, and `orchestrator-reference`."""
+`orchestrator serve` replicas on one redis-server, and `orchestrator-reference`; and the
+reporter alone over one round_robin target standing for two replicas."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,21 @@ import grpc
 import pytest
 
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
+from orchestrator.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    common_pb2,
+    session_pb2,
+    session_pb2_grpc,
+    task_update_pb2,
+)
+from reference.reporter import Notice, Reporter
 from tests.support.flow import EOF
 from tests.support.processes import ServerProcess
 from tests.support.redis_process import RedisProcess, free_port
 from tests.support.reference_process import ReferenceProcess
 from tests.support.servers import bearer
+from tests.support.task_updates import RecordingOrchestrator
 
 BOOTSTRAP_ADMIN_KEY = "ao_bootstrapfailover_" + "f" * 43
 TIMEOUT_S = 20.0
@@ -140,3 +150,57 @@ async def test_jobs_through_one_replica_complete_while_the_other_is_killed(
     log = replicas.reference.log()
     assert f"PublishUpdates to {replicas.first.address} failed" in log
     assert f"reconnecting to {replicas.second.address}" in log
+
+
+def progress(sequence: int) -> Notice:
+    return Notice(
+        event=task_update_pb2.NOTICE_EVENT_PROGRESS,
+        service=common_pb2.SERVICE_QUERY,
+        job_id="job-1",
+        tenant_id="t",
+        sequence=sequence,
+    )
+
+
+async def test_a_balanced_target_fails_over_at_once_keeping_the_order() -> None:
+    """One round_robin target for two replicas (as a dns:/// name resolving to both would
+    be): the replica holding the stream stops; the rest go to the other at once, in order."""
+    replicas = [RecordingOrchestrator(), RecordingOrchestrator()]
+    for replica in replicas:
+        await replica.start()
+    # A backoff would take at least 2.5 s: the failover must not wait for it.
+    reporter = Reporter(
+        f"ipv4:{replicas[0].address},{replicas[1].address}",
+        (),
+        reconnect_base_s=5.0,
+        reconnect_cap_s=5.0,
+    )
+    reporter.start()
+    try:
+        for sequence in range(1, 21):
+            reporter.publish(progress(sequence))
+
+        # Whichever replica round_robin gave the stream receives the first twenty.
+        def has_twenty(replica: RecordingOrchestrator) -> Callable[[], bool]:
+            return lambda: len(replica.recorder.notices) >= 20
+
+        waits = [asyncio.create_task(r.recorder.wait_until(has_twenty(r))) for r in replicas]
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        holder = replicas[waits.index(next(iter(done)))]
+        other = replicas[1 - replicas.index(holder)]
+        await holder.stop(None)
+        for sequence in range(21, 41):
+            reporter.publish(progress(sequence))
+
+        def has_the_rest() -> bool:
+            return set(range(21, 41)) <= {n.sequence for n in other.recorder.notices}
+
+        await other.recorder.wait_until(has_the_rest, timeout_s=2.0)
+        on_other = [n.sequence for n in other.recorder.notices]
+        assert on_other == sorted(on_other), "a job's notices arrive in their order"
+    finally:
+        await reporter.stop(1)
+        for replica in replicas:
+            await replica.stop(None)
