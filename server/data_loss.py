@@ -16,6 +16,7 @@ that its session and job still exist and ends with ABORTED when they do not (dom
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,7 @@ class DataLossWatch:
         self._known: str | None = None
         self._refused_logged = False
         self.losses = 0
+        self.lost = asyncio.Event()  # set once a loss was handled (for tests and tools)
 
     async def probe(self) -> None:
         """Raises domain.errors.Unavailable when the backend cannot be reached."""
@@ -77,6 +79,7 @@ class DataLossWatch:
         await self._on_lost()
         self._known = marker
         self.losses += 1
+        self.lost.set()
 
 
 async def warn_without_persistence(backend: MarkedBackend) -> None:

@@ -35,7 +35,7 @@ from tests.support.flow import EOF
 from tests.support.processes import ServerProcess
 from tests.support.redis_process import RedisProcess, free_port
 from tests.support.reference_process import ReferenceProcess
-from tests.support.servers import bearer
+from tests.support.servers import bearer, running_server, test_settings
 
 BOOTSTRAP_ADMIN_KEY = "ao_bootstrapfaults_" + "b" * 43
 LOSS_LINE = "Redis lost its data"
@@ -330,3 +330,24 @@ async def test_with_aof_a_job_in_flight_completes_and_streams_resume_across_a_re
     await list_keys_as_admin(stack.channel)
     await stack.new_session()
     assert LOSS_LINE not in stack.server.log()
+
+
+async def test_two_replicas_notice_one_loss_once_each_and_agree_on_the_new_marker(
+    redis_url: str, redis_client: Any
+) -> None:
+    settings = test_settings(redis_url, health_interval=0.1)
+    async with running_server(settings) as first, running_server(settings) as second:
+        marker = await redis_client.get("ao:instance")
+        assert marker
+
+        await redis_client.flushall()  # what a restart without persistence leaves
+
+        await asyncio.wait_for(first.server.data_loss.lost.wait(), TIMEOUT_S)
+        await asyncio.wait_for(second.server.data_loss.lost.wait(), TIMEOUT_S)
+        new_marker = await redis_client.get("ao:instance")
+        assert new_marker not in (None, marker)
+        # Neither overwrites the other's marker: after more probes nothing changed.
+        for server in (first, second):
+            await server.server.health.check_once()
+        assert await redis_client.get("ao:instance") == new_marker
+        assert (first.server.data_loss.losses, second.server.data_loss.losses) == (1, 1)
