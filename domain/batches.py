@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from domain.batch_models import Batch, BatchItemSpec, BatchState, ItemKind, ItemResult, NewBatch
 from domain.chat import MAX_COLLECTIONS, MAX_CONTENT_CHARS, MAX_MODEL_CHARS, ChatOrchestrator
 from domain.dispatch import CallContext
-from domain.errors import DomainError, FieldViolation, InvalidArgument, NotFound
+from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id
 from domain.models import Page
 from domain.sessions import (
@@ -373,6 +373,9 @@ class BatchManager:
             batch = await self._store.get_batch(tenant_id, batch_id)
             if batch is not None:
                 batch = await self._settle(batch)
+        # A batch is kept for its retention after it became final, so one that vanished while
+        # followed was lost with the backend's data: never end as if it had finished.
+        raise Aborted(f"the record of batch {batch_id} was lost (the backend lost its data)")
 
 
 class BatchExpirer:

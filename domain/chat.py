@@ -35,6 +35,7 @@ from typing import Any
 from domain.dispatch import CallContext, Dispatcher, DownstreamError, WorkRequest
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import (
+    Aborted,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -215,6 +216,12 @@ class ChatOrchestrator:
             yield event
             if event.kind.is_final:
                 return
+        # Never end quietly without the final event when the job's record is gone.
+        if await self._jobs.get_job(tenant_id, job_id) is None:
+            raise Aborted(
+                f"the record of job {job_id} was lost (the backend lost its data): its outcome "
+                "is unknown; send the message again"
+            )
 
     async def _enqueue(
         self, ctx: CallContext, job: NewJob, started: StartedJob, message: ChatMessage
@@ -280,11 +287,14 @@ class ChatOrchestrator:
                     collections=tuple(queued.collections),
                 )
                 self._hand_off_soon(ctx, job)
-            async for event in self._job_events(
-                feed, tenant_id, job_id, queued.accepted_sequence, catch_up=True
-            ):
-                if event.kind.is_final:
-                    return event
+            try:
+                async for event in self._job_events(
+                    feed, tenant_id, job_id, queued.accepted_sequence, catch_up=True
+                ):
+                    if event.kind.is_final:
+                        return event
+            except Aborted as exc:
+                log.warning("queued job %s dropped: %s", job_id, exc.message)
         return None
 
     async def _is_pending(self, tenant_id: str, job_id: str) -> bool:
@@ -493,6 +503,10 @@ class ChatOrchestrator:
             )
             async for event in follower.events(after):
                 yield event
+            if await self._sessions.peek(tenant_id, session_id) is None:
+                raise Aborted(
+                    f"the record of session {session_id} was lost (the backend lost its data)"
+                )
 
     async def cancel(self, ctx: CallContext, session_id: str, job_id: str) -> SessionEvent:
         """Cancel a job in flight; the cancelled event is published to the session."""

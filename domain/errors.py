@@ -71,6 +71,11 @@ class ResourceExhausted(DomainError):
         self.quota_description = quota_description
 
 
+class Aborted(DomainError):
+    """The work was cut off by something outside the caller's request: its record is gone
+    (the backend lost its data). Start it again."""
+
+
 class Unavailable(DomainError):
     """A backend (Redis, a downstream service) cannot be reached right now; retry later."""
 

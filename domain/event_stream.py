@@ -33,8 +33,10 @@ def history_truncated(session_id: str, requested_after: int, oldest: int) -> Ses
 class SessionFollower:
     """Yields the events of one session after a cursor, for one client stream.
 
-    ``still_open`` is asked when no event arrived for ``idle_check_s``; the stream ends when it
-    returns False (the session expired). It also ends after the feed reports the session closed.
+    ``still_open`` is asked when no event arrived for ``idle_check_s``, when the feed asks for a
+    recheck (the backend lost its data) and when the log's last sequence went below the cursor
+    (its data is gone); the stream ends when it returns False (the session expired or vanished).
+    It also ends after the feed reports the session closed.
     """
 
     def __init__(
@@ -54,6 +56,8 @@ class SessionFollower:
         self._still_open = still_open
         self._idle_check_s = idle_check_s
         self.last = 0
+        # The log's counter went below the cursor: the session's data may be gone.
+        self._log_reset = False
 
     async def _catch_up(self, *, report_truncation: bool) -> AsyncIterator[SessionEvent]:
         """Yield retained events after ``self.last`` until the log has no more."""
@@ -69,6 +73,8 @@ class SessionFollower:
                 if oldest is not None and oldest > self.last + 1:
                     yield history_truncated(self._session_id, self.last, oldest)
             first_page = False
+            if page.last_sequence < self.last:
+                self._log_reset = True
             for event in page.events:
                 if event.sequence > self.last:
                     self.last = event.sequence
@@ -85,6 +91,10 @@ class SessionFollower:
             async for event in self._catch_up(report_truncation=True):
                 yield event
         while True:
+            if feed.recheck or self._log_reset:
+                feed.recheck = self._log_reset = False
+                if self._still_open is not None and not await self._still_open():
+                    return
             if not await feed.wait(self._idle_check_s):
                 if self._still_open is not None and not await self._still_open():
                     return

@@ -14,6 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from domain.errors import (
+    Aborted,
     AlreadyExists,
     DataLoss,
     DeadlineExceeded,
@@ -42,6 +43,7 @@ _CODES: dict[type[DomainError], int] = {
     Unavailable: code_pb2.UNAVAILABLE,
     DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
     DataLoss: code_pb2.DATA_LOSS,
+    Aborted: code_pb2.ABORTED,
 }
 
 

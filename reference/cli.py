@@ -12,7 +12,8 @@ from reference.config import ConfigError, ReferenceConfig
 
 ENV_HELP = """environment:
   REF_LISTEN_ADDRESS        host:port to bind (default [::]:50061)
-  REF_ORCHESTRATOR_ADDRESS  orchestrator to report to (default localhost:50051)
+  REF_ORCHESTRATOR_ADDRESS  orchestrator to report to (default localhost:50051): every
+                            replica comma-separated, or a dns:/// name (round_robin)
   REF_STEP_DELAY            seconds between notices (default 0.05)
   REF_DELTAS                delta notices per query (default 3)
   REF_FAILURE_RATE          fraction of jobs that fail, 0..1 (default 0)

@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from reference.reporter import split_targets
+
 # The orchestrator's documented local demo service key (`make run` only); set
 # REF_PUBLISH_API_KEY to a real service key anywhere else.
 DEMO_SERVICE_KEY = "ao_demoservice_local-demo-service-key-0001"
@@ -26,6 +28,7 @@ class ReferenceConfig:
     """
 
     listen_address: str = "[::]:50061"
+    # One orchestrator, several replicas comma-separated, or a dns:/// name (round_robin).
     orchestrator_address: str = "localhost:50051"
     step_delay_s: float = 0.05
     deltas: int = 3
@@ -40,6 +43,10 @@ class ReferenceConfig:
     stop_timeout_s: float = 5.0
 
     def validate(self) -> None:
+        try:
+            split_targets(self.orchestrator_address)
+        except ValueError as exc:
+            raise ConfigError(f"orchestrator_address: {exc}") from None
         for name in ("failure_rate", "silent_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -7,12 +7,20 @@ The last notices written (up to ``resend_window``, within ``resend_horizon_s``) 
 that then broke are sent again too: gRPC has no per-message acknowledgement and the transport
 buffers hundreds of small messages, so they may have been lost in flight; the orchestrator
 treats a repeated (job, sequence) as a harmless duplicate.
+
+The target may name several orchestrator replicas, comma-separated (``host1:50051,host2:50051``),
+or a ``dns:///`` name resolving to all of them (its channel load-balances round_robin). The
+stream goes to the first address; when a call fails, the next one is opened at once, on the
+next address (or, for a dns name, on another ready replica), and the notices that may have been
+lost are resent there in their order. Backoff starts only once every address failed in a row, so
+one replica being down never holds back notices of jobs started through the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -35,6 +43,37 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+
+
+# A dns:/// name (or an ipv4:/ipv6: list) stands for every replica; round_robin picks a ready
+# one for each call.
+ROUND_ROBIN_OPTION = (
+    "grpc.service_config",
+    json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}),
+)
+
+
+# Targets that name several addresses themselves (ipv4:a:1,b:2 lists them with commas).
+_BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def split_targets(target: str) -> list[str]:
+    """The gRPC targets of a comma-separated list (ValueError when one is empty); an ``ipv4:``
+    or ``ipv6:`` address list stays one target."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        return [target]
+    targets = [part.strip() for part in target.split(",")]
+    if not all(targets):
+        raise ValueError(f"empty address in {target!r}")
+    return targets
+
+
+def channel_options(target: str) -> list[tuple[str, int | str]]:
+    """Channel options for one target: round_robin for names that resolve to many addresses."""
+    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+    if target.startswith(_BALANCED_SCHEMES):
+        options.append(ROUND_ROBIN_OPTION)
+    return options
 
 
 class _Stream:
@@ -64,6 +103,7 @@ class Reporter:
         resend_horizon_s: float = 60.0,
     ) -> None:
         self.target = target
+        self.targets = split_targets(target)
         self._metadata = tuple(metadata)
         self._reconnect_base_s = reconnect_base_s
         self._reconnect_cap_s = reconnect_cap_s
@@ -77,7 +117,8 @@ class Reporter:
         self._drained.set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._current = 0  # index of the target the next stream opens on
         self.connects = 0  # streams opened, for tests and logs
         self.last_response: task_update_pb2.PublishUpdatesResponse | None = None
 
@@ -88,7 +129,10 @@ class Reporter:
 
     def start(self) -> None:
         if self._task is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._channels = [
+                grpc.aio.insecure_channel(target, options=channel_options(target))
+                for target in self.targets
+            ]
             self._task = asyncio.get_running_loop().create_task(self._run(), name="reporter")
 
     def publish(self, notice: Notice) -> None:
@@ -118,8 +162,9 @@ class Reporter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._channel is not None:
-            await self._channel.close(grace=None)
+        for channel in self._channels:
+            await channel.close(grace=None)
+        self._channels = []
         self._task = None
 
     def _take(self) -> Notice | None:
@@ -174,30 +219,42 @@ class Reporter:
         self._retry.extendleft(reversed(again))
 
     async def _run(self) -> None:
-        assert self._channel is not None
-        stub = task_update_pb2_grpc.TaskUpdateServiceStub(self._channel)
+        stubs = [task_update_pb2_grpc.TaskUpdateServiceStub(c) for c in self._channels]
         failures = 0
+        # Calls that failed since the last healthy stream: back off only once every target
+        # had its chance (a dns name twice: round_robin moves on to another ready replica).
+        failed_in_a_row = 0
+        chances = sum(2 if t.startswith(_BALANCED_SCHEMES) else 1 for t in self.targets)
         while True:
             if self._stopping and self._unwritten == 0:
                 return
+            target = self.targets[self._current]
             stream = _Stream()
             self.connects += 1
-            call = stub.PublishUpdates(self._requests(stream), metadata=self._metadata)
+            call = stubs[self._current].PublishUpdates(
+                self._requests(stream), metadata=self._metadata
+            )
             try:
                 response = await call
             except grpc.aio.AioRpcError as exc:
                 self._requeue(stream, lost=self._resend_window)
+                failed_in_a_row = 1 if stream.written else failed_in_a_row + 1
+                # Fail over at once (the next target, or another replica behind a dns name);
+                # the resent notices go first, in their order.
+                self._current = (self._current + 1) % len(self.targets)
                 log.warning(
-                    "PublishUpdates to %s failed (%s: %s); %d notice(s) waiting, reconnecting",
-                    self.target,
+                    "PublishUpdates to %s failed (%s: %s); %d notice(s) waiting, reconnecting%s",
+                    target,
                     exc.code().name,
                     exc.details(),
                     self._unwritten,
+                    f" to {self.targets[self._current]}" if len(self.targets) > 1 else "",
                 )
             except asyncio.CancelledError:
                 call.cancel()
                 raise
             else:
+                failed_in_a_row = 0
                 # Notices the orchestrator did not count were cut off when it ended the call.
                 self._requeue(stream, lost=stream.written - response.received)
                 self.last_response = response
@@ -217,6 +274,8 @@ class Reporter:
                 )
                 if self._stopping and self._unwritten == 0:
                     return
+            if 0 < failed_in_a_row < chances:
+                continue  # another target has not failed yet: try it without waiting
             # A stream that carried notices was healthy: reconnect soon. Otherwise back off more.
             failures = 1 if stream.written else min(failures + 1, 30)
             await self._backoff(failures)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from registry.api_keys_memory import MemoryApiKeyStore
@@ -36,6 +37,19 @@ EVENT_READ_BLOCK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
+class Persistence:
+    """How the backend keeps its data over a restart; None where it could not be read."""
+
+    aof: bool | None
+    snapshots: bool | None
+
+    @property
+    def durable(self) -> bool:
+        """Accepted work survives a restart (up to the AOF's fsync policy)."""
+        return self.aof is not False
+
+
+@dataclass(frozen=True, slots=True)
 class RegistryConfig:
     """What the registry needs to know; built from server settings."""
 
@@ -55,8 +69,20 @@ class MemoryBackend:
 
     name = "memory"
 
+    def __init__(self) -> None:
+        self._marker: str | None = None
+
     async def ping(self) -> None:
         return None
+
+    async def instance_marker(self, candidate: str) -> str:
+        """Process memory is never lost under a running process: the first marker stays."""
+        if self._marker is None:
+            self._marker = candidate
+        return self._marker
+
+    async def persistence(self) -> Persistence:
+        return Persistence(aof=False, snapshots=False)
 
     async def aclose(self) -> None:
         return None
@@ -67,12 +93,44 @@ class RedisBackend:
 
     name = "redis"
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, keys: KeySpace | None = None) -> None:
         self.redis = redis
+        self._keys = keys or KeySpace()
 
     async def ping(self) -> None:
         with redis_errors_as_unavailable():
             await self.redis.ping()
+
+    async def instance_marker(self, candidate: str) -> str:
+        """The data set's marker: ``candidate`` if there was none (stored, in the same
+        command), else the one stored. Raises Unavailable when Redis cannot be reached,
+        redis ResponseError when it refuses writes (a read-only replica, out of memory)."""
+        with redis_errors_as_unavailable():
+            # SET NX GET (Redis 7): sets only when missing, returns the previous value.
+            previous = await self.redis.set(
+                self._keys.instance_marker(), candidate, nx=True, get=True
+            )
+        return candidate if previous is None else str(previous)
+
+    async def persistence(self) -> Persistence:
+        """AOF and RDB snapshot settings from CONFIG GET, or from INFO persistence when CONFIG
+        is forbidden (renamed or denied by ACL; snapshots then unknown)."""
+        with redis_errors_as_unavailable():
+            try:
+                config = await self.redis.config_get("appendonly")
+                config.update(await self.redis.config_get("save"))
+                return Persistence(
+                    aof=str(config.get("appendonly", "")).lower() == "yes",
+                    snapshots=bool(str(config.get("save", "")).strip()),
+                )
+            except redis_errors.ResponseError:
+                pass
+            try:
+                info = await self.redis.info("persistence")
+            except redis_errors.ResponseError:
+                return Persistence(aof=None, snapshots=None)
+        aof = info.get("aof_enabled")
+        return Persistence(aof=None if aof is None else str(aof) == "1", snapshots=None)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -133,7 +191,7 @@ def open_registry(config: RegistryConfig) -> Registry:
     keys = KeySpace(config.key_prefix)
     log_config = EventLogConfig(config.event_log_max_events, config.event_log_ttl_ms)
     return Registry(
-        backend=RedisBackend(redis),
+        backend=RedisBackend(redis, keys),
         sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
         jobs=RedisJobStore(redis, keys, log_config),
         events=RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S),

@@ -20,7 +20,7 @@ DEFAULT_FEED_CAPACITY = 256
 class Feed:
     """Live events of one session for one client stream."""
 
-    __slots__ = ("_capacity", "_events", "_wakeup", "closed", "key", "lagging")
+    __slots__ = ("_capacity", "_events", "_wakeup", "closed", "key", "lagging", "recheck")
 
     def __init__(self, key: tuple[str, str], capacity: int = DEFAULT_FEED_CAPACITY) -> None:
         self.key = key
@@ -31,6 +31,9 @@ class Feed:
         self.lagging = False
         # The session was closed: the stream should end once it has caught up.
         self.closed = False
+        # The backend lost its data: the stream should check its session (and job) still
+        # exist (server.data_loss).
+        self.recheck = False
 
     def put(self, event: SessionEvent) -> None:
         if len(self._events) >= self._capacity:
@@ -48,10 +51,16 @@ class Feed:
         self.closed = True
         self._wakeup.set()
 
+    def mark_recheck(self) -> None:
+        """Re-read the log and check the session still exists (its data may be gone)."""
+        self.recheck = True
+        self.lagging = True
+        self._wakeup.set()
+
     async def wait(self, within_s: float | None = None) -> bool:
         """Wait until something is available (events, lag or close); False when nothing came
         within ``within_s`` seconds."""
-        if self._events or self.lagging or self.closed:
+        if self._events or self.lagging or self.closed or self.recheck:
             return True
         self._wakeup.clear()
         # asyncio.timeout, not wait_for: no extra task per wake-up (this runs once per event
@@ -111,6 +120,13 @@ class LocalFanout:
         for feeds in self._feeds.values():
             for feed in feeds:
                 feed.mark_lagging()
+
+    def recheck_all(self) -> None:
+        """Every stream of this process checks that what it follows still exists (the
+        backend lost its data)."""
+        for feeds in self._feeds.values():
+            for feed in feeds:
+                feed.mark_recheck()
 
     def close_all(self) -> None:
         """End every stream of this process once it has caught up (server shutdown)."""

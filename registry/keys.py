@@ -93,6 +93,11 @@ class KeySpace:
         ``job_deadlines``: the job hash holds the spec and the real lease, checked atomically."""
         return f"{self.prefix}:job-handoffs"
 
+    def instance_marker(self) -> str:
+        """String naming this Redis data set (a random id, set once): when it is missing or
+        has changed, the data every replica knew is gone (server.data_loss)."""
+        return f"{self.prefix}:instance"
+
     def session_channel(self, tenant_id: str, session_id: str) -> str:
         """Pub/sub channel of the session's events (fan-out to every server process)."""
         return f"{self.prefix}:ev:{tenant_id}:{session_id}"

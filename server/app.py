@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionSe
 from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
 from domain.dispatch import Dispatcher
+from domain.errors import Unavailable
 from domain.handoff import HandoffRecovery
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
@@ -57,6 +58,7 @@ from server.batch_stack import (
     session_manager,
 )
 from server.config import Settings
+from server.data_loss import DataLossWatch, warn_without_persistence
 from server.edge import Edge, EdgeRegistrar
 from server.edge_limits import EdgeLimits
 from server.health import HealthMonitor, HealthServicer
@@ -221,10 +223,12 @@ class OrchestratorServer:
             max_message_bytes=settings.max_message_bytes,
         )
         self.health_servicer = HealthServicer()
+        # Each health probe also checks the backend's instance marker (server.data_loss).
+        self.data_loss = DataLossWatch(self.registry.backend, self._recover_from_data_loss)
         self.health = HealthMonitor(
             self.health_servicer,
             SERVICE_NAMES,
-            self.registry.backend.ping,
+            self.data_loss.probe,
             interval_s=settings.health_interval,
         )
         self.sessions = session_manager(self.registry, settings)
@@ -341,9 +345,11 @@ class OrchestratorServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.listen_address}")
         if await self.health.check_once():
-            await seed_keys(
-                self.settings, self.api_keys, in_memory=self.registry.backend.name == "memory"
-            )
+            await self._seed_keys()
+            try:
+                await warn_without_persistence(self.registry.backend)
+            except Unavailable as exc:
+                log.warning("could not read Redis' persistence settings: %s", exc)
         elif self.settings.bootstrap_admin_key:
             log.warning("backend unavailable at start: the bootstrap admin key was not stored")
         if self.settings.ws_address:
@@ -370,6 +376,17 @@ class OrchestratorServer:
             transport_name(self.settings),
             self.registry.backend.name,
         )
+
+    async def _seed_keys(self) -> None:
+        await seed_keys(
+            self.settings, self.api_keys, in_memory=self.registry.backend.name == "memory"
+        )
+
+    async def _recover_from_data_loss(self) -> None:
+        """The backend came back empty: store again what start-up stored, and let every
+        stream of this process check that its session and job still exist."""
+        await self._seed_keys()
+        self.registry.events.fanout.recheck_all()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish

@@ -18,15 +18,17 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """A redis-server child process with no persistence; can be stopped and started again on
-    the same port (to simulate an outage)."""
+    """A redis-server child process, without persistence unless ``appendonly`` (AOF, fsync on
+    every write); can be stopped (or killed) and started again on the same port, keeping its
+    data directory (to simulate an outage, or a restart with or without its data)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make tools` (installs it via apt)")
         self.binary = binary
         self.port = port or free_port()
+        self.appendonly = appendonly
         self._dir = tempfile.TemporaryDirectory(prefix="orch-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -45,7 +47,9 @@ class RedisProcess:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self._dir.name,
                 "--logfile",
@@ -82,6 +86,13 @@ class RedisProcess:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, only what the AOF already holds survives."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
         self._proc = None
 
     def close(self) -> None:

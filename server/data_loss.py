@@ -1,0 +1,114 @@
+"""Noticing that the storage backend lost its data, and saying at start when it would.
+
+A Redis restarted without persistence (or flushed) comes back empty: API keys, sessions, jobs,
+batches and queued work are gone while every call still reaches it, so health alone says
+nothing. Every replica therefore keeps the backend's instance marker (a random id stored once,
+registry.keys.KeySpace.instance_marker) and checks it on each health probe with one
+``SET NX GET``: a marker that is missing (re-created by this replica in the same command) or
+differs from the one this replica knew (re-created by another replica) means the data is gone.
+Replicas never overwrite a marker, so two of them cannot fight over it: the first to notice
+writes a new one and the others adopt it.
+
+On a loss the watch logs an ERROR, re-seeds what start-up seeds (server.key_seeding: the
+bootstrap admin key) and wakes every client stream of the process, whose follow then checks
+that its session and job still exist and ends with ABORTED when they do not (domain.chat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from redis import exceptions as redis_errors
+
+from registry.backends import Persistence
+
+log = logging.getLogger(__name__)
+
+
+class MarkedBackend(Protocol):
+    """What the watch needs of registry.backends' backends."""
+
+    name: str
+
+    async def ping(self) -> None: ...
+
+    async def instance_marker(self, candidate: str) -> str: ...
+
+    async def persistence(self) -> Persistence: ...
+
+
+class DataLossWatch:
+    """The health probe (ping plus instance marker check); ``on_lost`` runs once per loss."""
+
+    def __init__(self, backend: MarkedBackend, on_lost: Callable[[], Awaitable[None]]) -> None:
+        self._backend = backend
+        self._on_lost = on_lost
+        self._known: str | None = None
+        self._refused_logged = False
+        self.losses = 0
+        self.lost = asyncio.Event()  # set once a loss was handled (for tests and tools)
+
+    async def probe(self) -> None:
+        """Raises domain.errors.Unavailable when the backend cannot be reached."""
+        await self._backend.ping()
+        try:
+            marker = await self._backend.instance_marker(uuid.uuid4().hex)
+        except redis_errors.ResponseError as exc:  # read-only replica, out of memory, ACL
+            if not self._refused_logged:
+                log.warning("cannot check the Redis instance marker (%s): losses go unseen", exc)
+                self._refused_logged = True
+            return
+        known = self._known
+        if known is None or marker == known:
+            self._known = marker
+            return
+        log.error(
+            "Redis lost its data (instance marker %s is gone, now %s): it restarted without "
+            "persistence or was flushed. Every API key, session, job, batch and queued item "
+            "stored before is lost; streams of vanished jobs end with ABORTED; re-seeding the "
+            "bootstrap admin key. Run Redis with appendonly yes (README, Operations).",
+            known,
+            marker,
+        )
+        # Adopted only once recovery ran: if it fails (Redis gone again), the next probe
+        # tries again.
+        await self._on_lost()
+        self._known = marker
+        self.losses += 1
+        self.lost.set()
+
+
+async def warn_without_persistence(backend: MarkedBackend) -> None:
+    """Log a WARNING when the backend would lose accepted work on a restart."""
+    if backend.name == "memory":
+        return  # the in-memory registry warns about itself at start
+    found = await backend.persistence()
+    if found.aof is True:
+        return
+    if found.aof is None:
+        log.warning(
+            "could not read Redis' persistence settings (CONFIG and INFO refused): make sure it "
+            "runs with appendonly yes, or a restart loses accepted work (README, Operations)"
+        )
+    elif found.snapshots:
+        log.warning(
+            "Redis runs without AOF (appendonly no), with RDB snapshots only: a restart loses "
+            "every key, session, job and batch written since the last snapshot; set appendonly "
+            "yes (README, Operations)"
+        )
+    elif found.snapshots is None:
+        log.warning(
+            "Redis runs without AOF (appendonly no; CONFIG refused, RDB snapshots unknown): a "
+            "restart loses at least what was written since the last snapshot; set appendonly "
+            "yes (README, Operations)"
+        )
+    else:
+        log.warning(
+            "Redis has no persistence (appendonly no, no RDB snapshots): a restart loses every "
+            "API key, session, job, batch and queued item; set appendonly yes "
+            "(README, Operations)"
+        )
