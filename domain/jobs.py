@@ -132,6 +132,10 @@ class NewJob:
     # Set for cacheable embedding work: where the completed result is cached
     # (domain.embedding_cache).
     cache_key: str = ""
+    # Keep the job's final event with the job record (Job.final_event) for its retention, so
+    # work delivered again after its job ended (a batch item whose worker died) reads the
+    # outcome even when the session's log no longer retains it.
+    keep_final: bool = False
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -155,6 +159,7 @@ class NewJob:
             agent_id=self.agent_id,
             model=self.model,
             cache_key=self.cache_key,
+            keep_final=self.keep_final,
         )
 
 
@@ -178,6 +183,9 @@ class Job:
     agent_id: str = ""
     model: str = ""
     cache_key: str = ""
+    keep_final: bool = False
+    # The job's final event, once it ended, when it was started with ``keep_final``.
+    final_event: SessionEvent | None = None
 
 
 class NoticeEvent(enum.StrEnum):
@@ -254,6 +262,8 @@ class StartRefused(enum.StrEnum):
     SESSION_MISSING = "session_missing"
     SESSION_NOT_OPEN = "session_not_open"
     SESSION_BUSY = "session_busy"
+    # A job with this id was already recorded (ids derived from redelivered work repeat).
+    JOB_EXISTS = "job_exists"
 
 
 @dataclass(frozen=True, slots=True)

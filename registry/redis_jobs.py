@@ -73,6 +73,12 @@ class EventLogConfig:
     ttl_ms: int
 
 
+def _final_event(session_id: str, kept: str) -> SessionEvent:
+    """A job's kept final event, stored as "<sequence> <time> <envelope>"."""
+    sequence, time_ms, envelope = kept.split(" ", 2)
+    return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
+
+
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
@@ -167,6 +173,7 @@ class RedisJobStore:
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
+                    "1" if new.keep_final else "0",
                 ],
                 client=pipe,
             )
@@ -175,6 +182,10 @@ class RedisJobStore:
             pipe.sadd(keys.job_tenants(), tenant_id)
             _, _, reply, _ = await pipe.execute()
             status = as_str(reply[0])
+            if status == StartRefused.JOB_EXISTS.value:
+                # The index and deadline entries written above are the existing job's own
+                # (the same id, tenant and session): they stay.
+                return StartRefused.JOB_EXISTS
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
@@ -287,6 +298,8 @@ class RedisJobStore:
             agent_id=f.get("agent", ""),
             model=f.get("model", ""),
             cache_key=f.get("ckey", ""),
+            keep_final=f.get("keep") == "1",
+            final_event=_final_event(f["session"], f["final"]) if "final" in f else None,
         )
 
     async def count_unfinished(self) -> dict[JobState, int]:
