@@ -53,9 +53,7 @@ class Platform:
 
 
 @pytest.fixture
-async def platform(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Platform]:
+async def platform(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Platform]:
     submits: dict[str, list[str]] = collections.defaultdict(list)
 
     class CountingQuery(QueryServicer):
@@ -137,9 +135,7 @@ async def leased_by(redis_url: str, key_prefix: str, pid: int) -> int:
     finally:
         await client.aclose()
     consumers = summary.get("consumers") or []
-    return sum(
-        int(c["pending"]) for c in consumers if str(c["name"]).endswith(f"-{pid}")
-    )
+    return sum(int(c["pending"]) for c in consumers if str(c["name"]).endswith(f"-{pid}"))
 
 
 async def test_killing_a_worker_mid_batch_runs_each_item_once_and_counts_usage_once(
