@@ -342,8 +342,8 @@ class ChatOrchestrator:
         """Run ``message`` as the job ``job_id``, once however often this is called: work
         that is delivered at least once (a batch item) derives the id from its own identity
         (domain.ids.derived_id). The first call starts the job (running beside any other job of
-        the session; its final event is kept with the job), yields its accepted event and hands
-        it to its service. A later call (a redelivery after a worker died) starts nothing: it
+        the session; its final event is kept with the job), hands it to its service and yields
+        its accepted event. A later call (a redelivery after a worker died) starts nothing: it
         follows the job, handing it to its service again while it is still PENDING (the
         earlier delivery may have died before the hand-off: at least once, under the same id;
         the job takes one final event). Ends with the job's final event, or without it when
@@ -352,13 +352,16 @@ class ChatOrchestrator:
         require_job_id(job_id)
         tenant_id = ctx.tenant_id
         async with self._events.subscribe(tenant_id, message.session_id) as feed:
+            fresh = False  # whether this call started the job
             job = await self._jobs.get_job(tenant_id, job_id)
             if job is None:
                 session = await self._sessions.get_open(tenant_id, message.session_id)
                 if self._budget is not None:
                     await self._budget.check(tenant_id)
                 cache = self._cache
-                cacheable = cache is not None and cache.enabled
+                cache_key = ""
+                if cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING:
+                    cache_key = cache.key_for(message.model, message.content)
                 new = NewJob(
                     job_id=job_id,
                     session_id=session.session_id,
@@ -368,19 +371,18 @@ class ChatOrchestrator:
                     content=message.content,
                     request_id=ctx.request_id,
                     model=message.model,
-                    cache_key=(
-                        cache.key_for(message.model, message.content)
-                        if cache is not None and cacheable and message.kind is WorkKind.EMBEDDING
-                        else ""
-                    ),
+                    cache_key=cache_key,
                     keep_final=True,
                 )
                 started = await self._jobs.start_job(
                     tenant_id, new, self._limits, if_busy=IfBusy.RUN
                 )
                 if isinstance(started, StartedJob):
-                    yield started.accepted
+                    # Handed over before the accepted event goes out: a consumer that stops at
+                    # that event cannot hold the hand-off back.
+                    fresh = True
                     await self._launch(ctx, new, message.collections)
+                    yield started.accepted
                 elif started is not StartRefused.JOB_EXISTS:
                     raise _refusal(started, session.session_id)
                 # else another delivery started it just now: follow it.
@@ -398,37 +400,42 @@ class ChatOrchestrator:
                 )
                 log.info("job %s is still pending: handing it to %s again", job_id, job.service)
                 await self._launch(ctx, again, message.collections)
-            final = await self._final_event(feed, tenant_id, job_id)
+            final = await self._final_event(feed, tenant_id, job_id, read_first=not fresh)
             if final is not None:
                 yield final
 
-    async def _final_event(self, feed: Feed, tenant_id: str, job_id: str) -> SessionEvent | None:
+    async def _final_event(
+        self, feed: Feed, tenant_id: str, job_id: str, *, read_first: bool
+    ) -> SessionEvent | None:
         """The job's final event: from the session's feed (subscribed before the job was
-        read), or kept with the job (read again whenever the feed may have missed it). None
-        when the job is unknown, or the session closed with the job unfinished."""
+        started or read), or kept with the job, read first (``read_first``: the job was not
+        started just now) and again whenever the feed may have missed it. None when the job is
+        unknown, or the session closed with the job unfinished."""
+        read = read_first
         while True:
-            job = await self._jobs.get_job(tenant_id, job_id)
-            if job is None:
-                return None
-            if job.state.is_final:
-                return job.final_event or _unkept_final(job)
-            while True:
-                if not await feed.wait(self._idle_check_s):
-                    if not await self._is_open(tenant_id, job.session_id):
-                        return None
-                    break  # nothing for a while: read the job again
-                events = feed.drain()
-                for event in events:
-                    if event.job_id == job_id and event.kind.is_final:
-                        return event
-                if feed.lagging:
-                    feed.lagging = False
-                    break
-                if feed.closed:
-                    job = await self._jobs.get_job(tenant_id, job_id)
-                    if job is not None and job.state.is_final:
-                        return job.final_event or _unkept_final(job)
+            if read:
+                job = await self._jobs.get_job(tenant_id, job_id)
+                if job is None:
                     return None
+                if job.state.is_final:
+                    return job.final_event or _unkept_final(job)
+            read = True
+            if not await feed.wait(self._idle_check_s):
+                if not await self._is_open(tenant_id, feed.key[1]):
+                    return None
+                continue  # nothing for a while: read the job again
+            for event in feed.drain():
+                if event.job_id == job_id and event.kind.is_final:
+                    return event
+            if feed.lagging:  # events were dropped: read the job again
+                feed.lagging = False
+                continue
+            if feed.closed:
+                job = await self._jobs.get_job(tenant_id, job_id)
+                if job is not None and job.state.is_final:
+                    return job.final_event or _unkept_final(job)
+                return None
+            read = False
 
     async def follow(
         self, tenant_id: str, session_id: str, after: int

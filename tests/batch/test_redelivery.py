@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from domain.batch_runner import DONE, item_job_id
+from domain.ids import new_id
 from domain.jobs import IfBusy, NewJob, StartedJob
 from domain.models import Service, WorkKind
 from orchestrator.v1 import batch_pb2
@@ -115,24 +116,25 @@ async def test_a_running_job_is_followed_to_its_end(flow: Flow) -> None:
 
 
 async def test_a_finished_job_gives_its_result_after_the_log_dropped_it(flow: Flow) -> None:
-    batch = await submit(flow, [llm_item("first", "hello"), llm_item("second", "again")])
+    batch = await submit(flow, [llm_item("only", "hello")])
     server = flow.running.server
     job_id = await died_after_recording_the_job(server, batch, "hello")
     await flow.publish([completed(job_id, 1, "the answer")])
-    # The other item runs on the same session: its events push the first job's out of the log.
-    (other,) = await server.batch.opened.queue.dequeue("other", count=1, lease_ms=60_000)
-    async with NoticeDriver(flow).running():
-        assert await server.batch.runner.handle(other) == DONE
+    # Another job on the batch's session: its accepted event pushes the first job's out of
+    # the log.
     session_id = await session_of(server, batch)
+    other = NewJob(new_id(), session_id, "batch", Service.QUERY, WorkKind.LLM_QUERY, "x", "r")
+    await server.registry.jobs.start_job("acme", other, server.limits, if_busy=IfBusy.RUN)
     page = await server.registry.events.read_after("acme", session_id, 0, limit=100)
-    assert all(event.job_id != job_id for event in page.events)
+    assert [event.job_id for event in page.events] == [other.job_id]
     item = await redelivered(server)
 
     assert await server.batch.runner.handle(item) == DONE
 
-    assert job_id not in {work.job_id for work, _ in flow.dispatcher.submitted}
-    results = {r.custom_id: r for r in await read_results(stream(flow, batch.batch_id))}
-    assert (results["first"].job_id, results["first"].result.text) == (job_id, "the answer")
-    assert results["first"].usage.total_tokens == 8
+    assert flow.dispatcher.submitted == []
+    (result,) = await read_results(stream(flow, batch.batch_id))
+    assert result.state == batch_pb2.BATCH_ITEM_STATE_COMPLETED
+    assert (result.job_id, result.result.text) == (job_id, "the answer")
+    assert result.usage.total_tokens == 8
     usage = await tenant_usage(flow.channel, "acme")
-    assert usage.completed_tasks == 2
+    assert usage.completed_tasks == 1
