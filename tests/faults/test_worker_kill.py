@@ -162,11 +162,15 @@ async def test_killing_a_worker_mid_batch_runs_each_item_once_and_counts_usage_o
     assert final.state == batch_pb2.BATCH_STATE_COMPLETED
     assert final.counts.completed + final.counts.failed == ITEMS
 
-    # No item's work reached the service as a second job: one job id per prompt, the one
-    # its result names (a repeated hand-off of that same job would be allowed).
+    # No item's work reached the service as a second job: at most one job id per prompt, the
+    # one its result names (a repeated hand-off of that same job would be allowed). Only an item
+    # whose hand-off failed (a loaded machine can time out a call) never reached the service.
     for result in results:
         seen = set(platform.submits[prompts[result.custom_id]])
-        assert seen == {result.job_id}, f"{result.custom_id} ran as jobs {sorted(seen)}"
+        assert seen <= {result.job_id}, f"{result.custom_id} ran as jobs {sorted(seen)}"
+        if not seen:
+            assert result.state == batch_pb2.BATCH_ITEM_STATE_FAILED, result
+    assert sum(1 for r in results if platform.submits[prompts[r.custom_id]]) > ITEMS // 2
 
     # Usage counts one completed task per completed item, and its tokens once.
     completed = [r for r in results if r.state == batch_pb2.BATCH_ITEM_STATE_COMPLETED]
