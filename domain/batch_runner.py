@@ -1,10 +1,16 @@
 """Running batch items: the work queue handler of every batch worker (embedded in the server
 or ``orchestrator worker`` processes).
 
-An item runs exactly like a chat message: ChatOrchestrator.send starts a job on the item's
-session (or the batch's internal session), hands it to the downstream service and follows the
-session's events until the job's final one; the item's result is that final event. The store's
+An item runs like a chat message, through ChatOrchestrator.run_once: it starts a job on the
+item's session (or the batch's internal session), hands it to the downstream service and
+follows it to its final event; the item's result is that final event. The store's
 compare-and-set gives every item exactly one result, however often the queue delivers it.
+
+The item's job id is derived from (batch id, item index) (item_job_id), so a redelivery (its
+worker died, its lease expired) finds the job an earlier delivery started and follows it
+instead of running the item again as a second job: a job still PENDING is handed to its service
+again (the earlier delivery may have died before the hand-off), a finished one gives its kept
+final event at once. Each item thus reaches its service as one job, and its usage counts once.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from domain.batches import BatchManager
 from domain.chat import ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
 from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from domain.ids import derived_id
 from domain.jobs import EventKind, IfBusy, SessionEvent
 from registry.batch_base import BatchStore
 from registry.queue_base import WorkItem
@@ -26,6 +33,11 @@ log = logging.getLogger(__name__)
 
 DONE = b"done"
 SKIPPED = b"skipped"
+
+
+def item_job_id(batch_id: str, index: int) -> str:
+    """The id of the job that runs item ``index`` of the batch, the same on every delivery."""
+    return derived_id(batch_id, f"item/{index}")
 
 
 def outcome_of(event: SessionEvent) -> ItemOutcome:
@@ -95,7 +107,7 @@ class BatchRunner:
             if_busy=IfBusy.RUN,
         )
         try:
-            outcome = await self._run(ctx, batch_id, index, message)
+            outcome = await self._run(ctx, batch_id, index, message, redelivery=redelivery)
         except Unavailable:
             raise  # the queue retries the delivery; the item is still RUNNING
         except DomainError as exc:
@@ -117,15 +129,16 @@ class BatchRunner:
         await self._store.finish_item(spec["tenant"], spec["batch"], int(spec["index"]), outcome)
 
     async def _run(
-        self, ctx: CallContext, batch_id: str, index: int, message: ChatMessage
+        self, ctx: CallContext, batch_id: str, index: int, message: ChatMessage, *, redelivery: bool
     ) -> ItemOutcome:
-        async for event in self._chat.send(ctx, message):
+        job_id = item_job_id(batch_id, index)
+        if redelivery:
+            # The job may exist without being attached (its delivery died in between); attach
+            # it, so that a cancellation finds it.
+            await self._attach(ctx, batch_id, index, job_id, message.session_id)
+        async for event in self._chat.run_once(ctx, message, job_id):
             if event.kind is EventKind.ACCEPTED:
-                keep = await self._store.attach_job(
-                    ctx.tenant_id, batch_id, index, event.job_id, message.session_id
-                )
-                if not keep:  # the batch is being cancelled (or the item already ended)
-                    await self._manager.cancel_job(ctx, message.session_id, event.job_id)
+                await self._attach(ctx, batch_id, index, job_id, message.session_id)
             elif event.kind.is_final:
                 return outcome_of(event)
         # The follow ended before the job did: the session closed, or this process is
@@ -134,3 +147,11 @@ class BatchRunner:
             raise FollowInterrupted(f"stopped following the job of item {index}")
         error = {"code": "session_closed", "message": "the session closed", "retryable": False}
         return ItemOutcome(ItemState.FAILED, error=error)
+
+    async def _attach(
+        self, ctx: CallContext, batch_id: str, index: int, job_id: str, session_id: str
+    ) -> None:
+        """Record the item's job; cancel it when the batch is being cancelled (or the item
+        already ended)."""
+        if not await self._store.attach_job(ctx.tenant_id, batch_id, index, job_id, session_id):
+            await self._manager.cancel_job(ctx, session_id, job_id)

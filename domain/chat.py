@@ -51,6 +51,7 @@ from domain.jobs import (
     FinishOutcome,
     HandoffClaim,
     IfBusy,
+    Job,
     JobLimits,
     JobState,
     NewJob,
@@ -480,6 +481,109 @@ class ChatOrchestrator:
         """Whether the session still accepts work (read without sliding its expiry)."""
         return await self._is_open(tenant_id, session_id)
 
+    async def run_once(
+        self, ctx: CallContext, message: ChatMessage, job_id: str
+    ) -> AsyncIterator[SessionEvent]:
+        """Run ``message`` as the job ``job_id``, once however often this is called: work
+        that is delivered at least once (a batch item) derives the id from its own identity
+        (domain.ids.derived_id). The first call starts the job (running beside any other job of
+        the session; its final event is kept with the job), hands it to its service and yields
+        its accepted event. A later call (a redelivery after a worker died) starts nothing: it
+        follows the job, handing it to its service again while it is still PENDING (the
+        earlier delivery may have died before the hand-off: at least once, under the same id;
+        the job takes one final event). Ends with the job's final event, or without it when
+        the session closes first."""
+        validate_message(message)
+        require_job_id(job_id)
+        tenant_id = ctx.tenant_id
+        async with self._events.subscribe(tenant_id, message.session_id) as feed:
+            fresh = False  # whether this call started the job
+            job = await self._jobs.get_job(tenant_id, job_id)
+            if job is None:
+                session = await self._sessions.get_open(tenant_id, message.session_id)
+                if self._budget is not None:
+                    await self._budget.check(tenant_id)
+                cache = self._cache
+                cache_key = ""
+                if cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING:
+                    cache_key = cache.key_for(message.model, message.content)
+                new = NewJob(
+                    job_id=job_id,
+                    session_id=session.session_id,
+                    agent_id=session.agent_id,
+                    service=Service.for_kind(message.kind),
+                    kind=message.kind,
+                    content=message.content,
+                    request_id=ctx.request_id,
+                    model=message.model,
+                    cache_key=cache_key,
+                    collections=tuple(message.collections),
+                    keep_final=True,
+                )
+                started = await self._jobs.start_job(
+                    tenant_id, new, self._limits, if_busy=IfBusy.RUN
+                )
+                if isinstance(started, StartedJob):
+                    # Handed over (in a task this orchestrator owns) before the accepted event
+                    # goes out: a consumer that stops at that event cannot hold it back.
+                    fresh = True
+                    self._hand_off_soon(ctx, new)
+                    yield started.accepted
+                elif started is not StartRefused.JOB_EXISTS:
+                    raise _refusal(started, session.session_id)
+                # else another delivery started it just now: follow it.
+            elif job.state is JobState.PENDING:
+                again = NewJob(
+                    job_id=job_id,
+                    session_id=job.session_id,
+                    agent_id=job.agent_id,
+                    service=job.service,
+                    kind=job.kind,
+                    content=message.content,
+                    request_id=job.request_id,
+                    model=job.model,
+                    cache_key=job.cache_key,
+                    collections=tuple(message.collections),
+                )
+                log.info("job %s is still pending: handing it to %s again", job_id, job.service)
+                self._hand_off_soon(ctx, again)
+            final = await self._final_event(feed, tenant_id, job_id, read_first=not fresh)
+            if final is not None:
+                yield final
+
+    async def _final_event(
+        self, feed: Feed, tenant_id: str, job_id: str, *, read_first: bool
+    ) -> SessionEvent | None:
+        """The job's final event: from the session's feed (subscribed before the job was
+        started or read), or kept with the job, read first (``read_first``: the job was not
+        started just now) and again whenever the feed may have missed it. None when the job is
+        unknown, or the session closed with the job unfinished."""
+        read = read_first
+        while True:
+            if read:
+                job = await self._jobs.get_job(tenant_id, job_id)
+                if job is None:
+                    return None
+                if job.state.is_final:
+                    return job.final_event or _unkept_final(job)
+            read = True
+            if not await feed.wait(self._idle_check_s):
+                if not await self._is_open(tenant_id, feed.key[1]):
+                    return None
+                continue  # nothing for a while: read the job again
+            for event in feed.drain():
+                if event.job_id == job_id and event.kind.is_final:
+                    return event
+            if feed.lagging:  # events were dropped: read the job again
+                feed.lagging = False
+                continue
+            if feed.closed:
+                job = await self._jobs.get_job(tenant_id, job_id)
+                if job is not None and job.state.is_final:
+                    return job.final_event or _unkept_final(job)
+                return None
+            read = False
+
     async def follow(
         self, tenant_id: str, session_id: str, after: int
     ) -> AsyncIterator[SessionEvent]:
@@ -532,6 +636,25 @@ class ChatOrchestrator:
             # rejected as "job finished".
             log.warning("cancel of job %s not delivered to %s: %s", job_id, job.service, exc)
         return event
+
+
+def _unkept_final(job: Job) -> SessionEvent:
+    """The final event of an ended job that was not started to keep it (not one run_once
+    started): its state, without a result."""
+    error = {
+        "code": "result_unavailable",
+        "message": f"job {job.job_id} ended {job.state.value}; its result was not kept",
+        "retryable": True,
+    }
+    return SessionEvent(
+        session_id=job.session_id,
+        job_id=job.job_id,
+        sequence=0,
+        time_ms=job.updated_at_ms,
+        kind=EventKind.FAILED,
+        request_id=job.request_id,
+        data={"error": error},
+    )
 
 
 def _refusal(refused: StartRefused, session_id: str) -> Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -37,6 +38,23 @@ def new_id() -> str:
     value |= _counter << 64  # rand_a: the monotonic counter
     value |= 0b10 << 62  # variant
     value |= rand_b
+    return str(uuid.UUID(int=value))
+
+
+def derived_id(parent_id: str, name: str) -> str:
+    """A resource id (UUIDv7 shape, so it passes :func:`is_resource_id`) determined by
+    ``parent_id`` and ``name`` alone: the same pair always gives the same id. Work that is
+    delivered more than once (a batch item) names its job this way, so a redelivery finds the
+    job an earlier delivery started. The time bits are the parent's (a UUIDv7 this service
+    issued; 0 otherwise), the other 74 bits come from a SHA-256 of both."""
+    digest = hashlib.sha256(f"{parent_id}/{name}".encode()).digest()
+    bits = int.from_bytes(digest[:10], "big")  # 80 bits, 74 used
+    ms = int(parent_id[:8] + parent_id[9:13], 16) if is_resource_id(parent_id) else 0
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= ((bits >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62  # variant
+    value |= bits & 0x3FFF_FFFF_FFFF_FFFF
     return str(uuid.UUID(int=value))
 
 

@@ -165,6 +165,10 @@ class NewJob:
     cache_key: str = ""
     # RAG collections to search (kept with the job until it is handed over, like content).
     collections: tuple[str, ...] = ()
+    # Keep the job's final event with the job record (Job.final_event) for its retention, so
+    # work delivered again after its job ended (a batch item whose worker died) reads the
+    # outcome even when the session's log no longer retains it.
+    keep_final: bool = False
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -188,6 +192,7 @@ class NewJob:
             agent_id=self.agent_id,
             model=self.model,
             cache_key=self.cache_key,
+            keep_final=self.keep_final,
         )
 
 
@@ -211,6 +216,9 @@ class Job:
     agent_id: str = ""
     model: str = ""
     cache_key: str = ""
+    keep_final: bool = False
+    # The job's final event, once it ended, when it was started with ``keep_final``.
+    final_event: SessionEvent | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +309,8 @@ class StartRefused(enum.StrEnum):
     SESSION_MISSING = "session_missing"
     SESSION_NOT_OPEN = "session_not_open"
     SESSION_BUSY = "session_busy"
+    # A job with this id was already recorded (ids derived from redelivered work repeat).
+    JOB_EXISTS = "job_exists"
 
 
 @dataclass(frozen=True, slots=True)

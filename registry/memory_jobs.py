@@ -174,6 +174,8 @@ class MemoryJobStore:
     async def start_job(
         self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
     ) -> StartedJob | StartRefused:
+        if self._job(new.job_id) is not None:
+            return StartRefused.JOB_EXISTS
         session = self._sessions.peek(tenant_id, new.session_id)
         if session is None:
             return StartRefused.SESSION_MISSING
@@ -351,11 +353,14 @@ class MemoryJobStore:
         self._handoffs.pop(job.job_id, None)
         # Completed from the embedding cache: the reply counts as a message (usage is 0).
         self._release(job, now, completed_usage=state is JobState.COMPLETED)
-        return self._events.append(
+        event = self._events.append(
             job.tenant_id,
             job.session_id,
             EventDraft(job.job_id, EventKind(state.value), job.request_id, data),
         )
+        if job.keep_final:
+            self._jobs[job.job_id] = replace(job, final_event=event)
+        return event
 
     async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
         job = self._job(job_id)

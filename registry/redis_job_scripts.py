@@ -66,6 +66,14 @@ end
 local function is_final(state)
   return state ~= 'pending' and state ~= 'running' and state ~= 'queued'
 end
+
+-- A job started with 'keep' set keeps its final event ("<seq> <time> <envelope>", the
+-- published form) in its hash, readable after the session's capped log dropped it.
+local function keep_final(seq, env)
+  if redis.call('HGET', KEYS[1], 'keep') == '1' then
+    redis.call('HSET', KEYS[1], 'final', seq .. ' ' .. now .. ' ' .. env)
+  end
+end
 """
 
 # ARGV: 1 job_id, 2 session_id, 3 service, 4 kind, 5 request_json, 6 agent_id, 7 model,
@@ -76,9 +84,12 @@ end
 # grace_ms. The spec stays in field ``ho`` until the job is handed over (or ends); ``hol`` is
 # the hand-off's lease (a PENDING job not confirmed by then is handed over again, see
 # CLAIM_HANDOFF) and ``hoa`` the number of hand-offs started (0 while queued).
+# 21 keep final ('1': the job hash keeps its final event, see _KEEP_FINAL).
+# A job id that is already recorded is refused (``job_exists``), and nothing changes.
 START = (
     _PRELUDE
     + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'job_exists'} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'session_missing'} end
 local s = redis.call('HMGET', KEYS[2], 'state', 'expires')
 if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2]) then
@@ -102,6 +113,7 @@ redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
   'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16],
   'ho', ARGV[19], 'hol', now + tonumber(ARGV[20]), 'hoa', queued and 0 or 1)
+if ARGV[21] == '1' then redis.call('HSET', KEYS[1], 'keep', '1') end
 lifetime = lifetime + tonumber(ARGV[11])
 redis.call('PEXPIRE', KEYS[1], lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished
@@ -186,6 +198,7 @@ else
 end
 local env = envelope(ARGV[1], f[4], event, ARGV[5])
 local seq = append(env, ARGV[11], tonumber(ARGV[12]), ARGV[13])
+if event ~= 'progress' and event ~= 'delta' then keep_final(seq, env) end
 return {'accepted', seq, now, env}
 """
 )
@@ -239,6 +252,7 @@ if ARGV[2] == 'completed' and redis.call('EXISTS', KEYS[2]) == 1 then
 end
 local env = envelope(ARGV[1], f[2], ARGV[2], ARGV[3])
 local seq = append(env, ARGV[5], tonumber(ARGV[6]), ARGV[7])
+keep_final(seq, env)
 return {'done', seq, now, env}
 """
 )
@@ -261,6 +275,7 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 release(ARGV[1])
 local env = envelope(ARGV[1], f[2], 'timed_out', '{"deadline_ms":' .. due .. '}')
 local seq = append(env, ARGV[3], tonumber(ARGV[4]), ARGV[5])
+keep_final(seq, env)
 return {'done', seq, now, env}
 """
 )

@@ -87,6 +87,12 @@ class EventLogConfig:
     ttl_ms: int
 
 
+def _final_event(session_id: str, kept: str) -> SessionEvent:
+    """A job's kept final event, stored as "<sequence> <time> <envelope>"."""
+    sequence, time_ms, envelope = kept.split(" ", 2)
+    return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
+
+
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
@@ -192,6 +198,7 @@ class RedisJobStore:
                     "1" if hold else "0",
                     spec,
                     limits.handoff_grace_ms,
+                    "1" if new.keep_final else "0",
                 ],
                 client=pipe,
             )
@@ -200,6 +207,10 @@ class RedisJobStore:
             pipe.sadd(keys.job_tenants(), tenant_id)
             reply = (await pipe.execute())[-2]
             status = as_str(reply[0])
+            if status == StartRefused.JOB_EXISTS.value:
+                # The index and deadline entries written above are the existing job's own
+                # (the same id, tenant and session): they stay.
+                return StartRefused.JOB_EXISTS
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
@@ -477,4 +488,6 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         agent_id=f.get("agent", ""),
         model=f.get("model", ""),
         cache_key=f.get("ckey", ""),
+        keep_final=f.get("keep") == "1",
+        final_event=_final_event(f["session"], f["final"]) if "final" in f else None,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from domain.errors import InvalidArgument
-from domain.ids import is_resource_id, is_tenant_id, new_id
+from domain.ids import derived_id, is_resource_id, is_tenant_id, new_id
 from domain.models import SessionFilter, SessionState
 from domain.sessions import decode_page_token, encode_page_token
 
@@ -15,6 +15,16 @@ def test_ids_are_uuid7_and_sort_in_creation_order() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert all(is_resource_id(i) for i in ids)
+
+
+def test_derived_ids_are_valid_ids_fixed_by_their_parent_and_name() -> None:
+    parent = new_id()
+    ids = [derived_id(parent, f"item/{n}") for n in range(5000)]
+    assert all(is_resource_id(i) for i in ids)  # so they pass job id validation
+    assert len(set(ids)) == len(ids)
+    assert ids == [derived_id(parent, f"item/{n}") for n in range(5000)]  # the same every time
+    assert derived_id(new_id(), "item/0") != ids[0]
+    assert all(i[:13] == parent[:13] for i in ids)  # they sort with their parent's time
 
 
 def test_tenant_ids_cannot_break_redis_hash_tags() -> None:
