@@ -27,10 +27,14 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from domain.jobs import (
     UNFINISHED_STATES,
@@ -124,6 +128,26 @@ class RedisJobStore:
             k.jobs_in_state(tenant_id, JobState.QUEUED.value),
         ]
 
+    async def _in_one_round_trip(
+        self, build: Callable[[Pipeline], Awaitable[None]], script: AsyncScript
+    ) -> list[Any]:
+        """Execute the pipeline ``build`` makes, which calls ``script``, in one round trip.
+        redis-py first asks Redis whether a pipeline's scripts are loaded (SCRIPT EXISTS: one
+        more round trip on every call); here the script goes as it is, and only a Redis that
+        lost it (restarted) costs loading it and sending the pipeline again: the script did
+        not run, and every other command these pipelines hold is idempotent."""
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            await build(pipe)
+            pipe.scripts.clear()
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                script.sha = await self._redis.script_load(script.script)
+        raise AssertionError("unreachable")
+
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
         return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
 
@@ -158,10 +182,10 @@ class RedisJobStore:
         deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
-        with redis_errors_as_unavailable():
-            # One round trip; the index is written first so that a notice can never find a job
-            # it cannot locate.
-            pipe = self._redis.pipeline(transaction=False)
+
+        async def build(pipe: Pipeline) -> None:
+            # The index is written first so that a notice can never find a job it cannot
+            # locate.
             pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
             pipe.zadd(keys.job_deadlines(), {deadline_member: early_due})
             # A queued job's first hand-off is its enqueue: checked alike.
@@ -195,7 +219,9 @@ class RedisJobStore:
             # After the script, which counts the job: count_unfinished's pruning can then
             # never drop the tenant of a counted job (PRUNE_TENANTS).
             pipe.sadd(keys.job_tenants(), tenant_id)
-            reply = (await pipe.execute())[-2]
+
+        with redis_errors_as_unavailable():
+            reply = (await self._in_one_round_trip(build, self._start))[-2]
             status = as_str(reply[0])
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
@@ -215,12 +241,12 @@ class RedisJobStore:
             return ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
         member = f"{tenant_id} {session_id} {job_id}"
-        with redis_errors_as_unavailable():
-            # One round trip, as a start: the reaper must look at a started job by its new
-            # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so
-            # both hints are written with the script, whatever it answers: a job that was not
-            # started is only looked at early (the reaper and the claim re-check it).
-            pipe = self._redis.pipeline(transaction=False)
+
+        # One round trip, as a start: the reaper must look at a started job by its new
+        # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so both
+        # hints are written with the script, whatever it answers: a job that was not started
+        # is only looked at early (the reaper and the claim re-check it).
+        async def build(pipe: Pipeline) -> None:
             await self._activate(
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
@@ -234,7 +260,9 @@ class RedisJobStore:
             )
             pipe.zadd(self._keys.job_deadlines(), {member: _early_due_ms(limits, may_queue=False)})
             pipe.zadd(self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms})
-            reply = (await pipe.execute())[0]
+
+        with redis_errors_as_unavailable():
+            reply = (await self._in_one_round_trip(build, self._activate))[0]
         return ActivateOutcome(as_str(reply[0]))
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
@@ -242,8 +270,8 @@ class RedisJobStore:
         if located is None or located[0] != tenant_id:
             return False
         member = f"{tenant_id} {located[1]} {job_id}"
-        with redis_errors_as_unavailable():
-            pipe = self._redis.pipeline(transaction=False)
+
+        async def build(pipe: Pipeline) -> None:
             await self._renew_handoff(
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
@@ -255,7 +283,9 @@ class RedisJobStore:
                 {member: _now_ms() + limits.handoff_grace_ms},
                 xx=True,
             )
-            lease, _ = await pipe.execute()
+
+        with redis_errors_as_unavailable():
+            lease, _ = await self._in_one_round_trip(build, self._renew_handoff)
         return int(lease) > 0
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
@@ -264,7 +294,7 @@ class RedisJobStore:
             return
         with redis_errors_as_unavailable():
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa")
+            pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
             pipe.zrem(self._keys.job_handoffs(), f"{tenant_id} {located[1]} {job_id}")
             await pipe.execute()
 
