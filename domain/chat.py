@@ -172,6 +172,7 @@ class ChatOrchestrator:
             # Where a completed result goes (a cache hit completes the job and fills nothing).
             cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
             collections=tuple(message.collections),
+            priority=message.priority,
         )
         if_busy = message.if_busy
         if if_busy is IfBusy.HOLD and self._queue is None:
@@ -183,8 +184,9 @@ class ChatOrchestrator:
             if isinstance(started, StartRefused):
                 raise _refusal(started, session.session_id)
             if started.queued:
-                # Shielded: a caller going away does not leave the job off the work queue.
-                await asyncio.shield(self._owned(self._enqueue(ctx, job, started, message)))
+                # Shielded: a caller going away does not leave the job off the work queue (and
+                # if this process dies first, the recovery enqueues it, see ``_enqueue``).
+                await asyncio.shield(self._owned(self._enqueue(ctx, job, started)))
             else:
                 # Before the caller sees `accepted`: whatever the caller does next, the job
                 # reaches its service (or fails with a reason).
@@ -224,17 +226,27 @@ class ChatOrchestrator:
                 "is unknown; send the message again"
             )
 
-    async def _enqueue(
-        self, ctx: CallContext, job: NewJob, started: StartedJob, message: ChatMessage
-    ) -> None:
-        """Put a queued job on the work queue; if that fails the job fails with it."""
+    async def _enqueue(self, ctx: CallContext, job: NewJob, started: StartedJob) -> None:
+        """Put a queued job on the work queue; if the queue refuses, the job fails with it.
+        The start recorded the enqueue as the job's first hand-off, with a lease: if this
+        process dies before the enqueue is confirmed, any process's recovery enqueues the job
+        again (the item id is the job id, so twice is once)."""
+        try:
+            await self._put_on_queue(ctx.tenant_id, job, started.accepted.sequence)
+        except Unavailable as exc:
+            error = {"code": "unavailable", "message": exc.message, "retryable": True}
+            await self._fail(ctx.tenant_id, job.job_id, job.request_id, error)
+            raise
+
+    async def _put_on_queue(self, tenant_id: str, job: NewJob, accepted_sequence: int) -> None:
+        """Enqueue a queued job's work item (holding its lease), then confirm the enqueue."""
         assert self._queue is not None  # start_job only queues when there is a queue
         queued = QueuedChat(
-            tenant_id=ctx.tenant_id,
+            tenant_id=tenant_id,
             job_id=job.job_id,
             session_id=job.session_id,
             request_id=job.request_id,
-            accepted_sequence=started.accepted.sequence,
+            accepted_sequence=accepted_sequence,
             kind=job.kind,
             content=job.content,
             model=job.model,
@@ -242,12 +254,32 @@ class ChatOrchestrator:
             agent_id=job.agent_id,
             cache_key=job.cache_key,
         )
+        queue = self._queue
+        await self._holding_lease(
+            tenant_id, job.job_id, queue.enqueue([queued.work_item(job.priority)])
+        )
         try:
-            await self._queue.enqueue([queued.work_item(message.priority)])
+            await self._jobs.enqueue_done(tenant_id, job.job_id)
         except Unavailable as exc:
-            error = {"code": "unavailable", "message": exc.message, "retryable": True}
-            await self._fail(ctx.tenant_id, job.job_id, job.request_id, error)
-            raise
+            # Harmless: the recovery enqueues it once more (a no-op), or its activation
+            # confirms it.
+            log.info("job %s enqueued; marking it so failed: %s", job.job_id, exc)
+
+    async def _requeue(self, claim: HandoffClaim) -> None:
+        """Recovery of a queued job whose enqueue was interrupted: enqueue it again. If that
+        cannot finish either, its lease runs out and the recovery tries again."""
+        job = claim.job
+        try:
+            await self._put_on_queue(claim.tenant_id, job, claim.accepted_sequence)
+        except Exception as exc:
+            log.warning(
+                "enqueue of queued job %s (attempt %d) did not finish: %s: %s; it is enqueued "
+                "again when its lease runs out",
+                job.job_id,
+                claim.attempt,
+                type(exc).__name__,
+                exc,
+            )
 
     async def run_queued(self, queued: QueuedChat) -> SessionEvent | None:
         """Run a queued job when its turn comes and return its final event (the ``chat`` work
@@ -368,7 +400,7 @@ class ChatOrchestrator:
             # may hand it over once more (at least once).
             log.info("job %s handed over; marking it so failed: %s", job.job_id, exc)
 
-    async def _holding_lease(self, tenant_id: str, job_id: str, work: Awaitable[None]) -> None:
+    async def _holding_lease(self, tenant_id: str, job_id: str, work: Awaitable[object]) -> None:
         """Run ``work``, renewing the job's hand-off lease while it goes on (a slow submit is
         not taken for an interrupted one)."""
         task = asyncio.ensure_future(work)
@@ -388,30 +420,33 @@ class ChatOrchestrator:
 
     async def recover_handoffs(self, *, limit: int = 100) -> list[HandoffClaim]:
         """Claim the jobs whose hand-off was interrupted (no confirmation within the lease, in
-        any process) and hand each over again, or fail it when it has had every attempt or is
-        past its deadline. Returns the claims."""
+        any process) and hand each over again (a queued job whose enqueue was interrupted:
+        enqueue it again). A job that has had every attempt or is past its deadline was
+        failed by its claim already. Returns the claims."""
         claims = await self._jobs.claim_handoffs(self._limits, limit=limit)
         for claim in claims:
             job = claim.job
             ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
             if claim.exhausted:
                 log.warning(
-                    "job %s failed: its hand-off to the %s service was interrupted %d times "
-                    "(or the job is past its deadline)",
+                    "job %s failed handoff_failed: its hand-off to the %s service was "
+                    "interrupted %d times (or the job is past its deadline)",
                     job.job_id,
                     job.service.value,
                     claim.attempt,
                 )
-                error = {
-                    "code": "handoff_failed",
-                    "message": (
-                        f"the job could not be handed to the {job.service.value} service "
-                        f"({claim.attempt} hand-offs interrupted)"
-                    ),
-                    "retryable": True,
-                }
-                await self._fail(claim.tenant_id, job.job_id, job.request_id, error)
-                await self._jobs.handoff_done(claim.tenant_id, job.job_id)
+                continue
+            if claim.requeue:
+                if self._queue is None:  # only processes with the work queue queue jobs
+                    continue
+                log.warning(
+                    "queued job %s: its enqueue on the work queue was interrupted; enqueueing "
+                    "it again (attempt %d of %d)",
+                    job.job_id,
+                    claim.attempt,
+                    self._limits.handoff_attempts,
+                )
+                self._owned(self._requeue(claim)).set_name(f"requeue-{job.job_id}")
                 continue
             log.warning(
                 "job %s: its hand-off to the %s service was interrupted; handing it over again "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain.models import Service, TokenUsage, WorkKind
+from registry.queue_base import QueuePriority
 
 
 class JobState(enum.StrEnum):
@@ -169,6 +170,8 @@ class NewJob:
     # work delivered again after its job ended (a batch item whose worker died) reads the
     # outcome even when the session's log no longer retains it.
     keep_final: bool = False
+    # Where a QUEUED job goes on the ``chat`` work queue (kept with it until it is handed over).
+    priority: QueuePriority = QueuePriority.NORMAL
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -223,16 +226,36 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class HandoffClaim:
-    """A PENDING job whose hand-off to its service was interrupted (no confirmation within its
-    lease), claimed by one process: ``job`` is its work spec as recorded at the start,
-    ``attempt`` the number of this hand-off (2: the first redo). ``exhausted``: it has had
-    every attempt, or is past its deadline, and must fail instead; the claim holds a lease
-    either way, so no other process takes it meanwhile."""
+    """A job whose hand-off was interrupted (no confirmation within its lease), claimed by one
+    process: ``job`` is its work spec as recorded at the start, ``attempt`` the number of this
+    hand-off (2: the first redo). For a PENDING job the hand-off is to its service; for a QUEUED
+    job whose work item was never confirmed on the ``chat`` work queue (``requeue``) it is that
+    enqueue, redone under the same item id (the job id) with ``accepted_sequence``. The claim
+    holds a new lease, so no other process takes it meanwhile. ``exhausted``: it had had every
+    attempt, or was past its deadline, and the claim itself failed it ``handoff_failed``
+    (``handoff_failed_data``) in the same atomic step."""
 
     tenant_id: str
     job: NewJob
     attempt: int
     exhausted: bool = False
+    requeue: bool = False
+    accepted_sequence: int = 0
+
+
+def handoff_failed_data(service: str, attempts: int | str) -> dict[str, Any]:
+    """The data of the failed event of a job whose hand-off was interrupted too often (the
+    stores fill it in when a claim finds the attempts used up)."""
+    return {
+        "error": {
+            "code": "handoff_failed",
+            "message": (
+                f"the job could not be handed to the {service} service "
+                f"({attempts} hand-offs interrupted)"
+            ),
+            "retryable": True,
+        }
+    }
 
 
 class NoticeEvent(enum.StrEnum):

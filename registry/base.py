@@ -88,15 +88,22 @@ class JobStore(Protocol):
         the session is busy and ``if_busy`` is HOLD.
         A PENDING job turns RUNNING with the service's first notice.
 
-        The job's work spec (``new``, collections included) is kept with it until it is handed
-        over, and a PENDING job is due for a hand-off check ``limits.handoff_grace_ms`` after
-        the start (its first hand-off's lease), in the same atomic step or round trip: see
-        ``claim_handoffs``."""
+        The job's work spec (``new``, collections and priority included) is kept with it until
+        it is handed over, and the job is due for a hand-off check ``limits.handoff_grace_ms``
+        after the start (its first hand-off's lease), in the same atomic step or round trip:
+        see ``claim_handoffs``. For a QUEUED job that first hand-off is its enqueue on the
+        ``chat`` work queue, confirmed by ``enqueue_done``."""
         ...
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
-        """Extend the lease of a hand-off in progress to ``limits.handoff_grace_ms`` from now;
-        False (and no change) when the job is no longer waiting for one."""
+        """Extend the lease of a hand-off (or of a QUEUED job's enqueue) in progress to
+        ``limits.handoff_grace_ms`` from now; False (and no change) when the job is no longer
+        waiting for one."""
+        ...
+
+    async def enqueue_done(self, tenant_id: str, job_id: str) -> None:
+        """A QUEUED job's work item is on the work queue: its enqueue is no longer claimed
+        (its work spec stays until the job is handed over). Activating the job does the same."""
         ...
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
@@ -105,10 +112,13 @@ class JobStore(Protocol):
         ...
 
     async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
-        """Up to ``limit`` PENDING jobs whose hand-off lease ran out without confirmation,
-        each claimed atomically (a new lease of ``limits.handoff_grace_ms``, the attempt
-        counted), so one process redoes each. A claim is ``exhausted`` when the job has had
-        ``limits.handoff_attempts`` hand-offs or is past its deadline."""
+        """Up to ``limit`` jobs whose hand-off lease ran out without confirmation (PENDING
+        jobs not handed over, QUEUED jobs not confirmed enqueued: ``requeue``), each claimed
+        atomically (a new lease of ``limits.handoff_grace_ms``, the attempt counted), so one
+        process redoes each. A job that has had ``limits.handoff_attempts`` hand-offs or is
+        past its deadline is failed ``handoff_failed`` by the claim, in the same atomic step
+        (the claim is ``exhausted``): a notice from an earlier hand-off either comes before it
+        (the job is RUNNING and not claimed) or finds the job finished."""
         ...
 
     async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:

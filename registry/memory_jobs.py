@@ -33,6 +33,7 @@ from domain.jobs import (
     StartedJob,
     StartRefused,
     Verdict,
+    handoff_failed_data,
 )
 from domain.models import SessionState
 from registry.fanout import Feed, LocalFanout
@@ -42,12 +43,21 @@ from registry.memory_usage import MemoryUsageStore
 
 @dataclass(slots=True)
 class _Handoff:
-    """A job's work spec until it is handed over, and its hand-off lease (while PENDING)."""
+    """A job's work spec until it is handed over, and its hand-off lease (while PENDING, or
+    while QUEUED and not confirmed on the work queue: ``enqueue_sequence`` is then its
+    accepted event's sequence)."""
 
     tenant_id: str
     spec: NewJob
     lease_ms: int = 0
     attempts: int = 0
+    enqueue_sequence: int | None = None
+
+    def leased(self, state: JobState) -> bool:
+        """Whether a hand-off (or an enqueue) of a job in ``state`` is in progress."""
+        return state is JobState.PENDING or (
+            state is JobState.QUEUED and self.enqueue_sequence is not None
+        )
 
 
 @dataclass(slots=True)
@@ -193,8 +203,8 @@ class MemoryJobStore:
         self._unfinished.add(new.job_id)
         due = min(job.deadline_ms, job.heartbeat_deadline_ms)
         heapq.heappush(self._deadlines, (due, new.job_id))
-        self._handoffs[new.job_id] = _Handoff(
-            tenant_id, new, lease_ms=now + limits.handoff_grace_ms, attempts=0 if queued else 1
+        handoff = self._handoffs[new.job_id] = _Handoff(
+            tenant_id, new, lease_ms=now + limits.handoff_grace_ms, attempts=1
         )
         if queued:
             self._lines.setdefault((tenant_id, new.session_id), deque()).append(new.job_id)
@@ -221,6 +231,8 @@ class MemoryJobStore:
             new.session_id,
             EventDraft(new.job_id, EventKind.ACCEPTED, new.request_id, data),
         )
+        if queued:
+            handoff.enqueue_sequence = event.sequence  # its first hand-off: the enqueue
         return StartedJob(job, event)
 
     async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
@@ -231,6 +243,9 @@ class MemoryJobStore:
             return ActivateOutcome.ALREADY_STARTED
         if job.state.is_final:
             return ActivateOutcome.FINAL
+        handoff = self._handoffs.get(job_id)
+        if handoff is not None:  # its work item was delivered: the enqueue is confirmed
+            handoff.enqueue_sequence = None
         session = self._sessions.peek(tenant_id, job.session_id)
         if session is None or not session.state.is_open:
             return ActivateOutcome.SESSION_NOT_OPEN
@@ -252,7 +267,6 @@ class MemoryJobStore:
         self._jobs[job_id] = job
         self._expires[job_id] = now + limits.deadline_ms + limits.retention_ms
         heapq.heappush(self._deadlines, (min(job.deadline_ms, job.heartbeat_deadline_ms), job_id))
-        handoff = self._handoffs.get(job_id)
         if handoff is not None:
             handoff.lease_ms, handoff.attempts = now + limits.handoff_grace_ms, 1
         return ActivateOutcome.STARTED
@@ -262,10 +276,15 @@ class MemoryJobStore:
         job = self._job(job_id)
         if handoff is None or job is None or job.tenant_id != tenant_id:
             return False
-        if job.state is not JobState.PENDING:
+        if not handoff.leased(job.state):
             return False
         handoff.lease_ms = self._clock() + limits.handoff_grace_ms
         return True
+
+    async def enqueue_done(self, tenant_id: str, job_id: str) -> None:
+        handoff = self._handoffs.get(job_id)
+        if handoff is not None and handoff.tenant_id == tenant_id:
+            handoff.enqueue_sequence = None
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
         handoff = self._handoffs.get(job_id)
@@ -282,15 +301,25 @@ class MemoryJobStore:
             if job is None or job.state.is_final:
                 del self._handoffs[job_id]
                 continue
-            if job.state is not JobState.PENDING or now < handoff.lease_ms:
-                continue  # queued (waits for its turn), running, or its lease holds
-            handoff.lease_ms = now + limits.handoff_grace_ms
-            exhausted = handoff.attempts >= limits.handoff_attempts or now >= job.deadline_ms
-            if not exhausted:
-                handoff.attempts += 1
-            claims.append(
-                HandoffClaim(handoff.tenant_id, handoff.spec, handoff.attempts, exhausted)
+            if not handoff.leased(job.state) or now < handoff.lease_ms:
+                continue  # enqueued (waits for its turn), or its lease holds
+            requeue = handoff.enqueue_sequence
+            claim = HandoffClaim(
+                handoff.tenant_id,
+                handoff.spec,
+                handoff.attempts,
+                requeue=requeue is not None,
+                accepted_sequence=requeue or 0,
             )
+            if handoff.attempts >= limits.handoff_attempts or now >= job.deadline_ms:
+                # Failed in the same step as the claim (nothing can happen in between).
+                data = handoff_failed_data(job.service.value, handoff.attempts)
+                self._finish(job, JobState.FAILED, data, limits)
+                claims.append(replace(claim, exhausted=True))
+                continue
+            handoff.lease_ms = now + limits.handoff_grace_ms
+            handoff.attempts += 1
+            claims.append(replace(claim, attempt=handoff.attempts))
         return claims
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:

@@ -48,7 +48,7 @@ end
 
 -- The job reached its service or ended: its work spec and hand-off lease go.
 local function handed_over()
-  redis.call('HDEL', KEYS[1], 'ho', 'hol', 'hoa')
+  redis.call('HDEL', KEYS[1], 'ho', 'hol', 'hoa', 'hoq')
 end
 
 -- The job is final: it is no longer counted and leaves the session's pending set (and its
@@ -80,10 +80,12 @@ end
 # 8 accepted data JSON without its closing brace, 9 deadline_ms, 10 heartbeat_ms,
 # 11 job retention_ms, 12 if busy (run | reject | hold), 13 maxlen, 14 ttl, 15 channel,
 # 16 cache key, 17 queue timeout_ms, 18 hold ('1': queue it even on an idle session),
-# 19 hand-off spec JSON (what the job hash does not hold of the work request), 20 hand-off
-# grace_ms. The spec stays in field ``ho`` until the job is handed over (or ends); ``hol`` is
-# the hand-off's lease (a PENDING job not confirmed by then is handed over again, see
-# CLAIM_HANDOFF) and ``hoa`` the number of hand-offs started (0 while queued).
+# 19 hand-off spec JSON (what the job hash does not hold of the work request, and the work
+# queue priority), 20 hand-off grace_ms. The spec stays in field ``ho`` until the job is handed
+# over (or ends); ``hol`` is the hand-off's lease (a job not confirmed by then is handed over
+# again, see CLAIM_HANDOFF) and ``hoa`` the number of hand-offs started. A QUEUED job's first
+# hand-off is its enqueue on the work queue: until that is confirmed (ENQUEUE_DONE, or the
+# job is activated) ``hoq`` holds its accepted event's sequence, which the work item carries.
 # 21 keep final ('1': the job hash keeps its final event, see _KEEP_FINAL).
 # A job id that is already recorded is refused (``job_exists``), and nothing changes.
 START = (
@@ -112,7 +114,7 @@ redis.call('HSET', KEYS[1], 'session', ARGV[2], 'service', ARGV[3], 'kind', ARGV
   'state', state, 'request', ARGV[5], 'agent', ARGV[6], 'model', ARGV[7],
   'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
   'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', ARGV[16],
-  'ho', ARGV[19], 'hol', now + tonumber(ARGV[20]), 'hoa', queued and 0 or 1)
+  'ho', ARGV[19], 'hol', now + tonumber(ARGV[20]), 'hoa', 1)
 if ARGV[21] == '1' then redis.call('HSET', KEYS[1], 'keep', '1') end
 lifetime = lifetime + tonumber(ARGV[11])
 redis.call('PEXPIRE', KEYS[1], lifetime)
@@ -139,6 +141,7 @@ if queued then data = data .. ',"queued":true' end
 data = data .. '}'
 local env = envelope(ARGV[1], ARGV[5], 'accepted', data)
 local seq = append(env, ARGV[13], tonumber(ARGV[14]), ARGV[15])
+if queued then redis.call('HSET', KEYS[1], 'hoq', seq) end
 return {'ok', seq, now, env}
 """
 )
@@ -212,6 +215,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown_job'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'pending' or state == 'running' then return {'already_started'} end
 if state ~= 'queued' then return {'final'} end
+-- Its work item was delivered, so its enqueue needs no confirmation any more.
+redis.call('HDEL', KEYS[1], 'hoq')
 local s = redis.call('HMGET', KEYS[2], 'state', 'expires')
 if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2] or '0') then
   return {'session_not_open'}
@@ -281,43 +286,57 @@ return {'done', seq, now, env}
 )
 
 # KEYS: 1 the job hash (only). ARGV: 1 hand-off grace_ms.
-# Extends the lease of a hand-off in progress; returns the new lease, or 0 when the job is not
-# PENDING with its spec (handed over, ended, queued or gone).
+# Extends the lease of a hand-off in progress (a PENDING job with its spec, or a QUEUED job not
+# yet confirmed enqueued); returns the new lease, or 0 when there is none to extend (handed
+# over, enqueued, ended or gone).
 RENEW_HANDOFF = """
-local f = redis.call('HMGET', KEYS[1], 'state', 'ho')
-if f[1] ~= 'pending' or not f[2] then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'state', 'ho', 'hoq')
+if not f[2] or not (f[1] == 'pending' or (f[1] == 'queued' and f[3])) then return 0 end
 local t = redis.call('TIME')
 local lease = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 redis.call('HSET', KEYS[1], 'hol', lease)
 return lease
 """
 
-# KEYS: 1 the job hash (only). ARGV: 1 hand-off grace_ms, 2 most hand-offs.
-# A PENDING job with its spec whose lease has passed is claimed: a new lease, and (unless it
-# has had every hand-off or is past its deadline: 'exhausted') one more hand-off counted.
+# ARGV: 1 job_id, 2 hand-off grace_ms, 3 most hand-offs, 4 job retention_ms, 5 maxlen, 6 ttl,
+# 7 channel, 8 the failed event's data JSON, with ``{service}`` and ``{attempts}`` to fill in.
+# A job with its spec whose lease has passed is claimed: a PENDING one to be handed over again
+# ('claimed'), a QUEUED one not confirmed enqueued to be enqueued again ('requeue'); either way
+# a new lease and one more hand-off counted. One that has had every hand-off or is past its
+# deadline fails here ('exhausted', with its failed event), so nothing happens to it between
+# the claim and its end.
 # Returns {'gone'} | {'done'} (nothing to hand over) | {'later', lease} |
-# {'claimed' or 'exhausted', lease, attempts, spec, session, service, kind, request, agent,
-# model, cache key}.
-CLAIM_HANDOFF = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+# {'claimed' | 'requeue' | 'exhausted', lease, attempts, spec, session, service, kind, request,
+# agent, model, cache key, accepted sequence (requeue) or ''}.
+CLAIM_HANDOFF = (
+    _PRELUDE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local f = redis.call('HMGET', KEYS[1], 'state', 'ho', 'hol', 'hoa', 'deadline', 'session',
-  'service', 'kind', 'request', 'agent', 'model', 'ckey')
-if f[1] ~= 'pending' or not f[2] then return {'done'} end
+  'service', 'kind', 'request', 'agent', 'model', 'ckey', 'hoq')
+local requeue = f[1] == 'queued' and f[13]
+if not f[2] or not (f[1] == 'pending' or requeue) then return {'done'} end
 local lease = tonumber(f[3] or '0')
 if now < lease then return {'later', lease} end
-lease = now + tonumber(ARGV[1])
 local attempts = tonumber(f[4] or '0')
-local status = 'exhausted'
-if attempts < tonumber(ARGV[2]) and now < tonumber(f[5]) then
-  status = 'claimed'
+local reply = {'exhausted', 0, attempts, f[2], f[6], f[7], f[8], f[9], f[10] or '', f[11] or '',
+  f[12] or '', requeue and f[13] or ''}
+if attempts < tonumber(ARGV[3]) and now < tonumber(f[5]) then
+  lease = now + tonumber(ARGV[2])
   attempts = attempts + 1
+  redis.call('HSET', KEYS[1], 'hol', lease, 'hoa', attempts)
+  reply[1] = requeue and 'requeue' or 'claimed'
+  reply[2], reply[3] = lease, attempts
+  return reply
 end
-redis.call('HSET', KEYS[1], 'hol', lease, 'hoa', attempts)
-return {status, lease, attempts, f[2], f[6], f[7], f[8], f[9], f[10] or '', f[11] or '',
-  f[12] or ''}
+redis.call('HSET', KEYS[1], 'state', 'failed', 'updated', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+release(ARGV[1])
+local data = string.gsub((string.gsub(ARGV[8], '{service}', f[7])), '{attempts}', attempts)
+append(envelope(ARGV[1], f[9], 'failed', data), ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return reply
 """
+)
 
 # KEYS: 1 the set of tenants that started jobs, then per tenant of ARGV its sets of queued,
 # pending and running jobs (three keys each, in UNFINISHED_STATES order). ARGV: tenant ids.

@@ -13,7 +13,10 @@ A job's hand-off to its service is tracked the same way: the start script keeps 
 spec and a hand-off lease in the job hash, and the start pipeline scores the job in the
 hand-off set at the end of that lease; the process handing it over removes it once the service
 took it (``handoff_done``), and ``claim_handoffs`` (any process) finds the jobs whose hand-off
-was interrupted.
+was interrupted. A QUEUED job's enqueue on the work queue is its first hand-off, tracked alike
+(``enqueue_done`` confirms it, leaving the entry to the claim, which drops it: removing it here
+could drop the entry of an activation that came first); the activate script's pipeline scores
+the job again when its turn comes.
 A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
 pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
 tenants found with nothing unfinished, so the set follows the active tenants.
@@ -25,10 +28,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from domain.errors import DataLoss
 from domain.jobs import (
@@ -48,12 +55,14 @@ from domain.jobs import (
     StartedJob,
     StartRefused,
     Verdict,
+    handoff_failed_data,
 )
 from domain.models import Service, TokenUsage, WorkKind
 from domain.usage import USAGE_RETENTION_MS
 from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
+from registry.queue_base import QueuePriority
 from registry.redis_client import as_str, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
@@ -129,6 +138,26 @@ class RedisJobStore:
             k.jobs_in_state(tenant_id, JobState.QUEUED.value),
         ]
 
+    async def _in_one_round_trip(
+        self, build: Callable[[Pipeline], Awaitable[None]], script: AsyncScript
+    ) -> list[Any]:
+        """Execute the pipeline ``build`` makes, which calls ``script``, in one round trip.
+        redis-py first asks Redis whether a pipeline's scripts are loaded (SCRIPT EXISTS: one
+        more round trip on every call); here the script goes as it is, and only a Redis that
+        lost it (restarted) costs loading it and sending the pipeline again: the script did
+        not run, and every other command these pipelines hold is idempotent."""
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            await build(pipe)
+            pipe.scripts.clear()
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                script.sha = await self._redis.script_load(script.script)
+        raise AssertionError("unreachable")
+
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
         return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
 
@@ -162,19 +191,15 @@ class RedisJobStore:
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
-        spec = _compact({"c": new.content, "l": list(new.collections)})
-        with redis_errors_as_unavailable():
-            # One round trip; the index is written first so that a notice can never find a job
-            # it cannot locate.
-            pipe = self._redis.pipeline(transaction=False)
+        spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
+
+        async def build(pipe: Pipeline) -> None:
+            # The index is written first so that a notice can never find a job it cannot
+            # locate.
             pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
             pipe.zadd(keys.job_deadlines(), {deadline_member: early_due})
-            if not hold:
-                # A queued job (always with ``hold``) enters it when its turn comes instead;
-                # one queued behind a busy session is found queued and dropped by the claim.
-                pipe.zadd(
-                    keys.job_handoffs(), {deadline_member: _now_ms() + limits.handoff_grace_ms}
-                )
+            # A queued job's first hand-off is its enqueue: checked alike.
+            pipe.zadd(keys.job_handoffs(), {deadline_member: _now_ms() + limits.handoff_grace_ms})
             await self._start(
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
@@ -205,7 +230,9 @@ class RedisJobStore:
             # After the script, which counts the job: count_unfinished's pruning can then
             # never drop the tenant of a counted job (PRUNE_TENANTS).
             pipe.sadd(keys.job_tenants(), tenant_id)
-            reply = (await pipe.execute())[-2]
+
+        with redis_errors_as_unavailable():
+            reply = (await self._in_one_round_trip(build, self._start))[-2]
             status = as_str(reply[0])
             if status == StartRefused.JOB_EXISTS.value:
                 # The index and deadline entries written above are the existing job's own
@@ -228,8 +255,14 @@ class RedisJobStore:
         if located is None or located[0] != tenant_id:
             return ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
-        with redis_errors_as_unavailable():
-            reply = await self._activate(
+        member = f"{tenant_id} {session_id} {job_id}"
+
+        # One round trip, as a start: the reaper must look at a started job by its new
+        # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so both
+        # hints are written with the script, whatever it answers: a job that was not started
+        # is only looked at early (the reaper and the claim re-check it).
+        async def build(pipe: Pipeline) -> None:
+            await self._activate(
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
@@ -238,25 +271,22 @@ class RedisJobStore:
                     limits.retention_ms,
                     limits.handoff_grace_ms,
                 ],
+                client=pipe,
             )
-            outcome = ActivateOutcome(as_str(reply[0]))
-            if outcome is ActivateOutcome.STARTED:
-                # The reaper must look at the job by its new deadline, not the queue timeout,
-                # and its hand-off is now due to be confirmed (the same round trip).
-                member = f"{tenant_id} {session_id} {job_id}"
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.zadd(self._keys.job_deadlines(), {member: int(reply[1])})
-                pipe.zadd(self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms})
-                await pipe.execute()
-        return outcome
+            pipe.zadd(self._keys.job_deadlines(), {member: _early_due_ms(limits, may_queue=False)})
+            pipe.zadd(self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms})
+
+        with redis_errors_as_unavailable():
+            reply = (await self._in_one_round_trip(build, self._activate))[0]
+        return ActivateOutcome(as_str(reply[0]))
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return False
         member = f"{tenant_id} {located[1]} {job_id}"
-        with redis_errors_as_unavailable():
-            pipe = self._redis.pipeline(transaction=False)
+
+        async def build(pipe: Pipeline) -> None:
             await self._renew_handoff(
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
@@ -268,7 +298,9 @@ class RedisJobStore:
                 {member: _now_ms() + limits.handoff_grace_ms},
                 xx=True,
             )
-            lease, _ = await pipe.execute()
+
+        with redis_errors_as_unavailable():
+            lease, _ = await self._in_one_round_trip(build, self._renew_handoff)
         return int(lease) > 0
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
@@ -277,12 +309,19 @@ class RedisJobStore:
             return
         with redis_errors_as_unavailable():
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa")
+            pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
             pipe.zrem(self._keys.job_handoffs(), f"{tenant_id} {located[1]} {job_id}")
             await pipe.execute()
 
+    async def enqueue_done(self, tenant_id: str, job_id: str) -> None:
+        # The hand-off set's entry stays: the claim drops it (an activation may have scored it
+        # anew already).
+        with redis_errors_as_unavailable():
+            await self._redis.hdel(self._keys.job(tenant_id, job_id), "hoq")
+
     async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
         handoffs = self._keys.job_handoffs()
+        failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
         claims: list[HandoffClaim] = []
         with redis_errors_as_unavailable():
             seconds, micros = await self._redis.time()
@@ -290,18 +329,27 @@ class RedisJobStore:
             due = await self._redis.zrangebyscore(handoffs, "-inf", now_ms, start=0, num=limit)
             for raw in due:
                 member = as_str(raw)
-                tenant_id, _, job_id = member.split(" ", 2)
+                tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._claim_handoff(
-                    keys=[self._keys.job(tenant_id, job_id)],
-                    args=[limits.handoff_grace_ms, limits.handoff_attempts],
+                    keys=self._job_keys(tenant_id, session_id, job_id),
+                    args=[
+                        job_id,
+                        limits.handoff_grace_ms,
+                        limits.handoff_attempts,
+                        limits.retention_ms,
+                        self._log.max_events,
+                        self._log.ttl_ms,
+                        self._keys.session_channel(tenant_id, session_id),
+                        failed_data,
+                    ],
                 )
                 status = as_str(reply[0])
-                if status in ("gone", "done"):
+                if status in ("gone", "done", "exhausted"):
                     await self._redis.zrem(handoffs, member)
-                    continue
-                # Looked at again when the lease (new, or still held) runs out.
-                await self._redis.zadd(handoffs, {member: int(reply[1])}, xx=True)
-                if status == "later":
+                else:
+                    # Looked at again when the lease (new, or still held) runs out.
+                    await self._redis.zadd(handoffs, {member: int(reply[1])}, xx=True)
+                if status in ("gone", "done", "later"):
                     continue
                 spec = json.loads(as_str(reply[3]))
                 job = NewJob(
@@ -315,9 +363,18 @@ class RedisJobStore:
                     model=as_str(reply[9]),
                     cache_key=as_str(reply[10]),
                     collections=tuple(spec.get("l") or ()),
+                    priority=QueuePriority(spec.get("p") or QueuePriority.NORMAL),
                 )
+                accepted = as_str(reply[11])
                 claims.append(
-                    HandoffClaim(tenant_id, job, int(reply[2]), exhausted=status == "exhausted")
+                    HandoffClaim(
+                        tenant_id,
+                        job,
+                        int(reply[2]),
+                        exhausted=status == "exhausted",
+                        requeue=bool(accepted),
+                        accepted_sequence=int(accepted or 0),
+                    )
                 )
         return claims
 

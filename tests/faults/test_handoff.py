@@ -5,17 +5,20 @@ the process that accepted it does next."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
 
 from domain.dispatch import CallContext, WorkRequest
+from domain.queued_chat import ITEM_KIND
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc
 from reference.app import ReferenceServices
@@ -256,6 +259,148 @@ async def test_a_process_killed_during_the_hand_off_leaves_the_job_to_another_wi
     assert job_id in {seen.job_id for seen in reference.seen}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(job_id in w and "hand-off" in w and "interrupted" in w for w in warnings)
+
+
+class StallingRedisPath:
+    """A TCP path to Redis that stops delivering a connection's requests for good once one
+    holds ``marker`` (as a network path that goes dark mid-request: the request never reaches
+    Redis, the client waits for its reply). Everything else passes both ways."""
+
+    def __init__(self, redis_url: str, marker: bytes) -> None:
+        self._upstream = urlsplit(redis_url)
+        self._marker = marker
+        self.stalled = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        """Returns the Redis URL to give the client."""
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return self._upstream._replace(netloc=f"127.0.0.1:{port}").geturl()
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            self._upstream.hostname, self._upstream.port
+        )
+        replies = asyncio.create_task(self._pipe(up_reader, writer))
+        self._tasks.add(replies)
+        tail = b""
+        try:
+            while data := await reader.read(65536):
+                if self._marker in tail + data:
+                    self.stalled.set()
+                    break
+                tail = data[-len(self._marker) :]
+                up_writer.write(data)
+                await up_writer.drain()
+            while await reader.read(65536):  # stalled: nothing more reaches Redis
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            replies.cancel()
+            up_writer.close()
+            writer.close()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def test_a_process_killed_before_a_queued_jobs_enqueue_leaves_it_to_another_within_seconds(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The victim's path to Redis goes dark when it sends the chat work item: it has recorded
+    # the queued job (its followers saw `accepted`) and waits for the enqueue's reply.
+    path = StallingRedisPath(redis_url, ITEM_KIND.encode())
+    victim_redis = await path.start()
+    orchestrator_port, reference_port = free_port(), free_port()
+    settings = test_settings(
+        redis_url,
+        listen_address=f"127.0.0.1:{orchestrator_port}",
+        query_service_address=f"127.0.0.1:{reference_port}",
+        embedding_service_address=f"127.0.0.1:{reference_port}",
+        handoff_grace=1.0,
+    )
+    reference = ReferenceServices(
+        ReferenceConfig(
+            listen_address=f"127.0.0.1:{reference_port}",
+            orchestrator_address=f"127.0.0.1:{orchestrator_port}",
+            step_delay_s=0.0,
+            publish_metadata=service(),
+        )
+    )
+    victim = ServerProcess(
+        tmp_path / "victim.log",
+        REDIS_URL=victim_redis,
+        ORCH_REDIS_SOCKET_TIMEOUT="60",  # it waits for the stalled enqueue until it is killed
+        ORCH_QUERY_SERVICE_ADDRESS=f"127.0.0.1:{reference_port}",
+        ORCH_EMBEDDING_SERVICE_ADDRESS=f"127.0.0.1:{reference_port}",
+        ORCH_HANDOFF_GRACE="1",
+        ORCH_BATCH_WORKER_ENABLED="false",
+    )
+    try:
+        async with running_server(settings) as survivor:
+            await reference.start()
+            await asyncio.to_thread(victim.start)
+            created = await admin_pb2_grpc.AdminServiceStub(survivor.channel).CreateApiKey(
+                admin_pb2.CreateApiKeyRequest(
+                    tenant_id="acme", role=admin_pb2.API_KEY_ROLE_CLIENT, description="test"
+                ),
+                metadata=admin(),
+            )
+            client = (bearer(created.api_key),)
+            session_id = await Flow(survivor, RecordingDispatcher()).new_session()
+            follower: Any = chat_pb2_grpc.ChatServiceStub(survivor.channel).StreamSession(
+                chat_pb2.StreamSessionRequest(session_id=session_id), metadata=client
+            )
+
+            async with grpc.aio.insecure_channel(victim.address) as to_victim:
+                sender = chat_pb2_grpc.ChatServiceStub(to_victim).SendMessage(
+                    chat_pb2.SendMessageRequest(
+                        session_id=session_id, content="Later, please", background=True
+                    ),
+                    metadata=client,
+                )
+                accepted = (await asyncio.wait_for(follower.read(), TIMEOUT_S)).event
+                assert kind_of(accepted) == "accepted" and accepted.accepted.queued
+                await asyncio.wait_for(path.stalled.wait(), TIMEOUT_S)
+                victim.kill()  # SIGKILL, its enqueue never sent
+                killed = time.monotonic()
+                sender.cancel()
+
+            async def final() -> Event:
+                while True:
+                    event: Event = (await follower.read()).event
+                    if event.job_id == accepted.job_id and kind_of(event) in FINAL_KINDS:
+                        return event
+
+            final_event_ = await asyncio.wait_for(final(), 15.0)
+            took = time.monotonic() - killed
+            follower.cancel()
+            # The session is free again: the next message runs at once.
+            events = await read_to_end(Flow(survivor, RecordingDispatcher()).send(session_id))
+            await reference.stop()
+    finally:
+        victim.kill()
+        await path.stop()
+
+    assert kind_of(final_event_) == "completed"
+    assert took < 8.0  # one lease (1 s) and a recovery pass, not the 1 h queue timeout
+    assert accepted.job_id in {seen.job_id for seen in reference.seen}
+    assert not events[0].accepted.queued and kind_of(events[-1]) == "completed"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(accepted.job_id in w and "enqueue" in w and "interrupted" in w for w in warnings)
 
 
 async def test_a_graceful_stop_finishes_the_hand_offs_in_progress(

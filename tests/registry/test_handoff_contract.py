@@ -1,13 +1,16 @@
 """The JobStore's hand-off record on both backends: a started job keeps its work spec and a
 hand-off lease until it is handed over; a PENDING job whose lease ran out without confirmation
 is claimed by exactly one claimer, with everything needed to hand it over again, and after the
-last attempt (or past its deadline) the claim says it is exhausted."""
+last attempt (or past its deadline) the claim fails the job itself. A QUEUED job's first
+hand-off is its enqueue on the work queue: claimed alike (to be enqueued again) until the
+enqueue is confirmed or the job is activated."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -19,13 +22,16 @@ from domain.jobs import (
     HandoffClaim,
     IfBusy,
     JobLimits,
+    JobState,
     NewJob,
     Notice,
     NoticeEvent,
     StartedJob,
+    Verdict,
 )
 from domain.models import NewSession, Service, WorkKind
 from registry.backends import Registry, RegistryConfig, open_registry
+from registry.queue_base import QueuePriority
 
 GRACE_MS = 300
 LIMITS = JobLimits(
@@ -183,6 +189,33 @@ async def test_after_the_last_attempt_the_claim_is_exhausted(registry: Registry)
     assert [(c.attempt, c.exhausted) for (c,) in attempts] == [(2, False), (3, False), (3, True)]
 
 
+async def test_an_exhausted_claim_has_failed_the_job_when_it_returns(registry: Registry) -> None:
+    started = await start(registry)
+    job_id, session_id = started.job.job_id, started.job.session_id
+    for _ in range(2):
+        await claims_within(registry, 3.0)
+    (claim,) = await claims_within(registry, 3.0)
+    assert claim.exhausted
+
+    job = await registry.jobs.get_job(TENANT, job_id)
+    assert job is not None and job.state is JobState.FAILED
+    page = await registry.events.read_after(TENANT, session_id, started.accepted.sequence, limit=10)
+    (failed,) = page.events
+    assert failed.kind is EventKind.FAILED and failed.job_id == job_id
+    error = failed.data["error"]
+    assert error["code"] == "handoff_failed" and error["retryable"] is True
+    assert error["message"] == (
+        "the job could not be handed to the query service (3 hand-offs interrupted)"
+    )
+    # A notice from an earlier hand-off, arriving after the claim, finds the job finished.
+    late = Notice(NoticeEvent.PROGRESS, Service.QUERY, job_id, TENANT, 1, "agent-1", {})
+    assert (await registry.jobs.apply_notice(late, LIMITS)).verdict is Verdict.JOB_FINISHED
+    # ...and the session is free again.
+    session = await registry.sessions.get_session(TENANT, session_id, touch=False)
+    assert session is not None and not session.pending_job_ids
+    assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+
+
 async def test_a_job_past_its_deadline_is_exhausted_at_once(registry: Registry) -> None:
     short = JobLimits(
         deadline_ms=200,
@@ -196,10 +229,11 @@ async def test_a_job_past_its_deadline_is_exhausted_at_once(registry: Registry) 
     assert claim.exhausted and claim.attempt == 1
 
 
-async def test_a_queued_job_is_claimed_only_once_its_turn_came(registry: Registry) -> None:
+async def test_an_enqueued_job_is_claimed_only_once_its_turn_came(registry: Registry) -> None:
     session_id = await new_session(registry)
     queued = rag_job(session_id)
     await start(registry, queued, hold=True)
+    await registry.jobs.enqueue_done(TENANT, queued.job_id)
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
     outcome = await registry.jobs.activate_job(TENANT, queued.job_id, LIMITS)
     assert outcome is ActivateOutcome.STARTED
@@ -216,4 +250,66 @@ async def test_a_job_queued_behind_a_busy_session_is_not_claimed_while_it_waits(
     await registry.jobs.handoff_done(TENANT, first.job.job_id)
     behind = await start(registry, rag_job(session_id), if_busy=IfBusy.HOLD)
     assert behind.queued
+    await registry.jobs.enqueue_done(TENANT, behind.job.job_id)
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
+
+
+async def test_a_queued_job_not_confirmed_on_the_work_queue_is_claimed_to_be_enqueued_again(
+    registry: Registry,
+) -> None:
+    queued = replace(rag_job(await new_session(registry)), priority=QueuePriority.HIGH)
+    started = await start(registry, queued, hold=True)
+    began = time.monotonic()
+    (claim,) = await claims_within(registry, 3.0)
+    assert time.monotonic() - began >= GRACE_MS / 1000 * 0.8
+    assert claim == HandoffClaim(
+        TENANT, queued, attempt=2, requeue=True, accepted_sequence=started.accepted.sequence
+    )
+    # The claim holds a new lease: nobody else enqueues it meanwhile.
+    assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
+
+
+async def test_a_job_queued_behind_a_busy_session_is_claimed_to_be_enqueued_if_not_confirmed(
+    registry: Registry,
+) -> None:
+    session_id = await new_session(registry)
+    first = await start(registry, rag_job(session_id))
+    await registry.jobs.handoff_done(TENANT, first.job.job_id)
+    behind = await start(registry, rag_job(session_id), if_busy=IfBusy.HOLD)
+    (claim,) = await claims_within(registry, 3.0)
+    assert (claim.job.job_id, claim.requeue) == (behind.job.job_id, True)
+    assert claim.accepted_sequence == behind.accepted.sequence
+
+
+async def test_an_enqueue_in_progress_holds_its_lease_while_renewed(registry: Registry) -> None:
+    started = await start(registry, hold=True)
+    job_id = started.job.job_id
+    for _ in range(3):
+        await asyncio.sleep(GRACE_MS / 2000)
+        assert await registry.jobs.renew_handoff(TENANT, job_id, LIMITS)
+        assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
+    await registry.jobs.enqueue_done(TENANT, job_id)
+    assert not await registry.jobs.renew_handoff(TENANT, job_id, LIMITS)
+
+
+async def test_activating_a_queued_job_confirms_its_enqueue(registry: Registry) -> None:
+    queued = rag_job(await new_session(registry))
+    await start(registry, queued, hold=True)
+    outcome = await registry.jobs.activate_job(TENANT, queued.job_id, LIMITS)
+    assert outcome is ActivateOutcome.STARTED
+    (claim,) = await claims_within(registry, 3.0)
+    assert claim == HandoffClaim(TENANT, queued, attempt=2)  # a hand-off, not an enqueue
+
+
+async def test_a_queued_job_whose_enqueue_keeps_breaking_fails_with_the_reason(
+    registry: Registry,
+) -> None:
+    started = await start(registry, hold=True)
+    claims = [await claims_within(registry, 3.0) for _ in range(3)]
+    assert [(c.requeue, c.exhausted) for (c,) in claims] == [
+        (True, False),
+        (True, False),
+        (True, True),
+    ]
+    job = await registry.jobs.get_job(TENANT, started.job.job_id)
+    assert job is not None and job.state is JobState.FAILED

@@ -1,0 +1,137 @@
+"""Job scripts on Redis go with the job's hints in one round trip: a start, and a queued job's
+activation, send the script and the job's entries in the reaper's deadline set and the
+hand-off set together, so no process dying between two commands can leave a started job
+without its hand-off check (or timed by its queue timeout), and a chat pays one round trip for
+its start. A Redis that lost its scripts (restarted) still runs them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+
+from domain.ids import new_id
+from domain.jobs import ActivateOutcome, IfBusy, JobLimits, JobState, NewJob, StartedJob
+from domain.models import NewSession, Service, WorkKind
+from registry.backends import Registry, RegistryConfig, open_registry
+from registry.keys import KeySpace
+
+LIMITS = JobLimits(
+    deadline_ms=60_000,
+    heartbeat_ms=30_000,
+    retention_ms=60_000,
+    queue_timeout_ms=600_000,
+    handoff_grace_ms=5_000,
+)
+TENANT = "acme"
+KEYS = KeySpace("test")
+
+
+@pytest.fixture
+async def registry(redis_url: str) -> AsyncIterator[Registry]:
+    opened = open_registry(
+        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
+    )
+    yield opened
+    await opened.backend.aclose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the requests any Redis client of this process writes (one per round trip: a
+    pipeline is written at once)."""
+    sent: list[int] = []
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent.append(1)
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
+async def new_job(registry: Registry) -> NewJob:
+    session_id = new_id()
+    await registry.sessions.create_session(
+        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
+    )
+    return NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
+
+
+async def start(registry: Registry, *, hold: bool = False) -> StartedJob:
+    new = await new_job(registry)
+    started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.HOLD, hold=hold)
+    assert isinstance(started, StartedJob) and started.queued == hold
+    return started
+
+
+async def queued_job(registry: Registry) -> StartedJob:
+    return await start(registry, hold=True)
+
+
+def member(started: StartedJob) -> str:
+    return f"{TENANT} {started.job.session_id} {started.job.job_id}"
+
+
+async def test_a_start_is_one_round_trip_with_its_hints(
+    registry: Registry, redis: Redis, round_trips: list[int]
+) -> None:
+    await start(registry)  # the first run loads the script
+    new = await new_job(registry)
+    round_trips.clear()
+
+    started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.HOLD)
+
+    assert isinstance(started, StartedJob)
+    assert len(round_trips) == 1
+    assert await redis.zscore(KEYS.job_handoffs(), member(started)) is not None
+    assert await redis.zscore(KEYS.job_deadlines(), member(started)) is not None
+
+
+async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_script(
+    registry: Registry, redis: Redis, round_trips: list[int]
+) -> None:
+    warm_up = await queued_job(registry)  # the first run loads the script
+    await registry.jobs.activate_job(TENANT, warm_up.job.job_id, LIMITS)
+    started = await queued_job(registry)
+    job_id = started.job.job_id
+    await redis.zrem(KEYS.job_handoffs(), member(started))  # as if its entry was looked at
+    round_trips.clear()
+
+    outcome = await registry.jobs.activate_job(TENANT, job_id, LIMITS)
+    activated_ms = time.time() * 1000
+
+    assert outcome is ActivateOutcome.STARTED
+    assert len(round_trips) == 1
+    lease_end = await redis.zscore(KEYS.job_handoffs(), member(started))
+    assert lease_end is not None
+    assert lease_end <= activated_ms + LIMITS.handoff_grace_ms
+    # ...and the reaper looks at it by its new deadline, not by the queue timeout.
+    due = await redis.zscore(KEYS.job_deadlines(), member(started))
+    assert due is not None and due <= activated_ms + LIMITS.heartbeat_ms
+
+
+async def test_a_redis_that_lost_its_scripts_still_starts_and_activates_jobs(
+    registry: Registry, redis: Redis
+) -> None:
+    await queued_job(registry)  # the scripts are loaded...
+    await redis.script_flush()  # ...and gone, as after a restart
+
+    started = await queued_job(registry)
+    outcome = await registry.jobs.activate_job(TENANT, started.job.job_id, LIMITS)
+
+    assert outcome is ActivateOutcome.STARTED
+    job = await registry.jobs.get_job(TENANT, started.job.job_id)
+    assert job is not None and job.state is JobState.PENDING
