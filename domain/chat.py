@@ -60,12 +60,12 @@ from domain.jobs import (
     StartRefused,
 )
 from domain.models import Service, WorkKind
+from domain.ports.queue import QueuePriority, WorkQueue
 from domain.queued_chat import QueuedChat
 from domain.sessions import SessionManager, require_session_id
 from domain.usage import TokenBudget
 from registry.base import EventLog, JobStore
 from registry.fanout import Feed
-from registry.queue_base import QueuePriority, WorkQueue
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from domain.jobs import SessionEvent
 from domain.models import WorkKind
-from registry.queue_base import NewWorkItem, QueuePriority, WorkItem
+from domain.ports.queue import NewWorkItem, QueuePriority, WorkItem
 
 if TYPE_CHECKING:
     from domain.chat import ChatOrchestrator

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from domain.ports.batches import BatchStore
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
 from registry.base import (
@@ -17,7 +18,6 @@ from registry.base import (
     SessionStore,
     UsageStore,
 )
-from registry.batch_base import BatchStore
 from registry.keys import KeySpace
 from registry.memory_batches import MemoryBatchStore
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore

@@ -14,12 +14,12 @@ from domain.dispatch import Dispatcher
 from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.handoff import HandoffRecovery
 from domain.jobs import JobLimits
+from domain.ports.queue import WorkQueue
 from domain.queued_chat import QueuedChatRunner
 from domain.sessions import SessionManager, SessionPolicy
 from domain.usage import TokenBudget
 from domain.worker import DeadLetterHook, Handler, QueueWorker
 from registry.backends import Registry, open_registry
-from registry.queue_base import WorkQueue
 from registry.queues import OpenedQueue, open_work_queue
 from server.config import Settings
 from server.signals import wait_for_stop_signal
