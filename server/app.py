@@ -21,6 +21,7 @@ from domain.handoff import HandoffRecovery
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
+from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
 from domain.request_context import REQUEST_ID_HEADER
@@ -41,7 +42,6 @@ from orchestrator.v1 import (
     task_update_pb2_grpc,
 )
 from registry.backends import RedisBackend, Registry, RegistryConfig, open_registry
-from registry.base import RateLimiter
 from registry.keys import KeySpace
 from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
@@ -386,7 +386,7 @@ class OrchestratorServer:
         """The backend came back empty: store again what start-up stored, and let every
         stream of this process check that its session and job still exist."""
         await self._seed_keys()
-        self.registry.events.fanout.recheck_all()
+        self.registry.fanout.recheck_all()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish
@@ -404,7 +404,7 @@ class OrchestratorServer:
         await self.revocation.stop()
         await self.ws_bridge.stop()
         # Client streams end once they have sent what they have; unary calls get the grace.
-        self.registry.events.fanout.close_all()
+        self.registry.fanout.close_all()
         await self._server.stop(grace)
         # Hand-offs in progress finish (bounded); the rest is redone by another process.
         await self.chat.drain(grace)
