@@ -41,13 +41,14 @@ from orchestrator.v1 import (
     task_update_pb2,
     task_update_pb2_grpc,
 )
-from registry.backends import RedisBackend, Registry, RegistryConfig, open_registry
+from registry.backends import RedisBackend, Registry, open_registry
 from registry.keys import KeySpace
 from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, authorize
 from server.auth_failures import AuthFailures
+from server.backend_config import registry_config
 from server.batch_stack import (
     BATCH_QUEUE,
     CHAT_QUEUE,
@@ -79,20 +80,6 @@ SERVICE_NAMES = (
     task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
-
-
-def registry_config(settings: Settings) -> RegistryConfig:
-    return RegistryConfig(
-        redis_url=settings.redis_url,
-        key_prefix=settings.redis_key_prefix,
-        session_retention_ms=int(settings.session_retention * 1000),
-        socket_timeout_s=settings.redis_socket_timeout,
-        connect_timeout_s=settings.redis_connect_timeout,
-        max_connections=settings.redis_max_connections,
-        event_log_max_events=settings.event_log_max_events,
-        event_log_ttl_ms=int(settings.event_log_ttl * 1000),
-        batch_retention_ms=int(settings.batch_retention * 1000),
-    )
 
 
 def job_limits(settings: Settings) -> JobLimits:

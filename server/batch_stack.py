@@ -21,6 +21,7 @@ from domain.usage import TokenBudget
 from domain.worker import DeadLetterHook, Handler, QueueWorker
 from registry.backends import Registry, open_registry
 from registry.queues import OpenedQueue, open_work_queue
+from server.backend_config import registry_config
 from server.config import Settings
 from server.signals import wait_for_stop_signal
 
@@ -191,8 +192,6 @@ class BatchStack:
 async def run_workers(settings: Settings, dispatcher: Dispatcher, limits: JobLimits) -> None:
     """``orchestrator worker``: run batch items and queued chat messages against REDIS_URL
     until SIGTERM/SIGINT."""
-    from server.app import registry_config
-
     if not settings.redis_url:
         raise ValueError("orchestrator worker needs REDIS_URL (workers share the queue)")
     registry = open_registry(registry_config(settings))
