@@ -191,6 +191,12 @@ def test_the_graph_covers_every_layer() -> None:
     assert any(_layer(m) == "domain" for m in GRAPH["registry.memory_sessions"])
 
 
+def test_the_cycle_finder_names_each_cycle_once() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"f"}, "f": {"e"}}
+    assert sorted(_cycles(graph)) == [["a", "b", "c", "a"], ["e", "f", "e"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
 def test_no_import_cycle() -> None:
     cycles = _cycles(GRAPH)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
