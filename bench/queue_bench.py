@@ -22,9 +22,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
-from registry.queue_base import NewWorkItem, QueueConfig, WorkItem
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
 from tests.support.redis_process import RedisProcess
 

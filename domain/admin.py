@@ -8,8 +8,9 @@ from domain.chat import require_job_id
 from domain.errors import InvalidArgument, NotFound
 from domain.ids import is_tenant_id
 from domain.jobs import Job
+from domain.ports.jobs import JobStore
+from domain.ports.usage import UsageStore
 from domain.usage import BudgetRules, UsageReader, UsageReport
-from registry.base import JobStore, UsageStore
 
 
 def require_tenant_id(value: str) -> str:

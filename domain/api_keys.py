@@ -27,7 +27,7 @@ from domain.errors import AlreadyExists, InvalidArgument, NotFound, Unauthentica
 from domain.identity import Role
 from domain.ids import is_tenant_id
 from domain.models import Page
-from registry.base import ApiKeyStore
+from domain.ports.api_keys import ApiKey, ApiKeyStore
 
 KEY_PREFIX = "ao_"
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{4,160}$")
@@ -40,23 +40,6 @@ MAX_PAGE_SIZE = 1000
 CREATE_ATTEMPTS = 3
 # Presented keys whose id and digest verify remembers; past this many the memo starts over.
 MAX_REMEMBERED_DIGESTS = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """A stored key: who it identifies, and the hash of its secret (never the secret)."""
-
-    key_id: str
-    tenant_id: str
-    role: Role
-    description: str
-    secret_sha256: str
-    created_at_ms: int = 0
-    revoked_at_ms: int | None = None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at_ms is not None
 
 
 @dataclass(frozen=True, slots=True)

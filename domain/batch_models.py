@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain.models import WorkKind
-from registry.queue_base import QueuePriority
+from domain.ports.queue import QueuePriority
 
 
 class BatchState(enum.StrEnum):

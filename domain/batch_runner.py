@@ -26,8 +26,8 @@ from domain.dispatch import CallContext
 from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from domain.ids import derived_id
 from domain.jobs import EventKind, IfBusy, SessionEvent
-from registry.batch_base import BatchStore
-from registry.queue_base import WorkItem
+from domain.ports.batches import BatchStore
+from domain.ports.queue import WorkItem
 
 log = logging.getLogger(__name__)
 

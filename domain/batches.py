@@ -1,8 +1,8 @@
 """Batch rules: validation, submission through the work queue, reads, cancellation, expiry and
 the result stream.
 
-A batch is stored (registry.batch_base.BatchStore) with every item QUEUED, then each item is
-enqueued on the work queue (registry.queue_base) as ``<batch_id>/<index>`` at the batch's
+A batch is stored (domain.ports.batches.BatchStore) with every item QUEUED, then each item is
+enqueued on the work queue (domain.ports.queue) as ``<batch_id>/<index>`` at the batch's
 priority, its spec in the payload. Workers run items with domain.batch_runner.BatchRunner,
 through ChatOrchestrator like any chat message. Items without a session of their own (LLM, RAG
 and embedding items) run on one internal session created per batch at submission (agent
@@ -27,6 +27,8 @@ from domain.dispatch import CallContext
 from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id
 from domain.models import Page
+from domain.ports.batches import BatchStore
+from domain.ports.queue import NewWorkItem, QueuePriority, WorkQueue
 from domain.sessions import (
     DEFAULT_PAGE_SIZE,
     MAX_METADATA_ENTRIES,
@@ -35,8 +37,6 @@ from domain.sessions import (
     MAX_PAGE_SIZE,
     SessionManager,
 )
-from registry.batch_base import BatchStore
-from registry.queue_base import NewWorkItem, QueuePriority, WorkQueue
 
 log = logging.getLogger(__name__)
 

@@ -60,12 +60,12 @@ from domain.jobs import (
     StartRefused,
 )
 from domain.models import Service, WorkKind
+from domain.ports.events import EventLog, Feed
+from domain.ports.jobs import JobStore
+from domain.ports.queue import QueuePriority, WorkQueue
 from domain.queued_chat import QueuedChat
 from domain.sessions import SessionManager, require_session_id
 from domain.usage import TokenBudget
-from registry.base import EventLog, JobStore
-from registry.fanout import Feed
-from registry.queue_base import QueuePriority, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class ChatOrchestrator:
         while await feed.wait(self._idle_check_s):
             events = feed.drain()
             if feed.lagging or feed.closed or any(e.kind.is_final for e in events):
-                feed.lagging = False
+                feed.clear_lagging()
                 return
 
     def _owned(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -610,7 +610,7 @@ class ChatOrchestrator:
                 if event.job_id == job_id and event.kind.is_final:
                     return event
             if feed.lagging:  # events were dropped: read the job again
-                feed.lagging = False
+                feed.clear_lagging()
                 continue
             if feed.closed:
                 job = await self._jobs.get_job(tenant_id, job_id)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.errors import Unavailable
-from registry.base import EmbeddingCache
+from domain.ports.embedding_cache import EmbeddingCache
 
 log = logging.getLogger(__name__)
 

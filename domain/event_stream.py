@@ -12,8 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from domain.jobs import EventKind, SessionEvent
-from registry.base import EventLog
-from registry.fanout import Feed
+from domain.ports.events import EventLog, Feed
 
 CATCH_UP_PAGE = 500
 
@@ -92,7 +91,8 @@ class SessionFollower:
                 yield event
         while True:
             if feed.recheck or self._log_reset:
-                feed.recheck = self._log_reset = False
+                feed.clear_recheck()
+                self._log_reset = False
                 if self._still_open is not None and not await self._still_open():
                     return
             if not await feed.wait(self._idle_check_s):
@@ -100,7 +100,7 @@ class SessionFollower:
                     return
                 continue
             if feed.lagging:
-                feed.lagging = False
+                feed.clear_lagging()
                 feed.drain()
                 async for event in self._catch_up(report_truncation=True):
                     yield event

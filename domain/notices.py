@@ -20,7 +20,7 @@ from domain.errors import DataLoss
 from domain.ids import is_resource_id, is_tenant_id
 from domain.jobs import JobLimits, Notice, NoticeEvent, NoticeOutcome, Verdict
 from domain.models import Service, TokenUsage
-from registry.base import JobStore
+from domain.ports.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from domain.jobs import SessionEvent
 from domain.models import WorkKind
-from registry.queue_base import NewWorkItem, QueuePriority, WorkItem
-
-if TYPE_CHECKING:
-    from domain.chat import ChatOrchestrator
+from domain.ports.queue import NewWorkItem, QueuePriority, WorkItem
 
 ITEM_KIND = "chat_job"
 SKIPPED = b"skipped"
@@ -96,10 +93,23 @@ def result_of(event: SessionEvent) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+class QueuedChatFlow(Protocol):
+    """What the runner needs of the chat flow (domain.chat.ChatOrchestrator implements it)."""
+
+    async def run_queued(self, queued: QueuedChat) -> SessionEvent | None:
+        """Run the queued job when its turn comes and return its final event; None when there
+        was nothing to run (the job already ended, or it is unknown)."""
+        ...
+
+    async def fail_queued(self, queued: QueuedChat, message: str) -> None:
+        """End a queued job that its work queue gave up on as failed (if still unfinished)."""
+        ...
+
+
 class QueuedChatRunner:
     """The ``chat`` work queue's handler."""
 
-    def __init__(self, chat: ChatOrchestrator) -> None:
+    def __init__(self, chat: QueuedChatFlow) -> None:
         self._chat = chat
 
     async def handle(self, item: WorkItem) -> bytes:

@@ -9,7 +9,7 @@ import logging
 
 from domain.errors import Unavailable
 from domain.jobs import JobLimits, SessionEvent
-from registry.base import JobStore
+from domain.ports.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

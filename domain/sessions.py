@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id
 from domain.models import NewSession, Page, Session, SessionFilter, SessionState
-from registry.base import SessionStore
+from domain.ports.sessions import SessionStore
 
 MAX_ID_CHARS = 128
 MAX_METADATA_ENTRIES = 64

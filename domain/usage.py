@@ -1,9 +1,9 @@
 """Token usage per tenant, day (UTC) and agent, and the daily token budgets it is checked against.
 
 Usage is recorded by the job store in the same atomic step that applies a completed notice
-(registry.base.JobStore.apply_notice), so a notice counts exactly once. Days are UTC calendar
-days, identified in storage by their number since the Unix epoch (the Redis scripts compute it
-from the Redis clock); this module converts them to dates.
+(domain.ports.jobs.JobStore.apply_notice), so a notice counts exactly once. Days are UTC calendar
+days, identified in storage by their number since the Unix epoch (domain.ports.usage numbers
+them and converts them to dates).
 
 Budgets: a tenant whose total tokens of today (UTC) reached its daily budget gets
 RESOURCE_EXHAUSTED (with a google.rpc.QuotaFailure naming ``tokens:<tenant>``) when it asks for
@@ -21,43 +21,13 @@ from dataclasses import dataclass, field
 from domain.errors import InvalidArgument, ResourceExhausted
 from domain.ids import is_tenant_id
 from domain.models import TokenUsage
-from registry.base import UsageStore
+from domain.ports.usage import DAY_MS, DayUsage, UsageStore, date_to_day
 
-DAY_MS = 86_400_000
 # How long a day's usage record is kept in the registry.
 USAGE_RETENTION_DAYS = 400
 USAGE_RETENTION_MS = USAGE_RETENTION_DAYS * DAY_MS
 # Longest date range GetTenantUsage answers in one call.
 MAX_USAGE_RANGE_DAYS = 400
-_EPOCH = dt.date(1970, 1, 1)
-
-
-def day_number(time_ms: int) -> int:
-    """The UTC day (days since 1970-01-01) a Unix millisecond time falls on."""
-    return time_ms // DAY_MS
-
-
-def day_to_date(day: int) -> dt.date:
-    return _EPOCH + dt.timedelta(days=day)
-
-
-def date_to_day(date: dt.date) -> int:
-    return (date - _EPOCH).days
-
-
-@dataclass(frozen=True, slots=True)
-class DayUsage:
-    """One tenant's tokens of one UTC day: totals, and total tokens per agent."""
-
-    day: int
-    usage: TokenUsage = field(default_factory=TokenUsage)
-    agents: Mapping[str, int] = field(default_factory=dict)
-    # Completed jobs that reported usage that day.
-    jobs: int = 0
-
-    @property
-    def date(self) -> dt.date:
-        return day_to_date(self.day)
 
 
 @dataclass(frozen=True, slots=True)

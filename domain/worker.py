@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from domain.errors import Unavailable
-from registry.queue_base import FailOutcome, WorkItem, WorkQueue
+from domain.ports.queue import FailOutcome, WorkItem, WorkQueue
 
 log = logging.getLogger(__name__)
 

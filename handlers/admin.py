@@ -9,9 +9,10 @@ from typing import Any
 import grpc
 
 from domain.admin import AdminQueries, TenantUsage
-from domain.api_keys import ApiKey, ApiKeyManager
+from domain.api_keys import ApiKeyManager
 from domain.identity import Role
 from domain.jobs import Job, JobState
+from domain.ports.api_keys import ApiKey
 from handlers.converters import timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
 from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB

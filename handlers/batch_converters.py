@@ -5,10 +5,10 @@ from __future__ import annotations
 from domain.batch_models import Batch, BatchState, ItemKind, ItemResult, ItemState
 from domain.batches import BatchSubmission, ItemInput
 from domain.errors import InvalidArgument
+from domain.ports.queue import QueuePriority
 from handlers.converters import optional_duration_ms, timestamp_from_ms, usage_to_pb
 from handlers.event_converters import result_from_data, usage_from_data
 from orchestrator.v1 import batch_pb2, common_pb2
-from registry.queue_base import QueuePriority
 
 _BATCH_STATE_TO_PB = {
     BatchState.VALIDATING: batch_pb2.BATCH_STATE_VALIDATING,

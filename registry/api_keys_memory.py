@@ -6,13 +6,13 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from domain.api_keys import ApiKey
 from domain.models import Page
+from domain.ports.api_keys import ApiKey
 from registry.memory_sessions import wall_clock_ms
 
 
 class MemoryApiKeyStore:
-    """registry.base.ApiKeyStore in a dict."""
+    """domain.ports.api_keys.ApiKeyStore in a dict."""
 
     def __init__(self, *, clock: Callable[[], int] = wall_clock_ms) -> None:
         self._clock = clock

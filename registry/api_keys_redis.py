@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
-from domain.api_keys import ApiKey
 from domain.identity import Role
 from domain.models import Page
+from domain.ports.api_keys import ApiKey
 from registry.keys import KeySpace
 from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
 
@@ -63,7 +63,7 @@ def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
 
 
 class RedisApiKeyStore:
-    """registry.base.ApiKeyStore on Redis."""
+    """domain.ports.api_keys.ApiKeyStore on Redis."""
 
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self._redis = redis

@@ -7,17 +7,16 @@ from dataclasses import dataclass
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from domain.ports.api_keys import ApiKeyStore
+from domain.ports.batches import BatchStore
+from domain.ports.embedding_cache import EmbeddingCache
+from domain.ports.events import EventLog
+from domain.ports.jobs import JobStore
+from domain.ports.sessions import SessionStore
+from domain.ports.usage import UsageStore
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
-from registry.base import (
-    ApiKeyStore,
-    EmbeddingCache,
-    EventLog,
-    JobStore,
-    SessionStore,
-    UsageStore,
-)
-from registry.batch_base import BatchStore
+from registry.fanout import LocalFanout
 from registry.keys import KeySpace
 from registry.memory_batches import MemoryBatchStore
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
@@ -144,6 +143,9 @@ class Registry:
     sessions: SessionStore
     jobs: JobStore
     events: EventLog
+    # The feeds of this process's client streams (to end them all on shutdown, or have them
+    # check what they follow after a data loss).
+    fanout: LocalFanout
     api_keys: ApiKeyStore
     batches: BatchStore
     usage: UsageStore
@@ -169,6 +171,7 @@ def open_registry(config: RegistryConfig) -> Registry:
             sessions=sessions,
             jobs=MemoryJobStore(sessions, events, usage=usage),
             events=events,
+            fanout=events.fanout,
             api_keys=MemoryApiKeyStore(),
             batches=MemoryBatchStore(retention_ms=config.batch_retention_ms),
             usage=usage,
@@ -190,11 +193,13 @@ def open_registry(config: RegistryConfig) -> Registry:
     )
     keys = KeySpace(config.key_prefix)
     log_config = EventLogConfig(config.event_log_max_events, config.event_log_ttl_ms)
+    redis_events = RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S)
     return Registry(
         backend=RedisBackend(redis, keys),
         sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
         jobs=RedisJobStore(redis, keys, log_config),
-        events=RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S),
+        events=redis_events,
+        fanout=redis_events.fanout,
         api_keys=RedisApiKeyStore(redis, keys),
         batches=RedisBatchStore(redis, keys, retention_ms=config.batch_retention_ms),
         usage=RedisUsageStore(redis, keys),

@@ -18,7 +18,7 @@ DEFAULT_FEED_CAPACITY = 256
 
 
 class Feed:
-    """Live events of one session for one client stream."""
+    """Live events of one session for one client stream (domain.ports.events.Feed)."""
 
     __slots__ = ("_capacity", "_events", "_wakeup", "closed", "key", "lagging", "recheck")
 
@@ -47,6 +47,9 @@ class Feed:
         self.lagging = True
         self._wakeup.set()
 
+    def clear_lagging(self) -> None:
+        self.lagging = False
+
     def mark_closed(self) -> None:
         self.closed = True
         self._wakeup.set()
@@ -56,6 +59,9 @@ class Feed:
         self.recheck = True
         self.lagging = True
         self._wakeup.set()
+
+    def clear_recheck(self) -> None:
+        self.recheck = False
 
     async def wait(self, within_s: float | None = None) -> bool:
         """Wait until something is available (events, lag or close); False when nothing came

@@ -37,7 +37,7 @@ class _Record:
 
 
 class MemoryBatchStore:
-    """Implements registry.batch_base.BatchStore over dicts (one event loop)."""
+    """Implements domain.ports.batches.BatchStore over dicts (one event loop)."""
 
     def __init__(self, *, retention_ms: int = 7 * 24 * 3600 * 1000) -> None:
         self._batches: dict[tuple[str, str], _Record] = {}

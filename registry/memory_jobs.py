@@ -68,7 +68,7 @@ class _SessionLog:
 
 
 class MemoryEventLog:
-    """registry.base.EventLog in memory; also where the memory job store appends."""
+    """domain.ports.events.EventLog in memory; also where the memory job store appends."""
 
     def __init__(
         self, *, max_events: int, ttl_ms: int, clock: Callable[[], int] = wall_clock_ms
@@ -136,7 +136,7 @@ class MemoryEventLog:
 
 
 class MemoryJobStore:
-    """registry.base.JobStore in memory, over the memory session store and event log."""
+    """domain.ports.jobs.JobStore in memory, over the memory session store and event log."""
 
     def __init__(
         self,

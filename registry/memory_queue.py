@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from registry.queue_base import (
+from domain.ports.queue import (
     PRIORITY_ORDER,
     DeadLetter,
     FailOutcome,
@@ -75,7 +75,7 @@ class _Waiters:
 
 
 class MemoryWorkQueue:
-    """registry.queue_base.WorkQueue in process memory."""
+    """domain.ports.queue.WorkQueue in process memory."""
 
     def __init__(
         self,

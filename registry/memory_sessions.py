@@ -1,8 +1,8 @@
 """Sessions in process memory: the embedded default when no Redis is configured.
 
 Single-process only (nothing is shared between replicas and nothing survives a restart); it
-implements registry.base.SessionStore with the same semantics as the Redis backend, which the
-shared contract tests check.
+implements domain.ports.sessions.SessionStore with the same semantics as the Redis backend,
+which the shared contract tests check.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def wall_clock_ms() -> int:
 
 
 class MemorySessionStore:
-    """registry.base.SessionStore in a dict."""
+    """domain.ports.sessions.SessionStore in a dict."""
 
     def __init__(
         self,

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domain.models import TokenUsage
-from domain.usage import USAGE_RETENTION_MS, DayUsage, day_number
+from domain.ports.usage import DayUsage, day_number
+from domain.usage import USAGE_RETENTION_MS
 from registry.memory_sessions import wall_clock_ms
 
 
@@ -20,7 +21,7 @@ class _Day:
 
 
 class MemoryUsageStore:
-    """registry.base.UsageStore in memory; MemoryJobStore calls ``add`` when it applies a
+    """domain.ports.usage.UsageStore in memory; MemoryJobStore calls ``add`` when it applies a
     completed notice (in the same step, so atomically)."""
 
     def __init__(self, *, clock: Callable[[], int] = wall_clock_ms) -> None:
@@ -59,7 +60,7 @@ class MemoryUsageStore:
 
 
 class MemoryEmbeddingCache:
-    """registry.base.EmbeddingCache in a dict with expiry times."""
+    """domain.ports.embedding_cache.EmbeddingCache in a dict with expiry times."""
 
     def __init__(self, *, clock: Callable[[], int] = wall_clock_ms, max_entries: int = 100_000):
         self._clock = clock

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from domain.ports.queue import QueueConfig, WorkQueue
 from registry.keys import KeySpace
 from registry.memory_queue import MemoryWorkQueue
-from registry.queue_base import QueueConfig, WorkQueue
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
 
 

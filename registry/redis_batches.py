@@ -28,9 +28,9 @@ from domain.batch_models import (
     RunningItem,
 )
 from domain.models import Page
+from domain.ports.queue import QueuePriority
 from registry import redis_batch_scripts as scripts
 from registry.keys import KeySpace
-from registry.queue_base import QueuePriority
 from registry.redis_client import redis_errors_as_unavailable
 
 _LIST_SCAN_BUDGET = 5000
@@ -41,7 +41,7 @@ def _compact(data: Any) -> str:
 
 
 class RedisBatchStore:
-    """Implements registry.batch_base.BatchStore on Redis 7."""
+    """Implements domain.ports.batches.BatchStore on Redis 7."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """Session event logs in Redis, and the one pub/sub reader per process that feeds every client
-stream of the process (registry.base.EventLog).
+stream of the process (domain.ports.events.EventLog).
 
 Events are appended by the job scripts to a per-session stream and published on a per-session
 channel in the same atomic step. This process subscribes (on one dedicated connection) to the
@@ -37,7 +37,7 @@ _CONNECTION_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, O
 
 
 class RedisEventLog:
-    """registry.base.EventLog on Redis streams and pub/sub."""
+    """domain.ports.events.EventLog on Redis streams and pub/sub."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Jobs and session events in Redis (registry.base.JobStore).
+"""Jobs and session events in Redis (domain.ports.jobs.JobStore).
 
 A job is a hash under its tenant's hash tag, changed only by the Lua scripts in
 registry.redis_job_scripts, which also keep the session's bookkeeping and append the event
@@ -107,7 +107,7 @@ def _compact(data: Any) -> str:
 
 
 class RedisJobStore:
-    """registry.base.JobStore on Redis."""
+    """domain.ports.jobs.JobStore on Redis."""
 
     def __init__(self, redis: Redis, keys: KeySpace, log: EventLogConfig) -> None:
         self._redis = redis

@@ -44,9 +44,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from registry import redis_queue_scripts as scripts
-from registry.keys import KeySpace
-from registry.queue_base import (
+from domain.ports.queue import (
     DeadLetter,
     FailOutcome,
     NewWorkItem,
@@ -57,6 +55,8 @@ from registry.queue_base import (
     WorkItem,
     WorkResult,
 )
+from registry import redis_queue_scripts as scripts
+from registry.keys import KeySpace
 from registry.redis_client import as_str, create_redis, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class _Listener:
 
 
 class RedisWorkQueue:
-    """registry.queue_base.WorkQueue on Redis Streams."""
+    """domain.ports.queue.WorkQueue on Redis Streams."""
 
     def __init__(
         self,

@@ -128,7 +128,7 @@ def session_from_hash(
 
 
 class RedisSessionStore:
-    """registry.base.SessionStore on Redis."""
+    """domain.ports.sessions.SessionStore on Redis."""
 
     def __init__(self, redis: Redis, keys: KeySpace, *, retention_ms: int) -> None:
         self._redis = redis

@@ -1,4 +1,4 @@
-"""Token usage and the embedding cache in Redis (registry.base.UsageStore, EmbeddingCache).
+"""Token usage and the embedding cache in Redis (domain.ports.usage.UsageStore, EmbeddingCache).
 
 Usage hashes are written by the job store's NOTICE script (registry.redis_job_scripts), one per
 tenant and UTC day, under the tenant's hash tag; this module only reads them.
@@ -11,7 +11,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from domain.models import TokenUsage
-from domain.usage import DayUsage
+from domain.ports.usage import DayUsage
 from registry import redis_job_scripts as scripts
 from registry.keys import KeySpace
 from registry.redis_client import as_str, redis_errors_as_unavailable
@@ -33,7 +33,7 @@ def day_usage_from_hash(day: int, raw: dict[Any, Any]) -> DayUsage:
 
 
 class RedisUsageStore:
-    """registry.base.UsageStore on Redis."""
+    """domain.ports.usage.UsageStore on Redis."""
 
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self._redis = redis
@@ -57,7 +57,8 @@ class RedisUsageStore:
 
 
 class RedisEmbeddingCache:
-    """registry.base.EmbeddingCache on Redis: one string per entry, expiring with PX."""
+    """domain.ports.embedding_cache.EmbeddingCache on Redis: one string per entry, expiring
+    with PX."""
 
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self._redis = redis

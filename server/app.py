@@ -21,6 +21,7 @@ from domain.handoff import HandoffRecovery
 from domain.identity import Caller, Role
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
+from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
 from domain.request_context import REQUEST_ID_HEADER
@@ -40,14 +41,14 @@ from orchestrator.v1 import (
     task_update_pb2,
     task_update_pb2_grpc,
 )
-from registry.backends import RedisBackend, Registry, RegistryConfig, open_registry
-from registry.base import RateLimiter
+from registry.backends import RedisBackend, Registry, open_registry
 from registry.keys import KeySpace
 from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_rate_limiter import RedisRateLimiter
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, authorize
 from server.auth_failures import AuthFailures
+from server.backend_config import registry_config
 from server.batch_stack import (
     BATCH_QUEUE,
     CHAT_QUEUE,
@@ -79,20 +80,6 @@ SERVICE_NAMES = (
     task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
-
-
-def registry_config(settings: Settings) -> RegistryConfig:
-    return RegistryConfig(
-        redis_url=settings.redis_url,
-        key_prefix=settings.redis_key_prefix,
-        session_retention_ms=int(settings.session_retention * 1000),
-        socket_timeout_s=settings.redis_socket_timeout,
-        connect_timeout_s=settings.redis_connect_timeout,
-        max_connections=settings.redis_max_connections,
-        event_log_max_events=settings.event_log_max_events,
-        event_log_ttl_ms=int(settings.event_log_ttl * 1000),
-        batch_retention_ms=int(settings.batch_retention * 1000),
-    )
 
 
 def job_limits(settings: Settings) -> JobLimits:
@@ -386,7 +373,7 @@ class OrchestratorServer:
         """The backend came back empty: store again what start-up stored, and let every
         stream of this process check that its session and job still exist."""
         await self._seed_keys()
-        self.registry.events.fanout.recheck_all()
+        self.registry.fanout.recheck_all()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish
@@ -404,7 +391,7 @@ class OrchestratorServer:
         await self.revocation.stop()
         await self.ws_bridge.stop()
         # Client streams end once they have sent what they have; unary calls get the grace.
-        self.registry.events.fanout.close_all()
+        self.registry.fanout.close_all()
         await self._server.stop(grace)
         # Hand-offs in progress finish (bounded); the rest is redone by another process.
         await self.chat.drain(grace)

@@ -14,13 +14,14 @@ from domain.dispatch import Dispatcher
 from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.handoff import HandoffRecovery
 from domain.jobs import JobLimits
+from domain.ports.queue import WorkQueue
 from domain.queued_chat import QueuedChatRunner
 from domain.sessions import SessionManager, SessionPolicy
 from domain.usage import TokenBudget
 from domain.worker import DeadLetterHook, Handler, QueueWorker
 from registry.backends import Registry, open_registry
-from registry.queue_base import WorkQueue
 from registry.queues import OpenedQueue, open_work_queue
+from server.backend_config import registry_config
 from server.config import Settings
 from server.signals import wait_for_stop_signal
 
@@ -191,8 +192,6 @@ class BatchStack:
 async def run_workers(settings: Settings, dispatcher: Dispatcher, limits: JobLimits) -> None:
     """``orchestrator worker``: run batch items and queued chat messages against REDIS_URL
     until SIGTERM/SIGINT."""
-    from server.app import registry_config
-
     if not settings.redis_url:
         raise ValueError("orchestrator worker needs REDIS_URL (workers share the queue)")
     registry = open_registry(registry_config(settings))

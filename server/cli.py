@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
-from server.dev_stack import serve_with_reference
 from server.logging_setup import configure_logging
 from server.tracing import configure_tracer_provider
 
@@ -105,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(settings, args.concurrency)
     try:
         if settings.embedded_reference:
+            # `make run` only: the production server never loads the reference services.
+            from server.dev_stack import serve_with_reference
+
             asyncio.run(serve_with_reference(settings))
         else:
             asyncio.run(OrchestratorServer(settings).serve_until_signalled())

@@ -15,9 +15,9 @@ import time
 
 from domain.errors import ResourceExhausted, Unavailable
 from domain.identity import Caller
+from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import Bucket, RateLimitRules, StreamSlots
 from handlers.errors import abort_with
-from registry.base import RateLimiter
 from server.metrics import Metrics
 from server.wrapping import Ctx
 

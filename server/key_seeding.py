@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domain.api_keys import KEY_ID_PATTERN, ApiKey, ApiKeyManager, record_for_plaintext
+from domain.api_keys import KEY_ID_PATTERN, ApiKeyManager, record_for_plaintext
 from domain.errors import InvalidArgument, Unauthenticated
 from domain.identity import Role
+from domain.ports.api_keys import ApiKey
 from server.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)

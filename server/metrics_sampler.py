@@ -15,8 +15,8 @@ import logging
 from collections.abc import Mapping
 
 from domain.errors import Unavailable
-from registry.base import JobStore
-from registry.queue_base import QueueStats, WorkQueue
+from domain.ports.jobs import JobStore
+from domain.ports.queue import QueueStats, WorkQueue
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)

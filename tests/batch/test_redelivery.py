@@ -16,8 +16,8 @@ from domain.batch_runner import DONE, item_job_id
 from domain.ids import new_id
 from domain.jobs import IfBusy, NewJob, StartedJob
 from domain.models import Service, WorkKind
+from domain.ports.queue import WorkItem
 from orchestrator.v1 import batch_pb2
-from registry.queue_base import WorkItem
 from server.app import OrchestratorServer
 from tests.support.admin_calls import tenant_usage
 from tests.support.batches import NoticeDriver, llm_item, read_results, stream, submit

@@ -20,13 +20,13 @@ import pytest
 from redis.asyncio import Redis
 
 import reference.app
+from domain.ports.queue import QueuePriority
 from orchestrator.v1 import batch_pb2
 from query.v1 import query_pb2
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
 from reference.services import QueryServicer
 from registry.keys import KeySpace
-from registry.queue_base import QueuePriority
 from tests.support.admin_calls import tenant_usage
 from tests.support.batches import get_batch, llm_item, read_results, stream, submit
 from tests.support.downstream import RecordingDispatcher

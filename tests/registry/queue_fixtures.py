@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from registry.queue_base import NewWorkItem, QueueConfig, QueuePriority, WorkQueue
+from domain.ports.queue import NewWorkItem, QueueConfig, QueuePriority, WorkQueue
 from registry.queues import open_work_queue
 
 # Short times so lease expiry, backoff and result expiry happen within a test.

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from domain.api_keys import ApiKey, hash_secret
+from domain.api_keys import hash_secret
 from domain.identity import Role
+from domain.ports.api_keys import ApiKey, ApiKeyStore
 from registry.backends import RegistryConfig, open_registry
-from registry.base import ApiKeyStore
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import pytest
 
 from domain.batch_models import BatchState, ItemOutcome, ItemState, NewBatch
 from domain.ids import new_id
+from domain.ports.batches import BatchStore
+from domain.ports.queue import QueuePriority
 from registry.backends import RegistryConfig, open_registry
-from registry.batch_base import BatchStore
-from registry.queue_base import QueuePriority
 
 ERROR: dict[str, object] = {"code": "cancelled", "message": "stop", "retryable": False}
 

@@ -28,7 +28,7 @@ from domain.jobs import (
     Verdict,
 )
 from domain.models import NewSession, Service, TokenUsage, WorkKind
-from domain.usage import day_number
+from domain.ports.usage import day_number
 from registry.backends import Registry, RegistryConfig, open_registry
 
 LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000)

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from domain.ports.queue import QueueStats, ResultStatus, WorkItem, WorkQueue
 from domain.worker import PermanentError, QueueWorker
-from registry.queue_base import QueueStats, ResultStatus, WorkItem, WorkQueue
 from tests.registry.queue_fixtures import CONFIG, LEASE_MS, new_item, open_queue
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import Rate, RateLimitRules
-from registry.base import RateLimiter
 from registry.keys import KeySpace
 from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_client import create_redis

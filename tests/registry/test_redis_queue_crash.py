@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from registry.queue_base import QueueStats, WorkQueue
+from domain.ports.queue import QueueStats, WorkQueue
 from registry.redis_queue import RedisWorkQueue
 from tests.registry.queue_fixtures import new_item, open_queue
 

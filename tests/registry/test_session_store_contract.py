@@ -10,8 +10,8 @@ import pytest
 
 from domain.ids import new_id
 from domain.models import NewSession, SessionFilter, SessionState
+from domain.ports.sessions import SessionStore
 from registry.backends import RegistryConfig, open_registry
-from registry.base import SessionStore
 
 RETENTION_MS = 400
 

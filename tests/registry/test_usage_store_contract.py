@@ -12,7 +12,8 @@ import pytest
 from domain.ids import new_id
 from domain.jobs import IfBusy, JobLimits, NewJob, Notice, NoticeEvent, Verdict
 from domain.models import NewSession, Service, TokenUsage, WorkKind
-from domain.usage import USAGE_RETENTION_MS, day_number
+from domain.ports.usage import day_number
+from domain.usage import USAGE_RETENTION_MS
 from registry.backends import Registry, RegistryConfig, open_registry
 from registry.memory_usage import MemoryEmbeddingCache, MemoryUsageStore
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from registry.queue_base import (
+from domain.ports.queue import (
     FailOutcome,
     QueuePriority,
     QueueStats,

@@ -18,11 +18,11 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-from domain.api_keys import ApiKey, format_key, hash_secret
+from domain.api_keys import format_key, hash_secret
 from domain.identity import Role
 from domain.ids import is_tenant_id
 from domain.models import Page
-from registry.base import ApiKeyStore
+from domain.ports.api_keys import ApiKey, ApiKeyStore
 
 TEST_KEY_PREFIX = "test"
 _SEED = b"agent-orchestrator tests only"
@@ -60,7 +60,7 @@ def derived_record(key_id: str) -> ApiKey | None:
 
 
 class TestKeyStore:
-    """registry.base.ApiKeyStore: the real store plus every derived test key."""
+    """domain.ports.api_keys.ApiKeyStore: the real store plus every derived test key."""
 
     __test__ = False  # not a test class
 

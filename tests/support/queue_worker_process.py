@@ -18,9 +18,9 @@ import asyncio
 import signal
 import sys
 
+from domain.ports.queue import QueueConfig, WorkItem
 from domain.worker import Handler, QueueWorker
 from registry.keys import KeySpace
-from registry.queue_base import QueueConfig, WorkItem
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
 
 

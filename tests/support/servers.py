@@ -21,7 +21,8 @@ import grpc
 from domain.dispatch import Dispatcher
 from domain.identity import Role
 from registry.backends import open_registry
-from server.app import OrchestratorServer, registry_config
+from server.app import OrchestratorServer
+from server.backend_config import registry_config
 from server.config import Settings
 from tests.support.keys import TestKeyStore, api_key_for
 

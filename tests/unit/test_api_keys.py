@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from domain.api_keys import (
-    ApiKeyManager,
-    format_key,
-    hash_secret,
-    parse_key,
-    record_for_plaintext,
-)
+from domain.api_keys import ApiKeyManager, format_key, hash_secret, parse_key, record_for_plaintext
 from domain.errors import InvalidArgument, NotFound, Unauthenticated
 from domain.identity import Role
 from registry.api_keys_memory import MemoryApiKeyStore

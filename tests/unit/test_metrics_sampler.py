@@ -7,10 +7,10 @@ import asyncio
 
 from domain.errors import Unavailable
 from domain.jobs import JobState
+from domain.ports.queue import NewWorkItem
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_queue import MemoryWorkQueue
 from registry.memory_sessions import MemorySessionStore
-from registry.queue_base import NewWorkItem
 from server.metrics import Metrics
 from server.metrics_sampler import MetricsSampler
 

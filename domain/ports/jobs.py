@@ -1,0 +1,104 @@
+"""The job store: jobs, their sessions' bookkeeping and the session event log, changed
+atomically together (registry.redis_jobs on Redis, registry.memory_jobs in memory;
+tests/registry runs one contract suite against both)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from domain.jobs import (
+    ActivateOutcome,
+    EventDraft,
+    FinishOutcome,
+    HandoffClaim,
+    IfBusy,
+    Job,
+    JobLimits,
+    JobState,
+    NewJob,
+    Notice,
+    NoticeOutcome,
+    SessionEvent,
+    StartedJob,
+    StartRefused,
+)
+
+
+class JobStore(Protocol):
+    """Jobs, their sessions' bookkeeping and the session event log, changed atomically together.
+
+    Every method that changes a job also appends the matching SessionEvent to the session's log
+    and publishes it to every process following the session."""
+
+    async def start_job(
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
+    ) -> StartedJob | StartRefused:
+        """Record a job on an open session (which becomes BUSY, counts the message and lists
+        the job as in flight) and append its accepted event. The job is PENDING, or QUEUED at
+        the back of the session's line (accepted data ``queued: true``) when ``hold`` is set or
+        the session is busy and ``if_busy`` is HOLD.
+        A PENDING job turns RUNNING with the service's first notice.
+
+        The job's work spec (``new``, collections and priority included) is kept with it until
+        it is handed over, and the job is due for a hand-off check ``limits.handoff_grace_ms``
+        after the start (its first hand-off's lease), in the same atomic step or round trip:
+        see ``claim_handoffs``. For a QUEUED job that first hand-off is its enqueue on the
+        ``chat`` work queue, confirmed by ``enqueue_done``."""
+        ...
+
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+        """Extend the lease of a hand-off (or of a QUEUED job's enqueue) in progress to
+        ``limits.handoff_grace_ms`` from now; False (and no change) when the job is no longer
+        waiting for one."""
+        ...
+
+    async def enqueue_done(self, tenant_id: str, job_id: str) -> None:
+        """A QUEUED job's work item is on the work queue: its enqueue is no longer claimed
+        (its work spec stays until the job is handed over). Activating the job does the same."""
+        ...
+
+    async def handoff_done(self, tenant_id: str, job_id: str) -> None:
+        """The job reached its service (or ended): drop its work spec and hand-off check. The
+        service's first notice and every final state do the same."""
+        ...
+
+    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+        """Up to ``limit`` jobs whose hand-off lease ran out without confirmation (PENDING
+        jobs not handed over, QUEUED jobs not confirmed enqueued: ``requeue``), each claimed
+        atomically (a new lease of ``limits.handoff_grace_ms``, the attempt counted), so one
+        process redoes each. A job that has had ``limits.handoff_attempts`` hand-offs or is
+        past its deadline is failed ``handoff_failed`` by the claim, in the same atomic step
+        (the claim is ``exhausted``): a notice from an earlier hand-off either comes before it
+        (the job is RUNNING and not claimed) or finds the job finished."""
+        ...
+
+    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+        """Turn a QUEUED job PENDING (fresh deadlines) if it is first in its session's line
+        and no job accepted before it is still in flight; otherwise say why not."""
+        ...
+
+    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+        """Check a notice against its job (tenant, service, order, state) and apply it."""
+        ...
+
+    async def finish_job(
+        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
+    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        """End an unfinished job as cancelled or failed (draft.kind), or completed from the
+        embedding cache, from the orchestrator's side."""
+        ...
+
+    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+        """A job of this tenant, or None."""
+        ...
+
+    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+        """Mark up to ``limit`` jobs past their deadline TIMED_OUT (each exactly once, even
+        with several processes reaping) and return their timed_out events."""
+        ...
+
+    async def count_unfinished(self) -> dict[JobState, int]:
+        """How many jobs of all tenants are in each unfinished state (domain.jobs
+        UNFINISHED_STATES, every one a key, zero included) now, as every process sharing the
+        backend sees it. Jobs whose record expired unfinished are not counted."""
+        ...
