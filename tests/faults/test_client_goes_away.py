@@ -8,6 +8,10 @@ grpc.aio logs "ExecuteBatchError raised in core by servicer method" with a trace
 write it was running for the servicer fails before it has seen the client's close, which is
 what happens to a write held by flow control: every stream below is held so before its client
 goes away (server.edge writes them itself and turns that failure into a cancellation).
+PublishUpdates, held waiting for the next notice, did not log errors before either.
+
+The WebSocket bridge likewise: a client killed with verdicts still to be sent made aiohttp log
+"Error handling request" with a traceback ("Cannot write to closing transport").
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from orchestrator.v1 import batch_pb2
 from tests.support.batches import NoticeDriver, get_batch, llm_item, submit
 from tests.support.downstream import RecordingDispatcher
 from tests.support.flow import Flow, completed, kind_of, notice, read_to_end
-from tests.support.servers import running_server, test_settings
-from tests.support.stalled_client import TENANT, open_calls, stalled_channel
+from tests.support.servers import running_server, service, test_settings
+from tests.support.stalled_client import TENANT, open_calls, stalled_channel, ws_notice
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 15.0
@@ -254,11 +259,7 @@ class InProcessClient:
 class ClientProcess:
     """The stalled calls in a client process of their own (tests.support.stalled_client)."""
 
-    def __init__(self, flow: Flow, scenario: Scenario, targets: list[str], log: Path) -> None:
-        args = ["--address", flow.running.address, "--rpc", scenario.rpc]
-        args += ["--count", str(scenario.count)]
-        for target in targets:
-            args += ["--target", target]
+    def __init__(self, args: list[str], log: Path) -> None:
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.stalled_client", *args],
@@ -267,10 +268,20 @@ class ClientProcess:
             stderr=self._log,
         )
 
-    async def wait_open(self) -> None:
+    @classmethod
+    def stalled_calls(
+        cls, flow: Flow, scenario: Scenario, targets: list[str], log: Path
+    ) -> ClientProcess:
+        args = ["--address", flow.running.address, "--rpc", scenario.rpc]
+        args += ["--count", str(scenario.count)]
+        for target in targets:
+            args += ["--target", target]
+        return cls(args, log)
+
+    async def wait_for(self, line: bytes) -> None:
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), WAIT_S)
-        assert line == b"open\n", f"client process: {line!r}"
+        said = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), WAIT_S)
+        assert said == line, f"client process: {said!r}"
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -294,8 +305,8 @@ async def test_a_client_going_away_from_held_streams_is_not_an_error(
     client: InProcessClient | None = None
     try:
         if way == "sigkill":
-            process = ClientProcess(flow, scenario, targets, tmp_path / "client.log")
-            await process.wait_open()
+            process = ClientProcess.stalled_calls(flow, scenario, targets, tmp_path / "client.log")
+            await process.wait_for(b"open\n")
         else:
             client = InProcessClient(flow, scenario, targets)
         await scenario.after_open(flow, scenario.count)
@@ -328,5 +339,42 @@ async def test_a_client_going_away_from_held_streams_is_not_an_error(
     await flow.publish([completed(accepted.job_id, 1, "still here")])
     assert kind_of((await read_to_end(call))[-1]) == "completed"
     gc.collect()  # "Task exception was never retrieved" is logged when the task is collected
+    await asyncio.sleep(0)
+    assert records.errors() == []
+
+
+WS_NOTICES = 20000
+
+
+async def test_a_websocket_client_killed_with_verdicts_unread_is_not_an_error(
+    flow: Flow, records: Records, tmp_path: Path
+) -> None:
+    bridge = flow.running.server.ws_bridge
+    address = f"ws://127.0.0.1:{bridge.port}/ws/task_updates"
+    process = ClientProcess(
+        ["--address", address, "--rpc", "websocket", "--count", str(WS_NOTICES)],
+        tmp_path / "client.log",
+    )
+    try:
+        await process.wait_for(b"sent\n")
+        await eventually("the bridge answers notices", lambda: notices_judged(flow) > 0)
+        judged_before = notices_judged(flow)
+        assert bridge.open_sockets == 1
+        process.kill()
+    finally:
+        process.kill()
+    # The bridge still had notices to answer when its client died.
+    assert judged_before < WS_NOTICES
+    await eventually("the socket is released", lambda: bridge.open_sockets == 0)
+
+    # The bridge keeps serving: a new socket gets its verdict.
+    async with aiohttp.ClientSession() as session:
+        authorization = dict(service())["authorization"]
+        socket = await session.ws_connect(address, headers={"authorization": authorization})
+        await socket.send_str(ws_notice(0))
+        verdict = await asyncio.wait_for(socket.receive_json(), WAIT_S)
+        await socket.close()
+    assert verdict["index"] == 0 and verdict["verdict"] == "malformed", verdict
+    gc.collect()
     await asyncio.sleep(0)
     assert records.errors() == []

@@ -2,6 +2,9 @@
 own (``python -m tests.support.stalled_client --address ... --rpc StreamSession --target <id>
 --count 20``: it prints ``open`` once every call is started, then waits to be killed).
 
+``--rpc websocket --address ws://...`` sends ``--count`` JSON notices over the WebSocket
+bridge instead, reads none of the verdicts, prints ``sent`` and waits to be killed.
+
 Its channel turns off HTTP/2 BDP probing, so each stream's flow-control window stays at the
 default 64 KiB: a server that sends a stream more than that without the client reading has its
 write held by flow control (a stalled consumer), at a small cost in the test.
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import aiohttp
 import grpc
 
 from orchestrator.v1 import (
@@ -83,7 +88,34 @@ def open_calls(
     return calls
 
 
+def ws_notice(n: int) -> str:
+    """A JSON notice of about 200 bytes for the WebSocket bridge, judged malformed (its job id was
+    not issued by the orchestrator) after the whole path of a notice up to the check."""
+    return json.dumps(
+        {
+            "event": "job_progress",
+            "service": "query",
+            "job_id": f"no-such-job-{n}",
+            "tenant_id": TENANT,
+            "status_message": "x" * 100,
+        }
+    )
+
+
+async def _send_notices_unread(address: str, count: int) -> None:
+    authorization = dict(service())["authorization"]
+    async with aiohttp.ClientSession() as session:
+        socket = await session.ws_connect(address, headers={"authorization": authorization})
+        for n in range(count):
+            await socket.send_str(ws_notice(n))
+        print("sent", flush=True)
+        await asyncio.Event().wait()  # until killed
+
+
 async def _main(args: argparse.Namespace) -> None:
+    if args.rpc == "websocket":
+        await _send_notices_unread(args.address, args.count)
+        return
     channel = stalled_channel(args.address)
     calls = open_calls(channel, args.rpc, args.target, args.count)
     await asyncio.gather(*(call.wait_for_connection() for call in calls))
@@ -94,7 +126,7 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--address", required=True)
-    parser.add_argument("--rpc", choices=RPCS, required=True)
+    parser.add_argument("--rpc", choices=(*RPCS, "websocket"), required=True)
     parser.add_argument("--target", action="append", default=[])
     parser.add_argument("--count", type=int, required=True)
     asyncio.run(_main(parser.parse_args(argv)))
