@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -94,18 +96,39 @@ def _request_id_trailer() -> tuple[tuple[str, str | bytes], ...]:
     return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
 
 
+@contextmanager
+def call_gone_is_cancellation() -> Iterator[None]:
+    """Around an operation on the call (sending metadata, a message or the status): when it
+    fails because the call has already ended (the client cancelled, closed its channel or died,
+    or the deadline passed), raise CancelledError, as grpc does when it notices the client went
+    away first.
+
+    grpc.aio raises ExecuteBatchError (a grpc.aio.InternalError) from an operation that core
+    fails. When that error leaves the servicer, grpc logs it as an ERROR with a traceback unless
+    it has already seen the call's close, and the two race: a write blocked by flow control
+    (a client that stopped reading) fails before grpc sees the close. A CancelledError it logs
+    at DEBUG ("RPC cancelled"): a client going away is not an error."""
+    try:
+        yield
+    except grpc.aio.InternalError as exc:
+        log.debug("call ended under an operation on it (the client went away): %s", exc)
+        raise asyncio.CancelledError("the call has ended") from None
+
+
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
-    """End the call with the status for ``error``."""
+    """End the call with the status for ``error`` (CancelledError when it has ended already)."""
     status = to_grpc_status(error)
     metadata = (
         tuple(status.trailing_metadata) + trailing_metadata_for(error) + _request_id_trailer()
     )
-    await context.abort(status.code, status.details, metadata)
+    with call_gone_is_cancellation():
+        await context.abort(status.code, status.details, metadata)
 
 
 async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
     log.exception("unhandled error in RPC handler", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error", _request_id_trailer())
+    with call_gone_is_cancellation():
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error", _request_id_trailer())
 
 
 Req = TypeVar("Req")

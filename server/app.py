@@ -204,6 +204,8 @@ class OrchestratorServer:
         self.revocation = RevocationWatch(
             OpenStreams(), self.api_keys, interval_s=settings.revocation_check_interval
         )
+        # Open server-streaming calls per tenant (the edge caps them).
+        self.stream_slots = StreamSlots(settings.max_streams_per_tenant)
         self.ws_bridge = WebSocketBridge(
             self.notices,
             websocket_identity(self.authenticator),
@@ -265,7 +267,7 @@ class OrchestratorServer:
         limits = EdgeLimits(
             limiter,
             settings.rate_limit_rules(),
-            StreamSlots(settings.max_streams_per_tenant),
+            self.stream_slots,
             self.metrics,
         )
         return Edge(

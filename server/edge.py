@@ -39,9 +39,10 @@ their first message. Refused and failed calls carry it in their trailers in both
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from time import perf_counter
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -55,7 +56,7 @@ from domain.request_context import (
     parse_traceparent,
     valid_request_id,
 )
-from handlers.errors import abort_internal, abort_with
+from handlers.errors import abort_internal, abort_with, call_gone_is_cancellation
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
 from server.auth_failures import AuthFailures
@@ -149,7 +150,8 @@ class Edge:
         if trailing_id:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         else:
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+            with call_gone_is_cancellation():
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         needed = plan.needed
         if needed is None:
             return None
@@ -205,7 +207,8 @@ class Edge:
                 if tracked and caller is not None:
                     entry = open_streams.open(caller.key_id)
                     entry.inside = True
-                response = await behavior(request, context)
+                with call_gone_is_cancellation():  # a stream written with context.write
+                    response = await behavior(request, context)
                 code = _final_code(context, _OK)
                 return response
             except asyncio.CancelledError:
@@ -228,6 +231,13 @@ class Edge:
         return run
 
     def _streaming(self, behavior: StreamBehavior, plan: _Plan) -> StreamBehavior:
+        """Server streams written by an async generator. The wrapper writes each response
+        itself (``context.write``) instead of yielding it for grpc to write: a write that fails
+        because the client went away (while blocked by flow control, when a client stops
+        reading) then surfaces here, where it becomes the cancellation it is
+        (handlers.errors.call_gone_is_cancellation); failing in grpc's own loop, it would be
+        logged as an ERROR with a traceback. The wrapper stays an async generator (yielding
+        nothing), so interceptors that iterate server streams (OpenTelemetry's) still can."""
         metrics = self._metrics
         method = plan.method
         recorder = plan.recorder
@@ -247,20 +257,21 @@ class Edge:
                     slot = await limits.take_stream_slot(caller, context)
                     entry = open_streams.open(caller.key_id)
                 entry.inside = True
-                async for response in behavior(request, context):
-                    entry.inside = False
-                    yield response
-                    if entry.revoked:
-                        await abort_with(context, revoked_error())
-                    entry.inside = True
+                async with aclosing(
+                    cast(AsyncGenerator[Any, None], behavior(request, context))
+                ) as responses:
+                    async for response in responses:
+                        entry.inside = False
+                        with call_gone_is_cancellation():
+                            await context.write(response)
+                        if entry.revoked:
+                            await abort_with(context, revoked_error())
+                        entry.inside = True
                 code = _final_code(context, _OK)
             except asyncio.CancelledError:
                 code = _CANCELLED
                 if entry.revoked:
                     await _end_revoked(context)
-                raise
-            except GeneratorExit:
-                code = _CANCELLED
                 raise
             except BaseException:
                 code = _final_code(context, _UNKNOWN)
@@ -271,6 +282,8 @@ class Edge:
                 limits.release(slot)
                 metrics.stream_closed(method)
                 recorder.observe(code, perf_counter() - start)
+            if False:  # an async generator that yields nothing: see the docstring
+                yield None  # type: ignore[unreachable]
 
         return run
 

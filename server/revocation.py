@@ -78,6 +78,11 @@ class OpenStreams:
     def count(self) -> int:
         return sum(len(streams) for streams in self._by_key.values())
 
+    def sending(self) -> int:
+        """How many open streams are suspended while a message is sent to their client (one
+        that stays so has a client that stopped reading: flow control holds the write)."""
+        return sum(not s.inside for streams in self._by_key.values() for s in streams)
+
     def end_key(self, key_id: str) -> int:
         """End every open stream of ``key_id``; returns how many."""
         streams = self._by_key.pop(key_id, set())

@@ -49,6 +49,8 @@ class WebSocketBridge:
         self._max_message_bytes = max_message_bytes
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # Sockets being served now.
+        self.open_sockets = 0
 
     async def start(self, address: str) -> None:
         host, _, port = address.rpartition(":")
@@ -80,13 +82,21 @@ class WebSocketBridge:
         socket = web.WebSocketResponse(max_msg_size=self._max_message_bytes, heartbeat=30.0)
         await socket.prepare(request)
         index = 0
-        async for message in socket:
-            if message.type is not WSMsgType.TEXT:
-                if message.type is WSMsgType.BINARY:
-                    await socket.send_json({"error": "malformed", "detail": "send JSON text"})
-                continue
-            await socket.send_json(await self._answer(index, message.data))
-            index += 1
+        self.open_sockets += 1
+        try:
+            async for message in socket:
+                if message.type is not WSMsgType.TEXT:
+                    if message.type is WSMsgType.BINARY:
+                        await socket.send_json({"error": "malformed", "detail": "send JSON text"})
+                    continue
+                await socket.send_json(await self._answer(index, message.data))
+                index += 1
+        except ConnectionResetError as exc:
+            # The client went away with answers still to send (aiohttp: "Cannot write to
+            # closing transport"): not an error; the notices it sent were applied.
+            log.debug("WebSocket client went away after %d notice(s): %s", index, exc)
+        finally:
+            self.open_sockets -= 1
         return socket
 
     async def _answer(self, index: int, text: str) -> dict[str, Any]:
