@@ -10,14 +10,14 @@ import contextlib
 import heapq
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
+from domain import job_machine
+from domain.job_machine import Effects, JobRecord, SessionSide
 from domain.jobs import (
     UNFINISHED_STATES,
     ActivateOutcome,
     EventDraft,
-    EventKind,
     EventPage,
     FinishOutcome,
     HandoffClaim,
@@ -27,37 +27,15 @@ from domain.jobs import (
     JobState,
     NewJob,
     Notice,
-    NoticeEvent,
     NoticeOutcome,
     SessionEvent,
     StartedJob,
     StartRefused,
     Verdict,
-    handoff_failed_data,
 )
-from domain.models import SessionState
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
 from registry.memory_usage import MemoryUsageStore
-
-
-@dataclass(slots=True)
-class _Handoff:
-    """A job's work spec until it is handed over, and its hand-off lease (while PENDING, or
-    while QUEUED and not confirmed on the work queue: ``enqueue_sequence`` is then its
-    accepted event's sequence)."""
-
-    tenant_id: str
-    spec: NewJob
-    lease_ms: int = 0
-    attempts: int = 0
-    enqueue_sequence: int | None = None
-
-    def leased(self, state: JobState) -> bool:
-        """Whether a hand-off (or an enqueue) of a job in ``state`` is in progress."""
-        return state is JobState.PENDING or (
-            state is JobState.QUEUED and self.enqueue_sequence is not None
-        )
 
 
 @dataclass(slots=True)
@@ -136,7 +114,9 @@ class MemoryEventLog:
 
 
 class MemoryJobStore:
-    """domain.ports.jobs.JobStore in memory, over the memory session store and event log."""
+    """domain.ports.jobs.JobStore in memory, over the memory session store and event log: storage
+    only (records, the session lines, the deadline heap, the hand-off index); every transition
+    is domain.job_machine's."""
 
     def __init__(
         self,
@@ -150,259 +130,156 @@ class MemoryJobStore:
         self._events = events
         self._clock = clock
         self.usage = usage if usage is not None else MemoryUsageStore(clock=clock)
-        self._jobs: dict[str, Job] = {}
-        self._expires: dict[str, int] = {}  # job id -> when the record is dropped
+        self._records: dict[str, JobRecord] = {}
         self._deadlines: list[tuple[int, str]] = []  # heap of (due, job id), a hint
         # (tenant, session) -> the session's QUEUED job ids, oldest first.
-        self._lines: dict[tuple[str, str], deque[str]] = {}
+        self._lines: dict[tuple[str, str], tuple[str, ...]] = {}
         self._unfinished: set[str] = set()  # ids of jobs last seen unfinished
-        # job id -> work spec and lease, from the start until the job is handed over or ends.
-        self._handoffs: dict[str, _Handoff] = {}
+        # Ids of the jobs whose record holds a hand-off, in the order they started.
+        self._handoffs: dict[str, None] = {}
 
-    def _job(self, job_id: str) -> Job | None:
-        job = self._jobs.get(job_id)
-        if job is not None and self._clock() >= self._expires[job_id]:
-            del self._jobs[job_id], self._expires[job_id]
+    def _record(self, job_id: str) -> JobRecord | None:
+        record = self._records.get(job_id)
+        if record is not None and self._clock() >= record.expires_at_ms:
+            del self._records[job_id]
             return None
-        return job
+        return record
 
-    def _release(self, job: Job, now: int, *, completed_usage: bool) -> None:
-        session = self._sessions.peek(job.tenant_id, job.session_id)
-        if session is None:
-            return
-        line = self._lines.get((job.tenant_id, job.session_id))
-        if line is not None and job.job_id in line:
-            line.remove(job.job_id)
-        pending = tuple(j for j in session.pending_job_ids if j != job.job_id)
-        changes: dict[str, Any] = {"pending_job_ids": pending}
-        if session.state is SessionState.BUSY and not pending:
-            changes.update(state=SessionState.ACTIVE, updated_at_ms=now)
-        if completed_usage:
-            changes.update(message_count=session.message_count + 1, usage=session.usage + job.usage)
-        self._sessions.put(replace(session, **changes))
+    def _side(self, tenant_id: str, session_id: str) -> SessionSide:
+        session = self._sessions.peek(tenant_id, session_id)
+        return SessionSide(session, self._lines.get((tenant_id, session_id), ()))
+
+    def _apply(
+        self, tenant_id: str, session_id: str, job_id: str, effects: Effects
+    ) -> SessionEvent | None:
+        """Store a transition's effects; the appended event, if any."""
+        record = effects.record
+        if record is not None:
+            self._put(record)
+        side = effects.side
+        if side is not None:
+            if side.session is not None:
+                self._sessions.put(side.session)
+            if side.line:
+                self._lines[(tenant_id, session_id)] = side.line
+            else:
+                self._lines.pop((tenant_id, session_id), None)
+        if effects.charge is not None:
+            charge = effects.charge
+            self.usage.add(charge.tenant_id, charge.agent_id, charge.usage)
+        if effects.look_at_ms is not None:
+            heapq.heappush(self._deadlines, (effects.look_at_ms, job_id))
+        if effects.event is None:
+            return None
+        event = self._events.append(tenant_id, session_id, effects.event)
+        if record is not None:
+            self._put(job_machine.appended(record, event))
+        return event
+
+    def _put(self, record: JobRecord) -> None:
+        job_id = record.job.job_id
+        self._records[job_id] = record
+        if record.job.state.is_final:
+            self._unfinished.discard(job_id)
+        else:
+            self._unfinished.add(job_id)
+        if record.handoff is None:
+            self._handoffs.pop(job_id, None)
+        else:
+            self._handoffs.setdefault(job_id, None)
 
     async def start_job(
         self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
     ) -> StartedJob | StartRefused:
-        if self._job(new.job_id) is not None:
-            return StartRefused.JOB_EXISTS
-        session = self._sessions.peek(tenant_id, new.session_id)
-        if session is None:
-            return StartRefused.SESSION_MISSING
-        if not session.state.is_open:
-            return StartRefused.SESSION_NOT_OPEN
-        busy = bool(session.pending_job_ids)
-        if if_busy is IfBusy.REJECT and busy:
-            return StartRefused.SESSION_BUSY
-        queued = hold or (if_busy is IfBusy.HOLD and busy)
-        now = self._clock()
-        job = new.recorded(tenant_id, now, limits, queued=queued)
-        self._jobs[new.job_id] = job
-        lifetime = limits.queue_timeout_ms + limits.deadline_ms if queued else limits.deadline_ms
-        self._expires[new.job_id] = now + lifetime + limits.retention_ms
-        self._unfinished.add(new.job_id)
-        due = min(job.deadline_ms, job.heartbeat_deadline_ms)
-        heapq.heappush(self._deadlines, (due, new.job_id))
-        handoff = self._handoffs[new.job_id] = _Handoff(
-            tenant_id, new, lease_ms=now + limits.handoff_grace_ms, attempts=1
-        )
-        if queued:
-            self._lines.setdefault((tenant_id, new.session_id), deque()).append(new.job_id)
-        self._sessions.put(
-            replace(
-                session,
-                state=SessionState.BUSY,
-                updated_at_ms=now,
-                message_count=session.message_count + 1,
-                pending_job_ids=tuple(sorted((*session.pending_job_ids, new.job_id))),
-            )
-        )
-        data: dict[str, Any] = {
-            "service": new.service.value,
-            "kind": new.kind.value,
-            "content": new.content,
-            "model": new.model,
-            "deadline_ms": due,
-        }
-        if queued:
-            data["queued"] = True
-        event = self._events.append(
+        step = job_machine.start(
+            self._record(new.job_id),
+            self._side(tenant_id, new.session_id),
             tenant_id,
-            new.session_id,
-            EventDraft(new.job_id, EventKind.ACCEPTED, new.request_id, data),
+            new,
+            limits,
+            if_busy=if_busy,
+            hold=hold,
+            now=self._clock(),
         )
-        if queued:
-            handoff.enqueue_sequence = event.sequence  # its first hand-off: the enqueue
-        return StartedJob(job, event)
+        if isinstance(step.outcome, StartRefused):
+            return step.outcome
+        event = self._apply(tenant_id, new.session_id, new.job_id, step.effects)
+        assert event is not None
+        return StartedJob(step.outcome, event)
 
     async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
-        job = self._job(job_id)
-        if job is None or job.tenant_id != tenant_id:
-            return ActivateOutcome.UNKNOWN_JOB
-        if job.state in (JobState.PENDING, JobState.RUNNING):
-            return ActivateOutcome.ALREADY_STARTED
-        if job.state.is_final:
-            return ActivateOutcome.FINAL
-        handoff = self._handoffs.get(job_id)
-        if handoff is not None:  # its work item was delivered: the enqueue is confirmed
-            handoff.enqueue_sequence = None
-        session = self._sessions.peek(tenant_id, job.session_id)
-        if session is None or not session.state.is_open:
-            return ActivateOutcome.SESSION_NOT_OPEN
-        line = self._lines.get((tenant_id, job.session_id))
-        # Its turn: first in the line, and every job in flight is in the line (none started).
-        if not line or line[0] != job_id or len(session.pending_job_ids) > len(line):
-            return ActivateOutcome.WAIT
-        line.popleft()
-        if not line:
-            del self._lines[(tenant_id, job.session_id)]
-        now = self._clock()
-        job = replace(
-            job,
-            state=JobState.PENDING,
-            updated_at_ms=now,
-            deadline_ms=now + limits.deadline_ms,
-            heartbeat_deadline_ms=now + limits.heartbeat_ms,
+        record = self._record(job_id)
+        session_id = record.job.session_id if record is not None else ""
+        step = job_machine.activate(
+            record, self._side(tenant_id, session_id), tenant_id, limits, now=self._clock()
         )
-        self._jobs[job_id] = job
-        self._expires[job_id] = now + limits.deadline_ms + limits.retention_ms
-        heapq.heappush(self._deadlines, (min(job.deadline_ms, job.heartbeat_deadline_ms), job_id))
-        if handoff is not None:
-            handoff.lease_ms, handoff.attempts = now + limits.handoff_grace_ms, 1
-        return ActivateOutcome.STARTED
+        self._apply(tenant_id, session_id, job_id, step.effects)
+        return step.outcome
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
-        handoff = self._handoffs.get(job_id)
-        job = self._job(job_id)
-        if handoff is None or job is None or job.tenant_id != tenant_id:
-            return False
-        if not handoff.leased(job.state):
-            return False
-        handoff.lease_ms = self._clock() + limits.handoff_grace_ms
-        return True
+        step = job_machine.renew_handoff(self._record(job_id), tenant_id, limits, now=self._clock())
+        self._apply(tenant_id, "", job_id, step.effects)
+        return step.outcome
 
     async def enqueue_done(self, tenant_id: str, job_id: str) -> None:
-        handoff = self._handoffs.get(job_id)
-        if handoff is not None and handoff.tenant_id == tenant_id:
-            handoff.enqueue_sequence = None
+        self._apply(
+            tenant_id, "", job_id, job_machine.enqueue_done(self._record(job_id), tenant_id).effects
+        )
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
-        handoff = self._handoffs.get(job_id)
-        if handoff is not None and handoff.tenant_id == tenant_id:
-            del self._handoffs[job_id]
+        self._apply(
+            tenant_id, "", job_id, job_machine.handoff_done(self._record(job_id), tenant_id).effects
+        )
 
     async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
         now = self._clock()
         claims: list[HandoffClaim] = []
-        for job_id, handoff in list(self._handoffs.items()):
+        for job_id in list(self._handoffs):
             if len(claims) >= limit:
                 break
-            job = self._job(job_id)
-            if job is None or job.state.is_final:
-                del self._handoffs[job_id]
+            record = self._record(job_id)
+            if record is None:
+                self._handoffs.pop(job_id, None)
                 continue
-            if not handoff.leased(job.state) or now < handoff.lease_ms:
-                continue  # enqueued (waits for its turn), or its lease holds
-            requeue = handoff.enqueue_sequence
-            claim = HandoffClaim(
-                handoff.tenant_id,
-                handoff.spec,
-                handoff.attempts,
-                requeue=requeue is not None,
-                accepted_sequence=requeue or 0,
-            )
-            if handoff.attempts >= limits.handoff_attempts or now >= job.deadline_ms:
-                # Failed in the same step as the claim (nothing can happen in between).
-                data = handoff_failed_data(job.service.value, handoff.attempts)
-                self._finish(job, JobState.FAILED, data, limits)
-                claims.append(replace(claim, exhausted=True))
-                continue
-            handoff.lease_ms = now + limits.handoff_grace_ms
-            handoff.attempts += 1
-            claims.append(replace(claim, attempt=handoff.attempts))
+            job = record.job
+            side = self._side(job.tenant_id, job.session_id)
+            step = job_machine.claim_handoff(record, side, limits, now=now)
+            self._apply(job.tenant_id, job.session_id, job_id, step.effects)
+            if step.outcome is not None:
+                claims.append(step.outcome)
         return claims
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
-        job = self._job(notice.job_id)
-        if job is None:
+        record = self._record(notice.job_id)
+        if record is None:
             return NoticeOutcome(Verdict.UNKNOWN_JOB)
-        if job.tenant_id != notice.tenant_id:
-            return NoticeOutcome(Verdict.WRONG_TENANT)
-        if job.service is not notice.service:
-            return NoticeOutcome(Verdict.WRONG_SERVICE)
-        if job.state is JobState.QUEUED:  # not handed to any service yet
-            return NoticeOutcome(Verdict.UNKNOWN_JOB)
-        sequence = notice.sequence or job.last_notice_sequence + 1  # 0: unnumbered
-        if sequence <= job.last_notice_sequence:
-            return NoticeOutcome(Verdict.DUPLICATE)
-        if job.state.is_final:
-            return NoticeOutcome(Verdict.JOB_FINISHED)
-        now = self._clock()
-        self._handoffs.pop(job.job_id, None)  # the service has it
-        if notice.event in (NoticeEvent.PROGRESS, NoticeEvent.DELTA):
-            job = replace(
-                job,
-                state=JobState.RUNNING,
-                last_notice_sequence=sequence,
-                updated_at_ms=now,
-                heartbeat_deadline_ms=now + limits.heartbeat_ms,
-            )
-            self._jobs[job.job_id] = job
-        else:
-            job = replace(job, last_notice_sequence=sequence, usage=notice.usage)
-            if notice.event is NoticeEvent.COMPLETED:
-                self.usage.add(job.tenant_id, job.agent_id, job.usage)
-            final = self._finish(job, JobState(notice.event.value), notice.data, limits)
-            return NoticeOutcome(Verdict.ACCEPTED, final)
-        event = self._events.append(
-            job.tenant_id,
-            job.session_id,
-            EventDraft(job.job_id, EventKind(notice.event.value), job.request_id, notice.data),
-        )
-        return NoticeOutcome(Verdict.ACCEPTED, event)
+        job = record.job
+        side = self._side(job.tenant_id, job.session_id)
+        step = job_machine.apply_notice(record, side, notice, limits, now=self._clock())
+        event = self._apply(job.tenant_id, job.session_id, job.job_id, step.effects)
+        return NoticeOutcome(step.outcome, event)
 
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
     ) -> tuple[FinishOutcome, SessionEvent | None]:
-        job = self._job(job_id)
-        if job is None or job.tenant_id != tenant_id:
-            return FinishOutcome.UNKNOWN_JOB, None
-        if job.state.is_final:
-            return FinishOutcome.ALREADY_FINAL, None
-        return FinishOutcome.DONE, self._finish(job, JobState(draft.kind.value), draft.data, limits)
-
-    def _finish(
-        self, job: Job, state: JobState, data: dict[str, Any] | Any, limits: JobLimits
-    ) -> SessionEvent:
-        now = self._clock()
-        job = replace(job, state=state, updated_at_ms=now)
-        self._jobs[job.job_id] = job
-        self._expires[job.job_id] = now + limits.retention_ms
-        self._unfinished.discard(job.job_id)
-        self._handoffs.pop(job.job_id, None)
-        # Completed from the embedding cache: the reply counts as a message (usage is 0).
-        self._release(job, now, completed_usage=state is JobState.COMPLETED)
-        event = self._events.append(
-            job.tenant_id,
-            job.session_id,
-            EventDraft(job.job_id, EventKind(state.value), job.request_id, data),
-        )
-        if job.keep_final:
-            self._jobs[job.job_id] = replace(job, final_event=event)
-        return event
+        record = self._record(job_id)
+        session_id = record.job.session_id if record is not None else ""
+        side = self._side(tenant_id, session_id)
+        step = job_machine.finish(record, side, tenant_id, draft, limits, now=self._clock())
+        return step.outcome, self._apply(tenant_id, session_id, job_id, step.effects)
 
     async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
-        job = self._job(job_id)
-        return job if job is not None and job.tenant_id == tenant_id else None
+        record = self._record(job_id)
+        return record.job if record is not None and record.job.tenant_id == tenant_id else None
 
     async def count_unfinished(self) -> dict[JobState, int]:
         counts = dict.fromkeys(UNFINISHED_STATES, 0)
         for job_id in list(self._unfinished):
-            job = self._job(job_id)  # drops a record that expired unfinished
-            if job is None or job.state.is_final:
+            record = self._record(job_id)  # drops a record that expired unfinished
+            if record is None or record.job.state.is_final:
                 self._unfinished.discard(job_id)
             else:
-                counts[job.state] += 1
+                counts[record.job.state] += 1
         return counts
 
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
@@ -410,12 +287,13 @@ class MemoryJobStore:
         events: list[SessionEvent] = []
         while self._deadlines and self._deadlines[0][0] <= now and len(events) < limit:
             _, job_id = heapq.heappop(self._deadlines)
-            job = self._job(job_id)
-            if job is None or job.state.is_final:
+            record = self._record(job_id)
+            if record is None:
                 continue
-            due = min(job.deadline_ms, job.heartbeat_deadline_ms)
-            if now < due:
-                heapq.heappush(self._deadlines, (due, job_id))
-                continue
-            events.append(self._finish(job, JobState.TIMED_OUT, {"deadline_ms": due}, limits))
+            job = record.job
+            side = self._side(job.tenant_id, job.session_id)
+            step = job_machine.reap(record, side, limits, now=now)
+            event = self._apply(job.tenant_id, job.session_id, job_id, step.effects)
+            if event is not None:
+                events.append(event)
         return events
