@@ -40,8 +40,23 @@ class LuaScript:
     sha: str
 
 
+PRELUDES = "prelude"
+
+
 def script_path(name: str) -> Path:
     return LUA_ROOT / f"{name}.lua"
+
+
+def lua_files() -> list[str]:
+    """The name of every .lua file under registry/lua/ (``<area>/<name>``), preludes included."""
+    return sorted(
+        str(path.relative_to(LUA_ROOT).with_suffix("")) for path in LUA_ROOT.rglob("*.lua")
+    )
+
+
+def script_names() -> list[str]:
+    """Every script a store runs (every file but the preludes)."""
+    return [name for name in lua_files() if not name.startswith(f"{PRELUDES}/")]
 
 
 def _includes(text: str) -> list[str]:

@@ -1,6 +1,6 @@
 --! include: prelude/queue
 -- Leases up to count items to a consumer. Order of work: due retries back to their streams,
--- expired leases (XAUTOCLAIM, at most every lease/4 per queue), then new entries by priority
+-- expired leases (XAUTOCLAIM, at most every lease_ms / 4 per queue), then new entries by priority
 -- and tenant turn. An item leased for the max_deliveries-th time and not finished goes to the
 -- dead letter.
 --
@@ -12,8 +12,8 @@
 --   builds them). wait_hint_ms: how long a consumer finding nothing may sleep.
 local consumer = ARGV[2]
 local count = tonumber(ARGV[3])
-local lease = tonumber(ARGV[4])
-local max = tonumber(ARGV[5])
+local lease_ms = tonumber(ARGV[4])
+local max_deliveries = tonumber(ARGV[5])
 
 local out, packed = {}, {}
 
@@ -25,7 +25,7 @@ local function deliver(stream, entry, id, reclaimed)
     return
   end
   local n = tonumber(f[3])
-  if reclaimed and n >= max then
+  if reclaimed and n >= max_deliveries then
     ack(stream, entry)
     bury(rec, id, redis.call('HGET', rec, 'err') or 'lease expired on every delivery')
     return
@@ -59,7 +59,7 @@ if now >= tonumber(redis.call('GET', gate) or '0') then
       local cursor = '0-0'
       repeat
         if #out >= count then full = true; break end
-        local r = redis.call('XAUTOCLAIM', stream, group, consumer, lease, cursor,
+        local r = redis.call('XAUTOCLAIM', stream, group, consumer, lease_ms, cursor,
           'COUNT', count - #out)
         cursor = r[1]
         -- r[3] lists entries deleted while pending; XAUTOCLAIM already dropped them.
@@ -71,7 +71,7 @@ if now >= tonumber(redis.call('GET', gate) or '0') then
     if full then break end
   end
   if not full then
-    redis.call('SET', gate, now + math.max(math.floor(lease / 4), 10))
+    redis.call('SET', gate, now + math.max(math.floor(lease_ms / 4), 10))
   end
 end
 
@@ -105,7 +105,7 @@ for _, prio in ipairs({'high', 'normal', 'low'}) do
 end
 
 -- How long a consumer finding nothing may sleep before a retry falls due or leases need a scan.
-local hint = math.max(math.floor(lease / 4), 10)
+local hint = math.max(math.floor(lease_ms / 4), 10)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #nxt == 2 then hint = math.min(hint, math.max(tonumber(nxt[2]) - now, 1)) end
 return {table.concat(packed), hint}
