@@ -9,7 +9,7 @@ BUF         := .tools/node_modules/.bin/buf
 STAMP       := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools gen gen-check lint fmt test run bench docker clean
+.PHONY: help setup tools gen gen-check lua-check lint fmt test run bench docker clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,7 +37,10 @@ gen: $(STAMP)  ## Regenerate generated/ from protos/.
 gen-check: $(STAMP)  ## Fail if generated/ is stale.
 	$(PY) scripts/gen_protos.py --check
 
-lint: tools gen-check  ## buf lint, ruff, mypy, codegen drift.
+lua-check: $(STAMP)  ## Load every Lua script into a private redis-server (needs redis-server).
+	$(PY) -m scripts.check_lua
+
+lint: tools gen-check lua-check  ## buf lint, ruff, mypy, codegen drift, Lua scripts.
 	$(BUF) lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,7 +1,7 @@
 """The job state machine, once: every change to a job and its session's bookkeeping as a pure
 function of (the job's record, its session's side, the input, now) -> a Step (the outcome and
 the effects to store). No I/O: the memory store applies the effects (registry.memory_jobs);
-the Redis store's Lua scripts (registry.redis_job_scripts) make the same transitions atomically
+the Redis store's Lua scripts (registry/lua/jobs/) make the same transitions atomically
 on Redis, and tests/registry/test_job_machine_differential.py checks the two agree.
 
     [queued ->] pending -> running -> completed | failed | timed_out | cancelled

@@ -18,35 +18,8 @@ from domain.identity import Role
 from domain.models import Page
 from domain.ports.api_keys import ApiKey
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
-
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: key hash. ARGV: tenant, role, description, secret hash.
-_ADD = (
-    _NOW
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'role', ARGV[2], 'desc', ARGV[3],
-  'hash', ARGV[4], 'created', now, 'revoked', '')
-return redis.call('HGETALL', KEYS[1])
-"""
-)
-
-# KEYS: key hash.
-_REVOKE = (
-    _NOW
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if redis.call('HGET', KEYS[1], 'revoked') == '' then
-  redis.call('HSET', KEYS[1], 'revoked', now)
-end
-return redis.call('HGETALL', KEYS[1])
-"""
-)
 
 
 def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
@@ -68,12 +41,14 @@ class RedisApiKeyStore:
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self._redis = redis
         self._keys = keys
-        self._add = redis.register_script(_ADD)
-        self._revoke = redis.register_script(_REVOKE)
+        self._scripts = ScriptRunner(redis)
+        self._add = lua_script("api_keys/add")
+        self._revoke = lua_script("api_keys/revoke")
 
     async def add_key(self, key: ApiKey) -> ApiKey | None:
         with redis_errors_as_unavailable():
-            raw = await self._add(
+            raw = await self._scripts.run(
+                self._add,
                 keys=[self._keys.api_key(key.key_id)],
                 args=[key.tenant_id, key.role.value, key.description, key.secret_sha256],
             )
@@ -136,5 +111,5 @@ class RedisApiKeyStore:
 
     async def revoke_key(self, key_id: str) -> ApiKey | None:
         with redis_errors_as_unavailable():
-            raw = await self._revoke(keys=[self._keys.api_key(key_id)])
+            raw = await self._scripts.run(self._revoke, keys=[self._keys.api_key(key_id)])
         return key_from_hash(key_id, pairs_to_dict(raw)) if raw else None

@@ -152,7 +152,7 @@ class KeySpace:
         return f"{self.prefix}:batch-expiry"
 
     def work_queue(self, queue: str) -> str:
-        """Prefix of every key of a work queue (registry.redis_queue_scripts lists them). The
+        """Prefix of every key of a work queue (registry/lua/prelude/queue.lua lists them). The
         hash tag is the queue, not a tenant: the per-level tenant rotation and the scripts that
         serve several tenants in one call need every key of the queue in one slot."""
         return f"{self.prefix}:{{q:{queue}}}:"

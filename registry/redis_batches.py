@@ -4,7 +4,7 @@ Layout (registry.keys): per batch a hash (fields and counts), a hash of item sta
 custom ids, a hash of the jobs running items and a stream of results whose entry ids are the
 result sequences (``<sequence>-0``), so a reader resumes with XRANGE from its cursor;
 per tenant an index sorted set and one string per idempotency key; one global expiry schedule.
-Every multi-key change is one Lua script (registry.redis_batch_scripts).
+Every multi-key change is one Lua script (registry/lua/batches/).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from domain.batch_models import (
 )
 from domain.models import Page
 from domain.ports.queue import QueuePriority
-from registry import redis_batch_scripts as scripts
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import redis_errors_as_unavailable
 
 _LIST_SCAN_BUDGET = 5000
@@ -55,11 +55,12 @@ class RedisBatchStore:
         self._redis = redis
         self._keys = keys
         self._poll_s = poll_s
-        self._create = redis.register_script(scripts.CREATE)
-        self._start = redis.register_script(scripts.START_ITEM)
-        self._attach = redis.register_script(scripts.ATTACH_JOB)
-        self._finish = redis.register_script(scripts.FINISH_ITEM)
-        self._stop = redis.register_script(scripts.STOP)
+        self._scripts = ScriptRunner(redis)
+        self._create = lua_script("batches/create")
+        self._start = lua_script("batches/start_item")
+        self._attach = lua_script("batches/attach_job")
+        self._finish = lua_script("batches/finish_item")
+        self._stop = lua_script("batches/stop")
 
     def _item_keys(self, tenant_id: str, batch_id: str) -> list[str]:
         k = self._keys
@@ -89,12 +90,12 @@ class RedisBatchStore:
             *new.custom_ids,
         ]
         with redis_errors_as_unavailable():
-            created, batch_id = await self._create(keys=keys, args=args)
+            created, batch_id = await self._scripts.run(self._create, keys=keys, args=args)
             batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None and not int(created):
                 # The key names a batch dropped after its retention: the key is free again.
                 await self._redis.delete(keys[-1])
-                created, batch_id = await self._create(keys=keys, args=args)
+                created, batch_id = await self._scripts.run(self._create, keys=keys, args=args)
                 batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None:  # pragma: no cover - only if the keys vanished meanwhile
                 raise RuntimeError(f"batch {batch_id} vanished")
@@ -157,7 +158,9 @@ class RedisBatchStore:
     ) -> bool:
         keys = self._item_keys(tenant_id, batch_id)[:2]
         with redis_errors_as_unavailable():
-            ok = await self._start(keys=keys, args=[index, 1 if redelivery else 0])
+            ok = await self._scripts.run(
+                self._start, keys=keys, args=[index, 1 if redelivery else 0]
+            )
         return bool(int(ok))
 
     async def attach_job(
@@ -170,7 +173,9 @@ class RedisBatchStore:
             k.batch_jobs(tenant_id, batch_id),
         ]
         with redis_errors_as_unavailable():
-            ok = await self._attach(keys=keys, args=[index, f"{job_id} {session_id}"])
+            ok = await self._scripts.run(
+                self._attach, keys=keys, args=[index, f"{job_id} {session_id}"]
+            )
         return bool(int(ok))
 
     async def finish_item(
@@ -184,7 +189,9 @@ class RedisBatchStore:
             self._retention_ms,
         ]
         with redis_errors_as_unavailable():
-            seq = await self._finish(keys=self._item_keys(tenant_id, batch_id), args=args)
+            seq = await self._scripts.run(
+                self._finish, keys=self._item_keys(tenant_id, batch_id), args=args
+            )
         return int(seq) or None
 
     async def stop_batch(
@@ -192,7 +199,8 @@ class RedisBatchStore:
     ) -> tuple[Batch | None, list[RunningItem]]:
         mode = ItemState.EXPIRED if state is BatchState.EXPIRED else ItemState.CANCELLED
         with redis_errors_as_unavailable():
-            reply = await self._stop(
+            reply = await self._scripts.run(
+                self._stop,
                 keys=self._item_keys(tenant_id, batch_id),
                 args=[mode.value, _compact({"error": error}), self._retention_ms],
             )

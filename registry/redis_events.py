@@ -25,10 +25,10 @@ from redis.asyncio.client import PubSub
 
 from domain.errors import Unavailable
 from domain.jobs import EventPage
-from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_message, decode_stream_entry
 from registry.fanout import Feed, LocalFanout
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import as_str, pairs_to_dict, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class RedisEventLog:
         self._keys = keys
         self._read_block_s = read_block_s
         self._subscribe_timeout_s = subscribe_timeout_s
-        self._read_after = redis.register_script(scripts.READ_AFTER)
+        self._scripts = ScriptRunner(redis)
+        self._read_after = lua_script("events/read_after")
         self.fanout = LocalFanout()
         self._pubsub: PubSub | None = None
         # Channels with SUBSCRIBE commands not yet confirmed, and who waits for them.
@@ -76,7 +77,8 @@ class RedisEventLog:
     ) -> EventPage:
         keys = self._keys
         with redis_errors_as_unavailable():
-            last, oldest, entries = await self._read_after(
+            last, oldest, entries = await self._scripts.run(
+                self._read_after,
                 keys=[
                     keys.session_event_seq(tenant_id, session_id),
                     keys.session_events(tenant_id, session_id),

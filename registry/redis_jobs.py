@@ -1,7 +1,7 @@
 """Jobs and session events in Redis (domain.ports.jobs.JobStore).
 
 A job is a hash under its tenant's hash tag, changed only by the Lua scripts in
-registry.redis_job_scripts, which also keep the session's bookkeeping and append the event
+registry/lua/jobs/, which also keep the session's bookkeeping and append the event
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
 slot and are only hints or lookups: the job index (job id -> tenant, session), written before
 the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
@@ -28,14 +28,10 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from domain.errors import DataLoss
 from domain.jobs import (
@@ -60,9 +56,9 @@ from domain.jobs import (
 from domain.models import Service, TokenUsage, WorkKind
 from domain.ports.queue import QueuePriority
 from domain.usage import USAGE_RETENTION_MS
-from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptPipeline, ScriptRunner, lua_script
 from registry.redis_client import as_str, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
@@ -113,14 +109,15 @@ class RedisJobStore:
         self._redis = redis
         self._keys = keys
         self._log = log
-        self._start = redis.register_script(scripts.START)
-        self._notice = redis.register_script(scripts.NOTICE)
-        self._finish = redis.register_script(scripts.FINISH)
-        self._reap = redis.register_script(scripts.REAP)
-        self._activate = redis.register_script(scripts.ACTIVATE)
-        self._prune_tenants = redis.register_script(scripts.PRUNE_TENANTS)
-        self._renew_handoff = redis.register_script(scripts.RENEW_HANDOFF)
-        self._claim_handoff = redis.register_script(scripts.CLAIM_HANDOFF)
+        self._scripts = ScriptRunner(redis)
+        self._start = lua_script("jobs/start")
+        self._notice = lua_script("jobs/notice")
+        self._finish = lua_script("jobs/finish")
+        self._reap = lua_script("jobs/reap")
+        self._activate = lua_script("jobs/activate")
+        self._prune_tenants = lua_script("jobs/prune_tenants")
+        self._renew_handoff = lua_script("jobs/renew_handoff")
+        self._claim_handoff = lua_script("jobs/claim_handoff")
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -137,26 +134,6 @@ class RedisJobStore:
             k.session_line(tenant_id, session_id),
             k.jobs_in_state(tenant_id, JobState.QUEUED.value),
         ]
-
-    async def _in_one_round_trip(
-        self, build: Callable[[Pipeline], Awaitable[None]], script: AsyncScript
-    ) -> list[Any]:
-        """Execute the pipeline ``build`` makes, which calls ``script``, in one round trip.
-        redis-py first asks Redis whether a pipeline's scripts are loaded (SCRIPT EXISTS: one
-        more round trip on every call); here the script goes as it is, and only a Redis that
-        lost it (restarted) costs loading it and sending the pipeline again: the script did
-        not run, and every other command these pipelines hold is idempotent."""
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
-            await build(pipe)
-            pipe.scripts.clear()
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                script.sha = await self._redis.script_load(script.script)
-        raise AssertionError("unreachable")
 
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
         return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
@@ -193,14 +170,18 @@ class RedisJobStore:
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
 
-        async def build(pipe: Pipeline) -> None:
+        def build(pipe: ScriptPipeline) -> None:
             # The index is written first so that a notice can never find a job it cannot
             # locate.
-            pipe.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
-            pipe.zadd(keys.job_deadlines(), {deadline_member: early_due})
+            commands = pipe.commands
+            commands.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
+            commands.zadd(keys.job_deadlines(), {deadline_member: early_due})
             # A queued job's first hand-off is its enqueue: checked alike.
-            pipe.zadd(keys.job_handoffs(), {deadline_member: _now_ms() + limits.handoff_grace_ms})
-            await self._start(
+            commands.zadd(
+                keys.job_handoffs(), {deadline_member: _now_ms() + limits.handoff_grace_ms}
+            )
+            pipe.run(
+                self._start,
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
                     new.job_id,
@@ -210,7 +191,7 @@ class RedisJobStore:
                     json.dumps(new.request_id),
                     new.agent_id,
                     new.model,
-                    _compact(accepted)[:-1],
+                    _compact(accepted),
                     limits.deadline_ms,
                     limits.heartbeat_ms,
                     limits.retention_ms,
@@ -225,14 +206,13 @@ class RedisJobStore:
                     limits.handoff_grace_ms,
                     "1" if new.keep_final else "0",
                 ],
-                client=pipe,
             )
             # After the script, which counts the job: count_unfinished's pruning can then
-            # never drop the tenant of a counted job (PRUNE_TENANTS).
-            pipe.sadd(keys.job_tenants(), tenant_id)
+            # never drop the tenant of a counted job (jobs/prune_tenants.lua).
+            commands.sadd(keys.job_tenants(), tenant_id)
 
         with redis_errors_as_unavailable():
-            reply = (await self._in_one_round_trip(build, self._start))[-2]
+            reply = (await self._scripts.in_one_round_trip(build))[-2]
             status = as_str(reply[0])
             if status == StartRefused.JOB_EXISTS.value:
                 # The index and deadline entries written above are the existing job's own
@@ -261,8 +241,9 @@ class RedisJobStore:
         # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so both
         # hints are written with the script, whatever it answers: a job that was not started
         # is only looked at early (the reaper and the claim re-check it).
-        async def build(pipe: Pipeline) -> None:
-            await self._activate(
+        def build(pipe: ScriptPipeline) -> None:
+            pipe.run(
+                self._activate,
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
@@ -271,13 +252,16 @@ class RedisJobStore:
                     limits.retention_ms,
                     limits.handoff_grace_ms,
                 ],
-                client=pipe,
             )
-            pipe.zadd(self._keys.job_deadlines(), {member: _early_due_ms(limits, may_queue=False)})
-            pipe.zadd(self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms})
+            pipe.commands.zadd(
+                self._keys.job_deadlines(), {member: _early_due_ms(limits, may_queue=False)}
+            )
+            pipe.commands.zadd(
+                self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms}
+            )
 
         with redis_errors_as_unavailable():
-            reply = (await self._in_one_round_trip(build, self._activate))[0]
+            reply = (await self._scripts.in_one_round_trip(build))[0]
         return ActivateOutcome(as_str(reply[0]))
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
@@ -286,21 +270,21 @@ class RedisJobStore:
             return False
         member = f"{tenant_id} {located[1]} {job_id}"
 
-        async def build(pipe: Pipeline) -> None:
-            await self._renew_handoff(
+        def build(pipe: ScriptPipeline) -> None:
+            pipe.run(
+                self._renew_handoff,
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
-                client=pipe,
             )
             # Only an entry still there moves (XX): a finished hand-off's stays gone.
-            pipe.zadd(
+            pipe.commands.zadd(
                 self._keys.job_handoffs(),
                 {member: _now_ms() + limits.handoff_grace_ms},
                 xx=True,
             )
 
         with redis_errors_as_unavailable():
-            lease, _ = await self._in_one_round_trip(build, self._renew_handoff)
+            lease, _ = await self._scripts.in_one_round_trip(build)
         return int(lease) > 0
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
@@ -330,7 +314,8 @@ class RedisJobStore:
             for raw in due:
                 member = as_str(raw)
                 tenant_id, session_id, job_id = member.split(" ", 2)
-                reply = await self._claim_handoff(
+                reply = await self._scripts.run(
+                    self._claim_handoff,
                     keys=self._job_keys(tenant_id, session_id, job_id),
                     args=[
                         job_id,
@@ -387,7 +372,8 @@ class RedisJobStore:
             return NoticeOutcome(Verdict.WRONG_TENANT)
         usage = notice.usage
         with redis_errors_as_unavailable():
-            reply = await self._notice(
+            reply = await self._scripts.run(
+                self._notice,
                 keys=self._job_keys(tenant_id, session_id, notice.job_id),
                 args=[
                     notice.job_id,
@@ -420,7 +406,8 @@ class RedisJobStore:
             return FinishOutcome.UNKNOWN_JOB, None
         session_id = located[1]
         with redis_errors_as_unavailable():
-            reply = await self._finish(
+            reply = await self._scripts.run(
+                self._finish,
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
@@ -478,7 +465,8 @@ class RedisJobStore:
                 if not any(replies[i * per_tenant : (i + 1) * per_tenant])
             ]
             if idle:
-                await self._prune_tenants(
+                await self._scripts.run(
+                    self._prune_tenants,
                     keys=[
                         keys.job_tenants(),
                         *(
@@ -503,7 +491,8 @@ class RedisJobStore:
             for raw in due:
                 member = as_str(raw)
                 tenant_id, session_id, job_id = member.split(" ", 2)
-                reply = await self._reap(
+                reply = await self._scripts.run(
+                    self._reap,
                     keys=self._job_keys(tenant_id, session_id, job_id),
                     args=[
                         job_id,

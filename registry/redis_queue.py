@@ -1,6 +1,6 @@
 """The work queue on Redis Streams consumer groups (no queue library).
 
-Design (key layout and scripts in registry.redis_queue_scripts):
+Design (key layout in registry/lua/prelude/queue.lua, scripts in registry/lua/queue/):
 
 - **Priorities and fairness.** One stream per (priority, tenant), each with consumer group
   ``w``. Per level a rotation list holds the tenants that may have undelivered entries; dequeue
@@ -55,8 +55,8 @@ from domain.ports.queue import (
     WorkItem,
     WorkResult,
 )
-from registry import redis_queue_scripts as scripts
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import as_str, create_redis, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)
@@ -192,14 +192,15 @@ class RedisWorkQueue:
         self._queue = queue
         self._prefix = keys.work_queue(queue)
         self._config = config or QueueConfig()
-        self._enqueue = redis.register_script(scripts.ENQUEUE)
-        self._dequeue = redis.register_script(scripts.DEQUEUE)
-        self._renew = redis.register_script(scripts.RENEW)
-        self._complete = redis.register_script(scripts.COMPLETE)
-        self._fail = redis.register_script(scripts.FAIL)
-        self._release = redis.register_script(scripts.RELEASE)
-        self._redrive = redis.register_script(scripts.REDRIVE)
-        self._stats = redis.register_script(scripts.STATS)
+        self._scripts = ScriptRunner(redis)
+        self._enqueue = lua_script("queue/enqueue")
+        self._dequeue = lua_script("queue/dequeue")
+        self._renew = lua_script("queue/renew")
+        self._complete = lua_script("queue/complete")
+        self._fail = lua_script("queue/fail")
+        self._release = lua_script("queue/release")
+        self._redrive = lua_script("queue/redrive")
+        self._stats = lua_script("queue/stats")
         self._listener = _Listener(redis, self._prefix + "ch:done", self._prefix + "ch:ready")
 
     @property
@@ -226,7 +227,7 @@ class RedisWorkQueue:
                 item.payload,
             ]
         with redis_errors_as_unavailable():
-            return int(await self._enqueue(args=args))
+            return int(await self._scripts.run(self._enqueue, args=args))
 
     async def dequeue(
         self, consumer: str, *, count: int, lease_ms: int, wait_ms: int = 0
@@ -245,7 +246,7 @@ class RedisWorkQueue:
                 await self._listener.ensure_started()
                 self._listener.work_ready.clear()
             with redis_errors_as_unavailable():
-                packed, hint_ms = await self._dequeue(args=args)
+                packed, hint_ms = await self._scripts.run(self._dequeue, args=args)
             items = self._items(consumer, packed)
             remaining = deadline - loop.time()
             if items or remaining <= 0:
@@ -257,8 +258,8 @@ class RedisWorkQueue:
 
     async def renew(self, item: WorkItem) -> bool:
         with redis_errors_as_unavailable():
-            held = await self._renew(
-                args=[self._prefix, item.consumer, self._stream(item), item.receipt]
+            held = await self._scripts.run(
+                self._renew, args=[self._prefix, item.consumer, self._stream(item), item.receipt]
             )
         return bool(held[0])
 
@@ -269,13 +270,14 @@ class RedisWorkQueue:
         for item, value in results:
             args += [item.item_id, self._stream(item), item.receipt, value]
         with redis_errors_as_unavailable():
-            stored = await self._complete(args=args)
+            stored = await self._scripts.run(self._complete, args=args)
         return [bool(flag) for flag in stored]
 
     async def fail(self, item: WorkItem, error: str, *, retry: bool = True) -> FailOutcome:
         config = self._config
         with redis_errors_as_unavailable():
-            outcome = await self._fail(
+            outcome = await self._scripts.run(
+                self._fail,
                 args=[
                     self._prefix,
                     item.item_id,
@@ -287,14 +289,15 @@ class RedisWorkQueue:
                     config.max_deliveries,
                     config.retry_base_ms,
                     config.retry_cap_ms,
-                ]
+                ],
             )
         return FailOutcome(as_str(outcome))
 
     async def release(self, item: WorkItem) -> bool:
         with redis_errors_as_unavailable():
-            released = await self._release(
-                args=[self._prefix, item.item_id, self._stream(item), item.receipt, item.consumer]
+            released = await self._scripts.run(
+                self._release,
+                args=[self._prefix, item.item_id, self._stream(item), item.receipt, item.consumer],
             )
         return bool(released)
 
@@ -370,11 +373,11 @@ class RedisWorkQueue:
 
     async def redrive(self, item_id: str) -> bool:
         with redis_errors_as_unavailable():
-            return bool(await self._redrive(args=[self._prefix, item_id]))
+            return bool(await self._scripts.run(self._redrive, args=[self._prefix, item_id]))
 
     async def stats(self) -> QueueStats:
         with redis_errors_as_unavailable():
-            ready, leased, delayed, dead = await self._stats(args=[self._prefix])
+            ready, leased, delayed, dead = await self._scripts.run(self._stats, args=[self._prefix])
         return QueueStats(int(ready), int(leased), int(delayed), int(dead))
 
     async def aclose(self) -> None:

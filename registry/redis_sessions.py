@@ -15,83 +15,8 @@ from redis.asyncio import Redis
 
 from domain.models import NewSession, Page, Session, SessionFilter, SessionState, TokenUsage
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
-
-# Shared Lua prelude: the Redis server's time in milliseconds.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: session, pending, index. ARGV: session_id, agent_id, user_id, metadata_json, ttl_ms,
-# retention_ms, session key prefix (for pruning vanished index entries).
-_CREATE = (
-    _NOW
-    + """
-local ttl = tonumber(ARGV[5])
-local expires = now + ttl
-redis.call('HSET', KEYS[1], 'agent_id', ARGV[2], 'user_id', ARGV[3], 'metadata', ARGV[4],
-  'state', 'active', 'created', now, 'updated', now, 'expires', expires, 'ttl', ttl,
-  'msgs', 0, 'ptok', 0, 'ctok', 0, 'ttok', 0)
-redis.call('PEXPIREAT', KEYS[1], expires + tonumber(ARGV[6]))
--- Forget up to two of the oldest index entries whose session is gone (same hash tag, so the
--- same slot), which keeps the index bounded without a sweeper.
-for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, 1)) do
-  if redis.call('EXISTS', ARGV[7] .. old) == 0 then redis.call('ZREM', KEYS[3], old) end
-end
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-return {redis.call('HGETALL', KEYS[1]), {}}
-"""
-)
-
-# KEYS: session, pending. ARGV: touch ("1"/"0"), retention_ms.
-_GET = (
-    _NOW
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local f = redis.call('HMGET', KEYS[1], 'state', 'expires', 'ttl')
-local state, expires = f[1], tonumber(f[2])
-local retention = tonumber(ARGV[2])
-if state == 'active' or state == 'busy' then
-  if now >= expires then
-    redis.call('HSET', KEYS[1], 'state', 'expired', 'updated', expires)
-    redis.call('PEXPIREAT', KEYS[1], expires + retention)
-    redis.call('PEXPIREAT', KEYS[2], expires + retention)
-  elseif ARGV[1] == '1' then
-    expires = now + tonumber(f[3])
-    redis.call('HSET', KEYS[1], 'expires', expires)
-    redis.call('PEXPIREAT', KEYS[1], expires + retention)
-    redis.call('PEXPIREAT', KEYS[2], expires + retention)
-  end
-end
-return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
-"""
-)
-
-# KEYS: session, pending. ARGV: retention_ms, event channel. Followers of the session's events
-# are told on its channel (registry.event_codec) so their streams end.
-_CLOSE = (
-    _NOW
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local f = redis.call('HMGET', KEYS[1], 'state', 'expires')
-local state, expires = f[1], tonumber(f[2])
-local retention = tonumber(ARGV[1])
-if state == 'active' or state == 'busy' then
-  if now >= expires then
-    redis.call('HSET', KEYS[1], 'state', 'expired', 'updated', expires)
-    redis.call('PEXPIREAT', KEYS[1], expires + retention)
-    redis.call('PEXPIREAT', KEYS[2], expires + retention)
-  else
-    redis.call('HSET', KEYS[1], 'state', 'closed', 'updated', now)
-    redis.call('PEXPIREAT', KEYS[1], now + retention)
-    redis.call('PEXPIREAT', KEYS[2], now + retention)
-    redis.call('PUBLISH', ARGV[2], '0 ' .. now .. ' closed')
-  end
-end
-return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
-"""
-)
 
 # How many index entries one ListSessions call may examine while filtering.
 _LIST_SCAN_BUDGET = 2000
@@ -134,14 +59,16 @@ class RedisSessionStore:
         self._redis = redis
         self._keys = keys
         self._retention_ms = retention_ms
-        self._create = redis.register_script(_CREATE)
-        self._get = redis.register_script(_GET)
-        self._close = redis.register_script(_CLOSE)
+        self._scripts = ScriptRunner(redis)
+        self._create = lua_script("sessions/create")
+        self._get = lua_script("sessions/get")
+        self._close = lua_script("sessions/close")
 
     async def create_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
         keys = self._keys
         with redis_errors_as_unavailable():
-            raw = await self._create(
+            raw = await self._scripts.run(
+                self._create,
                 keys=[
                     keys.session(tenant_id, session_id),
                     keys.session_pending(tenant_id, session_id),
@@ -161,7 +88,8 @@ class RedisSessionStore:
 
     async def get_session(self, tenant_id: str, session_id: str, *, touch: bool) -> Session | None:
         with redis_errors_as_unavailable():
-            raw = await self._get(
+            raw = await self._scripts.run(
+                self._get,
                 keys=self._session_keys(tenant_id, session_id),
                 args=["1" if touch else "0", self._retention_ms],
             )
@@ -171,7 +99,8 @@ class RedisSessionStore:
 
     async def close_session(self, tenant_id: str, session_id: str) -> Session | None:
         with redis_errors_as_unavailable():
-            raw = await self._close(
+            raw = await self._scripts.run(
+                self._close,
                 keys=self._session_keys(tenant_id, session_id),
                 args=[self._retention_ms, self._keys.session_channel(tenant_id, session_id)],
             )

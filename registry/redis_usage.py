@@ -1,6 +1,6 @@
 """Token usage and the embedding cache in Redis (domain.ports.usage.UsageStore, EmbeddingCache).
 
-Usage hashes are written by the job store's NOTICE script (registry.redis_job_scripts), one per
+Usage hashes are written by the job store's notice script (registry/lua/jobs/notice.lua), one per
 tenant and UTC day, under the tenant's hash tag; this module only reads them.
 """
 
@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 
 from domain.models import TokenUsage
 from domain.ports.usage import DayUsage
-from registry import redis_job_scripts as scripts
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import as_str, redis_errors_as_unavailable
 
 _AGENT = "agent:"
@@ -38,7 +38,8 @@ class RedisUsageStore:
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self._redis = redis
         self._keys = keys
-        self._today = redis.register_script(scripts.USAGE_TODAY)
+        self._scripts = ScriptRunner(redis)
+        self._today = lua_script("usage/tokens_today")
 
     async def usage_days(self, tenant_id: str, first_day: int, last_day: int) -> list[DayUsage]:
         days = list(range(first_day, last_day + 1))
@@ -52,7 +53,7 @@ class RedisUsageStore:
 
     async def tokens_today(self, tenant_id: str) -> int:
         with redis_errors_as_unavailable():
-            reply = await self._today(keys=[], args=[self._keys.usage_prefix(tenant_id)])
+            reply = await self._scripts.run(self._today, args=[self._keys.usage_prefix(tenant_id)])
         return int(reply)
 
 

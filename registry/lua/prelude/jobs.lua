@@ -1,0 +1,84 @@
+--! include: prelude/time
+-- The nine keys every job script but renew_handoff takes (in this order), all under the
+-- tenant's hash tag (one cluster slot), and the helpers that change a job, its session's
+-- bookkeeping and the session's event log in one step.
+local job_key = KEYS[1]             -- the job hash
+local session_key = KEYS[2]         -- the session hash
+local pending_key = KEYS[3]         -- the session's jobs in flight (queued or not): a set
+local event_seq_key = KEYS[4]       -- the session's event sequence counter
+local events_key = KEYS[5]          -- the session's event stream
+-- The tenant's pending, running and queued jobs: sorted sets scored by when the job hash
+-- expires (a job that vanished unfinished is not counted), for the tasks-by-state metric.
+local tenant_pending_key = KEYS[6]
+local tenant_running_key = KEYS[7]
+local line_key = KEYS[8]            -- the session's line: its QUEUED jobs, oldest first
+local tenant_queued_key = KEYS[9]
+
+-- An event envelope, from complete JSON pieces: the job id is validated by the caller, the
+-- request id is stored JSON-encoded, the data is JSON made by the caller. Concatenated, not
+-- cjson-encoded, so the members keep this order and the bytes clients read stay the same.
+local function envelope(job_id, request_json, kind, data_json)
+  return '{"j":"' .. job_id .. '","r":' .. request_json .. ',"k":"' .. kind .. '","d":'
+    .. data_json .. '}'
+end
+
+-- The JSON object ``object_json`` (complete, made by the caller) with more members
+-- (``'"name":<JSON value>'`` pieces) after its own.
+local function with_members(object_json, members)
+  if #members == 0 then return object_json end
+  local head = string.sub(object_json, 1, -2)
+  if head ~= '{' then head = head .. ',' end
+  return head .. table.concat(members, ',') .. '}'
+end
+
+-- Append an event: next sequence, stream entry <seq>-0 (capped at maxlen), publish.
+local function append(env, maxlen, ttl, channel)
+  local seq = redis.call('INCR', event_seq_key)
+  redis.call('PEXPIRE', event_seq_key, ttl)
+  redis.call('XADD', events_key, 'MAXLEN', maxlen, seq .. '-0', 't', now, 'e', env)
+  redis.call('PEXPIRE', events_key, ttl)
+  redis.call('PUBLISH', channel, seq .. ' ' .. now .. ' ' .. env)
+  return seq
+end
+
+-- Keep a key at least ``ttl`` ms longer (a key without a TTL gets one).
+local function extend(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- The job is final or gone: it leaves the tenant's sets of unfinished jobs.
+local function uncount(job_id)
+  redis.call('ZREM', tenant_pending_key, job_id)
+  redis.call('ZREM', tenant_running_key, job_id)
+  redis.call('ZREM', tenant_queued_key, job_id)
+end
+
+-- The job reached its service or ended: its work spec and hand-off lease go.
+local function handed_over()
+  redis.call('HDEL', job_key, 'ho', 'hol', 'hoa', 'hoq')
+end
+
+-- The job is final: it is no longer counted and leaves the session's pending set (and its
+-- line, if it was queued); an idle busy session becomes active again.
+local function release(job_id)
+  handed_over()
+  uncount(job_id)
+  redis.call('SREM', pending_key, job_id)
+  redis.call('LREM', line_key, 1, job_id)
+  if redis.call('HGET', session_key, 'state') == 'busy'
+      and redis.call('SCARD', pending_key) == 0 then
+    redis.call('HSET', session_key, 'state', 'active', 'updated', now)
+  end
+end
+
+local function is_final(state)
+  return state ~= 'pending' and state ~= 'running' and state ~= 'queued'
+end
+
+-- A job started with 'keep' set keeps its final event ("<seq> <time> <envelope>", the
+-- published form) in its hash, readable after the session's capped log dropped it.
+local function keep_final(seq, env)
+  if redis.call('HGET', job_key, 'keep') == '1' then
+    redis.call('HSET', job_key, 'final', seq .. ' ' .. now .. ' ' .. env)
+  end
+end

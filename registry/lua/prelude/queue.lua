@@ -1,0 +1,68 @@
+--! include: prelude/time
+-- The work queue's shared part (registry.redis_queue): every state change is one script, so
+-- an item's record, its stream entry, the tenant rotation and the delayed set never disagree.
+-- Every queue script takes the queue's key prefix as ARGV[1] and builds key names from it;
+-- every key of a queue shares the hash tag {q:<queue>}, so they live in one slot and the
+-- scripts stay atomic on a cluster. Only Redis 7.0 commands are used.
+--
+-- Keys (after the prefix):
+--   i:<item>            hash: t tenant, k kind, p priority, b batch, d payload, q enqueued ms,
+--                       st state (queued|running|delayed|done|dead), n deliveries,
+--                       e current stream entry id, v result, err last error, f finished ms,
+--                       x dead-letter entry id
+--   s:<prio>:<tenant>   stream of {i: item id}, consumer group "w"; deleted when empty
+--   rr:<prio>           list: rotation of tenants that may have undelivered entries at <prio>
+--   rs:<prio>           set: the same tenants, to keep the rotation free of duplicates
+--   streams             set of every existing stream (scanned by XAUTOCLAIM)
+--   delayed             zset item -> due ms (retries waiting for their backoff)
+--   dead                stream of {i: item id}: the dead letter, in order of death
+--   reclaim_at          ms before which no dequeue scans for expired leases again
+--   ch:done             channel: comma-separated ids of items that just finished
+--   ch:ready            channel: "1" when items became ready
+local prefix = ARGV[1]
+local group = 'w'
+-- Acknowledge and delete a delivered entry. XDEL only when XACK found it pending, so a stale
+-- receipt never deletes anything else. An empty stream is dropped with its group: its tenant
+-- leaves no keys behind, and enqueue recreates both.
+local function ack(stream, entry)
+  if redis.call('EXISTS', stream) == 0 then return end
+  if redis.call('XACK', stream, group, entry) == 1 then
+    redis.call('XDEL', stream, entry)
+    if redis.call('XLEN', stream) == 0 then
+      redis.call('DEL', stream)
+      redis.call('SREM', prefix .. 'streams', stream)
+    end
+  end
+end
+
+-- Whether ``consumer`` holds the pending entry (its lease was not reclaimed by another).
+local function owns(stream, entry, consumer)
+  if redis.call('EXISTS', stream) == 0 then return false end
+  local p = redis.call('XPENDING', stream, group, entry, entry, 1)
+  return #p == 1 and p[1][2] == consumer
+end
+
+-- Append a fresh entry for the item to its (priority, tenant) stream; mark the tenant ready.
+local function push(rec, id, prio, tenant)
+  local stream = prefix .. 's:' .. prio .. ':' .. tenant
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+    redis.call('SADD', prefix .. 'streams', stream)
+  end
+  local entry = redis.call('XADD', stream, '*', 'i', id)
+  redis.call('HSET', rec, 'st', 'queued', 'e', entry)
+  if redis.call('SADD', prefix .. 'rs:' .. prio, tenant) == 1 then
+    redis.call('RPUSH', prefix .. 'rr:' .. prio, tenant)
+  end
+end
+
+-- Move the item to the dead letter (kept until redriven: no TTL) and wake its waiters.
+local function bury(rec, id, err)
+  local x = redis.call('XADD', prefix .. 'dead', '*', 'i', id)
+  redis.call('HSET', rec, 'st', 'dead', 'err', err, 'f', now, 'x', x)
+  redis.call('PUBLISH', prefix .. 'ch:done', id)
+end
+
+local function final(st)
+  return st == 'done' or st == 'dead'
+end

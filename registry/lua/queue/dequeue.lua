@@ -1,0 +1,111 @@
+--! include: prelude/queue
+-- Leases up to count items to a consumer. Order of work: due retries back to their streams,
+-- expired leases (XAUTOCLAIM, at most every lease_ms / 4 per queue), then new entries by priority
+-- and tenant turn. An item leased for the max_deliveries-th time and not finished goes to the
+-- dead letter.
+--
+-- KEYS: none (built from the prefix: one hash tag)
+-- ARGV: prefix, consumer, count, lease_ms, max_deliveries
+-- Returns: {items, wait_hint_ms}. items is one string: per item the fields id, entry, tenant,
+--   kind, prio, batch, payload, deliveries, enqueued_ms, each as "<length>:<bytes>" (one bulk
+--   reply instead of nine elements per item: the client parses replies far slower than Redis
+--   builds them). wait_hint_ms: how long a consumer finding nothing may sleep.
+local consumer = ARGV[2]
+local count = tonumber(ARGV[3])
+local lease_ms = tonumber(ARGV[4])
+local max_deliveries = tonumber(ARGV[5])
+
+local out, packed = {}, {}
+
+local function deliver(stream, entry, id, reclaimed)
+  local rec = prefix .. 'i:' .. id
+  local f = redis.call('HMGET', rec, 'st', 'e', 'n')
+  if not f[1] or final(f[1]) or f[2] ~= entry then
+    ack(stream, entry)  -- stale entry: the item finished, expired or was queued again
+    return
+  end
+  local n = tonumber(f[3])
+  if reclaimed and n >= max_deliveries then
+    ack(stream, entry)
+    bury(rec, id, redis.call('HGET', rec, 'err') or 'lease expired on every delivery')
+    return
+  end
+  n = n + 1
+  redis.call('HSET', rec, 'st', 'running', 'n', n)
+  local d = redis.call('HMGET', rec, 't', 'k', 'p', 'b', 'd', 'q')
+  out[#out + 1] = id
+  for _, v in ipairs({id, entry, d[1], d[2], d[3], d[4], d[5], tostring(n), d[6]}) do
+    packed[#packed + 1] = #v .. ':' .. v
+  end
+end
+
+-- 1. Retries whose backoff is over go back to the tail of their stream.
+local delayed = prefix .. 'delayed'
+for _, id in ipairs(redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)) do
+  redis.call('ZREM', delayed, id)
+  local rec = prefix .. 'i:' .. id
+  local f = redis.call('HMGET', rec, 'st', 'p', 't')
+  if f[1] == 'delayed' then push(rec, id, f[2], f[3]) end
+end
+
+-- 2. Entries idle (not renewed) for a whole lease belonged to a dead consumer: claim them.
+local gate = prefix .. 'reclaim_at'
+if now >= tonumber(redis.call('GET', gate) or '0') then
+  local full = false
+  for _, stream in ipairs(redis.call('SMEMBERS', prefix .. 'streams')) do
+    if redis.call('EXISTS', stream) == 0 then
+      redis.call('SREM', prefix .. 'streams', stream)
+    else
+      local cursor = '0-0'
+      repeat
+        if #out >= count then full = true; break end
+        local r = redis.call('XAUTOCLAIM', stream, group, consumer, lease_ms, cursor,
+          'COUNT', count - #out)
+        cursor = r[1]
+        -- r[3] lists entries deleted while pending; XAUTOCLAIM already dropped them.
+        for _, e in ipairs(r[2]) do
+          if e and e[2] then deliver(stream, e[1], e[2][2], true) end
+        end
+      until cursor == '0-0' or redis.call('EXISTS', stream) == 0
+    end
+    if full then break end
+  end
+  if not full then
+    redis.call('SET', gate, now + math.max(math.floor(lease_ms / 4), 10))
+  end
+end
+
+-- 3. New entries: levels highest first; within a level one entry per tenant per turn (a lone
+-- tenant takes the whole batch at once).
+for _, prio in ipairs({'high', 'normal', 'low'}) do
+  local rr, rs = prefix .. 'rr:' .. prio, prefix .. 'rs:' .. prio
+  while #out < count do
+    local n = redis.call('LLEN', rr)
+    if n == 0 then break end
+    local tenant = redis.call('LMOVE', rr, rr, 'LEFT', 'RIGHT')
+    local stream = prefix .. 's:' .. prio .. ':' .. tenant
+    local got = false
+    if redis.call('EXISTS', stream) == 1 then
+      local want = 1
+      if n == 1 then want = count - #out end
+      local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
+        'STREAMS', stream, '>')
+      if r then
+        for _, e in ipairs(r[1][2]) do
+          got = true
+          deliver(stream, e[1], e[2][2], false)
+        end
+      end
+    end
+    if not got then
+      redis.call('LREM', rr, 1, tenant)
+      redis.call('SREM', rs, tenant)
+    end
+  end
+end
+
+-- How long a consumer finding nothing may sleep before a retry falls due or leases need a scan.
+local hint = math.max(math.floor(lease_ms / 4), 10)
+local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+if #nxt == 2 then hint = math.min(hint, math.max(tonumber(nxt[2]) - now, 1)) end
+return {table.concat(packed), hint}

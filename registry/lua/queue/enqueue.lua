@@ -1,0 +1,22 @@
+--! include: prelude/queue
+-- Adds items to the queue: each new item id gets its record and a stream entry, and its
+-- tenant joins the rotation of its priority; an id already known is left as it is.
+--
+-- KEYS: none (built from the prefix: one hash tag)
+-- ARGV: prefix, then per item: id, tenant, kind, priority, batch ('' for none), payload
+-- Returns: how many items were added
+local first_item = 2
+
+local added = 0
+for i = first_item, #ARGV, 6 do
+  local id, tenant, kind, priority, batch, payload = unpack(ARGV, i, i + 5)
+  local rec = prefix .. 'i:' .. id
+  if redis.call('EXISTS', rec) == 0 then
+    redis.call('HSET', rec, 't', tenant, 'k', kind, 'p', priority,
+      'b', batch, 'd', payload, 'n', 0, 'q', now)
+    push(rec, id, priority, tenant)
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('PUBLISH', prefix .. 'ch:ready', '1') end
+return added

@@ -1,0 +1,36 @@
+--! include: prelude/queue
+-- A consumer reports a delivery failed: retried after an exponential backoff (base_ms * 2 ^
+-- (deliveries - 1), at most cap_ms), or moved to the dead letter when retry is '0' or every
+-- delivery is spent. A delivery the consumer no longer holds changes nothing.
+--
+-- KEYS: none (built from the prefix: one hash tag)
+-- ARGV: prefix, id, stream, entry, consumer, error_text, retry ('1' | '0'), max_deliveries,
+--   base_ms, cap_ms
+-- Returns: 'ignored' | 'dead_lettered' | 'retry_scheduled'
+local id = ARGV[2]
+local stream = ARGV[3]
+local entry = ARGV[4]
+local consumer = ARGV[5]
+local error_text = ARGV[6]
+local retry = ARGV[7]
+local max_deliveries = tonumber(ARGV[8])
+local base_ms = tonumber(ARGV[9])
+local cap_ms = tonumber(ARGV[10])
+
+local rec = prefix .. 'i:' .. id
+local st = redis.call('HGET', rec, 'st')
+if not st or final(st) then
+  ack(stream, entry)
+  return 'ignored'
+end
+if not owns(stream, entry, consumer) then return 'ignored' end
+ack(stream, entry)
+local n = tonumber(redis.call('HGET', rec, 'n'))
+if retry == '0' or n >= max_deliveries then
+  bury(rec, id, error_text)
+  return 'dead_lettered'
+end
+local delay = math.min(cap_ms, base_ms * 2 ^ (n - 1))
+redis.call('ZADD', prefix .. 'delayed', now + math.floor(delay), id)
+redis.call('HSET', rec, 'st', 'delayed', 'err', error_text)
+return 'retry_scheduled'

@@ -1,0 +1,32 @@
+--! include: prelude/time
+-- Records a new ACTIVE session and adds it to the tenant's index, forgetting up to two of the
+-- oldest index entries whose session is gone (same hash tag, so the same slot), which keeps
+-- the index bounded without a sweeper.
+--
+-- KEYS: session_key, pending_key (the session's jobs in flight), index_key (the tenant's
+--   sessions)
+-- ARGV: session_id, agent_id, user_id, metadata_json, ttl_ms, retention_ms, session_prefix
+--   (the key of a session is session_prefix .. its id)
+-- Returns: {session hash fields, pending job ids (none)}
+local session_key = KEYS[1]
+local index_key = KEYS[3]
+local session_id = ARGV[1]
+local agent_id = ARGV[2]
+local user_id = ARGV[3]
+local metadata_json = ARGV[4]
+local ttl_ms = tonumber(ARGV[5])
+local retention_ms = tonumber(ARGV[6])
+local session_prefix = ARGV[7]
+
+local expires = now + ttl_ms
+redis.call('HSET', session_key, 'agent_id', agent_id, 'user_id', user_id,
+  'metadata', metadata_json, 'state', 'active', 'created', now, 'updated', now,
+  'expires', expires, 'ttl', ttl_ms, 'msgs', 0, 'ptok', 0, 'ctok', 0, 'ttok', 0)
+redis.call('PEXPIREAT', session_key, expires + retention_ms)
+for _, old in ipairs(redis.call('ZRANGE', index_key, 0, 1)) do
+  if redis.call('EXISTS', session_prefix .. old) == 0 then
+    redis.call('ZREM', index_key, old)
+  end
+end
+redis.call('ZADD', index_key, 0, session_id)
+return {redis.call('HGETALL', session_key), {}}

@@ -1,0 +1,11 @@
+--! include: prelude/time
+-- The tenant's total tokens of the current UTC day, by the Redis clock (the notice script
+-- writes the day's usage hash, see jobs/notice.lua).
+--
+-- KEYS: none (the key is built from the day, under the tenant's hash tag)
+-- ARGV: usage_prefix
+-- Returns: the day's total tokens (0 when none)
+local usage_prefix = ARGV[1]
+
+local day = math.floor(now / 86400000)
+return tonumber(redis.call('HGET', usage_prefix .. day, 'total') or '0')

@@ -1,0 +1,142 @@
+"""The Lua scripts of the Redis stores, and the one way they are run.
+
+Every script is a file under ``registry/lua/`` (``<area>/<name>.lua``), opening with a header
+comment (what it does, its KEYS and ARGV by name, what it returns) and unpacking KEYS and ARGV
+into named locals at its top. A script names the shared preludes it needs in its first lines
+(``--! include: shared/time``, ``--! include: jobs/job``); a prelude may include others, and each
+is included once, before the script. A file is read once per process (``lua_script``).
+
+``ScriptRunner`` runs scripts on one client: EVALSHA straight away, and only on a NOSCRIPT reply
+(a Redis that restarted) SCRIPT LOAD and again, so a script costs one round trip, alone or in a
+pipeline (redis-py's own pipelines ask SCRIPT EXISTS first: one more round trip every time).
+``make lint`` loads every script into a real redis-server (``scripts/check_lua.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+from redis.typing import EncodableT, KeyT
+
+LUA_ROOT = Path(__file__).parent / "lua"
+_INCLUDE = re.compile(r"--! include: (\S+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """One script as Redis runs it: its preludes, then its own text."""
+
+    name: str
+    source: str
+    sha: str
+
+
+PRELUDES = "prelude"
+
+
+def script_path(name: str) -> Path:
+    return LUA_ROOT / f"{name}.lua"
+
+
+def lua_files() -> list[str]:
+    """The name of every .lua file under registry/lua/ (``<area>/<name>``), preludes included."""
+    return sorted(
+        str(path.relative_to(LUA_ROOT).with_suffix("")) for path in LUA_ROOT.rglob("*.lua")
+    )
+
+
+def script_names() -> list[str]:
+    """Every script a store runs (every file but the preludes)."""
+    return [name for name in lua_files() if not name.startswith(f"{PRELUDES}/")]
+
+
+def _includes(text: str) -> list[str]:
+    """The preludes a file names in its leading ``--! include:`` lines."""
+    names: list[str] = []
+    for line in text.splitlines():
+        found = _INCLUDE.match(line)
+        if found is None:
+            break
+        names.append(found.group(1))
+    return names
+
+
+def _expand(name: str, seen: set[str], stack: tuple[str, ...] = ()) -> Iterator[str]:
+    if name in stack:
+        raise ValueError(f"Lua include cycle: {' -> '.join((*stack, name))}")
+    text = script_path(name).read_text(encoding="utf-8")
+    for included in _includes(text):
+        if included not in seen:
+            seen.add(included)
+            yield from _expand(included, seen, (*stack, name))
+    yield text
+
+
+@functools.cache
+def lua_script(name: str) -> LuaScript:
+    """The script ``registry/lua/<name>.lua`` with its preludes (read once per process)."""
+    source = "".join(_expand(name, set()))
+    return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+def included_files(name: str) -> list[str]:
+    """Every prelude ``name`` pulls in, in order (for checks)."""
+    seen: set[str] = set()
+    list(_expand(name, seen))
+    return sorted(seen)
+
+
+class ScriptPipeline:
+    """A pipeline being built: ``run`` queues a script (EVALSHA), ``commands`` is the pipeline
+    for any other command."""
+
+    def __init__(self, commands: Pipeline) -> None:
+        self.commands = commands
+        self.scripts: list[LuaScript] = []
+
+    def run(
+        self, script: LuaScript, keys: Sequence[KeyT] = (), args: Sequence[EncodableT] = ()
+    ) -> None:
+        self.scripts.append(script)
+        self.commands.evalsha(script.sha, len(keys), *keys, *args)
+
+
+class ScriptRunner:
+    """Runs scripts on one client in one round trip each (see the module's doc)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def run(
+        self, script: LuaScript, keys: Sequence[KeyT] = (), args: Sequence[EncodableT] = ()
+    ) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(script.source)
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def in_one_round_trip(self, build: Callable[[ScriptPipeline], None]) -> list[Any]:
+        """Execute the pipeline ``build`` makes (scripts and other commands) in one round trip.
+        Only a Redis that lost a script costs loading it and sending the pipeline again: the
+        script did not run, and the other commands of such pipelines must be idempotent."""
+        for attempt in (1, 2):
+            pipe = ScriptPipeline(self._redis.pipeline(transaction=False))
+            build(pipe)
+            try:
+                return list(await pipe.commands.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in pipe.scripts:
+                    await self._redis.script_load(script.source)
+        raise AssertionError("unreachable")
