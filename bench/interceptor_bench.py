@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -51,8 +52,8 @@ from typing import Any
 import grpc
 
 from domain.api_keys import record_for_plaintext
-from domain.identity import Caller, Role, bind_caller, unbind_caller
-from domain.request_context import REQUEST_ID_HEADER, new_request_id
+from domain.identity import Caller, Role
+from handlers.request_context import REQUEST_ID_HEADER, bind_request_context, new_request_id
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 from server.app import OrchestratorServer
 from server.config import Settings
@@ -170,13 +171,11 @@ def _settings(redis_url: str | None = None) -> Settings:
 
 
 async def _start_with_bench_caller(server: OrchestratorServer) -> OrchestratorServer:
-    """A server without identity, started with the bench caller bound so its RPC tasks (copies
-    of this context) inherit it."""
-    token = bind_caller(Caller(tenant_id=TENANT, role=Role.CLIENT))
-    try:
-        await server.start()
-    finally:
-        unbind_caller(token)
+    """A server without identity, started in a context with the bench caller bound so its RPC
+    tasks (copies of that context) inherit it."""
+    context = contextvars.copy_context()
+    context.run(bind_request_context, "", None, "", Caller(tenant_id=TENANT, role=Role.CLIENT))
+    await asyncio.create_task(server.start(), context=context)
     return server
 
 

@@ -11,10 +11,8 @@ and embedding items) run on one internal session created per batch at submission
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import time
@@ -27,6 +25,7 @@ from domain.dispatch import CallContext
 from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id
 from domain.models import Page
+from domain.periodic import PeriodicTask
 from domain.ports.batches import BatchStore
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkQueue
 from domain.sessions import (
@@ -378,16 +377,15 @@ class BatchManager:
         raise Aborted(f"the record of batch {batch_id} was lost (the backend lost its data)")
 
 
-class BatchExpirer:
+class BatchExpirer(PeriodicTask):
     """Expires batches past their completion window. Every server process runs one; the store
-    makes each expiry atomic, so several are safe."""
+    makes each expiry atomic, so several are safe. domain.periodic runs the loop; a pass the
+    store refuses (any domain error) is logged at DEBUG."""
 
     def __init__(self, store: BatchStore, manager: BatchManager, *, interval_s: float) -> None:
+        super().__init__("batch-expirer", self.expire_once, interval_s, quiet=(DomainError,))
         self._store = store
         self._manager = manager
-        self._interval_s = interval_s
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     async def expire_once(self) -> int:
         due = await self._store.due_for_expiry(limit=100)
@@ -397,26 +395,6 @@ class BatchExpirer:
             except NotFound:
                 await self._store.forget_expiry(tenant_id, batch_id)
         return len(due)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="batch-expirer")
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.expire_once()
-            except DomainError as exc:
-                log.debug("batch expiry pass skipped: %s", exc)
-            except Exception:
-                log.exception("batch expiry pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        task, self._task = self._task, None
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
 
 
 def _now_ms() -> int:

@@ -8,7 +8,6 @@ from typing import Any
 import grpc
 
 from domain.batches import BatchManager
-from domain.identity import current_caller
 from handlers.batch_converters import (
     batch_state_from_pb,
     batch_to_pb,
@@ -17,6 +16,7 @@ from handlers.batch_converters import (
 )
 from handlers.call_context import call_context
 from handlers.errors import stream_errors, unary_errors
+from handlers.request_context import current_caller
 from orchestrator.v1 import batch_pb2, batch_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]

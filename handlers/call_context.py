@@ -1,5 +1,5 @@
 """The downstream call context of the current RPC: who calls, its request id, trace context and
-how much of its deadline is left."""
+how much of its deadline is left, as the plain values the domain receives."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from typing import Any
 import grpc
 
 from domain.dispatch import CallContext
-from domain.identity import current_caller
+from handlers.request_context import authenticated_context
 
 
 def call_context(context: grpc.aio.ServicerContext[Any, Any]) -> CallContext:
-    caller = current_caller()
+    scope, caller = authenticated_context()
     return CallContext(
         tenant_id=caller.tenant_id,
-        request_id=caller.request_id,
+        request_id=scope.request_id,
         timeout_s=context.time_remaining(),
-        traceparent=caller.traceparent,
+        traceparent=scope.traceparent,
     )

@@ -29,7 +29,7 @@ from domain.errors import (
     Unauthenticated,
     Unavailable,
 )
-from domain.request_context import REQUEST_ID_HEADER, current_request_id
+from handlers.request_context import REQUEST_ID_HEADER, current_request_id
 from handlers.request_limits import check_request
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ from typing import Any
 
 import grpc
 
-from domain.identity import current_caller
 from domain.sessions import SessionManager
 from handlers.converters import optional_duration_ms, session_state_from_pb, session_to_pb
 from handlers.errors import unary_errors
+from handlers.request_context import current_caller
 from orchestrator.v1 import session_pb2, session_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]

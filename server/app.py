@@ -24,7 +24,6 @@ from domain.notices import NoticeProcessor
 from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import StreamSlots
 from domain.reaper import JobReaper
-from domain.request_context import REQUEST_ID_HEADER
 from handlers.admin import AdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
@@ -113,9 +112,7 @@ def websocket_identity(
     """The WebSocket bridge's caller: the same bearer API keys as gRPC, service role only."""
 
     async def identify(headers: dict[str, str]) -> Caller:
-        caller = await authenticator.authenticate_bearer(
-            headers.get(AUTHORIZATION_HEADER), request_id=headers.get(REQUEST_ID_HEADER, "")
-        )
+        caller = await authenticator.authenticate_bearer(headers.get(AUTHORIZATION_HEADER))
         authorize(caller, Role.SERVICE)
         return caller
 

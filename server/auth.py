@@ -11,12 +11,6 @@ from __future__ import annotations
 from domain.api_keys import ApiKeyManager
 from domain.errors import PermissionDenied, Unauthenticated
 from domain.identity import Caller, Role
-from domain.request_context import (
-    MAX_REQUEST_ID_LENGTH,
-    REQUEST_ID_HEADER,
-    TRACEPARENT_HEADER,
-    new_request_id,
-)
 
 AUTHORIZATION_HEADER = "authorization"
 
@@ -51,22 +45,10 @@ def bearer_token(header_value: str | None) -> str:
     return token
 
 
-async def authenticate_bearer(
-    header_value: str | None,
-    keys: ApiKeyManager,
-    *,
-    request_id: str = "",
-    traceparent: str | None = None,
-) -> Caller:
+async def authenticate_bearer(header_value: str | None, keys: ApiKeyManager) -> Caller:
     """The Caller an ``authorization`` header value identifies (tenant and role from the key)."""
     record = await keys.verify(bearer_token(header_value))
-    return Caller(
-        tenant_id=record.tenant_id,
-        role=record.role,
-        request_id=(request_id or new_request_id())[:MAX_REQUEST_ID_LENGTH],
-        key_id=record.key_id,
-        traceparent=traceparent,
-    )
+    return Caller(record.tenant_id, record.role, record.key_id)
 
 
 def authorize(caller: Caller, needed: Role) -> None:
@@ -85,30 +67,15 @@ class Authenticator:
     def __init__(self, keys: ApiKeyManager) -> None:
         self.keys = keys
 
-    async def authenticate_bearer(
-        self,
-        header_value: str | None,
-        *,
-        request_id: str = "",
-        traceparent: str | None = None,
-    ) -> Caller:
-        return await authenticate_bearer(
-            header_value, self.keys, request_id=request_id, traceparent=traceparent
-        )
+    async def authenticate_bearer(self, header_value: str | None) -> Caller:
+        return await authenticate_bearer(header_value, self.keys)
 
-    async def authenticate_header(
-        self,
-        header_value: str | None,
-        needed: Role,
-        *,
-        request_id: str,
-        traceparent: str | None,
-    ) -> Caller:
-        """The authorized Caller for an ``authorization`` header value, carrying the call's
-        (already validated) request id and traceparent. The key is looked up on every call."""
+    async def authenticate_header(self, header_value: str | None, needed: Role) -> Caller:
+        """The authorized Caller for an ``authorization`` header value. The key is looked up
+        on every call."""
         record = await self.keys.verify(bearer_token(header_value))
         # Positional: a third cheaper than keywords, and this runs on every call.
-        caller = Caller(record.tenant_id, record.role, request_id, record.key_id, traceparent)
+        caller = Caller(record.tenant_id, record.role, record.key_id)
         authorize(caller, needed)
         return caller
 
@@ -120,10 +87,6 @@ class Authenticator:
         for key, value in metadata:
             if isinstance(value, str):
                 headers.setdefault(key.lower(), value)
-        caller = await self.authenticate_bearer(
-            headers.get(AUTHORIZATION_HEADER),
-            request_id=headers.get(REQUEST_ID_HEADER, ""),
-            traceparent=headers.get(TRACEPARENT_HEADER),
-        )
+        caller = await self.authenticate_bearer(headers.get(AUTHORIZATION_HEADER))
         authorize(caller, needed)
         return caller

@@ -8,12 +8,12 @@ interceptor chain happens either. grpc interceptors still work on top (OpenTelem
 enabled, is the outermost). Per call, the wrapper:
 
 1. reads the metadata once (``x-request-id``, ``traceparent``, ``authorization``), binds the
-   request context (domain.request_context) and returns the request id in the metadata of
+   request context (handlers.request_context) and returns the request id in the metadata of
    every RPC, health and reflection included (see the end of this docstring);
 2. counts and times the call (server.metrics; streams are also counted while open), so the
    refusals below are counted like any other outcome;
 3. authenticates the bearer API key and checks the role the method needs (server.auth), and
-   binds the Caller (domain.identity), built with the request id and traceparent of step 1;
+   sets the Caller (domain.identity) on the request context of step 1 (one binding per call);
 4. charges the tenant's (and key's) request rate and takes a stream slot for server streams
    (server.edge_limits).
 
@@ -47,8 +47,9 @@ from typing import Any, cast
 import grpc
 
 from domain.errors import DomainError, Unauthenticated
-from domain.identity import Caller, Role, bind_caller
-from domain.request_context import (
+from domain.identity import Caller, Role
+from handlers.errors import abort_internal, abort_with, call_gone_is_cancellation
+from handlers.request_context import (
     REQUEST_ID_HEADER,
     TRACEPARENT_HEADER,
     bind_request_context,
@@ -56,7 +57,6 @@ from domain.request_context import (
     parse_traceparent,
     valid_request_id,
 )
-from handlers.errors import abort_internal, abort_with, call_gone_is_cancellation
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
 from server.auth_failures import AuthFailures
@@ -146,7 +146,7 @@ class Edge:
         id (in the trailers when ``trailing_id``), authenticate and authorize, charge the rate.
         Ends the call on refusal."""
         request_id, traceparent, authorization = read_metadata(context)
-        bind_request_context(request_id, traceparent, plan.method)
+        scope = bind_request_context(request_id, traceparent, plan.method)
         if trailing_id:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         else:
@@ -161,9 +161,7 @@ class Edge:
             if refusal is not None:
                 await abort_with(context, refusal)
         try:
-            caller = await self._authenticator.authenticate_header(
-                authorization, needed, request_id=request_id, traceparent=traceparent
-            )
+            caller = await self._authenticator.authenticate_header(authorization, needed)
         except Unauthenticated as error:
             failures.failed(context.peer(), authorization, plan.method, error.message)
             await abort_with(context, error)
@@ -174,7 +172,7 @@ class Edge:
         except Exception as exc:
             await abort_internal(context, exc)
             raise AssertionError("unreachable: abort raises") from None
-        bind_caller(caller)
+        scope.caller = caller
         await self._limits.check_rate(caller, context)
         return caller
 

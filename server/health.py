@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -12,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from domain.errors import Unavailable
+from domain.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined,mi
         )
 
 
-class HealthMonitor:
+class HealthMonitor(PeriodicTask):
     """Sets every service (and the overall "" entry) SERVING while ``probe`` succeeds and
-    NOT_SERVING while it fails; flips back on its own when the backend returns."""
+    NOT_SERVING while it fails; flips back on its own when the backend returns. Probes every
+    ``interval_s`` (domain.periodic runs the loop)."""
 
     def __init__(
         self,
@@ -56,13 +57,13 @@ class HealthMonitor:
         *,
         interval_s: float,
     ) -> None:
+        super().__init__("health-monitor", self.check_once, interval_s)
         self.servicer = servicer
         self._names = ["", *services]
         self._probe = probe
-        self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._probe_timeout_s = max(interval_s, 1.0)
         self._serving: bool | None = None
-        self._stopping = False
+        self._shut_down = False
 
     @property
     def serving(self) -> bool:
@@ -71,7 +72,7 @@ class HealthMonitor:
     async def check_once(self) -> bool:
         """Probe now and publish the result; returns whether the backend is up."""
         try:
-            await asyncio.wait_for(self._probe(), timeout=max(self._interval_s, 1.0))
+            await asyncio.wait_for(self._probe(), timeout=self._probe_timeout_s)
             ok = True
         except (Unavailable, TimeoutError) as exc:
             ok = False
@@ -83,27 +84,16 @@ class HealthMonitor:
         return ok
 
     async def _publish(self, ok: bool) -> None:
-        if self._stopping:
+        if self._shut_down:
             return
         self._serving = ok
         for name in self._names:
             await self.servicer.set(name, SERVING if ok else NOT_SERVING)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="health-monitor")
-
-    async def _run(self) -> None:
-        # The loop ends on the flag, not only on cancellation: a cancel that lands inside a Redis
-        # call can come back as a connection error, which check_once() treats as an outage.
-        while not self._stopping:
-            await self.check_once()
-            await asyncio.sleep(self._interval_s)
-
     async def shutdown(self) -> None:
-        """Stop probing and report NOT_SERVING for good (graceful shutdown)."""
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 2.0)
+        """Stop probing and report NOT_SERVING for good (graceful shutdown). A probe in
+        progress publishes nothing any more (a cancel landing inside a Redis call can come back
+        as a connection error, which check_once() would take for an outage)."""
+        self._shut_down = True
+        await self.stop()
         await self.servicer.enter_graceful_shutdown()

@@ -1,7 +1,7 @@
 """Logging: human-readable text or one JSON object per line.
 
-Every line carries the current RPC's request id (domain.request_context, bound by the context
-interceptor), and while a caller is bound its tenant, and the gRPC method. Both formats read
+Every line carries the current RPC's request id (handlers.request_context, bound by the
+edge), and while a caller is bound its tenant, and the gRPC method. Both formats read
 them through ``RequestContextFilter``; the JSON formatter also reads them itself, so it works on
 handlers without the filter.
 """
@@ -14,19 +14,21 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from domain.identity import peek_caller
-from domain.request_context import current_method, current_request_id
+from handlers.request_context import request_context
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 _CONTEXT_FIELDS = ("request_id", "tenant", "method")
 
 
 def _context() -> dict[str, str]:
-    caller = peek_caller()
+    scope = request_context()
+    if scope is None:
+        return {"request_id": "", "tenant": "", "method": ""}
+    caller = scope.caller
     return {
-        "request_id": current_request_id() or (caller.request_id if caller else ""),
-        "tenant": caller.tenant_id if caller else "",
-        "method": current_method(),
+        "request_id": scope.request_id,
+        "tenant": caller.tenant_id if caller is not None else "",
+        "method": scope.method,
     }
 
 

@@ -17,12 +17,12 @@ sees the mark when grpc hands control back, before it asks the servicer for the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from domain.api_keys import ApiKeyManager
 from domain.errors import Unauthenticated, Unavailable
+from domain.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,20 @@ class OpenStreams:
         return len(streams)
 
 
-class RevocationWatch:
-    """Every ``interval_s``, ends the open streams of keys revoked since (see module doc)."""
+class RevocationWatch(PeriodicTask):
+    """Every ``interval_s``, ends the open streams of keys revoked since (see module doc);
+    domain.periodic runs the loop. An interval of 0 turns the watch off."""
 
     def __init__(self, streams: OpenStreams, keys: ApiKeyManager, *, interval_s: float) -> None:
+        super().__init__("revocation-watch", self.check_once, interval_s, wait_first=True)
         self.streams = streams
         self._keys = keys
-        self._interval_s = interval_s
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._enabled = interval_s > 0
         self._last_warning = 0.0
 
     def start(self) -> None:
-        if self._interval_s > 0:
-            self._task = asyncio.create_task(self._run(), name="revocation-watch")
+        if self._enabled:
+            super().start()
 
     async def check_once(self) -> int:
         """One pass; returns how many streams it ended."""
@@ -126,21 +126,3 @@ class RevocationWatch:
                 log.info("API key %s is revoked: ending its %d open stream(s)", key_id, count)
             ended += count
         return ended
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
-            if self._stopping.is_set():
-                return
-            try:
-                await self.check_once()
-            except Exception:
-                log.exception("revocation watch pass failed")
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 2.0)
-            self._task = None

@@ -1,6 +1,7 @@
 """Request ids and trace context over a real server: echoed in the initial metadata of every
 call (or, with ORCH_UNARY_REQUEST_ID=trailing, in the trailers of unary-response calls), in the
-trailers of refused calls, bound for handlers and the Caller, and on every JSON log line."""
+trailers of refused calls, bound for handlers and handed to the domain in the CallContext, and on
+every JSON log line."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ async def test_streams_send_the_request_id_first_even_when_unary_calls_send_it_l
         watch.cancel()
 
 
-async def test_handlers_and_the_caller_see_the_same_context(
+async def test_handlers_and_the_domain_see_the_same_context(
     server: RunningServer, probe: Probe
 ) -> None:
     echo = echo_method(server.channel)
@@ -114,13 +115,19 @@ async def test_handlers_and_the_caller_see_the_same_context(
     assert await call == b"hi"
     seen = probe.seen[-1]
     assert seen.request_id == "r-1" and seen.traceparent == TRACEPARENT
-    assert seen.caller is not None
-    assert (seen.caller.request_id, seen.caller.traceparent) == ("r-1", TRACEPARENT)
+    assert seen.caller is not None and seen.caller.tenant_id == "acme"
+    assert seen.call is not None
+    assert (seen.call.tenant_id, seen.call.request_id, seen.call.traceparent) == (
+        "acme",
+        "r-1",
+        TRACEPARENT,
+    )
 
     await echo(b"", metadata=tenant("acme", traceparent="00-not-a-trace"))
     seen = probe.seen[-1]
     assert seen.traceparent is None
-    assert seen.caller is not None and seen.caller.request_id == seen.request_id != ""
+    assert seen.call is not None and seen.call.request_id == seen.request_id != ""
+    assert seen.call.traceparent is None
 
 
 class _Records(logging.Handler):

@@ -1,7 +1,7 @@
 """A tiny test service, ``orchestrator.v1.TestProbe`` (so it needs the client role), served
 behind the real interceptor chain (through OrchestratorServer's ``extra_handlers``): a server
 stream that stays open until released, and a unary echo. Both record what the edge layer bound
-for them."""
+for them, and the CallContext a handler hands the domain."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any
 
 import grpc
 
-from domain.identity import Caller, peek_caller
-from domain.request_context import current_request_id, current_traceparent
+from domain.dispatch import CallContext
+from domain.identity import Caller
+from handlers.call_context import call_context
+from handlers.request_context import current_request_id, current_traceparent, peek_caller
 
 WATCH = "/orchestrator.v1.TestProbe/Watch"
 ECHO = "/orchestrator.v1.TestProbe/Echo"
@@ -30,6 +32,7 @@ class Seen:
     request_id: str
     traceparent: str | None
     caller: Caller | None
+    call: CallContext | None  # None when the call carries no caller
 
 
 @dataclass
@@ -39,17 +42,19 @@ class Probe:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     seen: list[Seen] = field(default_factory=list)
 
-    def _record(self) -> None:
-        self.seen.append(Seen(current_request_id(), current_traceparent(), peek_caller()))
+    def _record(self, context: Any) -> None:
+        caller = peek_caller()
+        call = call_context(context) if caller is not None else None
+        self.seen.append(Seen(current_request_id(), current_traceparent(), caller, call))
         log.info("probe called")
 
     async def watch(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
-        self._record()
+        self._record(context)
         yield b"open"
         await self.release.wait()
 
     async def echo(self, request: bytes, context: Any) -> bytes:
-        self._record()
+        self._record(context)
         return request
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:

@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 
-from domain.identity import Caller, Role, bind_caller, unbind_caller
-from domain.request_context import bind_request_context
+from domain.identity import Caller, Role
+from handlers.request_context import bind_request_context
 from server.logging_setup import JsonFormatter, RequestContextFilter, TextFormatter
 
 
@@ -32,14 +32,11 @@ def test_a_line_outside_an_rpc_has_no_context_fields() -> None:
 
 def test_a_line_inside_an_rpc_has_request_id_tenant_method_and_the_exception() -> None:
     def inside_rpc() -> dict[str, object]:
-        bind_request_context("rid-7", None, "/orchestrator.v1.SessionService/GetSession")
-        token = bind_caller(Caller(tenant_id="acme", role=Role.CLIENT))
-        try:
-            rec = record("failed", exc=True, job_id="j-1")
-            RequestContextFilter().filter(rec)
-            return dict(json.loads(JsonFormatter().format(rec)))
-        finally:
-            unbind_caller(token)
+        scope = bind_request_context("rid-7", None, "/orchestrator.v1.SessionService/GetSession")
+        scope.caller = Caller(tenant_id="acme", role=Role.CLIENT)
+        rec = record("failed", exc=True, job_id="j-1")
+        RequestContextFilter().filter(rec)
+        return dict(json.loads(JsonFormatter().format(rec)))
 
     entry = contextvars.copy_context().run(inside_rpc)
     assert entry["request_id"] == "rid-7"
