@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain.models import Service, TokenUsage, WorkKind
-from registry.queue_base import QueuePriority
+from domain.ports.queue import QueuePriority
 
 
 class JobState(enum.StrEnum):

@@ -58,11 +58,11 @@ from domain.jobs import (
     handoff_failed_data,
 )
 from domain.models import Service, TokenUsage, WorkKind
+from domain.ports.queue import QueuePriority
 from domain.usage import USAGE_RETENTION_MS
 from registry import redis_job_scripts as scripts
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
-from registry.queue_base import QueuePriority
 from registry.redis_client import as_str, redis_errors_as_unavailable
 
 log = logging.getLogger(__name__)

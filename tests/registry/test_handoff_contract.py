@@ -30,8 +30,8 @@ from domain.jobs import (
     Verdict,
 )
 from domain.models import NewSession, Service, WorkKind
+from domain.ports.queue import QueuePriority
 from registry.backends import Registry, RegistryConfig, open_registry
-from registry.queue_base import QueuePriority
 
 GRACE_MS = 300
 LIMITS = JobLimits(
