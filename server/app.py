@@ -17,13 +17,8 @@ from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
 from domain.dispatch import Dispatcher
 from domain.errors import Unavailable
-from domain.handoff import HandoffRecovery
 from domain.identity import Caller, Role
-from domain.jobs import JobLimits
-from domain.notices import NoticeProcessor
-from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import StreamSlots
-from domain.reaper import JobReaper
 from handlers.admin import AdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
@@ -40,23 +35,11 @@ from orchestrator.v1 import (
     task_update_pb2,
     task_update_pb2_grpc,
 )
-from registry.backends import RedisBackend, Registry, open_registry
-from registry.keys import KeySpace
-from registry.memory_rate_limiter import MemoryRateLimiter
-from registry.redis_rate_limiter import RedisRateLimiter
+from registry.backend import Backend, open_backend
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, authorize
 from server.auth_failures import AuthFailures
-from server.backend_config import registry_config
-from server.batch_stack import (
-    BATCH_QUEUE,
-    CHAT_QUEUE,
-    BatchStack,
-    chat_orchestrator,
-    embedding_cache,
-    open_queue,
-    session_manager,
-)
+from server.backend_config import backend_config
 from server.config import Settings
 from server.data_loss import DataLossWatch, warn_without_persistence
 from server.edge import Edge, EdgeRegistrar
@@ -66,8 +49,10 @@ from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
 from server.revocation import OpenStreams, RevocationWatch
+from server.services import BATCH_QUEUE, CHAT_QUEUE, build_services, default_dispatcher
 from server.signals import wait_for_stop_signal
 from server.tracing import tracing_interceptor
+from server.workers import QueueWorkers
 from server.ws_bridge import WebSocketBridge
 
 log = logging.getLogger(__name__)
@@ -79,31 +64,6 @@ SERVICE_NAMES = (
     task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
-
-
-def job_limits(settings: Settings) -> JobLimits:
-    return JobLimits(
-        deadline_ms=int(settings.job_deadline * 1000),
-        heartbeat_ms=int(settings.job_heartbeat * 1000),
-        retention_ms=int(settings.job_retention * 1000),
-        queue_timeout_ms=int(settings.job_queue_timeout * 1000),
-        handoff_grace_ms=int(settings.handoff_grace * 1000),
-        handoff_attempts=settings.handoff_attempts,
-    )
-
-
-def default_dispatcher(settings: Settings) -> Dispatcher:
-    """gRPC clients of the configured downstream services."""
-    from clients.downstream import DownstreamConfig, GrpcDispatcher
-
-    return GrpcDispatcher(
-        DownstreamConfig(
-            query_address=settings.query_service_address,
-            embedding_address=settings.embedding_service_address,
-            attempt_timeout_s=settings.downstream_timeout,
-            max_attempts=settings.downstream_attempts,
-        )
-    )
 
 
 def websocket_identity(
@@ -155,13 +115,6 @@ def transport_name(settings: Settings) -> str:
     return "TLS" if settings.tls_cert_file else "plaintext"
 
 
-def open_rate_limiter(registry: Registry, settings: Settings) -> RateLimiter:
-    """Limits shared through Redis when the registry uses it, else kept in process memory."""
-    if isinstance(registry.backend, RedisBackend):
-        return RedisRateLimiter(registry.backend.redis, KeySpace(settings.redis_key_prefix))
-    return MemoryRateLimiter()
-
-
 class OrchestratorServer:
     """One server process: build with settings, ``start()``, then ``stop()``."""
 
@@ -169,32 +122,23 @@ class OrchestratorServer:
         self,
         settings: Settings,
         *,
-        registry: Registry | None = None,
+        backend: Backend | None = None,
         dispatcher: Dispatcher | None = None,
         tracer_provider: Any = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
         self.settings = settings
-        self.registry = registry or open_registry(registry_config(settings))
+        self.backend = backend or open_backend(backend_config(settings))
         self.dispatcher = dispatcher or default_dispatcher(settings)
-        self.limits = job_limits(settings)
-        self.embedding_cache = embedding_cache(self.registry, settings)
-        self.notices = NoticeProcessor(
-            self.registry.jobs,
-            self.limits,
-            embedding_cache=self.embedding_cache,
-            metrics=metrics_module,
-        )
-        self.reaper = JobReaper(
-            self.registry.jobs, self.limits, interval_s=settings.reaper_interval
-        )
+        self.services = build_services(settings, self.backend, self.dispatcher)
+        self.workers = QueueWorkers(settings, self.services)
         self.metrics = Metrics()
         self.metrics_http: MetricsHttpServer | None = None
         # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
         self.tracer_provider = tracer_provider
         # More services behind the same interceptors (tests and benchmarks use it).
         self.extra_handlers = tuple(extra_handlers)
-        self.api_keys = ApiKeyManager(self.registry.api_keys)
+        self.api_keys = ApiKeyManager(self.backend.api_keys)
         # Authenticates bearer API keys; the WebSocket bridge reuses it.
         self.authenticator = Authenticator(self.api_keys)
         # Open streams by key id; the watch ends those of revoked keys (server.revocation).
@@ -204,38 +148,24 @@ class OrchestratorServer:
         # Open server-streaming calls per tenant (the edge caps them).
         self.stream_slots = StreamSlots(settings.max_streams_per_tenant)
         self.ws_bridge = WebSocketBridge(
-            self.notices,
+            self.services.notices,
             websocket_identity(self.authenticator),
             max_message_bytes=settings.max_message_bytes,
         )
         self.health_servicer = HealthServicer()
         # Each health probe also checks the backend's instance marker (server.data_loss).
-        self.data_loss = DataLossWatch(self.registry.backend, self._recover_from_data_loss)
+        self.data_loss = DataLossWatch(self.backend.instance, self._recover_from_data_loss)
         self.health = HealthMonitor(
             self.health_servicer,
             SERVICE_NAMES,
             self.data_loss.probe,
             interval_s=settings.health_interval,
         )
-        self.sessions = session_manager(self.registry, settings)
-        chat_queue = open_queue(settings, CHAT_QUEUE)
-        self.chat = chat_orchestrator(
-            settings,
-            self.registry,
-            self.sessions,
-            self.dispatcher,
-            self.limits,
-            self.embedding_cache,
-            chat_queue.queue,
-        )
-        self.batch = BatchStack(settings, self.registry, self.sessions, self.chat, chat_queue)
-        # Hands over again the jobs whose hand-off was interrupted (in any process).
-        self.handoffs = HandoffRecovery(self.chat, interval_s=settings.reaper_interval)
-        # Tasks by state and queue depth, read from the registry while /metrics is served.
+        # Tasks by state and queue depth, read from the backend while /metrics is served.
         self.sampler = MetricsSampler(
             self.metrics,
-            self.registry.jobs,
-            {BATCH_QUEUE: self.batch.opened.queue, CHAT_QUEUE: chat_queue.queue},
+            self.backend.jobs,
+            {BATCH_QUEUE: self.services.batch_queue, CHAT_QUEUE: self.services.chat_queue},
             interval_s=settings.metrics_sample_interval,
         )
         self._server: grpc.aio.Server | None = None
@@ -258,9 +188,7 @@ class OrchestratorServer:
         refusals are counted, limits after identity because they need the caller. None serves
         the services bare (benchmarks compare against that)."""
         settings = self.settings
-        limiter = (
-            open_rate_limiter(self.registry, settings) if settings.rate_limit_enabled else None
-        )
+        limiter = self.backend.rate_limiter if settings.rate_limit_enabled else None
         limits = EdgeLimits(
             limiter,
             settings.rate_limit_rules(),
@@ -288,14 +216,16 @@ class OrchestratorServer:
         # requests (server.decoding) and wraps it in the edge.
         target: Any = EdgeRegistrar(server, edge)
         session_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.sessions), target
+            SessionServicer(self.services.sessions), target
         )
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.chat), target)
-        batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batch.manager), target)
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.services.chat), target)
+        batch_pb2_grpc.add_BatchServiceServicer_to_server(
+            BatchServicer(self.services.batches), target
+        )
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(
-            TaskUpdateServicer(self.notices), target
+            TaskUpdateServicer(self.services.notices), target
         )
-        queries = AdminQueries(self.registry.jobs, self.registry.usage, settings.budget_rules())
+        queries = AdminQueries(self.backend.jobs, self.backend.usage, settings.budget_rules())
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.api_keys, queries), target
         )
@@ -317,7 +247,7 @@ class OrchestratorServer:
 
     async def start(self) -> None:
         """Bind, probe the backend once, start serving and the health watcher."""
-        if self.registry.backend.name == "memory":
+        if self.backend.name == "memory":
             log.warning(
                 "no REDIS_URL set: using the in-memory registry (single process only; "
                 "state is not shared between replicas and is lost on restart)"
@@ -333,7 +263,7 @@ class OrchestratorServer:
         if await self.health.check_once():
             await self._seed_keys()
             try:
-                await warn_without_persistence(self.registry.backend)
+                await warn_without_persistence(self.backend.instance)
             except Unavailable as exc:
                 log.warning("could not read Redis' persistence settings: %s", exc)
         elif self.settings.bootstrap_admin_key:
@@ -347,32 +277,30 @@ class OrchestratorServer:
         metrics_module.install(self.metrics)
         await self._server.start()
         self.health.start()
-        self.reaper.start()
-        self.handoffs.start()
+        self.services.reaper.start()
+        self.services.handoffs.start()
         self.revocation.start()
-        self.batch.expirer.start()
+        self.services.expirer.start()
         if self.settings.batch_worker_enabled:
-            self.batch.start_worker()
+            self.workers.start_batch_worker()
         if self.settings.chat_worker_enabled:
-            self.batch.start_chat_worker()
+            self.workers.start_chat_worker()
         log.info(
             "serving on %s (port %d, %s) with the %s registry",
             self.settings.listen_address,
             self.port,
             transport_name(self.settings),
-            self.registry.backend.name,
+            self.backend.name,
         )
 
     async def _seed_keys(self) -> None:
-        await seed_keys(
-            self.settings, self.api_keys, in_memory=self.registry.backend.name == "memory"
-        )
+        await seed_keys(self.settings, self.api_keys, in_memory=self.backend.name == "memory")
 
     async def _recover_from_data_loss(self) -> None:
         """The backend came back empty: store again what start-up stored, and let every
         stream of this process check that its session and job still exist."""
         await self._seed_keys()
-        self.registry.fanout.recheck_all()
+        self.backend.fanout.recheck_all()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish
@@ -383,19 +311,21 @@ class OrchestratorServer:
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
         await self.sampler.stop()
-        await self.handoffs.stop()
+        await self.services.handoffs.stop()
         # Batch items in flight get the grace period before their streams are ended below.
-        await self.batch.aclose()
-        await self.reaper.stop()
+        await self.workers.stop()
+        await self.services.expirer.stop()
+        await self.services.reaper.stop()
         await self.revocation.stop()
         await self.ws_bridge.stop()
         # Client streams end once they have sent what they have; unary calls get the grace.
-        self.registry.fanout.close_all()
+        self.backend.fanout.close_all()
         await self._server.stop(grace)
         # Hand-offs in progress finish (bounded); the rest is redone by another process.
-        await self.chat.drain(grace)
+        await self.services.chat.drain(grace)
         await self.dispatcher.aclose()
-        await self.registry.aclose()
+        # Closes the work queues and the connection pools too.
+        await self.backend.aclose()
         if self.metrics_http is not None:
             await self.metrics_http.stop()
         metrics_module.uninstall(self.metrics)

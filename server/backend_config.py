@@ -1,15 +1,15 @@
-"""The storage backend's configuration (registry.backends.RegistryConfig) from the server
-settings: one mapping for every process that opens the registry (servers, ``orchestrator
+"""The storage backend's configuration (registry.backend.BackendConfig) from the server
+settings: one mapping for every process that opens the backend (servers, ``orchestrator
 worker``, test servers)."""
 
 from __future__ import annotations
 
-from registry.backends import RegistryConfig
+from registry.backend import BackendConfig
 from server.config import Settings
 
 
-def registry_config(settings: Settings) -> RegistryConfig:
-    return RegistryConfig(
+def backend_config(settings: Settings) -> BackendConfig:
+    return BackendConfig(
         redis_url=settings.redis_url,
         key_prefix=settings.redis_key_prefix,
         session_retention_ms=int(settings.session_retention * 1000),

@@ -51,15 +51,15 @@ def _worker(settings: Settings, concurrency: int) -> int:
     queues with every server and worker."""
     import dataclasses
 
-    from server.app import default_dispatcher, job_limits
-    from server.batch_stack import run_workers
+    from server.services import default_dispatcher
+    from server.workers import run_workers
 
     if not settings.redis_url:
         print("configuration error: orchestrator worker needs REDIS_URL", file=sys.stderr)
         return 2
     if concurrency > 0:
         settings = dataclasses.replace(settings, batch_worker_concurrency=concurrency)
-    asyncio.run(run_workers(settings, default_dispatcher(settings), job_limits(settings)))
+    asyncio.run(run_workers(settings, default_dispatcher(settings)))
     return 0
 
 

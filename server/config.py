@@ -49,7 +49,9 @@ class Settings:
     )
     redis_connect_timeout: float = _env("ORCH_REDIS_CONNECT_TIMEOUT", 1.0, "Redis connect timeout")
     redis_max_connections: int = _env(
-        "ORCH_REDIS_MAX_CONNECTIONS", 64, "Redis connection pool size"
+        "ORCH_REDIS_MAX_CONNECTIONS",
+        64,
+        "Redis connection pool size (the stores' pool and the work queues' pool each)",
     )
     session_default_ttl: float = _env(
         "ORCH_SESSION_DEFAULT_TTL", 3600.0, "sliding session TTL when a request sets none"

@@ -24,13 +24,13 @@ from typing import Protocol
 
 from redis import exceptions as redis_errors
 
-from registry.backends import Persistence
+from registry.backend import Persistence
 
 log = logging.getLogger(__name__)
 
 
 class MarkedBackend(Protocol):
-    """What the watch needs of registry.backends' backends."""
+    """What the watch needs of registry.backend.Backend.instance."""
 
     name: str
 

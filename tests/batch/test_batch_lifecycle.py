@@ -99,7 +99,7 @@ async def test_higher_priority_batches_run_first(flow: Flow) -> None:
         priority=common_pb2.PRIORITY_HIGH,
     )
     async with NoticeDriver(flow).running():
-        flow.running.server.batch.start_worker(concurrency=1)
+        flow.running.server.workers.start_batch_worker(concurrency=1)
         await read_results(stream(flow, low.batch_id))
         await read_results(stream(flow, high.batch_id))
     order = [w.content.split()[0] for w, _ in flow.dispatcher.submitted]

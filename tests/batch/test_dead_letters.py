@@ -20,8 +20,8 @@ def flow_settings() -> dict[str, Any]:
 async def test_a_dead_lettered_item_fails_and_the_batch_completes(flow: Flow) -> None:
     batch = await submit(flow, [llm_item("only")])
     server = flow.running.server
-    (item,) = await server.batch.opened.queue.dequeue("test", count=1, lease_ms=60_000)
-    await server.batch.runner.dead_lettered(item, "Unavailable: redis down")
+    (item,) = await server.services.batch_queue.dequeue("test", count=1, lease_ms=60_000)
+    await server.services.batch_runner.dead_lettered(item, "Unavailable: redis down")
     (result,) = await read_results(stream(flow, batch.batch_id))
     assert result.custom_id == "only"
     assert result.error.code == "dead_lettered"

@@ -37,9 +37,9 @@ async def died_after_recording_the_job(
 ) -> str:
     """What a first delivery of item 0 did before its worker was killed: it took the item,
     marked it running and recorded its job, but never handed the job to its service."""
-    (item,) = await server.batch.opened.queue.dequeue("dead", count=1, lease_ms=LEASE_MS)
+    (item,) = await server.services.batch_queue.dequeue("dead", count=1, lease_ms=LEASE_MS)
     assert item.deliveries == 1
-    store = server.registry.batches
+    store = server.backend.batches
     assert await store.start_item("acme", batch.batch_id, 0, redelivery=False)
     job_id = item_job_id(batch.batch_id, 0)
     new = NewJob(
@@ -52,14 +52,16 @@ async def died_after_recording_the_job(
         batch.batch_id,
         keep_final=True,
     )
-    started = await server.registry.jobs.start_job("acme", new, server.limits, if_busy=IfBusy.RUN)
+    started = await server.backend.jobs.start_job(
+        "acme", new, server.services.limits, if_busy=IfBusy.RUN
+    )
     assert isinstance(started, StartedJob)
     return job_id
 
 
 async def session_of(server: OrchestratorServer, batch: batch_pb2.Batch) -> str:
     """The batch's internal session, which runs its LLM items."""
-    stored = await server.registry.batches.get_batch("acme", batch.batch_id)
+    stored = await server.backend.batches.get_batch("acme", batch.batch_id)
     assert stored is not None and stored.session_id
     return stored.session_id
 
@@ -68,7 +70,7 @@ async def redelivered(server: OrchestratorServer) -> WorkItem:
     """The item again, once the dead delivery's lease expired."""
     give_up = time.monotonic() + 10.0
     while time.monotonic() < give_up:
-        items = await server.batch.opened.queue.dequeue(
+        items = await server.services.batch_queue.dequeue(
             "survivor", count=1, lease_ms=LEASE_MS, wait_ms=LEASE_MS
         )
         if items:
@@ -87,7 +89,7 @@ async def test_a_pending_job_is_handed_over_again_instead_of_starting_another(
     assert flow.dispatcher.submitted == []
 
     async with NoticeDriver(flow).running():
-        assert await server.batch.runner.handle(item) == DONE
+        assert await server.services.batch_runner.handle(item) == DONE
 
     assert [work.job_id for work, _ in flow.dispatcher.submitted] == [job_id]
     (result,) = await read_results(stream(flow, batch.batch_id))
@@ -104,7 +106,7 @@ async def test_a_running_job_is_followed_to_its_end(flow: Flow) -> None:
     await flow.publish([notice(job_id, 1, "progress", progress=0.5)])  # its service has it
     item = await redelivered(server)
 
-    handled = asyncio.create_task(server.batch.runner.handle(item))
+    handled = asyncio.create_task(server.services.batch_runner.handle(item))
     await flow.publish([completed(job_id, 2, "the answer")])
     assert await asyncio.wait_for(handled, 10.0) == DONE
 
@@ -124,12 +126,12 @@ async def test_a_finished_job_gives_its_result_after_the_log_dropped_it(flow: Fl
     # the log.
     session_id = await session_of(server, batch)
     other = NewJob(new_id(), session_id, "batch", Service.QUERY, WorkKind.LLM_QUERY, "x", "r")
-    await server.registry.jobs.start_job("acme", other, server.limits, if_busy=IfBusy.RUN)
-    page = await server.registry.events.read_after("acme", session_id, 0, limit=100)
+    await server.backend.jobs.start_job("acme", other, server.services.limits, if_busy=IfBusy.RUN)
+    page = await server.backend.events.read_after("acme", session_id, 0, limit=100)
     assert [event.job_id for event in page.events] == [other.job_id]
     item = await redelivered(server)
 
-    assert await server.batch.runner.handle(item) == DONE
+    assert await server.services.batch_runner.handle(item) == DONE
 
     assert flow.dispatcher.submitted == []
     (result,) = await read_results(stream(flow, batch.batch_id))

@@ -264,7 +264,7 @@ async def _store_raw_redis(
 async def _store_deep_completion(flow: Flow, session_id: str) -> int:
     """A completed event of another job whose result is nested 300 levels deep."""
     data = {"result": {"text": "deep", "data": {"n": _nested(300)}}, "usage": {}}
-    events = flow.running.server.registry.events
+    events = flow.running.server.backend.events
     if isinstance(events, MemoryEventLog):
         draft = EventDraft(OTHER_JOB, EventKind.COMPLETED, "req-1", data)
         return events.append("acme", session_id, draft).sequence

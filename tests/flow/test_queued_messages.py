@@ -102,7 +102,7 @@ async def test_a_queued_job_has_a_stored_result_in_the_work_queue(flow: Flow) ->
     await flow.dispatcher.next_submit()
     await flow.publish([completed(accepted.job_id, 1, "stored")])
     await read_to_end(call)
-    queue = flow.running.server.batch.chat_queue.queue
+    queue = flow.running.server.services.chat_queue
     result = await queue.wait_result(accepted.job_id, 5.0)
     assert result is not None and result.value is not None
     assert b'"kind":"completed"' in result.value
@@ -147,7 +147,7 @@ async def test_closing_the_session_cancels_its_queued_messages(flow: Flow) -> No
     await flow.sessions.CloseSession(
         session_pb2.CloseSessionRequest(session_id=session_id), metadata=tenant("acme")
     )
-    queue = flow.running.server.batch.chat_queue.queue
+    queue = flow.running.server.services.chat_queue
     result = await queue.wait_result(queued.job_id, 5.0)
     assert result is not None and result.value is not None
     assert b'"kind":"cancelled"' in result.value

@@ -29,7 +29,7 @@ async def test_a_high_priority_background_message_is_served_before_a_low_one(
         first = await call.read()
         assert kind_of(first.event) == "accepted" and first.event.accepted.queued
         accepted[priority] = first.event.job_id
-    flow.running.server.batch.start_chat_worker(concurrency=1)
+    flow.running.server.workers.start_chat_worker(concurrency=1)
     assert (await flow.dispatcher.next_submit()).job_id == accepted[common_pb2.PRIORITY_HIGH]
     await flow.publish([completed(accepted[common_pb2.PRIORITY_HIGH], 1, "high")])
     assert (await flow.dispatcher.next_submit()).job_id == accepted[common_pb2.PRIORITY_LOW]
@@ -43,8 +43,8 @@ async def test_a_queued_message_the_queue_gives_up_on_fails_with_dead_lettered(
     first = await call.read()
     assert first.event.accepted.queued
     server = flow.running.server
-    (item,) = await server.batch.chat_queue.queue.dequeue("test", count=1, lease_ms=60_000)
-    await server.batch.chat_runner.dead_lettered(item, "RuntimeError: boom")
+    (item,) = await server.services.chat_queue.dequeue("test", count=1, lease_ms=60_000)
+    await server.services.chat_runner.dead_lettered(item, "RuntimeError: boom")
     (failed,) = await read_to_end(call)
     assert kind_of(failed) == "failed"
     assert failed.failed.error.code == "dead_lettered"

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from domain.ports.queue import NewWorkItem, QueueConfig, QueuePriority, WorkQueue
-from registry.queues import open_work_queue
+from registry.backend import BackendConfig, open_backend
 
 # Short times so lease expiry, backoff and result expiry happen within a test.
 CONFIG = QueueConfig(max_deliveries=3, retry_base_ms=50, retry_cap_ms=200, result_ttl_ms=600)
@@ -18,11 +18,13 @@ async def open_queue(
     backend_url: str | None, config: QueueConfig = CONFIG
 ) -> AsyncIterator[WorkQueue]:
     """A queue on the given backend (None: memory), closed afterwards."""
-    opened = open_work_queue(backend_url, key_prefix="test", queue="work", config=config)
+    backend = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+    )
     try:
-        yield opened.queue
+        yield backend.work_queue("work", config)
     finally:
-        await opened.aclose()
+        await backend.aclose()
 
 
 def new_item(

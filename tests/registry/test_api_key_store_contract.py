@@ -10,16 +10,16 @@ from redis.asyncio import Redis
 from domain.api_keys import hash_secret
 from domain.identity import Role
 from domain.ports.api_keys import ApiKey, ApiKeyStore
-from registry.backends import RegistryConfig, open_registry
+from registry.backend import BackendConfig, open_backend
 
 
 @pytest.fixture
 async def store(backend_url: str | None) -> AsyncIterator[ApiKeyStore]:
-    registry = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=1000)
+    registry = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=1000)
     )
     yield registry.api_keys
-    await registry.backend.aclose()
+    await registry.aclose()
 
 
 def record(key_id: str, tenant: str = "acme", role: Role = Role.CLIENT) -> ApiKey:
@@ -102,8 +102,8 @@ async def test_redis_listing_skips_and_prunes_index_entries_without_a_record(
     redis_url: str,
 ) -> None:
     """A crash between the record and the index write leaves an index entry alone."""
-    registry = open_registry(
-        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=1000)
+    registry = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=1000)
     )
     try:
         for key_id in ("k0001", "k0003"):
@@ -117,4 +117,4 @@ async def test_redis_listing_skips_and_prunes_index_entries_without_a_record(
         assert await raw.zrange("test:{t:acme}:apikeys", 0, -1) == ["k0001", "k0003"]
         await raw.aclose()
     finally:
-        await registry.backend.aclose()
+        await registry.aclose()

@@ -11,15 +11,15 @@ from domain.batch_models import BatchState, ItemOutcome, ItemState, NewBatch
 from domain.ids import new_id
 from domain.ports.batches import BatchStore
 from domain.ports.queue import QueuePriority
-from registry.backends import RegistryConfig, open_registry
+from registry.backend import BackendConfig, open_backend
 
 ERROR: dict[str, object] = {"code": "cancelled", "message": "stop", "retryable": False}
 
 
 @pytest.fixture
 async def store(backend_url: str | None) -> AsyncIterator[BatchStore]:
-    registry = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=1000)
+    registry = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=1000)
     )
     yield registry.batches
     await registry.aclose()
@@ -142,8 +142,8 @@ async def test_batches_list_newest_first_per_tenant(store: BatchStore) -> None:
 
 @pytest.fixture
 async def short_retention_store(backend_url: str | None) -> AsyncIterator[BatchStore]:
-    registry = open_registry(
-        RegistryConfig(
+    registry = open_backend(
+        BackendConfig(
             redis_url=backend_url,
             key_prefix="test-retention",
             session_retention_ms=1000,

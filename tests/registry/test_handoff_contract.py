@@ -31,7 +31,7 @@ from domain.jobs import (
 )
 from domain.models import NewSession, Service, WorkKind
 from domain.ports.queue import QueuePriority
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 
 GRACE_MS = 300
 LIMITS = JobLimits(
@@ -46,15 +46,15 @@ TENANT = "acme"
 
 
 @pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
-async def new_session(registry: Registry) -> str:
+async def new_session(registry: Backend) -> str:
     session_id = new_id()
     await registry.sessions.create_session(
         TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
@@ -78,7 +78,7 @@ def rag_job(session_id: str) -> NewJob:
 
 
 async def start(
-    registry: Registry,
+    registry: Backend,
     new: NewJob | None = None,
     *,
     limits: JobLimits = LIMITS,
@@ -92,7 +92,7 @@ async def start(
 
 
 async def claims_within(
-    registry: Registry, seconds: float, limits: JobLimits = LIMITS
+    registry: Backend, seconds: float, limits: JobLimits = LIMITS
 ) -> list[HandoffClaim]:
     """Claim until something is claimed or ``seconds`` pass."""
     deadline = time.monotonic() + seconds
@@ -104,14 +104,14 @@ async def claims_within(
 
 
 async def test_a_started_job_is_not_claimed_while_its_hand_off_lease_holds(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     await start(registry)
     assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
 
 
 async def test_an_unconfirmed_hand_off_is_claimed_after_its_lease_with_the_whole_work_spec(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     new = rag_job(await new_session(registry))
     await start(registry, new)
@@ -122,7 +122,7 @@ async def test_an_unconfirmed_hand_off_is_claimed_after_its_lease_with_the_whole
 
 
 async def test_a_claim_holds_a_new_lease_so_nobody_else_claims_it_meanwhile(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     await start(registry)
     (claim,) = await claims_within(registry, 3.0)
@@ -131,7 +131,7 @@ async def test_a_claim_holds_a_new_lease_so_nobody_else_claims_it_meanwhile(
     assert (claim.attempt, again.attempt) == (2, 3)
 
 
-async def test_concurrent_claimers_get_each_job_once(registry: Registry) -> None:
+async def test_concurrent_claimers_get_each_job_once(registry: Backend) -> None:
     jobs = {(await start(registry)).job.job_id for _ in range(5)}
     await asyncio.sleep(GRACE_MS / 1000 + 0.05)  # every lease has run out
     rounds = await asyncio.gather(
@@ -141,13 +141,13 @@ async def test_concurrent_claimers_get_each_job_once(registry: Registry) -> None
     assert sorted(claimed) == sorted(jobs)
 
 
-async def test_a_confirmed_hand_off_is_never_claimed(registry: Registry) -> None:
+async def test_a_confirmed_hand_off_is_never_claimed(registry: Backend) -> None:
     started = await start(registry)
     await registry.jobs.handoff_done(TENANT, started.job.job_id)
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
 
 
-async def test_the_services_first_notice_confirms_the_hand_off(registry: Registry) -> None:
+async def test_the_services_first_notice_confirms_the_hand_off(registry: Backend) -> None:
     started = await start(registry)
     notice = Notice(
         NoticeEvent.PROGRESS, Service.QUERY, started.job.job_id, TENANT, 1, "agent-1", {}
@@ -156,14 +156,14 @@ async def test_the_services_first_notice_confirms_the_hand_off(registry: Registr
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
 
 
-async def test_a_finished_job_is_never_claimed(registry: Registry) -> None:
+async def test_a_finished_job_is_never_claimed(registry: Backend) -> None:
     started = await start(registry)
     draft = EventDraft(started.job.job_id, EventKind.CANCELLED, "req-1", {"reason": "test"})
     await registry.jobs.finish_job(TENANT, started.job.job_id, draft, LIMITS)
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
 
 
-async def test_a_renewed_lease_is_not_claimed_until_it_runs_out(registry: Registry) -> None:
+async def test_a_renewed_lease_is_not_claimed_until_it_runs_out(registry: Backend) -> None:
     started = await start(registry)
     job_id = started.job.job_id
     began = time.monotonic()
@@ -176,20 +176,20 @@ async def test_a_renewed_lease_is_not_claimed_until_it_runs_out(registry: Regist
     assert time.monotonic() - began >= GRACE_MS / 1000 * 2
 
 
-async def test_renewing_a_confirmed_hand_off_changes_nothing(registry: Registry) -> None:
+async def test_renewing_a_confirmed_hand_off_changes_nothing(registry: Backend) -> None:
     started = await start(registry)
     await registry.jobs.handoff_done(TENANT, started.job.job_id)
     assert not await registry.jobs.renew_handoff(TENANT, started.job.job_id, LIMITS)
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
 
 
-async def test_after_the_last_attempt_the_claim_is_exhausted(registry: Registry) -> None:
+async def test_after_the_last_attempt_the_claim_is_exhausted(registry: Backend) -> None:
     await start(registry)
     attempts = [await claims_within(registry, 3.0) for _ in range(3)]
     assert [(c.attempt, c.exhausted) for (c,) in attempts] == [(2, False), (3, False), (3, True)]
 
 
-async def test_an_exhausted_claim_has_failed_the_job_when_it_returns(registry: Registry) -> None:
+async def test_an_exhausted_claim_has_failed_the_job_when_it_returns(registry: Backend) -> None:
     started = await start(registry)
     job_id, session_id = started.job.job_id, started.job.session_id
     for _ in range(2):
@@ -216,7 +216,7 @@ async def test_an_exhausted_claim_has_failed_the_job_when_it_returns(registry: R
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
 
 
-async def test_a_job_past_its_deadline_is_exhausted_at_once(registry: Registry) -> None:
+async def test_a_job_past_its_deadline_is_exhausted_at_once(registry: Backend) -> None:
     short = JobLimits(
         deadline_ms=200,
         heartbeat_ms=60_000,
@@ -229,7 +229,7 @@ async def test_a_job_past_its_deadline_is_exhausted_at_once(registry: Registry) 
     assert claim.exhausted and claim.attempt == 1
 
 
-async def test_an_enqueued_job_is_claimed_only_once_its_turn_came(registry: Registry) -> None:
+async def test_an_enqueued_job_is_claimed_only_once_its_turn_came(registry: Backend) -> None:
     session_id = await new_session(registry)
     queued = rag_job(session_id)
     await start(registry, queued, hold=True)
@@ -243,7 +243,7 @@ async def test_an_enqueued_job_is_claimed_only_once_its_turn_came(registry: Regi
 
 
 async def test_a_job_queued_behind_a_busy_session_is_not_claimed_while_it_waits(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     session_id = await new_session(registry)
     first = await start(registry, rag_job(session_id))
@@ -255,7 +255,7 @@ async def test_a_job_queued_behind_a_busy_session_is_not_claimed_while_it_waits(
 
 
 async def test_a_queued_job_not_confirmed_on_the_work_queue_is_claimed_to_be_enqueued_again(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     queued = replace(rag_job(await new_session(registry)), priority=QueuePriority.HIGH)
     started = await start(registry, queued, hold=True)
@@ -270,7 +270,7 @@ async def test_a_queued_job_not_confirmed_on_the_work_queue_is_claimed_to_be_enq
 
 
 async def test_a_job_queued_behind_a_busy_session_is_claimed_to_be_enqueued_if_not_confirmed(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     session_id = await new_session(registry)
     first = await start(registry, rag_job(session_id))
@@ -281,7 +281,7 @@ async def test_a_job_queued_behind_a_busy_session_is_claimed_to_be_enqueued_if_n
     assert claim.accepted_sequence == behind.accepted.sequence
 
 
-async def test_an_enqueue_in_progress_holds_its_lease_while_renewed(registry: Registry) -> None:
+async def test_an_enqueue_in_progress_holds_its_lease_while_renewed(registry: Backend) -> None:
     started = await start(registry, hold=True)
     job_id = started.job.job_id
     for _ in range(3):
@@ -292,7 +292,7 @@ async def test_an_enqueue_in_progress_holds_its_lease_while_renewed(registry: Re
     assert not await registry.jobs.renew_handoff(TENANT, job_id, LIMITS)
 
 
-async def test_activating_a_queued_job_confirms_its_enqueue(registry: Registry) -> None:
+async def test_activating_a_queued_job_confirms_its_enqueue(registry: Backend) -> None:
     queued = rag_job(await new_session(registry))
     await start(registry, queued, hold=True)
     outcome = await registry.jobs.activate_job(TENANT, queued.job_id, LIMITS)
@@ -302,7 +302,7 @@ async def test_activating_a_queued_job_confirms_its_enqueue(registry: Registry) 
 
 
 async def test_a_queued_job_whose_enqueue_keeps_breaking_fails_with_the_reason(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     started = await start(registry, hold=True)
     claims = [await claims_within(registry, 3.0) for _ in range(3)]

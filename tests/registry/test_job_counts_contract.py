@@ -26,7 +26,7 @@ from domain.jobs import (
     Verdict,
 )
 from domain.models import NewSession, Service, WorkKind
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 from registry.keys import KeySpace
 
 LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=60_000, retention_ms=60_000)
@@ -36,19 +36,19 @@ PREFIX = "test"
 
 
 @pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix=PREFIX, session_retention_ms=60_000)
+async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix=PREFIX, session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
 def counts(pending: int = 0, running: int = 0, queued: int = 0) -> dict[JobState, int]:
     return {JobState.QUEUED: queued, JobState.PENDING: pending, JobState.RUNNING: running}
 
 
-async def start(registry: Registry, tenant: str = "acme", limits: JobLimits = LIMITS) -> StartedJob:
+async def start(registry: Backend, tenant: str = "acme", limits: JobLimits = LIMITS) -> StartedJob:
     session_id = new_id()
     await registry.sessions.create_session(tenant, session_id, NewSession("a1", "", {}, 60_000))
     new = NewJob(new_id(), session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r1")
@@ -57,13 +57,13 @@ async def start(registry: Registry, tenant: str = "acme", limits: JobLimits = LI
     return started
 
 
-async def tell(registry: Registry, started: StartedJob, event: NoticeEvent, seq: int) -> None:
+async def tell(registry: Backend, started: StartedJob, event: NoticeEvent, seq: int) -> None:
     job = started.job
     notice = Notice(event, Service.QUERY, job.job_id, job.tenant_id, seq, data={})
     assert (await registry.jobs.apply_notice(notice, LIMITS)).verdict is Verdict.ACCEPTED
 
 
-async def wait_for_counts(registry: Registry, wanted: dict[JobState, int]) -> None:
+async def wait_for_counts(registry: Backend, wanted: dict[JobState, int]) -> None:
     """Poll until the counts read as ``wanted`` (time must pass; there is no event)."""
     deadline = time.monotonic() + 5
     while (found := await registry.jobs.count_unfinished()) != wanted:
@@ -71,17 +71,17 @@ async def wait_for_counts(registry: Registry, wanted: dict[JobState, int]) -> No
         await asyncio.sleep(0.05)
 
 
-async def test_no_jobs_count_zero_in_every_unfinished_state(registry: Registry) -> None:
+async def test_no_jobs_count_zero_in_every_unfinished_state(registry: Backend) -> None:
     assert await registry.jobs.count_unfinished() == counts()
 
 
-async def test_a_started_job_counts_as_pending(registry: Registry) -> None:
+async def test_a_started_job_counts_as_pending(registry: Backend) -> None:
     await start(registry)
     await start(registry)
     assert await registry.jobs.count_unfinished() == counts(pending=2)
 
 
-async def test_a_refused_start_is_not_counted(registry: Registry) -> None:
+async def test_a_refused_start_is_not_counted(registry: Backend) -> None:
     started = await start(registry)
     again = NewJob(
         new_id(), started.job.session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r2"
@@ -92,7 +92,7 @@ async def test_a_refused_start_is_not_counted(registry: Registry) -> None:
 
 
 async def test_a_queued_job_counts_as_queued_until_its_turn_then_pending(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     first = await start(registry)
     behind = NewJob(
@@ -106,7 +106,7 @@ async def test_a_queued_job_counts_as_queued_until_its_turn_then_pending(
     assert await registry.jobs.count_unfinished() == counts(pending=1)
 
 
-async def test_a_cancelled_queued_job_is_no_longer_counted(registry: Registry) -> None:
+async def test_a_cancelled_queued_job_is_no_longer_counted(registry: Backend) -> None:
     first = await start(registry)
     behind = NewJob(
         new_id(), first.job.session_id, "a1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r2"
@@ -118,7 +118,7 @@ async def test_a_cancelled_queued_job_is_no_longer_counted(registry: Registry) -
 
 
 async def test_a_job_counts_as_running_from_its_first_progress_or_delta(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     first, second, _ = await start(registry), await start(registry), await start(registry)
     await tell(registry, first, NoticeEvent.PROGRESS, 1)
@@ -129,7 +129,7 @@ async def test_a_job_counts_as_running_from_its_first_progress_or_delta(
 
 @pytest.mark.parametrize("event", [NoticeEvent.COMPLETED, NoticeEvent.FAILED])
 async def test_a_job_finished_by_its_service_is_not_counted(
-    registry: Registry, event: NoticeEvent
+    registry: Backend, event: NoticeEvent
 ) -> None:
     from_pending, from_running = await start(registry), await start(registry)
     await tell(registry, from_running, NoticeEvent.PROGRESS, 1)
@@ -138,7 +138,7 @@ async def test_a_job_finished_by_its_service_is_not_counted(
     assert await registry.jobs.count_unfinished() == counts()
 
 
-async def test_a_cancelled_job_is_not_counted(registry: Registry) -> None:
+async def test_a_cancelled_job_is_not_counted(registry: Backend) -> None:
     started = await start(registry)
     await tell(registry, started, NoticeEvent.PROGRESS, 1)
     draft = EventDraft(started.job.job_id, EventKind.CANCELLED, "r1", {"reason": "test"})
@@ -147,7 +147,7 @@ async def test_a_cancelled_job_is_not_counted(registry: Registry) -> None:
     assert await registry.jobs.count_unfinished() == counts()
 
 
-async def test_a_timed_out_job_is_not_counted(registry: Registry) -> None:
+async def test_a_timed_out_job_is_not_counted(registry: Backend) -> None:
     limits = JobLimits(deadline_ms=100, heartbeat_ms=100, retention_ms=60_000)
     await start(registry, limits=limits)
     deadline = time.monotonic() + 5
@@ -157,7 +157,7 @@ async def test_a_timed_out_job_is_not_counted(registry: Registry) -> None:
     assert await registry.jobs.count_unfinished() == counts()
 
 
-async def test_jobs_of_every_tenant_are_counted(registry: Registry) -> None:
+async def test_jobs_of_every_tenant_are_counted(registry: Backend) -> None:
     await start(registry, "acme")
     await tell(registry, await start(registry, "globex"), NoticeEvent.PROGRESS, 1)
     await start(registry, "initech")
@@ -165,7 +165,7 @@ async def test_jobs_of_every_tenant_are_counted(registry: Registry) -> None:
 
 
 async def test_a_job_whose_record_expired_unfinished_is_not_counted(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     await start(registry, limits=LIMITS)
     vanishing = await start(registry, limits=SHORT_LIVED)
@@ -174,8 +174,8 @@ async def test_a_job_whose_record_expired_unfinished_is_not_counted(
 
 
 async def test_redis_keeps_no_sets_of_finished_or_vanished_jobs(redis_url: str) -> None:
-    registry = open_registry(
-        RegistryConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
+    registry = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
     )
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -192,14 +192,14 @@ async def test_redis_keeps_no_sets_of_finished_or_vanished_jobs(redis_url: str) 
             assert await redis.exists(keys.jobs_in_state("acme", state.value)) == 0
     finally:
         await redis.aclose()
-        await registry.backend.aclose()
+        await registry.aclose()
 
 
 async def test_redis_forgets_tenants_with_nothing_unfinished_when_counting(
     redis_url: str,
 ) -> None:
-    registry = open_registry(
-        RegistryConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
+    registry = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
     )
     redis = Redis.from_url(redis_url, decode_responses=True)
     tenants = KeySpace(PREFIX).job_tenants()
@@ -217,4 +217,4 @@ async def test_redis_forgets_tenants_with_nothing_unfinished_when_counting(
         assert await redis.smembers(tenants) == {"acme", "globex"}
     finally:
         await redis.aclose()
-        await registry.backend.aclose()
+        await registry.aclose()

@@ -25,7 +25,7 @@ from domain.jobs import (
     Verdict,
 )
 from domain.models import NewSession, Service, WorkKind
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 
 LIMITS = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
@@ -34,15 +34,15 @@ TENANT = "acme"
 
 
 @pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
-async def new_session(registry: Registry) -> str:
+async def new_session(registry: Backend) -> str:
     session_id = new_id()
     await registry.sessions.create_session(
         TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
@@ -51,7 +51,7 @@ async def new_session(registry: Registry) -> str:
 
 
 async def start(
-    registry: Registry, session_id: str, if_busy: IfBusy = IfBusy.HOLD, *, hold: bool = False
+    registry: Backend, session_id: str, if_busy: IfBusy = IfBusy.HOLD, *, hold: bool = False
 ) -> StartedJob:
     new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
     started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=if_busy, hold=hold)
@@ -59,16 +59,16 @@ async def start(
     return started
 
 
-async def complete(registry: Registry, job_id: str) -> None:
+async def complete(registry: Backend, job_id: str) -> None:
     notice = Notice(NoticeEvent.COMPLETED, Service.QUERY, job_id, TENANT, 1, data={})
     assert (await registry.jobs.apply_notice(notice, LIMITS)).verdict is Verdict.ACCEPTED
 
 
-async def activate(registry: Registry, job_id: str) -> ActivateOutcome:
+async def activate(registry: Backend, job_id: str) -> ActivateOutcome:
     return await registry.jobs.activate_job(TENANT, job_id, LIMITS)
 
 
-async def test_a_job_on_an_idle_session_starts_pending(registry: Registry) -> None:
+async def test_a_job_on_an_idle_session_starts_pending(registry: Backend) -> None:
     started = await start(registry, await new_session(registry))
     assert not started.queued
     assert started.job.state is JobState.PENDING
@@ -76,7 +76,7 @@ async def test_a_job_on_an_idle_session_starts_pending(registry: Registry) -> No
 
 
 async def test_a_job_on_a_busy_session_is_queued_behind_the_one_in_flight(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     session_id = await new_session(registry)
     first = await start(registry, session_id)
@@ -92,7 +92,7 @@ async def test_a_job_on_a_busy_session_is_queued_behind_the_one_in_flight(
     assert job is not None and job.state is JobState.PENDING
 
 
-async def test_queued_jobs_start_in_the_order_they_were_accepted(registry: Registry) -> None:
+async def test_queued_jobs_start_in_the_order_they_were_accepted(registry: Backend) -> None:
     session_id = await new_session(registry)
     first = await start(registry, session_id)
     second = await start(registry, session_id)
@@ -106,7 +106,7 @@ async def test_queued_jobs_start_in_the_order_they_were_accepted(registry: Regis
     assert await activate(registry, third.job.job_id) is ActivateOutcome.STARTED
 
 
-async def test_hold_queues_a_job_even_on_an_idle_session(registry: Registry) -> None:
+async def test_hold_queues_a_job_even_on_an_idle_session(registry: Backend) -> None:
     session_id = await new_session(registry)
     started = await start(registry, session_id, hold=True)
     assert started.queued
@@ -114,7 +114,7 @@ async def test_hold_queues_a_job_even_on_an_idle_session(registry: Registry) -> 
 
 
 async def test_run_starts_at_once_beside_jobs_in_flight_and_queued_jobs_wait_for_it(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     session_id = await new_session(registry)
     await start(registry, session_id)
@@ -124,7 +124,7 @@ async def test_run_starts_at_once_beside_jobs_in_flight_and_queued_jobs_wait_for
     assert await activate(registry, queued.job.job_id) is ActivateOutcome.WAIT
 
 
-async def test_reject_refuses_while_a_queued_job_waits(registry: Registry) -> None:
+async def test_reject_refuses_while_a_queued_job_waits(registry: Backend) -> None:
     session_id = await new_session(registry)
     await start(registry, session_id, hold=True)
     new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "x", "r")
@@ -133,13 +133,13 @@ async def test_reject_refuses_while_a_queued_job_waits(registry: Registry) -> No
     assert refused.value == "session_busy"
 
 
-async def test_activating_twice_reports_already_started(registry: Registry) -> None:
+async def test_activating_twice_reports_already_started(registry: Backend) -> None:
     started = await start(registry, await new_session(registry), hold=True)
     assert await activate(registry, started.job.job_id) is ActivateOutcome.STARTED
     assert await activate(registry, started.job.job_id) is ActivateOutcome.ALREADY_STARTED
 
 
-async def test_a_cancelled_queued_job_leaves_the_line(registry: Registry) -> None:
+async def test_a_cancelled_queued_job_leaves_the_line(registry: Backend) -> None:
     session_id = await new_session(registry)
     first = await start(registry, session_id)
     second = await start(registry, session_id)
@@ -151,7 +151,7 @@ async def test_a_cancelled_queued_job_leaves_the_line(registry: Registry) -> Non
     assert await activate(registry, third.job.job_id) is ActivateOutcome.STARTED
 
 
-async def test_a_notice_for_a_queued_job_is_refused_as_unknown(registry: Registry) -> None:
+async def test_a_notice_for_a_queued_job_is_refused_as_unknown(registry: Backend) -> None:
     session_id = await new_session(registry)
     await start(registry, session_id)
     queued = await start(registry, session_id)
@@ -159,20 +159,20 @@ async def test_a_notice_for_a_queued_job_is_refused_as_unknown(registry: Registr
     assert (await registry.jobs.apply_notice(notice, LIMITS)).verdict is Verdict.UNKNOWN_JOB
 
 
-async def test_a_queued_job_on_a_closed_session_cannot_start(registry: Registry) -> None:
+async def test_a_queued_job_on_a_closed_session_cannot_start(registry: Backend) -> None:
     session_id = await new_session(registry)
     queued = await start(registry, session_id, hold=True)
     await registry.sessions.close_session(TENANT, session_id)
     assert await activate(registry, queued.job.job_id) is ActivateOutcome.SESSION_NOT_OPEN
 
 
-async def test_another_tenant_cannot_activate_a_job(registry: Registry) -> None:
+async def test_another_tenant_cannot_activate_a_job(registry: Backend) -> None:
     queued = await start(registry, await new_session(registry), hold=True)
     outcome = await registry.jobs.activate_job("globex", queued.job.job_id, LIMITS)
     assert outcome is ActivateOutcome.UNKNOWN_JOB
 
 
-async def test_a_queued_job_times_out_after_the_queue_timeout(registry: Registry) -> None:
+async def test_a_queued_job_times_out_after_the_queue_timeout(registry: Backend) -> None:
     limits = JobLimits(
         deadline_ms=60_000, heartbeat_ms=60_000, retention_ms=60_000, queue_timeout_ms=1
     )
@@ -185,7 +185,7 @@ async def test_a_queued_job_times_out_after_the_queue_timeout(registry: Registry
     assert reaped[0].kind is EventKind.TIMED_OUT
 
 
-async def test_a_started_job_gets_fresh_deadlines(registry: Registry) -> None:
+async def test_a_started_job_gets_fresh_deadlines(registry: Backend) -> None:
     session_id = await new_session(registry)
     queued = await start(registry, session_id, hold=True)
     before = await registry.jobs.get_job(TENANT, queued.job.job_id)
@@ -197,7 +197,7 @@ async def test_a_started_job_gets_fresh_deadlines(registry: Registry) -> None:
     assert after.heartbeat_deadline_ms == after.updated_at_ms + LIMITS.heartbeat_ms
 
 
-async def _reap_until_some(registry: Registry, limits: JobLimits) -> list[SessionEvent]:
+async def _reap_until_some(registry: Backend, limits: JobLimits) -> list[SessionEvent]:
     """Reap until something times out (the queue timeout is 1 ms; bounded attempts)."""
     for _ in range(200):
         reaped = await registry.jobs.reap_expired(limits, limit=10)

@@ -47,7 +47,7 @@ from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
 from domain.ports.sessions import SessionStore
 from domain.ports.usage import UsageStore, day_number
-from registry.backends import RegistryConfig, open_registry
+from registry.backend import BackendConfig, open_backend
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
 from registry.memory_usage import MemoryUsageStore
@@ -532,8 +532,8 @@ class Run:
 async def run_seed(seed: int, redis_url: str, redis_clock: Redis) -> None:
     clock = Clock(await redis_now_ms(redis_clock))
     memory = memory_stores(clock)
-    registry = open_registry(
-        RegistryConfig(
+    registry = open_backend(
+        BackendConfig(
             redis_url=redis_url,
             key_prefix=f"diff{seed}",
             session_retention_ms=LONG,
@@ -573,8 +573,8 @@ async def test_a_kept_job_failed_by_its_claim_keeps_its_final_event(
                 reason="known divergence: Redis CLAIM_HANDOFF fails the job without keep_final",
             )
         )
-    registry = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="kept", session_retention_ms=LONG)
+    registry = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="kept", session_retention_ms=LONG)
     )
     try:
         session_id = new_id()

@@ -29,16 +29,16 @@ from domain.jobs import (
 )
 from domain.models import NewSession, Service, TokenUsage, WorkKind
 from domain.ports.usage import day_number
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 
 LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000)
 TENANT = "acme"
 
 
 @pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(
+async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(
             redis_url=backend_url,
             key_prefix="test",
             session_retention_ms=60_000,
@@ -46,10 +46,10 @@ async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
         )
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
-async def new_session(registry: Registry) -> str:
+async def new_session(registry: Backend) -> str:
     session_id = new_id()
     await registry.sessions.create_session(
         TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
@@ -70,13 +70,13 @@ def new_job(session_id: str, job_id: str = "", *, keep_final: bool = True) -> Ne
     )
 
 
-async def start(registry: Registry, new: NewJob, limits: JobLimits = LIMITS) -> StartedJob:
+async def start(registry: Backend, new: NewJob, limits: JobLimits = LIMITS) -> StartedJob:
     started = await registry.jobs.start_job(TENANT, new, limits, if_busy=IfBusy.RUN)
     assert isinstance(started, StartedJob)
     return started
 
 
-async def notify(registry: Registry, job_id: str, sequence: int, event: NoticeEvent) -> Notice:
+async def notify(registry: Backend, job_id: str, sequence: int, event: NoticeEvent) -> Notice:
     data = {"result": {"text": "the answer"}} if event is NoticeEvent.COMPLETED else {}
     usage = TokenUsage(3, 5, 8) if event is NoticeEvent.COMPLETED else TokenUsage()
     notice = Notice(event, Service.QUERY, job_id, TENANT, sequence, data=data, usage=usage)
@@ -84,13 +84,13 @@ async def notify(registry: Registry, job_id: str, sequence: int, event: NoticeEv
     return notice
 
 
-async def last_sequence(registry: Registry, session_id: str) -> int:
+async def last_sequence(registry: Backend, session_id: str) -> int:
     page = await registry.events.read_after(TENANT, session_id, 0, limit=100)
     return page.last_sequence
 
 
 async def test_starting_a_recorded_job_id_again_is_refused_and_changes_nothing(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
@@ -114,7 +114,7 @@ async def test_starting_a_recorded_job_id_again_is_refused_and_changes_nothing(
     await notify(registry, new.job_id, 2, NoticeEvent.COMPLETED)
 
 
-async def test_a_finished_job_id_is_refused_too(registry: Registry) -> None:
+async def test_a_finished_job_id_is_refused_too(registry: Backend) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
     await start(registry, new)
@@ -129,7 +129,7 @@ async def test_a_finished_job_id_is_refused_too(registry: Registry) -> None:
 
 
 async def test_a_completed_job_keeps_its_final_event_after_the_log_dropped_it(
-    registry: Registry,
+    registry: Backend,
 ) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
@@ -150,7 +150,7 @@ async def test_a_completed_job_keeps_its_final_event_after_the_log_dropped_it(
     assert final.data["result"] == {"text": "the answer"}
 
 
-async def test_a_failed_job_keeps_its_final_event(registry: Registry) -> None:
+async def test_a_failed_job_keeps_its_final_event(registry: Backend) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
     await start(registry, new)
@@ -160,7 +160,7 @@ async def test_a_failed_job_keeps_its_final_event(registry: Registry) -> None:
     assert job.final_event.kind is EventKind.FAILED
 
 
-async def test_a_cancelled_job_keeps_the_event_that_ended_it(registry: Registry) -> None:
+async def test_a_cancelled_job_keeps_the_event_that_ended_it(registry: Backend) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
     await start(registry, new)
@@ -172,7 +172,7 @@ async def test_a_cancelled_job_keeps_the_event_that_ended_it(registry: Registry)
     assert job.final_event == event
 
 
-async def test_a_timed_out_job_keeps_its_timed_out_event(registry: Registry) -> None:
+async def test_a_timed_out_job_keeps_its_timed_out_event(registry: Backend) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
     short = JobLimits(deadline_ms=50, heartbeat_ms=50, retention_ms=60_000)
@@ -188,7 +188,7 @@ async def test_a_timed_out_job_keeps_its_timed_out_event(registry: Registry) -> 
     assert job.final_event == reaped[0]
 
 
-async def test_an_unfinished_job_has_no_final_event(registry: Registry) -> None:
+async def test_an_unfinished_job_has_no_final_event(registry: Backend) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id)
     await start(registry, new)
@@ -197,7 +197,7 @@ async def test_an_unfinished_job_has_no_final_event(registry: Registry) -> None:
     assert job is not None and job.final_event is None
 
 
-async def test_a_job_not_started_to_keep_its_final_event_does_not(registry: Registry) -> None:
+async def test_a_job_not_started_to_keep_its_final_event_does_not(registry: Backend) -> None:
     session_id = await new_session(registry)
     new = new_job(session_id, keep_final=False)
     await start(registry, new)

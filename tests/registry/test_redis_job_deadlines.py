@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from domain.ids import new_id
 from domain.jobs import IfBusy, JobLimits, NewJob, StartedJob, StartRefused
 from domain.models import NewSession, Service, WorkKind
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 from registry.keys import KeySpace
 
 LIMITS = JobLimits(
@@ -23,12 +23,12 @@ DEADLINES = KeySpace("test").job_deadlines()
 
 
 @pytest.fixture
-async def registry(redis_url: str) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
+async def registry(redis_url: str) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
 @pytest.fixture
@@ -38,12 +38,12 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def start(registry: Registry, session_id: str, if_busy: IfBusy) -> StartedJob | StartRefused:
+async def start(registry: Backend, session_id: str, if_busy: IfBusy) -> StartedJob | StartRefused:
     new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
     return await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=if_busy)
 
 
-async def new_session(registry: Registry) -> str:
+async def new_session(registry: Backend) -> str:
     session_id = new_id()
     await registry.sessions.create_session(
         TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
@@ -56,7 +56,7 @@ def member(started: StartedJob) -> str:
 
 
 async def test_a_started_job_is_timed_no_later_than_its_deadline(
-    registry: Registry, redis: Redis
+    registry: Backend, redis: Redis
 ) -> None:
     started = await start(registry, await new_session(registry), IfBusy.RUN)
     assert isinstance(started, StartedJob)
@@ -65,9 +65,7 @@ async def test_a_started_job_is_timed_no_later_than_its_deadline(
     assert score <= started.accepted.data["deadline_ms"]
 
 
-async def test_an_early_look_moves_the_job_to_its_deadline(
-    registry: Registry, redis: Redis
-) -> None:
+async def test_an_early_look_moves_the_job_to_its_deadline(registry: Backend, redis: Redis) -> None:
     started = await start(registry, await new_session(registry), IfBusy.RUN)
     assert isinstance(started, StartedJob)
     await redis.zadd(DEADLINES, {member(started): 0})
@@ -78,7 +76,7 @@ async def test_an_early_look_moves_the_job_to_its_deadline(
     assert job is not None and not job.state.is_final
 
 
-async def test_a_refused_start_leaves_nothing_to_time(registry: Registry, redis: Redis) -> None:
+async def test_a_refused_start_leaves_nothing_to_time(registry: Backend, redis: Redis) -> None:
     session_id = await new_session(registry)
     assert isinstance(await start(registry, session_id, IfBusy.RUN), StartedJob)
     refused = await start(registry, session_id, IfBusy.REJECT)

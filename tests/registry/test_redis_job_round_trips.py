@@ -17,7 +17,7 @@ from redis.asyncio.connection import AbstractConnection
 from domain.ids import new_id
 from domain.jobs import ActivateOutcome, IfBusy, JobLimits, JobState, NewJob, StartedJob
 from domain.models import NewSession, Service, WorkKind
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 from registry.keys import KeySpace
 
 LIMITS = JobLimits(
@@ -32,12 +32,12 @@ KEYS = KeySpace("test")
 
 
 @pytest.fixture
-async def registry(redis_url: str) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
+async def registry(redis_url: str) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sent
 
 
-async def new_job(registry: Registry) -> NewJob:
+async def new_job(registry: Backend) -> NewJob:
     session_id = new_id()
     await registry.sessions.create_session(
         TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
@@ -70,14 +70,14 @@ async def new_job(registry: Registry) -> NewJob:
     return NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
 
 
-async def start(registry: Registry, *, hold: bool = False) -> StartedJob:
+async def start(registry: Backend, *, hold: bool = False) -> StartedJob:
     new = await new_job(registry)
     started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.HOLD, hold=hold)
     assert isinstance(started, StartedJob) and started.queued == hold
     return started
 
 
-async def queued_job(registry: Registry) -> StartedJob:
+async def queued_job(registry: Backend) -> StartedJob:
     return await start(registry, hold=True)
 
 
@@ -86,7 +86,7 @@ def member(started: StartedJob) -> str:
 
 
 async def test_a_start_is_one_round_trip_with_its_hints(
-    registry: Registry, redis: Redis, round_trips: list[int]
+    registry: Backend, redis: Redis, round_trips: list[int]
 ) -> None:
     await start(registry)  # the first run loads the script
     new = await new_job(registry)
@@ -101,7 +101,7 @@ async def test_a_start_is_one_round_trip_with_its_hints(
 
 
 async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_script(
-    registry: Registry, redis: Redis, round_trips: list[int]
+    registry: Backend, redis: Redis, round_trips: list[int]
 ) -> None:
     warm_up = await queued_job(registry)  # the first run loads the script
     await registry.jobs.activate_job(TENANT, warm_up.job.job_id, LIMITS)
@@ -124,7 +124,7 @@ async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_
 
 
 async def test_a_redis_that_lost_its_scripts_still_starts_and_activates_jobs(
-    registry: Registry, redis: Redis
+    registry: Backend, redis: Redis
 ) -> None:
     await queued_job(registry)  # the scripts are loaded...
     await redis.script_flush()  # ...and gone, as after a restart

@@ -16,9 +16,8 @@ from domain.jobs import IfBusy, JobLimits, NewJob, Notice, NoticeEvent, StartedJ
 from domain.models import NewSession, Service, WorkKind
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkQueue
 from domain.rate_limits import Rate, RateLimitRules
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 from registry.keys import KeySpace
-from registry.queues import open_work_queue
 from registry.redis_client import create_redis
 from registry.redis_rate_limiter import RedisRateLimiter
 
@@ -33,19 +32,21 @@ TENANT = "acme"
 
 
 @pytest.fixture
-async def registry(redis_url: str) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
+async def registry(redis_url: str) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
 @pytest.fixture
 async def queue(redis_url: str) -> AsyncIterator[WorkQueue]:
-    opened = open_work_queue(redis_url, key_prefix="test", queue="work")
-    yield opened.queue
-    await opened.aclose()
+    backend = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
+    )
+    yield backend.work_queue("work")
+    await backend.aclose()
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ async def count(round_trips: list[int], operation: Callable[[], Awaitable[Any]])
     return len(round_trips)
 
 
-async def started_job(registry: Registry) -> StartedJob:
+async def started_job(registry: Backend) -> StartedJob:
     session_id = new_id()
     await registry.sessions.create_session(
         TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
@@ -96,7 +97,7 @@ def work_item() -> NewWorkItem:
 
 
 async def test_a_job_start_and_a_notice_are_one_round_trip_each(
-    registry: Registry, round_trips: list[int]
+    registry: Backend, round_trips: list[int]
 ) -> None:
     warm_up = (await started_job(registry)).job.job_id
     await registry.jobs.apply_notice(progress(warm_up, 1), LIMITS)  # Redis now holds the scripts
@@ -136,7 +137,7 @@ async def test_a_rate_limit_check_is_one_round_trip(redis_url: str, round_trips:
 
 
 async def test_a_redis_that_lost_its_scripts_loads_them_again_once(
-    registry: Registry, redis: Redis, round_trips: list[int]
+    registry: Backend, redis: Redis, round_trips: list[int]
 ) -> None:
     job_id = (await started_job(registry)).job.job_id
     await redis.script_flush()  # as after a restart without its data

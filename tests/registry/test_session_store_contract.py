@@ -11,18 +11,18 @@ import pytest
 from domain.ids import new_id
 from domain.models import NewSession, SessionFilter, SessionState
 from domain.ports.sessions import SessionStore
-from registry.backends import RegistryConfig, open_registry
+from registry.backend import BackendConfig, open_backend
 
 RETENTION_MS = 400
 
 
 @pytest.fixture
 async def store(backend_url: str | None) -> AsyncIterator[SessionStore]:
-    registry = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=RETENTION_MS)
+    registry = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=RETENTION_MS)
     )
     yield registry.sessions
-    await registry.backend.aclose()
+    await registry.aclose()
 
 
 def new_session(agent: str = "agent-1", ttl_ms: int = 60_000) -> NewSession:

@@ -14,23 +14,23 @@ from domain.jobs import IfBusy, JobLimits, NewJob, Notice, NoticeEvent, Verdict
 from domain.models import NewSession, Service, TokenUsage, WorkKind
 from domain.ports.usage import day_number
 from domain.usage import USAGE_RETENTION_MS
-from registry.backends import Registry, RegistryConfig, open_registry
+from registry.backend import Backend, BackendConfig, open_backend
 from registry.memory_usage import MemoryEmbeddingCache, MemoryUsageStore
 
 LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=60_000, retention_ms=60_000)
 
 
 @pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Registry]:
-    opened = open_registry(
-        RegistryConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
+    opened = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
     )
     yield opened
-    await opened.backend.aclose()
+    await opened.aclose()
 
 
 async def run_job(
-    registry: Registry, tenant: str, agent: str, event: NoticeEvent, usage: TokenUsage
+    registry: Backend, tenant: str, agent: str, event: NoticeEvent, usage: TokenUsage
 ) -> str:
     session_id = new_id()
     await registry.sessions.create_session(tenant, session_id, NewSession(agent, "", {}, 60_000))
@@ -49,7 +49,7 @@ def today() -> int:
     return day_number(time.time_ns() // 1_000_000)
 
 
-async def test_completed_jobs_add_usage_per_tenant_day_and_agent(registry: Registry) -> None:
+async def test_completed_jobs_add_usage_per_tenant_day_and_agent(registry: Backend) -> None:
     await run_job(registry, "acme", "a1", NoticeEvent.COMPLETED, TokenUsage(1, 2, 3))
     await run_job(registry, "acme", "a1", NoticeEvent.COMPLETED, TokenUsage(10, 20, 30))
     await run_job(registry, "acme", "a2", NoticeEvent.COMPLETED, TokenUsage(0, 5, 5))
@@ -67,14 +67,14 @@ async def test_completed_jobs_add_usage_per_tenant_day_and_agent(registry: Regis
     assert await registry.usage.usage_days("acme", day - 10, day - 1) == []
 
 
-async def test_jobs_record_their_agent_and_usage(registry: Registry) -> None:
+async def test_jobs_record_their_agent_and_usage(registry: Backend) -> None:
     job_id = await run_job(registry, "acme", "a1", NoticeEvent.COMPLETED, TokenUsage(1, 2, 3))
     job = await registry.jobs.get_job("acme", job_id)
     assert job is not None
     assert (job.agent_id, job.usage) == ("a1", TokenUsage(1, 2, 3))
 
 
-async def test_embedding_cache_entries_are_per_tenant(registry: Registry) -> None:
+async def test_embedding_cache_entries_are_per_tenant(registry: Backend) -> None:
     cache = registry.embedding_cache
     assert await cache.get_result("acme", "k1") is None
     await cache.put_result("acme", "k1", '{"model":"m"}', 60_000)

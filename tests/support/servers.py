@@ -20,9 +20,9 @@ import grpc
 
 from domain.dispatch import Dispatcher
 from domain.identity import Role
-from registry.backends import open_registry
+from registry.backend import open_backend
 from server.app import OrchestratorServer
-from server.backend_config import registry_config
+from server.backend_config import backend_config
 from server.config import Settings
 from tests.support.keys import TestKeyStore, api_key_for
 
@@ -68,9 +68,9 @@ async def running_server(
 ) -> AsyncIterator[RunningServer]:
     """A started server (``server_args`` go to OrchestratorServer) and a channel to it. The
     server accepts the deterministic test keys of tenant()/service()/admin()."""
-    registry = open_registry(registry_config(settings))
-    registry.api_keys = TestKeyStore(registry.api_keys)
-    server = OrchestratorServer(settings, registry=registry, dispatcher=dispatcher, **server_args)
+    backend = open_backend(backend_config(settings))
+    backend.api_keys = TestKeyStore(backend.api_keys)
+    server = OrchestratorServer(settings, backend=backend, dispatcher=dispatcher, **server_args)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

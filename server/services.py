@@ -1,0 +1,142 @@
+"""The domain services of a process over its backend: sessions, the chat job flow with token
+budgets, the embedding cache and the chat queue, notices, batches, and the domain's background
+loops. ``orchestrator serve`` (server.app) and ``orchestrator worker`` (server.workers) both
+build them here, so a setting (a budget, the cache, the job limits) is applied in one place and
+the two processes cannot drift; each process starts the loops it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from domain.batch_runner import BatchRunner
+from domain.batches import BatchExpirer, BatchManager, BatchPolicy
+from domain.chat import ChatOrchestrator
+from domain.dispatch import Dispatcher
+from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
+from domain.handoff import HandoffRecovery
+from domain.jobs import JobLimits
+from domain.notices import NoticeProcessor
+from domain.ports.queue import WorkQueue
+from domain.queued_chat import QueuedChatRunner
+from domain.reaper import JobReaper
+from domain.sessions import SessionManager, SessionPolicy
+from domain.usage import TokenBudget
+from registry.backend import Backend
+from server import metrics as metrics_module
+from server.config import Settings
+
+# The work queues: batch items, and chat messages that wait for their turn.
+BATCH_QUEUE = "batch"
+CHAT_QUEUE = "chat"
+
+
+def job_limits(settings: Settings) -> JobLimits:
+    return JobLimits(
+        deadline_ms=int(settings.job_deadline * 1000),
+        heartbeat_ms=int(settings.job_heartbeat * 1000),
+        retention_ms=int(settings.job_retention * 1000),
+        queue_timeout_ms=int(settings.job_queue_timeout * 1000),
+        handoff_grace_ms=int(settings.handoff_grace * 1000),
+        handoff_attempts=settings.handoff_attempts,
+    )
+
+
+def default_dispatcher(settings: Settings) -> Dispatcher:
+    """gRPC clients of the configured downstream services."""
+    from clients.downstream import DownstreamConfig, GrpcDispatcher
+
+    return GrpcDispatcher(
+        DownstreamConfig(
+            query_address=settings.query_service_address,
+            embedding_address=settings.embedding_service_address,
+            attempt_timeout_s=settings.downstream_timeout,
+            max_attempts=settings.downstream_attempts,
+        )
+    )
+
+
+def session_policy(settings: Settings) -> SessionPolicy:
+    return SessionPolicy(
+        default_ttl_ms=int(settings.session_default_ttl * 1000),
+        max_ttl_ms=int(settings.session_max_ttl * 1000),
+    )
+
+
+def embedding_cache_policy(settings: Settings) -> EmbeddingCachePolicy:
+    return EmbeddingCachePolicy(
+        ttl_ms=int(settings.embedding_cache_ttl * 1000),
+        model_version=settings.embedding_model_version,
+    )
+
+
+def batch_policy(settings: Settings) -> BatchPolicy:
+    return BatchPolicy(
+        max_items=settings.batch_max_items,
+        default_window_ms=int(settings.batch_completion_window * 1000),
+        max_window_ms=int(settings.batch_max_completion_window * 1000),
+    )
+
+
+@dataclass(slots=True)
+class Services:
+    """The domain services of one process (and the loops they need, not started)."""
+
+    limits: JobLimits
+    sessions: SessionManager
+    embedding_cache: EmbeddingResultCache
+    notices: NoticeProcessor
+    chat_queue: WorkQueue
+    chat: ChatOrchestrator
+    chat_runner: QueuedChatRunner
+    batch_queue: WorkQueue
+    batches: BatchManager
+    batch_runner: BatchRunner
+    # Background loops: each process starts the ones it runs.
+    reaper: JobReaper
+    handoffs: HandoffRecovery
+    expirer: BatchExpirer
+
+
+def build_services(settings: Settings, backend: Backend, dispatcher: Dispatcher) -> Services:
+    """Every domain service over ``backend``; no I/O happens here."""
+    limits = job_limits(settings)
+    sessions = SessionManager(backend.sessions, session_policy(settings))
+    cache = EmbeddingResultCache(backend.embedding_cache, embedding_cache_policy(settings))
+    chat_queue = backend.work_queue(CHAT_QUEUE)
+    chat = ChatOrchestrator(
+        sessions,
+        backend.jobs,
+        backend.events,
+        dispatcher,
+        limits,
+        budget=TokenBudget(backend.usage, settings.budget_rules()),
+        embedding_cache=cache,
+        queue=chat_queue,
+    )
+    batch_queue = backend.work_queue(BATCH_QUEUE)
+    batches = BatchManager(
+        backend.batches,
+        batch_queue,
+        sessions,
+        chat,
+        batch_policy(settings),
+        session_max_ttl_ms=int(settings.session_max_ttl * 1000),
+    )
+    return Services(
+        limits=limits,
+        sessions=sessions,
+        embedding_cache=cache,
+        notices=NoticeProcessor(
+            backend.jobs, limits, embedding_cache=cache, metrics=metrics_module
+        ),
+        chat_queue=chat_queue,
+        chat=chat,
+        chat_runner=QueuedChatRunner(chat),
+        batch_queue=batch_queue,
+        batches=batches,
+        batch_runner=BatchRunner(backend.batches, batches, chat),
+        reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
+        # Hands over again the jobs whose hand-off was interrupted (in any process).
+        handoffs=HandoffRecovery(chat, interval_s=settings.reaper_interval),
+        expirer=BatchExpirer(backend.batches, batches, interval_s=settings.batch_expiry_interval),
+    )
