@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import linecache
 import logging
 import signal
 import time
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 
 TRACEBACK_FRAMES = 12
 TOP = 20
-# The snapshots kept by the probe are allocated under tracemalloc.py: not the service's.
-_IGNORED = (tracemalloc.Filter(False, tracemalloc.__file__),)
+# Not the service's: the snapshots the probe keeps (allocated under tracemalloc.py) and the
+# source lines it reads to format tracebacks (linecache).
+_IGNORED = (
+    tracemalloc.Filter(False, tracemalloc.__file__),
+    tracemalloc.Filter(False, linecache.__file__),
+)
 
 
 def rss_kib() -> int:
