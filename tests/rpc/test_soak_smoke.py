@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from bench import soak
+from bench.batch_processes import wait_serving
+from tests.support.redis_process import free_port
 
 
-async def test_a_tiny_soak_samples_the_server_and_reports_its_growth(
-    redis_url: str, tmp_path: Path
-) -> None:
-    report = tmp_path / "tracemalloc.txt"
+async def test_a_tiny_soak_samples_the_server_and_reports_its_growth(redis_url: str) -> None:
     args = soak.parse_args(
         [
             "--streams", "6", "--rate", "8", "--duration", "4", "--warm-up", "1",
             "--sample-interval", "0.2", "--lanes", "3", "--chats-per-session", "2",
-            "--tracemalloc", str(report),
         ]
     )  # fmt: skip
     results = await soak.measure(redis_url, args)
@@ -25,10 +24,24 @@ async def test_a_tiny_soak_samples_the_server_and_reports_its_growth(
     assert results.rss_start > 0 and results.rss_end > 0 and results.reference_end > 0
     assert results.redis_end > 0
     assert results.growth.chats > 0
-    # Reports at the end of the warm-up, after each third and at the end.
+
+
+async def test_orchestrator_serve_with_tracemalloc_writes_a_report_on_each_sigusr1(
+    redis_url: str, tmp_path: Path
+) -> None:
+    report = tmp_path / "tracemalloc.txt"
+    port = free_port()
+    admin_key = f"ao_soakadmin_{secrets.token_urlsafe(32)}"
+    with soak.start_server(
+        redis_url, port, "127.0.0.1:1", admin_key, streams=1, tracemalloc_file=str(report)
+    ) as server:
+        await wait_serving(server, f"127.0.0.1:{port}")
+        await soak.final_report(server, report, timeout_s=60)
+        await soak.final_report(server, report, timeout_s=60)
     text = report.read_text()
-    assert text.count("=== report ") == 4
-    assert "growth since report 0, by traceback" in text
+    assert text.count("=== report ") == 2
+    assert "--- growth since report 0, by traceback (largest first)" in text
+    assert "--- gc objects by type, change since report 0" in text
 
 
 def test_growth_is_the_least_squares_slope_and_levels_off_when_the_last_third_is_flat() -> None:
