@@ -15,7 +15,9 @@ the number of chats that have ended. After ``--warm-up`` seconds it reports: the
 of the warm-up and at the end, the growth per chat (least-squares slope of RSS over chats after
 the warm-up) and whether it levelled off (the slope over the last third of the samples after
 the warm-up against the slope over the first third). The reference services' RSS and Redis'
-used_memory are reported beside it. ``--tracemalloc FILE`` runs the server with
+used_memory are reported beside it; ``--samples FILE`` writes every sample as CSV. The
+levelled-off test is coarse: RSS moves in allocator arenas (up to a MiB), so when the growth
+is tiny a single step decides it; look at the samples. ``--tracemalloc FILE`` runs the server with
 ``orchestrator serve --tracemalloc FILE`` and asks it for a report (SIGUSR1) at the end of the
 warm-up, after each third and at the end (tracing slows the server and adds to its RSS).
 
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import csv
 import logging
 import os
 import secrets
@@ -553,6 +556,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sample-interval", type=float, default=1.0, help="seconds between samples")
     p.add_argument(
+        "--samples", metavar="FILE", help="also write every sample to FILE (CSV), to plot it"
+    )
+    p.add_argument(
         "--tracemalloc",
         metavar="FILE",
         help="run the server with --tracemalloc FILE and ask for reports along the way",
@@ -571,11 +577,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def write_samples(path: Path, samples: Sequence[Sample]) -> None:
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["seconds", "chats", "rss_bytes", "reference_rss_bytes"])
+        for s in samples:
+            writer.writerow([f"{s.seconds:.2f}", s.chats, s.rss, s.reference_rss])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     results = asyncio.run(run(args))
     print_results(results)
+    if args.samples:
+        write_samples(Path(args.samples), results.samples)
     return 1 if results.problems() else 0
 
 

@@ -60,3 +60,13 @@ def test_growth_is_the_least_squares_slope_and_levels_off_when_the_last_third_is
 def test_the_slope_of_points_that_do_not_vary_in_x_is_zero() -> None:
     assert soak.least_squares_slope([(1.0, 5.0), (1.0, 9.0)]) == 0.0
     assert soak.least_squares_slope([(0.0, 0.0), (2.0, 1.0), (4.0, 2.0)]) == 0.5
+
+
+def test_the_samples_file_has_one_row_per_sample(tmp_path: Path) -> None:
+    path = tmp_path / "samples.csv"
+    soak.write_samples(path, [soak.Sample(0.5, 3, 1024, 2048), soak.Sample(1.0, 7, 4096, 2048)])
+    assert path.read_text().splitlines() == [
+        "seconds,chats,rss_bytes,reference_rss_bytes",
+        "0.50,3,1024,2048",
+        "1.00,7,4096,2048",
+    ]
