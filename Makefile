@@ -9,7 +9,7 @@ BUF         := .tools/node_modules/.bin/buf
 STAMP       := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools gen gen-check lua-check lint fmt test run bench docker clean
+.PHONY: help setup tools gen gen-check lua-check lint fmt test run bench soak docker clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ run: $(STAMP)  ## Serve on :50051 with embedded defaults (in-memory registry unl
 
 bench: tools  ## Run the benchmarks and print their tables.
 	$(PY) -m bench
+
+# `make soak SOAK_ARGS="--duration 300 --tracemalloc /tmp/memory.txt"` for a shorter run.
+SOAK_ARGS ?= --streams 500 --rate 20 --duration 1800
+
+soak: tools  ## Memory under steady load (not in CI): idle streams + steady chats, RSS per chat.
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 docker:  ## Build the container image.
 	docker build -t agent-orchestrator:dev .

@@ -140,6 +140,11 @@ class RedisEventLog:
         except TimeoutError:
             raise Unavailable("redis did not confirm the event subscription") from None
 
+    @property
+    def awaiting_confirmation(self) -> int:
+        """Channels whose SUBSCRIBE this process still waits to see confirmed."""
+        return len(self._confirmed)
+
     def _ensure_reader(self) -> None:
         if self._task is None and not self._closing:
             self._pubsub = self._new_pubsub()
@@ -184,10 +189,10 @@ class RedisEventLog:
         """Resubscribe every followed session, then tell every feed to re-read the log."""
         pubsub = self._new_pubsub()
         channels = [self._keys.session_channel(t, s) for t, s in self.fanout.sessions()]
-        self._unconfirmed = {}
-        for channel in channels:
-            self._unconfirmed[channel] = 1
-            self._confirmed.setdefault(channel, asyncio.Event())
+        # Only followed sessions are waited for (a follower waits while its feed is registered);
+        # entries of subscriptions tried while Redis was away, whose followers have gone, go.
+        self._unconfirmed = dict.fromkeys(channels, 1)
+        self._confirmed = {c: self._confirmed.get(c) or asyncio.Event() for c in channels}
         if channels:
             await pubsub.subscribe(*channels)
             self._has_channels.set()

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
 from server.logging_setup import configure_logging
+from server.memory_probe import MemoryProbe, probing
 from server.tracing import configure_tracer_provider
 
 
@@ -63,10 +64,36 @@ def _worker(settings: Settings, concurrency: int) -> int:
     return 0
 
 
+async def _serve(settings: Settings, probe: MemoryProbe | None, interval_s: float) -> None:
+    async with probing(probe, interval_s):
+        if settings.embedded_reference:
+            # `make run` only: the production server never loads the reference services.
+            from server.dev_stack import serve_with_reference
+
+            await serve_with_reference(settings)
+        else:
+            await OrchestratorServer(settings).serve_until_signalled()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the gRPC server (configured by environment variables)")
+    serve = commands.add_parser(
+        "serve", help="run the gRPC server (configured by environment variables)"
+    )
+    serve.add_argument(
+        "--tracemalloc",
+        metavar="FILE",
+        help="diagnostic: trace allocations and append a memory report to FILE on SIGUSR1 "
+        "(slow; not for production)",
+    )
+    serve.add_argument(
+        "--tracemalloc-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --tracemalloc, also write a report at this interval (0: on SIGUSR1 only)",
+    )
     probe = commands.add_parser("health", help="check a running server's health; exit 0 if SERVING")
     probe.add_argument("--address", default="localhost:50051")
     probe.add_argument("--service", default="", help="a service name; empty for the server")
@@ -102,14 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_tracer_provider()
     if args.command == "worker":
         return _worker(settings, args.concurrency)
+    memory_probe = MemoryProbe(Path(args.tracemalloc)) if args.tracemalloc else None
+    if memory_probe is not None:
+        memory_probe.start()
     try:
-        if settings.embedded_reference:
-            # `make run` only: the production server never loads the reference services.
-            from server.dev_stack import serve_with_reference
-
-            asyncio.run(serve_with_reference(settings))
-        else:
-            asyncio.run(OrchestratorServer(settings).serve_until_signalled())
+        asyncio.run(_serve(settings, memory_probe, args.tracemalloc_interval))
     except SettingsError as exc:  # e.g. an unreadable ORCH_API_KEYS_FILE, found at start
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,58 @@
+"""The Redis event log's subscription bookkeeping stays as large as the set of followed
+sessions: subscriptions tried while Redis was away leave nothing behind once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from domain.errors import Unavailable
+from domain.ids import new_id
+from registry.keys import KeySpace
+from registry.redis_client import create_redis
+from registry.redis_events import RedisEventLog
+from tests.support.redis_process import RedisProcess
+
+TENANT = "acme"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A Redis this test may stop and start."""
+    proc = RedisProcess()
+    proc.start()
+    yield proc
+    proc.close()
+
+
+@pytest.fixture
+async def events(own_redis: RedisProcess) -> AsyncIterator[RedisEventLog]:
+    redis = create_redis(own_redis.url, socket_timeout_s=0.5, connect_timeout_s=0.2)
+    subscriber = create_redis(own_redis.url, socket_timeout_s=1.0, connect_timeout_s=0.2)
+    log = RedisEventLog(
+        redis, subscriber, KeySpace("test"), read_block_s=0.2, subscribe_timeout_s=0.3
+    )
+    yield log
+    await log.aclose()
+    await redis.aclose()
+
+
+async def test_subscriptions_tried_while_redis_was_away_are_forgotten_when_it_returns(
+    events: RedisEventLog, own_redis: RedisProcess
+) -> None:
+    session_id = new_id()
+    async with events.subscribe(TENANT, session_id) as followed:
+        own_redis.stop()
+        for _ in range(5):
+            with pytest.raises(Unavailable):
+                async with events.subscribe(TENANT, new_id()):
+                    pass
+        own_redis.start()
+        # The reader resubscribes what is followed, then marks every feed lagging.
+        while not followed.lagging:
+            assert await asyncio.wait_for(followed.wait(), 10)
+        # A second follower of the session waits for that resubscription to be confirmed.
+        async with events.subscribe(TENANT, session_id):
+            assert events.awaiting_confirmation == 0
