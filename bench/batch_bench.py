@@ -43,13 +43,9 @@ from typing import Any, TypeAlias
 import grpc
 from redis.asyncio import Redis
 
-from bench.batch_processes import (
-    Child,
-    start_orchestrator,
-    start_reference,
-    start_worker,
-    wait_serving,
-)
+from bench.batch_processes import start_orchestrator, start_reference, start_worker
+from bench.processes import Child, wait_serving
+from bench.tables import print_table
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -413,12 +409,6 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
 # -- the table ------------------------------------------------------------------------------------
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-
-
 def _mib(value: int) -> str:
     return f"{value / 2**20:.1f} MiB"
 
@@ -452,7 +442,7 @@ def print_results(r: Results) -> None:
                 f"{r.chats.per_second:,.0f}",
             )
         )
-    _table(rows)
+    print_table(rows)
     if r.chats is not None:
         print(
             f"ratio batch/individual = {r.ratio:.2f} (items/s); server CPU per item: batch "
@@ -463,7 +453,7 @@ def print_results(r: Results) -> None:
         for s, n in sorted(b.states.items())
     )
     peak_note = "" if m.peak_reset else " (since start: VmHWM could not be reset)"
-    _table(
+    print_table(
         [
             ("measure", "value"),
             ("SubmitBatch round trip", f"{b.submit_s * 1000:.0f} ms"),

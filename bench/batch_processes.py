@@ -7,9 +7,6 @@
 - optionally ``orchestrator worker`` processes sharing the batch queue;
 - the reference Query/Embedding services (``orchestrator-reference``, REF_* settings), reporting
   to that orchestrator with the test service key.
-
-Peak memory is read from /proc: VmHWM, reset first through /proc/<pid>/clear_refs (Linux >= 4.0)
-so it covers the measured phase only.
 """
 
 from __future__ import annotations
@@ -17,44 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
-from types import TracebackType
-from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from bench.processes import BIN, ROOT, Child, bench_settings, serve_until_sigterm, start_serving
 from domain.identity import Role
 from server.config import Settings
 from tests.support.keys import api_key_for
-from tests.support.servers import running_server, test_settings
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def orchestrator_settings(
     redis_url: str, query_address: str, port: int, concurrency: int
 ) -> Settings:
     """A server with the batch worker on and nothing that would throttle the benchmark."""
-    return test_settings(
+    return bench_settings(
         redis_url,
         listen_address=f"127.0.0.1:{port}",
         query_service_address=query_address,
         embedding_service_address=query_address,
-        rate_limit_enabled=False,
-        max_streams_per_tenant=10_000,
-        ws_address="",
-        metrics_address="",
-        health_interval=1.0,
-        reaper_interval=1.0,
-        redis_socket_timeout=5.0,
-        downstream_timeout=5.0,
-        redis_max_connections=256,
         batch_worker_enabled=True,
         batch_worker_concurrency=concurrency,
         batch_worker_poll=0.2,
@@ -64,94 +41,12 @@ def orchestrator_settings(
 async def serve(redis_url: str, query_address: str, port: int, concurrency: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("server.app").setLevel(logging.ERROR)
-    settings = orchestrator_settings(redis_url, query_address, port, concurrency)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with running_server(settings) as running:
-        print(f"PORT {running.server.port}", flush=True)
-        await stop.wait()
-
-
-class Child:
-    """A child process with its /proc readings; a context manager that stops it."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
-        self.proc = proc
-        self.name = name
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def status_bytes(self, field: str) -> int:
-        """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM), in bytes."""
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {field} for {self.name}")
-
-    def reset_peak(self) -> bool:
-        """Reset VmHWM to the current RSS; False when the kernel does not allow it."""
-        try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")
-        except OSError:
-            return False
-        return True
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    await serve_until_sigterm(orchestrator_settings(redis_url, query_address, port, concurrency))
 
 
 def start_orchestrator(redis_url: str, query_address: str, port: int, concurrency: int) -> Child:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.batch_processes",
-            redis_url,
-            query_address,
-            str(port),
-            str(concurrency),
-        ],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    child = Child(proc, "orchestrator")
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if not line.startswith("PORT "):
-        child.close()
-        raise RuntimeError(f"orchestrator child did not start: {line!r}")
+    args = ["bench.batch_processes", redis_url, query_address, str(port), str(concurrency)]
+    child, _ = start_serving(args, "orchestrator")
     return child
 
 
@@ -194,23 +89,6 @@ def start_worker(redis_url: str, query_address: str, concurrency: int) -> Child:
         [str(BIN / "orchestrator"), "worker", "--concurrency", str(concurrency)], env=env, cwd=ROOT
     )
     return Child(proc, "orchestrator worker")
-
-
-async def wait_serving(child: Child, address: str, timeout_s: float = 20.0) -> None:
-    """Return once the child's gRPC health service answers SERVING."""
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            child.check_alive()
-            try:
-                reply: Any = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{child.name} did not become healthy on {address}")
 
 
 def main(argv: list[str]) -> int:

@@ -30,9 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -42,6 +39,8 @@ from typing import Any
 
 import grpc
 
+from bench.processes import Child, bench_settings, serve_until_sigterm, start_serving
+from bench.tables import percentile, print_table
 from orchestrator.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -54,9 +53,8 @@ from orchestrator.v1 import (
 from query.v1 import query_pb2, query_pb2_grpc
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
-from server.config import Settings
 from tests.support.redis_process import RedisProcess, free_port
-from tests.support.servers import running_server, service, tenant, test_settings
+from tests.support.servers import running_server, service, tenant
 
 TENANT = "bench"
 TARGET_CHAT_RATIO = 0.5
@@ -67,33 +65,6 @@ EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 NOTICE = task_update_pb2
 # Separate connections per channel (channels with equal arguments would share one).
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
-
-
-def bench_settings(redis_url: str | None, **overrides: Any) -> Settings:
-    """Test settings without the limits that would throttle a benchmark."""
-    base: dict[str, Any] = dict(
-        rate_limit_enabled=False,
-        max_streams_per_tenant=50_000,
-        max_concurrent_rpcs=100_000,
-        ws_address="",
-        metrics_address="",
-        health_interval=1.0,
-        reaper_interval=1.0,
-        redis_socket_timeout=5.0,
-        downstream_timeout=5.0,
-        # The pool refuses (UNAVAILABLE) rather than queues beyond its size; bursts of stream
-        # opens and chats need more than the default 64.
-        redis_max_connections=256,
-    )
-    base.update(overrides)
-    return test_settings(redis_url, **base)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 # -- 1. chats: orchestrator vs bare relay ---------------------------------------------------------
@@ -347,73 +318,17 @@ async def serve_child(redis_url: str, query_address: str) -> None:
     """The ``--serve-child`` entry point: an orchestrator accepting the test keys; prints
     ``PORT <n>`` once serving and stops on SIGTERM."""
     logging.basicConfig(level=logging.WARNING)
-    settings = bench_settings(redis_url, query_service_address=query_address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with running_server(settings) as running:
-        print(f"PORT {running.server.port}", flush=True)
-        await stop.wait()
-
-
-class ServerChild:
-    """``python -m bench.flow_bench --serve-child``: the orchestrator in its own process, so
-    its memory and CPU are its own."""
-
-    def __init__(self, redis_url: str, query_address: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.flow_bench",
-                "--serve-child",
-                redis_url,
-                query_address,
-            ],
-            stdout=subprocess.PIPE,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("PORT "):
-            self.close()
-            raise RuntimeError(f"orchestrator child did not start: {line!r}")
-        self.address = f"127.0.0.1:{int(line.split()[1])}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        # Fields 14 and 15 (utime, stime) counted from 1; [0] here is field 3.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    await serve_until_sigterm(bench_settings(redis_url, query_service_address=query_address))
 
 
 @contextlib.contextmanager
-def server_child(redis_url: str, query_address: str) -> Iterator[ServerChild]:
-    child = ServerChild(redis_url, query_address)
-    try:
-        yield child
-    finally:
-        child.close()
+def server_child(redis_url: str, query_address: str) -> Iterator[tuple[Child, str]]:
+    """``python -m bench.flow_bench --serve-child``: the orchestrator in its own process, so
+    its memory and CPU are its own; the child and its address."""
+    args = ["bench.flow_bench", "--serve-child", redis_url, query_address]
+    child, port = start_serving(args, "orchestrator")
+    with child:
+        yield child, f"127.0.0.1:{port}"
 
 
 def open_channels(address: str, count: int) -> list[grpc.aio.Channel]:
@@ -630,6 +545,37 @@ async def publish_all(
         raise RuntimeError(f"only {accepted} of {notices} notices accepted: {replies}")
 
 
+@dataclass(frozen=True, slots=True)
+class BusySessions:
+    """An orchestrator child, sessions on it with one job running in each, channels to it
+    and (not yet opened) followers."""
+
+    child: Child
+    channels: list[grpc.aio.Channel]
+    session_ids: list[str]
+    jobs: list[str]
+    followers: Followers
+
+
+@contextlib.asynccontextmanager
+async def busy_sessions(
+    redis_url: str, sessions: int, channels_count: int
+) -> AsyncIterator[BusySessions]:
+    """The jobs are handed to a stub Query service: the bench publishes their notices itself."""
+    async with stub_query_server() as (query_address, stub):
+        with server_child(redis_url, query_address) as (child, address):
+            channels = open_channels(address, channels_count)
+            followers = Followers()
+            try:
+                session_ids = await create_sessions(channels[0], sessions)
+                jobs = await start_jobs(channels[0], session_ids, stub)
+                yield BusySessions(child, channels, session_ids, jobs, followers)
+            finally:
+                await followers.close()
+                for channel in channels:
+                    await channel.close(None)
+
+
 async def fanout(
     redis_url: str,
     *,
@@ -640,56 +586,42 @@ async def fanout(
     paced_s: float,
     channels_count: int = 10,
 ) -> FanoutResult:
-    async with stub_query_server() as (query_address, stub):
-        with server_child(redis_url, query_address) as child:
-            channels = open_channels(child.address, channels_count)
-            followers = Followers()
-            try:
-                session_ids = await create_sessions(channels[0], sessions)
-                jobs = await start_jobs(channels[0], session_ids, stub)
-                sequences = dict.fromkeys(jobs, 0)
-                await followers.open(channels, session_ids, per_session)
-                streams = sessions * per_session
-                # Warm up, then the peak: as fast as the publishers go.
-                followers.expect(len(jobs) * per_session)
-                await publish_all(channels, jobs, len(jobs), publishers, sequences)
-                await followers.wait_reached(30)
-                followers.expect(notices * per_session)
-                started = time.perf_counter()
-                await publish_all(channels, jobs, notices, publishers, sequences)
-                await followers.wait_reached(120)
-                seconds = time.perf_counter() - started
-                peak = notices * per_session / seconds
-                # Paced at half the peak, with latencies.
-                rate = peak / 2
-                paced_notices = max(len(jobs), int(rate / per_session * paced_s))
-                followers.latencies = []
-                followers.expect(paced_notices * per_session)
-                await publish_all(
-                    channels,
-                    jobs,
-                    paced_notices,
-                    publishers,
-                    sequences,
-                    interval_s=per_session / rate,
-                )
-                await followers.wait_reached(60)
-                latencies = followers.latencies
-                return FanoutResult(
-                    streams,
-                    sessions,
-                    notices,
-                    notices * per_session,
-                    seconds,
-                    rate,
-                    len(latencies),
-                    percentile(latencies, 0.5),
-                    percentile(latencies, 0.99),
-                )
-            finally:
-                await followers.close()
-                for channel in channels:
-                    await channel.close(None)
+    async with busy_sessions(redis_url, sessions, channels_count) as busy:
+        channels, jobs, followers = busy.channels, busy.jobs, busy.followers
+        sequences = dict.fromkeys(jobs, 0)
+        await followers.open(channels, busy.session_ids, per_session)
+        streams = sessions * per_session
+        # Warm up, then the peak: as fast as the publishers go.
+        followers.expect(len(jobs) * per_session)
+        await publish_all(channels, jobs, len(jobs), publishers, sequences)
+        await followers.wait_reached(30)
+        followers.expect(notices * per_session)
+        started = time.perf_counter()
+        await publish_all(channels, jobs, notices, publishers, sequences)
+        await followers.wait_reached(120)
+        seconds = time.perf_counter() - started
+        peak = notices * per_session / seconds
+        # Paced at half the peak, with latencies.
+        rate = peak / 2
+        paced_notices = max(len(jobs), int(rate / per_session * paced_s))
+        followers.latencies = []
+        followers.expect(paced_notices * per_session)
+        await publish_all(
+            channels, jobs, paced_notices, publishers, sequences, interval_s=per_session / rate
+        )
+        await followers.wait_reached(60)
+        latencies = followers.latencies
+        return FanoutResult(
+            streams,
+            sessions,
+            notices,
+            notices * per_session,
+            seconds,
+            rate,
+            len(latencies),
+            percentile(latencies, 0.5),
+            percentile(latencies, 0.99),
+        )
 
 
 # -- 3. idle streams ------------------------------------------------------------------------------
@@ -716,30 +648,19 @@ class IdleResult:
 async def idle_streams(
     redis_url: str, *, sessions: int, per_session: int, idle_s: float, channels_count: int = 20
 ) -> IdleResult:
-    async with stub_query_server() as (query_address, stub):
-        with server_child(redis_url, query_address) as child:
-            channels = open_channels(child.address, channels_count)
-            followers = Followers()
-            try:
-                session_ids = await create_sessions(channels[0], sessions)
-                await start_jobs(channels[0], session_ids, stub)
-                await asyncio.sleep(1.0)
-                rss_before = child.rss_bytes()
-                await followers.open(channels, session_ids, per_session)
-                await asyncio.sleep(1.0)
-                rss_after = child.rss_bytes()
-                cpu_before = child.cpu_seconds()
-                started = time.perf_counter()
-                await asyncio.sleep(idle_s)
-                idle = time.perf_counter() - started
-                cpu = child.cpu_seconds() - cpu_before
-                return IdleResult(
-                    sessions * per_session, sessions, rss_before, rss_after, idle, cpu
-                )
-            finally:
-                await followers.close()
-                for channel in channels:
-                    await channel.close(None)
+    async with busy_sessions(redis_url, sessions, channels_count) as busy:
+        child = busy.child
+        await asyncio.sleep(1.0)
+        rss_before = child.status_bytes("VmRSS")
+        await busy.followers.open(busy.channels, busy.session_ids, per_session)
+        await asyncio.sleep(1.0)
+        rss_after = child.status_bytes("VmRSS")
+        cpu_before = child.cpu_seconds()
+        started = time.perf_counter()
+        await asyncio.sleep(idle_s)
+        idle = time.perf_counter() - started
+        cpu = child.cpu_seconds() - cpu_before
+        return IdleResult(sessions * per_session, sessions, rss_before, rss_after, idle, cpu)
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -767,12 +688,6 @@ class Results:
         }
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-
-
 def print_results(r: Results) -> None:
     ok = r.verdicts()
 
@@ -780,7 +695,7 @@ def print_results(r: Results) -> None:
         return "ok" if ok[name] else "BELOW TARGET"
 
     print("1. chats: SendMessage -> completed (reference service, step delay 0)")
-    _table(
+    print_table(
         [
             ("path", "chats", "seconds", "chats/s", "p50 ms", "p99 ms"),
             *(
@@ -805,7 +720,7 @@ def print_results(r: Results) -> None:
         f"2. fan-out: {f.streams:,} StreamSession streams over {f.sessions} sessions, "
         f"orchestrator in a child process"
     )
-    _table(
+    print_table(
         [
             ("measure", "value", "target", "verdict"),
             (
@@ -831,7 +746,7 @@ def print_results(r: Results) -> None:
     )
     i = r.idle
     print(f"3. idle: {i.streams:,} StreamSession streams over {i.sessions:,} sessions (child RSS)")
-    _table(
+    print_table(
         [
             ("measure", "value", "target", "verdict"),
             (

@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bench.tables import print_table
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
@@ -131,16 +132,14 @@ async def queue_path(url: str, items: int, concurrency: int) -> Measurement:
     return Measurement(f"queue enqueue->worker->result (concurrency {concurrency})", items, seconds)
 
 
-def print_table(raw: Measurement, full: Measurement) -> None:
+def print_results(raw: Measurement, full: Measurement) -> None:
     ratio = full.per_second / raw.per_second if raw.per_second else 0.0
     rows = [
         ("path", "items", "seconds", "items/s"),
         (raw.name, str(raw.items), f"{raw.seconds:.2f}", f"{raw.per_second:,.0f}"),
         (full.name, str(full.items), f"{full.seconds:.2f}", f"{full.per_second:,.0f}"),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+    print_table(rows)
     verdict = "ok" if ratio >= TARGET_RATIO else "BELOW TARGET"
     print(f"ratio queue/raw = {ratio:.2f} (target >= {TARGET_RATIO}) {verdict}")
 
@@ -151,7 +150,7 @@ async def run(items: int, concurrency: int) -> None:
     try:
         raw = await raw_streams(redis_server.url, items)
         full = await queue_path(redis_server.url, items, concurrency)
-        print_table(raw, full)
+        print_results(raw, full)
     finally:
         redis_server.close()
 

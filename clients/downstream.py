@@ -85,26 +85,28 @@ class GrpcDispatcher:
             self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         return self._embedding
 
-    def _what(self, service: Service, method: str) -> str:
-        address = (
-            self.config.query_address if service is Service.QUERY else self.config.embedding_address
-        )
-        return f"{service.value} service ({method} at {address})"
-
     async def _unary(
         self,
+        service: Service,
+        name: str,
         method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
         request: Req,
         ctx: CallContext,
-        what: str,
     ) -> Resp:
+        """One logical call (``name`` on ``service``), retried within the caller's budget."""
+        address = (
+            self.config.query_address if service is Service.QUERY else self.config.embedding_address
+        )
         metadata = call_metadata(ctx)
 
         async def attempt(attempt_s: float) -> Resp:
             return await method(request, timeout=attempt_s, metadata=metadata)
 
         return await call_with_retries(
-            attempt, what=what, policy=self._policy, budget_s=ctx.timeout_s
+            attempt,
+            what=f"{service.value} service ({name} at {address})",
+            policy=self._policy,
+            budget_s=ctx.timeout_s,
         )
 
     async def submit(self, work: WorkRequest, ctx: CallContext) -> str:
@@ -118,13 +120,11 @@ class GrpcDispatcher:
                 request_id=ctx.request_id,
                 job_id=work.job_id,
             )
-            embed_reply = await self._unary(
-                self._embedding_stub().SubmitEmbedding,
-                embed_request,
-                ctx,
-                self._what(Service.EMBEDDING, "SubmitEmbedding"),
+            stub = self._embedding_stub()
+            reply = await self._unary(
+                work.service, "SubmitEmbedding", stub.SubmitEmbedding, embed_request, ctx
             )
-            return embed_reply.job_id or work.job_id
+            return reply.job_id or work.job_id
         query_request = query_pb2.SubmitQueryRequest(
             tenant_id=work.tenant_id,
             session_id=work.session_id,
@@ -136,29 +136,27 @@ class GrpcDispatcher:
             request_id=ctx.request_id,
             job_id=work.job_id,
         )
+        query_stub = self._query_stub()
         query_reply = await self._unary(
-            self._query_stub().SubmitQuery,
-            query_request,
-            ctx,
-            self._what(Service.QUERY, "SubmitQuery"),
+            work.service, "SubmitQuery", query_stub.SubmitQuery, query_request, ctx
         )
         return query_reply.job_id or work.job_id
 
     async def cancel(self, service: Service, job_id: str, ctx: CallContext) -> bool:
         """Ask the service that runs the job to stop it; True when it was still running."""
         if service is Service.EMBEDDING:
-            embed_reply = await self._unary(
-                self._embedding_stub().CancelEmbedding,
-                embedding_pb2.CancelEmbeddingRequest(tenant_id=ctx.tenant_id, job_id=job_id),
-                ctx,
-                self._what(service, "CancelEmbedding"),
+            embed_cancel = embedding_pb2.CancelEmbeddingRequest(
+                tenant_id=ctx.tenant_id, job_id=job_id
             )
-            return embed_reply.cancelled
+            stub = self._embedding_stub()
+            reply = await self._unary(
+                service, "CancelEmbedding", stub.CancelEmbedding, embed_cancel, ctx
+            )
+            return reply.cancelled
+        query_cancel = query_pb2.CancelQueryRequest(tenant_id=ctx.tenant_id, job_id=job_id)
+        query_stub = self._query_stub()
         query_reply = await self._unary(
-            self._query_stub().CancelQuery,
-            query_pb2.CancelQueryRequest(tenant_id=ctx.tenant_id, job_id=job_id),
-            ctx,
-            self._what(service, "CancelQuery"),
+            service, "CancelQuery", query_stub.CancelQuery, query_cancel, ctx
         )
         return query_reply.cancelled
 

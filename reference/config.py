@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from reference.reporter import split_targets
+
+T = TypeVar("T")
 
 # The orchestrator's documented local demo service key (`make run` only); set
 # REF_PUBLISH_API_KEY to a real service key anywhere else.
@@ -64,19 +67,18 @@ class ReferenceConfig:
         env = os.environ if env is None else env
         default = cls()
 
-        def number(name: str, fallback: float) -> float:
+        def parsed(name: str, fallback: T, parse: Callable[[str], T], expected: str) -> T:
             raw = env.get(name)
             try:
-                return fallback if raw in (None, "") else float(raw)
+                return fallback if raw is None or raw == "" else parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
+                raise ConfigError(f"{name}: expected {expected}, got {raw!r}") from exc
+
+        def number(name: str, fallback: float) -> float:
+            return parsed(name, fallback, float, "a number")
 
         def integer(name: str, fallback: int) -> int:
-            raw = env.get(name)
-            try:
-                return fallback if raw in (None, "") else int(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: expected an integer, got {raw!r}") from exc
+            return parsed(name, fallback, int, "an integer")
 
         api_key = env.get("REF_PUBLISH_API_KEY", "")
         metadata = (

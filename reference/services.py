@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import grpc
@@ -32,6 +32,9 @@ class Seen(NamedTuple):
     request_id: str | None
     traceparent: str | None
 
+
+# What a job does after its "started" progress, given its notice writer.
+JobBody: TypeAlias = Callable[[NoticeWriter], Coroutine[Any, Any, None]]
 
 # The submit log keeps the latest entries only, so long benchmark runs do not grow it forever.
 SEEN_LIMIT = 10_000
@@ -59,6 +62,46 @@ class Runtime:
         )
         return job_id, tenant_id
 
+    async def submit(
+        self,
+        method: str,
+        service: common_pb2.Service.ValueType,
+        job_id: str,
+        tenant_id: str,
+        agent_id: str,
+        context: Context,
+        *,
+        missing: str,
+        job: JobBody,
+    ) -> str:
+        """Admit a submit, refuse it (INVALID_ARGUMENT) without a tenant or when ``missing``
+        names what the request lacks, else start ``job`` under its id; that id."""
+        job_id, tenant_id = self.admit(method, job_id, tenant_id, context)
+        if not tenant_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
+        if missing:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, missing)
+        notices = NoticeWriter(self.reporter, service, job_id, tenant_id, agent_id)
+        self.jobs.start(job_id, tenant_id, self._run(notices, job))
+        return job_id
+
+    async def _run(self, notices: NoticeWriter, job: JobBody) -> None:
+        """Progress 0 "started", then the job; or as the job id decides: nothing at all, or
+        "started" then a failure."""
+        outcome = self.outcome(notices.job_id)
+        if outcome == "silent":
+            return
+        notices.progress(0.0, "started")
+        if outcome == "fail":
+            await self.step()
+            notices.failed(
+                "model_error",
+                f"the reference model failed job {notices.job_id} (REF_FAILURE_RATE)",
+                retryable=False,
+            )
+            return
+        await job(notices)
+
     async def step(self) -> None:
         await asyncio.sleep(self.config.step_delay_s)
 
@@ -71,26 +114,10 @@ class Runtime:
         return "ok"
 
 
-async def _fail(notices: NoticeWriter, runtime: Runtime) -> None:
-    await runtime.step()
-    notices.failed(
-        "model_error",
-        f"the reference model failed job {notices.job_id} (REF_FAILURE_RATE)",
-        retryable=False,
-    )
-
-
 async def run_query(
     runtime: Runtime, notices: NoticeWriter, request: query_pb2.SubmitQueryRequest
 ) -> None:
-    """progress 0 -> deltas -> progress 1 -> completed (or progress -> failed, or nothing)."""
-    outcome = runtime.outcome(notices.job_id)
-    if outcome == "silent":
-        return
-    notices.progress(0.0, "started")
-    if outcome == "fail":
-        await _fail(notices, runtime)
-        return
+    """After "started": deltas -> progress 1 -> completed."""
     collections: Sequence[str] = (
         list(request.collections) if request.mode == query_pb2.QUERY_MODE_RAG else ()
     )
@@ -116,14 +143,7 @@ async def run_query(
 async def run_embedding(
     runtime: Runtime, notices: NoticeWriter, request: embedding_pb2.SubmitEmbeddingRequest
 ) -> None:
-    """progress 0 -> completed with one vector per text (or progress -> failed, or nothing)."""
-    outcome = runtime.outcome(notices.job_id)
-    if outcome == "silent":
-        return
-    notices.progress(0.0, "started")
-    if outcome == "fail":
-        await _fail(notices, runtime)
-        return
+    """After "started": completed with one vector per text."""
     await runtime.step()
     dim = runtime.config.embedding_dim
     vectors = [common_pb2.Vector(values=content.embedding_vector(t, dim)) for t in request.texts]
@@ -143,17 +163,16 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def SubmitQuery(
         self, request: query_pb2.SubmitQueryRequest, context: Context
     ) -> query_pb2.SubmitQueryResponse:
-        job_id, tenant_id = self.runtime.admit(
-            "SubmitQuery", request.job_id, request.tenant_id, context
+        job_id = await self.runtime.submit(
+            "SubmitQuery",
+            common_pb2.SERVICE_QUERY,
+            request.job_id,
+            request.tenant_id,
+            request.agent_id,
+            context,
+            missing="" if request.prompt else "prompt is required",
+            job=lambda notices: run_query(self.runtime, notices, request),
         )
-        if not tenant_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
-        if not request.prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required")
-        notices = NoticeWriter(
-            self.runtime.reporter, common_pb2.SERVICE_QUERY, job_id, tenant_id, request.agent_id
-        )
-        self.runtime.jobs.start(job_id, tenant_id, run_query(self.runtime, notices, request))
         return query_pb2.SubmitQueryResponse(job_id=job_id)
 
     async def CancelQuery(
@@ -170,17 +189,16 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def SubmitEmbedding(
         self, request: embedding_pb2.SubmitEmbeddingRequest, context: Context
     ) -> embedding_pb2.SubmitEmbeddingResponse:
-        job_id, tenant_id = self.runtime.admit(
-            "SubmitEmbedding", request.job_id, request.tenant_id, context
+        job_id = await self.runtime.submit(
+            "SubmitEmbedding",
+            common_pb2.SERVICE_EMBEDDING,
+            request.job_id,
+            request.tenant_id,
+            "",
+            context,
+            missing="" if request.texts else "texts must not be empty",
+            job=lambda notices: run_embedding(self.runtime, notices, request),
         )
-        if not tenant_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
-        if not request.texts:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
-        notices = NoticeWriter(
-            self.runtime.reporter, common_pb2.SERVICE_EMBEDDING, job_id, tenant_id, ""
-        )
-        self.runtime.jobs.start(job_id, tenant_id, run_embedding(self.runtime, notices, request))
         return embedding_pb2.SubmitEmbeddingResponse(job_id=job_id)
 
     async def CancelEmbedding(
