@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from domain.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from domain.identity import Role
 from domain.ids import is_tenant_id
-from domain.models import Page
+from domain.models import Page, page_limit
 from domain.ports.api_keys import ApiKey, ApiKeyStore
 
 KEY_PREFIX = "ao_"
@@ -35,8 +35,6 @@ SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 SECRET_BYTES = 32
 KEY_ID_BYTES = 8
 MAX_DESCRIPTION_CHARS = 256
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 CREATE_ATTEMPTS = 3
 # Presented keys whose id and digest verify remembers; past this many the memo starts over.
 MAX_REMEMBERED_DIGESTS = 10_000
@@ -159,9 +157,7 @@ class ApiKeyManager:
     async def list(self, tenant_id: str, page_size: int, page_token: str) -> Page[ApiKey]:
         """The tenant's keys (revoked ones included) in key id order, one page at a time."""
         validate_owner(tenant_id, Role.CLIENT.value, "")
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        limit = page_limit(page_size)
         after = decode_page_token(tenant_id, page_token) if page_token else None
         page = await self._store.list_keys(tenant_id, limit=limit, after=after)
         token = encode_page_token(tenant_id, page.next_cursor) if page.next_cursor else None

@@ -24,18 +24,11 @@ from domain.chat import MAX_COLLECTIONS, MAX_CONTENT_CHARS, MAX_MODEL_CHARS, Cha
 from domain.dispatch import CallContext
 from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id
-from domain.models import Page
+from domain.models import Page, page_limit
 from domain.periodic import PeriodicTask
 from domain.ports.batches import BatchStore
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkQueue
-from domain.sessions import (
-    DEFAULT_PAGE_SIZE,
-    MAX_METADATA_ENTRIES,
-    MAX_METADATA_KEY_CHARS,
-    MAX_METADATA_VALUE_CHARS,
-    MAX_PAGE_SIZE,
-    SessionManager,
-)
+from domain.sessions import SessionManager, metadata_violations
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +100,7 @@ def validate_submission(sub: BatchSubmission, policy: BatchPolicy) -> list[Batch
                 f"must be between {MIN_WINDOW_MS / 1000:g}s and {policy.max_window_ms / 1000:g}s",
             )
         )
-    if len(sub.metadata) > MAX_METADATA_ENTRIES:
-        violations.append(
-            FieldViolation("metadata", f"has more than {MAX_METADATA_ENTRIES} entries")
-        )
-    for key, value in sub.metadata.items():
-        if not key or len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
-            violations.append(FieldViolation(f"metadata[{key!r}]", "key or value too long"))
+    violations.extend(metadata_violations(sub.metadata))
     specs: list[BatchItemSpec] = []
     seen: set[str] = set()
     for index, item in enumerate(sub.items[: policy.max_items]):
@@ -300,9 +287,7 @@ class BatchManager:
     async def list(
         self, tenant_id: str, *, page_size: int, page_token: str, state: BatchState | None
     ) -> Page[Batch]:
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        limit = page_limit(page_size)
         after = decode_page_token(page_token, state) if page_token else None
         page = await self._store.list_batches(tenant_id, limit=limit, after=after, state=state)
         token = encode_page_token(page.next_cursor, state) if page.next_cursor else None

@@ -59,7 +59,7 @@ from domain.jobs import (
     StartedJob,
     StartRefused,
 )
-from domain.models import Service, WorkKind
+from domain.models import Service, Session, WorkKind
 from domain.ports.events import EventLog, Feed
 from domain.ports.jobs import JobStore
 from domain.ports.queue import QueuePriority, WorkQueue
@@ -158,22 +158,7 @@ class ChatOrchestrator:
         session = await self._sessions.get_open(tenant_id, message.session_id)
         if self._budget is not None:
             await self._budget.check(tenant_id)
-        cache = self._cache
-        cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
-        job = NewJob(
-            job_id=new_id(),
-            session_id=session.session_id,
-            agent_id=session.agent_id,
-            service=Service.for_kind(message.kind),
-            kind=message.kind,
-            content=message.content,
-            request_id=ctx.request_id,
-            model=message.model,
-            # Where a completed result goes (a cache hit completes the job and fills nothing).
-            cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
-            collections=tuple(message.collections),
-            priority=message.priority,
-        )
+        job = self._new_job(new_id(), session, message, ctx.request_id, priority=message.priority)
         if_busy = message.if_busy
         if if_busy is IfBusy.HOLD and self._queue is None:
             if_busy = IfBusy.RUN
@@ -199,13 +184,37 @@ class ChatOrchestrator:
             ):
                 yield event
 
-    async def _job_events(
-        self, feed: Feed, tenant_id: str, job_id: str, after: int, *, catch_up: bool
-    ) -> AsyncIterator[SessionEvent]:
-        """The job's events on the session after ``after``, up to and including its final one
-        (fewer if the session closes first)."""
-        session_id = feed.key[1]
-        follower = SessionFollower(
+    def _new_job(
+        self,
+        job_id: str,
+        session: Session,
+        message: ChatMessage,
+        request_id: str,
+        *,
+        priority: QueuePriority = QueuePriority.NORMAL,
+        keep_final: bool = False,
+    ) -> NewJob:
+        """The job a message asks for on its (open) session."""
+        cache = self._cache
+        cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
+        return NewJob(
+            job_id=job_id,
+            session_id=session.session_id,
+            agent_id=session.agent_id,
+            service=Service.for_kind(message.kind),
+            kind=message.kind,
+            content=message.content,
+            request_id=request_id,
+            model=message.model,
+            # Where a completed result goes (a cache hit completes the job and fills nothing).
+            cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
+            collections=tuple(message.collections),
+            keep_final=keep_final,
+            priority=priority,
+        )
+
+    def _follower(self, feed: Feed, tenant_id: str, session_id: str) -> SessionFollower:
+        return SessionFollower(
             self._events,
             feed,
             tenant_id,
@@ -213,6 +222,13 @@ class ChatOrchestrator:
             still_open=lambda: self._is_open(tenant_id, session_id),
             idle_check_s=self._idle_check_s,
         )
+
+    async def _job_events(
+        self, feed: Feed, tenant_id: str, job_id: str, after: int, *, catch_up: bool
+    ) -> AsyncIterator[SessionEvent]:
+        """The job's events on the session after ``after``, up to and including its final one
+        (fewer if the session closes first)."""
+        follower = self._follower(feed, tenant_id, feed.key[1])
         async for event in follower.events(after, catch_up=catch_up):
             if event.job_id != job_id:
                 continue
@@ -307,19 +323,7 @@ class ChatOrchestrator:
             # over again (at least once; its service reports under the same job id), a RUNNING
             # one only followed.
             if outcome is ActivateOutcome.STARTED or await self._is_pending(tenant_id, job_id):
-                job = NewJob(
-                    job_id=job_id,
-                    session_id=queued.session_id,
-                    agent_id=queued.agent_id,
-                    service=Service.for_kind(queued.kind),
-                    kind=queued.kind,
-                    content=queued.content,
-                    request_id=queued.request_id,
-                    model=queued.model,
-                    cache_key=queued.cache_key,
-                    collections=tuple(queued.collections),
-                )
-                self._hand_off_soon(ctx, job)
+                self._hand_off_soon(ctx, queued.new_job())
             try:
                 async for event in self._job_events(
                     feed, tenant_id, job_id, queued.accepted_sequence, catch_up=True
@@ -538,23 +542,7 @@ class ChatOrchestrator:
                 session = await self._sessions.get_open(tenant_id, message.session_id)
                 if self._budget is not None:
                     await self._budget.check(tenant_id)
-                cache = self._cache
-                cache_key = ""
-                if cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING:
-                    cache_key = cache.key_for(message.model, message.content)
-                new = NewJob(
-                    job_id=job_id,
-                    session_id=session.session_id,
-                    agent_id=session.agent_id,
-                    service=Service.for_kind(message.kind),
-                    kind=message.kind,
-                    content=message.content,
-                    request_id=ctx.request_id,
-                    model=message.model,
-                    cache_key=cache_key,
-                    collections=tuple(message.collections),
-                    keep_final=True,
-                )
+                new = self._new_job(job_id, session, message, ctx.request_id, keep_final=True)
                 started = await self._jobs.start_job(
                     tenant_id, new, self._limits, if_busy=IfBusy.RUN
                 )
@@ -632,15 +620,7 @@ class ChatOrchestrator:
             session = await self._sessions.get(tenant_id, session_id)
             if not session.state.is_open:
                 feed.mark_closed()  # replay what is retained, then end
-            follower = SessionFollower(
-                self._events,
-                feed,
-                tenant_id,
-                session_id,
-                still_open=lambda: self._is_open(tenant_id, session_id),
-                idle_check_s=self._idle_check_s,
-            )
-            async for event in follower.events(after):
+            async for event in self._follower(feed, tenant_id, session_id).events(after):
                 yield event
             if await self._sessions.peek(tenant_id, session_id) is None:
                 raise Aborted(

@@ -7,6 +7,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 
 # Tenant ids end up inside Redis hash tags, so braces and separators are not allowed.
 TENANT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -61,6 +62,19 @@ def derived_id(parent_id: str, name: str) -> str:
 def is_resource_id(value: str) -> bool:
     """Whether ``value`` has the shape of an id this service issues."""
     return bool(RESOURCE_ID_PATTERN.match(value))
+
+
+def tenant_entries(raw: str, shape: str) -> Iterator[tuple[str, str, str]]:
+    """The entries of a per-tenant setting ``tenantA=...,tenantB=...`` as (tenant, value,
+    entry); ValueError naming the ``shape`` expected (``tenant=tokens``) for a bad entry."""
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        tenant, sep, value = entry.partition("=")
+        tenant = tenant.strip()
+        if not sep or not is_tenant_id(tenant):
+            raise ValueError(f"expected {shape}, got {entry!r}")
+        yield tenant, value, entry
 
 
 def is_tenant_id(value: str) -> bool:

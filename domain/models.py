@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from domain.errors import InvalidArgument
+
 T = TypeVar("T")
 
 
@@ -87,6 +89,18 @@ class Page(Generic[T]):
 
     items: list[T]
     next_cursor: str | None
+
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_limit(page_size: int) -> int:
+    """How many items one page of a listing holds for the requested ``page_size`` (0: the
+    default), bounded."""
+    if page_size < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 class WorkKind(enum.StrEnum):

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from domain.jobs import SessionEvent
-from domain.models import WorkKind
+from domain.jobs import NewJob, SessionEvent
+from domain.models import Service, WorkKind
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkItem
 
 ITEM_KIND = "chat_job"
@@ -45,6 +45,21 @@ class QueuedChat:
     collections: Sequence[str] = ()
     agent_id: str = ""
     cache_key: str = ""
+
+    def new_job(self) -> NewJob:
+        """The job to hand to its service when its turn comes."""
+        return NewJob(
+            job_id=self.job_id,
+            session_id=self.session_id,
+            agent_id=self.agent_id,
+            service=Service.for_kind(self.kind),
+            kind=self.kind,
+            content=self.content,
+            request_id=self.request_id,
+            model=self.model,
+            cache_key=self.cache_key,
+            collections=tuple(self.collections),
+        )
 
     def work_item(self, priority: QueuePriority) -> NewWorkItem:
         """The queue item; its id is the job id, so enqueueing twice changes nothing."""

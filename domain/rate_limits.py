@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from domain.ids import is_tenant_id
+from domain.ids import tenant_entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +83,7 @@ def gcra(tat_us: float | None, now_us: float, rate: Rate) -> tuple[float, float]
 def parse_overrides(raw: str) -> dict[str, Rate]:
     """``tenantA=5:10,tenantB=1000:2000`` (rate:burst; ``tenantC=20`` means burst 20 too)."""
     overrides: dict[str, Rate] = {}
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        tenant, sep, spec = item.partition("=")
-        tenant = tenant.strip()
-        if not sep or not is_tenant_id(tenant):
-            raise ValueError(f"expected tenant=rate:burst, got {item!r}")
+    for tenant, spec, item in tenant_entries(raw, "tenant=rate:burst"):
         rate_text, _, burst_text = spec.partition(":")
         try:
             per_second = float(rate_text)

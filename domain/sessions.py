@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id
-from domain.models import NewSession, Page, Session, SessionFilter, SessionState
+from domain.models import NewSession, Page, Session, SessionFilter, SessionState, page_limit
 from domain.ports.sessions import SessionStore
 
 MAX_ID_CHARS = 128
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 1024
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +27,25 @@ class SessionPolicy:
     default_ttl_ms: int
     max_ttl_ms: int
     min_ttl_ms: int = 1000
+
+
+def metadata_violations(metadata: Mapping[str, str]) -> list[FieldViolation]:
+    """What is wrong with client metadata (of a session or a batch): too many entries, an
+    empty or long key, a long value."""
+    violations: list[FieldViolation] = []
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        violations.append(
+            FieldViolation("metadata", f"has more than {MAX_METADATA_ENTRIES} entries")
+        )
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY_CHARS:
+            detail = f"key must be 1 to {MAX_METADATA_KEY_CHARS} characters"
+        elif len(value) > MAX_METADATA_VALUE_CHARS:
+            detail = f"value exceeds {MAX_METADATA_VALUE_CHARS} characters"
+        else:
+            continue
+        violations.append(FieldViolation(f"metadata[{key!r}]", detail))
+    return violations
 
 
 def require_session_id(value: str, field: str = "session_id") -> str:
@@ -87,9 +104,7 @@ class SessionManager:
         state: SessionState | None,
         agent_id: str | None,
     ) -> Page[Session]:
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        limit = page_limit(page_size)
         filter = SessionFilter(state=state, agent_id=agent_id or None)
         after = decode_page_token(page_token, filter) if page_token else None
         page = await self._store.list_sessions(tenant_id, limit=limit, after=after, filter=filter)
@@ -115,24 +130,7 @@ class SessionManager:
             violations.append(FieldViolation("agent_id", f"exceeds {MAX_ID_CHARS} characters"))
         if len(user_id) > MAX_ID_CHARS:
             violations.append(FieldViolation("user_id", f"exceeds {MAX_ID_CHARS} characters"))
-        if len(metadata) > MAX_METADATA_ENTRIES:
-            violations.append(
-                FieldViolation("metadata", f"has more than {MAX_METADATA_ENTRIES} entries")
-            )
-        for key, value in metadata.items():
-            if not key or len(key) > MAX_METADATA_KEY_CHARS:
-                violations.append(
-                    FieldViolation(
-                        f"metadata[{key!r}]",
-                        f"key must be 1 to {MAX_METADATA_KEY_CHARS} characters",
-                    )
-                )
-            elif len(value) > MAX_METADATA_VALUE_CHARS:
-                violations.append(
-                    FieldViolation(
-                        f"metadata[{key!r}]", f"value exceeds {MAX_METADATA_VALUE_CHARS} characters"
-                    )
-                )
+        violations.extend(metadata_violations(metadata))
         policy = self._policy
         if ttl_ms is None:
             ttl_ms = policy.default_ttl_ms

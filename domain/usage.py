@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from domain.errors import InvalidArgument, ResourceExhausted
-from domain.ids import is_tenant_id
+from domain.ids import is_tenant_id, tenant_entries
 from domain.models import TokenUsage
 from domain.ports.usage import DAY_MS, DayUsage, UsageStore, date_to_day
 
@@ -46,14 +46,7 @@ class UsageReport:
 def parse_budget_overrides(raw: str) -> dict[str, int]:
     """``tenantA=100000,tenantB=0`` -> {tenant: daily token budget}; 0 means unlimited."""
     budgets: dict[str, int] = {}
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        tenant, sep, value = part.partition("=")
-        tenant = tenant.strip()
-        if not sep or not is_tenant_id(tenant):
-            raise ValueError(f"expected tenant=tokens, got {part!r}")
+    for tenant, value, _ in tenant_entries(raw, "tenant=tokens"):
         try:
             budget = int(value.strip())
         except ValueError:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from domain.batch_models import Batch, BatchState, ItemKind, ItemResult, ItemState
 from domain.batches import BatchSubmission, ItemInput
-from domain.errors import InvalidArgument
 from domain.ports.queue import QueuePriority
-from handlers.converters import optional_duration_ms, timestamp_from_ms, usage_to_pb
+from handlers.converters import enum_from_pb, optional_duration_ms, timestamp_from_ms, usage_to_pb
 from handlers.event_converters import result_from_data, usage_from_data
 from orchestrator.v1 import batch_pb2, common_pb2
 
@@ -49,20 +48,14 @@ _PRIORITY_TO_PB = {
 
 
 def priority_from_pb(priority: common_pb2.Priority.ValueType) -> QueuePriority:
-    try:
-        return _PRIORITY_FROM_PB[priority]
-    except KeyError:
-        raise InvalidArgument.field("priority", f"unknown priority {priority}") from None
+    return enum_from_pb(_PRIORITY_FROM_PB, priority, "priority", "priority")
 
 
 def batch_state_from_pb(state: batch_pb2.BatchState.ValueType) -> BatchState | None:
     """A filter state: None for UNSPECIFIED; InvalidArgument for unknown numbers."""
     if state == batch_pb2.BATCH_STATE_UNSPECIFIED:
         return None
-    try:
-        return _BATCH_STATE_FROM_PB[state]
-    except KeyError:
-        raise InvalidArgument.field("state", f"unknown batch state {state}") from None
+    return enum_from_pb(_BATCH_STATE_FROM_PB, state, "state", "batch state")
 
 
 def submission_from_pb(request: batch_pb2.SubmitBatchRequest) -> BatchSubmission:

@@ -9,10 +9,10 @@ from typing import Any
 import grpc
 
 from domain.chat import ChatMessage, ChatOrchestrator
-from domain.errors import InvalidArgument
 from domain.jobs import IfBusy, SessionEvent
 from handlers.batch_converters import priority_from_pb
 from handlers.call_context import call_context
+from handlers.converters import enum_from_pb
 from handlers.errors import stream_errors, unary_errors
 from handlers.event_converters import event_to_pb, sendable_event, work_kind_from_pb
 from handlers.request_context import current_caller
@@ -29,10 +29,7 @@ _IF_BUSY_FROM_PB = {
 
 
 def if_busy_from_pb(policy: chat_pb2.BusyPolicy.ValueType) -> IfBusy:
-    try:
-        return _IF_BUSY_FROM_PB[policy]
-    except KeyError:
-        raise InvalidArgument.field("busy_policy", f"unknown value {int(policy)}") from None
+    return enum_from_pb(_IF_BUSY_FROM_PB, policy, "busy_policy", "value")
 
 
 class ResponseCache:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from domain.errors import InvalidArgument
@@ -15,6 +18,18 @@ _STATE_TO_PB = {
     SessionState.EXPIRED: session_pb2.SESSION_STATE_EXPIRED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+Number = TypeVar("Number", bound=int)
+Value = TypeVar("Value")
+
+
+def enum_from_pb(table: Mapping[Number, Value], number: Number, field: str, what: str) -> Value:
+    """The domain value of a protobuf enum number; InvalidArgument naming ``field`` for a
+    number the table does not know (a newer client's, or garbage)."""
+    try:
+        return table[number]
+    except KeyError:
+        raise InvalidArgument.field(field, f"unknown {what} {number}") from None
 
 
 def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
@@ -54,10 +69,7 @@ def session_state_from_pb(state: session_pb2.SessionState.ValueType) -> SessionS
     """A filter state: None for UNSPECIFIED; InvalidArgument for unknown numbers."""
     if state == session_pb2.SESSION_STATE_UNSPECIFIED:
         return None
-    try:
-        return _STATE_FROM_PB[state]
-    except KeyError:
-        raise InvalidArgument.field("state", f"unknown session state {state}") from None
+    return enum_from_pb(_STATE_FROM_PB, state, "state", "session state")
 
 
 def session_to_pb(session: Session) -> session_pb2.Session:

@@ -8,11 +8,10 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from domain.errors import InvalidArgument
 from domain.jobs import EventKind, NoticeEvent, SessionEvent, unreadable_event
 from domain.models import Service, TokenUsage, WorkKind
 from domain.notices import MAX_RESULT_DEPTH, NoticeInput, check_json_tree
-from handlers.converters import timestamp_from_ms, usage_from_pb, usage_to_pb
+from handlers.converters import enum_from_pb, timestamp_from_ms, usage_from_pb, usage_to_pb
 from orchestrator.v1 import chat_pb2, common_pb2, task_update_pb2
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,7 @@ _NOTICE_FROM_PB = {
 
 
 def work_kind_from_pb(kind: common_pb2.WorkKind.ValueType) -> WorkKind:
-    try:
-        return _KIND_FROM_PB[kind]
-    except KeyError:
-        raise InvalidArgument.field("kind", f"unknown work kind {kind}") from None
+    return enum_from_pb(_KIND_FROM_PB, kind, "kind", "work kind")
 
 
 def service_from_pb(service: common_pb2.Service.ValueType) -> Service | None:

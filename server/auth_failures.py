@@ -19,6 +19,7 @@ from collections.abc import Callable
 from domain.api_keys import KEY_ID_PATTERN, KEY_PREFIX
 from domain.errors import ResourceExhausted
 from domain.rate_limits import FailureThrottle, Rate
+from server.log_sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ class AuthFailures:
         self._throttle = (
             FailureThrottle(Rate(limit / window_s, limit), max_peers=max_peers) if limit else None
         )
-        self._log_every_s = log_every_s
-        self._last_log = -log_every_s
+        self._lines = Sampler(log_every_s)
         self._unlogged = 0
         self._clock = clock or time.monotonic
 
@@ -93,10 +93,9 @@ class AuthFailures:
         now = self._clock()
         if self._throttle is not None:
             self._throttle.record_failure(address, now)
-        if now - self._last_log < self._log_every_s:
+        if not self._lines.due(now):
             self._unlogged += 1
             return
-        self._last_log = now
         unlogged, self._unlogged = self._unlogged, 0
         log.warning(
             "authentication failed from %s with key id %s on %s: %s (%d more failures since "

@@ -18,6 +18,7 @@ from domain.identity import Caller
 from domain.ports.rate_limits import RateLimiter
 from domain.rate_limits import Bucket, RateLimitRules, StreamSlots
 from handlers.errors import abort_with
+from server.log_sampling import Sampler
 from server.metrics import Metrics
 from server.wrapping import Ctx
 
@@ -44,7 +45,7 @@ class EdgeLimits:
         self.rules = rules
         self.streams = streams
         self.metrics = metrics
-        self._last_warning = 0.0
+        self._warnings = Sampler(_WARN_EVERY_S)
         # The buckets of a (tenant, key id) follow from the rules alone, which do not change.
         self._buckets: dict[tuple[str, str], tuple[Bucket, ...]] = {}
 
@@ -56,9 +57,7 @@ class EdgeLimits:
         try:
             decision = await self.limiter.acquire(buckets)
         except Unavailable as exc:
-            now = time.monotonic()
-            if now - self._last_warning >= _WARN_EVERY_S:
-                self._last_warning = now
+            if self._warnings.due(time.monotonic()):
                 log.warning("rate limiter unavailable, letting calls through: %s", exc)
             return
         if decision.allowed:

@@ -23,6 +23,7 @@ import time
 from domain.api_keys import ApiKeyManager
 from domain.errors import Unauthenticated, Unavailable
 from domain.periodic import PeriodicTask
+from server.log_sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class RevocationWatch(PeriodicTask):
         self.streams = streams
         self._keys = keys
         self._enabled = interval_s > 0
-        self._last_warning = 0.0
+        self._warnings = Sampler(_WARN_EVERY_S)
 
     def start(self) -> None:
         if self._enabled:
@@ -114,9 +115,7 @@ class RevocationWatch(PeriodicTask):
         try:
             revoked = await self._keys.revoked_among(key_ids)
         except Unavailable as exc:
-            now = time.monotonic()
-            if now - self._last_warning >= _WARN_EVERY_S:
-                self._last_warning = now
+            if self._warnings.due(time.monotonic()):
                 log.warning("cannot check open streams for revoked keys: %s", exc)
             return 0
         ended = 0

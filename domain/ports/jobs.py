@@ -6,22 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from domain.jobs import (
-    ActivateOutcome,
-    EventDraft,
-    FinishOutcome,
-    HandoffClaim,
-    IfBusy,
-    Job,
-    JobLimits,
-    JobState,
-    NewJob,
-    Notice,
-    NoticeOutcome,
-    SessionEvent,
-    StartedJob,
-    StartRefused,
-)
+from domain import jobs
 
 
 class JobStore(Protocol):
@@ -31,8 +16,14 @@ class JobStore(Protocol):
     and publishes it to every process following the session."""
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
-    ) -> StartedJob | StartRefused:
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.StartRefused:
         """Record a job on an open session (which becomes BUSY, counts the message and lists
         the job as in flight) and append its accepted event. The job is PENDING, or QUEUED at
         the back of the session's line (accepted data ``queued: true``) when ``hold`` is set or
@@ -46,7 +37,7 @@ class JobStore(Protocol):
         ``chat`` work queue, confirmed by ``enqueue_done``."""
         ...
 
-    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
         """Extend the lease of a hand-off (or of a QUEUED job's enqueue) in progress to
         ``limits.handoff_grace_ms`` from now; False (and no change) when the job is no longer
         waiting for one."""
@@ -62,7 +53,9 @@ class JobStore(Protocol):
         service's first notice and every final state do the same."""
         ...
 
-    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+    async def claim_handoffs(
+        self, limits: jobs.JobLimits, *, limit: int
+    ) -> list[jobs.HandoffClaim]:
         """Up to ``limit`` jobs whose hand-off lease ran out without confirmation (PENDING
         jobs not handed over, QUEUED jobs not confirmed enqueued: ``requeue``), each claimed
         atomically (a new lease of ``limits.handoff_grace_ms``, the attempt counted), so one
@@ -72,32 +65,34 @@ class JobStore(Protocol):
         (the job is RUNNING and not claimed) or finds the job finished."""
         ...
 
-    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+    async def activate_job(
+        self, tenant_id: str, job_id: str, limits: jobs.JobLimits
+    ) -> jobs.ActivateOutcome:
         """Turn a QUEUED job PENDING (fresh deadlines) if it is first in its session's line
         and no job accepted before it is still in flight; otherwise say why not."""
         ...
 
-    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+    async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:
         """Check a notice against its job (tenant, service, order, state) and apply it."""
         ...
 
     async def finish_job(
-        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
-    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
+    ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:
         """End an unfinished job as cancelled or failed (draft.kind), or completed from the
         embedding cache, from the orchestrator's side."""
         ...
 
-    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+    async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:
         """A job of this tenant, or None."""
         ...
 
-    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+    async def reap_expired(self, limits: jobs.JobLimits, *, limit: int) -> list[jobs.SessionEvent]:
         """Mark up to ``limit`` jobs past their deadline TIMED_OUT (each exactly once, even
         with several processes reaping) and return their timed_out events."""
         ...
 
-    async def count_unfinished(self) -> dict[JobState, int]:
+    async def count_unfinished(self) -> dict[jobs.JobState, int]:
         """How many jobs of all tenants are in each unfinished state (domain.jobs
         UNFINISHED_STATES, every one a key, zero included) now, as every process sharing the
         backend sees it. Jobs whose record expired unfinished are not counted."""
