@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis
 
-from bench.batch_processes import BIN, ROOT, Child, wait_serving
+from bench.processes import BIN, ROOT, Child, wait_serving
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
 from tests.support.redis_process import RedisProcess, free_port

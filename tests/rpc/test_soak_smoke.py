@@ -6,7 +6,7 @@ import secrets
 from pathlib import Path
 
 from bench import soak
-from bench.batch_processes import wait_serving
+from bench.processes import wait_serving
 from tests.support.redis_process import free_port
 
 
