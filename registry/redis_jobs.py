@@ -61,7 +61,7 @@ from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
 from registry.lua_scripts import ScriptPipeline, ScriptRunner, lua_script
-from registry.redis_client import as_str, redis_errors_as_unavailable
+from registry.redis_client import as_str, due_members, redis_errors_as_unavailable, time_ms
 
 log = logging.getLogger(__name__)
 
@@ -324,11 +324,7 @@ class RedisJobStore:
         failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
         claims: list[HandoffClaim] = []
         with redis_errors_as_unavailable():
-            seconds, micros = await self._redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            due = await self._redis.zrangebyscore(handoffs, "-inf", now_ms, start=0, num=limit)
-            for raw in due:
-                member = as_str(raw)
+            for member in await due_members(self._redis, handoffs, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
                     self._claim_handoff,
@@ -465,11 +461,11 @@ class RedisJobStore:
             read = self._redis.pipeline(transaction=False)
             read.smembers(keys.job_tenants())
             read.time()
-            members, (seconds, micros) = await read.execute()
+            members, now = await read.execute()
             tenants = [as_str(t) for t in members]
             if not tenants:
                 return counts
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            now_ms = time_ms(now)
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:
                 for state in UNFINISHED_STATES:
@@ -502,11 +498,7 @@ class RedisJobStore:
         deadlines = self._keys.job_deadlines()
         events: list[SessionEvent] = []
         with redis_errors_as_unavailable():
-            seconds, micros = await self._redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            due = await self._redis.zrangebyscore(deadlines, "-inf", now_ms, start=0, num=limit)
-            for raw in due:
-                member = as_str(raw)
+            for member in await due_members(self._redis, deadlines, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
                     self._reap,
