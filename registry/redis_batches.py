@@ -31,7 +31,7 @@ from domain.models import Page
 from domain.ports.queue import QueuePriority
 from registry.keys import KeySpace
 from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import due_members, newest_first, redis_errors_as_unavailable
 
 _LIST_SCAN_BUDGET = 5000
 
@@ -127,10 +127,7 @@ class RedisBatchStore:
         chunk = max(limit, 100)
         with redis_errors_as_unavailable():
             while examined < _LIST_SCAN_BUDGET:
-                start = f"({cursor}" if cursor else "+"
-                ids: list[str] = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                    "ZRANGE", index, start, "-", "BYLEX", "REV", "LIMIT", 0, chunk
-                )
+                ids = await newest_first(self._redis, index, before=cursor, count=chunk)
                 if not ids:
                     return Page(found, None)
                 pipe = self._redis.pipeline(transaction=False)
@@ -231,14 +228,10 @@ class RedisBatchStore:
 
     async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
         with redis_errors_as_unavailable():
-            seconds, micros = await self._redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            members = await self._redis.zrangebyscore(
-                self._keys.batch_expiry(), "-inf", now_ms, start=0, num=limit
-            )
+            members = await due_members(self._redis, self._keys.batch_expiry(), limit=limit)
         due: list[tuple[str, str]] = []
         for member in members:
-            tenant_id, _, batch_id = str(member).partition(" ")
+            tenant_id, _, batch_id = member.partition(" ")
             due.append((tenant_id, batch_id))
         return due
 

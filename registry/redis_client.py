@@ -69,3 +69,27 @@ def pairs_to_dict(flat: Any) -> dict[Any, Any]:
     if isinstance(flat, dict):
         return flat
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def time_ms(reply: Any) -> int:
+    """A TIME reply (seconds, microseconds) as milliseconds since the epoch."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def due_members(redis: Redis, hints: str, *, limit: int) -> list[str]:
+    """Up to ``limit`` members of ``hints`` (a sorted set scored by when to look at each member,
+    ms) that are due by the Redis clock, earliest first."""
+    now_ms = time_ms(await redis.time())
+    due = await redis.zrangebyscore(hints, "-inf", now_ms, start=0, num=limit)
+    return [as_str(member) for member in due]
+
+
+async def newest_first(redis: Redis, index: str, *, before: str | None, count: int) -> list[str]:
+    """Up to ``count`` members of ``index`` (a sorted set with all scores 0 whose ids sort by
+    creation time) that come before ``before`` (all when None), newest first."""
+    start = f"({before}" if before else "+"
+    ids = await redis.execute_command(  # type: ignore[no-untyped-call]
+        "ZRANGE", index, start, "-", "BYLEX", "REV", "LIMIT", 0, count
+    )
+    return [as_str(member) for member in ids]

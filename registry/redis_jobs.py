@@ -3,12 +3,14 @@
 A job is a hash under its tenant's hash tag, changed only by the Lua scripts in
 registry/lua/jobs/, which also keep the session's bookkeeping and append the event
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
-slot and are only hints or lookups: the job index (job id -> tenant, session), written before
-the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
+slot and are only hints or lookups: the job index (job id -> tenant, session), claimed (SET NX)
+before the job, so an id is recorded once across tenants and sessions, and the deadline set the
+reaper scans; the scripts re-check everything they rely on.
 A job enters the deadline set in the same pipeline as its start script, scored a little before
 its first possible deadline by this process's clock: the reaper then looks at it early and moves
 it to its real due time (REAP answers "later"), so no crash between two commands can leave a
-job untimed, and a start costs one round trip.
+job untimed. A start costs two round trips: the index claim, then the script with its hints.
+Hints are written never later than they are (ZADD LT) except by the scan that found them due.
 A job's hand-off to its service is tracked the same way: the start script keeps the job's work
 spec and a hand-off lease in the job hash, and the start pipeline scores the job in the
 hand-off set at the end of that lease; the process handing it over removes it once the service
@@ -59,7 +61,7 @@ from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
 from registry.lua_scripts import ScriptPipeline, ScriptRunner, lua_script
-from registry.redis_client import as_str, redis_errors_as_unavailable
+from registry.redis_client import as_str, due_members, redis_errors_as_unavailable, time_ms
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +186,25 @@ class RedisJobStore:
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
 
+        located = f"{tenant_id} {new.session_id}"
+        # The index is claimed first (a notice can never find a job it cannot locate), and only
+        # when no other tenant or session holds the id: that one's entry is never overwritten.
+        with redis_errors_as_unavailable():
+            owner = await self._redis.set(
+                keys.job_index(new.job_id), located, px=index_ttl, nx=True, get=True
+            )
+        if owner is not None and as_str(owner) != located:
+            return StartRefused.JOB_EXISTS
+
         def build(pipe: ScriptPipeline) -> None:
-            # The index is written first so that a notice can never find a job it cannot
-            # locate.
+            # Never later (LT): an entry already there is the existing job's own, due earlier.
             commands = pipe.commands
-            commands.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
-            commands.zadd(keys.job_deadlines(), {deadline_member: early_due})
+            commands.zadd(keys.job_deadlines(), {deadline_member: early_due}, lt=True)
             # A queued job's first hand-off is its enqueue: checked alike.
             commands.zadd(
-                keys.job_handoffs(), {deadline_member: _now_ms() + limits.handoff_grace_ms}
+                keys.job_handoffs(),
+                {deadline_member: _now_ms() + limits.handoff_grace_ms},
+                lt=True,
             )
             pipe.run(
                 self._start,
@@ -229,8 +241,8 @@ class RedisJobStore:
             reply = (await self._scripts.in_one_round_trip(build))[-2]
             status = as_str(reply[0])
             if status == StartRefused.JOB_EXISTS.value:
-                # The index and deadline entries written above are the existing job's own
-                # (the same id, tenant and session): they stay.
+                # The index and the hints are the existing job's own (the same id, tenant and
+                # session; moved earlier at most): they stay.
                 return StartRefused.JOB_EXISTS
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
@@ -253,8 +265,10 @@ class RedisJobStore:
 
         # One round trip, as a start: the reaper must look at a started job by its new
         # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so both
-        # hints are written with the script, whatever it answers: a job that was not started
-        # is only looked at early (the reaper and the claim re-check it).
+        # hints are written with the script, whatever it answers, but never later (LT): a job
+        # the script did not start (a redelivered work item of a started job) keeps hints at
+        # or before its real deadline and lease, and is at most looked at early (the reaper and
+        # the claim re-check it).
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
                 self._activate,
@@ -268,10 +282,12 @@ class RedisJobStore:
                 ],
             )
             pipe.commands.zadd(
-                self._keys.job_deadlines(), {member: _early_due_ms(limits, may_queue=False)}
+                self._keys.job_deadlines(),
+                {member: _early_due_ms(limits, may_queue=False)},
+                lt=True,
             )
             pipe.commands.zadd(
-                self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms}
+                self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms}, lt=True
             )
 
         with redis_errors_as_unavailable():
@@ -325,11 +341,7 @@ class RedisJobStore:
         failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
         claims: list[HandoffClaim] = []
         with redis_errors_as_unavailable():
-            seconds, micros = await self._redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            due = await self._redis.zrangebyscore(handoffs, "-inf", now_ms, start=0, num=limit)
-            for raw in due:
-                member = as_str(raw)
+            for member in await due_members(self._redis, handoffs, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
                     self._claim_handoff,
@@ -366,6 +378,7 @@ class RedisJobStore:
                     cache_key=as_str(reply[10]),
                     collections=tuple(spec.get("l") or ()),
                     priority=QueuePriority(spec.get("p") or QueuePriority.NORMAL),
+                    keep_final=as_str(reply[12]) == "1",
                 )
                 accepted = as_str(reply[11])
                 claims.append(
@@ -472,11 +485,11 @@ class RedisJobStore:
             read = self._redis.pipeline(transaction=False)
             read.smembers(keys.job_tenants())
             read.time()
-            members, (seconds, micros) = await read.execute()
+            members, now = await read.execute()
             tenants = [as_str(t) for t in members]
             if not tenants:
                 return counts
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            now_ms = time_ms(now)
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:
                 for state in UNFINISHED_STATES:
@@ -509,11 +522,7 @@ class RedisJobStore:
         deadlines = self._keys.job_deadlines()
         events: list[SessionEvent] = []
         with redis_errors_as_unavailable():
-            seconds, micros = await self._redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            due = await self._redis.zrangebyscore(deadlines, "-inf", now_ms, start=0, num=limit)
-            for raw in due:
-                member = as_str(raw)
+            for member in await due_members(self._redis, deadlines, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
                     self._reap,

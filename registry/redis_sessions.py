@@ -16,7 +16,12 @@ from redis.asyncio import Redis
 from domain.models import NewSession, Page, Session, SessionFilter, SessionState, TokenUsage
 from registry.keys import KeySpace
 from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
+from registry.redis_client import (
+    newest_first,
+    pairs_to_dict,
+    redis_errors_as_unavailable,
+    time_ms,
+)
 
 # How many index entries one ListSessions call may examine while filtering.
 _LIST_SCAN_BUDGET = 2000
@@ -118,10 +123,7 @@ class RedisSessionStore:
         batch = max(limit, 100)
         with redis_errors_as_unavailable():
             while examined < _LIST_SCAN_BUDGET:
-                start = f"({cursor}" if cursor else "+"
-                ids: list[str] = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                    "ZRANGE", index, start, "-", "BYLEX", "REV", "LIMIT", 0, batch
-                )
+                ids = await newest_first(self._redis, index, before=cursor, count=batch)
                 if not ids:
                     return Page(found, None)
                 pipe = self._redis.pipeline(transaction=False)
@@ -130,8 +132,7 @@ class RedisSessionStore:
                     pipe.hgetall(self._keys.session(tenant_id, session_id))
                     pipe.smembers(self._keys.session_pending(tenant_id, session_id))
                 replies = await pipe.execute()
-                seconds, micros = replies[0]
-                now_ms = int(seconds) * 1000 + int(micros) // 1000
+                now_ms = time_ms(replies[0])
                 vanished: list[str] = []
                 for i, session_id in enumerate(ids):
                     examined += 1

@@ -140,12 +140,6 @@ def is_handoff_failure(event: SessionEvent | None) -> bool:
 def job_form(job: Job | None) -> Any:
     if job is None:
         return None
-    final = job.final_event
-    # Known divergence, left as it is: the Redis claim that fails a job ``handoff_failed``
-    # does not keep its final event (CLAIM_HANDOFF has no keep_final), the memory store does
-    # (see test_a_kept_job_failed_by_its_claim_keeps_its_final_event).
-    if is_handoff_failure(final):
-        final = None
     return (
         job.job_id,
         job.tenant_id,
@@ -160,17 +154,14 @@ def job_form(job: Job | None) -> Any:
         job.model,
         job.cache_key,
         job.keep_final,
-        event_form(final),
+        event_form(job.final_event),
     )
 
 
 def claim_form(claim: HandoffClaim) -> Any:
-    # The Redis claim rebuilds the spec from the job hash without keep_final (which a
-    # hand-off does not use).
-    spec = replace(claim.job, keep_final=False)
     return (
         claim.tenant_id,
-        spec,
+        claim.job,
         claim.attempt,
         claim.exhausted,
         claim.requeue,
@@ -564,15 +555,8 @@ async def test_memory_and_redis_stores_make_the_same_transitions(
 
 
 async def test_a_kept_job_failed_by_its_claim_keeps_its_final_event(
-    backend_url: str | None, request: pytest.FixtureRequest
+    backend_url: str | None,
 ) -> None:
-    if backend_url is not None:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known divergence: Redis CLAIM_HANDOFF fails the job without keep_final",
-            )
-        )
     registry = open_backend(
         BackendConfig(redis_url=backend_url, key_prefix="kept", session_retention_ms=LONG)
     )
@@ -588,7 +572,7 @@ async def test_a_kept_job_failed_by_its_claim_keeps_its_final_event(
         limits = replace(BASE_LIMITS, handoff_grace_ms=0, handoff_attempts=1)
         await registry.jobs.start_job("acme", new, limits, if_busy=IfBusy.RUN)
         [claim] = await registry.jobs.claim_handoffs(limits, limit=10)
-        assert claim.exhausted
+        assert claim.exhausted and claim.job.keep_final
         job = await registry.jobs.get_job("acme", new.job_id)
         assert job is not None and job.final_event is not None
         assert is_handoff_failure(job.final_event)

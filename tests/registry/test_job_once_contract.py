@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -47,6 +48,22 @@ async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
     )
     yield opened
     await opened.aclose()
+
+
+@asynccontextmanager
+async def replica_of(registry: Backend, backend_url: str | None) -> AsyncIterator[Backend]:
+    """Another replica's view of the same store (on memory, the same store): it knows no job id
+    from its own starts."""
+    if backend_url is None:
+        yield registry
+        return
+    replica = open_backend(
+        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+    )
+    try:
+        yield replica
+    finally:
+        await replica.aclose()
 
 
 async def new_session(registry: Backend) -> str:
@@ -112,6 +129,51 @@ async def test_starting_a_recorded_job_id_again_is_refused_and_changes_nothing(
     assert await last_sequence(registry, session_id) == sequence  # no second accepted event
     # Its notices still find it.
     await notify(registry, new.job_id, 2, NoticeEvent.COMPLETED)
+
+
+async def test_a_job_id_of_another_tenant_is_refused_and_its_job_still_found(
+    registry: Backend, backend_url: str | None
+) -> None:
+    session_id = await new_session(registry)
+    new = new_job(session_id)
+    await start(registry, new)
+    other_session = new_id()
+    await registry.sessions.create_session(
+        "globex", other_session, NewSession("agent-1", "", {}, 60_000)
+    )
+
+    again = await registry.jobs.start_job(
+        "globex", new_job(other_session, new.job_id), LIMITS, if_busy=IfBusy.RUN
+    )
+
+    assert again is StartRefused.JOB_EXISTS
+    assert await registry.jobs.get_job("globex", new.job_id) is None
+    assert await last_sequence(registry, other_session) == 0
+    # The first tenant's notices still find its job, on another replica too.
+    async with replica_of(registry, backend_url) as replica:
+        await notify(replica, new.job_id, 1, NoticeEvent.COMPLETED)
+
+
+async def test_a_job_id_of_another_session_is_refused_and_its_job_still_found(
+    registry: Backend, backend_url: str | None
+) -> None:
+    session_id = await new_session(registry)
+    new = new_job(session_id)
+    await start(registry, new)
+    other_session = await new_session(registry)
+
+    again = await registry.jobs.start_job(
+        TENANT, new_job(other_session, new.job_id), LIMITS, if_busy=IfBusy.RUN
+    )
+
+    assert again is StartRefused.JOB_EXISTS
+    other = await registry.sessions.get_session(TENANT, other_session, touch=False)
+    assert other is not None and other.pending_job_ids == ()
+    # Another replica (which has not seen the job) still finds it in its own session.
+    async with replica_of(registry, backend_url) as replica:
+        await notify(replica, new.job_id, 1, NoticeEvent.COMPLETED)
+    assert await last_sequence(registry, other_session) == 0
+    assert await last_sequence(registry, session_id) == 2
 
 
 async def test_a_finished_job_id_is_refused_too(registry: Backend) -> None:

@@ -1,13 +1,16 @@
-"""Job scripts on Redis go with the job's hints in one round trip: a start, and a queued job's
-activation, send the script and the job's entries in the reaper's deadline set and the
-hand-off set together, so no process dying between two commands can leave a started job
-without its hand-off check (or timed by its queue timeout), and a chat pays one round trip for
-its start. A Redis that lost its scripts (restarted) still runs them."""
+"""Job scripts on Redis go with the job's hints in one round trip: a start (after claiming the
+job id in the index), and a queued job's activation, send the script and the job's entries in
+the reaper's deadline set and the hand-off set together, so no process dying between two
+commands can leave a started job without its hand-off check (or timed by its queue timeout),
+and a chat pays two round trips for its start. Hints only ever move earlier there, so an
+activation that starts nothing never delays the reaper or the recovery. A Redis that lost its
+scripts (restarted) still runs them."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -85,7 +88,7 @@ def member(started: StartedJob) -> str:
     return f"{TENANT} {started.job.session_id} {started.job.job_id}"
 
 
-async def test_a_start_is_one_round_trip_with_its_hints(
+async def test_a_start_is_the_id_claim_then_one_round_trip_with_its_hints(
     registry: Backend, redis: Redis, round_trips: list[int]
 ) -> None:
     await start(registry)  # the first run loads the script
@@ -95,7 +98,7 @@ async def test_a_start_is_one_round_trip_with_its_hints(
     started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.HOLD)
 
     assert isinstance(started, StartedJob)
-    assert len(round_trips) == 1
+    assert len(round_trips) == 2
     assert await redis.zscore(KEYS.job_handoffs(), member(started)) is not None
     assert await redis.zscore(KEYS.job_deadlines(), member(started)) is not None
 
@@ -121,6 +124,28 @@ async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_
     # ...and the reaper looks at it by its new deadline, not by the queue timeout.
     due = await redis.zscore(KEYS.job_deadlines(), member(started))
     assert due is not None and due <= activated_ms + LIMITS.heartbeat_ms
+
+
+async def test_an_activation_of_a_started_job_never_moves_its_hints_later(
+    registry: Backend, redis: Redis
+) -> None:
+    started = await queued_job(registry)
+    job_id = started.job.job_id
+    assert await registry.jobs.activate_job(TENANT, job_id, LIMITS) is ActivateOutcome.STARTED
+    job = await registry.jobs.get_job(TENANT, job_id)
+    assert job is not None
+    due = min(job.deadline_ms, job.heartbeat_deadline_ms)
+    lease = float(await redis.hget(KEYS.job(TENANT, job_id), "hol") or 0)
+    longer = replace(LIMITS, deadline_ms=600_000, heartbeat_ms=600_000, handoff_grace_ms=600_000)
+
+    # Its work item redelivered, with longer limits: the script starts nothing.
+    again = await registry.jobs.activate_job(TENANT, job_id, longer)
+
+    assert again is ActivateOutcome.ALREADY_STARTED
+    deadline_hint = await redis.zscore(KEYS.job_deadlines(), member(started))
+    assert deadline_hint is not None and deadline_hint <= due
+    handoff_hint = await redis.zscore(KEYS.job_handoffs(), member(started))
+    assert handoff_hint is not None and handoff_hint <= lease
 
 
 async def test_a_redis_that_lost_its_scripts_still_starts_and_activates_jobs(

@@ -96,7 +96,7 @@ def work_item() -> NewWorkItem:
     return NewWorkItem(new_id(), TENANT, "test", b"payload", QueuePriority.NORMAL)
 
 
-async def test_a_job_start_and_a_notice_are_one_round_trip_each(
+async def test_a_job_start_is_its_id_claim_and_one_round_trip_and_a_notice_one(
     registry: Backend, round_trips: list[int]
 ) -> None:
     warm_up = (await started_job(registry)).job.job_id
@@ -108,7 +108,8 @@ async def test_a_job_start_and_a_notice_are_one_round_trip_each(
             Verdict.ACCEPTED
         )
 
-    assert await count(round_trips, lambda: started_job(registry)) == 2  # session + start
+    # session + the id's claim in the index + start
+    assert await count(round_trips, lambda: started_job(registry)) == 3
     assert await count(round_trips, notice) == 1
 
 

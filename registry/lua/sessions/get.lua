@@ -1,28 +1,20 @@
---! include: prelude/time
+--! include: prelude/sessions
 -- Reads a session: an open one past its expiry becomes EXPIRED (kept for the retention); with
 -- touch, an open one's TTL slides from now.
 --
 -- KEYS: session_key, pending_key (the session's jobs in flight)
 -- ARGV: touch ('1' | '0'), retention_ms
 -- Returns: {session hash fields, pending job ids}, or false when there is no such session
-local session_key = KEYS[1]
-local pending_key = KEYS[2]
 local touch = ARGV[1]
 local retention_ms = tonumber(ARGV[2])
 
 if redis.call('EXISTS', session_key) == 0 then return false end
 local f = redis.call('HMGET', session_key, 'state', 'expires', 'ttl')
 local state, expires = f[1], tonumber(f[2])
-if state == 'active' or state == 'busy' then
-  if now >= expires then
-    redis.call('HSET', session_key, 'state', 'expired', 'updated', expires)
-    redis.call('PEXPIREAT', session_key, expires + retention_ms)
-    redis.call('PEXPIREAT', pending_key, expires + retention_ms)
-  elseif touch == '1' then
-    expires = now + tonumber(f[3])
-    redis.call('HSET', session_key, 'expires', expires)
-    redis.call('PEXPIREAT', session_key, expires + retention_ms)
-    redis.call('PEXPIREAT', pending_key, expires + retention_ms)
-  end
+if (state == 'active' or state == 'busy') and still_open(expires, retention_ms)
+    and touch == '1' then
+  expires = now + tonumber(f[3])
+  redis.call('HSET', session_key, 'expires', expires)
+  keep_until(expires + retention_ms)
 end
-return {redis.call('HGETALL', session_key), redis.call('SMEMBERS', pending_key)}
+return session_reply()
