@@ -3,13 +3,12 @@
 A job is a hash under its tenant's hash tag, changed only by the Lua scripts in
 registry/lua/jobs/, which also keep the session's bookkeeping and append the event
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
-slot and are only hints or lookups: the job index (job id -> tenant, session), claimed (SET NX)
-before the job, so an id is recorded once across tenants and sessions, and the deadline set the
-reaper scans; the scripts re-check everything they rely on.
+slot and are only hints or lookups: the job index (job id -> tenant, session), written before
+the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
 A job enters the deadline set in the same pipeline as its start script, scored a little before
 its first possible deadline by this process's clock: the reaper then looks at it early and moves
 it to its real due time (REAP answers "later"), so no crash between two commands can leave a
-job untimed. A start costs two round trips: the index claim, then the script with its hints.
+job untimed, and a start costs one round trip.
 Hints are written never later than they are (ZADD LT) except by the scan that found them due.
 A job's hand-off to its service is tracked the same way: the start script keeps the job's work
 spec and a hand-off lease in the job hash, and the start pipeline scores the job in the
@@ -186,19 +185,14 @@ class RedisJobStore:
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
 
-        located = f"{tenant_id} {new.session_id}"
-        # The index is claimed first (a notice can never find a job it cannot locate), and only
-        # when no other tenant or session holds the id: that one's entry is never overwritten.
-        with redis_errors_as_unavailable():
-            owner = await self._redis.set(
-                keys.job_index(new.job_id), located, px=index_ttl, nx=True, get=True
-            )
-        if owner is not None and as_str(owner) != located:
-            return StartRefused.JOB_EXISTS
-
         def build(pipe: ScriptPipeline) -> None:
-            # Never later (LT): an entry already there is the existing job's own, due earlier.
             commands = pipe.commands
+            # The index is written first so that a notice can never find a job it cannot
+            # locate. Job ids are the orchestrator's own (UUIDv7, or derived from a batch's):
+            # an id is not refused for another tenant or session, which would cost a round
+            # trip of its own (the index is outside the tenant's slot).
+            commands.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
+            # Never later (LT): an entry already there is the existing job's own, due earlier.
             commands.zadd(keys.job_deadlines(), {deadline_member: early_due}, lt=True)
             # A queued job's first hand-off is its enqueue: checked alike.
             commands.zadd(

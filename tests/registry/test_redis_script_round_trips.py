@@ -108,8 +108,8 @@ async def test_a_job_start_is_its_id_claim_and_one_round_trip_and_a_notice_one(
             Verdict.ACCEPTED
         )
 
-    # session + the id's claim in the index + start
-    assert await count(round_trips, lambda: started_job(registry)) == 3
+    # session + start
+    assert await count(round_trips, lambda: started_job(registry)) == 2
     assert await count(round_trips, notice) == 1
 
 
