@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -11,7 +12,39 @@ import time
 from pathlib import Path
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux: 32768 by default)."""
+    try:
+        low = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        return int(low)
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_FIRST_PORT = 10_000
+_EPHEMERAL_FLOOR = _ephemeral_floor()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback port free now, for a server a test starts a little later.
+
+    Taken below the kernel's ephemeral range: a port the kernel picks for binding to port 0 is
+    one it may also give to the next outgoing connection (a client, a Redis connection), which
+    then holds it when the server binds (seen as "Address already in use" under load). A port
+    is handed out once per test process, so two servers of one test never get the same one."""
+    if _EPHEMERAL_FLOOR - _FIRST_PORT > 1000:
+        for _ in range(200):
+            port = random.randint(_FIRST_PORT, _EPHEMERAL_FLOOR - 1)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
