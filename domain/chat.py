@@ -9,7 +9,8 @@ service sees it, a notice can never arrive for a job the orchestrator does not k
 The hand-off is not the caller's: it runs in a task this orchestrator owns, started before the
 accepted event is yielded, so a caller that goes away cannot stop it. The job store keeps the
 job's work spec and a hand-off lease with the job (renewed while a slow submit goes on) until
-the hand-off is confirmed; if this process dies first, any process's ``HandoffRecovery`` loop
+the hand-off is confirmed (domain.handoff_upkeep: one loop renews the leases, confirmations are
+written in batches); if this process dies first, any process's ``HandoffRecovery`` loop
 (domain.handoff) claims the job when the lease runs out and hands it over again, and fails it
 ``handoff_failed`` after ``JobLimits.handoff_attempts`` hand-offs (docs/adr/0007).
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from domain.errors import (
     Unavailable,
 )
 from domain.event_stream import SessionFollower
+from domain.handoff_upkeep import HandoffConfirmations, HandoffLeases
 from domain.ids import is_resource_id, new_id
 from domain.jobs import (
     ActivateOutcome,
@@ -148,6 +150,9 @@ class ChatOrchestrator:
         self._idle_check_s = idle_check_s
         # Hand-offs in progress in this process (owned here, not by any caller's stream).
         self._handoffs: set[asyncio.Task[None]] = set()
+        # Their leases (one renewal loop for all) and their confirmations (coalesced).
+        self._leases = HandoffLeases(jobs, limits)
+        self._confirmations = HandoffConfirmations(jobs)
 
     async def send(self, ctx: CallContext, message: ChatMessage) -> AsyncIterator[SessionEvent]:
         """Start a job for the message and yield its events, ending with its final one."""
@@ -271,7 +276,7 @@ class ChatOrchestrator:
             cache_key=job.cache_key,
         )
         queue = self._queue
-        await self._holding_lease(
+        await self._leases.holding(
             tenant_id, job.job_id, queue.enqueue([queued.work_item(job.priority)])
         )
         try:
@@ -377,7 +382,7 @@ class ChatOrchestrator:
         that cannot finish (the registry unreachable, an unexpected error, this process
         stopping) leaves the lease to run out: any process's recovery then redoes it."""
         try:
-            await self._holding_lease(ctx.tenant_id, job.job_id, self._launch(ctx, job))
+            await self._leases.holding(ctx.tenant_id, job.job_id, self._launch(ctx, job))
         except asyncio.CancelledError:
             log.warning(
                 "hand-off of job %s to the %s service interrupted by shutdown; another process "
@@ -397,30 +402,10 @@ class ChatOrchestrator:
                 exc,
             )
             return
-        try:
-            await self._jobs.handoff_done(ctx.tenant_id, job.job_id)
-        except Unavailable as exc:
-            # Harmless: the service's first notice confirms it too; until then the recovery
-            # may hand it over once more (at least once).
-            log.info("job %s handed over; marking it so failed: %s", job.job_id, exc)
-
-    async def _holding_lease(self, tenant_id: str, job_id: str, work: Awaitable[object]) -> None:
-        """Run ``work``, renewing the job's hand-off lease while it goes on (a slow submit is
-        not taken for an interrupted one)."""
-        task = asyncio.ensure_future(work)
-        every_s = max(self._limits.handoff_grace_ms / 3000, 0.05)
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=every_s)
-                if not task.done():
-                    with contextlib.suppress(Unavailable):
-                        await self._jobs.renew_handoff(tenant_id, job_id, self._limits)
-            task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # Written with other confirmations on the next loop iteration. A lost one is
+        # harmless: the service's first notice confirms it too; until then the recovery may
+        # hand it over once more (at least once).
+        self._confirmations.add(ctx.tenant_id, job.job_id)
 
     async def recover_handoffs(self, *, limit: int = 100) -> list[HandoffClaim]:
         """Claim the jobs whose hand-off was interrupted (no confirmation within the lease, in
@@ -470,14 +455,21 @@ class ChatOrchestrator:
     async def drain(self, timeout_s: float) -> None:
         """Shutdown: give the hand-offs in progress up to ``timeout_s`` to finish, then cancel
         the rest (their leases run out and another process redoes them)."""
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + max(timeout_s, 0.0)
         tasks = set(self._handoffs)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.0))
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.0))
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        await self._leases.aclose()
+        # The confirmations of the hand-offs that finished (bounded like the hand-offs).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._confirmations.flush(), timeout=max(ends_at - loop.time(), 1.0)
+            )
 
     async def _launch(self, ctx: CallContext, job: NewJob) -> None:
         """Complete a started job from the embedding cache, or hand it to its service."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from domain import job_machine
@@ -230,6 +230,10 @@ class MemoryJobStore:
         self._apply(
             tenant_id, "", job_id, job_machine.handoff_done(self._record(job_id), tenant_id).effects
         )
+
+    async def handoffs_done(self, done: Sequence[tuple[str, str]]) -> None:
+        for tenant_id, job_id in done:
+            await self.handoff_done(tenant_id, job_id)
 
     async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
         now = self._clock()

@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +323,21 @@ class RedisJobStore:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
             pipe.zrem(self._keys.job_handoffs(), f"{tenant_id} {located[1]} {job_id}")
+            await pipe.execute()
+
+    async def handoffs_done(self, done: Sequence[tuple[str, str]]) -> None:
+        members: list[tuple[str, str, str]] = []
+        for tenant_id, job_id in done:
+            located = await self._locate(job_id)
+            if located is not None and located[0] == tenant_id:
+                members.append((tenant_id, job_id, f"{tenant_id} {located[1]} {job_id}"))
+        if not members:
+            return
+        with redis_errors_as_unavailable():
+            pipe = self._redis.pipeline(transaction=False)
+            for tenant_id, job_id, _ in members:
+                pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
+            pipe.zrem(self._keys.job_handoffs(), *(member for _, _, member in members))
             await pipe.execute()
 
     async def enqueue_done(self, tenant_id: str, job_id: str) -> None:

@@ -4,6 +4,7 @@ tests/registry runs one contract suite against both)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from domain import jobs
@@ -51,6 +52,12 @@ class JobStore(Protocol):
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
         """The job reached its service (or ended): drop its work spec and hand-off check. The
         service's first notice and every final state do the same."""
+        ...
+
+    async def handoffs_done(self, done: Sequence[tuple[str, str]]) -> None:
+        """``handoff_done`` for each ``(tenant_id, job_id)`` of ``done``, in one round trip
+        (unknown jobs, jobs of another tenant and jobs not waiting for a hand-off are
+        skipped)."""
         ...
 
     async def claim_handoffs(

@@ -147,6 +147,30 @@ async def test_a_confirmed_hand_off_is_never_claimed(registry: Backend) -> None:
     assert await claims_within(registry, GRACE_MS / 1000 * 2) == []
 
 
+async def test_several_hand_offs_are_confirmed_at_once(registry: Backend) -> None:
+    confirmed = [(await start(registry)).job.job_id for _ in range(3)]
+    unconfirmed = (await start(registry)).job.job_id
+    await registry.jobs.handoffs_done([(TENANT, job_id) for job_id in confirmed])
+    await asyncio.sleep(GRACE_MS / 1000 + 0.05)  # every lease has run out
+    claims = await registry.jobs.claim_handoffs(LIMITS, limit=10)
+    assert [c.job.job_id for c in claims] == [unconfirmed]
+
+
+async def test_confirming_at_once_skips_unknown_jobs_and_other_tenants(registry: Backend) -> None:
+    mine, theirs = (await start(registry)).job.job_id, (await start(registry)).job.job_id
+    await registry.jobs.handoffs_done([(TENANT, mine), ("other", theirs), (TENANT, new_id())])
+    await asyncio.sleep(GRACE_MS / 1000 + 0.05)  # every lease has run out
+    claims = await registry.jobs.claim_handoffs(LIMITS, limit=10)
+    assert [c.job.job_id for c in claims] == [theirs]
+
+
+async def test_confirming_nothing_at_once_changes_nothing(registry: Backend) -> None:
+    started = await start(registry)
+    await registry.jobs.handoffs_done([])
+    (claim,) = await claims_within(registry, 3.0)
+    assert claim.job.job_id == started.job.job_id
+
+
 async def test_the_services_first_notice_confirms_the_hand_off(registry: Backend) -> None:
     started = await start(registry)
     notice = Notice(

@@ -270,6 +270,7 @@ class Run:
             (self.op_claim, 2),
             (self.op_renew, 1),
             (self.op_handoff_done, 1),
+            (self.op_handoffs_done, 1),
             (self.op_enqueue_done, 1),
             (self.op_close, 0.3),
         ]
@@ -499,6 +500,21 @@ class Run:
             return await stores.jobs.handoff_done(known.tenant_id, known.job_id)
 
         await self.both(step, f"handoff done {known.job_id}", call, known.job_id)
+
+    async def op_handoffs_done(self, step: int) -> None:
+        picked = {j.job_id: j for j in self.rng.sample(self.jobs, min(len(self.jobs), 3))}
+        if not picked:
+            return
+        # Some under another tenant (skipped), and a job id nobody knows.
+        done = [
+            (self.other_tenant(j.tenant_id) if self.rng.random() < 0.2 else j.tenant_id, j.job_id)
+            for j in picked.values()
+        ] + [(TENANTS[0], new_id())]
+
+        async def call(stores: Stores) -> Any:
+            return await stores.jobs.handoffs_done(done)
+
+        await self.both(step, f"handoffs done {done}", call)
 
     async def op_enqueue_done(self, step: int) -> None:
         known = self.pick_job()

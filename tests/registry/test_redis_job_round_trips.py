@@ -160,3 +160,17 @@ async def test_a_redis_that_lost_its_scripts_still_starts_and_activates_jobs(
     assert outcome is ActivateOutcome.STARTED
     job = await registry.jobs.get_job(TENANT, started.job.job_id)
     assert job is not None and job.state is JobState.PENDING
+
+
+async def test_confirming_several_hand_offs_is_one_round_trip(
+    registry: Backend, redis: Redis, round_trips: list[int]
+) -> None:
+    started = [await start(registry) for _ in range(5)]
+    round_trips.clear()
+
+    await registry.jobs.handoffs_done([(TENANT, s.job.job_id) for s in started])
+
+    assert len(round_trips) == 1
+    for s in started:
+        assert await redis.zscore(KEYS.job_handoffs(), member(s)) is None
+        assert not await redis.hexists(KEYS.job(TENANT, s.job.job_id), "ho")
