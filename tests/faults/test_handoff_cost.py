@@ -15,8 +15,9 @@ import pytest
 from domain.handoff_upkeep import HandoffConfirmations, HandoffLeases
 from domain.ids import new_id
 from domain.jobs import HandoffClaim, IfBusy, JobLimits, NewJob, StartedJob
-from domain.models import NewSession, Service, WorkKind
-from registry.backend import Backend, BackendConfig, open_backend
+from domain.models import Service, WorkKind
+from registry.backend import Backend
+from tests.support.registries import new_session, opened_registry
 
 GRACE_MS = 300
 LIMITS = JobLimits(
@@ -47,18 +48,12 @@ class CountingJobs:
 
 @pytest.fixture
 async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    opened = open_backend(
-        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
-    )
-    yield opened
-    await opened.aclose()
+    async with opened_registry(backend_url) as opened:
+        yield opened
 
 
 async def start(registry: Backend) -> str:
-    session_id = new_id()
-    await registry.sessions.create_session(
-        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
-    )
+    session_id = await new_session(registry)
     new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
     started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.RUN)
     assert isinstance(started, StartedJob)

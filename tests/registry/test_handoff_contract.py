@@ -29,9 +29,10 @@ from domain.jobs import (
     StartedJob,
     Verdict,
 )
-from domain.models import NewSession, Service, WorkKind
+from domain.models import Service, WorkKind
 from domain.ports.queue import QueuePriority
-from registry.backend import Backend, BackendConfig, open_backend
+from registry.backend import Backend
+from tests.support.registries import new_session, opened_registry
 
 GRACE_MS = 300
 LIMITS = JobLimits(
@@ -47,19 +48,8 @@ TENANT = "acme"
 
 @pytest.fixture
 async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    opened = open_backend(
-        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
-    )
-    yield opened
-    await opened.aclose()
-
-
-async def new_session(registry: Backend) -> str:
-    session_id = new_id()
-    await registry.sessions.create_session(
-        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
-    )
-    return session_id
+    async with opened_registry(backend_url) as opened:
+        yield opened
 
 
 def rag_job(session_id: str) -> NewJob:

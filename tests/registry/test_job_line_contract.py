@@ -24,8 +24,9 @@ from domain.jobs import (
     StartedJob,
     Verdict,
 )
-from domain.models import NewSession, Service, WorkKind
-from registry.backend import Backend, BackendConfig, open_backend
+from domain.models import Service, WorkKind
+from registry.backend import Backend
+from tests.support.registries import new_session, opened_registry
 
 LIMITS = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
@@ -35,19 +36,8 @@ TENANT = "acme"
 
 @pytest.fixture
 async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    opened = open_backend(
-        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
-    )
-    yield opened
-    await opened.aclose()
-
-
-async def new_session(registry: Backend) -> str:
-    session_id = new_id()
-    await registry.sessions.create_session(
-        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
-    )
-    return session_id
+    async with opened_registry(backend_url) as opened:
+        yield opened
 
 
 async def start(

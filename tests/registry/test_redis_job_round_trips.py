@@ -11,17 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 
 from domain.ids import new_id
 from domain.jobs import ActivateOutcome, IfBusy, JobLimits, JobState, NewJob, StartedJob
-from domain.models import NewSession, Service, WorkKind
-from registry.backend import Backend, BackendConfig, open_backend
+from domain.models import Service, WorkKind
+from registry.backend import Backend
 from registry.keys import KeySpace
+from tests.support.registries import count_round_trips, new_session, opened_registry
 
 LIMITS = JobLimits(
     deadline_ms=60_000,
@@ -36,11 +35,8 @@ KEYS = KeySpace("test")
 
 @pytest.fixture
 async def registry(redis_url: str) -> AsyncIterator[Backend]:
-    opened = open_backend(
-        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
-    )
-    yield opened
-    await opened.aclose()
+    async with opened_registry(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -52,24 +48,12 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 @pytest.fixture
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the requests any Redis client of this process writes (one per round trip: a
-    pipeline is written at once)."""
-    sent: list[int] = []
-    original = AbstractConnection.send_packed_command
-
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent.append(1)
-        await original(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
-    return sent
+    """Counts the requests any Redis client of this process writes (one per round trip)."""
+    return count_round_trips(monkeypatch)
 
 
 async def new_job(registry: Backend) -> NewJob:
-    session_id = new_id()
-    await registry.sessions.create_session(
-        TENANT, session_id, NewSession("agent-1", "", {}, 60_000)
-    )
+    session_id = await new_session(registry)
     return NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
 
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 
 from domain.ids import new_id
 from domain.jobs import IfBusy, JobLimits, NewJob, Notice, NoticeEvent, StartedJob, Verdict
@@ -20,6 +19,7 @@ from registry.backend import Backend, BackendConfig, open_backend
 from registry.keys import KeySpace
 from registry.redis_client import create_redis
 from registry.redis_rate_limiter import RedisRateLimiter
+from tests.support.registries import count_round_trips, opened_registry
 
 LIMITS = JobLimits(
     deadline_ms=60_000,
@@ -33,11 +33,8 @@ TENANT = "acme"
 
 @pytest.fixture
 async def registry(redis_url: str) -> AsyncIterator[Backend]:
-    opened = open_backend(
-        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=60_000)
-    )
-    yield opened
-    await opened.aclose()
+    async with opened_registry(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -58,17 +55,8 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 @pytest.fixture
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the requests any Redis client of this process writes (one per round trip: a
-    pipeline is written at once)."""
-    sent: list[int] = []
-    original = AbstractConnection.send_packed_command
-
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent.append(1)
-        await original(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
-    return sent
+    """Counts the requests any Redis client of this process writes (one per round trip)."""
+    return count_round_trips(monkeypatch)
 
 
 async def count(round_trips: list[int], operation: Callable[[], Awaitable[Any]]) -> int:

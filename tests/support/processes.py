@@ -7,11 +7,43 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.redis_process import free_port
 
 BIN = Path(sys.executable).parent
+
+
+def wait_healthy(
+    proc: subprocess.Popen[bytes],
+    address: str,
+    name: str,
+    read_log: Callable[[], str],
+    timeout_s: float,
+) -> None:
+    """Waits until ``orchestrator health`` answers on ``address``; raises (with the log) if
+    ``proc`` exits first or stays unhealthy for ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited early:\n{read_log()}")
+        probe = subprocess.run(
+            [str(BIN / "orchestrator"), "health", "--address", address, "--timeout", "1"],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not become healthy:\n{read_log()}")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kills ``proc`` if it still runs and reaps it."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 class ServerProcess:
@@ -39,19 +71,7 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            probe = subprocess.run(
-                [str(BIN / "orchestrator"), "health", "--address", self.address, "--timeout", "1"],
-                capture_output=True,
-                check=False,
-            )
-            if probe.returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+        wait_healthy(self.proc, self.address, "server", self.log, timeout_s)
 
     def terminate(self, timeout_s: float = 15.0) -> int:
         """Send SIGTERM and wait for the process to exit; returns its exit code."""
@@ -60,9 +80,7 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout_s)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         if hasattr(self, "_log"):
             self._log.close()
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
-from tests.support.processes import BIN
+from tests.support.processes import BIN, stop_process, wait_healthy
 from tests.support.redis_process import free_port
 
 
@@ -45,24 +44,10 @@ class ReferenceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"reference services exited early:\n{self.log()}")
-            probe = subprocess.run(
-                [str(BIN / "orchestrator"), "health", "--address", self.address, "--timeout", "1"],
-                capture_output=True,
-                check=False,
-            )
-            if probe.returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"reference services did not become healthy:\n{self.log()}")
+        wait_healthy(self.proc, self.address, "reference services", self.log, timeout_s)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         if hasattr(self, "_log"):
             self._log.close()
 
