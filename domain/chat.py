@@ -415,7 +415,6 @@ class ChatOrchestrator:
         claims = await self._jobs.claim_handoffs(self._limits, limit=limit)
         for claim in claims:
             job = claim.job
-            ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
             if claim.exhausted:
                 log.warning(
                     "job %s failed handoff_failed: its hand-off to the %s service was "
@@ -445,21 +444,19 @@ class ChatOrchestrator:
                 claim.attempt,
                 self._limits.handoff_attempts,
             )
+            ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
             self._hand_off_soon(ctx, job, claim.attempt)
         return claims
-
-    @property
-    def handoffs_in_progress(self) -> int:
-        return len(self._handoffs)
 
     async def drain(self, timeout_s: float) -> None:
         """Shutdown: give the hand-offs in progress up to ``timeout_s`` to finish, then cancel
         the rest (their leases run out and another process redoes them)."""
         loop = asyncio.get_running_loop()
-        ends_at = loop.time() + max(timeout_s, 0.0)
+        timeout_s = max(timeout_s, 0.0)
+        ends_at = loop.time() + timeout_s
         tasks = set(self._handoffs)
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.0))
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:
                 task.cancel()
             if pending:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from domain.errors import Unavailable
@@ -33,7 +33,7 @@ CONFIRM_BATCH = 256
 class _Lease:
     tenant_id: str
     job_id: str
-    renewed_at: float = field(default=0.0)
+    renewed_at: float
 
 
 class HandoffLeases:
