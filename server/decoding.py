@@ -15,13 +15,15 @@ frames of its request stream and parses each one itself, so a frame that does no
 judged on its own instead of ending the stream.
 
 ``server.edge.EdgeRegistrar`` applies this to every method it registers, so every service, health
-and reflection included, and any RPC added later get it without further code.
+and reflection included, and any RPC added later get it without further code. Behind the edge,
+an async-generator behavior's request is parsed in the edge's own wrapper (``split_decoding``),
+so no second wrapper re-yields every response.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -65,61 +67,69 @@ class _Decoder:
         async for raw in raw_frames:
             yield await self.decode(raw, context)
 
+    async def stream(self, raw_frames: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+        """A request stream's decoded messages (decoded as the behavior reads them)."""
+        return self.frames(raw_frames, context)
 
-def _wrap_unary_request(behavior: Any, decoder: _Decoder) -> Any:
-    if inspect.isasyncgenfunction(behavior):
 
-        async def stream(raw: Any, context: Ctx) -> AsyncIterator[Any]:
-            request = await decoder.decode(raw, context)
-            async with aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
+Decode = Callable[[Any, Ctx], Awaitable[Any]]
 
-        return stream
 
+def _decoding_stream(behavior: Any, decode: Decode) -> Any:
+    """An async-generator ``behavior`` behind ``decode``: it re-yields every response, so the
+    edge applies ``decode`` itself instead (``split_decoding``); this is for the no-edge case."""
+
+    async def stream(raw: Any, context: Ctx) -> AsyncIterator[Any]:
+        async with aclosing(behavior(await decode(raw, context), context)) as responses:
+            async for response in responses:
+                yield response
+
+    return stream
+
+
+def _decoding_call(behavior: Any, decode: Decode) -> Any:
     async def call(raw: Any, context: Ctx) -> Any:
-        result = behavior(await decoder.decode(raw, context), context)
+        result = behavior(await decode(raw, context), context)
         return await result if inspect.isawaitable(result) else result
 
     return call
 
 
-def _wrap_stream_request(behavior: Any, decoder: _Decoder) -> Any:
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(raw_frames: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
-            async with aclosing(behavior(decoder.frames(raw_frames, context), context)) as out:
-                async for response in out:
-                    yield response
-
-        return stream
-
-    async def call(raw_frames: AsyncIterator[Any], context: Ctx) -> Any:
-        result = behavior(decoder.frames(raw_frames, context), context)
-        return await result if inspect.isawaitable(result) else result
-
-    return call
-
-
-def decode_in_handler(handler: Any) -> Any:
-    """``handler`` (a grpc.RpcMethodHandler) registered with no request deserializer, its
-    behavior parsing the request bytes itself (see the module docstring). Handlers without a
-    deserializer are returned as they are. A synchronous unary-response behavior (an
+def split_decoding(handler: Any) -> tuple[Any, Decode | None]:
+    """``handler`` (a grpc.RpcMethodHandler) registered with no request deserializer, and the
+    decode the caller must apply to the request before calling its async-generator behavior
+    (None: the handler parses its requests itself, or has nothing to parse). A caller that
+    iterates the responses anyway (server.edge) applies it there, so no second wrapper
+    re-yields every message. Other behaviors are wrapped to parse the request bytes
+    themselves (see the module docstring); a synchronous unary-response behavior (an
     unimplemented method of a generated base class) is called on the loop, as the edge calls
     it."""
     deserializer = handler.request_deserializer
     if deserializer is None:
-        return handler
+        return handler, None
     for field in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
         behavior = getattr(handler, field)
         if behavior is not None:
             break
     else:
-        return handler
+        return handler, None
     if inspect.isgeneratorfunction(behavior):  # a synchronous stream: none is registered
-        return handler
+        return handler, None
+    raw = handler._replace(request_deserializer=None)
     if handler.request_streaming and wants_raw_frames(behavior):
-        return handler._replace(request_deserializer=None)
+        return raw, None
     decoder = _Decoder(deserializer)
-    wrap = _wrap_stream_request if handler.request_streaming else _wrap_unary_request
-    return handler._replace(request_deserializer=None, **{field: wrap(behavior, decoder)})
+    decode = decoder.stream if handler.request_streaming else decoder.decode
+    if inspect.isasyncgenfunction(behavior):
+        return raw, decode
+    return raw._replace(**{field: _decoding_call(behavior, decode)}), None
+
+
+def decode_in_handler(handler: Any) -> Any:
+    """``handler`` parsing its request bytes itself (see the module docstring), for a server
+    without the edge; handlers without a deserializer are returned as they are."""
+    prepared, decode = split_decoding(handler)
+    if decode is None:
+        return prepared
+    field = "unary_stream" if prepared.unary_stream is not None else "stream_stream"
+    return prepared._replace(**{field: _decoding_stream(getattr(prepared, field), decode)})

@@ -60,7 +60,7 @@ from handlers.request_context import (
 from server import metrics as metrics_module
 from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
 from server.auth_failures import AuthFailures
-from server.decoding import decode_in_handler
+from server.decoding import Decode, decode_in_handler, split_decoding
 from server.edge_limits import EdgeLimits
 from server.metrics import Metrics
 from server.revocation import OpenStream, OpenStreams, revoked_error
@@ -131,13 +131,17 @@ class Edge:
         self._trailing_request_ids = trailing_request_ids
 
     def wrap(self, method: str, handler: Any) -> Any:
-        """``handler`` (a grpc.RpcMethodHandler of ``method``) run behind the edge."""
+        """``handler`` (a grpc.RpcMethodHandler of ``method``) run behind the edge, parsing
+        its requests itself (server.decoding): an async-generator behavior's request is
+        parsed in the edge's own wrapper after the checks, so no second wrapper re-yields
+        every response."""
+        handler, decode = split_decoding(handler)
         plan = _Plan(method, self._metrics)
         client_stream = handler.stream_unary is not None
         return wrap_handler(
             handler,
             lambda b: self._unary(b, plan, stream=False, client_stream=client_stream),
-            lambda b: self._streaming(b, plan),
+            lambda b: self._streaming(b, plan, decode),
             lambda b: self._unary(b, plan, stream=True),
         )
 
@@ -228,7 +232,9 @@ class Edge:
 
         return run
 
-    def _streaming(self, behavior: StreamBehavior, plan: _Plan) -> StreamBehavior:
+    def _streaming(
+        self, behavior: StreamBehavior, plan: _Plan, decode: Decode | None
+    ) -> StreamBehavior:
         """Server streams written by an async generator. The wrapper writes each response
         itself (``context.write``) instead of yielding it for grpc to write: a write that fails
         because the client went away (while blocked by flow control, when a client stops
@@ -255,6 +261,8 @@ class Edge:
                     slot = await limits.take_stream_slot(caller, context)
                     entry = open_streams.open(caller.key_id)
                 entry.inside = True
+                if decode is not None:
+                    request = await decode(request, context)
                 async with aclosing(
                     cast(AsyncGenerator[Any, None], behavior(request, context))
                 ) as responses:
@@ -334,8 +342,9 @@ class EdgeRegistrar:
         return self._cache.get(method, handler, lambda: self._prepare(method, handler))
 
     def _prepare(self, method: str, handler: Any) -> Any:
-        decoded = decode_in_handler(handler)
-        return decoded if self._edge is None else self._edge.wrap(method, decoded)
+        if self._edge is None:
+            return decode_in_handler(handler)
+        return self._edge.wrap(method, handler)
 
     def add_generic_rpc_handlers(
         self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
