@@ -76,7 +76,7 @@ def _early_due_ms(limits: JobLimits, *, may_queue: bool) -> int:
     first = min(limits.deadline_ms, limits.heartbeat_ms)
     if may_queue:
         first = min(first, limits.queue_timeout_ms)
-    return int(time.time() * 1000) + first - _EARLY_DEADLINE_MARGIN_MS
+    return _now_ms() + first - _EARLY_DEADLINE_MARGIN_MS
 
 
 def _now_ms() -> int:
@@ -316,14 +316,7 @@ class RedisJobStore:
         return int(lease) > 0
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
-        located = await self._locate(job_id)
-        if located is None or located[0] != tenant_id:
-            return
-        with redis_errors_as_unavailable():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
-            pipe.zrem(self._keys.job_handoffs(), f"{tenant_id} {located[1]} {job_id}")
-            await pipe.execute()
+        await self.handoffs_done([(tenant_id, job_id)])
 
     async def handoffs_done(self, done: Sequence[tuple[str, str]]) -> None:
         members: list[tuple[str, str, str]] = []
