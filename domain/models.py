@@ -116,6 +116,13 @@ class Service(enum.StrEnum):
 
     QUERY = "query"
     EMBEDDING = "embedding"
+    # The platform services a plan calls (domain.plans). Agent Execution and Workflow Engine run
+    # jobs and report back like Query; the other three answer synchronously.
+    AGENT_EXECUTION = "agent_execution"
+    WORKFLOW_ENGINE = "workflow_engine"
+    CONVERSATION = "conversation"
+    AGENT_MANAGEMENT = "agent_management"
+    TOOL_REGISTRY = "tool_registry"
 
     @classmethod
     def for_kind(cls, kind: WorkKind) -> Service:

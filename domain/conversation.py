@@ -1,0 +1,40 @@
+"""Conversation history: the turns of a session as Conversation keeps them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class TurnRole(enum.StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn of a conversation. ``job_id`` is the job that added it (a job adds its user and
+    assistant turns once, whatever the retries: the job id is the idempotency key)."""
+
+    role: TurnRole
+    content: str
+    job_id: str = ""
+    time_ms: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryWindow:
+    """Which turns a plan loads before the work: at most ``last_turns`` (0: no count limit) of
+    the newest turns, and no more than ``token_budget`` tokens in all (0: no token limit)."""
+
+    last_turns: int = 0
+    token_budget: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of a session's history, oldest first; ``next_page_token`` empty on the last."""
+
+    turns: list[Turn]
+    next_page_token: str = ""
