@@ -16,7 +16,8 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from domain.ports import queue
 
@@ -47,6 +48,15 @@ class _Record:
     @property
     def final(self) -> bool:
         return self.state in ("done", "dead")
+
+    def enqueued_fields(self) -> dict[str, Any]:
+        """What a delivered or dead-lettered item repeats of its enqueue (all but the payload's
+        fate): every field of ``new``, and the deliveries so far."""
+        new = self.new
+        return {
+            **{f.name: getattr(new, f.name) for f in fields(new)},
+            "deliveries": self.deliveries,
+        }
 
 
 @dataclass(slots=True)
@@ -219,16 +229,9 @@ class MemoryWorkQueue:
             if position <= start:
                 continue
             record = self._records[item_id]
-            new = record.new
             found.append(
                 queue.DeadLetter(
-                    item_id=item_id,
-                    tenant_id=new.tenant_id,
-                    kind=new.kind,
-                    payload=new.payload,
-                    priority=new.priority,
-                    batch_id=new.batch_id,
-                    deliveries=record.deliveries,
+                    **record.enqueued_fields(),
                     error=record.error or "",
                     dead_at_ms=record.finished_at_ms,
                     position=str(position),
@@ -353,15 +356,8 @@ class MemoryWorkQueue:
             return None
         record.state = "running"
         self._leases[receipt] = _Lease(item_id, consumer, self._clock())
-        new = record.new
         return queue.WorkItem(
-            item_id=item_id,
-            tenant_id=new.tenant_id,
-            kind=new.kind,
-            payload=new.payload,
-            priority=new.priority,
-            batch_id=new.batch_id,
-            deliveries=record.deliveries,
+            **record.enqueued_fields(),
             enqueued_at_ms=record.enqueued_at_ms,
             consumer=consumer,
             receipt=receipt,
