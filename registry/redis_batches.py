@@ -21,8 +21,7 @@ from domain import batch_models
 from domain.models import Page
 from domain.ports.queue import QueuePriority
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import due_members, newest_first, redis_errors_as_unavailable
+from registry.redis_client import RedisStore, due_members, newest_first, redis_errors_as_unavailable
 
 _LIST_SCAN_BUDGET = 5000
 
@@ -31,8 +30,10 @@ def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-class RedisBatchStore:
+class RedisBatchStore(RedisStore):
     """Implements domain.ports.batches.BatchStore on Redis 7."""
+
+    SCRIPTS = "batches"
 
     def __init__(
         self,
@@ -43,15 +44,8 @@ class RedisBatchStore:
         retention_ms: int = 7 * 24 * 3600 * 1000,
     ) -> None:
         self._retention_ms = retention_ms
-        self._redis = redis
-        self._keys = keys
+        super().__init__(redis, keys)
         self._poll_s = poll_s
-        self._scripts = ScriptRunner(redis)
-        self._create = lua_script("batches/create")
-        self._start = lua_script("batches/start_item")
-        self._attach = lua_script("batches/attach_job")
-        self._finish = lua_script("batches/finish_item")
-        self._stop = lua_script("batches/stop")
 
     def _item_keys(self, tenant_id: str, batch_id: str) -> list[str]:
         k = self._keys
@@ -83,12 +77,12 @@ class RedisBatchStore:
             *new.custom_ids,
         ]
         with redis_errors_as_unavailable():
-            created, batch_id = await self._scripts.run(self._create, keys=keys, args=args)
+            created, batch_id = await self._scripts.run("create", keys=keys, args=args)
             batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None and not int(created):
                 # The key names a batch dropped after its retention: the key is free again.
                 await self._redis.delete(keys[-1])
-                created, batch_id = await self._scripts.run(self._create, keys=keys, args=args)
+                created, batch_id = await self._scripts.run("create", keys=keys, args=args)
                 batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None:  # pragma: no cover - only if the keys vanished meanwhile
                 raise RuntimeError(f"batch {batch_id} vanished")
@@ -154,7 +148,7 @@ class RedisBatchStore:
         keys = self._item_keys(tenant_id, batch_id)[:2]
         with redis_errors_as_unavailable():
             ok = await self._scripts.run(
-                self._start, keys=keys, args=[index, 1 if redelivery else 0]
+                "start_item", keys=keys, args=[index, 1 if redelivery else 0]
             )
         return bool(int(ok))
 
@@ -169,7 +163,7 @@ class RedisBatchStore:
         ]
         with redis_errors_as_unavailable():
             ok = await self._scripts.run(
-                self._attach, keys=keys, args=[index, f"{job_id} {session_id}"]
+                "attach_job", keys=keys, args=[index, f"{job_id} {session_id}"]
             )
         return bool(int(ok))
 
@@ -185,7 +179,7 @@ class RedisBatchStore:
         ]
         with redis_errors_as_unavailable():
             seq = await self._scripts.run(
-                self._finish, keys=self._item_keys(tenant_id, batch_id), args=args
+                "finish_item", keys=self._item_keys(tenant_id, batch_id), args=args
             )
         return int(seq) or None
 
@@ -203,7 +197,7 @@ class RedisBatchStore:
         )
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
-                self._stop,
+                "stop",
                 keys=self._item_keys(tenant_id, batch_id),
                 args=[mode.value, _compact({"error": error}), self._retention_ms],
             )

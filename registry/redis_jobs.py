@@ -42,8 +42,14 @@ from domain.ports.queue import QueuePriority
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptPipeline, ScriptRunner, lua_script
-from registry.redis_client import as_str, due_members, redis_errors_as_unavailable, time_ms
+from registry.lua_scripts import ScriptPipeline
+from registry.redis_client import (
+    RedisStore,
+    as_str,
+    due_members,
+    redis_errors_as_unavailable,
+    time_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +98,14 @@ def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-class RedisJobStore:
+class RedisJobStore(RedisStore):
     """domain.ports.jobs.JobStore on Redis."""
 
+    SCRIPTS = "jobs"
+
     def __init__(self, redis: Redis, keys: KeySpace, log: EventLogConfig) -> None:
-        self._redis = redis
-        self._keys = keys
+        super().__init__(redis, keys)
         self._log = log
-        self._scripts = ScriptRunner(redis)
-        self._start = lua_script("jobs/start")
-        self._notice = lua_script("jobs/notice")
-        self._finish = lua_script("jobs/finish")
-        self._reap = lua_script("jobs/reap")
-        self._activate = lua_script("jobs/activate")
-        self._prune_tenants = lua_script("jobs/prune_tenants")
-        self._renew_handoff = lua_script("jobs/renew_handoff")
-        self._claim_handoff = lua_script("jobs/claim_handoff")
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -190,7 +188,7 @@ class RedisJobStore:
                 lt=True,
             )
             pipe.run(
-                self._start,
+                "start",
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
                     new.job_id,
@@ -256,7 +254,7 @@ class RedisJobStore:
         # the claim re-check it).
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
-                self._activate,
+                "activate",
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
@@ -290,7 +288,7 @@ class RedisJobStore:
 
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
-                self._renew_handoff,
+                "renew_handoff",
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
             )
@@ -339,7 +337,7 @@ class RedisJobStore:
             for member in await due_members(self._redis, handoffs, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
-                    self._claim_handoff,
+                    "claim_handoff",
                     keys=self._job_keys(tenant_id, session_id, job_id),
                     args=[
                         job_id,
@@ -398,7 +396,7 @@ class RedisJobStore:
         usage = notice.usage
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
-                self._notice,
+                "notice",
                 keys=self._job_keys(tenant_id, session_id, notice.job_id),
                 args=[
                     notice.job_id,
@@ -437,7 +435,7 @@ class RedisJobStore:
         session_id = located[1]
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
-                self._finish,
+                "finish",
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
@@ -498,7 +496,7 @@ class RedisJobStore:
             ]
             if idle:
                 await self._scripts.run(
-                    self._prune_tenants,
+                    "prune_tenants",
                     keys=[
                         keys.job_tenants(),
                         *(
@@ -520,7 +518,7 @@ class RedisJobStore:
             for member in await due_members(self._redis, deadlines, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
-                    self._reap,
+                    "reap",
                     keys=self._job_keys(tenant_id, session_id, job_id),
                     args=[
                         job_id,
