@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -59,6 +61,14 @@ class RedisStore:
         self._redis = redis
         self._keys = keys
         self._scripts = ScriptRunner(redis, self.SCRIPTS)
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Stop a store's background task (a pub/sub listener): cancel it and wait until it ends."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextmanager

@@ -28,7 +28,13 @@ from domain.jobs import EventPage
 from registry.event_codec import decode_message, decode_stream_entry
 from registry.fanout import Feed, LocalFanout
 from registry.keys import KeySpace
-from registry.redis_client import RedisStore, as_str, pairs_to_dict, redis_errors_as_unavailable
+from registry.redis_client import (
+    RedisStore,
+    as_str,
+    cancel_and_wait,
+    pairs_to_dict,
+    redis_errors_as_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +232,7 @@ class RedisEventLog(RedisStore):
 
     async def aclose(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._drop_pubsub()
         await self._subscriber.aclose()

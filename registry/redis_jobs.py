@@ -109,6 +109,12 @@ class RedisJobStore(RedisStore):
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
+    def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
+        """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
+        channel: prelude/jobs.lua's ``append``)."""
+        channel = self._keys.session_channel(tenant_id, session_id)
+        return [self._log.max_events, self._log.ttl_ms, channel]
+
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
         k = self._keys
         return [
@@ -203,9 +209,7 @@ class RedisJobStore(RedisStore):
                     limits.heartbeat_ms,
                     limits.retention_ms,
                     if_busy.value,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    keys.session_channel(tenant_id, new.session_id),
+                    *self._log_args(tenant_id, new.session_id),
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
@@ -344,9 +348,7 @@ class RedisJobStore(RedisStore):
                         limits.handoff_grace_ms,
                         limits.handoff_attempts,
                         limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
+                        *self._log_args(tenant_id, session_id),
                         failed_data,
                     ],
                 )
@@ -409,9 +411,7 @@ class RedisJobStore(RedisStore):
                     usage.completion_tokens,
                     usage.total_tokens,
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
                 ],
@@ -442,9 +442,7 @@ class RedisJobStore(RedisStore):
                     draft.kind.value,
                     _compact(draft.data),
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                 ],
             )
         outcome = jobs.FinishOutcome(as_str(reply[0]))
@@ -523,9 +521,7 @@ class RedisJobStore(RedisStore):
                     args=[
                         job_id,
                         limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
+                        *self._log_args(tenant_id, session_id),
                     ],
                 )
                 status = as_str(reply[0])

@@ -56,7 +56,13 @@ from domain.ports.queue import (
     WorkResult,
 )
 from registry.keys import KeySpace
-from registry.redis_client import RedisStore, as_str, create_redis, redis_errors_as_unavailable
+from registry.redis_client import (
+    RedisStore,
+    as_str,
+    cancel_and_wait,
+    create_redis,
+    redis_errors_as_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +135,7 @@ class _Listener:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self.wake_all()
 
     async def _run(self) -> None:
