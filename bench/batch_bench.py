@@ -44,7 +44,7 @@ import grpc
 from redis.asyncio import Redis
 
 from bench.batch_processes import start_orchestrator, start_reference, start_worker
-from bench.processes import Child, wait_serving
+from bench.processes import Child, on_private_redis, wait_serving
 from bench.tables import print_table
 from orchestrator.v1 import (
     batch_pb2,
@@ -56,7 +56,7 @@ from orchestrator.v1 import (
     session_pb2_grpc,
 )
 from server.config import Settings
-from tests.support.redis_process import RedisProcess, free_port
+from tests.support.redis_process import free_port
 from tests.support.servers import tenant
 
 TENANT = "bench"
@@ -359,12 +359,7 @@ async def platform(redis_url: str, args: argparse.Namespace) -> AsyncIterator[Pl
 
 async def run(args: argparse.Namespace) -> Results:
     """Everything on a private redis-server."""
-    redis_server = RedisProcess()
-    redis_server.start()
-    try:
-        return await measure(redis_server.url, args)
-    finally:
-        redis_server.close()
+    return await on_private_redis(lambda redis_url: measure(redis_url, args))
 
 
 async def measure(redis_url: str, args: argparse.Namespace) -> Results:

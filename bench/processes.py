@@ -15,14 +15,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import Settings
+from tests.support.redis_process import RedisProcess
 from tests.support.servers import running_server, test_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +149,16 @@ async def wait_serving(child: Child, address: str, timeout_s: float = 20.0) -> N
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{child.name} did not become healthy on {address}")
+
+
+T = TypeVar("T")
+
+
+async def on_private_redis(measure: Callable[[str], Awaitable[T]]) -> T:
+    """``measure(redis_url)`` on a redis-server of its own, stopped afterwards."""
+    redis_server = RedisProcess()
+    redis_server.start()
+    try:
+        return await measure(redis_server.url)
+    finally:
+        redis_server.close()

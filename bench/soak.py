@@ -47,10 +47,10 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis
 
-from bench.processes import BIN, ROOT, Child, wait_serving
+from bench.processes import BIN, ROOT, Child, on_private_redis, wait_serving
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
-from tests.support.redis_process import RedisProcess, free_port
+from tests.support.redis_process import free_port
 
 TENANT = "soak"
 # Slope (bytes per chat) under which the last third counts as flat whatever the first was: the
@@ -487,12 +487,7 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
 
 async def run(args: argparse.Namespace) -> Results:
     """Everything on a private redis-server."""
-    redis_server = RedisProcess()
-    redis_server.start()
-    try:
-        return await measure(redis_server.url, args)
-    finally:
-        redis_server.close()
+    return await on_private_redis(lambda redis_url: measure(redis_url, args))
 
 
 # -- the report -----------------------------------------------------------------------------------

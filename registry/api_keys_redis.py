@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from redis.asyncio import Redis
-
 from domain.identity import Role
 from domain.models import Page
 from domain.ports.api_keys import ApiKey
-from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import pairs_to_dict, redis_errors_as_unavailable
+from registry.redis_client import RedisStore, pairs_to_dict, redis_errors_as_unavailable
 
 
 def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
@@ -35,20 +31,15 @@ def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
     )
 
 
-class RedisApiKeyStore:
+class RedisApiKeyStore(RedisStore):
     """domain.ports.api_keys.ApiKeyStore on Redis."""
 
-    def __init__(self, redis: Redis, keys: KeySpace) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._scripts = ScriptRunner(redis)
-        self._add = lua_script("api_keys/add")
-        self._revoke = lua_script("api_keys/revoke")
+    SCRIPTS = "api_keys"
 
     async def add_key(self, key: ApiKey) -> ApiKey | None:
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
-                self._add,
+                "add",
                 keys=[self._keys.api_key(key.key_id)],
                 args=[key.tenant_id, key.role.value, key.description, key.secret_sha256],
             )
@@ -111,5 +102,5 @@ class RedisApiKeyStore:
 
     async def revoke_key(self, key_id: str) -> ApiKey | None:
         with redis_errors_as_unavailable():
-            raw = await self._scripts.run(self._revoke, keys=[self._keys.api_key(key_id)])
+            raw = await self._scripts.run("revoke", keys=[self._keys.api_key(key_id)])
         return key_from_hash(key_id, pairs_to_dict(raw)) if raw else None

@@ -6,7 +6,8 @@ into named locals at its top. A script names the shared preludes it needs in its
 (``--! include: shared/time``, ``--! include: jobs/job``); a prelude may include others, and each
 is included once, before the script. A file is read once per process (``lua_script``).
 
-``ScriptRunner`` runs scripts on one client: EVALSHA straight away, and only on a NOSCRIPT reply
+``ScriptRunner`` runs the scripts of one area (a store's folder) by name on one client, every
+one of them read when the runner is made: EVALSHA straight away, and only on a NOSCRIPT reply
 (a Redis that restarted) SCRIPT LOAD and again, so a script costs one round trip, alone or in a
 pipeline (redis-py's own pipelines ask SCRIPT EXISTS first: one more round trip every time).
 ``make lint`` loads every script into a real redis-server (``scripts/check_lua.py``).
@@ -95,30 +96,45 @@ def included_files(name: str) -> list[str]:
     return sorted(seen)
 
 
-class ScriptPipeline:
-    """A pipeline being built: ``run`` queues a script (EVALSHA), ``commands`` is the pipeline
-    for any other command."""
+def area_scripts(area: str) -> dict[str, LuaScript]:
+    """Every script of ``registry/lua/<area>/``, by its name in the area."""
+    scripts = {
+        name.removeprefix(f"{area}/"): lua_script(name)
+        for name in script_names()
+        if name.startswith(f"{area}/")
+    }
+    if not scripts:
+        raise ValueError(f"no Lua scripts in registry/lua/{area}/")
+    return scripts
 
-    def __init__(self, commands: Pipeline) -> None:
+
+class ScriptPipeline:
+    """A pipeline being built: ``run`` queues a script of the runner's area (EVALSHA),
+    ``commands`` is the pipeline for any other command."""
+
+    def __init__(self, commands: Pipeline, scripts: dict[str, LuaScript]) -> None:
         self.commands = commands
         self.scripts: list[LuaScript] = []
+        self._known = scripts
 
-    def run(
-        self, script: LuaScript, keys: Sequence[KeyT] = (), args: Sequence[EncodableT] = ()
-    ) -> None:
+    def run(self, name: str, keys: Sequence[KeyT] = (), args: Sequence[EncodableT] = ()) -> None:
+        script = self._known[name]
         self.scripts.append(script)
         self.commands.evalsha(script.sha, len(keys), *keys, *args)
 
 
 class ScriptRunner:
-    """Runs scripts on one client in one round trip each (see the module's doc)."""
+    """Runs the scripts of ``registry/lua/<area>/`` on one client in one round trip each (see
+    the module's doc); ``run("start")`` runs ``<area>/start.lua``."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, area: str) -> None:
         self._redis = redis
+        self._scripts = area_scripts(area)
 
     async def run(
-        self, script: LuaScript, keys: Sequence[KeyT] = (), args: Sequence[EncodableT] = ()
+        self, name: str, keys: Sequence[KeyT] = (), args: Sequence[EncodableT] = ()
     ) -> Any:
+        script = self._scripts[name]
         try:
             return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -130,7 +146,7 @@ class ScriptRunner:
         Only a Redis that lost a script costs loading it and sending the pipeline again: the
         script did not run, and the other commands of such pipelines must be idempotent."""
         for attempt in (1, 2):
-            pipe = ScriptPipeline(self._redis.pipeline(transaction=False))
+            pipe = ScriptPipeline(self._redis.pipeline(transaction=False), self._scripts)
             build(pipe)
             try:
                 return list(await pipe.commands.execute())

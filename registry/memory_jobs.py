@@ -12,27 +12,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from domain import job_machine
+from domain import job_machine, jobs
 from domain.job_machine import Effects, JobRecord, SessionSide
-from domain.jobs import (
-    UNFINISHED_STATES,
-    ActivateOutcome,
-    EventDraft,
-    EventPage,
-    FinishOutcome,
-    HandoffClaim,
-    IfBusy,
-    Job,
-    JobLimits,
-    JobState,
-    NewJob,
-    Notice,
-    NoticeOutcome,
-    SessionEvent,
-    StartedJob,
-    StartRefused,
-    Verdict,
-)
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
 from registry.memory_usage import MemoryUsageStore
@@ -41,7 +22,7 @@ from registry.memory_usage import MemoryUsageStore
 @dataclass(slots=True)
 class _SessionLog:
     last: int = 0
-    events: deque[SessionEvent] = field(default_factory=deque)
+    events: deque[jobs.SessionEvent] = field(default_factory=deque)
     touched_ms: int = 0
 
 
@@ -64,7 +45,7 @@ class MemoryEventLog:
             return None
         return log
 
-    def append(self, tenant_id: str, session_id: str, draft: EventDraft) -> SessionEvent:
+    def append(self, tenant_id: str, session_id: str, draft: jobs.EventDraft) -> jobs.SessionEvent:
         key = (tenant_id, session_id)
         log = self._log(key)
         if log is None:
@@ -72,7 +53,7 @@ class MemoryEventLog:
         now = self._clock()
         log.last += 1
         log.touched_ms = now
-        event = SessionEvent(
+        event = jobs.SessionEvent(
             session_id=session_id,
             job_id=draft.job_id,
             sequence=log.last,
@@ -92,13 +73,13 @@ class MemoryEventLog:
 
     async def read_after(
         self, tenant_id: str, session_id: str, after: int, *, limit: int
-    ) -> EventPage:
+    ) -> jobs.EventPage:
         log = self._log((tenant_id, session_id))
         if log is None:
-            return EventPage([], None, 0)
+            return jobs.EventPage([], None, 0)
         events = [e for e in log.events if e.sequence > after][:limit]
         oldest = log.events[0].sequence if log.events else None
-        return EventPage(events, oldest, log.last)
+        return jobs.EventPage(events, oldest, log.last)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, tenant_id: str, session_id: str) -> AsyncIterator[Feed]:
@@ -151,7 +132,7 @@ class MemoryJobStore:
 
     def _apply(
         self, tenant_id: str, session_id: str, job_id: str, effects: Effects
-    ) -> SessionEvent | None:
+    ) -> jobs.SessionEvent | None:
         """Store a transition's effects; the appended event, if any."""
         record = effects.record
         if record is not None:
@@ -189,8 +170,14 @@ class MemoryJobStore:
             self._handoffs.setdefault(job_id, None)
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
-    ) -> StartedJob | StartRefused:
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.StartRefused:
         step = job_machine.start(
             self._record(new.job_id),
             self._side(tenant_id, new.session_id),
@@ -201,13 +188,15 @@ class MemoryJobStore:
             hold=hold,
             now=self._clock(),
         )
-        if isinstance(step.outcome, StartRefused):
+        if isinstance(step.outcome, jobs.StartRefused):
             return step.outcome
         event = self._apply(tenant_id, new.session_id, new.job_id, step.effects)
         assert event is not None
-        return StartedJob(step.outcome, event)
+        return jobs.StartedJob(step.outcome, event)
 
-    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+    async def activate_job(
+        self, tenant_id: str, job_id: str, limits: jobs.JobLimits
+    ) -> jobs.ActivateOutcome:
         record = self._record(job_id)
         session_id = record.job.session_id if record is not None else ""
         step = job_machine.activate(
@@ -216,7 +205,7 @@ class MemoryJobStore:
         self._apply(tenant_id, session_id, job_id, step.effects)
         return step.outcome
 
-    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
         step = job_machine.renew_handoff(self._record(job_id), tenant_id, limits, now=self._clock())
         self._apply(tenant_id, "", job_id, step.effects)
         return step.outcome
@@ -235,9 +224,11 @@ class MemoryJobStore:
         for tenant_id, job_id in done:
             await self.handoff_done(tenant_id, job_id)
 
-    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+    async def claim_handoffs(
+        self, limits: jobs.JobLimits, *, limit: int
+    ) -> list[jobs.HandoffClaim]:
         now = self._clock()
-        claims: list[HandoffClaim] = []
+        claims: list[jobs.HandoffClaim] = []
         for job_id in list(self._handoffs):
             if len(claims) >= limit:
                 break
@@ -253,31 +244,31 @@ class MemoryJobStore:
                 claims.append(step.outcome)
         return claims
 
-    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+    async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:
         record = self._record(notice.job_id)
         if record is None:
-            return NoticeOutcome(Verdict.UNKNOWN_JOB)
+            return jobs.NoticeOutcome(jobs.Verdict.UNKNOWN_JOB)
         job = record.job
         side = self._side(job.tenant_id, job.session_id)
         step = job_machine.apply_notice(record, side, notice, limits, now=self._clock())
         event = self._apply(job.tenant_id, job.session_id, job.job_id, step.effects)
-        return NoticeOutcome(step.outcome, event)
+        return jobs.NoticeOutcome(step.outcome, event)
 
     async def finish_job(
-        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
-    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
+    ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:
         record = self._record(job_id)
         session_id = record.job.session_id if record is not None else ""
         side = self._side(tenant_id, session_id)
         step = job_machine.finish(record, side, tenant_id, draft, limits, now=self._clock())
         return step.outcome, self._apply(tenant_id, session_id, job_id, step.effects)
 
-    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+    async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:
         record = self._record(job_id)
         return record.job if record is not None and record.job.tenant_id == tenant_id else None
 
-    async def count_unfinished(self) -> dict[JobState, int]:
-        counts = dict.fromkeys(UNFINISHED_STATES, 0)
+    async def count_unfinished(self) -> dict[jobs.JobState, int]:
+        counts = dict.fromkeys(jobs.UNFINISHED_STATES, 0)
         for job_id in list(self._unfinished):
             record = self._record(job_id)  # drops a record that expired unfinished
             if record is None or record.job.state.is_final:
@@ -286,9 +277,9 @@ class MemoryJobStore:
                 counts[record.job.state] += 1
         return counts
 
-    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+    async def reap_expired(self, limits: jobs.JobLimits, *, limit: int) -> list[jobs.SessionEvent]:
         now = self._clock()
-        events: list[SessionEvent] = []
+        events: list[jobs.SessionEvent] = []
         while self._deadlines and self._deadlines[0][0] <= now and len(events) < limit:
             _, job_id = heapq.heappop(self._deadlines)
             record = self._record(job_id)

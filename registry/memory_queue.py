@@ -16,20 +16,10 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from domain.ports.queue import (
-    PRIORITY_ORDER,
-    DeadLetter,
-    FailOutcome,
-    NewWorkItem,
-    QueueConfig,
-    QueuePriority,
-    QueueStats,
-    ResultStatus,
-    WorkItem,
-    WorkResult,
-)
+from domain.ports import queue
 
 
 def monotonic_ms() -> float:
@@ -44,7 +34,7 @@ def wall_clock_ms() -> int:
 class _Record:
     """Everything the queue knows about one item (the Redis backend's item hash)."""
 
-    new: NewWorkItem
+    new: queue.NewWorkItem
     enqueued_at_ms: int
     state: str = "queued"  # queued | running | delayed | done | dead
     deliveries: int = 0
@@ -58,6 +48,15 @@ class _Record:
     @property
     def final(self) -> bool:
         return self.state in ("done", "dead")
+
+    def enqueued_fields(self) -> dict[str, Any]:
+        """What a delivered or dead-lettered item repeats of its enqueue (all but the payload's
+        fate): every field of ``new``, and the deliveries so far."""
+        new = self.new
+        return {
+            **{f.name: getattr(new, f.name) for f in fields(new)},
+            "deliveries": self.deliveries,
+        }
 
 
 @dataclass(slots=True)
@@ -79,17 +78,19 @@ class MemoryWorkQueue:
 
     def __init__(
         self,
-        config: QueueConfig | None = None,
+        config: queue.QueueConfig | None = None,
         *,
         clock: Callable[[], float] = monotonic_ms,
         wall_clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
-        self._config = config or QueueConfig()
+        self._config = config or queue.QueueConfig()
         self._clock = clock
         self._wall = wall_clock
         self._records: dict[str, _Record] = {}
-        self._ready: dict[tuple[QueuePriority, str], deque[tuple[str, str]]] = {}
-        self._rotation: dict[QueuePriority, deque[str]] = {p: deque() for p in PRIORITY_ORDER}
+        self._ready: dict[tuple[queue.QueuePriority, str], deque[tuple[str, str]]] = {}
+        self._rotation: dict[queue.QueuePriority, deque[str]] = {
+            p: deque() for p in queue.PRIORITY_ORDER
+        }
         self._leases: dict[str, _Lease] = {}  # receipt -> lease, oldest first
         self._delayed: list[tuple[float, int, str]] = []  # (due, seq, item_id) heap
         self._dead: dict[int, str] = {}  # position -> item id, oldest first
@@ -98,7 +99,7 @@ class MemoryWorkQueue:
         self._waiters: dict[str, _Waiters] = {}
         self._closed = False
 
-    async def enqueue(self, items: Sequence[NewWorkItem]) -> int:
+    async def enqueue(self, items: Sequence[queue.NewWorkItem]) -> int:
         added = 0
         for new in items:
             if self._live_record(new.item_id) is not None:
@@ -111,7 +112,7 @@ class MemoryWorkQueue:
 
     async def dequeue(
         self, consumer: str, *, count: int, lease_ms: int, wait_ms: int = 0
-    ) -> list[WorkItem]:
+    ) -> list[queue.WorkItem]:
         deadline = self._clock() + wait_ms
         while True:
             items = self._take(consumer, count, lease_ms)
@@ -129,7 +130,7 @@ class MemoryWorkQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_ready.wait(), max(wake, 1.0) / 1000.0)
 
-    async def renew(self, item: WorkItem) -> bool:
+    async def renew(self, item: queue.WorkItem) -> bool:
         lease = self._leases.get(item.receipt)
         if lease is None or lease.consumer != item.consumer:
             return False
@@ -139,7 +140,7 @@ class MemoryWorkQueue:
         self._leases[item.receipt] = lease
         return True
 
-    async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:
+    async def complete(self, results: Sequence[tuple[queue.WorkItem, bytes]]) -> list[bool]:
         stored: list[bool] = []
         for item, value in results:
             self._leases.pop(item.receipt, None)
@@ -155,25 +156,27 @@ class MemoryWorkQueue:
             stored.append(True)
         return stored
 
-    async def fail(self, item: WorkItem, error: str, *, retry: bool = True) -> FailOutcome:
+    async def fail(
+        self, item: queue.WorkItem, error: str, *, retry: bool = True
+    ) -> queue.FailOutcome:
         record = self._live_record(item.item_id)
         lease = self._leases.get(item.receipt)
         if record is None or record.final:
             self._leases.pop(item.receipt, None)
-            return FailOutcome.IGNORED
+            return queue.FailOutcome.IGNORED
         if lease is None or lease.consumer != item.consumer:
-            return FailOutcome.IGNORED  # reclaimed by another consumer: its delivery decides
+            return queue.FailOutcome.IGNORED  # reclaimed by another consumer: its delivery decides
         del self._leases[item.receipt]
         record.error = error
         if not retry or record.deliveries >= self._config.max_deliveries:
             self._dead_letter(record)
-            return FailOutcome.DEAD_LETTERED
+            return queue.FailOutcome.DEAD_LETTERED
         record.state = "delayed"
         due = self._clock() + self._config.retry_delay_ms(record.deliveries)
         heapq.heappush(self._delayed, (due, next(self._seq), item.item_id))
-        return FailOutcome.RETRY_SCHEDULED
+        return queue.FailOutcome.RETRY_SCHEDULED
 
-    async def release(self, item: WorkItem) -> bool:
+    async def release(self, item: queue.WorkItem) -> bool:
         lease = self._leases.get(item.receipt)
         if lease is None or lease.consumer != item.consumer:
             return False
@@ -185,20 +188,22 @@ class MemoryWorkQueue:
         self._push_ready(record)
         return True
 
-    async def get_result(self, item_id: str) -> WorkResult | None:
+    async def get_result(self, item_id: str) -> queue.WorkResult | None:
         record = self._live_record(item_id)
         if record is None or not record.final:
             return None
-        return WorkResult(
+        return queue.WorkResult(
             item_id=item_id,
-            status=ResultStatus.SUCCEEDED if record.state == "done" else ResultStatus.FAILED,
+            status=queue.ResultStatus.SUCCEEDED
+            if record.state == "done"
+            else queue.ResultStatus.FAILED,
             value=record.value if record.state == "done" else None,
             error=record.error if record.state == "dead" else None,
             deliveries=record.deliveries,
             finished_at_ms=record.finished_at_ms,
         )
 
-    async def wait_result(self, item_id: str, timeout_s: float) -> WorkResult | None:
+    async def wait_result(self, item_id: str, timeout_s: float) -> queue.WorkResult | None:
         result = await self.get_result(item_id)
         if result is not None or timeout_s <= 0 or self._closed:
             return result
@@ -215,23 +220,18 @@ class MemoryWorkQueue:
                 self._waiters.pop(item_id, None)
         return await self.get_result(item_id)
 
-    async def list_dead(self, *, limit: int = 100, after: str | None = None) -> list[DeadLetter]:
+    async def list_dead(
+        self, *, limit: int = 100, after: str | None = None
+    ) -> list[queue.DeadLetter]:
         start = int(after) if after else 0
-        found: list[DeadLetter] = []
+        found: list[queue.DeadLetter] = []
         for position, item_id in self._dead.items():
             if position <= start:
                 continue
             record = self._records[item_id]
-            new = record.new
             found.append(
-                DeadLetter(
-                    item_id=item_id,
-                    tenant_id=new.tenant_id,
-                    kind=new.kind,
-                    payload=new.payload,
-                    priority=new.priority,
-                    batch_id=new.batch_id,
-                    deliveries=record.deliveries,
+                queue.DeadLetter(
+                    **record.enqueued_fields(),
                     error=record.error or "",
                     dead_at_ms=record.finished_at_ms,
                     position=str(position),
@@ -252,7 +252,7 @@ class MemoryWorkQueue:
         self._push_ready(record)
         return True
 
-    async def stats(self) -> QueueStats:
+    async def stats(self) -> queue.QueueStats:
         self._promote_due()
         ready = sum(
             1
@@ -260,7 +260,7 @@ class MemoryWorkQueue:
             for item_id, entry in entries
             if (r := self._records.get(item_id)) is not None and r.entry == entry
         )
-        return QueueStats(
+        return queue.QueueStats(
             ready=ready, leased=len(self._leases), delayed=len(self._delayed), dead=len(self._dead)
         )
 
@@ -307,9 +307,9 @@ class MemoryWorkQueue:
             if record is not None and record.state == "delayed":
                 self._push_ready(record)
 
-    def _take(self, consumer: str, count: int, lease_ms: int) -> list[WorkItem]:
+    def _take(self, consumer: str, count: int, lease_ms: int) -> list[queue.WorkItem]:
         self._promote_due()
-        out: list[WorkItem] = []
+        out: list[queue.WorkItem] = []
         now = self._clock()
         # 1. Leases not renewed for lease_ms: their consumer is presumed dead.
         expired: list[tuple[str, _Lease]] = []
@@ -323,7 +323,7 @@ class MemoryWorkQueue:
             if item is not None:
                 out.append(item)
         # 2. Ready items: levels in order, one item per tenant per turn.
-        for priority in PRIORITY_ORDER:
+        for priority in queue.PRIORITY_ORDER:
             rotation = self._rotation[priority]
             while len(out) < count and rotation:
                 tenant = rotation.popleft()
@@ -343,7 +343,7 @@ class MemoryWorkQueue:
 
     def _deliver(
         self, item_id: str, receipt: str, consumer: str, *, reclaimed: bool
-    ) -> WorkItem | None:
+    ) -> queue.WorkItem | None:
         """Lease one entry to ``consumer``; None for stale entries and exhausted items."""
         record = self._live_record(item_id)
         if record is None or record.final or record.entry != receipt:
@@ -356,15 +356,8 @@ class MemoryWorkQueue:
             return None
         record.state = "running"
         self._leases[receipt] = _Lease(item_id, consumer, self._clock())
-        new = record.new
-        return WorkItem(
-            item_id=item_id,
-            tenant_id=new.tenant_id,
-            kind=new.kind,
-            payload=new.payload,
-            priority=new.priority,
-            batch_id=new.batch_id,
-            deliveries=record.deliveries,
+        return queue.WorkItem(
+            **record.enqueued_fields(),
             enqueued_at_ms=record.enqueued_at_ms,
             consumer=consumer,
             receipt=receipt,

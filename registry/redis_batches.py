@@ -17,21 +17,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from domain.batch_models import (
-    Batch,
-    BatchCounts,
-    BatchState,
-    ItemOutcome,
-    ItemResult,
-    ItemState,
-    NewBatch,
-    RunningItem,
-)
+from domain import batch_models
 from domain.models import Page
 from domain.ports.queue import QueuePriority
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import due_members, newest_first, redis_errors_as_unavailable
+from registry.redis_client import RedisStore, due_members, newest_first, redis_errors_as_unavailable
 
 _LIST_SCAN_BUDGET = 5000
 
@@ -40,8 +30,10 @@ def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-class RedisBatchStore:
+class RedisBatchStore(RedisStore):
     """Implements domain.ports.batches.BatchStore on Redis 7."""
+
+    SCRIPTS = "batches"
 
     def __init__(
         self,
@@ -52,15 +44,8 @@ class RedisBatchStore:
         retention_ms: int = 7 * 24 * 3600 * 1000,
     ) -> None:
         self._retention_ms = retention_ms
-        self._redis = redis
-        self._keys = keys
+        super().__init__(redis, keys)
         self._poll_s = poll_s
-        self._scripts = ScriptRunner(redis)
-        self._create = lua_script("batches/create")
-        self._start = lua_script("batches/start_item")
-        self._attach = lua_script("batches/attach_job")
-        self._finish = lua_script("batches/finish_item")
-        self._stop = lua_script("batches/stop")
 
     def _item_keys(self, tenant_id: str, batch_id: str) -> list[str]:
         k = self._keys
@@ -72,7 +57,9 @@ class RedisBatchStore:
             k.batch_results(tenant_id, batch_id),
         ]
 
-    async def create_batch(self, tenant_id: str, new: NewBatch) -> tuple[Batch, bool]:
+    async def create_batch(
+        self, tenant_id: str, new: batch_models.NewBatch
+    ) -> tuple[batch_models.Batch, bool]:
         keys = [
             *self._item_keys(tenant_id, new.batch_id),
             self._keys.batch_index(tenant_id),
@@ -90,12 +77,12 @@ class RedisBatchStore:
             *new.custom_ids,
         ]
         with redis_errors_as_unavailable():
-            created, batch_id = await self._scripts.run(self._create, keys=keys, args=args)
+            created, batch_id = await self._scripts.run("create", keys=keys, args=args)
             batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None and not int(created):
                 # The key names a batch dropped after its retention: the key is free again.
                 await self._redis.delete(keys[-1])
-                created, batch_id = await self._scripts.run(self._create, keys=keys, args=args)
+                created, batch_id = await self._scripts.run("create", keys=keys, args=args)
                 batch = await self.get_batch(tenant_id, str(batch_id))
             if batch is None:  # pragma: no cover - only if the keys vanished meanwhile
                 raise RuntimeError(f"batch {batch_id} vanished")
@@ -105,12 +92,12 @@ class RedisBatchStore:
                 )
         return batch, bool(int(created))
 
-    async def find_by_idempotency_key(self, tenant_id: str, key: str) -> Batch | None:
+    async def find_by_idempotency_key(self, tenant_id: str, key: str) -> batch_models.Batch | None:
         with redis_errors_as_unavailable():
             batch_id = await self._redis.get(self._keys.batch_idempotency(tenant_id, key))
         return None if batch_id is None else await self.get_batch(tenant_id, str(batch_id))
 
-    async def get_batch(self, tenant_id: str, batch_id: str) -> Batch | None:
+    async def get_batch(self, tenant_id: str, batch_id: str) -> batch_models.Batch | None:
         with redis_errors_as_unavailable():
             fields: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
                 self._keys.batch(tenant_id, batch_id)
@@ -118,10 +105,15 @@ class RedisBatchStore:
         return _batch(batch_id, fields) if fields else None
 
     async def list_batches(
-        self, tenant_id: str, *, limit: int, after: str | None, state: BatchState | None
-    ) -> Page[Batch]:
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        after: str | None,
+        state: batch_models.BatchState | None,
+    ) -> Page[batch_models.Batch]:
         index = self._keys.batch_index(tenant_id)
-        found: list[Batch] = []
+        found: list[batch_models.Batch] = []
         cursor = after
         examined = 0
         chunk = max(limit, 100)
@@ -156,7 +148,7 @@ class RedisBatchStore:
         keys = self._item_keys(tenant_id, batch_id)[:2]
         with redis_errors_as_unavailable():
             ok = await self._scripts.run(
-                self._start, keys=keys, args=[index, 1 if redelivery else 0]
+                "start_item", keys=keys, args=[index, 1 if redelivery else 0]
             )
         return bool(int(ok))
 
@@ -171,12 +163,12 @@ class RedisBatchStore:
         ]
         with redis_errors_as_unavailable():
             ok = await self._scripts.run(
-                self._attach, keys=keys, args=[index, f"{job_id} {session_id}"]
+                "attach_job", keys=keys, args=[index, f"{job_id} {session_id}"]
             )
         return bool(int(ok))
 
     async def finish_item(
-        self, tenant_id: str, batch_id: str, index: int, outcome: ItemOutcome
+        self, tenant_id: str, batch_id: str, index: int, outcome: batch_models.ItemOutcome
     ) -> int | None:
         args = [
             index,
@@ -187,31 +179,39 @@ class RedisBatchStore:
         ]
         with redis_errors_as_unavailable():
             seq = await self._scripts.run(
-                self._finish, keys=self._item_keys(tenant_id, batch_id), args=args
+                "finish_item", keys=self._item_keys(tenant_id, batch_id), args=args
             )
         return int(seq) or None
 
     async def stop_batch(
-        self, tenant_id: str, batch_id: str, state: BatchState, error: dict[str, object]
-    ) -> tuple[Batch | None, list[RunningItem]]:
-        mode = ItemState.EXPIRED if state is BatchState.EXPIRED else ItemState.CANCELLED
+        self,
+        tenant_id: str,
+        batch_id: str,
+        state: batch_models.BatchState,
+        error: dict[str, object],
+    ) -> tuple[batch_models.Batch | None, list[batch_models.RunningItem]]:
+        mode = (
+            batch_models.ItemState.EXPIRED
+            if state is batch_models.BatchState.EXPIRED
+            else batch_models.ItemState.CANCELLED
+        )
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
-                self._stop,
+                "stop",
                 keys=self._item_keys(tenant_id, batch_id),
                 args=[mode.value, _compact({"error": error}), self._retention_ms],
             )
         if not int(reply[0]):
             return None, []
-        running: list[RunningItem] = []
+        running: list[batch_models.RunningItem] = []
         for i in range(1, len(reply), 2):
             job_id, _, session_id = str(reply[i + 1]).partition(" ")
-            running.append(RunningItem(int(reply[i]), job_id, session_id))
+            running.append(batch_models.RunningItem(int(reply[i]), job_id, session_id))
         return await self.get_batch(tenant_id, batch_id), running
 
     async def read_results(
         self, tenant_id: str, batch_id: str, after: int, *, limit: int, wait_s: float
-    ) -> list[ItemResult]:
+    ) -> list[batch_models.ItemResult]:
         """Waiting polls (XRANGE every ``poll_s``) rather than blocking in XREAD: a blocked
         read would hold one of the shared pool's connections per open stream."""
         key = self._keys.batch_results(tenant_id, batch_id)
@@ -240,28 +240,28 @@ class RedisBatchStore:
             await self._redis.zrem(self._keys.batch_expiry(), f"{tenant_id} {batch_id}")
 
 
-def _result(batch_id: str, entry_id: str, fields: Mapping[str, str]) -> ItemResult:
-    return ItemResult(
+def _result(batch_id: str, entry_id: str, fields: Mapping[str, str]) -> batch_models.ItemResult:
+    return batch_models.ItemResult(
         batch_id=batch_id,
         custom_id=fields.get("c", ""),
         sequence=int(str(entry_id).partition("-")[0]),
-        state=ItemState(fields["s"]),
+        state=batch_models.ItemState(fields["s"]),
         job_id=fields.get("j", ""),
         finish_ms=int(fields.get("t", 0)),
         data=json.loads(fields.get("d") or "{}"),
     )
 
 
-def _batch(batch_id: str, f: Mapping[str, str]) -> Batch:
+def _batch(batch_id: str, f: Mapping[str, str]) -> batch_models.Batch:
     def n(name: str) -> int:
         return int(f.get(name, 0))
 
-    return Batch(
+    return batch_models.Batch(
         batch_id=batch_id,
         tenant_id=f["tenant"],
-        state=BatchState(f["state"]),
+        state=batch_models.BatchState(f["state"]),
         priority=QueuePriority(f["priority"]),
-        counts=BatchCounts(
+        counts=batch_models.BatchCounts(
             total=n("total"),
             queued=n("queued"),
             running=n("running"),

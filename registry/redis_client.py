@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -12,6 +14,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from domain.errors import Unavailable
+from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner
 
 RESP_PROTOCOL = 3
 
@@ -45,6 +49,26 @@ def create_redis(
         client_name=client_name,
     )
     return Redis.from_pool(pool)  # the client owns the pool and closes it
+
+
+class RedisStore:
+    """What every Redis store holds: the client, the key layout and the runner of the Lua
+    scripts of its area, ``registry/lua/<SCRIPTS>/``."""
+
+    SCRIPTS: ClassVar[str]
+
+    def __init__(self, redis: Redis, keys: KeySpace) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._scripts = ScriptRunner(redis, self.SCRIPTS)
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Stop a store's background task (a pub/sub listener): cancel it and wait until it ends."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextmanager

@@ -28,16 +28,23 @@ from domain.jobs import EventPage
 from registry.event_codec import decode_message, decode_stream_entry
 from registry.fanout import Feed, LocalFanout
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import as_str, pairs_to_dict, redis_errors_as_unavailable
+from registry.redis_client import (
+    RedisStore,
+    as_str,
+    cancel_and_wait,
+    pairs_to_dict,
+    redis_errors_as_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
-class RedisEventLog:
+class RedisEventLog(RedisStore):
     """domain.ports.events.EventLog on Redis streams and pub/sub."""
+
+    SCRIPTS = "events"
 
     def __init__(
         self,
@@ -50,13 +57,10 @@ class RedisEventLog:
     ) -> None:
         """``redis`` serves log reads; ``subscriber`` is a client reserved for the pub/sub
         connection (its socket timeout must exceed ``read_block_s``)."""
-        self._redis = redis
+        super().__init__(redis, keys)
         self._subscriber = subscriber
-        self._keys = keys
         self._read_block_s = read_block_s
         self._subscribe_timeout_s = subscribe_timeout_s
-        self._scripts = ScriptRunner(redis)
-        self._read_after = lua_script("events/read_after")
         self.fanout = LocalFanout()
         self._pubsub: PubSub | None = None
         # Channels with SUBSCRIBE commands not yet confirmed, and who waits for them.
@@ -78,7 +82,7 @@ class RedisEventLog:
         keys = self._keys
         with redis_errors_as_unavailable():
             last, oldest, entries = await self._scripts.run(
-                self._read_after,
+                "read_after",
                 keys=[
                     keys.session_event_seq(tenant_id, session_id),
                     keys.session_events(tenant_id, session_id),
@@ -228,10 +232,7 @@ class RedisEventLog:
 
     async def aclose(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._drop_pubsub()
         await self._subscriber.aclose()

@@ -35,33 +35,21 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from domain import jobs
 from domain.errors import DataLoss
-from domain.jobs import (
-    UNFINISHED_STATES,
-    ActivateOutcome,
-    EventDraft,
-    FinishOutcome,
-    HandoffClaim,
-    IfBusy,
-    Job,
-    JobLimits,
-    JobState,
-    NewJob,
-    Notice,
-    NoticeOutcome,
-    SessionEvent,
-    StartedJob,
-    StartRefused,
-    Verdict,
-    handoff_failed_data,
-)
 from domain.models import Service, TokenUsage, WorkKind
 from domain.ports.queue import QueuePriority
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptPipeline, ScriptRunner, lua_script
-from registry.redis_client import as_str, due_members, redis_errors_as_unavailable, time_ms
+from registry.lua_scripts import ScriptPipeline
+from registry.redis_client import (
+    RedisStore,
+    as_str,
+    due_members,
+    redis_errors_as_unavailable,
+    time_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +58,7 @@ log = logging.getLogger(__name__)
 _EARLY_DEADLINE_MARGIN_MS = 2_000
 
 
-def _early_due_ms(limits: JobLimits, *, may_queue: bool) -> int:
+def _early_due_ms(limits: jobs.JobLimits, *, may_queue: bool) -> int:
     """A score at or before the deadline the start script will give a new job, so the reaper
     looks at it no later than it is due."""
     first = min(limits.deadline_ms, limits.heartbeat_ms)
@@ -100,7 +88,7 @@ class EventLogConfig:
     ttl_ms: int
 
 
-def _final_event(session_id: str, kept: str) -> SessionEvent:
+def _final_event(session_id: str, kept: str) -> jobs.SessionEvent:
     """A job's kept final event, stored as "<sequence> <time> <envelope>"."""
     sequence, time_ms, envelope = kept.split(" ", 2)
     return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
@@ -110,24 +98,22 @@ def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-class RedisJobStore:
+class RedisJobStore(RedisStore):
     """domain.ports.jobs.JobStore on Redis."""
 
+    SCRIPTS = "jobs"
+
     def __init__(self, redis: Redis, keys: KeySpace, log: EventLogConfig) -> None:
-        self._redis = redis
-        self._keys = keys
+        super().__init__(redis, keys)
         self._log = log
-        self._scripts = ScriptRunner(redis)
-        self._start = lua_script("jobs/start")
-        self._notice = lua_script("jobs/notice")
-        self._finish = lua_script("jobs/finish")
-        self._reap = lua_script("jobs/reap")
-        self._activate = lua_script("jobs/activate")
-        self._prune_tenants = lua_script("jobs/prune_tenants")
-        self._renew_handoff = lua_script("jobs/renew_handoff")
-        self._claim_handoff = lua_script("jobs/claim_handoff")
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
+        """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
+        channel: prelude/jobs.lua's ``append``)."""
+        channel = self._keys.session_channel(tenant_id, session_id)
+        return [self._log.max_events, self._log.ttl_ms, channel]
 
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
         k = self._keys
@@ -137,13 +123,13 @@ class RedisJobStore:
             k.session_pending(tenant_id, session_id),
             k.session_event_seq(tenant_id, session_id),
             k.session_events(tenant_id, session_id),
-            k.jobs_in_state(tenant_id, JobState.PENDING.value),
-            k.jobs_in_state(tenant_id, JobState.RUNNING.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.PENDING.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.RUNNING.value),
             k.session_line(tenant_id, session_id),
-            k.jobs_in_state(tenant_id, JobState.QUEUED.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.QUEUED.value),
         ]
 
-    def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
+    def _event(self, session_id: str, reply: list[Any]) -> jobs.SessionEvent:
         return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
 
     def _remember(self, job_id: str, tenant_id: str, session_id: str) -> None:
@@ -172,8 +158,14 @@ class RedisJobStore:
         return tenant_id, session_id
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
-    ) -> StartedJob | StartRefused:
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.StartRefused:
         keys = self._keys
         accepted = {
             "service": new.service.value,
@@ -183,7 +175,7 @@ class RedisJobStore:
         }
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
-        early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
+        early_due = _early_due_ms(limits, may_queue=hold or if_busy is jobs.IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
 
         def build(pipe: ScriptPipeline) -> None:
@@ -202,7 +194,7 @@ class RedisJobStore:
                 lt=True,
             )
             pipe.run(
-                self._start,
+                "start",
                 keys=self._job_keys(tenant_id, new.session_id, new.job_id),
                 args=[
                     new.job_id,
@@ -217,9 +209,7 @@ class RedisJobStore:
                     limits.heartbeat_ms,
                     limits.retention_ms,
                     if_busy.value,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    keys.session_channel(tenant_id, new.session_id),
+                    *self._log_args(tenant_id, new.session_id),
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
@@ -235,26 +225,28 @@ class RedisJobStore:
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[-2]
             status = as_str(reply[0])
-            if status == StartRefused.JOB_EXISTS.value:
+            if status == jobs.StartRefused.JOB_EXISTS.value:
                 # The index and the hints are the existing job's own (the same id, tenant and
                 # session; moved earlier at most): they stay.
-                return StartRefused.JOB_EXISTS
+                return jobs.StartRefused.JOB_EXISTS
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
                 cleanup.zrem(keys.job_deadlines(), deadline_member)
                 cleanup.zrem(keys.job_handoffs(), deadline_member)
                 await cleanup.execute()
-                return StartRefused(status)
+                return jobs.StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
             event = self._event(new.session_id, reply)
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
-        return StartedJob(job, event)
+        return jobs.StartedJob(job, event)
 
-    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+    async def activate_job(
+        self, tenant_id: str, job_id: str, limits: jobs.JobLimits
+    ) -> jobs.ActivateOutcome:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
-            return ActivateOutcome.UNKNOWN_JOB
+            return jobs.ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
         member = f"{tenant_id} {session_id} {job_id}"
 
@@ -266,7 +258,7 @@ class RedisJobStore:
         # the claim re-check it).
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
-                self._activate,
+                "activate",
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
@@ -287,12 +279,12 @@ class RedisJobStore:
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
-        outcome = ActivateOutcome(as_str(reply[0]))
-        if outcome is ActivateOutcome.FINAL:
+        outcome = jobs.ActivateOutcome(as_str(reply[0]))
+        if outcome is jobs.ActivateOutcome.FINAL:
             self._forget(job_id)
         return outcome
 
-    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return False
@@ -300,7 +292,7 @@ class RedisJobStore:
 
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
-                self._renew_handoff,
+                "renew_handoff",
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
             )
@@ -339,24 +331,24 @@ class RedisJobStore:
         with redis_errors_as_unavailable():
             await self._redis.hdel(self._keys.job(tenant_id, job_id), "hoq")
 
-    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+    async def claim_handoffs(
+        self, limits: jobs.JobLimits, *, limit: int
+    ) -> list[jobs.HandoffClaim]:
         handoffs = self._keys.job_handoffs()
-        failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
-        claims: list[HandoffClaim] = []
+        failed_data = _compact(jobs.handoff_failed_data("{service}", "{attempts}"))
+        claims: list[jobs.HandoffClaim] = []
         with redis_errors_as_unavailable():
             for member in await due_members(self._redis, handoffs, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
-                    self._claim_handoff,
+                    "claim_handoff",
                     keys=self._job_keys(tenant_id, session_id, job_id),
                     args=[
                         job_id,
                         limits.handoff_grace_ms,
                         limits.handoff_attempts,
                         limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
+                        *self._log_args(tenant_id, session_id),
                         failed_data,
                     ],
                 )
@@ -369,7 +361,7 @@ class RedisJobStore:
                 if status in ("gone", "done", "later"):
                     continue
                 spec = json.loads(as_str(reply[3]))
-                job = NewJob(
+                job = jobs.NewJob(
                     job_id=job_id,
                     session_id=as_str(reply[4]),
                     agent_id=as_str(reply[8]),
@@ -385,7 +377,7 @@ class RedisJobStore:
                 )
                 accepted = as_str(reply[11])
                 claims.append(
-                    HandoffClaim(
+                    jobs.HandoffClaim(
                         tenant_id,
                         job,
                         int(reply[2]),
@@ -396,17 +388,17 @@ class RedisJobStore:
                 )
         return claims
 
-    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+    async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:
         located = await self._locate(notice.job_id)
         if located is None:
-            return NoticeOutcome(Verdict.UNKNOWN_JOB)
+            return jobs.NoticeOutcome(jobs.Verdict.UNKNOWN_JOB)
         tenant_id, session_id = located
         if tenant_id != notice.tenant_id:
-            return NoticeOutcome(Verdict.WRONG_TENANT)
+            return jobs.NoticeOutcome(jobs.Verdict.WRONG_TENANT)
         usage = notice.usage
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
-                self._notice,
+                "notice",
                 keys=self._job_keys(tenant_id, session_id, notice.job_id),
                 args=[
                     notice.job_id,
@@ -419,52 +411,48 @@ class RedisJobStore:
                     usage.completion_tokens,
                     usage.total_tokens,
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
                 ],
             )
-        verdict = Verdict(as_str(reply[0]))
-        if verdict is Verdict.JOB_FINISHED:
+        verdict = jobs.Verdict(as_str(reply[0]))
+        if verdict is jobs.Verdict.JOB_FINISHED:
             self._forget(notice.job_id)
-        if verdict is not Verdict.ACCEPTED:
-            return NoticeOutcome(verdict)
+        if verdict is not jobs.Verdict.ACCEPTED:
+            return jobs.NoticeOutcome(verdict)
         event = self._event(session_id, reply)
         if event.kind.is_final:
             self._forget(notice.job_id)
-        return NoticeOutcome(verdict, event)
+        return jobs.NoticeOutcome(verdict, event)
 
     async def finish_job(
-        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
-    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
+    ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
-            return FinishOutcome.UNKNOWN_JOB, None
+            return jobs.FinishOutcome.UNKNOWN_JOB, None
         session_id = located[1]
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
-                self._finish,
+                "finish",
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
                     job_id,
                     draft.kind.value,
                     _compact(draft.data),
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                 ],
             )
-        outcome = FinishOutcome(as_str(reply[0]))
-        if outcome is not FinishOutcome.UNKNOWN_JOB:
+        outcome = jobs.FinishOutcome(as_str(reply[0]))
+        if outcome is not jobs.FinishOutcome.UNKNOWN_JOB:
             self._forget(job_id)
-        if outcome is not FinishOutcome.DONE:
+        if outcome is not jobs.FinishOutcome.DONE:
             return outcome, None
         return outcome, self._event(session_id, reply)
 
-    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+    async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:
         with redis_errors_as_unavailable():
             fields = await self._redis.hgetall(self._keys.job(tenant_id, job_id))
         if not fields:
@@ -478,12 +466,12 @@ class RedisJobStore:
             )
             raise DataLoss(f"the stored record of task {job_id} cannot be read") from None
 
-    async def count_unfinished(self) -> dict[JobState, int]:
+    async def count_unfinished(self) -> dict[jobs.JobState, int]:
         """SMEMBERS with TIME, then the ZCOUNTs of each tenant that started a job, in one pipeline:
         members scored before now are jobs whose hash expired unfinished, not counted. Tenants
         found with nothing unfinished are dropped from the set (a script re-checks each)."""
         keys = self._keys
-        counts = dict.fromkeys(UNFINISHED_STATES, 0)
+        counts = dict.fromkeys(jobs.UNFINISHED_STATES, 0)
         with redis_errors_as_unavailable():
             read = self._redis.pipeline(transaction=False)
             read.smembers(keys.job_tenants())
@@ -495,10 +483,10 @@ class RedisJobStore:
             now_ms = time_ms(now)
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:
-                for state in UNFINISHED_STATES:
+                for state in jobs.UNFINISHED_STATES:
                     pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
             replies = [int(n) for n in await pipe.execute()]
-            per_tenant = len(UNFINISHED_STATES)
+            per_tenant = len(jobs.UNFINISHED_STATES)
             idle = [
                 tenant_id
                 for i, tenant_id in enumerate(tenants)
@@ -506,36 +494,34 @@ class RedisJobStore:
             ]
             if idle:
                 await self._scripts.run(
-                    self._prune_tenants,
+                    "prune_tenants",
                     keys=[
                         keys.job_tenants(),
                         *(
                             keys.jobs_in_state(tenant_id, state.value)
                             for tenant_id in idle
-                            for state in UNFINISHED_STATES
+                            for state in jobs.UNFINISHED_STATES
                         ),
                     ],
                     args=idle,
                 )
         for i, n in enumerate(replies):
-            counts[UNFINISHED_STATES[i % per_tenant]] += n
+            counts[jobs.UNFINISHED_STATES[i % per_tenant]] += n
         return counts
 
-    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+    async def reap_expired(self, limits: jobs.JobLimits, *, limit: int) -> list[jobs.SessionEvent]:
         deadlines = self._keys.job_deadlines()
-        events: list[SessionEvent] = []
+        events: list[jobs.SessionEvent] = []
         with redis_errors_as_unavailable():
             for member in await due_members(self._redis, deadlines, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
-                    self._reap,
+                    "reap",
                     keys=self._job_keys(tenant_id, session_id, job_id),
                     args=[
                         job_id,
                         limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
+                        *self._log_args(tenant_id, session_id),
                     ],
                 )
                 status = as_str(reply[0])
@@ -549,18 +535,18 @@ class RedisJobStore:
         return events
 
 
-def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
+def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> jobs.Job:
     """A job hash as a Job; raises KeyError, ValueError or TypeError when it does not parse."""
     request_id = json.loads(f["request"])
     if not isinstance(request_id, str):
         raise TypeError("request id is not text")
-    return Job(
+    return jobs.Job(
         job_id=job_id,
         tenant_id=tenant_id,
         session_id=f["session"],
         service=Service(f["service"]),
         kind=WorkKind(f["kind"]),
-        state=JobState(f["state"]),
+        state=jobs.JobState(f["state"]),
         request_id=request_id,
         created_at_ms=int(f["created"]),
         updated_at_ms=int(f["updated"]),

@@ -56,8 +56,13 @@ from domain.ports.queue import (
     WorkResult,
 )
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import as_str, create_redis, redis_errors_as_unavailable
+from registry.redis_client import (
+    RedisStore,
+    as_str,
+    cancel_and_wait,
+    create_redis,
+    redis_errors_as_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +135,7 @@ class _Listener:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self.wake_all()
 
     async def _run(self) -> None:
@@ -174,8 +176,10 @@ class _Listener:
                 event.set()
 
 
-class RedisWorkQueue:
+class RedisWorkQueue(RedisStore):
     """domain.ports.queue.WorkQueue on Redis Streams."""
+
+    SCRIPTS = "queue"
 
     def __init__(
         self,
@@ -187,20 +191,10 @@ class RedisWorkQueue:
     ) -> None:
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the work queue needs a client with decode_responses=False")
-        self._redis = redis
-        self._keys = keys
+        super().__init__(redis, keys)
         self._queue = queue
         self._prefix = keys.work_queue(queue)
         self._config = config or QueueConfig()
-        self._scripts = ScriptRunner(redis)
-        self._enqueue = lua_script("queue/enqueue")
-        self._dequeue = lua_script("queue/dequeue")
-        self._renew = lua_script("queue/renew")
-        self._complete = lua_script("queue/complete")
-        self._fail = lua_script("queue/fail")
-        self._release = lua_script("queue/release")
-        self._redrive = lua_script("queue/redrive")
-        self._stats = lua_script("queue/stats")
         self._listener = _Listener(redis, self._prefix + "ch:done", self._prefix + "ch:ready")
 
     @property
@@ -227,7 +221,7 @@ class RedisWorkQueue:
                 item.payload,
             ]
         with redis_errors_as_unavailable():
-            return int(await self._scripts.run(self._enqueue, args=args))
+            return int(await self._scripts.run("enqueue", args=args))
 
     async def dequeue(
         self, consumer: str, *, count: int, lease_ms: int, wait_ms: int = 0
@@ -246,7 +240,7 @@ class RedisWorkQueue:
                 await self._listener.ensure_started()
                 self._listener.work_ready.clear()
             with redis_errors_as_unavailable():
-                packed, hint_ms = await self._scripts.run(self._dequeue, args=args)
+                packed, hint_ms = await self._scripts.run("dequeue", args=args)
             items = self._items(consumer, packed)
             remaining = deadline - loop.time()
             if items or remaining <= 0:
@@ -259,7 +253,7 @@ class RedisWorkQueue:
     async def renew(self, item: WorkItem) -> bool:
         with redis_errors_as_unavailable():
             held = await self._scripts.run(
-                self._renew, args=[self._prefix, item.consumer, self._stream(item), item.receipt]
+                "renew", args=[self._prefix, item.consumer, self._stream(item), item.receipt]
             )
         return bool(held[0])
 
@@ -270,14 +264,14 @@ class RedisWorkQueue:
         for item, value in results:
             args += [item.item_id, self._stream(item), item.receipt, value]
         with redis_errors_as_unavailable():
-            stored = await self._scripts.run(self._complete, args=args)
+            stored = await self._scripts.run("complete", args=args)
         return [bool(flag) for flag in stored]
 
     async def fail(self, item: WorkItem, error: str, *, retry: bool = True) -> FailOutcome:
         config = self._config
         with redis_errors_as_unavailable():
             outcome = await self._scripts.run(
-                self._fail,
+                "fail",
                 args=[
                     self._prefix,
                     item.item_id,
@@ -296,7 +290,7 @@ class RedisWorkQueue:
     async def release(self, item: WorkItem) -> bool:
         with redis_errors_as_unavailable():
             released = await self._scripts.run(
-                self._release,
+                "release",
                 args=[self._prefix, item.item_id, self._stream(item), item.receipt, item.consumer],
             )
         return bool(released)
@@ -373,11 +367,11 @@ class RedisWorkQueue:
 
     async def redrive(self, item_id: str) -> bool:
         with redis_errors_as_unavailable():
-            return bool(await self._scripts.run(self._redrive, args=[self._prefix, item_id]))
+            return bool(await self._scripts.run("redrive", args=[self._prefix, item_id]))
 
     async def stats(self) -> QueueStats:
         with redis_errors_as_unavailable():
-            ready, leased, delayed, dead = await self._scripts.run(self._stats, args=[self._prefix])
+            ready, leased, delayed, dead = await self._scripts.run("stats", args=[self._prefix])
         return QueueStats(int(ready), int(leased), int(delayed), int(dead))
 
     async def aclose(self) -> None:

@@ -11,21 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from redis.asyncio import Redis
-
 from domain.rate_limits import ALLOWED, Bucket, RateDecision
-from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import redis_errors_as_unavailable
+from registry.redis_client import RedisStore, redis_errors_as_unavailable
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(RedisStore):
     """GCRA limits shared by every replica on one Redis."""
 
-    def __init__(self, redis: Redis, keys: KeySpace) -> None:
-        self._keys = keys
-        self._scripts = ScriptRunner(redis)
-        self._acquire = lua_script("rate_limits/acquire")
+    SCRIPTS = "rate_limits"
 
     async def acquire(self, buckets: Sequence[Bucket]) -> RateDecision:
         if not buckets:
@@ -36,7 +29,7 @@ class RedisRateLimiter:
             args += [repr(bucket.rate.interval_us), str(bucket.rate.burst)]
         with redis_errors_as_unavailable():
             allowed, retry_after_ms, index = await self._scripts.run(
-                self._acquire, keys=keys, args=args
+                "acquire", keys=keys, args=args
             )
         if int(allowed) == 1:
             return ALLOWED

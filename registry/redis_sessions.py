@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from domain.models import NewSession, Page, Session, SessionFilter, SessionState, TokenUsage
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
 from registry.redis_client import (
+    RedisStore,
     newest_first,
     pairs_to_dict,
     redis_errors_as_unavailable,
@@ -57,23 +57,20 @@ def session_from_hash(
     )
 
 
-class RedisSessionStore:
+class RedisSessionStore(RedisStore):
     """domain.ports.sessions.SessionStore on Redis."""
 
+    SCRIPTS = "sessions"
+
     def __init__(self, redis: Redis, keys: KeySpace, *, retention_ms: int) -> None:
-        self._redis = redis
-        self._keys = keys
+        super().__init__(redis, keys)
         self._retention_ms = retention_ms
-        self._scripts = ScriptRunner(redis)
-        self._create = lua_script("sessions/create")
-        self._get = lua_script("sessions/get")
-        self._close = lua_script("sessions/close")
 
     async def create_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
         keys = self._keys
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
-                self._create,
+                "create",
                 keys=[
                     keys.session(tenant_id, session_id),
                     keys.session_pending(tenant_id, session_id),
@@ -94,7 +91,7 @@ class RedisSessionStore:
     async def get_session(self, tenant_id: str, session_id: str, *, touch: bool) -> Session | None:
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
-                self._get,
+                "get",
                 keys=self._session_keys(tenant_id, session_id),
                 args=["1" if touch else "0", self._retention_ms],
             )
@@ -105,7 +102,7 @@ class RedisSessionStore:
     async def close_session(self, tenant_id: str, session_id: str) -> Session | None:
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
-                self._close,
+                "close",
                 keys=self._session_keys(tenant_id, session_id),
                 args=[self._retention_ms, self._keys.session_channel(tenant_id, session_id)],
             )

@@ -13,8 +13,7 @@ from redis.asyncio import Redis
 from domain.models import TokenUsage
 from domain.ports.usage import DayUsage
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptRunner, lua_script
-from registry.redis_client import as_str, redis_errors_as_unavailable
+from registry.redis_client import RedisStore, as_str, redis_errors_as_unavailable
 
 _AGENT = "agent:"
 
@@ -32,14 +31,10 @@ def day_usage_from_hash(day: int, raw: dict[Any, Any]) -> DayUsage:
     )
 
 
-class RedisUsageStore:
+class RedisUsageStore(RedisStore):
     """domain.ports.usage.UsageStore on Redis."""
 
-    def __init__(self, redis: Redis, keys: KeySpace) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._scripts = ScriptRunner(redis)
-        self._today = lua_script("usage/tokens_today")
+    SCRIPTS = "usage"
 
     async def usage_days(self, tenant_id: str, first_day: int, last_day: int) -> list[DayUsage]:
         days = list(range(first_day, last_day + 1))
@@ -53,7 +48,9 @@ class RedisUsageStore:
 
     async def tokens_today(self, tenant_id: str) -> int:
         with redis_errors_as_unavailable():
-            reply = await self._scripts.run(self._today, args=[self._keys.usage_prefix(tenant_id)])
+            reply = await self._scripts.run(
+                "tokens_today", args=[self._keys.usage_prefix(tenant_id)]
+            )
         return int(reply)
 
 

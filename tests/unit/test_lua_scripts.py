@@ -1,4 +1,4 @@
-"""The Lua scripts of registry/lua/ read like code: every file is used (a store loads every
+"""The Lua scripts of registry/lua/ read like code: every file is used (a store runs every
 script, a script includes every prelude), every script's header names its KEYS and ARGV, and
 the bodies use named locals, never ``KEYS[3]`` or ``ARGV[17]``."""
 
@@ -57,15 +57,21 @@ def declarations(name: str) -> list[tuple[str, str]]:
     return found
 
 
-def loaded_by_stores() -> set[str]:
-    loaded: set[str] = set()
+def run_by_stores() -> set[str]:
+    """``<area>/<name>`` of every script a store runs: the area its class names (``SCRIPTS``)
+    with every name its module passes to ``run``."""
+    run: set[str] = set()
     for module in REGISTRY.glob("*.py"):
-        loaded.update(re.findall(r'lua_script\("([\w/]+)"\)', module.read_text(encoding="utf-8")))
-    return loaded
+        source = module.read_text(encoding="utf-8")
+        areas = re.findall(r'^    SCRIPTS = "(\w+)"$', source, re.MULTILINE)
+        assert len(areas) <= 1, f"{module.name}: one store with scripts per module"
+        names = re.findall(r'\brun\(\s*"(\w+)"', source)
+        run.update(f"{area}/{name}" for area in areas for name in names)
+    return run
 
 
 def test_every_script_is_loaded_by_a_store_and_every_store_script_exists() -> None:
-    assert loaded_by_stores() == set(script_names())
+    assert run_by_stores() == set(script_names())
 
 
 def test_every_prelude_is_included_by_a_script() -> None:
