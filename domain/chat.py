@@ -45,7 +45,7 @@ from domain.errors import (
 )
 from domain.event_stream import SessionFollower
 from domain.handoff_upkeep import HandoffConfirmations, HandoffLeases
-from domain.ids import is_resource_id, new_id
+from domain.ids import new_id, require_id
 from domain.jobs import (
     ActivateOutcome,
     EventDraft,
@@ -94,11 +94,7 @@ class ChatMessage:
 
 
 def require_job_id(value: str, field: str = "job_id") -> str:
-    if not value:
-        raise InvalidArgument.field(field, "is required")
-    if not is_resource_id(value):
-        raise InvalidArgument.field(field, "is not a valid job id")
-    return value
+    return require_id(value, field, "job id")
 
 
 def validate_message(message: ChatMessage) -> None:
