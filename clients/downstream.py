@@ -112,35 +112,16 @@ class GrpcDispatcher:
     async def submit(self, work: WorkRequest, ctx: CallContext) -> str:
         """Start the work under ``work.job_id``; retrying is safe because the id is fixed."""
         if work.service is Service.EMBEDDING:
-            embed_request = embedding_pb2.SubmitEmbeddingRequest(
-                tenant_id=work.tenant_id,
-                session_id=work.session_id,
-                texts=[work.content],
-                model=work.model,
-                request_id=ctx.request_id,
-                job_id=work.job_id,
+            embedding = self._embedding_stub().SubmitEmbedding
+            embedded = await self._unary(
+                work.service, "SubmitEmbedding", embedding, _embedding_request(work, ctx), ctx
             )
-            stub = self._embedding_stub()
-            reply = await self._unary(
-                work.service, "SubmitEmbedding", stub.SubmitEmbedding, embed_request, ctx
-            )
-            return reply.job_id or work.job_id
-        query_request = query_pb2.SubmitQueryRequest(
-            tenant_id=work.tenant_id,
-            session_id=work.session_id,
-            agent_id=work.agent_id,
-            prompt=work.content,
-            mode=_QUERY_MODES.get(work.kind, query_pb2.QUERY_MODE_LLM),
-            model=work.model,
-            collections=list(work.collections),
-            request_id=ctx.request_id,
-            job_id=work.job_id,
+            return embedded.job_id or work.job_id
+        query = self._query_stub().SubmitQuery
+        queried = await self._unary(
+            work.service, "SubmitQuery", query, _query_request(work, ctx), ctx
         )
-        query_stub = self._query_stub()
-        query_reply = await self._unary(
-            work.service, "SubmitQuery", query_stub.SubmitQuery, query_request, ctx
-        )
-        return query_reply.job_id or work.job_id
+        return queried.job_id or work.job_id
 
     async def cancel(self, service: Service, job_id: str, ctx: CallContext) -> bool:
         """Ask the service that runs the job to stop it; True when it was still running."""
@@ -168,3 +149,28 @@ class GrpcDispatcher:
         for channel in channels:
             if channel is not None:
                 await channel.close(grace=None)
+
+
+def _embedding_request(work: WorkRequest, ctx: CallContext) -> embedding_pb2.SubmitEmbeddingRequest:
+    return embedding_pb2.SubmitEmbeddingRequest(
+        tenant_id=work.tenant_id,
+        session_id=work.session_id,
+        texts=[work.content],
+        model=work.model,
+        request_id=ctx.request_id,
+        job_id=work.job_id,
+    )
+
+
+def _query_request(work: WorkRequest, ctx: CallContext) -> query_pb2.SubmitQueryRequest:
+    return query_pb2.SubmitQueryRequest(
+        tenant_id=work.tenant_id,
+        session_id=work.session_id,
+        agent_id=work.agent_id,
+        prompt=work.content,
+        mode=_QUERY_MODES.get(work.kind, query_pb2.QUERY_MODE_LLM),
+        model=work.model,
+        collections=list(work.collections),
+        request_id=ctx.request_id,
+        job_id=work.job_id,
+    )
