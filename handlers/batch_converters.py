@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from domain.batch_models import Batch, BatchState, ItemKind, ItemResult, ItemState
 from domain.batches import BatchSubmission, ItemInput
 from domain.ports.queue import QueuePriority
@@ -59,20 +61,12 @@ def submission_from_pb(request: batch_pb2.SubmitBatchRequest) -> BatchSubmission
 
 
 def batch_to_pb(batch: Batch) -> batch_pb2.Batch:
-    c = batch.counts
     message = batch_pb2.Batch(
         batch_id=batch.batch_id,
         state=_BATCH_STATE_TO_PB[batch.state],
         priority=_PRIORITY_TO_PB[batch.priority],
-        counts=batch_pb2.BatchCounts(
-            total=c.total,
-            queued=c.queued,
-            running=c.running,
-            completed=c.completed,
-            failed=c.failed,
-            cancelled=c.cancelled,
-            expired=c.expired,
-        ),
+        # The message's counters are named as the domain's.
+        counts=batch_pb2.BatchCounts(**dataclasses.asdict(batch.counts)),
         idempotency_key=batch.idempotency_key,
         metadata=dict(batch.metadata),
         create_time=timestamp_from_ms(batch.created_ms),
