@@ -529,18 +529,7 @@ class ChatOrchestrator:
                     raise _refusal(started, session.session_id)
                 # else another delivery started it just now: follow it.
             elif job.state is JobState.PENDING:
-                again = NewJob(
-                    job_id=job_id,
-                    session_id=job.session_id,
-                    agent_id=job.agent_id,
-                    service=job.service,
-                    kind=job.kind,
-                    content=message.content,
-                    request_id=job.request_id,
-                    model=job.model,
-                    cache_key=job.cache_key,
-                    collections=tuple(message.collections),
-                )
+                again = job.handed_again(message.content, message.collections)
                 log.info("job %s is still pending: handing it to %s again", job_id, job.service)
                 self._hand_off_soon(ctx, again)
             final = await self._final_event(feed, tenant_id, job_id, read_first=not fresh)
