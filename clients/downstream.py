@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import grpc
@@ -31,23 +31,11 @@ _QUERY_MODES = {
 
 @dataclass(frozen=True, slots=True)
 class DownstreamConfig:
-    """Where the downstream services are and how calls to them are retried (seconds)."""
+    """Where the downstream services are and how calls to them are retried."""
 
     query_address: str
     embedding_address: str
-    attempt_timeout_s: float = 5.0
-    max_attempts: int = 3
-    backoff_base_s: float = 0.05
-    backoff_cap_s: float = 1.0
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(
-            attempt_timeout_s=self.attempt_timeout_s,
-            max_attempts=max(1, self.max_attempts),
-            backoff_base_s=self.backoff_base_s,
-            backoff_cap_s=self.backoff_cap_s,
-        )
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def call_metadata(ctx: CallContext) -> tuple[tuple[str, str], ...]:
@@ -63,7 +51,8 @@ class GrpcDispatcher:
 
     def __init__(self, config: DownstreamConfig) -> None:
         self.config = config
-        self._policy = config.policy
+        # At least one attempt, whatever the configuration says.
+        self._policy = replace(config.retry, max_attempts=max(1, config.retry.max_attempts))
         self._query_channel: grpc.aio.Channel | None = None
         self._embedding_channel: grpc.aio.Channel | None = None
         self._query: query_pb2_grpc.QueryServiceAsyncStub | None = None
