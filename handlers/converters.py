@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -24,11 +24,16 @@ class PbEnum(Protocol[_Number_co]):
     def Value(self, name: str) -> _Number_co: ...
 
 
-def enum_to_pb(domain: type[Member], pb: PbEnum[Number], prefix: str) -> dict[Member, Number]:
-    """Each member of the ``domain`` enum -> the number of the ``pb`` enum value named
-    ``prefix`` + the member's name (SessionState.ACTIVE -> SESSION_STATE_ACTIVE). A member
-    without its value fails at import (ValueError)."""
-    return {member: pb.Value(prefix + member.name) for member in domain}
+def enum_to_pb(
+    domain: type[Member],
+    pb: PbEnum[Number],
+    prefix: str,
+    members: Iterable[Member] | None = None,
+) -> dict[Member, Number]:
+    """Each member of the ``domain`` enum (or just ``members``) -> the number of the ``pb``
+    enum value named ``prefix`` + the member's name (SessionState.ACTIVE ->
+    SESSION_STATE_ACTIVE). A member without its value fails at import (ValueError)."""
+    return {member: pb.Value(prefix + member.name) for member in members or domain}
 
 
 def inverse(table: Mapping[Member, Number]) -> dict[Number, Member]:

@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 KIND_TO_PB = enum_to_pb(WorkKind, common_pb2.WorkKind, "WORK_KIND_")
 _KIND_FROM_PB = {common_pb2.WORK_KIND_UNSPECIFIED: WorkKind.LLM_QUERY, **inverse(KIND_TO_PB)}
-SERVICE_TO_PB = enum_to_pb(Service, common_pb2.Service, "SERVICE_")
+# Only these services have a value in orchestrator.v1.Service (the plans' services do not).
+SERVICE_TO_PB = enum_to_pb(
+    Service, common_pb2.Service, "SERVICE_", (Service.QUERY, Service.EMBEDDING)
+)
 _SERVICE_FROM_PB = inverse(SERVICE_TO_PB)
 _NOTICE_FROM_PB = inverse(enum_to_pb(NoticeEvent, task_update_pb2.NoticeEvent, "NOTICE_EVENT_"))
 

@@ -36,3 +36,10 @@ def test_a_member_without_a_protobuf_value_fails() -> None:
 
     with pytest.raises(ValueError, match="SESSION_STATE_PAUSED"):
         enum_to_pb(Extended, session_pb2.SessionState, "SESSION_STATE_")
+
+
+def test_only_the_members_asked_for_are_mapped() -> None:
+    table = enum_to_pb(
+        SessionState, session_pb2.SessionState, "SESSION_STATE_", (SessionState.ACTIVE,)
+    )
+    assert table == {SessionState.ACTIVE: session_pb2.SESSION_STATE_ACTIVE}
