@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import grpc
@@ -31,23 +31,11 @@ _QUERY_MODES = {
 
 @dataclass(frozen=True, slots=True)
 class DownstreamConfig:
-    """Where the downstream services are and how calls to them are retried (seconds)."""
+    """Where the downstream services are and how calls to them are retried."""
 
     query_address: str
     embedding_address: str
-    attempt_timeout_s: float = 5.0
-    max_attempts: int = 3
-    backoff_base_s: float = 0.05
-    backoff_cap_s: float = 1.0
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(
-            attempt_timeout_s=self.attempt_timeout_s,
-            max_attempts=max(1, self.max_attempts),
-            backoff_base_s=self.backoff_base_s,
-            backoff_cap_s=self.backoff_cap_s,
-        )
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def call_metadata(ctx: CallContext) -> tuple[tuple[str, str], ...]:
@@ -63,7 +51,8 @@ class GrpcDispatcher:
 
     def __init__(self, config: DownstreamConfig) -> None:
         self.config = config
-        self._policy = config.policy
+        # At least one attempt, whatever the configuration says.
+        self._policy = replace(config.retry, max_attempts=max(1, config.retry.max_attempts))
         self._query_channel: grpc.aio.Channel | None = None
         self._embedding_channel: grpc.aio.Channel | None = None
         self._query: query_pb2_grpc.QueryServiceAsyncStub | None = None
@@ -112,35 +101,16 @@ class GrpcDispatcher:
     async def submit(self, work: WorkRequest, ctx: CallContext) -> str:
         """Start the work under ``work.job_id``; retrying is safe because the id is fixed."""
         if work.service is Service.EMBEDDING:
-            embed_request = embedding_pb2.SubmitEmbeddingRequest(
-                tenant_id=work.tenant_id,
-                session_id=work.session_id,
-                texts=[work.content],
-                model=work.model,
-                request_id=ctx.request_id,
-                job_id=work.job_id,
+            embedding = self._embedding_stub().SubmitEmbedding
+            embedded = await self._unary(
+                work.service, "SubmitEmbedding", embedding, _embedding_request(work, ctx), ctx
             )
-            stub = self._embedding_stub()
-            reply = await self._unary(
-                work.service, "SubmitEmbedding", stub.SubmitEmbedding, embed_request, ctx
-            )
-            return reply.job_id or work.job_id
-        query_request = query_pb2.SubmitQueryRequest(
-            tenant_id=work.tenant_id,
-            session_id=work.session_id,
-            agent_id=work.agent_id,
-            prompt=work.content,
-            mode=_QUERY_MODES.get(work.kind, query_pb2.QUERY_MODE_LLM),
-            model=work.model,
-            collections=list(work.collections),
-            request_id=ctx.request_id,
-            job_id=work.job_id,
+            return embedded.job_id or work.job_id
+        query = self._query_stub().SubmitQuery
+        queried = await self._unary(
+            work.service, "SubmitQuery", query, _query_request(work, ctx), ctx
         )
-        query_stub = self._query_stub()
-        query_reply = await self._unary(
-            work.service, "SubmitQuery", query_stub.SubmitQuery, query_request, ctx
-        )
-        return query_reply.job_id or work.job_id
+        return queried.job_id or work.job_id
 
     async def cancel(self, service: Service, job_id: str, ctx: CallContext) -> bool:
         """Ask the service that runs the job to stop it; True when it was still running."""
@@ -168,3 +138,28 @@ class GrpcDispatcher:
         for channel in channels:
             if channel is not None:
                 await channel.close(grace=None)
+
+
+def _embedding_request(work: WorkRequest, ctx: CallContext) -> embedding_pb2.SubmitEmbeddingRequest:
+    return embedding_pb2.SubmitEmbeddingRequest(
+        tenant_id=work.tenant_id,
+        session_id=work.session_id,
+        texts=[work.content],
+        model=work.model,
+        request_id=ctx.request_id,
+        job_id=work.job_id,
+    )
+
+
+def _query_request(work: WorkRequest, ctx: CallContext) -> query_pb2.SubmitQueryRequest:
+    return query_pb2.SubmitQueryRequest(
+        tenant_id=work.tenant_id,
+        session_id=work.session_id,
+        agent_id=work.agent_id,
+        prompt=work.content,
+        mode=_QUERY_MODES.get(work.kind, query_pb2.QUERY_MODE_LLM),
+        model=work.model,
+        collections=list(work.collections),
+        request_id=ctx.request_id,
+        job_id=work.job_id,
+    )

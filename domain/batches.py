@@ -23,7 +23,7 @@ from domain.batch_models import Batch, BatchItemSpec, BatchState, ItemKind, Item
 from domain.chat import MAX_COLLECTIONS, MAX_CONTENT_CHARS, MAX_MODEL_CHARS, ChatOrchestrator
 from domain.dispatch import CallContext
 from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
-from domain.ids import is_resource_id, new_id
+from domain.ids import is_resource_id, new_id, require_id
 from domain.models import Page, page_limit
 from domain.periodic import PeriodicTask
 from domain.ports.batches import BatchStore
@@ -75,11 +75,7 @@ class BatchSubmission:
 
 
 def require_batch_id(value: str, field: str = "batch_id") -> str:
-    if not value:
-        raise InvalidArgument.field(field, "is required")
-    if not is_resource_id(value):
-        raise InvalidArgument.field(field, "is not a valid batch id")
-    return value
+    return require_id(value, field, "batch id")
 
 
 def validate_submission(sub: BatchSubmission, policy: BatchPolicy) -> list[BatchItemSpec]:

@@ -45,7 +45,7 @@ from domain.errors import (
 )
 from domain.event_stream import SessionFollower
 from domain.handoff_upkeep import HandoffConfirmations, HandoffLeases
-from domain.ids import is_resource_id, new_id
+from domain.ids import new_id, require_id
 from domain.jobs import (
     ActivateOutcome,
     EventDraft,
@@ -94,11 +94,7 @@ class ChatMessage:
 
 
 def require_job_id(value: str, field: str = "job_id") -> str:
-    if not value:
-        raise InvalidArgument.field(field, "is required")
-    if not is_resource_id(value):
-        raise InvalidArgument.field(field, "is not a valid job id")
-    return value
+    return require_id(value, field, "job id")
 
 
 def validate_message(message: ChatMessage) -> None:
@@ -262,19 +258,7 @@ class ChatOrchestrator:
     async def _put_on_queue(self, tenant_id: str, job: NewJob, accepted_sequence: int) -> None:
         """Enqueue a queued job's work item (holding its lease), then confirm the enqueue."""
         assert self._queue is not None  # start_job only queues when there is a queue
-        queued = QueuedChat(
-            tenant_id=tenant_id,
-            job_id=job.job_id,
-            session_id=job.session_id,
-            request_id=job.request_id,
-            accepted_sequence=accepted_sequence,
-            kind=job.kind,
-            content=job.content,
-            model=job.model,
-            collections=job.collections,
-            agent_id=job.agent_id,
-            cache_key=job.cache_key,
-        )
+        queued = QueuedChat(tenant_id, accepted_sequence, job)
         queue = self._queue
         await self._leases.holding(
             tenant_id, job.job_id, queue.enqueue([queued.work_item(job.priority)])
@@ -306,9 +290,9 @@ class ChatOrchestrator:
         """Run a queued job when its turn comes and return its final event (the ``chat`` work
         queue's handler, via domain.queued_chat). None when there was nothing to run: the job
         already ended, or it is unknown."""
-        tenant_id, job_id = queued.tenant_id, queued.job_id
-        ctx = CallContext(tenant_id=tenant_id, request_id=queued.request_id)
-        async with self._events.subscribe(tenant_id, queued.session_id) as feed:
+        tenant_id, job_id = queued.tenant_id, queued.job.job_id
+        ctx = CallContext(tenant_id=tenant_id, request_id=queued.job.request_id)
+        async with self._events.subscribe(tenant_id, queued.job.session_id) as feed:
             while True:
                 outcome = await self._jobs.activate_job(tenant_id, job_id, self._limits)
                 if outcome is ActivateOutcome.WAIT:
@@ -319,7 +303,7 @@ class ChatOrchestrator:
                 return None
             if outcome is ActivateOutcome.SESSION_NOT_OPEN:
                 reason = {"reason": "the session closed before the job's turn came"}
-                draft = EventDraft(job_id, EventKind.CANCELLED, queued.request_id, reason)
+                draft = EventDraft(job_id, EventKind.CANCELLED, queued.job.request_id, reason)
                 _, event = await self._jobs.finish_job(tenant_id, job_id, draft, self._limits)
                 return event
             # STARTED now: handed over like any job (in a task of its own, with a lease that
@@ -328,7 +312,7 @@ class ChatOrchestrator:
             # over again (at least once; its service reports under the same job id), a RUNNING
             # one only followed.
             if outcome is ActivateOutcome.STARTED or await self._is_pending(tenant_id, job_id):
-                self._hand_off_soon(ctx, queued.new_job())
+                self._hand_off_soon(ctx, queued.job)
             try:
                 async for event in self._job_events(
                     feed, tenant_id, job_id, queued.accepted_sequence, catch_up=True
@@ -346,7 +330,7 @@ class ChatOrchestrator:
     async def fail_queued(self, queued: QueuedChat, message: str) -> None:
         """End a queued job that its work queue gave up on as failed (if still unfinished)."""
         error = {"code": "dead_lettered", "message": message, "retryable": True}
-        await self._fail(queued.tenant_id, queued.job_id, queued.request_id, error)
+        await self._fail(queued.tenant_id, queued.job.job_id, queued.job.request_id, error)
 
     async def _fail(
         self, tenant_id: str, job_id: str, request_id: str, error: dict[str, Any]
@@ -545,18 +529,7 @@ class ChatOrchestrator:
                     raise _refusal(started, session.session_id)
                 # else another delivery started it just now: follow it.
             elif job.state is JobState.PENDING:
-                again = NewJob(
-                    job_id=job_id,
-                    session_id=job.session_id,
-                    agent_id=job.agent_id,
-                    service=job.service,
-                    kind=job.kind,
-                    content=message.content,
-                    request_id=job.request_id,
-                    model=job.model,
-                    cache_key=job.cache_key,
-                    collections=tuple(message.collections),
-                )
+                again = job.handed_again(message.content, message.collections)
                 log.info("job %s is still pending: handing it to %s again", job_id, job.service)
                 self._hand_off_soon(ctx, again)
             final = await self._final_event(feed, tenant_id, job_id, read_first=not fresh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 from domain.jobs import EventKind, SessionEvent
 from domain.ports.events import EventLog, Feed
@@ -29,6 +30,7 @@ def history_truncated(session_id: str, requested_after: int, oldest: int) -> Ses
     )
 
 
+@dataclass(eq=False)
 class SessionFollower:
     """Yields the events of one session after a cursor, for one client stream.
 
@@ -38,39 +40,31 @@ class SessionFollower:
     It also ends after the feed reports the session closed.
     """
 
-    def __init__(
-        self,
-        log: EventLog,
-        feed: Feed,
-        tenant_id: str,
-        session_id: str,
-        *,
-        still_open: Callable[[], Awaitable[bool]] | None = None,
-        idle_check_s: float = 30.0,
-    ) -> None:
-        self._log = log
-        self._feed = feed
-        self._tenant_id = tenant_id
-        self._session_id = session_id
-        self._still_open = still_open
-        self._idle_check_s = idle_check_s
-        self.last = 0
-        # The log's counter went below the cursor: the session's data may be gone.
-        self._log_reset = False
+    log: EventLog
+    feed: Feed
+    tenant_id: str
+    session_id: str
+    _: KW_ONLY
+    still_open: Callable[[], Awaitable[bool]] | None = None
+    idle_check_s: float = 30.0
+    # The cursor: the sequence of the last event yielded.
+    last: int = field(init=False, default=0)
+    # The log's counter went below the cursor: the session's data may be gone.
+    _log_reset: bool = field(init=False, default=False)
 
     async def _catch_up(self, *, report_truncation: bool) -> AsyncIterator[SessionEvent]:
         """Yield retained events after ``self.last`` until the log has no more."""
         first_page = True
         while True:
-            page = await self._log.read_after(
-                self._tenant_id, self._session_id, self.last, limit=CATCH_UP_PAGE
+            page = await self.log.read_after(
+                self.tenant_id, self.session_id, self.last, limit=CATCH_UP_PAGE
             )
             if first_page and report_truncation and self.last > 0:
                 oldest = page.oldest_retained
                 if oldest is None and page.last_sequence > self.last:
                     oldest = page.last_sequence + 1
                 if oldest is not None and oldest > self.last + 1:
-                    yield history_truncated(self._session_id, self.last, oldest)
+                    yield history_truncated(self.session_id, self.last, oldest)
             first_page = False
             if page.last_sequence < self.last:
                 self._log_reset = True
@@ -85,7 +79,7 @@ class SessionFollower:
         """Events after ``after``. ``catch_up=False`` skips the first read of the log, for a
         caller whose feed was in effect before the event ``after`` was appended."""
         self.last = max(after, 0)
-        feed = self._feed
+        feed = self.feed
         if catch_up:
             async for event in self._catch_up(report_truncation=True):
                 yield event
@@ -93,10 +87,10 @@ class SessionFollower:
             if feed.recheck or self._log_reset:
                 feed.clear_recheck()
                 self._log_reset = False
-                if self._still_open is not None and not await self._still_open():
+                if self.still_open is not None and not await self.still_open():
                     return
-            if not await feed.wait(self._idle_check_s):
-                if self._still_open is not None and not await self._still_open():
+            if not await feed.wait(self.idle_check_s):
+                if self.still_open is not None and not await self.still_open():
                     return
                 continue
             if feed.lagging:

@@ -7,7 +7,9 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from domain.errors import InvalidArgument
 
 # Tenant ids end up inside Redis hash tags, so braces and separators are not allowed.
 TENANT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -62,6 +64,18 @@ def derived_id(parent_id: str, name: str) -> str:
 def is_resource_id(value: str) -> bool:
     """Whether ``value`` has the shape of an id this service issues."""
     return bool(RESOURCE_ID_PATTERN.match(value))
+
+
+def require_id(
+    value: str, field: str, what: str, valid: Callable[[str], bool] = is_resource_id
+) -> str:
+    """``value`` when present and ``valid``; else INVALID_ARGUMENT naming ``field`` (``what``
+    names the kind of id in the message: "is not a valid <what>")."""
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    if not valid(value):
+        raise InvalidArgument.field(field, f"is not a valid {what}")
+    return value
 
 
 def tenant_entries(raw: str, shape: str) -> Iterator[tuple[str, str, str]]:

@@ -17,7 +17,7 @@ sequence number; clients follow those events live and resume from a sequence.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,6 +222,22 @@ class Job:
     keep_final: bool = False
     # The job's final event, once it ended, when it was started with ``keep_final``.
     final_event: SessionEvent | None = None
+
+    def handed_again(self, content: str, collections: Sequence[str]) -> NewJob:
+        """This job to hand to its service again, with the parts of its message the record
+        does not keep."""
+        return NewJob(
+            job_id=self.job_id,
+            session_id=self.session_id,
+            agent_id=self.agent_id,
+            service=self.service,
+            kind=self.kind,
+            content=content,
+            request_id=self.request_id,
+            model=self.model,
+            cache_key=self.cache_key,
+            collections=tuple(collections),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 from domain.errors import Unavailable
 
@@ -26,29 +27,21 @@ log = logging.getLogger(__name__)
 DEFAULT_STOP_TIMEOUT_S = 2.0
 
 
+@dataclass(eq=False)
 class PeriodicTask:
     """Runs ``pass_fn`` every ``interval_s`` in a task named ``name`` (see module doc)."""
 
-    def __init__(
-        self,
-        name: str,
-        pass_fn: Callable[[], Awaitable[object]],
-        interval_s: float,
-        *,
-        quiet: tuple[type[Exception], ...] = (Unavailable,),
-        wait_first: bool = False,
-        stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
-    ) -> None:
-        self.name = name
-        self._pass = pass_fn
-        self._interval_s = interval_s
-        self._quiet = quiet
-        self._wait_first = wait_first
-        self._stop_timeout_s = stop_timeout_s
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        # The kind of error of the current failure streak (None: the last pass succeeded).
-        self._failing: type[Exception] | None = None
+    name: str
+    pass_fn: Callable[[], Awaitable[object]]
+    interval_s: float
+    _: KW_ONLY
+    quiet: tuple[type[Exception], ...] = (Unavailable,)
+    wait_first: bool = False
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    _stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    # The kind of error of the current failure streak (None: the last pass succeeded).
+    _failing: type[Exception] | None = field(init=False, default=None)
 
     @property
     def running(self) -> bool:
@@ -62,8 +55,8 @@ class PeriodicTask:
     async def run_once(self) -> bool:
         """One pass with the loop's error handling; returns whether it succeeded."""
         try:
-            await self._pass()
-        except self._quiet as exc:
+            await self.pass_fn()
+        except self.quiet as exc:
             log.debug("%s skipped a pass: %s", self.name, exc)
             return False
         except Exception as exc:
@@ -86,7 +79,7 @@ class PeriodicTask:
         )
 
     async def _run(self) -> None:
-        if self._wait_first and await self._wait():
+        if self.wait_first and await self._wait():
             return
         while not self._stopping.is_set():
             await self.run_once()
@@ -96,7 +89,7 @@ class PeriodicTask:
     async def _wait(self) -> bool:
         """Wait ``interval_s`` or until stopped; returns whether stopping."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+            await asyncio.wait_for(self._stopping.wait(), self.interval_s)
         return self._stopping.is_set()
 
     async def stop(self, timeout_s: float | None = None) -> None:
@@ -106,7 +99,7 @@ class PeriodicTask:
         task, self._task = self._task, None
         if task is None:
             return
-        bound = self._stop_timeout_s if timeout_s is None else timeout_s
+        bound = self.stop_timeout_s if timeout_s is None else timeout_s
         try:
             await asyncio.wait_for(asyncio.shield(task), bound)
         except TimeoutError:

@@ -17,7 +17,6 @@ exactly-once because the job's state machine accepts one final event.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,53 +30,32 @@ SKIPPED = b"skipped"
 
 @dataclass(frozen=True, slots=True)
 class QueuedChat:
-    """What a worker needs to start a queued job: the job as recorded, and the parts of the
-    message the job record does not keep."""
+    """What a worker needs to start a queued job: its tenant, the sequence of its accepted
+    event, and the job to hand to its service when its turn comes (with the parts of the
+    message the job record does not keep)."""
 
     tenant_id: str
-    job_id: str
-    session_id: str
-    request_id: str
     accepted_sequence: int
-    kind: WorkKind
-    content: str
-    model: str = ""
-    collections: Sequence[str] = ()
-    agent_id: str = ""
-    cache_key: str = ""
-
-    def new_job(self) -> NewJob:
-        """The job to hand to its service when its turn comes."""
-        return NewJob(
-            job_id=self.job_id,
-            session_id=self.session_id,
-            agent_id=self.agent_id,
-            service=Service.for_kind(self.kind),
-            kind=self.kind,
-            content=self.content,
-            request_id=self.request_id,
-            model=self.model,
-            cache_key=self.cache_key,
-            collections=tuple(self.collections),
-        )
+    job: NewJob
 
     def work_item(self, priority: QueuePriority) -> NewWorkItem:
         """The queue item; its id is the job id, so enqueueing twice changes nothing."""
+        job = self.job
         payload = {
             "tenant": self.tenant_id,
-            "job": self.job_id,
-            "session": self.session_id,
-            "request_id": self.request_id,
+            "job": job.job_id,
+            "session": job.session_id,
+            "request_id": job.request_id,
             "seq": self.accepted_sequence,
-            "kind": self.kind.value,
-            "content": self.content,
-            "model": self.model,
-            "collections": list(self.collections),
-            "agent": self.agent_id,
-            "ckey": self.cache_key,
+            "kind": job.kind.value,
+            "content": job.content,
+            "model": job.model,
+            "collections": list(job.collections),
+            "agent": job.agent_id,
+            "ckey": job.cache_key,
         }
         return NewWorkItem(
-            item_id=self.job_id,
+            item_id=job.job_id,
             tenant_id=self.tenant_id,
             kind=ITEM_KIND,
             payload=json.dumps(payload, separators=(",", ":")).encode(),
@@ -87,19 +65,20 @@ class QueuedChat:
     @classmethod
     def from_item(cls, item: WorkItem) -> QueuedChat:
         spec = json.loads(item.payload)
-        return cls(
-            tenant_id=spec["tenant"],
+        kind = WorkKind(spec["kind"])
+        job = NewJob(
             job_id=spec["job"],
             session_id=spec["session"],
-            request_id=spec.get("request_id", ""),
-            accepted_sequence=int(spec["seq"]),
-            kind=WorkKind(spec["kind"]),
-            content=spec["content"],
-            model=spec.get("model", ""),
-            collections=tuple(spec.get("collections") or ()),
             agent_id=spec.get("agent", ""),
+            service=Service.for_kind(kind),
+            kind=kind,
+            content=spec["content"],
+            request_id=spec.get("request_id", ""),
+            model=spec.get("model", ""),
             cache_key=spec.get("ckey", ""),
+            collections=tuple(spec.get("collections") or ()),
         )
+        return cls(tenant_id=spec["tenant"], accepted_sequence=int(spec["seq"]), job=job)
 
 
 def result_of(event: SessionEvent) -> bytes:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from domain.ids import is_resource_id, new_id
+from domain.ids import is_resource_id, new_id, require_id
 from domain.models import NewSession, Page, Session, SessionFilter, SessionState, page_limit
 from domain.ports.sessions import SessionStore
 
@@ -50,11 +50,7 @@ def metadata_violations(metadata: Mapping[str, str]) -> list[FieldViolation]:
 
 def require_session_id(value: str, field: str = "session_id") -> str:
     """Validate a session id argument (presence and shape)."""
-    if not value:
-        raise InvalidArgument.field(field, "is required")
-    if not is_resource_id(value):
-        raise InvalidArgument.field(field, "is not a valid session id")
-    return value
+    return require_id(value, field, "session id")
 
 
 class SessionManager:

@@ -26,6 +26,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from domain.errors import Unavailable
 from domain.ports.queue import FailOutcome, WorkItem, WorkQueue
@@ -36,6 +37,15 @@ Handler = Callable[[WorkItem], Awaitable[bytes]]
 # Told when a failed delivery sent its item to the dead letter, so the owner of the work can
 # record the failure (a batch item, a queued chat job) instead of leaving it running.
 DeadLetterHook = Callable[[WorkItem, str], Awaitable[None]]
+
+
+class ItemRunner(Protocol):
+    """The owner of one queue's work: its ``handle`` and its dead-letter hook."""
+
+    async def handle(self, item: WorkItem) -> bytes: ...
+
+    async def dead_lettered(self, item: WorkItem, error: str) -> None: ...
+
 
 # After a backend error the worker waits this long before leasing again.
 _ERROR_BACKOFF_S = 0.5

@@ -13,28 +13,16 @@ from domain.api_keys import ApiKeyManager
 from domain.identity import Role
 from domain.jobs import Job, JobState
 from domain.ports.api_keys import ApiKey
-from handlers.converters import timestamp_from_ms, usage_to_pb
+from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
 from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-_ROLE_TO_PB = {
-    Role.CLIENT: admin_pb2.API_KEY_ROLE_CLIENT,
-    Role.SERVICE: admin_pb2.API_KEY_ROLE_SERVICE,
-    Role.ADMIN: admin_pb2.API_KEY_ROLE_ADMIN,
-}
+_ROLE_TO_PB = enum_to_pb(Role, admin_pb2.ApiKeyRole, "API_KEY_ROLE_")
 _ROLE_FROM_PB = {value: role.value for role, value in _ROLE_TO_PB.items()}
-_STATE_TO_PB = {
-    JobState.QUEUED: admin_pb2.TASK_STATE_QUEUED,
-    JobState.PENDING: admin_pb2.TASK_STATE_PENDING,
-    JobState.RUNNING: admin_pb2.TASK_STATE_RUNNING,
-    JobState.COMPLETED: admin_pb2.TASK_STATE_COMPLETED,
-    JobState.FAILED: admin_pb2.TASK_STATE_FAILED,
-    JobState.TIMED_OUT: admin_pb2.TASK_STATE_TIMED_OUT,
-    JobState.CANCELLED: admin_pb2.TASK_STATE_CANCELLED,
-}
+_STATE_TO_PB = enum_to_pb(JobState, admin_pb2.TaskState, "TASK_STATE_")
 
 
 def task_to_pb(job: Job) -> admin_pb2.Task:

@@ -2,48 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from domain.batch_models import Batch, BatchState, ItemKind, ItemResult, ItemState
 from domain.batches import BatchSubmission, ItemInput
 from domain.ports.queue import QueuePriority
-from handlers.converters import enum_from_pb, optional_duration_ms, timestamp_from_ms, usage_to_pb
+from handlers.converters import (
+    enum_from_pb,
+    enum_to_pb,
+    inverse,
+    optional_duration_ms,
+    timestamp_from_ms,
+    usage_to_pb,
+)
 from handlers.event_converters import result_from_data, usage_from_data
 from orchestrator.v1 import batch_pb2, common_pb2
 
-_BATCH_STATE_TO_PB = {
-    BatchState.VALIDATING: batch_pb2.BATCH_STATE_VALIDATING,
-    BatchState.QUEUED: batch_pb2.BATCH_STATE_QUEUED,
-    BatchState.IN_PROGRESS: batch_pb2.BATCH_STATE_IN_PROGRESS,
-    BatchState.COMPLETED: batch_pb2.BATCH_STATE_COMPLETED,
-    BatchState.FAILED: batch_pb2.BATCH_STATE_FAILED,
-    BatchState.CANCELLING: batch_pb2.BATCH_STATE_CANCELLING,
-    BatchState.CANCELLED: batch_pb2.BATCH_STATE_CANCELLED,
-    BatchState.EXPIRED: batch_pb2.BATCH_STATE_EXPIRED,
-}
-_BATCH_STATE_FROM_PB = {v: k for k, v in _BATCH_STATE_TO_PB.items()}
-_ITEM_STATE_TO_PB = {
-    ItemState.QUEUED: batch_pb2.BATCH_ITEM_STATE_QUEUED,
-    ItemState.RUNNING: batch_pb2.BATCH_ITEM_STATE_RUNNING,
-    ItemState.COMPLETED: batch_pb2.BATCH_ITEM_STATE_COMPLETED,
-    ItemState.FAILED: batch_pb2.BATCH_ITEM_STATE_FAILED,
-    ItemState.CANCELLED: batch_pb2.BATCH_ITEM_STATE_CANCELLED,
-    ItemState.EXPIRED: batch_pb2.BATCH_ITEM_STATE_EXPIRED,
-}
-_KIND_FROM_PB = {
-    batch_pb2.BATCH_ITEM_KIND_CHAT_MESSAGE: ItemKind.CHAT_MESSAGE,
-    batch_pb2.BATCH_ITEM_KIND_LLM_QUERY: ItemKind.LLM_QUERY,
-    batch_pb2.BATCH_ITEM_KIND_RAG_QUERY: ItemKind.RAG_QUERY,
-    batch_pb2.BATCH_ITEM_KIND_EMBEDDING: ItemKind.EMBEDDING,
-}
+_BATCH_STATE_TO_PB = enum_to_pb(BatchState, batch_pb2.BatchState, "BATCH_STATE_")
+_BATCH_STATE_FROM_PB = inverse(_BATCH_STATE_TO_PB)
+_ITEM_STATE_TO_PB = enum_to_pb(ItemState, batch_pb2.BatchItemState, "BATCH_ITEM_STATE_")
+_KIND_FROM_PB = inverse(enum_to_pb(ItemKind, batch_pb2.BatchItemKind, "BATCH_ITEM_KIND_"))
+_PRIORITY_TO_PB = enum_to_pb(QueuePriority, common_pb2.Priority, "PRIORITY_")
 _PRIORITY_FROM_PB = {
     common_pb2.PRIORITY_UNSPECIFIED: QueuePriority.NORMAL,
-    common_pb2.PRIORITY_HIGH: QueuePriority.HIGH,
-    common_pb2.PRIORITY_NORMAL: QueuePriority.NORMAL,
-    common_pb2.PRIORITY_LOW: QueuePriority.LOW,
-}
-_PRIORITY_TO_PB = {
-    QueuePriority.HIGH: common_pb2.PRIORITY_HIGH,
-    QueuePriority.NORMAL: common_pb2.PRIORITY_NORMAL,
-    QueuePriority.LOW: common_pb2.PRIORITY_LOW,
+    **inverse(_PRIORITY_TO_PB),
 }
 
 
@@ -79,20 +61,12 @@ def submission_from_pb(request: batch_pb2.SubmitBatchRequest) -> BatchSubmission
 
 
 def batch_to_pb(batch: Batch) -> batch_pb2.Batch:
-    c = batch.counts
     message = batch_pb2.Batch(
         batch_id=batch.batch_id,
         state=_BATCH_STATE_TO_PB[batch.state],
         priority=_PRIORITY_TO_PB[batch.priority],
-        counts=batch_pb2.BatchCounts(
-            total=c.total,
-            queued=c.queued,
-            running=c.running,
-            completed=c.completed,
-            failed=c.failed,
-            cancelled=c.cancelled,
-            expired=c.expired,
-        ),
+        # The message's counters are named as the domain's.
+        counts=batch_pb2.BatchCounts(**dataclasses.asdict(batch.counts)),
         idempotency_key=batch.idempotency_key,
         metadata=dict(batch.metadata),
         create_time=timestamp_from_ms(batch.created_ms),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TypeVar
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Protocol, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -11,16 +12,36 @@ from domain.errors import InvalidArgument
 from domain.models import Session, SessionState, TokenUsage
 from orchestrator.v1 import common_pb2, session_pb2
 
-_STATE_TO_PB = {
-    SessionState.ACTIVE: session_pb2.SESSION_STATE_ACTIVE,
-    SessionState.BUSY: session_pb2.SESSION_STATE_BUSY,
-    SessionState.CLOSED: session_pb2.SESSION_STATE_CLOSED,
-    SessionState.EXPIRED: session_pb2.SESSION_STATE_EXPIRED,
-}
-_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
-
 Number = TypeVar("Number", bound=int)
 Value = TypeVar("Value")
+Member = TypeVar("Member", bound=enum.Enum)
+_Number_co = TypeVar("_Number_co", bound=int, covariant=True)
+
+
+class PbEnum(Protocol[_Number_co]):
+    """A generated protobuf enum (``session_pb2.SessionState``)."""
+
+    def Value(self, name: str) -> _Number_co: ...
+
+
+def enum_to_pb(
+    domain: type[Member],
+    pb: PbEnum[Number],
+    prefix: str,
+    members: Iterable[Member] | None = None,
+) -> dict[Member, Number]:
+    """Each member of the ``domain`` enum (or just ``members``) -> the number of the ``pb``
+    enum value named ``prefix`` + the member's name (SessionState.ACTIVE ->
+    SESSION_STATE_ACTIVE). A member without its value fails at import (ValueError)."""
+    return {member: pb.Value(prefix + member.name) for member in members or domain}
+
+
+def inverse(table: Mapping[Member, Number]) -> dict[Number, Member]:
+    return {number: member for member, number in table.items()}
+
+
+_STATE_TO_PB = enum_to_pb(SessionState, session_pb2.SessionState, "SESSION_STATE_")
+_STATE_FROM_PB = inverse(_STATE_TO_PB)
 
 
 def enum_from_pb(table: Mapping[Number, Value], number: Number, field: str, what: str) -> Value:

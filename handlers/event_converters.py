@@ -11,33 +11,26 @@ from google.protobuf import json_format, struct_pb2
 from domain.jobs import EventKind, NoticeEvent, SessionEvent, unreadable_event
 from domain.models import Service, TokenUsage, WorkKind
 from domain.notices import MAX_RESULT_DEPTH, NoticeInput, check_json_tree
-from handlers.converters import enum_from_pb, timestamp_from_ms, usage_from_pb, usage_to_pb
+from handlers.converters import (
+    enum_from_pb,
+    enum_to_pb,
+    inverse,
+    timestamp_from_ms,
+    usage_from_pb,
+    usage_to_pb,
+)
 from orchestrator.v1 import chat_pb2, common_pb2, task_update_pb2
 
 log = logging.getLogger(__name__)
 
-_KIND_FROM_PB = {
-    common_pb2.WORK_KIND_UNSPECIFIED: WorkKind.LLM_QUERY,
-    common_pb2.WORK_KIND_LLM_QUERY: WorkKind.LLM_QUERY,
-    common_pb2.WORK_KIND_RAG_QUERY: WorkKind.RAG_QUERY,
-    common_pb2.WORK_KIND_EMBEDDING: WorkKind.EMBEDDING,
-}
-KIND_TO_PB = {
-    WorkKind.LLM_QUERY: common_pb2.WORK_KIND_LLM_QUERY,
-    WorkKind.RAG_QUERY: common_pb2.WORK_KIND_RAG_QUERY,
-    WorkKind.EMBEDDING: common_pb2.WORK_KIND_EMBEDDING,
-}
-SERVICE_TO_PB = {
-    Service.QUERY: common_pb2.SERVICE_QUERY,
-    Service.EMBEDDING: common_pb2.SERVICE_EMBEDDING,
-}
-_SERVICE_FROM_PB = {v: k for k, v in SERVICE_TO_PB.items()}
-_NOTICE_FROM_PB = {
-    task_update_pb2.NOTICE_EVENT_PROGRESS: NoticeEvent.PROGRESS,
-    task_update_pb2.NOTICE_EVENT_DELTA: NoticeEvent.DELTA,
-    task_update_pb2.NOTICE_EVENT_COMPLETED: NoticeEvent.COMPLETED,
-    task_update_pb2.NOTICE_EVENT_FAILED: NoticeEvent.FAILED,
-}
+KIND_TO_PB = enum_to_pb(WorkKind, common_pb2.WorkKind, "WORK_KIND_")
+_KIND_FROM_PB = {common_pb2.WORK_KIND_UNSPECIFIED: WorkKind.LLM_QUERY, **inverse(KIND_TO_PB)}
+# Only these services have a value in orchestrator.v1.Service (the plans' services do not).
+SERVICE_TO_PB = enum_to_pb(
+    Service, common_pb2.Service, "SERVICE_", (Service.QUERY, Service.EMBEDDING)
+)
+_SERVICE_FROM_PB = inverse(SERVICE_TO_PB)
+_NOTICE_FROM_PB = inverse(enum_to_pb(NoticeEvent, task_update_pb2.NoticeEvent, "NOTICE_EVENT_"))
 
 
 def work_kind_from_pb(kind: common_pb2.WorkKind.ValueType) -> WorkKind:

@@ -29,24 +29,20 @@ class NoticeWriter:
         agent_id: str,
     ) -> None:
         self._reporter = reporter
-        self._service = service
         self.job_id = job_id
-        self._tenant_id = tenant_id
-        self._agent_id = agent_id
         self.sequence = 0
+        # The fields every notice of the job carries.
+        self._carried: dict[str, Any] = {
+            "service": service,
+            "job_id": job_id,
+            "tenant_id": tenant_id,
+            "agent_id": agent_id,
+        }
 
     def _send(self, event: task_update_pb2.NoticeEvent.ValueType, **fields: Any) -> None:
         self.sequence += 1
         self._reporter.publish(
-            Notice(
-                event=event,
-                service=self._service,
-                job_id=self.job_id,
-                tenant_id=self._tenant_id,
-                agent_id=self._agent_id,
-                sequence=self.sequence,
-                **fields,
-            )
+            Notice(event=event, sequence=self.sequence, **self._carried, **fields)
         )
 
     def progress(self, fraction: float, status: str) -> None:

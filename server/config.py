@@ -28,9 +28,30 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(f"expected a boolean, got {raw!r}")
 
 
-def _env(name: str, default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
-    """Declare a setting: its environment variable, default and description."""
-    return field(default=default, metadata={"env": name, "help": help, "parse": parse})
+def _env(
+    name: str,
+    default: Any,
+    help: str,
+    parse: Callable[[str], Any] | None = None,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+) -> Any:
+    """Declare a setting: its environment variable, default and description, and the bound
+    Settings.validate checks (a number ``above`` or ``at_least`` some value)."""
+    metadata = {"env": name, "help": help, "parse": parse, "above": above, "at_least": at_least}
+    return field(default=default, metadata=metadata)
+
+
+def _out_of_bounds(name: str, value: float, above: float | None, at_least: float | None) -> str:
+    """What is wrong with ``value`` of setting ``name`` ("" when it is within its bound)."""
+    if above is not None and not value > above:
+        return f"{name} must be positive" if above == 0 else f"{name} must be > {above:g}"
+    if at_least is not None and not value >= at_least:
+        return (
+            f"{name} must not be negative" if at_least == 0 else f"{name} must be >= {at_least:g}"
+        )
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,38 +66,51 @@ class Settings:
     )
     redis_key_prefix: str = _env("ORCH_REDIS_KEY_PREFIX", "ao", "prefix of every Redis key")
     redis_socket_timeout: float = _env(
-        "ORCH_REDIS_SOCKET_TIMEOUT", 2.0, "Redis command timeout (not used for blocking reads)"
+        "ORCH_REDIS_SOCKET_TIMEOUT",
+        2.0,
+        "Redis command timeout (not used for blocking reads)",
+        above=0,
     )
-    redis_connect_timeout: float = _env("ORCH_REDIS_CONNECT_TIMEOUT", 1.0, "Redis connect timeout")
+    redis_connect_timeout: float = _env(
+        "ORCH_REDIS_CONNECT_TIMEOUT", 1.0, "Redis connect timeout", above=0
+    )
     redis_max_connections: int = _env(
         "ORCH_REDIS_MAX_CONNECTIONS",
         64,
         "Redis connection pool size (the stores' pool and the work queues' pool each)",
     )
     session_default_ttl: float = _env(
-        "ORCH_SESSION_DEFAULT_TTL", 3600.0, "sliding session TTL when a request sets none"
+        "ORCH_SESSION_DEFAULT_TTL", 3600.0, "sliding session TTL when a request sets none", above=0
     )
     session_max_ttl: float = _env(
-        "ORCH_SESSION_MAX_TTL", 7 * 24 * 3600.0, "largest session TTL a request may ask for"
+        "ORCH_SESSION_MAX_TTL",
+        7 * 24 * 3600.0,
+        "largest session TTL a request may ask for",
+        above=0,
     )
     session_retention: float = _env(
         "ORCH_SESSION_RETENTION",
         3600.0,
         "how long closed and expired sessions stay readable before they vanish",
+        at_least=0,
     )
     max_message_bytes: int = _env(
-        "ORCH_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, "largest gRPC message sent or received"
+        "ORCH_MAX_MESSAGE_BYTES",
+        4 * 1024 * 1024,
+        "largest gRPC message sent or received",
+        at_least=1024,
     )
     max_concurrent_rpcs: int = _env(
         "ORCH_MAX_CONCURRENT_RPCS",
         20000,
         "cap on RPCs in flight (open streams count); beyond it calls get RESOURCE_EXHAUSTED",
+        at_least=1,
     )
     keepalive_time: float = _env(
-        "ORCH_KEEPALIVE_TIME", 30.0, "HTTP/2 keepalive ping interval on idle connections"
+        "ORCH_KEEPALIVE_TIME", 30.0, "HTTP/2 keepalive ping interval on idle connections", above=0
     )
     keepalive_timeout: float = _env(
-        "ORCH_KEEPALIVE_TIMEOUT", 10.0, "time to wait for a keepalive ack before closing"
+        "ORCH_KEEPALIVE_TIMEOUT", 10.0, "time to wait for a keepalive ack before closing", above=0
     )
     so_reuseport: bool = _env(
         "ORCH_SO_REUSEPORT",
@@ -85,10 +119,16 @@ class Settings:
         _parse_bool,
     )
     shutdown_grace: float = _env(
-        "ORCH_SHUTDOWN_GRACE", 10.0, "time in-flight calls get to finish on SIGTERM/SIGINT"
+        "ORCH_SHUTDOWN_GRACE",
+        10.0,
+        "time in-flight calls get to finish on SIGTERM/SIGINT",
+        at_least=0,
     )
     health_interval: float = _env(
-        "ORCH_HEALTH_INTERVAL", 1.0, "how often the backend is probed for the health service"
+        "ORCH_HEALTH_INTERVAL",
+        1.0,
+        "how often the backend is probed for the health service",
+        above=0,
     )
     query_service_address: str = _env(
         "ORCH_QUERY_SERVICE_ADDRESS", "localhost:50061", "host:port of the Query Service"
@@ -97,51 +137,63 @@ class Settings:
         "ORCH_EMBEDDING_SERVICE_ADDRESS", "localhost:50061", "host:port of the Embedding Service"
     )
     downstream_timeout: float = _env(
-        "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt"
+        "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt", above=0
     )
     downstream_attempts: int = _env(
-        "ORCH_DOWNSTREAM_ATTEMPTS", 3, "downstream call attempts (retried on UNAVAILABLE only)"
+        "ORCH_DOWNSTREAM_ATTEMPTS",
+        3,
+        "downstream call attempts (retried on UNAVAILABLE only)",
+        at_least=1,
     )
     job_deadline: float = _env(
-        "ORCH_JOB_DEADLINE", 300.0, "a job times out this long after it started"
+        "ORCH_JOB_DEADLINE", 300.0, "a job times out this long after it started", above=0
     )
     job_heartbeat: float = _env(
         "ORCH_JOB_HEARTBEAT",
         60.0,
         "...or this long after its service last reported (progress and deltas extend it)",
+        above=0,
     )
     job_retention: float = _env(
-        "ORCH_JOB_RETENTION", 86400.0, "how long finished jobs stay readable"
+        "ORCH_JOB_RETENTION", 86400.0, "how long finished jobs stay readable", at_least=0
     )
     job_queue_timeout: float = _env(
         "ORCH_JOB_QUEUE_TIMEOUT",
         3600.0,
         "a queued message (background, or behind a busy session) times out if its turn has not "
         "come by then",
+        above=0,
     )
     reaper_interval: float = _env(
         "ORCH_REAPER_INTERVAL",
         1.0,
         "how often each process looks for timed-out jobs and for interrupted hand-offs",
+        above=0,
     )
     handoff_grace: float = _env(
         "ORCH_HANDOFF_GRACE",
         5.0,
         "a started job whose hand-off to its service is not confirmed this long after it began "
         "(the lease is renewed while a submit goes on) is handed over again by any process",
+        above=0,
     )
     handoff_attempts: int = _env(
         "ORCH_HANDOFF_ATTEMPTS",
         3,
         "hand-offs a job gets (the first included) before it fails with handoff_failed",
+        at_least=1,
     )
     event_log_max_events: int = _env(
-        "ORCH_EVENT_LOG_MAX_EVENTS", 1000, "events kept per session for resuming streams"
+        "ORCH_EVENT_LOG_MAX_EVENTS",
+        1000,
+        "events kept per session for resuming streams",
+        at_least=1,
     )
     event_log_ttl: float = _env(
         "ORCH_EVENT_LOG_TTL",
         86400.0,
         "a session's event log is dropped this long after its last event",
+        above=0,
     )
     ws_address: str = _env(
         "ORCH_WS_ADDRESS",
@@ -197,10 +249,13 @@ class Settings:
         "ORCH_RATE_LIMIT_BURST", 100, "requests a tenant may make at once above its rate"
     )
     rate_limit_key_rps: float = _env(
-        "ORCH_RATE_LIMIT_KEY_RPS", 0.0, "requests per second per API key; 0: no per-key limit"
+        "ORCH_RATE_LIMIT_KEY_RPS",
+        0.0,
+        "requests per second per API key; 0: no per-key limit",
+        at_least=0,
     )
     rate_limit_key_burst: int = _env(
-        "ORCH_RATE_LIMIT_KEY_BURST", 0, "burst per API key; 0: twice the key rate"
+        "ORCH_RATE_LIMIT_KEY_BURST", 0, "burst per API key; 0: twice the key rate", at_least=0
     )
     rate_limit_overrides: str = _env(
         "ORCH_RATE_LIMIT_OVERRIDES",
@@ -218,28 +273,33 @@ class Settings:
         "ORCH_MAX_STREAMS_PER_TENANT",
         1000,
         "open server-streaming calls per tenant and process; beyond it RESOURCE_EXHAUSTED",
+        at_least=1,
     )
     revocation_check_interval: float = _env(
         "ORCH_REVOCATION_CHECK_INTERVAL",
         1.0,
         "how often each process checks whether the API keys of its open streams were revoked "
         "(one read for all of them) and ends those streams; 0: never",
+        at_least=0,
     )
     auth_failure_limit: int = _env(
         "ORCH_AUTH_FAILURE_LIMIT",
         20,
         "failed authentications one client address may make per ORCH_AUTH_FAILURE_WINDOW; "
         "beyond it its calls get RESOURCE_EXHAUSTED without a key check; 0: no limit",
+        at_least=0,
     )
     auth_failure_window: float = _env(
         "ORCH_AUTH_FAILURE_WINDOW",
         60.0,
         "the window of ORCH_AUTH_FAILURE_LIMIT (failures are forgiven at limit/window per second)",
+        above=0,
     )
     token_budget_daily: int = _env(
         "ORCH_TOKEN_BUDGET_DAILY",
         0,
         "tokens a tenant may use per UTC day before new work is refused; 0: unlimited",
+        at_least=0,
     )
     token_budget_overrides: str = _env(
         "ORCH_TOKEN_BUDGET_OVERRIDES",
@@ -250,6 +310,7 @@ class Settings:
         "ORCH_EMBEDDING_CACHE_TTL",
         86400.0,
         "how long embedding results are cached per (tenant, model, text); 0 disables the cache",
+        at_least=0,
     )
     embedding_model_version: str = _env(
         "ORCH_EMBEDDING_MODEL_VERSION",
@@ -266,26 +327,30 @@ class Settings:
         5.0,
         "how often each process reads the tasks-by-state and queue-depth gauges from the "
         "registry (only while the /metrics endpoint is enabled)",
+        above=0,
     )
     batch_max_items: int = _env(
-        "ORCH_BATCH_MAX_ITEMS", 10_000, "most items one SubmitBatch may carry"
+        "ORCH_BATCH_MAX_ITEMS", 10_000, "most items one SubmitBatch may carry", at_least=1
     )
     batch_completion_window: float = _env(
         "ORCH_BATCH_COMPLETION_WINDOW",
         86400.0,
         "time a batch may take when the request sets no completion_window; then unfinished "
         "items expire",
+        above=0,
     )
     batch_max_completion_window: float = _env(
         "ORCH_BATCH_MAX_COMPLETION_WINDOW",
         7 * 24 * 3600.0,
         "largest completion_window a request may ask for",
+        above=0,
     )
     batch_retention: float = _env(
         "ORCH_BATCH_RETENTION",
         7 * 24 * 3600.0,
         "a finished batch (its results and idempotency key too) is dropped this long after it "
         "became final",
+        above=0,
     )
     batch_worker_enabled: bool = _env(
         "ORCH_BATCH_WORKER_ENABLED",
@@ -294,7 +359,7 @@ class Settings:
         _parse_bool,
     )
     batch_worker_concurrency: int = _env(
-        "ORCH_BATCH_WORKER_CONCURRENCY", 16, "batch items each worker runs at once"
+        "ORCH_BATCH_WORKER_CONCURRENCY", 16, "batch items each worker runs at once", at_least=1
     )
     chat_worker_enabled: bool = _env(
         "ORCH_CHAT_WORKER_ENABLED",
@@ -307,21 +372,25 @@ class Settings:
         "ORCH_CHAT_WORKER_CONCURRENCY",
         64,
         "queued chat messages each worker runs (or waits for their turn) at once",
+        at_least=1,
     )
     batch_worker_lease: float = _env(
         "ORCH_BATCH_WORKER_LEASE",
         30.0,
         "work queue lease of a running item; renewed while it runs, reclaimed when a worker dies",
+        above=0,
     )
     batch_worker_poll: float = _env(
         "ORCH_BATCH_WORKER_POLL",
         1.0,
         "longest wait of an idle worker for work; also bounds how long stopping it takes",
+        above=0,
     )
     batch_expiry_interval: float = _env(
         "ORCH_BATCH_EXPIRY_INTERVAL",
         1.0,
         "how often each server process looks for batches past their completion window",
+        above=0,
     )
     otel_enabled: bool = _env(
         "ORCH_OTEL_ENABLED",
@@ -351,43 +420,14 @@ class Settings:
 
     def validate(self) -> None:
         problems = []
-        for name in (
-            "redis_socket_timeout",
-            "redis_connect_timeout",
-            "session_default_ttl",
-            "session_max_ttl",
-            "keepalive_time",
-            "keepalive_timeout",
-            "health_interval",
-            "downstream_timeout",
-            "job_deadline",
-            "job_heartbeat",
-            "job_queue_timeout",
-            "reaper_interval",
-            "handoff_grace",
-            "event_log_ttl",
-            "batch_completion_window",
-            "batch_max_completion_window",
-            "batch_retention",
-            "batch_worker_lease",
-            "batch_worker_poll",
-            "batch_expiry_interval",
-            "metrics_sample_interval",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
+        for f in dataclasses.fields(self):
+            problem = _out_of_bounds(
+                f.name, getattr(self, f.name), f.metadata["above"], f.metadata["at_least"]
+            )
+            if problem:
+                problems.append(problem)
         if self.session_default_ttl > self.session_max_ttl:
             problems.append("session_default_ttl must not exceed session_max_ttl")
-        if self.session_retention < 0 or self.shutdown_grace < 0:
-            problems.append("session_retention and shutdown_grace must not be negative")
-        if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
-            problems.append("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
-        if self.handoff_attempts < 1:
-            problems.append("handoff_attempts must be >= 1")
-        if self.downstream_attempts < 1 or self.event_log_max_events < 1:
-            problems.append("downstream_attempts and event_log_max_events must be >= 1")
-        if self.job_retention < 0:
-            problems.append("job_retention must not be negative")
         if self.ws_address and ":" not in self.ws_address:
             problems.append("ws_address must be host:port (or empty)")
         if self.log_format not in ("text", "json"):
@@ -415,28 +455,12 @@ class Settings:
             self.rate_limit_rules()
         except ValueError as exc:
             problems.append(f"rate limits: {exc}")
-        if self.rate_limit_key_rps < 0 or self.rate_limit_key_burst < 0:
-            problems.append("rate_limit_key_rps and rate_limit_key_burst must not be negative")
-        if self.batch_max_items < 1 or self.batch_worker_concurrency < 1:
-            problems.append("batch_max_items and batch_worker_concurrency must be >= 1")
-        if self.chat_worker_concurrency < 1:
-            problems.append("chat_worker_concurrency must be >= 1")
         if self.batch_completion_window > self.batch_max_completion_window:
             problems.append("batch_completion_window must not exceed batch_max_completion_window")
-        if self.token_budget_daily < 0:
-            problems.append("token_budget_daily must not be negative")
         try:
             parse_budget_overrides(self.token_budget_overrides)
         except ValueError as exc:
             problems.append(f"token budgets: {exc}")
-        if self.embedding_cache_ttl < 0:
-            problems.append("embedding_cache_ttl must not be negative")
-        if self.revocation_check_interval < 0 or self.auth_failure_limit < 0:
-            problems.append("revocation_check_interval and auth_failure_limit must not be negative")
-        if self.auth_failure_window <= 0:
-            problems.append("auth_failure_window must be positive")
-        if self.max_streams_per_tenant < 1:
-            problems.append("max_streams_per_tenant must be >= 1")
         if problems:
             raise SettingsError("; ".join(problems))
 

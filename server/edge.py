@@ -42,6 +42,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from time import perf_counter
+from types import TracebackType
 from typing import Any, cast
 
 import grpc
@@ -185,9 +186,6 @@ class Edge:
     ) -> UnaryBehavior:
         """Unary-response calls, and (``stream``) server streams written with context.write.
         Streams of either direction are registered by key id while open (server.revocation)."""
-        metrics = self._metrics
-        method = plan.method
-        recorder = plan.recorder
         limits = self._limits
         begin = self._begin
         trailing_id = self._trailing_request_ids and not stream
@@ -195,40 +193,15 @@ class Edge:
         tracked = stream or client_stream
 
         async def run(request: Any, context: Ctx) -> Any:
-            metrics_module.bind(metrics)
-            start = perf_counter()
-            code = _UNKNOWN
-            slot: str | None = None
-            entry: OpenStream | None = None
-            if stream:
-                metrics.stream_opened(method)
-            try:
+            async with _Call(self, plan, context, stream=stream) as call:
                 caller = await begin(context, plan, trailing_id=trailing_id)
                 if stream and caller is not None:
-                    slot = await limits.take_stream_slot(caller, context)
+                    call.slot = await limits.take_stream_slot(caller, context)
                 if tracked and caller is not None:
-                    entry = open_streams.open(caller.key_id)
-                    entry.inside = True
+                    call.entry = open_streams.open(caller.key_id)
+                    call.entry.inside = True
                 with call_gone_is_cancellation():  # a stream written with context.write
-                    response = await behavior(request, context)
-                code = _final_code(context, _OK)
-                return response
-            except asyncio.CancelledError:
-                code = _CANCELLED
-                if entry is not None and entry.revoked:
-                    await _end_revoked(context)
-                raise
-            except BaseException:
-                code = _final_code(context, _UNKNOWN)
-                raise
-            finally:
-                if entry is not None:
-                    open_streams.close(entry)
-                if slot is not None:
-                    limits.release(slot)
-                if stream:
-                    metrics.stream_closed(method)
-                recorder.observe(code, perf_counter() - start)
+                    return await behavior(request, context)
 
         return run
 
@@ -242,24 +215,16 @@ class Edge:
         (handlers.errors.call_gone_is_cancellation); failing in grpc's own loop, it would be
         logged as an ERROR with a traceback. The wrapper stays an async generator (yielding
         nothing), so interceptors that iterate server streams (OpenTelemetry's) still can."""
-        metrics = self._metrics
-        method = plan.method
-        recorder = plan.recorder
         limits = self._limits
         open_streams = self._open_streams
 
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            metrics_module.bind(metrics)
-            start = perf_counter()
-            code = _UNKNOWN
-            slot: str | None = None
-            entry = _UNTRACKED
-            metrics.stream_opened(method)
-            try:
+            async with _Call(self, plan, context, stream=True) as call:
                 caller = await self._begin(context, plan, trailing_id=False)
                 if caller is not None:
-                    slot = await limits.take_stream_slot(caller, context)
-                    entry = open_streams.open(caller.key_id)
+                    call.slot = await limits.take_stream_slot(caller, context)
+                    call.entry = open_streams.open(caller.key_id)
+                entry = call.entry
                 entry.inside = True
                 if decode is not None:
                     request = await decode(request, context)
@@ -273,21 +238,6 @@ class Edge:
                         if entry.revoked:
                             await abort_with(context, revoked_error())
                         entry.inside = True
-                code = _final_code(context, _OK)
-            except asyncio.CancelledError:
-                code = _CANCELLED
-                if entry.revoked:
-                    await _end_revoked(context)
-                raise
-            except BaseException:
-                code = _final_code(context, _UNKNOWN)
-                raise
-            finally:
-                if entry is not _UNTRACKED:
-                    open_streams.close(entry)
-                limits.release(slot)
-                metrics.stream_closed(method)
-                recorder.observe(code, perf_counter() - start)
             if False:  # an async generator that yields nothing: see the docstring
                 yield None  # type: ignore[unreachable]
 
@@ -296,6 +246,58 @@ class Edge:
 
 # Stands in for the registry entry of a stream that is not tracked (public methods).
 _UNTRACKED = OpenStream("", None)
+
+
+class _Call:
+    """One call's bookkeeping, the same for both wrappers: the method's recorder gets its
+    duration and final code, a stream (``stream``) is counted while open, and on the way out
+    the tenant's stream ``slot`` is released and the call's ``entry`` in the open-streams
+    registry closed. A call cancelled because its key was revoked ends UNAUTHENTICATED
+    (_end_revoked)."""
+
+    __slots__ = ("_context", "_edge", "_plan", "_start", "_stream", "entry", "slot")
+
+    def __init__(self, edge: Edge, plan: _Plan, context: Ctx, *, stream: bool) -> None:
+        self._edge = edge
+        self._plan = plan
+        self._context = context
+        self._stream = stream
+        self._start = 0.0
+        self.slot: str | None = None
+        self.entry = _UNTRACKED
+
+    async def __aenter__(self) -> _Call:
+        metrics = self._edge._metrics
+        metrics_module.bind(metrics)
+        self._start = perf_counter()
+        if self._stream:
+            metrics.stream_opened(self._plan.method)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        code = _UNKNOWN
+        try:
+            if exc_type is None:
+                code = _final_code(self._context, _OK)
+            elif issubclass(exc_type, asyncio.CancelledError):
+                code = _CANCELLED
+                if self.entry.revoked:
+                    await _end_revoked(self._context)
+            else:
+                code = _final_code(self._context, _UNKNOWN)
+        finally:
+            edge = self._edge
+            if self.entry is not _UNTRACKED:
+                edge._open_streams.close(self.entry)
+            edge._limits.release(self.slot)
+            if self._stream:
+                edge._metrics.stream_closed(self._plan.method)
+            self._plan.recorder.observe(code, perf_counter() - self._start)
 
 
 async def _end_revoked(context: Ctx) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 from domain.errors import ResourceExhausted, Unavailable
 from domain.identity import Caller
@@ -30,24 +31,18 @@ _WARN_EVERY_S = 10.0
 _MAX_CACHED_BUCKETS = 10_000
 
 
+@dataclass(eq=False)
 class EdgeLimits:
     """Refuses calls over their tenant's (or key's) rate, and streams over the tenant's cap.
     ``limiter`` None disables the rate limit; ``streams`` None disables the stream cap."""
 
-    def __init__(
-        self,
-        limiter: RateLimiter | None,
-        rules: RateLimitRules,
-        streams: StreamSlots | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.limiter = limiter
-        self.rules = rules
-        self.streams = streams
-        self.metrics = metrics
-        self._warnings = Sampler(_WARN_EVERY_S)
-        # The buckets of a (tenant, key id) follow from the rules alone, which do not change.
-        self._buckets: dict[tuple[str, str], tuple[Bucket, ...]] = {}
+    limiter: RateLimiter | None
+    rules: RateLimitRules
+    streams: StreamSlots | None = None
+    metrics: Metrics | None = None
+    _warnings: Sampler = field(init=False, default_factory=lambda: Sampler(_WARN_EVERY_S))
+    # The buckets of a (tenant, key id) follow from the rules alone, which do not change.
+    _buckets: dict[tuple[str, str], tuple[Bucket, ...]] = field(init=False, default_factory=dict)
 
     async def check_rate(self, caller: Caller, context: Ctx) -> None:
         """Abort the call when its tenant or key is over its rate."""

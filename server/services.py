@@ -44,13 +44,16 @@ def job_limits(settings: Settings) -> JobLimits:
 def default_dispatcher(settings: Settings) -> Dispatcher:
     """gRPC clients of the configured downstream services."""
     from clients.downstream import DownstreamConfig, GrpcDispatcher
+    from clients.retry import RetryPolicy
 
     return GrpcDispatcher(
         DownstreamConfig(
             query_address=settings.query_service_address,
             embedding_address=settings.embedding_service_address,
-            attempt_timeout_s=settings.downstream_timeout,
-            max_attempts=settings.downstream_attempts,
+            retry=RetryPolicy(
+                attempt_timeout_s=settings.downstream_timeout,
+                max_attempts=settings.downstream_attempts,
+            ),
         )
     )
 

@@ -9,7 +9,7 @@ import logging
 
 from domain.dispatch import Dispatcher
 from domain.ports.queue import WorkQueue
-from domain.worker import DeadLetterHook, Handler, QueueWorker
+from domain.worker import ItemRunner, QueueWorker
 from registry.backend import open_backend
 from server.backend_config import backend_config
 from server.config import Settings
@@ -25,62 +25,46 @@ class QueueWorkers:
     def __init__(self, settings: Settings, services: Services) -> None:
         self.settings = settings
         self.services = services
-        self.batch: QueueWorker | None = None
-        self.chat: QueueWorker | None = None
+        self._workers: dict[str, QueueWorker] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start_batch_worker(self, concurrency: int | None = None) -> QueueWorker:
         """Start leasing and running batch items in this process."""
-        if self.batch is None:
-            runner = self.services.batch_runner
-            self.batch = self._run(
-                "batch",
-                self.services.batch_queue,
-                runner.handle,
-                runner.dead_lettered,
-                concurrency or self.settings.batch_worker_concurrency,
-            )
-        return self.batch
+        services = self.services
+        concurrency = concurrency or self.settings.batch_worker_concurrency
+        return self._start("batch", services.batch_queue, services.batch_runner, concurrency)
 
     def start_chat_worker(self, concurrency: int | None = None) -> QueueWorker:
         """Start running queued chat messages in this process."""
-        if self.chat is None:
-            runner = self.services.chat_runner
-            self.chat = self._run(
-                "chat",
-                self.services.chat_queue,
-                runner.handle,
-                runner.dead_lettered,
-                concurrency or self.settings.chat_worker_concurrency,
-            )
-        return self.chat
+        services = self.services
+        concurrency = concurrency or self.settings.chat_worker_concurrency
+        return self._start("chat", services.chat_queue, services.chat_runner, concurrency)
 
-    def _run(
-        self,
-        name: str,
-        queue: WorkQueue,
-        handler: Handler,
-        on_dead_letter: DeadLetterHook,
-        concurrency: int,
+    def _start(
+        self, name: str, queue: WorkQueue, runner: ItemRunner, concurrency: int
     ) -> QueueWorker:
+        """The worker of queue ``name``, started on the first call."""
+        worker = self._workers.get(name)
+        if worker is not None:
+            return worker
         worker = QueueWorker(
             queue,
-            handler,
+            runner.handle,
             concurrency=concurrency,
-            on_dead_letter=on_dead_letter,
+            on_dead_letter=runner.dead_lettered,
             lease_s=self.settings.batch_worker_lease,
             poll_s=self.settings.batch_worker_poll,
             grace_s=self.settings.shutdown_grace,
         )
+        self._workers[name] = worker
         self._tasks.append(asyncio.create_task(worker.run(), name=f"{name}-worker"))
         log.info("%s worker %s started (concurrency %d)", name, worker.consumer, concurrency)
         return worker
 
     async def stop(self) -> None:
         """Stop leasing; running items get the shutdown grace, then go back to the queue."""
-        for worker in (self.batch, self.chat):
-            if worker is not None:
-                worker.stop()
+        for worker in self._workers.values():
+            worker.stop()
         tasks, self._tasks = self._tasks, []
         await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -89,9 +89,8 @@ class NewWorkItem:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkItem:
-    """One delivery of an item to a consumer. ``deliveries`` counts this one (1 on the first).
-    ``receipt`` identifies the delivery to the backend; callers treat it as opaque."""
+class QueuedItem:
+    """An item as the queue keeps it (what was enqueued) and how often it was delivered."""
 
     item_id: str
     tenant_id: str
@@ -100,6 +99,13 @@ class WorkItem:
     priority: QueuePriority
     batch_id: str | None
     deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem(QueuedItem):
+    """One delivery of an item to a consumer. ``deliveries`` counts this one (1 on the first).
+    ``receipt`` identifies the delivery to the backend; callers treat it as opaque."""
+
     enqueued_at_ms: int
     consumer: str
     receipt: str
@@ -119,16 +125,9 @@ class WorkResult:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLetter(QueuedItem):
     """An item in the dead letter, with the last error and how often it was delivered."""
 
-    item_id: str
-    tenant_id: str
-    kind: str
-    payload: bytes
-    priority: QueuePriority
-    batch_id: str | None
-    deliveries: int
     error: str
     dead_at_ms: int
     position: str  # opaque place in the dead letter: pass as ``after`` to list the next page

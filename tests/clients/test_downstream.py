@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from clients.downstream import DownstreamConfig, GrpcDispatcher
+from clients.retry import RetryPolicy
 from domain.dispatch import CallContext, DownstreamError, WorkRequest
 from domain.models import Service, WorkKind
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -105,9 +106,7 @@ async def fakes() -> AsyncIterator[Fakes]:
         DownstreamConfig(
             query_address=f"127.0.0.1:{ports[0]}",
             embedding_address=f"127.0.0.1:{ports[1]}",
-            attempt_timeout_s=2.0,
-            backoff_base_s=0.01,
-            backoff_cap_s=0.05,
+            retry=RetryPolicy(attempt_timeout_s=2.0, backoff_base_s=0.01, backoff_cap_s=0.05),
         )
     )
     yield Fakes(query, embedding, dispatcher)
@@ -229,7 +228,7 @@ async def test_attempt_timeout_applies_without_a_caller_deadline(fakes: Fakes) -
         DownstreamConfig(
             query_address=fakes.dispatcher.config.query_address,
             embedding_address=fakes.dispatcher.config.embedding_address,
-            attempt_timeout_s=0.2,
+            retry=RetryPolicy(attempt_timeout_s=0.2),
         )
     )
     fakes.query.delay_s = 5.0
@@ -246,9 +245,7 @@ async def test_retries_stop_at_the_caller_deadline(fakes: Fakes) -> None:
         DownstreamConfig(
             query_address=fakes.dispatcher.config.query_address,
             embedding_address=fakes.dispatcher.config.embedding_address,
-            max_attempts=100,
-            backoff_base_s=0.1,
-            backoff_cap_s=0.1,
+            retry=RetryPolicy(max_attempts=100, backoff_base_s=0.1, backoff_cap_s=0.1),
         )
     )
     fakes.query.unavailable = 1000
@@ -266,7 +263,7 @@ async def test_retries_stop_at_the_caller_deadline(fakes: Fakes) -> None:
 async def test_unreachable_service_is_unavailable_quickly() -> None:
     address = f"127.0.0.1:{free_port()}"  # nothing listens here
     dispatcher = GrpcDispatcher(
-        DownstreamConfig(address, address, backoff_base_s=0.01, backoff_cap_s=0.05)
+        DownstreamConfig(address, address, RetryPolicy(backoff_base_s=0.01, backoff_cap_s=0.05))
     )
     started = time.monotonic()
     try:
