@@ -45,7 +45,7 @@ from redis.asyncio import Redis
 
 from bench.batch_processes import start_orchestrator, start_reference, start_worker
 from bench.processes import Child, on_private_redis, wait_serving
-from bench.tables import print_table
+from bench.tables import Rate, print_table, quotient
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -113,8 +113,10 @@ async def create_sessions(channel: grpc.aio.Channel, count: int) -> list[str]:
 
 
 @dataclass
-class BatchRun:
+class BatchRun(Rate):
     """One batch, submitted and streamed to its end."""
+
+    COUNTED = "items"
 
     items: int
     seconds: float = 0.0
@@ -126,10 +128,6 @@ class BatchRun:
     states: collections.Counter[ItemState] = field(default_factory=collections.Counter)
     sequences: list[int] = field(default_factory=list)
     final: batch_pb2.Batch | None = None
-
-    @property
-    def per_second(self) -> float:
-        return self.items / self.seconds if self.seconds > 0 else 0.0
 
     def tenth_rates(self) -> tuple[float, float]:
         """Results/s over the first and over the last tenth of the results."""
@@ -217,15 +215,15 @@ async def run_batch(
 
 
 @dataclass(frozen=True, slots=True)
-class ChatsRun:
+class ChatsRun(Rate):
+    """The baseline: the batch's items as single chats, each read to its final event."""
+
+    COUNTED = "chats"
+
     chats: int
     seconds: float
     failed: int
     server_cpu_s: float = 0.0  # the orchestrator's CPU seconds over the run
-
-    @property
-    def per_second(self) -> float:
-        return self.chats / self.seconds if self.seconds > 0 else 0.0
 
 
 async def run_chats(
@@ -286,9 +284,9 @@ class Results:
 
     @property
     def ratio(self) -> float:
-        if self.chats is None or not self.chats.per_second:
+        if self.chats is None:
             return 0.0
-        return self.batch.per_second / self.chats.per_second
+        return quotient(self.batch.per_second, self.chats.per_second)
 
     @property
     def batch_cpu_ms(self) -> float:

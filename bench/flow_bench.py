@@ -39,8 +39,14 @@ from typing import Any
 
 import grpc
 
-from bench.processes import Child, bench_settings, serve_until_sigterm, start_serving
-from bench.tables import percentile, print_table
+from bench.processes import (
+    Child,
+    bench_settings,
+    on_private_redis,
+    serve_until_sigterm,
+    start_serving,
+)
+from bench.tables import Rate, percentile, print_table, quotient
 from orchestrator.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -53,7 +59,7 @@ from orchestrator.v1 import (
 from query.v1 import query_pb2, query_pb2_grpc
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
-from tests.support.redis_process import RedisProcess, free_port
+from tests.support.redis_process import free_port
 from tests.support.servers import running_server, service, tenant
 
 TENANT = "bench"
@@ -71,16 +77,16 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 @dataclass(frozen=True, slots=True)
-class ChatResult:
+class ChatResult(Rate):
+    """One path's closed loop: ``chats`` completed in ``seconds``, latency percentiles in ms."""
+
+    COUNTED = "chats"
+
     name: str
     chats: int
     seconds: float
     p50_ms: float
     p99_ms: float
-
-    @property
-    def per_second(self) -> float:
-        return self.chats / self.seconds if self.seconds > 0 else 0.0
 
 
 async def drive_chats(
@@ -462,7 +468,11 @@ class Followers:
 
 
 @dataclass(frozen=True, slots=True)
-class FanoutResult:
+class FanoutResult(Rate):
+    """Events delivered to the followers: the peak phase's rate, the paced phase's latency."""
+
+    COUNTED = "delivered"
+
     streams: int
     sessions: int
     notices: int
@@ -472,10 +482,6 @@ class FanoutResult:
     paced_delivered: int
     p50_ms: float
     p99_ms: float
-
-    @property
-    def per_second(self) -> float:
-        return self.delivered / self.seconds if self.seconds > 0 else 0.0
 
 
 async def publish(
@@ -687,7 +693,7 @@ class Results:
 
 
 def chat_ratio(orchestrator: ChatResult, relay: ChatResult) -> float:
-    return orchestrator.per_second / relay.per_second if relay.per_second else 0.0
+    return quotient(orchestrator.per_second, relay.per_second)
 
 
 def print_chats(orchestrator: ChatResult, relay: ChatResult) -> None:
@@ -776,45 +782,32 @@ def print_results(r: Results) -> None:
     )
 
 
-async def run_chats(args: argparse.Namespace) -> tuple[ChatResult, ChatResult]:
-    """Only the chats part: (orchestrator, relay)."""
-    redis_server = RedisProcess()
-    redis_server.start()
-    try:
-        relay = await chats_on_relay(args.chats, args.concurrency, args.sessions, args.deltas)
-        orchestrator = await chats_on_orchestrator(
-            redis_server.url, args.chats, args.concurrency, args.sessions, args.deltas
-        )
-        return orchestrator, relay
-    finally:
-        redis_server.close()
+async def chats(redis_url: str, args: argparse.Namespace) -> tuple[ChatResult, ChatResult]:
+    """The chats part: (orchestrator, relay)."""
+    relay = await chats_on_relay(args.chats, args.concurrency, args.sessions, args.deltas)
+    orchestrator = await chats_on_orchestrator(
+        redis_url, args.chats, args.concurrency, args.sessions, args.deltas
+    )
+    return orchestrator, relay
 
 
-async def run(args: argparse.Namespace) -> Results:
-    redis_server = RedisProcess()
-    redis_server.start()
-    try:
-        relay = await chats_on_relay(args.chats, args.concurrency, args.sessions, args.deltas)
-        orchestrator = await chats_on_orchestrator(
-            redis_server.url, args.chats, args.concurrency, args.sessions, args.deltas
-        )
-        fan = await fanout(
-            redis_server.url,
-            sessions=args.fanout_sessions,
-            per_session=args.followers,
-            notices=args.notices,
-            publishers=args.publishers,
-            paced_s=args.paced_seconds,
-        )
-        idle = await idle_streams(
-            redis_server.url,
-            sessions=args.idle_sessions,
-            per_session=args.idle_followers,
-            idle_s=args.idle_seconds,
-        )
-        return Results(orchestrator, relay, fan, idle)
-    finally:
-        redis_server.close()
+async def measure(redis_url: str, args: argparse.Namespace) -> Results:
+    orchestrator, relay = await chats(redis_url, args)
+    fan = await fanout(
+        redis_url,
+        sessions=args.fanout_sessions,
+        per_session=args.followers,
+        notices=args.notices,
+        publishers=args.publishers,
+        paced_s=args.paced_seconds,
+    )
+    idle = await idle_streams(
+        redis_url,
+        sessions=args.idle_sessions,
+        per_session=args.idle_followers,
+        idle_s=args.idle_seconds,
+    )
+    return Results(orchestrator, relay, fan, idle)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -846,10 +839,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("server.app").setLevel(logging.ERROR)
     if args.only == "chats":
-        orchestrator, relay = asyncio.run(run_chats(args))
+        orchestrator, relay = asyncio.run(on_private_redis(lambda url: chats(url, args)))
         print_chats(orchestrator, relay)
         return 0 if chat_ratio(orchestrator, relay) >= TARGET_CHAT_RATIO else 1
-    results = asyncio.run(run(args))
+    results = asyncio.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
     return 0 if all(results.verdicts().values()) else 1
 

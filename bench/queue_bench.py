@@ -22,26 +22,26 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.tables import print_table
+from bench.processes import on_private_redis
+from bench.tables import Rate, print_table, quotient
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
-from tests.support.redis_process import RedisProcess
 
 BATCH = 100
 TARGET_RATIO = 0.5
 
 
 @dataclass(frozen=True, slots=True)
-class Measurement:
+class Measurement(Rate):
+    """One path's run: ``items`` through it in ``seconds``."""
+
+    COUNTED = "items"
+
     name: str
     items: int
     seconds: float
-
-    @property
-    def per_second(self) -> float:
-        return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
 async def raw_streams(url: str, items: int) -> Measurement:
@@ -133,26 +133,22 @@ async def queue_path(url: str, items: int, concurrency: int) -> Measurement:
 
 
 def print_results(raw: Measurement, full: Measurement) -> None:
-    ratio = full.per_second / raw.per_second if raw.per_second else 0.0
+    queue_ratio = quotient(full.per_second, raw.per_second)
     rows = [
         ("path", "items", "seconds", "items/s"),
         (raw.name, str(raw.items), f"{raw.seconds:.2f}", f"{raw.per_second:,.0f}"),
         (full.name, str(full.items), f"{full.seconds:.2f}", f"{full.per_second:,.0f}"),
     ]
     print_table(rows)
-    verdict = "ok" if ratio >= TARGET_RATIO else "BELOW TARGET"
-    print(f"ratio queue/raw = {ratio:.2f} (target >= {TARGET_RATIO}) {verdict}")
+    verdict = "ok" if queue_ratio >= TARGET_RATIO else "BELOW TARGET"
+    print(f"ratio queue/raw = {queue_ratio:.2f} (target >= {TARGET_RATIO}) {verdict}")
 
 
-async def run(items: int, concurrency: int) -> None:
-    redis_server = RedisProcess()
-    redis_server.start()
-    try:
-        raw = await raw_streams(redis_server.url, items)
-        full = await queue_path(redis_server.url, items, concurrency)
-        print_results(raw, full)
-    finally:
-        redis_server.close()
+async def measure(redis_url: str, items: int, concurrency: int) -> tuple[Measurement, Measurement]:
+    """(raw, queue) on the same server."""
+    raw = await raw_streams(redis_url, items)
+    full = await queue_path(redis_url, items, concurrency)
+    return raw, full
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=200)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    asyncio.run(run(args.items, args.concurrency))
+    raw, full = asyncio.run(
+        on_private_redis(lambda url: measure(url, args.items, args.concurrency))
+    )
+    print_results(raw, full)
 
 
 if __name__ == "__main__":

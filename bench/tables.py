@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 
 def print_table(rows: Sequence[tuple[str, ...]]) -> None:
@@ -17,3 +18,21 @@ def percentile(values: list[float], fraction: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def quotient(part: float, whole: float) -> float:
+    """``part / whole``, or 0.0 when ``whole`` is nothing (no time, no rate measured)."""
+    return part / whole if whole > 0 else 0.0
+
+
+class Rate:
+    """A measurement of things done in ``seconds``: the base of the benchmarks' result
+    dataclasses, which name the field holding the count in ``COUNTED``."""
+
+    __slots__ = ()
+    COUNTED: ClassVar[str]
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return quotient(getattr(self, self.COUNTED), self.seconds)

@@ -8,6 +8,25 @@ validated (domain.ids) to contain no braces.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class SessionKeys(NamedTuple):
+    """The keys the session scripts take, in their order (a list of them is their KEYS)."""
+
+    hash: str  # the session's fields (KeySpace.session)
+    pending: str  # set of the session's job ids in flight (KeySpace.session_pending)
+
+
+class BatchKeys(NamedTuple):
+    """The five keys of one batch, in the order the batch item scripts take them
+    (registry/lua/prelude/batch_items.lua)."""
+
+    hash: str  # the batch's fields and counts
+    states: str  # hash of item index -> item state
+    custom_ids: str  # hash of item index -> the caller's custom_id
+    jobs: str  # hash of item index -> ``<job_id> <session_id>`` of the job running it
+    results: str  # stream of the item results; entry ids are ``<sequence>-0``
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +55,12 @@ class KeySpace:
     def session_line(self, tenant_id: str, session_id: str) -> str:
         """List of the session's QUEUED job ids, oldest first: the order they start in."""
         return f"{self.tenant_tag(tenant_id)}:session:{session_id}:line"
+
+    def session_keys(self, tenant_id: str, session_id: str) -> SessionKeys:
+        """The keys of the session scripts (registry/lua/prelude/sessions.lua)."""
+        return SessionKeys(
+            self.session(tenant_id, session_id), self.session_pending(tenant_id, session_id)
+        )
 
     def session_index(self, tenant_id: str) -> str:
         """Sorted set (all scores 0) of the tenant's session ids; ids sort by creation time."""
@@ -118,25 +143,10 @@ class KeySpace:
         """Sorted set (all scores 0) of the tenant's key ids, for listing."""
         return f"{self.tenant_tag(tenant_id)}:apikeys"
 
-    def batch(self, tenant_id: str, batch_id: str) -> str:
-        """Hash with a batch's fields and counts."""
-        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}"
-
-    def batch_item_states(self, tenant_id: str, batch_id: str) -> str:
-        """Hash of item index -> item state."""
-        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:states"
-
-    def batch_custom_ids(self, tenant_id: str, batch_id: str) -> str:
-        """Hash of item index -> the caller's custom_id."""
-        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:cids"
-
-    def batch_jobs(self, tenant_id: str, batch_id: str) -> str:
-        """Hash of item index -> ``<job_id> <session_id>`` of the job running it."""
-        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:jobs"
-
-    def batch_results(self, tenant_id: str, batch_id: str) -> str:
-        """Stream of the batch's item results; entry ids are ``<sequence>-0``."""
-        return f"{self.tenant_tag(tenant_id)}:batch:{batch_id}:results"
+    def batch_keys(self, tenant_id: str, batch_id: str) -> BatchKeys:
+        """The keys of one batch."""
+        base = f"{self.tenant_tag(tenant_id)}:batch:{batch_id}"
+        return BatchKeys(base, f"{base}:states", f"{base}:cids", f"{base}:jobs", f"{base}:results")
 
     def batch_index(self, tenant_id: str) -> str:
         """Sorted set (all scores 0) of the tenant's batch ids; ids sort by creation time."""

@@ -21,7 +21,12 @@ from domain import batch_models
 from domain.models import Page
 from domain.ports.queue import QueuePriority
 from registry.keys import KeySpace
-from registry.redis_client import RedisStore, due_members, newest_first, redis_errors_as_unavailable
+from registry.redis_client import (
+    RedisStore,
+    due_members,
+    page_newest_first,
+    redis_errors_as_unavailable,
+)
 
 _LIST_SCAN_BUDGET = 5000
 
@@ -47,21 +52,11 @@ class RedisBatchStore(RedisStore):
         super().__init__(redis, keys)
         self._poll_s = poll_s
 
-    def _item_keys(self, tenant_id: str, batch_id: str) -> list[str]:
-        k = self._keys
-        return [
-            k.batch(tenant_id, batch_id),
-            k.batch_item_states(tenant_id, batch_id),
-            k.batch_custom_ids(tenant_id, batch_id),
-            k.batch_jobs(tenant_id, batch_id),
-            k.batch_results(tenant_id, batch_id),
-        ]
-
     async def create_batch(
         self, tenant_id: str, new: batch_models.NewBatch
     ) -> tuple[batch_models.Batch, bool]:
         keys = [
-            *self._item_keys(tenant_id, new.batch_id),
+            *self._keys.batch_keys(tenant_id, new.batch_id),
             self._keys.batch_index(tenant_id),
             self._keys.batch_idempotency(tenant_id, new.idempotency_key),
         ]
@@ -100,7 +95,7 @@ class RedisBatchStore(RedisStore):
     async def get_batch(self, tenant_id: str, batch_id: str) -> batch_models.Batch | None:
         with redis_errors_as_unavailable():
             fields: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
-                self._keys.batch(tenant_id, batch_id)
+                self._keys.batch_keys(tenant_id, batch_id).hash
             )
         return _batch(batch_id, fields) if fields else None
 
@@ -112,55 +107,42 @@ class RedisBatchStore(RedisStore):
         after: str | None,
         state: batch_models.BatchState | None,
     ) -> Page[batch_models.Batch]:
-        index = self._keys.batch_index(tenant_id)
-        found: list[batch_models.Batch] = []
-        cursor = after
-        examined = 0
-        chunk = max(limit, 100)
+        async def load(ids: list[str]) -> list[batch_models.Batch | None]:
+            pipe = self._redis.pipeline(transaction=False)
+            for batch_id in ids:
+                pipe.hgetall(self._keys.batch_keys(tenant_id, batch_id).hash)
+            replies = await pipe.execute()
+            return [
+                _batch(batch_id, fields) if fields else None
+                for batch_id, fields in zip(ids, replies, strict=True)
+            ]
+
         with redis_errors_as_unavailable():
-            while examined < _LIST_SCAN_BUDGET:
-                ids = await newest_first(self._redis, index, before=cursor, count=chunk)
-                if not ids:
-                    return Page(found, None)
-                pipe = self._redis.pipeline(transaction=False)
-                for batch_id in ids:
-                    pipe.hgetall(self._keys.batch(tenant_id, batch_id))
-                replies = await pipe.execute()
-                # Batches dropped after their retention leave the index too.
-                gone = [b for b, fields in zip(ids, replies, strict=True) if not fields]
-                if gone:
-                    await self._redis.zrem(index, *gone)
-                for batch_id, fields in zip(ids, replies, strict=True):
-                    examined += 1
-                    cursor = batch_id
-                    if not fields:
-                        continue
-                    batch = _batch(batch_id, fields)
-                    if state is None or batch.state is state:
-                        found.append(batch)
-                        if len(found) == limit:
-                            return Page(found, batch_id)
-        return Page(found, cursor)
+            return await page_newest_first(
+                self._redis,
+                self._keys.batch_index(tenant_id),
+                after=after,
+                limit=limit,
+                budget=_LIST_SCAN_BUDGET,
+                load=load,
+                keep=lambda batch: state is None or batch.state is state,
+            )
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
     ) -> bool:
-        keys = self._item_keys(tenant_id, batch_id)[:2]
+        batch = self._keys.batch_keys(tenant_id, batch_id)
         with redis_errors_as_unavailable():
             ok = await self._scripts.run(
-                "start_item", keys=keys, args=[index, 1 if redelivery else 0]
+                "start_item", keys=[batch.hash, batch.states], args=[index, 1 if redelivery else 0]
             )
         return bool(int(ok))
 
     async def attach_job(
         self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str
     ) -> bool:
-        k = self._keys
-        keys = [
-            k.batch(tenant_id, batch_id),
-            k.batch_item_states(tenant_id, batch_id),
-            k.batch_jobs(tenant_id, batch_id),
-        ]
+        batch = self._keys.batch_keys(tenant_id, batch_id)
+        keys = [batch.hash, batch.states, batch.jobs]
         with redis_errors_as_unavailable():
             ok = await self._scripts.run(
                 "attach_job", keys=keys, args=[index, f"{job_id} {session_id}"]
@@ -179,7 +161,7 @@ class RedisBatchStore(RedisStore):
         ]
         with redis_errors_as_unavailable():
             seq = await self._scripts.run(
-                "finish_item", keys=self._item_keys(tenant_id, batch_id), args=args
+                "finish_item", keys=list(self._keys.batch_keys(tenant_id, batch_id)), args=args
             )
         return int(seq) or None
 
@@ -198,7 +180,7 @@ class RedisBatchStore(RedisStore):
         with redis_errors_as_unavailable():
             reply = await self._scripts.run(
                 "stop",
-                keys=self._item_keys(tenant_id, batch_id),
+                keys=list(self._keys.batch_keys(tenant_id, batch_id)),
                 args=[mode.value, _compact({"error": error}), self._retention_ms],
             )
         if not int(reply[0]):
@@ -214,7 +196,7 @@ class RedisBatchStore(RedisStore):
     ) -> list[batch_models.ItemResult]:
         """Waiting polls (XRANGE every ``poll_s``) rather than blocking in XREAD: a blocked
         read would hold one of the shared pool's connections per open stream."""
-        key = self._keys.batch_results(tenant_id, batch_id)
+        key = self._keys.batch_keys(tenant_id, batch_id).results
         deadline = time.monotonic() + max(wait_s, 0.0)
         while True:
             with redis_errors_as_unavailable():

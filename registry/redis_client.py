@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -14,10 +14,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from domain.errors import Unavailable
+from domain.models import Page
 from registry.keys import KeySpace
 from registry.lua_scripts import ScriptRunner
 
 RESP_PROTOCOL = 3
+
+T = TypeVar("T")
 
 
 def create_redis(
@@ -117,3 +120,48 @@ async def newest_first(redis: Redis, index: str, *, before: str | None, count: i
         "ZRANGE", index, start, "-", "BYLEX", "REV", "LIMIT", 0, count
     )
     return [as_str(member) for member in ids]
+
+
+async def page_newest_first(
+    redis: Redis,
+    index: str,
+    *,
+    after: str | None,
+    limit: int,
+    budget: int,
+    load: Callable[[list[str]], Awaitable[Sequence[T | None]]],
+    keep: Callable[[T], bool],
+) -> Page[T]:
+    """One page of the records listed in ``index`` (as in ``newest_first``), newest first,
+    from the id after ``after``: ``load`` reads a chunk of ids' records (None for one Redis
+    dropped after its retention: its id leaves the index too), ``keep`` filters them.
+
+    At most ``budget`` ids are examined; when that is spent, the page holds what matched so
+    far and its cursor lets the caller continue. ``next_cursor`` is None on the last page."""
+    found: list[T] = []
+    cursor = after
+    examined = 0
+    chunk = max(limit, 100)
+    while examined < budget:
+        ids = await newest_first(redis, index, before=cursor, count=chunk)
+        if not ids:
+            return Page(found, None)
+        records = await load(ids)
+        gone: list[str] = []
+        for record_id, record in zip(ids, records, strict=True):
+            examined += 1
+            cursor = record_id
+            if record is None:
+                gone.append(record_id)
+            elif keep(record):
+                found.append(record)
+                if len(found) == limit:
+                    break
+        if gone:
+            await redis.zrem(index, *gone)
+        if len(found) == limit:
+            more = cursor != ids[-1] or len(ids) == chunk
+            return Page(found, cursor if more else None)
+        if len(ids) < chunk:
+            return Page(found, None)
+    return Page(found, cursor)

@@ -17,7 +17,7 @@ from domain.models import NewSession, Page, Session, SessionFilter, SessionState
 from registry.keys import KeySpace
 from registry.redis_client import (
     RedisStore,
-    newest_first,
+    page_newest_first,
     pairs_to_dict,
     redis_errors_as_unavailable,
     time_ms,
@@ -71,11 +71,7 @@ class RedisSessionStore(RedisStore):
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
                 "create",
-                keys=[
-                    keys.session(tenant_id, session_id),
-                    keys.session_pending(tenant_id, session_id),
-                    keys.session_index(tenant_id),
-                ],
+                keys=[*keys.session_keys(tenant_id, session_id), keys.session_index(tenant_id)],
                 args=[
                     session_id,
                     new.agent_id,
@@ -92,7 +88,7 @@ class RedisSessionStore(RedisStore):
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
                 "get",
-                keys=self._session_keys(tenant_id, session_id),
+                keys=list(self._keys.session_keys(tenant_id, session_id)),
                 args=["1" if touch else "0", self._retention_ms],
             )
         if not raw:
@@ -103,7 +99,7 @@ class RedisSessionStore(RedisStore):
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
                 "close",
-                keys=self._session_keys(tenant_id, session_id),
+                keys=list(self._keys.session_keys(tenant_id, session_id)),
                 args=[self._retention_ms, self._keys.session_channel(tenant_id, session_id)],
             )
         if not raw:
@@ -113,50 +109,32 @@ class RedisSessionStore(RedisStore):
     async def list_sessions(
         self, tenant_id: str, *, limit: int, after: str | None, filter: SessionFilter
     ) -> Page[Session]:
-        index = self._keys.session_index(tenant_id)
-        found: list[Session] = []
-        cursor = after
-        examined = 0
-        batch = max(limit, 100)
-        with redis_errors_as_unavailable():
-            while examined < _LIST_SCAN_BUDGET:
-                ids = await newest_first(self._redis, index, before=cursor, count=batch)
-                if not ids:
-                    return Page(found, None)
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.time()
-                for session_id in ids:
-                    pipe.hgetall(self._keys.session(tenant_id, session_id))
-                    pipe.smembers(self._keys.session_pending(tenant_id, session_id))
-                replies = await pipe.execute()
-                now_ms = time_ms(replies[0])
-                vanished: list[str] = []
-                for i, session_id in enumerate(ids):
-                    examined += 1
-                    cursor = session_id
-                    fields = pairs_to_dict(replies[1 + 2 * i])
-                    if not fields:
-                        vanished.append(session_id)
-                        continue
-                    session = session_from_hash(
-                        tenant_id, session_id, fields, replies[2 + 2 * i], now_ms
-                    )
-                    if filter.matches(session):
-                        found.append(session)
-                        if len(found) == limit:
-                            break
-                if vanished:
-                    await self._redis.zrem(index, *vanished)
-                if len(found) == limit:
-                    more = cursor != ids[-1] or len(ids) == batch
-                    return Page(found, cursor if more else None)
-                if len(ids) < batch:
-                    return Page(found, None)
-        # Scan budget spent: return what matched so far and let the caller continue.
-        return Page(found, cursor)
+        async def load(ids: list[str]) -> list[Session | None]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.time()
+            for session_id in ids:
+                keys = self._keys.session_keys(tenant_id, session_id)
+                pipe.hgetall(keys.hash)
+                pipe.smembers(keys.pending)
+            now, *replies = await pipe.execute()
+            now_ms = time_ms(now)
+            sessions: list[Session | None] = []
+            for session_id, raw, pending in zip(ids, replies[::2], replies[1::2], strict=True):
+                fields = pairs_to_dict(raw)
+                sessions.append(
+                    session_from_hash(tenant_id, session_id, fields, pending, now_ms)
+                    if fields
+                    else None
+                )
+            return sessions
 
-    def _session_keys(self, tenant_id: str, session_id: str) -> list[str]:
-        return [
-            self._keys.session(tenant_id, session_id),
-            self._keys.session_pending(tenant_id, session_id),
-        ]
+        with redis_errors_as_unavailable():
+            return await page_newest_first(
+                self._redis,
+                self._keys.session_index(tenant_id),
+                after=after,
+                limit=limit,
+                budget=_LIST_SCAN_BUDGET,
+                load=load,
+                keep=filter.matches,
+            )

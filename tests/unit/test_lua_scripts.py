@@ -1,6 +1,8 @@
 """The Lua scripts of registry/lua/ read like code: every file is used (a store runs every
 script, a script includes every prelude), every script's header names its KEYS and ARGV, and
-the bodies use named locals, never ``KEYS[3]`` or ``ARGV[17]``."""
+the bodies use named locals, never ``KEYS[3]`` or ``ARGV[17]``. The locals are declared at the
+top, one a line or several grouped by meaning in one assignment
+(``local id, stream, entry = ARGV[2], ARGV[3], ARGV[4]``)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from registry.lua_scripts import (
 )
 
 REGISTRY = Path(__file__).resolve().parents[2] / "registry"
-# `local job_key = KEYS[1]`, `local deadline_ms = tonumber(ARGV[9])`, with an optional comment.
-DECLARATION = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)?\s*(?:--.*)?$")
+# `local job_key = KEYS[1]`, `local deadline_ms = tonumber(ARGV[9])`, or several at once:
+# `local id, base_ms = ARGV[2], tonumber(ARGV[9])`; with an optional comment.
+VALUE = r"(?:tonumber\()?(?:KEYS|ARGV)\[\d+\]\)?"
+DECLARATION = re.compile(rf"^local (\w+(?:, \w+)*) = ({VALUE}(?:, {VALUE})*)\s*(?:--.*)?$")
+SOURCE = re.compile(r"\b(KEYS|ARGV)\[")
 NUMBERED = re.compile(r"\b(KEYS|ARGV)\[\d+\]")
 
 
@@ -53,7 +58,10 @@ def declarations(name: str) -> list[tuple[str, str]]:
         for line in text(source).splitlines():
             match = DECLARATION.match(line)
             if match:
-                found.append((match.group(1), match.group(2)))
+                names = match.group(1).split(", ")
+                sources = SOURCE.findall(match.group(2))
+                assert len(names) == len(sources), f"{source}.lua: one value a name: {line}"
+                found.extend(zip(names, sources, strict=True))
     return found
 
 

@@ -3,11 +3,8 @@
 -- KEYS: batch_key, states_key, jobs_key
 -- ARGV: index (the item's), job ("<job_id> <session_id>")
 -- Returns: 1 to keep running, 0 when the item is no longer running or the batch is cancelling
-local batch_key = KEYS[1]
-local states_key = KEYS[2]
-local jobs_key = KEYS[3]
-local index = ARGV[1]
-local job = ARGV[2]
+local batch_key, states_key, jobs_key = KEYS[1], KEYS[2], KEYS[3]
+local index, job = ARGV[1], ARGV[2]
 
 if redis.call('HGET', states_key, index) ~= 'running' then return 0 end
 redis.call('HSET', jobs_key, index, job)

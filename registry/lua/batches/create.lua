@@ -8,19 +8,11 @@
 -- ARGV: batch_id, tenant, priority, idem (the idempotency key, '' for none), metadata_json,
 --   window_ms, session_id, retention_ms, then one custom id per item
 -- Returns: {1, batch_id} when created, {0, existing batch id} for a known idempotency key
-local batch_key = KEYS[1]
-local states_key = KEYS[2]
-local custom_ids_key = KEYS[3]
-local index_key = KEYS[6]
-local idempotency_key = KEYS[7]
-local batch_id = ARGV[1]
-local tenant = ARGV[2]
-local priority = ARGV[3]
-local idem = ARGV[4]
-local metadata_json = ARGV[5]
-local window_ms = tonumber(ARGV[6])
-local session_id = ARGV[7]
-local retention_ms = tonumber(ARGV[8])
+local batch_key, states_key, custom_ids_key = KEYS[1], KEYS[2], KEYS[3]
+local index_key, idempotency_key = KEYS[6], KEYS[7]
+local batch_id, tenant, priority, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local metadata_json, session_id = ARGV[5], ARGV[7]
+local window_ms, retention_ms = tonumber(ARGV[6]), tonumber(ARGV[8])
 local first_custom_id = 9
 
 local lifetime = window_ms + retention_ms

@@ -6,10 +6,7 @@
 --   jobs_key, results_key)
 -- ARGV: index (the item's), state (its final state), job_id, data_json, retention_ms
 -- Returns: the result's sequence, or 0 when the item had already finished
-local index = ARGV[1]
-local state = ARGV[2]
-local job_id = ARGV[3]
-local data_json = ARGV[4]
+local index, state, job_id, data_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local retention_ms = tonumber(ARGV[5])
 
 local item = redis.call('HGET', states_key, index)

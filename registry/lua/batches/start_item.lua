@@ -5,10 +5,8 @@
 -- KEYS: batch_key, states_key
 -- ARGV: index (the item's), redelivery ('1' | '0')
 -- Returns: 1 when the item may run, else 0
-local batch_key = KEYS[1]
-local states_key = KEYS[2]
-local index = ARGV[1]
-local redelivery = ARGV[2]
+local batch_key, states_key = KEYS[1], KEYS[2]
+local index, redelivery = ARGV[1], ARGV[2]
 
 local state = redis.call('HGET', batch_key, 'state')
 if state ~= 'queued' and state ~= 'in_progress' then return 0 end

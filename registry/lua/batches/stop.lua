@@ -8,8 +8,7 @@
 -- ARGV: stop_state ('cancelled' | 'expired'), error_json (the ended items' data),
 --   retention_ms
 -- Returns: {found (0 | 1), index1, job1, index2, job2, ...} of the items that were running
-local stop_state = ARGV[1]
-local error_json = ARGV[2]
+local stop_state, error_json = ARGV[1], ARGV[2]
 local retention_ms = tonumber(ARGV[3])
 
 local state = redis.call('HGET', batch_key, 'state')

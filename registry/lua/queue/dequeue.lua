@@ -10,10 +10,8 @@
 --   kind, prio, batch, payload, deliveries, enqueued_ms, each as "<length>:<bytes>" (one bulk
 --   reply instead of nine elements per item: the client parses replies far slower than Redis
 --   builds them). wait_hint_ms: how long a consumer finding nothing may sleep.
-local consumer = ARGV[2]
-local count = tonumber(ARGV[3])
-local lease_ms = tonumber(ARGV[4])
-local max_deliveries = tonumber(ARGV[5])
+local consumer, count = ARGV[2], tonumber(ARGV[3])
+local lease_ms, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5])
 
 local out, packed = {}, {}
 

@@ -7,15 +7,9 @@
 -- ARGV: prefix, id, stream, entry, consumer, error_text, retry ('1' | '0'), max_deliveries,
 --   base_ms, cap_ms
 -- Returns: 'ignored' | 'dead_lettered' | 'retry_scheduled'
-local id = ARGV[2]
-local stream = ARGV[3]
-local entry = ARGV[4]
-local consumer = ARGV[5]
-local error_text = ARGV[6]
-local retry = ARGV[7]
-local max_deliveries = tonumber(ARGV[8])
-local base_ms = tonumber(ARGV[9])
-local cap_ms = tonumber(ARGV[10])
+local id, stream, entry, consumer = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local error_text, retry = ARGV[6], ARGV[7]
+local max_deliveries, base_ms, cap_ms = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 
 local rec = prefix .. 'i:' .. id
 local st = redis.call('HGET', rec, 'st')

@@ -4,10 +4,7 @@
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, id, stream, entry, consumer
 -- Returns: 1 when given back, 0 when the consumer no longer held it or the item finished
-local id = ARGV[2]
-local stream = ARGV[3]
-local entry = ARGV[4]
-local consumer = ARGV[5]
+local id, stream, entry, consumer = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 if not owns(stream, entry, consumer) then return 0 end
 ack(stream, entry)

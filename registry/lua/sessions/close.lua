@@ -6,8 +6,7 @@
 -- KEYS: session_key, pending_key (the session's jobs in flight)
 -- ARGV: retention_ms, channel (the session's event channel)
 -- Returns: {session hash fields, pending job ids}, or false when there is no such session
-local retention_ms = tonumber(ARGV[1])
-local channel = ARGV[2]
+local retention_ms, channel = tonumber(ARGV[1]), ARGV[2]
 
 if redis.call('EXISTS', session_key) == 0 then return false end
 local f = redis.call('HMGET', session_key, 'state', 'expires')

@@ -8,14 +8,9 @@
 -- ARGV: session_id, agent_id, user_id, metadata_json, ttl_ms, retention_ms, session_prefix
 --   (the key of a session is session_prefix .. its id)
 -- Returns: {session hash fields, pending job ids (none)}
-local session_key = KEYS[1]
-local index_key = KEYS[3]
-local session_id = ARGV[1]
-local agent_id = ARGV[2]
-local user_id = ARGV[3]
-local metadata_json = ARGV[4]
-local ttl_ms = tonumber(ARGV[5])
-local retention_ms = tonumber(ARGV[6])
+local session_key, index_key = KEYS[1], KEYS[3]
+local session_id, agent_id, user_id, metadata_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ttl_ms, retention_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
 local session_prefix = ARGV[7]
 
 local expires = now + ttl_ms

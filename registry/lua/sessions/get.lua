@@ -5,8 +5,7 @@
 -- KEYS: session_key, pending_key (the session's jobs in flight)
 -- ARGV: touch ('1' | '0'), retention_ms
 -- Returns: {session hash fields, pending job ids}, or false when there is no such session
-local touch = ARGV[1]
-local retention_ms = tonumber(ARGV[2])
+local touch, retention_ms = ARGV[1], tonumber(ARGV[2])
 
 if redis.call('EXISTS', session_key) == 0 then return false end
 local f = redis.call('HMGET', session_key, 'state', 'expires', 'ttl')
