@@ -404,7 +404,7 @@ class Run:
         sequence = rng.choice(
             [None, last + 1, last + 1, last + rng.randint(2, 3)] + ([last] if last else [])
         )
-        event = rng.choice([e for e in NoticeEvent if e is not NoticeEvent.AGENT_CHANGED])
+        event = rng.choice(list(NoticeEvent))
         tenant_id = known.tenant_id if rng.random() > 0.08 else self.other_tenant(known.tenant_id)
         service = known.service
         if rng.random() < 0.08:
@@ -429,6 +429,8 @@ class Run:
                 "phase": rng.choice(("started", "finished")),
                 "summary": "3 passages",
             },
+            # Not about a job: malformed with a job id, and never reaches a store.
+            NoticeEvent.AGENT_CHANGED: {},
         }
         data = payloads[event]
         raw = NoticeInput(event, service, known.job_id, tenant_id, sequence, "", data, usage)
