@@ -8,9 +8,10 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from domain.jobs import EventKind, NoticeEvent, SessionEvent, unreadable_event
+from domain.jobs import EventKind, NoticeEvent, SessionEvent, StepPhase, unreadable_event
 from domain.models import Service, TokenUsage, WorkKind
 from domain.notices import MAX_RESULT_DEPTH, NoticeInput, check_json_tree
+from domain.plans import StepState
 from handlers.converters import (
     enum_from_pb,
     enum_to_pb,
@@ -25,12 +26,12 @@ log = logging.getLogger(__name__)
 
 KIND_TO_PB = enum_to_pb(WorkKind, common_pb2.WorkKind, "WORK_KIND_")
 _KIND_FROM_PB = {common_pb2.WORK_KIND_UNSPECIFIED: WorkKind.LLM_QUERY, **inverse(KIND_TO_PB)}
-# Only these services have a value in orchestrator.v1.Service (the plans' services do not).
-SERVICE_TO_PB = enum_to_pb(
-    Service, common_pb2.Service, "SERVICE_", (Service.QUERY, Service.EMBEDDING)
-)
+SERVICE_TO_PB = enum_to_pb(Service, common_pb2.Service, "SERVICE_")
 _SERVICE_FROM_PB = inverse(SERVICE_TO_PB)
 _NOTICE_FROM_PB = inverse(enum_to_pb(NoticeEvent, task_update_pb2.NoticeEvent, "NOTICE_EVENT_"))
+PHASE_TO_PB = enum_to_pb(StepPhase, common_pb2.StepPhase, "STEP_PHASE_")
+_PHASE_FROM_PB = inverse(PHASE_TO_PB)
+PLAN_STEP_STATE_TO_PB = enum_to_pb(StepState, common_pb2.PlanStepState, "PLAN_STEP_STATE_")
 
 
 def work_kind_from_pb(kind: common_pb2.WorkKind.ValueType) -> WorkKind:
@@ -94,6 +95,92 @@ def error_to_data(error: common_pb2.JobError) -> dict[str, Any]:
     }
 
 
+def error_from_data(error: Mapping[str, Any]) -> common_pb2.JobError:
+    return common_pb2.JobError(
+        code=str(error.get("code", "unknown")),
+        message=str(error.get("message", "")),
+        retryable=bool(error.get("retryable", False)),
+    )
+
+
+def tool_call_to_data(call: common_pb2.ToolCall) -> dict[str, Any]:
+    """A ToolCall as tool_call event data (``phase`` "" when unset: malformed)."""
+    phase = _PHASE_FROM_PB.get(call.phase)
+    data: dict[str, Any] = {
+        "call_id": call.call_id,
+        "name": call.name,
+        "phase": phase.value if phase else "",
+        "arguments": call.arguments_json,
+        "result_summary": call.result_summary,
+    }
+    if call.HasField("error"):
+        data["error"] = error_to_data(call.error)
+    return data
+
+
+def tool_call_from_data(data: Mapping[str, Any]) -> common_pb2.ToolCall:
+    call = common_pb2.ToolCall(
+        call_id=str(data.get("call_id", "")),
+        name=str(data.get("name", "")),
+        phase=PHASE_TO_PB[StepPhase(data["phase"])],
+        arguments_json=str(data.get("arguments", "")),
+        result_summary=str(data.get("result_summary", "")),
+    )
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        call.error.CopyFrom(error_from_data(error))
+    return call
+
+
+def step_to_data(step: common_pb2.WorkflowStep) -> dict[str, Any]:
+    """A WorkflowStep as workflow_step event data (``phase`` "" when unset: malformed)."""
+    phase = _PHASE_FROM_PB.get(step.phase)
+    data: dict[str, Any] = {
+        "step_id": step.step_id,
+        "name": step.name,
+        "index": step.index,
+        "phase": phase.value if phase else "",
+        "summary": step.summary,
+    }
+    if step.HasField("error"):
+        data["error"] = error_to_data(step.error)
+    return data
+
+
+def step_from_data(data: Mapping[str, Any]) -> common_pb2.WorkflowStep:
+    step = common_pb2.WorkflowStep(
+        step_id=str(data.get("step_id", "")),
+        name=str(data.get("name", "")),
+        index=int(data.get("index", 0)),
+        phase=PHASE_TO_PB[StepPhase(data["phase"])],
+        summary=str(data.get("summary", "")),
+    )
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        step.error.CopyFrom(error_from_data(error))
+    return step
+
+
+def plan_step_from_data(data: Mapping[str, Any]) -> common_pb2.PlanStep:
+    """plan_step event data (domain.jobs.SessionEvent) as a PlanStep."""
+    step = common_pb2.PlanStep(
+        index=int(data.get("index", 0)),
+        name=str(data["name"]),
+        service=SERVICE_TO_PB[Service(data["service"])],
+        method=str(data.get("method", "")),
+        state=PLAN_STEP_STATE_TO_PB[StepState(data["state"])],
+        attempts=int(data.get("attempts", 0)),
+    )
+    if data.get("started_ms"):
+        step.started.CopyFrom(timestamp_from_ms(int(data["started_ms"])))
+    if data.get("ended_ms"):
+        step.ended.CopyFrom(timestamp_from_ms(int(data["ended_ms"])))
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        step.error.CopyFrom(error_from_data(error))
+    return step
+
+
 # -- events ------------------------------------------------------------------------------------
 
 
@@ -133,22 +220,19 @@ def event_to_pb(event: SessionEvent) -> chat_pb2.ChatEvent:
             )
         )
     elif kind is EventKind.FAILED:
-        error = data.get("error") or {}
-        pb.failed.CopyFrom(
-            chat_pb2.JobFailed(
-                error=common_pb2.JobError(
-                    code=str(error.get("code", "unknown")),
-                    message=str(error.get("message", "")),
-                    retryable=bool(error.get("retryable", False)),
-                )
-            )
-        )
+        pb.failed.CopyFrom(chat_pb2.JobFailed(error=error_from_data(data.get("error") or {})))
     elif kind is EventKind.TIMED_OUT:
         pb.timed_out.CopyFrom(
             chat_pb2.JobTimedOut(deadline=timestamp_from_ms(int(data["deadline_ms"])))
         )
     elif kind is EventKind.CANCELLED:
         pb.cancelled.CopyFrom(chat_pb2.JobCancelled(reason=data.get("reason", "")))
+    elif kind is EventKind.TOOL_CALL:
+        pb.tool_call.CopyFrom(tool_call_from_data(data))
+    elif kind is EventKind.WORKFLOW_STEP:
+        pb.workflow_step.CopyFrom(step_from_data(data))
+    elif kind is EventKind.PLAN_STEP:
+        pb.plan_step.CopyFrom(plan_step_from_data(data))
     else:
         pb.history_truncated.CopyFrom(
             chat_pb2.HistoryTruncated(
@@ -216,6 +300,10 @@ def notice_from_pb(request: task_update_pb2.PublishUpdatesRequest) -> NoticeInpu
         data = {"result": result, "usage": usage_to_data(usage)}
     elif event is NoticeEvent.FAILED:
         data = {"error": error_to_data(request.error)}
+    elif event is NoticeEvent.TOOL_CALL:
+        data = tool_call_to_data(request.tool_call) if request.HasField("tool_call") else {}
+    elif event is NoticeEvent.STEP:
+        data = step_to_data(request.step) if request.HasField("step") else {}
     else:
         data = {}
     return NoticeInput(
