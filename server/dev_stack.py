@@ -36,7 +36,7 @@ async def serve_with_reference(settings: Settings) -> None:
     await server.start()
     reference = ReferenceServices(reference_config(settings, server.port))
     await reference.start()
-    log.info("reference Query/Embedding services embedded on %s", reference.address)
+    log.info("reference platform services embedded on %s", reference.address)
     await wait_for_stop_signal()
     await reference.stop()
     await server.stop()
