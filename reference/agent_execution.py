@@ -20,7 +20,7 @@ from orchestrator.v1 import common_pb2
 from reference import content, fields
 from reference.fields import InvalidField
 from reference.jobs import NoticeWriter
-from reference.services import Runtime
+from reference.services import Runtime, cancel_job, finish, stream_deltas
 from reference.tools import CALCULATOR, CLOCK, MAX_EXPRESSION_CHARS, ToolBox, ToolError
 
 if TYPE_CHECKING:
@@ -157,26 +157,15 @@ async def run_agent(
         )
     history = list(request.history)
     text = agent_answer(request.input, outcomes, len(wanted) - len(outcomes), len(history))
-    for chunk in content.split_deltas(text, runtime.config.deltas):
-        await runtime.step()
-        notices.delta(chunk)
-    await runtime.step()
-    notices.progress(1.0, "answered")
+    await stream_deltas(runtime, notices, text)
     prompt_tokens = (
         content.word_count(request.system_prompt)
         + sum(map(fields.turn_tokens, history))
         + content.word_count(request.input)
         + sum(content.word_count(outcome.result or outcome.error) for outcome in outcomes)
     )
-    completion_tokens = content.word_count(text)
-    notices.completed(
-        common_pb2.JobResult(text=text, model=request.model or DEFAULT_AGENT_MODEL),
-        common_pb2.TokenUsage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-    )
+    model = request.model or DEFAULT_AGENT_MODEL
+    await finish(runtime, notices, "answered", text, model, prompt_tokens)
 
 
 def _check_tools(request: agent_execution_pb2.StartRunRequest) -> None:
@@ -241,10 +230,5 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
     async def CancelRun(
         self, request: agent_execution_pb2.CancelRunRequest, context: Context
     ) -> agent_execution_pb2.CancelRunResponse:
-        try:
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.job_id, "job_id")
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
-        cancelled = self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
         return agent_execution_pb2.CancelRunResponse(cancelled=cancelled)

@@ -14,7 +14,7 @@ import grpc
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from orchestrator.v1 import common_pb2
 from query.v1 import query_pb2, query_pb2_grpc
-from reference import content
+from reference import content, fields
 from reference.config import ReferenceConfig
 from reference.jobs import JobTable, NoticeWriter
 from reference.reporter import Reporter
@@ -122,16 +122,39 @@ async def run_query(
         list(request.collections) if request.mode == query_pb2.QUERY_MODE_RAG else ()
     )
     text = content.answer_text(request.prompt, collections)
-    chunks = content.split_deltas(text, runtime.config.deltas)
-    for chunk in chunks:
+    await stream_deltas(runtime, notices, text)
+    await finish(
+        runtime,
+        notices,
+        "generated",
+        text,
+        request.model or content.DEFAULT_QUERY_MODEL,
+        content.word_count(request.prompt),
+    )
+
+
+async def stream_deltas(runtime: Runtime, notices: NoticeWriter, text: str) -> None:
+    """``text`` as REF_DELTAS delta notices, one step apart."""
+    for chunk in content.split_deltas(text, runtime.config.deltas):
         await runtime.step()
         notices.delta(chunk)
+
+
+async def finish(
+    runtime: Runtime,
+    notices: NoticeWriter,
+    status: str,
+    text: str,
+    model: str,
+    prompt_tokens: int,
+) -> None:
+    """Progress 1 with ``status``, then completed with ``text`` and usage (the completion
+    counts the words of the text)."""
     await runtime.step()
-    notices.progress(1.0, "generated")
-    prompt_tokens = content.word_count(request.prompt)
+    notices.progress(1.0, status)
     completion_tokens = content.word_count(text)
     notices.completed(
-        common_pb2.JobResult(text=text, model=request.model or content.DEFAULT_QUERY_MODEL),
+        common_pb2.JobResult(text=text, model=model),
         common_pb2.TokenUsage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -154,6 +177,16 @@ async def run_embedding(
         ),
         common_pb2.TokenUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
     )
+
+
+async def cancel_job(runtime: Runtime, tenant_id: str, job_id: str, context: Context) -> bool:
+    """Stop a running job of the tenant (both ids required and bounded); whether it ran."""
+    try:
+        fields.ident(tenant_id, "tenant_id")
+        fields.ident(job_id, "job_id")
+    except fields.InvalidField as exc:
+        await fields.refuse(context, exc)
+    return runtime.jobs.cancel(job_id, tenant_id)
 
 
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):

@@ -15,7 +15,7 @@ from orchestrator.v1 import common_pb2
 from reference import content, fields
 from reference.fields import InvalidField
 from reference.jobs import NoticeWriter
-from reference.services import Runtime
+from reference.services import Runtime, cancel_job, finish, stream_deltas
 from workflow.v1 import workflow_pb2, workflow_pb2_grpc
 
 if TYPE_CHECKING:
@@ -85,22 +85,11 @@ async def run_research_flow(
 
     notices.step(2, "answer", STARTED)
     text = research_answer(request.input, summary, len(history))
-    for chunk in content.split_deltas(text, runtime.config.deltas):
-        await runtime.step()
-        notices.delta(chunk)
+    await stream_deltas(runtime, notices, text)
     notices.step(2, "answer", FINISHED, summary=f"answered in {content.word_count(text)} word(s)")
-    await runtime.step()
-    notices.progress(1.0, "answered")
     prompt_tokens = content.word_count(request.input) + sum(map(fields.turn_tokens, history))
-    completion_tokens = content.word_count(text)
-    notices.completed(
-        common_pb2.JobResult(text=text, model=request.model or content.DEFAULT_QUERY_MODEL),
-        common_pb2.TokenUsage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-    )
+    model = request.model or content.DEFAULT_QUERY_MODEL
+    await finish(runtime, notices, "answered", text, model, prompt_tokens)
 
 
 class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
@@ -142,10 +131,5 @@ class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
     async def CancelWorkflow(
         self, request: workflow_pb2.CancelWorkflowRequest, context: Context
     ) -> workflow_pb2.CancelWorkflowResponse:
-        try:
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.job_id, "job_id")
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
-        cancelled = self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
         return workflow_pb2.CancelWorkflowResponse(cancelled=cancelled)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +23,14 @@ from workflow.v1 import workflow_pb2_grpc
 
 # What the clock tool and conversation turn times read in these tests.
 FIXED_NOW = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+
+
+async def refused(call: Awaitable[Any], code: grpc.StatusCode, field: str) -> None:
+    """``call`` fails with ``code`` and a message that starts with the ``field`` it names."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code
+    assert (caught.value.details() or "").startswith(field), caught.value.details()
 
 
 def reference_config(orchestrator_address: str, **overrides: Any) -> ReferenceConfig:

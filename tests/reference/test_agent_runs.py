@@ -4,7 +4,6 @@ and runs over real gRPC whose notices a stand-in orchestrator records."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -15,7 +14,7 @@ from conversation.v1 import conversation_pb2
 from orchestrator.v1 import common_pb2, task_update_pb2
 from reference import tools, workflows
 from reference.agent_execution import ToolOutcome, ToolRequest, agent_answer, decide_tool_calls
-from tests.reference.conftest import Stack
+from tests.reference.conftest import Stack, refused
 from tools.v1 import tools_pb2
 from workflow.v1 import workflow_pb2
 
@@ -259,13 +258,6 @@ async def test_failure_rate_fails_runs_and_workflows(stack: Stack) -> None:
     for job in ("f1", "f2"):
         notices = await stack.orchestrator.recorder.wait_finished(job)
         assert [n.event for n in notices] == [PROGRESS, FAILED]
-
-
-async def refused(call: Awaitable[Any], code: grpc.StatusCode, field: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code
-    assert (caught.value.details() or "").startswith(field), caught.value.details()
 
 
 BAD_TURN = conversation_pb2.Turn(content="no role")

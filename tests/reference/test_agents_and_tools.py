@@ -4,7 +4,6 @@ changes reported as AGENT_CHANGED, tool definitions, tenant isolation and bounds
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -13,17 +12,10 @@ import pytest
 from agents.v1 import agents_pb2
 from orchestrator.v1 import common_pb2, task_update_pb2
 from reference.agents import AgentSpec
-from tests.reference.conftest import Stack
+from tests.reference.conftest import Stack, refused
 from tools.v1 import tools_pb2
 
 AGENT_CHANGED = task_update_pb2.NOTICE_EVENT_AGENT_CHANGED
-
-
-async def refused(call: Awaitable[Any], code: grpc.StatusCode, field: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code
-    assert (caught.value.details() or "").startswith(field), caught.value.details()
 
 
 async def get(stack: Stack, tenant: str, agent: str) -> agents_pb2.Agent:

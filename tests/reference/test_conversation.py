@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -15,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from conversation.v1 import conversation_pb2
 from reference import conversation
 from reference.conversation import ConversationLog
-from tests.reference.conftest import FIXED_NOW, Stack
+from tests.reference.conftest import FIXED_NOW, Stack, refused
 
 USER = conversation_pb2.ROLE_USER
 ASSISTANT = conversation_pb2.ROLE_ASSISTANT
@@ -34,13 +33,6 @@ def append(
     return conversation_pb2.AppendTurnsRequest(
         tenant_id=tenant, session_id=session, job_id=job, turns=turns
     )
-
-
-async def refused(call: Awaitable[Any], code: grpc.StatusCode, field: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code
-    assert (caught.value.details() or "").startswith(field), caught.value.details()
 
 
 async def fill(stack: Stack, jobs: int, tenant: str = "acme", session: str = "s1") -> None:
