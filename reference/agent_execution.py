@@ -196,23 +196,15 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
         self, request: agent_execution_pb2.StartRunRequest, context: Context
     ) -> agent_execution_pb2.StartRunResponse:
         try:
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.session_id, "session_id", required=False)
-            fields.ident(request.agent_id, "agent_id", required=False)
-            fields.ident(request.job_id, "job_id", required=False)
-            fields.ident(request.request_id, "request_id", required=False)
-            fields.text(request.model, "model", max_chars=fields.MODEL_CHARS, required=False)
+            fields.job_start(request)
             fields.text(
                 request.system_prompt,
                 "system_prompt",
                 max_chars=fields.SYSTEM_PROMPT_CHARS,
                 required=False,
             )
-            fields.text(request.input, "input", max_chars=fields.INPUT_CHARS)
-            fields.turns(request.history, "history", maximum=fields.HISTORY_TURNS)
             _check_tools(request)
             fields.number(request.max_tool_calls, "max_tool_calls", maximum=MAX_TOOL_CALLS)
-            fields.number(request.agent_version, "agent_version", maximum=2**63 - 1)
         except InvalidField as exc:
             await fields.refuse(context, exc)
         job_id = await self.runtime.submit(

@@ -4,7 +4,7 @@ a bad one is refused with INVALID_ARGUMENT naming it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias
 
 import grpc
 
@@ -77,6 +77,34 @@ def turns(values: Sequence[conversation_pb2.Turn], field: str, *, maximum: int) 
             0 <= turn.time.seconds <= 253_402_300_799 and 0 <= turn.time.nanos < 1_000_000_000
         ):
             raise InvalidField(f"{where}.time", "must be a valid timestamp from 1970 to 9999")
+
+
+class JobStart(Protocol):
+    """What StartRun and StartWorkflow requests share."""
+
+    tenant_id: str
+    session_id: str
+    agent_id: str
+    job_id: str
+    request_id: str
+    model: str
+    input: str
+    agent_version: int
+
+    @property
+    def history(self) -> Sequence[conversation_pb2.Turn]: ...
+
+
+def job_start(request: JobStart) -> None:
+    """Bounds of the fields every asynchronous start carries (only the tenant and the input are
+    required: the job id is made up when missing, like the Query's)."""
+    ident(request.tenant_id, "tenant_id")
+    for name in ("session_id", "agent_id", "job_id", "request_id"):
+        ident(getattr(request, name), name, required=False)
+    text(request.model, "model", max_chars=MODEL_CHARS, required=False)
+    text(request.input, "input", max_chars=INPUT_CHARS)
+    turns(request.history, "history", maximum=HISTORY_TURNS)
+    number(request.agent_version, "agent_version", maximum=2**63 - 1)
 
 
 def turn_tokens(turn: conversation_pb2.Turn) -> int:

@@ -100,16 +100,8 @@ class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
         self, request: workflow_pb2.StartWorkflowRequest, context: Context
     ) -> workflow_pb2.StartWorkflowResponse:
         try:
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.session_id, "session_id", required=False)
-            fields.ident(request.agent_id, "agent_id", required=False)
-            fields.ident(request.job_id, "job_id", required=False)
-            fields.ident(request.request_id, "request_id", required=False)
+            fields.job_start(request)
             fields.ident(request.workflow_id, "workflow_id")
-            fields.text(request.model, "model", max_chars=fields.MODEL_CHARS, required=False)
-            fields.text(request.input, "input", max_chars=fields.INPUT_CHARS)
-            fields.turns(request.history, "history", maximum=fields.HISTORY_TURNS)
-            fields.number(request.agent_version, "agent_version", maximum=2**63 - 1)
         except InvalidField as exc:
             await fields.refuse(context, exc)
         if request.workflow_id not in WORKFLOWS:

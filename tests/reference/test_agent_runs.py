@@ -4,10 +4,11 @@ and runs over real gRPC whose notices a stand-in orchestrator records."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from agent_execution.v1 import agent_execution_pb2
 from conversation.v1 import conversation_pb2
@@ -28,6 +29,7 @@ STARTED = common_pb2.STEP_PHASE_STARTED
 FINISHED = common_pb2.STEP_PHASE_FINISHED
 PHASE_FAILED = common_pb2.STEP_PHASE_FAILED
 BOTH = ("calculator", "clock")
+M = TypeVar("M", bound=Message)
 
 
 def calc(expression: str) -> ToolRequest:
@@ -91,6 +93,17 @@ def tool_definitions(*names: str) -> list[tools_pb2.ToolDefinition]:
     ]
 
 
+def changed(request: M, changes: dict[str, Any]) -> M:
+    """``request`` with some fields set (lists replace repeated fields)."""
+    for name, value in changes.items():
+        if isinstance(value, list):
+            request.ClearField(name)
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
 def run(job_id: str, message: str, /, **extra: Any) -> agent_execution_pb2.StartRunRequest:
     request = agent_execution_pb2.StartRunRequest(
         tenant_id="demo",
@@ -102,13 +115,7 @@ def run(job_id: str, message: str, /, **extra: Any) -> agent_execution_pb2.Start
         tools=tool_definitions(*BOTH),
         agent_version=3,
     )
-    for name, value in extra.items():
-        if isinstance(value, list):
-            request.ClearField(name)  # type: ignore[arg-type]
-            getattr(request, name).extend(value)
-        else:
-            setattr(request, name, value)
-    return request
+    return changed(request, extra)
 
 
 HISTORY = [
@@ -260,24 +267,32 @@ async def test_failure_rate_fails_runs_and_workflows(stack: Stack) -> None:
         assert [n.event for n in notices] == [PROGRESS, FAILED]
 
 
-BAD_TURN = conversation_pb2.Turn(content="no role")
+# Bounds of the fields StartRun and StartWorkflow share.
+START_BOUNDS: list[tuple[dict[str, Any], str]] = [
+    ({"tenant_id": ""}, "tenant_id"),
+    ({"tenant_id": "t" * 1025}, "tenant_id"),
+    ({"session_id": "s" * 1025}, "session_id"),
+    ({"agent_id": "a" * 1025}, "agent_id"),
+    ({"job_id": "j" * 1025}, "job_id"),
+    ({"request_id": "r" * 1025}, "request_id"),
+    ({"model": "m" * 1025}, "model"),
+    ({"input": ""}, "input"),
+    ({"input": "i" * (256 * 1024 + 1)}, "input"),
+    ({"history": [conversation_pb2.Turn(content="no role")]}, "history[0].role"),
+    (
+        {"history": [conversation_pb2.Turn(role=conversation_pb2.ROLE_USER, tokens=-1)]},
+        "history[0].tokens",
+    ),
+    ({"history": HISTORY * 334}, "history"),
+    ({"agent_version": -1}, "agent_version"),
+]
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"tenant_id": ""}, "tenant_id"),
-        ({"tenant_id": "t" * 1025}, "tenant_id"),
-        ({"session_id": "s" * 1025}, "session_id"),
-        ({"agent_id": "a" * 1025}, "agent_id"),
-        ({"job_id": "j" * 1025}, "job_id"),
-        ({"request_id": "r" * 1025}, "request_id"),
-        ({"model": "m" * 1025}, "model"),
+        *START_BOUNDS,
         ({"system_prompt": "p" * (64 * 1024 + 1)}, "system_prompt"),
-        ({"input": ""}, "input"),
-        ({"input": "i" * (256 * 1024 + 1)}, "input"),
-        ({"history": [BAD_TURN]}, "history[0].role"),
-        ({"history": HISTORY * 334}, "history"),
         ({"tools": tool_definitions("clock") * 65}, "tools"),
         ({"tools": [tools_pb2.ToolDefinition(name="")]}, "tools[0].name"),
         (
@@ -290,7 +305,6 @@ BAD_TURN = conversation_pb2.Turn(content="no role")
         ),
         ({"max_tool_calls": -1}, "max_tool_calls"),
         ({"max_tool_calls": 65}, "max_tool_calls"),
-        ({"agent_version": -1}, "agent_version"),
     ],
 )
 async def test_start_run_bounds(stack: Stack, change: dict[str, Any], field: str) -> None:
@@ -337,13 +351,7 @@ def flow(job_id: str, message: str, /, **extra: Any) -> workflow_pb2.StartWorkfl
         input=message,
         agent_version=1,
     )
-    for name, value in extra.items():
-        if isinstance(value, list):
-            request.ClearField(name)  # type: ignore[arg-type]
-            getattr(request, name).extend(value)
-        else:
-            setattr(request, name, value)
-    return request
+    return changed(request, extra)
 
 
 def test_retrieve_prefers_turns_sharing_keywords() -> None:
@@ -447,19 +455,9 @@ async def test_cancel_workflow_only_for_its_tenant(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"tenant_id": ""}, "tenant_id"),
-        ({"session_id": "s" * 1025}, "session_id"),
-        ({"agent_id": "a" * 1025}, "agent_id"),
-        ({"job_id": "j" * 1025}, "job_id"),
-        ({"request_id": "r" * 1025}, "request_id"),
+        *START_BOUNDS,
         ({"workflow_id": ""}, "workflow_id"),
         ({"workflow_id": "w" * 1025}, "workflow_id"),
-        ({"model": "m" * 1025}, "model"),
-        ({"input": ""}, "input"),
-        ({"input": "i" * (256 * 1024 + 1)}, "input"),
-        ({"history": [BAD_TURN]}, "history[0].role"),
-        ({"history": HISTORY * 334}, "history"),
-        ({"agent_version": -1}, "agent_version"),
     ],
 )
 async def test_start_workflow_bounds(stack: Stack, change: dict[str, Any], field: str) -> None:
