@@ -116,11 +116,14 @@ def demo_agents(tenant_id: str) -> list[AgentSpec]:
 
 class AgentBook:
     """The agents of every tenant. Changes through ``put_agent``, ``update_agent`` and
-    ``remove_agent`` report AGENT_CHANGED for the agent through the reporter."""
+    ``remove_agent`` report AGENT_CHANGED for the agent through the reporter (call them on the
+    services' event loop). Versions only grow, also across a removal and a new creation."""
 
     def __init__(self, reporter: Reporter, demo_tenants: Iterable[str] = ()) -> None:
         self._reporter = reporter
         self._agents: dict[tuple[str, str], AgentSpec] = {}
+        # The last version of each removed agent: one created again continues after it.
+        self._removed: dict[tuple[str, str], int] = {}
         for tenant_id in demo_tenants:
             for agent in demo_agents(tenant_id):
                 self._agents[(agent.tenant_id, agent.agent_id)] = agent
@@ -130,10 +133,13 @@ class AgentBook:
 
     def put_agent(self, agent: AgentSpec) -> AgentSpec:
         """Create or replace an agent; a replaced one's version grows past the old one's."""
-        previous = self.get(agent.tenant_id, agent.agent_id)
+        key = (agent.tenant_id, agent.agent_id)
+        previous = self._agents[key].version if key in self._agents else self._removed.get(key)
         if previous is not None:
-            agent = dataclasses.replace(agent, version=max(agent.version, previous.version + 1))
-        return self._store(agent)
+            agent = dataclasses.replace(agent, version=max(agent.version, previous + 1))
+        stored = self._store(agent)
+        self._removed.pop(key, None)
+        return stored
 
     def update_agent(self, tenant_id: str, agent_id: str, /, **changes: Any) -> AgentSpec:
         """Change some fields of an existing agent (KeyError if there is none) and bump its
@@ -150,7 +156,8 @@ class AgentBook:
         """Delete an agent; whether it existed."""
         removed = self._agents.pop((tenant_id, agent_id), None)
         if removed is not None:
-            self._report(removed.tenant_id, removed.agent_id, removed.version + 1)
+            self._removed[(tenant_id, agent_id)] = removed.version + 1
+            self._report(tenant_id, agent_id, removed.version + 1)
         return removed is not None
 
     def _store(self, agent: AgentSpec) -> AgentSpec:

@@ -196,6 +196,16 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def SubmitQuery(
         self, request: query_pb2.SubmitQueryRequest, context: Context
     ) -> query_pb2.SubmitQueryResponse:
+        try:
+            fields.text(
+                request.system_prompt,
+                "system_prompt",
+                max_chars=fields.SYSTEM_PROMPT_CHARS,
+                required=False,
+            )
+            fields.turns(request.history, "history", maximum=fields.HISTORY_TURNS)
+        except fields.InvalidField as exc:
+            await fields.refuse(context, exc)
         job_id = await self.runtime.submit(
             "SubmitQuery",
             common_pb2.SERVICE_QUERY,

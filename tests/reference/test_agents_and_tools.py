@@ -82,15 +82,18 @@ async def test_put_and_remove_report_too(stack: Stack) -> None:
     assert (await get(stack, "acme", "calc")).kind == agents_pb2.AGENT_KIND_LLM
     assert book.remove_agent("acme", "calc") is True
     assert book.remove_agent("acme", "calc") is False
+    again = book.put_agent(AgentSpec("acme", "calc", "llm"))
+    assert again.version == 4  # after the removal's 3
+    assert book.remove_agent("acme", "calc") is True
     request = agents_pb2.GetAgentRequest(tenant_id="acme", agent_id="calc")
     await refused(stack.agents.GetAgent(request, timeout=5), grpc.StatusCode.NOT_FOUND, "agent_id")
 
     recorder = stack.orchestrator.recorder
     await recorder.wait_until(
-        lambda: len([n for n in recorder.notices if n.event == AGENT_CHANGED]) == 3
+        lambda: len([n for n in recorder.notices if n.event == AGENT_CHANGED]) == 5
     )
     changes = [(n.tenant_id, n.agent_id, n.sequence) for n in recorder.notices]
-    assert changes == [("acme", "calc", 1), ("acme", "calc", 2), ("acme", "calc", 3)]
+    assert changes == [("acme", "calc", version) for version in (1, 2, 3, 4, 5)]
 
 
 @pytest.mark.parametrize(
