@@ -1,4 +1,4 @@
-"""`make run`: the orchestrator with the reference Query/Embedding services in the same process,
+"""`make run`: the orchestrator with the reference platform services in the same process,
 so a new user can chat end to end with nothing else running."""
 
 from __future__ import annotations
