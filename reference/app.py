@@ -1,4 +1,5 @@
-"""ReferenceServices: one grpc.aio server hosting the reference Query and Embedding services,
+"""ReferenceServices: one grpc.aio server hosting the reference platform services (Query,
+Embedding, Conversation, Agent Management, Tool Registry, Agent Execution, Workflow Engine),
 health and reflection, plus the reporter that streams their notices to the orchestrator."""
 
 from __future__ import annotations
@@ -11,24 +12,42 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agent_execution.v1 import agent_execution_pb2, agent_execution_pb2_grpc
+from agents.v1 import agents_pb2, agents_pb2_grpc
+from conversation.v1 import conversation_pb2, conversation_pb2_grpc
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from query.v1 import query_pb2, query_pb2_grpc
+from reference.agent_execution import AgentExecutionServicer
+from reference.agents import AgentBook, AgentManagementServicer
 from reference.config import ReferenceConfig
+from reference.conversation import ConversationLog, ConversationServicer
 from reference.reporter import Reporter
 from reference.services import EmbeddingServicer, QueryServicer, Runtime, Seen
+from reference.tool_registry import ToolRegistryServicer
+from reference.tools import Clock, ToolBox, system_clock
+from reference.workflows import WorkflowEngineServicer
+from tools.v1 import tools_pb2, tools_pb2_grpc
+from workflow.v1 import workflow_pb2, workflow_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
     embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+    conversation_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
+    agents_pb2.DESCRIPTOR.services_by_name["AgentManagementService"].full_name,
+    tools_pb2.DESCRIPTOR.services_by_name["ToolRegistryService"].full_name,
+    agent_execution_pb2.DESCRIPTOR.services_by_name["AgentExecutionService"].full_name,
+    workflow_pb2.DESCRIPTOR.services_by_name["WorkflowEngineService"].full_name,
 )
 
 
 class ReferenceServices:
-    """Build with a config, ``await start()`` (returns the bound port), ``await stop()``."""
+    """Build with a config, ``await start()`` (returns the bound port), ``await stop()``.
+    ``clock`` is what the clock tool and the conversation's turn times read (fixed in tests);
+    ``agents`` changes agent configurations (reporting AGENT_CHANGED)."""
 
-    def __init__(self, config: ReferenceConfig) -> None:
+    def __init__(self, config: ReferenceConfig, *, clock: Clock = system_clock) -> None:
         config.validate()
         self.config = config
         self.reporter = Reporter(
@@ -38,6 +57,9 @@ class ReferenceServices:
             reconnect_cap_s=config.reconnect_cap_s,
         )
         self.runtime = Runtime(config, self.reporter)
+        self.toolbox = ToolBox(clock)
+        self.conversations = ConversationLog(clock)
+        self.agents = AgentBook(self.reporter, config.demo_tenants)
         self._server: grpc.aio.Server | None = None
         self._port = 0
 
@@ -62,6 +84,21 @@ class ReferenceServices:
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(self.runtime), server
         )
+        conversation_pb2_grpc.add_ConversationServiceServicer_to_server(
+            ConversationServicer(self.conversations), server
+        )
+        agents_pb2_grpc.add_AgentManagementServiceServicer_to_server(
+            AgentManagementServicer(self.agents), server
+        )
+        tools_pb2_grpc.add_ToolRegistryServiceServicer_to_server(
+            ToolRegistryServicer(self.toolbox), server
+        )
+        agent_execution_pb2_grpc.add_AgentExecutionServiceServicer_to_server(
+            AgentExecutionServicer(self.runtime, self.toolbox), server
+        )
+        workflow_pb2_grpc.add_WorkflowEngineServiceServicer_to_server(
+            WorkflowEngineServicer(self.runtime), server
+        )
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -81,7 +118,7 @@ class ReferenceServices:
         await server.start()
         self._server, self._port = server, port
         log.info(
-            "reference Query and Embedding services on %s (port %d), reporting to %s",
+            "reference platform services on %s (port %d), reporting to %s",
             self.config.listen_address,
             port,
             self.config.orchestrator_address,

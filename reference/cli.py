@@ -19,6 +19,8 @@ ENV_HELP = """environment:
   REF_FAILURE_RATE          fraction of jobs that fail, 0..1 (default 0)
   REF_SILENT_RATE           fraction of jobs that never report, 0..1 (default 0)
   REF_EMBEDDING_DIM         embedding vector size (default 8)
+  REF_DEMO_TENANTS          tenants seeded with the demo agents, comma-separated
+                            (default demo,other; empty: none)
   REF_PUBLISH_API_KEY       send "authorization: Bearer <key>" instead of the service headers
   REF_LOG_LEVEL             DEBUG, INFO, WARNING or ERROR (default INFO)
 """
@@ -27,7 +29,9 @@ ENV_HELP = """environment:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="orchestrator-reference",
-        description="Reference Query and Embedding services that report to the orchestrator.",
+        description="Reference platform services (Query, Embedding, Conversation, Agent "
+        "Management, Tool Registry, Agent Execution, Workflow Engine) that report to the "
+        "orchestrator.",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -38,6 +38,8 @@ class ReferenceConfig:
     failure_rate: float = 0.0
     silent_rate: float = 0.0
     embedding_dim: int = 8
+    # Tenants whose demo agents (support-bot, tool-bot, research-flow) Agent Management seeds.
+    demo_tenants: tuple[str, ...] = ("demo", "other")
     publish_metadata: tuple[tuple[str, str], ...] = DEFAULT_PUBLISH_METADATA
     log_level: str = "INFO"
     # Reporter reconnect backoff (seconds) and how long stop() may take to flush notices.
@@ -58,6 +60,8 @@ class ReferenceConfig:
             raise ConfigError(f"deltas must be at least 1, got {self.deltas}")
         if self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be at least 1, got {self.embedding_dim}")
+        if not all(self.demo_tenants):
+            raise ConfigError("demo_tenants must not contain an empty tenant")
         if self.step_delay_s < 0:
             raise ConfigError(f"step_delay_s must not be negative, got {self.step_delay_s}")
 
@@ -84,6 +88,12 @@ class ReferenceConfig:
         metadata = (
             (("authorization", f"Bearer {api_key}"),) if api_key else DEFAULT_PUBLISH_METADATA
         )
+        raw_tenants = env.get("REF_DEMO_TENANTS")
+        tenants = (
+            default.demo_tenants
+            if raw_tenants is None
+            else tuple(t.strip() for t in raw_tenants.split(",") if t.strip())
+        )
         config = cls(
             listen_address=env.get("REF_LISTEN_ADDRESS") or default.listen_address,
             orchestrator_address=env.get("REF_ORCHESTRATOR_ADDRESS")
@@ -93,6 +103,7 @@ class ReferenceConfig:
             failure_rate=number("REF_FAILURE_RATE", default.failure_rate),
             silent_rate=number("REF_SILENT_RATE", default.silent_rate),
             embedding_dim=integer("REF_EMBEDDING_DIM", default.embedding_dim),
+            demo_tenants=tenants,
             publish_metadata=metadata,
             log_level=env.get("REF_LOG_LEVEL") or default.log_level,
         )

@@ -54,6 +54,40 @@ class NoticeWriter:
     def completed(self, result: common_pb2.JobResult, usage: common_pb2.TokenUsage) -> None:
         self._send(task_update_pb2.NOTICE_EVENT_COMPLETED, result=result, usage=usage)
 
+    def tool_call(
+        self,
+        call_id: str,
+        name: str,
+        phase: common_pb2.StepPhase.ValueType,
+        arguments_json: str,
+        *,
+        result_summary: str = "",
+        error: common_pb2.JobError | None = None,
+    ) -> None:
+        call = common_pb2.ToolCall(
+            call_id=call_id,
+            name=name,
+            phase=phase,
+            arguments_json=arguments_json,
+            result_summary=result_summary,
+            error=error,
+        )
+        self._send(task_update_pb2.NOTICE_EVENT_TOOL_CALL, tool_call=call)
+
+    def step(
+        self,
+        index: int,
+        name: str,
+        phase: common_pb2.StepPhase.ValueType,
+        *,
+        summary: str = "",
+        error: common_pb2.JobError | None = None,
+    ) -> None:
+        step = common_pb2.WorkflowStep(
+            step_id=name, name=name, index=index, phase=phase, summary=summary, error=error
+        )
+        self._send(task_update_pb2.NOTICE_EVENT_STEP, step=step)
+
     def failed(self, code: str, message: str, *, retryable: bool) -> None:
         error = common_pb2.JobError(code=code, message=message, retryable=retryable)
         self._send(task_update_pb2.NOTICE_EVENT_FAILED, error=error)

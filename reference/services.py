@@ -14,7 +14,7 @@ import grpc
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from orchestrator.v1 import common_pb2
 from query.v1 import query_pb2, query_pb2_grpc
-from reference import content
+from reference import content, fields
 from reference.config import ReferenceConfig
 from reference.jobs import JobTable, NoticeWriter
 from reference.reporter import Reporter
@@ -122,16 +122,39 @@ async def run_query(
         list(request.collections) if request.mode == query_pb2.QUERY_MODE_RAG else ()
     )
     text = content.answer_text(request.prompt, collections)
-    chunks = content.split_deltas(text, runtime.config.deltas)
-    for chunk in chunks:
+    await stream_deltas(runtime, notices, text)
+    await finish(
+        runtime,
+        notices,
+        "generated",
+        text,
+        request.model or content.DEFAULT_QUERY_MODEL,
+        content.word_count(request.prompt),
+    )
+
+
+async def stream_deltas(runtime: Runtime, notices: NoticeWriter, text: str) -> None:
+    """``text`` as REF_DELTAS delta notices, one step apart."""
+    for chunk in content.split_deltas(text, runtime.config.deltas):
         await runtime.step()
         notices.delta(chunk)
+
+
+async def finish(
+    runtime: Runtime,
+    notices: NoticeWriter,
+    status: str,
+    text: str,
+    model: str,
+    prompt_tokens: int,
+) -> None:
+    """Progress 1 with ``status``, then completed with ``text`` and usage (the completion
+    counts the words of the text)."""
     await runtime.step()
-    notices.progress(1.0, "generated")
-    prompt_tokens = content.word_count(request.prompt)
+    notices.progress(1.0, status)
     completion_tokens = content.word_count(text)
     notices.completed(
-        common_pb2.JobResult(text=text, model=request.model or content.DEFAULT_QUERY_MODEL),
+        common_pb2.JobResult(text=text, model=model),
         common_pb2.TokenUsage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -156,6 +179,16 @@ async def run_embedding(
     )
 
 
+async def cancel_job(runtime: Runtime, tenant_id: str, job_id: str, context: Context) -> bool:
+    """Stop a running job of the tenant (both ids required and bounded); whether it ran."""
+    try:
+        fields.ident(tenant_id, "tenant_id")
+        fields.ident(job_id, "job_id")
+    except fields.InvalidField as exc:
+        await fields.refuse(context, exc)
+    return runtime.jobs.cancel(job_id, tenant_id)
+
+
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -163,6 +196,16 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def SubmitQuery(
         self, request: query_pb2.SubmitQueryRequest, context: Context
     ) -> query_pb2.SubmitQueryResponse:
+        try:
+            fields.text(
+                request.system_prompt,
+                "system_prompt",
+                max_chars=fields.SYSTEM_PROMPT_CHARS,
+                required=False,
+            )
+            fields.turns(request.history, "history", maximum=fields.HISTORY_TURNS)
+        except fields.InvalidField as exc:
+            await fields.refuse(context, exc)
         job_id = await self.runtime.submit(
             "SubmitQuery",
             common_pb2.SERVICE_QUERY,

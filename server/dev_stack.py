@@ -1,4 +1,4 @@
-"""`make run`: the orchestrator with the reference Query/Embedding services in the same process,
+"""`make run`: the orchestrator with the reference platform services in the same process,
 so a new user can chat end to end with nothing else running."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def serve_with_reference(settings: Settings) -> None:
     await server.start()
     reference = ReferenceServices(reference_config(settings, server.port))
     await reference.start()
-    log.info("reference Query/Embedding services embedded on %s", reference.address)
+    log.info("reference platform services embedded on %s", reference.address)
     await wait_for_stop_signal()
     await reference.stop()
     await server.stop()

@@ -120,3 +120,15 @@ async def test_without_headers_the_service_sees_the_generated_request_id(
     (seen,) = [s for s in platform.reference.seen if s.job_id == events[0].job_id]
     assert seen.request_id == initial["x-request-id"] == events[0].request_id
     assert seen.traceparent is None
+
+
+async def test_an_agent_change_reaches_the_orchestrator_as_an_accepted_notice(
+    platform: Platform,
+) -> None:
+    reference = platform.reference
+    reference.agents.update_agent("demo", "tool-bot", max_tool_calls=2)
+    await reference.reporter.wait_drained(5)
+    await reference.stop()  # half-closes the stream: the orchestrator answers with its counts
+    counts = reference.reporter.last_response
+    assert counts is not None
+    assert (counts.received, counts.accepted, counts.rejected_malformed) == (1, 1, 0)

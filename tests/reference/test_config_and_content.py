@@ -15,6 +15,8 @@ def test_defaults() -> None:
     assert config.orchestrator_address == "localhost:50051"
     assert (config.step_delay_s, config.deltas, config.embedding_dim) == (0.05, 3, 8)
     assert config.publish_metadata == DEFAULT_PUBLISH_METADATA
+    assert config.demo_tenants == ("demo", "other")
+    assert ReferenceConfig.from_env({"REF_DEMO_TENANTS": ""}).demo_tenants == ()
 
 
 def test_values_from_env() -> None:
@@ -28,8 +30,10 @@ def test_values_from_env() -> None:
             "REF_SILENT_RATE": "0.5",
             "REF_EMBEDDING_DIM": "16",
             "REF_PUBLISH_API_KEY": "k-123",
+            "REF_DEMO_TENANTS": " acme, globex ,",
         }
     )
+    assert config.demo_tenants == ("acme", "globex")
     assert config.listen_address == "127.0.0.1:7000"
     assert config.orchestrator_address == "orch:1"
     assert (config.step_delay_s, config.deltas, config.embedding_dim) == (0.0, 7, 16)

@@ -3,15 +3,18 @@ orchestrator's TaskUpdateService."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
+from conversation.v1 import conversation_pb2
 from embedding.v1 import embedding_pb2
 from orchestrator.v1 import common_pb2, task_update_pb2
 from query.v1 import query_pb2
 from reference import content
 from reference.config import DEMO_SERVICE_KEY
-from tests.reference.conftest import Stack
+from tests.reference.conftest import Stack, refused
 
 PROGRESS = task_update_pb2.NOTICE_EVENT_PROGRESS
 DELTA = task_update_pb2.NOTICE_EVENT_DELTA
@@ -183,6 +186,38 @@ async def test_the_stream_carries_the_service_identity(stack: Stack) -> None:
     await stack.orchestrator.recorder.wait_finished("m1")
     metadata = stack.orchestrator.recorder.stream_metadata[0]
     assert metadata["authorization"] == f"Bearer {DEMO_SERVICE_KEY}"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"system_prompt": "p" * (64 * 1024 + 1)}, "system_prompt"),
+        ({"history": [conversation_pb2.Turn(content="no role")]}, "history[0].role"),
+        ({"history": [conversation_pb2.Turn(role=conversation_pb2.ROLE_USER)] * 1001}, "history"),
+    ],
+)
+async def test_query_bounds_system_prompt_and_history(
+    stack: Stack, change: dict[str, Any], field: str
+) -> None:
+    request = ask("hi", "b1")
+    for name, value in change.items():
+        if isinstance(value, list):
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    await refused(
+        stack.query.SubmitQuery(request, timeout=5), grpc.StatusCode.INVALID_ARGUMENT, field
+    )
+    assert stack.reference.seen == []
+
+
+async def test_a_query_with_system_prompt_and_history_is_accepted(stack: Stack) -> None:
+    request = ask("hi", "h1")
+    request.system_prompt = "Be brief."
+    request.history.append(conversation_pb2.Turn(role=conversation_pb2.ROLE_USER, content="x"))
+    await stack.query.SubmitQuery(request, timeout=5)
+    notices = await stack.orchestrator.recorder.wait_finished("h1")
+    assert notices[-1].result.text == "Reference answer to: hi"
 
 
 async def test_invalid_submits_are_rejected(stack: Stack) -> None:
