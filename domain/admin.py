@@ -5,20 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from domain.chat import require_job_id
-from domain.errors import InvalidArgument, NotFound
-from domain.ids import is_tenant_id
+from domain.errors import NotFound
+from domain.ids import require_tenant_id
 from domain.jobs import Job
 from domain.ports.jobs import JobStore
 from domain.ports.usage import UsageStore
 from domain.usage import BudgetRules, UsageReader, UsageReport
-
-
-def require_tenant_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument.field("tenant_id", "is required")
-    if not is_tenant_id(value):
-        raise InvalidArgument.field("tenant_id", "is not a valid tenant id")
-    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from domain.errors import InvalidArgument
+
 # Tenant ids end up inside Redis hash tags, so braces and separators are not allowed.
 TENANT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Ids the orchestrator hands out (uuid7 in canonical form).
@@ -80,3 +82,12 @@ def tenant_entries(raw: str, shape: str) -> Iterator[tuple[str, str, str]]:
 def is_tenant_id(value: str) -> bool:
     """Whether ``value`` is an acceptable tenant id."""
     return bool(TENANT_ID_PATTERN.match(value))
+
+
+def require_tenant_id(value: str) -> str:
+    """Validate a tenant id argument (the admin APIs name the tenant they act on)."""
+    if not value:
+        raise InvalidArgument.field("tenant_id", "is required")
+    if not is_tenant_id(value):
+        raise InvalidArgument.field("tenant_id", "is not a valid tenant id")
+    return value

@@ -256,6 +256,13 @@ class Settings:
         "1",
         "part of every embedding cache key: change it when the embedding model changes",
     )
+    agent_cache_ttl: float = _env(
+        "ORCH_AGENT_CACHE_TTL",
+        300.0,
+        "how long an agent's configuration from Agent Management is cached (shared by every "
+        "replica on the backend; dropped earlier by AdminService.InvalidateAgent or an "
+        "AGENT_CHANGED notice); 0 asks Agent Management on every lookup",
+    )
     metrics_address: str = _env(
         "ORCH_METRICS_ADDRESS",
         "0.0.0.0:9464",
@@ -431,6 +438,8 @@ class Settings:
             problems.append(f"token budgets: {exc}")
         if self.embedding_cache_ttl < 0:
             problems.append("embedding_cache_ttl must not be negative")
+        if self.agent_cache_ttl < 0:
+            problems.append("agent_cache_ttl must not be negative")
         if self.revocation_check_interval < 0 or self.auth_failure_limit < 0:
             problems.append("revocation_check_interval and auth_failure_limit must not be negative")
         if self.auth_failure_window <= 0:
