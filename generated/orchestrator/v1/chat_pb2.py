@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from orchestrator.v1 import common_pb2 as orchestrator_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aorchestrator/v1/chat.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1corchestrator/v1/common.proto\"\xf9\x01\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0b\x63ollections\x18\x05 \x03(\t\x12\x12\n\nbackground\x18\x06 \x01(\x08\x12+\n\x08priority\x18\x07 \x01(\x0e\x32\x19.orchestrator.v1.Priority\x12\x30\n\x0b\x62usy_policy\x18\x08 \x01(\x0e\x32\x1b.orchestrator.v1.BusyPolicy\"@\n\x13SendMessageResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.ChatEvent\"B\n\x14StreamSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"B\n\x15StreamSessionResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.ChatEvent\"6\n\x10\x43\x61ncelJobRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\">\n\x11\x43\x61ncelJobResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.ChatEvent\"\xa1\x04\n\tChatEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x30\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x0b\x32\x1c.orchestrator.v1.JobAcceptedH\x00\x12\x30\n\x08progress\x18\x0b \x01(\x0b\x32\x1c.orchestrator.v1.JobProgressH\x00\x12+\n\x05\x64\x65lta\x18\x0c \x01(\x0b\x32\x1a.orchestrator.v1.TextDeltaH\x00\x12\x32\n\tcompleted\x18\r \x01(\x0b\x32\x1d.orchestrator.v1.JobCompletedH\x00\x12,\n\x06\x66\x61iled\x18\x0e \x01(\x0b\x32\x1a.orchestrator.v1.JobFailedH\x00\x12\x31\n\ttimed_out\x18\x0f \x01(\x0b\x32\x1c.orchestrator.v1.JobTimedOutH\x00\x12\x32\n\tcancelled\x18\x10 \x01(\x0b\x32\x1d.orchestrator.v1.JobCancelledH\x00\x12>\n\x11history_truncated\x18\x11 \x01(\x0b\x32!.orchestrator.v1.HistoryTruncatedH\x00\x42\x06\n\x04kind\"\xb0\x01\n\x0bJobAccepted\x12)\n\x07service\x18\x01 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queued\x18\x05 \x01(\x08\"0\n\x0bJobProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"f\n\x0cJobCompleted\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.JobResult\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\"5\n\tJobFailed\x12(\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x19.orchestrator.v1.JobError\";\n\x0bJobTimedOut\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x0cJobCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x10HistoryTruncated\x12 \n\x18requested_after_sequence\x18\x01 \x01(\x03\x12 \n\x18oldest_retained_sequence\x18\x02 \x01(\x03*X\n\nBusyPolicy\x12\x1b\n\x17\x42USY_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42USY_POLICY_QUEUE\x10\x01\x12\x16\n\x12\x42USY_POLICY_REJECT\x10\x02\x32\x9f\x02\n\x0b\x43hatService\x12Z\n\x0bSendMessage\x12#.orchestrator.v1.SendMessageRequest\x1a$.orchestrator.v1.SendMessageResponse0\x01\x12`\n\rStreamSession\x12%.orchestrator.v1.StreamSessionRequest\x1a&.orchestrator.v1.StreamSessionResponse0\x01\x12R\n\tCancelJob\x12!.orchestrator.v1.CancelJobRequest\x1a\".orchestrator.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aorchestrator/v1/chat.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1corchestrator/v1/common.proto\"\xf9\x01\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0b\x63ollections\x18\x05 \x03(\t\x12\x12\n\nbackground\x18\x06 \x01(\x08\x12+\n\x08priority\x18\x07 \x01(\x0e\x32\x19.orchestrator.v1.Priority\x12\x30\n\x0b\x62usy_policy\x18\x08 \x01(\x0e\x32\x1b.orchestrator.v1.BusyPolicy\"@\n\x13SendMessageResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.ChatEvent\"B\n\x14StreamSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"B\n\x15StreamSessionResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.ChatEvent\"6\n\x10\x43\x61ncelJobRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\">\n\x11\x43\x61ncelJobResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.ChatEvent\"\xb9\x05\n\tChatEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x30\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x0b\x32\x1c.orchestrator.v1.JobAcceptedH\x00\x12\x30\n\x08progress\x18\x0b \x01(\x0b\x32\x1c.orchestrator.v1.JobProgressH\x00\x12+\n\x05\x64\x65lta\x18\x0c \x01(\x0b\x32\x1a.orchestrator.v1.TextDeltaH\x00\x12\x32\n\tcompleted\x18\r \x01(\x0b\x32\x1d.orchestrator.v1.JobCompletedH\x00\x12,\n\x06\x66\x61iled\x18\x0e \x01(\x0b\x32\x1a.orchestrator.v1.JobFailedH\x00\x12\x31\n\ttimed_out\x18\x0f \x01(\x0b\x32\x1c.orchestrator.v1.JobTimedOutH\x00\x12\x32\n\tcancelled\x18\x10 \x01(\x0b\x32\x1d.orchestrator.v1.JobCancelledH\x00\x12>\n\x11history_truncated\x18\x11 \x01(\x0b\x32!.orchestrator.v1.HistoryTruncatedH\x00\x12.\n\ttool_call\x18\x12 \x01(\x0b\x32\x19.orchestrator.v1.ToolCallH\x00\x12\x36\n\rworkflow_step\x18\x13 \x01(\x0b\x32\x1d.orchestrator.v1.WorkflowStepH\x00\x12.\n\tplan_step\x18\x14 \x01(\x0b\x32\x19.orchestrator.v1.PlanStepH\x00\x42\x06\n\x04kind\"\xb0\x01\n\x0bJobAccepted\x12)\n\x07service\x18\x01 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queued\x18\x05 \x01(\x08\"0\n\x0bJobProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"f\n\x0cJobCompleted\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.orchestrator.v1.JobResult\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\"5\n\tJobFailed\x12(\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x19.orchestrator.v1.JobError\";\n\x0bJobTimedOut\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x0cJobCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x10HistoryTruncated\x12 \n\x18requested_after_sequence\x18\x01 \x01(\x03\x12 \n\x18oldest_retained_sequence\x18\x02 \x01(\x03*X\n\nBusyPolicy\x12\x1b\n\x17\x42USY_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42USY_POLICY_QUEUE\x10\x01\x12\x16\n\x12\x42USY_POLICY_REJECT\x10\x02\x32\x9f\x02\n\x0b\x43hatService\x12Z\n\x0bSendMessage\x12#.orchestrator.v1.SendMessageRequest\x1a$.orchestrator.v1.SendMessageResponse0\x01\x12`\n\rStreamSession\x12%.orchestrator.v1.StreamSessionRequest\x1a&.orchestrator.v1.StreamSessionResponse0\x01\x12R\n\tCancelJob\x12!.orchestrator.v1.CancelJobRequest\x1a\".orchestrator.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUSYPOLICY']._serialized_start=1828
-  _globals['_BUSYPOLICY']._serialized_end=1916
+  _globals['_BUSYPOLICY']._serialized_start=1980
+  _globals['_BUSYPOLICY']._serialized_end=2068
   _globals['_SENDMESSAGEREQUEST']._serialized_start=111
   _globals['_SENDMESSAGEREQUEST']._serialized_end=360
   _globals['_SENDMESSAGERESPONSE']._serialized_start=362
@@ -48,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBRESPONSE']._serialized_start=620
   _globals['_CANCELJOBRESPONSE']._serialized_end=682
   _globals['_CHATEVENT']._serialized_start=685
-  _globals['_CHATEVENT']._serialized_end=1230
-  _globals['_JOBACCEPTED']._serialized_start=1233
-  _globals['_JOBACCEPTED']._serialized_end=1409
-  _globals['_JOBPROGRESS']._serialized_start=1411
-  _globals['_JOBPROGRESS']._serialized_end=1459
-  _globals['_TEXTDELTA']._serialized_start=1461
-  _globals['_TEXTDELTA']._serialized_end=1486
-  _globals['_JOBCOMPLETED']._serialized_start=1488
-  _globals['_JOBCOMPLETED']._serialized_end=1590
-  _globals['_JOBFAILED']._serialized_start=1592
-  _globals['_JOBFAILED']._serialized_end=1645
-  _globals['_JOBTIMEDOUT']._serialized_start=1647
-  _globals['_JOBTIMEDOUT']._serialized_end=1706
-  _globals['_JOBCANCELLED']._serialized_start=1708
-  _globals['_JOBCANCELLED']._serialized_end=1738
-  _globals['_HISTORYTRUNCATED']._serialized_start=1740
-  _globals['_HISTORYTRUNCATED']._serialized_end=1826
-  _globals['_CHATSERVICE']._serialized_start=1919
-  _globals['_CHATSERVICE']._serialized_end=2206
+  _globals['_CHATEVENT']._serialized_end=1382
+  _globals['_JOBACCEPTED']._serialized_start=1385
+  _globals['_JOBACCEPTED']._serialized_end=1561
+  _globals['_JOBPROGRESS']._serialized_start=1563
+  _globals['_JOBPROGRESS']._serialized_end=1611
+  _globals['_TEXTDELTA']._serialized_start=1613
+  _globals['_TEXTDELTA']._serialized_end=1638
+  _globals['_JOBCOMPLETED']._serialized_start=1640
+  _globals['_JOBCOMPLETED']._serialized_end=1742
+  _globals['_JOBFAILED']._serialized_start=1744
+  _globals['_JOBFAILED']._serialized_end=1797
+  _globals['_JOBTIMEDOUT']._serialized_start=1799
+  _globals['_JOBTIMEDOUT']._serialized_end=1858
+  _globals['_JOBCANCELLED']._serialized_start=1860
+  _globals['_JOBCANCELLED']._serialized_end=1890
+  _globals['_HISTORYTRUNCATED']._serialized_start=1892
+  _globals['_HISTORYTRUNCATED']._serialized_end=1978
+  _globals['_CHATSERVICE']._serialized_start=2071
+  _globals['_CHATSERVICE']._serialized_end=2358
 # @@protoc_insertion_point(module_scope)

@@ -251,6 +251,9 @@ class ChatEvent(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     HISTORY_TRUNCATED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
+    WORKFLOW_STEP_FIELD_NUMBER: _builtins.int
+    PLAN_STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session the event belongs to."""
     job_id: _builtins.str
@@ -297,6 +300,18 @@ class ChatEvent(_message.Message):
         retained event.
         """
 
+    @_builtins.property
+    def tool_call(self) -> _common_pb2.ToolCall:
+        """The agent started or finished a tool call."""
+
+    @_builtins.property
+    def workflow_step(self) -> _common_pb2.WorkflowStep:
+        """A workflow step started or finished."""
+
+    @_builtins.property
+    def plan_step(self) -> _common_pb2.PlanStep:
+        """A call of the job's orchestration plan changed state."""
+
     def __init__(
         self,
         *,
@@ -313,12 +328,15 @@ class ChatEvent(_message.Message):
         timed_out: Global___JobTimedOut | None = ...,
         cancelled: Global___JobCancelled | None = ...,
         history_truncated: Global___HistoryTruncated | None = ...,
+        tool_call: _common_pb2.ToolCall | None = ...,
+        workflow_step: _common_pb2.WorkflowStep | None = ...,
+        plan_step: _common_pb2.PlanStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "cancelled", b"cancelled", "completed", b"completed", "delta", b"delta", "failed", b"failed", "history_truncated", b"history_truncated", "kind", b"kind", "progress", b"progress", "time", b"time", "timed_out", b"timed_out"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "cancelled", b"cancelled", "completed", b"completed", "delta", b"delta", "failed", b"failed", "history_truncated", b"history_truncated", "kind", b"kind", "plan_step", b"plan_step", "progress", b"progress", "time", b"time", "timed_out", b"timed_out", "tool_call", b"tool_call", "workflow_step", b"workflow_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "cancelled", b"cancelled", "completed", b"completed", "delta", b"delta", "failed", b"failed", "history_truncated", b"history_truncated", "job_id", b"job_id", "kind", b"kind", "progress", b"progress", "request_id", b"request_id", "sequence", b"sequence", "session_id", b"session_id", "time", b"time", "timed_out", b"timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "cancelled", b"cancelled", "completed", b"completed", "delta", b"delta", "failed", b"failed", "history_truncated", b"history_truncated", "job_id", b"job_id", "kind", b"kind", "plan_step", b"plan_step", "progress", b"progress", "request_id", b"request_id", "sequence", b"sequence", "session_id", b"session_id", "time", b"time", "timed_out", b"timed_out", "tool_call", b"tool_call", "workflow_step", b"workflow_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "progress", "delta", "completed", "failed", "timed_out", "cancelled", "history_truncated"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "progress", "delta", "completed", "failed", "timed_out", "cancelled", "history_truncated", "tool_call", "workflow_step", "plan_step"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

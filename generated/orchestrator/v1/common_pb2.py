@@ -23,27 +23,38 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1corchestrator/v1/common.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/protobuf/struct.proto\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"|\n\tJobResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.orchestrator.v1.Vector\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05model\x18\x04 \x01(\t\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08*p\n\x08WorkKind\x12\x19\n\x15WORK_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORK_KIND_LLM_QUERY\x10\x01\x12\x17\n\x13WORK_KIND_RAG_QUERY\x10\x02\x12\x17\n\x13WORK_KIND_EMBEDDING\x10\x03*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x10\n\x0cPRIORITY_LOW\x10\x03*L\n\x07Service\x12\x17\n\x13SERVICE_UNSPECIFIED\x10\x00\x12\x11\n\rSERVICE_QUERY\x10\x01\x12\x15\n\x11SERVICE_EMBEDDING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1corchestrator/v1/common.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"|\n\tJobResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.orchestrator.v1.Vector\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05model\x18\x04 \x01(\t\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xae\x01\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05phase\x18\x03 \x01(\x0e\x32\x1a.orchestrator.v1.StepPhase\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12\x16\n\x0eresult_summary\x18\x05 \x01(\t\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.orchestrator.v1.JobError\"\xa2\x01\n\x0cWorkflowStep\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12)\n\x05phase\x18\x04 \x01(\x0e\x32\x1a.orchestrator.v1.StepPhase\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.orchestrator.v1.JobError\"\xa5\x02\n\x08PlanStep\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x07service\x18\x03 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\x0e\n\x06method\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.orchestrator.v1.PlanStepState\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12+\n\x07started\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05\x65nded\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.orchestrator.v1.JobError*p\n\x08WorkKind\x12\x19\n\x15WORK_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORK_KIND_LLM_QUERY\x10\x01\x12\x17\n\x13WORK_KIND_RAG_QUERY\x10\x02\x12\x17\n\x13WORK_KIND_EMBEDDING\x10\x03*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x10\n\x0cPRIORITY_LOW\x10\x03*\xd9\x01\n\x07Service\x12\x17\n\x13SERVICE_UNSPECIFIED\x10\x00\x12\x11\n\rSERVICE_QUERY\x10\x01\x12\x15\n\x11SERVICE_EMBEDDING\x10\x02\x12\x1b\n\x17SERVICE_AGENT_EXECUTION\x10\x03\x12\x1b\n\x17SERVICE_WORKFLOW_ENGINE\x10\x04\x12\x18\n\x14SERVICE_CONVERSATION\x10\x05\x12\x1c\n\x18SERVICE_AGENT_MANAGEMENT\x10\x06\x12\x19\n\x15SERVICE_TOOL_REGISTRY\x10\x07*o\n\tStepPhase\x12\x1a\n\x16STEP_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_PHASE_STARTED\x10\x01\x12\x17\n\x13STEP_PHASE_FINISHED\x10\x02\x12\x15\n\x11STEP_PHASE_FAILED\x10\x03*\xbd\x01\n\rPlanStepState\x12\x1f\n\x1bPLAN_STEP_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLAN_STEP_STATE_PENDING\x10\x01\x12\x1b\n\x17PLAN_STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14PLAN_STEP_STATE_DONE\x10\x03\x12\x1a\n\x16PLAN_STEP_STATE_FAILED\x10\x04\x12\x1b\n\x17PLAN_STEP_STATE_SKIPPED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKKIND']._serialized_start=379
-  _globals['_WORKKIND']._serialized_end=491
-  _globals['_PRIORITY']._serialized_start=493
-  _globals['_PRIORITY']._serialized_end=587
-  _globals['_SERVICE']._serialized_start=589
-  _globals['_SERVICE']._serialized_end=665
-  _globals['_TOKENUSAGE']._serialized_start=79
-  _globals['_TOKENUSAGE']._serialized_end=163
-  _globals['_VECTOR']._serialized_start=165
-  _globals['_VECTOR']._serialized_end=189
-  _globals['_JOBRESULT']._serialized_start=191
-  _globals['_JOBRESULT']._serialized_end=315
-  _globals['_JOBERROR']._serialized_start=317
-  _globals['_JOBERROR']._serialized_end=377
+  _globals['_WORKKIND']._serialized_start=1050
+  _globals['_WORKKIND']._serialized_end=1162
+  _globals['_PRIORITY']._serialized_start=1164
+  _globals['_PRIORITY']._serialized_end=1258
+  _globals['_SERVICE']._serialized_start=1261
+  _globals['_SERVICE']._serialized_end=1478
+  _globals['_STEPPHASE']._serialized_start=1480
+  _globals['_STEPPHASE']._serialized_end=1591
+  _globals['_PLANSTEPSTATE']._serialized_start=1594
+  _globals['_PLANSTEPSTATE']._serialized_end=1783
+  _globals['_TOKENUSAGE']._serialized_start=112
+  _globals['_TOKENUSAGE']._serialized_end=196
+  _globals['_VECTOR']._serialized_start=198
+  _globals['_VECTOR']._serialized_end=222
+  _globals['_JOBRESULT']._serialized_start=224
+  _globals['_JOBRESULT']._serialized_end=348
+  _globals['_JOBERROR']._serialized_start=350
+  _globals['_JOBERROR']._serialized_end=410
+  _globals['_TOOLCALL']._serialized_start=413
+  _globals['_TOOLCALL']._serialized_end=587
+  _globals['_WORKFLOWSTEP']._serialized_start=590
+  _globals['_WORKFLOWSTEP']._serialized_end=752
+  _globals['_PLANSTEP']._serialized_start=755
+  _globals['_PLANSTEP']._serialized_end=1048
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -88,6 +89,16 @@ class _ServiceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Service.Value
     """The Query Service (LLM and RAG processing)."""
     SERVICE_EMBEDDING: _Service.ValueType  # 2
     """The Embedding Service (embedding generation)."""
+    SERVICE_AGENT_EXECUTION: _Service.ValueType  # 3
+    """The Agent Execution Service (runs tool-calling agents)."""
+    SERVICE_WORKFLOW_ENGINE: _Service.ValueType  # 4
+    """The Workflow Engine (runs multi-step workflows)."""
+    SERVICE_CONVERSATION: _Service.ValueType  # 5
+    """The Conversation Service (conversation history)."""
+    SERVICE_AGENT_MANAGEMENT: _Service.ValueType  # 6
+    """The Agent Management Service (agent configurations)."""
+    SERVICE_TOOL_REGISTRY: _Service.ValueType  # 7
+    """The Tool Registry (tool definitions)."""
 
 class Service(_Service, metaclass=_ServiceEnumTypeWrapper):
     """A platform service that runs work for the orchestrator and reports back."""
@@ -98,7 +109,81 @@ SERVICE_QUERY: Service.ValueType  # 1
 """The Query Service (LLM and RAG processing)."""
 SERVICE_EMBEDDING: Service.ValueType  # 2
 """The Embedding Service (embedding generation)."""
+SERVICE_AGENT_EXECUTION: Service.ValueType  # 3
+"""The Agent Execution Service (runs tool-calling agents)."""
+SERVICE_WORKFLOW_ENGINE: Service.ValueType  # 4
+"""The Workflow Engine (runs multi-step workflows)."""
+SERVICE_CONVERSATION: Service.ValueType  # 5
+"""The Conversation Service (conversation history)."""
+SERVICE_AGENT_MANAGEMENT: Service.ValueType  # 6
+"""The Agent Management Service (agent configurations)."""
+SERVICE_TOOL_REGISTRY: Service.ValueType  # 7
+"""The Tool Registry (tool definitions)."""
 Global___Service: _TypeAlias = Service  # noqa: Y015
+
+class _StepPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StepPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEP_PHASE_UNSPECIFIED: _StepPhase.ValueType  # 0
+    """Not set: rejected as malformed on notices."""
+    STEP_PHASE_STARTED: _StepPhase.ValueType  # 1
+    """It started."""
+    STEP_PHASE_FINISHED: _StepPhase.ValueType  # 2
+    """It finished successfully."""
+    STEP_PHASE_FAILED: _StepPhase.ValueType  # 3
+    """It failed; error says why."""
+
+class StepPhase(_StepPhase, metaclass=_StepPhaseEnumTypeWrapper):
+    """Where a tool call or a workflow step is."""
+
+STEP_PHASE_UNSPECIFIED: StepPhase.ValueType  # 0
+"""Not set: rejected as malformed on notices."""
+STEP_PHASE_STARTED: StepPhase.ValueType  # 1
+"""It started."""
+STEP_PHASE_FINISHED: StepPhase.ValueType  # 2
+"""It finished successfully."""
+STEP_PHASE_FAILED: StepPhase.ValueType  # 3
+"""It failed; error says why."""
+Global___StepPhase: _TypeAlias = StepPhase  # noqa: Y015
+
+class _PlanStepState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlanStepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanStepState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLAN_STEP_STATE_UNSPECIFIED: _PlanStepState.ValueType  # 0
+    """Never returned."""
+    PLAN_STEP_STATE_PENDING: _PlanStepState.ValueType  # 1
+    """Not started yet."""
+    PLAN_STEP_STATE_RUNNING: _PlanStepState.ValueType  # 2
+    """In progress (for the run step: handed to its service, which reports on it)."""
+    PLAN_STEP_STATE_DONE: _PlanStepState.ValueType  # 3
+    """Finished successfully."""
+    PLAN_STEP_STATE_FAILED: _PlanStepState.ValueType  # 4
+    """Failed; error says why."""
+    PLAN_STEP_STATE_SKIPPED: _PlanStepState.ValueType  # 5
+    """Not run (the plan ended before it, or it had nothing to do)."""
+
+class PlanStepState(_PlanStepState, metaclass=_PlanStepStateEnumTypeWrapper):
+    """Where one call of a job's orchestration plan is."""
+
+PLAN_STEP_STATE_UNSPECIFIED: PlanStepState.ValueType  # 0
+"""Never returned."""
+PLAN_STEP_STATE_PENDING: PlanStepState.ValueType  # 1
+"""Not started yet."""
+PLAN_STEP_STATE_RUNNING: PlanStepState.ValueType  # 2
+"""In progress (for the run step: handed to its service, which reports on it)."""
+PLAN_STEP_STATE_DONE: PlanStepState.ValueType  # 3
+"""Finished successfully."""
+PLAN_STEP_STATE_FAILED: PlanStepState.ValueType  # 4
+"""Failed; error says why."""
+PLAN_STEP_STATE_SKIPPED: PlanStepState.ValueType  # 5
+"""Not run (the plan ended before it, or it had nothing to do)."""
+Global___PlanStepState: _TypeAlias = PlanStepState  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):
@@ -221,3 +306,151 @@ class JobError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobError: _TypeAlias = JobError  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """A tool call an agent made (or finished) while running a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    RESULT_SUMMARY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """The call's id, unique within the job; the started and finished reports share it."""
+    name: _builtins.str
+    """The tool's name."""
+    phase: Global___StepPhase.ValueType
+    """Started, finished or failed."""
+    arguments_json: _builtins.str
+    """The call's arguments, as JSON text."""
+    result_summary: _builtins.str
+    """A short summary of the result (finished calls)."""
+    @_builtins.property
+    def error(self) -> Global___JobError:
+        """Why the call failed (failed calls)."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        phase: Global___StepPhase.ValueType = ...,
+        arguments_json: _builtins.str = ...,
+        result_summary: _builtins.str = ...,
+        error: Global___JobError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "call_id", b"call_id", "error", b"error", "name", b"name", "phase", b"phase", "result_summary", b"result_summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class WorkflowStep(_message.Message):
+    """One step of a workflow the Workflow Engine runs for a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """The step's id within the workflow."""
+    name: _builtins.str
+    """The step's name."""
+    index: _builtins.int
+    """The step's position in the workflow, from 0."""
+    phase: Global___StepPhase.ValueType
+    """Started, finished or failed."""
+    summary: _builtins.str
+    """A short summary of what the step did (finished steps)."""
+    @_builtins.property
+    def error(self) -> Global___JobError:
+        """Why the step failed (failed steps)."""
+
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        index: _builtins.int = ...,
+        phase: Global___StepPhase.ValueType = ...,
+        summary: _builtins.str = ...,
+        error: Global___JobError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index", "name", b"name", "phase", b"phase", "step_id", b"step_id", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkflowStep: _TypeAlias = WorkflowStep  # noqa: Y015
+
+@_typing.final
+class PlanStep(_message.Message):
+    """One service call of a job's orchestration plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The call's position in the plan, from 0."""
+    name: _builtins.str
+    """The step's name, e.g. "load_agent", "load_history", "run", "append_history"."""
+    service: Global___Service.ValueType
+    """The service the call goes to."""
+    method: _builtins.str
+    """The service's method, e.g. "ListHistory"."""
+    state: Global___PlanStepState.ValueType
+    """Where the call is."""
+    attempts: _builtins.int
+    """How many times the call was tried."""
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp:
+        """When the call was first tried; unset while pending."""
+
+    @_builtins.property
+    def ended(self) -> _timestamp_pb2.Timestamp:
+        """When the call ended; unset until it did."""
+
+    @_builtins.property
+    def error(self) -> Global___JobError:
+        """Why the call failed (failed calls)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        service: Global___Service.ValueType = ...,
+        method: _builtins.str = ...,
+        state: Global___PlanStepState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        ended: _timestamp_pb2.Timestamp | None = ...,
+        error: Global___JobError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error", b"error", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "ended", b"ended", "error", b"error", "index", b"index", "method", b"method", "name", b"name", "service", b"service", "started", b"started", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanStep: _TypeAlias = PlanStep  # noqa: Y015

@@ -54,6 +54,30 @@ SESSION_STATE_EXPIRED: SessionState.ValueType  # 4
 """Its TTL ran out without use; read-only until it is removed."""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
+class _TurnRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_ROLE_UNSPECIFIED: _TurnRole.ValueType  # 0
+    """Never returned."""
+    TURN_ROLE_USER: _TurnRole.ValueType  # 1
+    """The end user."""
+    TURN_ROLE_ASSISTANT: _TurnRole.ValueType  # 2
+    """The agent."""
+
+class TurnRole(_TurnRole, metaclass=_TurnRoleEnumTypeWrapper):
+    """Who said a conversation turn."""
+
+TURN_ROLE_UNSPECIFIED: TurnRole.ValueType  # 0
+"""Never returned."""
+TURN_ROLE_USER: TurnRole.ValueType  # 1
+"""The end user."""
+TURN_ROLE_ASSISTANT: TurnRole.ValueType  # 2
+"""The agent."""
+Global___TurnRole: _TypeAlias = TurnRole  # noqa: Y015
+
 @_typing.final
 class Session(_message.Message):
     """A conversation between a user and an agent, as the orchestrator tracks it."""
@@ -391,3 +415,109 @@ class CloseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class ConversationTurn(_message.Message):
+    """One turn of a session's conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    role: Global___TurnRole.ValueType
+    """Who said it."""
+    content: _builtins.str
+    """What was said."""
+    job_id: _builtins.str
+    """The job whose message or reply this turn is."""
+    tokens: _builtins.int
+    """Tokens the turn counts for."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the turn was recorded."""
+
+    def __init__(
+        self,
+        *,
+        role: Global___TurnRole.ValueType = ...,
+        content: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "job_id", b"job_id", "role", b"role", "time", b"time", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversationTurn: _TypeAlias = ConversationTurn  # noqa: Y015
+
+@_typing.final
+class ListHistoryRequest(_message.Message):
+    """Request for SessionService.ListHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LAST_TURNS_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session whose history to list."""
+    page_size: _builtins.int
+    """Maximum turns per page: 0 uses the default (50), at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response, or empty for the first page."""
+    last_turns: _builtins.int
+    """Window: only the newest last_turns turns; 0 means no turn limit."""
+    token_budget: _builtins.int
+    """Window: only the newest turns whose tokens add up to at most token_budget; 0 means no limit."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        last_turns: _builtins.int = ...,
+        token_budget: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_turns", b"last_turns", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id", "token_budget", b"token_budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHistoryRequest: _TypeAlias = ListHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ListHistoryResponse(_message.Message):
+    """Response for SessionService.ListHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more turns in the window."""
+    @_builtins.property
+    def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConversationTurn]:
+        """The page of turns, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        turns: _abc.Iterable[Global___ConversationTurn] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "turns", b"turns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHistoryResponse: _TypeAlias = ListHistoryResponse  # noqa: Y015

@@ -56,6 +56,11 @@ class SessionServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_session__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_session__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.ListHistory = channel.unary_unary(
+                '/orchestrator.v1.SessionService/ListHistory',
+                request_serializer=orchestrator_dot_v1_dot_session__pb2.ListHistoryRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_session__pb2.ListHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -94,6 +99,15 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHistory(self, request, context):
+        """Lists a session's conversation history (from the Conversation Service), oldest first,
+        limited to a window counted from the newest turn and paged. A session of another tenant is
+        NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +130,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=orchestrator_dot_v1_dot_session__pb2.CloseSessionRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_session__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'ListHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHistory,
+                    request_deserializer=orchestrator_dot_v1_dot_session__pb2.ListHistoryRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_session__pb2.ListHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +247,33 @@ class SessionService:
             '/orchestrator.v1.SessionService/CloseSession',
             orchestrator_dot_v1_dot_session__pb2.CloseSessionRequest.SerializeToString,
             orchestrator_dot_v1_dot_session__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SessionService/ListHistory',
+            orchestrator_dot_v1_dot_session__pb2.ListHistoryRequest.SerializeToString,
+            orchestrator_dot_v1_dot_session__pb2.ListHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

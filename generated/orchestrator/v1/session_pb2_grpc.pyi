@@ -49,6 +49,11 @@ class SessionServiceStub:
     """Closes a session: no new messages are accepted. Closing a closed session is a no-op that
     returns it; closing an expired one fails with FAILED_PRECONDITION.
     """
+    ListHistory: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListHistoryRequest, _session_pb2.ListHistoryResponse]
+    """Lists a session's conversation history (from the Conversation Service), oldest first,
+    limited to a window counted from the newest turn and paged. A session of another tenant is
+    NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -70,6 +75,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     CloseSession: _aio.UnaryUnaryMultiCallable[_session_pb2.CloseSessionRequest, _session_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes a session: no new messages are accepted. Closing a closed session is a no-op that
     returns it; closing an expired one fails with FAILED_PRECONDITION.
+    """
+    ListHistory: _aio.UnaryUnaryMultiCallable[_session_pb2.ListHistoryRequest, _session_pb2.ListHistoryResponse]  # type: ignore[assignment]
+    """Lists a session's conversation history (from the Conversation Service), oldest first,
+    limited to a window counted from the newest turn and paged. A session of another tenant is
+    NOT_FOUND.
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +123,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.CloseSessionResponse, _abc.Awaitable[_session_pb2.CloseSessionResponse]]:
         """Closes a session: no new messages are accepted. Closing a closed session is a no-op that
         returns it; closing an expired one fails with FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ListHistory(
+        self,
+        request: _session_pb2.ListHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ListHistoryResponse, _abc.Awaitable[_session_pb2.ListHistoryResponse]]:
+        """Lists a session's conversation history (from the Conversation Service), oldest first,
+        limited to a window counted from the newest turn and paged. A session of another tenant is
+        NOT_FOUND.
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from orchestrator.v1 import common_pb2 as orchestrator_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/v1/task_update.proto\x12\x0forchestrator.v1\x1a\x1corchestrator/v1/common.proto\"\xf1\x02\n\x15PublishUpdatesRequest\x12+\n\x05\x65vent\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.NoticeEvent\x12)\n\x07service\x18\x02 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x10\n\x08sequence\x18\x06 \x01(\x03\x12*\n\x06result\x18\x07 \x01(\x0b\x32\x1a.orchestrator.v1.JobResult\x12*\n\x05usage\x18\x08 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.orchestrator.v1.JobError\x12\x10\n\x08progress\x18\n \x01(\x01\x12\x16\n\x0estatus_message\x18\x0b \x01(\t\x12\r\n\x05\x64\x65lta\x18\x0c \x01(\t\"n\n\x0eRejectedNotice\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12-\n\x06reason\x18\x03 \x01(\x0e\x32\x1d.orchestrator.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xb6\x02\n\x16PublishUpdatesResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x03\x12\x1c\n\x14rejected_unknown_job\x18\x04 \x01(\x03\x12\x1d\n\x15rejected_wrong_tenant\x18\x05 \x01(\x03\x12\x1e\n\x16rejected_wrong_service\x18\x06 \x01(\x03\x12\x1d\n\x15rejected_job_finished\x18\x07 \x01(\x03\x12\x1a\n\x12rejected_malformed\x18\x08 \x01(\x03\x12\x31\n\x08rejected\x18\t \x03(\x0b\x32\x1f.orchestrator.v1.RejectedNotice\x12\x1a\n\x12rejected_truncated\x18\n \x01(\x08*\x93\x01\n\x0bNoticeEvent\x12\x1c\n\x18NOTICE_EVENT_UNSPECIFIED\x10\x00\x12\x19\n\x15NOTICE_EVENT_PROGRESS\x10\x01\x12\x16\n\x12NOTICE_EVENT_DELTA\x10\x02\x12\x1a\n\x16NOTICE_EVENT_COMPLETED\x10\x03\x12\x17\n\x13NOTICE_EVENT_FAILED\x10\x04*\xca\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19REJECT_REASON_UNKNOWN_JOB\x10\x01\x12\x1e\n\x1aREJECT_REASON_WRONG_TENANT\x10\x02\x12\x1f\n\x1bREJECT_REASON_WRONG_SERVICE\x10\x03\x12\x1e\n\x1aREJECT_REASON_JOB_FINISHED\x10\x04\x12\x1b\n\x17REJECT_REASON_MALFORMED\x10\x05\x32x\n\x11TaskUpdateService\x12\x63\n\x0ePublishUpdates\x12&.orchestrator.v1.PublishUpdatesRequest\x1a\'.orchestrator.v1.PublishUpdatesResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/v1/task_update.proto\x12\x0forchestrator.v1\x1a\x1corchestrator/v1/common.proto\"\xcc\x03\n\x15PublishUpdatesRequest\x12+\n\x05\x65vent\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.NoticeEvent\x12)\n\x07service\x18\x02 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x10\n\x08sequence\x18\x06 \x01(\x03\x12*\n\x06result\x18\x07 \x01(\x0b\x32\x1a.orchestrator.v1.JobResult\x12*\n\x05usage\x18\x08 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.orchestrator.v1.JobError\x12\x10\n\x08progress\x18\n \x01(\x01\x12\x16\n\x0estatus_message\x18\x0b \x01(\t\x12\r\n\x05\x64\x65lta\x18\x0c \x01(\t\x12,\n\ttool_call\x18\r \x01(\x0b\x32\x19.orchestrator.v1.ToolCall\x12+\n\x04step\x18\x0e \x01(\x0b\x32\x1d.orchestrator.v1.WorkflowStep\"n\n\x0eRejectedNotice\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12-\n\x06reason\x18\x03 \x01(\x0e\x32\x1d.orchestrator.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xb6\x02\n\x16PublishUpdatesResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x03\x12\x1c\n\x14rejected_unknown_job\x18\x04 \x01(\x03\x12\x1d\n\x15rejected_wrong_tenant\x18\x05 \x01(\x03\x12\x1e\n\x16rejected_wrong_service\x18\x06 \x01(\x03\x12\x1d\n\x15rejected_job_finished\x18\x07 \x01(\x03\x12\x1a\n\x12rejected_malformed\x18\x08 \x01(\x03\x12\x31\n\x08rejected\x18\t \x03(\x0b\x32\x1f.orchestrator.v1.RejectedNotice\x12\x1a\n\x12rejected_truncated\x18\n \x01(\x08*\xe6\x01\n\x0bNoticeEvent\x12\x1c\n\x18NOTICE_EVENT_UNSPECIFIED\x10\x00\x12\x19\n\x15NOTICE_EVENT_PROGRESS\x10\x01\x12\x16\n\x12NOTICE_EVENT_DELTA\x10\x02\x12\x1a\n\x16NOTICE_EVENT_COMPLETED\x10\x03\x12\x17\n\x13NOTICE_EVENT_FAILED\x10\x04\x12\x1a\n\x16NOTICE_EVENT_TOOL_CALL\x10\x05\x12\x15\n\x11NOTICE_EVENT_STEP\x10\x06\x12\x1e\n\x1aNOTICE_EVENT_AGENT_CHANGED\x10\x07*\xca\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19REJECT_REASON_UNKNOWN_JOB\x10\x01\x12\x1e\n\x1aREJECT_REASON_WRONG_TENANT\x10\x02\x12\x1f\n\x1bREJECT_REASON_WRONG_SERVICE\x10\x03\x12\x1e\n\x1aREJECT_REASON_JOB_FINISHED\x10\x04\x12\x1b\n\x17REJECT_REASON_MALFORMED\x10\x05\x32x\n\x11TaskUpdateService\x12\x63\n\x0ePublishUpdates\x12&.orchestrator.v1.PublishUpdatesRequest\x1a\'.orchestrator.v1.PublishUpdatesResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.task_update_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NOTICEEVENT']._serialized_start=882
-  _globals['_NOTICEEVENT']._serialized_end=1029
-  _globals['_REJECTREASON']._serialized_start=1032
-  _globals['_REJECTREASON']._serialized_end=1234
+  _globals['_NOTICEEVENT']._serialized_start=973
+  _globals['_NOTICEEVENT']._serialized_end=1203
+  _globals['_REJECTREASON']._serialized_start=1206
+  _globals['_REJECTREASON']._serialized_end=1408
   _globals['_PUBLISHUPDATESREQUEST']._serialized_start=85
-  _globals['_PUBLISHUPDATESREQUEST']._serialized_end=454
-  _globals['_REJECTEDNOTICE']._serialized_start=456
-  _globals['_REJECTEDNOTICE']._serialized_end=566
-  _globals['_PUBLISHUPDATESRESPONSE']._serialized_start=569
-  _globals['_PUBLISHUPDATESRESPONSE']._serialized_end=879
-  _globals['_TASKUPDATESERVICE']._serialized_start=1236
-  _globals['_TASKUPDATESERVICE']._serialized_end=1356
+  _globals['_PUBLISHUPDATESREQUEST']._serialized_end=545
+  _globals['_REJECTEDNOTICE']._serialized_start=547
+  _globals['_REJECTEDNOTICE']._serialized_end=657
+  _globals['_PUBLISHUPDATESRESPONSE']._serialized_start=660
+  _globals['_PUBLISHUPDATESRESPONSE']._serialized_end=970
+  _globals['_TASKUPDATESERVICE']._serialized_start=1410
+  _globals['_TASKUPDATESERVICE']._serialized_end=1530
 # @@protoc_insertion_point(module_scope)

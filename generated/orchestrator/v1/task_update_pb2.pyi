@@ -36,6 +36,15 @@ class _NoticeEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeEve
     """The job finished: result and usage hold the outcome (the seed's "job_completed")."""
     NOTICE_EVENT_FAILED: _NoticeEvent.ValueType  # 4
     """The job failed: error says why."""
+    NOTICE_EVENT_TOOL_CALL: _NoticeEvent.ValueType  # 5
+    """A tool call started or ended: tool_call says which. Extends the job's heartbeat."""
+    NOTICE_EVENT_STEP: _NoticeEvent.ValueType  # 6
+    """A workflow step started or ended: step says which. Extends the job's heartbeat."""
+    NOTICE_EVENT_AGENT_CHANGED: _NoticeEvent.ValueType  # 7
+    """Sent by the Agent Management Service only: the configuration of agent agent_id of tenant
+    tenant_id changed. Not about a job (job_id stays empty); the orchestrator drops its cached
+    configuration of the agent.
+    """
 
 class NoticeEvent(_NoticeEvent, metaclass=_NoticeEventEnumTypeWrapper):
     """What a notice reports."""
@@ -50,6 +59,15 @@ NOTICE_EVENT_COMPLETED: NoticeEvent.ValueType  # 3
 """The job finished: result and usage hold the outcome (the seed's "job_completed")."""
 NOTICE_EVENT_FAILED: NoticeEvent.ValueType  # 4
 """The job failed: error says why."""
+NOTICE_EVENT_TOOL_CALL: NoticeEvent.ValueType  # 5
+"""A tool call started or ended: tool_call says which. Extends the job's heartbeat."""
+NOTICE_EVENT_STEP: NoticeEvent.ValueType  # 6
+"""A workflow step started or ended: step says which. Extends the job's heartbeat."""
+NOTICE_EVENT_AGENT_CHANGED: NoticeEvent.ValueType  # 7
+"""Sent by the Agent Management Service only: the configuration of agent agent_id of tenant
+tenant_id changed. Not about a job (job_id stays empty); the orchestrator drops its cached
+configuration of the agent.
+"""
 Global___NoticeEvent: _TypeAlias = NoticeEvent  # noqa: Y015
 
 class _RejectReason:
@@ -108,18 +126,20 @@ class PublishUpdatesRequest(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     event: Global___NoticeEvent.ValueType
     """Required. What the notice reports."""
     service: _common_pb2.Service.ValueType
     """Required. The service sending the notice; must be the service the job went to."""
     job_id: _builtins.str
-    """Required. The job the notice is about."""
+    """Required (except for agent_changed). The job the notice is about."""
     tenant_id: _builtins.str
     """Required. The tenant the job belongs to."""
     agent_id: _builtins.str
-    """The agent the job ran for, if any."""
+    """The agent the job ran for, if any. Required for agent_changed: the agent that changed."""
     sequence: _builtins.int
-    """Required, from 1. The service's per-job position of this notice; a notice whose sequence is
+    """Required (except for agent_changed), from 1. The service's per-job position of this notice; a notice whose sequence is
     not greater than the last applied one for the job is a duplicate and changes nothing.
     """
     progress: _builtins.float
@@ -140,6 +160,14 @@ class PublishUpdatesRequest(_message.Message):
     def error(self) -> _common_pb2.JobError:
         """For failed: why."""
 
+    @_builtins.property
+    def tool_call(self) -> _common_pb2.ToolCall:
+        """For tool_call: the tool call."""
+
+    @_builtins.property
+    def step(self) -> _common_pb2.WorkflowStep:
+        """For step: the workflow step."""
+
     def __init__(
         self,
         *,
@@ -155,10 +183,12 @@ class PublishUpdatesRequest(_message.Message):
         progress: _builtins.float = ...,
         status_message: _builtins.str = ...,
         delta: _builtins.str = ...,
+        tool_call: _common_pb2.ToolCall | None = ...,
+        step: _common_pb2.WorkflowStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "step", b"step", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "delta", b"delta", "error", b"error", "event", b"event", "job_id", b"job_id", "progress", b"progress", "result", b"result", "sequence", b"sequence", "service", b"service", "status_message", b"status_message", "tenant_id", b"tenant_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "delta", b"delta", "error", b"error", "event", b"event", "job_id", b"job_id", "progress", b"progress", "result", b"result", "sequence", b"sequence", "service", b"service", "status_message", b"status_message", "step", b"step", "tenant_id", b"tenant_id", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

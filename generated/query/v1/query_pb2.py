@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from conversation.v1 import conversation_pb2 as conversation_dot_v1_dot_conversation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14query/v1/query.proto\x12\x08query.v1\"\xc8\x01\n\x12SubmitQueryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12!\n\x04mode\x18\x05 \x01(\x0e\x32\x13.query.v1.QueryMode\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0b\x63ollections\x18\x07 \x03(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06job_id\x18\t \x01(\t\"%\n\x13SubmitQueryResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x12\x43\x61ncelQueryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"(\n\x13\x43\x61ncelQueryResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*O\n\tQueryMode\x12\x1a\n\x16QUERY_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eQUERY_MODE_LLM\x10\x01\x12\x12\n\x0eQUERY_MODE_RAG\x10\x02\x32\xa6\x01\n\x0cQueryService\x12J\n\x0bSubmitQuery\x12\x1c.query.v1.SubmitQueryRequest\x1a\x1d.query.v1.SubmitQueryResponse\x12J\n\x0b\x43\x61ncelQuery\x12\x1c.query.v1.CancelQueryRequest\x1a\x1d.query.v1.CancelQueryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14query/v1/query.proto\x12\x08query.v1\x1a\"conversation/v1/conversation.proto\"\x87\x02\n\x12SubmitQueryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12!\n\x04mode\x18\x05 \x01(\x0e\x32\x13.query.v1.QueryMode\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0b\x63ollections\x18\x07 \x03(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\x15\n\rsystem_prompt\x18\n \x01(\t\x12&\n\x07history\x18\x0b \x03(\x0b\x32\x15.conversation.v1.Turn\"%\n\x13SubmitQueryResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x12\x43\x61ncelQueryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"(\n\x13\x43\x61ncelQueryResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*O\n\tQueryMode\x12\x1a\n\x16QUERY_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eQUERY_MODE_LLM\x10\x01\x12\x12\n\x0eQUERY_MODE_RAG\x10\x02\x32\xa6\x01\n\x0cQueryService\x12J\n\x0bSubmitQuery\x12\x1c.query.v1.SubmitQueryRequest\x1a\x1d.query.v1.SubmitQueryResponse\x12J\n\x0b\x43\x61ncelQuery\x12\x1c.query.v1.CancelQueryRequest\x1a\x1d.query.v1.CancelQueryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'query.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUERYMODE']._serialized_start=375
-  _globals['_QUERYMODE']._serialized_end=454
-  _globals['_SUBMITQUERYREQUEST']._serialized_start=35
-  _globals['_SUBMITQUERYREQUEST']._serialized_end=235
-  _globals['_SUBMITQUERYRESPONSE']._serialized_start=237
-  _globals['_SUBMITQUERYRESPONSE']._serialized_end=274
-  _globals['_CANCELQUERYREQUEST']._serialized_start=276
-  _globals['_CANCELQUERYREQUEST']._serialized_end=331
-  _globals['_CANCELQUERYRESPONSE']._serialized_start=333
-  _globals['_CANCELQUERYRESPONSE']._serialized_end=373
-  _globals['_QUERYSERVICE']._serialized_start=457
-  _globals['_QUERYSERVICE']._serialized_end=623
+  _globals['_QUERYMODE']._serialized_start=474
+  _globals['_QUERYMODE']._serialized_end=553
+  _globals['_SUBMITQUERYREQUEST']._serialized_start=71
+  _globals['_SUBMITQUERYREQUEST']._serialized_end=334
+  _globals['_SUBMITQUERYRESPONSE']._serialized_start=336
+  _globals['_SUBMITQUERYRESPONSE']._serialized_end=373
+  _globals['_CANCELQUERYREQUEST']._serialized_start=375
+  _globals['_CANCELQUERYREQUEST']._serialized_end=430
+  _globals['_CANCELQUERYRESPONSE']._serialized_start=432
+  _globals['_CANCELQUERYRESPONSE']._serialized_end=472
+  _globals['_QUERYSERVICE']._serialized_start=556
+  _globals['_QUERYSERVICE']._serialized_end=722
 # @@protoc_insertion_point(module_scope)

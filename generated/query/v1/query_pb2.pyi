@@ -7,6 +7,7 @@ reports progress and the outcome through orchestrator.v1.TaskUpdateService.
 """
 
 from collections import abc as _abc
+from conversation.v1 import conversation_pb2 as _conversation_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -61,6 +62,8 @@ class SubmitQueryRequest(_message.Message):
     COLLECTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant the work is for; notices about the job carry it back."""
     session_id: _builtins.str
@@ -79,9 +82,15 @@ class SubmitQueryRequest(_message.Message):
     """The job id the orchestrator assigned. The service must report under this id and return it;
     a repeated submit with the same job id is the same job (retries are idempotent).
     """
+    system_prompt: _builtins.str
+    """The agent's system prompt; empty when the agent has none."""
     @_builtins.property
     def collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """For RAG: the collections to retrieve from."""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[_conversation_pb2.Turn]:
+        """The conversation so far (a window of it), oldest first."""
 
     def __init__(
         self,
@@ -95,10 +104,12 @@ class SubmitQueryRequest(_message.Message):
         collections: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
+        system_prompt: _builtins.str = ...,
+        history: _abc.Iterable[_conversation_pb2.Turn] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "collections", b"collections", "job_id", b"job_id", "mode", b"mode", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "collections", b"collections", "history", b"history", "job_id", b"job_id", "mode", b"mode", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "system_prompt", b"system_prompt", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -333,6 +333,9 @@ class Task(_message.Message):
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     LAST_NOTICE_SEQUENCE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    AGENT_KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The task's id (the job_id of ChatService events)."""
     tenant_id: _builtins.str
@@ -353,6 +356,10 @@ class Task(_message.Message):
     """The model the caller asked for; empty for the service's default."""
     last_notice_sequence: _builtins.int
     """Sequence number of the last notice its service sent."""
+    agent_version: _builtins.int
+    """The version of the agent configuration the task ran with (0: none)."""
+    agent_kind: _builtins.str
+    """The kind of that agent: "llm", "tool_agent" or "workflow" (empty: none)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the task was created."""
@@ -368,6 +375,10 @@ class Task(_message.Message):
     @_builtins.property
     def usage(self) -> _common_pb2.TokenUsage:
         """Tokens the task used (set once it completed)."""
+
+    @_builtins.property
+    def plan(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PlanStep]:
+        """The task's orchestration plan: every service call with its state, attempts, times and error."""
 
     def __init__(
         self,
@@ -386,10 +397,13 @@ class Task(_message.Message):
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         last_notice_sequence: _builtins.int = ...,
         usage: _common_pb2.TokenUsage | None = ...,
+        plan: _abc.Iterable[_common_pb2.PlanStep] | None = ...,
+        agent_version: _builtins.int = ...,
+        agent_kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "deadline_time", b"deadline_time", "job_id", b"job_id", "kind", b"kind", "last_notice_sequence", b"last_notice_sequence", "model", b"model", "request_id", b"request_id", "service", b"service", "session_id", b"session_id", "state", b"state", "tenant_id", b"tenant_id", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_kind", b"agent_kind", "agent_version", b"agent_version", "create_time", b"create_time", "deadline_time", b"deadline_time", "job_id", b"job_id", "kind", b"kind", "last_notice_sequence", b"last_notice_sequence", "model", b"model", "plan", b"plan", "request_id", b"request_id", "service", b"service", "session_id", b"session_id", "state", b"state", "tenant_id", b"tenant_id", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,3 +614,46 @@ class GetTenantUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTenantUsageResponse: _TypeAlias = GetTenantUsageResponse  # noqa: Y015
+
+@_typing.final
+class InvalidateAgentRequest(_message.Message):
+    """InvalidateAgent input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant the agent belongs to. Required."""
+    agent_id: _builtins.str
+    """The agent whose cached configuration to drop. Required."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidateAgentRequest: _TypeAlias = InvalidateAgentRequest  # noqa: Y015
+
+@_typing.final
+class InvalidateAgentResponse(_message.Message):
+    """InvalidateAgent output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidateAgentResponse: _TypeAlias = InvalidateAgentResponse  # noqa: Y015

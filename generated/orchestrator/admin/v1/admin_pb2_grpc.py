@@ -60,6 +60,11 @@ class AdminServiceStub:
                 request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageResponse.FromString,
                 _registered_method=True)
+        self.InvalidateAgent = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/InvalidateAgent',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -105,6 +110,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateAgent(self, request, context):
+        """Drops the cached configuration of one agent of a tenant on every replica: once the call
+        returns, no replica serves the previous version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +145,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetTenantUsage,
                     request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageRequest.FromString,
                     response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageResponse.SerializeToString,
+            ),
+            'InvalidateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateAgent,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +288,33 @@ class AdminService:
             '/orchestrator.admin.v1.AdminService/GetTenantUsage',
             orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageRequest.SerializeToString,
             orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetTenantUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/InvalidateAgent',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

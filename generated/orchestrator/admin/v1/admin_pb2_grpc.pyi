@@ -53,6 +53,10 @@ class AdminServiceStub:
     """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
     totals, and the tenant's daily token budget.
     """
+    InvalidateAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.InvalidateAgentRequest, _admin_pb2.InvalidateAgentResponse]
+    """Drops the cached configuration of one agent of a tenant on every replica: once the call
+    returns, no replica serves the previous version.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -76,6 +80,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetTenantUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTenantUsageRequest, _admin_pb2.GetTenantUsageResponse]  # type: ignore[assignment]
     """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
     totals, and the tenant's daily token budget.
+    """
+    InvalidateAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.InvalidateAgentRequest, _admin_pb2.InvalidateAgentResponse]  # type: ignore[assignment]
+    """Drops the cached configuration of one agent of a tenant on every replica: once the call
+    returns, no replica serves the previous version.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -127,6 +135,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.GetTenantUsageResponse, _abc.Awaitable[_admin_pb2.GetTenantUsageResponse]]:
         """Returns a tenant's token usage per UTC day over a date range, with totals and per-agent
         totals, and the tenant's daily token budget.
+        """
+
+    @_abc_1.abstractmethod
+    def InvalidateAgent(
+        self,
+        request: _admin_pb2.InvalidateAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.InvalidateAgentResponse, _abc.Awaitable[_admin_pb2.InvalidateAgentResponse]]:
+        """Drops the cached configuration of one agent of a tenant on every replica: once the call
+        returns, no replica serves the previous version.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
