@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from domain.conversation import HistoryPage, Turn, TurnRole
 from domain.errors import InvalidArgument
 from domain.models import Session, SessionState, TokenUsage
 from orchestrator.v1 import common_pb2, session_pb2
@@ -18,6 +19,10 @@ _STATE_TO_PB = {
     SessionState.EXPIRED: session_pb2.SESSION_STATE_EXPIRED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_ROLE_TO_PB = {
+    TurnRole.USER: session_pb2.TURN_ROLE_USER,
+    TurnRole.ASSISTANT: session_pb2.TURN_ROLE_ASSISTANT,
+}
 
 Number = TypeVar("Number", bound=int)
 Value = TypeVar("Value")
@@ -86,4 +91,23 @@ def session_to_pb(session: Session) -> session_pb2.Session:
         message_count=session.message_count,
         token_usage=usage_to_pb(session.usage),
         ttl=duration_from_ms(session.ttl_ms),
+    )
+
+
+def turn_to_pb(turn: Turn) -> session_pb2.ConversationTurn:
+    """A conversation turn as clients see it (``time`` unset when Conversation gave none)."""
+    message = session_pb2.ConversationTurn(
+        role=_ROLE_TO_PB[turn.role],
+        content=turn.content,
+        job_id=turn.job_id,
+        tokens=turn.tokens,
+    )
+    if turn.time_ms:
+        message.time.CopyFrom(timestamp_from_ms(turn.time_ms))
+    return message
+
+
+def history_page_to_pb(page: HistoryPage) -> session_pb2.ListHistoryResponse:
+    return session_pb2.ListHistoryResponse(
+        turns=[turn_to_pb(turn) for turn in page.turns], next_page_token=page.next_page_token
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from domain.agents import AgentConfig
-from registry.agent_cache_redis import GENERATION_RETENTION_MS
+from registry.agent_codec import GENERATION_RETENTION_MS
 from registry.memory_sessions import wall_clock_ms
 
 _Key = tuple[str, str]

@@ -282,6 +282,13 @@ class Settings:
         "1",
         "part of every embedding cache key: change it when the embedding model changes",
     )
+    agent_check: bool = _env(
+        "ORCH_AGENT_CHECK",
+        True,
+        "CreateSession checks that the agent exists at Agent Management (NOT_FOUND otherwise); "
+        "false takes any agent id (only for tests of the session rules without Agent Management)",
+        _parse_bool,
+    )
     agent_cache_ttl: float = _env(
         "ORCH_AGENT_CACHE_TTL",
         300.0,

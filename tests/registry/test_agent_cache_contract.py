@@ -12,7 +12,7 @@ import pytest
 from domain.agents import AgentConfig, AgentKind, AgentLimits
 from domain.ports.platform import AgentCache
 from registry.agent_cache_memory import MemoryAgentCache
-from registry.agent_cache_redis import config_from_json, config_to_json
+from registry.agent_codec import config_from_json, config_to_json
 from registry.redis_client import create_redis
 from tests.support.registries import opened_registry
 
