@@ -52,7 +52,9 @@ _CONTENT = Limit(max_chars=256 * 1024)
 _MODEL = Limit(max_chars=1024)
 _COLLECTIONS = Limit(max_chars=256, max_items=128)
 _DATE = Limit(max_chars=64)
-_WINDOW = Limit(min_value=-1_000_000_000, max_value=1_000_000_000)  # the domain checks the range
+# History windows: the domain checks the range (negative: its message).
+_LAST_TURNS = Limit(min_value=-1_000_000, max_value=1_000_000)
+_TOKEN_BUDGET = Limit(min_value=-1_000_000_000, max_value=1_000_000_000)
 
 _V1 = "orchestrator.v1."
 _ADMIN = "orchestrator.admin.v1."
@@ -73,8 +75,8 @@ LIMITS: dict[str, Limit] = {
     f"{_V1}ListHistoryRequest.session_id": _ID,
     f"{_V1}ListHistoryRequest.page_size": _PAGE_SIZE,
     f"{_V1}ListHistoryRequest.page_token": _TOKEN,
-    f"{_V1}ListHistoryRequest.last_turns": _WINDOW,
-    f"{_V1}ListHistoryRequest.token_budget": _WINDOW,
+    f"{_V1}ListHistoryRequest.last_turns": _LAST_TURNS,
+    f"{_V1}ListHistoryRequest.token_budget": _TOKEN_BUDGET,
     # ChatService
     f"{_V1}SendMessageRequest.session_id": _ID,
     f"{_V1}SendMessageRequest.content": _CONTENT,

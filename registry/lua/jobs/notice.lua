@@ -1,6 +1,6 @@
 --! include: prelude/jobs
--- Applies a service's notice about its job: progress or delta make it RUNNING (and renew its
--- heartbeat), completed or failed end it, with the session's bookkeeping, and the event is
+-- Applies a service's notice about its job: progress, delta, tool_call or workflow_step make it
+-- RUNNING (and renew its heartbeat), completed or failed end it, with the session's bookkeeping, and the event is
 -- appended. A duplicate or late notice changes nothing. A completed notice also adds its
 -- tokens to the tenant's usage hash of the current UTC day (`<usage_prefix><days since the
 -- epoch>`, by the Redis clock): fields total, prompt, completion, jobs and `agent:<agent id>`.
@@ -10,7 +10,8 @@
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
 -- ARGV: job_id, service, notice_sequence (0: the sender does not number its notices),
---   event (progress | delta | completed | failed), data_json, heartbeat_ms, prompt_tokens,
+--   event (progress | delta | tool_call | workflow_step | completed | failed: also the kind of
+--   the event appended), data_json, heartbeat_ms, prompt_tokens,
 --   completion_tokens, total_tokens, retention_ms (the job's, once final), maxlen,
 --   log_ttl_ms, channel, usage_prefix, usage_retention_ms
 -- Returns: {'accepted', sequence, now, envelope} or {verdict} (unknown_job | wrong_service |
@@ -40,7 +41,9 @@ if f[2] == 'queued' then return {'unknown_job'} end
 local n = notice_sequence
 if n == 0 then n = tonumber(f[3]) + 1 elseif n <= tonumber(f[3]) then return {'duplicate'} end
 if is_final(f[2]) then return {'job_finished'} end
-if event == 'progress' or event == 'delta' then
+local running = event == 'progress' or event == 'delta' or event == 'tool_call'
+  or event == 'workflow_step'
+if running then
   redis.call('HSET', job_key, 'state', 'running', 'nseq', n, 'updated', now,
     'hb', now + heartbeat_ms)
   if f[2] == 'pending' then
@@ -74,5 +77,5 @@ else
 end
 local env = envelope(job_id, f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)
-if event ~= 'progress' and event ~= 'delta' then keep_final(seq, env) end
+if not running then keep_final(seq, env) end
 return {'accepted', seq, now, env}
