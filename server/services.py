@@ -193,7 +193,12 @@ def build_services(
         sessions=sessions,
         embedding_cache=cache,
         notices=NoticeProcessor(
-            backend.jobs, limits, embedding_cache=cache, metrics=metrics_module
+            backend.jobs,
+            limits,
+            embedding_cache=cache,
+            metrics=metrics_module,
+            # Agent Management's agent_changed notices drop the agent in the shared cache.
+            on_agent_changed=agents.on_agent_changed,
         ),
         chat_queue=chat_queue,
         chat=chat,

@@ -1,7 +1,8 @@
 """Two orchestrator replicas on one real redis-server share the agent cache: a configuration one
-fetched is served by the other, and once an invalidation returns on one replica, the next lookup
-on the other gets the agent's new version from Agent Management (a real grpc.aio server in the
-test, whose answer the test changes)."""
+fetched is served by the other, and once an invalidation (AdminService.InvalidateAgent, or an
+agent_changed notice from Agent Management) returns on one replica, the next lookup on the other
+gets the agent's new version from Agent Management (a real grpc.aio server in the test, whose
+answer the test changes)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,22 @@ import pytest
 
 from domain.dispatch import CallContext
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator.v1 import session_pb2, session_pb2_grpc
+from orchestrator.v1 import (
+    common_pb2,
+    session_pb2,
+    session_pb2_grpc,
+    task_update_pb2,
+    task_update_pb2_grpc,
+)
 from tests.support.platform_services import FakeAgentManagement, platform_settings, serving
-from tests.support.servers import RunningServer, admin, running_server, tenant, test_settings
+from tests.support.servers import (
+    RunningServer,
+    admin,
+    running_server,
+    service,
+    tenant,
+    test_settings,
+)
 
 ACME = CallContext(tenant_id="acme", request_id="lookup")
 
@@ -85,3 +99,22 @@ async def test_an_invalidation_of_one_tenants_agent_leaves_anothers_cached(
     assert await version_on(b) == 2
     still = await directory_b.get_agent("support-bot", globex)
     assert still is not None and still.version == 5
+
+
+async def test_an_agent_changed_notice_on_one_replica_reaches_the_next_lookup_on_the_other(
+    replicas: tuple[RunningServer, RunningServer], agents: FakeAgentManagement
+) -> None:
+    a, b = replicas
+    assert await version_on(b) == 1
+    agents.set_agent("acme", "support-bot", version=2)
+    changed = task_update_pb2.PublishUpdatesRequest(
+        event=task_update_pb2.NOTICE_EVENT_AGENT_CHANGED,
+        service=common_pb2.SERVICE_AGENT_MANAGEMENT,
+        tenant_id="acme",
+        agent_id="support-bot",
+    )
+    reply = await task_update_pb2_grpc.TaskUpdateServiceStub(a.channel).PublishUpdates(
+        iter([changed]), metadata=service(), timeout=10
+    )
+    assert reply.accepted == 1
+    assert await version_on(b) == 2
