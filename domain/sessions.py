@@ -84,18 +84,18 @@ class SessionManager:
     """Creates, reads, lists and closes sessions for one tenant at a time, and lists their
     conversations.
 
-    With ``agents`` (the server always gives the cached directory, domain.agent_directory), a
-    client's CreateSession must name an agent of its tenant. Without it (tests of the session
-    and chat rules that run no Agent Management) any agent id is taken as given. Without
-    ``conversation`` ListHistory is UNAVAILABLE naming the service."""
+    With ``agents`` (the server gives the cached directory, domain.agent_directory, unless
+    ORCH_AGENT_CHECK is false: tests of the session and chat rules that run no Agent
+    Management), a client's CreateSession must name an agent of its tenant; without it any
+    agent id is taken as given. ListHistory asks ``conversation``."""
 
     def __init__(
         self,
         store: SessionStore,
         policy: SessionPolicy,
         *,
+        conversation: ConversationStore,
         agents: AgentDirectory | None = None,
-        conversation: ConversationStore | None = None,
     ) -> None:
         self._store = store
         self._policy = policy
@@ -151,8 +151,6 @@ class SessionManager:
         )
         if await self._store.get_session(ctx.tenant_id, session_id, touch=False) is None:
             raise NotFound(f"session {session_id} not found")
-        if self._conversation is None:
-            raise Unavailable(f"{Service.CONVERSATION.value} service is not configured")
         try:
             page = await self._conversation.list_history(
                 session_id,
