@@ -170,7 +170,8 @@ def start_server(
     tracemalloc_file: str,
 ) -> Child:
     """``orchestrator serve`` on loopback, configured as in production except for the rate
-    limits (off: the soak sends faster than the default tenant rate) and the stream cap."""
+    limits (off: the soak sends faster than the default tenant rate), the stream cap and the
+    agent check (off: no Agent Management)."""
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
@@ -184,6 +185,8 @@ def start_server(
         "ORCH_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "ORCH_EMBEDDED_REFERENCE": "false",
         "ORCH_LOG_LEVEL": "WARNING",
+        # Its sessions name a soak agent no Agent Management defines: any agent id.
+        "ORCH_AGENT_CHECK": "false",
     }
     command = [str(BIN / "orchestrator"), "serve"]
     if tracemalloc_file:

@@ -6,15 +6,11 @@ from dataclasses import dataclass
 
 from domain.chat import require_job_id
 from domain.errors import NotFound
-from domain.ids import is_tenant_id, require_id
+from domain.ids import require_tenant_id
 from domain.jobs import Job
 from domain.ports.jobs import JobStore
 from domain.ports.usage import UsageStore
 from domain.usage import BudgetRules, UsageReader, UsageReport
-
-
-def require_tenant_id(value: str) -> str:
-    return require_id(value, "tenant_id", "tenant id", is_tenant_id)
 
 
 @dataclass(frozen=True, slots=True)

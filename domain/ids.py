@@ -94,3 +94,8 @@ def tenant_entries(raw: str, shape: str) -> Iterator[tuple[str, str, str]]:
 def is_tenant_id(value: str) -> bool:
     """Whether ``value`` is an acceptable tenant id."""
     return bool(TENANT_ID_PATTERN.match(value))
+
+
+def require_tenant_id(value: str) -> str:
+    """Validate a tenant id argument (the admin APIs name the tenant they act on)."""
+    return require_id(value, "tenant_id", "tenant id", is_tenant_id)

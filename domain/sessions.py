@@ -9,9 +9,27 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from domain.conversation import HistoryPage
+from domain.dispatch import CallContext, DownstreamError
+from domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from domain.history import encode_history_token, history_query
 from domain.ids import is_resource_id, new_id, require_id
-from domain.models import NewSession, Page, Session, SessionFilter, SessionState, page_limit
+from domain.models import (
+    NewSession,
+    Page,
+    Service,
+    Session,
+    SessionFilter,
+    SessionState,
+    page_limit,
+)
+from domain.ports.platform import AgentDirectory, ConversationStore
 from domain.ports.sessions import SessionStore
 
 MAX_ID_CHARS = 128
@@ -53,12 +71,32 @@ def require_session_id(value: str, field: str = "session_id") -> str:
     return require_id(value, field, "session id")
 
 
-class SessionManager:
-    """Creates, reads, lists and closes sessions for one tenant at a time."""
+def unavailable(service: Service, error: DownstreamError) -> Unavailable:
+    """A platform service that could not answer, named in the status message."""
+    return Unavailable(f"{service.value} service unavailable ({error.code}): {error.message}")
 
-    def __init__(self, store: SessionStore, policy: SessionPolicy) -> None:
+
+class SessionManager:
+    """Creates, reads, lists and closes sessions for one tenant at a time, and lists their
+    conversations.
+
+    With ``agents`` (the server gives the cached directory, domain.agent_directory, unless
+    ORCH_AGENT_CHECK is false: tests of the session and chat rules that run no Agent
+    Management), a client's CreateSession must name an agent of its tenant; without it any
+    agent id is taken as given. ListHistory asks ``conversation``."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        policy: SessionPolicy,
+        *,
+        conversation: ConversationStore,
+        agents: AgentDirectory | None = None,
+    ) -> None:
         self._store = store
         self._policy = policy
+        self._agents = agents
+        self._conversation = conversation
 
     async def create(
         self,
@@ -68,9 +106,59 @@ class SessionManager:
         user_id: str,
         metadata: Mapping[str, str],
         ttl_ms: int | None,
+        ctx: CallContext | None = None,
     ) -> Session:
+        """A new session. With ``ctx`` (a client's CreateSession) the agent must exist:
+        NotFound naming it otherwise, Unavailable when Agent Management cannot say and the
+        agent is not cached. Sessions the service makes for itself (a batch's) pass none."""
         new = self._validate_new(agent_id, user_id, metadata, ttl_ms)
+        if ctx is not None and self._agents is not None:
+            await self._require_agent(agent_id, ctx)
         return await self._store.create_session(tenant_id, new_id(), new)
+
+    async def _require_agent(self, agent_id: str, ctx: CallContext) -> None:
+        assert self._agents is not None
+        try:
+            agent = await self._agents.get_agent(agent_id, ctx)
+        except DownstreamError as exc:
+            raise unavailable(Service.AGENT_MANAGEMENT, exc) from exc
+        if agent is None:
+            raise NotFound(f"agent {agent_id} not found for tenant {ctx.tenant_id}")
+
+    async def list_history(
+        self,
+        ctx: CallContext,
+        session_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        last_turns: int,
+        token_budget: int,
+    ) -> HistoryPage:
+        """One page of the session's conversation (Conversation keeps it), oldest first, within
+        the window counted from the newest turn. NotFound for another tenant's session."""
+        require_session_id(session_id)
+        query = history_query(
+            session_id,
+            page_size=page_size,
+            page_token=page_token,
+            last_turns=last_turns,
+            token_budget=token_budget,
+        )
+        if await self._store.get_session(ctx.tenant_id, session_id, touch=False) is None:
+            raise NotFound(f"session {session_id} not found")
+        try:
+            page = await self._conversation.list_history(
+                session_id,
+                ctx,
+                window=query.window,
+                page_size=query.page_size,
+                page_token=query.downstream_token,
+            )
+        except DownstreamError as exc:
+            raise unavailable(Service.CONVERSATION, exc) from exc
+        token = encode_history_token(page.next_page_token, session_id, query.window)
+        return HistoryPage(page.turns, token)
 
     async def get(self, tenant_id: str, session_id: str) -> Session:
         """Read a session, sliding its expiry. NotFound for missing and other tenants' ids."""

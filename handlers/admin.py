@@ -1,5 +1,5 @@
-"""orchestrator.admin.v1.AdminService: API keys, tasks and token usage for operators (admin
-role)."""
+"""orchestrator.admin.v1.AdminService: API keys, tasks, token usage and the agent cache for
+operators (admin role)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from domain.admin import AdminQueries, TenantUsage
+from domain.agent_directory import CachedAgentDirectory
 from domain.api_keys import ApiKeyManager
 from domain.identity import Role
 from domain.jobs import Job, JobState
@@ -90,11 +91,15 @@ def api_key_to_pb(key: ApiKey) -> admin_pb2.ApiKey:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Thin adapter over domain.api_keys.ApiKeyManager and domain.admin.AdminQueries."""
+    """Thin adapter over domain.api_keys.ApiKeyManager, domain.admin.AdminQueries and the
+    cached agent directory (domain.agent_directory)."""
 
-    def __init__(self, keys: ApiKeyManager, queries: AdminQueries) -> None:
+    def __init__(
+        self, keys: ApiKeyManager, queries: AdminQueries, agents: CachedAgentDirectory
+    ) -> None:
         self._keys = keys
         self._queries = queries
+        self._agents = agents
 
     @unary_errors
     async def CreateApiKey(
@@ -141,3 +146,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             request.tenant_id, request.start_date, request.end_date
         )
         return tenant_usage_to_pb(usage)
+
+    @unary_errors
+    async def InvalidateAgent(
+        self, request: admin_pb2.InvalidateAgentRequest, context: Ctx
+    ) -> admin_pb2.InvalidateAgentResponse:
+        await self._agents.invalidate(request.tenant_id, request.agent_id)
+        return admin_pb2.InvalidateAgentResponse()

@@ -8,6 +8,7 @@ from typing import Protocol, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from domain.conversation import HistoryPage, Turn, TurnRole
 from domain.errors import InvalidArgument
 from domain.models import Session, SessionState, TokenUsage
 from orchestrator.v1 import common_pb2, session_pb2
@@ -42,6 +43,7 @@ def inverse(table: Mapping[Member, Number]) -> dict[Number, Member]:
 
 _STATE_TO_PB = enum_to_pb(SessionState, session_pb2.SessionState, "SESSION_STATE_")
 _STATE_FROM_PB = inverse(_STATE_TO_PB)
+_ROLE_TO_PB = enum_to_pb(TurnRole, session_pb2.TurnRole, "TURN_ROLE_")
 
 
 def enum_from_pb(table: Mapping[Number, Value], number: Number, field: str, what: str) -> Value:
@@ -107,4 +109,23 @@ def session_to_pb(session: Session) -> session_pb2.Session:
         message_count=session.message_count,
         token_usage=usage_to_pb(session.usage),
         ttl=duration_from_ms(session.ttl_ms),
+    )
+
+
+def turn_to_pb(turn: Turn) -> session_pb2.ConversationTurn:
+    """A conversation turn as clients see it (``time`` unset when Conversation gave none)."""
+    message = session_pb2.ConversationTurn(
+        role=_ROLE_TO_PB[turn.role],
+        content=turn.content,
+        job_id=turn.job_id,
+        tokens=turn.tokens,
+    )
+    if turn.time_ms:
+        message.time.CopyFrom(timestamp_from_ms(turn.time_ms))
+    return message
+
+
+def history_page_to_pb(page: HistoryPage) -> session_pb2.ListHistoryResponse:
+    return session_pb2.ListHistoryResponse(
+        turns=[turn_to_pb(turn) for turn in page.turns], next_page_token=page.next_page_token
     )

@@ -7,7 +7,13 @@ from typing import Any
 import grpc
 
 from domain.sessions import SessionManager
-from handlers.converters import optional_duration_ms, session_state_from_pb, session_to_pb
+from handlers.call_context import call_context
+from handlers.converters import (
+    history_page_to_pb,
+    optional_duration_ms,
+    session_state_from_pb,
+    session_to_pb,
+)
 from handlers.errors import unary_errors
 from handlers.request_context import current_caller
 from orchestrator.v1 import session_pb2, session_pb2_grpc
@@ -31,6 +37,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             user_id=request.user_id,
             metadata=dict(request.metadata),
             ttl_ms=optional_duration_ms(request, "ttl", request.ttl),
+            ctx=call_context(context),
         )
         return session_pb2.CreateSessionResponse(session=session_to_pb(session))
 
@@ -63,3 +70,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.CloseSessionResponse:
         session = await self._sessions.close(current_caller().tenant_id, request.session_id)
         return session_pb2.CloseSessionResponse(session=session_to_pb(session))
+
+    @unary_errors
+    async def ListHistory(
+        self, request: session_pb2.ListHistoryRequest, context: Ctx
+    ) -> session_pb2.ListHistoryResponse:
+        page = await self._sessions.list_history(
+            call_context(context),
+            request.session_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            last_turns=request.last_turns,
+            token_budget=request.token_budget,
+        )
+        return history_page_to_pb(page)

@@ -25,10 +25,13 @@ from domain.ports.batches import BatchStore
 from domain.ports.embedding_cache import EmbeddingCache
 from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
+from domain.ports.platform import AgentCache
 from domain.ports.queue import QueueConfig, WorkQueue
 from domain.ports.rate_limits import RateLimiter
 from domain.ports.sessions import SessionStore
 from domain.ports.usage import UsageStore
+from registry.agent_cache_memory import MemoryAgentCache
+from registry.agent_cache_redis import RedisAgentCache
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
 from registry.fanout import LocalFanout
@@ -170,6 +173,8 @@ class Backend:
     batches: BatchStore
     usage: UsageStore
     embedding_cache: EmbeddingCache
+    # Agent configurations, shared by every process on the backend (domain.agent_directory).
+    agent_cache: AgentCache
     rate_limiter: RateLimiter
     queue_opener: QueueOpener
     # Clients to close after everything above (the Redis pools).
@@ -224,6 +229,7 @@ def open_memory_backend(config: BackendConfig) -> Backend:
         batches=MemoryBatchStore(retention_ms=config.batch_retention_ms),
         usage=usage,
         embedding_cache=MemoryEmbeddingCache(),
+        agent_cache=MemoryAgentCache(),
         rate_limiter=MemoryRateLimiter(),
         queue_opener=lambda _name, queue_config: MemoryWorkQueue(queue_config),
     )
@@ -270,6 +276,7 @@ def open_redis_backend(config: BackendConfig) -> Backend:
         batches=RedisBatchStore(redis, keys, retention_ms=config.batch_retention_ms),
         usage=RedisUsageStore(redis, keys),
         embedding_cache=RedisEmbeddingCache(redis, keys),
+        agent_cache=RedisAgentCache(redis, keys),
         rate_limiter=RedisRateLimiter(redis, keys),
         queue_opener=open_queue,
         # The subscriber's pool is closed by the event log.

@@ -96,6 +96,17 @@ class KeySpace:
         """String with a cached embedding result (JSON), expiring after the cache TTL."""
         return f"{self.tenant_tag(tenant_id)}:embcache:{key}"
 
+    def agent_config(self, tenant_id: str, agent_id: str) -> str:
+        """Hash with a cached agent configuration: ``v`` its version, ``c`` the configuration
+        (JSON); expires after the cache TTL."""
+        return f"{self.tenant_tag(tenant_id)}:agent:{agent_id}"
+
+    def agent_generation(self, tenant_id: str, agent_id: str) -> str:
+        """Counter of the agent's cache invalidations: a configuration fetched before the last
+        invalidation is not cached (registry/lua/agents/put.lua). A key prefix of its own, so
+        no agent id makes it collide with a configuration key."""
+        return f"{self.tenant_tag(tenant_id)}:agentgen:{agent_id}"
+
     def job_index(self, job_id: str) -> str:
         """String ``<tenant> <session>`` for a job id: lets a notice's claimed tenant be checked
         against the job's real one (a wrong tenant is then reported, not "unknown job")."""

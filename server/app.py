@@ -242,7 +242,7 @@ class OrchestratorServer:
         )
         queries = AdminQueries(self.backend.jobs, self.backend.usage, settings.budget_rules())
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.api_keys, queries), target
+            AdminServicer(self.api_keys, queries, self.services.agents_directory), target
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, target)
         if self.extra_handlers:

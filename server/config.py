@@ -343,6 +343,21 @@ class Settings:
         "1",
         "part of every embedding cache key: change it when the embedding model changes",
     )
+    agent_check: bool = _env(
+        "ORCH_AGENT_CHECK",
+        True,
+        "CreateSession checks that the agent exists at Agent Management (NOT_FOUND otherwise); "
+        "false takes any agent id (only for tests of the session rules without Agent Management)",
+        _parse_bool,
+    )
+    agent_cache_ttl: float = _env(
+        "ORCH_AGENT_CACHE_TTL",
+        300.0,
+        "how long an agent's configuration from Agent Management is cached (shared by every "
+        "replica on the backend; dropped earlier by AdminService.InvalidateAgent or an "
+        "AGENT_CHANGED notice); 0 asks Agent Management on every lookup",
+        at_least=0,
+    )
     metrics_address: str = _env(
         "ORCH_METRICS_ADDRESS",
         "0.0.0.0:9464",

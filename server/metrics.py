@@ -1,14 +1,16 @@
-"""Prometheus metrics: RPC counts and latency, open streams, rate-limit rejections, and the job
-flow's gauges and counters, served over HTTP at ``/metrics``.
+"""Prometheus metrics: RPC counts and latency, open streams, rate-limit rejections, the job
+flow's gauges and counters and the agent cache's hits and misses, served over HTTP at
+``/metrics``.
 
 Each server owns a ``Metrics`` with its own CollectorRegistry (not prometheus_client's global
 one), so several servers in one process (tests, benchmarks) neither collide nor mix counts.
 
 Code outside the interceptors records through the module functions (``record_notice``,
-``record_tokens``): they write to the Metrics bound to the current RPC (the metrics interceptor
-binds it) or, outside of an RPC (background workers), to the one the running server installed
-with ``install``. With neither they do nothing. The registry-wide gauges (tasks by state, queue
-depth) have one writer, the server's sampler (server.metrics_sampler).
+``record_tokens``, ``record_agent_cache``): they write to the Metrics bound to the current RPC
+(the metrics interceptor binds it) or, outside of an RPC (background workers), to the one the
+running server installed with ``install``. With neither they do nothing. The registry-wide
+gauges (tasks by state, queue depth) have one writer, the server's sampler
+(server.metrics_sampler).
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ class Metrics:
         self.tokens = Counter(
             "orchestrator_tokens", "LLM tokens used, by tenant", ["tenant"], registry=r
         )
+        self.agent_cache = Counter(
+            "orchestrator_agent_cache_lookups",
+            "Agent configuration lookups by outcome: hit (served from the shared agent cache) "
+            "or miss (asked Agent Management)",
+            ["outcome"],
+            registry=r,
+        )
 
     def recorder(self, method: str) -> RpcRecorder:
         """Where the calls of ``method`` are counted and timed (one object per method)."""
@@ -121,6 +130,9 @@ class Metrics:
     def record_tokens(self, tenant: str, n: int) -> None:
         if n > 0:
             self.tokens.labels(tenant).inc(n)
+
+    def record_agent_cache(self, outcome: str) -> None:
+        self.agent_cache.labels(outcome).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -162,6 +174,12 @@ def record_tokens(tenant: str, n: int) -> None:
     """Add ``n`` LLM tokens to the tenant's total."""
     if (m := current()) is not None:
         m.record_tokens(tenant, n)
+
+
+def record_agent_cache(outcome: str) -> None:
+    """Count an agent configuration lookup: ``hit`` or ``miss``."""
+    if (m := current()) is not None:
+        m.record_agent_cache(outcome)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from domain.agent_directory import CachedAgentDirectory
 from domain.batch_runner import BatchRunner
 from domain.batches import BatchExpirer, BatchManager, BatchPolicy
 from domain.chat import ChatOrchestrator
@@ -119,6 +120,18 @@ def batch_policy(settings: Settings) -> BatchPolicy:
     )
 
 
+def agent_directory(
+    settings: Settings, backend: Backend, agents: AgentDirectory
+) -> CachedAgentDirectory:
+    """Agent Management (``agents``) behind the backend's shared agent cache."""
+    return CachedAgentDirectory(
+        agents,
+        backend.agent_cache,
+        ttl_ms=int(settings.agent_cache_ttl * 1000),
+        metrics=metrics_module,
+    )
+
+
 @dataclass(slots=True)
 class Services:
     """The domain services of one process (and the loops they need, not started)."""
@@ -133,8 +146,9 @@ class Services:
     batch_queue: WorkQueue
     batches: BatchManager
     batch_runner: BatchRunner
-    # The synchronous platform services plans call.
-    agents_directory: AgentDirectory
+    # The synchronous platform services plans call. Agents are read through the shared agent
+    # cache (domain.agent_directory), never straight from Agent Management.
+    agents_directory: CachedAgentDirectory
     conversation: ConversationStore
     tools: ToolCatalog
     # Background loops: each process starts the ones it runs.
@@ -149,7 +163,13 @@ def build_services(
     """Every domain service over ``backend``; no I/O happens here. ``platform`` is
     default_platform(settings) unless a test gives its own."""
     limits = job_limits(settings)
-    sessions = SessionManager(backend.sessions, session_policy(settings))
+    agents = agent_directory(settings, backend, platform.agents)
+    sessions = SessionManager(
+        backend.sessions,
+        session_policy(settings),
+        agents=agents if settings.agent_check else None,
+        conversation=platform.conversation,
+    )
     cache = EmbeddingResultCache(backend.embedding_cache, embedding_cache_policy(settings))
     chat_queue = backend.work_queue(CHAT_QUEUE)
     chat = ChatOrchestrator(
@@ -176,7 +196,12 @@ def build_services(
         sessions=sessions,
         embedding_cache=cache,
         notices=NoticeProcessor(
-            backend.jobs, limits, embedding_cache=cache, metrics=metrics_module
+            backend.jobs,
+            limits,
+            embedding_cache=cache,
+            metrics=metrics_module,
+            # Agent Management's agent_changed notices drop the agent in the shared cache.
+            on_agent_changed=agents.on_agent_changed,
         ),
         chat_queue=chat_queue,
         chat=chat,
@@ -184,7 +209,7 @@ def build_services(
         batch_queue=batch_queue,
         batches=batches,
         batch_runner=BatchRunner(backend.batches, batches, chat),
-        agents_directory=platform.agents,
+        agents_directory=agents,
         conversation=platform.conversation,
         tools=platform.tools,
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),

@@ -9,6 +9,7 @@ import pytest
 
 from clients.downstream import DownstreamConfig, GrpcDispatcher
 from clients.platform import PlatformClients
+from clients.retry import RetryPolicy
 from domain.agents import AgentKind, AgentLimits
 from domain.conversation import HistoryWindow, Turn, TurnRole
 from domain.dispatch import CallContext, DownstreamError, WorkRequest
@@ -23,7 +24,7 @@ OTHER = CallContext(tenant_id="other", request_id="req-2", timeout_s=5.0)
 @pytest.fixture
 def config(stack: Stack) -> DownstreamConfig:
     address = stack.reference.address
-    return DownstreamConfig(address, address, max_attempts=1)
+    return DownstreamConfig(address, address, RetryPolicy(max_attempts=1))
 
 
 @pytest.fixture

@@ -58,6 +58,9 @@ class ServerProcess:
             "ORCH_LISTEN_ADDRESS": self.address,
             "ORCH_WS_ADDRESS": "127.0.0.1:0",
             "ORCH_METRICS_ADDRESS": "127.0.0.1:0",
+            # Most process tests run no Agent Management: sessions take any agent id unless
+            # the test turns the check on (ORCH_AGENT_CHECK="true").
+            "ORCH_AGENT_CHECK": "false",
             **env,
         }
         self._env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None

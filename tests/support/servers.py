@@ -43,6 +43,9 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         # costs every server stop up to one poll.
         batch_worker_enabled=False,
         batch_worker_poll=0.1,
+        # No Agent Management in most tests: CreateSession takes any agent id unless a test
+        # turns the check on (agent_check=True) and gives the server a platform answering it.
+        agent_check=False,
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()
