@@ -33,6 +33,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -95,11 +96,16 @@ async def drive_chats(
     session_ids: list[str],
     chats: int,
     concurrency: int,
+    *,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+    content: str = "What is RAG?",
+    events: Counter[str] | None = None,
 ) -> ChatResult:
     """Closed loop: ``concurrency`` workers, each sending on its own sessions, one chat at a
-    time, until ``chats`` chats have completed."""
+    time, until ``chats`` chats have completed. Calls carry ``metadata`` (a client of TENANT
+    unless given); ``events`` (when given) counts the events received by kind."""
     stub = chat_pb2_grpc.ChatServiceStub(channel)
-    metadata = tenant(TENANT)
+    metadata = tenant(TENANT) if metadata is None else metadata
     latencies: list[float] = []
     issued = 0
 
@@ -113,13 +119,15 @@ async def drive_chats(
             turn += 1
             started = time.perf_counter()
             call = stub.SendMessage(
-                chat_pb2.SendMessageRequest(session_id=session_id, content="What is RAG?"),
+                chat_pb2.SendMessageRequest(session_id=session_id, content=content),
                 metadata=metadata,
                 timeout=30,
             )
             last: str | None = ""
             async for reply in call:
                 last = reply.event.WhichOneof("kind")
+                if events is not None:
+                    events[last or ""] += 1
             if last != "completed":
                 raise RuntimeError(f"{name}: chat ended with {last!r}")
             latencies.append(time.perf_counter() - started)
@@ -272,15 +280,22 @@ async def chats_on_relay(chats: int, concurrency: int, sessions: int, deltas: in
         await relay.aclose()
 
 
-async def create_sessions(channel: grpc.aio.Channel, count: int) -> list[str]:
+async def create_sessions(
+    channel: grpc.aio.Channel,
+    count: int,
+    *,
+    agent_id: str = "bench-agent",
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> list[str]:
+    """``count`` sessions on ``agent_id`` (for a client of TENANT unless ``metadata``)."""
     stub = session_pb2_grpc.SessionServiceStub(channel)
-    metadata = tenant(TENANT)
+    metadata = tenant(TENANT) if metadata is None else metadata
     ids: list[str] = []
     for start in range(0, count, 100):
         replies = await asyncio.gather(
             *(
                 stub.CreateSession(
-                    session_pb2.CreateSessionRequest(agent_id="bench-agent"),
+                    session_pb2.CreateSessionRequest(agent_id=agent_id),
                     metadata=metadata,
                     timeout=30,
                 )
