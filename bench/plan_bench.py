@@ -15,7 +15,9 @@ The two servers under test run as child processes of their own, each beside its 
 reference services in the same event loop (as ``make run`` embeds them), with step delay 0:
 
 - the orchestrator on a private redis-server (agent check on, test keys), whatever the checked
-  out code makes of a chat: before plans it is one Query call per chat, whatever the agent;
+  out code makes of a chat: where it has ORCH_PLANS, twice (two children on the one Redis):
+  with plans and without (one Query call per chat, whatever the agent), so the llm figure with
+  the plan machinery is measured beside the one without; before plans only the latter;
 - the bare relay (:class:`PlanRelay`): SessionService.CreateSession into a dict, SendMessage
   making the plan's hops one after the other with plain generated stubs (GetAgent on every
   chat: no cache, no Redis, no auth, no interceptors), the notices back over its own
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import statistics
@@ -72,6 +75,7 @@ from orchestrator.v1 import (
 )
 from query.v1 import query_pb2, query_pb2_grpc
 from reference.app import ReferenceServices
+from server.config import Settings
 from tests.support.redis_process import free_port
 from tests.support.servers import running_server, tenant
 from tools.v1 import tools_pb2, tools_pb2_grpc
@@ -82,6 +86,8 @@ FINAL_NOTICES = (NOTICE.NOTICE_EVENT_COMPLETED, NOTICE.NOTICE_EVENT_FAILED)
 DOWNSTREAM_TIMEOUT_S = 5.0
 RELAY = "bare grpc.aio relay"
 ORCHESTRATOR = "orchestrator (Redis)"
+# The setting that runs chats as plans (ORCH_PLANS), where the code has it.
+PLANS_SETTING = "plans"
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,14 +298,16 @@ async def until_sigterm(port: int) -> None:
     await stop.wait()
 
 
-async def serve_orchestrator(redis_url: str) -> None:
+async def serve_orchestrator(redis_url: str, plans: bool) -> None:
     """``--serve-orchestrator``: the orchestrator on Redis with the reference services embedded
-    in its event loop (the Query address is where all five platform services answer)."""
+    in its event loop (the Query address is where all five platform services answer); chats
+    run as plans with ``plans``."""
     reference_port = free_port()
     settings = bench_settings(
         redis_url,
         agent_check=True,
         query_service_address=f"127.0.0.1:{reference_port}",
+        **({PLANS_SETTING: True} if plans else {}),
     )
     async with (
         running_server(settings) as running,
@@ -433,38 +441,49 @@ def figures(side: Side, shape: str) -> ShapeFigures:
 
 
 @dataclass(frozen=True, slots=True)
-class Comparison:
-    """A shape on both sides, with the median of the per-round paired ratios."""
+class Row:
+    """A shape on one side; for an orchestrator, the median of its per-round ratios to the
+    relay's figure of the same round."""
 
-    relay: ShapeFigures
-    orchestrator: ShapeFigures
-    ratio: float
+    figures: ShapeFigures
+    ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PlanResults:
-    comparisons: list[Comparison]
+    rows: list[Row]
 
     def verdicts(self) -> dict[str, bool]:
-        return {c.relay.shape: c.ratio >= TARGET_CHAT_RATIO for c in self.comparisons}
+        return {
+            f"{row.figures.shape}, {row.figures.side}": row.ratio >= TARGET_CHAT_RATIO
+            for row in self.rows
+            if row.ratio is not None
+        }
+
+
+def has_plans_setting() -> bool:
+    """Whether this code can run chats as plans (ORCH_PLANS, issue 13)."""
+    return PLANS_SETTING in {f.name for f in dataclasses.fields(Settings)}
+
+
+def orchestrator_variants() -> list[tuple[str, bool]]:
+    """(name, plans on) of each orchestrator measured: with and without plans where the code
+    has them (the llm figure must not fall because of the plan machinery), else as it is."""
+    if has_plans_setting():
+        return [(f"{ORCHESTRATOR}, plans", True), (f"{ORCHESTRATOR}, no plans", False)]
+    return [(ORCHESTRATOR, False)]
 
 
 async def measure(redis_url: str, args: argparse.Namespace) -> PlanResults:
-    with (
-        child(["--serve-relay"], "relay") as (relay_process, relay_address),
-        child(["--serve-orchestrator", redis_url], "orchestrator") as (
-            orchestrator_process,
-            orchestrator_address,
-        ),
-    ):
+    with contextlib.ExitStack() as stack:
+        relay_process, relay_address = stack.enter_context(child(["--serve-relay"], "relay"))
         relay = Side(RELAY, relay_process, grpc.aio.insecure_channel(relay_address))
-        orchestrator = Side(
-            ORCHESTRATOR,
-            orchestrator_process,
-            grpc.aio.insecure_channel(orchestrator_address),
-            redis_url,
-        )
-        sides = [relay, orchestrator]
+        sides = [relay]
+        for name, plans in orchestrator_variants():
+            process, address = stack.enter_context(
+                child(["--serve-orchestrator", redis_url, *(["--plans"] if plans else [])], name)
+            )
+            sides.append(Side(name, process, grpc.aio.insecure_channel(address), redis_url))
         try:
             for side in sides:
                 await side.prepare(args.sessions, args.concurrency)
@@ -476,71 +495,67 @@ async def measure(redis_url: str, args: argparse.Namespace) -> PlanResults:
         finally:
             for side in sides:
                 await side.channel.close(None)
-    comparisons = []
+    rows = []
     for shape in SHAPES:
-        ratios = [
-            quotient(o.per_second, r.per_second)
-            for o, r in zip(orchestrator.runs[shape.name], relay.runs[shape.name], strict=True)
-        ]
-        comparisons.append(
-            Comparison(
-                figures(relay, shape.name),
-                figures(orchestrator, shape.name),
-                statistics.median(ratios),
-            )
-        )
-    return PlanResults(comparisons)
+        rows.append(Row(figures(relay, shape.name)))
+        for side in sides[1:]:
+            ratios = [
+                quotient(o.per_second, r.per_second)
+                for o, r in zip(side.runs[shape.name], relay.runs[shape.name], strict=True)
+            ]
+            rows.append(Row(figures(side, shape.name), statistics.median(ratios)))
+    return PlanResults(rows)
 
 
 # -- the table ------------------------------------------------------------------------------------
 
 
 def print_results(results: PlanResults) -> None:
-    first = results.comparisons[0].relay
+    first = results.rows[0].figures
     print(
         f"plans: SendMessage -> final event, tenant {TENANT}, reference services embedded in "
         f"each server's process (step delay 0); medians of {first.rounds} alternating rounds"
     )
-    rows: list[tuple[str, ...]] = [
-        (
-            "shape",
-            "path",
-            "chats",
-            "chats/s",
-            "p50 ms",
-            "p99 ms",
-            "server CPU ms/chat",
-            "+ Redis",
-            "events/chat",
-            "tool calls/chat",
-        ),
-    ]
-    for comparison in results.comparisons:
-        for f in (comparison.relay, comparison.orchestrator):
-            rows.append(
-                (
-                    f.shape,
-                    f.side,
-                    str(f.chats),
-                    f"{f.per_second:,.0f}",
-                    f"{f.p50_ms:.1f}",
-                    f"{f.p99_ms:.1f}",
-                    f"{f.cpu_ms_per_chat:.2f}",
-                    f"{f.redis_cpu_ms_per_chat:.2f}" if f.side == ORCHESTRATOR else "",
-                    f"{f.events_per_chat:.1f}",
-                    f"{f.tool_calls_per_chat:.1f}",
-                )
+    header = (
+        "shape",
+        "path",
+        "chats",
+        "chats/s",
+        "p50 ms",
+        "p99 ms",
+        "server CPU ms/chat",
+        "+ Redis",
+        "events/chat",
+        "tool calls/chat",
+        "ratio to relay",
+    )
+    table: list[tuple[str, ...]] = [header]
+    for row in results.rows:
+        f = row.figures
+        table.append(
+            (
+                f.shape,
+                f.side,
+                str(f.chats),
+                f"{f.per_second:,.0f}",
+                f"{f.p50_ms:.1f}",
+                f"{f.p99_ms:.1f}",
+                f"{f.cpu_ms_per_chat:.2f}",
+                "" if row.ratio is None else f"{f.redis_cpu_ms_per_chat:.2f}",
+                f"{f.events_per_chat:.1f}",
+                f"{f.tool_calls_per_chat:.1f}",
+                "" if row.ratio is None else f"{row.ratio:.2f}",
             )
-    print_table(rows)
-    ok = results.verdicts()
-    for comparison in results.comparisons:
-        shape = comparison.relay.shape
-        verdict = "ok" if ok[shape] else "BELOW TARGET"
-        print(
-            f"{shape}: ratio orchestrator/relay = {comparison.ratio:.2f} "
-            f"(relay {comparison.relay.per_second:,.0f} chats/s in the same run; "
-            f"target >= {TARGET_CHAT_RATIO}) {verdict}"
         )
+    print_table(table)
+    missed = [name for name, ok in results.verdicts().items() if not ok]
+    print(
+        f"ratio = median of the per-round orchestrator/relay chats/s; target >= "
+        f"{TARGET_CHAT_RATIO}: "
+        + ("met" if not missed else "BELOW TARGET for " + "; ".join(missed))
+    )
+    if not has_plans_setting():
+        print("(this code runs no plans: the orchestrator makes one Query call per chat)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -552,6 +567,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--sessions", type=int, default=160, help="sessions per shape and server")
     p.add_argument("--serve-orchestrator", metavar="REDIS_URL")
+    p.add_argument("--plans", action="store_true", help="with --serve-orchestrator: ORCH_PLANS")
     p.add_argument("--serve-relay", action="store_true")
     return p
 
@@ -565,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve_relay:
             asyncio.run(serve_relay())
         else:
-            asyncio.run(serve_orchestrator(args.serve_orchestrator))
+            asyncio.run(serve_orchestrator(args.serve_orchestrator, args.plans))
         return 0
     logging.basicConfig(level=logging.WARNING)
     results = asyncio.run(on_private_redis(lambda url: measure(url, args)))
