@@ -56,11 +56,15 @@ import redis.asyncio as redis_asyncio
 from agent_execution.v1 import agent_execution_pb2, agent_execution_pb2_grpc
 from agents.v1 import agents_pb2, agents_pb2_grpc
 from bench.flow_bench import (
+    FINAL_NOTICES,
+    NOTICE,
     TARGET_CHAT_RATIO,
     ChatResult,
+    NoticeQueues,
     create_sessions,
     drive_chats,
     reference_config,
+    relay_event,
 )
 from bench.processes import Child, bench_settings, on_private_redis, start_serving
 from bench.tables import print_table, quotient
@@ -70,7 +74,6 @@ from orchestrator.v1 import (
     chat_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
-    task_update_pb2,
     task_update_pb2_grpc,
 )
 from query.v1 import query_pb2, query_pb2_grpc
@@ -81,8 +84,6 @@ from tests.support.servers import running_server, tenant
 from tools.v1 import tools_pb2, tools_pb2_grpc
 
 TENANT = "demo"
-NOTICE = task_update_pb2
-FINAL_NOTICES = (NOTICE.NOTICE_EVENT_COMPLETED, NOTICE.NOTICE_EVENT_FAILED)
 DOWNSTREAM_TIMEOUT_S = 5.0
 RELAY = "bare grpc.aio relay"
 ORCHESTRATOR = "orchestrator (Redis)"
@@ -108,39 +109,17 @@ SHAPES = (
 # -- the bare relay -------------------------------------------------------------------------------
 
 
-def chat_event(session_id: str, job_id: str, notice: Any) -> chat_pb2.ChatEvent:
-    """The chat event for a notice of a run (progress, delta, tool call, completed, failed)."""
-    event = chat_pb2.ChatEvent(session_id=session_id, job_id=job_id, sequence=notice.sequence + 1)
-    if notice.event == NOTICE.NOTICE_EVENT_PROGRESS:
-        event.progress.fraction = notice.progress
-        event.progress.message = notice.status_message
-    elif notice.event == NOTICE.NOTICE_EVENT_DELTA:
-        event.delta.text = notice.delta
-    elif notice.event == NOTICE.NOTICE_EVENT_TOOL_CALL:
-        event.tool_call.CopyFrom(notice.tool_call)
-    elif notice.event == NOTICE.NOTICE_EVENT_STEP:
-        event.workflow_step.CopyFrom(notice.step)
-    elif notice.event == NOTICE.NOTICE_EVENT_COMPLETED:
-        event.completed.result.CopyFrom(notice.result)
-        event.completed.usage.CopyFrom(notice.usage)
-    else:
-        event.failed.error.CopyFrom(notice.error)
-    return event
-
-
 class PlanRelay(
-    session_pb2_grpc.SessionServiceServicer,
-    chat_pb2_grpc.ChatServiceServicer,
-    task_update_pb2_grpc.TaskUpdateServiceServicer,
+    session_pb2_grpc.SessionServiceServicer, chat_pb2_grpc.ChatServiceServicer, NoticeQueues
 ):
     """The plan's hops with nothing in between but dicts: sessions (id -> agent id) and a
     queue of notices per job in flight."""
 
     def __init__(self, platform_address: str) -> None:
+        super().__init__()
         self._platform_address = platform_address
         self._channel: grpc.aio.Channel | None = None
         self._sessions: dict[str, str] = {}
-        self._waiting: dict[str, asyncio.Queue[task_update_pb2.PublishUpdatesRequest]] = {}
 
     def _stubs(self) -> grpc.aio.Channel:
         if self._channel is None:
@@ -165,9 +144,7 @@ class PlanRelay(
             await context.abort(grpc.StatusCode.NOT_FOUND, "session_id: no such session")
             return
         job_id = uuid.uuid4().hex
-        queue: asyncio.Queue[task_update_pb2.PublishUpdatesRequest] = asyncio.Queue()
-        self._waiting[job_id] = queue
-        try:
+        with self.waiting(job_id) as queue:
             yield chat_pb2.SendMessageResponse(
                 event=chat_pb2.ChatEvent(
                     session_id=session_id,
@@ -179,14 +156,11 @@ class PlanRelay(
             await self._start(session_id, agent_id, job_id, request.content)
             while True:
                 notice = await queue.get()
-                event = chat_event(session_id, job_id, notice)
                 if notice.event == NOTICE.NOTICE_EVENT_COMPLETED:
                     await self._append(session_id, job_id, request.content, notice.result.text)
-                yield chat_pb2.SendMessageResponse(event=event)
+                yield chat_pb2.SendMessageResponse(event=relay_event(session_id, job_id, notice))
                 if notice.event in FINAL_NOTICES:
                     return
-        finally:
-            del self._waiting[job_id]
 
     async def _start(self, session_id: str, agent_id: str, job_id: str, content: str) -> None:
         """GetAgent -> ListHistory -> (ResolveTools -> StartRun) or SubmitQuery."""
@@ -255,18 +229,6 @@ class PlanRelay(
             ),
             timeout=DOWNSTREAM_TIMEOUT_S,
         )
-
-    async def PublishUpdates(
-        self, request_iterator: AsyncIterator[task_update_pb2.PublishUpdatesRequest], context: Any
-    ) -> task_update_pb2.PublishUpdatesResponse:
-        received = accepted = 0
-        async for notice in request_iterator:
-            received += 1
-            queue = self._waiting.get(notice.job_id)
-            if queue is not None:
-                accepted += 1
-                queue.put_nowait(notice)
-        return task_update_pb2.PublishUpdatesResponse(received=received, accepted=accepted)
 
     async def aclose(self) -> None:
         if self._channel is not None:
