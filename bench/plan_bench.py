@@ -11,7 +11,7 @@ Two shapes, each a closed loop of SendMessage until the final event at a fixed c
 - ``llm``: sessions on ``support-bot``: GetAgent -> ListHistory -> SubmitQuery (Query) ->
   AppendTurns -> ``completed``. Its figure must not fall because of the plan machinery.
 
-The two servers under test run as child processes of their own, each beside its own embedded
+The servers under test run as child processes of their own, each beside its own embedded
 reference services in the same event loop (as ``make run`` embeds them), with step delay 0:
 
 - the orchestrator on a private redis-server (agent check on, test keys), whatever the checked
