@@ -30,6 +30,9 @@ _STATE_TO_PB = {
     JobState.QUEUED: admin_pb2.TASK_STATE_QUEUED,
     JobState.PENDING: admin_pb2.TASK_STATE_PENDING,
     JobState.RUNNING: admin_pb2.TASK_STATE_RUNNING,
+    # The service completed it and the plan's last calls run: still running for an operator
+    # (the Task's plan shows which call).
+    JobState.FINISHING: admin_pb2.TASK_STATE_RUNNING,
     JobState.COMPLETED: admin_pb2.TASK_STATE_COMPLETED,
     JobState.FAILED: admin_pb2.TASK_STATE_FAILED,
     JobState.TIMED_OUT: admin_pb2.TASK_STATE_TIMED_OUT,

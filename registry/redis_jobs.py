@@ -18,6 +18,11 @@ was interrupted. A QUEUED job's enqueue on the work queue is its first hand-off,
 (``enqueue_done`` confirms it, leaving the entry to the claim, which drops it: removing it here
 could drop the entry of an activation that came first); the activate script's pipeline scores
 the job again when its turn comes.
+A FINISHING job (its plan appends history: domain.plans) is tracked in a fourth set the same
+way, ``job_finalizes``, scored at the end of its finalize lease: the pipeline of every completed
+notice (other than an embedding's) scores the job there with the notice script, which turns it
+FINISHING or not (an entry for a job that completed outright is dropped by the claim that finds
+nothing to do); completing or failing it drops the entry in the same pipeline.
 A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
 pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
 tenants found with nothing unfinished, so the set follows the active tenants.
@@ -29,12 +34,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
+from domain.agents import AgentConfig
 from domain.errors import DataLoss
 from domain.jobs import (
     UNFINISHED_STATES,
@@ -48,14 +54,17 @@ from domain.jobs import (
     JobState,
     NewJob,
     Notice,
+    NoticeEvent,
     NoticeOutcome,
     SessionEvent,
     StartedJob,
     StartRefused,
     Verdict,
+    finalize_failed_data,
     handoff_failed_data,
 )
 from domain.models import Service, TokenUsage, WorkKind
+from domain.plans import OrchestrationPlan, ServiceCall
 from domain.ports.queue import QueuePriority
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
@@ -126,6 +135,7 @@ class RedisJobStore:
         self._prune_tenants = lua_script("jobs/prune_tenants")
         self._renew_handoff = lua_script("jobs/renew_handoff")
         self._claim_handoff = lua_script("jobs/claim_handoff")
+        self._plan = lua_script("jobs/plan")
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -141,6 +151,7 @@ class RedisJobStore:
             k.jobs_in_state(tenant_id, JobState.RUNNING.value),
             k.session_line(tenant_id, session_id),
             k.jobs_in_state(tenant_id, JobState.QUEUED.value),
+            k.jobs_in_state(tenant_id, JobState.FINISHING.value),
         ]
 
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
@@ -185,6 +196,7 @@ class RedisJobStore:
         deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
+        plan = new.plan
 
         def build(pipe: ScriptPipeline) -> None:
             commands = pipe.commands
@@ -226,6 +238,9 @@ class RedisJobStore:
                     spec,
                     limits.handoff_grace_ms,
                     "1" if new.keep_final else "0",
+                    _compact(plan.to_json()) if plan is not None else "",
+                    _compact(new.agent.to_json()) if new.agent is not None else "",
+                    "1" if plan is not None and plan.appends_history else "0",
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -304,15 +319,13 @@ class RedisJobStore:
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
             )
-            # Only an entry still there moves (XX): a finished hand-off's stays gone.
-            pipe.commands.zadd(
-                self._keys.job_handoffs(),
-                {member: _now_ms() + limits.handoff_grace_ms},
-                xx=True,
-            )
+            # Only an entry still there moves (XX): a finished hand-off's stays gone. A
+            # FINISHING job's finalize lease is in the other set.
+            for hints in (self._keys.job_handoffs(), self._keys.job_finalizes()):
+                pipe.commands.zadd(hints, {member: _now_ms() + limits.handoff_grace_ms}, xx=True)
 
         with redis_errors_as_unavailable():
-            lease, _ = await self._scripts.in_one_round_trip(build)
+            lease, _, _ = await self._scripts.in_one_round_trip(build)
         return int(lease) > 0
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
@@ -329,7 +342,7 @@ class RedisJobStore:
         with redis_errors_as_unavailable():
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id, job_id, _ in members:
-                pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
+                pipe.hdel(self._keys.job(tenant_id, job_id), "hol", "hoa", "hoq")
             pipe.zrem(self._keys.job_handoffs(), *(member for _, _, member in members))
             await pipe.execute()
 
@@ -340,60 +353,41 @@ class RedisJobStore:
             await self._redis.hdel(self._keys.job(tenant_id, job_id), "hoq")
 
     async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
-        handoffs = self._keys.job_handoffs()
         failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
+        finalize_failed = _compact(finalize_failed_data("{attempts}"))
         claims: list[HandoffClaim] = []
         with redis_errors_as_unavailable():
-            for member in await due_members(self._redis, handoffs, limit=limit):
-                tenant_id, session_id, job_id = member.split(" ", 2)
-                reply = await self._scripts.run(
-                    self._claim_handoff,
-                    keys=self._job_keys(tenant_id, session_id, job_id),
-                    args=[
-                        job_id,
-                        limits.handoff_grace_ms,
-                        limits.handoff_attempts,
-                        limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
-                        failed_data,
-                    ],
-                )
-                status = as_str(reply[0])
-                if status in ("gone", "done", "exhausted"):
-                    await self._redis.zrem(handoffs, member)
-                else:
-                    # Looked at again when the lease (new, or still held) runs out.
-                    await self._redis.zadd(handoffs, {member: int(reply[1])}, xx=True)
-                if status in ("gone", "done", "later"):
-                    continue
-                spec = json.loads(as_str(reply[3]))
-                job = NewJob(
-                    job_id=job_id,
-                    session_id=as_str(reply[4]),
-                    agent_id=as_str(reply[8]),
-                    service=Service(as_str(reply[5])),
-                    kind=WorkKind(as_str(reply[6])),
-                    content=spec["c"],
-                    request_id=json.loads(as_str(reply[7])),
-                    model=as_str(reply[9]),
-                    cache_key=as_str(reply[10]),
-                    collections=tuple(spec.get("l") or ()),
-                    priority=QueuePriority(spec.get("p") or QueuePriority.NORMAL),
-                    keep_final=as_str(reply[12]) == "1",
-                )
-                accepted = as_str(reply[11])
-                claims.append(
-                    HandoffClaim(
-                        tenant_id,
-                        job,
-                        int(reply[2]),
-                        exhausted=status == "exhausted",
-                        requeue=bool(accepted),
-                        accepted_sequence=int(accepted or 0),
+            for hints in (self._keys.job_handoffs(), self._keys.job_finalizes()):
+                for member in await due_members(self._redis, hints, limit=limit - len(claims)):
+                    tenant_id, session_id, job_id = member.split(" ", 2)
+                    reply = await self._scripts.run(
+                        self._claim_handoff,
+                        keys=self._job_keys(tenant_id, session_id, job_id),
+                        args=[
+                            job_id,
+                            limits.handoff_grace_ms,
+                            limits.handoff_attempts,
+                            limits.retention_ms,
+                            self._log.max_events,
+                            self._log.ttl_ms,
+                            self._keys.session_channel(tenant_id, session_id),
+                            failed_data,
+                            finalize_failed,
+                        ],
                     )
-                )
+                    status = as_str(reply[0])
+                    if status in ("gone", "done", "exhausted", "finalize_exhausted"):
+                        await self._redis.zrem(hints, member)
+                    else:
+                        # Looked at again when the lease (new, or still held) runs out.
+                        await self._redis.zadd(hints, {member: int(reply[1])}, xx=True)
+                    if status in ("gone", "done", "later"):
+                        continue
+                    if status.endswith("exhausted"):
+                        self._forget(job_id)
+                    claims.append(_claim_from_reply(tenant_id, job_id, reply))
+                if len(claims) >= limit:
+                    break
         return claims
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
@@ -404,8 +398,12 @@ class RedisJobStore:
         if tenant_id != notice.tenant_id:
             return NoticeOutcome(Verdict.WRONG_TENANT)
         usage = notice.usage
-        with redis_errors_as_unavailable():
-            reply = await self._scripts.run(
+        # A completed notice may make the job FINISHING: its finalize is then checked by its
+        # lease, scored in the same round trip (an embedding's plan never appends history).
+        hint = notice.event is NoticeEvent.COMPLETED and notice.service is not Service.EMBEDDING
+
+        def build(pipe: ScriptPipeline) -> None:
+            pipe.run(
                 self._notice,
                 keys=self._job_keys(tenant_id, session_id, notice.job_id),
                 args=[
@@ -424,8 +422,24 @@ class RedisJobStore:
                     self._keys.session_channel(tenant_id, session_id),
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
+                    limits.handoff_grace_ms,
                 ],
             )
+            if hint:
+                member = f"{tenant_id} {session_id} {notice.job_id}"
+                # Never later (LT): an entry there is the job's own finalize lease already (a
+                # repeated completed notice changes nothing).
+                pipe.commands.zadd(
+                    self._keys.job_finalizes(),
+                    {member: _now_ms() + limits.handoff_grace_ms},
+                    lt=True,
+                )
+
+        with redis_errors_as_unavailable():
+            reply = (await self._scripts.in_one_round_trip(build))[0]
+        if as_str(reply[0]) == "finishing":
+            claim = _claim_from_reply(tenant_id, notice.job_id, reply)
+            return NoticeOutcome(Verdict.ACCEPTED, finishing=claim)
         verdict = Verdict(as_str(reply[0]))
         if verdict is Verdict.JOB_FINISHED:
             self._forget(notice.job_id)
@@ -443,8 +457,9 @@ class RedisJobStore:
         if located is None or located[0] != tenant_id:
             return FinishOutcome.UNKNOWN_JOB, None
         session_id = located[1]
-        with redis_errors_as_unavailable():
-            reply = await self._scripts.run(
+
+        def build(pipe: ScriptPipeline) -> None:
+            pipe.run(
                 self._finish,
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
@@ -457,12 +472,53 @@ class RedisJobStore:
                     self._keys.session_channel(tenant_id, session_id),
                 ],
             )
+            # A FINISHING job's finalize needs no check any more (a no-op for other jobs).
+            pipe.commands.zrem(self._keys.job_finalizes(), f"{tenant_id} {session_id} {job_id}")
+
+        with redis_errors_as_unavailable():
+            reply = (await self._scripts.in_one_round_trip(build))[0]
         outcome = FinishOutcome(as_str(reply[0]))
         if outcome is not FinishOutcome.UNKNOWN_JOB:
             self._forget(job_id)
         if outcome is not FinishOutcome.DONE:
             return outcome, None
         return outcome, self._event(session_id, reply)
+
+    async def record_plan(
+        self,
+        tenant_id: str,
+        job_id: str,
+        plan: OrchestrationPlan,
+        steps: Sequence[ServiceCall],
+        *,
+        outputs: Mapping[str, Any] | None = None,
+    ) -> list[SessionEvent] | None:
+        located = await self._locate(job_id)
+        if located is None or located[0] != tenant_id:
+            return None
+        session_id = located[1]
+        with redis_errors_as_unavailable():
+            reply = await self._scripts.run(
+                self._plan,
+                keys=self._job_keys(tenant_id, session_id, job_id),
+                args=[
+                    job_id,
+                    _compact(plan.to_json()),
+                    _compact(outputs) if outputs is not None else "",
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    self._keys.session_channel(tenant_id, session_id),
+                    "1" if plan.appends_history else "0",
+                    *(_compact(plan.step_event(call)) for call in steps),
+                ],
+            )
+        if as_str(reply[0]) != "ok":
+            return None
+        now = int(reply[1])
+        return [
+            decode_envelope(session_id, int(reply[i]), now, as_str(reply[i + 1]))
+            for i in range(2, len(reply), 2)
+        ]
 
     async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
         with redis_errors_as_unavailable():
@@ -573,4 +629,42 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         cache_key=f.get("ckey", ""),
         keep_final=f.get("keep") == "1",
         final_event=_final_event(f["session"], f["final"]) if "final" in f else None,
+        plan=OrchestrationPlan.from_json(json.loads(f["plan"])) if f.get("plan") else None,
+        agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
+    )
+
+
+def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffClaim:
+    """A claim as the scripts return it (claim_reply in registry/lua/prelude/jobs.lua)."""
+    status = as_str(reply[0])
+    spec = json.loads(as_str(reply[3]))
+    plan, agent, outputs, result = (as_str(reply[i]) for i in range(13, 17))
+    job = NewJob(
+        job_id=job_id,
+        session_id=as_str(reply[4]),
+        agent_id=as_str(reply[8]),
+        service=Service(as_str(reply[5])),
+        kind=WorkKind(as_str(reply[6])),
+        content=spec["c"],
+        request_id=json.loads(as_str(reply[7])),
+        model=as_str(reply[9]),
+        cache_key=as_str(reply[10]),
+        collections=tuple(spec.get("l") or ()),
+        priority=QueuePriority(spec.get("p") or QueuePriority.NORMAL),
+        keep_final=as_str(reply[12]) == "1",
+        plan=OrchestrationPlan.from_json(json.loads(plan)) if plan else None,
+        agent=AgentConfig.from_json(json.loads(agent)) if agent else None,
+    )
+    accepted = as_str(reply[11])
+    finalize = status in ("finishing", "finalize", "finalize_exhausted")
+    return HandoffClaim(
+        tenant_id,
+        job,
+        int(reply[2]),
+        exhausted=status.endswith("exhausted"),
+        requeue=bool(accepted),
+        accepted_sequence=int(accepted or 0),
+        finalize=finalize,
+        result=json.loads(result) if finalize and result else None,
+        outputs=json.loads(outputs) if outputs else None,
     )

@@ -157,4 +157,4 @@ async def test_confirming_several_hand_offs_is_one_round_trip(
     assert len(round_trips) == 1
     for s in started:
         assert await redis.zscore(KEYS.job_handoffs(), member(s)) is None
-        assert not await redis.hexists(KEYS.job(TENANT, s.job.job_id), "ho")
+        assert not await redis.hexists(KEYS.job(TENANT, s.job.job_id), "hol")

@@ -17,7 +17,9 @@ local handoff_grace_ms = tonumber(ARGV[5])
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local state = redis.call('HGET', job_key, 'state')
-if state == 'pending' or state == 'running' then return {'already_started'} end
+if state == 'pending' or state == 'running' or state == 'finishing' then
+  return {'already_started'}
+end
 if state ~= 'queued' then return {'final'} end
 -- Its work item was delivered, so its enqueue needs no confirmation any more.
 redis.call('HDEL', job_key, 'hoq')
