@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from domain.agents import ToolDefinition
+from domain.conversation import Turn
 from domain.models import Service, WorkKind
 
 
@@ -29,7 +31,15 @@ class CallContext:
 
 @dataclass(frozen=True, slots=True)
 class WorkRequest:
-    """One piece of work for a downstream service."""
+    """One piece of work for a downstream service.
+
+    Without ``run_service`` the work kind decides the service (Query, or Embedding); a plan
+    sets it to the service of its run step (domain.plans.OrchestrationPlan.run_service), e.g.
+    Agent Execution for a ``tool_agent``. The agent's snapshot and the history window go with
+    the work: Query gets ``system_prompt`` and ``history``; Agent Execution also ``tools``,
+    ``max_tool_calls`` and ``agent_version``; Workflow Engine ``workflow_id``, ``history`` and
+    ``agent_version``.
+    """
 
     job_id: str
     tenant_id: str
@@ -39,10 +49,17 @@ class WorkRequest:
     content: str
     model: str = ""
     collections: Sequence[str] = field(default_factory=tuple)
+    run_service: Service | None = None
+    system_prompt: str = ""
+    history: tuple[Turn, ...] = ()
+    tools: tuple[ToolDefinition, ...] = ()
+    workflow_id: str = ""
+    max_tool_calls: int = 0
+    agent_version: int = 0
 
     @property
     def service(self) -> Service:
-        return Service.for_kind(self.kind)
+        return self.run_service or Service.for_kind(self.kind)
 
 
 class DownstreamError(Exception):

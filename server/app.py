@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AioReflectionServicer
 
+from clients.platform import PlatformClients
 from domain.admin import AdminQueries
 from domain.api_keys import ApiKeyManager
 from domain.dispatch import Dispatcher
@@ -49,7 +50,14 @@ from server.key_seeding import seed_keys
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
 from server.revocation import OpenStreams, RevocationWatch
-from server.services import BATCH_QUEUE, CHAT_QUEUE, build_services, default_dispatcher
+from server.services import (
+    BATCH_QUEUE,
+    CHAT_QUEUE,
+    PlatformPorts,
+    build_services,
+    default_dispatcher,
+    default_platform,
+)
 from server.signals import wait_for_stop_signal
 from server.tracing import tracing_interceptor
 from server.workers import QueueWorkers
@@ -124,13 +132,20 @@ class OrchestratorServer:
         *,
         backend: Backend | None = None,
         dispatcher: Dispatcher | None = None,
+        platform: PlatformPorts | None = None,
         tracer_provider: Any = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
         self.settings = settings
         self.backend = backend or open_backend(backend_config(settings))
         self.dispatcher = dispatcher or default_dispatcher(settings)
-        self.services = build_services(settings, self.backend, self.dispatcher)
+        # The gRPC clients of Agent Management, Conversation and Tool Registry, unless given
+        # (closed on stop only when opened here).
+        self._platform_clients: PlatformClients | None = None
+        if platform is None:
+            platform = self._platform_clients = default_platform(settings)
+        self.platform: PlatformPorts = platform
+        self.services = build_services(settings, self.backend, self.dispatcher, self.platform)
         self.workers = QueueWorkers(settings, self.services)
         self.metrics = Metrics()
         self.metrics_http: MetricsHttpServer | None = None
@@ -324,6 +339,8 @@ class OrchestratorServer:
         # Hand-offs in progress finish (bounded); the rest is redone by another process.
         await self.services.chat.drain(grace)
         await self.dispatcher.aclose()
+        if self._platform_clients is not None:
+            await self._platform_clients.aclose()
         # Closes the work queues and the connection pools too.
         await self.backend.aclose()
         if self.metrics_http is not None:

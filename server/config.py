@@ -96,6 +96,32 @@ class Settings:
     embedding_service_address: str = _env(
         "ORCH_EMBEDDING_SERVICE_ADDRESS", "localhost:50061", "host:port of the Embedding Service"
     )
+    agent_execution_address: str | None = _env(
+        "ORCH_AGENT_EXECUTION_ADDRESS",
+        None,
+        "host:port of the Agent Execution Service; unset: ORCH_QUERY_SERVICE_ADDRESS (where the "
+        "embedded reference serves every service)",
+    )
+    workflow_engine_address: str | None = _env(
+        "ORCH_WORKFLOW_ENGINE_ADDRESS",
+        None,
+        "host:port of the Workflow Engine; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    )
+    conversation_address: str | None = _env(
+        "ORCH_CONVERSATION_ADDRESS",
+        None,
+        "host:port of the Conversation Service; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    )
+    agent_management_address: str | None = _env(
+        "ORCH_AGENT_MANAGEMENT_ADDRESS",
+        None,
+        "host:port of the Agent Management Service; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    )
+    tool_registry_address: str | None = _env(
+        "ORCH_TOOL_REGISTRY_ADDRESS",
+        None,
+        "host:port of the Tool Registry; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    )
     downstream_timeout: float = _env(
         "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt"
     )

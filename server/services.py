@@ -7,6 +7,7 @@ the two processes cannot drift; each process starts the loops it runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from domain.batch_runner import BatchRunner
 from domain.batches import BatchExpirer, BatchManager, BatchPolicy
@@ -16,6 +17,7 @@ from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.handoff import HandoffRecovery
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
+from domain.ports.platform import AgentDirectory, ConversationStore, ToolCatalog
 from domain.ports.queue import WorkQueue
 from domain.queued_chat import QueuedChatRunner
 from domain.reaper import JobReaper
@@ -24,6 +26,10 @@ from domain.usage import TokenBudget
 from registry.backend import Backend
 from server import metrics as metrics_module
 from server.config import Settings
+
+if TYPE_CHECKING:
+    from clients.downstream import DownstreamConfig
+    from clients.platform import PlatformClients
 
 # The work queues: batch items, and chat messages that wait for their turn.
 BATCH_QUEUE = "batch"
@@ -41,18 +47,51 @@ def job_limits(settings: Settings) -> JobLimits:
     )
 
 
-def default_dispatcher(settings: Settings) -> Dispatcher:
-    """gRPC clients of the configured downstream services."""
-    from clients.downstream import DownstreamConfig, GrpcDispatcher
+def downstream_config(settings: Settings) -> DownstreamConfig:
+    """Where the platform's services are and how calls to them are retried. An address left
+    unset is the Query Service's (where the embedded reference serves every service)."""
+    from clients.downstream import DownstreamConfig
 
-    return GrpcDispatcher(
-        DownstreamConfig(
-            query_address=settings.query_service_address,
-            embedding_address=settings.embedding_service_address,
-            attempt_timeout_s=settings.downstream_timeout,
-            max_attempts=settings.downstream_attempts,
-        )
+    return DownstreamConfig(
+        query_address=settings.query_service_address,
+        embedding_address=settings.embedding_service_address,
+        attempt_timeout_s=settings.downstream_timeout,
+        max_attempts=settings.downstream_attempts,
+        agent_execution_address=settings.agent_execution_address or "",
+        workflow_engine_address=settings.workflow_engine_address or "",
+        conversation_address=settings.conversation_address or "",
+        agent_management_address=settings.agent_management_address or "",
+        tool_registry_address=settings.tool_registry_address or "",
     )
+
+
+def default_dispatcher(settings: Settings) -> Dispatcher:
+    """gRPC clients of the configured services that run jobs."""
+    from clients.downstream import GrpcDispatcher
+
+    return GrpcDispatcher(downstream_config(settings))
+
+
+def default_platform(settings: Settings) -> PlatformClients:
+    """gRPC clients of the configured synchronous platform services (Agent Management,
+    Conversation, Tool Registry); channels open on first use."""
+    from clients.platform import PlatformClients
+
+    return PlatformClients.connect(downstream_config(settings))
+
+
+class PlatformPorts(Protocol):
+    """The synchronous platform services the chat flow's plans call (clients.platform's
+    PlatformClients, or a test's own)."""
+
+    @property
+    def agents(self) -> AgentDirectory: ...
+
+    @property
+    def conversation(self) -> ConversationStore: ...
+
+    @property
+    def tools(self) -> ToolCatalog: ...
 
 
 def session_policy(settings: Settings) -> SessionPolicy:
@@ -91,14 +130,21 @@ class Services:
     batch_queue: WorkQueue
     batches: BatchManager
     batch_runner: BatchRunner
+    # The synchronous platform services plans call.
+    agents_directory: AgentDirectory
+    conversation: ConversationStore
+    tools: ToolCatalog
     # Background loops: each process starts the ones it runs.
     reaper: JobReaper
     handoffs: HandoffRecovery
     expirer: BatchExpirer
 
 
-def build_services(settings: Settings, backend: Backend, dispatcher: Dispatcher) -> Services:
-    """Every domain service over ``backend``; no I/O happens here."""
+def build_services(
+    settings: Settings, backend: Backend, dispatcher: Dispatcher, platform: PlatformPorts
+) -> Services:
+    """Every domain service over ``backend``; no I/O happens here. ``platform`` is
+    default_platform(settings) unless a test gives its own."""
     limits = job_limits(settings)
     sessions = SessionManager(backend.sessions, session_policy(settings))
     cache = EmbeddingResultCache(backend.embedding_cache, embedding_cache_policy(settings))
@@ -135,6 +181,9 @@ def build_services(settings: Settings, backend: Backend, dispatcher: Dispatcher)
         batch_queue=batch_queue,
         batches=batches,
         batch_runner=BatchRunner(backend.batches, batches, chat),
+        agents_directory=platform.agents,
+        conversation=platform.conversation,
+        tools=platform.tools,
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
         # Hands over again the jobs whose hand-off was interrupted (in any process).
         handoffs=HandoffRecovery(chat, interval_s=settings.reaper_interval),

@@ -13,7 +13,7 @@ from domain.worker import DeadLetterHook, Handler, QueueWorker
 from registry.backend import open_backend
 from server.backend_config import backend_config
 from server.config import Settings
-from server.services import Services, build_services
+from server.services import Services, build_services, default_platform
 from server.signals import wait_for_stop_signal
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ async def run_workers(settings: Settings, dispatcher: Dispatcher) -> None:
     if not settings.redis_url:
         raise ValueError("orchestrator worker needs REDIS_URL (workers share the queue)")
     backend = open_backend(backend_config(settings))
-    services = build_services(settings, backend, dispatcher)
+    platform = default_platform(settings)
+    services = build_services(settings, backend, dispatcher, platform)
     workers = QueueWorkers(settings, services)
     # Workers hand jobs over too, so they also redo interrupted hand-offs (of any process).
     services.handoffs.start()
@@ -105,4 +106,5 @@ async def run_workers(settings: Settings, dispatcher: Dispatcher) -> None:
         await workers.stop()
         await services.chat.drain(settings.shutdown_grace)
         await dispatcher.aclose()
+        await platform.aclose()
         await backend.aclose()

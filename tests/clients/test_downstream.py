@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -15,31 +14,10 @@ from domain.dispatch import CallContext, DownstreamError, WorkRequest
 from domain.models import Service, WorkKind
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from query.v1 import query_pb2, query_pb2_grpc
+from tests.clients.fakes import Script
 from tests.support.redis_process import free_port
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-@dataclass
-class Script:
-    """What the fake services do: fail the first ``unavailable`` calls, then ``abort`` (if
-    set) or answer after ``delay_s``. Every call is recorded."""
-
-    unavailable: int = 0
-    abort: grpc.StatusCode | None = None
-    delay_s: float = 0.0
-    calls: list[tuple[str, object, dict[str, str]]] = field(default_factory=list)
-
-    async def play(self, method: str, request: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
-        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
-        self.calls.append((method, request, metadata))
-        if self.unavailable > 0:
-            self.unavailable -= 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
-        if self.abort is not None:
-            await context.abort(self.abort, "prompt is empty")
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
 
 
 class FakeQuery(query_pb2_grpc.QueryServiceServicer):

@@ -32,7 +32,10 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "bench": frozenset(),
 }
 # What clients may take from the domain: the port they implement and the plain values it carries.
-CLIENTS_MAY_USE = frozenset({"domain.dispatch", "domain.models", "domain.errors"})
+# The ports' values: agents, conversation turns (domain.ports.platform speaks in them).
+CLIENTS_MAY_USE = frozenset(
+    {"domain.dispatch", "domain.models", "domain.errors", "domain.agents", "domain.conversation"}
+)
 
 
 def _module_name(path: Path) -> str:
