@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from domain.agents import AgentConfig
 from domain.jobs import NewJob, SessionEvent
 from domain.models import Service, WorkKind
+from domain.plans import OrchestrationPlan
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkItem
 
 ITEM_KIND = "chat_job"
@@ -45,20 +47,26 @@ class QueuedChat:
     collections: Sequence[str] = ()
     agent_id: str = ""
     cache_key: str = ""
+    # The job's plan and the agent it was made from (loaded when the message was accepted).
+    plan: OrchestrationPlan | None = None
+    agent: AgentConfig | None = None
 
     def new_job(self) -> NewJob:
         """The job to hand to its service when its turn comes."""
+        plan = self.plan
         return NewJob(
             job_id=self.job_id,
             session_id=self.session_id,
             agent_id=self.agent_id,
-            service=Service.for_kind(self.kind),
+            service=plan.run_service if plan is not None else Service.for_kind(self.kind),
             kind=self.kind,
             content=self.content,
             request_id=self.request_id,
             model=self.model,
             cache_key=self.cache_key,
             collections=tuple(self.collections),
+            plan=plan,
+            agent=self.agent,
         )
 
     def work_item(self, priority: QueuePriority) -> NewWorkItem:
@@ -76,6 +84,10 @@ class QueuedChat:
             "agent": self.agent_id,
             "ckey": self.cache_key,
         }
+        if self.plan is not None:
+            payload["plan"] = self.plan.to_json()
+        if self.agent is not None:
+            payload["agent_config"] = self.agent.to_json()
         return NewWorkItem(
             item_id=self.job_id,
             tenant_id=self.tenant_id,
@@ -99,6 +111,8 @@ class QueuedChat:
             collections=tuple(spec.get("collections") or ()),
             agent_id=spec.get("agent", ""),
             cache_key=spec.get("ckey", ""),
+            plan=OrchestrationPlan.from_json(spec["plan"]) if spec.get("plan") else None,
+            agent=AgentConfig.from_json(spec["agent_config"]) if spec.get("agent_config") else None,
         )
 
 

@@ -122,6 +122,14 @@ class Settings:
         None,
         "host:port of the Tool Registry; unset: ORCH_QUERY_SERVICE_ADDRESS",
     )
+    plans: bool = _env(
+        "ORCH_PLANS",
+        False,
+        "run each chat message as an orchestration plan of its session's agent (Agent "
+        "Management, Conversation, Tool Registry, then Query, Agent Execution or Workflow "
+        "Engine); off: one call to Query or Embedding per message",
+        _parse_bool,
+    )
     downstream_timeout: float = _env(
         "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt"
     )

@@ -11,7 +11,8 @@
 -- tenant's hash tag, so it lives in the same cluster slot as the job keys.
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
---   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
+--   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
+--   tenant_finishing_key)
 -- ARGV: job_id, service, notice_sequence (0: the sender does not number its notices),
 --   event (progress | delta | completed | failed), data_json, heartbeat_ms, prompt_tokens,
 --   completion_tokens, total_tokens, retention_ms (the job's, once final), maxlen,

@@ -9,7 +9,8 @@
 -- event's sequence, which the work item carries.
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
---   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
+--   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
+--   tenant_finishing_key)
 -- ARGV: job_id, session_id, service, kind, request_json, agent_id, model,
 --   accepted_json (the accepted event's data; deadline_ms and queued are added here),
 --   deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
