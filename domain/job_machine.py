@@ -343,11 +343,12 @@ def finishing_claim(record: JobRecord, attempt: int) -> HandoffClaim:
 def apply_notice(
     record: JobRecord | None, side: SessionSide, notice: Notice, limits: JobLimits, *, now: int
 ) -> Step[Verdict]:
-    """A (validated) notice from a service: progress and deltas make the job RUNNING and move
-    its heartbeat deadline; completed and failed end it (a completed one counts its tokens for
-    the session and the tenant). A completed notice on a job whose plan appends history makes
-    it FINISHING instead (result and usage stored, tokens counted, a finalize lease, no event;
-    see ``finishing_claim``). A duplicate or late notice changes nothing."""
+    """A (validated) notice from a service: progress, deltas, tool calls and workflow steps make
+    the job RUNNING and move its heartbeat deadline; completed and failed end it (a completed
+    one counts its tokens for the session and the tenant). A completed notice on a job whose
+    plan appends history makes it FINISHING instead (result and usage stored, tokens counted,
+    a finalize lease, no event; see ``finishing_claim``). A duplicate or late notice changes
+    nothing."""
     if record is None:
         return Step(Verdict.UNKNOWN_JOB)
     job = record.job
@@ -362,7 +363,7 @@ def apply_notice(
         return Step(Verdict.DUPLICATE)
     if job.state.is_final or job.state is JobState.FINISHING:
         return Step(Verdict.JOB_FINISHED)
-    if notice.event in (NoticeEvent.PROGRESS, NoticeEvent.DELTA):
+    if notice.event.keeps_running:
         job = replace(
             job,
             state=JobState.RUNNING,

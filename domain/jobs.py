@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.agents import AgentConfig
 from domain.models import Service, TokenUsage, WorkKind
-from domain.plans import OrchestrationPlan
+from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.queue import QueuePriority
 
 
@@ -60,8 +60,10 @@ class EventKind(enum.StrEnum):
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
     HISTORY_TRUNCATED = "history_truncated"
-    # A call of the job's plan changed state (domain.plans): {index, name, service, method,
-    # state, attempts[, error]}.
+    # Agent work as it happens (none of them ends the job): a tool call the agent started or
+    # finished (Agent Execution), a workflow step (Workflow Engine), a call of the job's plan.
+    TOOL_CALL = "tool_call"
+    WORKFLOW_STEP = "workflow_step"
     PLAN_STEP = "plan_step"
     # A stored event that could not be read (never written): it keeps its sequence so followers
     # count past it, and clients do not see it (a final one is read as failed instead, see
@@ -85,7 +87,12 @@ class SessionEvent:
     ``data`` holds the kind's payload as plain JSON-compatible values:
     accepted {service, kind, content, deadline_ms[, queued]}; progress {fraction, message};
     delta {text}; completed {result, usage}; failed {error}; timed_out {deadline_ms};
-    cancelled {reason}; history_truncated {requested_after, oldest_retained}.
+    cancelled {reason}; history_truncated {requested_after, oldest_retained};
+    tool_call {call_id, name, phase, arguments, result_summary[, error]} (``arguments`` the
+    call's arguments as JSON text, ``phase`` a StepPhase); workflow_step {step_id, name, index,
+    phase, summary[, error]}; plan_step {index, name, service, method, state, attempts[,
+    started_ms][, ended_ms][, error]} (domain.plans: ``state`` a StepState, ``service`` a
+    Service). ``error`` is {code, message, retryable} everywhere.
     """
 
     session_id: str
@@ -242,6 +249,23 @@ class Job:
     agent: AgentConfig | None = None
 
 
+def plan_of(job: Job) -> OrchestrationPlan:
+    """The job's plan as an operator sees it: the stored one (a job started without one: its
+    one call, the work), with the work's call settled by the job's state (the service's
+    notices move the job, not the stored plan)."""
+    plan = job.plan or plan_for(job.kind, None, now_ms=0)
+    run = plan.call(StepName.RUN)
+    if run.state.is_final or job.state in (JobState.QUEUED, JobState.PENDING):
+        return plan
+    if job.state is JobState.RUNNING:
+        state = StepState.RUNNING
+    elif job.state in (JobState.FINISHING, JobState.COMPLETED):
+        state = StepState.DONE
+    else:  # ended otherwise: while the service had it, or before
+        state = StepState.FAILED if run.state is StepState.RUNNING else StepState.SKIPPED
+    return plan.with_call(replace(run, state=state))
+
+
 @dataclass(frozen=True, slots=True)
 class HandoffClaim:
     """A job whose hand-off was interrupted (no confirmation within its lease), claimed by one
@@ -305,9 +329,38 @@ def finalize_failed_data(attempts: int | str) -> dict[str, Any]:
 
 
 class NoticeEvent(enum.StrEnum):
+    """What a notice reports. A job notice's value is the EventKind of the event it appends
+    (the stores rely on it)."""
+
     PROGRESS = "progress"
     DELTA = "delta"
     COMPLETED = "completed"
+    FAILED = "failed"
+    # A tool call started or ended (Agent Execution): applied like progress.
+    TOOL_CALL = "tool_call"
+    # A workflow step started or ended (Workflow Engine): applied like progress.
+    STEP = "workflow_step"
+    # Not about a job: Agent Management reports that an agent's configuration changed
+    # (domain.notices.AgentChange).
+    AGENT_CHANGED = "agent_changed"
+
+    @property
+    def keeps_running(self) -> bool:
+        """Whether the notice reports work in progress: the job turns (or stays) RUNNING, its
+        heartbeat is extended and the event appended; it does not end the job."""
+        return self in _RUNNING_NOTICES
+
+
+_RUNNING_NOTICES = frozenset(
+    {NoticeEvent.PROGRESS, NoticeEvent.DELTA, NoticeEvent.TOOL_CALL, NoticeEvent.STEP}
+)
+
+
+class StepPhase(enum.StrEnum):
+    """Where a tool call or a workflow step is (orchestrator.v1.StepPhase)."""
+
+    STARTED = "started"
+    FINISHED = "finished"
     FAILED = "failed"
 
 

@@ -11,14 +11,22 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import DataLoss
 from domain.ids import is_resource_id, is_tenant_id
-from domain.jobs import HandoffClaim, JobLimits, Notice, NoticeEvent, NoticeOutcome, Verdict
+from domain.jobs import (
+    HandoffClaim,
+    JobLimits,
+    Notice,
+    NoticeEvent,
+    NoticeOutcome,
+    StepPhase,
+    Verdict,
+)
 from domain.models import Service, TokenUsage
 from domain.ports.jobs import JobStore
 
@@ -44,6 +52,16 @@ MAX_RESULT_BYTES = 1024 * 1024
 # google.protobuf.Struct inside every ChatEvent that carries it, and protobuf refuses messages
 # nested deeper than 100 levels (each JSON level is two); 24 leaves room for the envelope.
 MAX_RESULT_DEPTH = 24
+# Tool calls (Agent Execution) and workflow steps (Workflow Engine).
+MAX_CALL_ID_CHARS = 128
+MAX_TOOL_NAME_CHARS = 128
+# A tool call's arguments, as JSON text.
+MAX_ARGUMENTS_CHARS = 64 * 1024
+MAX_SUMMARY_CHARS = 4096
+MAX_STEP_ID_CHARS = 128
+MAX_STEP_NAME_CHARS = 128
+MAX_STEP_INDEX = 10_000
+_PHASES = ", ".join(phase.value for phase in StepPhase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +98,8 @@ def validate_notice(raw: NoticeInput) -> Notice:
         raise MalformedNotice("event: is required")
     if raw.service is None:
         raise MalformedNotice("service: is required")
+    if raw.event is NoticeEvent.AGENT_CHANGED:
+        raise MalformedNotice("event: agent_changed is not about a job")
     if not raw.job_id:
         raise MalformedNotice("job_id: is required")
     if not is_resource_id(raw.job_id):
@@ -137,6 +157,93 @@ def _check_data(event: NoticeEvent, data: Mapping[str, Any]) -> None:
         _check_text("error.message", error.get("message", ""), MAX_ERROR_MESSAGE_CHARS)
     elif event is NoticeEvent.COMPLETED:
         _check_result(data.get("result", {}))
+    elif event is NoticeEvent.TOOL_CALL:
+        _check_tool_call(data)
+    elif event is NoticeEvent.STEP:
+        _check_step(data)
+
+
+def _check_required(name: str, value: Any, limit: int) -> None:
+    _check_text(name, value, limit)
+    if not value:
+        raise MalformedNotice(f"{name}: is required")
+
+
+def _check_phase(prefix: str, data: Mapping[str, Any]) -> None:
+    phase = data.get("phase")
+    if phase not in StepPhase.__members__.values():
+        raise MalformedNotice(f"{prefix}.phase: must be one of {_PHASES}")
+    error = data.get("error")
+    if error is None:
+        if phase == StepPhase.FAILED:
+            raise MalformedNotice(f"{prefix}.error: is required when the phase is failed")
+        return
+    if not isinstance(error, Mapping):
+        raise MalformedNotice(f"{prefix}.error: must be an object")
+    _check_text(f"{prefix}.error.code", error.get("code", ""), MAX_ERROR_CODE_CHARS)
+    _check_text(f"{prefix}.error.message", error.get("message", ""), MAX_ERROR_MESSAGE_CHARS)
+    if not isinstance(error.get("retryable", False), bool):
+        raise MalformedNotice(f"{prefix}.error.retryable: must be true or false")
+
+
+def _check_tool_call(data: Mapping[str, Any]) -> None:
+    if not data:
+        raise MalformedNotice("tool_call: is required")
+    _check_required("tool_call.call_id", data.get("call_id", ""), MAX_CALL_ID_CHARS)
+    _check_required("tool_call.name", data.get("name", ""), MAX_TOOL_NAME_CHARS)
+    _check_phase("tool_call", data)
+    arguments = data.get("arguments", "")
+    _check_text("tool_call.arguments", arguments, MAX_ARGUMENTS_CHARS)
+    if arguments:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            raise MalformedNotice("tool_call.arguments: must be JSON text") from None
+        check_json_tree("tool_call.arguments", parsed, MAX_RESULT_DEPTH, MalformedNotice)
+    _check_text("tool_call.result_summary", data.get("result_summary", ""), MAX_SUMMARY_CHARS)
+
+
+def _check_step(data: Mapping[str, Any]) -> None:
+    if not data:
+        raise MalformedNotice("step: is required")
+    _check_required("step.step_id", data.get("step_id", ""), MAX_STEP_ID_CHARS)
+    _check_required("step.name", data.get("name", ""), MAX_STEP_NAME_CHARS)
+    index = data.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_STEP_INDEX:
+        raise MalformedNotice(f"step.index: must be a whole number from 0 to {MAX_STEP_INDEX}")
+    _check_phase("step", data)
+    _check_text("step.summary", data.get("summary", ""), MAX_SUMMARY_CHARS)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChange:
+    """Agent Management reports that agent ``agent_id`` of ``tenant_id`` changed (a validated
+    agent_changed notice): cached copies of its configuration must go."""
+
+    tenant_id: str
+    agent_id: str
+
+
+def validate_agent_change(raw: NoticeInput) -> AgentChange:
+    """An agent_changed notice: only from Agent Management, about no job, naming a tenant and
+    an agent."""
+    if raw.problem:
+        raise MalformedNotice(raw.problem)
+    if raw.service is not Service.AGENT_MANAGEMENT:
+        raise MalformedNotice("service: agent_changed comes from agent_management only")
+    if raw.job_id:
+        raise MalformedNotice("job_id: must be empty for agent_changed (it is about no job)")
+    if not raw.tenant_id:
+        raise MalformedNotice("tenant_id: is required")
+    if not is_tenant_id(raw.tenant_id):
+        raise MalformedNotice("tenant_id: is not a valid tenant id")
+    _check_required("agent_id", raw.agent_id, MAX_AGENT_ID_CHARS)
+    return AgentChange(raw.tenant_id, raw.agent_id)
+
+
+# What the process does when an agent changed (drop the cached configuration): given the
+# tenant and agent ids.
+AgentChangedHook = Callable[[str, str], Awaitable[None]]
 
 
 def _check_result(result: Any) -> None:
@@ -228,7 +335,9 @@ class NoticeMetrics(Protocol):
 
 class NoticeProcessor:
     """Validates and applies notices, counts every verdict and the tokens of completed jobs
-    (server.metrics), and fills the embedding cache from completed embedding jobs."""
+    (server.metrics), and fills the embedding cache from completed embedding jobs. An
+    agent_changed notice goes to ``on_agent_changed`` (without one it is accepted and changes
+    nothing)."""
 
     def __init__(
         self,
@@ -237,6 +346,7 @@ class NoticeProcessor:
         *,
         embedding_cache: EmbeddingResultCache | None = None,
         metrics: NoticeMetrics | None = None,
+        on_agent_changed: AgentChangedHook | None = None,
         on_finishing: Callable[[HandoffClaim], None] | None = None,
     ) -> None:
         """``on_finishing`` starts the finalize of a job a completed notice made FINISHING
@@ -246,6 +356,7 @@ class NoticeProcessor:
         self._limits = limits
         self._cache = embedding_cache
         self._metrics = metrics
+        self.on_agent_changed = on_agent_changed
 
     async def process_many(self, raws: list[NoticeInput]) -> list[NoticeOutcome]:
         """Apply notices that arrived together: those about one job in order, different jobs
@@ -276,6 +387,8 @@ class NoticeProcessor:
         return outcome
 
     async def _process(self, raw: NoticeInput) -> NoticeOutcome:
+        if raw.event is NoticeEvent.AGENT_CHANGED:
+            return await self._agent_changed(raw)
         try:
             notice = validate_notice(raw)
         except MalformedNotice as exc:
@@ -297,6 +410,16 @@ class NoticeProcessor:
                 notice.service.value,
             )
         return outcome
+
+    async def _agent_changed(self, raw: NoticeInput) -> NoticeOutcome:
+        try:
+            change = validate_agent_change(raw)
+        except MalformedNotice as exc:
+            return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
+        log.info("agent %s of tenant %s changed", change.agent_id, change.tenant_id)
+        if self.on_agent_changed is not None:
+            await self.on_agent_changed(change.tenant_id, change.agent_id)
+        return NoticeOutcome(Verdict.ACCEPTED)
 
     async def _fill_cache(self, notice: Notice) -> None:
         cache = self._cache

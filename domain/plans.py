@@ -141,6 +141,10 @@ class OrchestrationPlan:
             "state": call.state.value,
             "attempts": call.attempts,
         }
+        if call.started_ms:
+            data["started_ms"] = call.started_ms
+        if call.ended_ms:
+            data["ended_ms"] = call.ended_ms
         if call.error is not None:
             data["error"] = dict(call.error)
         return data

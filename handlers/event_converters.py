@@ -8,9 +8,10 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from domain.jobs import EventKind, NoticeEvent, SessionEvent, unreadable_event
+from domain.jobs import EventKind, NoticeEvent, SessionEvent, StepPhase, unreadable_event
 from domain.models import Service, TokenUsage, WorkKind
 from domain.notices import MAX_RESULT_DEPTH, NoticeInput, check_json_tree
+from domain.plans import StepState
 from handlers.converters import enum_from_pb, timestamp_from_ms, usage_from_pb, usage_to_pb
 from orchestrator.v1 import chat_pb2, common_pb2, task_update_pb2
 
@@ -30,6 +31,11 @@ KIND_TO_PB = {
 SERVICE_TO_PB = {
     Service.QUERY: common_pb2.SERVICE_QUERY,
     Service.EMBEDDING: common_pb2.SERVICE_EMBEDDING,
+    Service.AGENT_EXECUTION: common_pb2.SERVICE_AGENT_EXECUTION,
+    Service.WORKFLOW_ENGINE: common_pb2.SERVICE_WORKFLOW_ENGINE,
+    Service.CONVERSATION: common_pb2.SERVICE_CONVERSATION,
+    Service.AGENT_MANAGEMENT: common_pb2.SERVICE_AGENT_MANAGEMENT,
+    Service.TOOL_REGISTRY: common_pb2.SERVICE_TOOL_REGISTRY,
 }
 _SERVICE_FROM_PB = {v: k for k, v in SERVICE_TO_PB.items()}
 _NOTICE_FROM_PB = {
@@ -37,6 +43,22 @@ _NOTICE_FROM_PB = {
     task_update_pb2.NOTICE_EVENT_DELTA: NoticeEvent.DELTA,
     task_update_pb2.NOTICE_EVENT_COMPLETED: NoticeEvent.COMPLETED,
     task_update_pb2.NOTICE_EVENT_FAILED: NoticeEvent.FAILED,
+    task_update_pb2.NOTICE_EVENT_TOOL_CALL: NoticeEvent.TOOL_CALL,
+    task_update_pb2.NOTICE_EVENT_STEP: NoticeEvent.STEP,
+    task_update_pb2.NOTICE_EVENT_AGENT_CHANGED: NoticeEvent.AGENT_CHANGED,
+}
+PHASE_TO_PB = {
+    StepPhase.STARTED: common_pb2.STEP_PHASE_STARTED,
+    StepPhase.FINISHED: common_pb2.STEP_PHASE_FINISHED,
+    StepPhase.FAILED: common_pb2.STEP_PHASE_FAILED,
+}
+_PHASE_FROM_PB = {v: k for k, v in PHASE_TO_PB.items()}
+PLAN_STEP_STATE_TO_PB = {
+    StepState.PENDING: common_pb2.PLAN_STEP_STATE_PENDING,
+    StepState.RUNNING: common_pb2.PLAN_STEP_STATE_RUNNING,
+    StepState.DONE: common_pb2.PLAN_STEP_STATE_DONE,
+    StepState.FAILED: common_pb2.PLAN_STEP_STATE_FAILED,
+    StepState.SKIPPED: common_pb2.PLAN_STEP_STATE_SKIPPED,
 }
 
 
@@ -101,6 +123,92 @@ def error_to_data(error: common_pb2.JobError) -> dict[str, Any]:
     }
 
 
+def error_from_data(error: Mapping[str, Any]) -> common_pb2.JobError:
+    return common_pb2.JobError(
+        code=str(error.get("code", "unknown")),
+        message=str(error.get("message", "")),
+        retryable=bool(error.get("retryable", False)),
+    )
+
+
+def tool_call_to_data(call: common_pb2.ToolCall) -> dict[str, Any]:
+    """A ToolCall as tool_call event data (``phase`` "" when unset: malformed)."""
+    phase = _PHASE_FROM_PB.get(call.phase)
+    data: dict[str, Any] = {
+        "call_id": call.call_id,
+        "name": call.name,
+        "phase": phase.value if phase else "",
+        "arguments": call.arguments_json,
+        "result_summary": call.result_summary,
+    }
+    if call.HasField("error"):
+        data["error"] = error_to_data(call.error)
+    return data
+
+
+def tool_call_from_data(data: Mapping[str, Any]) -> common_pb2.ToolCall:
+    call = common_pb2.ToolCall(
+        call_id=str(data.get("call_id", "")),
+        name=str(data.get("name", "")),
+        phase=PHASE_TO_PB[StepPhase(data["phase"])],
+        arguments_json=str(data.get("arguments", "")),
+        result_summary=str(data.get("result_summary", "")),
+    )
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        call.error.CopyFrom(error_from_data(error))
+    return call
+
+
+def step_to_data(step: common_pb2.WorkflowStep) -> dict[str, Any]:
+    """A WorkflowStep as workflow_step event data (``phase`` "" when unset: malformed)."""
+    phase = _PHASE_FROM_PB.get(step.phase)
+    data: dict[str, Any] = {
+        "step_id": step.step_id,
+        "name": step.name,
+        "index": step.index,
+        "phase": phase.value if phase else "",
+        "summary": step.summary,
+    }
+    if step.HasField("error"):
+        data["error"] = error_to_data(step.error)
+    return data
+
+
+def step_from_data(data: Mapping[str, Any]) -> common_pb2.WorkflowStep:
+    step = common_pb2.WorkflowStep(
+        step_id=str(data.get("step_id", "")),
+        name=str(data.get("name", "")),
+        index=int(data.get("index", 0)),
+        phase=PHASE_TO_PB[StepPhase(data["phase"])],
+        summary=str(data.get("summary", "")),
+    )
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        step.error.CopyFrom(error_from_data(error))
+    return step
+
+
+def plan_step_from_data(data: Mapping[str, Any]) -> common_pb2.PlanStep:
+    """plan_step event data (domain.jobs.SessionEvent) as a PlanStep."""
+    step = common_pb2.PlanStep(
+        index=int(data.get("index", 0)),
+        name=str(data["name"]),
+        service=SERVICE_TO_PB[Service(data["service"])],
+        method=str(data.get("method", "")),
+        state=PLAN_STEP_STATE_TO_PB[StepState(data["state"])],
+        attempts=int(data.get("attempts", 0)),
+    )
+    if data.get("started_ms"):
+        step.started.CopyFrom(timestamp_from_ms(int(data["started_ms"])))
+    if data.get("ended_ms"):
+        step.ended.CopyFrom(timestamp_from_ms(int(data["ended_ms"])))
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        step.error.CopyFrom(error_from_data(error))
+    return step
+
+
 # -- events ------------------------------------------------------------------------------------
 
 
@@ -140,22 +248,19 @@ def event_to_pb(event: SessionEvent) -> chat_pb2.ChatEvent:
             )
         )
     elif kind is EventKind.FAILED:
-        error = data.get("error") or {}
-        pb.failed.CopyFrom(
-            chat_pb2.JobFailed(
-                error=common_pb2.JobError(
-                    code=str(error.get("code", "unknown")),
-                    message=str(error.get("message", "")),
-                    retryable=bool(error.get("retryable", False)),
-                )
-            )
-        )
+        pb.failed.CopyFrom(chat_pb2.JobFailed(error=error_from_data(data.get("error") or {})))
     elif kind is EventKind.TIMED_OUT:
         pb.timed_out.CopyFrom(
             chat_pb2.JobTimedOut(deadline=timestamp_from_ms(int(data["deadline_ms"])))
         )
     elif kind is EventKind.CANCELLED:
         pb.cancelled.CopyFrom(chat_pb2.JobCancelled(reason=data.get("reason", "")))
+    elif kind is EventKind.TOOL_CALL:
+        pb.tool_call.CopyFrom(tool_call_from_data(data))
+    elif kind is EventKind.WORKFLOW_STEP:
+        pb.workflow_step.CopyFrom(step_from_data(data))
+    elif kind is EventKind.PLAN_STEP:
+        pb.plan_step.CopyFrom(plan_step_from_data(data))
     else:
         pb.history_truncated.CopyFrom(
             chat_pb2.HistoryTruncated(
@@ -223,6 +328,10 @@ def notice_from_pb(request: task_update_pb2.PublishUpdatesRequest) -> NoticeInpu
         data = {"result": result, "usage": usage_to_data(usage)}
     elif event is NoticeEvent.FAILED:
         data = {"error": error_to_data(request.error)}
+    elif event is NoticeEvent.TOOL_CALL:
+        data = tool_call_to_data(request.tool_call) if request.HasField("tool_call") else {}
+    elif event is NoticeEvent.STEP:
+        data = step_to_data(request.step) if request.HasField("step") else {}
     else:
         data = {}
     return NoticeInput(

@@ -52,6 +52,9 @@ _CONTENT = Limit(max_chars=256 * 1024)
 _MODEL = Limit(max_chars=1024)
 _COLLECTIONS = Limit(max_chars=256, max_items=128)
 _DATE = Limit(max_chars=64)
+# History windows: the domain checks the range (negative: its message).
+_LAST_TURNS = Limit(min_value=-1_000_000, max_value=1_000_000)
+_TOKEN_BUDGET = Limit(min_value=-1_000_000_000, max_value=1_000_000_000)
 
 _V1 = "orchestrator.v1."
 _ADMIN = "orchestrator.admin.v1."
@@ -69,6 +72,11 @@ LIMITS: dict[str, Limit] = {
     f"{_V1}ListSessionsRequest.page_token": _TOKEN,
     f"{_V1}ListSessionsRequest.agent_id": _ID,
     f"{_V1}CloseSessionRequest.session_id": _ID,
+    f"{_V1}ListHistoryRequest.session_id": _ID,
+    f"{_V1}ListHistoryRequest.page_size": _PAGE_SIZE,
+    f"{_V1}ListHistoryRequest.page_token": _TOKEN,
+    f"{_V1}ListHistoryRequest.last_turns": _LAST_TURNS,
+    f"{_V1}ListHistoryRequest.token_budget": _TOKEN_BUDGET,
     # ChatService
     f"{_V1}SendMessageRequest.session_id": _ID,
     f"{_V1}SendMessageRequest.content": _CONTENT,
@@ -108,6 +116,8 @@ LIMITS: dict[str, Limit] = {
     f"{_ADMIN}GetTenantUsageRequest.tenant_id": _TENANT,
     f"{_ADMIN}GetTenantUsageRequest.start_date": _DATE,
     f"{_ADMIN}GetTenantUsageRequest.end_date": _DATE,
+    f"{_ADMIN}InvalidateAgentRequest.tenant_id": _TENANT,
+    f"{_ADMIN}InvalidateAgentRequest.agent_id": _ID,
 }
 
 _STRING = FieldDescriptor.TYPE_STRING

@@ -4,10 +4,17 @@ The seed's form: ``{"event": "job_completed", "service": "query|embedding", "job
 "tenant_id": "...", "agent_id": "optional", "result": {...}}``. Events ``job_progress``,
 ``job_delta`` and ``job_failed`` (or the bare names) carry ``progress``/``message``, ``delta``
 and ``error``. ``sequence`` is optional: without it notices apply in arrival order.
+
+Agent work: ``tool_call`` (service ``agent_execution``) carries ``"tool_call": {"call_id",
+"name", "phase": "started|finished|failed", "arguments": <any JSON> (or "arguments_json": JSON
+text), "result_summary", "error": {...}}``; ``step`` (service ``workflow_engine``) carries
+``"step": {"step_id", "name", "index", "phase", "summary", "error": {...}}``;
+``agent_changed`` (service ``agent_management``) names ``tenant_id`` and ``agent_id`` and no job.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +28,9 @@ _EVENTS = {
     "job_failed": NoticeEvent.FAILED,
     "job_progress": NoticeEvent.PROGRESS,
     "job_delta": NoticeEvent.DELTA,
+    "job_tool_call": NoticeEvent.TOOL_CALL,
+    "step": NoticeEvent.STEP,
+    "job_step": NoticeEvent.STEP,
     **{e.value: e for e in NoticeEvent},
 }
 _RESULT_FIELDS = ("text", "model", "embeddings", "usage")
@@ -79,6 +89,66 @@ def _usage(value: Any) -> TokenUsage:
     return TokenUsage(*counts)
 
 
+def _error_data(error: Any) -> dict[str, Any]:
+    """An error as sent: an object {code, message, retryable} or just its message."""
+    if isinstance(error, Mapping):
+        return {
+            "code": _text(error.get("code")) or "unknown",
+            "message": _text(error.get("message")),
+            "retryable": bool(error.get("retryable", False)),
+        }
+    return {"code": "unknown", "message": _text(error), "retryable": False}
+
+
+def _work_item(message: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+    item = message.get(name)
+    if item is not None and not isinstance(item, Mapping):
+        raise NoticeShapeError(f"{name}: must be an object")
+    return item
+
+
+def _phased(item: Mapping[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the item's phase and error (values as sent: domain.notices checks them)."""
+    data["phase"] = item.get("phase", "")
+    error = item.get("error")
+    if error is not None:
+        data["error"] = _error_data(error)
+    return data
+
+
+def _tool_call_data(message: Mapping[str, Any]) -> dict[str, Any]:
+    call = _work_item(message, "tool_call")
+    if call is None:
+        return {}
+    arguments = call.get("arguments_json")
+    if arguments is None and "arguments" in call:
+        arguments = json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":"))
+    return _phased(
+        call,
+        {
+            "call_id": call.get("call_id", ""),
+            "name": call.get("name", ""),
+            "arguments": "" if arguments is None else arguments,
+            "result_summary": call.get("result_summary", ""),
+        },
+    )
+
+
+def _step_data(message: Mapping[str, Any]) -> dict[str, Any]:
+    step = _work_item(message, "step")
+    if step is None:
+        return {}
+    return _phased(
+        step,
+        {
+            "step_id": step.get("step_id", ""),
+            "name": step.get("name", ""),
+            "index": step.get("index", 0),
+            "summary": step.get("summary", ""),
+        },
+    )
+
+
 def notice_from_json(message: Any) -> NoticeInput:
     if not isinstance(message, Mapping):
         raise NoticeShapeError("a notice must be a JSON object")
@@ -97,17 +167,7 @@ def notice_from_json(message: Any) -> NoticeInput:
     if event is NoticeEvent.COMPLETED:
         data = {"result": _result_data(result), "usage": usage_to_data(usage)}
     elif event is NoticeEvent.FAILED:
-        error = message.get("error")
-        if isinstance(error, Mapping):
-            data = {
-                "error": {
-                    "code": _text(error.get("code")) or "unknown",
-                    "message": _text(error.get("message")),
-                    "retryable": bool(error.get("retryable", False)),
-                }
-            }
-        else:
-            data = {"error": {"code": "unknown", "message": _text(error), "retryable": False}}
+        data = {"error": _error_data(message.get("error"))}
     elif event is NoticeEvent.PROGRESS:
         progress = message.get("progress", 0.0)
         if not isinstance(progress, int | float) or isinstance(progress, bool):
@@ -119,6 +179,10 @@ def notice_from_json(message: Any) -> NoticeInput:
         data = {"fraction": fraction, "message": _text(message.get("message"))}
     elif event is NoticeEvent.DELTA:
         data = {"text": _text(message.get("delta") or result.get("text"))}
+    elif event is NoticeEvent.TOOL_CALL:
+        data = _tool_call_data(message)
+    elif event is NoticeEvent.STEP:
+        data = _step_data(message)
     else:
         data = {}
     return NoticeInput(

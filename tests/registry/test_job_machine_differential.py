@@ -1,11 +1,11 @@
 """The two job stores make the same transitions: seeded random sequences of operations (starts
-with each if-busy choice and held jobs, activations, notices of every verdict, cancels and other
-finishes, time-outs by the reaper, hand-off renewals, confirmations and claims, jobs with plans
-that turn FINISHING on completion and are completed or claimed for their finalize, plan step
-records) go through the
-memory store (domain.job_machine) and the Redis store (its Lua scripts) side by side, and after
-every step the outcomes, the new events of every session (kind, job, sequence, data), every job,
-every session, the unfinished counts and the tenants' usage must be equal.
+with each if-busy choice and held jobs, activations, notices of every kind (tool calls and
+workflow steps too) and verdict, cancels and other finishes, time-outs by the reaper, hand-off
+renewals, confirmations and claims, jobs with plans that turn FINISHING on completion and are
+completed or claimed for their finalize, plan step records) go through the memory store
+(domain.job_machine) and the Redis store (its Lua scripts) side by side, and after every step
+the outcomes, the new events of every session (kind, job, sequence, data), every job, every
+session, the unfinished counts and the tenants' usage must be equal.
 
 Time: the memory store runs on a clock the test moves; Redis takes its own. Every limit is
 either LONG (never reached within a run) or SHORT (passed after one tick), and the reaper and
@@ -458,6 +458,22 @@ class Run:
             NoticeEvent.DELTA: {"text": f"delta {step}"},
             NoticeEvent.COMPLETED: {"result": {"text": "done"}},
             NoticeEvent.FAILED: {"error": {"code": "boom", "message": "it broke"}},
+            NoticeEvent.TOOL_CALL: {
+                "call_id": f"call-{step}",
+                "name": "calculator",
+                "phase": "started",
+                "arguments": '{"expression": "2+3"}',
+                "result_summary": "",
+            },
+            NoticeEvent.STEP: {
+                "step_id": "retrieve",
+                "name": "retrieve",
+                "index": rng.randint(0, 2),
+                "phase": rng.choice(("started", "finished")),
+                "summary": "3 passages",
+            },
+            # Not about a job: malformed with a job id, and never reaches a store.
+            NoticeEvent.AGENT_CHANGED: {},
         }
         data = payloads[event]
         raw = NoticeInput(event, service, known.job_id, tenant_id, sequence, "", data, usage)
@@ -495,6 +511,8 @@ class Run:
         kind, data = self.rng.choice(finishes)
         job = await self.memory.jobs.get_job(known.tenant_id, known.job_id)
         if job is not None and job.state is JobState.FINISHING:
+            if self.rng.random() < 0.5:  # its finalize done, as the chat flow completes it
+                kind, data = EventKind.COMPLETED, {}
             self.covered.add(f"finish a finishing job {kind.value}")
         tenant_id = known.tenant_id
         if self.rng.random() < 0.1:

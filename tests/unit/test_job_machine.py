@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from domain import job_machine
 from domain.job_machine import JobRecord, SessionSide
 from domain.jobs import (
@@ -230,6 +232,29 @@ def test_a_progress_notice_makes_the_job_running_and_moves_its_heartbeat() -> No
     assert (job.state, job.last_notice_sequence) == (JobState.RUNNING, 1)
     assert job.heartbeat_deadline_ms == NOW + 5 + LIMITS.heartbeat_ms
     assert step.effects.record.handoff is None  # the service has it
+
+
+@pytest.mark.parametrize(
+    ("event", "data", "kind"),
+    [
+        (NoticeEvent.TOOL_CALL, {"call_id": "c1", "phase": "started"}, EventKind.TOOL_CALL),
+        (NoticeEvent.STEP, {"step_id": "s", "phase": "finished"}, EventKind.WORKFLOW_STEP),
+    ],
+)
+def test_tool_calls_and_workflow_steps_apply_like_progress(
+    event: NoticeEvent, data: dict[str, str], kind: EventKind
+) -> None:
+    record, side = started()
+    step = job_machine.apply_notice(record, side, notice(event, 1, data=data), LIMITS, now=NOW + 7)
+    assert step.outcome is Verdict.ACCEPTED
+    effects = step.effects
+    assert effects.record is not None and effects.event is not None
+    job = effects.record.job
+    assert (job.state, job.last_notice_sequence) == (JobState.RUNNING, 1)
+    assert job.heartbeat_deadline_ms == NOW + 7 + LIMITS.heartbeat_ms
+    assert effects.record.handoff is None
+    assert (effects.event.kind, effects.event.data) == (kind, data)
+    assert effects.side is None and effects.charge is None  # the job goes on
 
 
 def test_a_notice_at_or_below_the_last_sequence_is_a_duplicate() -> None:

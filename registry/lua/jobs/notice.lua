@@ -1,10 +1,11 @@
 --! include: prelude/jobs
--- Applies a service's notice about its job: progress or delta make it RUNNING (and renew its
--- heartbeat), completed or failed end it, with the session's bookkeeping, and the event is
--- appended. A duplicate or late notice changes nothing. A completed notice on a job whose plan
--- appends history (field `pa`) makes it FINISHING instead: result (`res`) and usage stored,
--- tokens counted (the session's message is counted when it completes), a finalize lease
--- (`fl`, attempts `fa`), no event; the reply is the finalize's claim (claim_reply). A completed notice also adds its
+-- Applies a service's notice about its job: progress, delta, tool_call or workflow_step make it
+-- RUNNING (and renew its heartbeat), completed or failed end it, with the session's
+-- bookkeeping, and the event is appended. A duplicate or late notice changes nothing. A
+-- completed notice on a job whose plan appends history (field `pa`) makes it FINISHING
+-- instead: result (`res`) and usage stored, tokens counted (the session's message is counted
+-- when it completes), a finalize lease (`fl`, attempts `fa`), no event; the reply is the
+-- finalize's claim (claim_reply). A completed notice also adds its
 -- tokens to the tenant's usage hash of the current UTC day (`<usage_prefix><days since the
 -- epoch>`, by the Redis clock): fields total, prompt, completion, jobs and `agent:<agent id>`.
 -- That key is built here because the day comes from the Redis clock; the prefix carries the
@@ -14,7 +15,8 @@
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
 --   tenant_finishing_key)
 -- ARGV: job_id, service, notice_sequence (0: the sender does not number its notices),
---   event (progress | delta | completed | failed), data_json, heartbeat_ms, prompt_tokens,
+--   event (progress | delta | tool_call | workflow_step | completed | failed: also the kind of
+--   the event appended), data_json, heartbeat_ms, prompt_tokens,
 --   completion_tokens, total_tokens, retention_ms (the job's, once final), maxlen,
 --   log_ttl_ms, channel, usage_prefix, usage_retention_ms, handoff_grace_ms (the finalize
 --   lease)
@@ -79,7 +81,9 @@ if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
   charge()
   return claim_reply('finishing', lease, 1, true, '')
 end
-if event == 'progress' or event == 'delta' then
+local running = event == 'progress' or event == 'delta' or event == 'tool_call'
+  or event == 'workflow_step'
+if running then
   redis.call('HSET', job_key, 'state', 'running', 'nseq', n, 'updated', now,
     'hb', now + heartbeat_ms)
   if f[2] == 'pending' then
@@ -102,5 +106,5 @@ else
 end
 local env = envelope(job_id, f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)
-if event ~= 'progress' and event ~= 'delta' then keep_final(seq, env) end
+if not running then keep_final(seq, env) end
 return {'accepted', seq, now, env}
