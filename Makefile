@@ -54,7 +54,8 @@ test: tools lint  ## Install what is missing, lint, run every test.
 	$(BIN)/pytest
 
 run: $(STAMP)  ## Serve on :50051 with embedded defaults (in-memory registry unless REDIS_URL is set).
-	ORCH_EMBEDDED_REFERENCE=$${ORCH_EMBEDDED_REFERENCE:-true} $(BIN)/orchestrator serve
+	ORCH_EMBEDDED_REFERENCE=$${ORCH_EMBEDDED_REFERENCE:-true} ORCH_PLANS=$${ORCH_PLANS:-true} \
+	  $(BIN)/orchestrator serve
 
 bench: tools  ## Run the benchmarks and print their tables.
 	$(PY) -m bench
