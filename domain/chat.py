@@ -82,6 +82,10 @@ from domain.usage import TokenBudget
 
 log = logging.getLogger(__name__)
 
+# The agent of the sessions the orchestrator makes for itself (a batch's items without a session
+# of their own): no agent is configured for it, so their messages are one call, planless.
+BATCH_AGENT_ID = "batch"
+
 MAX_CONTENT_CHARS = 64 * 1024
 MAX_MODEL_CHARS = 128
 MAX_COLLECTIONS = 32
@@ -222,7 +226,7 @@ class ChatOrchestrator:
     ) -> tuple[OrchestrationPlan | None, AgentConfig | None]:
         """The plan of a message on ``session`` and the agent it was made from (both None
         without the platform's services)."""
-        if self._plans is None:
+        if self._plans is None or session.agent_id == BATCH_AGENT_ID:
             return None, None
         return await self._plans.plan(message.kind, session.agent_id, ctx)
 

@@ -18,8 +18,9 @@ import pytest
 from domain.conversation import TurnRole
 from domain.models import Service
 from orchestrator.admin.v1 import admin_pb2
-from orchestrator.v1 import common_pb2, session_pb2
+from orchestrator.v1 import batch_pb2, common_pb2, session_pb2
 from tests.support.admin_calls import get_task
+from tests.support.batches import NoticeDriver, llm_item, read_results, stream, submit
 from tests.support.downstream import RecordingDispatcher
 from tests.support.flow import TIMEOUT_S, Event, Flow, completed, kind_of, read_events
 from tests.support.platform import FakePlatform
@@ -303,3 +304,35 @@ async def test_a_finalize_interrupted_by_a_stopping_server_is_resumed_by_another
     assert platform.conversation.append_calls == [work.job_id, work.job_id]
     stored = platform.conversation.turns[(TENANT, session_id)]
     assert [t.content for t in stored] == ["hello?", "hi there"]
+
+
+async def test_batch_items_run_planless_on_the_batch_session_and_planned_on_an_agents(
+    backend_url: str | None,
+) -> None:
+    platform = FakePlatform(TENANT)
+    dispatcher = RecordingDispatcher()
+    settings = plan_settings(backend_url, batch_worker_enabled=True, batch_worker_poll=0.05)
+    async with running_server(settings, dispatcher=dispatcher, platform=platform) as running:
+        plans = PlanFlow(Flow(running, dispatcher), platform)
+        session_id = await plans.session("support-bot")
+        items = [
+            llm_item("plain", "no agent here"),
+            batch_pb2.BatchItem(
+                custom_id="chat",
+                kind=batch_pb2.BATCH_ITEM_KIND_CHAT_MESSAGE,
+                content="to the support bot",
+                session_id=session_id,
+            ),
+        ]
+        async with NoticeDriver(plans.flow).running():
+            batch = await submit(plans.flow, items)
+            results = await read_results(stream(plans.flow, batch.batch_id))
+        assert {r.custom_id: r.state for r in results} == {
+            "plain": batch_pb2.BATCH_ITEM_STATE_COMPLETED,
+            "chat": batch_pb2.BATCH_ITEM_STATE_COMPLETED,
+        }
+        by_content = {work.content: work for work, _ in dispatcher.submitted}
+        assert by_content["no agent here"].system_prompt == ""
+        assert by_content["to the support bot"].system_prompt == "You are a support assistant."
+        stored = platform.conversation.turns[(TENANT, session_id)]
+        assert [t.content for t in stored] == ["to the support bot", "re: to the support bot"]
