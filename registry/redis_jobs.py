@@ -19,10 +19,11 @@ was interrupted. A QUEUED job's enqueue on the work queue is its first hand-off,
 could drop the entry of an activation that came first); the activate script's pipeline scores
 the job again when its turn comes.
 A FINISHING job (its plan appends history: domain.plans) is tracked in a fourth set the same
-way, ``job_finalizes``, scored at the end of its finalize lease: the pipeline of every completed
-notice (other than an embedding's) scores the job there with the notice script, which turns it
-FINISHING or not (an entry for a job that completed outright is dropped by the claim that finds
-nothing to do); completing or failing it drops the entry in the same pipeline.
+way, ``job_finalizes``, scored at the end of its finalize lease: the pipeline of a completed
+notice scores the job there with the notice script, which turns it FINISHING or not (an entry
+for a job that completed outright is dropped by the claim that finds nothing to do), unless the
+job cannot turn FINISHING (an embedding, or a job this process started without history to
+append); completing or failing it drops the entry in the same pipeline.
 A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
 pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
 tenants found with nothing unfinished, so the set follows the active tenants.
@@ -138,6 +139,9 @@ class RedisJobStore:
         self._plan = lua_script("jobs/plan")
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # Ids of the remembered jobs this process started knowing their plan appends nothing
+        # after the work: their completed notices need no finalize hint.
+        self._no_finalize: set[str] = set()
 
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
         k = self._keys
@@ -160,11 +164,13 @@ class RedisJobStore:
     def _remember(self, job_id: str, tenant_id: str, session_id: str) -> None:
         self._index[job_id] = (tenant_id, session_id)
         if len(self._index) > _INDEX_CACHE_SIZE:
-            self._index.popitem(last=False)
+            dropped, _ = self._index.popitem(last=False)
+            self._no_finalize.discard(dropped)
 
     def _forget(self, job_id: str) -> None:
         """The job ended: its notices are late ones now, which may pay for the GET."""
         self._index.pop(job_id, None)
+        self._no_finalize.discard(job_id)
 
     @property
     def remembered_locations(self) -> int:
@@ -262,6 +268,8 @@ class RedisJobStore:
                 await cleanup.execute()
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
+            if plan is None or not plan.appends_history:
+                self._no_finalize.add(new.job_id)
             event = self._event(new.session_id, reply)
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
         return StartedJob(job, event)
@@ -399,8 +407,13 @@ class RedisJobStore:
             return NoticeOutcome(Verdict.WRONG_TENANT)
         usage = notice.usage
         # A completed notice may make the job FINISHING: its finalize is then checked by its
-        # lease, scored in the same round trip (an embedding's plan never appends history).
-        hint = notice.event is NoticeEvent.COMPLETED and notice.service is not Service.EMBEDDING
+        # lease, scored in the same round trip; not for a job started here without history to
+        # append, nor for an embedding (its plan never appends history).
+        hint = (
+            notice.event is NoticeEvent.COMPLETED
+            and notice.service is not Service.EMBEDDING
+            and notice.job_id not in self._no_finalize
+        )
 
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
