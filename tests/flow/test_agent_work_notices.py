@@ -4,7 +4,6 @@ on every new field is malformed naming it; agent_changed reaches the notice inta
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,7 +12,6 @@ import pytest
 from domain.jobs import JobState
 from orchestrator.v1 import common_pb2, task_update_pb2
 from tests.support.flow import Flow, completed, kind_of, notice, read_events, read_to_end
-from tests.support.servers import service
 
 
 def tool_call(
@@ -219,16 +217,6 @@ async def test_a_bad_agent_changed_is_malformed_and_reaches_no_hook(
 
 
 # -- the WebSocket bridge --------------------------------------------------------------------
-
-
-@pytest.fixture
-async def ws(flow: Flow) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    url = f"http://127.0.0.1:{flow.running.server.ws_bridge.port}/ws/task_updates"
-    async with (
-        aiohttp.ClientSession() as http,
-        http.ws_connect(url, headers=dict(service())) as socket,
-    ):
-        yield socket
 
 
 async def test_json_tool_calls_steps_and_agent_changes_over_the_socket(

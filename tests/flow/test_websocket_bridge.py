@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -10,23 +9,13 @@ import pytest
 from google.protobuf import json_format
 
 from tests.support.flow import Flow, kind_of, read_to_end
-from tests.support.servers import service, tenant
+from tests.support.servers import tenant
 
 UNKNOWN_JOB = "0190a0b0-0000-7000-8000-000000000001"
 
 
 def _headers(metadata: Any) -> dict[str, str]:
     return {key: value for key, value in metadata}
-
-
-@pytest.fixture
-async def ws(flow: Flow) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    url = f"http://127.0.0.1:{flow.running.server.ws_bridge.port}/ws/task_updates"
-    async with (
-        aiohttp.ClientSession() as http,
-        http.ws_connect(url, headers=_headers(service())) as socket,
-    ):
-        yield socket
 
 
 async def test_a_seed_notice_completes_the_job(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from domain.models import Service
 from server.config import Settings, SettingsError
+from server.services import downstream_config
 
 
 def test_defaults_serve_on_50051_with_the_memory_registry() -> None:
@@ -49,3 +51,40 @@ def test_every_setting_is_documented() -> None:
     for name, _default, help_text in Settings.documentation():
         assert name.startswith(("ORCH_", "REDIS_URL"))
         assert help_text
+
+
+def test_platform_addresses_default_to_the_query_address() -> None:
+    config = downstream_config(
+        Settings.from_env(
+            {
+                "ORCH_QUERY_SERVICE_ADDRESS": "query:1",
+                "ORCH_EMBEDDING_SERVICE_ADDRESS": "embed:2",
+                "ORCH_TOOL_REGISTRY_ADDRESS": "tools:3",
+                "ORCH_AGENT_EXECUTION_ADDRESS": "",
+            }
+        )
+    )
+    assert config.address(Service.TOOL_REGISTRY) == "tools:3"
+    assert config.address(Service.EMBEDDING) == "embed:2"
+    for service in (
+        Service.QUERY,
+        Service.AGENT_EXECUTION,
+        Service.WORKFLOW_ENGINE,
+        Service.CONVERSATION,
+        Service.AGENT_MANAGEMENT,
+    ):
+        assert config.address(service) == "query:1"
+
+
+def test_each_platform_address_is_its_own_setting() -> None:
+    variables = {
+        Service.AGENT_EXECUTION: "ORCH_AGENT_EXECUTION_ADDRESS",
+        Service.WORKFLOW_ENGINE: "ORCH_WORKFLOW_ENGINE_ADDRESS",
+        Service.CONVERSATION: "ORCH_CONVERSATION_ADDRESS",
+        Service.AGENT_MANAGEMENT: "ORCH_AGENT_MANAGEMENT_ADDRESS",
+        Service.TOOL_REGISTRY: "ORCH_TOOL_REGISTRY_ADDRESS",
+    }
+    env = {name: f"{service.value}:7" for service, name in variables.items()}
+    config = downstream_config(Settings.from_env(env))
+    for service in variables:
+        assert config.address(service) == f"{service.value}:7"
