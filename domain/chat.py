@@ -212,7 +212,7 @@ class ChatOrchestrator:
             else:
                 # Before the caller sees `accepted`: whatever the caller does next, the job
                 # reaches its service (or fails with a reason).
-                self._hand_off_soon(ctx, job)
+                self._hand_off_soon(ctx, job, deadline_ms=started.job.deadline_ms)
             yield started.accepted
             # The feed was subscribed before the job existed, so every later event arrives on
             # it: no initial read of the log (a gap or lag still triggers one).
@@ -424,12 +424,15 @@ class ChatOrchestrator:
         job: NewJob,
         attempt: int = 1,
         outputs: Mapping[str, Any] | None = None,
+        *,
+        deadline_ms: int = 0,
     ) -> None:
         """Hand a started job over in a task owned by this orchestrator (``outputs``: what the
-        plan's finished pre-steps recorded, from a claim)."""
+        plan's finished pre-steps recorded, from a claim; ``deadline_ms``: the job's, when
+        known, which bounds a plan's retries)."""
         # The caller's deadline bounds its stream, not the hand-off.
         ctx = CallContext(ctx.tenant_id, ctx.request_id, traceparent=ctx.traceparent)
-        task = self._owned(self._hand_off(ctx, job, attempt, outputs))
+        task = self._owned(self._hand_off(ctx, job, attempt, outputs, deadline_ms))
         task.set_name(f"handoff-{job.job_id}")
 
     async def _hand_off(
@@ -438,12 +441,15 @@ class ChatOrchestrator:
         job: NewJob,
         attempt: int,
         outputs: Mapping[str, Any] | None = None,
+        deadline_ms: int = 0,
     ) -> None:
         """Launch the job holding its hand-off lease, then mark the hand-off done. A hand-off
         that cannot finish (the registry unreachable, an unexpected error, this process
         stopping) leaves the lease to run out: any process's recovery then redoes it."""
         try:
-            await self._leases.holding(ctx.tenant_id, job.job_id, self._launch(ctx, job, outputs))
+            await self._leases.holding(
+                ctx.tenant_id, job.job_id, self._launch(ctx, job, outputs, deadline_ms)
+            )
         except asyncio.CancelledError:
             log.warning(
                 "hand-off of job %s to the %s service interrupted by shutdown; another process "
@@ -509,7 +515,9 @@ class ChatOrchestrator:
                 self._limits.handoff_attempts,
             )
             ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
-            self._hand_off_soon(ctx, job, claim.attempt, claim.outputs)
+            self._hand_off_soon(
+                ctx, job, claim.attempt, claim.outputs, deadline_ms=claim.deadline_ms
+            )
         return claims
 
     def _recover_finalize(self, claim: HandoffClaim) -> None:
@@ -587,7 +595,11 @@ class ChatOrchestrator:
             )
 
     async def _launch(
-        self, ctx: CallContext, job: NewJob, outputs: Mapping[str, Any] | None = None
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        outputs: Mapping[str, Any] | None = None,
+        deadline_ms: int = 0,
     ) -> None:
         """Complete a started job from the embedding cache, or run its plan up to the
         hand-over of its work, or hand it to its service."""
@@ -597,7 +609,7 @@ class ChatOrchestrator:
                 await self._complete_from_cache(ctx, job, cached)
                 return
         if self._plans is not None and runs_plan(job):
-            await self._plans.hand_over(ctx, job, outputs)
+            await self._plans.hand_over(ctx, job, outputs, deadline_ms=deadline_ms)
             return
         work = WorkRequest(
             job_id=job.job_id,
@@ -672,7 +684,7 @@ class ChatOrchestrator:
                     # Handed over (in a task this orchestrator owns) before the accepted event
                     # goes out: a consumer that stops at that event cannot hold it back.
                     fresh = True
-                    self._hand_off_soon(ctx, new)
+                    self._hand_off_soon(ctx, new, deadline_ms=started.job.deadline_ms)
                     yield started.accepted
                 elif started is not StartRefused.JOB_EXISTS:
                     raise _refusal(started, session.session_id)

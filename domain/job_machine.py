@@ -298,6 +298,7 @@ def claim_handoff(
         requeue=requeue is not None,
         accepted_sequence=requeue or 0,
         outputs=record.outputs,
+        deadline_ms=job.deadline_ms,
     )
     if handoff.attempts >= limits.handoff_attempts or now >= job.deadline_ms:
         data = handoff_failed_data(job.service.value, handoff.attempts)
@@ -337,6 +338,7 @@ def finishing_claim(record: JobRecord, attempt: int) -> HandoffClaim:
         attempt,
         finalize=True,
         result=record.result,
+        deadline_ms=job.deadline_ms,
     )
 
 

@@ -281,7 +281,8 @@ class HandoffClaim:
     the work (append_history) are to be run (again), then the job completed with ``result``
     (the completed notice's data, as stored); ``job.plan`` is the plan as last recorded. An
     exhausted finalize claim failed the job ``step_failed`` naming append_history. ``outputs``
-    are what the plan's finished pre-steps recorded for the run (history, tools)."""
+    are what the plan's finished pre-steps recorded for the run (history, tools);
+    ``deadline_ms`` the job's deadline (the backend's clock), which bounds retries."""
 
     tenant_id: str
     job: NewJob
@@ -292,6 +293,7 @@ class HandoffClaim:
     finalize: bool = False
     result: Mapping[str, Any] | None = None
     outputs: Mapping[str, Any] | None = None
+    deadline_ms: int = 0
 
 
 def handoff_failed_data(service: str, attempts: int | str) -> dict[str, Any]:

@@ -186,15 +186,25 @@ class PlanRunner:
 
     # -- the hand-off ---------------------------------------------------------------------------
 
+    def _deadline(self, deadline_ms: int) -> int:
+        """The job's deadline when known (0: a full deadline from now)."""
+        return deadline_ms or self._clock() + self._limits.deadline_ms
+
     async def hand_over(
-        self, ctx: CallContext, job: NewJob, outputs: Mapping[str, Any] | None = None
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        outputs: Mapping[str, Any] | None = None,
+        *,
+        deadline_ms: int = 0,
     ) -> None:
-        """Run the plan's pre-steps still to do, record them, and submit the work. A step that
-        fails for good fails the job (step_failed). Registry errors propagate (the hand-off
-        lease then runs out and another process resumes)."""
+        """Run the plan's pre-steps still to do, record them, and submit the work, retrying
+        within the job's deadline (``deadline_ms``; 0: unknown, a full deadline from now). A
+        step that fails for good fails the job (step_failed). Registry errors propagate (the
+        hand-off lease then runs out and another process resumes)."""
         plan = job.plan
         assert plan is not None
-        deadline_ms = self._clock() + self._limits.deadline_ms
+        deadline_ms = self._deadline(deadline_ms)
         found: dict[str, Any] = dict(outputs or {})
         todo = [
             c
@@ -326,7 +336,7 @@ class PlanRunner:
         plan = job.plan
         assert plan is not None
         ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
-        deadline_ms = self._clock() + self._limits.deadline_ms
+        deadline_ms = self._deadline(claim.deadline_ms)
         append = plan.call(StepName.APPEND_HISTORY)
         if append.state is not StepState.DONE:
             changed: list[ServiceCall] = []
@@ -385,7 +395,9 @@ class PlanRunner:
         attempts = 0
         while True:
             attempts += 1
-            left_s = max((give_up_ms - self._clock()) / 1000, 0.001)
+            # Each attempt may take until the job's deadline; another one starts only before
+            # the reserve kept for failing the job with a reason.
+            left_s = max((deadline_ms - self._clock()) / 1000, 0.001)
             call_ctx = replace(ctx, timeout_s=left_s)
             try:
                 return await attempt(call_ctx), attempts

@@ -680,4 +680,5 @@ def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffC
         finalize=finalize,
         result=json.loads(result) if finalize and result else None,
         outputs=json.loads(outputs) if outputs else None,
+        deadline_ms=int(reply[17]),
     )

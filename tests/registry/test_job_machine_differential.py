@@ -182,6 +182,7 @@ def claim_form(claim: HandoffClaim) -> Any:
         claim.finalize,
         plain(claim.result),
         plain(claim.outputs),
+        claim.deadline_ms > 0,  # each store's own clock
     )
 
 
