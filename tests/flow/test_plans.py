@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from domain.conversation import TurnRole
+from domain.dispatch import DownstreamError
 from domain.models import Service
 from orchestrator.admin.v1 import admin_pb2
 from orchestrator.v1 import batch_pb2, common_pb2, session_pb2
@@ -336,3 +337,25 @@ async def test_batch_items_run_planless_on_the_batch_session_and_planned_on_an_a
         assert by_content["to the support bot"].system_prompt == "You are a support assistant."
         stored = platform.conversation.turns[(TENANT, session_id)]
         assert [t.content for t in stored] == ["to the support bot", "re: to the support bot"]
+
+
+async def test_the_work_service_down_fails_the_job_naming_the_run_step(
+    backend_url: str | None,
+) -> None:
+    platform = FakePlatform(TENANT)
+    down = DownstreamError("downstream_unavailable", "query service unavailable", retryable=True)
+    dispatcher = RecordingDispatcher(fail_with=down)
+    settings = plan_settings(backend_url, job_deadline=1.0)
+    async with running_server(settings, dispatcher=dispatcher, platform=platform) as running:
+        plans = PlanFlow(Flow(running, dispatcher), platform)
+        session_id = await plans.session("support-bot")
+        call = plans.flow.send(session_id, "hi")
+        events: list[Event] = []
+        while not events or kind_of(events[-1]) not in ("completed", "failed", "timed_out"):
+            events.extend(await read_events(call, 1))
+        error = events[-1].failed.error
+        assert error.code == "step_failed"
+        assert error.message == "run (query): query service unavailable"
+        failed_run = [e.plan_step for e in events if kind_of(e) == "plan_step"][-1]
+        assert (failed_run.name, failed_run.state) == ("run", common_pb2.PLAN_STEP_STATE_FAILED)
+        assert failed_run.attempts > 1 and failed_run.error.code == "downstream_unavailable"
