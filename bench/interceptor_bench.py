@@ -169,6 +169,7 @@ def _settings(redis_url: str | None = None) -> Settings:
         health_interval=5.0,
         # The bench measures the edge, with no Agent Management behind it: any agent id.
         agent_check=False,
+        plans=False,
     )
 
 

@@ -187,6 +187,7 @@ def start_server(
         "ORCH_LOG_LEVEL": "WARNING",
         # Its sessions name a soak agent no Agent Management defines: any agent id.
         "ORCH_AGENT_CHECK": "false",
+        "ORCH_PLANS": "false",
     }
     command = [str(BIN / "orchestrator"), "serve"]
     if tracemalloc_file:

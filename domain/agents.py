@@ -4,7 +4,9 @@ plan a chat message becomes (domain.plans)."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class AgentKind(enum.StrEnum):
@@ -41,6 +43,43 @@ class AgentConfig:
     tool_names: tuple[str, ...] = ()
     workflow_id: str = ""
     limits: AgentLimits = AgentLimits()
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as plain JSON values (stored with a job as its run's snapshot)."""
+        return {
+            "tenant_id": self.tenant_id,
+            "agent_id": self.agent_id,
+            "kind": self.kind.value,
+            "version": self.version,
+            "model": self.model,
+            "system_prompt": self.system_prompt,
+            "tool_names": list(self.tool_names),
+            "workflow_id": self.workflow_id,
+            "limits": {
+                "max_history_turns": self.limits.max_history_turns,
+                "max_history_tokens": self.limits.max_history_tokens,
+                "max_tool_calls": self.limits.max_tool_calls,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AgentConfig:
+        limits = data.get("limits") or {}
+        return cls(
+            tenant_id=str(data["tenant_id"]),
+            agent_id=str(data["agent_id"]),
+            kind=AgentKind(data["kind"]),
+            version=int(data["version"]),
+            model=str(data.get("model", "")),
+            system_prompt=str(data.get("system_prompt", "")),
+            tool_names=tuple(str(n) for n in data.get("tool_names") or ()),
+            workflow_id=str(data.get("workflow_id", "")),
+            limits=AgentLimits(
+                max_history_turns=int(limits.get("max_history_turns", 0)),
+                max_history_tokens=int(limits.get("max_history_tokens", 0)),
+                max_tool_calls=int(limits.get("max_tool_calls", 0)),
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)

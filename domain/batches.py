@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from domain.batch_models import Batch, BatchItemSpec, BatchState, ItemKind, ItemResult, NewBatch
-from domain.chat import MAX_COLLECTIONS, MAX_CONTENT_CHARS, MAX_MODEL_CHARS, ChatOrchestrator
+from domain.chat import (
+    BATCH_AGENT_ID,
+    MAX_COLLECTIONS,
+    MAX_CONTENT_CHARS,
+    MAX_MODEL_CHARS,
+    ChatOrchestrator,
+)
 from domain.dispatch import CallContext
 from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
 from domain.ids import is_resource_id, new_id, require_id
@@ -35,7 +41,6 @@ log = logging.getLogger(__name__)
 MAX_CUSTOM_ID_CHARS = 128
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 MIN_WINDOW_MS = 1000
-BATCH_AGENT_ID = "batch"
 WORK_KIND = "batch_item"  # the work queue's kind for batch items
 _ENQUEUE_CHUNK = 500
 _RESULT_PAGE = 500

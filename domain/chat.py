@@ -19,6 +19,14 @@ recorded QUEUED behind them (or refused, if the request asks), and background me
 always queued; queued jobs go through the ``chat`` work queue (domain.queued_chat), whose worker
 starts each one when its turn comes. The sender's stream is the same either way.
 
+With the platform's services (``platform``), a message becomes an orchestration plan of the
+session's agent (domain.plans, run by domain.plan_runner): the agent is loaded before the job
+starts (its version and kind decide the plan, stored with the job), the hand-off task runs the
+calls before the work (history, tools) and then hands the work over, and once the service has
+completed it the job is FINISHING until its turns are appended to Conversation (``finalize``,
+in a task this orchestrator owns; the recovery takes it over if this process dies, see
+docs/adr/0010). Without them a message is one call to Query or Embedding.
+
 Embedding work whose (model, text) is in the embedding cache (domain.embedding_cache) takes the
 same path, except that the job is completed from the cached result (usage 0) instead of being
 handed to the service.
@@ -29,10 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from domain.agents import AgentConfig
 from domain.dispatch import CallContext, Dispatcher, DownstreamError, WorkRequest
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import (
@@ -62,6 +71,8 @@ from domain.jobs import (
     StartRefused,
 )
 from domain.models import Service, Session, WorkKind
+from domain.plan_runner import PlanPorts, PlanRunner, RetryPolicy, runs_plan
+from domain.plans import OrchestrationPlan
 from domain.ports.events import EventLog, Feed
 from domain.ports.jobs import JobStore
 from domain.ports.queue import QueuePriority, WorkQueue
@@ -70,6 +81,10 @@ from domain.sessions import SessionManager, require_session_id
 from domain.usage import TokenBudget
 
 log = logging.getLogger(__name__)
+
+# The agent of the sessions the orchestrator makes for itself (a batch's items without a session
+# of their own): no agent is configured for it, so their messages are one call, planless.
+BATCH_AGENT_ID = "batch"
 
 MAX_CONTENT_CHARS = 64 * 1024
 MAX_MODEL_CHARS = 128
@@ -132,9 +147,12 @@ class ChatOrchestrator:
         embedding_cache: EmbeddingResultCache | None = None,
         queue: WorkQueue | None = None,
         idle_check_s: float = 30.0,
+        platform: PlanPorts | None = None,
+        plan_retry: RetryPolicy | None = None,
     ) -> None:
         """``queue`` is the ``chat`` work queue that queued jobs go through; without one,
-        background messages are refused and busy sessions run messages side by side."""
+        background messages are refused and busy sessions run messages side by side.
+        ``platform``: the services plans call; without them a message is one call."""
         self._sessions = sessions
         self._jobs = jobs
         self._events = events
@@ -149,6 +167,11 @@ class ChatOrchestrator:
         # Their leases (one renewal loop for all) and their confirmations (coalesced).
         self._leases = HandoffLeases(jobs, limits)
         self._confirmations = HandoffConfirmations(jobs)
+        self._plans = (
+            PlanRunner(jobs, dispatcher, platform, limits, retry=plan_retry)
+            if platform is not None
+            else None
+        )
 
     async def send(self, ctx: CallContext, message: ChatMessage) -> AsyncIterator[SessionEvent]:
         """Start a job for the message and yield its events, ending with its final one."""
@@ -159,7 +182,16 @@ class ChatOrchestrator:
         session = await self._sessions.get_open(tenant_id, message.session_id)
         if self._budget is not None:
             await self._budget.check(tenant_id)
-        job = self._new_job(new_id(), session, message, ctx.request_id, priority=message.priority)
+        plan, agent = await self._plan(ctx, session, message)
+        job = self._new_job(
+            new_id(),
+            session,
+            message,
+            ctx.request_id,
+            priority=message.priority,
+            plan=plan,
+            agent=agent,
+        )
         if_busy = message.if_busy
         if if_busy is IfBusy.HOLD and self._queue is None:
             if_busy = IfBusy.RUN
@@ -176,7 +208,7 @@ class ChatOrchestrator:
             else:
                 # Before the caller sees `accepted`: whatever the caller does next, the job
                 # reaches its service (or fails with a reason).
-                self._hand_off_soon(ctx, job)
+                self._hand_off_soon(ctx, job, deadline_ms=started.job.deadline_ms)
             yield started.accepted
             # The feed was subscribed before the job existed, so every later event arrives on
             # it: no initial read of the log (a gap or lag still triggers one).
@@ -184,6 +216,15 @@ class ChatOrchestrator:
                 feed, tenant_id, job.job_id, started.accepted.sequence, catch_up=False
             ):
                 yield event
+
+    async def _plan(
+        self, ctx: CallContext, session: Session, message: ChatMessage
+    ) -> tuple[OrchestrationPlan | None, AgentConfig | None]:
+        """The plan of a message on ``session`` and the agent it was made from (both None
+        without the platform's services)."""
+        if self._plans is None or session.agent_id == BATCH_AGENT_ID:
+            return None, None
+        return await self._plans.plan(message.kind, session.agent_id, ctx)
 
     def _new_job(
         self,
@@ -194,6 +235,8 @@ class ChatOrchestrator:
         *,
         priority: QueuePriority = QueuePriority.NORMAL,
         keep_final: bool = False,
+        plan: OrchestrationPlan | None = None,
+        agent: AgentConfig | None = None,
     ) -> NewJob:
         """The job a message asks for on its (open) session."""
         cache = self._cache
@@ -202,7 +245,7 @@ class ChatOrchestrator:
             job_id=job_id,
             session_id=session.session_id,
             agent_id=session.agent_id,
-            service=Service.for_kind(message.kind),
+            service=plan.run_service if plan is not None else Service.for_kind(message.kind),
             kind=message.kind,
             content=message.content,
             request_id=request_id,
@@ -212,6 +255,8 @@ class ChatOrchestrator:
             collections=tuple(message.collections),
             keep_final=keep_final,
             priority=priority,
+            plan=plan,
+            agent=agent,
         )
 
     def _follower(self, feed: Feed, tenant_id: str, session_id: str) -> SessionFollower:
@@ -355,18 +400,38 @@ class ChatOrchestrator:
         task.add_done_callback(self._handoffs.discard)
         return task
 
-    def _hand_off_soon(self, ctx: CallContext, job: NewJob, attempt: int = 1) -> None:
-        """Hand a started job over in a task owned by this orchestrator."""
+    def _hand_off_soon(
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        attempt: int = 1,
+        outputs: Mapping[str, Any] | None = None,
+        *,
+        deadline_ms: int = 0,
+    ) -> None:
+        """Hand a started job over in a task owned by this orchestrator (``outputs``: what the
+        plan's finished pre-steps recorded, from a claim; ``deadline_ms``: the job's, when
+        known, which bounds a plan's retries)."""
         # The caller's deadline bounds its stream, not the hand-off.
         ctx = CallContext(ctx.tenant_id, ctx.request_id, traceparent=ctx.traceparent)
-        self._owned(self._hand_off(ctx, job, attempt)).set_name(f"handoff-{job.job_id}")
+        task = self._owned(self._hand_off(ctx, job, attempt, outputs, deadline_ms))
+        task.set_name(f"handoff-{job.job_id}")
 
-    async def _hand_off(self, ctx: CallContext, job: NewJob, attempt: int) -> None:
+    async def _hand_off(
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        attempt: int,
+        outputs: Mapping[str, Any] | None = None,
+        deadline_ms: int = 0,
+    ) -> None:
         """Launch the job holding its hand-off lease, then mark the hand-off done. A hand-off
         that cannot finish (the registry unreachable, an unexpected error, this process
         stopping) leaves the lease to run out: any process's recovery then redoes it."""
         try:
-            await self._leases.holding(ctx.tenant_id, job.job_id, self._launch(ctx, job))
+            await self._leases.holding(
+                ctx.tenant_id, job.job_id, self._launch(ctx, job, outputs, deadline_ms)
+            )
         except asyncio.CancelledError:
             log.warning(
                 "hand-off of job %s to the %s service interrupted by shutdown; another process "
@@ -399,6 +464,9 @@ class ChatOrchestrator:
         claims = await self._jobs.claim_handoffs(self._limits, limit=limit)
         for claim in claims:
             job = claim.job
+            if claim.finalize:
+                self._recover_finalize(claim)
+                continue
             if claim.exhausted:
                 log.warning(
                     "job %s failed handoff_failed: its hand-off to the %s service was "
@@ -429,8 +497,64 @@ class ChatOrchestrator:
                 self._limits.handoff_attempts,
             )
             ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
-            self._hand_off_soon(ctx, job, claim.attempt)
+            self._hand_off_soon(
+                ctx, job, claim.attempt, claim.outputs, deadline_ms=claim.deadline_ms
+            )
         return claims
+
+    def _recover_finalize(self, claim: HandoffClaim) -> None:
+        job = claim.job
+        if claim.exhausted:
+            log.warning(
+                "job %s failed step_failed: appending its turns was interrupted %d times (or "
+                "the job is past its deadline)",
+                job.job_id,
+                claim.attempt,
+            )
+            return
+        log.warning(
+            "job %s: appending its turns was interrupted; finalizing it again (attempt %d of %d)",
+            job.job_id,
+            claim.attempt,
+            self._limits.handoff_attempts,
+        )
+        self.finalize_soon(claim)
+
+    def finalize_soon(self, claim: HandoffClaim) -> None:
+        """Finalize a FINISHING job (append its turns, then complete it) in a task this
+        orchestrator owns, holding its finalize lease (the notice intake calls this when a
+        completed notice made a job FINISHING). Without the platform's services the lease
+        runs out and a process that has them takes it over."""
+        if self._plans is None:
+            log.warning(
+                "job %s is finishing but this process has no Conversation service to append "
+                "its turns; another process takes it over when its lease runs out",
+                claim.job.job_id,
+            )
+            return
+        self._owned(self._finalize(claim)).set_name(f"finalize-{claim.job.job_id}")
+
+    async def _finalize(self, claim: HandoffClaim) -> None:
+        assert self._plans is not None
+        job = claim.job
+        try:
+            await self._leases.holding(claim.tenant_id, job.job_id, self._plans.finalize(claim))
+        except asyncio.CancelledError:
+            log.warning(
+                "finalize of job %s interrupted by shutdown; another process finalizes it when "
+                "its lease runs out",
+                job.job_id,
+            )
+            raise
+        except Exception as exc:
+            log.warning(
+                "finalize of job %s (attempt %d) did not finish: %s: %s; it is finalized again "
+                "when its lease runs out",
+                job.job_id,
+                claim.attempt,
+                type(exc).__name__,
+                exc,
+            )
 
     async def drain(self, timeout_s: float) -> None:
         """Shutdown: give the hand-offs in progress up to ``timeout_s`` to finish, then cancel
@@ -452,13 +576,23 @@ class ChatOrchestrator:
                 self._confirmations.flush(), timeout=max(ends_at - loop.time(), 1.0)
             )
 
-    async def _launch(self, ctx: CallContext, job: NewJob) -> None:
-        """Complete a started job from the embedding cache, or hand it to its service."""
+    async def _launch(
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        outputs: Mapping[str, Any] | None = None,
+        deadline_ms: int = 0,
+    ) -> None:
+        """Complete a started job from the embedding cache, or run its plan up to the
+        hand-over of its work, or hand it to its service."""
         if job.cache_key and self._cache is not None:
             cached = await self._cache.lookup(ctx.tenant_id, job.cache_key)
             if cached is not None:
                 await self._complete_from_cache(ctx, job, cached)
                 return
+        if self._plans is not None and runs_plan(job):
+            await self._plans.hand_over(ctx, job, outputs, deadline_ms=deadline_ms)
+            return
         work = WorkRequest(
             job_id=job.job_id,
             tenant_id=ctx.tenant_id,
@@ -515,7 +649,16 @@ class ChatOrchestrator:
                 session = await self._sessions.get_open(tenant_id, message.session_id)
                 if self._budget is not None:
                     await self._budget.check(tenant_id)
-                new = self._new_job(job_id, session, message, ctx.request_id, keep_final=True)
+                plan, agent = await self._plan(ctx, session, message)
+                new = self._new_job(
+                    job_id,
+                    session,
+                    message,
+                    ctx.request_id,
+                    keep_final=True,
+                    plan=plan,
+                    agent=agent,
+                )
                 started = await self._jobs.start_job(
                     tenant_id, new, self._limits, if_busy=IfBusy.RUN
                 )
@@ -523,7 +666,7 @@ class ChatOrchestrator:
                     # Handed over (in a task this orchestrator owns) before the accepted event
                     # goes out: a consumer that stops at that event cannot hold it back.
                     fresh = True
-                    self._hand_off_soon(ctx, new)
+                    self._hand_off_soon(ctx, new, deadline_ms=started.job.deadline_ms)
                     yield started.accepted
                 elif started is not StartRefused.JOB_EXISTS:
                     raise _refusal(started, session.session_id)
@@ -604,8 +747,9 @@ class ChatOrchestrator:
             raise FailedPrecondition(f"job {job_id} has already finished")
         if outcome is FinishOutcome.UNKNOWN_JOB or event is None:
             raise NotFound(f"job {job_id} not found in session {session_id}")
-        if job.state is JobState.QUEUED:
-            return event  # never handed to its service; its work item will find it final
+        if job.state in (JobState.QUEUED, JobState.FINISHING):
+            # Never handed to its service (its work item will find it final), or done there.
+            return event
         try:
             await self._dispatcher.cancel(job.service, job_id, ctx)
         except DownstreamError as exc:

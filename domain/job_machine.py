@@ -4,16 +4,20 @@ the effects to store). No I/O: the memory store applies the effects (registry.me
 the Redis store's Lua scripts (registry/lua/jobs/) make the same transitions atomically
 on Redis, and tests/registry/test_job_machine_differential.py checks the two agree.
 
-    [queued ->] pending -> running -> completed | failed | timed_out | cancelled
+    [queued ->] pending -> running [-> finishing] -> completed | failed | timed_out | cancelled
 
-A job's record carries its hand-off (its work spec and lease) from its start until the service
-took it or it ended. A store appends the Step's event to the session's log, then passes the
-stored event to ``appended`` (a queued job remembers its accepted event's sequence for its
-enqueue; a job kept final keeps its final event).
+A job's record carries its work spec from its start until it ended, and its hand-off lease
+until the service took it. A job whose plan appends history turns FINISHING on its completed
+notice (result and usage stored, usage charged, a finalize lease taken, no event yet) and is
+completed (``finish``) with the stored result once the turns are appended; a FINISHING job
+whose finalize lease ran out is claimed like a hand-off. A store appends the Step's event to
+the session's log, then passes the stored event to ``appended`` (a queued job remembers its
+accepted event's sequence for its enqueue; a job kept final keeps its final event).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -33,9 +37,11 @@ from domain.jobs import (
     SessionEvent,
     StartRefused,
     Verdict,
+    finalize_failed_data,
     handoff_failed_data,
 )
 from domain.models import Session, SessionState, TokenUsage
+from domain.plans import OrchestrationPlan, ServiceCall
 
 Outcome = TypeVar("Outcome")
 
@@ -61,11 +67,18 @@ class Handoff:
 
 @dataclass(frozen=True, slots=True)
 class JobRecord:
-    """A job as a store keeps it: the job, when the record is dropped, and its hand-off."""
+    """A job as a store keeps it: the job, when the record is dropped, and its hand-off. Until
+    the job ends it also keeps its work spec (``spec``: the finalize needs the user's text),
+    what its plan's pre-steps recorded for the run (``outputs``) and, once FINISHING, the
+    completed notice's data (``result``) and the finalize lease (``finalize``)."""
 
     job: Job
     expires_at_ms: int
     handoff: Handoff | None = None
+    spec: NewJob | None = None
+    outputs: Mapping[str, Any] | None = None
+    result: Mapping[str, Any] | None = None
+    finalize: Handoff | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +107,10 @@ class Effects:
     record: JobRecord | None = None
     # Its session's new state and line.
     side: SessionSide | None = None
-    # The event to append to the session's log.
+    # The event to append to the session's log...
     event: EventDraft | None = None
+    # ...and more after it (plan steps recorded together).
+    events: tuple[EventDraft, ...] = ()
     # Usage to add to the tenant's day.
     charge: UsageCharge | None = None
     # When the reaper should look at the job (the deadline index is only a hint).
@@ -147,7 +162,7 @@ def start(
     job = new.recorded(tenant_id, now, limits, queued=queued)
     lifetime = limits.queue_timeout_ms + limits.deadline_ms if queued else limits.deadline_ms
     handoff = Handoff(new, lease_ms=now + limits.handoff_grace_ms)
-    record = JobRecord(job, now + lifetime + limits.retention_ms, handoff)
+    record = JobRecord(job, now + lifetime + limits.retention_ms, handoff, spec=new)
     session = replace(
         session,
         state=SessionState.BUSY,
@@ -197,7 +212,7 @@ def activate(
     if record is None or record.job.tenant_id != tenant_id:
         return Step(ActivateOutcome.UNKNOWN_JOB)
     job = record.job
-    if job.state in (JobState.PENDING, JobState.RUNNING):
+    if job.state in (JobState.PENDING, JobState.RUNNING, JobState.FINISHING):
         return Step(ActivateOutcome.ALREADY_STARTED)
     if job.state.is_final:
         return Step(ActivateOutcome.FINAL)
@@ -220,9 +235,12 @@ def activate(
         deadline_ms=now + limits.deadline_ms,
         heartbeat_deadline_ms=now + limits.heartbeat_ms,
     )
-    if handoff is not None:
-        handoff = replace(handoff, lease_ms=now + limits.handoff_grace_ms, attempts=1)
-    started = JobRecord(job, now + limits.deadline_ms + limits.retention_ms, handoff)
+    # Its hand-off to its service starts now (whatever became of its enqueue's record).
+    spec = handoff.spec if handoff is not None else record.spec
+    if spec is not None:
+        handoff = Handoff(spec, lease_ms=now + limits.handoff_grace_ms)
+    expires = now + limits.deadline_ms + limits.retention_ms
+    started = replace(record, job=job, expires_at_ms=expires, handoff=handoff)
     effects = Effects(record=started, side=SessionSide(session, line[1:]), look_at_ms=_due(job))
     return Step(ActivateOutcome.STARTED, effects)
 
@@ -234,6 +252,10 @@ def renew_handoff(
     over, enqueued, ended or gone)."""
     if record is None or record.job.tenant_id != tenant_id:
         return Step(False)
+    finalize = record.finalize
+    if record.job.state is JobState.FINISHING and finalize is not None:
+        finalize = replace(finalize, lease_ms=now + limits.handoff_grace_ms)
+        return Step(True, Effects(record=replace(record, finalize=finalize)))
     handoff = record.handoff
     if handoff is None or not handoff.leased(record.job.state):
         return Step(False)
@@ -259,19 +281,24 @@ def handoff_done(record: JobRecord | None, tenant_id: str) -> Step[None]:
 def claim_handoff(
     record: JobRecord, side: SessionSide, limits: JobLimits, *, now: int
 ) -> Step[HandoffClaim | None]:
-    """Claim a job whose hand-off (or enqueue) lease ran out: a new lease and one more attempt,
-    or, with every attempt used or past its deadline, the job fails ``handoff_failed`` in this
-    same step. None: nothing to claim (handed over, enqueued and waiting, or leased)."""
+    """Claim a job whose hand-off (or enqueue, or finalize) lease ran out: a new lease and one
+    more attempt, or, with every attempt used or past its deadline, the job fails in this same
+    step (``handoff_failed``; a finalize: ``step_failed`` naming append_history). None:
+    nothing to claim (handed over, enqueued and waiting, or leased)."""
     handoff, job = record.handoff, record.job
+    if job.state is JobState.FINISHING:
+        return _claim_finalize(record, side, limits, now=now)
     if handoff is None or not handoff.leased(job.state) or now < handoff.lease_ms:
         return Step(None)
     requeue = handoff.enqueue_sequence
     claim = HandoffClaim(
         job.tenant_id,
-        handoff.spec,
+        replace(handoff.spec, plan=job.plan),
         handoff.attempts,
         requeue=requeue is not None,
         accepted_sequence=requeue or 0,
+        outputs=record.outputs,
+        deadline_ms=job.deadline_ms,
     )
     if handoff.attempts >= limits.handoff_attempts or now >= job.deadline_ms:
         data = handoff_failed_data(job.service.value, handoff.attempts)
@@ -282,12 +309,47 @@ def claim_handoff(
     return Step(replace(claim, attempt=attempts), Effects(record=replace(record, handoff=handoff)))
 
 
+def _claim_finalize(
+    record: JobRecord, side: SessionSide, limits: JobLimits, *, now: int
+) -> Step[HandoffClaim | None]:
+    finalize, job = record.finalize, record.job
+    if finalize is None or now < finalize.lease_ms:
+        return Step(None)
+    claim = finishing_claim(record, finalize.attempts)
+    if finalize.attempts >= limits.handoff_attempts or now >= job.deadline_ms:
+        data = finalize_failed_data(finalize.attempts)
+        effects = _finished(record, side, JobState.FAILED, data, limits, now=now)
+        return Step(replace(claim, exhausted=True), effects)
+    attempts = finalize.attempts + 1
+    finalize = replace(finalize, lease_ms=now + limits.handoff_grace_ms, attempts=attempts)
+    effects = Effects(record=replace(record, finalize=finalize))
+    return Step(replace(claim, attempt=attempts), effects)
+
+
+def finishing_claim(record: JobRecord, attempt: int) -> HandoffClaim:
+    """The finalize of a FINISHING job, as its claim (the notice that turned it FINISHING
+    claims attempt 1 for the process that applied it)."""
+    job = record.job
+    spec = record.spec
+    assert spec is not None  # kept until the job ends
+    return HandoffClaim(
+        job.tenant_id,
+        replace(spec, plan=job.plan),
+        attempt,
+        finalize=True,
+        result=record.result,
+        deadline_ms=job.deadline_ms,
+    )
+
+
 def apply_notice(
     record: JobRecord | None, side: SessionSide, notice: Notice, limits: JobLimits, *, now: int
 ) -> Step[Verdict]:
     """A (validated) notice from a service: progress, deltas, tool calls and workflow steps make
     the job RUNNING and move its heartbeat deadline; completed and failed end it (a completed
-    one counts its tokens for the session and the tenant). A duplicate or late notice changes
+    one counts its tokens for the session and the tenant). A completed notice on a job whose
+    plan appends history makes it FINISHING instead (result and usage stored, tokens counted,
+    a finalize lease, no event; see ``finishing_claim``). A duplicate or late notice changes
     nothing."""
     if record is None:
         return Step(Verdict.UNKNOWN_JOB)
@@ -301,7 +363,7 @@ def apply_notice(
     sequence = notice.sequence or job.last_notice_sequence + 1  # 0: unnumbered
     if sequence <= job.last_notice_sequence:
         return Step(Verdict.DUPLICATE)
-    if job.state.is_final:
+    if job.state.is_final or job.state is JobState.FINISHING:
         return Step(Verdict.JOB_FINISHED)
     if notice.event.keeps_running:
         job = replace(
@@ -314,10 +376,23 @@ def apply_notice(
         event = EventDraft(job.job_id, EventKind(notice.event.value), job.request_id, notice.data)
         # The service has it: the hand-off is over.
         return Step(
-            Verdict.ACCEPTED, Effects(record=JobRecord(job, record.expires_at_ms), event=event)
+            Verdict.ACCEPTED, Effects(record=replace(record, job=job, handoff=None), event=event)
         )
     job = replace(job, last_notice_sequence=sequence, usage=notice.usage)
     completed = notice.event is NoticeEvent.COMPLETED
+    charge = UsageCharge(job.tenant_id, job.agent_id, notice.usage)
+    if completed and job.plan is not None and job.plan.appends_history:
+        job = replace(
+            job, state=JobState.FINISHING, updated_at_ms=now, heartbeat_deadline_ms=job.deadline_ms
+        )
+        assert record.spec is not None  # kept until the job ends
+        lease = Handoff(record.spec, lease_ms=now + limits.handoff_grace_ms)
+        finishing = replace(record, job=job, handoff=None, result=notice.data, finalize=lease)
+        session = side.session
+        if session is not None:
+            session = replace(session, usage=session.usage + notice.usage)
+        effects = Effects(record=finishing, side=SessionSide(session, side.line), charge=charge)
+        return Step(Verdict.ACCEPTED, effects)
     effects = _finished(
         replace(record, job=job),
         side,
@@ -328,7 +403,7 @@ def apply_notice(
         tokens=notice.usage if completed else None,
     )
     if completed:
-        effects = replace(effects, charge=UsageCharge(job.tenant_id, job.agent_id, notice.usage))
+        effects = replace(effects, charge=charge)
     return Step(Verdict.ACCEPTED, effects)
 
 
@@ -342,14 +417,41 @@ def finish(
     now: int,
 ) -> Step[FinishOutcome]:
     """End a job from the orchestrator's side (cancelled, failed, or completed from the
-    embedding cache: that reply counts as a message, with no tokens)."""
+    embedding cache: that reply counts as a message, with no tokens). A FINISHING job
+    completed this way (its finalize done) completes with its stored result, whatever the
+    draft's data."""
     if record is None or record.job.tenant_id != tenant_id:
         return Step(FinishOutcome.UNKNOWN_JOB)
     if record.job.state.is_final:
         return Step(FinishOutcome.ALREADY_FINAL)
     state = JobState(draft.kind.value)
-    effects = _finished(record, side, state, draft.data, limits, now=now)
+    data = draft.data
+    if state is JobState.COMPLETED and record.job.state is JobState.FINISHING:
+        data = record.result or {}
+    effects = _finished(record, side, state, data, limits, now=now)
     return Step(FinishOutcome.DONE, effects)
+
+
+def record_plan(
+    record: JobRecord | None,
+    tenant_id: str,
+    plan: OrchestrationPlan,
+    steps: Sequence[ServiceCall],
+    outputs: Mapping[str, Any] | None,
+) -> Step[bool]:
+    """Store an unfinished job's plan as it now is, with a ``plan_step`` event for each of
+    ``steps`` (calls of ``plan`` whose state changed) and, when given, what the finished
+    pre-steps produced for the run (``outputs``). False (and no change) when the job ended,
+    is unknown or is another tenant's."""
+    if record is None or record.job.tenant_id != tenant_id or record.job.state.is_final:
+        return Step(False)
+    job = replace(record.job, plan=plan)
+    updated = replace(record, job=job, outputs=record.outputs if outputs is None else outputs)
+    drafts = tuple(
+        EventDraft(job.job_id, EventKind.PLAN_STEP, job.request_id, plan.step_event(call))
+        for call in steps
+    )
+    return Step(True, Effects(record=updated, events=drafts))
 
 
 def reap(record: JobRecord, side: SessionSide, limits: JobLimits, *, now: int) -> Step[bool]:

@@ -2,14 +2,16 @@
 
 A job is one piece of work handed to a downstream service. Its state machine is
 
-    [queued ->] pending -> running -> completed | failed | timed_out | cancelled
+    [queued ->] pending -> running [-> finishing] -> completed | failed | timed_out | cancelled
 
 A job starts QUEUED when it must wait for its turn: background work, or a message sent while the
 session already has jobs in flight. A queued job is handed to its service (QUEUED -> PENDING)
 only once every job its session accepted before it has finished; it can be cancelled or time
-out while it waits.
+out while it waits. A job whose plan (domain.plans) has calls after the work itself (appending
+the conversation turns) turns FINISHING on its service's ``completed`` notice: its result and
+usage are stored, and it completes once those calls are done (docs/adr/0010).
 
-and every transition is atomic in the registry, so a duplicate or late notice changes nothing.
+Every transition is atomic in the registry, so a duplicate or late notice changes nothing.
 Everything that happens to a job becomes a SessionEvent with a per-session, strictly increasing
 sequence number; clients follow those events live and resume from a sequence.
 """
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from domain.agents import AgentConfig
 from domain.models import Service, TokenUsage, WorkKind
+from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.queue import QueuePriority
 
 
@@ -29,6 +33,8 @@ class JobState(enum.StrEnum):
     QUEUED = "queued"
     PENDING = "pending"
     RUNNING = "running"
+    # The service completed the work; the plan's calls after it (append_history) are running.
+    FINISHING = "finishing"
     COMPLETED = "completed"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
@@ -40,7 +46,7 @@ class JobState(enum.StrEnum):
 
 
 # The states a job can still leave (every other state is final).
-UNFINISHED_STATES = (JobState.QUEUED, JobState.PENDING, JobState.RUNNING)
+UNFINISHED_STATES = (JobState.QUEUED, JobState.PENDING, JobState.RUNNING, JobState.FINISHING)
 
 
 class EventKind(enum.StrEnum):
@@ -182,6 +188,10 @@ class NewJob:
     keep_final: bool = False
     # Where a QUEUED job goes on the ``chat`` work queue (kept with it until it is handed over).
     priority: QueuePriority = QueuePriority.NORMAL
+    # The job's plan (domain.plans; None: a job of one call, as before plans) and the agent
+    # configuration it was made from (what the run needs: model, prompt, tools, limits).
+    plan: OrchestrationPlan | None = None
+    agent: AgentConfig | None = None
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -206,6 +216,8 @@ class NewJob:
             model=self.model,
             cache_key=self.cache_key,
             keep_final=self.keep_final,
+            plan=self.plan,
+            agent=self.agent,
         )
 
 
@@ -232,6 +244,9 @@ class Job:
     keep_final: bool = False
     # The job's final event, once it ended, when it was started with ``keep_final``.
     final_event: SessionEvent | None = None
+    # Its plan as last recorded (every call's state), and the agent it was made from.
+    plan: OrchestrationPlan | None = None
+    agent: AgentConfig | None = None
 
     def handed_again(self, content: str, collections: Sequence[str]) -> NewJob:
         """This job to hand to its service again, with the parts of its message the record
@@ -247,7 +262,26 @@ class Job:
             model=self.model,
             cache_key=self.cache_key,
             collections=tuple(collections),
+            plan=self.plan,
+            agent=self.agent,
         )
+
+
+def plan_of(job: Job) -> OrchestrationPlan:
+    """The job's plan as an operator sees it: the stored one (a job started without one: its
+    one call, the work), with the work's call settled by the job's state (the service's
+    notices move the job, not the stored plan)."""
+    plan = job.plan or plan_for(job.kind, None, now_ms=0)
+    run = plan.call(StepName.RUN)
+    if run.state.is_final or job.state in (JobState.QUEUED, JobState.PENDING):
+        return plan
+    if job.state is JobState.RUNNING:
+        state = StepState.RUNNING
+    elif job.state in (JobState.FINISHING, JobState.COMPLETED):
+        state = StepState.DONE
+    else:  # ended otherwise: while the service had it, or before
+        state = StepState.FAILED if run.state is StepState.RUNNING else StepState.SKIPPED
+    return plan.with_call(replace(run, state=state))
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +293,14 @@ class HandoffClaim:
     enqueue, redone under the same item id (the job id) with ``accepted_sequence``. The claim
     holds a new lease, so no other process takes it meanwhile. ``exhausted``: it had had every
     attempt, or was past its deadline, and the claim itself failed it ``handoff_failed``
-    (``handoff_failed_data``) in the same atomic step."""
+    (``handoff_failed_data``) in the same atomic step.
+
+    ``finalize``: the job is FINISHING (its service completed it) and the plan's calls after
+    the work (append_history) are to be run (again), then the job completed with ``result``
+    (the completed notice's data, as stored); ``job.plan`` is the plan as last recorded. An
+    exhausted finalize claim failed the job ``step_failed`` naming append_history. ``outputs``
+    are what the plan's finished pre-steps recorded for the run (history, tools);
+    ``deadline_ms`` the job's deadline (the backend's clock), which bounds retries."""
 
     tenant_id: str
     job: NewJob
@@ -267,6 +308,10 @@ class HandoffClaim:
     exhausted: bool = False
     requeue: bool = False
     accepted_sequence: int = 0
+    finalize: bool = False
+    result: Mapping[str, Any] | None = None
+    outputs: Mapping[str, Any] | None = None
+    deadline_ms: int = 0
 
 
 def handoff_failed_data(service: str, attempts: int | str) -> dict[str, Any]:
@@ -282,6 +327,25 @@ def handoff_failed_data(service: str, attempts: int | str) -> dict[str, Any]:
             "retryable": True,
         }
     }
+
+
+def step_failed_error(step: str, service: str, message: str, *, retryable: bool) -> dict[str, Any]:
+    """The error of a job failed by a call of its plan: code ``step_failed``, the message
+    naming the step and the service."""
+    return {
+        "code": "step_failed",
+        "message": f"{step} ({service}): {message}",
+        "retryable": retryable,
+        "step": step,
+        "service": service,
+    }
+
+
+def finalize_failed_data(attempts: int | str) -> dict[str, Any]:
+    """The data of the failed event of a FINISHING job whose finalize (appending the turns)
+    was interrupted too often (the stores fill it in when a claim finds the attempts used up)."""
+    message = f"the turns could not be appended ({attempts} attempts interrupted)"
+    return {"error": step_failed_error("append_history", "conversation", message, retryable=True)}
 
 
 class NoticeEvent(enum.StrEnum):
@@ -352,6 +416,9 @@ class NoticeOutcome:
     verdict: Verdict
     event: SessionEvent | None = None
     detail: str = ""
+    # A completed notice turned the job FINISHING (no event yet): the finalize to run, claimed
+    # for the process that applied the notice (it holds the finalize lease).
+    finishing: HandoffClaim | None = None
 
 
 class IfBusy(enum.StrEnum):

@@ -18,7 +18,15 @@ from typing import Any, Protocol
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import DataLoss
 from domain.ids import is_resource_id, is_tenant_id
-from domain.jobs import JobLimits, Notice, NoticeEvent, NoticeOutcome, StepPhase, Verdict
+from domain.jobs import (
+    HandoffClaim,
+    JobLimits,
+    Notice,
+    NoticeEvent,
+    NoticeOutcome,
+    StepPhase,
+    Verdict,
+)
 from domain.models import Service, TokenUsage
 from domain.ports.jobs import JobStore
 
@@ -339,8 +347,12 @@ class NoticeProcessor:
         embedding_cache: EmbeddingResultCache | None = None,
         metrics: NoticeMetrics | None = None,
         on_agent_changed: AgentChangedHook | None = None,
+        on_finishing: Callable[[HandoffClaim], None] | None = None,
     ) -> None:
+        """``on_finishing`` starts the finalize of a job a completed notice made FINISHING
+        (domain.chat.ChatOrchestrator.finalize_soon): this process holds its lease."""
         self._jobs = jobs
+        self._on_finishing = on_finishing
         self._limits = limits
         self._cache = embedding_cache
         self._metrics = metrics
@@ -382,6 +394,8 @@ class NoticeProcessor:
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
         outcome = await self._jobs.apply_notice(notice, self._limits)
+        if outcome.finishing is not None and self._on_finishing is not None:
+            self._on_finishing(outcome.finishing)
         if outcome.verdict is Verdict.ACCEPTED and notice.event is NoticeEvent.COMPLETED:
             if self._metrics is not None:
                 self._metrics.record_tokens(notice.tenant_id, notice.usage.total_tokens)

@@ -126,6 +126,29 @@ class OrchestrationPlan:
         calls = tuple(updated if c.name is updated.name else c for c in self.calls)
         return replace(self, calls=calls)
 
+    @property
+    def appends_history(self) -> bool:
+        """Whether calls follow the work (the job turns FINISHING on its completion)."""
+        return self.has(StepName.APPEND_HISTORY)
+
+    def step_event(self, call: ServiceCall) -> dict[str, Any]:
+        """The data of the ``plan_step`` event reporting ``call`` (one of this plan's)."""
+        data: dict[str, Any] = {
+            "index": self.index(call.name),
+            "name": call.name.value,
+            "service": call.service.value,
+            "method": call.method,
+            "state": call.state.value,
+            "attempts": call.attempts,
+        }
+        if call.started_ms:
+            data["started_ms"] = call.started_ms
+        if call.ended_ms:
+            data["ended_ms"] = call.ended_ms
+        if call.error is not None:
+            data["error"] = dict(call.error)
+        return data
+
     def first_unfinished(self) -> ServiceCall | None:
         return next((c for c in self.calls if not c.state.is_final), None)
 

@@ -20,8 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import Protocol
 
+from domain.agents import AgentConfig
 from domain.jobs import NewJob, SessionEvent
 from domain.models import Service, WorkKind
+from domain.plans import OrchestrationPlan
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkItem
 
 ITEM_KIND = "chat_job"
@@ -54,6 +56,10 @@ class QueuedChat:
             "agent": job.agent_id,
             "ckey": job.cache_key,
         }
+        if job.plan is not None:
+            payload["plan"] = job.plan.to_json()
+        if job.agent is not None:
+            payload["agent_config"] = job.agent.to_json()
         return NewWorkItem(
             item_id=job.job_id,
             tenant_id=self.tenant_id,
@@ -66,17 +72,20 @@ class QueuedChat:
     def from_item(cls, item: WorkItem) -> QueuedChat:
         spec = json.loads(item.payload)
         kind = WorkKind(spec["kind"])
+        plan = OrchestrationPlan.from_json(spec["plan"]) if spec.get("plan") else None
         job = NewJob(
             job_id=spec["job"],
             session_id=spec["session"],
             agent_id=spec.get("agent", ""),
-            service=Service.for_kind(kind),
+            service=plan.run_service if plan is not None else Service.for_kind(kind),
             kind=kind,
             content=spec["content"],
             request_id=spec.get("request_id", ""),
             model=spec.get("model", ""),
             cache_key=spec.get("ckey", ""),
             collections=tuple(spec.get("collections") or ()),
+            plan=plan,
+            agent=AgentConfig.from_json(spec["agent_config"]) if spec.get("agent_config") else None,
         )
         return cls(tenant_id=spec["tenant"], accepted_sequence=int(spec["seq"]), job=job)
 

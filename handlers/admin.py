@@ -12,21 +12,32 @@ from domain.admin import AdminQueries, TenantUsage
 from domain.agent_directory import CachedAgentDirectory
 from domain.api_keys import ApiKeyManager
 from domain.identity import Role
-from domain.jobs import Job, JobState
+from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
-from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB
+from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB, plan_step_from_data
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _ROLE_TO_PB = enum_to_pb(Role, admin_pb2.ApiKeyRole, "API_KEY_ROLE_")
 _ROLE_FROM_PB = {value: role.value for role, value in _ROLE_TO_PB.items()}
-_STATE_TO_PB = enum_to_pb(JobState, admin_pb2.TaskState, "TASK_STATE_")
+# FINISHING (the service completed the job and the plan's last calls run) is still running for
+# an operator; the Task's plan shows which call.
+_STATE_TO_PB = {
+    **enum_to_pb(
+        JobState,
+        admin_pb2.TaskState,
+        "TASK_STATE_",
+        [state for state in JobState if state is not JobState.FINISHING],
+    ),
+    JobState.FINISHING: admin_pb2.TASK_STATE_RUNNING,
+}
 
 
 def task_to_pb(job: Job) -> admin_pb2.Task:
+    plan = plan_of(job)
     return admin_pb2.Task(
         job_id=job.job_id,
         tenant_id=job.tenant_id,
@@ -42,6 +53,9 @@ def task_to_pb(job: Job) -> admin_pb2.Task:
         deadline_time=timestamp_from_ms(job.deadline_ms),
         last_notice_sequence=job.last_notice_sequence,
         usage=usage_to_pb(job.usage),
+        plan=[plan_step_from_data(plan.step_event(call)) for call in plan.calls],
+        agent_version=plan.agent_version,
+        agent_kind=plan.agent_kind.value if plan.agent_kind else "",
     )
 
 

@@ -129,6 +129,13 @@ class KeySpace:
         ``job_deadlines``: the job hash holds the spec and the real lease, checked atomically."""
         return f"{self.prefix}:job-handoffs"
 
+    def job_finalizes(self) -> str:
+        """Sorted set of ``<tenant> <session> <job>`` by when a FINISHING job's finalize
+        (appending its turns, then completing it) should be checked: its finalize lease. A hint
+        like ``job_handoffs`` (apart from it, so a late hand-off confirmation never drops it);
+        the job hash holds the real lease."""
+        return f"{self.prefix}:job-finalizes"
+
     def instance_marker(self) -> str:
         """String naming this Redis data set (a random id, set once): when it is missing or
         has changed, the data every replica knew is gone (server.data_loss)."""

@@ -9,11 +9,18 @@ from __future__ import annotations
 import contextlib
 import heapq
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from domain import job_machine, jobs
 from domain.job_machine import Effects, JobRecord, SessionSide
+from domain.jobs import (
+    JobState,
+    NoticeOutcome,
+    SessionEvent,
+)
+from domain.plans import OrchestrationPlan, ServiceCall
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
 from registry.memory_usage import MemoryUsageStore
@@ -132,8 +139,15 @@ class MemoryJobStore:
 
     def _apply(
         self, tenant_id: str, session_id: str, job_id: str, effects: Effects
-    ) -> jobs.SessionEvent | None:
-        """Store a transition's effects; the appended event, if any."""
+    ) -> SessionEvent | None:
+        """Store a transition's effects; the (first) appended event, if any."""
+        events = self._apply_all(tenant_id, session_id, job_id, effects)
+        return events[0] if events else None
+
+    def _apply_all(
+        self, tenant_id: str, session_id: str, job_id: str, effects: Effects
+    ) -> list[SessionEvent]:
+        """Store a transition's effects; the appended events."""
         record = effects.record
         if record is not None:
             self._put(record)
@@ -150,12 +164,15 @@ class MemoryJobStore:
             self.usage.add(charge.tenant_id, charge.agent_id, charge.usage)
         if effects.look_at_ms is not None:
             heapq.heappush(self._deadlines, (effects.look_at_ms, job_id))
-        if effects.event is None:
-            return None
-        event = self._events.append(tenant_id, session_id, effects.event)
-        if record is not None:
-            self._put(job_machine.appended(record, event))
-        return event
+        drafts = ([effects.event] if effects.event is not None else []) + list(effects.events)
+        events: list[SessionEvent] = []
+        for draft in drafts:
+            event = self._events.append(tenant_id, session_id, draft)
+            if record is not None:
+                record = job_machine.appended(record, event)
+                self._put(record)
+            events.append(event)
+        return events
 
     def _put(self, record: JobRecord) -> None:
         job_id = record.job.job_id
@@ -164,7 +181,7 @@ class MemoryJobStore:
             self._unfinished.discard(job_id)
         else:
             self._unfinished.add(job_id)
-        if record.handoff is None:
+        if record.handoff is None and record.finalize is None:
             self._handoffs.pop(job_id, None)
         else:
             self._handoffs.setdefault(job_id, None)
@@ -252,7 +269,26 @@ class MemoryJobStore:
         side = self._side(job.tenant_id, job.session_id)
         step = job_machine.apply_notice(record, side, notice, limits, now=self._clock())
         event = self._apply(job.tenant_id, job.session_id, job.job_id, step.effects)
-        return jobs.NoticeOutcome(step.outcome, event)
+        after = step.effects.record
+        if after is not None and after.job.state is JobState.FINISHING:
+            claim = job_machine.finishing_claim(after, 1)
+            return NoticeOutcome(step.outcome, event, finishing=claim)
+        return NoticeOutcome(step.outcome, event)
+
+    async def record_plan(
+        self,
+        tenant_id: str,
+        job_id: str,
+        plan: OrchestrationPlan,
+        steps: Sequence[ServiceCall],
+        *,
+        outputs: Mapping[str, Any] | None = None,
+    ) -> list[SessionEvent] | None:
+        record = self._record(job_id)
+        step = job_machine.record_plan(record, tenant_id, plan, steps, outputs)
+        if not step.outcome or record is None:
+            return None
+        return self._apply_all(tenant_id, record.job.session_id, job_id, step.effects)
 
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits

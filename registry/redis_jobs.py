@@ -18,6 +18,12 @@ was interrupted. A QUEUED job's enqueue on the work queue is its first hand-off,
 (``enqueue_done`` confirms it, leaving the entry to the claim, which drops it: removing it here
 could drop the entry of an activation that came first); the activate script's pipeline scores
 the job again when its turn comes.
+A FINISHING job (its plan appends history: domain.plans) is tracked in a fourth set the same
+way, ``job_finalizes``, scored at the end of its finalize lease: the pipeline of a completed
+notice scores the job there with the notice script, which turns it FINISHING or not (an entry
+for a job that completed outright is dropped by the claim that finds nothing to do), unless the
+job cannot turn FINISHING (an embedding, or a job this process started without history to
+append); completing or failing it drops the entry in the same pipeline.
 A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
 pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
 tenants found with nothing unfinished, so the set follows the active tenants.
@@ -29,15 +35,37 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
-from domain import jobs
+from domain.agents import AgentConfig
 from domain.errors import DataLoss
+from domain.jobs import (
+    UNFINISHED_STATES,
+    ActivateOutcome,
+    EventDraft,
+    FinishOutcome,
+    HandoffClaim,
+    IfBusy,
+    Job,
+    JobLimits,
+    JobState,
+    NewJob,
+    Notice,
+    NoticeEvent,
+    NoticeOutcome,
+    SessionEvent,
+    StartedJob,
+    StartRefused,
+    Verdict,
+    finalize_failed_data,
+    handoff_failed_data,
+)
 from domain.models import Service, TokenUsage, WorkKind
+from domain.plans import OrchestrationPlan, ServiceCall
 from domain.ports.queue import QueuePriority
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
@@ -58,7 +86,7 @@ log = logging.getLogger(__name__)
 _EARLY_DEADLINE_MARGIN_MS = 2_000
 
 
-def _early_due_ms(limits: jobs.JobLimits, *, may_queue: bool) -> int:
+def _early_due_ms(limits: JobLimits, *, may_queue: bool) -> int:
     """A score at or before the deadline the start script will give a new job, so the reaper
     looks at it no later than it is due."""
     first = min(limits.deadline_ms, limits.heartbeat_ms)
@@ -88,7 +116,7 @@ class EventLogConfig:
     ttl_ms: int
 
 
-def _final_event(session_id: str, kept: str) -> jobs.SessionEvent:
+def _final_event(session_id: str, kept: str) -> SessionEvent:
     """A job's kept final event, stored as "<sequence> <time> <envelope>"."""
     sequence, time_ms, envelope = kept.split(" ", 2)
     return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
@@ -108,12 +136,9 @@ class RedisJobStore(RedisStore):
         self._log = log
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
-
-    def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
-        """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
-        channel: prelude/jobs.lua's ``append``)."""
-        channel = self._keys.session_channel(tenant_id, session_id)
-        return [self._log.max_events, self._log.ttl_ms, channel]
+        # Ids of the remembered jobs this process started knowing their plan appends nothing
+        # after the work: their completed notices need no finalize hint.
+        self._no_finalize: set[str] = set()
 
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
         k = self._keys
@@ -123,23 +148,26 @@ class RedisJobStore(RedisStore):
             k.session_pending(tenant_id, session_id),
             k.session_event_seq(tenant_id, session_id),
             k.session_events(tenant_id, session_id),
-            k.jobs_in_state(tenant_id, jobs.JobState.PENDING.value),
-            k.jobs_in_state(tenant_id, jobs.JobState.RUNNING.value),
+            k.jobs_in_state(tenant_id, JobState.PENDING.value),
+            k.jobs_in_state(tenant_id, JobState.RUNNING.value),
             k.session_line(tenant_id, session_id),
-            k.jobs_in_state(tenant_id, jobs.JobState.QUEUED.value),
+            k.jobs_in_state(tenant_id, JobState.QUEUED.value),
+            k.jobs_in_state(tenant_id, JobState.FINISHING.value),
         ]
 
-    def _event(self, session_id: str, reply: list[Any]) -> jobs.SessionEvent:
+    def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
         return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
 
     def _remember(self, job_id: str, tenant_id: str, session_id: str) -> None:
         self._index[job_id] = (tenant_id, session_id)
         if len(self._index) > _INDEX_CACHE_SIZE:
-            self._index.popitem(last=False)
+            dropped, _ = self._index.popitem(last=False)
+            self._no_finalize.discard(dropped)
 
     def _forget(self, job_id: str) -> None:
         """The job ended: its notices are late ones now, which may pay for the GET."""
         self._index.pop(job_id, None)
+        self._no_finalize.discard(job_id)
 
     @property
     def remembered_locations(self) -> int:
@@ -158,14 +186,8 @@ class RedisJobStore(RedisStore):
         return tenant_id, session_id
 
     async def start_job(
-        self,
-        tenant_id: str,
-        new: jobs.NewJob,
-        limits: jobs.JobLimits,
-        *,
-        if_busy: jobs.IfBusy,
-        hold: bool = False,
-    ) -> jobs.StartedJob | jobs.StartRefused:
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
+    ) -> StartedJob | StartRefused:
         keys = self._keys
         accepted = {
             "service": new.service.value,
@@ -175,8 +197,9 @@ class RedisJobStore(RedisStore):
         }
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
-        early_due = _early_due_ms(limits, may_queue=hold or if_busy is jobs.IfBusy.HOLD)
+        early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
+        plan = new.plan
 
         def build(pipe: ScriptPipeline) -> None:
             commands = pipe.commands
@@ -209,13 +232,18 @@ class RedisJobStore(RedisStore):
                     limits.heartbeat_ms,
                     limits.retention_ms,
                     if_busy.value,
-                    *self._log_args(tenant_id, new.session_id),
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    keys.session_channel(tenant_id, new.session_id),
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
                     spec,
                     limits.handoff_grace_ms,
                     "1" if new.keep_final else "0",
+                    _compact(plan.to_json()) if plan is not None else "",
+                    _compact(new.agent.to_json()) if new.agent is not None else "",
+                    "1" if plan is not None and plan.appends_history else "0",
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -225,28 +253,28 @@ class RedisJobStore(RedisStore):
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[-2]
             status = as_str(reply[0])
-            if status == jobs.StartRefused.JOB_EXISTS.value:
+            if status == StartRefused.JOB_EXISTS.value:
                 # The index and the hints are the existing job's own (the same id, tenant and
                 # session; moved earlier at most): they stay.
-                return jobs.StartRefused.JOB_EXISTS
+                return StartRefused.JOB_EXISTS
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
                 cleanup.zrem(keys.job_deadlines(), deadline_member)
                 cleanup.zrem(keys.job_handoffs(), deadline_member)
                 await cleanup.execute()
-                return jobs.StartRefused(status)
+                return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
+            if plan is None or not plan.appends_history:
+                self._no_finalize.add(new.job_id)
             event = self._event(new.session_id, reply)
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
-        return jobs.StartedJob(job, event)
+        return StartedJob(job, event)
 
-    async def activate_job(
-        self, tenant_id: str, job_id: str, limits: jobs.JobLimits
-    ) -> jobs.ActivateOutcome:
+    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
-            return jobs.ActivateOutcome.UNKNOWN_JOB
+            return ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
         member = f"{tenant_id} {session_id} {job_id}"
 
@@ -279,12 +307,12 @@ class RedisJobStore(RedisStore):
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
-        outcome = jobs.ActivateOutcome(as_str(reply[0]))
-        if outcome is jobs.ActivateOutcome.FINAL:
+        outcome = ActivateOutcome(as_str(reply[0]))
+        if outcome is ActivateOutcome.FINAL:
             self._forget(job_id)
         return outcome
 
-    async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return False
@@ -296,15 +324,13 @@ class RedisJobStore(RedisStore):
                 keys=[self._keys.job(tenant_id, job_id)],
                 args=[limits.handoff_grace_ms],
             )
-            # Only an entry still there moves (XX): a finished hand-off's stays gone.
-            pipe.commands.zadd(
-                self._keys.job_handoffs(),
-                {member: _now_ms() + limits.handoff_grace_ms},
-                xx=True,
-            )
+            # Only an entry still there moves (XX): a finished hand-off's stays gone. A
+            # FINISHING job's finalize lease is in the other set.
+            for hints in (self._keys.job_handoffs(), self._keys.job_finalizes()):
+                pipe.commands.zadd(hints, {member: _now_ms() + limits.handoff_grace_ms}, xx=True)
 
         with redis_errors_as_unavailable():
-            lease, _ = await self._scripts.in_one_round_trip(build)
+            lease, _, _ = await self._scripts.in_one_round_trip(build)
         return int(lease) > 0
 
     async def handoff_done(self, tenant_id: str, job_id: str) -> None:
@@ -321,7 +347,7 @@ class RedisJobStore(RedisStore):
         with redis_errors_as_unavailable():
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id, job_id, _ in members:
-                pipe.hdel(self._keys.job(tenant_id, job_id), "ho", "hol", "hoa", "hoq")
+                pipe.hdel(self._keys.job(tenant_id, job_id), "hol", "hoa", "hoq")
             pipe.zrem(self._keys.job_handoffs(), *(member for _, _, member in members))
             await pipe.execute()
 
@@ -331,73 +357,63 @@ class RedisJobStore(RedisStore):
         with redis_errors_as_unavailable():
             await self._redis.hdel(self._keys.job(tenant_id, job_id), "hoq")
 
-    async def claim_handoffs(
-        self, limits: jobs.JobLimits, *, limit: int
-    ) -> list[jobs.HandoffClaim]:
-        handoffs = self._keys.job_handoffs()
-        failed_data = _compact(jobs.handoff_failed_data("{service}", "{attempts}"))
-        claims: list[jobs.HandoffClaim] = []
+    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
+        failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
+        finalize_failed = _compact(finalize_failed_data("{attempts}"))
+        claims: list[HandoffClaim] = []
         with redis_errors_as_unavailable():
-            for member in await due_members(self._redis, handoffs, limit=limit):
-                tenant_id, session_id, job_id = member.split(" ", 2)
-                reply = await self._scripts.run(
-                    "claim_handoff",
-                    keys=self._job_keys(tenant_id, session_id, job_id),
-                    args=[
-                        job_id,
-                        limits.handoff_grace_ms,
-                        limits.handoff_attempts,
-                        limits.retention_ms,
-                        *self._log_args(tenant_id, session_id),
-                        failed_data,
-                    ],
-                )
-                status = as_str(reply[0])
-                if status in ("gone", "done", "exhausted"):
-                    await self._redis.zrem(handoffs, member)
-                else:
-                    # Looked at again when the lease (new, or still held) runs out.
-                    await self._redis.zadd(handoffs, {member: int(reply[1])}, xx=True)
-                if status in ("gone", "done", "later"):
-                    continue
-                spec = json.loads(as_str(reply[3]))
-                job = jobs.NewJob(
-                    job_id=job_id,
-                    session_id=as_str(reply[4]),
-                    agent_id=as_str(reply[8]),
-                    service=Service(as_str(reply[5])),
-                    kind=WorkKind(as_str(reply[6])),
-                    content=spec["c"],
-                    request_id=json.loads(as_str(reply[7])),
-                    model=as_str(reply[9]),
-                    cache_key=as_str(reply[10]),
-                    collections=tuple(spec.get("l") or ()),
-                    priority=QueuePriority(spec.get("p") or QueuePriority.NORMAL),
-                    keep_final=as_str(reply[12]) == "1",
-                )
-                accepted = as_str(reply[11])
-                claims.append(
-                    jobs.HandoffClaim(
-                        tenant_id,
-                        job,
-                        int(reply[2]),
-                        exhausted=status == "exhausted",
-                        requeue=bool(accepted),
-                        accepted_sequence=int(accepted or 0),
+            for hints in (self._keys.job_handoffs(), self._keys.job_finalizes()):
+                for member in await due_members(self._redis, hints, limit=limit - len(claims)):
+                    tenant_id, session_id, job_id = member.split(" ", 2)
+                    reply = await self._scripts.run(
+                        "claim_handoff",
+                        keys=self._job_keys(tenant_id, session_id, job_id),
+                        args=[
+                            job_id,
+                            limits.handoff_grace_ms,
+                            limits.handoff_attempts,
+                            limits.retention_ms,
+                            self._log.max_events,
+                            self._log.ttl_ms,
+                            self._keys.session_channel(tenant_id, session_id),
+                            failed_data,
+                            finalize_failed,
+                        ],
                     )
-                )
+                    status = as_str(reply[0])
+                    if status in ("gone", "done", "exhausted", "finalize_exhausted"):
+                        await self._redis.zrem(hints, member)
+                    else:
+                        # Looked at again when the lease (new, or still held) runs out.
+                        await self._redis.zadd(hints, {member: int(reply[1])}, xx=True)
+                    if status in ("gone", "done", "later"):
+                        continue
+                    if status.endswith("exhausted"):
+                        self._forget(job_id)
+                    claims.append(_claim_from_reply(tenant_id, job_id, reply))
+                if len(claims) >= limit:
+                    break
         return claims
 
-    async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:
+    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
         located = await self._locate(notice.job_id)
         if located is None:
-            return jobs.NoticeOutcome(jobs.Verdict.UNKNOWN_JOB)
+            return NoticeOutcome(Verdict.UNKNOWN_JOB)
         tenant_id, session_id = located
         if tenant_id != notice.tenant_id:
-            return jobs.NoticeOutcome(jobs.Verdict.WRONG_TENANT)
+            return NoticeOutcome(Verdict.WRONG_TENANT)
         usage = notice.usage
-        with redis_errors_as_unavailable():
-            reply = await self._scripts.run(
+        # A completed notice may make the job FINISHING: its finalize is then checked by its
+        # lease, scored in the same round trip; not for a job started here without history to
+        # append, nor for an embedding (its plan never appends history).
+        hint = (
+            notice.event is NoticeEvent.COMPLETED
+            and notice.service is not Service.EMBEDDING
+            and notice.job_id not in self._no_finalize
+        )
+
+        def build(pipe: ScriptPipeline) -> None:
+            pipe.run(
                 "notice",
                 keys=self._job_keys(tenant_id, session_id, notice.job_id),
                 args=[
@@ -411,30 +427,49 @@ class RedisJobStore(RedisStore):
                     usage.completion_tokens,
                     usage.total_tokens,
                     limits.retention_ms,
-                    *self._log_args(tenant_id, session_id),
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    self._keys.session_channel(tenant_id, session_id),
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
+                    limits.handoff_grace_ms,
                 ],
             )
-        verdict = jobs.Verdict(as_str(reply[0]))
-        if verdict is jobs.Verdict.JOB_FINISHED:
+            if hint:
+                member = f"{tenant_id} {session_id} {notice.job_id}"
+                # Never later (LT): an entry there is the job's own finalize lease already (a
+                # repeated completed notice changes nothing).
+                pipe.commands.zadd(
+                    self._keys.job_finalizes(),
+                    {member: _now_ms() + limits.handoff_grace_ms},
+                    lt=True,
+                )
+
+        with redis_errors_as_unavailable():
+            reply = (await self._scripts.in_one_round_trip(build))[0]
+        if as_str(reply[0]) == "finishing":
+            claim = _claim_from_reply(tenant_id, notice.job_id, reply)
+            return NoticeOutcome(Verdict.ACCEPTED, finishing=claim)
+        verdict = Verdict(as_str(reply[0]))
+        if verdict is Verdict.JOB_FINISHED:
             self._forget(notice.job_id)
-        if verdict is not jobs.Verdict.ACCEPTED:
-            return jobs.NoticeOutcome(verdict)
+        if verdict is not Verdict.ACCEPTED:
+            return NoticeOutcome(verdict)
         event = self._event(session_id, reply)
         if event.kind.is_final:
             self._forget(notice.job_id)
-        return jobs.NoticeOutcome(verdict, event)
+        return NoticeOutcome(verdict, event)
 
     async def finish_job(
-        self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
-    ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:
+        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
+    ) -> tuple[FinishOutcome, SessionEvent | None]:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
-            return jobs.FinishOutcome.UNKNOWN_JOB, None
+            return FinishOutcome.UNKNOWN_JOB, None
         session_id = located[1]
-        with redis_errors_as_unavailable():
-            reply = await self._scripts.run(
+
+        def build(pipe: ScriptPipeline) -> None:
+            pipe.run(
                 "finish",
                 keys=self._job_keys(tenant_id, session_id, job_id),
                 args=[
@@ -442,17 +477,60 @@ class RedisJobStore(RedisStore):
                     draft.kind.value,
                     _compact(draft.data),
                     limits.retention_ms,
-                    *self._log_args(tenant_id, session_id),
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    self._keys.session_channel(tenant_id, session_id),
                 ],
             )
-        outcome = jobs.FinishOutcome(as_str(reply[0]))
-        if outcome is not jobs.FinishOutcome.UNKNOWN_JOB:
+            # A FINISHING job's finalize needs no check any more (a no-op for other jobs).
+            pipe.commands.zrem(self._keys.job_finalizes(), f"{tenant_id} {session_id} {job_id}")
+
+        with redis_errors_as_unavailable():
+            reply = (await self._scripts.in_one_round_trip(build))[0]
+        outcome = FinishOutcome(as_str(reply[0]))
+        if outcome is not FinishOutcome.UNKNOWN_JOB:
             self._forget(job_id)
-        if outcome is not jobs.FinishOutcome.DONE:
+        if outcome is not FinishOutcome.DONE:
             return outcome, None
         return outcome, self._event(session_id, reply)
 
-    async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:
+    async def record_plan(
+        self,
+        tenant_id: str,
+        job_id: str,
+        plan: OrchestrationPlan,
+        steps: Sequence[ServiceCall],
+        *,
+        outputs: Mapping[str, Any] | None = None,
+    ) -> list[SessionEvent] | None:
+        located = await self._locate(job_id)
+        if located is None or located[0] != tenant_id:
+            return None
+        session_id = located[1]
+        with redis_errors_as_unavailable():
+            reply = await self._scripts.run(
+                "plan",
+                keys=self._job_keys(tenant_id, session_id, job_id),
+                args=[
+                    job_id,
+                    _compact(plan.to_json()),
+                    _compact(outputs) if outputs is not None else "",
+                    self._log.max_events,
+                    self._log.ttl_ms,
+                    self._keys.session_channel(tenant_id, session_id),
+                    "1" if plan.appends_history else "0",
+                    *(_compact(plan.step_event(call)) for call in steps),
+                ],
+            )
+        if as_str(reply[0]) != "ok":
+            return None
+        now = int(reply[1])
+        return [
+            decode_envelope(session_id, int(reply[i]), now, as_str(reply[i + 1]))
+            for i in range(2, len(reply), 2)
+        ]
+
+    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
         with redis_errors_as_unavailable():
             fields = await self._redis.hgetall(self._keys.job(tenant_id, job_id))
         if not fields:
@@ -466,12 +544,12 @@ class RedisJobStore(RedisStore):
             )
             raise DataLoss(f"the stored record of task {job_id} cannot be read") from None
 
-    async def count_unfinished(self) -> dict[jobs.JobState, int]:
+    async def count_unfinished(self) -> dict[JobState, int]:
         """SMEMBERS with TIME, then the ZCOUNTs of each tenant that started a job, in one pipeline:
         members scored before now are jobs whose hash expired unfinished, not counted. Tenants
         found with nothing unfinished are dropped from the set (a script re-checks each)."""
         keys = self._keys
-        counts = dict.fromkeys(jobs.UNFINISHED_STATES, 0)
+        counts = dict.fromkeys(UNFINISHED_STATES, 0)
         with redis_errors_as_unavailable():
             read = self._redis.pipeline(transaction=False)
             read.smembers(keys.job_tenants())
@@ -483,10 +561,10 @@ class RedisJobStore(RedisStore):
             now_ms = time_ms(now)
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:
-                for state in jobs.UNFINISHED_STATES:
+                for state in UNFINISHED_STATES:
                     pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
             replies = [int(n) for n in await pipe.execute()]
-            per_tenant = len(jobs.UNFINISHED_STATES)
+            per_tenant = len(UNFINISHED_STATES)
             idle = [
                 tenant_id
                 for i, tenant_id in enumerate(tenants)
@@ -500,18 +578,18 @@ class RedisJobStore(RedisStore):
                         *(
                             keys.jobs_in_state(tenant_id, state.value)
                             for tenant_id in idle
-                            for state in jobs.UNFINISHED_STATES
+                            for state in UNFINISHED_STATES
                         ),
                     ],
                     args=idle,
                 )
         for i, n in enumerate(replies):
-            counts[jobs.UNFINISHED_STATES[i % per_tenant]] += n
+            counts[UNFINISHED_STATES[i % per_tenant]] += n
         return counts
 
-    async def reap_expired(self, limits: jobs.JobLimits, *, limit: int) -> list[jobs.SessionEvent]:
+    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
         deadlines = self._keys.job_deadlines()
-        events: list[jobs.SessionEvent] = []
+        events: list[SessionEvent] = []
         with redis_errors_as_unavailable():
             for member in await due_members(self._redis, deadlines, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
@@ -521,7 +599,9 @@ class RedisJobStore(RedisStore):
                     args=[
                         job_id,
                         limits.retention_ms,
-                        *self._log_args(tenant_id, session_id),
+                        self._log.max_events,
+                        self._log.ttl_ms,
+                        self._keys.session_channel(tenant_id, session_id),
                     ],
                 )
                 status = as_str(reply[0])
@@ -535,18 +615,18 @@ class RedisJobStore(RedisStore):
         return events
 
 
-def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> jobs.Job:
+def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
     """A job hash as a Job; raises KeyError, ValueError or TypeError when it does not parse."""
     request_id = json.loads(f["request"])
     if not isinstance(request_id, str):
         raise TypeError("request id is not text")
-    return jobs.Job(
+    return Job(
         job_id=job_id,
         tenant_id=tenant_id,
         session_id=f["session"],
         service=Service(f["service"]),
         kind=WorkKind(f["kind"]),
-        state=jobs.JobState(f["state"]),
+        state=JobState(f["state"]),
         request_id=request_id,
         created_at_ms=int(f["created"]),
         updated_at_ms=int(f["updated"]),
@@ -559,4 +639,43 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> jobs.Job
         cache_key=f.get("ckey", ""),
         keep_final=f.get("keep") == "1",
         final_event=_final_event(f["session"], f["final"]) if "final" in f else None,
+        plan=OrchestrationPlan.from_json(json.loads(f["plan"])) if f.get("plan") else None,
+        agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
+    )
+
+
+def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffClaim:
+    """A claim as the scripts return it (claim_reply in registry/lua/prelude/jobs.lua)."""
+    status = as_str(reply[0])
+    spec = json.loads(as_str(reply[3]))
+    plan, agent, outputs, result = (as_str(reply[i]) for i in range(13, 17))
+    job = NewJob(
+        job_id=job_id,
+        session_id=as_str(reply[4]),
+        agent_id=as_str(reply[8]),
+        service=Service(as_str(reply[5])),
+        kind=WorkKind(as_str(reply[6])),
+        content=spec["c"],
+        request_id=json.loads(as_str(reply[7])),
+        model=as_str(reply[9]),
+        cache_key=as_str(reply[10]),
+        collections=tuple(spec.get("l") or ()),
+        priority=QueuePriority(spec.get("p") or QueuePriority.NORMAL),
+        keep_final=as_str(reply[12]) == "1",
+        plan=OrchestrationPlan.from_json(json.loads(plan)) if plan else None,
+        agent=AgentConfig.from_json(json.loads(agent)) if agent else None,
+    )
+    accepted = as_str(reply[11])
+    finalize = status in ("finishing", "finalize", "finalize_exhausted")
+    return HandoffClaim(
+        tenant_id,
+        job,
+        int(reply[2]),
+        exhausted=status.endswith("exhausted"),
+        requeue=bool(accepted),
+        accepted_sequence=int(accepted or 0),
+        finalize=finalize,
+        result=json.loads(result) if finalize and result else None,
+        outputs=json.loads(outputs) if outputs else None,
+        deadline_ms=int(reply[17]),
     )

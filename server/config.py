@@ -162,6 +162,15 @@ class Settings:
         None,
         "host:port of the Tool Registry; unset: ORCH_QUERY_SERVICE_ADDRESS",
     )
+    plans: bool = _env(
+        "ORCH_PLANS",
+        True,
+        "run each chat message as an orchestration plan of its session's agent (Agent "
+        "Management, Conversation, Tool Registry, then Query, Agent Execution or Workflow "
+        "Engine); false: one call to Query or Embedding per message (a deployment without "
+        "the other platform services)",
+        _parse_bool,
+    )
     downstream_timeout: float = _env(
         "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt", above=0
     )

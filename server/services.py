@@ -18,6 +18,7 @@ from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.handoff import HandoffRecovery
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
+from domain.plan_runner import PlanPorts
 from domain.ports.platform import AgentDirectory, ConversationStore, ToolCatalog
 from domain.ports.queue import WorkQueue
 from domain.queued_chat import QueuedChatRunner
@@ -181,6 +182,10 @@ def build_services(
         budget=TokenBudget(backend.usage, settings.budget_rules()),
         embedding_cache=cache,
         queue=chat_queue,
+        # Plans call the platform's services; without them a message is one call.
+        platform=(
+            PlanPorts(agents, platform.conversation, platform.tools) if settings.plans else None
+        ),
     )
     batch_queue = backend.work_queue(BATCH_QUEUE)
     batches = BatchManager(
@@ -202,6 +207,8 @@ def build_services(
             metrics=metrics_module,
             # Agent Management's agent_changed notices drop the agent in the shared cache.
             on_agent_changed=agents.on_agent_changed,
+            # A completed notice that made a job FINISHING: this process appends its turns.
+            on_finishing=chat.finalize_soon,
         ),
         chat_queue=chat_queue,
         chat=chat,

@@ -4,10 +4,11 @@ tests/registry runs one contract suite against both)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from domain import jobs
+from domain.plans import OrchestrationPlan, ServiceCall
 
 
 class JobStore(Protocol):
@@ -69,7 +70,26 @@ class JobStore(Protocol):
         process redoes each. A job that has had ``limits.handoff_attempts`` hand-offs or is
         past its deadline is failed ``handoff_failed`` by the claim, in the same atomic step
         (the claim is ``exhausted``): a notice from an earlier hand-off either comes before it
-        (the job is RUNNING and not claimed) or finds the job finished."""
+        (the job is RUNNING and not claimed) or finds the job finished.
+
+        FINISHING jobs whose finalize lease ran out are claimed alike (``finalize``, with the
+        stored result); an exhausted one fails ``step_failed`` naming append_history."""
+        ...
+
+    async def record_plan(
+        self,
+        tenant_id: str,
+        job_id: str,
+        plan: OrchestrationPlan,
+        steps: Sequence[ServiceCall],
+        *,
+        outputs: Mapping[str, Any] | None = None,
+    ) -> list[jobs.SessionEvent] | None:
+        """Store an unfinished job's plan as it now is and append a ``plan_step`` event for
+        each of ``steps`` (its calls whose state changed), with ``outputs`` (what finished
+        pre-steps produced for the run, returned with a later hand-off claim) when given, all
+        in one atomic step and one round trip. None (and no change) when the job has ended or
+        is not this tenant's; else the appended events."""
         ...
 
     async def activate_job(
@@ -80,14 +100,18 @@ class JobStore(Protocol):
         ...
 
     async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:
-        """Check a notice against its job (tenant, service, order, state) and apply it."""
+        """Check a notice against its job (tenant, service, order, state) and apply it. A
+        completed notice on a job whose plan appends history turns it FINISHING (result and
+        usage stored, usage charged, a finalize lease held for the caller: the outcome's
+        ``finishing`` claim; no event), all in one atomic step."""
         ...
 
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
     ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:
         """End an unfinished job as cancelled or failed (draft.kind), or completed from the
-        embedding cache, from the orchestrator's side."""
+        embedding cache, from the orchestrator's side. A FINISHING job completed this way
+        completes with its stored result (the draft's data is not used)."""
         ...
 
     async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:

@@ -104,11 +104,12 @@ async def test_an_unconfirmed_hand_off_is_claimed_after_its_lease_with_the_whole
     registry: Backend,
 ) -> None:
     new = rag_job(await new_session(registry))
-    await start(registry, new)
+    started = await start(registry, new)
     began = time.monotonic()
     (claim,) = await claims_within(registry, 3.0)
     assert time.monotonic() - began >= GRACE_MS / 1000 * 0.8
-    assert claim == HandoffClaim(TENANT, new, attempt=2)
+    # With the job's deadline, which bounds a plan's retries.
+    assert claim == HandoffClaim(TENANT, new, attempt=2, deadline_ms=started.job.deadline_ms)
 
 
 async def test_a_claim_holds_a_new_lease_so_nobody_else_claims_it_meanwhile(
@@ -253,7 +254,7 @@ async def test_an_enqueued_job_is_claimed_only_once_its_turn_came(registry: Back
     assert outcome is ActivateOutcome.STARTED
     assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
     (claim,) = await claims_within(registry, 3.0)
-    assert claim == HandoffClaim(TENANT, queued, attempt=2)
+    assert replace(claim, deadline_ms=0) == HandoffClaim(TENANT, queued, attempt=2)
 
 
 async def test_a_job_queued_behind_a_busy_session_is_not_claimed_while_it_waits(
@@ -277,7 +278,12 @@ async def test_a_queued_job_not_confirmed_on_the_work_queue_is_claimed_to_be_enq
     (claim,) = await claims_within(registry, 3.0)
     assert time.monotonic() - began >= GRACE_MS / 1000 * 0.8
     assert claim == HandoffClaim(
-        TENANT, queued, attempt=2, requeue=True, accepted_sequence=started.accepted.sequence
+        TENANT,
+        queued,
+        attempt=2,
+        requeue=True,
+        accepted_sequence=started.accepted.sequence,
+        deadline_ms=started.job.deadline_ms,
     )
     # The claim holds a new lease: nobody else enqueues it meanwhile.
     assert await registry.jobs.claim_handoffs(LIMITS, limit=10) == []
@@ -312,7 +318,8 @@ async def test_activating_a_queued_job_confirms_its_enqueue(registry: Backend) -
     outcome = await registry.jobs.activate_job(TENANT, queued.job_id, LIMITS)
     assert outcome is ActivateOutcome.STARTED
     (claim,) = await claims_within(registry, 3.0)
-    assert claim == HandoffClaim(TENANT, queued, attempt=2)  # a hand-off, not an enqueue
+    # A hand-off, not an enqueue.
+    assert replace(claim, deadline_ms=0) == HandoffClaim(TENANT, queued, attempt=2)
 
 
 async def test_a_queued_job_whose_enqueue_keeps_breaking_fails_with_the_reason(

@@ -44,8 +44,15 @@ async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
     await opened.aclose()
 
 
-def counts(pending: int = 0, running: int = 0, queued: int = 0) -> dict[JobState, int]:
-    return {JobState.QUEUED: queued, JobState.PENDING: pending, JobState.RUNNING: running}
+def counts(
+    pending: int = 0, running: int = 0, queued: int = 0, finishing: int = 0
+) -> dict[JobState, int]:
+    return {
+        JobState.QUEUED: queued,
+        JobState.PENDING: pending,
+        JobState.RUNNING: running,
+        JobState.FINISHING: finishing,
+    }
 
 
 async def start(registry: Backend, tenant: str = "acme", limits: JobLimits = LIMITS) -> StartedJob:

@@ -15,9 +15,20 @@ from dataclasses import replace
 import pytest
 from redis.asyncio import Redis
 
+from domain.agents import AgentConfig, AgentKind
 from domain.ids import new_id
-from domain.jobs import ActivateOutcome, IfBusy, JobLimits, JobState, NewJob, StartedJob
+from domain.jobs import (
+    ActivateOutcome,
+    IfBusy,
+    JobLimits,
+    JobState,
+    NewJob,
+    Notice,
+    NoticeEvent,
+    StartedJob,
+)
 from domain.models import Service, WorkKind
+from domain.plans import plan_for
 from registry.backend import Backend
 from registry.keys import KeySpace
 from tests.support.registries import count_round_trips, new_session, opened_registry
@@ -157,4 +168,30 @@ async def test_confirming_several_hand_offs_is_one_round_trip(
     assert len(round_trips) == 1
     for s in started:
         assert await redis.zscore(KEYS.job_handoffs(), member(s)) is None
-        assert not await redis.hexists(KEYS.job(TENANT, s.job.job_id), "ho")
+        assert not await redis.hexists(KEYS.job(TENANT, s.job.job_id), "hol")
+
+
+async def test_a_completed_notice_is_one_round_trip_with_its_finalize_hint(
+    registry: Backend, redis: Redis, round_trips: list[int]
+) -> None:
+    """Only a job that may turn FINISHING gets a finalize hint, in the notice's round trip: not
+    one this process started without history to append."""
+    agent = AgentConfig(TENANT, "agent-1", AgentKind.LLM, 1)
+    planned = replace(
+        await new_job(registry), plan=plan_for(WorkKind.LLM_QUERY, agent, now_ms=1), agent=agent
+    )
+    plain = await new_job(registry)
+    warm_up = await start(registry)  # the first notice loads the script
+    await registry.jobs.apply_notice(
+        Notice(NoticeEvent.COMPLETED, Service.QUERY, warm_up.job.job_id, TENANT, 1, "", {}), LIMITS
+    )
+    for new in (planned, plain):
+        started = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.RUN)
+        assert isinstance(started, StartedJob)
+        round_trips.clear()
+        done = Notice(NoticeEvent.COMPLETED, Service.QUERY, new.job_id, TENANT, 1, "", {})
+        outcome = await registry.jobs.apply_notice(done, LIMITS)
+        assert len(round_trips) == 1
+        hint = await redis.zscore(KEYS.job_finalizes(), member(started))
+        assert (hint is not None) == (new is planned)
+        assert (outcome.finishing is not None) == (new is planned)

@@ -61,6 +61,8 @@ class ServerProcess:
             # Most process tests run no Agent Management: sessions take any agent id unless
             # the test turns the check on (ORCH_AGENT_CHECK="true").
             "ORCH_AGENT_CHECK": "false",
+            # ...and run messages as one call unless the test turns plans on (ORCH_PLANS).
+            "ORCH_PLANS": "false",
             **env,
         }
         self._env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None

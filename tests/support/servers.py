@@ -46,6 +46,9 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         # No Agent Management in most tests: CreateSession takes any agent id unless a test
         # turns the check on (agent_check=True) and gives the server a platform answering it.
         agent_check=False,
+        # ...and no Conversation or Tool Registry: a message is one call unless a test turns
+        # plans on (plans=True) with a platform that answers them.
+        plans=False,
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()

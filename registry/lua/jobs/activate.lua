@@ -4,7 +4,8 @@
 -- hand-off lease; its enqueue needs no confirmation any more (its work item was delivered).
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
---   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
+--   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
+--   tenant_finishing_key)
 -- ARGV: job_id, deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
 --   handoff_grace_ms
 -- Returns: {'started', due} (due: its first deadline) or {reason} (domain.jobs.ActivateOutcome:
@@ -17,7 +18,9 @@ local handoff_grace_ms = tonumber(ARGV[5])
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local state = redis.call('HGET', job_key, 'state')
-if state == 'pending' or state == 'running' then return {'already_started'} end
+if state == 'pending' or state == 'running' or state == 'finishing' then
+  return {'already_started'}
+end
 if state ~= 'queued' then return {'final'} end
 -- Its work item was delivered, so its enqueue needs no confirmation any more.
 redis.call('HDEL', job_key, 'hoq')

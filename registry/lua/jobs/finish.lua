@@ -1,9 +1,11 @@
 --! include: prelude/jobs
 -- Ends an unfinished job from the orchestrator's side (cancelled, failed, or completed from
--- the embedding cache), with the session's bookkeeping, and appends its final event.
+-- the embedding cache), with the session's bookkeeping, and appends its final event. A
+-- FINISHING job completed here (its finalize done) completes with its stored result.
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
---   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
+--   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
+--   tenant_finishing_key)
 -- ARGV: job_id, final_state (cancelled | failed | completed), data_json,
 --   retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope} or {reason} (unknown_job | already_final)
@@ -16,8 +18,9 @@ local log_ttl_ms = tonumber(ARGV[6])
 local channel = ARGV[7]
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
-local f = redis.call('HMGET', job_key, 'state', 'request')
+local f = redis.call('HMGET', job_key, 'state', 'request', 'res')
 if is_final(f[1]) then return {'already_final'} end
+if final_state == 'completed' and f[1] == 'finishing' then data_json = f[3] or '{}' end
 redis.call('HSET', job_key, 'state', final_state, 'updated', now)
 redis.call('PEXPIRE', job_key, retention_ms)
 release(job_id)

@@ -1,21 +1,27 @@
 --! include: prelude/jobs
 -- Applies a service's notice about its job: progress, delta, tool_call or workflow_step make it
--- RUNNING (and renew its heartbeat), completed or failed end it, with the session's bookkeeping, and the event is
--- appended. A duplicate or late notice changes nothing. A completed notice also adds its
+-- RUNNING (and renew its heartbeat), completed or failed end it, with the session's
+-- bookkeeping, and the event is appended. A duplicate or late notice changes nothing. A
+-- completed notice on a job whose plan appends history (field `pa`) makes it FINISHING
+-- instead: result (`res`) and usage stored, tokens counted (the session's message is counted
+-- when it completes), a finalize lease (`fl`, attempts `fa`), no event; the reply is the
+-- finalize's claim (claim_reply). A completed notice also adds its
 -- tokens to the tenant's usage hash of the current UTC day (`<usage_prefix><days since the
 -- epoch>`, by the Redis clock): fields total, prompt, completion, jobs and `agent:<agent id>`.
 -- That key is built here because the day comes from the Redis clock; the prefix carries the
 -- tenant's hash tag, so it lives in the same cluster slot as the job keys.
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
---   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
+--   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
+--   tenant_finishing_key)
 -- ARGV: job_id, service, notice_sequence (0: the sender does not number its notices),
 --   event (progress | delta | tool_call | workflow_step | completed | failed: also the kind of
 --   the event appended), data_json, heartbeat_ms, prompt_tokens,
 --   completion_tokens, total_tokens, retention_ms (the job's, once final), maxlen,
---   log_ttl_ms, channel, usage_prefix, usage_retention_ms
--- Returns: {'accepted', sequence, now, envelope} or {verdict} (unknown_job | wrong_service |
---   duplicate | job_finished)
+--   log_ttl_ms, channel, usage_prefix, usage_retention_ms, handoff_grace_ms (the finalize
+--   lease)
+-- Returns: {'accepted', sequence, now, envelope}, claim_reply('finishing', ...) or {verdict}
+--   (unknown_job | wrong_service | duplicate | job_finished)
 local job_id = ARGV[1]
 local service = ARGV[2]
 local notice_sequence = tonumber(ARGV[3])
@@ -31,6 +37,25 @@ local log_ttl_ms = tonumber(ARGV[12])
 local channel = ARGV[13]
 local usage_prefix = ARGV[14]
 local usage_retention_ms = tonumber(ARGV[15])
+local handoff_grace_ms = tonumber(ARGV[16])
+
+-- A completed notice's tokens go to the tenant's usage of the day.
+local function charge()
+  local usage_key = usage_prefix .. math.floor(now / 86400000)
+  local agent = redis.call('HGET', job_key, 'agent') or ''
+  redis.call('HINCRBY', usage_key, 'total', total_tokens)
+  redis.call('HINCRBY', usage_key, 'prompt', prompt_tokens)
+  redis.call('HINCRBY', usage_key, 'completion', completion_tokens)
+  redis.call('HINCRBY', usage_key, 'jobs', 1)
+  redis.call('HINCRBY', usage_key, 'agent:' .. agent, total_tokens)
+  redis.call('PEXPIRE', usage_key, usage_retention_ms)
+end
+
+local function session_tokens()
+  redis.call('HINCRBY', session_key, 'ptok', prompt_tokens)
+  redis.call('HINCRBY', session_key, 'ctok', completion_tokens)
+  redis.call('HINCRBY', session_key, 'ttok', total_tokens)
+end
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', job_key, 'service', 'state', 'nseq', 'request')
@@ -40,7 +65,22 @@ if f[2] == 'queued' then return {'unknown_job'} end
 -- Sequence 0: the sender does not number its notices; apply in arrival order.
 local n = notice_sequence
 if n == 0 then n = tonumber(f[3]) + 1 elseif n <= tonumber(f[3]) then return {'duplicate'} end
-if is_final(f[2]) then return {'job_finished'} end
+if is_final(f[2]) or f[2] == 'finishing' then return {'job_finished'} end
+if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
+  local lease = now + handoff_grace_ms
+  redis.call('HSET', job_key, 'state', 'finishing', 'nseq', n, 'updated', now,
+    'ptok', prompt_tokens, 'ctok', completion_tokens, 'ttok', total_tokens,
+    'hb', redis.call('HGET', job_key, 'deadline'), 'res', data_json, 'fl', lease, 'fa', 1)
+  handed_over()
+  local ttl = redis.call('PTTL', job_key)
+  redis.call('ZREM', tenant_pending_key, job_id)
+  redis.call('ZREM', tenant_running_key, job_id)
+  redis.call('ZADD', tenant_finishing_key, now + ttl, job_id)
+  extend(tenant_finishing_key, ttl)
+  if redis.call('EXISTS', session_key) == 1 then session_tokens() end
+  charge()
+  return claim_reply('finishing', lease, 1, true, '')
+end
 local running = event == 'progress' or event == 'delta' or event == 'tool_call'
   or event == 'workflow_step'
 if running then
@@ -60,20 +100,9 @@ else
   release(job_id)
   if event == 'completed' and redis.call('EXISTS', session_key) == 1 then
     redis.call('HINCRBY', session_key, 'msgs', 1)
-    redis.call('HINCRBY', session_key, 'ptok', prompt_tokens)
-    redis.call('HINCRBY', session_key, 'ctok', completion_tokens)
-    redis.call('HINCRBY', session_key, 'ttok', total_tokens)
+    session_tokens()
   end
-  if event == 'completed' then
-    local usage_key = usage_prefix .. math.floor(now / 86400000)
-    local agent = redis.call('HGET', job_key, 'agent') or ''
-    redis.call('HINCRBY', usage_key, 'total', total_tokens)
-    redis.call('HINCRBY', usage_key, 'prompt', prompt_tokens)
-    redis.call('HINCRBY', usage_key, 'completion', completion_tokens)
-    redis.call('HINCRBY', usage_key, 'jobs', 1)
-    redis.call('HINCRBY', usage_key, 'agent:' .. agent, total_tokens)
-    redis.call('PEXPIRE', usage_key, usage_retention_ms)
-  end
+  if event == 'completed' then charge() end
 end
 local env = envelope(job_id, f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)

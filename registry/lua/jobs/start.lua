@@ -2,21 +2,24 @@
 -- Records a new job on an open session: PENDING (or QUEUED at the back of the session's line
 -- when it must wait for its turn), counted, in the session's pending set, the session BUSY,
 -- and its `accepted` event appended. A job id already recorded is refused and nothing changes.
--- The job's work spec stays in field `ho` until the job is handed over (or ends); `hol` is the
+-- The job's work spec stays in field `ho` until the job ends; `hol` is the
 -- hand-off's lease (a job not confirmed by then is handed over again, see claim_handoff.lua)
 -- and `hoa` the number of hand-offs started. A QUEUED job's first hand-off is its enqueue on
 -- the work queue: until that is confirmed (or the job is activated) `hoq` holds its accepted
 -- event's sequence, which the work item carries.
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
---   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key)
+--   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
+--   tenant_finishing_key)
 -- ARGV: job_id, session_id, service, kind, request_json, agent_id, model,
 --   accepted_json (the accepted event's data; deadline_ms and queued are added here),
 --   deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
 --   if_busy (run | reject | hold), maxlen, log_ttl_ms, channel, cache_key, queue_timeout_ms,
 --   hold ('1': queue it even on an idle session), handoff_spec (JSON: what the job hash does
 --   not hold of the work request, and its work queue priority), handoff_grace_ms,
---   keep ('1': the job hash keeps its final event, see keep_final)
+--   keep ('1': the job hash keeps its final event, see keep_final), plan_json (the job's
+--   plan, '' for none), agent_json (the agent snapshot the plan was made from, or ''),
+--   appends ('1': the plan appends history, so a completed notice makes the job FINISHING)
 -- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | session_missing |
 --   session_not_open | session_busy)
 local job_id = ARGV[1]
@@ -40,6 +43,9 @@ local hold = ARGV[18]
 local handoff_spec = ARGV[19]
 local handoff_grace_ms = tonumber(ARGV[20])
 local keep = ARGV[21]
+local plan_json = ARGV[22]
+local agent_json = ARGV[23]
+local appends = ARGV[24]
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
@@ -66,6 +72,9 @@ redis.call('HSET', job_key, 'session', session_id, 'service', service, 'kind', k
   'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', cache_key,
   'ho', handoff_spec, 'hol', now + handoff_grace_ms, 'hoa', 1)
 if keep == '1' then redis.call('HSET', job_key, 'keep', '1') end
+if plan_json ~= '' then redis.call('HSET', job_key, 'plan', plan_json) end
+if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
+if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
 lifetime = lifetime + retention_ms
 redis.call('PEXPIRE', job_key, lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished

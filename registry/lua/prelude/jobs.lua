@@ -1,5 +1,5 @@
 --! include: prelude/time
--- The nine keys every job script but renew_handoff takes (in this order), all under the
+-- The ten keys every job script but renew_handoff takes (in this order), all under the
 -- tenant's hash tag (one cluster slot), and the helpers that change a job, its session's
 -- bookkeeping and the session's event log in one step.
 local job_key = KEYS[1]             -- the job hash
@@ -13,6 +13,7 @@ local tenant_pending_key = KEYS[6]
 local tenant_running_key = KEYS[7]
 local line_key = KEYS[8]            -- the session's line: its QUEUED jobs, oldest first
 local tenant_queued_key = KEYS[9]
+local tenant_finishing_key = KEYS[10]  -- the tenant's FINISHING jobs (as the three above)
 
 -- An event envelope, from complete JSON pieces: the job id is validated by the caller, the
 -- request id is stored JSON-encoded, the data is JSON made by the caller. Concatenated, not
@@ -51,17 +52,21 @@ local function uncount(job_id)
   redis.call('ZREM', tenant_pending_key, job_id)
   redis.call('ZREM', tenant_running_key, job_id)
   redis.call('ZREM', tenant_queued_key, job_id)
+  redis.call('ZREM', tenant_finishing_key, job_id)
 end
 
--- The job reached its service or ended: its work spec and hand-off lease go.
+-- The job reached its service or ended: its hand-off lease goes (its work spec `ho` stays
+-- until it ends: a plan's finalize needs the user's text).
 local function handed_over()
-  redis.call('HDEL', job_key, 'ho', 'hol', 'hoa', 'hoq')
+  redis.call('HDEL', job_key, 'hol', 'hoa', 'hoq')
 end
 
--- The job is final: it is no longer counted and leaves the session's pending set (and its
--- line, if it was queued); an idle busy session becomes active again.
+-- The job is final: its work spec, plan outputs, stored result and finalize lease go, it is
+-- no longer counted and leaves the session's pending set (and its line, if it was queued); an
+-- idle busy session becomes active again.
 local function release(job_id)
   handed_over()
+  redis.call('HDEL', job_key, 'ho', 'po', 'res', 'fl', 'fa', 'pa')
   uncount(job_id)
   redis.call('SREM', pending_key, job_id)
   redis.call('LREM', line_key, 1, job_id)
@@ -72,7 +77,22 @@ local function release(job_id)
 end
 
 local function is_final(state)
-  return state ~= 'pending' and state ~= 'running' and state ~= 'queued'
+  return state ~= 'pending' and state ~= 'running' and state ~= 'queued' and state ~= 'finishing'
+end
+
+-- What a claim of the job (redis_jobs parses it) carries: {status, lease, attempts, spec,
+-- session, service, kind, request, agent, model, cache key, accepted sequence or '', keep,
+-- plan, agent snapshot, plan outputs (a hand-off's) or '', result (a finalize's) or '',
+-- deadline}.
+-- Read before the job is released (which drops the spec, outputs and result).
+local function claim_reply(status, lease, attempts, finalize, accepted)
+  local f = redis.call('HMGET', job_key, 'ho', 'session', 'service', 'kind', 'request', 'agent',
+    'model', 'ckey', 'keep', 'plan', 'ag', 'po', 'res', 'deadline')
+  local outputs, result = f[12] or '', ''
+  if finalize then outputs, result = '', f[13] or '' end
+  return {status, lease, attempts, f[1], f[2], f[3], f[4], f[5], f[6] or '', f[7] or '',
+    f[8] or '', accepted or '', f[9] or '0', f[10] or '', f[11] or '', outputs, result,
+    f[14] or '0'}
 end
 
 -- A job started with 'keep' set keeps its final event ("<seq> <time> <envelope>", the
