@@ -264,12 +264,15 @@ async def serve_orchestrator(redis_url: str, plans: bool) -> None:
     """``--serve-orchestrator``: the orchestrator on Redis with the reference services embedded
     in its event loop (the Query address is where all five platform services answer); chats
     run as plans with ``plans``."""
+    if plans and not has_plans_setting():
+        raise SystemExit("--plans: this code has no ORCH_PLANS setting")
     reference_port = free_port()
     settings = bench_settings(
         redis_url,
         agent_check=True,
         query_service_address=f"127.0.0.1:{reference_port}",
-        **({PLANS_SETTING: True} if plans else {}),
+        # Explicit both ways: the test settings under bench_settings turn plans off.
+        **({PLANS_SETTING: plans} if has_plans_setting() else {}),
     )
     async with (
         running_server(settings) as running,
