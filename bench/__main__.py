@@ -12,6 +12,7 @@ MODULES = [
     "bench.queue_bench",
     "bench.interceptor_bench",
     "bench.batch_bench",
+    "bench.plan_bench",
 ]
 
 

@@ -33,6 +33,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ TARGET_FANOUT_P99_MS = 10.0
 TARGET_IDLE_KB = 20.0
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 NOTICE = task_update_pb2
+FINAL_NOTICES = (NOTICE.NOTICE_EVENT_COMPLETED, NOTICE.NOTICE_EVENT_FAILED)
 # Separate connections per channel (channels with equal arguments would share one).
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
@@ -95,11 +97,16 @@ async def drive_chats(
     session_ids: list[str],
     chats: int,
     concurrency: int,
+    *,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+    content: str = "What is RAG?",
+    events: Counter[str] | None = None,
 ) -> ChatResult:
     """Closed loop: ``concurrency`` workers, each sending on its own sessions, one chat at a
-    time, until ``chats`` chats have completed."""
+    time, until ``chats`` chats have completed. Calls carry ``metadata`` (a client of TENANT
+    unless given); ``events`` (when given) counts the events received by kind."""
     stub = chat_pb2_grpc.ChatServiceStub(channel)
-    metadata = tenant(TENANT)
+    metadata = tenant(TENANT) if metadata is None else metadata
     latencies: list[float] = []
     issued = 0
 
@@ -113,13 +120,15 @@ async def drive_chats(
             turn += 1
             started = time.perf_counter()
             call = stub.SendMessage(
-                chat_pb2.SendMessageRequest(session_id=session_id, content="What is RAG?"),
+                chat_pb2.SendMessageRequest(session_id=session_id, content=content),
                 metadata=metadata,
                 timeout=30,
             )
             last: str | None = ""
             async for reply in call:
                 last = reply.event.WhichOneof("kind")
+                if events is not None:
+                    events[last or ""] += 1
             if last != "completed":
                 raise RuntimeError(f"{name}: chat ended with {last!r}")
             latencies.append(time.perf_counter() - started)
@@ -136,14 +145,66 @@ async def drive_chats(
     )
 
 
-class BareRelay(chat_pb2_grpc.ChatServiceServicer, task_update_pb2_grpc.TaskUpdateServiceServicer):
+def relay_event(session_id: str, job_id: str, notice: Any) -> chat_pb2.ChatEvent:
+    """The chat event a bare relay makes of a notice (progress, delta, tool call, workflow
+    step, completed, failed)."""
+    event = chat_pb2.ChatEvent(session_id=session_id, job_id=job_id, sequence=notice.sequence + 1)
+    if notice.event == NOTICE.NOTICE_EVENT_PROGRESS:
+        event.progress.fraction = notice.progress
+        event.progress.message = notice.status_message
+    elif notice.event == NOTICE.NOTICE_EVENT_DELTA:
+        event.delta.text = notice.delta
+    elif notice.event == NOTICE.NOTICE_EVENT_TOOL_CALL:
+        event.tool_call.CopyFrom(notice.tool_call)
+    elif notice.event == NOTICE.NOTICE_EVENT_STEP:
+        event.workflow_step.CopyFrom(notice.step)
+    elif notice.event == NOTICE.NOTICE_EVENT_COMPLETED:
+        event.completed.result.CopyFrom(notice.result)
+        event.completed.usage.CopyFrom(notice.usage)
+    else:
+        event.failed.error.CopyFrom(notice.error)
+    return event
+
+
+class NoticeQueues(task_update_pb2_grpc.TaskUpdateServiceServicer):
+    """A bare relay's PublishUpdates: each notice into the queue of its job, if one waits."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Queue[task_update_pb2.PublishUpdatesRequest]] = {}
+
+    @contextlib.contextmanager
+    def waiting(
+        self, job_id: str
+    ) -> Iterator[asyncio.Queue[task_update_pb2.PublishUpdatesRequest]]:
+        """The queue of ``job_id``'s notices while the block runs."""
+        queue: asyncio.Queue[task_update_pb2.PublishUpdatesRequest] = asyncio.Queue()
+        self._waiting[job_id] = queue
+        try:
+            yield queue
+        finally:
+            del self._waiting[job_id]
+
+    async def PublishUpdates(
+        self, request_iterator: AsyncIterator[task_update_pb2.PublishUpdatesRequest], context: Any
+    ) -> task_update_pb2.PublishUpdatesResponse:
+        received = accepted = 0
+        async for notice in request_iterator:
+            received += 1
+            queue = self._waiting.get(notice.job_id)
+            if queue is not None:
+                accepted += 1
+                queue.put_nowait(notice)
+        return task_update_pb2.PublishUpdatesResponse(received=received, accepted=accepted)
+
+
+class BareRelay(chat_pb2_grpc.ChatServiceServicer, NoticeQueues):
     """SendMessage and PublishUpdates with nothing in between but a dict of queues: no Redis,
     no auth, no sessions, no interceptors."""
 
     def __init__(self, query_address: str) -> None:
+        super().__init__()
         self._query_address = query_address
         self._channel: grpc.aio.Channel | None = None
-        self._waiting: dict[str, asyncio.Queue[task_update_pb2.PublishUpdatesRequest]] = {}
 
     def _query(self) -> Any:
         if self._channel is None:
@@ -154,9 +215,7 @@ class BareRelay(chat_pb2_grpc.ChatServiceServicer, task_update_pb2_grpc.TaskUpda
         self, request: chat_pb2.SendMessageRequest, context: Any
     ) -> AsyncIterator[chat_pb2.SendMessageResponse]:
         job_id = uuid.uuid4().hex
-        queue: asyncio.Queue[task_update_pb2.PublishUpdatesRequest] = asyncio.Queue()
-        self._waiting[job_id] = queue
-        try:
+        with self.waiting(job_id) as queue:
             yield chat_pb2.SendMessageResponse(
                 event=chat_pb2.ChatEvent(
                     session_id=request.session_id,
@@ -176,36 +235,11 @@ class BareRelay(chat_pb2_grpc.ChatServiceServicer, task_update_pb2_grpc.TaskUpda
             )
             while True:
                 notice = await queue.get()
-                event = chat_pb2.ChatEvent(
-                    session_id=request.session_id, job_id=job_id, sequence=notice.sequence + 1
+                yield chat_pb2.SendMessageResponse(
+                    event=relay_event(request.session_id, job_id, notice)
                 )
-                if notice.event == NOTICE.NOTICE_EVENT_PROGRESS:
-                    event.progress.fraction = notice.progress
-                    event.progress.message = notice.status_message
-                elif notice.event == NOTICE.NOTICE_EVENT_DELTA:
-                    event.delta.text = notice.delta
-                elif notice.event == NOTICE.NOTICE_EVENT_COMPLETED:
-                    event.completed.result.CopyFrom(notice.result)
-                    event.completed.usage.CopyFrom(notice.usage)
-                else:
-                    event.failed.error.CopyFrom(notice.error)
-                yield chat_pb2.SendMessageResponse(event=event)
-                if notice.event in (NOTICE.NOTICE_EVENT_COMPLETED, NOTICE.NOTICE_EVENT_FAILED):
+                if notice.event in FINAL_NOTICES:
                     return
-        finally:
-            del self._waiting[job_id]
-
-    async def PublishUpdates(
-        self, request_iterator: AsyncIterator[task_update_pb2.PublishUpdatesRequest], context: Any
-    ) -> task_update_pb2.PublishUpdatesResponse:
-        received = accepted = 0
-        async for notice in request_iterator:
-            received += 1
-            queue = self._waiting.get(notice.job_id)
-            if queue is not None:
-                accepted += 1
-                queue.put_nowait(notice)
-        return task_update_pb2.PublishUpdatesResponse(received=received, accepted=accepted)
 
     async def aclose(self) -> None:
         if self._channel is not None:
@@ -272,15 +306,22 @@ async def chats_on_relay(chats: int, concurrency: int, sessions: int, deltas: in
         await relay.aclose()
 
 
-async def create_sessions(channel: grpc.aio.Channel, count: int) -> list[str]:
+async def create_sessions(
+    channel: grpc.aio.Channel,
+    count: int,
+    *,
+    agent_id: str = "bench-agent",
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> list[str]:
+    """``count`` sessions on ``agent_id`` (for a client of TENANT unless ``metadata``)."""
     stub = session_pb2_grpc.SessionServiceStub(channel)
-    metadata = tenant(TENANT)
+    metadata = tenant(TENANT) if metadata is None else metadata
     ids: list[str] = []
     for start in range(0, count, 100):
         replies = await asyncio.gather(
             *(
                 stub.CreateSession(
-                    session_pb2.CreateSessionRequest(agent_id="bench-agent"),
+                    session_pb2.CreateSessionRequest(agent_id=agent_id),
                     metadata=metadata,
                     timeout=30,
                 )
