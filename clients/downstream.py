@@ -164,10 +164,14 @@ def tools_to_pb(tools: Iterable[ToolDefinition]) -> list[tools_pb2.ToolDefinitio
 
 
 class _Submitted(Protocol):
+    """What every submit reply carries: the job id the service runs the work under."""
+
     job_id: str
 
 
 class _Cancelled(Protocol):
+    """What every cancel reply carries: whether the job was still running."""
+
     cancelled: bool
 
 
@@ -209,6 +213,7 @@ class GrpcDispatcher:
         return reply.cancelled
 
     async def _call(self, service: Service, name: str, request: Message, ctx: CallContext) -> Any:
+        """The reply of method ``name`` of ``service``'s stub to ``request``."""
         stub = self.caller.stub(service, _JOB_SERVICES[service].stub)
         return await self.caller.unary(service, name, getattr(stub, name), request, ctx)
 
