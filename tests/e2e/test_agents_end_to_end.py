@@ -20,8 +20,9 @@ from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc, common_pb2, session_pb2, session_pb2_grpc
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
+from tests.support.admin_calls import create_api_key
 from tests.support.flow import kind_of, read_to_end
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, make_run_server
 from tests.support.redis_process import RedisProcess, free_port
 from tests.support.servers import bearer
 
@@ -44,13 +45,7 @@ class Served:
 
 
 async def create_key(address: str, tenant_id: str, role: int) -> Metadata:
-    async with grpc.aio.insecure_channel(address) as channel:
-        reply = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
-            admin_pb2.CreateApiKeyRequest(tenant_id=tenant_id, role=role),  # type: ignore[arg-type]
-            metadata=(bearer(BOOTSTRAP_ADMIN_KEY),),
-            timeout=TIMEOUT_S,
-        )
-    return (bearer(reply.api_key),)
+    return (bearer(await create_api_key(address, BOOTSTRAP_ADMIN_KEY, tenant_id, role)),)
 
 
 async def client_keys(address: str) -> dict[str, Metadata]:
@@ -79,15 +74,9 @@ def served(
     env = {"REDIS_URL": request.getfixturevalue("module_redis").url}
     if request.param == "memory":
         env = {}
-    reference = f"127.0.0.1:{free_port()}"
-    server = ServerProcess(
+    server = make_run_server(
         tmp_path_factory.mktemp(f"agents-{request.param}") / "server.log",
-        ORCH_EMBEDDED_REFERENCE="true",
-        ORCH_PLANS="true",
-        ORCH_AGENT_CHECK="true",
         ORCH_BOOTSTRAP_ADMIN_KEY=BOOTSTRAP_ADMIN_KEY,
-        ORCH_QUERY_SERVICE_ADDRESS=reference,
-        ORCH_EMBEDDING_SERVICE_ADDRESS=reference,
         REF_STEP_DELAY="0",
         **env,
     )

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_grpcurl_with_reference import messages
-from tests.support.processes import BIN, ServerProcess
-from tests.support.redis_process import free_port
+from tests.support.processes import BIN, ServerProcess, make_run_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## Agents, tools and workflows"
@@ -38,15 +37,7 @@ def section_blocks(language: str) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """`make run`: the embedded reference on the Query address (a free port here)."""
-    reference = f"127.0.0.1:{free_port()}"
-    server = ServerProcess(
-        tmp_path_factory.mktemp("readme-agents") / "server.log",
-        ORCH_EMBEDDED_REFERENCE="true",
-        ORCH_PLANS="true",
-        ORCH_AGENT_CHECK="true",
-        ORCH_QUERY_SERVICE_ADDRESS=reference,
-        ORCH_EMBEDDING_SERVICE_ADDRESS=reference,
-    )
+    server = make_run_server(tmp_path_factory.mktemp("readme-agents") / "server.log")
     server.start()
     yield server
     server.kill()
