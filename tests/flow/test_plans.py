@@ -99,6 +99,7 @@ async def test_an_llm_message_loads_history_queries_and_appends_its_turns(
     assert work.model == "m-small" and work.agent_version == 3 and work.history == ()
     assert kind_of(events[0]) == "accepted"
     assert steps(events) == [
+        ("load_agent", "done"),
         ("load_history", "done"),
         ("run", "running"),
         ("run", "done"),
@@ -131,8 +132,9 @@ async def test_a_tool_agent_message_resolves_its_tools_and_runs_on_agent_executi
     assert work.service is Service.AGENT_EXECUTION
     assert [t.name for t in work.tools] == ["calculator", "clock"]
     assert work.max_tool_calls == 5 and work.model == "m-tools"
-    assert sorted(steps(events)[:2]) == [("load_history", "done"), ("resolve_tools", "done")]
-    assert steps(events)[2:] == [
+    assert steps(events)[0] == ("load_agent", "done")
+    assert sorted(steps(events)[1:3]) == [("load_history", "done"), ("resolve_tools", "done")]
+    assert steps(events)[3:] == [
         ("run", "running"),
         ("run", "done"),
         ("append_history", "running"),
