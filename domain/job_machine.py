@@ -383,7 +383,11 @@ def apply_notice(
     charge = UsageCharge(job.tenant_id, job.agent_id, notice.usage)
     if completed and job.plan is not None and job.plan.appends_history:
         job = replace(
-            job, state=JobState.FINISHING, updated_at_ms=now, heartbeat_deadline_ms=job.deadline_ms
+            job,
+            state=JobState.FINISHING,
+            updated_at_ms=now,
+            heartbeat_deadline_ms=job.deadline_ms,
+            finishing_ms=now,
         )
         assert record.spec is not None  # kept until the job ends
         lease = Handoff(record.spec, lease_ms=now + limits.handoff_grace_ms)

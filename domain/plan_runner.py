@@ -8,14 +8,17 @@ through the injected AgentDirectory, cached by whoever builds it) and stores the
 - ``hand_over`` runs in the job's hand-off task, under its hand-off lease: the pre-steps still
   to do (load_history from Conversation, resolve_tools from Tool Registry for a tool agent) run
   side by side; what they produced (the history window, the tool definitions) is recorded with
-  the steps' new states and their ``plan_step`` events in one round trip
-  (JobStore.record_plan), together with the run step turning RUNNING; then the work is
-  submitted to its service with the agent's snapshot. A claim after this process died resumes
-  at the first step not done, with the recorded outputs.
+  the steps' new states and a ``plan_step`` event for each in one round trip
+  (JobStore.record_plan), together with the run step turning RUNNING (no event: the accepted,
+  progress and final events tell it); then the work is submitted to its service with the
+  agent's snapshot. A claim after this process died resumes at the first step not done, with
+  the recorded outputs.
 - ``finalize`` runs once the service's completed notice made the job FINISHING, under the
   finalize lease (in the process that applied the notice, or any process's recovery): the
   user's and the assistant's turns are appended to Conversation with the job id as idempotency
-  key (a resumed finalize appends them once), then the job completes with the stored result.
+  key (a resumed finalize appends them again, stored once), then the job completes with the
+  stored result in one round trip. A finalize that succeeds records no step of its own: the
+  job's state says where it is (domain.jobs.plan_of).
 
 A call that fails is retried with backoff while it is retryable and the job's deadline allows;
 then the job fails with code ``step_failed`` and a message naming the step and the service.
@@ -237,8 +240,11 @@ class PlanRunner:
             run, state=StepState.RUNNING, attempts=run.attempts + 1, started_ms=self._clock()
         )
         plan = plan.with_call(run)
+        # One plan_step event per pre-step that finished; the run's turning RUNNING is stored
+        # (a resume counts its attempts) without one: the accepted, progress and final events
+        # already tell the client.
         recorded = await self._jobs.record_plan(
-            ctx.tenant_id, job.job_id, plan, [*changed, run], outputs=found if todo else None
+            ctx.tenant_id, job.job_id, plan, changed, outputs=found if todo else None
         )
         if recorded is None:
             log.info("job %s ended before its work was handed over", job.job_id)
@@ -330,52 +336,65 @@ class PlanRunner:
     # -- after the work -------------------------------------------------------------------------
 
     async def finalize(self, claim: HandoffClaim) -> None:
-        """Append the job's turns (once, by job id), then complete it with its stored result;
-        a failed append fails the job (step_failed naming append_history)."""
+        """Append the job's turns (once, by job id), then complete it with its stored result:
+        the append and one round trip, the finish. Nothing is recorded around the append:
+        GetTask's plan (domain.jobs.plan_of) shows the work done and the append running while
+        the job is FINISHING, and both done once it completed; the completed event tells the
+        client. An append that needed retries records its attempts before the finish; one that
+        fails for good fails the job (step_failed naming append_history), recorded with the
+        failed call's plan_step event."""
         job = claim.job
         plan = job.plan
         assert plan is not None
-        ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
-        deadline_ms = self._deadline(claim.deadline_ms)
         append = plan.call(StepName.APPEND_HISTORY)
         if append.state is not StepState.DONE:
-            changed: list[ServiceCall] = []
-            run = plan.call(StepName.RUN)
-            if not run.state.is_final:
-                run = replace(run, state=StepState.DONE, ended_ms=self._clock())
-                changed.append(run)
-            append = replace(append, state=StepState.RUNNING, started_ms=self._clock())
-            changed.append(append)
-            plan = plan.with_call(run).with_call(append)
-            if await self._jobs.record_plan(claim.tenant_id, job.job_id, plan, changed) is None:
+            plan, append = await self._append(claim, plan, append)
+            if append.state is not StepState.DONE:
+                return  # failed for good: recorded, and the job failed
+            # Retried: the attempts are worth a round trip (no event: completed follows).
+            retried = append.attempts > 1
+            if (
+                retried
+                and await self._jobs.record_plan(claim.tenant_id, job.job_id, plan, []) is None
+            ):
                 return  # ended meanwhile (cancelled, timed out)
-            now = self._clock()
-            turns = [
-                Turn(TurnRole.USER, job.content, job.job_id, now),
-                Turn(TurnRole.ASSISTANT, assistant_text(claim.result), job.job_id, now),
-            ]
-
-            async def append_turns(call_ctx: CallContext) -> None:
-                await self._ports.conversation.append_turns(
-                    job.session_id, job.job_id, turns, call_ctx
-                )
-
-            try:
-                _, attempts = await self._attempts(append, deadline_ms, append_turns, ctx)
-            except StepFailed as failed:
-                await self._fail(ctx, job, plan.with_call(failed.call), [failed.call], failed)
-                return
-            append = replace(
-                append,
-                state=StepState.DONE,
-                attempts=append.attempts + attempts,
-                ended_ms=self._clock(),
-            )
-            plan = plan.with_call(append)
-            if await self._jobs.record_plan(claim.tenant_id, job.job_id, plan, [append]) is None:
-                return
         draft = EventDraft(job.job_id, EventKind.COMPLETED, job.request_id, {})
         await self._jobs.finish_job(claim.tenant_id, job.job_id, draft, self._limits)
+
+    async def _append(
+        self, claim: HandoffClaim, plan: OrchestrationPlan, append: ServiceCall
+    ) -> tuple[OrchestrationPlan, ServiceCall]:
+        """Append the job's turns: the plan and the append call as they ended (DONE, or FAILED
+        with the job failed)."""
+        job = claim.job
+        ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
+        deadline_ms = self._deadline(claim.deadline_ms)
+        now = self._clock()
+        run = plan.call(StepName.RUN)
+        if not run.state.is_final:
+            plan = plan.with_call(replace(run, state=StepState.DONE, ended_ms=now))
+        append = replace(append, state=StepState.RUNNING, started_ms=now)
+        turns = [
+            Turn(TurnRole.USER, job.content, job.job_id, now),
+            Turn(TurnRole.ASSISTANT, assistant_text(claim.result), job.job_id, now),
+        ]
+
+        async def append_turns(call_ctx: CallContext) -> None:
+            await self._ports.conversation.append_turns(job.session_id, job.job_id, turns, call_ctx)
+
+        try:
+            _, attempts = await self._attempts(append, deadline_ms, append_turns, ctx)
+        except StepFailed as failed:
+            plan = plan.with_call(failed.call)
+            await self._fail(ctx, job, plan, [failed.call], failed)
+            return plan, failed.call
+        append = replace(
+            append,
+            state=StepState.DONE,
+            attempts=append.attempts + attempts,
+            ended_ms=self._clock(),
+        )
+        return plan.with_call(append), append
 
     # -- calls, retries, failure ----------------------------------------------------------------
 
