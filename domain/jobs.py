@@ -324,7 +324,8 @@ class HandoffClaim:
 
     ``finalize``: the job is FINISHING (its service completed it) and the plan's calls after
     the work (append_history) are to be run (again), then the job completed with ``result``
-    (the completed notice's data, as stored); ``job.plan`` is the plan as last recorded. An
+    (the completed notice's data, as stored); ``job.plan`` is the plan as last recorded, and
+    ``job.agent`` None (those calls need no agent snapshot, so the claim does not carry it). An
     exhausted finalize claim failed the job ``step_failed`` naming append_history. ``outputs``
     are what the plan's finished pre-steps recorded for the run (history, tools);
     ``deadline_ms`` the job's deadline (the backend's clock), which bounds retries."""
