@@ -78,6 +78,10 @@ class RetryPolicy:
     reserve: float = 0.1
 
 
+# A pre-step as it ended, its output as recorded (JSON values) and as the run takes it.
+_PreStepResult = tuple[ServiceCall, dict[str, Any], dict[str, Any]]
+
+
 class StepFailed(Exception):
     """A plan's call failed for good: ``call`` is the step as it ended (state FAILED)."""
 
@@ -214,12 +218,12 @@ class PlanRunner:
             for c in plan.calls
             if c.name in (StepName.LOAD_HISTORY, StepName.RESOLVE_TOOLS) and not c.state.is_final
         ]
-        results = await asyncio.gather(
-            *(self._pre_step(ctx, job, call, deadline_ms) for call in todo),
-            return_exceptions=True,
-        )
+        results = await self._pre_steps(ctx, job, todo, deadline_ms)
         changed: list[ServiceCall] = []
         failed: StepFailed | None = None
+        # What this hand-off's pre-steps produced, as the run takes it (what a resumed one
+        # found recorded is decoded from ``found``).
+        produced: dict[str, Any] = {}
         for result in results:
             if isinstance(result, StepFailed):
                 failed = failed or result
@@ -227,9 +231,10 @@ class PlanRunner:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                call, output = result
+                call, output, value = result
                 changed.append(call)
                 found.update(output)
+                produced.update(value)
         for call in changed:
             plan = plan.with_call(call)
         if failed is not None:
@@ -249,7 +254,7 @@ class PlanRunner:
         if recorded is None:
             log.info("job %s ended before its work was handed over", job.job_id)
             return
-        work = self._work(ctx, job, found)
+        work = self._work(ctx, job, found, produced)
         try:
             await self._attempts(
                 run, deadline_ms, lambda call_ctx: self._dispatcher.submit(work, call_ctx), ctx
@@ -259,9 +264,24 @@ class PlanRunner:
                 ctx, job, plan.with_call(failed_run.call), [failed_run.call], failed_run
             )
 
+    async def _pre_steps(
+        self, ctx: CallContext, job: NewJob, todo: list[ServiceCall], deadline_ms: int
+    ) -> list[_PreStepResult | BaseException]:
+        """The pre-steps ``todo``, side by side (one, the usual case, without a task)."""
+        if len(todo) == 1:
+            try:
+                return [await self._pre_step(ctx, job, todo[0], deadline_ms)]
+            except StepFailed as failed:
+                return [failed]
+        return await asyncio.gather(
+            *(self._pre_step(ctx, job, call, deadline_ms) for call in todo),
+            return_exceptions=True,
+        )
+
     async def _pre_step(
         self, ctx: CallContext, job: NewJob, call: ServiceCall, deadline_ms: int
-    ) -> tuple[ServiceCall, dict[str, Any]]:
+    ) -> _PreStepResult:
+        """The step as it ended, its output as recorded (JSON) and as the run takes it."""
         agent = job.agent
         assert agent is not None
         started = replace(call, started_ms=self._clock())
@@ -281,7 +301,7 @@ class PlanRunner:
                 attempts=call.attempts + attempts,
                 ended_ms=self._clock(),
             )
-            return done, {"history": _turns_json(turns)}
+            return done, {"history": _turns_json(turns)}, {"history": tuple(turns)}
 
         async def resolve(call_ctx: CallContext) -> list[ToolDefinition]:
             return await self._ports.tools.resolve(agent.tool_names, call_ctx)
@@ -294,7 +314,7 @@ class PlanRunner:
             {"name": t.name, "description": t.description, "parameters_json": t.parameters_json}
             for t in tools
         ]
-        return done, {"tools": tools_json}
+        return done, {"tools": tools_json}, {"tools": tuple(tools)}
 
     async def _history(
         self, session_id: str, window: HistoryWindow, ctx: CallContext
@@ -311,7 +331,13 @@ class PlanRunner:
                 break
         return turns
 
-    def _work(self, ctx: CallContext, job: NewJob, outputs: Mapping[str, Any]) -> WorkRequest:
+    def _work(
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        outputs: Mapping[str, Any],
+        produced: Mapping[str, Any],
+    ) -> WorkRequest:
         agent = job.agent
         plan = job.plan
         assert plan is not None
@@ -326,8 +352,12 @@ class PlanRunner:
             collections=job.collections,
             run_service=plan.run_service,
             system_prompt=agent.system_prompt if agent else "",
-            history=_turns_from(outputs.get("history")),
-            tools=_tools_from(outputs.get("tools")),
+            history=(
+                produced["history"]
+                if "history" in produced
+                else _turns_from(outputs.get("history"))
+            ),
+            tools=produced["tools"] if "tools" in produced else _tools_from(outputs.get("tools")),
             workflow_id=agent.workflow_id if agent else "",
             max_tool_calls=agent.limits.max_tool_calls if agent else 0,
             agent_version=agent.version if agent else 0,
