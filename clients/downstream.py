@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from agent_execution.v1 import agent_execution_pb2, agent_execution_pb2_grpc
 from clients.retry import RetryPolicy, call_with_retries
@@ -162,6 +163,34 @@ def tools_to_pb(tools: Iterable[ToolDefinition]) -> list[tools_pb2.ToolDefinitio
     ]
 
 
+class _Submitted(Protocol):
+    """What every submit reply carries: the job id the service runs the work under."""
+
+    job_id: str
+
+
+class _Cancelled(Protocol):
+    """What every cancel reply carries: whether the job was still running."""
+
+    cancelled: bool
+
+
+class _CancelRequest(Protocol):
+    def __call__(self, *, tenant_id: str, job_id: str) -> Message: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _JobService:
+    """How one service that runs jobs is called: its stub, the method that starts work there
+    (with the request built from the work) and the method that cancels it."""
+
+    stub: Callable[[grpc.aio.Channel], object]
+    submit: str
+    submit_request: Callable[[WorkRequest, CallContext], Message]
+    cancel: str
+    cancel_request: _CancelRequest
+
+
 class GrpcDispatcher:
     """Hands work to the service that runs it and cancels it there."""
 
@@ -169,88 +198,35 @@ class GrpcDispatcher:
         self.config = config
         self.caller = ServiceCaller(config)
 
-    def _query(self) -> query_pb2_grpc.QueryServiceAsyncStub:
-        return self.caller.stub(Service.QUERY, query_pb2_grpc.QueryServiceStub)
-
-    def _embedding(self) -> embedding_pb2_grpc.EmbeddingServiceAsyncStub:
-        return self.caller.stub(Service.EMBEDDING, embedding_pb2_grpc.EmbeddingServiceStub)
-
-    def _agent_execution(self) -> agent_execution_pb2_grpc.AgentExecutionServiceAsyncStub:
-        return self.caller.stub(
-            Service.AGENT_EXECUTION,
-            agent_execution_pb2_grpc.AgentExecutionServiceStub,
-        )
-
-    def _workflow(self) -> workflow_pb2_grpc.WorkflowEngineServiceAsyncStub:
-        return self.caller.stub(
-            Service.WORKFLOW_ENGINE,
-            workflow_pb2_grpc.WorkflowEngineServiceStub,
-        )
-
     async def submit(self, work: WorkRequest, ctx: CallContext) -> str:
         """Start the work under ``work.job_id``; retrying is safe because the id is fixed."""
-        service = work.service
-        unary = self.caller.unary
-        if service is Service.EMBEDDING:
-            stub = self._embedding()
-            reply = await unary(
-                service, "SubmitEmbedding", stub.SubmitEmbedding, _embedding_request(work, ctx), ctx
-            )
-            return reply.job_id or work.job_id
-        if service is Service.AGENT_EXECUTION:
-            run_stub = self._agent_execution()
-            run_reply = await unary(
-                service, "StartRun", run_stub.StartRun, _run_request(work, ctx), ctx
-            )
-            return run_reply.job_id or work.job_id
-        if service is Service.WORKFLOW_ENGINE:
-            flow_stub = self._workflow()
-            flow_reply = await unary(
-                service, "StartWorkflow", flow_stub.StartWorkflow, _workflow_request(work, ctx), ctx
-            )
-            return flow_reply.job_id or work.job_id
-        if service is not Service.QUERY:
-            raise ValueError(f"{service.value} does not run jobs")
-        query_stub = self._query()
-        query_reply = await unary(
-            service, "SubmitQuery", query_stub.SubmitQuery, _query_request(work, ctx), ctx
-        )
-        return query_reply.job_id or work.job_id
+        job_service = _job_service(work.service)
+        request = job_service.submit_request(work, ctx)
+        reply: _Submitted = await self._call(work.service, job_service.submit, request, ctx)
+        return reply.job_id or work.job_id
 
     async def cancel(self, service: Service, job_id: str, ctx: CallContext) -> bool:
         """Ask the service that runs the job to stop it; True when it was still running."""
-        unary = self.caller.unary
-        if service is Service.EMBEDDING:
-            embed_cancel = embedding_pb2.CancelEmbeddingRequest(
-                tenant_id=ctx.tenant_id, job_id=job_id
-            )
-            stub = self._embedding()
-            reply = await unary(service, "CancelEmbedding", stub.CancelEmbedding, embed_cancel, ctx)
-            return reply.cancelled
-        if service is Service.AGENT_EXECUTION:
-            run_cancel = agent_execution_pb2.CancelRunRequest(
-                tenant_id=ctx.tenant_id, job_id=job_id
-            )
-            run_stub = self._agent_execution()
-            run_reply = await unary(service, "CancelRun", run_stub.CancelRun, run_cancel, ctx)
-            return run_reply.cancelled
-        if service is Service.WORKFLOW_ENGINE:
-            flow_cancel = workflow_pb2.CancelWorkflowRequest(tenant_id=ctx.tenant_id, job_id=job_id)
-            flow_stub = self._workflow()
-            flow_reply = await unary(
-                service, "CancelWorkflow", flow_stub.CancelWorkflow, flow_cancel, ctx
-            )
-            return flow_reply.cancelled
-        if service is not Service.QUERY:
-            raise ValueError(f"{service.value} does not run jobs")
-        query_cancel = query_pb2.CancelQueryRequest(tenant_id=ctx.tenant_id, job_id=job_id)
-        query_stub = self._query()
-        query_reply = await unary(service, "CancelQuery", query_stub.CancelQuery, query_cancel, ctx)
-        return query_reply.cancelled
+        job_service = _job_service(service)
+        request = job_service.cancel_request(tenant_id=ctx.tenant_id, job_id=job_id)
+        reply: _Cancelled = await self._call(service, job_service.cancel, request, ctx)
+        return reply.cancelled
+
+    async def _call(self, service: Service, name: str, request: Message, ctx: CallContext) -> Any:
+        """The reply of method ``name`` of ``service``'s stub to ``request``."""
+        stub = self.caller.stub(service, _JOB_SERVICES[service].stub)
+        return await self.caller.unary(service, name, getattr(stub, name), request, ctx)
 
     async def aclose(self) -> None:
         """Close the channels; the dispatcher reopens them if used again."""
         await self.caller.aclose()
+
+
+def _job_service(service: Service) -> _JobService:
+    job_service = _JOB_SERVICES.get(service)
+    if job_service is None:
+        raise ValueError(f"{service.value} does not run jobs")
+    return job_service
 
 
 def _embedding_request(work: WorkRequest, ctx: CallContext) -> embedding_pb2.SubmitEmbeddingRequest:
@@ -310,3 +286,35 @@ def _query_request(work: WorkRequest, ctx: CallContext) -> query_pb2.SubmitQuery
         system_prompt=work.system_prompt,
         history=turns_to_pb(work.history),
     )
+
+
+_JOB_SERVICES = {
+    Service.QUERY: _JobService(
+        query_pb2_grpc.QueryServiceStub,
+        "SubmitQuery",
+        _query_request,
+        "CancelQuery",
+        query_pb2.CancelQueryRequest,
+    ),
+    Service.EMBEDDING: _JobService(
+        embedding_pb2_grpc.EmbeddingServiceStub,
+        "SubmitEmbedding",
+        _embedding_request,
+        "CancelEmbedding",
+        embedding_pb2.CancelEmbeddingRequest,
+    ),
+    Service.AGENT_EXECUTION: _JobService(
+        agent_execution_pb2_grpc.AgentExecutionServiceStub,
+        "StartRun",
+        _run_request,
+        "CancelRun",
+        agent_execution_pb2.CancelRunRequest,
+    ),
+    Service.WORKFLOW_ENGINE: _JobService(
+        workflow_pb2_grpc.WorkflowEngineServiceStub,
+        "StartWorkflow",
+        _workflow_request,
+        "CancelWorkflow",
+        workflow_pb2.CancelWorkflowRequest,
+    ),
+}

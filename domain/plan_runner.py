@@ -213,6 +213,10 @@ class PlanRunner:
         assert plan is not None
         deadline_ms = self._deadline(deadline_ms)
         found: dict[str, Any] = dict(outputs or {})
+        # load_agent ran before the job started, when no event could carry it: the first
+        # hand-over (the run never attempted) reports it, so the stream shows every call.
+        first = plan.call(StepName.RUN).attempts == 0 and plan.has(StepName.LOAD_AGENT)
+        loaded = [plan.call(StepName.LOAD_AGENT)] if first else []
         todo = [
             c
             for c in plan.calls
@@ -238,18 +242,22 @@ class PlanRunner:
         for call in changed:
             plan = plan.with_call(call)
         if failed is not None:
-            await self._fail(ctx, job, plan, changed, failed)
+            await self._fail(ctx, job, plan, [*loaded, *changed], failed)
             return
         run = plan.call(StepName.RUN)
         run = replace(
             run, state=StepState.RUNNING, attempts=run.attempts + 1, started_ms=self._clock()
         )
         plan = plan.with_call(run)
-        # One plan_step event per pre-step that finished; the run's turning RUNNING is stored
-        # (a resume counts its attempts) without one: the accepted, progress and final events
-        # already tell the client.
+        # One plan_step event per pre-step that finished (load_agent's on the first hand-over);
+        # the run's turning RUNNING is stored (a resume counts its attempts) without one: the
+        # accepted, progress and final events already tell the client.
         recorded = await self._jobs.record_plan(
-            ctx.tenant_id, job.job_id, plan, changed, outputs=found if todo else None
+            ctx.tenant_id,
+            job.job_id,
+            plan,
+            [*loaded, *changed],
+            outputs=found if todo else None,
         )
         if recorded is None:
             log.info("job %s ended before its work was handed over", job.job_id)

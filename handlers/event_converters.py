@@ -105,17 +105,14 @@ def error_from_data(error: Mapping[str, Any]) -> common_pb2.JobError:
 
 def tool_call_to_data(call: common_pb2.ToolCall) -> dict[str, Any]:
     """A ToolCall as tool_call event data (``phase`` "" when unset: malformed)."""
-    phase = _PHASE_FROM_PB.get(call.phase)
-    data: dict[str, Any] = {
+    return {
         "call_id": call.call_id,
         "name": call.name,
-        "phase": phase.value if phase else "",
+        "phase": _phase_to_data(call.phase),
         "arguments": call.arguments_json,
         "result_summary": call.result_summary,
+        **_error_to_data(call),
     }
-    if call.HasField("error"):
-        data["error"] = error_to_data(call.error)
-    return data
 
 
 def tool_call_from_data(data: Mapping[str, Any]) -> common_pb2.ToolCall:
@@ -126,25 +123,20 @@ def tool_call_from_data(data: Mapping[str, Any]) -> common_pb2.ToolCall:
         arguments_json=str(data.get("arguments", "")),
         result_summary=str(data.get("result_summary", "")),
     )
-    error = data.get("error")
-    if isinstance(error, Mapping):
-        call.error.CopyFrom(error_from_data(error))
+    _copy_error(data, call.error)
     return call
 
 
 def step_to_data(step: common_pb2.WorkflowStep) -> dict[str, Any]:
     """A WorkflowStep as workflow_step event data (``phase`` "" when unset: malformed)."""
-    phase = _PHASE_FROM_PB.get(step.phase)
-    data: dict[str, Any] = {
+    return {
         "step_id": step.step_id,
         "name": step.name,
         "index": step.index,
-        "phase": phase.value if phase else "",
+        "phase": _phase_to_data(step.phase),
         "summary": step.summary,
+        **_error_to_data(step),
     }
-    if step.HasField("error"):
-        data["error"] = error_to_data(step.error)
-    return data
 
 
 def step_from_data(data: Mapping[str, Any]) -> common_pb2.WorkflowStep:
@@ -155,10 +147,26 @@ def step_from_data(data: Mapping[str, Any]) -> common_pb2.WorkflowStep:
         phase=PHASE_TO_PB[StepPhase(data["phase"])],
         summary=str(data.get("summary", "")),
     )
+    _copy_error(data, step.error)
+    return step
+
+
+def _phase_to_data(phase: common_pb2.StepPhase.ValueType) -> str:
+    """A StepPhase as event data: its domain value, "" when unset (malformed)."""
+    known = _PHASE_FROM_PB.get(phase)
+    return known.value if known else ""
+
+
+def _error_to_data(message: common_pb2.ToolCall | common_pb2.WorkflowStep) -> dict[str, Any]:
+    """``{"error": ...}`` when ``message`` carries an error, else nothing."""
+    return {"error": error_to_data(message.error)} if message.HasField("error") else {}
+
+
+def _copy_error(data: Mapping[str, Any], into: common_pb2.JobError) -> None:
+    """The event data's ``error`` (when it has one) into ``into``."""
     error = data.get("error")
     if isinstance(error, Mapping):
-        step.error.CopyFrom(error_from_data(error))
-    return step
+        into.CopyFrom(error_from_data(error))
 
 
 def plan_step_from_data(data: Mapping[str, Any]) -> common_pb2.PlanStep:
@@ -175,9 +183,7 @@ def plan_step_from_data(data: Mapping[str, Any]) -> common_pb2.PlanStep:
         step.started.CopyFrom(timestamp_from_ms(int(data["started_ms"])))
     if data.get("ended_ms"):
         step.ended.CopyFrom(timestamp_from_ms(int(data["ended_ms"])))
-    error = data.get("error")
-    if isinstance(error, Mapping):
-        step.error.CopyFrom(error_from_data(error))
+    _copy_error(data, step.error)
     return step
 
 

@@ -28,6 +28,8 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, KeyT
 
+from domain.errors import Unavailable
+
 LUA_ROOT = Path(__file__).parent / "lua"
 _INCLUDE = re.compile(r"--! include: (\S+)\s*$")
 
@@ -139,7 +141,10 @@ class ScriptRunner:
             return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self._redis.script_load(script.source)
+        try:
             return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError as exc:
+            raise _scripts_lost(exc) from exc
 
     async def in_one_round_trip(self, build: Callable[[ScriptPipeline], None]) -> list[Any]:
         """Execute the pipeline ``build`` makes (scripts and other commands) in one round trip.
@@ -150,9 +155,15 @@ class ScriptRunner:
             build(pipe)
             try:
                 return list(await pipe.commands.execute())
-            except NoScriptError:
+            except NoScriptError as exc:
                 if attempt == 2:
-                    raise
+                    raise _scripts_lost(exc) from exc
                 for script in pipe.scripts:
                     await self._redis.script_load(script.source)
         raise AssertionError("unreachable")
+
+
+def _scripts_lost(exc: NoScriptError) -> Unavailable:
+    """A script loaded just now was gone again: Redis restarted (or was flushed) in between.
+    The caller sees UNAVAILABLE and retries, like any other moment Redis is away."""
+    return Unavailable(f"redis lost its scripts while they were being loaded (restarted?): {exc}")

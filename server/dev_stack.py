@@ -7,9 +7,10 @@ import dataclasses
 import logging
 
 from reference.app import ReferenceServices
-from reference.config import ReferenceConfig
+from reference.config import DEFAULT_PUBLISH_METADATA, ReferenceConfig
 from server.app import OrchestratorServer
 from server.config import Settings
+from server.key_seeding import BOOTSTRAP_ADMIN_TENANT
 from server.signals import wait_for_stop_signal
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,33 @@ def reference_config(settings: Settings, orchestrator_port: int) -> ReferenceCon
     )
 
 
+async def with_publish_key(
+    server: OrchestratorServer, config: ReferenceConfig
+) -> tuple[ReferenceConfig, str | None]:
+    """The embedded services report with REF_PUBLISH_API_KEY when it is set, else with the demo
+    service key where the server seeded it (memory, ORCH_DEMO_KEYS). Elsewhere (REDIS_URL set)
+    no store holds that key, so a service key is created for them: returns the config with it
+    and its id (revoked at stop), or the config as it is and None."""
+    demo_seeded = server.backend.name == "memory" and server.settings.demo_keys
+    if config.publish_metadata != DEFAULT_PUBLISH_METADATA or demo_seeded:
+        return config, None
+    issued = await server.api_keys.create(
+        BOOTSTRAP_ADMIN_TENANT, "service", "embedded reference services (make run)"
+    )
+    metadata = (("authorization", f"Bearer {issued.api_key}"),)
+    return dataclasses.replace(config, publish_metadata=metadata), issued.record.key_id
+
+
 async def serve_with_reference(settings: Settings) -> None:
     """Run both until SIGTERM or SIGINT, then stop the reference services first."""
     server = OrchestratorServer(settings)
     await server.start()
-    reference = ReferenceServices(reference_config(settings, server.port))
+    config, key_id = await with_publish_key(server, reference_config(settings, server.port))
+    reference = ReferenceServices(config)
     await reference.start()
     log.info("reference platform services embedded on %s", reference.address)
     await wait_for_stop_signal()
     await reference.stop()
+    if key_id is not None:
+        await server.api_keys.revoke(key_id)
     await server.stop()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_grpcurl import GRPCURL, call
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, make_run_server
 from tests.support.redis_process import free_port
 
 # Where the embedded reference services listen: the Query address, a free port here.
@@ -21,9 +21,8 @@ REFERENCE = f"127.0.0.1:{free_port()}"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """`orchestrator serve` configured as `make run` does it (reference services embedded)."""
-    server = ServerProcess(
+    server = make_run_server(
         tmp_path_factory.mktemp("serve-ref") / "server.log",
-        ORCH_EMBEDDED_REFERENCE="true",
         ORCH_QUERY_SERVICE_ADDRESS=REFERENCE,
         ORCH_EMBEDDING_SERVICE_ADDRESS=REFERENCE,
     )

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from orchestrator.admin.v1 import admin_pb2
 from orchestrator.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -25,6 +25,7 @@ from orchestrator.v1 import (
     task_update_pb2,
 )
 from reference.reporter import Notice, Reporter
+from tests.support.admin_calls import create_api_key
 from tests.support.flow import EOF
 from tests.support.processes import ServerProcess
 from tests.support.redis_process import RedisProcess, free_port
@@ -45,14 +46,7 @@ class Replicas:
 
 
 async def create_key(address: str, tenant_id: str, role: int) -> str:
-    async with grpc.aio.insecure_channel(address) as channel:
-        reply = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
-            admin_pb2.CreateApiKeyRequest(tenant_id=tenant_id, role=role),  # type: ignore[arg-type]
-            metadata=(bearer(BOOTSTRAP_ADMIN_KEY),),
-            timeout=TIMEOUT_S,
-        )
-    api_key: str = reply.api_key
-    return api_key
+    return await create_api_key(address, BOOTSTRAP_ADMIN_KEY, tenant_id, role, TIMEOUT_S)
 
 
 @pytest.fixture

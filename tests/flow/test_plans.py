@@ -97,9 +97,10 @@ async def test_an_llm_message_loads_history_queries_and_appends_its_turns(
     assert work.service is Service.QUERY
     assert work.system_prompt == "You are a support assistant."
     assert work.model == "m-small" and work.agent_version == 3 and work.history == ()
-    # One event per pre-step that finished; the accepted and completed events tell the rest.
-    assert [kind_of(e) for e in events] == ["accepted", "plan_step", "completed"]
-    assert steps(events) == [("load_history", "done")]
+    # One event per pre-step that finished (load_agent, done before the job started, with the
+    # first hand-over's); the accepted and completed events tell the rest.
+    assert [kind_of(e) for e in events] == ["accepted", "plan_step", "plan_step", "completed"]
+    assert steps(events) == [("load_agent", "done"), ("load_history", "done")]
     assert events[-1].completed.result.text == "Shipped."
     stored = plans.platform.conversation.turns[(TENANT, session_id)]
     assert [(t.role, t.content, t.job_id) for t in stored] == [
@@ -126,8 +127,9 @@ async def test_a_tool_agent_message_resolves_its_tools_and_runs_on_agent_executi
     assert work.service is Service.AGENT_EXECUTION
     assert [t.name for t in work.tools] == ["calculator", "clock"]
     assert work.max_tool_calls == 5 and work.model == "m-tools"
-    assert [kind_of(e) for e in events] == ["accepted", "plan_step", "plan_step", "completed"]
-    assert sorted(steps(events)) == [("load_history", "done"), ("resolve_tools", "done")]
+    assert [kind_of(e) for e in events] == ["accepted", *["plan_step"] * 3, "completed"]
+    assert steps(events)[0] == ("load_agent", "done")
+    assert sorted(steps(events)[1:]) == [("load_history", "done"), ("resolve_tools", "done")]
     assert len(plans.platform.conversation.turns[(TENANT, session_id)]) == 2
 
 
@@ -136,8 +138,8 @@ async def test_a_workflow_agent_message_runs_its_workflow(plans: PlanFlow) -> No
     events, work = await run_chat(plans, session_id, "Summarize X", Service.WORKFLOW_ENGINE, "X")
     assert work.service is Service.WORKFLOW_ENGINE
     assert work.workflow_id == "retrieve-summarize-answer" and work.agent_version == 2
-    assert [kind_of(e) for e in events] == ["accepted", "plan_step", "completed"]
-    assert steps(events) == [("load_history", "done")]
+    assert [kind_of(e) for e in events] == ["accepted", "plan_step", "plan_step", "completed"]
+    assert steps(events) == [("load_agent", "done"), ("load_history", "done")]
 
 
 async def test_get_task_returns_the_plan_with_every_call(plans: PlanFlow) -> None:
@@ -215,7 +217,11 @@ async def test_an_append_that_fails_fails_the_job_naming_append_history(
         session_id = await plans.session("support-bot")
         events, work = await run_chat(plans, session_id, "hi", Service.QUERY, "hello")
         # The failed call gets its event (a successful finalize has none).
-        assert steps(events) == [("load_history", "done"), ("append_history", "failed")]
+        assert steps(events) == [
+            ("load_agent", "done"),
+            ("load_history", "done"),
+            ("append_history", "failed"),
+        ]
         error = events[-1].failed.error
         assert error.code == "step_failed"
         assert error.message.startswith("append_history (conversation): ")
@@ -353,6 +359,10 @@ async def test_the_work_service_down_fails_the_job_naming_the_run_step(
         error = events[-1].failed.error
         assert error.code == "step_failed"
         assert error.message == "run (query): query service unavailable"
-        assert steps(events) == [("load_history", "done"), ("run", "failed")]
+        assert steps(events) == [
+            ("load_agent", "done"),
+            ("load_history", "done"),
+            ("run", "failed"),
+        ]
         failed_run = [e.plan_step for e in events if kind_of(e) == "plan_step"][-1]
         assert failed_run.attempts > 1 and failed_run.error.code == "downstream_unavailable"

@@ -43,3 +43,18 @@ def quota_subjects(error: grpc.aio.AioRpcError) -> list[str]:
             detail.Unpack(failure)
             subjects += [v.subject for v in failure.violations]
     return subjects
+
+
+async def create_api_key(
+    address: str, admin_key: str, tenant_id: str, role: int, timeout_s: float = 20.0
+) -> str:
+    """A new key of ``tenant_id`` with ``role`` (admin_pb2.API_KEY_ROLE_*), created through
+    the AdminService at ``address`` with ``admin_key``; its plaintext."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await admin_stub(channel).CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant_id=tenant_id, role=role),  # type: ignore[arg-type]
+            metadata=(("authorization", f"Bearer {admin_key}"),),
+            timeout=timeout_s,
+        )
+    api_key: str = reply.api_key
+    return api_key

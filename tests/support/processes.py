@@ -91,3 +91,18 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def make_run_server(log_path: Path, **env: str) -> ServerProcess:
+    """`orchestrator serve` as `make run` configures it: the reference services embedded on the
+    Query and Embedding address (a free port here), plans and the agent check on (the
+    defaults ServerProcess turns off). ``env`` adds to or overrides it."""
+    reference = f"127.0.0.1:{free_port()}"
+    make_run = {
+        "ORCH_EMBEDDED_REFERENCE": "true",
+        "ORCH_PLANS": "true",
+        "ORCH_AGENT_CHECK": "true",
+        "ORCH_QUERY_SERVICE_ADDRESS": reference,
+        "ORCH_EMBEDDING_SERVICE_ADDRESS": reference,
+    }
+    return ServerProcess(log_path, **{**make_run, **env})
