@@ -177,6 +177,17 @@ async def test_a_service_down_for_a_while_is_retried_and_the_job_succeeds(
     assert [s.attempts for s in task.plan if s.name == "load_history"] == [4]
 
 
+async def test_an_append_retried_shows_its_attempts_and_no_event(plans: PlanFlow) -> None:
+    session_id = await plans.session("support-bot")
+    plans.platform.conversation.append_outage.fail_next(2)
+    events, work = await run_chat(plans, session_id, "hi", Service.QUERY, "hello")
+    assert [kind_of(e) for e in events] == ["accepted", "plan_step", "plan_step", "completed"]
+    task = await get_task(plans.flow.channel, TENANT, work.job_id)
+    [append] = [s for s in task.plan if s.name == "append_history"]
+    assert (append.state, append.attempts) == (common_pb2.PLAN_STEP_STATE_DONE, 3)
+    assert len(plans.platform.conversation.turns[(TENANT, session_id)]) == 2
+
+
 @pytest.mark.parametrize(
     ("agent_id", "down", "step"),
     [
