@@ -328,13 +328,14 @@ def _claim_finalize(
 
 def finishing_claim(record: JobRecord, attempt: int) -> HandoffClaim:
     """The finalize of a FINISHING job, as its claim (the notice that turned it FINISHING
-    claims attempt 1 for the process that applied it)."""
+    claims attempt 1 for the process that applied it). It carries no agent snapshot: the
+    calls after the work need none."""
     job = record.job
     spec = record.spec
     assert spec is not None  # kept until the job ends
     return HandoffClaim(
         job.tenant_id,
-        replace(spec, plan=job.plan),
+        replace(spec, plan=job.plan, agent=None),
         attempt,
         finalize=True,
         result=record.result,
@@ -383,7 +384,11 @@ def apply_notice(
     charge = UsageCharge(job.tenant_id, job.agent_id, notice.usage)
     if completed and job.plan is not None and job.plan.appends_history:
         job = replace(
-            job, state=JobState.FINISHING, updated_at_ms=now, heartbeat_deadline_ms=job.deadline_ms
+            job,
+            state=JobState.FINISHING,
+            updated_at_ms=now,
+            heartbeat_deadline_ms=job.deadline_ms,
+            finishing_ms=now,
         )
         assert record.spec is not None  # kept until the job ends
         lease = Handoff(record.spec, lease_ms=now + limits.handoff_grace_ms)

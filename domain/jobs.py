@@ -247,6 +247,9 @@ class Job:
     # Its plan as last recorded (every call's state), and the agent it was made from.
     plan: OrchestrationPlan | None = None
     agent: AgentConfig | None = None
+    # When its service completed the work and it turned FINISHING (0: it never did); kept
+    # once it ends: ``plan_of`` settles the calls after the work by it.
+    finishing_ms: int = 0
 
     def handed_again(self, content: str, collections: Sequence[str]) -> NewJob:
         """This job to hand to its service again, with the parts of its message the record
@@ -269,19 +272,43 @@ class Job:
 
 def plan_of(job: Job) -> OrchestrationPlan:
     """The job's plan as an operator sees it: the stored one (a job started without one: its
-    one call, the work), with the work's call settled by the job's state (the service's
-    notices move the job, not the stored plan)."""
+    one call, the work), with the calls the job's state settles. The service's notices move
+    the job, not the stored plan, and a finalize that succeeds records nothing of its own: the
+    work's call is RUNNING while the job is, DONE once the service completed it (the job
+    turned FINISHING, or completed); the append after it (a plan's append_history) is RUNNING
+    while the job is FINISHING and DONE once it completed. A call that was running when the
+    job ended otherwise (cancelled, timed out, failed) shows FAILED; one that had not started,
+    SKIPPED. What the stored plan says finished (a failed call, recorded with its error) stays."""
     plan = job.plan or plan_for(job.kind, None, now_ms=0)
-    run = plan.call(StepName.RUN)
-    if run.state.is_final or job.state in (JobState.QUEUED, JobState.PENDING):
+    if job.state in (JobState.QUEUED, JobState.PENDING):
         return plan
-    if job.state is JobState.RUNNING:
-        state = StepState.RUNNING
-    elif job.state in (JobState.FINISHING, JobState.COMPLETED):
-        state = StepState.DONE
-    else:  # ended otherwise: while the service had it, or before
-        state = StepState.FAILED if run.state is StepState.RUNNING else StepState.SKIPPED
-    return plan.with_call(replace(run, state=state))
+    completed = job.state is JobState.COMPLETED
+    # When the work was done: the job turned FINISHING then, or completed outright.
+    work_done = completed or job.state is JobState.FINISHING
+    work_done_ms = job.finishing_ms or (job.updated_at_ms if work_done else 0)
+    run = plan.call(StepName.RUN)
+    if not run.state.is_final:
+        if job.state is JobState.RUNNING:
+            run = replace(run, state=StepState.RUNNING)
+        elif work_done_ms:
+            run = replace(run, state=StepState.DONE, ended_ms=run.ended_ms or work_done_ms)
+        else:  # ended otherwise: while the service had it, or before
+            state = StepState.FAILED if run.state is StepState.RUNNING else StepState.SKIPPED
+            run = replace(run, state=state)
+        plan = plan.with_call(run)
+    if not work_done_ms or not plan.has(StepName.APPEND_HISTORY):
+        return plan
+    append = plan.call(StepName.APPEND_HISTORY)
+    if append.state.is_final:
+        return plan
+    started = replace(append, started_ms=append.started_ms or work_done_ms)
+    if job.state is JobState.FINISHING:
+        return plan.with_call(replace(started, state=StepState.RUNNING))
+    state = StepState.DONE if completed else StepState.FAILED
+    ended = replace(
+        started, state=state, attempts=max(append.attempts, 1), ended_ms=job.updated_at_ms
+    )
+    return plan.with_call(ended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +324,8 @@ class HandoffClaim:
 
     ``finalize``: the job is FINISHING (its service completed it) and the plan's calls after
     the work (append_history) are to be run (again), then the job completed with ``result``
-    (the completed notice's data, as stored); ``job.plan`` is the plan as last recorded. An
+    (the completed notice's data, as stored); ``job.plan`` is the plan as last recorded, and
+    ``job.agent`` None (those calls need no agent snapshot, so the claim does not carry it). An
     exhausted finalize claim failed the job ``step_failed`` naming append_history. ``outputs``
     are what the plan's finished pre-steps recorded for the run (history, tools);
     ``deadline_ms`` the job's deadline (the backend's clock), which bounds retries."""

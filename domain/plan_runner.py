@@ -8,14 +8,17 @@ through the injected AgentDirectory, cached by whoever builds it) and stores the
 - ``hand_over`` runs in the job's hand-off task, under its hand-off lease: the pre-steps still
   to do (load_history from Conversation, resolve_tools from Tool Registry for a tool agent) run
   side by side; what they produced (the history window, the tool definitions) is recorded with
-  the steps' new states and their ``plan_step`` events in one round trip
-  (JobStore.record_plan), together with the run step turning RUNNING; then the work is
-  submitted to its service with the agent's snapshot. A claim after this process died resumes
-  at the first step not done, with the recorded outputs.
+  the steps' new states and a ``plan_step`` event for each in one round trip
+  (JobStore.record_plan), together with the run step turning RUNNING (no event: the accepted,
+  progress and final events tell it); then the work is submitted to its service with the
+  agent's snapshot. A claim after this process died resumes at the first step not done, with
+  the recorded outputs.
 - ``finalize`` runs once the service's completed notice made the job FINISHING, under the
   finalize lease (in the process that applied the notice, or any process's recovery): the
   user's and the assistant's turns are appended to Conversation with the job id as idempotency
-  key (a resumed finalize appends them once), then the job completes with the stored result.
+  key (a resumed finalize appends them again, stored once), then the job completes with the
+  stored result in one round trip. A finalize that succeeds records no step of its own: the
+  job's state says where it is (domain.jobs.plan_of).
 
 A call that fails is retried with backoff while it is retryable and the job's deadline allows;
 then the job fails with code ``step_failed`` and a message naming the step and the service.
@@ -73,6 +76,10 @@ class RetryPolicy:
     first_s: float = 0.05
     max_s: float = 2.0
     reserve: float = 0.1
+
+
+# A pre-step as it ended, its output as recorded (JSON values) and as the run takes it.
+_PreStepResult = tuple[ServiceCall, dict[str, Any], dict[str, Any]]
 
 
 class StepFailed(Exception):
@@ -215,12 +222,12 @@ class PlanRunner:
             for c in plan.calls
             if c.name in (StepName.LOAD_HISTORY, StepName.RESOLVE_TOOLS) and not c.state.is_final
         ]
-        results = await asyncio.gather(
-            *(self._pre_step(ctx, job, call, deadline_ms) for call in todo),
-            return_exceptions=True,
-        )
+        results = await self._pre_steps(ctx, job, todo, deadline_ms)
         changed: list[ServiceCall] = []
         failed: StepFailed | None = None
+        # What this hand-off's pre-steps produced, as the run takes it (what a resumed one
+        # found recorded is decoded from ``found``).
+        produced: dict[str, Any] = {}
         for result in results:
             if isinstance(result, StepFailed):
                 failed = failed or result
@@ -228,9 +235,10 @@ class PlanRunner:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                call, output = result
+                call, output, value = result
                 changed.append(call)
                 found.update(output)
+                produced.update(value)
         for call in changed:
             plan = plan.with_call(call)
         if failed is not None:
@@ -241,17 +249,20 @@ class PlanRunner:
             run, state=StepState.RUNNING, attempts=run.attempts + 1, started_ms=self._clock()
         )
         plan = plan.with_call(run)
+        # One plan_step event per pre-step that finished (load_agent's on the first hand-over);
+        # the run's turning RUNNING is stored (a resume counts its attempts) without one: the
+        # accepted, progress and final events already tell the client.
         recorded = await self._jobs.record_plan(
             ctx.tenant_id,
             job.job_id,
             plan,
-            [*loaded, *changed, run],
+            [*loaded, *changed],
             outputs=found if todo else None,
         )
         if recorded is None:
             log.info("job %s ended before its work was handed over", job.job_id)
             return
-        work = self._work(ctx, job, found)
+        work = self._work(ctx, job, found, produced)
         try:
             await self._attempts(
                 run, deadline_ms, lambda call_ctx: self._dispatcher.submit(work, call_ctx), ctx
@@ -261,9 +272,24 @@ class PlanRunner:
                 ctx, job, plan.with_call(failed_run.call), [failed_run.call], failed_run
             )
 
+    async def _pre_steps(
+        self, ctx: CallContext, job: NewJob, todo: list[ServiceCall], deadline_ms: int
+    ) -> list[_PreStepResult | BaseException]:
+        """The pre-steps ``todo``, side by side (one, the usual case, without a task)."""
+        if len(todo) == 1:
+            try:
+                return [await self._pre_step(ctx, job, todo[0], deadline_ms)]
+            except StepFailed as failed:
+                return [failed]
+        return await asyncio.gather(
+            *(self._pre_step(ctx, job, call, deadline_ms) for call in todo),
+            return_exceptions=True,
+        )
+
     async def _pre_step(
         self, ctx: CallContext, job: NewJob, call: ServiceCall, deadline_ms: int
-    ) -> tuple[ServiceCall, dict[str, Any]]:
+    ) -> _PreStepResult:
+        """The step as it ended, its output as recorded (JSON) and as the run takes it."""
         agent = job.agent
         assert agent is not None
         started = replace(call, started_ms=self._clock())
@@ -283,7 +309,7 @@ class PlanRunner:
                 attempts=call.attempts + attempts,
                 ended_ms=self._clock(),
             )
-            return done, {"history": _turns_json(turns)}
+            return done, {"history": _turns_json(turns)}, {"history": tuple(turns)}
 
         async def resolve(call_ctx: CallContext) -> list[ToolDefinition]:
             return await self._ports.tools.resolve(agent.tool_names, call_ctx)
@@ -296,7 +322,7 @@ class PlanRunner:
             {"name": t.name, "description": t.description, "parameters_json": t.parameters_json}
             for t in tools
         ]
-        return done, {"tools": tools_json}
+        return done, {"tools": tools_json}, {"tools": tuple(tools)}
 
     async def _history(
         self, session_id: str, window: HistoryWindow, ctx: CallContext
@@ -313,7 +339,13 @@ class PlanRunner:
                 break
         return turns
 
-    def _work(self, ctx: CallContext, job: NewJob, outputs: Mapping[str, Any]) -> WorkRequest:
+    def _work(
+        self,
+        ctx: CallContext,
+        job: NewJob,
+        outputs: Mapping[str, Any],
+        produced: Mapping[str, Any],
+    ) -> WorkRequest:
         agent = job.agent
         plan = job.plan
         assert plan is not None
@@ -328,8 +360,12 @@ class PlanRunner:
             collections=job.collections,
             run_service=plan.run_service,
             system_prompt=agent.system_prompt if agent else "",
-            history=_turns_from(outputs.get("history")),
-            tools=_tools_from(outputs.get("tools")),
+            history=(
+                produced["history"]
+                if "history" in produced
+                else _turns_from(outputs.get("history"))
+            ),
+            tools=produced["tools"] if "tools" in produced else _tools_from(outputs.get("tools")),
             workflow_id=agent.workflow_id if agent else "",
             max_tool_calls=agent.limits.max_tool_calls if agent else 0,
             agent_version=agent.version if agent else 0,
@@ -338,52 +374,65 @@ class PlanRunner:
     # -- after the work -------------------------------------------------------------------------
 
     async def finalize(self, claim: HandoffClaim) -> None:
-        """Append the job's turns (once, by job id), then complete it with its stored result;
-        a failed append fails the job (step_failed naming append_history)."""
+        """Append the job's turns (once, by job id), then complete it with its stored result:
+        the append and one round trip, the finish. Nothing is recorded around the append:
+        GetTask's plan (domain.jobs.plan_of) shows the work done and the append running while
+        the job is FINISHING, and both done once it completed; the completed event tells the
+        client. An append that needed retries records its attempts before the finish; one that
+        fails for good fails the job (step_failed naming append_history), recorded with the
+        failed call's plan_step event."""
         job = claim.job
         plan = job.plan
         assert plan is not None
-        ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
-        deadline_ms = self._deadline(claim.deadline_ms)
         append = plan.call(StepName.APPEND_HISTORY)
         if append.state is not StepState.DONE:
-            changed: list[ServiceCall] = []
-            run = plan.call(StepName.RUN)
-            if not run.state.is_final:
-                run = replace(run, state=StepState.DONE, ended_ms=self._clock())
-                changed.append(run)
-            append = replace(append, state=StepState.RUNNING, started_ms=self._clock())
-            changed.append(append)
-            plan = plan.with_call(run).with_call(append)
-            if await self._jobs.record_plan(claim.tenant_id, job.job_id, plan, changed) is None:
+            plan, append = await self._append(claim, plan, append)
+            if append.state is not StepState.DONE:
+                return  # failed for good: recorded, and the job failed
+            # Retried: the attempts are worth a round trip (no event: completed follows).
+            retried = append.attempts > 1
+            if (
+                retried
+                and await self._jobs.record_plan(claim.tenant_id, job.job_id, plan, []) is None
+            ):
                 return  # ended meanwhile (cancelled, timed out)
-            now = self._clock()
-            turns = [
-                Turn(TurnRole.USER, job.content, job.job_id, now),
-                Turn(TurnRole.ASSISTANT, assistant_text(claim.result), job.job_id, now),
-            ]
-
-            async def append_turns(call_ctx: CallContext) -> None:
-                await self._ports.conversation.append_turns(
-                    job.session_id, job.job_id, turns, call_ctx
-                )
-
-            try:
-                _, attempts = await self._attempts(append, deadline_ms, append_turns, ctx)
-            except StepFailed as failed:
-                await self._fail(ctx, job, plan.with_call(failed.call), [failed.call], failed)
-                return
-            append = replace(
-                append,
-                state=StepState.DONE,
-                attempts=append.attempts + attempts,
-                ended_ms=self._clock(),
-            )
-            plan = plan.with_call(append)
-            if await self._jobs.record_plan(claim.tenant_id, job.job_id, plan, [append]) is None:
-                return
         draft = EventDraft(job.job_id, EventKind.COMPLETED, job.request_id, {})
         await self._jobs.finish_job(claim.tenant_id, job.job_id, draft, self._limits)
+
+    async def _append(
+        self, claim: HandoffClaim, plan: OrchestrationPlan, append: ServiceCall
+    ) -> tuple[OrchestrationPlan, ServiceCall]:
+        """Append the job's turns: the plan and the append call as they ended (DONE, or FAILED
+        with the job failed)."""
+        job = claim.job
+        ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
+        deadline_ms = self._deadline(claim.deadline_ms)
+        now = self._clock()
+        run = plan.call(StepName.RUN)
+        if not run.state.is_final:
+            plan = plan.with_call(replace(run, state=StepState.DONE, ended_ms=now))
+        append = replace(append, state=StepState.RUNNING, started_ms=now)
+        turns = [
+            Turn(TurnRole.USER, job.content, job.job_id, now),
+            Turn(TurnRole.ASSISTANT, assistant_text(claim.result), job.job_id, now),
+        ]
+
+        async def append_turns(call_ctx: CallContext) -> None:
+            await self._ports.conversation.append_turns(job.session_id, job.job_id, turns, call_ctx)
+
+        try:
+            _, attempts = await self._attempts(append, deadline_ms, append_turns, ctx)
+        except StepFailed as failed:
+            plan = plan.with_call(failed.call)
+            await self._fail(ctx, job, plan, [failed.call], failed)
+            return plan, failed.call
+        append = replace(
+            append,
+            state=StepState.DONE,
+            attempts=append.attempts + attempts,
+            ended_ms=self._clock(),
+        )
+        return plan.with_call(append), append
 
     # -- calls, retries, failure ----------------------------------------------------------------
 

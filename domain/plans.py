@@ -2,12 +2,14 @@
 
 A plan is chosen when the job starts, from the message's kind and the session's agent
 (``plan_for``), and is stored with the job; every call's state, attempts, times and error are
-recorded as it runs, returned by AdminService.GetTask and shown to clients as ``plan_step``
-events. The calls before the work itself (history, tools) and the hand-over of the work run under
-the job's hand-off lease, so a process that dies mid-plan leaves the rest to any other process
-(domain.handoff), which resumes at the first call that had not finished. The calls after the work
-(appending the turns to Conversation) run while the job is FINISHING, under a lease of the same
-kind. Calls carry the job id as idempotency key: a resumed plan appends a conversation turn once.
+recorded as it runs (the work's call and the append after it are settled by the job's state,
+domain.jobs.plan_of) and returned by AdminService.GetTask; clients see a ``plan_step`` event
+for each call before the work once it is done, and for a call that failed. The calls before the
+work itself (history, tools) and the hand-over of the work run under the job's hand-off lease,
+so a process that dies mid-plan leaves the rest to any other process (domain.handoff), which
+resumes at the first call that had not finished. The calls after the work (appending the turns
+to Conversation) run while the job is FINISHING, under a lease of the same kind. Calls carry
+the job id as idempotency key: a resumed plan appends a conversation turn once.
 
 For an embedding message the plan is one call: the embedding itself. Any other message goes by
 the session's agent:

@@ -43,7 +43,9 @@ class MemoryAgentCache:
         if entry is not None and now >= entry[1]:
             del self._configs[key]
             entry = None
-        return (None if entry is None else entry[0]), self._generation(key, now)
+        if entry is not None:
+            return entry[0], 0  # a hit: no put follows (as on Redis)
+        return None, self._generation(key, now)
 
     async def put(self, config: AgentConfig, ttl_ms: int, *, generation: int) -> None:
         key = (config.tenant_id, config.agent_id)

@@ -2,9 +2,12 @@
 
 Per (tenant, agent), under the tenant's hash tag (registry.keys): a hash with the cached
 configuration (``v`` its version, ``c`` the configuration as JSON) expiring after the TTL, and
-the agent's invalidation generation, a counter. A lookup reads both in one MULTI; a put is one
-script (registry/lua/agents/put.lua) that stores only if the generation is still the one the
-lookup read and no newer version is cached; an invalidation deletes the configuration and
+the agent's invalidation generation, a counter. A lookup reads the configuration, and only when
+there is none (a miss) the generation, before the caller asks Agent Management: a hit (every
+chat of a plan) costs one HGET. A put is one script (registry/lua/agents/put.lua) that stores
+only if the generation is still the one the lookup read and no newer version is cached (an
+invalidation after that read advanced it, so a configuration fetched before the invalidation
+is never stored after it); an invalidation deletes the configuration and
 advances the generation in one MULTI. Nothing is kept in process memory, so once
 ``invalidate`` returns no replica reads the old configuration.
 """
@@ -22,15 +25,13 @@ class RedisAgentCache(RedisStore):
     SCRIPTS = "agents"
 
     async def lookup(self, tenant_id: str, agent_id: str) -> tuple[AgentConfig | None, int]:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hget(self._keys.agent_config(tenant_id, agent_id), "c")
-        pipe.get(self._keys.agent_generation(tenant_id, agent_id))
         with redis_errors_as_unavailable():
-            raw, generation = await pipe.execute()
-        config = None if raw is None else config_from_json(as_str(raw))
-        if config is not None and (config.tenant_id, config.agent_id) != (tenant_id, agent_id):
-            config = None
-        return config, 0 if generation is None else int(as_str(generation))
+            raw = await self._redis.hget(self._keys.agent_config(tenant_id, agent_id), "c")
+            config = None if raw is None else config_from_json(as_str(raw))
+            if config is not None and (config.tenant_id, config.agent_id) == (tenant_id, agent_id):
+                return config, 0  # a hit: no put follows, the generation is not needed
+            generation = await self._redis.get(self._keys.agent_generation(tenant_id, agent_id))
+        return None, 0 if generation is None else int(as_str(generation))
 
     async def put(self, config: AgentConfig, ttl_ms: int, *, generation: int) -> None:
         keys = [

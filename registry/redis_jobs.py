@@ -641,6 +641,7 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         final_event=_final_event(f["session"], f["final"]) if "final" in f else None,
         plan=OrchestrationPlan.from_json(json.loads(f["plan"])) if f.get("plan") else None,
         agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
+        finishing_ms=int(f.get("fin", 0)),
     )
 
 

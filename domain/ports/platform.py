@@ -58,8 +58,9 @@ class AgentCache(Protocol):
     memory on the embedded default), with a time to live."""
 
     async def lookup(self, tenant_id: str, agent_id: str) -> tuple[AgentConfig | None, int]:
-        """The cached configuration (None on a miss: never cached, expired or invalidated) and
-        the agent's invalidation generation as read with it."""
+        """The cached configuration (None on a miss: never cached, expired or invalidated) and,
+        on a miss, the agent's invalidation generation read after it (the one a ``put`` of a
+        configuration fetched next must still find); 0 with a hit, which puts nothing."""
         ...
 
     async def put(self, config: AgentConfig, ttl_ms: int, *, generation: int) -> None:

@@ -93,7 +93,7 @@ def test_the_streams_shown_are_what_the_commands_print(printed: list[dict[str, A
             assert timeless(actual[line["sequence"]]) == timeless(line)
     # The shown tool-bot stream is the whole stream; the research-flow one its second message.
     assert len(tool_bot) == len(section_blocks("text")[0].strip().splitlines())
-    assert research_flow[-1]["sequence"] == "38"
+    assert research_flow[-1]["sequence"] == "30"
 
 
 def test_history_lists_the_turns_and_get_task_the_plan(printed: list[dict[str, Any]]) -> None:

@@ -64,7 +64,8 @@ async def test_invalidate_drops_the_entry_and_advances_the_generation(cache: Age
     assert await cache.lookup("acme", "tool-bot") == (None, 2)
     newer = replace(AGENT, version=4)
     await cache.put(newer, HOUR_MS, generation=2)
-    assert await cache.lookup("acme", "tool-bot") == (newer, 2)
+    # A hit answers no generation: nothing is put after it.
+    assert await cache.lookup("acme", "tool-bot") == (newer, 0)
 
 
 async def test_a_put_that_raced_an_invalidation_is_dropped(cache: AgentCache) -> None:

@@ -124,7 +124,8 @@ async def test_a_completed_notice_makes_a_job_whose_plan_appends_history_finishi
     assert claim is not None and claim.finalize and claim.attempt == 1
     assert claim.result == RESULT
     assert claim.job.content == "How long do refunds take?"
-    assert claim.job.plan == started.job.plan and claim.job.agent == AGENT
+    # The calls after the work need no agent snapshot: the claim does not carry it.
+    assert claim.job.plan == started.job.plan and claim.job.agent is None
     job = await registry.jobs.get_job(TENANT, job_id)
     assert job is not None and job.state is JobState.FINISHING and job.usage == USAGE
     page = await registry.events.read_after(TENANT, session_id, 0, limit=10)

@@ -168,6 +168,7 @@ def job_form(job: Job | None) -> Any:
         event_form(job.final_event),
         job.plan,
         job.agent,
+        bool(job.finishing_ms),
     )
 
 

@@ -58,3 +58,48 @@ def test_a_stored_plan_is_shown_with_its_work_settled_by_the_job() -> None:
     assert failed.call(StepName.RUN).state is StepState.FAILED
     assert failed.call(StepName.APPEND_HISTORY).state is StepState.PENDING
     assert plan_of(job(JobState.RUNNING, plan=stored)).agent_version == 2
+
+
+def test_the_append_after_the_work_is_settled_by_the_finishing_job() -> None:
+    agent = AgentConfig("acme", "a", AgentKind.LLM, 2)
+    stored = plan_for(WorkKind.LLM_QUERY, agent, now_ms=5)
+    running = stored.with_call(
+        replace(stored.call(StepName.RUN), state=StepState.RUNNING, attempts=1, started_ms=6)
+    )
+
+    def shown(state: JobState, **changes: object) -> list[tuple[StepName, StepState, int, int]]:
+        plan = plan_of(job(state, plan=running, updated_at_ms=9, **changes))
+        return [(c.name, c.state, c.started_ms, c.ended_ms) for c in plan.calls[-2:]]
+
+    run_done = (StepName.RUN, StepState.DONE, 6, 8)
+    assert shown(JobState.FINISHING, finishing_ms=8) == [
+        run_done,
+        (StepName.APPEND_HISTORY, StepState.RUNNING, 8, 0),
+    ]
+    assert shown(JobState.COMPLETED, finishing_ms=8) == [
+        run_done,
+        (StepName.APPEND_HISTORY, StepState.DONE, 8, 9),
+    ]
+    completed = plan_of(job(JobState.COMPLETED, plan=running, finishing_ms=8))
+    assert completed.call(StepName.APPEND_HISTORY).attempts == 1
+    # Ended while appending (cancelled, timed out, its finalize exhausted): the append failed.
+    assert shown(JobState.CANCELLED, finishing_ms=8) == [
+        run_done,
+        (StepName.APPEND_HISTORY, StepState.FAILED, 8, 9),
+    ]
+    # Ended before the work was done: the append never started.
+    assert shown(JobState.TIMED_OUT) == [
+        (StepName.RUN, StepState.FAILED, 6, 0),
+        (StepName.APPEND_HISTORY, StepState.PENDING, 0, 0),
+    ]
+
+
+def test_what_the_stored_plan_says_finished_stays() -> None:
+    agent = AgentConfig("acme", "a", AgentKind.LLM, 2)
+    stored = plan_for(WorkKind.LLM_QUERY, agent, now_ms=5)
+    error = {"code": "unavailable", "message": "down", "retryable": True}
+    failed = stored.with_call(
+        replace(stored.call(StepName.APPEND_HISTORY), state=StepState.FAILED, error=error)
+    )
+    shown = plan_of(job(JobState.FAILED, plan=failed, finishing_ms=8))
+    assert shown.call(StepName.APPEND_HISTORY) == failed.call(StepName.APPEND_HISTORY)

@@ -310,7 +310,10 @@ class ChatEvent(_message.Message):
 
     @_builtins.property
     def plan_step(self) -> _common_pb2.PlanStep:
-        """A call of the job's orchestration plan changed state."""
+        """A call of the job's orchestration plan: one before the work finished (load_agent,
+        load_history, resolve_tools), or a call failed. The work's own events and the final
+        event tell the rest; AdminService.GetTask shows every call.
+        """
 
     def __init__(
         self,

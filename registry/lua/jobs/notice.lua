@@ -4,7 +4,8 @@
 -- bookkeeping, and the event is appended. A duplicate or late notice changes nothing. A
 -- completed notice on a job whose plan appends history (field `pa`) makes it FINISHING
 -- instead: result (`res`) and usage stored, tokens counted (the session's message is counted
--- when it completes), a finalize lease (`fl`, attempts `fa`), no event; the reply is the
+-- when it completes), a finalize lease (`fl`, attempts `fa`), when (`fin`, kept once the job
+-- ends: GetTask's plan shows the work done then), no event; the reply is the
 -- finalize's claim (claim_reply). A completed notice also adds its
 -- tokens to the tenant's usage hash of the current UTC day (`<usage_prefix><days since the
 -- epoch>`, by the Redis clock): fields total, prompt, completion, jobs and `agent:<agent id>`.
@@ -68,7 +69,7 @@ if n == 0 then n = tonumber(f[3]) + 1 elseif n <= tonumber(f[3]) then return {'d
 if is_final(f[2]) or f[2] == 'finishing' then return {'job_finished'} end
 if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
   local lease = now + handoff_grace_ms
-  redis.call('HSET', job_key, 'state', 'finishing', 'nseq', n, 'updated', now,
+  redis.call('HSET', job_key, 'state', 'finishing', 'nseq', n, 'updated', now, 'fin', now,
     'ptok', prompt_tokens, 'ctok', completion_tokens, 'ttok', total_tokens,
     'hb', redis.call('HGET', job_key, 'deadline'), 'res', data_json, 'fl', lease, 'fa', 1)
   handed_over()
