@@ -38,7 +38,7 @@ _QUERY_MODES = {
     WorkKind.LLM_QUERY: query_pb2.QUERY_MODE_LLM,
     WorkKind.RAG_QUERY: query_pb2.QUERY_MODE_RAG,
 }
-_TURN_ROLES = {
+TURN_ROLES_TO_PB = {
     TurnRole.USER: conversation_pb2.ROLE_USER,
     TurnRole.ASSISTANT: conversation_pb2.ROLE_ASSISTANT,
 }
@@ -141,7 +141,7 @@ def turns_to_pb(turns: Iterable[Turn]) -> list[conversation_pb2.Turn]:
     out = []
     for turn in turns:
         message = conversation_pb2.Turn(
-            role=_TURN_ROLES[turn.role],
+            role=TURN_ROLES_TO_PB[turn.role],
             content=turn.content,
             job_id=turn.job_id,
             tokens=turn.tokens,

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import grpc
 
 from agents.v1 import agents_pb2, agents_pb2_grpc
-from clients.downstream import DownstreamConfig, ServiceCaller, turns_to_pb
+from clients.downstream import TURN_ROLES_TO_PB, DownstreamConfig, ServiceCaller, turns_to_pb
 from conversation.v1 import conversation_pb2, conversation_pb2_grpc
 from domain.agents import AgentConfig, AgentKind, AgentLimits, ToolDefinition
-from domain.conversation import HistoryPage, HistoryWindow, Turn, TurnRole
+from domain.conversation import HistoryPage, HistoryWindow, Turn
 from domain.dispatch import CallContext, DownstreamError
 from domain.models import Service
 from tools.v1 import tools_pb2, tools_pb2_grpc
@@ -24,10 +24,7 @@ _AGENT_KINDS = {
     agents_pb2.AGENT_KIND_TOOL_AGENT: AgentKind.TOOL_AGENT,
     agents_pb2.AGENT_KIND_WORKFLOW: AgentKind.WORKFLOW,
 }
-_ROLES = {
-    conversation_pb2.ROLE_USER: TurnRole.USER,
-    conversation_pb2.ROLE_ASSISTANT: TurnRole.ASSISTANT,
-}
+_ROLES = {number: role for role, number in TURN_ROLES_TO_PB.items()}
 
 
 def _status(error: DownstreamError) -> grpc.StatusCode | None:

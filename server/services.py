@@ -147,11 +147,9 @@ class Services:
     batch_queue: WorkQueue
     batches: BatchManager
     batch_runner: BatchRunner
-    # The synchronous platform services plans call. Agents are read through the shared agent
-    # cache (domain.agent_directory), never straight from Agent Management.
+    # Agents are read through the shared agent cache (domain.agent_directory), never straight
+    # from Agent Management.
     agents_directory: CachedAgentDirectory
-    conversation: ConversationStore
-    tools: ToolCatalog
     # Background loops: each process starts the ones it runs.
     reaper: JobReaper
     handoffs: HandoffRecovery
@@ -217,8 +215,6 @@ def build_services(
         batches=batches,
         batch_runner=BatchRunner(backend.batches, batches, chat),
         agents_directory=agents,
-        conversation=platform.conversation,
-        tools=platform.tools,
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
         # Hands over again the jobs whose hand-off was interrupted (in any process).
         handoffs=HandoffRecovery(chat, interval_s=settings.reaper_interval),
