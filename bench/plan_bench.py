@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import statistics
 import sys
 import uuid
@@ -66,7 +65,13 @@ from bench.flow_bench import (
     reference_config,
     relay_event,
 )
-from bench.processes import Child, bench_settings, on_private_redis, start_serving
+from bench.processes import (
+    Child,
+    bench_settings,
+    on_private_redis,
+    start_serving,
+    until_sigterm,
+)
 from bench.tables import print_table, quotient
 from conversation.v1 import conversation_pb2, conversation_pb2_grpc
 from orchestrator.v1 import (
@@ -250,14 +255,6 @@ async def embedded_reference(listen_port: int, orchestrator_port: int) -> AsyncI
         yield
     finally:
         await reference.stop()
-
-
-async def until_sigterm(port: int) -> None:
-    """Print ``PORT <port>`` (start_serving reads it), then wait for SIGTERM."""
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print(f"PORT {port}", flush=True)
-    await stop.wait()
 
 
 async def serve_orchestrator(redis_url: str, plans: bool) -> None:

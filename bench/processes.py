@@ -51,13 +51,18 @@ def bench_settings(redis_url: str | None, **overrides: Any) -> Settings:
     return test_settings(redis_url, **base)
 
 
-async def serve_until_sigterm(settings: Settings) -> None:
-    """Run an orchestrator; print ``PORT <n>`` once serving and stop on SIGTERM."""
+async def until_sigterm(port: int) -> None:
+    """Print ``PORT <port>`` (start_serving reads it), then wait for SIGTERM."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(f"PORT {port}", flush=True)
+    await stop.wait()
+
+
+async def serve_until_sigterm(settings: Settings) -> None:
+    """Run an orchestrator; print ``PORT <n>`` once serving and stop on SIGTERM."""
     async with running_server(settings) as running:
-        print(f"PORT {running.server.port}", flush=True)
-        await stop.wait()
+        await until_sigterm(running.server.port)
 
 
 class Child:

@@ -14,6 +14,7 @@ from domain.agents import AgentConfig, AgentKind, AgentLimits, ToolDefinition
 from domain.conversation import HistoryPage, HistoryWindow, Turn
 from domain.dispatch import CallContext, DownstreamError
 from domain.models import Service
+from reference.tools import TOOLS
 
 
 @dataclass
@@ -107,16 +108,12 @@ class FakeConversation:
 
 
 class FakeTools:
-    """domain.ports.platform.ToolCatalog over a dict."""
+    """domain.ports.platform.ToolCatalog over a dict: the reference tool catalogue."""
 
     def __init__(self) -> None:
         self.tools: dict[str, ToolDefinition] = {
-            "calculator": ToolDefinition(
-                "calculator",
-                "Evaluates arithmetic.",
-                '{"type":"object","properties":{"expression":{"type":"string"}}}',
-            ),
-            "clock": ToolDefinition("clock", "The current time.", '{"type":"object"}'),
+            name: ToolDefinition(name, tool.description, tool.parameters_json_schema)
+            for name, tool in TOOLS.items()
         }
         self.outage = Outage(Service.TOOL_REGISTRY)
 

@@ -4,9 +4,9 @@ clients (clients.platform) through ``platform_settings``."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from agents.v1 import agents_pb2, agents_pb2_grpc
 from conversation.v1 import conversation_pb2, conversation_pb2_grpc
+from reference.conversation import ConversationLog, ConversationServicer
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -49,34 +50,29 @@ class FakeAgentManagement(agents_pb2_grpc.AgentManagementServiceServicer):
         return agents_pb2.GetAgentResponse(agent=agent)
 
 
-@dataclass
-class FakeConversation(conversation_pb2_grpc.ConversationServiceServicer):
-    """Turns by (tenant, session), windows counted from the newest, pages by offset tokens
-    (``p<offset>``). Every ListHistory is recorded; ``down`` answers UNAVAILABLE."""
+class FakeConversation(ConversationServicer):
+    """The reference Conversation service (windows from the newest turn, pinned pages) over a
+    log the test fills. Every ListHistory is recorded; ``down`` answers UNAVAILABLE."""
 
-    turns: dict[tuple[str, str], list[conversation_pb2.Turn]] = field(default_factory=dict)
-    requests: list[conversation_pb2.ListHistoryRequest] = field(default_factory=list)
-    down: bool = False
+    def __init__(self) -> None:
+        super().__init__(ConversationLog())
+        self.requests: list[conversation_pb2.ListHistoryRequest] = []
+        self.down = False
+        self._added: Counter[tuple[str, str]] = Counter()
 
     def add_turns(self, tenant_id: str, session_id: str, count: int, tokens: int = 10) -> None:
         """``count`` turns, user and assistant in turn, numbered in their content."""
-        stored = self.turns.setdefault((tenant_id, session_id), [])
         for _ in range(count):
-            n = len(stored)
+            n = self._added[(tenant_id, session_id)]
+            self._added[(tenant_id, session_id)] += 1
             role = conversation_pb2.ROLE_USER if n % 2 == 0 else conversation_pb2.ROLE_ASSISTANT
             time = timestamp_pb2.Timestamp()
             time.FromMilliseconds(1_700_000_000_000 + n)
-            stored.append(
-                conversation_pb2.Turn(
-                    role=role, content=f"turn {n}", job_id=f"job-{n // 2}", time=time, tokens=tokens
-                )
+            turn = conversation_pb2.Turn(
+                role=role, content=f"turn {n}", job_id=f"job-{n // 2}", time=time, tokens=tokens
             )
-
-    async def AppendTurns(
-        self, request: conversation_pb2.AppendTurnsRequest, context: Ctx
-    ) -> conversation_pb2.AppendTurnsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not used by these tests")
-        raise AssertionError("unreachable")
+            # Appends are once per job id: each turn is its own append.
+            self.log.append(tenant_id, session_id, f"add-{n}", [turn])
 
     async def ListHistory(
         self, request: conversation_pb2.ListHistoryRequest, context: Ctx
@@ -84,24 +80,7 @@ class FakeConversation(conversation_pb2_grpc.ConversationServiceServicer):
         self.requests.append(request)
         if self.down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "conversation is down")
-        turns = self.turns.get((request.tenant_id, request.session_id), [])
-        if request.last_turns:
-            turns = turns[-request.last_turns :]
-        if request.token_budget:
-            kept: list[conversation_pb2.Turn] = []
-            spent = 0
-            for turn in reversed(turns):
-                if spent + turn.tokens > request.token_budget:
-                    break
-                spent += turn.tokens
-                kept.insert(0, turn)
-            turns = kept
-        start = int(request.page_token[1:]) if request.page_token else 0
-        end = start + (request.page_size or 50)
-        next_token = f"p{end}" if end < len(turns) else ""
-        return conversation_pb2.ListHistoryResponse(
-            turns=turns[start:end], next_page_token=next_token
-        )
+        return await super().ListHistory(request, context)
 
 
 @asynccontextmanager
