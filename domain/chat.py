@@ -221,8 +221,13 @@ class ChatOrchestrator:
         self, ctx: CallContext, session: Session, message: ChatMessage
     ) -> tuple[OrchestrationPlan | None, AgentConfig | None]:
         """The plan of a message on ``session`` and the agent it was made from (both None
-        without the platform's services)."""
-        if self._plans is None or session.agent_id == BATCH_AGENT_ID:
+        without the platform's services, and for an embedding: its one call, the work, is what
+        a job without a plan does, and GetTask shows it the same, domain.jobs.plan_of)."""
+        if (
+            self._plans is None
+            or session.agent_id == BATCH_AGENT_ID
+            or message.kind is WorkKind.EMBEDDING
+        ):
             return None, None
         return await self._plans.plan(message.kind, session.agent_id, ctx)
 

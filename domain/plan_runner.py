@@ -183,11 +183,10 @@ class PlanRunner:
 
     async def plan(
         self, kind: WorkKind, agent_id: str, ctx: CallContext
-    ) -> tuple[OrchestrationPlan, AgentConfig | None]:
-        """The plan for a message of ``kind`` on a session of ``agent_id`` (an embedding needs
-        no agent), and the agent it was made from."""
-        if kind is WorkKind.EMBEDDING:
-            return plan_for(kind, None, now_ms=self._clock()), None
+    ) -> tuple[OrchestrationPlan, AgentConfig]:
+        """The plan for a message of ``kind`` (not an embedding: that needs no agent, and its
+        one call is no plan to store) on a session of ``agent_id``, and the agent it was made
+        from."""
         agent = await self.load_agent(agent_id, ctx)
         return plan_for(kind, agent, now_ms=self._clock()), agent
 
