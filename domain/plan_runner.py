@@ -103,39 +103,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _turns_json(turns: list[Turn]) -> list[dict[str, Any]]:
-    return [
-        {
-            "role": t.role.value,
-            "content": t.content,
-            "job_id": t.job_id,
-            "time_ms": t.time_ms,
-            "tokens": t.tokens,
-        }
-        for t in turns
-    ]
-
-
-def _turns_from(data: Any) -> tuple[Turn, ...]:
-    return tuple(
-        Turn(
-            role=TurnRole(t["role"]),
-            content=str(t["content"]),
-            job_id=str(t.get("job_id", "")),
-            time_ms=int(t.get("time_ms", 0)),
-            tokens=int(t.get("tokens", 0)),
-        )
-        for t in data or ()
-    )
-
-
-def _tools_from(data: Any) -> tuple[ToolDefinition, ...]:
-    return tuple(
-        ToolDefinition(str(t["name"]), str(t["description"]), str(t["parameters_json"]))
-        for t in data or ()
-    )
-
-
 def assistant_text(result: Mapping[str, Any] | None) -> str:
     """The assistant's turn from a completed notice's data (its result's text)."""
     inner = (result or {}).get("result")
@@ -308,7 +275,7 @@ class PlanRunner:
                 attempts=call.attempts + attempts,
                 ended_ms=self._clock(),
             )
-            return done, {"history": _turns_json(turns)}, {"history": tuple(turns)}
+            return done, {"history": [t.to_json() for t in turns]}, {"history": tuple(turns)}
 
         async def resolve(call_ctx: CallContext) -> list[ToolDefinition]:
             return await self._ports.tools.resolve(agent.tool_names, call_ctx)
@@ -317,11 +284,7 @@ class PlanRunner:
         done = replace(
             started, state=StepState.DONE, attempts=call.attempts + attempts, ended_ms=self._clock()
         )
-        tools_json = [
-            {"name": t.name, "description": t.description, "parameters_json": t.parameters_json}
-            for t in tools
-        ]
-        return done, {"tools": tools_json}, {"tools": tuple(tools)}
+        return done, {"tools": [t.to_json() for t in tools]}, {"tools": tuple(tools)}
 
     async def _history(
         self, session_id: str, window: HistoryWindow, ctx: CallContext
@@ -362,9 +325,13 @@ class PlanRunner:
             history=(
                 produced["history"]
                 if "history" in produced
-                else _turns_from(outputs.get("history"))
+                else tuple(Turn.from_json(t) for t in outputs.get("history") or ())
             ),
-            tools=produced["tools"] if "tools" in produced else _tools_from(outputs.get("tools")),
+            tools=(
+                produced["tools"]
+                if "tools" in produced
+                else tuple(ToolDefinition.from_json(t) for t in outputs.get("tools") or ())
+            ),
             workflow_id=agent.workflow_id if agent else "",
             max_tool_calls=agent.limits.max_tool_calls if agent else 0,
             agent_version=agent.version if agent else 0,
