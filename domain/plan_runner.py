@@ -103,6 +103,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def call_error(exc: DownstreamError) -> dict[str, Any]:
+    """The {code, message, retryable} error of a service call that failed."""
+    return {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+
+
 def assistant_text(result: Mapping[str, Any] | None) -> str:
     """The assistant's turn from a completed notice's data (its result's text)."""
     inner = (result or {}).get("result")
@@ -432,11 +437,7 @@ class PlanRunner:
                         state=StepState.FAILED,
                         attempts=call.attempts + attempts,
                         ended_ms=self._clock(),
-                        error={
-                            "code": exc.code,
-                            "message": exc.message,
-                            "retryable": exc.retryable,
-                        },
+                        error=call_error(exc),
                     )
                     raise StepFailed(failed, exc) from None
                 log.info(
