@@ -90,3 +90,15 @@ class ToolDefinition:
     description: str
     # The JSON schema of the tool's arguments, as JSON text.
     parameters_json: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The tool as plain JSON values (a plan's recorded tool definitions)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters_json": self.parameters_json,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ToolDefinition:
+        return cls(str(data["name"]), str(data["description"]), str(data["parameters_json"]))

@@ -71,7 +71,7 @@ from domain.jobs import (
     StartRefused,
 )
 from domain.models import Service, Session, WorkKind
-from domain.plan_runner import PlanPorts, PlanRunner, RetryPolicy, runs_plan
+from domain.plan_runner import PlanPorts, PlanRunner, RetryPolicy, call_error, runs_plan
 from domain.plans import OrchestrationPlan
 from domain.ports.events import EventLog, Feed
 from domain.ports.jobs import JobStore
@@ -221,8 +221,13 @@ class ChatOrchestrator:
         self, ctx: CallContext, session: Session, message: ChatMessage
     ) -> tuple[OrchestrationPlan | None, AgentConfig | None]:
         """The plan of a message on ``session`` and the agent it was made from (both None
-        without the platform's services)."""
-        if self._plans is None or session.agent_id == BATCH_AGENT_ID:
+        without the platform's services, and for an embedding: its one call, the work, is what
+        a job without a plan does, and GetTask shows it the same, domain.jobs.plan_of)."""
+        if (
+            self._plans is None
+            or session.agent_id == BATCH_AGENT_ID
+            or message.kind is WorkKind.EMBEDDING
+        ):
             return None, None
         return await self._plans.plan(message.kind, session.agent_id, ctx)
 
@@ -607,8 +612,7 @@ class ChatOrchestrator:
             await self._dispatcher.submit(work, ctx)
         except DownstreamError as exc:
             log.warning("job %s not handed to %s: %s", job.job_id, job.service.value, exc)
-            error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
-            await self._fail(ctx.tenant_id, job.job_id, job.request_id, error)
+            await self._fail(ctx.tenant_id, job.job_id, job.request_id, call_error(exc))
         # The job turns RUNNING with the service's first notice (no extra round trip here).
 
     async def _complete_from_cache(

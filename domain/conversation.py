@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class TurnRole(enum.StrEnum):
@@ -21,6 +23,26 @@ class Turn:
     job_id: str = ""
     time_ms: int = 0
     tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The turn as plain JSON values (a plan's recorded history window)."""
+        return {
+            "role": self.role.value,
+            "content": self.content,
+            "job_id": self.job_id,
+            "time_ms": self.time_ms,
+            "tokens": self.tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Turn:
+        return cls(
+            role=TurnRole(data["role"]),
+            content=str(data["content"]),
+            job_id=str(data.get("job_id", "")),
+            time_ms=int(data.get("time_ms", 0)),
+            tokens=int(data.get("tokens", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)

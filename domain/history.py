@@ -5,14 +5,12 @@ Conversation service would make of it)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 from dataclasses import dataclass
 
 from domain.conversation import HistoryWindow
 from domain.errors import FieldViolation, InvalidArgument
+from domain.ids import open_page_token, seal_page_token
 from domain.models import page_limit
 
 MAX_LAST_TURNS = 10_000
@@ -64,20 +62,13 @@ def encode_history_token(downstream: str, session_id: str, window: HistoryWindow
     """Our page token for Conversation's ``downstream`` token ("" stays "": the last page)."""
     if not downstream:
         return ""
-    payload = json.dumps({"v": 1, "t": downstream, "f": _fingerprint(session_id, window)})
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+    return seal_page_token({"v": 1, "t": downstream, "f": _fingerprint(session_id, window)})
 
 
 def decode_history_token(token: str, session_id: str, window: HistoryWindow | None) -> str:
     """Conversation's token inside ``token``; InvalidArgument for a forged token or one issued
     for another session or window."""
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        downstream = payload["t"]
-        fingerprint = payload["f"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise InvalidArgument.field("page_token", "is not a valid page token") from None
+    downstream, fingerprint = open_page_token(token, "t", "f")
     if not isinstance(downstream, str) or not 0 < len(downstream) <= MAX_DOWNSTREAM_TOKEN_CHARS:
         raise InvalidArgument.field("page_token", "is not a valid page token")
     if fingerprint != _fingerprint(session_id, window):

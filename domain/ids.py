@@ -1,13 +1,17 @@
-"""Identifier generation and validation."""
+"""Identifier generation and validation, and the opaque page tokens that carry them."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from domain.errors import InvalidArgument
 
@@ -76,6 +80,22 @@ def require_id(
     if not valid(value):
         raise InvalidArgument.field(field, f"is not a valid {what}")
     return value
+
+
+def seal_page_token(payload: Mapping[str, Any]) -> str:
+    """An opaque page token carrying ``payload`` (JSON in unpadded URL-safe base64)."""
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def open_page_token(token: str, *keys: str) -> tuple[Any, ...]:
+    """The values under ``keys`` of the payload ``seal_page_token`` put in ``token``;
+    INVALID_ARGUMENT on page_token for anything else (the caller checks the values)."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return tuple(payload[key] for key in keys)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidArgument.field("page_token", "is not a valid page token") from None
 
 
 def tenant_entries(raw: str, shape: str) -> Iterator[tuple[str, str, str]]:

@@ -103,37 +103,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _turns_json(turns: list[Turn]) -> list[dict[str, Any]]:
-    return [
-        {
-            "role": t.role.value,
-            "content": t.content,
-            "job_id": t.job_id,
-            "time_ms": t.time_ms,
-            "tokens": t.tokens,
-        }
-        for t in turns
-    ]
-
-
-def _turns_from(data: Any) -> tuple[Turn, ...]:
-    return tuple(
-        Turn(
-            role=TurnRole(t["role"]),
-            content=str(t["content"]),
-            job_id=str(t.get("job_id", "")),
-            time_ms=int(t.get("time_ms", 0)),
-            tokens=int(t.get("tokens", 0)),
-        )
-        for t in data or ()
-    )
-
-
-def _tools_from(data: Any) -> tuple[ToolDefinition, ...]:
-    return tuple(
-        ToolDefinition(str(t["name"]), str(t["description"]), str(t["parameters_json"]))
-        for t in data or ()
-    )
+def call_error(exc: DownstreamError) -> dict[str, Any]:
+    """The {code, message, retryable} error of a service call that failed."""
+    return {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
 
 
 def assistant_text(result: Mapping[str, Any] | None) -> str:
@@ -183,11 +155,10 @@ class PlanRunner:
 
     async def plan(
         self, kind: WorkKind, agent_id: str, ctx: CallContext
-    ) -> tuple[OrchestrationPlan, AgentConfig | None]:
-        """The plan for a message of ``kind`` on a session of ``agent_id`` (an embedding needs
-        no agent), and the agent it was made from."""
-        if kind is WorkKind.EMBEDDING:
-            return plan_for(kind, None, now_ms=self._clock()), None
+    ) -> tuple[OrchestrationPlan, AgentConfig]:
+        """The plan for a message of ``kind`` (not an embedding: that needs no agent, and its
+        one call is no plan to store) on a session of ``agent_id``, and the agent it was made
+        from."""
         agent = await self.load_agent(agent_id, ctx)
         return plan_for(kind, agent, now_ms=self._clock()), agent
 
@@ -309,7 +280,7 @@ class PlanRunner:
                 attempts=call.attempts + attempts,
                 ended_ms=self._clock(),
             )
-            return done, {"history": _turns_json(turns)}, {"history": tuple(turns)}
+            return done, {"history": [t.to_json() for t in turns]}, {"history": tuple(turns)}
 
         async def resolve(call_ctx: CallContext) -> list[ToolDefinition]:
             return await self._ports.tools.resolve(agent.tool_names, call_ctx)
@@ -318,11 +289,7 @@ class PlanRunner:
         done = replace(
             started, state=StepState.DONE, attempts=call.attempts + attempts, ended_ms=self._clock()
         )
-        tools_json = [
-            {"name": t.name, "description": t.description, "parameters_json": t.parameters_json}
-            for t in tools
-        ]
-        return done, {"tools": tools_json}, {"tools": tuple(tools)}
+        return done, {"tools": [t.to_json() for t in tools]}, {"tools": tuple(tools)}
 
     async def _history(
         self, session_id: str, window: HistoryWindow, ctx: CallContext
@@ -363,9 +330,13 @@ class PlanRunner:
             history=(
                 produced["history"]
                 if "history" in produced
-                else _turns_from(outputs.get("history"))
+                else tuple(Turn.from_json(t) for t in outputs.get("history") or ())
             ),
-            tools=produced["tools"] if "tools" in produced else _tools_from(outputs.get("tools")),
+            tools=(
+                produced["tools"]
+                if "tools" in produced
+                else tuple(ToolDefinition.from_json(t) for t in outputs.get("tools") or ())
+            ),
             workflow_id=agent.workflow_id if agent else "",
             max_tool_calls=agent.limits.max_tool_calls if agent else 0,
             agent_version=agent.version if agent else 0,
@@ -466,11 +437,7 @@ class PlanRunner:
                         state=StepState.FAILED,
                         attempts=call.attempts + attempts,
                         ended_ms=self._clock(),
-                        error={
-                            "code": exc.code,
-                            "message": exc.message,
-                            "retryable": exc.retryable,
-                        },
+                        error=call_error(exc),
                     )
                     raise StepFailed(failed, exc) from None
                 log.info(

@@ -151,9 +151,6 @@ class OrchestrationPlan:
             data["error"] = dict(call.error)
         return data
 
-    def first_unfinished(self) -> ServiceCall | None:
-        return next((c for c in self.calls if not c.state.is_final), None)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "calls": [c.to_json() for c in self.calls],

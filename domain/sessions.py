@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,7 +16,7 @@ from domain.errors import (
     Unavailable,
 )
 from domain.history import encode_history_token, history_query
-from domain.ids import is_resource_id, new_id, require_id
+from domain.ids import is_resource_id, new_id, open_page_token, require_id, seal_page_token
 from domain.models import (
     NewSession,
     Page,
@@ -240,19 +237,12 @@ def _filter_fingerprint(filter: SessionFilter) -> str:
 
 def encode_page_token(cursor: str, filter: SessionFilter) -> str:
     """An opaque token that carries the cursor and the filter it is valid for."""
-    payload = json.dumps({"v": 1, "after": cursor, "f": _filter_fingerprint(filter)})
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+    return seal_page_token({"v": 1, "after": cursor, "f": _filter_fingerprint(filter)})
 
 
 def decode_page_token(token: str, filter: SessionFilter) -> str:
     """The cursor inside a page token; InvalidArgument for a forged, stale or foreign token."""
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        after = payload["after"]
-        fingerprint = payload["f"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise InvalidArgument.field("page_token", "is not a valid page token") from None
+    after, fingerprint = open_page_token(token, "after", "f")
     if not isinstance(after, str) or not is_resource_id(after):
         raise InvalidArgument.field("page_token", "is not a valid page token")
     if fingerprint != _filter_fingerprint(filter):
