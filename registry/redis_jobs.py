@@ -140,6 +140,12 @@ class RedisJobStore(RedisStore):
         # after the work: their completed notices need no finalize hint.
         self._no_finalize: set[str] = set()
 
+    def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
+        """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
+        channel: prelude/jobs.lua's ``append``)."""
+        channel = self._keys.session_channel(tenant_id, session_id)
+        return [self._log.max_events, self._log.ttl_ms, channel]
+
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
         k = self._keys
         return [
@@ -232,9 +238,7 @@ class RedisJobStore(RedisStore):
                     limits.heartbeat_ms,
                     limits.retention_ms,
                     if_busy.value,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    keys.session_channel(tenant_id, new.session_id),
+                    *self._log_args(tenant_id, new.session_id),
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
@@ -373,9 +377,7 @@ class RedisJobStore(RedisStore):
                             limits.handoff_grace_ms,
                             limits.handoff_attempts,
                             limits.retention_ms,
-                            self._log.max_events,
-                            self._log.ttl_ms,
-                            self._keys.session_channel(tenant_id, session_id),
+                            *self._log_args(tenant_id, session_id),
                             failed_data,
                             finalize_failed,
                         ],
@@ -427,9 +429,7 @@ class RedisJobStore(RedisStore):
                     usage.completion_tokens,
                     usage.total_tokens,
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
                     limits.handoff_grace_ms,
@@ -477,9 +477,7 @@ class RedisJobStore(RedisStore):
                     draft.kind.value,
                     _compact(draft.data),
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                 ],
             )
             # A FINISHING job's finalize needs no check any more (a no-op for other jobs).
@@ -515,9 +513,7 @@ class RedisJobStore(RedisStore):
                     job_id,
                     _compact(plan.to_json()),
                     _compact(outputs) if outputs is not None else "",
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                     "1" if plan.appends_history else "0",
                     *(_compact(plan.step_event(call)) for call in steps),
                 ],
@@ -599,9 +595,7 @@ class RedisJobStore(RedisStore):
                     args=[
                         job_id,
                         limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
+                        *self._log_args(tenant_id, session_id),
                     ],
                 )
                 status = as_str(reply[0])
