@@ -122,6 +122,11 @@ def _final_event(session_id: str, kept: str) -> SessionEvent:
     return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
 
 
+def _member(tenant_id: str, session_id: str, job_id: str) -> str:
+    """A job's member in the deadline, hand-off and finalize sets: ``<tenant> <session> <job>``."""
+    return f"{tenant_id} {session_id} {job_id}"
+
+
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
@@ -202,7 +207,7 @@ class RedisJobStore(RedisStore):
             "model": new.model,
         }
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
-        deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
+        deadline_member = _member(tenant_id, new.session_id, new.job_id)
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
         plan = new.plan
@@ -280,7 +285,7 @@ class RedisJobStore(RedisStore):
         if located is None or located[0] != tenant_id:
             return ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
-        member = f"{tenant_id} {session_id} {job_id}"
+        member = _member(tenant_id, session_id, job_id)
 
         # One round trip, as a start: the reaper must look at a started job by its new
         # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so both
@@ -320,7 +325,7 @@ class RedisJobStore(RedisStore):
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return False
-        member = f"{tenant_id} {located[1]} {job_id}"
+        member = _member(tenant_id, located[1], job_id)
 
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
@@ -345,7 +350,7 @@ class RedisJobStore(RedisStore):
         for tenant_id, job_id in done:
             located = await self._locate(job_id)
             if located is not None and located[0] == tenant_id:
-                members.append((tenant_id, job_id, f"{tenant_id} {located[1]} {job_id}"))
+                members.append((tenant_id, job_id, _member(tenant_id, located[1], job_id)))
         if not members:
             return
         with redis_errors_as_unavailable():
@@ -436,7 +441,7 @@ class RedisJobStore(RedisStore):
                 ],
             )
             if hint:
-                member = f"{tenant_id} {session_id} {notice.job_id}"
+                member = _member(tenant_id, session_id, notice.job_id)
                 # Never later (LT): an entry there is the job's own finalize lease already (a
                 # repeated completed notice changes nothing).
                 pipe.commands.zadd(
@@ -481,7 +486,7 @@ class RedisJobStore(RedisStore):
                 ],
             )
             # A FINISHING job's finalize needs no check any more (a no-op for other jobs).
-            pipe.commands.zrem(self._keys.job_finalizes(), f"{tenant_id} {session_id} {job_id}")
+            pipe.commands.zrem(self._keys.job_finalizes(), _member(tenant_id, session_id, job_id))
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
