@@ -211,6 +211,7 @@ class RedisJobStore(RedisStore):
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
         plan = new.plan
+        appends = plan is not None and plan.appends_history
 
         def build(pipe: ScriptPipeline) -> None:
             commands = pipe.commands
@@ -252,7 +253,7 @@ class RedisJobStore(RedisStore):
                     "1" if new.keep_final else "0",
                     _compact(plan.to_json()) if plan is not None else "",
                     _compact(new.agent.to_json()) if new.agent is not None else "",
-                    "1" if plan is not None and plan.appends_history else "0",
+                    "1" if appends else "0",
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -274,7 +275,7 @@ class RedisJobStore(RedisStore):
                 await cleanup.execute()
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
-            if plan is None or not plan.appends_history:
+            if not appends:
                 self._no_finalize.add(new.job_id)
             event = self._event(new.session_id, reply)
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
