@@ -15,11 +15,6 @@ from typing import Any
 
 from domain import job_machine, jobs
 from domain.job_machine import Effects, JobRecord, SessionSide
-from domain.jobs import (
-    JobState,
-    NoticeOutcome,
-    SessionEvent,
-)
 from domain.plans import OrchestrationPlan, ServiceCall
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
@@ -139,14 +134,14 @@ class MemoryJobStore:
 
     def _apply(
         self, tenant_id: str, session_id: str, job_id: str, effects: Effects
-    ) -> SessionEvent | None:
+    ) -> jobs.SessionEvent | None:
         """Store a transition's effects; the (first) appended event, if any."""
         events = self._apply_all(tenant_id, session_id, job_id, effects)
         return events[0] if events else None
 
     def _apply_all(
         self, tenant_id: str, session_id: str, job_id: str, effects: Effects
-    ) -> list[SessionEvent]:
+    ) -> list[jobs.SessionEvent]:
         """Store a transition's effects; the appended events."""
         record = effects.record
         if record is not None:
@@ -165,7 +160,7 @@ class MemoryJobStore:
         if effects.look_at_ms is not None:
             heapq.heappush(self._deadlines, (effects.look_at_ms, job_id))
         drafts = ([effects.event] if effects.event is not None else []) + list(effects.events)
-        events: list[SessionEvent] = []
+        events: list[jobs.SessionEvent] = []
         for draft in drafts:
             event = self._events.append(tenant_id, session_id, draft)
             if record is not None:
@@ -270,10 +265,10 @@ class MemoryJobStore:
         step = job_machine.apply_notice(record, side, notice, limits, now=self._clock())
         event = self._apply(job.tenant_id, job.session_id, job.job_id, step.effects)
         after = step.effects.record
-        if after is not None and after.job.state is JobState.FINISHING:
+        if after is not None and after.job.state is jobs.JobState.FINISHING:
             claim = job_machine.finishing_claim(after, 1)
-            return NoticeOutcome(step.outcome, event, finishing=claim)
-        return NoticeOutcome(step.outcome, event)
+            return jobs.NoticeOutcome(step.outcome, event, finishing=claim)
+        return jobs.NoticeOutcome(step.outcome, event)
 
     async def record_plan(
         self,
@@ -283,7 +278,7 @@ class MemoryJobStore:
         steps: Sequence[ServiceCall],
         *,
         outputs: Mapping[str, Any] | None = None,
-    ) -> list[SessionEvent] | None:
+    ) -> list[jobs.SessionEvent] | None:
         record = self._record(job_id)
         step = job_machine.record_plan(record, tenant_id, plan, steps, outputs)
         if not step.outcome or record is None:

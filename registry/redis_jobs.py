@@ -122,6 +122,11 @@ def _final_event(session_id: str, kept: str) -> SessionEvent:
     return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
 
 
+def _member(tenant_id: str, session_id: str, job_id: str) -> str:
+    """A job's member in the deadline, hand-off and finalize sets: ``<tenant> <session> <job>``."""
+    return f"{tenant_id} {session_id} {job_id}"
+
+
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
@@ -139,6 +144,12 @@ class RedisJobStore(RedisStore):
         # Ids of the remembered jobs this process started knowing their plan appends nothing
         # after the work: their completed notices need no finalize hint.
         self._no_finalize: set[str] = set()
+
+    def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
+        """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
+        channel: prelude/jobs.lua's ``append``)."""
+        channel = self._keys.session_channel(tenant_id, session_id)
+        return [self._log.max_events, self._log.ttl_ms, channel]
 
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:
         k = self._keys
@@ -196,10 +207,11 @@ class RedisJobStore(RedisStore):
             "model": new.model,
         }
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
-        deadline_member = f"{tenant_id} {new.session_id} {new.job_id}"
+        deadline_member = _member(tenant_id, new.session_id, new.job_id)
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
         plan = new.plan
+        appends = plan is not None and plan.appends_history
 
         def build(pipe: ScriptPipeline) -> None:
             commands = pipe.commands
@@ -232,9 +244,7 @@ class RedisJobStore(RedisStore):
                     limits.heartbeat_ms,
                     limits.retention_ms,
                     if_busy.value,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    keys.session_channel(tenant_id, new.session_id),
+                    *self._log_args(tenant_id, new.session_id),
                     new.cache_key,
                     limits.queue_timeout_ms,
                     "1" if hold else "0",
@@ -243,7 +253,7 @@ class RedisJobStore(RedisStore):
                     "1" if new.keep_final else "0",
                     _compact(plan.to_json()) if plan is not None else "",
                     _compact(new.agent.to_json()) if new.agent is not None else "",
-                    "1" if plan is not None and plan.appends_history else "0",
+                    "1" if appends else "0",
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -265,7 +275,7 @@ class RedisJobStore(RedisStore):
                 await cleanup.execute()
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
-            if plan is None or not plan.appends_history:
+            if not appends:
                 self._no_finalize.add(new.job_id)
             event = self._event(new.session_id, reply)
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
@@ -276,7 +286,7 @@ class RedisJobStore(RedisStore):
         if located is None or located[0] != tenant_id:
             return ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
-        member = f"{tenant_id} {session_id} {job_id}"
+        member = _member(tenant_id, session_id, job_id)
 
         # One round trip, as a start: the reaper must look at a started job by its new
         # deadline (not the queue timeout) and its hand-off is now due to be confirmed, so both
@@ -316,7 +326,7 @@ class RedisJobStore(RedisStore):
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return False
-        member = f"{tenant_id} {located[1]} {job_id}"
+        member = _member(tenant_id, located[1], job_id)
 
         def build(pipe: ScriptPipeline) -> None:
             pipe.run(
@@ -341,7 +351,7 @@ class RedisJobStore(RedisStore):
         for tenant_id, job_id in done:
             located = await self._locate(job_id)
             if located is not None and located[0] == tenant_id:
-                members.append((tenant_id, job_id, f"{tenant_id} {located[1]} {job_id}"))
+                members.append((tenant_id, job_id, _member(tenant_id, located[1], job_id)))
         if not members:
             return
         with redis_errors_as_unavailable():
@@ -373,9 +383,7 @@ class RedisJobStore(RedisStore):
                             limits.handoff_grace_ms,
                             limits.handoff_attempts,
                             limits.retention_ms,
-                            self._log.max_events,
-                            self._log.ttl_ms,
-                            self._keys.session_channel(tenant_id, session_id),
+                            *self._log_args(tenant_id, session_id),
                             failed_data,
                             finalize_failed,
                         ],
@@ -427,16 +435,14 @@ class RedisJobStore(RedisStore):
                     usage.completion_tokens,
                     usage.total_tokens,
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
                     limits.handoff_grace_ms,
                 ],
             )
             if hint:
-                member = f"{tenant_id} {session_id} {notice.job_id}"
+                member = _member(tenant_id, session_id, notice.job_id)
                 # Never later (LT): an entry there is the job's own finalize lease already (a
                 # repeated completed notice changes nothing).
                 pipe.commands.zadd(
@@ -477,13 +483,11 @@ class RedisJobStore(RedisStore):
                     draft.kind.value,
                     _compact(draft.data),
                     limits.retention_ms,
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                 ],
             )
             # A FINISHING job's finalize needs no check any more (a no-op for other jobs).
-            pipe.commands.zrem(self._keys.job_finalizes(), f"{tenant_id} {session_id} {job_id}")
+            pipe.commands.zrem(self._keys.job_finalizes(), _member(tenant_id, session_id, job_id))
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
@@ -515,9 +519,7 @@ class RedisJobStore(RedisStore):
                     job_id,
                     _compact(plan.to_json()),
                     _compact(outputs) if outputs is not None else "",
-                    self._log.max_events,
-                    self._log.ttl_ms,
-                    self._keys.session_channel(tenant_id, session_id),
+                    *self._log_args(tenant_id, session_id),
                     "1" if plan.appends_history else "0",
                     *(_compact(plan.step_event(call)) for call in steps),
                 ],
@@ -599,9 +601,7 @@ class RedisJobStore(RedisStore):
                     args=[
                         job_id,
                         limits.retention_ms,
-                        self._log.max_events,
-                        self._log.ttl_ms,
-                        self._keys.session_channel(tenant_id, session_id),
+                        *self._log_args(tenant_id, session_id),
                     ],
                 )
                 status = as_str(reply[0])
