@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from domain.jobs import (
 )
 from domain.models import Service, TokenUsage
 from domain.ports.jobs import JobStore
+from domain.ports.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -348,9 +350,14 @@ class NoticeProcessor:
         metrics: NoticeMetrics | None = None,
         on_agent_changed: AgentChangedHook | None = None,
         on_finishing: Callable[[HandoffClaim], None] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """``on_finishing`` starts the finalize of a job a completed notice made FINISHING
-        (domain.chat.ChatOrchestrator.finalize_soon): this process holds its lease."""
+        (domain.chat.ChatOrchestrator.finalize_soon): this process holds its lease.
+        ``tracing``: each accepted notice is a span in its job's trace (the store answers
+        with the job's trace context), and what it starts (the finalize) runs under it."""
+        self._tracing = tracing
+        self._traced = tracing.enabled  # read once: tracing off costs one check per notice
         self._jobs = jobs
         self._on_finishing = on_finishing
         self._limits = limits
@@ -393,7 +400,29 @@ class NoticeProcessor:
             notice = validate_notice(raw)
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
+        if not self._traced:
+            outcome = await self._jobs.apply_notice(notice, self._limits)
+            await self._applied(notice, outcome)
+            return outcome
+        start_ns = time.time_ns()
         outcome = await self._jobs.apply_notice(notice, self._limits)
+        if not outcome.traceparent:  # rejected, or a job accepted without a trace
+            await self._applied(notice, outcome)
+            return outcome
+        attributes = {
+            "orchestrator.job_id": notice.job_id,
+            "orchestrator.service": notice.service.value,
+            "orchestrator.notice_sequence": notice.sequence,
+        }
+        with self._tracing.record_span(
+            f"notice {notice.event.value}", outcome.traceparent, start_ns, attributes=attributes
+        ):
+            await self._applied(notice, outcome)
+        return outcome
+
+    async def _applied(self, notice: Notice, outcome: NoticeOutcome) -> None:
+        """What follows a notice the store applied: the finalize it starts, the tokens counted,
+        the embedding cache filled; a rejection logged."""
         if outcome.finishing is not None and self._on_finishing is not None:
             self._on_finishing(outcome.finishing)
         if outcome.verdict is Verdict.ACCEPTED and notice.event is NoticeEvent.COMPLETED:
@@ -409,7 +438,6 @@ class NoticeProcessor:
                 notice.tenant_id,
                 notice.service.value,
             )
-        return outcome
 
     async def _agent_changed(self, raw: NoticeInput) -> NoticeOutcome:
         try:

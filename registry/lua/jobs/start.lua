@@ -19,7 +19,8 @@
 --   not hold of the work request, and its work queue priority), handoff_grace_ms,
 --   keep ('1': the job hash keeps its final event, see keep_final), plan_json (the job's
 --   plan, '' for none), agent_json (the agent snapshot the plan was made from, or ''),
---   appends ('1': the plan appends history, so a completed notice makes the job FINISHING)
+--   appends ('1': the plan appends history, so a completed notice makes the job FINISHING),
+--   traceparent (the W3C trace context the job was accepted under, field `tp`, or '')
 -- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | session_missing |
 --   session_not_open | session_busy)
 local job_id = ARGV[1]
@@ -46,6 +47,7 @@ local keep = ARGV[21]
 local plan_json = ARGV[22]
 local agent_json = ARGV[23]
 local appends = ARGV[24]
+local traceparent = ARGV[25]
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
@@ -75,6 +77,7 @@ if keep == '1' then redis.call('HSET', job_key, 'keep', '1') end
 if plan_json ~= '' then redis.call('HSET', job_key, 'plan', plan_json) end
 if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
 if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
+if traceparent ~= '' then redis.call('HSET', job_key, 'tp', traceparent) end
 lifetime = lifetime + retention_ms
 redis.call('PEXPIRE', job_key, lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished
