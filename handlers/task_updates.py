@@ -13,6 +13,7 @@ from domain.notices import NoticeInput, NoticeProcessor, VerdictTally
 from handlers.errors import unary_errors
 from handlers.event_converters import notice_from_pb
 from handlers.framing import raw_request_frames
+from handlers.request_context import current_caller
 from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -48,7 +49,8 @@ def tally_to_pb(tally: VerdictTally) -> task_update_pb2.PublishUpdatesResponse:
 
 
 class TaskUpdateServicer(task_update_pb2_grpc.TaskUpdateServiceServicer):
-    """Applies each notice of the stream on its own and answers with the tally."""
+    """Applies each notice of the stream on its own and answers with the tally. Every notice
+    is judged against the services the caller's key speaks for."""
 
     def __init__(self, notices: NoticeProcessor) -> None:
         self._notices = notices
@@ -60,10 +62,11 @@ class TaskUpdateServicer(task_update_pb2_grpc.TaskUpdateServiceServicer):
     ) -> task_update_pb2.PublishUpdatesResponse:
         """The request frames arrive as bytes (server.decoding): each is parsed here, so a
         frame that is not a valid notice counts as malformed and the stream goes on."""
+        caller = current_caller()
         tally = VerdictTally()
         async for batch in _batches(request_iterator):
             raws = [notice_from_frame(frame) for frame in batch]
-            outcomes = await self._notices.process_many(raws)
+            outcomes = await self._notices.process_many(raws, caller)
             for raw, outcome in zip(raws, outcomes, strict=True):
                 tally.add(raw.job_id, outcome)
         return tally_to_pb(tally)
