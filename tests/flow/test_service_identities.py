@@ -12,8 +12,9 @@ import pytest
 
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import common_pb2, task_update_pb2
+from tests.support.admin_calls import create_service_key, service_key_for
 from tests.support.flow import Flow, completed, kind_of, notice, read_to_end
-from tests.support.servers import admin, bearer
+from tests.support.servers import admin
 
 QUERY = common_pb2.SERVICE_QUERY
 EMBEDDING = common_pb2.SERVICE_EMBEDDING
@@ -25,21 +26,11 @@ UNKNOWN_JOB = "0190a0b0-0000-7000-8000-000000000001"
 async def create_key(
     flow: Flow, services: Sequence[int], role: int = SERVICE_ROLE
 ) -> admin_pb2.CreateApiKeyResponse:
-    stub = admin_pb2_grpc.AdminServiceStub(flow.channel)
-    reply: admin_pb2.CreateApiKeyResponse = await stub.CreateApiKey(
-        admin_pb2.CreateApiKeyRequest(
-            tenant_id="platform",
-            role=role,  # type: ignore[arg-type]
-            services=services,  # type: ignore[arg-type]
-        ),
-        metadata=admin(),
-    )
-    return reply
+    return await create_service_key(flow.channel, services, role)
 
 
-async def service_key(flow: Flow, *services: int) -> tuple[tuple[str, str], ...]:
-    created = await create_key(flow, services)
-    return (bearer(created.api_key),)
+async def service_key(flow: Flow, *services: int) -> tuple[tuple[str, str]]:
+    return await service_key_for(flow.channel, *services)
 
 
 async def test_a_key_reporting_for_a_service_it_does_not_speak_for_gets_wrong_service(
