@@ -83,7 +83,9 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_WRONG_TENANT: _RejectReason.ValueType  # 2
     """The job belongs to another tenant."""
     REJECT_REASON_WRONG_SERVICE: _RejectReason.ValueType  # 3
-    """The job went to another service."""
+    """The job went to another service, or the caller's API key does not speak for the notice's
+    service (decided before the job is looked up).
+    """
     REJECT_REASON_JOB_FINISHED: _RejectReason.ValueType  # 4
     """The job already reached a final state."""
     REJECT_REASON_MALFORMED: _RejectReason.ValueType  # 5
@@ -99,7 +101,9 @@ REJECT_REASON_UNKNOWN_JOB: RejectReason.ValueType  # 1
 REJECT_REASON_WRONG_TENANT: RejectReason.ValueType  # 2
 """The job belongs to another tenant."""
 REJECT_REASON_WRONG_SERVICE: RejectReason.ValueType  # 3
-"""The job went to another service."""
+"""The job went to another service, or the caller's API key does not speak for the notice's
+service (decided before the job is looked up).
+"""
 REJECT_REASON_JOB_FINISHED: RejectReason.ValueType  # 4
 """The job already reached a final state."""
 REJECT_REASON_MALFORMED: RejectReason.ValueType  # 5
@@ -159,7 +163,9 @@ class PublishUpdatesRequest(_message.Message):
     event: Global___NoticeEvent.ValueType
     """Required. What the notice reports."""
     service: _common_pb2.Service.ValueType
-    """Required. The service sending the notice; must be the service the job went to."""
+    """Required. The service sending the notice; must be the service the job went to and one the
+    caller's API key speaks for (a legacy service key with no list speaks for all).
+    """
     job_id: _builtins.str
     """Required (except for agent_changed). The job the notice is about."""
     tenant_id: _builtins.str
