@@ -132,12 +132,12 @@ async def test_list_tasks_filters_by_state_session_agent_and_service(flow: Flow)
 async def test_list_tasks_filters_by_create_time_range(flow: Flow) -> None:
     (older,) = await start_jobs(flow, 1)
     older_task = (await list_tasks(flow, tenant_id="acme")).tasks[0]
+    await asyncio.sleep(0.002)  # a later create time (nothing to await: only time)
     (newer,) = await start_jobs(flow, 1)
     newer_task = next(
         t for t in (await list_tasks(flow, tenant_id="acme")).tasks if t.job_id == newer
     )
-    if newer_task.create_time == older_task.create_time:
-        pytest.skip("both tasks were created in the same millisecond")
+    assert newer_task.create_time != older_task.create_time
     split = newer_task.create_time
     assert await all_task_ids(flow, tenant_id="acme", create_time_from=split) == [newer]
     assert await all_task_ids(flow, tenant_id="acme", create_time_to=split) == [older]
