@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from domain.jobs import JobLimits
-
 from domain.ports.queue import PriorityDepth, QueuePriority, WorkQueue
 from registry.backend import Backend, BackendConfig, open_backend
 from tests.registry.queue_fixtures import LEASE_MS, new_item, open_queue
