@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from domain.jobs import JobLimits
-from domain.ports.queue import PriorityDepth, QueuePriority, WorkQueue
+from domain.ports.queue import PriorityDepth, QueuePriority, WorkItem, WorkQueue
 from registry.backend import Backend, BackendConfig, open_backend
 from tests.registry.queue_fixtures import LEASE_MS, new_item, open_queue
 from tests.registry.test_job_counts_contract import PREFIX, counts, start
@@ -166,7 +166,7 @@ async def test_depth_follows_items_through_lease_retry_dead_letter_and_redrive(
     assert await queue.redrive(second.item_id)
     assert depth(await queue.depth("t1"))[NORMAL] == (2, 0, 1, 0)
     # The retry becomes ready once its backoff is over, and leaves the delayed count.
-    retried = []
+    retried: list[WorkItem] = []
     while len(retried) < 3:
         retried += await queue.dequeue("c1", count=3, lease_ms=LEASE_MS, wait_ms=1000)
     assert depth(await queue.depth("t1"))[NORMAL] == (0, 3, 0, 0)
