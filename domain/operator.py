@@ -45,6 +45,7 @@ EVENT_PAGE_MAX = 1_000
 # RevokeTenantKeys reads the tenant's keys this many at a time.
 KEY_PAGE = 500
 MAX_ITEM_ID_LENGTH = 128
+_MAX_INDEX_DIGITS = 7
 
 
 def bounded_page(page_size: int, default: int, maximum: int) -> int:
@@ -238,10 +239,18 @@ class OperatorQueries:
 
     @staticmethod
     def _item_id(item_id: str) -> str:
+        """A work item id: a job id (queued messages) or ``<batch id>/<index>`` (batch items)."""
         if not item_id:
             raise InvalidArgument.field("item_id", "is required")
-        if len(item_id) > MAX_ITEM_ID_LENGTH or not is_resource_id(item_id):
-            raise InvalidArgument.field("item_id", "is not a valid item id")
+        head, slash, index = item_id.partition("/")
+        if (
+            len(item_id) > MAX_ITEM_ID_LENGTH
+            or not is_resource_id(head)
+            or (slash and not (index.isdigit() and len(index) <= _MAX_INDEX_DIGITS))
+        ):
+            raise InvalidArgument.field(
+                "item_id", "is not a valid item id (a job id, or <batch id>/<index>)"
+            )
         return item_id
 
     async def list_dead_letters(

@@ -278,6 +278,33 @@ async def test_a_dead_letter_is_listed_inspected_and_redriven_until_its_job_runs
     assert task.task.session_id == session_id
 
 
+async def test_a_dead_batch_item_is_listed_and_inspected_by_its_item_id(flow: Flow) -> None:
+    batches = batch_pb2_grpc.BatchServiceStub(flow.channel)
+    submitted = await batches.SubmitBatch(
+        batch_pb2.SubmitBatchRequest(
+            items=[
+                batch_pb2.BatchItem(
+                    custom_id="one", content="hi", kind=batch_pb2.BATCH_ITEM_KIND_LLM_QUERY
+                )
+            ]
+        ),
+        metadata=tenant("acme"),
+    )
+    batch_id = submitted.batch.batch_id
+    item_id = f"{batch_id}/0"
+    await kill_every_delivery(flow.running.server.services.batch_queue, item_id)
+    listed = await stub(flow).ListDeadLetters(
+        admin_pb2.ListDeadLettersRequest(queue="batch"), metadata=admin()
+    )
+    assert [(d.item_id, d.batch_id, d.tenant_id) for d in listed.dead_letters] == [
+        (item_id, batch_id, "acme")
+    ]
+    inspected = await stub(flow).GetDeadLetter(
+        admin_pb2.GetDeadLetterRequest(queue="batch", item_id=item_id), metadata=admin()
+    )
+    assert b"hi" in inspected.dead_letter.payload
+
+
 async def test_redriving_what_is_not_dead_lettered_is_not_found(flow: Flow) -> None:
     _, job_id = await queue_background(flow)
     for call in (
@@ -329,6 +356,7 @@ async def test_dead_letters_page_and_filter_by_tenant(flow: Flow) -> None:
         (admin_pb2.ListDeadLettersRequest(queue="nope"), "queue"),
         (admin_pb2.GetDeadLetterRequest(queue=CHAT), "item_id"),
         (admin_pb2.RedriveDeadLetterRequest(queue=CHAT, item_id="x" * 200), "item_id"),
+        (admin_pb2.GetDeadLetterRequest(queue="batch", item_id="not-an-id/0"), "item_id"),
     ],
 )
 async def test_dead_letter_calls_refuse_bad_input_naming_the_field(
