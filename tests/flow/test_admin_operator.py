@@ -17,10 +17,17 @@ from google.protobuf import timestamp_pb2
 from domain.identity import Role
 from domain.ports.queue import WorkQueue
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator.v1 import batch_pb2, batch_pb2_grpc, common_pb2, session_pb2
+from orchestrator.v1 import batch_pb2, batch_pb2_grpc, common_pb2, session_pb2, session_pb2_grpc
 from tests.support.flow import Flow, completed, kind_of
 from tests.support.keys import key_id_for
-from tests.support.servers import admin, bearer, service, tenant
+from tests.support.servers import (
+    admin,
+    bearer,
+    running_server,
+    service,
+    tenant,
+    test_settings,
+)
 
 CHAT = "chat"
 
@@ -581,3 +588,28 @@ async def test_an_audit_line_quotes_a_hostile_target(
     assert "\n" not in message
     assert 'tenant_id="acme\\noutcome=OK"' in message
     assert message.endswith(line.audit_time) and "outcome=INVALID_ARGUMENT" in message
+
+
+async def test_keys_revoked_on_one_replica_are_refused_by_another_at_once(redis_url: str) -> None:
+    async with (
+        running_server(test_settings(redis_url)) as replica_a,
+        running_server(test_settings(redis_url)) as replica_b,
+    ):
+        created = await admin_pb2_grpc.AdminServiceStub(replica_a.channel).CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant_id="acme", role=admin_pb2.API_KEY_ROLE_CLIENT),
+            metadata=admin(),
+        )
+        sessions_b = session_pb2_grpc.SessionServiceStub(replica_b.channel)
+        await sessions_b.CreateSession(
+            session_pb2.CreateSessionRequest(agent_id="a"), metadata=(bearer(created.api_key),)
+        )
+        await admin_pb2_grpc.AdminServiceStub(replica_a.channel).RevokeTenantKeys(
+            admin_pb2.RevokeTenantKeysRequest(tenant_id="acme"), metadata=admin()
+        )
+        await expect_error(
+            sessions_b.CreateSession(
+                session_pb2.CreateSessionRequest(agent_id="a"),
+                metadata=(bearer(created.api_key),),
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
