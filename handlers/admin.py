@@ -14,6 +14,7 @@ from domain.api_keys import ApiKeyManager
 from domain.identity import Role
 from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
+from handlers.audit import audited
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
 from handlers.event_converters import (
@@ -39,6 +40,10 @@ _STATE_TO_PB = {
     ),
     JobState.FINISHING: admin_pb2.TASK_STATE_RUNNING,
 }
+
+
+def task_state_to_pb(state: JobState) -> admin_pb2.TaskState.ValueType:
+    return _STATE_TO_PB[state]
 
 
 def task_to_pb(job: Job) -> admin_pb2.Task:
@@ -121,6 +126,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._queries = queries
         self._agents = agents
 
+    @audited("tenant_id")
     @unary_errors
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Ctx
@@ -136,6 +142,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             key=api_key_to_pb(issued.record),
         )
 
+    @audited("tenant_id")
     @unary_errors
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Ctx
@@ -146,6 +153,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             next_page_token=page.next_cursor or "",
         )
 
+    @audited("key_id")
     @unary_errors
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: Ctx
@@ -153,6 +161,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         revoked = await self._keys.revoke(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_to_pb(revoked))
 
+    @audited("tenant_id", "job_id")
     @unary_errors
     async def GetTask(
         self, request: admin_pb2.GetTaskRequest, context: Ctx
@@ -160,6 +169,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         job = await self._queries.get_task(request.tenant_id, request.job_id)
         return admin_pb2.GetTaskResponse(task=task_to_pb(job))
 
+    @audited("tenant_id", "start_date", "end_date")
     @unary_errors
     async def GetTenantUsage(
         self, request: admin_pb2.GetTenantUsageRequest, context: Ctx
@@ -169,6 +179,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         return tenant_usage_to_pb(usage)
 
+    @audited("tenant_id", "agent_id")
     @unary_errors
     async def InvalidateAgent(
         self, request: admin_pb2.InvalidateAgentRequest, context: Ctx

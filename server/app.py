@@ -19,8 +19,9 @@ from domain.api_keys import ApiKeyManager
 from domain.dispatch import Dispatcher
 from domain.errors import Unavailable
 from domain.identity import Caller, Role
+from domain.operator import OperatorQueries
 from domain.rate_limits import StreamSlots
-from handlers.admin import AdminServicer
+from handlers.admin_operator import OperatorAdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
 from handlers.sessions import SessionServicer
@@ -224,6 +225,19 @@ class OrchestratorServer:
             server_spans=self.tracing.enabled,
         )
 
+    def operator_queries(self) -> OperatorQueries:
+        """The admin API's cross-tenant reads and repairs over this process's backend."""
+        services = self.services
+        return OperatorQueries(
+            jobs=self.backend.jobs,
+            usage=self.backend.usage,
+            queues={BATCH_QUEUE: services.batch_queue, CHAT_QUEUE: services.chat_queue},
+            sessions=services.sessions,
+            events=self.backend.events,
+            batches=services.batches,
+            keys=self.backend.api_keys,
+        )
+
     def _build(self) -> grpc.aio.Server:
         settings = self.settings
         server = grpc.aio.server(
@@ -247,7 +261,10 @@ class OrchestratorServer:
         )
         queries = AdminQueries(self.backend.jobs, self.backend.usage, settings.budget_rules())
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.api_keys, queries, self.services.agents_directory), target
+            OperatorAdminServicer(
+                self.api_keys, queries, self.services.agents_directory, self.operator_queries()
+            ),
+            target,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, target)
         if self.extra_handlers:
