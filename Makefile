@@ -9,7 +9,7 @@ BUF         := .tools/node_modules/.bin/buf
 STAMP       := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools gen gen-check lua-check lint fmt test run bench soak docker lock clean
+.PHONY: help setup tools gen gen-check lua-check lint fmt test run bench soak docker lock ts clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -55,7 +55,23 @@ fmt: $(STAMP)  ## Format and autofix.
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: tools lint  ## Install what is missing, lint, run every test.
+# The TypeScript client (sdk/typescript): its npm packages come from its package-lock.json.
+TS_DIR   := sdk/typescript
+TS_DEPS  := $(TS_DIR)/node_modules/.installed-stamp
+TS_BUILT := $(TS_DIR)/dist/.built-stamp
+
+$(TS_DEPS): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(TS_DIR)
+	touch $@
+
+$(TS_BUILT): $(TS_DEPS) $(TS_DIR)/tsconfig.json $(wildcard $(TS_DIR)/src/*.ts $(TS_DIR)/src/*/*.ts)
+	npm run --silent --prefix $(TS_DIR) build
+	touch $@
+
+ts: $(TS_BUILT)  ## Install the TypeScript client's npm packages (from its lock file) and build it.
+
+test: tools lint ts  ## Install what is missing, lint, run every test.
+	npm test --silent --prefix $(TS_DIR)
 	$(BIN)/pytest
 
 run: $(STAMP)  ## Serve on :50051 with embedded defaults (in-memory registry unless REDIS_URL is set).
@@ -85,4 +101,4 @@ lock: $(STAMP)  ## Regenerate requirements.lock and requirements-build.lock from
 	  --output-file requirements-build.lock pyproject.toml
 
 clean:  ## Remove the virtualenv and tool caches.
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools $(TS_DIR)/node_modules $(TS_DIR)/dist .pytest_cache .mypy_cache .ruff_cache *.egg-info
