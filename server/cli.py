@@ -27,7 +27,28 @@ def _channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:
         private_key=Path(args.key_file).read_bytes() if args.key_file else None,
         certificate_chain=Path(args.cert_file).read_bytes() if args.cert_file else None,
     )
-    return grpc.aio.secure_channel(address, credentials)
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else None
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+WILDCARD_HOSTS = {"", "0.0.0.0", "[::]", "::", "*"}
+
+
+def local_probe(settings: Settings) -> tuple[str, str | None, str | None, str | None, str | None]:
+    """Where and how `orchestrator health` without --address reaches this host's server, as
+    ``(address, ca_file, cert_file, key_file, server_name)``: the port of ORCH_LISTEN_ADDRESS on
+    loopback (or its host when it binds one address), with TLS when the server serves TLS."""
+    host, _, port = settings.listen_address.rpartition(":")
+    address = f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+    if not settings.tls_cert_file:
+        return address, None, None, None, None
+    return (
+        address,
+        settings.healthcheck_ca_file or settings.tls_cert_file,
+        settings.healthcheck_cert_file,
+        settings.healthcheck_key_file,
+        settings.healthcheck_server_name,
+    )
 
 
 async def _health(args: argparse.Namespace) -> int:
@@ -95,8 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         help="with --tracemalloc, also write a report at this interval (0: on SIGUSR1 only)",
     )
     probe = commands.add_parser("health", help="check a running server's health; exit 0 if SERVING")
-    probe.add_argument("--address", default="localhost:50051")
-    probe.add_argument("--service", default="", help="a service name; empty for the server")
+    probe.add_argument(
+        "--address",
+        help="host:port to probe; unset: this host's server as configured (the port of "
+        "ORCH_LISTEN_ADDRESS on loopback, TLS per ORCH_TLS_* and ORCH_HEALTHCHECK_*)",
+    )
+    probe.add_argument(
+        "--server-name", help="with TLS: the name to verify in the server certificate"
+    )
+    probe.add_argument(
+        "--service",
+        default="",
+        help="a service name; empty for the server (readiness), liveness for liveness",
+    )
     probe.add_argument("--timeout", type=float, default=3.0)
     probe.add_argument("--ca-file", help="PEM CA that signed the server certificate: use TLS")
     probe.add_argument("--cert-file", help="PEM client certificate, for mutual TLS")
@@ -114,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "health":
+        if args.address is None:  # this host's server, as configured (the image HEALTHCHECK)
+            try:
+                local = local_probe(Settings.from_env())
+            except SettingsError as exc:
+                print(f"configuration error: {exc}", file=sys.stderr)
+                return 2
+            args.address, args.ca_file, args.cert_file, args.key_file, args.server_name = local
         return asyncio.run(_health(args))
     if args.command == "settings":
         for name, default, help_text in Settings.documentation():

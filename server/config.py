@@ -262,6 +262,13 @@ class Settings:
         "an admin API key (ao_<key_id>_<secret>) stored at start unless its id exists; "
         "creates the first admin key of a Redis deployment",
     )
+    bootstrap_service_key: str | None = _env(
+        "ORCH_BOOTSTRAP_SERVICE_KEY",
+        None,
+        "a service API key (ao_<key_id>_<secret>, tenant platform) stored at start unless its "
+        "id exists; lets the platform services of a Redis deployment report "
+        "(docker-compose.yml)",
+    )
     tls_cert_file: str | None = _env(
         "ORCH_TLS_CERT_FILE", None, "PEM server certificate chain; set with the key to serve TLS"
     )
@@ -270,6 +277,29 @@ class Settings:
         "ORCH_TLS_CLIENT_CA_FILE",
         None,
         "PEM CA bundle; when set, every client must present a certificate it signed (mTLS)",
+    )
+    healthcheck_ca_file: str | None = _env(
+        "ORCH_HEALTHCHECK_CA_FILE",
+        None,
+        "`orchestrator health` without --address, when the server serves TLS: PEM CA that "
+        "signed its certificate; unset: ORCH_TLS_CERT_FILE (a self-signed certificate, or a "
+        "chain that holds its CA)",
+    )
+    healthcheck_cert_file: str | None = _env(
+        "ORCH_HEALTHCHECK_CERT_FILE",
+        None,
+        "`orchestrator health` without --address, under mTLS: PEM client certificate",
+    )
+    healthcheck_key_file: str | None = _env(
+        "ORCH_HEALTHCHECK_KEY_FILE",
+        None,
+        "`orchestrator health` without --address, under mTLS: PEM key of that certificate",
+    )
+    healthcheck_server_name: str | None = _env(
+        "ORCH_HEALTHCHECK_SERVER_NAME",
+        None,
+        "`orchestrator health` without --address, under TLS: the name to verify in the "
+        "server certificate (it connects to loopback); unset: the loopback address",
     )
     rate_limit_enabled: bool = _env(
         "ORCH_RATE_LIMIT_ENABLED",
@@ -493,6 +523,12 @@ class Settings:
             )
         if self.bootstrap_admin_key and not _looks_like_api_key(self.bootstrap_admin_key):
             problems.append("ORCH_BOOTSTRAP_ADMIN_KEY must look like ao_<key_id>_<secret>")
+        if self.bootstrap_service_key and not _looks_like_api_key(self.bootstrap_service_key):
+            problems.append("ORCH_BOOTSTRAP_SERVICE_KEY must look like ao_<key_id>_<secret>")
+        if bool(self.healthcheck_cert_file) != bool(self.healthcheck_key_file):
+            problems.append(
+                "ORCH_HEALTHCHECK_CERT_FILE and ORCH_HEALTHCHECK_KEY_FILE must be set together"
+            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             problems.append("ORCH_TLS_CERT_FILE and ORCH_TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:

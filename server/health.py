@@ -19,6 +19,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# The liveness entry: SERVING from the first probe until shutdown, whatever the backend does,
+# so a liveness probe (Kubernetes) never restarts a process only because Redis is down. The
+# other entries ("" and each service) are readiness: NOT_SERVING while the backend is down.
+LIVENESS_SERVICE = "liveness"
+
 # More entries than this and List answers RESOURCE_EXHAUSTED, as the health protocol allows.
 MAX_LISTED_SERVICES = 100
 
@@ -47,7 +52,8 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined,mi
 class HealthMonitor(PeriodicTask):
     """Sets every service (and the overall "" entry) SERVING while ``probe`` succeeds and
     NOT_SERVING while it fails; flips back on its own when the backend returns. Probes every
-    ``interval_s`` (domain.periodic runs the loop)."""
+    ``interval_s`` (domain.periodic runs the loop). ``LIVENESS_SERVICE`` is SERVING from the
+    first probe on, whatever its outcome, until ``shutdown()``."""
 
     def __init__(
         self,
@@ -87,6 +93,7 @@ class HealthMonitor(PeriodicTask):
         if self._shut_down:
             return
         self._serving = ok
+        await self.servicer.set(LIVENESS_SERVICE, SERVING)
         for name in self._names:
             await self.servicer.set(name, SERVING if ok else NOT_SERVING)
 

@@ -1,5 +1,5 @@
 """API keys the server stores at start: the demo keys and ORCH_API_KEYS_FILE (in-memory registry
-only) and ORCH_BOOTSTRAP_ADMIN_KEY (any registry).
+only), ORCH_BOOTSTRAP_ADMIN_KEY and ORCH_BOOTSTRAP_SERVICE_KEY (any registry).
 
 The keys file is JSON: ``{"keys": [ENTRY, ...]}`` where each ENTRY has ``tenant_id``, ``role``
 (client, service or admin), an optional ``description``, for a service key an optional
@@ -136,18 +136,34 @@ async def seed_keys(settings: Settings, keys: ApiKeyManager, *, in_memory: bool)
         for record in records:
             await keys.ensure(record)
         log.info("loaded %d API keys from %s", len(records), settings.api_keys_file)
-    if settings.bootstrap_admin_key:
-        record = record_for_plaintext(
-            settings.bootstrap_admin_key, BOOTSTRAP_ADMIN_TENANT, Role.ADMIN, "bootstrap admin"
+    bootstrap = (
+        ("ORCH_BOOTSTRAP_ADMIN_KEY", settings.bootstrap_admin_key, Role.ADMIN, "bootstrap admin"),
+        (
+            "ORCH_BOOTSTRAP_SERVICE_KEY",
+            settings.bootstrap_service_key,
+            Role.SERVICE,
+            "bootstrap service",
+        ),
+    )
+    for variable, api_key, role, description in bootstrap:
+        if api_key:
+            await _store_bootstrap_key(keys, variable, api_key, role, description)
+
+
+async def _store_bootstrap_key(
+    keys: ApiKeyManager, variable: str, api_key: str, role: Role, description: str
+) -> None:
+    """Store a key of tenant ``BOOTSTRAP_ADMIN_TENANT`` unless its id exists (then warn when
+    the stored one has another secret or is revoked)."""
+    record = record_for_plaintext(api_key, BOOTSTRAP_ADMIN_TENANT, role, description)
+    if await keys.ensure(record):
+        log.info("stored the %s key %s", description, record.key_id)
+        return
+    try:
+        await keys.verify(api_key)
+    except Unauthenticated:
+        log.warning(
+            "%s: key %s exists with another secret or is revoked; it was left as it is",
+            variable,
+            record.key_id,
         )
-        if await keys.ensure(record):
-            log.info("stored the bootstrap admin key %s", record.key_id)
-            return
-        try:
-            await keys.verify(settings.bootstrap_admin_key)
-        except Unauthenticated:
-            log.warning(
-                "ORCH_BOOTSTRAP_ADMIN_KEY: key %s exists with another secret or is revoked; "
-                "it was left as it is",
-                record.key_id,
-            )

@@ -1,5 +1,7 @@
 """Health reflects the backend: Redis down -> NOT_SERVING and UNAVAILABLE calls; Redis back ->
-SERVING again, without restarting the server. Graceful shutdown reports NOT_SERVING."""
+SERVING again, without restarting the server. The "liveness" entry stays SERVING through an
+outage (a Kubernetes liveness probe must not restart pods because Redis is down). Graceful
+shutdown reports NOT_SERVING on every entry."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.v1 import session_pb2, session_pb2_grpc
+from server.health import LIVENESS_SERVICE
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
 
@@ -97,6 +100,7 @@ async def test_health_list_reports_every_service_with_its_status(
     reply = await stub.List(health_pb2.HealthListRequest(), timeout=10)
     assert {name: entry.status for name, entry in reply.statuses.items()} == {
         "": SERVING,
+        LIVENESS_SERVICE: SERVING,
         "orchestrator.v1.SessionService": SERVING,
         "orchestrator.v1.ChatService": SERVING,
         "orchestrator.v1.BatchService": SERVING,
@@ -113,5 +117,30 @@ async def test_health_list_follows_an_outage(
     reply = await health_pb2_grpc.HealthStub(outage_server.channel).List(
         health_pb2.HealthListRequest(), timeout=10
     )
-    assert reply.statuses, "List must name the registered services"
-    assert {entry.status for entry in reply.statuses.values()} == {NOT_SERVING}
+    readiness = {name: e.status for name, e in reply.statuses.items() if name != LIVENESS_SERVICE}
+    assert readiness, "List must name the registered services"
+    assert set(readiness.values()) == {NOT_SERVING}
+    assert reply.statuses[LIVENESS_SERVICE].status == SERVING
+
+
+async def test_liveness_stays_serving_while_a_killed_redis_is_down(
+    outage_server: RunningServer, own_redis: RedisProcess
+) -> None:
+    stub = health_pb2_grpc.HealthStub(outage_server.channel)
+    live = await stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=10)
+    assert live.status == SERVING
+
+    own_redis.kill()
+    await wait_for_status(outage_server.channel, NOT_SERVING)
+    live = await stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=10)
+    assert live.status == SERVING
+
+
+async def test_liveness_reports_not_serving_on_graceful_shutdown(redis_url: str) -> None:
+    async with running_server(test_settings(redis_url)) as running:
+        stub = health_pb2_grpc.HealthStub(running.channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=10)
+        assert (await watch.read()).status == SERVING
+        stopping = asyncio.create_task(running.server.stop(grace=2))
+        assert (await watch.read()).status == NOT_SERVING
+        await stopping

@@ -78,6 +78,13 @@ class ServerProcess:
         )
         wait_healthy(self.proc, self.address, "server", self.log, timeout_s)
 
+    def successor(self, log_path: Path) -> ServerProcess:
+        """A process (not started) with this one's configuration on the same port: a restart."""
+        successor = ServerProcess(log_path)
+        successor.port, successor.address = self.port, self.address
+        successor._env = dict(self._env)
+        return successor
+
     def terminate(self, timeout_s: float = 15.0) -> int:
         """Send SIGTERM and wait for the process to exit; returns its exit code."""
         assert self.proc is not None

@@ -197,3 +197,28 @@ async def test_make_run_on_redis_mints_a_service_key_for_the_services_it_embeds(
         assert {service.value for service in record.services} == set(REFERENCE_SERVICES)
     finally:
         await server.stop(grace=0)
+
+
+def test_the_bootstrap_service_key_must_look_like_a_key() -> None:
+    with pytest.raises(SettingsError, match="ORCH_BOOTSTRAP_SERVICE_KEY"):
+        Settings.from_env({"ORCH_BOOTSTRAP_SERVICE_KEY": "secret"})
+
+
+async def test_redis_gets_the_bootstrap_service_key_as_a_platform_service_key(
+    redis_url: str,
+) -> None:
+    admin = "ao_bootstrap02_" + "a" * 43
+    service = "ao_bootservice02_" + "s" * 43
+    settings = test_settings(redis_url, bootstrap_admin_key=admin, bootstrap_service_key=service)
+    for _ in range(2):  # a restart keeps the stored key and does not fail
+        server = OrchestratorServer(settings)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                reply = await admin_pb2_grpc.AdminServiceStub(channel).ListApiKeys(
+                    admin_pb2.ListApiKeysRequest(tenant_id="platform"), metadata=(bearer(admin),)
+                )
+            roles = {k.key_id: k.role for k in reply.keys}
+            assert roles["bootservice02"] == admin_pb2.API_KEY_ROLE_SERVICE
+        finally:
+            await server.stop(grace=0)
