@@ -181,10 +181,10 @@ def start(
     if new.parent_job_id:
         if parent is None or not parent_in_flight(parent, tenant_id):
             return Step(StartRefused.PARENT_NOT_IN_FLIGHT)
-        if parent.job.internal_calls >= limits.max_internal_calls:
+        if len(parent.job.internal_call_ids) >= limits.max_internal_calls:
             return Step(StartRefused.CALL_LIMIT)
-        calls = parent.job.internal_calls + 1
-        counted = replace(parent, job=replace(parent.job, internal_calls=calls))
+        calls = (*parent.job.internal_call_ids, new.job_id)
+        counted = replace(parent, job=replace(parent.job, internal_call_ids=calls))
     session = side.session
     if session is None:
         return Step(StartRefused.SESSION_MISSING)

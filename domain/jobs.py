@@ -258,11 +258,11 @@ class Job:
     # When its service completed the work and it turned FINISHING (0: it never did); kept
     # once it ends: ``plan_of`` settles the calls after the work by it.
     finishing_ms: int = 0
-    # A child job's parent (NewJob.parent_job_id); on a parent, the internal calls started
-    # for it so far. A parent's ``usage`` includes its children's tokens (rolled up as each
-    # completes while it is in flight).
+    # A child job's parent (NewJob.parent_job_id); on a parent, the ids of the internal calls'
+    # jobs started for it so far, oldest first. A parent's ``usage`` includes its children's
+    # tokens (rolled up as each completes while it is in flight).
     parent_job_id: str = ""
-    internal_calls: int = 0
+    internal_call_ids: tuple[str, ...] = ()
 
     def handed_again(self, content: str, collections: Sequence[str]) -> NewJob:
         """This job to hand to its service again, with the parts of its message the record

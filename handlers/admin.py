@@ -12,6 +12,7 @@ from domain.admin import AdminQueries, TenantUsage
 from domain.agent_directory import CachedAgentDirectory
 from domain.api_keys import ApiKeyManager
 from domain.identity import Role
+from domain.internal_calls import internal_steps
 from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
@@ -150,7 +151,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetTaskRequest, context: Ctx
     ) -> admin_pb2.GetTaskResponse:
         job = await self._queries.get_task(request.tenant_id, request.job_id)
-        return admin_pb2.GetTaskResponse(task=task_to_pb(job))
+        task = task_to_pb(job)
+        calls = await self._queries.internal_calls(job)
+        task.plan.extend(
+            plan_step_from_data(step) for step in internal_steps(calls, len(task.plan))
+        )
+        return admin_pb2.GetTaskResponse(task=task)
 
     @unary_errors
     async def GetTenantUsage(

@@ -1,4 +1,5 @@
-"""Bounds on every field of every request (Chat, Session, Batch and Admin services), checked
+"""Bounds on every field of every request (Chat, Session, Batch, Admin and the internal
+PlatformService), checked
 before a handler converts the request: string lengths, repeated field and map sizes, number
 ranges and Durations. A request over a bound is INVALID_ARGUMENT naming the field
 (``items[3].collections[0]``, ``ttl.nanos``). These are outer bounds, the most a field may ever
@@ -58,6 +59,8 @@ _TOKEN_BUDGET = Limit(min_value=-1_000_000_000, max_value=1_000_000_000)
 
 _V1 = "orchestrator.v1."
 _ADMIN = "orchestrator.admin.v1."
+_INTERNAL = "orchestrator.internal.v1."
+_TEXTS = Limit(max_chars=64 * 1024, max_items=1024)  # the domain: 32 texts of 8192 characters
 
 LIMITS: dict[str, Limit] = {
     # SessionService
@@ -118,6 +121,24 @@ LIMITS: dict[str, Limit] = {
     f"{_ADMIN}GetTenantUsageRequest.end_date": _DATE,
     f"{_ADMIN}InvalidateAgentRequest.tenant_id": _TENANT,
     f"{_ADMIN}InvalidateAgentRequest.agent_id": _ID,
+    # PlatformService (internal)
+    **{
+        f"{_INTERNAL}{message}.{name}": limit
+        for message in ("CompleteRequest", "StreamCompleteRequest")
+        for name, limit in (
+            ("tenant_id", _TENANT),
+            ("job_id", _ID),
+            ("call_id", _ID),
+            ("prompt", _CONTENT),
+            ("model", _MODEL),
+            ("collections", _COLLECTIONS),
+        )
+    },
+    f"{_INTERNAL}EmbedRequest.tenant_id": _TENANT,
+    f"{_INTERNAL}EmbedRequest.job_id": _ID,
+    f"{_INTERNAL}EmbedRequest.call_id": _ID,
+    f"{_INTERNAL}EmbedRequest.texts": _TEXTS,
+    f"{_INTERNAL}EmbedRequest.model": _MODEL,
 }
 
 _STRING = FieldDescriptor.TYPE_STRING

@@ -653,7 +653,7 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
         finishing_ms=int(f.get("fin", 0)),
         parent_job_id=f.get("par", ""),
-        internal_calls=int(f.get("ic", 0)),
+        internal_call_ids=tuple(f.get("calls", "").split()),
     )
 
 

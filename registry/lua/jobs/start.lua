@@ -23,7 +23,8 @@
 --   parent_job_id (an internal call's parent job, '' for none), max_calls (the internal calls a
 --   job may make), job_prefix (the key of a job of the tenant is job_prefix .. its id)
 -- An internal call's job starts only while its parent (same tenant, so the same slot) is
--- pending or running and has made fewer than max_calls calls; the parent counts it (`ic`), and
+-- pending or running and has made fewer than max_calls calls; the parent counts it (`ic`) and
+-- lists it (`calls`: the children's ids, space-separated, oldest first), and
 -- the child keeps its parent (`par`) and the parent's session (`pses`) for notice.lua.
 -- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | parent_not_in_flight |
 --   call_limit | session_missing | session_not_open | session_busy)
@@ -92,6 +93,9 @@ if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
 if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
 if parent_key then
   redis.call('HINCRBY', parent_key, 'ic', 1)
+  local calls = redis.call('HGET', parent_key, 'calls')
+  if calls then calls = calls .. ' ' .. job_id else calls = job_id end
+  redis.call('HSET', parent_key, 'calls', calls)
   redis.call('HSET', job_key, 'par', parent_job_id,
     'pses', redis.call('HGET', parent_key, 'session'))
 end
