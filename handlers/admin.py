@@ -152,10 +152,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.GetTaskResponse:
         job = await self._queries.get_task(request.tenant_id, request.job_id)
         task = task_to_pb(job)
-        calls = await self._queries.internal_calls(job)
-        task.plan.extend(
-            plan_step_from_data(step) for step in internal_steps(calls, len(task.plan))
-        )
+        # The internal calls the service made for the job (domain.internal_calls) go right
+        # after the call that ran the work, the steps renumbered.
+        calls = internal_steps(await self._queries.internal_calls(job), 0)
+        if calls:
+            steps = list(task.plan)
+            after = next((i + 1 for i, s in enumerate(steps) if s.name == "run"), len(steps))
+            merged = [*steps[:after], *map(plan_step_from_data, calls), *steps[after:]]
+            for index, step in enumerate(merged):
+                step.index = index
+            del task.plan[:]
+            task.plan.extend(merged)
         return admin_pb2.GetTaskResponse(task=task)
 
     @unary_errors

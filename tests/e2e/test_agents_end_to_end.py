@@ -184,16 +184,16 @@ EXPECTED = {
     ],
 }
 # Agent Execution and Workflow Engine make their LLM call through the internal API: it shows
-# as an internal_call step after the plan's own calls.
+# as an internal_call step right after the run.
 PLANS = {
     "support-bot": ("llm", ["load_agent", "load_history", "run", "append_history"]),
     "tool-bot": (
         "tool_agent",
-        ["load_agent", "load_history", "resolve_tools", "run", "append_history", "internal_call"],
+        ["load_agent", "load_history", "resolve_tools", "run", "internal_call", "append_history"],
     ),
     "research-flow": (
         "workflow",
-        ["load_agent", "load_history", "run", "append_history", "internal_call"],
+        ["load_agent", "load_history", "run", "internal_call", "append_history"],
     ),
 }
 QUESTION = "what is 12*7 and what time is it"
@@ -310,7 +310,8 @@ async def test_an_agents_llm_call_goes_through_the_internal_api_and_usage_adds_u
     # The job's usage is its internal call's: the service reported none of its own.
     task = await get_task(channel, "demo", events[0].job_id, admin)
     assert task.usage == usage
-    call = task.plan[-1]
+    call = task.plan[-2]
+    assert call.index == len(task.plan) - 2
     assert (call.name, call.method, call.service) == (
         "internal_call",
         "Complete",
