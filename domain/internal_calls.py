@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,9 @@ MAX_COLLECTIONS = 32
 MAX_COLLECTION_CHARS = 256
 MAX_TEXTS = 32
 MAX_TEXT_CHARS = 8192
+
+# Calls sessions a process remembers having seen open (older ones are looked up again).
+_SESSIONS_SEEN = 10_000
 
 # The plan step GetTask shows for each internal call, and the method by the child's service.
 INTERNAL_STEP = "internal_call"
@@ -293,6 +297,11 @@ class InternalCalls:
         self._limits = limits
         self._budget = budget
         self._cache = embedding_cache
+        # Serializes this process's look-ups of calls sessions it has not seen (an Embed's texts
+        # start side by side), so a job's hidden session is created once; the sessions seen
+        # (they outlive their job's deadline, so stay open while it is in flight).
+        self._session_lock = asyncio.Lock()
+        self._sessions_seen: OrderedDict[str, None] = OrderedDict()
 
     async def _parent(self, caller: Caller, tenant_id: str, job_id: str) -> Job:
         """The parent job, if the caller may make calls for it (finished or not)."""
@@ -319,13 +328,19 @@ class InternalCalls:
     async def _calls_session(self, parent: Job) -> str:
         """The parent's hidden session, created on its first call (it outlives the parent)."""
         session_id = calls_session_id(parent.job_id)
-        found = await self._sessions.get_session(parent.tenant_id, session_id, touch=False)
-        if found is None or not found.state.is_open:
-            ttl_ms = 2 * self._limits.deadline_ms + self._limits.heartbeat_ms
-            new = NewSession(
-                agent_id=parent.agent_id, user_id="", metadata={}, ttl_ms=ttl_ms, hidden=True
-            )
-            await self._sessions.create_session(parent.tenant_id, session_id, new)
+        if session_id in self._sessions_seen:
+            return session_id
+        async with self._session_lock:
+            found = await self._sessions.get_session(parent.tenant_id, session_id, touch=False)
+            if found is None or not found.state.is_open:
+                ttl_ms = 2 * self._limits.deadline_ms + self._limits.heartbeat_ms
+                new = NewSession(
+                    agent_id=parent.agent_id, user_id="", metadata={}, ttl_ms=ttl_ms, hidden=True
+                )
+                await self._sessions.create_session(parent.tenant_id, session_id, new)
+            self._sessions_seen[session_id] = None
+            if len(self._sessions_seen) > _SESSIONS_SEEN:
+                self._sessions_seen.popitem(last=False)
         return session_id
 
     def _child(
@@ -385,6 +400,8 @@ class InternalCalls:
                 elif started is StartRefused.JOB_EXISTS:
                     replayed = True  # the same call, started just now by another request
                 else:
+                    # A calls session lost with the backend's data is made again next time.
+                    self._sessions_seen.pop(session_id, None)
                     raise _refused(started, parent)
             async for event in self._chat.job_events(
                 feed, tenant_id, child.job_id, after, catch_up=replayed
