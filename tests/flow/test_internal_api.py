@@ -219,6 +219,33 @@ async def test_a_retried_call_id_answers_the_first_outcome_and_is_not_charged_tw
     assert (await tenant_usage(flow.channel, "acme")).total.total_tokens == 8
 
 
+async def test_a_call_whose_caller_gave_up_still_runs_and_a_retry_reads_its_outcome(
+    flow: Flow,
+) -> None:
+    call, job_id, _ = await parent_job(flow)
+    first = stub(flow).Complete(complete_request(job_id, "slow"), metadata=service(), timeout=0.5)
+    work = await flow.dispatcher.next_submit()  # accepted: the child job runs
+    with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+        await first
+    assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await flow.publish(
+        [
+            notice(
+                work.job_id,
+                1,
+                "completed",
+                result=common_pb2.JobResult(text="late", model="m-child"),
+                usage=usage(2, 2),
+            )
+        ]
+    )
+    again = await stub(flow).Complete(complete_request(job_id, "slow"), metadata=service())
+    assert (again.text, again.replayed, again.call_job_id) == ("late", True, work.job_id)
+    assert len(flow.dispatcher.submitted) == 2
+    final = await finish_parent(flow, call, job_id, (0, 0))
+    assert final.completed.usage.total_tokens == 4
+
+
 async def test_a_call_after_the_job_finished_is_a_failed_precondition(flow: Flow) -> None:
     call, job_id, _ = await parent_job(flow)
     await finish_parent(flow, call, job_id, (1, 1))
