@@ -22,7 +22,8 @@ reference services in the same event loop (as ``make run`` embeds them), with st
   making the plan's hops one after the other with plain generated stubs (GetAgent on every
   chat: no cache, no Redis, no auth, no interceptors), the notices back over its own
   ReportUpdates into a queue per job, relayed to the client as chat events, then AppendTurns
-  and the final event.
+  and the final event. Agent Execution's LLM call (the internal API's StreamComplete) is
+  relayed the same way: SubmitQuery, Query's notices back as deltas and the final message.
 
 This process only drives the clients. Rounds alternate the order of the servers (relay first,
 then orchestrator first, ...), so drift and noise from other processes land on both alike;
@@ -74,6 +75,7 @@ from bench.processes import (
 )
 from bench.tables import print_table, quotient
 from conversation.v1 import conversation_pb2, conversation_pb2_grpc
+from orchestrator.internal.v1 import platform_pb2, platform_pb2_grpc
 from orchestrator.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -115,7 +117,10 @@ SHAPES = (
 
 
 class PlanRelay(
-    session_pb2_grpc.SessionServiceServicer, chat_pb2_grpc.ChatServiceServicer, NoticeQueues
+    session_pb2_grpc.SessionServiceServicer,
+    chat_pb2_grpc.ChatServiceServicer,
+    platform_pb2_grpc.PlatformServiceServicer,
+    NoticeQueues,
 ):
     """The plan's hops with nothing in between but dicts: sessions (id -> agent id) and a
     queue of notices per job in flight."""
@@ -221,6 +226,39 @@ class PlanRelay(
         else:
             raise RuntimeError(f"the relay runs llm and tool_agent agents, not {agent.kind}")
 
+    async def StreamComplete(
+        self, request: platform_pb2.StreamCompleteRequest, context: Any
+    ) -> AsyncIterator[platform_pb2.StreamCompleteResponse]:
+        """The internal API's completion: SubmitQuery, then Query's notices as deltas and the
+        final message (no accounting: the relay keeps none)."""
+        job_id = uuid.uuid4().hex
+        with self.waiting(job_id) as queue:
+            await query_pb2_grpc.QueryServiceStub(self._stubs()).SubmitQuery(
+                query_pb2.SubmitQueryRequest(
+                    tenant_id=request.tenant_id,
+                    prompt=request.prompt,
+                    job_id=job_id,
+                    model=request.model,
+                ),
+                timeout=DOWNSTREAM_TIMEOUT_S,
+            )
+            while True:
+                notice = await queue.get()
+                if notice.event == NOTICE.NOTICE_EVENT_DELTA:
+                    yield platform_pb2.StreamCompleteResponse(delta=notice.delta)
+                elif notice.event == NOTICE.NOTICE_EVENT_COMPLETED:
+                    final = platform_pb2.CompleteResponse(
+                        call_id=request.call_id,
+                        call_job_id=job_id,
+                        text=notice.result.text,
+                        model=notice.result.model,
+                        usage=notice.usage,
+                    )
+                    yield platform_pb2.StreamCompleteResponse(final=final)
+                    return
+                elif notice.event in FINAL_NOTICES:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the query failed")
+
     async def _append(self, session_id: str, job_id: str, content: str, answer: str) -> None:
         await conversation_pb2_grpc.ConversationServiceStub(self._stubs()).AppendTurns(
             conversation_pb2.AppendTurnsRequest(
@@ -286,6 +324,7 @@ async def serve_relay() -> None:
     session_pb2_grpc.add_SessionServiceServicer_to_server(relay, server)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(relay, server)
     task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(relay, server)
+    platform_pb2_grpc.add_PlatformServiceServicer_to_server(relay, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

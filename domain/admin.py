@@ -39,6 +39,12 @@ class AdminQueries:
             raise NotFound(f"task {job_id} not found for tenant {tenant_id}")
         return job
 
+    async def internal_calls(self, job: Job) -> list[Job]:
+        """The jobs of the internal calls made for ``job`` (domain.internal_calls) that are
+        still recorded, oldest first (at most JobLimits.max_internal_calls)."""
+        found = [await self._jobs.get_job(job.tenant_id, i) for i in job.internal_call_ids]
+        return [child for child in found if child is not None]
+
     async def tenant_usage(self, tenant_id: str, start_date: str, end_date: str) -> TenantUsage:
         require_tenant_id(tenant_id)
         report = await self._reader.report(tenant_id, start_date, end_date)

@@ -421,6 +421,18 @@ class ChatOrchestrator:
         task.add_done_callback(self._handoffs.discard)
         return task
 
+    def start_handoff(self, ctx: CallContext, job: NewJob, *, deadline_ms: int) -> None:
+        """Hand a job started outside the chat flow (an internal call's child job,
+        domain.internal_calls) to its service, as a chat's: in a task this orchestrator owns,
+        under the job's hand-off lease, recovered by any process if this one dies."""
+        self._hand_off_soon(ctx, job, deadline_ms=deadline_ms)
+
+    def job_events(
+        self, feed: Feed, tenant_id: str, job_id: str, after: int, *, catch_up: bool
+    ) -> AsyncIterator[SessionEvent]:
+        """The job's events on the feed's session after ``after``, up to its final one."""
+        return self._job_events(feed, tenant_id, job_id, after, catch_up=catch_up)
+
     def _hand_off_soon(
         self,
         ctx: CallContext,

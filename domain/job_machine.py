@@ -39,6 +39,7 @@ from domain.jobs import (
     Verdict,
     finalize_failed_data,
     handoff_failed_data,
+    with_usage,
 )
 from domain.models import Session, SessionState, TokenUsage
 from domain.plans import OrchestrationPlan, ServiceCall
@@ -91,6 +92,25 @@ class SessionSide:
 
 
 @dataclass(frozen=True, slots=True)
+class ParentSide:
+    """What the machine reads of an internal call's parent job: its record and its session
+    (None when gone)."""
+
+    record: JobRecord | None
+    session: Session | None = None
+
+
+def parent_in_flight(parent: JobRecord | None, tenant_id: str) -> bool:
+    """Whether an internal call may start for (or roll its tokens up into) ``parent``: a job
+    of the tenant, handed to its service or about to be (PENDING or RUNNING)."""
+    return (
+        parent is not None
+        and parent.job.tenant_id == tenant_id
+        and parent.job.state in (JobState.PENDING, JobState.RUNNING)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class UsageCharge:
     """Tokens of a completed job, added to its tenant's usage of the day (and its agent's)."""
 
@@ -115,6 +135,10 @@ class Effects:
     charge: UsageCharge | None = None
     # When the reaper should look at the job (the deadline index is only a hint).
     look_at_ms: int | None = None
+    # An internal call's parent job (domain.internal_calls), changed with it: its count of
+    # calls (start), or its usage and its session's (a child's completion rolled up).
+    parent: JobRecord | None = None
+    parent_session: Session | None = None
 
 
 NO_EFFECTS = Effects()
@@ -144,12 +168,23 @@ def start(
     if_busy: IfBusy,
     hold: bool,
     now: int,
+    parent: JobRecord | None = None,
 ) -> Step[Job | StartRefused]:
     """Record a new job for its session: PENDING, or QUEUED at the back of the session's line
     when ``hold`` or the session is busy and ``if_busy`` holds; the session turns BUSY and
-    counts the message; an ``accepted`` event."""
+    counts the message; an ``accepted`` event. An internal call's job (``new.parent_job_id``,
+    ``parent`` its record) starts only while its parent is in flight and has calls left; the
+    parent counts it."""
     if existing is not None:
         return Step(StartRefused.JOB_EXISTS)
+    counted: JobRecord | None = None
+    if new.parent_job_id:
+        if parent is None or not parent_in_flight(parent, tenant_id):
+            return Step(StartRefused.PARENT_NOT_IN_FLIGHT)
+        if len(parent.job.internal_call_ids) >= limits.max_internal_calls:
+            return Step(StartRefused.CALL_LIMIT)
+        calls = (*parent.job.internal_call_ids, new.job_id)
+        counted = replace(parent, job=replace(parent.job, internal_call_ids=calls))
     session = side.session
     if session is None:
         return Step(StartRefused.SESSION_MISSING)
@@ -184,6 +219,7 @@ def start(
         side=SessionSide(session, (*side.line, new.job_id) if queued else side.line),
         event=EventDraft(new.job_id, EventKind.ACCEPTED, new.request_id, data),
         look_at_ms=_due(job),
+        parent=counted,
     )
     return Step(job, effects)
 
@@ -344,14 +380,26 @@ def finishing_claim(record: JobRecord, attempt: int) -> HandoffClaim:
 
 
 def apply_notice(
-    record: JobRecord | None, side: SessionSide, notice: Notice, limits: JobLimits, *, now: int
+    record: JobRecord | None,
+    side: SessionSide,
+    notice: Notice,
+    limits: JobLimits,
+    *,
+    now: int,
+    parent: ParentSide | None = None,
 ) -> Step[Verdict]:
     """A (validated) notice from a service: progress, deltas, tool calls and workflow steps make
     the job RUNNING and move its heartbeat deadline; completed and failed end it (a completed
     one counts its tokens for the session and the tenant). A completed notice on a job whose
     plan appends history makes it FINISHING instead (result and usage stored, tokens counted,
     a finalize lease, no event; see ``finishing_claim``). A duplicate or late notice changes
-    nothing."""
+    nothing.
+
+    A job's usage is its own tokens plus those of its internal calls rolled up so far: the
+    completed event (or the stored result of a FINISHING job) reports that total, while the
+    tenant and the session are charged the notice's own tokens (each call charged its own).
+    The completed notice of an internal call (``parent``: its parent job) rolls its tokens up
+    into the parent's usage and the parent's session while the parent is in flight."""
     if record is None:
         return Step(Verdict.UNKNOWN_JOB)
     job = record.job
@@ -379,9 +427,12 @@ def apply_notice(
         return Step(
             Verdict.ACCEPTED, Effects(record=replace(record, job=job, handoff=None), event=event)
         )
-    job = replace(job, last_notice_sequence=sequence, usage=notice.usage)
+    total = job.usage + notice.usage
+    job = replace(job, last_notice_sequence=sequence, usage=total)
     completed = notice.event is NoticeEvent.COMPLETED
+    data = with_usage(notice.data, total) if completed else notice.data
     charge = UsageCharge(job.tenant_id, job.agent_id, notice.usage)
+    rolled = _roll_up(job, parent, notice) if completed else Effects()
     if completed and job.plan is not None and job.plan.appends_history:
         job = replace(
             job,
@@ -392,24 +443,43 @@ def apply_notice(
         )
         assert record.spec is not None  # kept until the job ends
         lease = Handoff(record.spec, lease_ms=now + limits.handoff_grace_ms)
-        finishing = replace(record, job=job, handoff=None, result=notice.data, finalize=lease)
+        finishing = replace(record, job=job, handoff=None, result=data, finalize=lease)
         session = side.session
         if session is not None:
             session = replace(session, usage=session.usage + notice.usage)
-        effects = Effects(record=finishing, side=SessionSide(session, side.line), charge=charge)
+        effects = replace(
+            rolled, record=finishing, side=SessionSide(session, side.line), charge=charge
+        )
         return Step(Verdict.ACCEPTED, effects)
     effects = _finished(
         replace(record, job=job),
         side,
         JobState(notice.event.value),
-        notice.data,
+        data,
         limits,
         now=now,
         tokens=notice.usage if completed else None,
     )
     if completed:
-        effects = replace(effects, charge=charge)
+        effects = replace(effects, charge=charge, parent=rolled.parent)
+        effects = replace(effects, parent_session=rolled.parent_session)
     return Step(Verdict.ACCEPTED, effects)
+
+
+def _roll_up(job: Job, parent: ParentSide | None, notice: Notice) -> Effects:
+    """An internal call's completion: its tokens go to its parent job and the parent's
+    session while the parent is in flight (none: no effects)."""
+    if not job.parent_job_id or parent is None:
+        return Effects()
+    record = parent.record
+    if record is None or not parent_in_flight(record, job.tenant_id):
+        return Effects()
+    usage = notice.usage
+    rolled = replace(record, job=replace(record.job, usage=record.job.usage + usage))
+    session = parent.session
+    if session is not None:
+        session = replace(session, usage=session.usage + usage)
+    return Effects(parent=rolled, parent_session=session)
 
 
 def finish(

@@ -163,6 +163,8 @@ class JobLimits:
     handoff_grace_ms: int = 5_000
     # ...up to this many hand-offs in all; then (or past its deadline) it fails handoff_failed.
     handoff_attempts: int = 3
+    # Internal calls (domain.internal_calls: child jobs) one job may make in all.
+    max_internal_calls: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +198,11 @@ class NewJob:
     # tracing on, else the caller's traceparent; '' for none): work done for the job later,
     # in any process, continues its trace (domain.ports.tracing).
     traceparent: str = ""
+    # Set on an internal call's job (a child job, domain.internal_calls): the job it was made
+    # for (same tenant). The start refuses it unless that job is in flight (PENDING or
+    # RUNNING) and has internal calls left (JobLimits.max_internal_calls); its tokens are
+    # rolled up into that job and its session when it completes.
+    parent_job_id: str = ""
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -223,6 +230,7 @@ class NewJob:
             plan=self.plan,
             agent=self.agent,
             traceparent=self.traceparent,
+            parent_job_id=self.parent_job_id,
         )
 
 
@@ -257,6 +265,11 @@ class Job:
     finishing_ms: int = 0
     # The trace context it was accepted under (NewJob.traceparent).
     traceparent: str = ""
+    # A child job's parent (NewJob.parent_job_id); on a parent, the ids of the internal calls'
+    # jobs started for it so far, oldest first. A parent's ``usage`` includes its children's
+    # tokens (rolled up as each completes while it is in flight).
+    parent_job_id: str = ""
+    internal_call_ids: tuple[str, ...] = ()
 
     def handed_again(self, content: str, collections: Sequence[str]) -> NewJob:
         """This job to hand to its service again, with the parts of its message the record
@@ -275,6 +288,7 @@ class Job:
             plan=self.plan,
             agent=self.agent,
             traceparent=self.traceparent,
+            parent_job_id=self.parent_job_id,
         )
 
 
@@ -382,6 +396,23 @@ def finalize_failed_data(attempts: int | str) -> dict[str, Any]:
     was interrupted too often (the stores fill it in when a claim finds the attempts used up)."""
     message = f"the turns could not be appended ({attempts} attempts interrupted)"
     return {"error": step_failed_error("append_history", "conversation", message, retryable=True)}
+
+
+def usage_data(usage: TokenUsage) -> dict[str, int]:
+    """Token counts as an event's ``usage`` member."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def with_usage(data: Mapping[str, Any], usage: TokenUsage) -> dict[str, Any]:
+    """A completed event's data with its ``usage`` member (last) set to ``usage``: the job's
+    own tokens and those of the internal calls rolled up into it (the stores write it so)."""
+    out = {k: v for k, v in data.items() if k != "usage"}
+    out["usage"] = usage_data(usage)
+    return out
 
 
 class NoticeEvent(enum.StrEnum):
@@ -494,6 +525,10 @@ class StartRefused(enum.StrEnum):
     SESSION_BUSY = "session_busy"
     # A job with this id was already recorded (ids derived from redelivered work repeat).
     JOB_EXISTS = "job_exists"
+    # An internal call's parent job is not in flight (unknown, another tenant's, or ended).
+    PARENT_NOT_IN_FLIGHT = "parent_not_in_flight"
+    # An internal call's parent job has made JobLimits.max_internal_calls calls already.
+    CALL_LIMIT = "call_limit"
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,9 @@ class NewSession:
     user_id: str
     metadata: Mapping[str, str]
     ttl_ms: int
+    # Kept out of the tenant's session index (ListSessions): the sessions the orchestrator
+    # makes for a job's internal calls (domain.internal_calls).
+    hidden: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from domain.admin import AdminQueries, TenantUsage
 from domain.agent_directory import CachedAgentDirectory
 from domain.api_keys import ApiKeyManager
 from domain.identity import Role
+from domain.internal_calls import internal_steps
 from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
 from handlers.audit import audited
@@ -167,7 +168,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetTaskRequest, context: Ctx
     ) -> admin_pb2.GetTaskResponse:
         job = await self._queries.get_task(request.tenant_id, request.job_id)
-        return admin_pb2.GetTaskResponse(task=task_to_pb(job))
+        task = task_to_pb(job)
+        # The internal calls the service made for the job (domain.internal_calls) go right
+        # after the call that ran the work, the steps renumbered.
+        calls = internal_steps(await self._queries.internal_calls(job), 0)
+        if calls:
+            steps = list(task.plan)
+            after = next((i + 1 for i, s in enumerate(steps) if s.name == "run"), len(steps))
+            merged = [*steps[:after], *map(plan_step_from_data, calls), *steps[after:]]
+            for index, step in enumerate(merged):
+                step.index = index
+            del task.plan[:]
+            task.plan.extend(merged)
+        return admin_pb2.GetTaskResponse(task=task)
 
     @audited("tenant_id", "start_date", "end_date")
     @unary_errors

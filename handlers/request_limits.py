@@ -1,4 +1,5 @@
-"""Bounds on every field of every request (Chat, Session, Batch and Admin services), checked
+"""Bounds on every field of every request (Chat, Session, Batch, Admin and the internal
+PlatformService), checked
 before a handler converts the request: string lengths, repeated field and map sizes, number
 ranges and Durations. A request over a bound is INVALID_ARGUMENT naming the field
 (``items[3].collections[0]``, ``ttl.nanos``). These are outer bounds, the most a field may ever
@@ -59,6 +60,8 @@ _TOKEN_BUDGET = Limit(min_value=-1_000_000_000, max_value=1_000_000_000)
 
 _V1 = "orchestrator.v1."
 _ADMIN = "orchestrator.admin.v1."
+_INTERNAL = "orchestrator.internal.v1."
+_TEXTS = Limit(max_chars=64 * 1024, max_items=1024)  # the domain: 32 texts of 8192 characters
 
 LIMITS: dict[str, Limit] = {
     # SessionService
@@ -148,6 +151,24 @@ LIMITS: dict[str, Limit] = {
     # Timestamps (ListTasks' create time range): year 1 to 9999, as the type allows.
     "google.protobuf.Timestamp.seconds": Limit(min_value=-62135596800, max_value=253402300799),
     "google.protobuf.Timestamp.nanos": Limit(min_value=0, max_value=MAX_NANOS),
+    # PlatformService (internal)
+    **{
+        f"{_INTERNAL}{message}.{name}": limit
+        for message in ("CompleteRequest", "StreamCompleteRequest")
+        for name, limit in (
+            ("tenant_id", _TENANT),
+            ("job_id", _ID),
+            ("call_id", _ID),
+            ("prompt", _CONTENT),
+            ("model", _MODEL),
+            ("collections", _COLLECTIONS),
+        )
+    },
+    f"{_INTERNAL}EmbedRequest.tenant_id": _TENANT,
+    f"{_INTERNAL}EmbedRequest.job_id": _ID,
+    f"{_INTERNAL}EmbedRequest.call_id": _ID,
+    f"{_INTERNAL}EmbedRequest.texts": _TEXTS,
+    f"{_INTERNAL}EmbedRequest.model": _MODEL,
 }
 
 _STRING = FieldDescriptor.TYPE_STRING

@@ -17,10 +17,16 @@ import grpc
 
 from agent_execution.v1 import agent_execution_pb2, agent_execution_pb2_grpc
 from orchestrator.v1 import common_pb2
-from reference import content, fields
+from reference import fields
 from reference.fields import InvalidField
 from reference.jobs import NoticeWriter
-from reference.services import Runtime, cancel_job, finish, stream_deltas
+from reference.platform_api import CallOrigin
+from reference.services import (
+    Runtime,
+    cancel_job,
+    complete_through_orchestrator,
+    complete_with_calls_usage,
+)
 from reference.tools import CALCULATOR, CLOCK, MAX_EXPRESSION_CHARS, ToolBox, ToolError
 
 if TYPE_CHECKING:
@@ -124,9 +130,13 @@ async def run_agent(
     toolbox: ToolBox,
     notices: NoticeWriter,
     request: agent_execution_pb2.StartRunRequest,
+    origin: CallOrigin,
 ) -> None:
-    """After "started": one tool call after the other (started -> finished or failed), the
-    answer's deltas, progress 1, completed with usage."""
+    """After "started": one tool call after the other (started -> finished or failed), then
+    the answer: the agent's draft (the question and every tool result, ``agent_answer``)
+    completed by the LLM through the orchestrator's internal API (call id ``answer``), its
+    deltas reported as they come, progress 1, completed. The tokens are the completion's,
+    charged to the job by the orchestrator: the run reports none of its own."""
     available = {tool.name for tool in request.tools}
     wanted = decide_tool_calls(request.input, available)
     limit = request.max_tool_calls or DEFAULT_MAX_TOOL_CALLS
@@ -156,16 +166,14 @@ async def run_agent(
             result_summary=summarize_result(result),
         )
     history = list(request.history)
-    text = agent_answer(request.input, outcomes, len(wanted) - len(outcomes), len(history))
-    await stream_deltas(runtime, notices, text)
-    prompt_tokens = (
-        content.word_count(request.system_prompt)
-        + sum(map(fields.turn_tokens, history))
-        + content.word_count(request.input)
-        + sum(content.word_count(outcome.result or outcome.error) for outcome in outcomes)
-    )
+    draft = agent_answer(request.input, outcomes, len(wanted) - len(outcomes), len(history))
     model = request.model or DEFAULT_AGENT_MODEL
-    await finish(runtime, notices, "answered", text, model, prompt_tokens)
+    answer = await complete_through_orchestrator(runtime, notices, origin, "answer", draft, model)
+    if answer is None:
+        return
+    await runtime.step()
+    notices.progress(1.0, "answered")
+    complete_with_calls_usage(notices, answer)
 
 
 def _check_tools(request: agent_execution_pb2.StartRunRequest) -> None:
@@ -215,7 +223,13 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
             request.agent_id,
             context,
             missing="",
-            job=lambda notices: run_agent(self.runtime, self.toolbox, notices, request),
+            job=lambda notices: run_agent(
+                self.runtime,
+                self.toolbox,
+                notices,
+                request,
+                self.runtime.origin(request.tenant_id, request.job_id, context),
+            ),
         )
         return agent_execution_pb2.StartRunResponse(job_id=job_id)
 

@@ -132,6 +132,7 @@ class ReferenceServices:
         server, self._server = self._server, None
         await server.stop(grace)
         await self.runtime.jobs.close()
+        await self.runtime.platform.close()
         await self.reporter.stop(self.config.stop_timeout_s)
         log.info("reference services stopped")
 

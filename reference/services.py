@@ -17,6 +17,7 @@ from query.v1 import query_pb2, query_pb2_grpc
 from reference import content, fields
 from reference.config import ReferenceConfig
 from reference.jobs import JobTable, NoticeWriter
+from reference.platform_api import CallOrigin, PlatformApi, PlatformCallError
 from reference.reporter import Reporter
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ JobBody: TypeAlias = Callable[[NoticeWriter], Coroutine[Any, Any, None]]
 
 # The submit log keeps the latest entries only, so long benchmark runs do not grow it forever.
 SEEN_LIMIT = 10_000
+# How long one internal call (a completion or an embedding) may take.
+PLATFORM_CALL_TIMEOUT_S = 60.0
 
 
 class Runtime:
@@ -48,6 +51,18 @@ class Runtime:
         self.reporter = reporter
         self.jobs = JobTable()
         self.seen: deque[Seen] = deque(maxlen=SEEN_LIMIT)
+        # The orchestrator's internal API: the LLM and embedding calls jobs make.
+        self.platform = PlatformApi(
+            config.orchestrator_address, config.publish_metadata, PLATFORM_CALL_TIMEOUT_S
+        )
+
+    def origin(self, tenant_id: str, job_id: str, context: Context) -> CallOrigin:
+        """The job an internal call serves, with the request id and traceparent of the submit
+        that started it."""
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        return CallOrigin(
+            tenant_id, job_id, metadata.get("x-request-id"), metadata.get("traceparent")
+        )
 
     def admit(self, method: str, job_id: str, tenant_id: str, context: Context) -> tuple[str, str]:
         """Resolve the job id and tenant of a submit and record it. The tenant falls back to the
@@ -161,6 +176,38 @@ async def finish(
             total_tokens=prompt_tokens + completion_tokens,
         ),
     )
+
+
+async def complete_through_orchestrator(
+    runtime: Runtime,
+    notices: NoticeWriter,
+    origin: CallOrigin,
+    call_id: str,
+    prompt: str,
+    model: str,
+) -> common_pb2.JobResult | None:
+    """An LLM completion for the job through the orchestrator's internal API (StreamComplete):
+    its deltas are reported as the job's own; None, with the job failed ``llm_call_failed``,
+    when the call fails."""
+    try:
+        async for item in runtime.platform.stream_complete(origin, call_id, prompt, model):
+            if isinstance(item, str):
+                notices.delta(item)
+            else:
+                return common_pb2.JobResult(text=item.text, model=item.model or model)
+    except PlatformCallError as exc:
+        notices.failed(
+            "llm_call_failed",
+            f"the {call_id} completion through the orchestrator failed: {exc}",
+            retryable=exc.retryable,
+        )
+    return None
+
+
+def complete_with_calls_usage(notices: NoticeWriter, result: common_pb2.JobResult) -> None:
+    """Complete a job whose every token was used by its internal calls: the orchestrator has
+    charged them to the job already, so the job reports none of its own."""
+    notices.completed(result, common_pb2.TokenUsage())
 
 
 async def run_embedding(

@@ -15,7 +15,13 @@ from orchestrator.v1 import common_pb2
 from reference import content, fields
 from reference.fields import InvalidField
 from reference.jobs import NoticeWriter
-from reference.services import Runtime, cancel_job, finish, stream_deltas
+from reference.platform_api import CallOrigin
+from reference.services import (
+    Runtime,
+    cancel_job,
+    complete_through_orchestrator,
+    complete_with_calls_usage,
+)
 from workflow.v1 import workflow_pb2, workflow_pb2_grpc
 
 if TYPE_CHECKING:
@@ -61,10 +67,15 @@ def research_answer(question: str, summary: str, earlier_turns: int) -> str:
 
 
 async def run_research_flow(
-    runtime: Runtime, notices: NoticeWriter, request: workflow_pb2.StartWorkflowRequest
+    runtime: Runtime,
+    notices: NoticeWriter,
+    request: workflow_pb2.StartWorkflowRequest,
+    origin: CallOrigin,
 ) -> None:
-    """After "started": each step started -> finished, the answer's deltas inside the answer
-    step, then progress 1 -> completed."""
+    """After "started": each step started -> finished; the answer step completes the draft
+    answer (``research_answer``) with the LLM through the orchestrator's internal API (call id
+    ``answer``), its deltas reported inside the step; then progress 1 -> completed. The
+    tokens are the completion's, charged to the job by the orchestrator."""
     history = list(request.history)
     notices.step(0, "retrieve", STARTED)
     await runtime.step()
@@ -84,12 +95,16 @@ async def run_research_flow(
     )
 
     notices.step(2, "answer", STARTED)
-    text = research_answer(request.input, summary, len(history))
-    await stream_deltas(runtime, notices, text)
-    notices.step(2, "answer", FINISHED, summary=f"answered in {content.word_count(text)} word(s)")
-    prompt_tokens = content.word_count(request.input) + sum(map(fields.turn_tokens, history))
+    draft = research_answer(request.input, summary, len(history))
     model = request.model or content.DEFAULT_QUERY_MODEL
-    await finish(runtime, notices, "answered", text, model, prompt_tokens)
+    result = await complete_through_orchestrator(runtime, notices, origin, "answer", draft, model)
+    if result is None:
+        return
+    words = content.word_count(result.text)
+    notices.step(2, "answer", FINISHED, summary=f"answered in {words} word(s)")
+    await runtime.step()
+    notices.progress(1.0, "answered")
+    complete_with_calls_usage(notices, result)
 
 
 class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
@@ -116,7 +131,12 @@ class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
             request.agent_id,
             context,
             missing="",
-            job=lambda notices: run_research_flow(self.runtime, notices, request),
+            job=lambda notices: run_research_flow(
+                self.runtime,
+                notices,
+                request,
+                self.runtime.origin(request.tenant_id, request.job_id, context),
+            ),
         )
         return workflow_pb2.StartWorkflowResponse(job_id=job_id)
 

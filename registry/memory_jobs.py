@@ -159,6 +159,10 @@ class MemoryJobStore:
                 self._lines[(tenant_id, session_id)] = side.line
             else:
                 self._lines.pop((tenant_id, session_id), None)
+        if effects.parent is not None:
+            self._put(effects.parent)
+        if effects.parent_session is not None:
+            self._sessions.put(effects.parent_session)
         if effects.charge is not None:
             charge = effects.charge
             self.usage.add(charge.tenant_id, charge.agent_id, charge.usage)
@@ -204,6 +208,7 @@ class MemoryJobStore:
             if_busy=if_busy,
             hold=hold,
             now=self._clock(),
+            parent=self._record(new.parent_job_id) if new.parent_job_id else None,
         )
         if isinstance(step.outcome, jobs.StartRefused):
             return step.outcome
@@ -300,7 +305,9 @@ class MemoryJobStore:
             return jobs.NoticeOutcome(jobs.Verdict.UNKNOWN_JOB)
         job = record.job
         side = self._side(job.tenant_id, job.session_id)
-        step = job_machine.apply_notice(record, side, notice, limits, now=self._clock())
+        step = job_machine.apply_notice(
+            record, side, notice, limits, now=self._clock(), parent=self._parent(job)
+        )
         event = self._apply(job.tenant_id, job.session_id, job.job_id, step.effects)
         after = step.effects.record
         if after is not None and after.job.state is jobs.JobState.FINISHING:
@@ -311,6 +318,16 @@ class MemoryJobStore:
         if step.outcome is not jobs.Verdict.ACCEPTED:
             return jobs.NoticeOutcome(step.outcome, event)
         return jobs.NoticeOutcome(step.outcome, event, traceparent=job.traceparent)
+
+    def _parent(self, job: jobs.Job) -> job_machine.ParentSide | None:
+        """An internal call's parent job and its session."""
+        if not job.parent_job_id:
+            return None
+        parent = self._record(job.parent_job_id)
+        if parent is None:
+            return job_machine.ParentSide(None)
+        session = self._sessions.peek(parent.job.tenant_id, parent.job.session_id)
+        return job_machine.ParentSide(parent, session)
 
     async def record_plan(
         self,

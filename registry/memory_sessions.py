@@ -50,7 +50,8 @@ class MemorySessionStore:
             ttl_ms=new.ttl_ms,
         )
         self._sessions[(tenant_id, session_id)] = session
-        bisect.insort(self._index.setdefault(tenant_id, []), session_id)
+        if not new.hidden:
+            bisect.insort(self._index.setdefault(tenant_id, []), session_id)
         return session
 
     async def get_session(self, tenant_id: str, session_id: str, *, touch: bool) -> Session | None:

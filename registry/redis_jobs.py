@@ -265,6 +265,9 @@ class RedisJobStore(RedisStore):
                     _compact(new.agent.to_json()) if new.agent is not None else "",
                     "1" if appends else "0",
                     new.traceparent,
+                    new.parent_job_id,
+                    limits.max_internal_calls,
+                    keys.job(tenant_id, ""),
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -422,6 +425,11 @@ class RedisJobStore(RedisStore):
         if tenant_id != notice.tenant_id:
             return NoticeOutcome(Verdict.WRONG_TENANT)
         usage = notice.usage
+        # A completed notice's data goes without its usage: the script appends the job's
+        # (its own tokens and its internal calls', jobs/notice.lua).
+        data = notice.data
+        if notice.event is NoticeEvent.COMPLETED:
+            data = {k: v for k, v in data.items() if k != "usage"}
         # A completed notice may make the job FINISHING: its finalize is then checked by its
         # lease, scored in the same round trip; not for a job started here without history to
         # append, nor for an embedding (its plan never appends history).
@@ -440,7 +448,7 @@ class RedisJobStore(RedisStore):
                     notice.service.value,
                     notice.sequence,
                     notice.event.value,
-                    _compact(notice.data),
+                    _compact(data),
                     limits.heartbeat_ms,
                     usage.prompt_tokens,
                     usage.completion_tokens,
@@ -450,6 +458,8 @@ class RedisJobStore(RedisStore):
                     self._keys.usage_prefix(tenant_id),
                     USAGE_RETENTION_MS,
                     limits.handoff_grace_ms,
+                    self._keys.job(tenant_id, ""),
+                    self._keys.session(tenant_id, ""),
                 ],
             )
             if hint:
@@ -728,6 +738,8 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
         finishing_ms=int(f.get("fin", 0)),
         traceparent=f.get("tp", ""),
+        parent_job_id=f.get("par", ""),
+        internal_call_ids=tuple(f.get("calls", "").split()),
     )
 
 

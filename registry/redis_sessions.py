@@ -80,6 +80,7 @@ class RedisSessionStore(RedisStore):
                     new.ttl_ms,
                     self._retention_ms,
                     keys.session(tenant_id, ""),
+                    "1" if new.hidden else "0",
                 ],
             )
         return session_from_hash(tenant_id, session_id, pairs_to_dict(raw[0]), raw[1])

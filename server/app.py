@@ -24,9 +24,11 @@ from domain.rate_limits import StreamSlots
 from handlers.admin_operator import OperatorAdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
+from handlers.internal_api import PlatformServicer
 from handlers.sessions import SessionServicer
 from handlers.task_updates import TaskUpdateServicer
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from orchestrator.internal.v1 import platform_pb2, platform_pb2_grpc
 from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
@@ -72,6 +74,7 @@ SERVICE_NAMES = (
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
     task_update_pb2.DESCRIPTOR.services_by_name["TaskUpdateService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    platform_pb2.DESCRIPTOR.services_by_name["PlatformService"].full_name,
 )
 
 
@@ -265,6 +268,9 @@ class OrchestratorServer:
                 self.api_keys, queries, self.services.agents_directory, self.operator_queries()
             ),
             target,
+        )
+        platform_pb2_grpc.add_PlatformServiceServicer_to_server(
+            PlatformServicer(self.services.internal_calls), target
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, target)
         if self.extra_handlers:

@@ -18,6 +18,7 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # The role each service family requires, by method prefix; first match wins.
 METHOD_ROLES: tuple[tuple[str, Role], ...] = (
     ("/orchestrator.v1.TaskUpdateService/", Role.SERVICE),
+    ("/orchestrator.internal.v1.", Role.SERVICE),
     ("/orchestrator.admin.v1.", Role.ADMIN),
     ("/orchestrator.v1.", Role.CLIENT),
 )

@@ -218,6 +218,13 @@ class Settings:
         "hand-offs a job gets (the first included) before it fails with handoff_failed",
         at_least=1,
     )
+    internal_max_calls: int = _env(
+        "ORCH_INTERNAL_MAX_CALLS",
+        64,
+        "calls of the internal API one job may make (each Complete, and each text of an Embed "
+        "not answered from the cache); beyond it RESOURCE_EXHAUSTED",
+        at_least=1,
+    )
     event_log_max_events: int = _env(
         "ORCH_EVENT_LOG_MAX_EVENTS",
         1000,

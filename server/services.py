@@ -16,6 +16,7 @@ from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
 from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.handoff import HandoffRecovery
+from domain.internal_calls import InternalCalls
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.plan_runner import PlanPorts
@@ -47,6 +48,7 @@ def job_limits(settings: Settings) -> JobLimits:
         queue_timeout_ms=int(settings.job_queue_timeout * 1000),
         handoff_grace_ms=int(settings.handoff_grace * 1000),
         handoff_attempts=settings.handoff_attempts,
+        max_internal_calls=settings.internal_max_calls,
     )
 
 
@@ -151,6 +153,8 @@ class Services:
     # Agents are read through the shared agent cache (domain.agent_directory), never straight
     # from Agent Management.
     agents_directory: CachedAgentDirectory
+    # The internal API's calls (child jobs of the jobs platform services run).
+    internal_calls: InternalCalls
     # Background loops: each process starts the ones it runs.
     reaper: JobReaper
     handoffs: HandoffRecovery
@@ -180,13 +184,14 @@ def build_services(
     )
     cache = EmbeddingResultCache(backend.embedding_cache, embedding_cache_policy(settings))
     chat_queue = backend.work_queue(CHAT_QUEUE)
+    budget = TokenBudget(backend.usage, settings.budget_rules())
     chat = ChatOrchestrator(
         sessions,
         backend.jobs,
         backend.events,
         dispatcher,
         limits,
-        budget=TokenBudget(backend.usage, settings.budget_rules()),
+        budget=budget,
         embedding_cache=cache,
         queue=chat_queue,
         tracing=tracing,
@@ -226,6 +231,15 @@ def build_services(
         batches=batches,
         batch_runner=BatchRunner(backend.batches, batches, chat, tracing),
         agents_directory=agents,
+        internal_calls=InternalCalls(
+            backend.sessions,
+            backend.jobs,
+            backend.events,
+            chat,
+            limits,
+            budget=budget,
+            embedding_cache=cache,
+        ),
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
         # Hands over again the jobs whose hand-off was interrupted (in any process).
         handoffs=HandoffRecovery(chat, interval_s=settings.reaper_interval),

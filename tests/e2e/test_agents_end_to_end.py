@@ -183,13 +183,18 @@ EXPECTED = {
         *AFTER,
     ],
 }
+# Agent Execution and Workflow Engine make their LLM call through the internal API: it shows
+# as an internal_call step right after the run.
 PLANS = {
     "support-bot": ("llm", ["load_agent", "load_history", "run", "append_history"]),
     "tool-bot": (
         "tool_agent",
-        ["load_agent", "load_history", "resolve_tools", "run", "append_history"],
+        ["load_agent", "load_history", "resolve_tools", "run", "internal_call", "append_history"],
     ),
-    "research-flow": ("workflow", ["load_agent", "load_history", "run", "append_history"]),
+    "research-flow": (
+        "workflow",
+        ["load_agent", "load_history", "run", "internal_call", "append_history"],
+    ),
 }
 QUESTION = "what is 12*7 and what time is it"
 
@@ -280,6 +285,47 @@ async def test_another_tenant_sees_no_history_task_or_stream(
     assert sent.value.code() == grpc.StatusCode.NOT_FOUND
     # ... while the demo tenant still reads its own turns.
     assert len(await history(channel, session_id, demo)) == 2
+
+
+async def tenant_usage(channel: grpc.aio.Channel, key: Metadata) -> tuple[int, dict[str, int]]:
+    """The demo tenant's tokens today, in all and per agent."""
+    reply = await admin_pb2_grpc.AdminServiceStub(channel).GetTenantUsage(
+        admin_pb2.GetTenantUsageRequest(tenant_id="demo"), metadata=key, timeout=TIMEOUT_S
+    )
+    return reply.tokens_today, {a.agent_id: a.total_tokens for a in reply.agents}
+
+
+@pytest.mark.parametrize("agent_id", ["tool-bot", "research-flow"])
+async def test_an_agents_llm_call_goes_through_the_internal_api_and_usage_adds_up(
+    served: Served, channel: grpc.aio.Channel, agent_id: str
+) -> None:
+    demo, admin = served.keys["demo"], served.keys["admin"]
+    session_id = await new_session(channel, agent_id, demo)
+    before, agents_before = await tenant_usage(channel, admin)
+    events = await chat(channel, session_id, QUESTION, demo)
+    usage = events[-1].completed.usage
+    assert usage.total_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    # The job's usage is its internal call's: the service reported none of its own.
+    task = await get_task(channel, "demo", events[0].job_id, admin)
+    assert task.usage == usage
+    call = task.plan[-2]
+    assert call.index == len(task.plan) - 2
+    assert (call.name, call.method, call.service) == (
+        "internal_call",
+        "Complete",
+        common_pb2.SERVICE_QUERY,
+    )
+    assert call.state == common_pb2.PLAN_STEP_STATE_DONE
+    # The same tokens once in the session, the tenant's day and the agent's share of it.
+    reply = await session_pb2_grpc.SessionServiceStub(channel).GetSession(
+        session_pb2.GetSessionRequest(session_id=session_id), metadata=demo, timeout=TIMEOUT_S
+    )
+    assert reply.session.token_usage == usage
+    after, agents_after = await tenant_usage(channel, admin)
+    assert after - before == usage.total_tokens
+    assert agents_after[agent_id] - agents_before.get(agent_id, 0) == usage.total_tokens
 
 
 async def test_an_unknown_agent_is_refused_at_create_session(

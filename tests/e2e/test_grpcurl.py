@@ -64,6 +64,7 @@ def test_list_shows_the_services_health_and_reflection(served: ServerProcess) ->
         "orchestrator.v1.BatchService",
         "orchestrator.v1.TaskUpdateService",
         "orchestrator.admin.v1.AdminService",
+        "orchestrator.internal.v1.PlatformService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services

@@ -119,5 +119,12 @@ def test_history_lists_the_turns_and_get_task_the_plan(printed: list[dict[str, A
     assert task["state"] == "TASK_STATE_COMPLETED"
     assert [(step["name"], step["state"]) for step in task["plan"]] == [
         (name, "PLAN_STEP_STATE_DONE")
-        for name in ("load_agent", "load_history", "resolve_tools", "run", "append_history")
+        for name in (
+            "load_agent",
+            "load_history",
+            "resolve_tools",
+            "run",
+            "internal_call",
+            "append_history",
+        )
     ]

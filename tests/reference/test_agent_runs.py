@@ -163,20 +163,21 @@ async def test_a_run_reports_its_tool_calls_then_the_answer(stack: Stack) -> Non
     assert json.loads(notices[1].tool_call.arguments_json) == {"expression": "2 + 3 * 4"}
     assert json.loads(notices[3].tool_call.arguments_json) == {}
 
+    # The answer is the agent's draft completed by the LLM through the orchestrator's internal
+    # API: its deltas reported as the run's, its tokens charged there (the run reports none).
+    draft = (
+        f"Reference agent answer to: {message}. Tool results: "
+        "calculator(2 + 3 * 4) = 14; clock() = 2026-05-06T07:08:09Z"
+    )
+    ((call, metadata),) = stack.orchestrator.platform.calls
+    assert (call.tenant_id, call.job_id, call.call_id) == ("demo", "r1", "answer")
+    assert (call.prompt, call.model) == (draft, "reference-agent")
+    assert metadata["authorization"].startswith("Bearer ")
     final = notices[-1]
     text = "".join(n.delta for n in notices if n.event == DELTA)
-    assert (
-        text
-        == final.result.text
-        == (
-            f"Reference agent answer to: {message}. Tool results: "
-            "calculator(2 + 3 * 4) = 14; clock() = 2026-05-06T07:08:09Z"
-        )
-    )
+    assert text == final.result.text == f"Reference answer to: {draft}"
     assert final.result.model == "reference-agent"
-    # system prompt 2 + message 12 + tool results 1 + 1
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (16, len(text.split()))
-    assert final.usage.total_tokens == 16 + len(text.split())
+    assert final.usage == common_pb2.TokenUsage()
 
 
 async def test_runs_are_deterministic_and_use_history_and_model(stack: Stack) -> None:
@@ -191,11 +192,14 @@ async def test_runs_are_deterministic_and_use_history_and_model(stack: Stack) ->
     ]
     final = first[-1]
     assert final.result.text.startswith(
-        "Reference agent answer to: 1 + 1? (after 3 earlier turn(s))"
+        "Reference answer to: Reference agent answer to: 1 + 1? (after 3 earlier turn(s))"
     )
     assert final.result.model == "m-2"
-    # system prompt 2 + history 4 + 7 + 2 + message 3 + result 1
-    assert final.usage.prompt_tokens == 19
+    # Both runs asked with the same call id for their own job.
+    assert [(c.job_id, c.call_id, c.model) for c, _ in stack.orchestrator.platform.calls] == [
+        ("d1", "answer", "m-2"),
+        ("d2", "answer", "m-2"),
+    ]
 
 
 async def test_max_tool_calls_bounds_the_loop(stack: Stack) -> None:
@@ -232,7 +236,9 @@ async def test_a_run_without_tools_answers_directly(stack: Stack) -> None:
     await stack.agent_execution.StartRun(run("n1", "what time is it", tools=[]), timeout=5)
     notices = await stack.orchestrator.recorder.wait_finished("n1")
     assert TOOL_CALL not in [n.event for n in notices]
-    assert notices[-1].result.text == "Reference agent answer to: what time is it"
+    assert notices[-1].result.text == (
+        "Reference answer to: Reference agent answer to: what time is it"
+    )
 
 
 async def test_a_repeated_start_is_the_same_run(stack: Stack) -> None:
@@ -406,29 +412,31 @@ async def test_research_flow_reports_each_step_and_answers_from_the_history(stac
         (1, "summarize", "summarize", STARTED, ""),
         (1, "summarize", "summarize", FINISHED, "summarized into 7 word(s)"),
         (2, "answer", "answer", STARTED, ""),
-        (2, "answer", "answer", FINISHED, "answered in 19 word(s)"),
+        (2, "answer", "answer", FINISHED, "answered in 22 word(s)"),
     ]
+    draft = (
+        "Reference research answer to: more about apples "
+        "(drawing on 3 earlier turn(s): tell me about apples; apples are fruit)"
+    )
+    ((call, _),) = stack.orchestrator.platform.calls
+    assert (call.tenant_id, call.job_id, call.call_id, call.prompt) == (
+        "demo",
+        "w1",
+        "answer",
+        draft,
+    )
     final = notices[-1]
     text = "".join(n.delta for n in notices if n.event == DELTA)
-    assert (
-        text
-        == final.result.text
-        == (
-            "Reference research answer to: more about apples "
-            "(drawing on 3 earlier turn(s): tell me about apples; apples are fruit)"
-        )
-    )
+    assert text == final.result.text == f"Reference answer to: {draft}"
     assert final.result.model == "reference-llm"
-    # message 3 + history 4 + 7 + 2
-    assert final.usage.prompt_tokens == 16
-    assert final.usage.completion_tokens == 19
+    assert final.usage == common_pb2.TokenUsage()  # charged through the internal call
 
 
 async def test_research_flow_without_history(stack: Stack) -> None:
     await stack.workflow.StartWorkflow(flow("w2", "why", model="m-3"), timeout=5)
     notices = await stack.orchestrator.recorder.wait_finished("w2")
     assert notices[-1].result.text == (
-        "Reference research answer to: why (no earlier turns to draw on)"
+        "Reference answer to: Reference research answer to: why (no earlier turns to draw on)"
     )
     assert notices[-1].result.model == "m-3"
 
@@ -467,3 +475,23 @@ async def test_start_workflow_bounds(stack: Stack, change: dict[str, Any], field
         field,
     )
     assert stack.reference.seen == []
+
+
+async def test_a_run_passes_its_request_id_and_trace_to_its_internal_call(stack: Stack) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    metadata = (("x-request-id", "req-77"), ("traceparent", traceparent))
+    await stack.agent_execution.StartRun(run("t1", "1+1"), metadata=metadata, timeout=5)
+    await stack.orchestrator.recorder.wait_finished("t1")
+    ((_, sent),) = stack.orchestrator.platform.calls
+    assert (sent["x-request-id"], sent["traceparent"]) == ("req-77", traceparent)
+
+
+async def test_a_refused_internal_call_fails_the_run_and_the_workflow(stack: Stack) -> None:
+    stack.orchestrator.platform.fail_with = grpc.StatusCode.FAILED_PRECONDITION
+    await stack.agent_execution.StartRun(run("f1", "1+1"), timeout=5)
+    await stack.workflow.StartWorkflow(flow("f2", "why"), timeout=5)
+    for job_id in ("f1", "f2"):
+        final = (await stack.orchestrator.recorder.wait_finished(job_id))[-1]
+        assert final.event == FAILED
+        assert final.error.code == "llm_call_failed" and not final.error.retryable
+        assert "FAILED_PRECONDITION" in final.error.message

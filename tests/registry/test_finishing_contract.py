@@ -48,6 +48,8 @@ LIMITS = JobLimits(
 TENANT = "acme"
 AGENT = AgentConfig(TENANT, "agent-1", AgentKind.LLM, 7, model="m1", system_prompt="Be brief.")
 RESULT = {"result": {"text": "Refunds take 5 days."}}
+# A completed notice's stored result and event carry the job's usage as their last member.
+STORED = {**RESULT, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
 USAGE = TokenUsage(3, 4, 7)
 
 
@@ -122,7 +124,7 @@ async def test_a_completed_notice_makes_a_job_whose_plan_appends_history_finishi
     assert outcome.event is None
     claim = outcome.finishing
     assert claim is not None and claim.finalize and claim.attempt == 1
-    assert claim.result == RESULT
+    assert claim.result == STORED
     assert claim.job.content == "How long do refunds take?"
     # The calls after the work need no agent snapshot: the claim does not carry it.
     assert claim.job.plan == started.job.plan and claim.job.agent is None
@@ -165,7 +167,7 @@ async def test_finishing_completes_with_the_stored_result(registry: Backend) -> 
     draft = EventDraft(job_id, EventKind.COMPLETED, "req-1", {})
     outcome, event = await registry.jobs.finish_job(TENANT, job_id, draft, LIMITS)
     assert outcome is FinishOutcome.DONE
-    assert event is not None and event.kind is EventKind.COMPLETED and dict(event.data) == RESULT
+    assert event is not None and event.kind is EventKind.COMPLETED and dict(event.data) == STORED
     session = await registry.sessions.get_session(TENANT, session_id, touch=False)
     assert session is not None
     assert session.pending_job_ids == () and session.message_count == 2

@@ -106,6 +106,7 @@ async def test_health_list_reports_every_service_with_its_status(
         "orchestrator.v1.BatchService": SERVING,
         "orchestrator.v1.TaskUpdateService": SERVING,
         "orchestrator.admin.v1.AdminService": SERVING,
+        "orchestrator.internal.v1.PlatformService": SERVING,
     }
 
 

@@ -1,4 +1,6 @@
-"""A stand-in orchestrator TaskUpdateService that records every notice it receives."""
+"""A stand-in orchestrator: a TaskUpdateService that records every notice it receives, and an
+internal PlatformService that answers completions as the reference Query would (records every
+call)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from typing import Any
 
 import grpc
 
-from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
+from orchestrator.internal.v1 import platform_pb2, platform_pb2_grpc
+from orchestrator.v1 import common_pb2, task_update_pb2, task_update_pb2_grpc
+from reference import content
 
 Notice = task_update_pb2.PublishUpdatesRequest
 FINAL_EVENTS = (task_update_pb2.NOTICE_EVENT_COMPLETED, task_update_pb2.NOTICE_EVENT_FAILED)
@@ -95,12 +99,67 @@ class NoticeRecorder(task_update_pb2_grpc.TaskUpdateServiceServicer):
         return self.job(job_id)
 
 
+class PlatformRecorder(platform_pb2_grpc.PlatformServiceServicer):
+    """The internal API as a stand-in: a completion is the reference Query's answer to the
+    prompt (in ``deltas`` pieces, usage in words), an embedding the reference vectors; each
+    request is kept with its metadata. ``fail_with`` refuses every call with that status."""
+
+    def __init__(self, deltas: int = 3) -> None:
+        self.deltas = deltas
+        self.calls: list[tuple[Any, dict[str, str]]] = []
+        self.fail_with: grpc.StatusCode | None = None
+
+    async def _record(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        self.calls.append((request, metadata))
+        if self.fail_with is not None:
+            await context.abort(self.fail_with, "refused by the stand-in")
+
+    def _completion(self, request: Any) -> platform_pb2.CompleteResponse:
+        text = content.answer_text(request.prompt, list(request.collections))
+        prompt, completion = content.word_count(request.prompt), content.word_count(text)
+        return platform_pb2.CompleteResponse(
+            call_id=request.call_id,
+            call_job_id=f"{request.job_id}/{request.call_id}",
+            text=text,
+            model=request.model or content.DEFAULT_QUERY_MODEL,
+            usage=common_pb2.TokenUsage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            ),
+        )
+
+    async def Complete(
+        self, request: platform_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> platform_pb2.CompleteResponse:
+        await self._record(request, context)
+        return self._completion(request)
+
+    async def StreamComplete(
+        self,
+        request: platform_pb2.StreamCompleteRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[platform_pb2.StreamCompleteResponse]:
+        await self._record(request, context)
+        final = self._completion(request)
+        for piece in content.split_deltas(final.text, self.deltas):
+            yield platform_pb2.StreamCompleteResponse(delta=piece)
+        yield platform_pb2.StreamCompleteResponse(final=final)
+
+    async def Embed(
+        self, request: platform_pb2.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> platform_pb2.EmbedResponse:
+        await self._record(request, context)
+        vectors = [common_pb2.Vector(values=content.embedding_vector(t, 8)) for t in request.texts]
+        return platform_pb2.EmbedResponse(call_id=request.call_id, embeddings=vectors)
+
+
 class RecordingOrchestrator:
     """A grpc.aio server on loopback hosting a NoticeRecorder; can be restarted on its port."""
 
     def __init__(self, port: int = 0) -> None:
         self.port = port
         self.recorder = NoticeRecorder()
+        self.platform = PlatformRecorder()
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -110,6 +169,7 @@ class RecordingOrchestrator:
     async def start(self) -> None:
         server = grpc.aio.server()
         task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(self.recorder, server)
+        platform_pb2_grpc.add_PlatformServiceServicer_to_server(self.platform, server)
         port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         if port == 0:
             raise RuntimeError(f"could not bind 127.0.0.1:{self.port}")

@@ -20,7 +20,14 @@
 --   the event appended), data_json, heartbeat_ms, prompt_tokens,
 --   completion_tokens, total_tokens, retention_ms (the job's, once final), maxlen,
 --   log_ttl_ms, channel, usage_prefix, usage_retention_ms, handoff_grace_ms (the finalize
---   lease)
+--   lease), job_prefix, session_prefix (the key of a job or session of the tenant is the prefix
+--   .. its id)
+-- A completed notice's data_json comes without its `usage` member: the script appends the
+-- job's usage, its own tokens plus those its internal calls rolled up into it (`ptok`, `ctok`,
+-- `ttok` are counted up, not set). The tenant and the session are charged the notice's own
+-- tokens. The completed notice of an internal call (`par`: its parent job, `pses` the parent's
+-- session) adds its tokens to the parent job and the parent's session while the parent is
+-- pending or running.
 -- Returns: {'accepted', sequence, now, envelope, traceparent (the job's `tp`, or '')},
 --   claim_reply('finishing', ...) or {verdict}
 --   (unknown_job | wrong_service | duplicate | job_finished)
@@ -40,6 +47,8 @@ local channel = ARGV[13]
 local usage_prefix = ARGV[14]
 local usage_retention_ms = tonumber(ARGV[15])
 local handoff_grace_ms = tonumber(ARGV[16])
+local job_prefix = ARGV[17]
+local session_prefix = ARGV[18]
 
 -- A completed notice's tokens go to the tenant's usage of the day.
 local function charge()
@@ -59,6 +68,35 @@ local function session_tokens()
   redis.call('HINCRBY', session_key, 'ttok', total_tokens)
 end
 
+-- The job's usage (its internal calls' tokens and the notice's), and a completed notice's data
+-- with it as its `usage` member.
+local function add_usage()
+  local p = redis.call('HINCRBY', job_key, 'ptok', prompt_tokens)
+  local c = redis.call('HINCRBY', job_key, 'ctok', completion_tokens)
+  local t = redis.call('HINCRBY', job_key, 'ttok', total_tokens)
+  if event ~= 'completed' then return end
+  data_json = with_members(data_json, {string.format(
+    '"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}', p, c, t)})
+end
+
+-- An internal call's completion: its tokens go to its parent job and the parent's session.
+local function roll_up()
+  local par = redis.call('HMGET', job_key, 'par', 'pses')
+  if not par[1] then return end
+  local parent_key = job_prefix .. par[1]
+  local state = redis.call('HGET', parent_key, 'state')
+  if state ~= 'pending' and state ~= 'running' then return end
+  redis.call('HINCRBY', parent_key, 'ptok', prompt_tokens)
+  redis.call('HINCRBY', parent_key, 'ctok', completion_tokens)
+  redis.call('HINCRBY', parent_key, 'ttok', total_tokens)
+  local parent_session = session_prefix .. par[2]
+  if redis.call('EXISTS', parent_session) == 1 then
+    redis.call('HINCRBY', parent_session, 'ptok', prompt_tokens)
+    redis.call('HINCRBY', parent_session, 'ctok', completion_tokens)
+    redis.call('HINCRBY', parent_session, 'ttok', total_tokens)
+  end
+end
+
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', job_key, 'service', 'state', 'nseq', 'request', 'tp')
 if f[1] ~= service then return {'wrong_service'} end
@@ -70,8 +108,8 @@ if n == 0 then n = tonumber(f[3]) + 1 elseif n <= tonumber(f[3]) then return {'d
 if is_final(f[2]) or f[2] == 'finishing' then return {'job_finished'} end
 if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
   local lease = now + handoff_grace_ms
+  add_usage()
   redis.call('HSET', job_key, 'state', 'finishing', 'nseq', n, 'updated', now, 'fin', now,
-    'ptok', prompt_tokens, 'ctok', completion_tokens, 'ttok', total_tokens,
     'hb', redis.call('HGET', job_key, 'deadline'), 'res', data_json, 'fl', lease, 'fa', 1)
   handed_over()
   local ttl = redis.call('PTTL', job_key)
@@ -81,6 +119,7 @@ if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
   extend(tenant_finishing_key, ttl)
   if redis.call('EXISTS', session_key) == 1 then session_tokens() end
   charge()
+  roll_up()
   return claim_reply('finishing', lease, 1, true, '')
 end
 local running = event == 'progress' or event == 'delta' or event == 'tool_call'
@@ -96,15 +135,18 @@ if running then
     extend(tenant_running_key, ttl)
   end
 else
-  redis.call('HSET', job_key, 'state', event, 'nseq', n, 'updated', now,
-    'ptok', prompt_tokens, 'ctok', completion_tokens, 'ttok', total_tokens)
+  add_usage()
+  redis.call('HSET', job_key, 'state', event, 'nseq', n, 'updated', now)
   redis.call('PEXPIRE', job_key, retention_ms)
   release(job_id)
   if event == 'completed' and redis.call('EXISTS', session_key) == 1 then
     redis.call('HINCRBY', session_key, 'msgs', 1)
     session_tokens()
   end
-  if event == 'completed' then charge() end
+  if event == 'completed' then
+    charge()
+    roll_up()
+  end
 end
 local env = envelope(job_id, f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)

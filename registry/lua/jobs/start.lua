@@ -21,9 +21,15 @@
 --   keep ('1': the job hash keeps its final event, see keep_final), plan_json (the job's
 --   plan, '' for none), agent_json (the agent snapshot the plan was made from, or ''),
 --   appends ('1': the plan appends history, so a completed notice makes the job FINISHING),
---   traceparent (the W3C trace context the job was accepted under, field `tp`, or '')
--- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | session_missing |
---   session_not_open | session_busy)
+--   traceparent (the W3C trace context the job was accepted under, field `tp`, or ''),
+--   parent_job_id (an internal call's parent job, '' for none), max_calls (the internal calls a
+--   job may make), job_prefix (the key of a job of the tenant is job_prefix .. its id)
+-- An internal call's job starts only while its parent (same tenant, so the same slot) is
+-- pending or running and has made fewer than max_calls calls; the parent counts it (`ic`) and
+-- lists it (`calls`: the children's ids, space-separated, oldest first), and
+-- the child keeps its parent (`par`) and the parent's session (`pses`) for notice.lua.
+-- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | parent_not_in_flight |
+--   call_limit | session_missing | session_not_open | session_busy)
 local job_id = ARGV[1]
 local session_id = ARGV[2]
 local service = ARGV[3]
@@ -49,9 +55,19 @@ local plan_json = ARGV[22]
 local agent_json = ARGV[23]
 local appends = ARGV[24]
 local traceparent = ARGV[25]
+local parent_job_id = ARGV[26]
+local max_calls = tonumber(ARGV[27])
+local job_prefix = ARGV[28]
 local tenant_jobs_key = KEYS[11]
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
+local parent_key = nil
+if parent_job_id ~= '' then
+  parent_key = job_prefix .. parent_job_id
+  local p = redis.call('HMGET', parent_key, 'state', 'ic')
+  if p[1] ~= 'pending' and p[1] ~= 'running' then return {'parent_not_in_flight'} end
+  if tonumber(p[2] or '0') >= max_calls then return {'call_limit'} end
+end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
 local s = redis.call('HMGET', session_key, 'state', 'expires')
 if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2]) then
@@ -80,6 +96,14 @@ if plan_json ~= '' then redis.call('HSET', job_key, 'plan', plan_json) end
 if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
 if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
 if traceparent ~= '' then redis.call('HSET', job_key, 'tp', traceparent) end
+if parent_key then
+  redis.call('HINCRBY', parent_key, 'ic', 1)
+  local calls = redis.call('HGET', parent_key, 'calls')
+  if calls then calls = calls .. ' ' .. job_id else calls = job_id end
+  redis.call('HSET', parent_key, 'calls', calls)
+  redis.call('HSET', job_key, 'par', parent_job_id,
+    'pses', redis.call('HGET', parent_key, 'session'))
+end
 lifetime = lifetime + retention_ms
 redis.call('PEXPIRE', job_key, lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished

@@ -6,18 +6,21 @@
 -- KEYS: session_key, pending_key (the session's jobs in flight), index_key (the tenant's
 --   sessions)
 -- ARGV: session_id, agent_id, user_id, metadata_json, ttl_ms, retention_ms, session_prefix
---   (the key of a session is session_prefix .. its id)
+--   (the key of a session is session_prefix .. its id), hidden ('1': not in the index, the
+--   sessions of a job's internal calls)
 -- Returns: {session hash fields, pending job ids (none)}
 local session_key, index_key = KEYS[1], KEYS[3]
 local session_id, agent_id, user_id, metadata_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl_ms, retention_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
 local session_prefix = ARGV[7]
+local hidden = ARGV[8]
 
 local expires = now + ttl_ms
 redis.call('HSET', session_key, 'agent_id', agent_id, 'user_id', user_id,
   'metadata', metadata_json, 'state', 'active', 'created', now, 'updated', now,
   'expires', expires, 'ttl', ttl_ms, 'msgs', 0, 'ptok', 0, 'ctok', 0, 'ttok', 0)
 redis.call('PEXPIREAT', session_key, expires + retention_ms)
+if hidden == '1' then return {redis.call('HGETALL', session_key), {}} end
 for _, old in ipairs(redis.call('ZRANGE', index_key, 0, 1)) do
   if redis.call('EXISTS', session_prefix .. old) == 0 then
     redis.call('ZREM', index_key, old)
