@@ -28,6 +28,8 @@ from domain.ids import derived_id
 from domain.jobs import EventKind, IfBusy, SessionEvent
 from domain.ports.batches import BatchStore
 from domain.ports.queue import WorkItem
+from domain.service_caps import OverLimit
+from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,10 @@ class BatchRunner:
         spec: dict[str, Any] = json.loads(item.payload)
         tenant_id, batch_id, index = spec["tenant"], spec["batch"], int(spec["index"])
         redelivery = item.deliveries > 1
-        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=redelivery):
+        # An item found RUNNING is always one an earlier delivery did not finish (the queue
+        # holds one delivery at a time): it died, was given back at shutdown or deferred over
+        # a limit (neither counted as a delivery), so it may run again.
+        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=True):
             return SKIPPED  # cancelled, expired or finished elsewhere
         kind = ItemKind(spec["kind"])
         session_id = spec["session"]
@@ -110,6 +115,10 @@ class BatchRunner:
             outcome = await self._run(ctx, batch_id, index, message, redelivery=redelivery)
         except Unavailable:
             raise  # the queue retries the delivery; the item is still RUNNING
+        except OverLimit as exc:
+            # Its tenant is at a limit toward the service: nothing was started; the item
+            # waits in the queue (RUNNING here) and is delivered again later.
+            raise Deferred(exc.reached.retry_after_ms, exc.message) from None
         except DomainError as exc:
             outcome = _refused(exc)
         await self._store.finish_item(tenant_id, batch_id, index, outcome)

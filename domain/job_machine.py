@@ -42,6 +42,7 @@ from domain.jobs import (
 )
 from domain.models import Session, SessionState, TokenUsage
 from domain.plans import OrchestrationPlan, ServiceCall
+from domain.service_caps import LimitReached, check
 
 Outcome = TypeVar("Outcome")
 
@@ -88,6 +89,16 @@ class SessionSide:
 
     session: Session | None
     line: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CapReading:
+    """What the limits toward the services (domain.service_caps) are checked against when a
+    job would start: the tenant's jobs in flight at the job's service (PENDING, RUNNING or
+    FINISHING, records not expired) and the tokens charged to the tenant this minute."""
+
+    in_flight: int = 0
+    minute_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +155,13 @@ def start(
     if_busy: IfBusy,
     hold: bool,
     now: int,
-) -> Step[Job | StartRefused]:
+    reading: CapReading = CapReading(),
+) -> Step[Job | StartRefused | LimitReached]:
     """Record a new job for its session: PENDING, or QUEUED at the back of the session's line
     when ``hold`` or the session is busy and ``if_busy`` holds; the session turns BUSY and
-    counts the message; an ``accepted`` event."""
+    counts the message; an ``accepted`` event. A job that would be PENDING while its tenant is
+    at a limit toward its service (``limits.caps``, checked against ``reading``) is not
+    recorded: LimitReached."""
     if existing is not None:
         return Step(StartRefused.JOB_EXISTS)
     session = side.session
@@ -159,6 +173,10 @@ def start(
     if if_busy is IfBusy.REJECT and busy:
         return Step(StartRefused.SESSION_BUSY)
     queued = hold or (if_busy is IfBusy.HOLD and busy)
+    if not queued:
+        reached = _over_limit(tenant_id, new, limits, reading, now)
+        if reached is not None:
+            return Step(reached)
     job = new.recorded(tenant_id, now, limits, queued=queued)
     lifetime = limits.queue_timeout_ms + limits.deadline_ms if queued else limits.deadline_ms
     handoff = Handoff(new, lease_ms=now + limits.handoff_grace_ms)
@@ -188,6 +206,19 @@ def start(
     return Step(job, effects)
 
 
+def _over_limit(
+    tenant_id: str, job: NewJob | Job, limits: JobLimits, reading: CapReading, now: int
+) -> LimitReached | None:
+    return check(
+        limits.caps,
+        tenant_id,
+        job.service,
+        in_flight=reading.in_flight,
+        minute_tokens=reading.minute_tokens,
+        now_ms=now,
+    )
+
+
 def appended(record: JobRecord, event: SessionEvent) -> JobRecord:
     """The record once ``event`` (its transition's) is in the log: a QUEUED job's accepted
     event starts its enqueue (its first hand-off), a final one is kept when asked."""
@@ -206,9 +237,11 @@ def activate(
     limits: JobLimits,
     *,
     now: int,
-) -> Step[ActivateOutcome]:
+    reading: CapReading = CapReading(),
+) -> Step[ActivateOutcome | LimitReached]:
     """A QUEUED job's work item was delivered (its enqueue is confirmed): it turns PENDING when
-    it is first in its session's line and no job accepted before it is still in flight."""
+    it is first in its session's line, no job accepted before it is still in flight and its
+    tenant is under the limits toward its service (else LimitReached: it stays QUEUED)."""
     if record is None or record.job.tenant_id != tenant_id:
         return Step(ActivateOutcome.UNKNOWN_JOB)
     job = record.job
@@ -228,6 +261,9 @@ def activate(
     line = side.line
     if not line or line[0] != job.job_id or len(session.pending_job_ids) > len(line):
         return Step(ActivateOutcome.WAIT, confirmed)
+    reached = _over_limit(tenant_id, job, limits, reading, now)
+    if reached is not None:
+        return Step(reached, confirmed)
     job = replace(
         job,
         state=JobState.PENDING,

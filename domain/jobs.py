@@ -27,6 +27,7 @@ from domain.agents import AgentConfig
 from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.queue import QueuePriority
+from domain.service_caps import NO_CAPS, ServiceCaps
 
 
 class JobState(enum.StrEnum):
@@ -163,6 +164,8 @@ class JobLimits:
     handoff_grace_ms: int = 5_000
     # ...up to this many hand-offs in all; then (or past its deadline) it fails handoff_failed.
     handoff_attempts: int = 3
+    # Per-tenant limits toward the services, checked by the start path (domain.service_caps).
+    caps: ServiceCaps = NO_CAPS
 
 
 @dataclass(frozen=True, slots=True)

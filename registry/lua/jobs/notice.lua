@@ -10,11 +10,12 @@
 -- tokens to the tenant's usage hash of the current UTC day (`<usage_prefix><days since the
 -- epoch>`, by the Redis clock): fields total, prompt, completion, jobs and `agent:<agent id>`.
 -- That key is built here because the day comes from the Redis clock; the prefix carries the
--- tenant's hash tag, so it lives in the same cluster slot as the job keys.
+-- tenant's hash tag, so it lives in the same cluster slot as the job keys. The tokens count for
+-- the tenant's tokens-per-minute limit too (charge_minute).
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, service, notice_sequence (0: the sender does not number its notices),
 --   event (progress | delta | tool_call | workflow_step | completed | failed: also the kind of
 --   the event appended), data_json, heartbeat_ms, prompt_tokens,
@@ -50,6 +51,7 @@ local function charge()
   redis.call('HINCRBY', usage_key, 'jobs', 1)
   redis.call('HINCRBY', usage_key, 'agent:' .. agent, total_tokens)
   redis.call('PEXPIRE', usage_key, usage_retention_ms)
+  charge_minute(total_tokens)
 end
 
 local function session_tokens()

@@ -10,7 +10,7 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, session_id, service, kind, request_json, agent_id, model,
 --   accepted_json (the accepted event's data; deadline_ms and queued are added here),
 --   deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
@@ -19,9 +19,11 @@
 --   not hold of the work request, and its work queue priority), handoff_grace_ms,
 --   keep ('1': the job hash keeps its final event, see keep_final), plan_json (the job's
 --   plan, '' for none), agent_json (the agent snapshot the plan was made from, or ''),
---   appends ('1': the plan appends history, so a completed notice makes the job FINISHING)
--- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | session_missing |
---   session_not_open | session_busy)
+--   appends ('1': the plan appends history, so a completed notice makes the job FINISHING),
+--   in_flight_cap, tpm_cap (tokens per minute), retry_after_ms (the tenant's limits toward the
+--   services, 0: none; checked for a job that would be PENDING, see over_limit)
+-- Returns: {'ok', sequence, now, envelope}, {'limited', limit, cap, retry_after_ms, service} or
+--   {reason} (job_exists | session_missing | session_not_open | session_busy)
 local job_id = ARGV[1]
 local session_id = ARGV[2]
 local service = ARGV[3]
@@ -46,6 +48,9 @@ local keep = ARGV[21]
 local plan_json = ARGV[22]
 local agent_json = ARGV[23]
 local appends = ARGV[24]
+local in_flight_cap = tonumber(ARGV[25])
+local tpm_cap = tonumber(ARGV[26])
+local retry_after_ms = tonumber(ARGV[27])
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
@@ -56,6 +61,10 @@ end
 local busy = redis.call('SCARD', pending_key) > 0
 if if_busy == 'reject' and busy then return {'session_busy'} end
 local queued = hold == '1' or (if_busy == 'hold' and busy)
+if not queued then
+  local limited = over_limit(service, in_flight_cap, tpm_cap, retry_after_ms)
+  if limited then return limited end
+end
 local state = 'pending'
 local lifetime = deadline_ms
 local deadline = now + deadline_ms
@@ -86,6 +95,7 @@ local counted = tenant_pending_key
 if queued then counted = tenant_queued_key end
 redis.call('ZADD', counted, now + lifetime, job_id)
 extend(counted, lifetime)
+if not queued then count_in_flight(job_id, service, now + lifetime) end
 redis.call('SADD', pending_key, job_id)
 local ttl = redis.call('PTTL', session_key)
 if ttl > 0 then redis.call('PEXPIRE', pending_key, ttl) end
