@@ -46,6 +46,7 @@ def job_limits(settings: Settings) -> JobLimits:
         queue_timeout_ms=int(settings.job_queue_timeout * 1000),
         handoff_grace_ms=int(settings.handoff_grace * 1000),
         handoff_attempts=settings.handoff_attempts,
+        caps=settings.service_caps(),
     )
 
 
