@@ -94,8 +94,8 @@ class SessionSide:
 @dataclass(frozen=True, slots=True)
 class CapReading:
     """What the limits toward the services (domain.service_caps) are checked against when a
-    job would start: the tenant's jobs in flight at the job's service (PENDING, RUNNING or
-    FINISHING, records not expired) and the tokens charged to the tenant this minute."""
+    job would start: the tenant's jobs in flight at the job's service (PENDING or RUNNING,
+    records not expired) and the tokens charged to the tenant this minute."""
 
     in_flight: int = 0
     minute_tokens: int = 0

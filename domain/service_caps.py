@@ -4,8 +4,9 @@ tokens per minute, shared by every replica.
 Both are checked and counted inside the job store's start path, in the same atomic step that
 records a job as started (domain.job_machine.start and .activate; on Redis the start and
 activate scripts): a job in flight is one that has been handed, or is about to be handed, to
-its service (PENDING, RUNNING or FINISHING); a QUEUED job is not in flight until its turn
-comes. A job leaves the count when it ends (any final state) or its record expires.
+its service (PENDING or RUNNING); a QUEUED job is not in flight until its turn comes. A job
+leaves the count when its service completed it (FINISHING, while the orchestrator appends the
+history, counts no more), when it ends (any final state) or when its record expires.
 
 Tokens per minute: the total tokens charged to the tenant (where usage is charged: a completed
 notice, domain.job_machine.apply_notice / jobs/notice.lua) within the current minute of the
@@ -67,16 +68,6 @@ class ServiceCaps:
 
     def tokens_per_minute_for(self, tenant_id: str) -> int:
         return self.tokens_per_minute_overrides.get(tenant_id, self.tokens_per_minute)
-
-    @property
-    def any(self) -> bool:
-        """Whether any tenant has a limit (else the stores skip the bookkeeping reads)."""
-        return bool(
-            self.in_flight
-            or self.tokens_per_minute
-            or any(self.in_flight_overrides.values())
-            or any(self.tokens_per_minute_overrides.values())
-        )
 
 
 NO_CAPS = ServiceCaps()

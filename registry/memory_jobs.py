@@ -23,7 +23,7 @@ from registry.memory_sessions import MemorySessionStore, wall_clock_ms
 from registry.memory_usage import MemoryUsageStore
 
 # The states of a job in flight toward its service (counted by the limits toward the services).
-_IN_FLIGHT = frozenset((jobs.JobState.PENDING, jobs.JobState.RUNNING, jobs.JobState.FINISHING))
+_IN_FLIGHT = frozenset((jobs.JobState.PENDING, jobs.JobState.RUNNING))
 
 
 @dataclass(slots=True)

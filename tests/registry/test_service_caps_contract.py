@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from domain.agents import AgentConfig, AgentKind
 from domain.ids import new_id
 from domain.jobs import (
     ActivateOutcome,
@@ -24,6 +25,7 @@ from domain.jobs import (
     Verdict,
 )
 from domain.models import Service, TokenUsage, WorkKind
+from domain.plans import plan_for
 from domain.service_caps import MINUTE_MS, LimitKind, LimitReached, ServiceCaps
 from registry.backend import Backend
 from tests.support.registries import new_session, opened_registry
@@ -197,3 +199,24 @@ async def test_jobs_count_in_flight_while_no_limit_is_set(registry: Backend) -> 
     await started(registry, BASE)
 
     assert isinstance(await start(registry, CAPPED), LimitReached)
+
+
+async def test_a_job_its_service_completed_frees_its_place_while_history_is_appended(
+    registry: Backend,
+) -> None:
+    agent = AgentConfig(TENANT, "agent-1", AgentKind.LLM, 1, model="m1")
+    session_id = await new_session(registry, TENANT)
+    new = replace(
+        new_job(session_id), plan=plan_for(WorkKind.LLM_QUERY, agent, now_ms=1_000), agent=agent
+    )
+    first = await registry.jobs.start_job(TENANT, new, CAPPED, if_busy=IfBusy.RUN)
+    assert isinstance(first, StartedJob) and first.job.plan is not None
+    assert first.job.plan.appends_history
+    await started(registry, CAPPED)
+    assert isinstance(await start(registry, CAPPED), LimitReached)
+
+    await complete(registry, first)
+
+    job = await registry.jobs.get_job(TENANT, new.job_id)
+    assert job is not None and job.state is JobState.FINISHING
+    assert isinstance(await start(registry, CAPPED), StartedJob)

@@ -78,6 +78,8 @@ if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
   local ttl = redis.call('PTTL', job_key)
   redis.call('ZREM', tenant_pending_key, job_id)
   redis.call('ZREM', tenant_running_key, job_id)
+  -- Done at its service: no longer in flight there (service_caps), though not yet final.
+  redis.call('ZREM', inflight_key(service), job_id)
   redis.call('ZADD', tenant_finishing_key, now + ttl, job_id)
   extend(tenant_finishing_key, ttl)
   if redis.call('EXISTS', session_key) == 1 then session_tokens() end

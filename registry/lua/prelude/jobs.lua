@@ -15,8 +15,8 @@ local line_key = KEYS[8]            -- the session's line: its QUEUED jobs, olde
 local tenant_queued_key = KEYS[9]
 local tenant_finishing_key = KEYS[10]  -- the tenant's FINISHING jobs (as the three above)
 -- The prefix of the tenant's limit keys (domain.service_caps; the tenant's hash tag): per
--- service, `inflight:<service>`, a sorted set of its jobs in flight there (PENDING, RUNNING,
--- FINISHING) scored by when the job hash expires; per minute of the Redis clock,
+-- service, `inflight:<service>`, a sorted set of its jobs in flight there (PENDING or RUNNING)
+-- scored by when the job hash expires; per minute of the Redis clock,
 -- `tpm:<minute>`, the tokens charged to the tenant in it.
 local limits_prefix = KEYS[11]
 
