@@ -13,6 +13,11 @@ completed (``finish``) with the stored result once the turns are appended; a FIN
 whose finalize lease ran out is claimed like a hand-off. A store appends the Step's event to
 the session's log, then passes the stored event to ``appended`` (a queued job remembers its
 accepted event's sequence for its enqueue; a job kept final keeps its final event).
+
+A job that would turn PENDING (``start``, ``activate``) is first checked against its tenant's
+limits toward the services (``limits.caps``, domain.service_caps) with the store's reading of
+the tenant's jobs in flight at the service and tokens of the minute (``CapReading``): over one,
+the outcome is LimitReached and nothing is recorded (an activation leaves the job QUEUED).
 """
 
 from __future__ import annotations
