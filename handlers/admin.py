@@ -16,7 +16,12 @@ from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
-from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB, plan_step_from_data
+from handlers.event_converters import (
+    KIND_TO_PB,
+    SERVICE_TO_PB,
+    plan_step_from_data,
+    service_from_pb,
+)
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -98,6 +103,7 @@ def api_key_to_pb(key: ApiKey) -> admin_pb2.ApiKey:
         description=key.description,
         create_time=timestamp_from_ms(key.created_at_ms),
         revoked=key.revoked,
+        services=sorted(SERVICE_TO_PB[service] for service in key.services),
     )
     if key.revoked_at_ms is not None:
         message.revoke_time.CopyFrom(timestamp_from_ms(key.revoked_at_ms))
@@ -121,7 +127,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.CreateApiKeyResponse:
         # An unset or unknown role maps to "", which the domain refuses as InvalidArgument.
         role = _ROLE_FROM_PB.get(request.role, "")
-        issued = await self._keys.create(request.tenant_id, role, request.description)
+        # UNSPECIFIED and unknown numbers map to None, which the domain refuses naming the entry.
+        services = [service_from_pb(value) for value in request.services]
+        issued = await self._keys.create(request.tenant_id, role, request.description, services)
         return admin_pb2.CreateApiKeyResponse(
             key_id=issued.record.key_id,
             api_key=issued.api_key,

@@ -107,6 +107,8 @@ LIMITS: dict[str, Limit] = {
     # AdminService
     f"{_ADMIN}CreateApiKeyRequest.tenant_id": _TENANT,
     f"{_ADMIN}CreateApiKeyRequest.description": Limit(max_chars=256),
+    # Each service at most once (the domain refuses repeats): the enum bounds the list.
+    f"{_ADMIN}CreateApiKeyRequest.services": Limit(max_items=16),
     f"{_ADMIN}ListApiKeysRequest.tenant_id": _TENANT,
     f"{_ADMIN}ListApiKeysRequest.page_size": _PAGE_SIZE,
     f"{_ADMIN}ListApiKeysRequest.page_token": _TOKEN,

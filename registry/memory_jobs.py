@@ -305,8 +305,12 @@ class MemoryJobStore:
         after = step.effects.record
         if after is not None and after.job.state is jobs.JobState.FINISHING:
             claim = job_machine.finishing_claim(after, 1)
-            return jobs.NoticeOutcome(step.outcome, event, finishing=claim)
-        return jobs.NoticeOutcome(step.outcome, event)
+            return jobs.NoticeOutcome(
+                step.outcome, event, finishing=claim, traceparent=job.traceparent
+            )
+        if step.outcome is not jobs.Verdict.ACCEPTED:
+            return jobs.NoticeOutcome(step.outcome, event)
+        return jobs.NoticeOutcome(step.outcome, event, traceparent=job.traceparent)
 
     async def record_plan(
         self,

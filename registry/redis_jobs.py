@@ -256,6 +256,7 @@ class RedisJobStore(RedisStore):
                     _compact(plan.to_json()) if plan is not None else "",
                     _compact(new.agent.to_json()) if new.agent is not None else "",
                     "1" if appends else "0",
+                    new.traceparent,
                     *_cap_args(tenant_id, limits),
                 ],
             )
@@ -465,7 +466,9 @@ class RedisJobStore(RedisStore):
             reply = (await self._scripts.in_one_round_trip(build))[0]
         if as_str(reply[0]) == "finishing":
             claim = _claim_from_reply(tenant_id, notice.job_id, reply)
-            return NoticeOutcome(Verdict.ACCEPTED, finishing=claim)
+            return NoticeOutcome(
+                Verdict.ACCEPTED, finishing=claim, traceparent=claim.job.traceparent
+            )
         verdict = Verdict(as_str(reply[0]))
         if verdict is Verdict.JOB_FINISHED:
             self._forget(notice.job_id)
@@ -474,7 +477,7 @@ class RedisJobStore(RedisStore):
         event = self._event(session_id, reply)
         if event.kind.is_final:
             self._forget(notice.job_id)
-        return NoticeOutcome(verdict, event)
+        return NoticeOutcome(verdict, event, traceparent=as_str(reply[4]))
 
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
@@ -669,6 +672,7 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         plan=OrchestrationPlan.from_json(json.loads(f["plan"])) if f.get("plan") else None,
         agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
         finishing_ms=int(f.get("fin", 0)),
+        traceparent=f.get("tp", ""),
     )
 
 
@@ -692,6 +696,7 @@ def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffC
         keep_final=as_str(reply[12]) == "1",
         plan=OrchestrationPlan.from_json(json.loads(plan)) if plan else None,
         agent=AgentConfig.from_json(json.loads(agent)) if agent else None,
+        traceparent=as_str(reply[18]),
     )
     accepted = as_str(reply[11])
     finalize = status in ("finishing", "finalize", "finalize_exhausted")

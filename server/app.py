@@ -59,7 +59,7 @@ from server.services import (
     default_platform,
 )
 from server.signals import wait_for_stop_signal
-from server.tracing import tracing_interceptor
+from server.tracing import tracing_for, tracing_interceptor
 from server.workers import QueueWorkers
 from server.ws_bridge import WebSocketBridge
 
@@ -137,20 +137,24 @@ class OrchestratorServer:
         extra_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
         self.settings = settings
+        # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
+        self.tracer_provider = tracer_provider
+        # Spans in jobs' traces and around downstream calls (server.tracing).
+        self.tracing = tracing_for(settings.otel_enabled, tracer_provider)
         self.backend = backend or open_backend(backend_config(settings))
-        self.dispatcher = dispatcher or default_dispatcher(settings)
+        self.dispatcher = dispatcher or default_dispatcher(settings, self.tracing)
         # The gRPC clients of Agent Management, Conversation and Tool Registry, unless given
         # (closed on stop only when opened here).
         self._platform_clients: PlatformClients | None = None
         if platform is None:
-            platform = self._platform_clients = default_platform(settings)
+            platform = self._platform_clients = default_platform(settings, self.tracing)
         self.platform: PlatformPorts = platform
-        self.services = build_services(settings, self.backend, self.dispatcher, self.platform)
+        self.services = build_services(
+            settings, self.backend, self.dispatcher, self.platform, tracing=self.tracing
+        )
         self.workers = QueueWorkers(settings, self.services)
         self.metrics = Metrics()
         self.metrics_http: MetricsHttpServer | None = None
-        # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
-        self.tracer_provider = tracer_provider
         # More services behind the same interceptors (tests and benchmarks use it).
         self.extra_handlers = tuple(extra_handlers)
         self.api_keys = ApiKeyManager(self.backend.api_keys)
@@ -191,7 +195,7 @@ class OrchestratorServer:
         """grpc interceptors: OpenTelemetry's when tracing is enabled, else none. They run
         outside the edge (``edge()``), which every registered method handler is wrapped in."""
         chain: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
-        if self.settings.otel_enabled:
+        if self.tracing.enabled:
             tracing = tracing_interceptor(self.tracer_provider)
             if tracing is not None:
                 chain.append(tracing)
@@ -217,6 +221,7 @@ class OrchestratorServer:
             trailing_request_ids=settings.unary_request_id == "trailing",
             open_streams=self.revocation.streams,
             auth_failures=AuthFailures(settings.auth_failure_limit, settings.auth_failure_window),
+            server_spans=self.tracing.enabled,
         )
 
     def _build(self) -> grpc.aio.Server:

@@ -20,6 +20,7 @@
 --   keep ('1': the job hash keeps its final event, see keep_final), plan_json (the job's
 --   plan, '' for none), agent_json (the agent snapshot the plan was made from, or ''),
 --   appends ('1': the plan appends history, so a completed notice makes the job FINISHING),
+--   traceparent (the W3C trace context the job was accepted under, field `tp`, or ''),
 --   in_flight_cap, tpm_cap (tokens per minute), retry_after_ms (the tenant's limits toward the
 --   services, 0: none; checked for a job that would be PENDING, see over_limit)
 -- Returns: {'ok', sequence, now, envelope}, {'limited', limit, cap, retry_after_ms, service} or
@@ -48,9 +49,10 @@ local keep = ARGV[21]
 local plan_json = ARGV[22]
 local agent_json = ARGV[23]
 local appends = ARGV[24]
-local in_flight_cap = tonumber(ARGV[25])
-local tpm_cap = tonumber(ARGV[26])
-local retry_after_ms = tonumber(ARGV[27])
+local traceparent = ARGV[25]
+local in_flight_cap = tonumber(ARGV[26])
+local tpm_cap = tonumber(ARGV[27])
+local retry_after_ms = tonumber(ARGV[28])
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
@@ -84,6 +86,7 @@ if keep == '1' then redis.call('HSET', job_key, 'keep', '1') end
 if plan_json ~= '' then redis.call('HSET', job_key, 'plan', plan_json) end
 if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
 if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
+if traceparent ~= '' then redis.call('HSET', job_key, 'tp', traceparent) end
 lifetime = lifetime + retention_ms
 redis.call('PEXPIRE', job_key, lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished

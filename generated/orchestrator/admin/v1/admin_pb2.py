@@ -26,49 +26,49 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from orchestrator.v1 import common_pb2 as orchestrator_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/admin/v1/admin.proto\x12\x15orchestrator.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1corchestrator/v1/common.proto\"\xe4\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12/\n\x04role\x18\x03 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\"n\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x04role\x18\x02 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"c\n\x14\x43reateApiKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12*\n\x03key\x18\x03 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"N\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x13ListApiKeysResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"B\n\x14RevokeApiKeyResponse\x12*\n\x03key\x18\x01 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"\xaa\x04\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12)\n\x07service\x18\x05 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12/\n\x05state\x18\x07 \x01(\x0e\x32 .orchestrator.admin.v1.TaskState\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_notice_sequence\x18\r \x01(\x03\x12*\n\x05usage\x18\x0e \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\'\n\x04plan\x18\x0f \x03(\x0b\x32\x19.orchestrator.v1.PlanStep\x12\x15\n\ragent_version\x18\x10 \x01(\x03\x12\x12\n\nagent_kind\x18\x11 \x01(\t\"3\n\x0eGetTaskRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"<\n\x0fGetTaskResponse\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.orchestrator.admin.v1.Task\"4\n\nAgentUsage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"\x90\x01\n\x08\x44\x61yUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x03 \x01(\x03\x12\x31\n\x06\x61gents\x18\x04 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\"P\n\x15GetTenantUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\"\xaa\x02\n\x16GetTenantUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12-\n\x04\x64\x61ys\x18\x04 \x03(\x0b\x32\x1f.orchestrator.admin.v1.DayUsage\x12*\n\x05total\x18\x05 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x06 \x01(\x03\x12\x31\n\x06\x61gents\x18\x07 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\x12\x1a\n\x12\x64\x61ily_token_budget\x18\x08 \x01(\x03\x12\x14\n\x0ctokens_today\x18\t \x01(\x03\"=\n\x16InvalidateAgentRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\x19\n\x17InvalidateAgentResponse*u\n\nApiKeyRole\x12\x1c\n\x18\x41PI_KEY_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41PI_KEY_ROLE_CLIENT\x10\x01\x12\x18\n\x14\x41PI_KEY_ROLE_SERVICE\x10\x02\x12\x16\n\x12\x41PI_KEY_ROLE_ADMIN\x10\x03*\xd3\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_TIMED_OUT\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x15\n\x11TASK_STATE_QUEUED\x10\x07\x32\x81\x05\n\x0c\x41\x64minService\x12g\n\x0c\x43reateApiKey\x12*.orchestrator.admin.v1.CreateApiKeyRequest\x1a+.orchestrator.admin.v1.CreateApiKeyResponse\x12\x64\n\x0bListApiKeys\x12).orchestrator.admin.v1.ListApiKeysRequest\x1a*.orchestrator.admin.v1.ListApiKeysResponse\x12g\n\x0cRevokeApiKey\x12*.orchestrator.admin.v1.RevokeApiKeyRequest\x1a+.orchestrator.admin.v1.RevokeApiKeyResponse\x12X\n\x07GetTask\x12%.orchestrator.admin.v1.GetTaskRequest\x1a&.orchestrator.admin.v1.GetTaskResponse\x12m\n\x0eGetTenantUsage\x12,.orchestrator.admin.v1.GetTenantUsageRequest\x1a-.orchestrator.admin.v1.GetTenantUsageResponse\x12p\n\x0fInvalidateAgent\x12-.orchestrator.admin.v1.InvalidateAgentRequest\x1a..orchestrator.admin.v1.InvalidateAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/admin/v1/admin.proto\x12\x15orchestrator.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1corchestrator/v1/common.proto\"\x90\x02\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12/\n\x04role\x18\x03 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12*\n\x08services\x18\x08 \x03(\x0e\x32\x18.orchestrator.v1.Service\"\x9a\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x04role\x18\x02 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12*\n\x08services\x18\x04 \x03(\x0e\x32\x18.orchestrator.v1.Service\"c\n\x14\x43reateApiKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12*\n\x03key\x18\x03 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"N\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x13ListApiKeysResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"B\n\x14RevokeApiKeyResponse\x12*\n\x03key\x18\x01 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"\xaa\x04\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12)\n\x07service\x18\x05 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12/\n\x05state\x18\x07 \x01(\x0e\x32 .orchestrator.admin.v1.TaskState\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_notice_sequence\x18\r \x01(\x03\x12*\n\x05usage\x18\x0e \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\'\n\x04plan\x18\x0f \x03(\x0b\x32\x19.orchestrator.v1.PlanStep\x12\x15\n\ragent_version\x18\x10 \x01(\x03\x12\x12\n\nagent_kind\x18\x11 \x01(\t\"3\n\x0eGetTaskRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"<\n\x0fGetTaskResponse\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.orchestrator.admin.v1.Task\"4\n\nAgentUsage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"\x90\x01\n\x08\x44\x61yUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x03 \x01(\x03\x12\x31\n\x06\x61gents\x18\x04 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\"P\n\x15GetTenantUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\"\xaa\x02\n\x16GetTenantUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12-\n\x04\x64\x61ys\x18\x04 \x03(\x0b\x32\x1f.orchestrator.admin.v1.DayUsage\x12*\n\x05total\x18\x05 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x06 \x01(\x03\x12\x31\n\x06\x61gents\x18\x07 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\x12\x1a\n\x12\x64\x61ily_token_budget\x18\x08 \x01(\x03\x12\x14\n\x0ctokens_today\x18\t \x01(\x03\"=\n\x16InvalidateAgentRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\x19\n\x17InvalidateAgentResponse*u\n\nApiKeyRole\x12\x1c\n\x18\x41PI_KEY_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41PI_KEY_ROLE_CLIENT\x10\x01\x12\x18\n\x14\x41PI_KEY_ROLE_SERVICE\x10\x02\x12\x16\n\x12\x41PI_KEY_ROLE_ADMIN\x10\x03*\xd3\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_TIMED_OUT\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x15\n\x11TASK_STATE_QUEUED\x10\x07\x32\x81\x05\n\x0c\x41\x64minService\x12g\n\x0c\x43reateApiKey\x12*.orchestrator.admin.v1.CreateApiKeyRequest\x1a+.orchestrator.admin.v1.CreateApiKeyResponse\x12\x64\n\x0bListApiKeys\x12).orchestrator.admin.v1.ListApiKeysRequest\x1a*.orchestrator.admin.v1.ListApiKeysResponse\x12g\n\x0cRevokeApiKey\x12*.orchestrator.admin.v1.RevokeApiKeyRequest\x1a+.orchestrator.admin.v1.RevokeApiKeyResponse\x12X\n\x07GetTask\x12%.orchestrator.admin.v1.GetTaskRequest\x1a&.orchestrator.admin.v1.GetTaskResponse\x12m\n\x0eGetTenantUsage\x12,.orchestrator.admin.v1.GetTenantUsageRequest\x1a-.orchestrator.admin.v1.GetTenantUsageResponse\x12p\n\x0fInvalidateAgent\x12-.orchestrator.admin.v1.InvalidateAgentRequest\x1a..orchestrator.admin.v1.InvalidateAgentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.admin.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEYROLE']._serialized_start=2193
-  _globals['_APIKEYROLE']._serialized_end=2310
-  _globals['_TASKSTATE']._serialized_start=2313
-  _globals['_TASKSTATE']._serialized_end=2524
+  _globals['_APIKEYROLE']._serialized_start=2282
+  _globals['_APIKEYROLE']._serialized_end=2399
+  _globals['_TASKSTATE']._serialized_start=2402
+  _globals['_TASKSTATE']._serialized_end=2613
   _globals['_APIKEY']._serialized_start=124
-  _globals['_APIKEY']._serialized_end=352
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=354
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=464
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=466
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=565
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=567
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=645
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=647
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=738
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=740
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=777
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=779
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=845
-  _globals['_TASK']._serialized_start=848
-  _globals['_TASK']._serialized_end=1402
-  _globals['_GETTASKREQUEST']._serialized_start=1404
-  _globals['_GETTASKREQUEST']._serialized_end=1455
-  _globals['_GETTASKRESPONSE']._serialized_start=1457
-  _globals['_GETTASKRESPONSE']._serialized_end=1517
-  _globals['_AGENTUSAGE']._serialized_start=1519
-  _globals['_AGENTUSAGE']._serialized_end=1571
-  _globals['_DAYUSAGE']._serialized_start=1574
-  _globals['_DAYUSAGE']._serialized_end=1718
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=1720
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=1800
-  _globals['_GETTENANTUSAGERESPONSE']._serialized_start=1803
-  _globals['_GETTENANTUSAGERESPONSE']._serialized_end=2101
-  _globals['_INVALIDATEAGENTREQUEST']._serialized_start=2103
-  _globals['_INVALIDATEAGENTREQUEST']._serialized_end=2164
-  _globals['_INVALIDATEAGENTRESPONSE']._serialized_start=2166
-  _globals['_INVALIDATEAGENTRESPONSE']._serialized_end=2191
-  _globals['_ADMINSERVICE']._serialized_start=2527
-  _globals['_ADMINSERVICE']._serialized_end=3168
+  _globals['_APIKEY']._serialized_end=396
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=399
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=553
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=555
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=654
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=656
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=734
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=736
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=827
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=829
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=866
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=868
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=934
+  _globals['_TASK']._serialized_start=937
+  _globals['_TASK']._serialized_end=1491
+  _globals['_GETTASKREQUEST']._serialized_start=1493
+  _globals['_GETTASKREQUEST']._serialized_end=1544
+  _globals['_GETTASKRESPONSE']._serialized_start=1546
+  _globals['_GETTASKRESPONSE']._serialized_end=1606
+  _globals['_AGENTUSAGE']._serialized_start=1608
+  _globals['_AGENTUSAGE']._serialized_end=1660
+  _globals['_DAYUSAGE']._serialized_start=1663
+  _globals['_DAYUSAGE']._serialized_end=1807
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=1809
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=1889
+  _globals['_GETTENANTUSAGERESPONSE']._serialized_start=1892
+  _globals['_GETTENANTUSAGERESPONSE']._serialized_end=2190
+  _globals['_INVALIDATEAGENTREQUEST']._serialized_start=2192
+  _globals['_INVALIDATEAGENTREQUEST']._serialized_end=2253
+  _globals['_INVALIDATEAGENTRESPONSE']._serialized_start=2255
+  _globals['_INVALIDATEAGENTRESPONSE']._serialized_end=2280
+  _globals['_ADMINSERVICE']._serialized_start=2616
+  _globals['_ADMINSERVICE']._serialized_end=3257
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,7 @@ class ApiKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key's public id: the `<key_id>` part of `ao_<key_id>_<secret>`."""
     tenant_id: _builtins.str
@@ -126,6 +127,13 @@ class ApiKey(_message.Message):
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """When the key was revoked; unset while the key is live."""
 
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Service.ValueType]:
+        """Service keys only: the platform services the key speaks for (it may report notices and
+        make internal calls for jobs of these services only). Empty on a legacy service key,
+        which speaks for every service, and on client and admin keys.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +144,11 @@ class ApiKey(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         revoked: _builtins.bool = ...,
+        services: _abc.Iterable[_common_pb2.Service.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "key_id", b"key_id", "revoke_time", b"revoke_time", "revoked", b"revoked", "role", b"role", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "key_id", b"key_id", "revoke_time", b"revoke_time", "revoked", b"revoked", "role", b"role", "services", b"services", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,22 +163,31 @@ class CreateApiKeyRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant the key acts for: 1-64 letters, digits, '.', '_' or '-'. Required."""
     role: Global___ApiKeyRole.ValueType
     """What the key may call. Required."""
     description: _builtins.str
     """Free text for operators, at most 256 characters."""
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Service.ValueType]:
+        """Service keys only (INVALID_ARGUMENT for another role): the services the key speaks for,
+        each at most once, none unspecified. Empty creates a legacy service key that speaks for
+        every service.
+        """
+
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         role: Global___ApiKeyRole.ValueType = ...,
         description: _builtins.str = ...,
+        services: _abc.Iterable[_common_pb2.Service.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "role", b"role", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "role", b"role", "services", b"services", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
