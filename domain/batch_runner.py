@@ -29,6 +29,8 @@ from domain.jobs import EventKind, IfBusy, SessionEvent
 from domain.ports.batches import BatchStore
 from domain.ports.queue import WorkItem
 from domain.ports.tracing import NO_TRACING, AttributeValue, SpanKind, Tracing
+from domain.service_caps import OverLimit
+from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,10 @@ class BatchRunner:
     async def _handle(self, item: WorkItem, spec: dict[str, Any], traceparent: str | None) -> bytes:
         tenant_id, batch_id, index = spec["tenant"], spec["batch"], int(spec["index"])
         redelivery = item.deliveries > 1
-        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=redelivery):
+        # An item found RUNNING is always one an earlier delivery did not finish (the queue
+        # holds one delivery at a time): it died, was given back at shutdown or deferred over
+        # a limit (neither counted as a delivery), so it may run again.
+        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=True):
             return SKIPPED  # cancelled, expired or finished elsewhere
         kind = ItemKind(spec["kind"])
         session_id = spec["session"]
@@ -136,6 +141,10 @@ class BatchRunner:
             outcome = await self._run(ctx, batch_id, index, message, redelivery=redelivery)
         except Unavailable:
             raise  # the queue retries the delivery; the item is still RUNNING
+        except OverLimit as exc:
+            # Its tenant is at a limit toward the service: nothing was started; the item
+            # waits in the queue (RUNNING here) and is delivered again later.
+            raise Deferred(exc.reached.retry_after_ms, exc.message) from None
         except DomainError as exc:
             outcome = _refused(exc)
         await self._store.finish_item(tenant_id, batch_id, index, outcome)

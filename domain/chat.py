@@ -78,8 +78,10 @@ from domain.ports.jobs import JobStore
 from domain.ports.queue import QueuePriority, WorkQueue
 from domain.ports.tracing import NO_TRACING, AttributeValue, Tracing
 from domain.queued_chat import QueuedChat
+from domain.service_caps import LimitReached, OverLimit
 from domain.sessions import SessionManager, require_session_id
 from domain.usage import TokenBudget
+from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,9 @@ class ChatOrchestrator:
             )
             if isinstance(started, StartRefused):
                 raise _refusal(started, session.session_id)
+            if isinstance(started, LimitReached):
+                # Interactive: refused now (RetryInfo, QuotaFailure); nothing was recorded.
+                raise started.error(tenant_id)
             if started.queued:
                 # Shielded: a caller going away does not leave the job off the work queue (and
                 # if this process dies first, the recovery enqueues it, see ``_enqueue``).
@@ -365,6 +370,14 @@ class ChatOrchestrator:
                     await self._until_a_job_ends(feed)
                     continue
                 break
+            if isinstance(outcome, LimitReached):
+                # It stays QUEUED; its work item waits in the queue (this delivery not
+                # counted) and is delivered again once the limit may allow it.
+                raise Deferred(
+                    outcome.retry_after_ms,
+                    f"tenant {tenant_id} is at its {outcome.limit.value} limit toward "
+                    f"{outcome.service.value}",
+                )
             if outcome in (ActivateOutcome.FINAL, ActivateOutcome.UNKNOWN_JOB):
                 return None
             if outcome is ActivateOutcome.SESSION_NOT_OPEN:
@@ -724,6 +737,9 @@ class ChatOrchestrator:
                     fresh = True
                     self._hand_off_soon(ctx, new, deadline_ms=started.job.deadline_ms)
                     yield started.accepted
+                elif isinstance(started, LimitReached):
+                    # Nothing recorded: the caller (a work queue handler) waits and retries.
+                    raise OverLimit(started, tenant_id)
                 elif started is not StartRefused.JOB_EXISTS:
                     raise _refusal(started, session.session_id)
                 # else another delivery started it just now: follow it.

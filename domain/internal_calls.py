@@ -62,6 +62,7 @@ from domain.plans import StepState
 from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
 from domain.ports.sessions import SessionStore
+from domain.service_caps import LimitReached
 from domain.usage import TokenBudget
 
 # Bounds of a call's fields (the edge's outer bounds are looser: these name the field).
@@ -399,6 +400,8 @@ class InternalCalls:
                     yield started.accepted, False
                 elif started is StartRefused.JOB_EXISTS:
                     replayed = True  # the same call, started just now by another request
+                elif isinstance(started, LimitReached):
+                    raise started.error(tenant_id)  # the tenant's limits toward the service
                 else:
                     # A calls session lost with the backend's data is made again next time.
                     self._sessions_seen.pop(session_id, None)

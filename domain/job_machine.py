@@ -13,6 +13,11 @@ completed (``finish``) with the stored result once the turns are appended; a FIN
 whose finalize lease ran out is claimed like a hand-off. A store appends the Step's event to
 the session's log, then passes the stored event to ``appended`` (a queued job remembers its
 accepted event's sequence for its enqueue; a job kept final keeps its final event).
+
+A job that would turn PENDING (``start``, ``activate``) is first checked against its tenant's
+limits toward the services (``limits.caps``, domain.service_caps) with the store's reading of
+the tenant's jobs in flight at the service and tokens of the minute (``CapReading``): over one,
+the outcome is LimitReached and nothing is recorded (an activation leaves the job QUEUED).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from domain.jobs import (
 )
 from domain.models import Session, SessionState, TokenUsage
 from domain.plans import OrchestrationPlan, ServiceCall
+from domain.service_caps import LimitReached, check
 
 Outcome = TypeVar("Outcome")
 
@@ -111,6 +117,16 @@ def parent_in_flight(parent: JobRecord | None, tenant_id: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class CapReading:
+    """What the limits toward the services (domain.service_caps) are checked against when a
+    job would start: the tenant's jobs in flight at the job's service (PENDING or RUNNING,
+    records not expired) and the tokens charged to the tenant this minute."""
+
+    in_flight: int = 0
+    minute_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class UsageCharge:
     """Tokens of a completed job, added to its tenant's usage of the day (and its agent's)."""
 
@@ -169,12 +185,14 @@ def start(
     hold: bool,
     now: int,
     parent: JobRecord | None = None,
-) -> Step[Job | StartRefused]:
+    reading: CapReading = CapReading(),
+) -> Step[Job | StartRefused | LimitReached]:
     """Record a new job for its session: PENDING, or QUEUED at the back of the session's line
     when ``hold`` or the session is busy and ``if_busy`` holds; the session turns BUSY and
     counts the message; an ``accepted`` event. An internal call's job (``new.parent_job_id``,
     ``parent`` its record) starts only while its parent is in flight and has calls left; the
-    parent counts it."""
+    parent counts it. A job that would be PENDING while its tenant is at a limit toward its
+    service (``limits.caps``, checked against ``reading``) is not recorded: LimitReached."""
     if existing is not None:
         return Step(StartRefused.JOB_EXISTS)
     counted: JobRecord | None = None
@@ -194,6 +212,10 @@ def start(
     if if_busy is IfBusy.REJECT and busy:
         return Step(StartRefused.SESSION_BUSY)
     queued = hold or (if_busy is IfBusy.HOLD and busy)
+    if not queued:
+        reached = _over_limit(tenant_id, new, limits, reading, now)
+        if reached is not None:
+            return Step(reached)
     job = new.recorded(tenant_id, now, limits, queued=queued)
     lifetime = limits.queue_timeout_ms + limits.deadline_ms if queued else limits.deadline_ms
     handoff = Handoff(new, lease_ms=now + limits.handoff_grace_ms)
@@ -224,6 +246,19 @@ def start(
     return Step(job, effects)
 
 
+def _over_limit(
+    tenant_id: str, job: NewJob | Job, limits: JobLimits, reading: CapReading, now: int
+) -> LimitReached | None:
+    return check(
+        limits.caps,
+        tenant_id,
+        job.service,
+        in_flight=reading.in_flight,
+        minute_tokens=reading.minute_tokens,
+        now_ms=now,
+    )
+
+
 def appended(record: JobRecord, event: SessionEvent) -> JobRecord:
     """The record once ``event`` (its transition's) is in the log: a QUEUED job's accepted
     event starts its enqueue (its first hand-off), a final one is kept when asked."""
@@ -242,9 +277,11 @@ def activate(
     limits: JobLimits,
     *,
     now: int,
-) -> Step[ActivateOutcome]:
+    reading: CapReading = CapReading(),
+) -> Step[ActivateOutcome | LimitReached]:
     """A QUEUED job's work item was delivered (its enqueue is confirmed): it turns PENDING when
-    it is first in its session's line and no job accepted before it is still in flight."""
+    it is first in its session's line, no job accepted before it is still in flight and its
+    tenant is under the limits toward its service (else LimitReached: it stays QUEUED)."""
     if record is None or record.job.tenant_id != tenant_id:
         return Step(ActivateOutcome.UNKNOWN_JOB)
     job = record.job
@@ -264,6 +301,9 @@ def activate(
     line = side.line
     if not line or line[0] != job.job_id or len(session.pending_job_ids) > len(line):
         return Step(ActivateOutcome.WAIT, confirmed)
+    reached = _over_limit(tenant_id, job, limits, reading, now)
+    if reached is not None:
+        return Step(reached, confirmed)
     job = replace(
         job,
         state=JobState.PENDING,

@@ -27,6 +27,7 @@ from domain.agents import AgentConfig
 from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.queue import QueuePriority
+from domain.service_caps import NO_CAPS, ServiceCaps
 
 
 class JobState(enum.StrEnum):
@@ -165,6 +166,8 @@ class JobLimits:
     handoff_attempts: int = 3
     # Internal calls (domain.internal_calls: child jobs) one job may make in all.
     max_internal_calls: int = 64
+    # Per-tenant limits toward the services, checked by the start path (domain.service_caps).
+    caps: ServiceCaps = NO_CAPS
 
 
 @dataclass(frozen=True, slots=True)

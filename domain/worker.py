@@ -57,6 +57,16 @@ class PermanentError(Exception):
     """Raised by a handler when retrying cannot help: the item goes to the dead letter now."""
 
 
+class Deferred(Exception):
+    """Raised by a handler when its item cannot run yet (its tenant is at a limit toward a
+    service, domain.service_caps): the item goes back to its queue for a delivery
+    ``delay_ms`` from now, this one not counted (never failed, never dead-lettered)."""
+
+    def __init__(self, delay_ms: int, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_ms = delay_ms
+
+
 @dataclass(slots=True)
 class WorkerStats:
     """What a worker did, for logs and tests."""
@@ -67,6 +77,7 @@ class WorkerStats:
     retried: int = 0
     dead_lettered: int = 0
     released: int = 0
+    deferred: int = 0  # given back for later (Deferred)
     lost_leases: int = 0  # renewals that found the item reclaimed by another consumer
 
 
@@ -171,6 +182,13 @@ class QueueWorker:
                 if await asyncio.shield(self.queue.release(item)):
                     self.stats.released += 1
             raise
+        except Deferred as exc:
+            try:
+                if await self.queue.release(item, delay_ms=max(exc.delay_ms, 1)):
+                    self.stats.deferred += 1
+            except Unavailable as unavailable:  # the lease will expire and the item come back
+                log.warning("could not defer %s: %s", item.item_id, unavailable)
+            return
         except PermanentError as exc:
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=False)
             return

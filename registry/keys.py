@@ -94,6 +94,13 @@ class KeySpace:
         three days (admin GetStats sums their tokens of today)."""
         return f"{self.prefix}:job-tenants:{day}"
 
+    def limits_prefix(self, tenant_id: str) -> str:
+        """Prefix of the tenant's keys of the limits toward the services (domain.service_caps;
+        the job scripts build them: prelude/jobs.lua): ``inflight:<service>``, a sorted set of
+        its jobs in flight at the service scored by when each job hash expires, and
+        ``tpm:<minute>``, the tokens charged to it in that minute (Redis clock)."""
+        return f"{self.tenant_tag(tenant_id)}:lim:"
+
     def usage_prefix(self, tenant_id: str) -> str:
         """Prefix of the tenant's daily usage hashes; the key of a day appends its number
         (days since the epoch, UTC). Fields: total, prompt, completion, jobs, agent:<id>."""

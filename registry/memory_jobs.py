@@ -15,11 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain import job_machine, jobs
-from domain.job_machine import Effects, JobRecord, SessionSide
+from domain.job_machine import CapReading, Effects, JobRecord, SessionSide
+from domain.models import Service
 from domain.plans import OrchestrationPlan, ServiceCall
+from domain.service_caps import MINUTE_MS, LimitReached
 from registry.fanout import Feed, LocalFanout
 from registry.memory_sessions import MemorySessionStore, wall_clock_ms
 from registry.memory_usage import MemoryUsageStore
+
+# The states of a job in flight toward its service (counted by the limits toward the services).
+_IN_FLIGHT = frozenset((jobs.JobState.PENDING, jobs.JobState.RUNNING))
 
 
 @dataclass(slots=True)
@@ -125,6 +130,10 @@ class MemoryJobStore:
         self._tenant_jobs: dict[str, list[tuple[int, str]]] = {}
         # tenant -> when it last started a job (admin GetStats).
         self._last_start: dict[str, int] = {}
+        # (tenant, service) -> ids of its jobs last seen in flight (domain.service_caps).
+        self._in_flight: dict[tuple[str, Service], set[str]] = {}
+        # tenant -> (minute, tokens charged in it).
+        self._minute_tokens: dict[str, tuple[int, int]] = {}
 
     def _record(self, job_id: str) -> JobRecord | None:
         record = self._records.get(job_id)
@@ -166,6 +175,10 @@ class MemoryJobStore:
         if effects.charge is not None:
             charge = effects.charge
             self.usage.add(charge.tenant_id, charge.agent_id, charge.usage)
+            minute = self._clock() // MINUTE_MS
+            last, tokens = self._minute_tokens.get(charge.tenant_id, (minute, 0))
+            tokens = tokens if last == minute else 0
+            self._minute_tokens[charge.tenant_id] = (minute, tokens + charge.usage.total_tokens)
         if effects.look_at_ms is not None:
             heapq.heappush(self._deadlines, (effects.look_at_ms, job_id))
         drafts = ([effects.event] if effects.event is not None else []) + list(effects.events)
@@ -178,9 +191,25 @@ class MemoryJobStore:
             events.append(event)
         return events
 
+    def _reading(self, tenant_id: str, service: Service) -> CapReading:
+        """The tenant's jobs in flight at ``service`` and tokens of this minute."""
+        ids = self._in_flight.get((tenant_id, service), set())
+        for job_id in list(ids):
+            record = self._record(job_id)  # drops a record that expired unfinished
+            if record is None or record.job.state not in _IN_FLIGHT:
+                ids.discard(job_id)
+        minute, tokens = self._minute_tokens.get(tenant_id, (0, 0))
+        now_minute = self._clock() // MINUTE_MS
+        return CapReading(len(ids), tokens if minute == now_minute else 0)
+
     def _put(self, record: JobRecord) -> None:
         job_id = record.job.job_id
         self._records[job_id] = record
+        key = (record.job.tenant_id, record.job.service)
+        if record.job.state in _IN_FLIGHT:
+            self._in_flight.setdefault(key, set()).add(job_id)
+        elif key in self._in_flight:
+            self._in_flight[key].discard(job_id)
         if record.job.state.is_final:
             self._unfinished.discard(job_id)
         else:
@@ -198,7 +227,7 @@ class MemoryJobStore:
         *,
         if_busy: jobs.IfBusy,
         hold: bool = False,
-    ) -> jobs.StartedJob | jobs.StartRefused:
+    ) -> jobs.StartedJob | jobs.StartRefused | LimitReached:
         step = job_machine.start(
             self._record(new.job_id),
             self._side(tenant_id, new.session_id),
@@ -209,8 +238,9 @@ class MemoryJobStore:
             hold=hold,
             now=self._clock(),
             parent=self._record(new.parent_job_id) if new.parent_job_id else None,
+            reading=self._reading(tenant_id, new.service),
         )
-        if isinstance(step.outcome, jobs.StartRefused):
+        if isinstance(step.outcome, jobs.StartRefused | LimitReached):
             return step.outcome
         event = self._apply(tenant_id, new.session_id, new.job_id, step.effects)
         assert event is not None
@@ -251,11 +281,19 @@ class MemoryJobStore:
 
     async def activate_job(
         self, tenant_id: str, job_id: str, limits: jobs.JobLimits
-    ) -> jobs.ActivateOutcome:
+    ) -> jobs.ActivateOutcome | LimitReached:
         record = self._record(job_id)
         session_id = record.job.session_id if record is not None else ""
+        reading = CapReading()
+        if record is not None and record.job.tenant_id == tenant_id:
+            reading = self._reading(tenant_id, record.job.service)
         step = job_machine.activate(
-            record, self._side(tenant_id, session_id), tenant_id, limits, now=self._clock()
+            record,
+            self._side(tenant_id, session_id),
+            tenant_id,
+            limits,
+            now=self._clock(),
+            reading=reading,
         )
         self._apply(tenant_id, session_id, job_id, step.effects)
         return step.outcome

@@ -176,7 +176,7 @@ class MemoryWorkQueue:
         heapq.heappush(self._delayed, (due, next(self._seq), item.item_id))
         return queue.FailOutcome.RETRY_SCHEDULED
 
-    async def release(self, item: queue.WorkItem) -> bool:
+    async def release(self, item: queue.WorkItem, *, delay_ms: int = 0) -> bool:
         lease = self._leases.get(item.receipt)
         if lease is None or lease.consumer != item.consumer:
             return False
@@ -185,7 +185,11 @@ class MemoryWorkQueue:
         if record is None or record.final:
             return False
         record.deliveries -= 1
-        self._push_ready(record)
+        if delay_ms > 0:
+            record.state = "delayed"
+            heapq.heappush(self._delayed, (self._clock() + delay_ms, next(self._seq), item.item_id))
+        else:
+            self._push_ready(record)
         return True
 
     async def get_result(self, item_id: str) -> queue.WorkResult | None:

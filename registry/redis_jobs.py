@@ -68,6 +68,7 @@ from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, ServiceCall
 from domain.ports.queue import QueuePriority
 from domain.ports.usage import day_number
+from domain.service_caps import LimitKind, LimitReached
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
@@ -167,6 +168,7 @@ class RedisJobStore(RedisStore):
             k.session_line(tenant_id, session_id),
             k.jobs_in_state(tenant_id, JobState.QUEUED.value),
             k.jobs_in_state(tenant_id, JobState.FINISHING.value),
+            k.limits_prefix(tenant_id),
         ]
 
     def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
@@ -201,7 +203,7 @@ class RedisJobStore(RedisStore):
 
     async def start_job(
         self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
-    ) -> StartedJob | StartRefused:
+    ) -> StartedJob | StartRefused | LimitReached:
         keys = self._keys
         accepted = {
             "service": new.service.value,
@@ -268,6 +270,7 @@ class RedisJobStore(RedisStore):
                     new.parent_job_id,
                     limits.max_internal_calls,
                     keys.job(tenant_id, ""),
+                    *_cap_args(tenant_id, limits),
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -287,6 +290,8 @@ class RedisJobStore(RedisStore):
                 cleanup.zrem(keys.job_deadlines(), deadline_member)
                 cleanup.zrem(keys.job_handoffs(), deadline_member)
                 await cleanup.execute()
+                if status == "limited":
+                    return _limit_reached(reply)
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
             if not appends:
@@ -295,7 +300,9 @@ class RedisJobStore(RedisStore):
         job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
         return StartedJob(job, event)
 
-    async def activate_job(self, tenant_id: str, job_id: str, limits: JobLimits) -> ActivateOutcome:
+    async def activate_job(
+        self, tenant_id: str, job_id: str, limits: JobLimits
+    ) -> ActivateOutcome | LimitReached:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return ActivateOutcome.UNKNOWN_JOB
@@ -318,6 +325,7 @@ class RedisJobStore(RedisStore):
                     limits.heartbeat_ms,
                     limits.retention_ms,
                     limits.handoff_grace_ms,
+                    *_cap_args(tenant_id, limits),
                 ],
             )
             pipe.commands.zadd(
@@ -331,6 +339,8 @@ class RedisJobStore(RedisStore):
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
+        if as_str(reply[0]) == "limited":
+            return _limit_reached(reply)
         outcome = ActivateOutcome(as_str(reply[0]))
         if outcome is ActivateOutcome.FINAL:
             self._forget(job_id)
@@ -708,6 +718,23 @@ class RedisJobStore(RedisStore):
                 if status == "done":
                     events.append(self._event(session_id, reply))
         return events
+
+
+def _cap_args(tenant_id: str, limits: JobLimits) -> list[int]:
+    """The ARGV of the start and activate scripts' limit check (prelude/jobs.lua over_limit)."""
+    caps = limits.caps
+    return [
+        caps.in_flight_for(tenant_id),
+        caps.tokens_per_minute_for(tenant_id),
+        caps.retry_after_ms,
+    ]
+
+
+def _limit_reached(reply: list[Any]) -> LimitReached:
+    """A script's {'limited', limit, cap, retry_after_ms, service}."""
+    return LimitReached(
+        LimitKind(as_str(reply[1])), Service(as_str(reply[4])), int(reply[2]), int(reply[3])
+    )
 
 
 def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:

@@ -289,11 +289,18 @@ class RedisWorkQueue(RedisStore):
             )
         return FailOutcome(as_str(outcome))
 
-    async def release(self, item: WorkItem) -> bool:
+    async def release(self, item: WorkItem, *, delay_ms: int = 0) -> bool:
         with redis_errors_as_unavailable():
             released = await self._scripts.run(
                 "release",
-                args=[self._prefix, item.item_id, self._stream(item), item.receipt, item.consumer],
+                args=[
+                    self._prefix,
+                    item.item_id,
+                    self._stream(item),
+                    item.receipt,
+                    item.consumer,
+                    delay_ms,
+                ],
             )
         return bool(released)
 

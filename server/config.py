@@ -12,6 +12,12 @@ from typing import Any
 from domain.api_keys import parse_key
 from domain.errors import Unauthenticated
 from domain.rate_limits import Rate, RateLimitRules, parse_overrides
+from domain.service_caps import (
+    MAX_IN_FLIGHT_CAP,
+    MAX_TOKENS_PER_MINUTE,
+    ServiceCaps,
+    parse_cap_overrides,
+)
 from domain.usage import BudgetRules, parse_budget_overrides
 
 
@@ -26,6 +32,10 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected a boolean, got {raw!r}")
+
+
+# Longest retry delay ORCH_LIMIT_RETRY_AFTER may name, in seconds.
+MAX_LIMIT_RETRY_AFTER_S = 3600.0
 
 
 def _env(
@@ -378,6 +388,38 @@ class Settings:
         "",
         "per-tenant daily token budgets, e.g. tenantA=100000,tenantB=0 (0: unlimited)",
     )
+    service_in_flight_cap: int = _env(
+        "ORCH_SERVICE_IN_FLIGHT_CAP",
+        0,
+        "jobs one tenant may have in flight at each service (query, embedding, ...), shared by "
+        "all replicas; beyond it SendMessage gets RESOURCE_EXHAUSTED and queued messages and "
+        f"batch items wait in their queue; 0: unlimited (at most {MAX_IN_FLIGHT_CAP})",
+        at_least=0,
+    )
+    service_in_flight_overrides: str = _env(
+        "ORCH_SERVICE_IN_FLIGHT_OVERRIDES",
+        "",
+        "per-tenant caps on jobs in flight per service, e.g. tenantA=20,tenantB=0 (0: unlimited)",
+    )
+    tokens_per_minute: int = _env(
+        "ORCH_TOKENS_PER_MINUTE",
+        0,
+        "tokens a tenant may be charged per minute before new work waits or is refused, as "
+        f"ORCH_SERVICE_IN_FLIGHT_CAP; 0: unlimited (at most {MAX_TOKENS_PER_MINUTE})",
+        at_least=0,
+    )
+    tokens_per_minute_overrides: str = _env(
+        "ORCH_TOKENS_PER_MINUTE_OVERRIDES",
+        "",
+        "per-tenant tokens-per-minute limits, e.g. tenantA=50000,tenantB=0 (0: unlimited)",
+    )
+    limit_retry_after: float = _env(
+        "ORCH_LIMIT_RETRY_AFTER",
+        1.0,
+        "the retry delay RESOURCE_EXHAUSTED names over the in-flight cap, and how long a queued "
+        "message or batch item over it waits before it is tried again (at most 3600)",
+        above=0,
+    )
     embedding_cache_ttl: float = _env(
         "ORCH_EMBEDDING_CACHE_TTL",
         86400.0,
@@ -554,6 +596,16 @@ class Settings:
             parse_budget_overrides(self.token_budget_overrides)
         except ValueError as exc:
             problems.append(f"token budgets: {exc}")
+        if self.service_in_flight_cap > MAX_IN_FLIGHT_CAP:
+            problems.append(f"service_in_flight_cap must be <= {MAX_IN_FLIGHT_CAP}")
+        if self.tokens_per_minute > MAX_TOKENS_PER_MINUTE:
+            problems.append(f"tokens_per_minute must be <= {MAX_TOKENS_PER_MINUTE}")
+        if self.limit_retry_after > MAX_LIMIT_RETRY_AFTER_S:
+            problems.append(f"limit_retry_after must be <= {MAX_LIMIT_RETRY_AFTER_S}")
+        try:
+            self.service_caps()
+        except ValueError as exc:
+            problems.append(f"service limits: {exc}")
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -567,6 +619,20 @@ class Settings:
             default=Rate(self.rate_limit_rps, self.rate_limit_burst),
             key=key,
             overrides=parse_overrides(self.rate_limit_overrides),
+        )
+
+    def service_caps(self) -> ServiceCaps:
+        """The limits toward the services these settings describe (ValueError when invalid)."""
+        return ServiceCaps(
+            in_flight=self.service_in_flight_cap,
+            in_flight_overrides=parse_cap_overrides(
+                self.service_in_flight_overrides, "jobs", MAX_IN_FLIGHT_CAP
+            ),
+            tokens_per_minute=self.tokens_per_minute,
+            tokens_per_minute_overrides=parse_cap_overrides(
+                self.tokens_per_minute_overrides, "tokens", MAX_TOKENS_PER_MINUTE
+            ),
+            retry_after_ms=max(1, int(self.limit_retry_after * 1000)),
         )
 
     def budget_rules(self) -> BudgetRules:

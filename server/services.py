@@ -49,6 +49,7 @@ def job_limits(settings: Settings) -> JobLimits:
         handoff_grace_ms=int(settings.handoff_grace * 1000),
         handoff_attempts=settings.handoff_attempts,
         max_internal_calls=settings.internal_max_calls,
+        caps=settings.service_caps(),
     )
 
 

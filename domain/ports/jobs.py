@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from domain import jobs
 from domain.plans import OrchestrationPlan, ServiceCall
+from domain.service_caps import LimitReached
 
 
 class JobStore(Protocol):
@@ -25,7 +26,7 @@ class JobStore(Protocol):
         *,
         if_busy: jobs.IfBusy,
         hold: bool = False,
-    ) -> jobs.StartedJob | jobs.StartRefused:
+    ) -> jobs.StartedJob | jobs.StartRefused | LimitReached:
         """Record a job on an open session (which becomes BUSY, counts the message and lists
         the job as in flight) and append its accepted event. The job is PENDING, or QUEUED at
         the back of the session's line (accepted data ``queued: true``) when ``hold`` is set or
@@ -36,7 +37,13 @@ class JobStore(Protocol):
         it is handed over, and the job is due for a hand-off check ``limits.handoff_grace_ms``
         after the start (its first hand-off's lease), in the same atomic step or round trip:
         see ``claim_handoffs``. For a QUEUED job that first hand-off is its enqueue on the
-        ``chat`` work queue, confirmed by ``enqueue_done``."""
+        ``chat`` work queue, confirmed by ``enqueue_done``.
+
+        A job that would be PENDING is checked against its tenant's limits toward its service
+        (``limits.caps``: jobs in flight at the service, tokens charged this minute) and
+        counted in flight, in the same atomic step: over a limit nothing is recorded and the
+        answer is LimitReached (domain.service_caps). A QUEUED job is checked when it is
+        activated."""
         ...
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
@@ -94,9 +101,11 @@ class JobStore(Protocol):
 
     async def activate_job(
         self, tenant_id: str, job_id: str, limits: jobs.JobLimits
-    ) -> jobs.ActivateOutcome:
-        """Turn a QUEUED job PENDING (fresh deadlines) if it is first in its session's line
-        and no job accepted before it is still in flight; otherwise say why not."""
+    ) -> jobs.ActivateOutcome | LimitReached:
+        """Turn a QUEUED job PENDING (fresh deadlines) if it is first in its session's line,
+        no job accepted before it is still in flight and its tenant is under the limits toward
+        its service (checked and counted as ``start_job`` does; LimitReached: it stays QUEUED,
+        its enqueue confirmed); otherwise say why not."""
         ...
 
     async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:

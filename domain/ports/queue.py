@@ -187,9 +187,10 @@ class WorkQueue(Protocol):
         the item when ``retry`` is False or it has had ``max_deliveries`` deliveries."""
         ...
 
-    async def release(self, item: WorkItem) -> bool:
-        """Give a delivery back unfinished (graceful shutdown): the item is ready again at once
-        and this delivery does not count. False when the delivery no longer holds the item."""
+    async def release(self, item: WorkItem, *, delay_ms: int = 0) -> bool:
+        """Give a delivery back unfinished (graceful shutdown, or the handler deferred it): the
+        item is ready again at once (or ``delay_ms`` from now, waiting as a retry does) and this
+        delivery does not count. False when the delivery no longer holds the item."""
         ...
 
     async def get_result(self, item_id: str) -> WorkResult | None:

@@ -22,9 +22,11 @@ from domain.jobs import (
     NoticeEvent,
     SessionEvent,
     StartedJob,
+    StartRefused,
     Verdict,
 )
 from domain.models import Service, WorkKind
+from domain.service_caps import LimitReached
 from registry.backend import Backend
 from tests.support.registries import new_session, opened_registry
 
@@ -54,7 +56,7 @@ async def complete(registry: Backend, job_id: str) -> None:
     assert (await registry.jobs.apply_notice(notice, LIMITS)).verdict is Verdict.ACCEPTED
 
 
-async def activate(registry: Backend, job_id: str) -> ActivateOutcome:
+async def activate(registry: Backend, job_id: str) -> ActivateOutcome | LimitReached:
     return await registry.jobs.activate_job(TENANT, job_id, LIMITS)
 
 
@@ -119,8 +121,7 @@ async def test_reject_refuses_while_a_queued_job_waits(registry: Backend) -> Non
     await start(registry, session_id, hold=True)
     new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "x", "r")
     refused = await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=IfBusy.REJECT)
-    assert not isinstance(refused, StartedJob)
-    assert refused.value == "session_busy"
+    assert refused is StartRefused.SESSION_BUSY
 
 
 async def test_activating_twice_reports_already_started(registry: Backend) -> None:

@@ -52,6 +52,7 @@ from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
 from domain.ports.sessions import SessionStore
 from domain.ports.usage import UsageStore, day_number
+from domain.service_caps import MINUTE_MS, LimitKind, LimitReached, ServiceCaps
 from registry.backend import BackendConfig, open_backend
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
 from registry.memory_sessions import MemorySessionStore
@@ -201,6 +202,11 @@ def outcome_form(outcome: Any) -> Any:
             for item in outcome
         ]
         return sorted(forms, key=repr)
+    if isinstance(outcome, LimitReached):
+        # Until the next minute of each store's own clock, for tokens per minute.
+        per_minute = outcome.limit is LimitKind.TOKENS_PER_MINUTE
+        retry = "next minute" if per_minute else outcome.retry_after_ms
+        return ("limited", outcome.limit.value, outcome.service.value, outcome.cap, retry)
     return outcome
 
 
@@ -232,6 +238,9 @@ class Run:
     seen: dict[tuple[str, str], int] = field(default_factory=dict)  # last event read
     history: list[str] = field(default_factory=list)  # the steps so far
     covered: set[str] = field(default_factory=set)  # the FINISHING transitions made
+    start_minute: int = 0  # the minute both clocks were in when the run began
+    # Draws the limits of starts and activations (apart, so the other draws stay the same).
+    caps_rng: random.Random = field(default_factory=random.Random)
 
     def fail(self, step: int, op: str, what: str, memory: Any, redis: Any) -> None:
         pytest.fail(
@@ -272,7 +281,33 @@ class Run:
         if not await self.may_be_short(known):
             return limits
         self.short[known.session_id] = known.job_id
-        return replace(limits, **{self.rng.choice(timers): SHORT})
+        return replace(limits, **{self.rng.choice(timers): SHORT})  # type: ignore[arg-type]
+
+    async def with_caps(self, limits: JobLimits) -> JobLimits:
+        """``limits``, often with small limits toward the services (domain.service_caps): an
+        in-flight cap (a tenant's default or override), and a tokens-per-minute limit while
+        both clocks are still in the minute the run began (each store counts the minute of its
+        own clock, and the memory clock falls behind Redis's)."""
+        rng = self.caps_rng
+        if rng.random() < 0.3:
+            return limits
+        in_flight = rng.choice((0, 1, 1, 2))
+        overrides = {rng.choice(TENANTS): rng.choice((0, 1, 2))} if rng.random() < 0.3 else {}
+        tokens = 0
+        redis_now = await redis_now_ms(self.redis_clock)
+        same_minute = (
+            redis_now // MINUTE_MS == self.start_minute == self.clock.now_ms // MINUTE_MS
+            and redis_now % MINUTE_MS < MINUTE_MS - 5_000
+        )
+        if same_minute and rng.random() < 0.5:
+            tokens = rng.choice((1, 1, 20))
+        caps = ServiceCaps(
+            in_flight=in_flight,
+            in_flight_overrides=overrides,
+            tokens_per_minute=tokens,
+            retry_after_ms=rng.choice((250, 1_000)),
+        )
+        return replace(limits, caps=caps)
 
     def pick_job(self) -> Known | None:
         return self.rng.choice(self.jobs) if self.jobs else None
@@ -314,6 +349,8 @@ class Run:
         await self.compare_jobs(step, label, [j for j in self.jobs if every or j.job_id == job_id])
 
     def note_coverage(self, outcome: Any) -> None:
+        if isinstance(outcome, LimitReached):
+            self.covered.add(f"limited {outcome.limit.value}")
         if isinstance(outcome, NoticeOutcome) and outcome.finishing is not None:
             self.covered.add("finishing")
         if isinstance(outcome, list):
@@ -401,7 +438,7 @@ class Run:
             agent=agent,
         )
         known = Known(tenant_id, session_id, job_id, service)
-        limits = await self.limits_for(known, *TIMERS)
+        limits = await self.with_caps(await self.limits_for(known, *TIMERS))
         if_busy = rng.choice(list(IfBusy))
         hold = rng.random() < 0.2
         label = f"start {job_id} in {session_id} if_busy={if_busy.value} hold={hold} {limits}"
@@ -425,9 +462,11 @@ class Run:
             # hand-off sets by the activation's limits: with LONG ones, later than a SHORT due
             # or lease, which the reaper and the claims would then miss.
             timer = self.rng.choice(("deadline_ms", "heartbeat_ms"))
-            limits = replace(BASE_LIMITS, handoff_grace_ms=SHORT, **{timer: SHORT})
+            limits = replace(BASE_LIMITS, handoff_grace_ms=SHORT)
+            limits = replace(limits, **{timer: SHORT})  # type: ignore[arg-type]
         else:
             limits = await self.limits_for(known, "deadline_ms", "heartbeat_ms", "handoff_grace_ms")
+        limits = await self.with_caps(limits)
 
         async def call(stores: Stores) -> Any:
             return await stores.jobs.activate_job(tenant_id, known.job_id, limits)
@@ -656,6 +695,8 @@ async def run_seed(seed: int, redis_url: str, redis_clock: Redis) -> set[str]:
                     tenant_id, session_id, NewSession("agent-1", "", {}, LONG)
                 )
         run = Run(seed, random.Random(seed), memory, redis, clock, redis_clock, sessions)
+        run.start_minute = clock.now_ms // MINUTE_MS
+        run.caps_rng = random.Random(seed + 1_000)
         for step in range(STEPS):
             await run.step(step)
         return run.covered
@@ -677,6 +718,8 @@ async def test_memory_and_redis_stores_make_the_same_transitions(
             "finalize exhausted",
             "plan step",
             "finish a finishing job completed",
+            "limited in_flight",
+            "limited tokens_per_minute",
         }, covered
 
 

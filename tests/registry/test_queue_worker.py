@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from domain.ports.queue import QueueStats, ResultStatus, WorkItem, WorkQueue
-from domain.worker import PermanentError, QueueWorker
+from domain.worker import Deferred, PermanentError, QueueWorker
 from tests.registry.queue_fixtures import CONFIG, LEASE_MS, new_item, open_queue
 
 pytestmark = pytest.mark.timeout(30)
@@ -181,3 +181,27 @@ async def test_stop_releases_items_past_the_grace_period(queue: WorkQueue) -> No
         result = await queue.wait_result("i1", 5)
     assert result is not None
     assert (result.value, result.deliveries) == (b"echo:i1", 1)
+
+
+async def test_a_deferred_item_waits_in_the_queue_and_is_never_dead_lettered(
+    queue: WorkQueue,
+) -> None:
+    deferrals = CONFIG.max_deliveries + 2  # more than the deliveries a failing item gets
+    calls: Counter[str] = Counter()
+
+    async def at_a_limit(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        if calls[item.item_id] <= deferrals:
+            raise Deferred(20, "the tenant is at its limit")
+        return b"ran"
+
+    worker = make_worker(queue, at_a_limit)
+    async with running(worker):
+        await queue.enqueue([new_item("i1")])
+        result = await queue.wait_result("i1", 10)
+    assert result is not None
+    assert (result.status, result.value, result.deliveries) == (ResultStatus.SUCCEEDED, b"ran", 1)
+    assert calls["i1"] == deferrals + 1
+    assert worker.stats.deferred == deferrals
+    assert (worker.stats.retried, worker.stats.dead_lettered) == (0, 0)
+    assert await queue.list_dead() == []

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from domain.ids import new_id
 from domain.jobs import IfBusy, JobLimits, NewJob, StartedJob, StartRefused
 from domain.models import NewSession, Service, WorkKind
+from domain.service_caps import LimitReached
 from registry.backend import Backend, BackendConfig, open_backend
 from registry.keys import KeySpace
 
@@ -38,7 +39,9 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def start(registry: Backend, session_id: str, if_busy: IfBusy) -> StartedJob | StartRefused:
+async def start(
+    registry: Backend, session_id: str, if_busy: IfBusy
+) -> StartedJob | StartRefused | LimitReached:
     new = NewJob(new_id(), session_id, "agent-1", Service.QUERY, WorkKind.LLM_QUERY, "hi", "r")
     return await registry.jobs.start_job(TENANT, new, LIMITS, if_busy=if_busy)
 

@@ -307,3 +307,20 @@ async def test_stats_count_each_state(queue: WorkQueue) -> None:
     assert await queue.stats() == QueueStats(ready=1, leased=1, delayed=1, dead=1)
     await queue.complete([(c, b"ok")])
     assert await queue.stats() == QueueStats(ready=1, leased=0, delayed=1, dead=1)
+
+
+async def test_an_item_released_with_a_delay_waits_then_comes_back_uncounted(
+    queue: WorkQueue,
+) -> None:
+    await queue.enqueue([new_item("i1")])
+    item = await take_one(queue)
+    released_at = time.monotonic()
+
+    assert await queue.release(item, delay_ms=200) is True
+
+    assert await take(queue, "c2") == []
+    assert await queue.stats() == QueueStats(ready=0, leased=0, delayed=1, dead=0)
+    again = await take_one(queue, "c2", wait_ms=5_000)
+    assert time.monotonic() - released_at >= 0.2 * 0.8
+    assert (again.item_id, again.deliveries) == ("i1", 1)
+    assert await queue.complete([(again, b"ok")]) == [True]

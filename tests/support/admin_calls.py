@@ -84,3 +84,15 @@ async def create_api_key(
         )
     api_key: str = reply.api_key
     return api_key
+
+
+def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
+    """The google.rpc.RetryInfo delay of a failed call, in milliseconds (None without one)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return int(info.retry_delay.ToMilliseconds())
+    return None

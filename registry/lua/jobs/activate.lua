@@ -5,16 +5,21 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
---   handoff_grace_ms
--- Returns: {'started', due} (due: its first deadline) or {reason} (domain.jobs.ActivateOutcome:
---   unknown_job | already_started | final | session_not_open | wait)
+--   handoff_grace_ms, in_flight_cap, tpm_cap, retry_after_ms (as start.lua's)
+-- Returns: {'started', due} (due: its first deadline), {'limited', limit, cap, retry_after_ms,
+--   service}
+--   (it stays QUEUED) or {reason} (domain.jobs.ActivateOutcome: unknown_job |
+--   already_started | final | session_not_open | wait)
 local job_id = ARGV[1]
 local deadline_ms = tonumber(ARGV[2])
 local heartbeat_ms = tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
 local handoff_grace_ms = tonumber(ARGV[5])
+local in_flight_cap = tonumber(ARGV[6])
+local tpm_cap = tonumber(ARGV[7])
+local retry_after_ms = tonumber(ARGV[8])
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local state = redis.call('HGET', job_key, 'state')
@@ -33,6 +38,9 @@ if redis.call('LINDEX', line_key, 0) ~= job_id
     or redis.call('SCARD', pending_key) > redis.call('LLEN', line_key) then
   return {'wait'}
 end
+local service = redis.call('HGET', job_key, 'service')
+local limited = over_limit(service, in_flight_cap, tpm_cap, retry_after_ms)
+if limited then return limited end
 redis.call('LPOP', line_key)
 local deadline = now + deadline_ms
 local hb = now + heartbeat_ms
@@ -43,4 +51,5 @@ redis.call('PEXPIRE', job_key, lifetime)
 redis.call('ZREM', tenant_queued_key, job_id)
 redis.call('ZADD', tenant_pending_key, now + lifetime, job_id)
 extend(tenant_pending_key, lifetime)
+count_in_flight(job_id, service, now + lifetime)
 return {'started', math.min(deadline, hb)}

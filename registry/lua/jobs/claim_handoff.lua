@@ -10,7 +10,7 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, handoff_grace_ms, max_handoffs, retention_ms (the job's, once final), maxlen,
 --   log_ttl_ms, channel, failed_template (the failed event's data JSON, with `{service}` and
 --   `{attempts}` to fill in), finalize_failed_template (the same for a finalize, `{attempts}`)

@@ -10,11 +10,12 @@
 -- tokens to the tenant's usage hash of the current UTC day (`<usage_prefix><days since the
 -- epoch>`, by the Redis clock): fields total, prompt, completion, jobs and `agent:<agent id>`.
 -- That key is built here because the day comes from the Redis clock; the prefix carries the
--- tenant's hash tag, so it lives in the same cluster slot as the job keys.
+-- tenant's hash tag, so it lives in the same cluster slot as the job keys. The tokens count for
+-- the tenant's tokens-per-minute limit too (charge_minute).
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, service, notice_sequence (0: the sender does not number its notices),
 --   event (progress | delta | tool_call | workflow_step | completed | failed: also the kind of
 --   the event appended), data_json, heartbeat_ms, prompt_tokens,
@@ -60,6 +61,7 @@ local function charge()
   redis.call('HINCRBY', usage_key, 'jobs', 1)
   redis.call('HINCRBY', usage_key, 'agent:' .. agent, total_tokens)
   redis.call('PEXPIRE', usage_key, usage_retention_ms)
+  charge_minute(total_tokens)
 end
 
 local function session_tokens()
@@ -115,6 +117,8 @@ if event == 'completed' and redis.call('HGET', job_key, 'pa') == '1' then
   local ttl = redis.call('PTTL', job_key)
   redis.call('ZREM', tenant_pending_key, job_id)
   redis.call('ZREM', tenant_running_key, job_id)
+  -- Done at its service: no longer in flight there (service_caps), though not yet final.
+  redis.call('ZREM', inflight_key(service), job_id)
   redis.call('ZADD', tenant_finishing_key, now + ttl, job_id)
   extend(tenant_finishing_key, ttl)
   if redis.call('EXISTS', session_key) == 1 then session_tokens() end

@@ -5,7 +5,7 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, plan_json, outputs_json ('' to keep what is there), maxlen, log_ttl_ms,
 --   channel, appends ('1': the plan appends history, see notice.lua), then one plan_step
 --   event's data JSON per changed call

@@ -5,7 +5,7 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key, limits_prefix)
 -- ARGV: job_id, retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope}, {'later', due} (a heartbeat moved the
 --   deadline), {'gone'} or {'final'}

@@ -10,8 +10,8 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key), then tenant_jobs_key (the tenant's jobs by creation time: entries
---   older than the longest retention are trimmed here)
+--   tenant_finishing_key, limits_prefix), then tenant_jobs_key (the tenant's jobs by creation
+--   time: entries older than the longest retention are trimmed here)
 -- ARGV: job_id, session_id, service, kind, request_json, agent_id, model,
 --   accepted_json (the accepted event's data; deadline_ms and queued are added here),
 --   deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
@@ -23,13 +23,16 @@
 --   appends ('1': the plan appends history, so a completed notice makes the job FINISHING),
 --   traceparent (the W3C trace context the job was accepted under, field `tp`, or ''),
 --   parent_job_id (an internal call's parent job, '' for none), max_calls (the internal calls a
---   job may make), job_prefix (the key of a job of the tenant is job_prefix .. its id)
+--   job may make), job_prefix (the key of a job of the tenant is job_prefix .. its id),
+--   in_flight_cap, tpm_cap (tokens per minute), retry_after_ms (the tenant's limits toward the
+--   services, 0: none; checked for a job that would be PENDING, see over_limit)
 -- An internal call's job starts only while its parent (same tenant, so the same slot) is
 -- pending or running and has made fewer than max_calls calls; the parent counts it (`ic`) and
 -- lists it (`calls`: the children's ids, space-separated, oldest first), and
 -- the child keeps its parent (`par`) and the parent's session (`pses`) for notice.lua.
--- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | parent_not_in_flight |
---   call_limit | session_missing | session_not_open | session_busy)
+-- Returns: {'ok', sequence, now, envelope}, {'limited', limit, cap, retry_after_ms, service} or
+--   {reason} (job_exists | parent_not_in_flight | call_limit | session_missing |
+--   session_not_open | session_busy)
 local job_id = ARGV[1]
 local session_id = ARGV[2]
 local service = ARGV[3]
@@ -58,7 +61,10 @@ local traceparent = ARGV[25]
 local parent_job_id = ARGV[26]
 local max_calls = tonumber(ARGV[27])
 local job_prefix = ARGV[28]
-local tenant_jobs_key = KEYS[11]
+local in_flight_cap = tonumber(ARGV[29])
+local tpm_cap = tonumber(ARGV[30])
+local retry_after_ms = tonumber(ARGV[31])
+local tenant_jobs_key = KEYS[12]
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
 local parent_key = nil
@@ -76,6 +82,10 @@ end
 local busy = redis.call('SCARD', pending_key) > 0
 if if_busy == 'reject' and busy then return {'session_busy'} end
 local queued = hold == '1' or (if_busy == 'hold' and busy)
+if not queued then
+  local limited = over_limit(service, in_flight_cap, tpm_cap, retry_after_ms)
+  if limited then return limited end
+end
 local state = 'pending'
 local lifetime = deadline_ms
 local deadline = now + deadline_ms
@@ -115,6 +125,7 @@ local counted = tenant_pending_key
 if queued then counted = tenant_queued_key end
 redis.call('ZADD', counted, now + lifetime, job_id)
 extend(counted, lifetime)
+if not queued then count_in_flight(job_id, service, now + lifetime) end
 redis.call('SADD', pending_key, job_id)
 local ttl = redis.call('PTTL', session_key)
 if ttl > 0 then redis.call('PEXPIRE', pending_key, ttl) end

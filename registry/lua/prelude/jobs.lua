@@ -1,5 +1,5 @@
 --! include: prelude/time
--- The ten keys every job script but renew_handoff takes (in this order), all under the
+-- The eleven keys every job script but renew_handoff takes (in this order), all under the
 -- tenant's hash tag (one cluster slot), and the helpers that change a job, its session's
 -- bookkeeping and the session's event log in one step.
 local job_key = KEYS[1]             -- the job hash
@@ -14,6 +14,14 @@ local tenant_running_key = KEYS[7]
 local line_key = KEYS[8]            -- the session's line: its QUEUED jobs, oldest first
 local tenant_queued_key = KEYS[9]
 local tenant_finishing_key = KEYS[10]  -- the tenant's FINISHING jobs (as the three above)
+-- The prefix of the tenant's limit keys (domain.service_caps; the tenant's hash tag): per
+-- service, `inflight:<service>`, a sorted set of its jobs in flight there (PENDING or RUNNING)
+-- scored by when the job hash expires; per minute of the Redis clock,
+-- `tpm:<minute>`, the tokens charged to the tenant in it.
+local limits_prefix = KEYS[11]
+
+local function inflight_key(service) return limits_prefix .. 'inflight:' .. service end
+local function minute_tokens_key() return limits_prefix .. 'tpm:' .. math.floor(now / 60000) end
 
 -- An event envelope, from complete JSON pieces: the job id is validated by the caller, the
 -- request id is stored JSON-encoded, the data is JSON made by the caller. Concatenated, not
@@ -47,8 +55,41 @@ local function extend(key, ttl)
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
 
--- The job is final or gone: it leaves the tenant's sets of unfinished jobs.
+-- Whether a job for ``service`` may start now (domain.service_caps.check): nil, or the reply
+-- {'limited', limit, cap, retry_after_ms, service}. Caps of 0 are no limit. Jobs whose hash expired
+-- unfinished are trimmed from the count first.
+local function over_limit(service, in_flight_cap, tpm_cap, retry_after_ms)
+  local key = inflight_key(service)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if in_flight_cap > 0 and redis.call('ZCARD', key) >= in_flight_cap then
+    return {'limited', 'in_flight', in_flight_cap, retry_after_ms, service}
+  end
+  if tpm_cap > 0 and tonumber(redis.call('GET', minute_tokens_key()) or '0') >= tpm_cap then
+    return {'limited', 'tokens_per_minute', tpm_cap, 60000 - now % 60000, service}
+  end
+  return nil
+end
+
+-- The job is in flight at ``service`` until it ends or its hash expires (at ``expires``).
+local function count_in_flight(job_id, service, expires)
+  local key = inflight_key(service)
+  redis.call('ZADD', key, expires, job_id)
+  extend(key, expires - now)
+end
+
+-- Tokens charged to the tenant now count for this minute's limit.
+local function charge_minute(tokens)
+  local key = minute_tokens_key()
+  redis.call('INCRBY', key, tokens)
+  redis.call('PEXPIRE', key, 120000)
+end
+
+-- The job is final or gone: it leaves the tenant's sets of unfinished jobs (and, when its
+-- hash is still there to name its service, the in-flight count: a gone job's entry is
+-- trimmed by its score).
 local function uncount(job_id)
+  local service = redis.call('HGET', job_key, 'service')
+  if service then redis.call('ZREM', inflight_key(service), job_id) end
   redis.call('ZREM', tenant_pending_key, job_id)
   redis.call('ZREM', tenant_running_key, job_id)
   redis.call('ZREM', tenant_queued_key, job_id)
