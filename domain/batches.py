@@ -19,7 +19,15 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from domain.batch_models import Batch, BatchItemSpec, BatchState, ItemKind, ItemResult, NewBatch
+from domain.batch_models import (
+    Batch,
+    BatchItemSpec,
+    BatchState,
+    ItemKind,
+    ItemResult,
+    ItemState,
+    NewBatch,
+)
 from domain.chat import (
     BATCH_AGENT_ID,
     MAX_COLLECTIONS,
@@ -28,7 +36,14 @@ from domain.chat import (
     ChatOrchestrator,
 )
 from domain.dispatch import CallContext
-from domain.errors import Aborted, DomainError, FieldViolation, InvalidArgument, NotFound
+from domain.errors import (
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
 from domain.ids import is_resource_id, new_id, require_id
 from domain.models import Page, page_limit
 from domain.periodic import PeriodicTask
@@ -329,6 +344,24 @@ class BatchManager:
         if running:
             log.info("batch %s %s: %d running items stopped", batch_id, state, len(running))
         return batch
+
+    async def reopen_item(self, tenant_id: str, batch_id: str, index: int) -> None:
+        """Re-open an item whose work item an operator redrives from the dead letter, so that
+        the redriven delivery runs it and its result replaces the failure (see
+        BatchStore.reopen_item). FailedPrecondition, naming why, when it must not run again:
+        its batch was cancelled or expired (or its window passed), or the item already ended
+        otherwise; NotFound for a batch or item that is gone."""
+        batch = await self.get(tenant_id, batch_id)  # expires one found past its window
+        state, item = await self._store.reopen_item(tenant_id, batch_id, index)
+        if item is ItemState.QUEUED:
+            return
+        if state is None or item is None:
+            raise NotFound(f"item {index} of batch {batch_id} not found")
+        if state in (BatchState.CANCELLING, BatchState.CANCELLED):
+            raise FailedPrecondition(f"batch {batch_id} was cancelled: its items do not run")
+        if state is BatchState.EXPIRED or _now_ms() >= batch.expire_ms:
+            raise FailedPrecondition(f"batch {batch_id} expired: its items do not run")
+        raise FailedPrecondition(f"item {index} of batch {batch_id} already ended {item.value}")
 
     async def cancel_job(self, ctx: CallContext, session_id: str, job_id: str) -> None:
         """Cancel a job through the chat flow; a job that already ended is fine."""

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from domain.batch_models import Batch
-from domain.batches import BatchManager, require_batch_id
-from domain.errors import InvalidArgument, NotFound
+from domain.batches import WORK_KIND, BatchManager, require_batch_id
+from domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from domain.ids import is_resource_id, open_page_token, require_tenant_id, seal_page_token
 from domain.jobs import UNFINISHED_STATES, EventPage, Job, JobState
 from domain.models import Page, Service, Session
@@ -24,6 +24,7 @@ from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
 from domain.ports.queue import PRIORITY_ORDER, DeadLetter, PriorityDepth, WorkQueue
 from domain.ports.usage import UsageStore
+from domain.queued_chat import ITEM_KIND
 from domain.sessions import SessionManager, require_session_id
 
 # ListTasks: default and largest page, index entries read per store call, and the most index
@@ -294,13 +295,38 @@ class OperatorQueries:
         return QueuedDeadLetter(queue_name, letter)
 
     async def redrive(self, queue_name: str, item_id: str) -> QueuedDeadLetter:
-        """Put a dead letter back in its queue (deliveries reset); NotFound when it is not
-        (or no longer) dead-lettered, for instance when another operator redrove it first."""
+        """Put a dead letter back in its queue (deliveries reset) so that it runs: a batch
+        item is re-opened first (failed -> queued, its batch running again); a queued chat
+        job must still be unfinished. FailedPrecondition, naming why, when nothing would run
+        (the batch was cancelled or expired, the job already ended): the item stays in the
+        dead letter. NotFound when it is not (or no longer) dead-lettered, for instance when
+        another operator redrove it first."""
         queue = self._queue(queue_name)
         letter = await queue.get_dead(self._item_id(item_id))
-        if letter is None or not await queue.redrive(item_id):
+        if letter is None:
+            raise NotFound(f"no dead letter {item_id} in the {queue_name} queue")
+        await self._reopen(letter)
+        if not await queue.redrive(item_id):
             raise NotFound(f"no dead letter {item_id} in the {queue_name} queue")
         return QueuedDeadLetter(queue_name, letter)
+
+    async def _reopen(self, letter: DeadLetter) -> None:
+        """Make the owner of a dead letter's work run it again, or refuse. A worker that gave
+        up on an item failed its owner (the dead-letter hook): the batch item is re-opened;
+        a job is never re-opened once it ended (its client saw the final event)."""
+        if letter.kind == WORK_KIND:
+            batch_id, _, index = letter.item_id.partition("/")
+            await self._batches.reopen_item(letter.tenant_id, batch_id, int(index))
+        elif letter.kind == ITEM_KIND:
+            job = await self._jobs.get_job(letter.tenant_id, letter.item_id)
+            if job is None:
+                raise FailedPrecondition(
+                    f"job {letter.item_id} is no longer kept; send the message again"
+                )
+            if job.state not in UNFINISHED_STATES:
+                raise FailedPrecondition(
+                    f"job {letter.item_id} already ended {job.state.value}; send the message again"
+                )
 
     # Sessions and batches -------------------------------------------------------------------
 

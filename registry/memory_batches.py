@@ -32,7 +32,8 @@ class _Record:
     custom_ids: list[str]
     states: list[ItemState]
     jobs: dict[int, tuple[str, str]] = field(default_factory=dict)
-    results: list[ItemResult] = field(default_factory=list)
+    results: list[ItemResult] = field(default_factory=list)  # in sequence order
+    sequence: int = 0  # the last result's (a re-opened item's result leaves ``results``)
     appended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -177,12 +178,13 @@ class MemoryBatchStore:
         result = ItemResult(
             batch_id=record.batch.batch_id,
             custom_id=record.custom_ids[index],
-            sequence=len(record.results) + 1,
+            sequence=record.sequence + 1,
             state=state,
             job_id=job_id or record.jobs.get(index, ("", ""))[0],
             finish_ms=now,
             data=data,
         )
+        record.sequence = result.sequence
         record.results.append(result)
         record.appended.set()
         record.appended = asyncio.Event()
@@ -225,18 +227,55 @@ class MemoryBatchStore:
             record.batch = replace(record.batch, state=BatchState.CANCELLED, finish_ms=now)
         return record.batch, running
 
+    async def reopen_item(
+        self, tenant_id: str, batch_id: str, index: int
+    ) -> tuple[BatchState | None, ItemState | None]:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None:
+            return None, None
+        batch = record.batch
+        if not 0 <= index < len(record.states):
+            return batch.state, None
+        item = record.states[index]
+        if (
+            batch.state not in (BatchState.QUEUED, BatchState.IN_PROGRESS, BatchState.COMPLETED)
+            or _now_ms() >= batch.expire_ms
+            or item not in (ItemState.FAILED, ItemState.RUNNING)
+        ):
+            return batch.state, item
+        if item is ItemState.FAILED:
+            # Its result is the newest with its custom id (an item has one result at a time).
+            custom_id = record.custom_ids[index]
+            for position in range(len(record.results) - 1, -1, -1):
+                if record.results[position].custom_id == custom_id:
+                    del record.results[position]
+                    break
+        record.states[index] = ItemState.QUEUED
+        counts: dict[str, int] = {name: getattr(batch.counts, name) for name in _COUNT_FIELDS}
+        counts[item.value] -= 1
+        counts["queued"] += 1
+        state = BatchState.IN_PROGRESS if batch.state is BatchState.COMPLETED else batch.state
+        record.batch = replace(
+            batch,
+            state=state,
+            counts=BatchCounts(total=batch.counts.total, **counts),
+            updated_ms=_now_ms(),
+            finish_ms=0,
+        )
+        return state, ItemState.QUEUED
+
     async def read_results(
         self, tenant_id: str, batch_id: str, after: int, *, limit: int, wait_s: float
     ) -> list[ItemResult]:
         record = self._batches.get((tenant_id, batch_id))
         if record is None:
             return []
-        if len(record.results) <= after and wait_s > 0:
+        if record.sequence <= after and wait_s > 0:
             try:
                 await asyncio.wait_for(record.appended.wait(), wait_s)
             except TimeoutError:
                 return []
-        return record.results[max(after, 0) : max(after, 0) + limit]
+        return [result for result in record.results if result.sequence > after][:limit]
 
     async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
         now = _now_ms()

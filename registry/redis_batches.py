@@ -191,6 +191,20 @@ class RedisBatchStore(RedisStore):
             running.append(batch_models.RunningItem(int(reply[i]), job_id, session_id))
         return await self.get_batch(tenant_id, batch_id), running
 
+    async def reopen_item(
+        self, tenant_id: str, batch_id: str, index: int
+    ) -> tuple[batch_models.BatchState | None, batch_models.ItemState | None]:
+        with redis_errors_as_unavailable():
+            state, item = await self._scripts.run(
+                "reopen_item",
+                keys=list(self._keys.batch_keys(tenant_id, batch_id)),
+                args=[index, self._retention_ms],
+            )
+        return (
+            batch_models.BatchState(state) if state else None,
+            batch_models.ItemState(item) if item else None,
+        )
+
     async def read_results(
         self, tenant_id: str, batch_id: str, after: int, *, limit: int, wait_s: float
     ) -> list[batch_models.ItemResult]:

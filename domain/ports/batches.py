@@ -4,14 +4,24 @@ implement it alike; tests/registry/test_batch_store_contract.py runs one suite o
 Every method is scoped to one tenant: another tenant's batch reads as missing. Item state
 changes are compare-and-set, so each item gets exactly one result (one entry in the batch's
 result stream) whatever the number of deliveries, cancellations and expiries racing for it, and
-the counts always add up to the total.
+the counts always add up to the total. An operator's redrive of a dead-lettered item may
+re-open it (``reopen_item``): its failed result then leaves the stream and its next result is
+appended with a new sequence.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from domain.batch_models import Batch, BatchState, ItemOutcome, ItemResult, NewBatch, RunningItem
+from domain.batch_models import (
+    Batch,
+    BatchState,
+    ItemOutcome,
+    ItemResult,
+    ItemState,
+    NewBatch,
+    RunningItem,
+)
 from domain.models import Page
 
 
@@ -67,6 +77,18 @@ class BatchStore(Protocol):
         unfinished item, running ones included. Each stopped item gets a result with
         ``error``. Returns the batch after the change and the items that were running (their
         jobs are for the caller to cancel). A final batch is returned unchanged."""
+        ...
+
+    async def reopen_item(
+        self, tenant_id: str, batch_id: str, index: int
+    ) -> tuple[BatchState | None, ItemState | None]:
+        """Make an item that a redrive of its dead letter should run QUEUED again: a FAILED
+        one (its result leaves the stream, so the run's result replaces it, and the failed
+        count goes back down) or one left RUNNING by deliveries that all died. A batch
+        COMPLETED is IN_PROGRESS again (``finish_ms`` 0, kept as before it was final). Only
+        while the batch is QUEUED, IN_PROGRESS or COMPLETED and inside its window; anything
+        else changes nothing. Returns the batch's and the item's state after the call (the
+        item QUEUED when a redrive will run it); None for a missing batch or item."""
         ...
 
     async def read_results(

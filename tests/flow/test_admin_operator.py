@@ -1,6 +1,8 @@
 """The operator RPCs of AdminService over a real server, on both backends: ListTasks (filters,
 paging, bad input), GetStats, dead letters of the real work queues (a queued message whose
-consumers die on every delivery is dead-lettered, then redriven and run), any session, its
+consumers die on every delivery is dead-lettered, then redriven and run; a batch item a worker
+gave up on is re-opened by its redrive and runs, unless its batch was cancelled or expired; a
+queued message whose job the worker's giving up ended is not redriven), any session, its
 events and any batch of a tenant, RevokeTenantKeys, tenant isolation, admin-only access and
 one audit line per call."""
 
@@ -15,9 +17,11 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from domain.identity import Role
-from domain.ports.queue import WorkQueue
+from domain.ports.queue import WorkItem, WorkQueue
+from domain.worker import ItemRunner, PermanentError, QueueWorker
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import batch_pb2, batch_pb2_grpc, common_pb2, session_pb2, session_pb2_grpc
+from tests.support.batches import batches, get_batch, llm_item, read_results, stream, submit
 from tests.support.flow import Flow, completed, kind_of
 from tests.support.keys import key_id_for
 from tests.support.servers import (
@@ -379,6 +383,142 @@ async def test_dead_letter_calls_refuse_bad_input_naming_the_field(
         grpc.StatusCode.INVALID_ARGUMENT,
         field,
     )
+
+
+# Redrive: what a worker gave up on runs again, or the operator is told why not ---------------
+
+
+async def give_up_on_next(queue: WorkQueue, runner: ItemRunner) -> WorkItem:
+    """A worker whose handler fails for good (PermanentError): the queue dead-letters the next
+    ready item and the worker tells the item's owner through the runner's dead-letter hook,
+    as the server's workers do when they give up. The worker stops right after."""
+    given_up: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
+
+    async def refuse(item: WorkItem) -> bytes:
+        raise PermanentError("the downstream refused it")
+
+    async def hook(item: WorkItem, error: str) -> None:
+        worker.stop()
+        await runner.dead_lettered(item, error)
+        given_up.set_result(item)
+
+    worker = QueueWorker(
+        queue, refuse, concurrency=1, consumer="doomed", poll_s=0.05, on_dead_letter=hook
+    )
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(10):
+        item = await given_up
+        await task
+    return item
+
+
+async def dead_item_ids(flow: Flow, queue: str) -> list[str]:
+    listed = await stub(flow).ListDeadLetters(
+        admin_pb2.ListDeadLettersRequest(queue=queue), metadata=admin()
+    )
+    return [letter.item_id for letter in listed.dead_letters]
+
+
+def redrive(flow: Flow, queue: str, item_id: str) -> Any:
+    return stub(flow).RedriveDeadLetter(
+        admin_pb2.RedriveDeadLetterRequest(queue=queue, item_id=item_id), metadata=admin()
+    )
+
+
+async def test_a_batch_item_given_up_on_is_redriven_runs_and_its_result_replaces_the_failure(
+    flow: Flow,
+) -> None:
+    batch = await submit(flow, [llm_item("first"), llm_item("second")])
+    server = flow.running.server
+    dead = await give_up_on_next(server.services.batch_queue, server.services.batch_runner)
+    server.workers.start_batch_worker()
+    other = await flow.dispatcher.next_submit()
+    await flow.publish([completed(other.job_id, 1, "ran first time")])
+    failed = await read_results(stream(flow, batch.batch_id))
+    assert sorted(r.error.code for r in failed) == ["", "dead_lettered"]
+    ended = await get_batch(flow, batch.batch_id)
+    assert ended.state == batch_pb2.BATCH_STATE_COMPLETED
+    assert (ended.counts.completed, ended.counts.failed) == (1, 1)
+
+    await redrive(flow, "batch", dead.item_id)
+    reopened = await get_batch(flow, batch.batch_id)
+    assert reopened.state == batch_pb2.BATCH_STATE_IN_PROGRESS
+    counts = reopened.counts
+    assert (counts.completed, counts.failed, counts.queued + counts.running) == (1, 0, 1)
+    assert await dead_item_ids(flow, "batch") == []
+    work = await flow.dispatcher.next_submit()
+    assert work.job_id != other.job_id
+    await flow.publish([completed(work.job_id, 1, "ran after the redrive")])
+
+    results = await read_results(stream(flow, batch.batch_id))
+    assert [r.state for r in results] == [batch_pb2.BATCH_ITEM_STATE_COMPLETED] * 2
+    assert {r.custom_id: r.result.text for r in results} == {
+        "first" if dead.item_id.endswith("/0") else "second": "ran after the redrive",
+        "second" if dead.item_id.endswith("/0") else "first": "ran first time",
+    }
+    final = await get_batch(flow, batch.batch_id)
+    assert final.state == batch_pb2.BATCH_STATE_COMPLETED
+    c = final.counts
+    assert (c.total, c.completed, c.failed, c.queued, c.running) == (2, 2, 0, 0, 0)
+
+
+@pytest.mark.parametrize("stop", ["cancelled", "expired"])
+async def test_a_batch_item_of_a_stopped_batch_is_not_redriven_and_stays_dead(
+    flow: Flow, stop: str
+) -> None:
+    window: dict[str, Any] = {"completion_window": {"seconds": 1}} if stop == "expired" else {}
+    batch = await submit(flow, [llm_item("first"), llm_item("second")], **window)
+    server = flow.running.server
+    dead = await give_up_on_next(server.services.batch_queue, server.services.batch_runner)
+    if stop == "cancelled":
+        await batches(flow).CancelBatch(
+            batch_pb2.CancelBatchRequest(batch_id=batch.batch_id), metadata=tenant("acme")
+        )
+    # The result stream ends once the batch is final: cancelled now, or expired after its window.
+    results = await read_results(stream(flow, batch.batch_id))
+    assert len(results) == 2
+    assert (await get_batch(flow, batch.batch_id)).state == getattr(
+        batch_pb2, f"BATCH_STATE_{stop.upper()}"
+    )
+    await expect_error(
+        redrive(flow, "batch", dead.item_id), grpc.StatusCode.FAILED_PRECONDITION, stop
+    )
+    assert await dead_item_ids(flow, "batch") == [dead.item_id]
+    after = await get_batch(flow, batch.batch_id)
+    assert after.counts.failed == 1 and after.counts.queued == after.counts.running == 0
+
+
+async def test_a_batch_item_whose_deliveries_all_died_is_redriven_and_runs(flow: Flow) -> None:
+    batch = await submit(flow, [llm_item("only")])
+    item_id = f"{batch.batch_id}/0"
+    await kill_every_delivery(flow.running.server.services.batch_queue, item_id)
+    await redrive(flow, "batch", item_id)
+    flow.running.server.workers.start_batch_worker()
+    work = await flow.dispatcher.next_submit()
+    await flow.publish([completed(work.job_id, 1, "ran")])
+    (result,) = await read_results(stream(flow, batch.batch_id))
+    assert result.custom_id == "only" and result.result.text == "ran"
+    final = await get_batch(flow, batch.batch_id)
+    assert final.state == batch_pb2.BATCH_STATE_COMPLETED and final.counts.completed == 1
+
+
+async def test_a_queued_message_whose_job_ended_is_not_redriven_and_stays_dead(
+    flow: Flow,
+) -> None:
+    _, job_id = await queue_background(flow)
+    server = flow.running.server
+    dead = await give_up_on_next(server.services.chat_queue, server.services.chat_runner)
+    assert dead.item_id == job_id
+    task = await stub(flow).GetTask(
+        admin_pb2.GetTaskRequest(tenant_id="acme", job_id=job_id), metadata=admin()
+    )
+    assert task.task.state == admin_pb2.TASK_STATE_FAILED
+    await expect_error(
+        redrive(flow, CHAT, job_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"job {job_id} already ended failed; send the message again",
+    )
+    assert await dead_item_ids(flow, CHAT) == [job_id]
 
 
 # Sessions, events and batches -----------------------------------------------------------------

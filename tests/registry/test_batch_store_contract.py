@@ -188,3 +188,112 @@ async def test_an_unfinished_batch_is_kept_past_the_retention(
     await _until_gone(store, "t1", finished.batch_id)
     kept = await store.get_batch("t1", batch.batch_id)
     assert kept is not None and kept.counts.completed == 1
+
+
+# Re-opening an item for a redrive of its dead letter ------------------------------------------
+
+DEAD: dict[str, object] = {"code": "dead_lettered", "message": "gave up", "retryable": True}
+
+
+def dead() -> ItemOutcome:
+    return ItemOutcome(ItemState.FAILED, error=DEAD)
+
+
+async def test_a_reopened_failed_item_leaves_the_results_and_its_completed_batch_runs_again(
+    store: BatchStore,
+) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(3))
+    bid = batch.batch_id
+    for index, outcome in ((0, done()), (1, dead()), (2, done())):
+        await store.finish_item("t1", bid, index, outcome)
+    assert await store.reopen_item("t1", bid, 1) == (BatchState.IN_PROGRESS, ItemState.QUEUED)
+    reopened = await store.get_batch("t1", bid)
+    assert reopened is not None and reopened.state is BatchState.IN_PROGRESS
+    assert reopened.finish_ms == 0
+    c = reopened.counts
+    assert (c.queued, c.running, c.completed, c.failed) == (1, 0, 2, 0)
+    results = await store.read_results("t1", bid, 0, limit=100, wait_s=0)
+    assert [(r.sequence, r.custom_id) for r in results] == [(1, "c0"), (3, "c2")]
+    assert await store.start_item("t1", bid, 1, redelivery=False)
+    assert await store.finish_item("t1", bid, 1, done()) == 4
+    final = await store.get_batch("t1", bid)
+    assert final is not None and final.state is BatchState.COMPLETED and final.finish_ms
+    assert (final.counts.completed, final.counts.failed) == (3, 0)
+    results = await store.read_results("t1", bid, 0, limit=100, wait_s=0)
+    assert [(r.sequence, r.custom_id, r.state) for r in results] == [
+        (1, "c0", ItemState.COMPLETED),
+        (3, "c2", ItemState.COMPLETED),
+        (4, "c1", ItemState.COMPLETED),
+    ]
+    assert [r.sequence for r in await store.read_results("t1", bid, 3, limit=9, wait_s=0)] == [4]
+
+
+async def test_an_item_left_running_by_dead_deliveries_is_reopened_queued(
+    store: BatchStore,
+) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(2))
+    bid = batch.batch_id
+    assert await store.start_item("t1", bid, 0, redelivery=False)
+    assert await store.reopen_item("t1", bid, 0) == (BatchState.IN_PROGRESS, ItemState.QUEUED)
+    reopened = await store.get_batch("t1", bid)
+    assert reopened is not None
+    assert (reopened.counts.queued, reopened.counts.running) == (2, 0)
+    assert await store.start_item("t1", bid, 0, redelivery=False)
+
+
+async def test_items_of_stopped_batches_and_ended_items_are_not_reopened(
+    store: BatchStore,
+) -> None:
+    stopped = []
+    for state in (BatchState.CANCELLED, BatchState.EXPIRED):
+        batch, _ = await store.create_batch("t1", new_batch(2))
+        await store.finish_item("t1", batch.batch_id, 0, dead())
+        await store.stop_batch("t1", batch.batch_id, state, ERROR)
+        assert await store.reopen_item("t1", batch.batch_id, 0) == (state, ItemState.FAILED)
+        stopped.append(batch.batch_id)
+    for bid in stopped:
+        after = await store.get_batch("t1", bid)
+        assert after is not None and (after.counts.failed, after.counts.queued) == (1, 0)
+        assert len(await store.read_results("t1", bid, 0, limit=9, wait_s=0)) == 2
+    batch, _ = await store.create_batch("t1", new_batch(2))
+    await store.finish_item("t1", batch.batch_id, 0, done())
+    assert await store.reopen_item("t1", batch.batch_id, 0) == (
+        BatchState.QUEUED,
+        ItemState.COMPLETED,
+    )
+    assert await store.reopen_item("t1", batch.batch_id, 1) == (
+        BatchState.QUEUED,
+        ItemState.QUEUED,
+    )
+    assert await store.reopen_item("t1", batch.batch_id, 2) == (BatchState.QUEUED, None)
+    assert await store.reopen_item("t2", batch.batch_id, 0) == (None, None)
+
+
+async def test_an_item_is_not_reopened_past_its_batchs_window(store: BatchStore) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(2, window_ms=50))
+    await store.finish_item("t1", batch.batch_id, 0, dead())
+    for _ in range(100):  # time must pass (there is no event); bounded
+        if ("t1", batch.batch_id) in await store.due_for_expiry(limit=1000):
+            break
+        await asyncio.sleep(0.02)
+    assert await store.reopen_item("t1", batch.batch_id, 0) == (
+        BatchState.QUEUED,
+        ItemState.FAILED,
+    )
+
+
+async def test_a_reopened_batch_is_kept_past_the_retention_again(
+    short_retention_store: BatchStore,
+) -> None:
+    store = short_retention_store
+    batch, _ = await store.create_batch("t1", new_batch(1, window_ms=60_000))
+    await store.finish_item("t1", batch.batch_id, 0, dead())
+    assert await store.reopen_item("t1", batch.batch_id, 0) == (
+        BatchState.IN_PROGRESS,
+        ItemState.QUEUED,
+    )
+    finished, _ = await store.create_batch("t1", new_batch(1))
+    await store.finish_item("t1", finished.batch_id, 0, done())
+    await _until_gone(store, "t1", finished.batch_id)
+    kept = await store.get_batch("t1", batch.batch_id)
+    assert kept is not None and kept.counts.queued == 1
