@@ -36,6 +36,8 @@ SDK_PACKAGE = "aorkestra._proto"
 SDK_FOLDERS = ("orchestrator/v1", "orchestrator/admin/v1")
 # A generated module importing another generated module: `from orchestrator.v1 import x_pb2`.
 _GENERATED_IMPORT = re.compile(r"^from ((?:orchestrator)(?:\.\w+)*) import ", re.MULTILINE)
+# The module name protobuf gives the message classes (their __module__, used by pickle).
+_MODULE_NAME = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')(orchestrator\.)")
 
 
 def generate(out: Path, folders: tuple[str, ...] | None = None) -> None:
@@ -79,6 +81,7 @@ def generate_sdk(out: Path) -> None:
     for module in sorted([*out.rglob("*.py"), *out.rglob("*.pyi")]):
         text = module.read_text()
         rewritten = _GENERATED_IMPORT.sub(rf"from {SDK_PACKAGE}.\1 import ", text)
+        rewritten = _MODULE_NAME.sub(rf"\1{SDK_PACKAGE}.\2", rewritten)
         if rewritten != text:
             module.write_text(rewritten)
     (out / "__init__.py").write_text(

@@ -30,7 +30,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aorchestrator/v
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.chat_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aorkestra._proto.orchestrator.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BUSYPOLICY']._serialized_start=1980

@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/v1/t
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.task_update_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aorkestra._proto.orchestrator.v1.task_update_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NOTICEEVENT']._serialized_start=973
