@@ -222,3 +222,23 @@ def test_interactive_chat_ends_on_ctrl_d(server: ServerProcess) -> None:
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def readme_python_snippet() -> str:
+    """The ```python block of the README's "Talk to it" section."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Talk to it", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_sdk_snippet_runs_as_written(server: ServerProcess) -> None:
+    snippet = readme_python_snippet().replace("localhost:50051", server.address)
+    body = "\n".join(f"    {line}" for line in snippet.splitlines() if line.strip())
+    program = f"import asyncio\n\nasync def main() -> None:\n{body}\n\nasyncio.run(main())\n"
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    kinds = [line.split()[0] for line in done.stdout.splitlines()]
+    assert kinds[0] == "accepted"
+    assert kinds[-1] == "completed"

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from aorkestra import AsyncClient, BatchProgress, read_jsonl
+from aorkestra import AsyncClient, BatchProgress, RetryNotice, RetryPolicy, read_jsonl
 from aorkestra._proto.orchestrator.v1 import batch_pb2
+from domain.identity import Role
 from tests.sdk.conftest import Platform, start_platform
+from tests.support.keys import api_key_for
+from tests.support.tcp_proxy import DroppingProxy
 
 
 @pytest.fixture
@@ -86,3 +89,32 @@ async def test_a_cancelled_batch_ends_cancelled(backend_url: str | None) -> None
             final = await client.batches.wait(batch.batch_id, poll_s=0.05)
         assert final.state == batch_pb2.BATCH_STATE_CANCELLED
         assert final.counts.cancelled > 0
+
+
+async def test_results_continue_after_a_dropped_connection_without_loss_or_duplicate(
+    backend_url: str | None,
+) -> None:
+    async with start_platform(backend_url, batch_worker_enabled=True, step_delay_s=0.1) as slow:
+        proxy = DroppingProxy(slow.address)
+        address = await proxy.start()
+        notices: list[RetryNotice] = []
+        try:
+            async with AsyncClient(
+                address,
+                api_key=api_key_for("acme", Role.CLIENT),
+                retry=RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.2),
+                on_retry=notices.append,
+            ) as sdk:
+                batch = await sdk.batches.submit(ITEMS)
+                read: list[batch_pb2.BatchItemResult] = []
+                async for result in sdk.batches.results(batch.batch_id):
+                    read.append(result)
+                    if len(read) == 2:
+                        proxy.drop_all()
+        finally:
+            await proxy.stop()
+        async with slow.client() as direct:
+            everything = [r async for r in direct.batches.results(batch.batch_id)]
+    assert [r.sequence for r in read] == [r.sequence for r in everything]
+    assert len(everything) == len(ITEMS)
+    assert any(n.method == "StreamBatchResults" for n in notices)
