@@ -79,7 +79,7 @@ class Transport:
 
     # -- unary -------------------------------------------------------------------------------
 
-    def _retry_delay(
+    def retry_delay(
         self, error: OrchestratorError, attempt: int, *, safe: bool, limit: int | None
     ) -> float | None:
         policy = self.config.retry
@@ -124,7 +124,7 @@ class Transport:
                 )
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc, method)
-                delay = self._retry_delay(
+                delay = self.retry_delay(
                     error, attempt, safe=safe, limit=self.config.retry.max_attempts
                 )
                 if delay is None:

@@ -56,6 +56,12 @@ _ROLES: dict[str, int] = {
     "service": admin_pb2.API_KEY_ROLE_SERVICE,
     "admin": admin_pb2.API_KEY_ROLE_ADMIN,
 }
+_SESSION_STATES: dict[str, int] = {
+    "active": session_pb2.SESSION_STATE_ACTIVE,
+    "busy": session_pb2.SESSION_STATE_BUSY,
+    "closed": session_pb2.SESSION_STATE_CLOSED,
+    "expired": session_pb2.SESSION_STATE_EXPIRED,
+}
 BATCH_DONE = frozenset(
     {
         batch_pb2.BATCH_STATE_COMPLETED,
@@ -118,7 +124,7 @@ class Sessions:
         """One page; ``state``: active, busy, closed or expired."""
         request = session_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
         if state is not None:
-            request.state = session_pb2.SessionState.Value(f"SESSION_STATE_{state.upper()}")
+            request.state = _choice(_SESSION_STATES, state, "state")  # type: ignore[assignment]
         return await self._t.unary(
             "ListSessions", self._t.sessions.ListSessions, request, safe=True
         )
@@ -205,7 +211,7 @@ class Chat:
                 error = from_rpc_error(exc, "SendMessage")
                 if not job_id:
                     # Not accepted yet: only a refusal the server timed may be sent again.
-                    delay = self._t._retry_delay(
+                    delay = self._t.retry_delay(
                         error, attempt, safe=False, limit=self._t.config.retry.max_attempts
                     )
                     if delay is None:

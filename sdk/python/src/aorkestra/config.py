@@ -113,9 +113,10 @@ class ClientConfig:
 
     def channel_options(self) -> list[tuple[str, object]]:
         options: list[tuple[str, object]] = [
-            # Notice a silently dead connection (a killed server behind a NAT) within seconds.
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # Notice a silently dead connection under a long stream; 5 minutes is the least a
+            # gRPC server accepts by default (more frequent pings get the connection closed).
+            ("grpc.keepalive_time_ms", 300_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.keepalive_permit_without_calls", 0),
             # The SDK retries by itself, with the server's advertised delays.
             ("grpc.enable_retries", 0),

@@ -6,12 +6,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import grpc
-
-# Statuses after which the request did not take effect and may be sent again when the call is
-# safe to repeat. RESOURCE_EXHAUSTED is retried only when the server says when (RetryInfo).
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE})
-
 
 @dataclass(frozen=True)
 class RetryPolicy:
