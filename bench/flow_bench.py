@@ -4,7 +4,7 @@
    reference Query service answering at once (step delay 0, 2 deltas: 5 notices per job), on
    the orchestrator backed by Redis BESIDE a bare grpc.aio relay doing the same hops without
    Redis or auth (client -> relay SendMessage -> SubmitQuery on the same reference service ->
-   its notices back over its PublishUpdates stream into the relay -> the client). Client,
+   its notices back over its ReportUpdates stream into the relay -> the client). Client,
    servers and reference service share one event loop in this process, for both paths, so the
    ratio orchestrator/relay is the orchestrator's own cost. Target ratio >= 0.5.
 2. fan-out: the orchestrator runs as a child process (``--serve-child``); this process opens
@@ -167,7 +167,8 @@ def relay_event(session_id: str, job_id: str, notice: Any) -> chat_pb2.ChatEvent
 
 
 class NoticeQueues(task_update_pb2_grpc.TaskUpdateServiceServicer):
-    """A bare relay's PublishUpdates: each notice into the queue of its job, if one waits."""
+    """A bare relay's PublishUpdates and ReportUpdates: each notice into the queue of its job,
+    if one waits."""
 
     def __init__(self) -> None:
         self._waiting: dict[str, asyncio.Queue[task_update_pb2.PublishUpdatesRequest]] = {}
@@ -195,6 +196,29 @@ class NoticeQueues(task_update_pb2_grpc.TaskUpdateServiceServicer):
                 accepted += 1
                 queue.put_nowait(notice)
         return task_update_pb2.PublishUpdatesResponse(received=received, accepted=accepted)
+
+    async def ReportUpdates(
+        self, request_iterator: AsyncIterator[task_update_pb2.ReportUpdatesRequest], context: Any
+    ) -> AsyncIterator[task_update_pb2.ReportUpdatesResponse]:
+        """The acknowledged form (the reference reporter's): each notice answered at once."""
+        index = 0
+        async for request in request_iterator:
+            notice = request.notice
+            queue = self._waiting.get(notice.job_id)
+            if queue is not None:
+                queue.put_nowait(notice)
+            yield task_update_pb2.ReportUpdatesResponse(
+                index=index,
+                job_id=notice.job_id,
+                sequence=notice.sequence,
+                verdict=task_update_pb2.NOTICE_VERDICT_ACCEPTED
+                if queue is not None
+                else task_update_pb2.NOTICE_VERDICT_REJECTED,
+                reason=task_update_pb2.REJECT_REASON_UNSPECIFIED
+                if queue is not None
+                else task_update_pb2.REJECT_REASON_UNKNOWN_JOB,
+            )
+            index += 1
 
 
 class BareRelay(chat_pb2_grpc.ChatServiceServicer, NoticeQueues):

@@ -6,7 +6,7 @@ Two shapes, each a closed loop of SendMessage until the final event at a fixed c
 - ``tool_agent``: sessions on ``tool-bot`` of tenant ``demo``, a message that makes the agent
   call the calculator and the clock. The plan: load the agent (Agent Management, cached) ->
   ListHistory (Conversation) -> ResolveTools (Tool Registry) -> StartRun (Agent Execution,
-  which reports tool calls, deltas and the completion over PublishUpdates) -> AppendTurns
+  which reports tool calls, deltas and the completion over ReportUpdates) -> AppendTurns
   (Conversation) -> the final ``completed`` event.
 - ``llm``: sessions on ``support-bot``: GetAgent -> ListHistory -> SubmitQuery (Query) ->
   AppendTurns -> ``completed``. Its figure must not fall because of the plan machinery.
@@ -21,7 +21,7 @@ reference services in the same event loop (as ``make run`` embeds them), with st
 - the bare relay (:class:`PlanRelay`): SessionService.CreateSession into a dict, SendMessage
   making the plan's hops one after the other with plain generated stubs (GetAgent on every
   chat: no cache, no Redis, no auth, no interceptors), the notices back over its own
-  PublishUpdates into a queue per job, relayed to the client as chat events, then AppendTurns
+  ReportUpdates into a queue per job, relayed to the client as chat events, then AppendTurns
   and the final event.
 
 This process only drives the clients. Rounds alternate the order of the servers (relay first,

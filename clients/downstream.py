@@ -18,6 +18,7 @@ from domain.agents import ToolDefinition
 from domain.conversation import Turn, TurnRole
 from domain.dispatch import CallContext, WorkRequest
 from domain.models import Service, WorkKind
+from domain.ports.tracing import NO_TRACING, SpanKind, Tracing
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from query.v1 import query_pb2, query_pb2_grpc
 from tools.v1 import tools_pb2
@@ -73,21 +74,40 @@ class DownstreamConfig:
         return configured or self.query_address
 
 
-def call_metadata(ctx: CallContext) -> tuple[tuple[str, str], ...]:
-    """Tenant, request id and (when present) W3C trace context for every downstream call."""
+def call_metadata(ctx: CallContext, traceparent: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Tenant, request id and (when present) W3C trace context for every downstream call:
+    ``traceparent`` (the call's client span), else the context's."""
     metadata = [("x-tenant-id", ctx.tenant_id), ("x-request-id", ctx.request_id)]
-    if ctx.traceparent:
-        metadata.append(("traceparent", ctx.traceparent))
+    traceparent = traceparent or ctx.traceparent
+    if traceparent:
+        metadata.append(("traceparent", traceparent))
     return tuple(metadata)
+
+
+# The full gRPC service name of each downstream service (span names and attributes).
+_GRPC_SERVICES = {
+    Service.QUERY: "query.v1.QueryService",
+    Service.EMBEDDING: "embedding.v1.EmbeddingService",
+    Service.AGENT_EXECUTION: "agent_execution.v1.AgentExecutionService",
+    Service.WORKFLOW_ENGINE: "workflow.v1.WorkflowEngineService",
+    Service.CONVERSATION: "conversation.v1.ConversationService",
+    Service.AGENT_MANAGEMENT: "agents.v1.AgentManagementService",
+    Service.TOOL_REGISTRY: "tools.v1.ToolRegistryService",
+}
 
 
 class ServiceCaller:
     """One long-lived channel per downstream address (opened on first use, shared by the
     services behind it) and unary calls with the shared deadline, metadata, retry and error
-    mapping (clients.retry)."""
+    mapping (clients.retry). With tracing on, each logical call (its retries included) is an
+    OpenTelemetry client span ``<package.Service>/<Method>`` in the trace of the call's
+    context (``CallContext.traceparent``), and the service gets that span as its parent."""
 
-    def __init__(self, config: DownstreamConfig) -> None:
+    def __init__(self, config: DownstreamConfig, tracing: Tracing = NO_TRACING) -> None:
         self.config = config
+        self.tracing = tracing
+        # Read once: with tracing off a call costs one attribute check more.
+        self._traced = tracing.enabled
         # At least one attempt, whatever the configuration says.
         self._policy = replace(config.retry, max_attempts=max(1, config.retry.max_attempts))
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -115,8 +135,31 @@ class ServiceCaller:
     ) -> Resp:
         """One logical call (``name`` on ``service``), retried within the caller's budget.
         Raises domain.dispatch.DownstreamError (its ``__cause__`` is the last gRPC error)."""
-        metadata = call_metadata(ctx)
+        if not self._traced:
+            return await self._unary(service, name, method, request, ctx, call_metadata(ctx))
+        grpc_service = _GRPC_SERVICES[service]
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": grpc_service,
+            "rpc.method": name,
+            "server.address": self.config.address(service),
+            "orchestrator.tenant": ctx.tenant_id,
+        }
+        with self.tracing.job_span(
+            f"{grpc_service}/{name}", ctx.traceparent, kind=SpanKind.CLIENT, attributes=attributes
+        ) as traceparent:
+            metadata = call_metadata(ctx, traceparent)
+            return await self._unary(service, name, method, request, ctx, metadata)
 
+    async def _unary(
+        self,
+        service: Service,
+        name: str,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        ctx: CallContext,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> Resp:
         async def attempt(attempt_s: float) -> Resp:
             return await method(request, timeout=attempt_s, metadata=metadata)
 
@@ -194,9 +237,9 @@ class _JobService:
 class GrpcDispatcher:
     """Hands work to the service that runs it and cancels it there."""
 
-    def __init__(self, config: DownstreamConfig) -> None:
+    def __init__(self, config: DownstreamConfig, tracing: Tracing = NO_TRACING) -> None:
         self.config = config
-        self.caller = ServiceCaller(config)
+        self.caller = ServiceCaller(config, tracing)
 
     async def submit(self, work: WorkRequest, ctx: CallContext) -> str:
         """Start the work under ``work.job_id``; retrying is safe because the id is fixed."""

@@ -17,6 +17,7 @@ from domain.agents import AgentConfig, AgentKind, AgentLimits, ToolDefinition
 from domain.conversation import HistoryPage, HistoryWindow, Turn
 from domain.dispatch import CallContext, DownstreamError
 from domain.models import Service
+from domain.ports.tracing import NO_TRACING, Tracing
 from tools.v1 import tools_pb2, tools_pb2_grpc
 
 _AGENT_KINDS = {
@@ -219,9 +220,10 @@ class PlatformClients:
     caller: ServiceCaller
 
     @classmethod
-    def connect(cls, config: DownstreamConfig) -> PlatformClients:
-        """The clients of the services ``config`` names; channels open on first use."""
-        caller = ServiceCaller(config)
+    def connect(cls, config: DownstreamConfig, tracing: Tracing = NO_TRACING) -> PlatformClients:
+        """The clients of the services ``config`` names; channels open on first use; a
+        client span per call with tracing on."""
+        caller = ServiceCaller(config, tracing)
         return cls(
             agents=GrpcAgentDirectory(caller),
             conversation=GrpcConversationStore(caller),

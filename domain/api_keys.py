@@ -20,13 +20,13 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from domain.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from domain.identity import Role
 from domain.ids import is_tenant_id
-from domain.models import Page, page_limit
+from domain.models import Page, Service, page_limit
 from domain.ports.api_keys import ApiKey, ApiKeyStore
 
 KEY_PREFIX = "ao_"
@@ -67,7 +67,9 @@ def parse_key(api_key: str) -> tuple[str, str]:
     return key_id, secret
 
 
-def new_key(tenant_id: str, role: Role, description: str) -> IssuedKey:
+def new_key(
+    tenant_id: str, role: Role, description: str, services: frozenset[Service] = frozenset()
+) -> IssuedKey:
     """Generate a key with a random id and secret (not yet stored)."""
     key_id = secrets.token_hex(KEY_ID_BYTES)
     secret = secrets.token_urlsafe(SECRET_BYTES)
@@ -77,18 +79,45 @@ def new_key(tenant_id: str, role: Role, description: str) -> IssuedKey:
         role=role,
         description=description,
         secret_sha256=hash_secret(secret),
+        services=services,
     )
     return IssuedKey(format_key(key_id, secret), record)
 
 
-def record_for_plaintext(api_key: str, tenant_id: str, role: Role, description: str) -> ApiKey:
+def record_for_plaintext(
+    api_key: str,
+    tenant_id: str,
+    role: Role,
+    description: str,
+    services: Sequence[Service | None] = (),
+) -> ApiKey:
     """The stored record for a key given in plaintext (configuration files, bootstrap keys)."""
     try:
         key_id, secret = parse_key(api_key)
     except Unauthenticated:
         raise InvalidArgument.field("api_key", "must look like ao_<key_id>_<secret>") from None
     validate_owner(tenant_id, role.value, description)
-    return ApiKey(key_id, tenant_id, role, description, hash_secret(secret))
+    spoken = validate_services(role, services)
+    return ApiKey(key_id, tenant_id, role, description, hash_secret(secret), services=spoken)
+
+
+def validate_services(role: Role, services: Sequence[Service | None]) -> frozenset[Service]:
+    """The services a key speaks for, as given at creation: only a service key lists any,
+    each known service at most once (None stands for an unspecified or unknown one). Empty
+    means a legacy service key that speaks for every service. The list is bounded by the
+    enum: a longer one must repeat a service."""
+    if services and role is not Role.SERVICE:
+        raise InvalidArgument.field(
+            "services", f"only a service key speaks for services, not a {role.value} key"
+        )
+    seen: set[Service] = set()
+    for index, service in enumerate(services):
+        if service is None:
+            raise InvalidArgument.field(f"services[{index}]", "must be a known service")
+        if service in seen:
+            raise InvalidArgument.field(f"services[{index}]", f"{service.value} is listed twice")
+        seen.add(service)
+    return frozenset(seen)
 
 
 def validate_owner(tenant_id: str, role: str, description: str) -> Role:
@@ -140,11 +169,19 @@ class ApiKeyManager:
         # cannot fill it.
         self._digests: dict[str, tuple[str, str]] = {}
 
-    async def create(self, tenant_id: str, role: str, description: str) -> IssuedKey:
-        """A new key for ``tenant_id`` with ``role``; the plaintext is in the result only."""
+    async def create(
+        self,
+        tenant_id: str,
+        role: str,
+        description: str,
+        services: Sequence[Service | None] = (),
+    ) -> IssuedKey:
+        """A new key for ``tenant_id`` with ``role``; the plaintext is in the result only.
+        ``services``: what a service key speaks for (validate_services)."""
         parsed = validate_owner(tenant_id, role, description)
+        spoken = validate_services(parsed, services)
         for _ in range(CREATE_ATTEMPTS):  # a 64-bit random id practically never collides
-            issued = new_key(tenant_id, parsed, description)
+            issued = new_key(tenant_id, parsed, description, spoken)
             stored = await self._store.add_key(issued.record)
             if stored is not None:
                 return IssuedKey(issued.api_key, stored)

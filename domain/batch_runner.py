@@ -28,6 +28,7 @@ from domain.ids import derived_id
 from domain.jobs import EventKind, IfBusy, SessionEvent
 from domain.ports.batches import BatchStore
 from domain.ports.queue import WorkItem
+from domain.ports.tracing import NO_TRACING, AttributeValue, SpanKind, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,36 @@ class FollowInterrupted(Exception):
 
 
 class BatchRunner:
-    """The work queue handler for batch items."""
+    """The work queue handler for batch items. Each delivery is a consumer span in the trace
+    of the call that submitted the batch; the item's job is accepted (and runs) under it."""
 
-    def __init__(self, store: BatchStore, manager: BatchManager, chat: ChatOrchestrator) -> None:
+    def __init__(
+        self,
+        store: BatchStore,
+        manager: BatchManager,
+        chat: ChatOrchestrator,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         self._store = store
         self._manager = manager
         self._chat = chat
+        self._tracing = tracing
 
     async def handle(self, item: WorkItem) -> bytes:
         spec: dict[str, Any] = json.loads(item.payload)
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "orchestrator",
+            "messaging.operation": "process",
+            "messaging.destination.name": "batch",
+            "messaging.message.id": item.item_id,
+            "orchestrator.deliveries": item.deliveries,
+        }
+        with self._tracing.job_span(
+            "batch process", spec.get("tp"), kind=SpanKind.CONSUMER, attributes=attributes
+        ) as traceparent:
+            return await self._handle(item, spec, traceparent)
+
+    async def _handle(self, item: WorkItem, spec: dict[str, Any], traceparent: str | None) -> bytes:
         tenant_id, batch_id, index = spec["tenant"], spec["batch"], int(spec["index"])
         redelivery = item.deliveries > 1
         if not await self._store.start_item(tenant_id, batch_id, index, redelivery=redelivery):
@@ -95,7 +117,11 @@ class BatchRunner:
         if kind is not ItemKind.CHAT_MESSAGE:
             batch = await self._store.get_batch(tenant_id, batch_id)
             session_id = batch.session_id if batch is not None else ""
-        ctx = CallContext(tenant_id=tenant_id, request_id=spec.get("request_id") or batch_id)
+        ctx = CallContext(
+            tenant_id=tenant_id,
+            request_id=spec.get("request_id") or batch_id,
+            traceparent=traceparent,
+        )
         message = ChatMessage(
             session_id=session_id,
             content=spec["content"],

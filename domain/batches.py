@@ -157,23 +157,30 @@ def _item_violations(item: ItemInput, seen: set[str]) -> list[tuple[str, str]]:
     return problems
 
 
-def encode_item(tenant_id: str, batch_id: str, spec: BatchItemSpec, request_id: str) -> bytes:
-    """The work queue payload of an item."""
-    return json.dumps(
-        {
-            "tenant": tenant_id,
-            "batch": batch_id,
-            "index": spec.index,
-            "custom_id": spec.custom_id,
-            "kind": spec.kind.value,
-            "content": spec.content,
-            "session": spec.session_id,
-            "model": spec.model,
-            "collections": list(spec.collections),
-            "request_id": request_id,
-        },
-        separators=(",", ":"),
-    ).encode()
+def encode_item(
+    tenant_id: str,
+    batch_id: str,
+    spec: BatchItemSpec,
+    request_id: str,
+    traceparent: str | None = None,
+) -> bytes:
+    """The work queue payload of an item (``traceparent``: the trace context of the call that
+    submitted the batch, which the item's run continues)."""
+    payload = {
+        "tenant": tenant_id,
+        "batch": batch_id,
+        "index": spec.index,
+        "custom_id": spec.custom_id,
+        "kind": spec.kind.value,
+        "content": spec.content,
+        "session": spec.session_id,
+        "model": spec.model,
+        "collections": list(spec.collections),
+        "request_id": request_id,
+    }
+    if traceparent:
+        payload["tp"] = traceparent
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def encode_page_token(batch_id: str, state: BatchState | None) -> str:
@@ -260,7 +267,7 @@ class BatchManager:
                 item_id=f"{batch_id}/{spec.index}",
                 tenant_id=tenant_id,
                 kind=WORK_KIND,
-                payload=encode_item(tenant_id, batch_id, spec, ctx.request_id),
+                payload=encode_item(tenant_id, batch_id, spec, ctx.request_id, ctx.traceparent),
                 priority=sub.priority,
                 batch_id=batch_id,
             )

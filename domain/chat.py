@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.agents import AgentConfig
@@ -76,6 +76,7 @@ from domain.plans import OrchestrationPlan
 from domain.ports.events import EventLog, Feed
 from domain.ports.jobs import JobStore
 from domain.ports.queue import QueuePriority, WorkQueue
+from domain.ports.tracing import NO_TRACING, AttributeValue, Tracing
 from domain.queued_chat import QueuedChat
 from domain.sessions import SessionManager, require_session_id
 from domain.usage import TokenBudget
@@ -149,10 +150,14 @@ class ChatOrchestrator:
         idle_check_s: float = 30.0,
         platform: PlanPorts | None = None,
         plan_retry: RetryPolicy | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """``queue`` is the ``chat`` work queue that queued jobs go through; without one,
         background messages are refused and busy sessions run messages side by side.
-        ``platform``: the services plans call; without them a message is one call."""
+        ``platform``: the services plans call; without them a message is one call.
+        ``tracing``: the hand-offs and finalizes are spans in their job's trace (the job
+        stores the trace context it was accepted under, ``CallContext.traceparent``)."""
+        self._tracing = tracing
         self._sessions = sessions
         self._jobs = jobs
         self._events = events
@@ -191,6 +196,7 @@ class ChatOrchestrator:
             priority=message.priority,
             plan=plan,
             agent=agent,
+            traceparent=ctx.traceparent,
         )
         if_busy = message.if_busy
         if if_busy is IfBusy.HOLD and self._queue is None:
@@ -242,8 +248,10 @@ class ChatOrchestrator:
         keep_final: bool = False,
         plan: OrchestrationPlan | None = None,
         agent: AgentConfig | None = None,
+        traceparent: str | None = None,
     ) -> NewJob:
-        """The job a message asks for on its (open) session."""
+        """The job a message asks for on its (open) session, in the trace of ``traceparent``
+        (the accepting call's)."""
         cache = self._cache
         cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
         return NewJob(
@@ -262,6 +270,7 @@ class ChatOrchestrator:
             priority=priority,
             plan=plan,
             agent=agent,
+            traceparent=traceparent or "",
         )
 
     def _follower(self, feed: Feed, tenant_id: str, session_id: str) -> SessionFollower:
@@ -336,12 +345,19 @@ class ChatOrchestrator:
                 exc,
             )
 
-    async def run_queued(self, queued: QueuedChat) -> SessionEvent | None:
+    async def run_queued(
+        self, queued: QueuedChat, traceparent: str | None = None
+    ) -> SessionEvent | None:
         """Run a queued job when its turn comes and return its final event (the ``chat`` work
         queue's handler, via domain.queued_chat). None when there was nothing to run: the job
-        already ended, or it is unknown."""
+        already ended, or it is unknown. ``traceparent``: the trace context its turn runs
+        under (the worker's span; default: the job's own)."""
         tenant_id, job_id = queued.tenant_id, queued.job.job_id
-        ctx = CallContext(tenant_id=tenant_id, request_id=queued.job.request_id)
+        ctx = CallContext(
+            tenant_id=tenant_id,
+            request_id=queued.job.request_id,
+            traceparent=traceparent or queued.job.traceparent or None,
+        )
         async with self._events.subscribe(tenant_id, queued.job.session_id) as feed:
             while True:
                 outcome = await self._jobs.activate_job(tenant_id, job_id, self._limits)
@@ -433,10 +449,19 @@ class ChatOrchestrator:
         """Launch the job holding its hand-off lease, then mark the hand-off done. A hand-off
         that cannot finish (the registry unreachable, an unexpected error, this process
         stopping) leaves the lease to run out: any process's recovery then redoes it."""
+        attributes: dict[str, AttributeValue] = {
+            "orchestrator.job_id": job.job_id,
+            "orchestrator.service": job.service.value,
+            "orchestrator.attempt": attempt,
+        }
         try:
-            await self._leases.holding(
-                ctx.tenant_id, job.job_id, self._launch(ctx, job, outputs, deadline_ms)
-            )
+            with self._tracing.job_span(
+                "hand over job", ctx.traceparent, attributes=attributes
+            ) as traceparent:
+                ctx = replace(ctx, traceparent=traceparent)
+                await self._leases.holding(
+                    ctx.tenant_id, job.job_id, self._launch(ctx, job, outputs, deadline_ms)
+                )
         except asyncio.CancelledError:
             log.warning(
                 "hand-off of job %s to the %s service interrupted by shutdown; another process "
@@ -501,7 +526,11 @@ class ChatOrchestrator:
                 claim.attempt,
                 self._limits.handoff_attempts,
             )
-            ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
+            ctx = CallContext(
+                tenant_id=claim.tenant_id,
+                request_id=job.request_id,
+                traceparent=job.traceparent or None,
+            )
             self._hand_off_soon(
                 ctx, job, claim.attempt, claim.outputs, deadline_ms=claim.deadline_ms
             )
@@ -542,8 +571,18 @@ class ChatOrchestrator:
     async def _finalize(self, claim: HandoffClaim) -> None:
         assert self._plans is not None
         job = claim.job
+        attributes: dict[str, AttributeValue] = {
+            "orchestrator.job_id": job.job_id,
+            "orchestrator.attempt": claim.attempt,
+        }
         try:
-            await self._leases.holding(claim.tenant_id, job.job_id, self._plans.finalize(claim))
+            # In the job's trace: under the span of the notice that made the job FINISHING
+            # when it runs in that notice's task (its span is current), else under the job's.
+            with self._tracing.job_span(
+                "finalize job", job.traceparent or None, attributes=attributes
+            ) as traceparent:
+                finalizing = self._plans.finalize(claim, traceparent)
+                await self._leases.holding(claim.tenant_id, job.job_id, finalizing)
         except asyncio.CancelledError:
             log.warning(
                 "finalize of job %s interrupted by shutdown; another process finalizes it when "
@@ -662,6 +701,7 @@ class ChatOrchestrator:
                     keep_final=True,
                     plan=plan,
                     agent=agent,
+                    traceparent=ctx.traceparent,
                 )
                 started = await self._jobs.start_job(
                     tenant_id, new, self._limits, if_busy=IfBusy.RUN

@@ -192,6 +192,10 @@ class NewJob:
     # configuration it was made from (what the run needs: model, prompt, tools, limits).
     plan: OrchestrationPlan | None = None
     agent: AgentConfig | None = None
+    # The W3C trace context the job was accepted under (the accepting RPC's server span with
+    # tracing on, else the caller's traceparent; '' for none): work done for the job later,
+    # in any process, continues its trace (domain.ports.tracing).
+    traceparent: str = ""
 
     def recorded(
         self, tenant_id: str, now_ms: int, limits: JobLimits, *, queued: bool = False
@@ -218,6 +222,7 @@ class NewJob:
             keep_final=self.keep_final,
             plan=self.plan,
             agent=self.agent,
+            traceparent=self.traceparent,
         )
 
 
@@ -250,6 +255,8 @@ class Job:
     # When its service completed the work and it turned FINISHING (0: it never did); kept
     # once it ends: ``plan_of`` settles the calls after the work by it.
     finishing_ms: int = 0
+    # The trace context it was accepted under (NewJob.traceparent).
+    traceparent: str = ""
 
     def handed_again(self, content: str, collections: Sequence[str]) -> NewJob:
         """This job to hand to its service again, with the parts of its message the record
@@ -267,6 +274,7 @@ class Job:
             collections=tuple(collections),
             plan=self.plan,
             agent=self.agent,
+            traceparent=self.traceparent,
         )
 
 
@@ -447,6 +455,8 @@ class NoticeOutcome:
     # A completed notice turned the job FINISHING (no event yet): the finalize to run, claimed
     # for the process that applied the notice (it holds the finalize lease).
     finishing: HandoffClaim | None = None
+    # An accepted notice's job's trace context (NewJob.traceparent; '' for none).
+    traceparent: str = ""
 
 
 class IfBusy(enum.StrEnum):

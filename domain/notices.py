@@ -11,12 +11,14 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import DataLoss
+from domain.identity import Caller
 from domain.ids import is_resource_id, is_tenant_id
 from domain.jobs import (
     HandoffClaim,
@@ -29,6 +31,7 @@ from domain.jobs import (
 )
 from domain.models import Service, TokenUsage
 from domain.ports.jobs import JobStore
+from domain.ports.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -348,9 +351,14 @@ class NoticeProcessor:
         metrics: NoticeMetrics | None = None,
         on_agent_changed: AgentChangedHook | None = None,
         on_finishing: Callable[[HandoffClaim], None] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """``on_finishing`` starts the finalize of a job a completed notice made FINISHING
-        (domain.chat.ChatOrchestrator.finalize_soon): this process holds its lease."""
+        (domain.chat.ChatOrchestrator.finalize_soon): this process holds its lease.
+        ``tracing``: each accepted notice is a span in its job's trace (the store answers
+        with the job's trace context), and what it starts (the finalize) runs under it."""
+        self._tracing = tracing
+        self._traced = tracing.enabled  # read once: tracing off costs one check per notice
         self._jobs = jobs
         self._on_finishing = on_finishing
         self._limits = limits
@@ -358,11 +366,13 @@ class NoticeProcessor:
         self._metrics = metrics
         self.on_agent_changed = on_agent_changed
 
-    async def process_many(self, raws: list[NoticeInput]) -> list[NoticeOutcome]:
+    async def process_many(
+        self, raws: list[NoticeInput], caller: Caller | None
+    ) -> list[NoticeOutcome]:
         """Apply notices that arrived together: those about one job in order, different jobs
         concurrently. Outcomes come back in the order of ``raws``."""
         if len(raws) == 1:
-            return [await self.process(raws[0])]
+            return [await self.process(raws[0], caller)]
         by_job: dict[str, list[int]] = {}
         for index, raw in enumerate(raws):
             by_job.setdefault(raw.job_id, []).append(index)
@@ -370,7 +380,7 @@ class NoticeProcessor:
 
         async def run(indexes: list[int]) -> None:
             for index in indexes:
-                outcomes[index] = await self.process(raws[index])
+                outcomes[index] = await self.process(raws[index], caller)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -380,20 +390,58 @@ class NoticeProcessor:
             raise failed.exceptions[0] from None
         return [outcome for outcome in outcomes if outcome is not None]
 
-    async def process(self, raw: NoticeInput) -> NoticeOutcome:
-        outcome = await self._process(raw)
+    async def process(self, raw: NoticeInput, caller: Caller | None) -> NoticeOutcome:
+        """Judge and apply one notice sent by ``caller``: a notice for a service the caller's
+        key does not speak for (Caller.speaks_for) is WRONG_SERVICE, decided before the store
+        is read, so it never reveals whether the job exists. ``caller`` None skips that check
+        (callers inside the process, tests)."""
+        outcome = await self._process(raw, caller)
         if self._metrics is not None:
             self._metrics.record_notice(outcome.verdict.value)
         return outcome
 
-    async def _process(self, raw: NoticeInput) -> NoticeOutcome:
+    async def _process(self, raw: NoticeInput, caller: Caller | None) -> NoticeOutcome:
         if raw.event is NoticeEvent.AGENT_CHANGED:
-            return await self._agent_changed(raw)
+            return await self._agent_changed(raw, caller)
         try:
             notice = validate_notice(raw)
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
+        refused = _not_spoken_for(caller, notice.service)
+        if refused is not None:
+            log.info(
+                "notice rejected: wrong_service (key %s does not speak for %s; job %s)",
+                refused,
+                notice.service.value,
+                notice.job_id,
+            )
+            return NoticeOutcome(
+                Verdict.WRONG_SERVICE,
+                detail=f"service: the API key {refused} does not speak for {notice.service.value}",
+            )
+        if not self._traced:
+            outcome = await self._jobs.apply_notice(notice, self._limits)
+            await self._applied(notice, outcome)
+            return outcome
+        start_ns = time.time_ns()
         outcome = await self._jobs.apply_notice(notice, self._limits)
+        if not outcome.traceparent:  # rejected, or a job accepted without a trace
+            await self._applied(notice, outcome)
+            return outcome
+        attributes = {
+            "orchestrator.job_id": notice.job_id,
+            "orchestrator.service": notice.service.value,
+            "orchestrator.notice_sequence": notice.sequence,
+        }
+        with self._tracing.record_span(
+            f"notice {notice.event.value}", outcome.traceparent, start_ns, attributes=attributes
+        ):
+            await self._applied(notice, outcome)
+        return outcome
+
+    async def _applied(self, notice: Notice, outcome: NoticeOutcome) -> None:
+        """What follows a notice the store applied: the finalize it starts, the tokens counted,
+        the embedding cache filled; a rejection logged."""
         if outcome.finishing is not None and self._on_finishing is not None:
             self._on_finishing(outcome.finishing)
         if outcome.verdict is Verdict.ACCEPTED and notice.event is NoticeEvent.COMPLETED:
@@ -409,13 +457,19 @@ class NoticeProcessor:
                 notice.tenant_id,
                 notice.service.value,
             )
-        return outcome
 
-    async def _agent_changed(self, raw: NoticeInput) -> NoticeOutcome:
+    async def _agent_changed(self, raw: NoticeInput, caller: Caller | None) -> NoticeOutcome:
         try:
             change = validate_agent_change(raw)
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
+        refused = _not_spoken_for(caller, Service.AGENT_MANAGEMENT)
+        if refused is not None:
+            log.info("agent_changed rejected: key %s does not speak for agent_management", refused)
+            return NoticeOutcome(
+                Verdict.WRONG_SERVICE,
+                detail=f"service: the API key {refused} does not speak for agent_management",
+            )
         log.info("agent %s of tenant %s changed", change.agent_id, change.tenant_id)
         if self.on_agent_changed is not None:
             await self.on_agent_changed(change.tenant_id, change.agent_id)
@@ -432,3 +486,11 @@ class NoticeProcessor:
             return
         if job is not None and job.cache_key:
             await cache.fill(notice.tenant_id, job.cache_key, result)
+
+
+def _not_spoken_for(caller: Caller | None, service: Service) -> str | None:
+    """The caller's key id (or "of this caller" for a test caller without one) when the caller
+    does not speak for ``service``; None when it does or no caller is given."""
+    if caller is None or caller.speaks_for(service):
+        return None
+    return caller.key_id or "of this caller"

@@ -344,20 +344,21 @@ class PlanRunner:
 
     # -- after the work -------------------------------------------------------------------------
 
-    async def finalize(self, claim: HandoffClaim) -> None:
+    async def finalize(self, claim: HandoffClaim, traceparent: str | None = None) -> None:
         """Append the job's turns (once, by job id), then complete it with its stored result:
         the append and one round trip, the finish. Nothing is recorded around the append:
         GetTask's plan (domain.jobs.plan_of) shows the work done and the append running while
         the job is FINISHING, and both done once it completed; the completed event tells the
         client. An append that needed retries records its attempts before the finish; one that
         fails for good fails the job (step_failed naming append_history), recorded with the
-        failed call's plan_step event."""
+        failed call's plan_step event. ``traceparent``: the trace context of the append
+        (default: the job's)."""
         job = claim.job
         plan = job.plan
         assert plan is not None
         append = plan.call(StepName.APPEND_HISTORY)
         if append.state is not StepState.DONE:
-            plan, append = await self._append(claim, plan, append)
+            plan, append = await self._append(claim, plan, append, traceparent)
             if append.state is not StepState.DONE:
                 return  # failed for good: recorded, and the job failed
             # Retried: the attempts are worth a round trip (no event: completed follows).
@@ -371,12 +372,20 @@ class PlanRunner:
         await self._jobs.finish_job(claim.tenant_id, job.job_id, draft, self._limits)
 
     async def _append(
-        self, claim: HandoffClaim, plan: OrchestrationPlan, append: ServiceCall
+        self,
+        claim: HandoffClaim,
+        plan: OrchestrationPlan,
+        append: ServiceCall,
+        traceparent: str | None,
     ) -> tuple[OrchestrationPlan, ServiceCall]:
         """Append the job's turns: the plan and the append call as they ended (DONE, or FAILED
         with the job failed)."""
         job = claim.job
-        ctx = CallContext(tenant_id=claim.tenant_id, request_id=job.request_id)
+        ctx = CallContext(
+            tenant_id=claim.tenant_id,
+            request_id=job.request_id,
+            traceparent=traceparent or job.traceparent or None,
+        )
         deadline_ms = self._deadline(claim.deadline_ms)
         now = self._clock()
         run = plan.call(StepName.RUN)

@@ -25,6 +25,7 @@ from domain.jobs import NewJob, SessionEvent
 from domain.models import Service, WorkKind
 from domain.plans import OrchestrationPlan
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkItem
+from domain.ports.tracing import NO_TRACING, AttributeValue, SpanKind, Tracing
 
 ITEM_KIND = "chat_job"
 SKIPPED = b"skipped"
@@ -60,6 +61,8 @@ class QueuedChat:
             payload["plan"] = job.plan.to_json()
         if job.agent is not None:
             payload["agent_config"] = job.agent.to_json()
+        if job.traceparent:
+            payload["tp"] = job.traceparent
         return NewWorkItem(
             item_id=job.job_id,
             tenant_id=self.tenant_id,
@@ -86,6 +89,7 @@ class QueuedChat:
             collections=tuple(spec.get("collections") or ()),
             plan=plan,
             agent=AgentConfig.from_json(spec["agent_config"]) if spec.get("agent_config") else None,
+            traceparent=spec.get("tp", ""),
         )
         return cls(tenant_id=spec["tenant"], accepted_sequence=int(spec["seq"]), job=job)
 
@@ -99,9 +103,12 @@ def result_of(event: SessionEvent) -> bytes:
 class QueuedChatFlow(Protocol):
     """What the runner needs of the chat flow (domain.chat.ChatOrchestrator implements it)."""
 
-    async def run_queued(self, queued: QueuedChat) -> SessionEvent | None:
+    async def run_queued(
+        self, queued: QueuedChat, traceparent: str | None = None
+    ) -> SessionEvent | None:
         """Run the queued job when its turn comes and return its final event; None when there
-        was nothing to run (the job already ended, or it is unknown)."""
+        was nothing to run (the job already ended, or it is unknown). ``traceparent``: the
+        trace context its turn runs under (default: the job's)."""
         ...
 
     async def fail_queued(self, queued: QueuedChat, message: str) -> None:
@@ -110,13 +117,30 @@ class QueuedChatFlow(Protocol):
 
 
 class QueuedChatRunner:
-    """The ``chat`` work queue's handler."""
+    """The ``chat`` work queue's handler. Each delivery is a consumer span in its job's trace
+    (under the span of the call that accepted the job), and the job's turn runs under it."""
 
-    def __init__(self, chat: QueuedChatFlow) -> None:
+    def __init__(self, chat: QueuedChatFlow, tracing: Tracing = NO_TRACING) -> None:
         self._chat = chat
+        self._tracing = tracing
 
     async def handle(self, item: WorkItem) -> bytes:
-        final = await self._chat.run_queued(QueuedChat.from_item(item))
+        queued = QueuedChat.from_item(item)
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "orchestrator",
+            "messaging.operation": "process",
+            "messaging.destination.name": "chat",
+            "messaging.message.id": item.item_id,
+            "orchestrator.job_id": queued.job.job_id,
+            "orchestrator.deliveries": item.deliveries,
+        }
+        with self._tracing.job_span(
+            "chat process",
+            queued.job.traceparent or None,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        ) as traceparent:
+            final = await self._chat.run_queued(queued, traceparent)
         return SKIPPED if final is None else result_of(final)
 
     async def dead_lettered(self, item: WorkItem, error: str) -> None:

@@ -14,9 +14,15 @@ from domain.api_keys import ApiKeyManager
 from domain.identity import Role
 from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
+from handlers.audit import audited
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
-from handlers.event_converters import KIND_TO_PB, SERVICE_TO_PB, plan_step_from_data
+from handlers.event_converters import (
+    KIND_TO_PB,
+    SERVICE_TO_PB,
+    plan_step_from_data,
+    service_from_pb,
+)
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -34,6 +40,10 @@ _STATE_TO_PB = {
     ),
     JobState.FINISHING: admin_pb2.TASK_STATE_RUNNING,
 }
+
+
+def task_state_to_pb(state: JobState) -> admin_pb2.TaskState.ValueType:
+    return _STATE_TO_PB[state]
 
 
 def task_to_pb(job: Job) -> admin_pb2.Task:
@@ -98,6 +108,7 @@ def api_key_to_pb(key: ApiKey) -> admin_pb2.ApiKey:
         description=key.description,
         create_time=timestamp_from_ms(key.created_at_ms),
         revoked=key.revoked,
+        services=sorted(SERVICE_TO_PB[service] for service in key.services),
     )
     if key.revoked_at_ms is not None:
         message.revoke_time.CopyFrom(timestamp_from_ms(key.revoked_at_ms))
@@ -115,19 +126,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._queries = queries
         self._agents = agents
 
+    @audited("tenant_id")
     @unary_errors
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Ctx
     ) -> admin_pb2.CreateApiKeyResponse:
         # An unset or unknown role maps to "", which the domain refuses as InvalidArgument.
         role = _ROLE_FROM_PB.get(request.role, "")
-        issued = await self._keys.create(request.tenant_id, role, request.description)
+        # UNSPECIFIED and unknown numbers map to None, which the domain refuses naming the entry.
+        services = [service_from_pb(value) for value in request.services]
+        issued = await self._keys.create(request.tenant_id, role, request.description, services)
         return admin_pb2.CreateApiKeyResponse(
             key_id=issued.record.key_id,
             api_key=issued.api_key,
             key=api_key_to_pb(issued.record),
         )
 
+    @audited("tenant_id")
     @unary_errors
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Ctx
@@ -138,6 +153,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             next_page_token=page.next_cursor or "",
         )
 
+    @audited("key_id")
     @unary_errors
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: Ctx
@@ -145,6 +161,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         revoked = await self._keys.revoke(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_to_pb(revoked))
 
+    @audited("tenant_id", "job_id")
     @unary_errors
     async def GetTask(
         self, request: admin_pb2.GetTaskRequest, context: Ctx
@@ -152,6 +169,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         job = await self._queries.get_task(request.tenant_id, request.job_id)
         return admin_pb2.GetTaskResponse(task=task_to_pb(job))
 
+    @audited("tenant_id", "start_date", "end_date")
     @unary_errors
     async def GetTenantUsage(
         self, request: admin_pb2.GetTenantUsageRequest, context: Ctx
@@ -161,6 +179,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         return tenant_usage_to_pb(usage)
 
+    @audited("tenant_id", "agent_id")
     @unary_errors
     async def InvalidateAgent(
         self, request: admin_pb2.InvalidateAgentRequest, context: Ctx

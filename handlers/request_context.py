@@ -65,7 +65,9 @@ def valid_request_id(value: str) -> bool:
 
 def parse_traceparent(value: str | None) -> str | None:
     """The traceparent header when it is well formed, else None (an invalid one is dropped,
-    as the W3C spec asks, rather than failing the call)."""
+    as the W3C spec asks, rather than failing the call). A later version's header is read as
+    version 00 (as the spec asks) and returned as one: always 55 characters, so it can be
+    stored with a job as it is."""
     if not value:
         return None
     value = value.strip()
@@ -77,7 +79,7 @@ def parse_traceparent(value: str | None) -> str | None:
         return None
     if version == "00" and rest:
         return None
-    return value
+    return value if version == "00" else f"00-{trace_id}-{parent_id}-{_flags}"
 
 
 def bind_request_context(

@@ -23,6 +23,7 @@ from domain.errors import FieldViolation, InvalidArgument
 
 INT64_MAX = 2**63 - 1
 MAX_DURATION_S = 10 * 365 * 86400  # ten years: longer than any TTL or window a request may set
+MAX_NANOS = 999_999_999
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,8 @@ LIMITS: dict[str, Limit] = {
     # AdminService
     f"{_ADMIN}CreateApiKeyRequest.tenant_id": _TENANT,
     f"{_ADMIN}CreateApiKeyRequest.description": Limit(max_chars=256),
+    # Each service at most once (the domain refuses repeats): the enum bounds the list.
+    f"{_ADMIN}CreateApiKeyRequest.services": Limit(max_items=16),
     f"{_ADMIN}ListApiKeysRequest.tenant_id": _TENANT,
     f"{_ADMIN}ListApiKeysRequest.page_size": _PAGE_SIZE,
     f"{_ADMIN}ListApiKeysRequest.page_token": _TOKEN,
@@ -118,6 +121,33 @@ LIMITS: dict[str, Limit] = {
     f"{_ADMIN}GetTenantUsageRequest.end_date": _DATE,
     f"{_ADMIN}InvalidateAgentRequest.tenant_id": _TENANT,
     f"{_ADMIN}InvalidateAgentRequest.agent_id": _ID,
+    f"{_ADMIN}ListTasksRequest.tenant_id": _TENANT,
+    f"{_ADMIN}ListTasksRequest.states": Limit(max_items=64),
+    f"{_ADMIN}ListTasksRequest.agent_id": _ID,
+    f"{_ADMIN}ListTasksRequest.session_id": _ID,
+    f"{_ADMIN}ListTasksRequest.page_size": _PAGE_SIZE,
+    f"{_ADMIN}ListTasksRequest.page_token": _TOKEN,
+    f"{_ADMIN}GetStatsRequest.tenant_id": _TENANT,
+    f"{_ADMIN}ListDeadLettersRequest.queue": _ID,
+    f"{_ADMIN}ListDeadLettersRequest.tenant_id": _TENANT,
+    f"{_ADMIN}ListDeadLettersRequest.page_size": _PAGE_SIZE,
+    f"{_ADMIN}ListDeadLettersRequest.page_token": _TOKEN,
+    f"{_ADMIN}GetDeadLetterRequest.queue": _ID,
+    f"{_ADMIN}GetDeadLetterRequest.item_id": _ID,
+    f"{_ADMIN}RedriveDeadLetterRequest.queue": _ID,
+    f"{_ADMIN}RedriveDeadLetterRequest.item_id": _ID,
+    f"{_ADMIN}GetSessionRequest.tenant_id": _TENANT,
+    f"{_ADMIN}GetSessionRequest.session_id": _ID,
+    f"{_ADMIN}ListSessionEventsRequest.tenant_id": _TENANT,
+    f"{_ADMIN}ListSessionEventsRequest.session_id": _ID,
+    f"{_ADMIN}ListSessionEventsRequest.page_size": _PAGE_SIZE,
+    f"{_ADMIN}ListSessionEventsRequest.page_token": _TOKEN,
+    f"{_ADMIN}GetBatchRequest.tenant_id": _TENANT,
+    f"{_ADMIN}GetBatchRequest.batch_id": _ID,
+    f"{_ADMIN}RevokeTenantKeysRequest.tenant_id": _TENANT,
+    # Timestamps (ListTasks' create time range): year 1 to 9999, as the type allows.
+    "google.protobuf.Timestamp.seconds": Limit(min_value=-62135596800, max_value=253402300799),
+    "google.protobuf.Timestamp.nanos": Limit(min_value=0, max_value=MAX_NANOS),
 }
 
 _STRING = FieldDescriptor.TYPE_STRING
@@ -140,7 +170,6 @@ _NUMBERS = frozenset(
     }
 )
 DURATION = "google.protobuf.Duration"
-MAX_NANOS = 999_999_999
 
 
 def needs_limit(field: FieldDescriptor) -> bool:

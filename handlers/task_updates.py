@@ -8,11 +8,13 @@ from typing import Any
 
 import grpc
 
-from domain.jobs import Verdict
+from domain.jobs import NoticeOutcome, Verdict
+from domain.notice_stream import answer_in_order
 from domain.notices import NoticeInput, NoticeProcessor, VerdictTally
-from handlers.errors import unary_errors
+from handlers.errors import stream_errors, unary_errors
 from handlers.event_converters import notice_from_pb
 from handlers.framing import raw_request_frames
+from handlers.request_context import current_caller
 from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -47,8 +49,35 @@ def tally_to_pb(tally: VerdictTally) -> task_update_pb2.PublishUpdatesResponse:
     )
 
 
+_VERDICTS = {
+    Verdict.ACCEPTED: task_update_pb2.NOTICE_VERDICT_ACCEPTED,
+    Verdict.DUPLICATE: task_update_pb2.NOTICE_VERDICT_DUPLICATE,
+}
+
+
+def answer_to_pb(
+    index: int, raw: NoticeInput, outcome: NoticeOutcome
+) -> task_update_pb2.ReportUpdatesResponse:
+    """The ReportUpdates answer to notice ``index``."""
+    answer = task_update_pb2.ReportUpdatesResponse(
+        index=index,
+        job_id=raw.job_id,
+        sequence=raw.sequence or 0,
+        verdict=_VERDICTS.get(outcome.verdict, task_update_pb2.NOTICE_VERDICT_REJECTED),
+        detail=outcome.detail,
+    )
+    reason = _REASONS.get(outcome.verdict)
+    if reason is not None:
+        answer.reason = reason
+    if outcome.event is not None:
+        answer.event_sequence = outcome.event.sequence
+    return answer
+
+
 class TaskUpdateServicer(task_update_pb2_grpc.TaskUpdateServiceServicer):
-    """Applies each notice of the stream on its own and answers with the tally."""
+    """Applies each notice of the stream on its own and answers with the tally
+    (PublishUpdates) or notice by notice (ReportUpdates). Every notice is judged against the
+    services the caller's key speaks for."""
 
     def __init__(self, notices: NoticeProcessor) -> None:
         self._notices = notices
@@ -60,13 +89,44 @@ class TaskUpdateServicer(task_update_pb2_grpc.TaskUpdateServiceServicer):
     ) -> task_update_pb2.PublishUpdatesResponse:
         """The request frames arrive as bytes (server.decoding): each is parsed here, so a
         frame that is not a valid notice counts as malformed and the stream goes on."""
+        caller = current_caller()
         tally = VerdictTally()
         async for batch in _batches(request_iterator):
             raws = [notice_from_frame(frame) for frame in batch]
-            outcomes = await self._notices.process_many(raws)
+            outcomes = await self._notices.process_many(raws, caller)
             for raw, outcome in zip(raws, outcomes, strict=True):
                 tally.add(raw.job_id, outcome)
         return tally_to_pb(tally)
+
+    @raw_request_frames
+    @stream_errors
+    async def ReportUpdates(  # type: ignore[override]  # frames as bytes (handlers.framing)
+        self, request_iterator: AsyncIterator[bytes], context: Ctx
+    ) -> AsyncIterator[task_update_pb2.ReportUpdatesResponse]:
+        """Each notice answered as soon as it is applied, in stream order
+        (domain.notice_stream). A frame that is not a valid ReportUpdatesRequest, or carries
+        no notice, is answered as malformed and the stream goes on."""
+        caller = current_caller()
+        raws = (report_from_frame(frame) async for frame in request_iterator)
+        index = 0
+        async for raw, outcome in answer_in_order(self._notices, raws, caller):
+            yield answer_to_pb(index, raw, outcome)
+            index += 1
+
+
+def report_from_frame(frame: bytes) -> NoticeInput:
+    """One ReportUpdates request frame as a notice (malformed when it does not parse or
+    carries none)."""
+    try:
+        request = task_update_pb2.ReportUpdatesRequest.FromString(frame)
+    except Exception:  # DecodeError: truncated, invalid UTF-8, too deep, ...
+        return NoticeInput.malformed_frame(f"notice: not a valid {_REPORT_NAME}")
+    if not request.HasField("notice"):
+        return NoticeInput.malformed_frame("notice: is required")
+    return notice_from_pb(request.notice)
+
+
+_REPORT_NAME = task_update_pb2.ReportUpdatesRequest.DESCRIPTOR.full_name
 
 
 def notice_from_frame(frame: bytes) -> NoticeInput:

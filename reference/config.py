@@ -18,6 +18,18 @@ DEFAULT_PUBLISH_METADATA: tuple[tuple[str, str], ...] = (
     ("authorization", f"Bearer {DEMO_SERVICE_KEY}"),
 )
 
+# The platform services these reference services stand in for (orchestrator.v1.Service values):
+# the services a key they report with must speak for. `make run` mints its key with this list.
+REFERENCE_SERVICES: tuple[str, ...] = (
+    "query",
+    "embedding",
+    "conversation",
+    "agent_management",
+    "tool_registry",
+    "agent_execution",
+    "workflow_engine",
+)
+
 
 class ConfigError(ValueError):
     """An environment variable has a value that cannot be used."""

@@ -1,21 +1,22 @@
-"""Job notices to the orchestrator over ONE long-lived PublishUpdates stream per process.
+"""Job notices to the orchestrator over ONE long-lived ReportUpdates stream per process.
 
-``publish()`` only enqueues. A background task keeps a client-streaming call open, fed by an
-async generator reading the queue. When the call fails (orchestrator not up yet, restarted) the
-notice that was being written goes back to the front and the call is reopened with backoff.
-The last notices written (up to ``resend_window``, within ``resend_horizon_s``) on a stream
-that then broke are sent again too: gRPC has no per-message acknowledgement and the transport
-buffers thousands of small messages (HTTP/2 windows grown by BDP probing plus socket buffers:
-over 1,000 progress notices were seen lost in flight on a loaded machine), so they may have been
-lost in flight; the orchestrator treats a repeated (job, sequence) as a harmless duplicate. The
-window bounds what can be recovered; only per-notice acknowledgements would remove the bound.
+``publish()`` only enqueues. A background task keeps a bidirectional ReportUpdates call open,
+fed by an async generator reading the queue; the orchestrator answers every notice with its
+verdict as soon as it is applied, in order, so the reporter knows which notices are done. When
+the call fails (orchestrator not up yet, restarted) exactly the notices written but not yet
+answered go back to the front of the queue, in their order, with the one being written, and the
+call is reopened: an answered notice is never sent again, and one that was applied but whose
+answer was lost comes back as a harmless ``duplicate``. At most ``max_unanswered`` notices are
+written ahead of their answers (then writing waits for answers). A rejected notice is logged
+with its reason (``wrong_service``, ``job_finished``, ...) and not retried: sending it again
+would get the same answer.
 
 The target may name several orchestrator replicas, comma-separated (``host1:50051,host2:50051``),
 or a ``dns:///`` name resolving to all of them (its channel load-balances round_robin). The
 stream goes to the first address; when a call fails, the next one is opened at once, on the
-next address (or, for a dns name, on another ready replica), and the notices that may have been
-lost are resent there in their order. Backoff starts only once every address failed in a row, so
-one replica being down never holds back notices of jobs started through the others.
+next address (or, for a dns name, on another ready replica), and the unanswered notices are
+resent there in their order. Backoff starts only once every address failed in a row, so one
+replica being down never holds back notices of jobs started through the others.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import contextlib
 import json
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,6 +37,8 @@ from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
 log = logging.getLogger(__name__)
 
 Notice = task_update_pb2.PublishUpdatesRequest
+ReportRequest = task_update_pb2.ReportUpdatesRequest
+Answer = task_update_pb2.ReportUpdatesResponse
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -79,16 +82,42 @@ def channel_options(target: str) -> list[tuple[str, int | str]]:
 
 
 class _Stream:
-    """State of one PublishUpdates call: closed once the call has ended."""
+    """State of one ReportUpdates call: closed once the call has ended."""
 
     def __init__(self) -> None:
         self.closed = False
         self.in_flight: Notice | None = None
         self.written = 0
-        self.recent: deque[tuple[float, Notice]] = deque()  # (monotonic time written, notice)
+        self.answered = 0
+        self.unanswered: deque[Notice] = deque()  # written, not yet answered, in order
 
     def ended(self) -> bool:
         return self.closed
+
+
+@dataclass(slots=True)
+class AnswerCounts:
+    """The orchestrator's answers over the reporter's life: how many, and of which verdict
+    (rejections by reason, e.g. ``wrong_service``)."""
+
+    answered: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def add(self, answer: Answer) -> None:
+        self.answered += 1
+        if answer.verdict == task_update_pb2.NOTICE_VERDICT_ACCEPTED:
+            self.accepted += 1
+        elif answer.verdict == task_update_pb2.NOTICE_VERDICT_DUPLICATE:
+            self.duplicate += 1
+        else:
+            reason = _reason_name(answer.reason)
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def _reason_name(reason: task_update_pb2.RejectReason.ValueType) -> str:
+    return task_update_pb2.RejectReason.Name(reason).removeprefix("REJECT_REASON_").lower()
 
 
 class Reporter:
@@ -101,20 +130,19 @@ class Reporter:
         *,
         reconnect_base_s: float = 0.1,
         reconnect_cap_s: float = 2.0,
-        resend_window: int = 16_384,
-        resend_horizon_s: float = 60.0,
+        max_unanswered: int = 1024,
+        rejections_kept: int = 100,
     ) -> None:
         self.target = target
         self.targets = split_targets(target)
         self._metadata = tuple(metadata)
         self._reconnect_base_s = reconnect_base_s
         self._reconnect_cap_s = reconnect_cap_s
-        self._resend_window = resend_window
-        self._resend_horizon_s = resend_horizon_s
+        self._max_unanswered = max_unanswered
         self._queue: asyncio.Queue[Notice] = asyncio.Queue()
         self._retry: deque[Notice] = deque()  # notices to send again before the queue
         self._wakeup = asyncio.Event()
-        self._unwritten = 0
+        self._unanswered = 0
         self._drained = asyncio.Event()
         self._drained.set()
         self._stopping = False
@@ -122,12 +150,14 @@ class Reporter:
         self._channels: list[grpc.aio.Channel] = []
         self._current = 0  # index of the target the next stream opens on
         self.connects = 0  # streams opened, for tests and logs
-        self.last_response: task_update_pb2.PublishUpdatesResponse | None = None
+        self.counts = AnswerCounts()
+        # The latest rejected notices with their answers (for tests and operators).
+        self.rejections: deque[tuple[Notice, Answer]] = deque(maxlen=rejections_kept)
 
     @property
-    def unwritten(self) -> int:
-        """Notices published but not yet written to a stream."""
-        return self._unwritten
+    def unanswered(self) -> int:
+        """Notices published but not yet answered by the orchestrator."""
+        return self._unanswered
 
     def start(self) -> None:
         if self._task is None:
@@ -140,18 +170,19 @@ class Reporter:
     def publish(self, notice: Notice) -> None:
         """Queue a notice; never blocks."""
         self._queue.put_nowait(notice)
-        self._unwritten += 1
+        self._unanswered += 1
         self._drained.clear()
         self._wakeup.set()
 
     async def wait_drained(self, timeout_s: float | None = None) -> None:
-        """Wait until every published notice was written to a stream (TimeoutError if not)."""
+        """Wait until the orchestrator answered every published notice (TimeoutError if
+        not)."""
         async with asyncio.timeout(timeout_s):
             await self._drained.wait()
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued, close the stream and await the orchestrator's counts; give up
-        (dropping unsent notices, with a warning) after ``timeout_s``."""
+        """Send what is queued, wait for its answers and close the stream; give up (dropping
+        unanswered notices, with a warning) after ``timeout_s``."""
         if self._task is None:
             return
         self._stopping = True
@@ -160,7 +191,7 @@ class Reporter:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(self._task)
         except TimeoutError:
-            log.warning("reporter stopped with %d notice(s) unsent", self._unwritten)
+            log.warning("reporter stopped with %d notice(s) unanswered", self._unanswered)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -176,48 +207,61 @@ class Reporter:
             return self._queue.get_nowait()
         return None
 
-    async def _requests(self, stream: _Stream) -> AsyncIterator[Notice]:
-        """The request side of one call. Ends on stop once everything is written (half-close,
-        so the orchestrator answers), or silently once the call is over."""
+    async def _requests(self, stream: _Stream) -> AsyncIterator[ReportRequest]:
+        """The request side of one call. Ends on stop once everything is written (half-close:
+        the orchestrator ends the call once it answered all), or silently once the call is
+        over."""
         while not stream.closed:
-            notice = self._take()
+            notice = None
+            if len(stream.unanswered) < self._max_unanswered:
+                notice = self._take()
             if notice is None:
-                if self._stopping:
+                if self._stopping and not self._retry and self._queue.empty():
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             stream.in_flight = notice
-            yield notice
+            yield ReportRequest(notice=notice)
             # gRPC asks for the next message only after this one was written.
             if stream.ended():
                 return  # the call ended meanwhile; _requeue already took the notice back
             stream.in_flight = None
             stream.written += 1
-            stream.recent.append((time.monotonic(), notice))
-            if len(stream.recent) > self._resend_window:
-                stream.recent.popleft()
-            self._unwritten -= 1
-            if self._unwritten == 0:
-                self._drained.set()
+            stream.unanswered.append(notice)
 
-    def _requeue(self, stream: _Stream, *, lost: int) -> None:
-        """After a call ended: put the notice being written and the last ``lost`` written ones
-        back in front of the queue, in order."""
+    def _answered(self, stream: _Stream, answer: Answer) -> None:
+        """The orchestrator answered the oldest unanswered notice of the stream."""
+        if not stream.unanswered:  # never happens with a conforming orchestrator
+            log.warning("an answer to notice %d arrived for no written notice", answer.index)
+            return
+        notice = stream.unanswered.popleft()
+        stream.answered += 1
+        self.counts.add(answer)
+        if answer.verdict == task_update_pb2.NOTICE_VERDICT_REJECTED:
+            self.rejections.append((notice, answer))
+            log.warning(
+                "notice rejected: %s (job %s, sequence %d): %s",
+                _reason_name(answer.reason),
+                notice.job_id,
+                notice.sequence,
+                answer.detail,
+            )
+        self._unanswered -= 1
+        if self._unanswered == 0:
+            self._drained.set()
+        self._wakeup.set()  # room to write again
+
+    def _requeue(self, stream: _Stream) -> None:
+        """After a call ended: put the notices written but not answered, and the one being
+        written, back in front of the queue, in order."""
         stream.closed = True
         self._wakeup.set()  # let the ended call's generator see it is closed
-        again: list[Notice] = []
-        if lost > 0:
-            # Older notices were surely delivered (a dead connection is noticed well before).
-            since = time.monotonic() - self._resend_horizon_s
-            resend = [notice for at, notice in list(stream.recent)[-lost:] if at >= since]
-            again.extend(resend)
-            self._unwritten += len(resend)
+        again = list(stream.unanswered)
+        stream.unanswered.clear()
         if stream.in_flight is not None:
             again.append(stream.in_flight)
             stream.in_flight = None
-        if again:
-            self._drained.clear()
         self._retry.extendleft(reversed(again))
 
     async def _run(self) -> None:
@@ -228,28 +272,29 @@ class Reporter:
         failed_in_a_row = 0
         chances = sum(2 if t.startswith(_BALANCED_SCHEMES) else 1 for t in self.targets)
         while True:
-            if self._stopping and self._unwritten == 0:
+            if self._stopping and self._unanswered == 0:
                 return
             target = self.targets[self._current]
             stream = _Stream()
             self.connects += 1
-            call = stubs[self._current].PublishUpdates(
+            call = stubs[self._current].ReportUpdates(
                 self._requests(stream), metadata=self._metadata
             )
             try:
-                response = await call
+                async for answer in call:
+                    self._answered(stream, answer)
             except grpc.aio.AioRpcError as exc:
-                self._requeue(stream, lost=self._resend_window)
-                failed_in_a_row = 1 if stream.written else failed_in_a_row + 1
+                self._requeue(stream)
+                failed_in_a_row = 1 if stream.answered else failed_in_a_row + 1
                 # Fail over at once (the next target, or another replica behind a dns name);
-                # the resent notices go first, in their order.
+                # the unanswered notices go first, in their order.
                 self._current = (self._current + 1) % len(self.targets)
                 log.warning(
-                    "PublishUpdates to %s failed (%s: %s); %d notice(s) waiting, reconnecting%s",
+                    "ReportUpdates to %s failed (%s: %s); %d notice(s) unanswered, reconnecting%s",
                     target,
                     exc.code().name,
                     exc.details(),
-                    self._unwritten,
+                    self._unanswered,
                     f" to {self.targets[self._current]}" if len(self.targets) > 1 else "",
                 )
             except asyncio.CancelledError:
@@ -257,29 +302,22 @@ class Reporter:
                 raise
             else:
                 failed_in_a_row = 0
-                # Notices the orchestrator did not count were cut off when it ended the call.
-                self._requeue(stream, lost=stream.written - response.received)
-                self.last_response = response
+                self._requeue(stream)  # anything the orchestrator did not answer goes again
                 log.info(
-                    "PublishUpdates closed: wrote %d; received %d, accepted %d, duplicate %d, "
-                    "rejected unknown_job=%d wrong_tenant=%d wrong_service=%d job_finished=%d "
-                    "malformed=%d",
+                    "ReportUpdates closed: wrote %d, answered %d (lifetime: accepted %d, "
+                    "duplicate %d, rejected %s)",
                     stream.written,
-                    response.received,
-                    response.accepted,
-                    response.duplicate,
-                    response.rejected_unknown_job,
-                    response.rejected_wrong_tenant,
-                    response.rejected_wrong_service,
-                    response.rejected_job_finished,
-                    response.rejected_malformed,
+                    stream.answered,
+                    self.counts.accepted,
+                    self.counts.duplicate,
+                    self.counts.rejected or "none",
                 )
-                if self._stopping and self._unwritten == 0:
+                if self._stopping and self._unanswered == 0:
                     return
             if 0 < failed_in_a_row < chances:
                 continue  # another target has not failed yet: try it without waiting
-            # A stream that carried notices was healthy: reconnect soon. Otherwise back off more.
-            failures = 1 if stream.written else min(failures + 1, 30)
+            # A stream that got answers was healthy: reconnect soon. Otherwise back off more.
+            failures = 1 if stream.answered else min(failures + 1, 30)
             await self._backoff(failures)
 
     async def _backoff(self, failures: int) -> None:

@@ -12,10 +12,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from domain.errors import DataLoss
 from domain.identity import Role
-from domain.models import Page
+from domain.models import Page, Service
 from domain.ports.api_keys import ApiKey
 from registry.redis_client import RedisStore, pairs_to_dict, redis_errors_as_unavailable
+
+
+def encode_services(services: frozenset[Service]) -> str:
+    """The ``services`` field: the values comma-separated in a fixed order ("" for none)."""
+    return ",".join(sorted(service.value for service in services))
+
+
+def decode_services(key_id: str, text: str) -> frozenset[Service]:
+    """A ``services`` field; a record written before the field existed has none (legacy). A
+    value this release does not know fails closed (DataLoss), never widening the key to a
+    legacy one."""
+    try:
+        return frozenset(Service(value) for value in text.split(",") if value)
+    except ValueError:
+        raise DataLoss(f"API key {key_id} names a service this release does not know") from None
 
 
 def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
@@ -28,6 +44,7 @@ def key_from_hash(key_id: str, fields: dict[str, str]) -> ApiKey:
         secret_sha256=fields["hash"],
         created_at_ms=int(fields["created"]),
         revoked_at_ms=int(revoked) if revoked else None,
+        services=decode_services(key_id, fields.get("services", "")),
     )
 
 
@@ -41,7 +58,13 @@ class RedisApiKeyStore(RedisStore):
             raw = await self._scripts.run(
                 "add",
                 keys=[self._keys.api_key(key.key_id)],
-                args=[key.tenant_id, key.role.value, key.description, key.secret_sha256],
+                args=[
+                    key.tenant_id,
+                    key.role.value,
+                    key.description,
+                    key.secret_sha256,
+                    encode_services(key.services),
+                ],
             )
             if not raw:
                 return None

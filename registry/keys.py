@@ -84,6 +84,16 @@ class KeySpace:
         passed is a job that vanished unfinished, not counted and trimmed later."""
         return f"{self.tenant_tag(tenant_id)}:jobs:{state}"
 
+    def tenant_jobs(self, tenant_id: str) -> str:
+        """Sorted set of the tenant's job ids by creation time (ms, Redis clock), written by
+        the start script and trimmed to the longest a job is retained (admin ListTasks)."""
+        return f"{self.tenant_tag(tenant_id)}:jobs:all"
+
+    def job_tenants_of_day(self, day: int) -> str:
+        """Set of the tenants that started a job on a UTC day (days since the epoch); kept
+        three days (admin GetStats sums their tokens of today)."""
+        return f"{self.prefix}:job-tenants:{day}"
+
     def usage_prefix(self, tenant_id: str) -> str:
         """Prefix of the tenant's daily usage hashes; the key of a day appends its number
         (days since the epoch, UTC). Fields: total, prompt, completion, jobs, agent:<id>."""

@@ -6,6 +6,7 @@ without an await in between, which on one event loop makes it atomic.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 from collections import deque
@@ -120,6 +121,10 @@ class MemoryJobStore:
         self._unfinished: set[str] = set()  # ids of jobs last seen unfinished
         # Ids of the jobs whose record holds a hand-off, in the order they started.
         self._handoffs: dict[str, None] = {}
+        # tenant -> (created ms, job id) of its jobs, oldest first (admin ListTasks).
+        self._tenant_jobs: dict[str, list[tuple[int, str]]] = {}
+        # tenant -> when it last started a job (admin GetStats).
+        self._last_start: dict[str, int] = {}
 
     def _record(self, job_id: str) -> JobRecord | None:
         record = self._records.get(job_id)
@@ -204,7 +209,40 @@ class MemoryJobStore:
             return step.outcome
         event = self._apply(tenant_id, new.session_id, new.job_id, step.effects)
         assert event is not None
+        self._index_job(tenant_id, step.outcome.created_at_ms, new.job_id, limits)
         return jobs.StartedJob(step.outcome, event)
+
+    def _index_job(
+        self, tenant_id: str, created_ms: int, job_id: str, limits: jobs.JobLimits
+    ) -> None:
+        """What the start script does with the tenant's job index: trim, then add."""
+        kept_ms = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
+        index = self._tenant_jobs.setdefault(tenant_id, [])
+        del index[: bisect.bisect_left(index, (created_ms - kept_ms, ""))]
+        bisect.insort(index, (created_ms, job_id))
+        self._last_start[tenant_id] = created_ms
+
+    async def list_tenant_jobs(
+        self,
+        tenant_id: str,
+        *,
+        before: tuple[int, str] | None,
+        created_from_ms: int | None,
+        created_to_ms: int | None,
+        limit: int,
+    ) -> list[tuple[int, str]]:
+        index = self._tenant_jobs.get(tenant_id, [])
+        end = len(index) if before is None else bisect.bisect_left(index, before)
+        if created_to_ms is not None:
+            end = min(end, bisect.bisect_left(index, (created_to_ms, "")))
+        start = 0 if created_from_ms is None else bisect.bisect_left(index, (created_from_ms, ""))
+        return list(reversed(index[max(start, end - limit) : end]))
+
+    async def get_jobs(self, tenant_id: str, job_ids: Sequence[str]) -> list[jobs.Job | None]:
+        return [await self.get_job(tenant_id, job_id) for job_id in job_ids]
+
+    async def tenants_started_since(self, since_ms: int) -> set[str]:
+        return {tenant for tenant, last in self._last_start.items() if last >= since_ms}
 
     async def activate_job(
         self, tenant_id: str, job_id: str, limits: jobs.JobLimits
@@ -267,8 +305,12 @@ class MemoryJobStore:
         after = step.effects.record
         if after is not None and after.job.state is jobs.JobState.FINISHING:
             claim = job_machine.finishing_claim(after, 1)
-            return jobs.NoticeOutcome(step.outcome, event, finishing=claim)
-        return jobs.NoticeOutcome(step.outcome, event)
+            return jobs.NoticeOutcome(
+                step.outcome, event, finishing=claim, traceparent=job.traceparent
+            )
+        if step.outcome is not jobs.Verdict.ACCEPTED:
+            return jobs.NoticeOutcome(step.outcome, event)
+        return jobs.NoticeOutcome(step.outcome, event, traceparent=job.traceparent)
 
     async def record_plan(
         self,
@@ -297,6 +339,15 @@ class MemoryJobStore:
     async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:
         record = self._record(job_id)
         return record.job if record is not None and record.job.tenant_id == tenant_id else None
+
+    async def count_unfinished_of(self, tenant_id: str) -> dict[jobs.JobState, int]:
+        counts = dict.fromkeys(jobs.UNFINISHED_STATES, 0)
+        for job_id in list(self._unfinished):
+            record = self._record(job_id)
+            job = record.job if record is not None else None
+            if job is not None and job.tenant_id == tenant_id and not job.state.is_final:
+                counts[job.state] += 1
+        return counts
 
     async def count_unfinished(self) -> dict[jobs.JobState, int]:
         counts = dict.fromkeys(jobs.UNFINISHED_STATES, 0)

@@ -228,15 +228,7 @@ class MemoryWorkQueue:
         for position, item_id in self._dead.items():
             if position <= start:
                 continue
-            record = self._records[item_id]
-            found.append(
-                queue.DeadLetter(
-                    **record.enqueued_fields(),
-                    error=record.error or "",
-                    dead_at_ms=record.finished_at_ms,
-                    position=str(position),
-                )
-            )
+            found.append(self._dead_letter_of(self._records[item_id]))
             if len(found) == limit:
                 break
         return found
@@ -263,6 +255,31 @@ class MemoryWorkQueue:
         return queue.QueueStats(
             ready=ready, leased=len(self._leases), delayed=len(self._delayed), dead=len(self._dead)
         )
+
+    async def get_dead(self, item_id: str) -> queue.DeadLetter | None:
+        record = self._records.get(item_id)
+        if record is None or record.state != "dead":
+            return None
+        return self._dead_letter_of(record)
+
+    async def depth(self, tenant_id: str | None = None) -> list[queue.PriorityDepth]:
+        self._promote_due()
+        counts = {
+            p: dict.fromkeys(("queued", "running", "delayed", "dead"), 0)
+            for p in queue.PRIORITY_ORDER
+        }
+        for item_id in list(self._records):
+            record = self._live_record(item_id)
+            if record is None or record.state == "done":
+                continue
+            if tenant_id is None or record.new.tenant_id == tenant_id:
+                counts[record.new.priority][record.state] += 1
+        return [
+            queue.PriorityDepth(
+                priority, found["queued"], found["running"], found["delayed"], found["dead"]
+            )
+            for priority, found in counts.items()
+        ]
 
     async def aclose(self) -> None:
         self._closed = True
@@ -361,6 +378,15 @@ class MemoryWorkQueue:
             enqueued_at_ms=record.enqueued_at_ms,
             consumer=consumer,
             receipt=receipt,
+        )
+
+    @staticmethod
+    def _dead_letter_of(record: _Record) -> queue.DeadLetter:
+        return queue.DeadLetter(
+            **record.enqueued_fields(),
+            error=record.error or "",
+            dead_at_ms=record.finished_at_ms,
+            position=str(record.dead_position),
         )
 
     def _dead_letter(self, record: _Record) -> None:

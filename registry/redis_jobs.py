@@ -67,6 +67,7 @@ from domain.jobs import (
 from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, ServiceCall
 from domain.ports.queue import QueuePriority
+from domain.ports.usage import day_number
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
@@ -106,6 +107,8 @@ def _now_ms() -> int:
 # beyond it costs one GET per notice). It was 100,000 (30 MB), filled by finished jobs only:
 # at 20 chats/s it grew for 80 minutes and looked like a leak.
 _INDEX_CACHE_SIZE = 10_000
+# How long a day's set of tenants that started jobs is kept (registry.keys job_tenants_of_day).
+_DAY_TENANTS_TTL_MS = 3 * 86_400_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,9 +231,16 @@ class RedisJobStore(RedisStore):
                 {deadline_member: _now_ms() + limits.handoff_grace_ms},
                 lt=True,
             )
+            # Where GetStats finds the tenants whose tokens of today to add up.
+            day_tenants = keys.job_tenants_of_day(day_number(_now_ms()))
+            commands.sadd(day_tenants, tenant_id)
+            commands.pexpire(day_tenants, _DAY_TENANTS_TTL_MS)
             pipe.run(
                 "start",
-                keys=self._job_keys(tenant_id, new.session_id, new.job_id),
+                keys=[
+                    *self._job_keys(tenant_id, new.session_id, new.job_id),
+                    keys.tenant_jobs(tenant_id),
+                ],
                 args=[
                     new.job_id,
                     new.session_id,
@@ -254,6 +264,7 @@ class RedisJobStore(RedisStore):
                     _compact(plan.to_json()) if plan is not None else "",
                     _compact(new.agent.to_json()) if new.agent is not None else "",
                     "1" if appends else "0",
+                    new.traceparent,
                 ],
             )
             # After the script, which counts the job: count_unfinished's pruning can then
@@ -455,7 +466,9 @@ class RedisJobStore(RedisStore):
             reply = (await self._scripts.in_one_round_trip(build))[0]
         if as_str(reply[0]) == "finishing":
             claim = _claim_from_reply(tenant_id, notice.job_id, reply)
-            return NoticeOutcome(Verdict.ACCEPTED, finishing=claim)
+            return NoticeOutcome(
+                Verdict.ACCEPTED, finishing=claim, traceparent=claim.job.traceparent
+            )
         verdict = Verdict(as_str(reply[0]))
         if verdict is Verdict.JOB_FINISHED:
             self._forget(notice.job_id)
@@ -464,7 +477,7 @@ class RedisJobStore(RedisStore):
         event = self._event(session_id, reply)
         if event.kind.is_final:
             self._forget(notice.job_id)
-        return NoticeOutcome(verdict, event)
+        return NoticeOutcome(verdict, event, traceparent=as_str(reply[4]))
 
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
@@ -545,6 +558,78 @@ class RedisJobStore(RedisStore):
                 "job %s of tenant %s: stored record cannot be read (%r)", job_id, tenant_id, exc
             )
             raise DataLoss(f"the stored record of task {job_id} cannot be read") from None
+
+    async def list_tenant_jobs(
+        self,
+        tenant_id: str,
+        *,
+        before: tuple[int, str] | None,
+        created_from_ms: int | None,
+        created_to_ms: int | None,
+        limit: int,
+    ) -> list[tuple[int, str]]:
+        key = self._keys.tenant_jobs(tenant_id)
+        low: int | str = created_from_ms if created_from_ms is not None else "-inf"
+        high: int | str = f"({created_to_ms}" if created_to_ms is not None else "+inf"
+        found: list[tuple[int, str]] = []
+        with redis_errors_as_unavailable():
+            if before is not None:
+                # The cursor came from a page of the same range: its ties (jobs of the same
+                # millisecond with smaller ids) first, then the older ones.
+                created, job_id = before
+                same = await self._redis.zrevrangebyscore(key, created, created)
+                found = sorted(
+                    ((created, as_str(m)) for m in same if as_str(m) < job_id), reverse=True
+                )
+                high = f"({created}"
+            if len(found) < limit:
+                older = await self._redis.zrevrangebyscore(
+                    key, high, low, start=0, num=limit - len(found), withscores=True
+                )
+                found += [(int(score), as_str(member)) for member, score in older]  # type: ignore[str-unpack]
+        if created_from_ms is not None:
+            found = [entry for entry in found if entry[0] >= created_from_ms]
+        return found[:limit]
+
+    async def get_jobs(self, tenant_id: str, job_ids: Sequence[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+        with redis_errors_as_unavailable():
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hgetall(self._keys.job(tenant_id, job_id))
+            replies = await pipe.execute()
+        found: list[Job | None] = []
+        for job_id, fields in zip(job_ids, replies, strict=True):
+            if not fields:
+                found.append(None)
+                continue
+            f = {as_str(k): as_str(v) for k, v in fields.items()}
+            try:
+                found.append(_job_from_fields(tenant_id, job_id, f))
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning(
+                    "job %s of tenant %s: unreadable record skipped (%r)", job_id, tenant_id, exc
+                )
+                found.append(None)
+        return found
+
+    async def tenants_started_since(self, since_ms: int) -> set[str]:
+        keys = self._keys
+        days = range(day_number(since_ms), day_number(_now_ms()) + 1)
+        with redis_errors_as_unavailable():
+            members = await self._redis.sunion([keys.job_tenants_of_day(day) for day in days])
+        return {as_str(member) for member in members}
+
+    async def count_unfinished_of(self, tenant_id: str) -> dict[JobState, int]:
+        keys = self._keys
+        with redis_errors_as_unavailable():
+            now_ms = time_ms(await self._redis.time())
+            pipe = self._redis.pipeline(transaction=False)
+            for state in UNFINISHED_STATES:
+                pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
+            replies = await pipe.execute()
+        return {state: int(n) for state, n in zip(UNFINISHED_STATES, replies, strict=True)}
 
     async def count_unfinished(self) -> dict[JobState, int]:
         """SMEMBERS with TIME, then the ZCOUNTs of each tenant that started a job, in one pipeline:
@@ -642,6 +727,7 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
         plan=OrchestrationPlan.from_json(json.loads(f["plan"])) if f.get("plan") else None,
         agent=AgentConfig.from_json(json.loads(f["ag"])) if f.get("ag") else None,
         finishing_ms=int(f.get("fin", 0)),
+        traceparent=f.get("tp", ""),
     )
 
 
@@ -665,6 +751,7 @@ def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffC
         keep_final=as_str(reply[12]) == "1",
         plan=OrchestrationPlan.from_json(json.loads(plan)) if plan else None,
         agent=AgentConfig.from_json(json.loads(agent)) if agent else None,
+        traceparent=as_str(reply[18]),
     )
     accepted = as_str(reply[11])
     finalize = status in ("finishing", "finalize", "finalize_exhausted")

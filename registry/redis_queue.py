@@ -45,9 +45,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from domain.ports.queue import (
+    PRIORITY_ORDER,
     DeadLetter,
     FailOutcome,
     NewWorkItem,
+    PriorityDepth,
     QueueConfig,
     QueuePriority,
     QueueStats,
@@ -349,20 +351,7 @@ class RedisWorkQueue(RedisStore):
         for (position, fields), record in zip(entries, records, strict=True):
             if not record:
                 continue
-            found.append(
-                DeadLetter(
-                    item_id=as_str(fields[b"i"]),
-                    tenant_id=as_str(record[b"t"]),
-                    kind=as_str(record[b"k"]),
-                    payload=record.get(b"d", b""),
-                    priority=QueuePriority(as_str(record[b"p"])),
-                    batch_id=as_str(record[b"b"]) or None,
-                    deliveries=int(record[b"n"]),
-                    error=as_str(record.get(b"err", b"")),
-                    dead_at_ms=int(record.get(b"f", 0)),
-                    position=as_str(position),
-                )
-            )
+            found.append(_dead_letter(as_str(fields[b"i"]), as_str(position), record))
         return found
 
     async def redrive(self, item_id: str) -> bool:
@@ -373,6 +362,26 @@ class RedisWorkQueue(RedisStore):
         with redis_errors_as_unavailable():
             ready, leased, delayed, dead = await self._scripts.run("stats", args=[self._prefix])
         return QueueStats(int(ready), int(leased), int(delayed), int(dead))
+
+    async def get_dead(self, item_id: str) -> DeadLetter | None:
+        with redis_errors_as_unavailable():
+            record: dict[bytes, bytes] = await self._redis.hgetall(  # type: ignore[assignment]
+                self._keys.work_item(self._queue, item_id)
+            )
+        if record.get(b"st") != b"dead":
+            return None
+        return _dead_letter(item_id, as_str(record.get(b"x", b"")), record)
+
+    async def depth(self, tenant_id: str | None = None) -> list[PriorityDepth]:
+        with redis_errors_as_unavailable():
+            flat = await self._scripts.run("depth", args=[self._prefix, tenant_id or ""])
+        found = {
+            as_str(flat[i]): [int(n) for n in flat[i + 1 : i + 5]] for i in range(0, len(flat), 5)
+        }
+        return [
+            PriorityDepth(priority, *found.get(priority.value, [0, 0, 0, 0]))
+            for priority in PRIORITY_ORDER
+        ]
 
     async def aclose(self) -> None:
         await self._listener.aclose()
@@ -410,3 +419,19 @@ class RedisWorkQueue(RedisStore):
                 )
             )
         return items
+
+
+def _dead_letter(item_id: str, position: str, record: dict[bytes, bytes]) -> DeadLetter:
+    """A dead item's record (its hash) as a DeadLetter."""
+    return DeadLetter(
+        item_id=item_id,
+        tenant_id=as_str(record[b"t"]),
+        kind=as_str(record[b"k"]),
+        payload=record.get(b"d", b""),
+        priority=QueuePriority(as_str(record[b"p"])),
+        batch_id=as_str(record[b"b"]) or None,
+        deliveries=int(record[b"n"]),
+        error=as_str(record.get(b"err", b"")),
+        dead_at_ms=int(record.get(b"f", 0)),
+        position=position,
+    )

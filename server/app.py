@@ -19,8 +19,9 @@ from domain.api_keys import ApiKeyManager
 from domain.dispatch import Dispatcher
 from domain.errors import Unavailable
 from domain.identity import Caller, Role
+from domain.operator import OperatorQueries
 from domain.rate_limits import StreamSlots
-from handlers.admin import AdminServicer
+from handlers.admin_operator import OperatorAdminServicer
 from handlers.batches import BatchServicer
 from handlers.chat import ChatServicer
 from handlers.sessions import SessionServicer
@@ -59,7 +60,7 @@ from server.services import (
     default_platform,
 )
 from server.signals import wait_for_stop_signal
-from server.tracing import tracing_interceptor
+from server.tracing import tracing_for, tracing_interceptor
 from server.workers import QueueWorkers
 from server.ws_bridge import WebSocketBridge
 
@@ -137,20 +138,24 @@ class OrchestratorServer:
         extra_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
         self.settings = settings
+        # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
+        self.tracer_provider = tracer_provider
+        # Spans in jobs' traces and around downstream calls (server.tracing).
+        self.tracing = tracing_for(settings.otel_enabled, tracer_provider)
         self.backend = backend or open_backend(backend_config(settings))
-        self.dispatcher = dispatcher or default_dispatcher(settings)
+        self.dispatcher = dispatcher or default_dispatcher(settings, self.tracing)
         # The gRPC clients of Agent Management, Conversation and Tool Registry, unless given
         # (closed on stop only when opened here).
         self._platform_clients: PlatformClients | None = None
         if platform is None:
-            platform = self._platform_clients = default_platform(settings)
+            platform = self._platform_clients = default_platform(settings, self.tracing)
         self.platform: PlatformPorts = platform
-        self.services = build_services(settings, self.backend, self.dispatcher, self.platform)
+        self.services = build_services(
+            settings, self.backend, self.dispatcher, self.platform, tracing=self.tracing
+        )
         self.workers = QueueWorkers(settings, self.services)
         self.metrics = Metrics()
         self.metrics_http: MetricsHttpServer | None = None
-        # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
-        self.tracer_provider = tracer_provider
         # More services behind the same interceptors (tests and benchmarks use it).
         self.extra_handlers = tuple(extra_handlers)
         self.api_keys = ApiKeyManager(self.backend.api_keys)
@@ -191,7 +196,7 @@ class OrchestratorServer:
         """grpc interceptors: OpenTelemetry's when tracing is enabled, else none. They run
         outside the edge (``edge()``), which every registered method handler is wrapped in."""
         chain: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
-        if self.settings.otel_enabled:
+        if self.tracing.enabled:
             tracing = tracing_interceptor(self.tracer_provider)
             if tracing is not None:
                 chain.append(tracing)
@@ -217,6 +222,20 @@ class OrchestratorServer:
             trailing_request_ids=settings.unary_request_id == "trailing",
             open_streams=self.revocation.streams,
             auth_failures=AuthFailures(settings.auth_failure_limit, settings.auth_failure_window),
+            server_spans=self.tracing.enabled,
+        )
+
+    def operator_queries(self) -> OperatorQueries:
+        """The admin API's cross-tenant reads and repairs over this process's backend."""
+        services = self.services
+        return OperatorQueries(
+            jobs=self.backend.jobs,
+            usage=self.backend.usage,
+            queues={BATCH_QUEUE: services.batch_queue, CHAT_QUEUE: services.chat_queue},
+            sessions=services.sessions,
+            events=self.backend.events,
+            batches=services.batches,
+            keys=self.backend.api_keys,
         )
 
     def _build(self) -> grpc.aio.Server:
@@ -242,7 +261,10 @@ class OrchestratorServer:
         )
         queries = AdminQueries(self.backend.jobs, self.backend.usage, settings.budget_rules())
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.api_keys, queries, self.services.agents_directory), target
+            OperatorAdminServicer(
+                self.api_keys, queries, self.services.agents_directory, self.operator_queries()
+            ),
+            target,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, target)
         if self.extra_handlers:

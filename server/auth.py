@@ -46,9 +46,10 @@ def bearer_token(header_value: str | None) -> str:
 
 
 async def authenticate_bearer(header_value: str | None, keys: ApiKeyManager) -> Caller:
-    """The Caller an ``authorization`` header value identifies (tenant and role from the key)."""
+    """The Caller an ``authorization`` header value identifies (tenant, role and, for a
+    service key, the services it speaks for, all from the key)."""
     record = await keys.verify(bearer_token(header_value))
-    return Caller(record.tenant_id, record.role, record.key_id)
+    return Caller(record.tenant_id, record.role, record.key_id, record.services)
 
 
 def authorize(caller: Caller, needed: Role) -> None:
@@ -75,7 +76,7 @@ class Authenticator:
         on every call."""
         record = await self.keys.verify(bearer_token(header_value))
         # Positional: a third cheaper than keywords, and this runs on every call.
-        caller = Caller(record.tenant_id, record.role, record.key_id)
+        caller = Caller(record.tenant_id, record.role, record.key_id, record.services)
         authorize(caller, needed)
         return caller
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from domain.models import Service
 from reference.app import ReferenceServices
-from reference.config import DEFAULT_PUBLISH_METADATA, ReferenceConfig
+from reference.config import DEFAULT_PUBLISH_METADATA, REFERENCE_SERVICES, ReferenceConfig
 from server.app import OrchestratorServer
 from server.config import Settings
 from server.key_seeding import BOOTSTRAP_ADMIN_TENANT
@@ -36,13 +37,17 @@ async def with_publish_key(
 ) -> tuple[ReferenceConfig, str | None]:
     """The embedded services report with REF_PUBLISH_API_KEY when it is set, else with the demo
     service key where the server seeded it (memory, ORCH_DEMO_KEYS). Elsewhere (REDIS_URL set)
-    no store holds that key, so a service key is created for them: returns the config with it
-    and its id (revoked at stop), or the config as it is and None."""
+    no store holds that key, so a service key is created for them, speaking for the services
+    they run (REFERENCE_SERVICES): returns the config with it and its id (revoked at stop), or
+    the config as it is and None."""
     demo_seeded = server.backend.name == "memory" and server.settings.demo_keys
     if config.publish_metadata != DEFAULT_PUBLISH_METADATA or demo_seeded:
         return config, None
     issued = await server.api_keys.create(
-        BOOTSTRAP_ADMIN_TENANT, "service", "embedded reference services (make run)"
+        BOOTSTRAP_ADMIN_TENANT,
+        "service",
+        "embedded reference services (make run)",
+        [Service(name) for name in REFERENCE_SERVICES],
     )
     metadata = (("authorization", f"Bearer {issued.api_key}"),)
     return dataclasses.replace(config, publish_metadata=metadata), issued.record.key_id

@@ -9,7 +9,9 @@ enabled, is the outermost). Per call, the wrapper:
 
 1. reads the metadata once (``x-request-id``, ``traceparent``, ``authorization``), binds the
    request context (handlers.request_context) and returns the request id in the metadata of
-   every RPC, health and reflection included (see the end of this docstring);
+   every RPC, health and reflection included (see the end of this docstring); with server
+   spans (``server_spans``: OpenTelemetry's interceptor runs outside) the trace context bound
+   is the server span's, so the calls and jobs the RPC causes nest under it (server.tracing);
 2. counts and times the call (server.metrics; streams are also counted while open), so the
    refusals below are counted like any other outcome;
 3. authenticates the bearer API key and checks the role the method needs (server.auth), and
@@ -65,6 +67,7 @@ from server.decoding import Decode, decode_in_handler, split_decoding
 from server.edge_limits import EdgeLimits
 from server.metrics import Metrics
 from server.revocation import OpenStream, OpenStreams, revoked_error
+from server.tracing import current_traceparent
 from server.wrapping import Ctx, HandlerCache, StreamBehavior, UnaryBehavior, wrap_handler
 
 _OK = grpc.StatusCode.OK
@@ -121,8 +124,11 @@ class Edge:
         trailing_request_ids: bool = False,
         open_streams: OpenStreams | None = None,
         auth_failures: AuthFailures | None = None,
+        server_spans: bool = False,
     ) -> None:
         self._metrics = metrics
+        # Whether each call runs in a server span (its traceparent is the call's context).
+        self._server_spans = server_spans
         # Streaming calls by key id, so a revoked key's streams can be ended (server.revocation).
         self._open_streams = open_streams or OpenStreams()
         # Failed authentications: logged (sampled) and throttled per client address.
@@ -151,6 +157,8 @@ class Edge:
         id (in the trailers when ``trailing_id``), authenticate and authorize, charge the rate.
         Ends the call on refusal."""
         request_id, traceparent, authorization = read_metadata(context)
+        if self._server_spans:
+            traceparent = current_traceparent() or traceparent
         scope = bind_request_context(request_id, traceparent, plan.method)
         if trailing_id:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))

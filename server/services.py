@@ -21,6 +21,7 @@ from domain.notices import NoticeProcessor
 from domain.plan_runner import PlanPorts
 from domain.ports.platform import AgentDirectory, ConversationStore, ToolCatalog
 from domain.ports.queue import WorkQueue
+from domain.ports.tracing import NO_TRACING, Tracing
 from domain.queued_chat import QueuedChatRunner
 from domain.reaper import JobReaper
 from domain.sessions import SessionManager, SessionPolicy
@@ -70,19 +71,19 @@ def downstream_config(settings: Settings) -> DownstreamConfig:
     )
 
 
-def default_dispatcher(settings: Settings) -> Dispatcher:
-    """gRPC clients of the configured services that run jobs."""
+def default_dispatcher(settings: Settings, tracing: Tracing = NO_TRACING) -> Dispatcher:
+    """gRPC clients of the configured services that run jobs (a client span per call)."""
     from clients.downstream import GrpcDispatcher
 
-    return GrpcDispatcher(downstream_config(settings))
+    return GrpcDispatcher(downstream_config(settings), tracing)
 
 
-def default_platform(settings: Settings) -> PlatformClients:
+def default_platform(settings: Settings, tracing: Tracing = NO_TRACING) -> PlatformClients:
     """gRPC clients of the configured synchronous platform services (Agent Management,
     Conversation, Tool Registry); channels open on first use."""
     from clients.platform import PlatformClients
 
-    return PlatformClients.connect(downstream_config(settings))
+    return PlatformClients.connect(downstream_config(settings), tracing)
 
 
 class PlatformPorts(Protocol):
@@ -154,13 +155,21 @@ class Services:
     reaper: JobReaper
     handoffs: HandoffRecovery
     expirer: BatchExpirer
+    # Spans in jobs' traces: handlers working for a job call ``tracing.job_span``.
+    tracing: Tracing = NO_TRACING
 
 
 def build_services(
-    settings: Settings, backend: Backend, dispatcher: Dispatcher, platform: PlatformPorts
+    settings: Settings,
+    backend: Backend,
+    dispatcher: Dispatcher,
+    platform: PlatformPorts,
+    *,
+    tracing: Tracing = NO_TRACING,
 ) -> Services:
     """Every domain service over ``backend``; no I/O happens here. ``platform`` is
-    default_platform(settings) unless a test gives its own."""
+    default_platform(settings) unless a test gives its own. ``tracing``: spans in jobs'
+    traces (server.tracing), kept as ``Services.tracing`` for handlers that work for a job."""
     limits = job_limits(settings)
     agents = agent_directory(settings, backend, platform.agents)
     sessions = SessionManager(
@@ -180,6 +189,7 @@ def build_services(
         budget=TokenBudget(backend.usage, settings.budget_rules()),
         embedding_cache=cache,
         queue=chat_queue,
+        tracing=tracing,
         # Plans call the platform's services; without them a message is one call.
         platform=(
             PlanPorts(agents, platform.conversation, platform.tools) if settings.plans else None
@@ -207,16 +217,18 @@ def build_services(
             on_agent_changed=agents.on_agent_changed,
             # A completed notice that made a job FINISHING: this process appends its turns.
             on_finishing=chat.finalize_soon,
+            tracing=tracing,
         ),
         chat_queue=chat_queue,
         chat=chat,
-        chat_runner=QueuedChatRunner(chat),
+        chat_runner=QueuedChatRunner(chat, tracing),
         batch_queue=batch_queue,
         batches=batches,
-        batch_runner=BatchRunner(backend.batches, batches, chat),
+        batch_runner=BatchRunner(backend.batches, batches, chat, tracing),
         agents_directory=agents,
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
         # Hands over again the jobs whose hand-off was interrupted (in any process).
         handoffs=HandoffRecovery(chat, interval_s=settings.reaper_interval),
         expirer=BatchExpirer(backend.batches, batches, interval_s=settings.batch_expiry_interval),
+        tracing=tracing,
     )

@@ -72,7 +72,7 @@ class WebSocketBridge:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            await self._authenticate(headers)
+            caller = await self._authenticate(headers)
         except PermissionDenied as exc:
             return web.json_response({"error": exc.message}, status=403)
         except Unavailable as exc:
@@ -89,7 +89,7 @@ class WebSocketBridge:
                     if message.type is WSMsgType.BINARY:
                         await socket.send_json({"error": "malformed", "detail": "send JSON text"})
                     continue
-                await socket.send_json(await self._answer(index, message.data))
+                await socket.send_json(await self._answer(index, message.data, caller))
                 index += 1
         except ConnectionResetError as exc:
             # The client went away with answers still to send (aiohttp: "Cannot write to
@@ -99,7 +99,7 @@ class WebSocketBridge:
             self.open_sockets -= 1
         return socket
 
-    async def _answer(self, index: int, text: str) -> dict[str, Any]:
+    async def _answer(self, index: int, text: str, caller: Caller) -> dict[str, Any]:
         too_deep = {
             "index": index,
             "error": "malformed_json",
@@ -124,7 +124,7 @@ class WebSocketBridge:
                 "detail": str(exc),
             }
         try:
-            outcome = await self._notices.process(raw)
+            outcome = await self._notices.process(raw, caller)
         except DomainError as exc:  # e.g. Redis down: answer, keep the socket
             return {
                 "index": index,

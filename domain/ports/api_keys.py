@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from domain.identity import Role
-from domain.models import Page
+from domain.models import Page, Service
 
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """A stored key: who it identifies, and the hash of its secret (never the secret)."""
+    """A stored key: who it identifies, and the hash of its secret (never the secret).
+
+    ``services`` are the services a service key speaks for (domain.identity.Caller); empty
+    on a legacy service key (it speaks for all) and on client and admin keys. A record stored
+    before service identities existed reads with none."""
 
     key_id: str
     tenant_id: str
@@ -22,6 +26,7 @@ class ApiKey:
     secret_sha256: str
     created_at_ms: int = 0
     revoked_at_ms: int | None = None
+    services: frozenset[Service] = frozenset()
 
     @property
     def revoked(self) -> bool:

@@ -123,6 +123,35 @@ class JobStore(Protocol):
         with several processes reaping) and return their timed_out events."""
         ...
 
+    async def list_tenant_jobs(
+        self,
+        tenant_id: str,
+        *,
+        before: tuple[int, str] | None,
+        created_from_ms: int | None,
+        created_to_ms: int | None,
+        limit: int,
+    ) -> list[tuple[int, str]]:
+        """Up to ``limit`` (created ms, job id) of the tenant's jobs, newest first (by created
+        time, then id), created in [``created_from_ms``, ``created_to_ms``) and strictly
+        after ``before`` in that order. The index is trimmed to the longest a job is kept
+        (queue timeout + deadline + retention): an entry may name a job whose record expired
+        sooner (``get_jobs`` returns None for it)."""
+        ...
+
+    async def get_jobs(self, tenant_id: str, job_ids: Sequence[str]) -> list[jobs.Job | None]:
+        """``get_job`` of each id, in one round trip."""
+        ...
+
+    async def tenants_started_since(self, since_ms: int) -> set[str]:
+        """Tenants that started a job since ``since_ms`` (by UTC day on Redis: every tenant
+        that started one on the day of ``since_ms`` or later; kept three days)."""
+        ...
+
+    async def count_unfinished_of(self, tenant_id: str) -> dict[jobs.JobState, int]:
+        """``count_unfinished`` for one tenant."""
+        ...
+
     async def count_unfinished(self) -> dict[jobs.JobState, int]:
         """How many jobs of all tenants are in each unfinished state (domain.jobs
         UNFINISHED_STATES, every one a key, zero included) now, as every process sharing the

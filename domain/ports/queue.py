@@ -144,6 +144,17 @@ class QueueStats:
     dead: int
 
 
+@dataclass(frozen=True, slots=True)
+class PriorityDepth:
+    """How many items of one priority level are where (of one tenant, or of all)."""
+
+    priority: QueuePriority
+    ready: int
+    leased: int
+    delayed: int
+    dead: int
+
+
 class WorkQueue(Protocol):
     """A priority work queue shared by producers and workers."""
 
@@ -200,6 +211,15 @@ class WorkQueue(Protocol):
 
     async def stats(self) -> QueueStats:
         """Current counts."""
+        ...
+
+    async def get_dead(self, item_id: str) -> DeadLetter | None:
+        """The item with its payload while it is in the dead letter, else None."""
+        ...
+
+    async def depth(self, tenant_id: str | None = None) -> list[PriorityDepth]:
+        """Items by priority level and place (ready, leased, delayed, dead), of ``tenant_id``
+        or of every tenant: one entry per level, highest first, zeros included."""
         ...
 
     async def aclose(self) -> None:

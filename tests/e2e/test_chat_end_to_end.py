@@ -128,7 +128,6 @@ async def test_an_agent_change_reaches_the_orchestrator_as_an_accepted_notice(
     reference = platform.reference
     reference.agents.update_agent("demo", "tool-bot", max_tool_calls=2)
     await reference.reporter.wait_drained(5)
-    await reference.stop()  # half-closes the stream: the orchestrator answers with its counts
-    counts = reference.reporter.last_response
-    assert counts is not None
-    assert (counts.received, counts.accepted, counts.rejected_malformed) == (1, 1, 0)
+    await reference.stop()  # waits for the orchestrator's answer
+    counts = reference.reporter.counts
+    assert (counts.answered, counts.accepted, counts.rejected) == (1, 1, {})

@@ -142,7 +142,7 @@ async def test_jobs_through_one_replica_complete_while_the_other_is_killed(
 
     # Completed, so never timed out and refused as job_finished; and the stream did fail over.
     log = replicas.reference.log()
-    assert f"PublishUpdates to {replicas.first.address} failed" in log
+    assert f"ReportUpdates to {replicas.first.address} failed" in log
     assert f"reconnecting to {replicas.second.address}" in log
 
 

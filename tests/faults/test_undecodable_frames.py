@@ -34,8 +34,10 @@ OFFERED = (
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
-# PublishUpdates counts a bad frame as a malformed notice instead (tested below).
+# PublishUpdates counts a bad frame as a malformed notice instead (tested below), and
+# ReportUpdates answers it as one (tests/flow/test_report_updates.py).
 PUBLISH_UPDATES = "/orchestrator.v1.TaskUpdateService/PublishUpdates"
+REPORT_UPDATES = "/orchestrator.v1.TaskUpdateService/ReportUpdates"
 
 
 def _methods() -> Iterator[MethodDescriptor]:
@@ -59,7 +61,7 @@ def _invalid_utf8(method: MethodDescriptor) -> bytes | None:
 def _cases() -> Iterator[Any]:
     for method in _methods():
         path = _path(method)
-        if path == PUBLISH_UPDATES:
+        if path in (PUBLISH_UPDATES, REPORT_UPDATES):
             continue
         yield pytest.param(method, TRUNCATED, id=f"{path}-truncated")
         bad_text = _invalid_utf8(method)

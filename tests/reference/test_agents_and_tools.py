@@ -117,7 +117,7 @@ async def test_bad_updates_change_nothing(
         stack.reference.agents.update_agent("demo", "nope", model="m")
     with pytest.raises(ValueError, match="unknown workflow_id"):
         stack.reference.agents.put_agent(AgentSpec("demo", "w", "workflow", workflow_id="x"))
-    assert stack.reference.reporter.unwritten == 0
+    assert stack.reference.reporter.unanswered == 0
     assert stack.orchestrator.recorder.notices == []
 
 

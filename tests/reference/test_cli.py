@@ -56,8 +56,8 @@ async def test_serves_reports_and_stops_on_sigterm(tmp_path: Path) -> None:
         async with asyncio.timeout(15):
             assert await proc.wait() == 0
         output = log_path.read_text()
-        assert "PublishUpdates closed" in output
-        assert "received 6" in output
+        assert "ReportUpdates closed" in output
+        assert "answered 6" in output
     finally:
         if proc.returncode is None:
             proc.kill()

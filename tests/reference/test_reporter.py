@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from orchestrator.v1 import common_pb2, task_update_pb2
 from query.v1 import query_pb2, query_pb2_grpc
@@ -49,15 +50,14 @@ async def test_notices_wait_for_a_late_orchestrator_and_survive_its_restart() ->
             await restarted.stop(None)
 
 
-async def test_stop_half_closes_and_gets_the_counts(stack: Stack) -> None:
+async def test_stop_waits_for_every_answer(stack: Stack) -> None:
     stub = query_pb2_grpc.QueryServiceStub(stack.channel)
     await stub.SubmitQuery(ask("j"), timeout=5)
     await stack.orchestrator.recorder.wait_finished("j")
     await stack.reference.stop(grace=0.1)
-    response = stack.reference.reporter.last_response
-    assert response is not None
-    assert response.received == response.accepted == 6
-    assert stack.reference.reporter.unwritten == 0
+    counts = stack.reference.reporter.counts
+    assert counts.answered == counts.accepted == 6
+    assert stack.reference.reporter.unanswered == 0
 
 
 async def test_stop_with_the_orchestrator_down_gives_up_in_time() -> None:
@@ -67,7 +67,7 @@ async def test_stop_with_the_orchestrator_down_gives_up_in_time() -> None:
     async with grpc.aio.insecure_channel(reference.address) as channel:
         await query_pb2_grpc.QueryServiceStub(channel).SubmitQuery(ask("lost"), timeout=5)
     await reference.stop(grace=0.1)
-    assert reference.reporter.unwritten > 0
+    assert reference.reporter.unanswered > 0
 
 
 async def test_no_notice_is_lost_when_the_stream_breaks_under_load() -> None:
@@ -107,3 +107,83 @@ async def test_no_notice_is_lost_when_the_stream_breaks_under_load() -> None:
         await reporter.stop(1)
         await first.stop(None)
         await second.stop(None)
+
+
+def progress(job_id: str, sequence: int = 1) -> Notice:
+    return Notice(
+        event=task_update_pb2.NOTICE_EVENT_PROGRESS,
+        service=common_pb2.SERVICE_QUERY,
+        job_id=job_id,
+        tenant_id="t",
+        sequence=sequence,
+    )
+
+
+async def test_answered_notices_are_never_sent_again_after_a_restart() -> None:
+    first = RecordingOrchestrator()
+    await first.start()
+    reporter = Reporter(first.address, (), reconnect_base_s=0.02, reconnect_cap_s=0.2)
+    reporter.start()
+    second = RecordingOrchestrator(port=first.port)
+    try:
+        for i in range(50):
+            reporter.publish(progress(f"before{i}"))
+        await reporter.wait_drained(10)  # every one answered
+        assert reporter.counts.accepted == 50
+        await first.stop(None)
+        await second.start()
+        reporter.publish(progress("after"))
+        await reporter.wait_drained(10)
+        assert [n.job_id for n in second.recorder.notices] == ["after"]
+    finally:
+        await reporter.stop(1)
+        await first.stop(None)
+        await second.stop(None)
+
+
+async def test_unanswered_notices_are_sent_again_in_order_after_a_restart() -> None:
+    first = RecordingOrchestrator()
+    first.recorder.answering = False  # receives, then dies before answering
+    await first.start()
+    reporter = Reporter(first.address, (), reconnect_base_s=0.02, reconnect_cap_s=0.2)
+    reporter.start()
+    second = RecordingOrchestrator(port=first.port)
+    try:
+        reporter.publish(progress("early"))
+        await first.recorder.wait_until(lambda: len(first.recorder.notices) == 1)
+        sent = [f"j{i}" for i in range(20)]
+        for job_id in sent:
+            reporter.publish(progress(job_id))
+        await first.recorder.wait_until(lambda: len(first.recorder.notices) == 21)
+        assert reporter.unanswered == 21
+        await first.stop(None)
+        await second.start()
+        await reporter.wait_drained(10)
+        assert [n.job_id for n in second.recorder.notices] == ["early", *sent]
+        assert reporter.counts.answered == 21
+    finally:
+        await reporter.stop(1)
+        await first.stop(None)
+        await second.stop(None)
+
+
+async def test_a_rejected_notice_is_counted_logged_and_not_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    orchestrator = RecordingOrchestrator()
+    orchestrator.recorder.reject_job_ids.add("refused")
+    await orchestrator.start()
+    reporter = Reporter(orchestrator.address, ())
+    reporter.start()
+    try:
+        reporter.publish(progress("refused"))
+        reporter.publish(progress("fine"))
+        await reporter.wait_drained(10)
+        assert reporter.counts.rejected == {"wrong_service": 1}
+        ((notice, answer),) = reporter.rejections
+        assert notice.job_id == "refused" and answer.detail == "not yours"
+        assert "notice rejected: wrong_service (job refused" in caplog.text
+        assert [n.job_id for n in orchestrator.recorder.notices] == ["refused", "fine"]
+    finally:
+        await reporter.stop(1)
+        await orchestrator.stop(None)

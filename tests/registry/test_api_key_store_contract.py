@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
 
 from domain.api_keys import hash_secret
+from domain.errors import DataLoss
 from domain.identity import Role
+from domain.models import Service
 from domain.ports.api_keys import ApiKey, ApiKeyStore
 from registry.backend import BackendConfig, open_backend
 
@@ -117,4 +120,65 @@ async def test_redis_listing_skips_and_prunes_index_entries_without_a_record(
         assert await raw.zrange("test:{t:acme}:apikeys", 0, -1) == ["k0001", "k0003"]
         await raw.aclose()
     finally:
+        await registry.aclose()
+
+
+async def test_a_service_key_keeps_the_services_it_speaks_for(store: ApiKeyStore) -> None:
+    speaks = frozenset({Service.QUERY, Service.AGENT_EXECUTION})
+    added = await store.add_key(replace(record("k0001", role=Role.SERVICE), services=speaks))
+    assert added is not None and added.services == speaks
+    read = await store.get_key("k0001")
+    assert read is not None and read.services == speaks
+    (listed,) = (await store.list_keys("acme", limit=10, after=None)).items
+    assert listed.services == speaks
+    revoked = await store.revoke_key("k0001")
+    assert revoked is not None and revoked.services == speaks
+
+
+async def test_a_key_stored_without_services_reads_as_legacy(store: ApiKeyStore) -> None:
+    await store.add_key(record("k0001", role=Role.SERVICE))
+    read = await store.get_key("k0001")
+    assert read is not None and read.services == frozenset()
+
+
+async def test_a_redis_record_from_before_service_identities_reads_as_legacy(
+    redis_url: str,
+) -> None:
+    registry = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=1000)
+    )
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # The fields an earlier release wrote: no "services".
+        await raw.hset(
+            "test:apikey:{k:old00001}",
+            mapping={
+                "tenant": "platform",
+                "role": "service",
+                "desc": "old",
+                "hash": hash_secret("s"),
+                "created": "1",
+                "revoked": "",
+            },
+        )
+        read = await registry.api_keys.get_key("old00001")
+        assert read is not None and read.role is Role.SERVICE and read.services == frozenset()
+    finally:
+        await raw.aclose()
+        await registry.aclose()
+
+
+async def test_a_redis_record_naming_an_unknown_service_fails_closed(redis_url: str) -> None:
+    """A service this release does not know never widens the key to a legacy one."""
+    registry = open_backend(
+        BackendConfig(redis_url=redis_url, key_prefix="test", session_retention_ms=1000)
+    )
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await registry.api_keys.add_key(record("k0001", role=Role.SERVICE))
+        await raw.hset("test:apikey:{k:k0001}", "services", "teleport")
+        with pytest.raises(DataLoss):
+            await registry.api_keys.get_key("k0001")
+    finally:
+        await raw.aclose()
         await registry.aclose()

@@ -497,7 +497,7 @@ class Run:
         )
 
         async def call(stores: Stores) -> Any:
-            return await NoticeProcessor(stores.jobs, limits).process(raw)
+            return await NoticeProcessor(stores.jobs, limits).process(raw, None)
 
         await self.both(step, label, call, known.job_id)
 

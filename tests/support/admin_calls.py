@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-from tests.support.servers import admin
+from tests.support.servers import admin, bearer
 
 
 def admin_stub(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminServiceAsyncStub:
@@ -20,6 +22,30 @@ async def get_task(channel: grpc.aio.Channel, tenant_id: str, job_id: str) -> ad
     )
     task: admin_pb2.Task = reply.task
     return task
+
+
+async def create_service_key(
+    channel: grpc.aio.Channel,
+    services: Sequence[int],
+    role: int = admin_pb2.API_KEY_ROLE_SERVICE,
+    tenant_id: str = "platform",
+) -> admin_pb2.CreateApiKeyResponse:
+    """A real key created through AdminService (a service key speaking for ``services``)."""
+    reply: admin_pb2.CreateApiKeyResponse = await admin_stub(channel).CreateApiKey(
+        admin_pb2.CreateApiKeyRequest(
+            tenant_id=tenant_id,
+            role=role,  # type: ignore[arg-type]
+            services=services,  # type: ignore[arg-type]
+        ),
+        metadata=admin(),
+    )
+    return reply
+
+
+async def service_key_for(channel: grpc.aio.Channel, *services: int) -> tuple[tuple[str, str]]:
+    """Call metadata with a new service key that speaks for ``services`` (none: legacy)."""
+    created = await create_service_key(channel, services)
+    return (bearer(created.api_key),)
 
 
 async def tenant_usage(

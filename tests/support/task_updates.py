@@ -21,6 +21,11 @@ class NoticeRecorder(task_update_pb2_grpc.TaskUpdateServiceServicer):
     def __init__(self) -> None:
         self.notices: list[Notice] = []
         self.stream_metadata: list[dict[str, str]] = []
+        # ReportUpdates answers every notice while True; set False to record without answering
+        # (as an orchestrator that received notices and died before applying them).
+        self.answering = True
+        # Job ids whose ReportUpdates notices are answered rejected (wrong_service).
+        self.reject_job_ids: set[str] = set()
         self._changed = asyncio.Condition()
 
     async def PublishUpdates(
@@ -39,6 +44,39 @@ class NoticeRecorder(task_update_pb2_grpc.TaskUpdateServiceServicer):
                 self.notices.append(notice)
                 self._changed.notify_all()
         return task_update_pb2.PublishUpdatesResponse(received=received, accepted=received)
+
+    async def ReportUpdates(
+        self,
+        request_iterator: AsyncIterator[task_update_pb2.ReportUpdatesRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[task_update_pb2.ReportUpdatesResponse]:
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        async with self._changed:
+            self.stream_metadata.append(metadata)
+            self._changed.notify_all()
+        index = 0
+        async for request in request_iterator:
+            notice = request.notice
+            async with self._changed:
+                self.notices.append(notice)
+                self._changed.notify_all()
+            if notice.job_id in self.reject_job_ids:
+                yield task_update_pb2.ReportUpdatesResponse(
+                    index=index,
+                    job_id=notice.job_id,
+                    sequence=notice.sequence,
+                    verdict=task_update_pb2.NOTICE_VERDICT_REJECTED,
+                    reason=task_update_pb2.REJECT_REASON_WRONG_SERVICE,
+                    detail="not yours",
+                )
+            elif self.answering:
+                yield task_update_pb2.ReportUpdatesResponse(
+                    index=index,
+                    job_id=notice.job_id,
+                    sequence=notice.sequence,
+                    verdict=task_update_pb2.NOTICE_VERDICT_ACCEPTED,
+                )
+            index += 1
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
         async with asyncio.timeout(timeout_s), self._changed:

@@ -11,9 +11,12 @@ import pytest
 
 from domain.api_keys import hash_secret
 from domain.identity import Role
+from domain.models import Service
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from reference.config import REFERENCE_SERVICES, ReferenceConfig
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
+from server.dev_stack import with_publish_key
 from server.key_seeding import DEMO_KEYS, load_keys_file
 from tests.support.servers import bearer, test_settings
 
@@ -60,6 +63,26 @@ def test_a_keys_file_takes_plaintext_and_hashed_secrets(tmp_path: Path) -> None:
         ({"keys": [{"api_key": PLAIN, "tenant_id": "acme", "role": "root"}]}, "root"),
         ({"keys": [{"api_key": "nope", "tenant_id": "acme", "role": "client"}]}, "api_key"),
         (
+            {
+                "keys": [
+                    {"api_key": PLAIN, "tenant_id": "a", "role": "client", "services": ["query"]}
+                ]
+            },
+            "only a service key",
+        ),
+        (
+            {"keys": [{"api_key": PLAIN, "tenant_id": "a", "role": "service", "services": ["x"]}]},
+            r"services\[0\]",
+        ),
+        (
+            {
+                "keys": [
+                    {"api_key": PLAIN, "tenant_id": "a", "role": "service", "services": "query"}
+                ]
+            },
+            "list of service names",
+        ),
+        (
             {"keys": [{"key_id": "k1", "secret_sha256": "00", "tenant_id": "a", "role": "admin"}]},
             "key_id",
         ),
@@ -76,6 +99,23 @@ def test_a_keys_file_takes_plaintext_and_hashed_secrets(tmp_path: Path) -> None:
 def test_bad_keys_files_are_settings_errors(tmp_path: Path, document: object, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         load_keys_file(write_keys(tmp_path / "keys.json", document))
+
+
+def test_a_keys_file_service_key_may_name_its_services(tmp_path: Path) -> None:
+    entry = {"api_key": PLAIN, "tenant_id": "platform", "role": "service"}
+    path = write_keys(
+        tmp_path / "keys.json",
+        {"keys": [{**entry, "services": ["query", "embedding"]}]},
+    )
+    (record,) = load_keys_file(path)
+    assert record.services == frozenset({Service.QUERY, Service.EMBEDDING})
+    (legacy,) = load_keys_file(write_keys(tmp_path / "legacy.json", {"keys": [entry]}))
+    assert legacy.services == frozenset()
+
+
+def test_the_demo_service_key_speaks_for_every_reference_service() -> None:
+    (demo,) = [key for key in DEMO_KEYS if key.role is Role.SERVICE]
+    assert {service.value for service in demo.services} == set(REFERENCE_SERVICES)
 
 
 def test_an_unreadable_keys_file_is_a_settings_error(tmp_path: Path) -> None:
@@ -141,3 +181,19 @@ async def test_redis_gets_the_bootstrap_admin_key_but_no_demo_keys(redis_url: st
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             await server.stop(grace=0)
+
+
+async def test_make_run_on_redis_mints_a_service_key_for_the_services_it_embeds(
+    redis_url: str,
+) -> None:
+    server = OrchestratorServer(test_settings(redis_url))
+    await server.start()
+    try:
+        config = ReferenceConfig(orchestrator_address=f"127.0.0.1:{server.port}")
+        minted, key_id = await with_publish_key(server, config)
+        assert key_id is not None
+        record = await server.api_keys.verify(minted.publish_metadata[0][1].removeprefix("Bearer "))
+        assert record.role is Role.SERVICE and record.key_id == key_id
+        assert {service.value for service in record.services} == set(REFERENCE_SERVICES)
+    finally:
+        await server.stop(grace=0)

@@ -32,9 +32,17 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "bench": frozenset(),
 }
 # What clients may take from the domain: the port they implement and the plain values it carries.
-# The ports' values: agents, conversation turns (domain.ports.platform speaks in them).
+# The ports' values: agents, conversation turns (domain.ports.platform speaks in them); the
+# tracing port, whose spans the clients open around their calls.
 CLIENTS_MAY_USE = frozenset(
-    {"domain.dispatch", "domain.models", "domain.errors", "domain.agents", "domain.conversation"}
+    {
+        "domain.dispatch",
+        "domain.models",
+        "domain.errors",
+        "domain.agents",
+        "domain.conversation",
+        "domain.ports.tracing",
+    }
 )
 
 

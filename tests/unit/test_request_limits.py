@@ -129,6 +129,8 @@ def _request_with(field: FieldDescriptor, over: bool) -> tuple[Message, str]:
         if field.type == FieldDescriptor.TYPE_MESSAGE:
             for _ in range(count):
                 values.add()
+        elif field.type == FieldDescriptor.TYPE_ENUM:
+            values.extend([1] * count)
         else:
             values.extend(["c"] * count)
         return request, path

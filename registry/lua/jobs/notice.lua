@@ -21,7 +21,8 @@
 --   completion_tokens, total_tokens, retention_ms (the job's, once final), maxlen,
 --   log_ttl_ms, channel, usage_prefix, usage_retention_ms, handoff_grace_ms (the finalize
 --   lease)
--- Returns: {'accepted', sequence, now, envelope}, claim_reply('finishing', ...) or {verdict}
+-- Returns: {'accepted', sequence, now, envelope, traceparent (the job's `tp`, or '')},
+--   claim_reply('finishing', ...) or {verdict}
 --   (unknown_job | wrong_service | duplicate | job_finished)
 local job_id = ARGV[1]
 local service = ARGV[2]
@@ -59,7 +60,7 @@ local function session_tokens()
 end
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
-local f = redis.call('HMGET', job_key, 'service', 'state', 'nseq', 'request')
+local f = redis.call('HMGET', job_key, 'service', 'state', 'nseq', 'request', 'tp')
 if f[1] ~= service then return {'wrong_service'} end
 -- A queued job has not been handed to any service yet.
 if f[2] == 'queued' then return {'unknown_job'} end
@@ -108,4 +109,4 @@ end
 local env = envelope(job_id, f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)
 if not running then keep_final(seq, env) end
-return {'accepted', seq, now, env}
+return {'accepted', seq, now, env, f[5] or ''}

@@ -10,7 +10,8 @@
 --
 -- KEYS: the job keys of prelude/jobs.lua (job_key, session_key, pending_key, event_seq_key,
 --   events_key, tenant_pending_key, tenant_running_key, line_key, tenant_queued_key,
---   tenant_finishing_key)
+--   tenant_finishing_key), then tenant_jobs_key (the tenant's jobs by creation time: entries
+--   older than the longest retention are trimmed here)
 -- ARGV: job_id, session_id, service, kind, request_json, agent_id, model,
 --   accepted_json (the accepted event's data; deadline_ms and queued are added here),
 --   deadline_ms, heartbeat_ms, retention_ms (the job's, once final),
@@ -19,7 +20,8 @@
 --   not hold of the work request, and its work queue priority), handoff_grace_ms,
 --   keep ('1': the job hash keeps its final event, see keep_final), plan_json (the job's
 --   plan, '' for none), agent_json (the agent snapshot the plan was made from, or ''),
---   appends ('1': the plan appends history, so a completed notice makes the job FINISHING)
+--   appends ('1': the plan appends history, so a completed notice makes the job FINISHING),
+--   traceparent (the W3C trace context the job was accepted under, field `tp`, or '')
 -- Returns: {'ok', sequence, now, envelope} or {reason} (job_exists | session_missing |
 --   session_not_open | session_busy)
 local job_id = ARGV[1]
@@ -46,6 +48,8 @@ local keep = ARGV[21]
 local plan_json = ARGV[22]
 local agent_json = ARGV[23]
 local appends = ARGV[24]
+local traceparent = ARGV[25]
+local tenant_jobs_key = KEYS[11]
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
@@ -75,6 +79,7 @@ if keep == '1' then redis.call('HSET', job_key, 'keep', '1') end
 if plan_json ~= '' then redis.call('HSET', job_key, 'plan', plan_json) end
 if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
 if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
+if traceparent ~= '' then redis.call('HSET', job_key, 'tp', traceparent) end
 lifetime = lifetime + retention_ms
 redis.call('PEXPIRE', job_key, lifetime)
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished
@@ -93,6 +98,10 @@ if queued then
   redis.call('RPUSH', line_key, job_id)
   if ttl > 0 then redis.call('PEXPIRE', line_key, ttl) end
 end
+local kept_ms = queue_timeout_ms + deadline_ms + retention_ms
+redis.call('ZREMRANGEBYSCORE', tenant_jobs_key, '-inf', '(' .. (now - kept_ms))
+redis.call('ZADD', tenant_jobs_key, now, job_id)
+extend(tenant_jobs_key, kept_ms)
 redis.call('HINCRBY', session_key, 'msgs', 1)
 redis.call('HSET', session_key, 'state', 'busy', 'updated', now)
 local members = {'"deadline_ms":' .. math.min(deadline, hb)}

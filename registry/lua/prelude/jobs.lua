@@ -83,11 +83,11 @@ end
 -- What a claim of the job (redis_jobs parses it) carries: {status, lease, attempts, spec,
 -- session, service, kind, request, agent, model, cache key, accepted sequence or '', keep,
 -- plan, agent snapshot (a hand-off's) or '', plan outputs (a hand-off's) or '', result (a
--- finalize's) or '', deadline}. A finalize needs neither the snapshot nor the outputs.
+-- finalize's) or '', deadline, traceparent (the job's trace context) or ''}. A finalize needs neither the snapshot nor the outputs.
 -- Read before the job is released (which drops the spec, outputs and result).
 local function claim_reply(status, lease, attempts, finalize, accepted)
   local f = redis.call('HMGET', job_key, 'ho', 'session', 'service', 'kind', 'request', 'agent',
-    'model', 'ckey', 'keep', 'plan', 'deadline')
+    'model', 'ckey', 'keep', 'plan', 'deadline', 'tp')
   local snapshot, outputs, result = '', '', ''
   if finalize then
     result = redis.call('HGET', job_key, 'res') or ''
@@ -97,7 +97,7 @@ local function claim_reply(status, lease, attempts, finalize, accepted)
   end
   return {status, lease, attempts, f[1], f[2], f[3], f[4], f[5], f[6] or '', f[7] or '',
     f[8] or '', accepted or '', f[9] or '0', f[10] or '', snapshot, outputs, result,
-    f[11] or '0'}
+    f[11] or '0', f[12] or ''}
 end
 
 -- A job started with 'keep' set keeps its final event ("<seq> <time> <envelope>", the

@@ -19,6 +19,8 @@
 --   reclaim_at          ms before which no dequeue scans for expired leases again
 --   ch:done             channel: comma-separated ids of items that just finished
 --   ch:ready            channel: "1" when items became ready
+--   tally               hash: delayed:<prio>:<tenant> and dead:<prio>:<tenant> -> count of the
+--                       items in the delayed set and the dead letter (for per-tenant stats)
 local prefix = ARGV[1]
 local group = 'w'
 -- Acknowledge and delete a delivered entry. XDEL only when XACK found it pending, so a stale
@@ -56,8 +58,19 @@ local function push(rec, id, prio, tenant)
   end
 end
 
+-- Count an item into (delta 1) or out of (-1) the delayed set or the dead letter (``what``)
+-- per priority and tenant; a field that reaches zero is dropped.
+local function tally(what, prio, tenant, delta)
+  local field = what .. ':' .. prio .. ':' .. tenant
+  if redis.call('HINCRBY', prefix .. 'tally', field, delta) <= 0 then
+    redis.call('HDEL', prefix .. 'tally', field)
+  end
+end
+
 -- Move the item to the dead letter (kept until redriven: no TTL) and wake its waiters.
 local function bury(rec, id, err)
+  local pt = redis.call('HMGET', rec, 'p', 't')
+  tally('dead', pt[1], pt[2], 1)
   local x = redis.call('XADD', prefix .. 'dead', '*', 'i', id)
   redis.call('HSET', rec, 'st', 'dead', 'err', err, 'f', now, 'x', x)
   redis.call('PUBLISH', prefix .. 'ch:done', id)

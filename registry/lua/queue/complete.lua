@@ -16,7 +16,11 @@ for i = first_delivery, #ARGV, 4 do
   local rec = prefix .. 'i:' .. id
   local st = redis.call('HGET', rec, 'st')
   if st and not final(st) then
-    if st == 'delayed' then redis.call('ZREM', prefix .. 'delayed', id) end
+    if st == 'delayed' then
+      redis.call('ZREM', prefix .. 'delayed', id)
+      local pt = redis.call('HMGET', rec, 'p', 't')
+      tally('delayed', pt[1], pt[2], -1)
+    end
     redis.call('HSET', rec, 'st', 'done', 'v', value, 'f', now)
     redis.call('HDEL', rec, 'd', 'err')
     redis.call('PEXPIRE', rec, result_ttl_ms)

@@ -43,7 +43,10 @@ for _, id in ipairs(redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT
   redis.call('ZREM', delayed, id)
   local rec = prefix .. 'i:' .. id
   local f = redis.call('HMGET', rec, 'st', 'p', 't')
-  if f[1] == 'delayed' then push(rec, id, f[2], f[3]) end
+  if f[1] == 'delayed' then
+    tally('delayed', f[2], f[3], -1)
+    push(rec, id, f[2], f[3])
+  end
 end
 
 -- 2. Entries idle (not renewed) for a whole lease belonged to a dead consumer: claim them.

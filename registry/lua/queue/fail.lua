@@ -27,4 +27,6 @@ end
 local delay = math.min(cap_ms, base_ms * 2 ^ (n - 1))
 redis.call('ZADD', prefix .. 'delayed', now + math.floor(delay), id)
 redis.call('HSET', rec, 'st', 'delayed', 'err', error_text)
+local pt = redis.call('HMGET', rec, 'p', 't')
+tally('delayed', pt[1], pt[2], 1)
 return 'retry_scheduled'

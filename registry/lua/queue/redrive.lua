@@ -10,6 +10,7 @@ local rec = prefix .. 'i:' .. id
 local f = redis.call('HMGET', rec, 'st', 'p', 't', 'x')
 if f[1] ~= 'dead' then return 0 end
 redis.call('XDEL', prefix .. 'dead', f[4])
+tally('dead', f[2], f[3], -1)
 redis.call('HSET', rec, 'n', 0)
 redis.call('HDEL', rec, 'err', 'f', 'x')
 push(rec, id, f[2], f[3])
