@@ -133,6 +133,17 @@ def test_keys_are_created_listed_and_revoked_and_a_revoked_key_is_refused(
     assert "UNAUTHENTICATED" in refused.stderr
 
 
+def test_a_service_key_is_created_for_the_services_it_speaks_for(server: ServerProcess) -> None:
+    created = run(
+        server,
+        "keys", "create", "--tenant", "platform", "--role", "service",
+        "--service", "query", "--service", "embedding", "--json",
+        api_key=ADMIN_KEY,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["key"]["services"] == ["SERVICE_QUERY", "SERVICE_EMBEDDING"]
+
+
 def test_tasks_get_and_usage_read_what_a_message_did(server: ServerProcess) -> None:
     sent = run(server, "send", "--json", "count my tokens")
     job_id = json.loads(sent.stdout.splitlines()[0])["job_id"]

@@ -67,7 +67,11 @@ async def test_streams_continue_across_a_killed_and_restarted_server_without_los
 ) -> None:
     async with AsyncClient(deployment.address, api_key=ADMIN_KEY) as operator:
         client_key = (await operator.keys.create("acme", "client", "sdk test")).api_key
-        service_key = (await operator.keys.create("platform", "service", "reference")).api_key
+        service_key = (
+            await operator.keys.create(
+                "platform", "service", "reference", services=("query", "embedding")
+            )
+        ).api_key
     reference = ReferenceProcess(
         tmp_path / "reference.log",
         deployment.address,

@@ -548,12 +548,21 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="the key's tenant")],
     role: Annotated[str, typer.Option(help="client, service or admin")] = "client",
     description: Annotated[str, typer.Option(help="what the key is for")] = "",
+    service: Annotated[
+        list[str] | None,
+        typer.Option(help="a service a service key speaks for (repeatable; default: every one)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
 ) -> None:
     """Create an API key. Its secret is shown once."""
 
     async def work(client: AsyncClient) -> int:
-        created = await client.keys.create(tenant, role, description)  # type: ignore[arg-type]
+        created = await client.keys.create(
+            tenant,
+            cast(Any, role),
+            description,
+            services=service or (),
+        )
         if as_json:
             _print_json(_json(created))
         else:

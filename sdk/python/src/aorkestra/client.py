@@ -51,6 +51,11 @@ _PRIORITIES: dict[str, int] = {
     "normal": common_pb2.PRIORITY_NORMAL,
     "low": common_pb2.PRIORITY_LOW,
 }
+_SERVICES: dict[str, int] = {
+    name.removeprefix("SERVICE_").lower(): number
+    for name, number in common_pb2.Service.items()
+    if number != common_pb2.SERVICE_UNSPECIFIED
+}
 _ROLES: dict[str, int] = {
     "client": admin_pb2.API_KEY_ROLE_CLIENT,
     "service": admin_pb2.API_KEY_ROLE_SERVICE,
@@ -435,13 +440,21 @@ class Keys:
         self._stub = admin_pb2_grpc.AdminServiceStub(transport.channel)
 
     async def create(
-        self, tenant_id: str, role: Literal["client", "service", "admin"], description: str = ""
+        self,
+        tenant_id: str,
+        role: Literal["client", "service", "admin"],
+        description: str = "",
+        *,
+        services: Iterable[str] = (),
     ) -> admin_pb2.CreateApiKeyResponse:
-        """A new key; its secret (``api_key``) is shown only in this response."""
+        """A new key; its secret (``api_key``) is shown only in this response. ``services``
+        (service keys only): the services it speaks for (query, embedding, agent_execution,
+        workflow_engine, conversation, agent_management, tool_registry); none: every one."""
         request = admin_pb2.CreateApiKeyRequest(
             tenant_id=tenant_id,
             role=_choice(_ROLES, role, "role"),  # type: ignore[arg-type]
             description=description,
+            services=[_choice(_SERVICES, name, "service") for name in services],  # type: ignore[misc]
         )
         return await self._t.unary("CreateApiKey", self._stub.CreateApiKey, request, safe=False)
 

@@ -133,9 +133,14 @@ class SyncBatches(_Sync[Batches]):
 
 class SyncKeys(_Sync[Keys]):
     def create(
-        self, tenant_id: str, role: Literal["client", "service", "admin"], description: str = ""
+        self,
+        tenant_id: str,
+        role: Literal["client", "service", "admin"],
+        description: str = "",
+        *,
+        services: Iterable[str] = (),
     ) -> admin_pb2.CreateApiKeyResponse:
-        return self._loop.run(self._a.create(tenant_id, role, description))
+        return self._loop.run(self._a.create(tenant_id, role, description, services=services))
 
     def list(self, tenant_id: str = "", **options: Any) -> admin_pb2.ListApiKeysResponse:
         return self._loop.run(self._a.list(tenant_id, **options))

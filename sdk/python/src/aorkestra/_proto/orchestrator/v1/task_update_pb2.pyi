@@ -83,7 +83,9 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_WRONG_TENANT: _RejectReason.ValueType  # 2
     """The job belongs to another tenant."""
     REJECT_REASON_WRONG_SERVICE: _RejectReason.ValueType  # 3
-    """The job went to another service."""
+    """The job went to another service, or the caller's API key does not speak for the notice's
+    service (decided before the job is looked up).
+    """
     REJECT_REASON_JOB_FINISHED: _RejectReason.ValueType  # 4
     """The job already reached a final state."""
     REJECT_REASON_MALFORMED: _RejectReason.ValueType  # 5
@@ -99,12 +101,42 @@ REJECT_REASON_UNKNOWN_JOB: RejectReason.ValueType  # 1
 REJECT_REASON_WRONG_TENANT: RejectReason.ValueType  # 2
 """The job belongs to another tenant."""
 REJECT_REASON_WRONG_SERVICE: RejectReason.ValueType  # 3
-"""The job went to another service."""
+"""The job went to another service, or the caller's API key does not speak for the notice's
+service (decided before the job is looked up).
+"""
 REJECT_REASON_JOB_FINISHED: RejectReason.ValueType  # 4
 """The job already reached a final state."""
 REJECT_REASON_MALFORMED: RejectReason.ValueType  # 5
 """A required field is missing or out of range."""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
+
+class _NoticeVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NoticeVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NOTICE_VERDICT_UNSPECIFIED: _NoticeVerdict.ValueType  # 0
+    """Never returned."""
+    NOTICE_VERDICT_ACCEPTED: _NoticeVerdict.ValueType  # 1
+    """The notice was applied."""
+    NOTICE_VERDICT_DUPLICATE: _NoticeVerdict.ValueType  # 2
+    """The notice repeated one already applied (same job, sequence not newer): nothing changed."""
+    NOTICE_VERDICT_REJECTED: _NoticeVerdict.ValueType  # 3
+    """The notice was refused; reason and detail say why. Sending it again gets the same answer."""
+
+class NoticeVerdict(_NoticeVerdict, metaclass=_NoticeVerdictEnumTypeWrapper):
+    """The verdict on one notice."""
+
+NOTICE_VERDICT_UNSPECIFIED: NoticeVerdict.ValueType  # 0
+"""Never returned."""
+NOTICE_VERDICT_ACCEPTED: NoticeVerdict.ValueType  # 1
+"""The notice was applied."""
+NOTICE_VERDICT_DUPLICATE: NoticeVerdict.ValueType  # 2
+"""The notice repeated one already applied (same job, sequence not newer): nothing changed."""
+NOTICE_VERDICT_REJECTED: NoticeVerdict.ValueType  # 3
+"""The notice was refused; reason and detail say why. Sending it again gets the same answer."""
+Global___NoticeVerdict: _TypeAlias = NoticeVerdict  # noqa: Y015
 
 @_typing.final
 class PublishUpdatesRequest(_message.Message):
@@ -131,7 +163,9 @@ class PublishUpdatesRequest(_message.Message):
     event: Global___NoticeEvent.ValueType
     """Required. What the notice reports."""
     service: _common_pb2.Service.ValueType
-    """Required. The service sending the notice; must be the service the job went to."""
+    """Required. The service sending the notice; must be the service the job went to and one the
+    caller's API key speaks for (a legacy service key with no list speaks for all).
+    """
     job_id: _builtins.str
     """Required (except for agent_changed). The job the notice is about."""
     tenant_id: _builtins.str
@@ -287,3 +321,75 @@ class PublishUpdatesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishUpdatesResponse: _TypeAlias = PublishUpdatesResponse  # noqa: Y015
+
+@_typing.final
+class ReportUpdatesRequest(_message.Message):
+    """One notice on TaskUpdateService.ReportUpdates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def notice(self) -> Global___PublishUpdatesRequest:
+        """Required. The notice, checked and applied exactly as on PublishUpdates."""
+
+    def __init__(
+        self,
+        *,
+        notice: Global___PublishUpdatesRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["notice", b"notice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notice", b"notice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportUpdatesRequest: _TypeAlias = ReportUpdatesRequest  # noqa: Y015
+
+@_typing.final
+class ReportUpdatesResponse(_message.Message):
+    """The answer to one notice of a ReportUpdates stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The notice's position in the stream, from 0 (response i answers request i)."""
+    job_id: _builtins.str
+    """The notice's job id (as sent; empty for agent_changed or a frame that did not decode)."""
+    sequence: _builtins.int
+    """The notice's sequence (as sent; 0 when it had none or did not decode)."""
+    verdict: Global___NoticeVerdict.ValueType
+    """What became of the notice."""
+    reason: Global___RejectReason.ValueType
+    """For rejected: why."""
+    detail: _builtins.str
+    """For rejected: details, e.g. the malformed field."""
+    event_sequence: _builtins.int
+    """For accepted job notices that added an event to the session's stream: that event's
+    sequence in the session; otherwise 0.
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        verdict: Global___NoticeVerdict.ValueType = ...,
+        reason: Global___RejectReason.ValueType = ...,
+        detail: _builtins.str = ...,
+        event_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "event_sequence", b"event_sequence", "index", b"index", "job_id", b"job_id", "reason", b"reason", "sequence", b"sequence", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportUpdatesResponse: _TypeAlias = ReportUpdatesResponse  # noqa: Y015

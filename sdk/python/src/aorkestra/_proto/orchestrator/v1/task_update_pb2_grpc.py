@@ -41,6 +41,11 @@ class TaskUpdateServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_task__update__pb2.PublishUpdatesRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_task__update__pb2.PublishUpdatesResponse.FromString,
                 _registered_method=True)
+        self.ReportUpdates = channel.stream_stream(
+                '/orchestrator.v1.TaskUpdateService/ReportUpdates',
+                request_serializer=orchestrator_dot_v1_dot_task__update__pb2.ReportUpdatesRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_task__update__pb2.ReportUpdatesResponse.FromString,
+                _registered_method=True)
 
 
 class TaskUpdateServiceServicer:
@@ -58,6 +63,17 @@ class TaskUpdateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUpdates(self, request_iterator, context):
+        """The acknowledged form of PublishUpdates: the same notices, each answered with its verdict
+        as soon as it is applied, in stream order (response i answers request i). A reporter
+        stops resending a notice once it is answered. A request that is not a valid
+        ReportUpdatesRequest, or carries no notice, is answered as malformed and the stream goes
+        on; the stream ends when the caller closes its side.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskUpdateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -65,6 +81,11 @@ def add_TaskUpdateServiceServicer_to_server(servicer, server):
                     servicer.PublishUpdates,
                     request_deserializer=orchestrator_dot_v1_dot_task__update__pb2.PublishUpdatesRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_task__update__pb2.PublishUpdatesResponse.SerializeToString,
+            ),
+            'ReportUpdates': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReportUpdates,
+                    request_deserializer=orchestrator_dot_v1_dot_task__update__pb2.ReportUpdatesRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_task__update__pb2.ReportUpdatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +117,33 @@ class TaskUpdateService:
             '/orchestrator.v1.TaskUpdateService/PublishUpdates',
             orchestrator_dot_v1_dot_task__update__pb2.PublishUpdatesRequest.SerializeToString,
             orchestrator_dot_v1_dot_task__update__pb2.PublishUpdatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUpdates(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/orchestrator.v1.TaskUpdateService/ReportUpdates',
+            orchestrator_dot_v1_dot_task__update__pb2.ReportUpdatesRequest.SerializeToString,
+            orchestrator_dot_v1_dot_task__update__pb2.ReportUpdatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

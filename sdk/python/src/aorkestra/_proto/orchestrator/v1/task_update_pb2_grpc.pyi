@@ -41,6 +41,13 @@ class TaskUpdateServiceStub:
     service) and applied or rejected on its own: a bad notice never ends the stream. When the
     caller closes its side, the response counts every outcome.
     """
+    ReportUpdates: _grpc.StreamStreamMultiCallable[_task_update_pb2.ReportUpdatesRequest, _task_update_pb2.ReportUpdatesResponse]
+    """The acknowledged form of PublishUpdates: the same notices, each answered with its verdict
+    as soon as it is applied, in stream order (response i answers request i). A reporter
+    stops resending a notice once it is answered. A request that is not a valid
+    ReportUpdatesRequest, or carries no notice, is answered as malformed and the stream goes
+    on; the stream ends when the caller closes its side.
+    """
 
 @_typing.type_check_only
 class TaskUpdateServiceAsyncStub(TaskUpdateServiceStub):
@@ -54,6 +61,13 @@ class TaskUpdateServiceAsyncStub(TaskUpdateServiceStub):
     (the job exists and is in flight, belongs to the notice's tenant and went to the notice's
     service) and applied or rejected on its own: a bad notice never ends the stream. When the
     caller closes its side, the response counts every outcome.
+    """
+    ReportUpdates: _aio.StreamStreamMultiCallable[_task_update_pb2.ReportUpdatesRequest, _task_update_pb2.ReportUpdatesResponse]  # type: ignore[assignment]
+    """The acknowledged form of PublishUpdates: the same notices, each answered with its verdict
+    as soon as it is applied, in stream order (response i answers request i). A reporter
+    stops resending a notice once it is answered. A request that is not a valid
+    ReportUpdatesRequest, or carries no notice, is answered as malformed and the stream goes
+    on; the stream ends when the caller closes its side.
     """
 
 class TaskUpdateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -71,6 +85,19 @@ class TaskUpdateServiceServicer(metaclass=_abc_1.ABCMeta):
         (the job exists and is in flight, belongs to the notice's tenant and went to the notice's
         service) and applied or rejected on its own: a bad notice never ends the stream. When the
         caller closes its side, the response counts every outcome.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportUpdates(
+        self,
+        request_iterator: _MaybeAsyncIterator[_task_update_pb2.ReportUpdatesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_update_pb2.ReportUpdatesResponse], _abc.AsyncIterator[_task_update_pb2.ReportUpdatesResponse]]:
+        """The acknowledged form of PublishUpdates: the same notices, each answered with its verdict
+        as soon as it is applied, in stream order (response i answers request i). A reporter
+        stops resending a notice once it is answered. A request that is not a valid
+        ReportUpdatesRequest, or carries no notice, is answered as malformed and the stream goes
+        on; the stream ends when the caller closes its side.
         """
 
 def add_TaskUpdateServiceServicer_to_server(servicer: TaskUpdateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

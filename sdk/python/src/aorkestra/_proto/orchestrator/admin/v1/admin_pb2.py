@@ -23,52 +23,97 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from aorkestra._proto.orchestrator.v1 import batch_pb2 as orchestrator_dot_v1_dot_batch__pb2
+from aorkestra._proto.orchestrator.v1 import chat_pb2 as orchestrator_dot_v1_dot_chat__pb2
 from aorkestra._proto.orchestrator.v1 import common_pb2 as orchestrator_dot_v1_dot_common__pb2
+from aorkestra._proto.orchestrator.v1 import session_pb2 as orchestrator_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/admin/v1/admin.proto\x12\x15orchestrator.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1corchestrator/v1/common.proto\"\xe4\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12/\n\x04role\x18\x03 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\"n\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x04role\x18\x02 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"c\n\x14\x43reateApiKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12*\n\x03key\x18\x03 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"N\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x13ListApiKeysResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"B\n\x14RevokeApiKeyResponse\x12*\n\x03key\x18\x01 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"\xaa\x04\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12)\n\x07service\x18\x05 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12/\n\x05state\x18\x07 \x01(\x0e\x32 .orchestrator.admin.v1.TaskState\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_notice_sequence\x18\r \x01(\x03\x12*\n\x05usage\x18\x0e \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\'\n\x04plan\x18\x0f \x03(\x0b\x32\x19.orchestrator.v1.PlanStep\x12\x15\n\ragent_version\x18\x10 \x01(\x03\x12\x12\n\nagent_kind\x18\x11 \x01(\t\"3\n\x0eGetTaskRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"<\n\x0fGetTaskResponse\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.orchestrator.admin.v1.Task\"4\n\nAgentUsage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"\x90\x01\n\x08\x44\x61yUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x03 \x01(\x03\x12\x31\n\x06\x61gents\x18\x04 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\"P\n\x15GetTenantUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\"\xaa\x02\n\x16GetTenantUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12-\n\x04\x64\x61ys\x18\x04 \x03(\x0b\x32\x1f.orchestrator.admin.v1.DayUsage\x12*\n\x05total\x18\x05 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x06 \x01(\x03\x12\x31\n\x06\x61gents\x18\x07 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\x12\x1a\n\x12\x64\x61ily_token_budget\x18\x08 \x01(\x03\x12\x14\n\x0ctokens_today\x18\t \x01(\x03\"=\n\x16InvalidateAgentRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\x19\n\x17InvalidateAgentResponse*u\n\nApiKeyRole\x12\x1c\n\x18\x41PI_KEY_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41PI_KEY_ROLE_CLIENT\x10\x01\x12\x18\n\x14\x41PI_KEY_ROLE_SERVICE\x10\x02\x12\x16\n\x12\x41PI_KEY_ROLE_ADMIN\x10\x03*\xd3\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_TIMED_OUT\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x15\n\x11TASK_STATE_QUEUED\x10\x07\x32\x81\x05\n\x0c\x41\x64minService\x12g\n\x0c\x43reateApiKey\x12*.orchestrator.admin.v1.CreateApiKeyRequest\x1a+.orchestrator.admin.v1.CreateApiKeyResponse\x12\x64\n\x0bListApiKeys\x12).orchestrator.admin.v1.ListApiKeysRequest\x1a*.orchestrator.admin.v1.ListApiKeysResponse\x12g\n\x0cRevokeApiKey\x12*.orchestrator.admin.v1.RevokeApiKeyRequest\x1a+.orchestrator.admin.v1.RevokeApiKeyResponse\x12X\n\x07GetTask\x12%.orchestrator.admin.v1.GetTaskRequest\x1a&.orchestrator.admin.v1.GetTaskResponse\x12m\n\x0eGetTenantUsage\x12,.orchestrator.admin.v1.GetTenantUsageRequest\x1a-.orchestrator.admin.v1.GetTenantUsageResponse\x12p\n\x0fInvalidateAgent\x12-.orchestrator.admin.v1.InvalidateAgentRequest\x1a..orchestrator.admin.v1.InvalidateAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!orchestrator/admin/v1/admin.proto\x12\x15orchestrator.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1borchestrator/v1/batch.proto\x1a\x1aorchestrator/v1/chat.proto\x1a\x1corchestrator/v1/common.proto\x1a\x1dorchestrator/v1/session.proto\"\x90\x02\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12/\n\x04role\x18\x03 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12*\n\x08services\x18\x08 \x03(\x0e\x32\x18.orchestrator.v1.Service\"\x9a\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x04role\x18\x02 \x01(\x0e\x32!.orchestrator.admin.v1.ApiKeyRole\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12*\n\x08services\x18\x04 \x03(\x0e\x32\x18.orchestrator.v1.Service\"c\n\x14\x43reateApiKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12*\n\x03key\x18\x03 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"N\n\x12ListApiKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x13ListApiKeysResponse\x12+\n\x04keys\x18\x01 \x03(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"B\n\x14RevokeApiKeyResponse\x12*\n\x03key\x18\x01 \x01(\x0b\x32\x1d.orchestrator.admin.v1.ApiKey\"\xaa\x04\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12)\n\x07service\x18\x05 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.orchestrator.v1.WorkKind\x12/\n\x05state\x18\x07 \x01(\x0e\x32 .orchestrator.admin.v1.TaskState\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_notice_sequence\x18\r \x01(\x03\x12*\n\x05usage\x18\x0e \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\'\n\x04plan\x18\x0f \x03(\x0b\x32\x19.orchestrator.v1.PlanStep\x12\x15\n\ragent_version\x18\x10 \x01(\x03\x12\x12\n\nagent_kind\x18\x11 \x01(\t\"3\n\x0eGetTaskRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"<\n\x0fGetTaskResponse\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.orchestrator.admin.v1.Task\"4\n\nAgentUsage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"\x90\x01\n\x08\x44\x61yUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x03 \x01(\x03\x12\x31\n\x06\x61gents\x18\x04 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\"P\n\x15GetTenantUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\"\xaa\x02\n\x16GetTenantUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12-\n\x04\x64\x61ys\x18\x04 \x03(\x0b\x32\x1f.orchestrator.admin.v1.DayUsage\x12*\n\x05total\x18\x05 \x01(\x0b\x32\x1b.orchestrator.v1.TokenUsage\x12\x17\n\x0f\x63ompleted_tasks\x18\x06 \x01(\x03\x12\x31\n\x06\x61gents\x18\x07 \x03(\x0b\x32!.orchestrator.admin.v1.AgentUsage\x12\x1a\n\x12\x64\x61ily_token_budget\x18\x08 \x01(\x03\x12\x14\n\x0ctokens_today\x18\t \x01(\x03\"=\n\x16InvalidateAgentRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"\x19\n\x17InvalidateAgentResponse\"\xb9\x02\n\x10ListTasksRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x30\n\x06states\x18\x02 \x03(\x0e\x32 .orchestrator.admin.v1.TaskState\x12)\n\x07service\x18\x03 \x01(\x0e\x32\x18.orchestrator.v1.Service\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x34\n\x10\x63reate_time_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reate_time_to\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"X\n\x11ListTasksResponse\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.orchestrator.admin.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\nQueueDepth\x12\r\n\x05queue\x18\x01 \x01(\t\x12+\n\x08priority\x18\x02 \x01(\x0e\x32\x19.orchestrator.v1.Priority\x12\r\n\x05ready\x18\x03 \x01(\x03\x12\x0e\n\x06leased\x18\x04 \x01(\x03\x12\x0f\n\x07\x64\x65layed\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x65\x61\x64\x18\x06 \x01(\x03\"P\n\x0eTaskStateCount\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .orchestrator.admin.v1.TaskState\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"$\n\x0fGetStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xba\x01\n\x10GetStatsResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x34\n\x05tasks\x18\x02 \x03(\x0b\x32%.orchestrator.admin.v1.TaskStateCount\x12\x31\n\x06queues\x18\x03 \x03(\x0b\x32!.orchestrator.admin.v1.QueueDepth\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x04 \x01(\x03\x12\x14\n\x0ctokens_today\x18\x05 \x01(\x03\"\xef\x01\n\nDeadLetter\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12+\n\x08priority\x18\x06 \x01(\x0e\x32\x19.orchestrator.v1.Priority\x12\x12\n\ndeliveries\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12-\n\tdead_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07payload\x18\n \x01(\x0c\"a\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"k\n\x17ListDeadLettersResponse\x12\x37\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32!.orchestrator.admin.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x14GetDeadLetterRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"O\n\x15GetDeadLetterResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.orchestrator.admin.v1.DeadLetter\":\n\x18RedriveDeadLetterRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"S\n\x19RedriveDeadLetterResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.orchestrator.admin.v1.DeadLetter\":\n\x11GetSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"?\n\x12GetSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.orchestrator.v1.Session\"h\n\x18ListSessionEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"w\n\x19ListSessionEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.orchestrator.v1.ChatEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"6\n\x0fGetBatchRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\"9\n\x10GetBatchResponse\x12%\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Batch\",\n\x17RevokeTenantKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"3\n\x18RevokeTenantKeysResponse\x12\x17\n\x0frevoked_key_ids\x18\x01 \x03(\t*u\n\nApiKeyRole\x12\x1c\n\x18\x41PI_KEY_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41PI_KEY_ROLE_CLIENT\x10\x01\x12\x18\n\x14\x41PI_KEY_ROLE_SERVICE\x10\x02\x12\x16\n\x12\x41PI_KEY_ROLE_ADMIN\x10\x03*\xd3\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_TIMED_OUT\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x15\n\x11TASK_STATE_QUEUED\x10\x07\x32\xc1\x0c\n\x0c\x41\x64minService\x12g\n\x0c\x43reateApiKey\x12*.orchestrator.admin.v1.CreateApiKeyRequest\x1a+.orchestrator.admin.v1.CreateApiKeyResponse\x12\x64\n\x0bListApiKeys\x12).orchestrator.admin.v1.ListApiKeysRequest\x1a*.orchestrator.admin.v1.ListApiKeysResponse\x12g\n\x0cRevokeApiKey\x12*.orchestrator.admin.v1.RevokeApiKeyRequest\x1a+.orchestrator.admin.v1.RevokeApiKeyResponse\x12X\n\x07GetTask\x12%.orchestrator.admin.v1.GetTaskRequest\x1a&.orchestrator.admin.v1.GetTaskResponse\x12m\n\x0eGetTenantUsage\x12,.orchestrator.admin.v1.GetTenantUsageRequest\x1a-.orchestrator.admin.v1.GetTenantUsageResponse\x12p\n\x0fInvalidateAgent\x12-.orchestrator.admin.v1.InvalidateAgentRequest\x1a..orchestrator.admin.v1.InvalidateAgentResponse\x12^\n\tListTasks\x12\'.orchestrator.admin.v1.ListTasksRequest\x1a(.orchestrator.admin.v1.ListTasksResponse\x12[\n\x08GetStats\x12&.orchestrator.admin.v1.GetStatsRequest\x1a\'.orchestrator.admin.v1.GetStatsResponse\x12p\n\x0fListDeadLetters\x12-.orchestrator.admin.v1.ListDeadLettersRequest\x1a..orchestrator.admin.v1.ListDeadLettersResponse\x12j\n\rGetDeadLetter\x12+.orchestrator.admin.v1.GetDeadLetterRequest\x1a,.orchestrator.admin.v1.GetDeadLetterResponse\x12v\n\x11RedriveDeadLetter\x12/.orchestrator.admin.v1.RedriveDeadLetterRequest\x1a\x30.orchestrator.admin.v1.RedriveDeadLetterResponse\x12\x61\n\nGetSession\x12(.orchestrator.admin.v1.GetSessionRequest\x1a).orchestrator.admin.v1.GetSessionResponse\x12v\n\x11ListSessionEvents\x12/.orchestrator.admin.v1.ListSessionEventsRequest\x1a\x30.orchestrator.admin.v1.ListSessionEventsResponse\x12[\n\x08GetBatch\x12&.orchestrator.admin.v1.GetBatchRequest\x1a\'.orchestrator.admin.v1.GetBatchResponse\x12s\n\x10RevokeTenantKeys\x12..orchestrator.admin.v1.RevokeTenantKeysRequest\x1a/.orchestrator.admin.v1.RevokeTenantKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aorkestra._proto.orchestrator.admin.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEYROLE']._serialized_start=2193
-  _globals['_APIKEYROLE']._serialized_end=2310
-  _globals['_TASKSTATE']._serialized_start=2313
-  _globals['_TASKSTATE']._serialized_end=2524
-  _globals['_APIKEY']._serialized_start=124
-  _globals['_APIKEY']._serialized_end=352
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=354
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=464
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=466
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=565
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=567
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=645
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=647
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=738
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=740
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=777
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=779
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=845
-  _globals['_TASK']._serialized_start=848
-  _globals['_TASK']._serialized_end=1402
-  _globals['_GETTASKREQUEST']._serialized_start=1404
-  _globals['_GETTASKREQUEST']._serialized_end=1455
-  _globals['_GETTASKRESPONSE']._serialized_start=1457
-  _globals['_GETTASKRESPONSE']._serialized_end=1517
-  _globals['_AGENTUSAGE']._serialized_start=1519
-  _globals['_AGENTUSAGE']._serialized_end=1571
-  _globals['_DAYUSAGE']._serialized_start=1574
-  _globals['_DAYUSAGE']._serialized_end=1718
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=1720
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=1800
-  _globals['_GETTENANTUSAGERESPONSE']._serialized_start=1803
-  _globals['_GETTENANTUSAGERESPONSE']._serialized_end=2101
-  _globals['_INVALIDATEAGENTREQUEST']._serialized_start=2103
-  _globals['_INVALIDATEAGENTREQUEST']._serialized_end=2164
-  _globals['_INVALIDATEAGENTRESPONSE']._serialized_start=2166
-  _globals['_INVALIDATEAGENTRESPONSE']._serialized_end=2191
-  _globals['_ADMINSERVICE']._serialized_start=2527
-  _globals['_ADMINSERVICE']._serialized_end=3168
+  _globals['_APIKEYROLE']._serialized_start=4520
+  _globals['_APIKEYROLE']._serialized_end=4637
+  _globals['_TASKSTATE']._serialized_start=4640
+  _globals['_TASKSTATE']._serialized_end=4851
+  _globals['_APIKEY']._serialized_start=212
+  _globals['_APIKEY']._serialized_end=484
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=487
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=641
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=643
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=742
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=744
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=822
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=824
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=915
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=917
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=954
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=956
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1022
+  _globals['_TASK']._serialized_start=1025
+  _globals['_TASK']._serialized_end=1579
+  _globals['_GETTASKREQUEST']._serialized_start=1581
+  _globals['_GETTASKREQUEST']._serialized_end=1632
+  _globals['_GETTASKRESPONSE']._serialized_start=1634
+  _globals['_GETTASKRESPONSE']._serialized_end=1694
+  _globals['_AGENTUSAGE']._serialized_start=1696
+  _globals['_AGENTUSAGE']._serialized_end=1748
+  _globals['_DAYUSAGE']._serialized_start=1751
+  _globals['_DAYUSAGE']._serialized_end=1895
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=1897
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=1977
+  _globals['_GETTENANTUSAGERESPONSE']._serialized_start=1980
+  _globals['_GETTENANTUSAGERESPONSE']._serialized_end=2278
+  _globals['_INVALIDATEAGENTREQUEST']._serialized_start=2280
+  _globals['_INVALIDATEAGENTREQUEST']._serialized_end=2341
+  _globals['_INVALIDATEAGENTRESPONSE']._serialized_start=2343
+  _globals['_INVALIDATEAGENTRESPONSE']._serialized_end=2368
+  _globals['_LISTTASKSREQUEST']._serialized_start=2371
+  _globals['_LISTTASKSREQUEST']._serialized_end=2684
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2686
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2774
+  _globals['_QUEUEDEPTH']._serialized_start=2777
+  _globals['_QUEUEDEPTH']._serialized_end=2911
+  _globals['_TASKSTATECOUNT']._serialized_start=2913
+  _globals['_TASKSTATECOUNT']._serialized_end=2993
+  _globals['_GETSTATSREQUEST']._serialized_start=2995
+  _globals['_GETSTATSREQUEST']._serialized_end=3031
+  _globals['_GETSTATSRESPONSE']._serialized_start=3034
+  _globals['_GETSTATSRESPONSE']._serialized_end=3220
+  _globals['_DEADLETTER']._serialized_start=3223
+  _globals['_DEADLETTER']._serialized_end=3462
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=3464
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=3561
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=3563
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=3670
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=3672
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=3726
+  _globals['_GETDEADLETTERRESPONSE']._serialized_start=3728
+  _globals['_GETDEADLETTERRESPONSE']._serialized_end=3807
+  _globals['_REDRIVEDEADLETTERREQUEST']._serialized_start=3809
+  _globals['_REDRIVEDEADLETTERREQUEST']._serialized_end=3867
+  _globals['_REDRIVEDEADLETTERRESPONSE']._serialized_start=3869
+  _globals['_REDRIVEDEADLETTERRESPONSE']._serialized_end=3952
+  _globals['_GETSESSIONREQUEST']._serialized_start=3954
+  _globals['_GETSESSIONREQUEST']._serialized_end=4012
+  _globals['_GETSESSIONRESPONSE']._serialized_start=4014
+  _globals['_GETSESSIONRESPONSE']._serialized_end=4077
+  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_start=4079
+  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_end=4183
+  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_start=4185
+  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_end=4304
+  _globals['_GETBATCHREQUEST']._serialized_start=4306
+  _globals['_GETBATCHREQUEST']._serialized_end=4360
+  _globals['_GETBATCHRESPONSE']._serialized_start=4362
+  _globals['_GETBATCHRESPONSE']._serialized_end=4419
+  _globals['_REVOKETENANTKEYSREQUEST']._serialized_start=4421
+  _globals['_REVOKETENANTKEYSREQUEST']._serialized_end=4465
+  _globals['_REVOKETENANTKEYSRESPONSE']._serialized_start=4467
+  _globals['_REVOKETENANTKEYSRESPONSE']._serialized_end=4518
+  _globals['_ADMINSERVICE']._serialized_start=4854
+  _globals['_ADMINSERVICE']._serialized_end=6455
 # @@protoc_insertion_point(module_scope)

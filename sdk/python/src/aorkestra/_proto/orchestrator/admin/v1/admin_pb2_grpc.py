@@ -65,6 +65,51 @@ class AdminServiceStub:
                 request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/ListTasks',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/GetStats',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/ListDeadLetters',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.GetDeadLetter = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/GetDeadLetter',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetDeadLetterRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.RedriveDeadLetter = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/RedriveDeadLetter',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RedriveDeadLetterRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RedriveDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/GetSession',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessionEvents = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/ListSessionEvents',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListSessionEventsRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListSessionEventsResponse.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/GetBatch',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
+        self.RevokeTenantKeys = channel.unary_unary(
+                '/orchestrator.admin.v1.AdminService/RevokeTenantKeys',
+                request_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeTenantKeysRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeTenantKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -118,6 +163,74 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Lists a tenant's retained tasks, newest first, with filters, one page at a time. A page
+        may hold fewer than page_size tasks (even none) while next_page_token is set: each call
+        looks at a bounded number of tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counts for operators: tasks in flight by state, work queue depth by priority and state,
+        dead letters and tokens used today; for one tenant, or for all when tenant_id is empty.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Lists the dead letters of a work queue (items that failed every delivery), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeadLetter(self, request, context):
+        """Returns one dead letter with its payload; NOT_FOUND when the item is not dead-lettered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedriveDeadLetter(self, request, context):
+        """Puts a dead letter back in its work queue with its deliveries reset: a worker runs it
+        again. NOT_FOUND when the item is not dead-lettered (already redriven, or unknown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Returns any session of a tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessionEvents(self, request, context):
+        """Lists the retained events of any session of a tenant, oldest first, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """Returns any batch of a tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeTenantKeys(self, request, context):
+        """Revokes every live API key of a tenant at once: every replica refuses them from the next
+        call on, and their open streams end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +263,51 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.InvalidateAgent,
                     request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentRequest.FromString,
                     response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListTasksRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'GetDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeadLetter,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetDeadLetterRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetDeadLetterResponse.SerializeToString,
+            ),
+            'RedriveDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedriveDeadLetter,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RedriveDeadLetterRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RedriveDeadLetterResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetSessionRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'ListSessionEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessionEvents,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListSessionEventsRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListSessionEventsResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetBatchRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'RevokeTenantKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTenantKeys,
+                    request_deserializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeTenantKeysRequest.FromString,
+                    response_serializer=orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeTenantKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +473,249 @@ class AdminService:
             '/orchestrator.admin.v1.AdminService/InvalidateAgent',
             orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentRequest.SerializeToString,
             orchestrator_dot_admin_dot_v1_dot_admin__pb2.InvalidateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/ListTasks',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListTasksRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/GetStats',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/ListDeadLetters',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListDeadLettersRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/GetDeadLetter',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetDeadLetterRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedriveDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/RedriveDeadLetter',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.RedriveDeadLetterRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.RedriveDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/GetSession',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetSessionRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessionEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/ListSessionEvents',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListSessionEventsRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.ListSessionEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/GetBatch',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetBatchRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTenantKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.admin.v1.AdminService/RevokeTenantKeys',
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeTenantKeysRequest.SerializeToString,
+            orchestrator_dot_admin_dot_v1_dot_admin__pb2.RevokeTenantKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,33 @@ class AdminServiceStub:
     """Drops the cached configuration of one agent of a tenant on every replica: once the call
     returns, no replica serves the previous version.
     """
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTasksRequest, _admin_pb2.ListTasksResponse]
+    """Lists a tenant's retained tasks, newest first, with filters, one page at a time. A page
+    may hold fewer than page_size tasks (even none) while next_page_token is set: each call
+    looks at a bounded number of tasks.
+    """
+    GetStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]
+    """Counts for operators: tasks in flight by state, work queue depth by priority and state,
+    dead letters and tokens used today; for one tenant, or for all when tenant_id is empty.
+    """
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
+    """Lists the dead letters of a work queue (items that failed every delivery), oldest first."""
+    GetDeadLetter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDeadLetterRequest, _admin_pb2.GetDeadLetterResponse]
+    """Returns one dead letter with its payload; NOT_FOUND when the item is not dead-lettered."""
+    RedriveDeadLetter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedriveDeadLetterRequest, _admin_pb2.RedriveDeadLetterResponse]
+    """Puts a dead letter back in its work queue with its deliveries reset: a worker runs it
+    again. NOT_FOUND when the item is not dead-lettered (already redriven, or unknown).
+    """
+    GetSession: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetSessionRequest, _admin_pb2.GetSessionResponse]
+    """Returns any session of a tenant."""
+    ListSessionEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSessionEventsRequest, _admin_pb2.ListSessionEventsResponse]
+    """Lists the retained events of any session of a tenant, oldest first, one page at a time."""
+    GetBatch: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetBatchRequest, _admin_pb2.GetBatchResponse]
+    """Returns any batch of a tenant."""
+    RevokeTenantKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeTenantKeysRequest, _admin_pb2.RevokeTenantKeysResponse]
+    """Revokes every live API key of a tenant at once: every replica refuses them from the next
+    call on, and their open streams end.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -84,6 +111,33 @@ class AdminServiceAsyncStub(AdminServiceStub):
     InvalidateAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.InvalidateAgentRequest, _admin_pb2.InvalidateAgentResponse]  # type: ignore[assignment]
     """Drops the cached configuration of one agent of a tenant on every replica: once the call
     returns, no replica serves the previous version.
+    """
+    ListTasks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTasksRequest, _admin_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """Lists a tenant's retained tasks, newest first, with filters, one page at a time. A page
+    may hold fewer than page_size tasks (even none) while next_page_token is set: each call
+    looks at a bounded number of tasks.
+    """
+    GetStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Counts for operators: tasks in flight by state, work queue depth by priority and state,
+    dead letters and tokens used today; for one tenant, or for all when tenant_id is empty.
+    """
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Lists the dead letters of a work queue (items that failed every delivery), oldest first."""
+    GetDeadLetter: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDeadLetterRequest, _admin_pb2.GetDeadLetterResponse]  # type: ignore[assignment]
+    """Returns one dead letter with its payload; NOT_FOUND when the item is not dead-lettered."""
+    RedriveDeadLetter: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedriveDeadLetterRequest, _admin_pb2.RedriveDeadLetterResponse]  # type: ignore[assignment]
+    """Puts a dead letter back in its work queue with its deliveries reset: a worker runs it
+    again. NOT_FOUND when the item is not dead-lettered (already redriven, or unknown).
+    """
+    GetSession: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetSessionRequest, _admin_pb2.GetSessionResponse]  # type: ignore[assignment]
+    """Returns any session of a tenant."""
+    ListSessionEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSessionEventsRequest, _admin_pb2.ListSessionEventsResponse]  # type: ignore[assignment]
+    """Lists the retained events of any session of a tenant, oldest first, one page at a time."""
+    GetBatch: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetBatchRequest, _admin_pb2.GetBatchResponse]  # type: ignore[assignment]
+    """Returns any batch of a tenant."""
+    RevokeTenantKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeTenantKeysRequest, _admin_pb2.RevokeTenantKeysResponse]  # type: ignore[assignment]
+    """Revokes every live API key of a tenant at once: every replica refuses them from the next
+    call on, and their open streams end.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -145,6 +199,87 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.InvalidateAgentResponse, _abc.Awaitable[_admin_pb2.InvalidateAgentResponse]]:
         """Drops the cached configuration of one agent of a tenant on every replica: once the call
         returns, no replica serves the previous version.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _admin_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTasksResponse, _abc.Awaitable[_admin_pb2.ListTasksResponse]]:
+        """Lists a tenant's retained tasks, newest first, with filters, one page at a time. A page
+        may hold fewer than page_size tasks (even none) while next_page_token is set: each call
+        looks at a bounded number of tasks.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _admin_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetStatsResponse, _abc.Awaitable[_admin_pb2.GetStatsResponse]]:
+        """Counts for operators: tasks in flight by state, work queue depth by priority and state,
+        dead letters and tokens used today; for one tenant, or for all when tenant_id is empty.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _admin_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDeadLettersResponse, _abc.Awaitable[_admin_pb2.ListDeadLettersResponse]]:
+        """Lists the dead letters of a work queue (items that failed every delivery), oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetDeadLetter(
+        self,
+        request: _admin_pb2.GetDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetDeadLetterResponse, _abc.Awaitable[_admin_pb2.GetDeadLetterResponse]]:
+        """Returns one dead letter with its payload; NOT_FOUND when the item is not dead-lettered."""
+
+    @_abc_1.abstractmethod
+    def RedriveDeadLetter(
+        self,
+        request: _admin_pb2.RedriveDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RedriveDeadLetterResponse, _abc.Awaitable[_admin_pb2.RedriveDeadLetterResponse]]:
+        """Puts a dead letter back in its work queue with its deliveries reset: a worker runs it
+        again. NOT_FOUND when the item is not dead-lettered (already redriven, or unknown).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSession(
+        self,
+        request: _admin_pb2.GetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetSessionResponse, _abc.Awaitable[_admin_pb2.GetSessionResponse]]:
+        """Returns any session of a tenant."""
+
+    @_abc_1.abstractmethod
+    def ListSessionEvents(
+        self,
+        request: _admin_pb2.ListSessionEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListSessionEventsResponse, _abc.Awaitable[_admin_pb2.ListSessionEventsResponse]]:
+        """Lists the retained events of any session of a tenant, oldest first, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetBatch(
+        self,
+        request: _admin_pb2.GetBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetBatchResponse, _abc.Awaitable[_admin_pb2.GetBatchResponse]]:
+        """Returns any batch of a tenant."""
+
+    @_abc_1.abstractmethod
+    def RevokeTenantKeys(
+        self,
+        request: _admin_pb2.RevokeTenantKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeTenantKeysResponse, _abc.Awaitable[_admin_pb2.RevokeTenantKeysResponse]]:
+        """Revokes every live API key of a tenant at once: every replica refuses them from the next
+        call on, and their open streams end.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
