@@ -97,3 +97,19 @@ async def test_the_sync_client_sends_and_follows(platform: Platform) -> None:
     assert kinds[0] == "accepted"
     assert kinds[-1] == "completed"
     assert health == "SERVING"
+
+
+async def test_the_sync_client_refuses_calls_after_close_and_drops_open_iterators(
+    platform: Platform,
+) -> None:
+    def run() -> None:
+        sdk = Client(platform.address, api_key=api_key_for("acme", Role.CLIENT))
+        session = sdk.sessions.create("support-bot")
+        stream = sdk.chat.send(session.session_id, "hi")
+        assert next(stream).kind == "accepted"
+        sdk.close()
+        stream.close()  # returns instead of waiting on the stopped loop
+        with pytest.raises(RuntimeError, match="closed"):
+            sdk.sessions.get(session.session_id)
+
+    await asyncio.wait_for(asyncio.to_thread(run), 30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -27,9 +27,12 @@ class _Loop:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.loop.is_closed() or not self._thread.is_alive():
+            coro.close()
+            raise RuntimeError("the client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def iterate(self, source: AsyncIterator[T]) -> Iterator[T]:
+    def iterate(self, source: AsyncIterator[T]) -> Generator[T, None, None]:
         """Pulls ``source`` one item at a time; closing the iterator closes the source."""
 
         async def step() -> tuple[bool, T | None]:
@@ -46,7 +49,7 @@ class _Loop:
                 yield item  # type: ignore[misc]
         finally:
             aclose = getattr(source, "aclose", None)
-            if aclose is not None:
+            if aclose is not None and not self.loop.is_closed() and self._thread.is_alive():
                 self.run(aclose())
 
     def stop(self) -> None:
@@ -83,14 +86,16 @@ class SyncSessions(_Sync[Sessions]):
 
     def follow(
         self, session_id: str, *, after: int = 0, on_truncated: OnTruncated = "raise"
-    ) -> Iterator[ev.Event]:
+    ) -> Generator[ev.Event, None, None]:
         return self._loop.iterate(
             self._a.follow(session_id, after=after, on_truncated=on_truncated)
         )
 
 
 class SyncChat(_Sync[Chat]):
-    def send(self, session_id: str, content: str, **options: Any) -> Iterator[ev.Event]:
+    def send(
+        self, session_id: str, content: str, **options: Any
+    ) -> Generator[ev.Event, None, None]:
         return self._loop.iterate(self._a.send(session_id, content, **options))
 
     def reply(self, session_id: str, content: str, **options: Any) -> str:
@@ -127,7 +132,9 @@ class SyncBatches(_Sync[Batches]):
             self._a.wait(batch_id, progress=progress, poll_s=poll_s, timeout_s=timeout_s)
         )
 
-    def results(self, batch_id: str, *, after: int = 0) -> Iterator[batch_pb2.BatchItemResult]:
+    def results(
+        self, batch_id: str, *, after: int = 0
+    ) -> Generator[batch_pb2.BatchItemResult, None, None]:
         return self._loop.iterate(self._a.results(batch_id, after=after))
 
 
