@@ -14,13 +14,14 @@ STAMP       := $(VENV)/.installed-stamp
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e './sdk/python[cli]'
 	touch $@
 
-setup: $(STAMP)  ## Create .venv with the service and its dev tools.
+setup: $(STAMP)  ## Create .venv with the service, its dev tools and the SDK + CLI (editable).
 
 $(BUF):
 	npm install --silent --no-save --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
@@ -36,10 +37,10 @@ tools: $(STAMP) $(BUF)  ## Also install buf (npm), redis-server and docker-compo
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
-gen: $(STAMP)  ## Regenerate generated/ from protos/.
+gen: $(STAMP)  ## Regenerate generated/ and the SDK's stubs from protos/.
 	$(PY) scripts/gen_protos.py
 
-gen-check: $(STAMP)  ## Fail if generated/ is stale.
+gen-check: $(STAMP)  ## Fail if generated/ or the SDK's stubs are stale.
 	$(PY) scripts/gen_protos.py --check
 
 lua-check: $(STAMP)  ## Load every Lua script into a private redis-server (needs redis-server).

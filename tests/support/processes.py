@@ -50,7 +50,10 @@ class ServerProcess:
     """`orchestrator serve` on a free loopback port, with its output captured to a file."""
 
     def __init__(self, log_path: Path, **env: str) -> None:
-        self.port = free_port()
+        """An ``ORCH_LISTEN_ADDRESS`` of 127.0.0.1:PORT in ``env`` listens there (a restart on
+        the same address) instead of on a free port."""
+        given = env.get("ORCH_LISTEN_ADDRESS", "")
+        self.port = int(given.rpartition(":")[2]) if given else free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self._env = {
