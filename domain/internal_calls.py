@@ -19,6 +19,10 @@ its final ``completed`` event, its session's usage and the tenant's usage add up
 An embedding already in the shared embedding cache is answered from it: no child job, no
 tokens. GetTask shows each child as an ``internal_call`` step of the parent's plan
 (``internal_steps``).
+
+Each call runs in an ``internal call`` span in the parent job's trace; the child job
+stores that span's trace context, so its hand-off, its downstream call and the notices about it
+nest under the call.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +67,7 @@ from domain.plans import StepState
 from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
 from domain.ports.sessions import SessionStore
+from domain.ports.tracing import NO_TRACING, AttributeValue, Tracing
 from domain.service_caps import LimitReached
 from domain.usage import TokenBudget
 
@@ -290,6 +296,7 @@ class InternalCalls:
         *,
         budget: TokenBudget | None = None,
         embedding_cache: EmbeddingResultCache | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._sessions = sessions
         self._jobs = jobs
@@ -298,6 +305,7 @@ class InternalCalls:
         self._limits = limits
         self._budget = budget
         self._cache = embedding_cache
+        self._tracing = tracing
         # Serializes this process's look-ups of calls sessions it has not seen (an Embed's texts
         # start side by side), so a job's hidden session is created once; the sessions seen
         # (they outlive their job's deadline, so stay open while it is in flight).
@@ -316,6 +324,22 @@ class InternalCalls:
                 f"{parent.service.value} service that runs job {job_id}"
             )
         return parent
+
+    @contextmanager
+    def _span(self, parent: Job, ctx: CallContext, method: str, call_id: str) -> Iterator[str]:
+        """The call's span in the parent job's trace (current for the block); yields the trace
+        context to pass on: the span's, or with tracing off the caller's (else the job's)."""
+        attributes: dict[str, AttributeValue] = {
+            "orchestrator.job_id": parent.job_id,
+            "orchestrator.method": method,
+            "orchestrator.call_id": call_id,
+        }
+        with self._tracing.job_span(
+            "internal call", parent.traceparent or None, attributes=attributes
+        ) as traceparent:
+            if not self._tracing.enabled:
+                traceparent = ctx.traceparent or traceparent
+            yield traceparent or ""
 
     async def _may_start(self, parent: Job) -> None:
         if parent.state not in (JobState.PENDING, JobState.RUNNING):
@@ -370,6 +394,7 @@ class InternalCalls:
             collections=tuple(collections),
             keep_final=True,
             parent_job_id=parent.job_id,
+            traceparent=ctx.traceparent or "",  # the call's span (its notices nest under it)
         )
 
     async def _run(
@@ -423,37 +448,42 @@ class InternalCalls:
         validate_completion(call)
         parent = await self._parent(caller, call.tenant_id, call.job_id)
         kind = WorkKind.RAG_QUERY if call.collections else WorkKind.LLM_QUERY
-        ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, ctx.traceparent)
         job_id = child_job_id(parent.job_id, call.call_id)
         session_id = calls_session_id(parent.job_id)
-        child = self._child(
-            ctx, parent, session_id, job_id, kind, call.prompt, call.model, call.collections
-        )
-        async for event, replayed in self._run(ctx, parent, child):
-            if event.kind is EventKind.DELTA:
-                text = event.data.get("text")
-                if isinstance(text, str) and text:
-                    yield text
-            elif event.kind is EventKind.COMPLETED:
-                result = _result(event)
-                yield Completion(
-                    call_id=call.call_id,
-                    call_job_id=job_id,
-                    text=str(result.get("text", "")),
-                    model=str(result.get("model", "")),
-                    usage=_usage(event),
-                    replayed=replayed,
-                )
-                return
-            elif event.kind.is_final:
-                raise _call_error(event, job_id)
+        with self._span(parent, ctx, "Complete", call.call_id) as traceparent:
+            ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, traceparent or None)
+            child = self._child(
+                ctx, parent, session_id, job_id, kind, call.prompt, call.model, call.collections
+            )
+            async for event, replayed in self._run(ctx, parent, child):
+                if event.kind is EventKind.DELTA:
+                    text = event.data.get("text")
+                    if isinstance(text, str) and text:
+                        yield text
+                elif event.kind is EventKind.COMPLETED:
+                    result = _result(event)
+                    yield Completion(
+                        call_id=call.call_id,
+                        call_job_id=job_id,
+                        text=str(result.get("text", "")),
+                        model=str(result.get("model", "")),
+                        usage=_usage(event),
+                        replayed=replayed,
+                    )
+                    return
+                elif event.kind.is_final:
+                    raise _call_error(event, job_id)
 
     async def embed(self, caller: Caller, ctx: CallContext, call: EmbedCall) -> Embeddings:
         """One vector per text: from the shared cache, or from a child job per text (run side
         by side)."""
         validate_embed(call)
         parent = await self._parent(caller, call.tenant_id, call.job_id)
-        ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, ctx.traceparent)
+        with self._span(parent, ctx, "Embed", call.call_id) as traceparent:
+            ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, traceparent or None)
+            return await self._embed(ctx, parent, call)
+
+    async def _embed(self, ctx: CallContext, parent: Job, call: EmbedCall) -> Embeddings:
         session_id = calls_session_id(parent.job_id)
         cache = self._cache
 

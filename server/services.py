@@ -240,6 +240,7 @@ def build_services(
             limits,
             budget=budget,
             embedding_cache=cache,
+            tracing=tracing,
         ),
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
         # Hands over again the jobs whose hand-off was interrupted (in any process).
