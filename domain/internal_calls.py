@@ -20,7 +20,10 @@ An embedding already in the shared embedding cache is answered from it: no child
 tokens. GetTask shows each child as an ``internal_call`` step of the parent's plan
 (``internal_steps``).
 
-Each call runs in an ``internal call`` span in the parent job's trace; the child job
+The parent's tenant pays for a call like for its own requests: each call takes one request
+from the tenant's rate-limit bucket (``TenantRate``; the edge charged the calling service key's
+tenant already), and a call that would start a child is refused once the tenant's daily budget
+is spent. Each call runs in an ``internal call`` span in the parent job's trace; the child job
 stores that span's trace context, so its hand-off, its downstream call and the notices about it
 nest under the call.
 """
@@ -28,7 +31,9 @@ nest under the call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -66,10 +71,14 @@ from domain.models import NewSession, Service, TokenUsage, WorkKind
 from domain.plans import StepState
 from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
+from domain.ports.rate_limits import RateLimiter
 from domain.ports.sessions import SessionStore
 from domain.ports.tracing import NO_TRACING, AttributeValue, Tracing
+from domain.rate_limits import RateLimitRules
 from domain.service_caps import LimitReached
 from domain.usage import TokenBudget
+
+log = logging.getLogger(__name__)
 
 # Bounds of a call's fields (the edge's outer bounds are looser: these name the field).
 CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -283,6 +292,44 @@ def _vector(result: Mapping[str, Any]) -> list[float]:
     return []
 
 
+class TenantRate:
+    """Takes one request of a tenant's own rate-limit bucket (domain.rate_limits; the same
+    bucket its clients' calls draw from) per internal call made for one of its jobs. Like the
+    edge it lets calls through when the limiter's backend cannot be reached (logged at most
+    once per ``warn_every_s``)."""
+
+    def __init__(
+        self, limiter: RateLimiter, rules: RateLimitRules, *, warn_every_s: float = 10.0
+    ) -> None:
+        self._limiter = limiter
+        self._rules = rules
+        self._warn_every_s = warn_every_s
+        self._warned_at: float | None = None
+
+    async def take(self, tenant_id: str) -> None:
+        """Raise ResourceExhausted (RetryInfo, QuotaFailure) when the tenant is over its rate."""
+        buckets = self._rules.buckets(tenant_id)
+        try:
+            decision = await self._limiter.acquire(buckets)
+        except Unavailable as exc:
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= self._warn_every_s:
+                self._warned_at = now
+                log.warning("rate limiter unavailable, letting internal calls through: %s", exc)
+            return
+        if decision.allowed:
+            return
+        bucket = decision.limited or buckets[0]
+        retry_after_s = decision.retry_after_ms / 1000
+        raise ResourceExhausted(
+            f"rate limit exceeded for {bucket.subject} (internal calls for its jobs count); "
+            f"retry in {retry_after_s:.3f}s",
+            retry_after_s=retry_after_s,
+            quota_subject=bucket.subject,
+            quota_description=f"at most {bucket.rate}",
+        )
+
+
 class InternalCalls:
     """Runs internal calls as child jobs (see the module docstring)."""
 
@@ -296,6 +343,7 @@ class InternalCalls:
         *,
         budget: TokenBudget | None = None,
         embedding_cache: EmbeddingResultCache | None = None,
+        rate: TenantRate | None = None,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._sessions = sessions
@@ -305,6 +353,7 @@ class InternalCalls:
         self._limits = limits
         self._budget = budget
         self._cache = embedding_cache
+        self._rate = rate
         self._tracing = tracing
         # Serializes this process's look-ups of calls sessions it has not seen (an Embed's texts
         # start side by side), so a job's hidden session is created once; the sessions seen
@@ -313,7 +362,8 @@ class InternalCalls:
         self._sessions_seen: OrderedDict[str, None] = OrderedDict()
 
     async def _parent(self, caller: Caller, tenant_id: str, job_id: str) -> Job:
-        """The parent job, if the caller may make calls for it (finished or not)."""
+        """The parent job, if the caller may make calls for it (finished or not); the call
+        is charged to its tenant's request rate."""
         parent = await self._jobs.get_job(tenant_id, job_id)
         if parent is None:
             # The same answer for another tenant's job: nothing leaks.
@@ -323,6 +373,8 @@ class InternalCalls:
                 f"the key {caller.key_id or '(unnamed)'} does not speak for the "
                 f"{parent.service.value} service that runs job {job_id}"
             )
+        if self._rate is not None:
+            await self._rate.take(parent.tenant_id)
         return parent
 
     @contextmanager
