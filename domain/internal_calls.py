@@ -19,14 +19,24 @@ its final ``completed`` event, its session's usage and the tenant's usage add up
 An embedding already in the shared embedding cache is answered from it: no child job, no
 tokens. GetTask shows each child as an ``internal_call`` step of the parent's plan
 (``internal_steps``).
+
+The parent's tenant pays for a call like for its own requests: each call takes one request
+from the tenant's rate-limit bucket (``TenantRate``; the edge charged the calling service key's
+tenant already), and a call that would start a child is refused once the tenant's daily budget
+is spent. Each call runs in an ``internal call`` span in the parent job's trace; the child job
+stores that span's trace context, so its hand-off, its downstream call and the notices about it
+nest under the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +71,14 @@ from domain.models import NewSession, Service, TokenUsage, WorkKind
 from domain.plans import StepState
 from domain.ports.events import EventLog
 from domain.ports.jobs import JobStore
+from domain.ports.rate_limits import RateLimiter
 from domain.ports.sessions import SessionStore
+from domain.ports.tracing import NO_TRACING, AttributeValue, Tracing
+from domain.rate_limits import RateLimitRules
 from domain.service_caps import LimitReached
 from domain.usage import TokenBudget
+
+log = logging.getLogger(__name__)
 
 # Bounds of a call's fields (the edge's outer bounds are looser: these name the field).
 CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -277,6 +292,44 @@ def _vector(result: Mapping[str, Any]) -> list[float]:
     return []
 
 
+class TenantRate:
+    """Takes one request of a tenant's own rate-limit bucket (domain.rate_limits; the same
+    bucket its clients' calls draw from) per internal call made for one of its jobs. Like the
+    edge it lets calls through when the limiter's backend cannot be reached (logged at most
+    once per ``warn_every_s``)."""
+
+    def __init__(
+        self, limiter: RateLimiter, rules: RateLimitRules, *, warn_every_s: float = 10.0
+    ) -> None:
+        self._limiter = limiter
+        self._rules = rules
+        self._warn_every_s = warn_every_s
+        self._warned_at: float | None = None
+
+    async def take(self, tenant_id: str) -> None:
+        """Raise ResourceExhausted (RetryInfo, QuotaFailure) when the tenant is over its rate."""
+        buckets = self._rules.buckets(tenant_id)
+        try:
+            decision = await self._limiter.acquire(buckets)
+        except Unavailable as exc:
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= self._warn_every_s:
+                self._warned_at = now
+                log.warning("rate limiter unavailable, letting internal calls through: %s", exc)
+            return
+        if decision.allowed:
+            return
+        bucket = decision.limited or buckets[0]
+        retry_after_s = decision.retry_after_ms / 1000
+        raise ResourceExhausted(
+            f"rate limit exceeded for {bucket.subject} (internal calls for its jobs count); "
+            f"retry in {retry_after_s:.3f}s",
+            retry_after_s=retry_after_s,
+            quota_subject=bucket.subject,
+            quota_description=f"at most {bucket.rate}",
+        )
+
+
 class InternalCalls:
     """Runs internal calls as child jobs (see the module docstring)."""
 
@@ -290,6 +343,8 @@ class InternalCalls:
         *,
         budget: TokenBudget | None = None,
         embedding_cache: EmbeddingResultCache | None = None,
+        rate: TenantRate | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._sessions = sessions
         self._jobs = jobs
@@ -298,6 +353,8 @@ class InternalCalls:
         self._limits = limits
         self._budget = budget
         self._cache = embedding_cache
+        self._rate = rate
+        self._tracing = tracing
         # Serializes this process's look-ups of calls sessions it has not seen (an Embed's texts
         # start side by side), so a job's hidden session is created once; the sessions seen
         # (they outlive their job's deadline, so stay open while it is in flight).
@@ -305,7 +362,8 @@ class InternalCalls:
         self._sessions_seen: OrderedDict[str, None] = OrderedDict()
 
     async def _parent(self, caller: Caller, tenant_id: str, job_id: str) -> Job:
-        """The parent job, if the caller may make calls for it (finished or not)."""
+        """The parent job, if the caller may make calls for it (finished or not); the call
+        is charged to its tenant's request rate."""
         parent = await self._jobs.get_job(tenant_id, job_id)
         if parent is None:
             # The same answer for another tenant's job: nothing leaks.
@@ -315,7 +373,25 @@ class InternalCalls:
                 f"the key {caller.key_id or '(unnamed)'} does not speak for the "
                 f"{parent.service.value} service that runs job {job_id}"
             )
+        if self._rate is not None:
+            await self._rate.take(parent.tenant_id)
         return parent
+
+    @contextmanager
+    def _span(self, parent: Job, ctx: CallContext, method: str, call_id: str) -> Iterator[str]:
+        """The call's span in the parent job's trace (current for the block); yields the trace
+        context to pass on: the span's, or with tracing off the caller's (else the job's)."""
+        attributes: dict[str, AttributeValue] = {
+            "orchestrator.job_id": parent.job_id,
+            "orchestrator.method": method,
+            "orchestrator.call_id": call_id,
+        }
+        with self._tracing.job_span(
+            "internal call", parent.traceparent or None, attributes=attributes
+        ) as traceparent:
+            if not self._tracing.enabled:
+                traceparent = ctx.traceparent or traceparent
+            yield traceparent or ""
 
     async def _may_start(self, parent: Job) -> None:
         if parent.state not in (JobState.PENDING, JobState.RUNNING):
@@ -370,6 +446,7 @@ class InternalCalls:
             collections=tuple(collections),
             keep_final=True,
             parent_job_id=parent.job_id,
+            traceparent=ctx.traceparent or "",  # the call's span (its notices nest under it)
         )
 
     async def _run(
@@ -423,37 +500,42 @@ class InternalCalls:
         validate_completion(call)
         parent = await self._parent(caller, call.tenant_id, call.job_id)
         kind = WorkKind.RAG_QUERY if call.collections else WorkKind.LLM_QUERY
-        ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, ctx.traceparent)
         job_id = child_job_id(parent.job_id, call.call_id)
         session_id = calls_session_id(parent.job_id)
-        child = self._child(
-            ctx, parent, session_id, job_id, kind, call.prompt, call.model, call.collections
-        )
-        async for event, replayed in self._run(ctx, parent, child):
-            if event.kind is EventKind.DELTA:
-                text = event.data.get("text")
-                if isinstance(text, str) and text:
-                    yield text
-            elif event.kind is EventKind.COMPLETED:
-                result = _result(event)
-                yield Completion(
-                    call_id=call.call_id,
-                    call_job_id=job_id,
-                    text=str(result.get("text", "")),
-                    model=str(result.get("model", "")),
-                    usage=_usage(event),
-                    replayed=replayed,
-                )
-                return
-            elif event.kind.is_final:
-                raise _call_error(event, job_id)
+        with self._span(parent, ctx, "Complete", call.call_id) as traceparent:
+            ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, traceparent or None)
+            child = self._child(
+                ctx, parent, session_id, job_id, kind, call.prompt, call.model, call.collections
+            )
+            async for event, replayed in self._run(ctx, parent, child):
+                if event.kind is EventKind.DELTA:
+                    text = event.data.get("text")
+                    if isinstance(text, str) and text:
+                        yield text
+                elif event.kind is EventKind.COMPLETED:
+                    result = _result(event)
+                    yield Completion(
+                        call_id=call.call_id,
+                        call_job_id=job_id,
+                        text=str(result.get("text", "")),
+                        model=str(result.get("model", "")),
+                        usage=_usage(event),
+                        replayed=replayed,
+                    )
+                    return
+                elif event.kind.is_final:
+                    raise _call_error(event, job_id)
 
     async def embed(self, caller: Caller, ctx: CallContext, call: EmbedCall) -> Embeddings:
         """One vector per text: from the shared cache, or from a child job per text (run side
         by side)."""
         validate_embed(call)
         parent = await self._parent(caller, call.tenant_id, call.job_id)
-        ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, ctx.traceparent)
+        with self._span(parent, ctx, "Embed", call.call_id) as traceparent:
+            ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, traceparent or None)
+            return await self._embed(ctx, parent, call)
+
+    async def _embed(self, ctx: CallContext, parent: Job, call: EmbedCall) -> Embeddings:
         session_id = calls_session_id(parent.job_id)
         cache = self._cache
 

@@ -86,11 +86,13 @@ class PlatformServicer(platform_pb2_grpc.PlatformServiceServicer):
         calls = self._calls.complete(
             current_caller(), call_context(context), _completion_call(request)
         )
-        async for item in calls:
-            if isinstance(item, Completion):
-                yield platform_pb2.StreamCompleteResponse(final=completion_to_pb(item))
-            else:
-                yield platform_pb2.StreamCompleteResponse(delta=item)
+        # Closed here, in this call's task, however the stream ends (the call's span with it).
+        async with aclosing(calls):
+            async for item in calls:
+                if isinstance(item, Completion):
+                    yield platform_pb2.StreamCompleteResponse(final=completion_to_pb(item))
+                else:
+                    yield platform_pb2.StreamCompleteResponse(delta=item)
 
     @unary_errors
     async def Embed(

@@ -16,7 +16,7 @@ from domain.chat import ChatOrchestrator
 from domain.dispatch import Dispatcher
 from domain.embedding_cache import EmbeddingCachePolicy, EmbeddingResultCache
 from domain.handoff import HandoffRecovery
-from domain.internal_calls import InternalCalls
+from domain.internal_calls import InternalCalls, TenantRate
 from domain.jobs import JobLimits
 from domain.notices import NoticeProcessor
 from domain.plan_runner import PlanPorts
@@ -240,6 +240,14 @@ def build_services(
             limits,
             budget=budget,
             embedding_cache=cache,
+            # The job's tenant pays a request of its rate for each call (the edge charged the
+            # calling service key's tenant already).
+            rate=(
+                TenantRate(backend.rate_limiter, settings.rate_limit_rules())
+                if settings.rate_limit_enabled
+                else None
+            ),
+            tracing=tracing,
         ),
         reaper=JobReaper(backend.jobs, limits, interval_s=settings.reaper_interval),
         # Hands over again the jobs whose hand-off was interrupted (in any process).

@@ -48,6 +48,10 @@ LIST_HISTORY = "conversation.v1.ConversationService/ListHistory"
 RESOLVE_TOOLS = "tools.v1.ToolRegistryService/ResolveTools"
 START_RUN = "agent_execution.v1.AgentExecutionService/StartRun"
 APPEND_TURNS = "conversation.v1.ConversationService/AppendTurns"
+# The agent's LLM call goes through the internal API and runs as a child job at Query.
+STREAM_COMPLETE = "/orchestrator.internal.v1.PlatformService/StreamComplete"
+INTERNAL_CALL = "internal call"
+SUBMIT_QUERY = "query.v1.QueryService/SubmitQuery"
 
 
 @dataclass
@@ -275,6 +279,38 @@ async def test_the_calls_nest_under_the_hand_off_and_the_finalize_under_the_comp
     assert ancestors(append, spans) == ["finalize job", "notice completed", SEND]
     # The Agent Execution service was handed the StartRun client span as its parent.
     assert foreground.seen_traceparents["StartRun"] == _traceparent(start_run)
+
+
+def job_id_of(span: ReadableSpan) -> object:
+    return (span.attributes or {}).get("orchestrator.job_id")
+
+
+async def test_the_agents_internal_call_and_its_child_job_nest_under_the_run_in_one_trace(
+    foreground: Traced,
+) -> None:
+    root, spans = job_trace(foreground)
+    assert [span for span in spans if span.parent is None] == [root]
+    # The Agent Execution service called the internal API in the trace it was handed.
+    (server_call,) = [span for span in spans if span.name == STREAM_COMPLETE]
+    assert ancestors(server_call, spans) == [START_RUN, "hand over job", SEND]
+    (internal,) = foreground.named(INTERNAL_CALL)
+    assert internal in spans and parent_of(internal, spans) is server_call
+    (run_hand_off,) = [s for s in spans if s.name == "hand over job" and s.parent == root.context]
+    assert job_id_of(internal) == job_id_of(run_hand_off)  # attributed to the agent's job
+    # The child job (its hand-off, its Query call, the notices about it) nests under the call.
+    (submit,) = [span for span in spans if span.name == SUBMIT_QUERY]
+    assert ancestors(submit, spans)[:3] == ["hand over job", INTERNAL_CALL, STREAM_COMPLETE]
+    child_id = job_id_of(parent_of(submit, spans))  # type: ignore[arg-type]
+    assert child_id != job_id_of(internal)
+    assert foreground.seen_traceparents["SubmitQuery"] == _traceparent(submit)
+    child_notices = [
+        span
+        for span in foreground.spans
+        if span.name.startswith("notice ") and job_id_of(span) == child_id
+    ]
+    assert {"notice delta", "notice completed"} <= {span.name for span in child_notices}
+    for span in child_notices:
+        assert span in spans and ancestors(span, spans)[0] == INTERNAL_CALL, span.name
 
 
 async def test_a_background_job_is_traced_through_the_work_queue_worker(
