@@ -147,7 +147,7 @@ class OrchestratorServer:
         self.platform: PlatformPorts = platform
         self.services = build_services(settings, self.backend, self.dispatcher, self.platform)
         self.workers = QueueWorkers(settings, self.services)
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_tenants=settings.metrics_max_tenants)
         self.metrics_http: MetricsHttpServer | None = None
         # None: the global OpenTelemetry provider (only used when settings.otel_enabled).
         self.tracer_provider = tracer_provider

@@ -372,6 +372,13 @@ class Settings:
         "0.0.0.0:9464",
         "host:port of the Prometheus /metrics endpoint; empty disables it",
     )
+    metrics_max_tenants: int = _env(
+        "ORCH_METRICS_MAX_TENANTS",
+        1000,
+        "distinct tenant label values per metric (rate limits, tokens); later tenants are "
+        'counted under tenant="_other"',
+        at_least=1,
+    )
     metrics_sample_interval: float = _env(
         "ORCH_METRICS_SAMPLE_INTERVAL",
         5.0,
