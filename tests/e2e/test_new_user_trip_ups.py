@@ -12,10 +12,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from orchestrator.v1 import session_pb2, session_pb2_grpc
+from orchestrator.admin.v1 import admin_pb2
+from orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
 from server.key_seeding import DEMO_KEYS
 from server.listen import EXIT_ADDRESS_IN_USE
 from tests.rpc.test_downstream_watch import until
+from tests.support.admin_calls import create_api_key
+from tests.support.flow import kind_of, read_to_end
 from tests.support.processes import BIN, ServerProcess, make_run_server
 from tests.support.redis_process import RedisProcess, free_port
 from tests.support.servers import bearer
@@ -181,3 +184,39 @@ async def test_make_run_warns_when_a_configured_downstream_is_unreachable(tmp_pa
     assert "downstream query at" not in server.log()
     assert (unhealthy.returncode, unhealthy.stdout.strip()) == (1, "NOT_SERVING")
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
+
+
+async def test_make_run_on_redis_answers_a_chat_and_stops_promptly(
+    tmp_path: Path, redis: RedisProcess
+) -> None:
+    admin_key = "ao_makerunredis_" + "r" * 40
+    server = make_run_server(
+        tmp_path / "server.log", REDIS_URL=redis.url, ORCH_BOOTSTRAP_ADMIN_KEY=admin_key
+    )
+    server.start()
+    try:
+        client = await create_api_key(
+            server.address, admin_key, "demo", admin_pb2.API_KEY_ROLE_CLIENT
+        )
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            created = await session_pb2_grpc.SessionServiceStub(channel).CreateSession(
+                session_pb2.CreateSessionRequest(agent_id="support-bot"),
+                metadata=(bearer(client),),
+                timeout=TIMEOUT_S,
+            )
+            call = chat_pb2_grpc.ChatServiceStub(channel).SendMessage(
+                chat_pb2.SendMessageRequest(
+                    session_id=created.session.session_id, content="What is an agent?"
+                ),
+                metadata=(bearer(client),),
+                timeout=TIMEOUT_S,
+            )
+            events = await read_to_end(call)
+        assert server.terminate() == 0
+    finally:
+        server.kill()
+    assert kind_of(events[-1]) == "completed"
+    assert events[-1].completed.result.text.startswith("Reference answer to: ")
+    log = server.log()
+    assert "UNAUTHENTICATED" not in log  # the embedded services' key exists in this Redis
+    assert "unsent" not in log
