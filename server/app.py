@@ -329,10 +329,11 @@ class OrchestratorServer:
         )
 
     def check_addresses(self) -> None:
-        """ListenError, naming the setting, if an address this server listens on is taken."""
+        """ListenError, naming the setting, if an address this server listens on is taken
+        (the gRPC port is shared on purpose with ORCH_SO_REUSEPORT: not checked then)."""
         settings = self.settings
         for address, setting in (
-            (settings.listen_address, "ORCH_LISTEN_ADDRESS"),
+            ("" if settings.so_reuseport else settings.listen_address, "ORCH_LISTEN_ADDRESS"),
             (settings.ws_address, "ORCH_WS_ADDRESS"),
             (settings.metrics_address, "ORCH_METRICS_ADDRESS"),
         ):

@@ -84,11 +84,8 @@ class Authenticator:
         try:
             return await self.keys.verify(api_key)
         except Unauthenticated as exc:
-            if (
-                self._demo_key_hint
-                and api_key.split("_", 2)[1:2]
-                and (api_key.split("_", 2)[1] in DEMO_KEY_IDS)
-            ):
+            parts = api_key.split("_", 2)
+            if self._demo_key_hint and len(parts) == 3 and parts[1] in DEMO_KEY_IDS:
                 raise Unauthenticated(f"{exc.message}: {DEMO_KEY_HINT}") from None
             raise
 
