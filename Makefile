@@ -9,7 +9,7 @@ BUF         := .tools/node_modules/.bin/buf
 STAMP       := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools gen gen-check lua-check lint fmt test run bench soak docker lock ts clean
+.PHONY: help setup tools gen gen-check breaking lua-check lint fmt test run bench soak docker lock ts clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,16 +37,21 @@ tools: $(STAMP) $(BUF)  ## Also install buf (npm), redis-server and docker-compo
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
-gen: $(STAMP)  ## Regenerate generated/ and the SDK's stubs from protos/.
+gen: $(STAMP)  ## Regenerate generated/, the SDK's stubs and the API reference (docs/api/).
 	$(PY) scripts/gen_protos.py
+	$(PY) scripts/gen_api_docs.py
 
-gen-check: $(STAMP)  ## Fail if generated/ or the SDK's stubs are stale.
+gen-check: $(STAMP)  ## Fail if generated/, the SDK's stubs or docs/api/ is stale.
 	$(PY) scripts/gen_protos.py --check
+	$(PY) scripts/gen_api_docs.py --check
+
+breaking: tools  ## buf breaking against the main branch's merge base (skips without history).
+	$(PY) scripts/check_breaking.py --buf $(BUF)
 
 lua-check: $(STAMP)  ## Load every Lua script into a private redis-server (needs redis-server).
 	$(PY) -m scripts.check_lua
 
-lint: tools gen-check lua-check  ## buf lint, ruff, mypy, codegen drift, Lua scripts.
+lint: tools gen-check lua-check breaking  ## buf lint and breaking, ruff, mypy, drift, Lua.
 	$(BUF) lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -146,6 +146,7 @@ class Reporter:
         self._drained = asyncio.Event()
         self._drained.set()
         self._stopping = False
+        self._stop_requested = asyncio.Event()  # wakes a reconnect backoff at once
         self._task: asyncio.Task[None] | None = None
         self._channels: list[grpc.aio.Channel] = []
         self._current = 0  # index of the target the next stream opens on
@@ -186,6 +187,7 @@ class Reporter:
         if self._task is None:
             return
         self._stopping = True
+        self._stop_requested.set()
         self._wakeup.set()
         try:
             async with asyncio.timeout(timeout_s):
@@ -316,6 +318,13 @@ class Reporter:
                     return
             if 0 < failed_in_a_row < chances:
                 continue  # another target has not failed yet: try it without waiting
+            if self._stopping and failed_in_a_row:
+                # Stopping and no target takes the stream now: do not wait for one to come back.
+                log.warning(
+                    "stopping with %d notice(s) unanswered: no orchestrator took the stream",
+                    self._unanswered,
+                )
+                return
             # A stream that got answers was healthy: reconnect soon. Otherwise back off more.
             failures = 1 if stream.answered else min(failures + 1, 30)
             await self._backoff(failures)
@@ -323,4 +332,6 @@ class Reporter:
     async def _backoff(self, failures: int) -> None:
         ceiling = min(self._reconnect_cap_s, self._reconnect_base_s * 2.0 ** (failures - 1))
         pause = ceiling / 2 + random.uniform(0, ceiling / 2)
-        await asyncio.sleep(pause)
+        # A stop ends the pause: the loop then tries once more before it gives up.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), pause)

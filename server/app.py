@@ -46,10 +46,12 @@ from server.auth_failures import AuthFailures
 from server.backend_config import backend_config
 from server.config import Settings
 from server.data_loss import DataLossWatch, warn_without_persistence
+from server.downstream_watch import DownstreamWatch, watched_services
 from server.edge import Edge, EdgeRegistrar
 from server.edge_limits import EdgeLimits
 from server.health import HealthMonitor, HealthServicer
-from server.key_seeding import seed_keys
+from server.key_seeding import seed_keys, warn_without_keys
+from server.listen import ListenError, ensure_free
 from server.metrics import Metrics, MetricsHttpServer
 from server.metrics_sampler import MetricsSampler
 from server.revocation import OpenStreams, RevocationWatch
@@ -157,13 +159,15 @@ class OrchestratorServer:
             settings, self.backend, self.dispatcher, self.platform, tracing=self.tracing
         )
         self.workers = QueueWorkers(settings, self.services)
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_tenants=settings.metrics_max_tenants)
         self.metrics_http: MetricsHttpServer | None = None
         # More services behind the same interceptors (tests and benchmarks use it).
         self.extra_handlers = tuple(extra_handlers)
         self.api_keys = ApiKeyManager(self.backend.api_keys)
         # Authenticates bearer API keys; the WebSocket bridge reuses it.
-        self.authenticator = Authenticator(self.api_keys)
+        self.authenticator = Authenticator(
+            self.api_keys, demo_key_hint=self.backend.name != "memory"
+        )
         # Open streams by key id; the watch ends those of revoked keys (server.revocation).
         self.revocation = RevocationWatch(
             OpenStreams(), self.api_keys, interval_s=settings.revocation_check_interval
@@ -184,6 +188,15 @@ class OrchestratorServer:
             self.data_loss.probe,
             interval_s=settings.health_interval,
         )
+        # Configured downstream addresses that cannot be reached: logged and in health.
+        self.downstream_watch: DownstreamWatch | None = None
+        if settings.downstream_check_interval > 0:
+            self.downstream_watch = DownstreamWatch(
+                self.health_servicer,
+                watched_services(settings),
+                interval_s=settings.downstream_check_interval,
+                connect_timeout_s=min(settings.downstream_timeout, 3.0),
+            )
         # Tasks by state and queue depth, read from the backend while /metrics is served.
         self.sampler = MetricsSampler(
             self.metrics,
@@ -290,6 +303,7 @@ class OrchestratorServer:
 
     async def start(self) -> None:
         """Bind, probe the backend once, start serving and the health watcher."""
+        self.check_addresses()
         if self.backend.name == "memory":
             log.warning(
                 "no REDIS_URL set: using the in-memory registry (single process only; "
@@ -297,12 +311,16 @@ class OrchestratorServer:
             )
         self._server = self._build()
         credentials = server_credentials(self.settings)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(self.settings.listen_address)
-        else:
-            self.port = self._server.add_secure_port(self.settings.listen_address, credentials)
+        address = self.settings.listen_address
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.settings.listen_address}")
+            raise ListenError(f"cannot listen on {address} (ORCH_LISTEN_ADDRESS)")
         if await self.health.check_once():
             await self._seed_keys()
             try:
@@ -320,6 +338,8 @@ class OrchestratorServer:
         metrics_module.install(self.metrics)
         await self._server.start()
         self.health.start()
+        if self.downstream_watch is not None:
+            self.downstream_watch.start()
         self.services.reaper.start()
         self.services.handoffs.start()
         self.revocation.start()
@@ -336,8 +356,22 @@ class OrchestratorServer:
             self.backend.name,
         )
 
+    def check_addresses(self) -> None:
+        """ListenError, naming the setting, if an address this server listens on is taken
+        (the gRPC port is shared on purpose with ORCH_SO_REUSEPORT: not checked then)."""
+        settings = self.settings
+        for address, setting in (
+            ("" if settings.so_reuseport else settings.listen_address, "ORCH_LISTEN_ADDRESS"),
+            (settings.ws_address, "ORCH_WS_ADDRESS"),
+            (settings.metrics_address, "ORCH_METRICS_ADDRESS"),
+        ):
+            if address:
+                ensure_free(address, setting)
+
     async def _seed_keys(self) -> None:
-        await seed_keys(self.settings, self.api_keys, in_memory=self.backend.name == "memory")
+        in_memory = self.backend.name == "memory"
+        await seed_keys(self.settings, self.api_keys, in_memory=in_memory)
+        await warn_without_keys(self.settings, self.api_keys, in_memory=in_memory)
 
     async def _recover_from_data_loss(self) -> None:
         """The backend came back empty: store again what start-up stored, and let every
@@ -353,6 +387,8 @@ class OrchestratorServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.shutdown()
+        if self.downstream_watch is not None:
+            await self.downstream_watch.aclose()
         await self.sampler.stop()
         await self.services.handoffs.stop()
         # Batch items in flight get the grace period before their streams are ended below.

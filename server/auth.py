@@ -11,6 +11,7 @@ from __future__ import annotations
 from domain.api_keys import ApiKeyManager
 from domain.errors import PermissionDenied, Unauthenticated
 from domain.identity import Caller, Role
+from domain.ports.api_keys import ApiKey
 
 AUTHORIZATION_HEADER = "authorization"
 
@@ -62,20 +63,42 @@ def authorize(caller: Caller, needed: Role) -> None:
         )
 
 
+# The key ids of the public demo keys (server.key_seeding), which only the in-memory registry
+# seeds; a refusal of one of them elsewhere says why.
+DEMO_KEY_IDS = frozenset({"democlient", "otherclient", "demoservice", "demoadmin"})
+DEMO_KEY_HINT = (
+    "the demo keys exist only in the in-memory registry (no REDIS_URL); with Redis, start the "
+    "server once with ORCH_BOOTSTRAP_ADMIN_KEY=ao_<key_id>_<secret> and create keys with "
+    "orchestrator.admin.v1.AdminService/CreateApiKey"
+)
+
+
 class Authenticator:
     """authenticate_bearer bound to one key store: what the interceptor and the WebSocket
-    bridge hold (``OrchestratorServer.authenticator``)."""
+    bridge hold (``OrchestratorServer.authenticator``). With ``demo_key_hint`` (a store that
+    never holds the demo keys) a refused demo key's message says where keys come from."""
 
-    def __init__(self, keys: ApiKeyManager) -> None:
+    def __init__(self, keys: ApiKeyManager, *, demo_key_hint: bool = False) -> None:
         self.keys = keys
+        self._demo_key_hint = demo_key_hint
+
+    async def _verify(self, api_key: str) -> ApiKey:
+        try:
+            return await self.keys.verify(api_key)
+        except Unauthenticated as exc:
+            parts = api_key.split("_", 2)
+            if self._demo_key_hint and len(parts) == 3 and parts[1] in DEMO_KEY_IDS:
+                raise Unauthenticated(f"{exc.message}: {DEMO_KEY_HINT}") from None
+            raise
 
     async def authenticate_bearer(self, header_value: str | None) -> Caller:
-        return await authenticate_bearer(header_value, self.keys)
+        record = await self._verify(bearer_token(header_value))
+        return Caller(record.tenant_id, record.role, record.key_id)
 
     async def authenticate_header(self, header_value: str | None, needed: Role) -> Caller:
         """The authorized Caller for an ``authorization`` header value. The key is looked up
         on every call."""
-        record = await self.keys.verify(bearer_token(header_value))
+        record = await self._verify(bearer_token(header_value))
         # Positional: a third cheaper than keywords, and this runs on every call.
         caller = Caller(record.tenant_id, record.role, record.key_id, record.services)
         authorize(caller, needed)

@@ -1,5 +1,6 @@
-"""The ``orchestrator`` command: ``serve`` runs the server, ``health`` probes one (for
-container health checks), ``settings`` prints the configuration variables."""
+"""The ``orchestrator`` command: ``serve`` runs the server, ``worker`` runs queue workers only,
+``health`` probes a server (for container health checks), ``settings`` prints the configuration
+in effect."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
+from server.listen import EXIT_ADDRESS_IN_USE, ListenError
 from server.logging_setup import configure_logging
 from server.memory_probe import MemoryProbe, probing
 from server.tracing import configure_tracer_provider
@@ -133,10 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--ca-file", help="PEM CA that signed the server certificate: use TLS")
     probe.add_argument("--cert-file", help="PEM client certificate, for mutual TLS")
     probe.add_argument("--key-file", help="PEM key of the client certificate, for mutual TLS")
-    commands.add_parser("settings", help="list the configuration environment variables")
-    worker = commands.add_parser(
-        "worker", help="run only batch workers against REDIS_URL (no gRPC server)"
+    settings_command = commands.add_parser(
+        "settings",
+        help="print every configuration variable with the value in effect "
+        "(from the environment, else the default)",
     )
+    settings_command.add_argument(
+        "--defaults", action="store_true", help="print the defaults and descriptions instead"
+    )
+    worker_help = (
+        "run queue workers only (no gRPC server) against REDIS_URL: batch items and queued "
+        "chat messages (background, or behind a busy session)"
+    )
+    worker = commands.add_parser("worker", help=worker_help, description=worker_help)
     worker.add_argument(
         "--concurrency",
         type=int,
@@ -154,15 +165,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             args.address, args.ca_file, args.cert_file, args.key_file, args.server_name = local
         return asyncio.run(_health(args))
-    if args.command == "settings":
+    if args.command == "settings" and args.defaults:
         for name, default, help_text in Settings.documentation():
-            print(f"{name:28} {default or '(unset)':20} {help_text}")
+            print(f"{name:32} {default or '(unset)':20} {help_text}")
         return 0
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "settings":
+        for name, value, from_env in settings.in_effect():
+            source = "(environment)" if from_env else "(default)"
+            print(f"{name:32} {value or '(unset)':24} {source}")
+        return 0
     configure_logging(settings.log_level, settings.log_format)
     if settings.otel_enabled:
         configure_tracer_provider()
@@ -176,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # e.g. an unreadable ORCH_API_KEYS_FILE, found at start
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"orchestrator: {exc}", file=sys.stderr)
+        return EXIT_ADDRESS_IN_USE
     return 0
 
 

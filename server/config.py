@@ -190,6 +190,14 @@ class Settings:
         "downstream call attempts (retried on UNAVAILABLE only)",
         at_least=1,
     )
+    downstream_check_interval: float = _env(
+        "ORCH_DOWNSTREAM_CHECK_INTERVAL",
+        10.0,
+        "how often each configured downstream address is checked for a connection (a "
+        "warning at start and when one becomes unreachable; health entry "
+        "downstream:<service>); 0 turns the check off",
+        at_least=0,
+    )
     job_deadline: float = _env(
         "ORCH_JOB_DEADLINE", 300.0, "a job times out this long after it started", above=0
     )
@@ -451,6 +459,13 @@ class Settings:
         "0.0.0.0:9464",
         "host:port of the Prometheus /metrics endpoint; empty disables it",
     )
+    metrics_max_tenants: int = _env(
+        "ORCH_METRICS_MAX_TENANTS",
+        1000,
+        "distinct tenant label values per metric (rate limits, tokens); later tenants are "
+        'counted under tenant="_other"',
+        at_least=1,
+    )
     metrics_sample_interval: float = _env(
         "ORCH_METRICS_SAMPLE_INTERVAL",
         5.0,
@@ -642,6 +657,22 @@ class Settings:
             overrides=parse_budget_overrides(self.token_budget_overrides),
         )
 
+    def in_effect(self, environ: Mapping[str, str] | None = None) -> list[tuple[str, str, bool]]:
+        """(variable, value in effect, whether the environment set it) for every setting;
+        secrets are masked (the bootstrap admin key's secret, a Redis URL's password)."""
+        environ = os.environ if environ is None else environ
+        rows = []
+        for f in dataclasses.fields(self):
+            name = f.metadata["env"]
+            value = getattr(self, f.name)
+            shown = "" if value is None else str(value)
+            if f.name == "bootstrap_admin_key" and value:
+                shown = _mask_api_key(value)
+            elif f.name == "redis_url" and value:
+                shown = _mask_url_password(value)
+            rows.append((name, shown, name in environ and environ[name] != ""))
+        return rows
+
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) for every setting, for the README and --help."""
@@ -649,6 +680,22 @@ class Settings:
             (f.metadata["env"], "" if f.default is None else str(f.default), f.metadata["help"])
             for f in dataclasses.fields(cls)
         ]
+
+
+def _mask_api_key(value: str) -> str:
+    """``ao_<key_id>_***``: the key id identifies it, the secret stays hidden."""
+    key_id = value.split("_")[1] if value.count("_") >= 2 else ""
+    return f"ao_{key_id}_***" if key_id else "***"
+
+
+def _mask_url_password(url: str) -> str:
+    """A URL with the password of its user info replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _looks_like_api_key(value: str) -> bool:

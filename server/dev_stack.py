@@ -12,6 +12,7 @@ from reference.config import DEFAULT_PUBLISH_METADATA, REFERENCE_SERVICES, Refer
 from server.app import OrchestratorServer
 from server.config import Settings
 from server.key_seeding import BOOTSTRAP_ADMIN_TENANT
+from server.listen import ensure_free
 from server.signals import wait_for_stop_signal
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ async def with_publish_key(
 async def serve_with_reference(settings: Settings) -> None:
     """Run both until SIGTERM or SIGINT, then stop the reference services first."""
     server = OrchestratorServer(settings)
+    server.check_addresses()
+    reference_address = reference_config(settings, 0).listen_address
+    ensure_free(reference_address, "ORCH_QUERY_SERVICE_ADDRESS, the embedded reference services")
     await server.start()
     config, key_id = await with_publish_key(server, reference_config(settings, server.port))
     reference = ReferenceServices(config)

@@ -67,6 +67,7 @@ from server.decoding import Decode, decode_in_handler, split_decoding
 from server.edge_limits import EdgeLimits
 from server.metrics import Metrics
 from server.revocation import OpenStream, OpenStreams, revoked_error
+from server.rpc_metrics import RPC_TYPES
 from server.tracing import current_traceparent
 from server.wrapping import Ctx, HandlerCache, StreamBehavior, UnaryBehavior, wrap_handler
 
@@ -106,10 +107,10 @@ class _Plan:
 
     __slots__ = ("method", "needed", "recorder")
 
-    def __init__(self, method: str, metrics: Metrics) -> None:
+    def __init__(self, method: str, metrics: Metrics, rpc_type: str = "unary") -> None:
         self.method = method
         self.needed: Role | None = required_role(method)
-        self.recorder = metrics.recorder(method)
+        self.recorder = metrics.recorder(method, rpc_type)
 
 
 class Edge:
@@ -143,7 +144,8 @@ class Edge:
         parsed in the edge's own wrapper after the checks, so no second wrapper re-yields
         every response."""
         handler, decode = split_decoding(handler)
-        plan = _Plan(method, self._metrics)
+        rpc_type = RPC_TYPES[bool(handler.request_streaming), bool(handler.response_streaming)]
+        plan = _Plan(method, self._metrics, rpc_type)
         client_stream = handler.stream_unary is not None
         return wrap_handler(
             handler,

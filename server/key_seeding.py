@@ -113,6 +113,25 @@ def load_keys_file(path: str) -> list[ApiKey]:
     ]
 
 
+async def warn_without_keys(settings: Settings, keys: ApiKeyManager, *, in_memory: bool) -> bool:
+    """On a shared registry (Redis) started without ORCH_BOOTSTRAP_ADMIN_KEY: log a warning when
+    tenant ``platform`` holds no live key (among its first 50), so nobody can create keys (the
+    demo keys are in-memory only). Returns whether it warned."""
+    if in_memory or settings.bootstrap_admin_key:
+        return False
+    page = await keys.list(BOOTSTRAP_ADMIN_TENANT, 50, "")
+    if any(not key.revoked for key in page.items):
+        return False
+    log.warning(
+        "no API key of tenant %s in this registry and ORCH_BOOTSTRAP_ADMIN_KEY is not set: "
+        "calls will be refused (the demo keys exist only in the in-memory registry). Start "
+        "once with ORCH_BOOTSTRAP_ADMIN_KEY=ao_<key_id>_<secret> and create keys with "
+        "AdminService/CreateApiKey",
+        BOOTSTRAP_ADMIN_TENANT,
+    )
+    return True
+
+
 async def seed_keys(settings: Settings, keys: ApiKeyManager, *, in_memory: bool) -> None:
     """Store the configured keys; an id that exists already is left as it is."""
     if in_memory and settings.demo_keys:

@@ -53,10 +53,37 @@ LATENCY_BUCKETS = (
 )
 
 
+OTHER_TENANTS = "_other"
+
+
+class TenantLabels:
+    """Bounds the ``tenant`` label's values: the first ``limit`` tenants seen keep their own
+    series, every later one is counted as ``_other`` (so a platform with many tenants does not
+    grow each per-tenant metric without bound)."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        seen = self._seen
+        if tenant in seen:
+            return tenant
+        if len(seen) < self._limit:
+            seen.add(tenant)
+            return tenant
+        return OTHER_TENANTS
+
+
 class Metrics:
     """Every metric of one server, registered in its own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, max_tenants: int = 1000
+    ) -> None:
+        self._tenant = TenantLabels(max_tenants)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         # RPC counts and latency: kept without a lock per call (server.rpc_metrics).
@@ -105,9 +132,9 @@ class Metrics:
             registry=r,
         )
 
-    def recorder(self, method: str) -> RpcRecorder:
+    def recorder(self, method: str, rpc_type: str = "unary") -> RpcRecorder:
         """Where the calls of ``method`` are counted and timed (one object per method)."""
-        return self.rpc.recorder(method)
+        return self.rpc.recorder(method, rpc_type)
 
     def stream_opened(self, method: str) -> None:
         self.open_streams.labels(method).inc()
@@ -116,7 +143,7 @@ class Metrics:
         self.open_streams.labels(method).dec()
 
     def record_rate_limited(self, tenant: str, limit: str) -> None:
-        self.rate_limited.labels(tenant, limit).inc()
+        self.rate_limited.labels(self._tenant(tenant), limit).inc()
 
     def set_tasks(self, state: str, n: int) -> None:
         self.tasks.labels(state).set(n)
@@ -129,7 +156,7 @@ class Metrics:
 
     def record_tokens(self, tenant: str, n: int) -> None:
         if n > 0:
-            self.tokens.labels(tenant).inc(n)
+            self.tokens.labels(self._tenant(tenant)).inc(n)
 
     def record_agent_cache(self, outcome: str) -> None:
         self.agent_cache.labels(outcome).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -68,6 +69,39 @@ async def test_stop_with_the_orchestrator_down_gives_up_in_time() -> None:
         await query_pb2_grpc.QueryServiceStub(channel).SubmitQuery(ask("lost"), timeout=5)
     await reference.stop(grace=0.1)
     assert reference.reporter.unanswered > 0
+
+
+async def test_stop_with_the_orchestrator_down_does_not_wait_for_the_stop_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failed = asyncio.Event()
+
+    class OnFailure(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "ReportUpdates to" in record.getMessage():
+                failed.set()
+
+    handler = OnFailure()
+    logging.getLogger("reference.reporter").addHandler(handler)
+    reporter = Reporter(f"127.0.0.1:{free_port()}", (), reconnect_base_s=3600, reconnect_cap_s=3600)
+    reporter.start()
+    reporter.publish(
+        Notice(
+            event=task_update_pb2.NOTICE_EVENT_PROGRESS,
+            service=common_pb2.SERVICE_QUERY,
+            job_id="j",
+            tenant_id="t",
+            sequence=1,
+        )
+    )
+    await failed.wait()  # the first attempt failed; it now backs off for an hour
+    # An hour's stop timeout and an hour's backoff: stop returns only because it gives up at
+    # once (the test's own timeout would end a wait).
+    await reporter.stop(timeout_s=3600)
+    assert reporter.unanswered == 1
+    assert "stopping with 1 notice(s) unanswered" in caplog.text
+    assert "reporter stopped with" not in caplog.text  # not the timeout's warning
+    logging.getLogger("reference.reporter").removeHandler(handler)
 
 
 async def test_no_notice_is_lost_when_the_stream_breaks_under_load() -> None:

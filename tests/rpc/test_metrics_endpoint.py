@@ -111,6 +111,29 @@ async def test_metrics_count_calls_codes_latency_streams_and_refusals() -> None:
     assert f'orchestrator_rpcs_total{{code="OK",method="{LIST}"}} 4.0' in text
 
 
+async def test_standard_grpc_metrics_name_the_service_method_type_and_code() -> None:
+    probe = Probe()
+    async with running_server(test_settings(None), extra_handlers=[probe.handler()]) as server:
+        sessions = session_pb2_grpc.SessionServiceStub(server.channel)
+        await sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=tenant("acme"))
+        stream = watch_method(server.channel)(b"", metadata=tenant("acme"))
+        assert await stream.read() == b"open"
+        probe.release.set()
+        await stream.read()
+        await stream.code()
+        found = samples(await scrape(server))
+    unary = (
+        ("grpc_method", "ListSessions"),
+        ("grpc_service", "orchestrator.v1.SessionService"),
+        ("grpc_type", "unary"),
+    )
+    assert found[("grpc_server_handled_total", ("grpc_code", "OK"), *unary)] == 1
+    assert found[("grpc_server_handling_seconds_count", *unary)] == 1
+    service, _, method = WATCH.lstrip("/").rpartition("/")
+    watched = (("grpc_method", method), ("grpc_service", service), ("grpc_type", "server_stream"))
+    assert found[("grpc_server_handling_seconds_count", *watched)] == 1
+
+
 async def test_two_servers_keep_separate_registries() -> None:
     async with (
         running_server(test_settings(None)) as first,

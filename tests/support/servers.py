@@ -49,6 +49,8 @@ def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
         # ...and no Conversation or Tool Registry: a message is one call unless a test turns
         # plans on (plans=True) with a platform that answers them.
         plans=False,
+        # ...and no downstream watch: most tests give the server no downstream to connect to.
+        downstream_check_interval=0,
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()

@@ -8,7 +8,15 @@ from domain.api_keys import ApiKeyManager
 from domain.errors import PermissionDenied, Unauthenticated
 from domain.identity import Caller, Role
 from registry.api_keys_memory import MemoryApiKeyStore
-from server.auth import Authenticator, authenticate_bearer, authorize, bearer_token, required_role
+from server.auth import (
+    DEMO_KEY_IDS,
+    Authenticator,
+    authenticate_bearer,
+    authorize,
+    bearer_token,
+    required_role,
+)
+from server.key_seeding import DEMO_KEYS
 
 
 def test_public_methods_need_no_key() -> None:
@@ -70,3 +78,30 @@ async def test_metadata_authentication_ignores_identity_headers() -> None:
         await authenticator.authenticate_metadata(
             (("x-tenant-id", "acme"), ("x-caller-role", "client")), Role.CLIENT
         )
+
+
+async def test_a_refused_demo_key_says_where_keys_come_from_when_the_store_has_none() -> None:
+    keys = ApiKeyManager(MemoryApiKeyStore())
+    authenticator = Authenticator(keys, demo_key_hint=True)
+    with pytest.raises(Unauthenticated) as refused:
+        await authenticator.authenticate_bearer(f"Bearer {DEMO_KEYS[0].api_key}")
+    assert refused.value.message.startswith("invalid or revoked API key: the demo keys exist")
+    assert "ORCH_BOOTSTRAP_ADMIN_KEY" in refused.value.message
+
+
+async def test_other_refused_keys_say_nothing_more() -> None:
+    authenticator = Authenticator(ApiKeyManager(MemoryApiKeyStore()), demo_key_hint=True)
+    with pytest.raises(Unauthenticated) as refused:
+        await authenticator.authenticate_bearer("Bearer ao_somekey01_" + "s" * 30)
+    assert refused.value.message == "invalid or revoked API key"
+
+
+async def test_without_the_hint_a_demo_key_is_refused_plainly() -> None:
+    authenticator = Authenticator(ApiKeyManager(MemoryApiKeyStore()))
+    with pytest.raises(Unauthenticated) as refused:
+        await authenticator.authenticate_bearer(f"Bearer {DEMO_KEYS[0].api_key}")
+    assert refused.value.message == "invalid or revoked API key"
+
+
+def test_the_hinted_key_ids_are_the_demo_keys() -> None:
+    assert {demo.api_key.split("_")[1] for demo in DEMO_KEYS} == DEMO_KEY_IDS

@@ -9,15 +9,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from domain.api_keys import hash_secret
+from domain.api_keys import ApiKeyManager, hash_secret
 from domain.identity import Role
 from domain.models import Service
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from reference.config import REFERENCE_SERVICES, ReferenceConfig
+from registry.api_keys_memory import MemoryApiKeyStore
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
 from server.dev_stack import with_publish_key
-from server.key_seeding import DEMO_KEYS, load_keys_file
+from server.key_seeding import DEMO_KEYS, load_keys_file, warn_without_keys
 from tests.support.servers import bearer, test_settings
 
 PLAIN = "ao_filekey01_" + "p" * 30
@@ -222,3 +223,24 @@ async def test_redis_gets_the_bootstrap_service_key_as_a_platform_service_key(
             assert roles["bootservice02"] == admin_pb2.API_KEY_ROLE_SERVICE
         finally:
             await server.stop(grace=0)
+
+
+async def test_a_shared_registry_without_platform_keys_or_bootstrap_key_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys = ApiKeyManager(MemoryApiKeyStore())
+    assert await warn_without_keys(test_settings(None), keys, in_memory=False)
+    assert "ORCH_BOOTSTRAP_ADMIN_KEY is not set" in caplog.text
+
+
+async def test_no_warning_once_tenant_platform_has_a_key() -> None:
+    keys = ApiKeyManager(MemoryApiKeyStore())
+    await keys.create("platform", "admin", "")
+    assert not await warn_without_keys(test_settings(None), keys, in_memory=False)
+
+
+async def test_no_warning_with_a_bootstrap_key_or_in_memory() -> None:
+    keys = ApiKeyManager(MemoryApiKeyStore())
+    boot = test_settings(None, bootstrap_admin_key="ao_bootkey01_" + "b" * 30)
+    assert not await warn_without_keys(boot, keys, in_memory=False)
+    assert not await warn_without_keys(test_settings(None), keys, in_memory=True)
