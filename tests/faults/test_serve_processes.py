@@ -79,7 +79,14 @@ class Spread:
         self.metrics_ports = [metrics_port, metrics_port + 1]
 
     async def wait_all_serving(self) -> None:
-        """Every process's /metrics answers (the supervisor's health probe reached one)."""
+        """Every process logged that it serves (after its gRPC server started) and its
+        /metrics answers (the supervisor's health probe reached only one of them)."""
+        for _ in range(400):
+            if self.process.log().count("serving on") >= 2:
+                break
+            await asyncio.sleep(0.05)  # a log line in another process: nothing to await
+        else:
+            raise RuntimeError(f"not both processes serve:\n{self.process.log()}")
         for port in self.metrics_ports:
             for _ in range(200):
                 try:
