@@ -146,7 +146,8 @@ async def spread(redis_url: str, tmp_path: Path, platform: PlatformServer) -> As
     process.serve_args = ["--processes", "2"]
     children: list[int] = []
     try:
-        await asyncio.to_thread(process.start)
+        # Two processes start at once on the shared 2-core machine: give them time.
+        await asyncio.to_thread(process.start, 60.0)
         assert process.proc is not None
         children = children_of(process.proc.pid)
         spread = Spread(process, metrics_port)
