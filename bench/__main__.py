@@ -13,6 +13,7 @@ MODULES = [
     "bench.interceptor_bench",
     "bench.batch_bench",
     "bench.plan_bench",
+    "bench.scale_bench",
 ]
 
 

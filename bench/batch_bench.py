@@ -43,7 +43,9 @@ from typing import Any, TypeAlias
 import grpc
 from redis.asyncio import Redis
 
+from bench import machine
 from bench.batch_processes import start_orchestrator, start_reference, start_worker
+from bench.machine import Limits
 from bench.processes import Child, on_private_redis, wait_serving
 from bench.tables import Rate, print_table, quotient
 from orchestrator.v1 import (
@@ -281,6 +283,7 @@ class Results:
     cpu: dict[str, float]  # CPU seconds each process (kind) used during the batch
     chats: ChatsRun | None
     problems: list[str]
+    limits: Limits
 
     @property
     def ratio(self) -> float:
@@ -392,8 +395,9 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
                 chats = dataclasses.replace(
                     chats, server_cpu_s=orchestrator.cpu_seconds() - chat_cpu
                 )
+            limits = await machine.measure()
             return Results(
-                args.concurrency, args.worker_processes, batch, memory, cpu, chats, problems
+                args.concurrency, args.worker_processes, batch, memory, cpu, chats, problems, limits
             )
     finally:
         await redis.aclose()
@@ -418,12 +422,13 @@ def print_results(r: Results) -> None:
         "reference services in their own process"
     )
     rows: list[tuple[str, ...]] = [
-        ("path", "items", "seconds", "items/s"),
+        ("path", "items", "seconds", "items/s", "of bare unary"),
         (
             "batch: SubmitBatch -> last streamed result",
             f"{b.items:,}",
             f"{b.seconds:.2f}",
             f"{b.per_second:,.0f}",
+            r.limits.unary_fraction(b.per_second),
         ),
     ]
     if r.chats is not None:
@@ -433,9 +438,12 @@ def print_results(r: Results) -> None:
                 f"{r.chats.chats:,}",
                 f"{r.chats.seconds:.2f}",
                 f"{r.chats.per_second:,.0f}",
+                r.limits.unary_fraction(r.chats.per_second),
             )
         )
+    rows.append(("bare grpc.aio unary echo", "", "", f"{r.limits.unary_per_s:,.0f}", "1"))
     print_table(rows)
+    r.limits.print_line()
     if r.chats is not None:
         print(
             f"ratio batch/individual = {r.ratio:.2f} (items/s); server CPU per item: batch "
@@ -512,7 +520,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
-    results = asyncio.run(run(args))
+    results = machine.run(run(args))
     print_results(results)
     return 1 if results.problems else 0
 

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import subprocess
 import sys
 
+from bench import machine
 from bench.processes import BIN, ROOT, Child, bench_settings, serve_until_sigterm, start_serving
 from domain.identity import Role
 from server.config import Settings
@@ -93,7 +93,7 @@ def start_worker(redis_url: str, query_address: str, concurrency: int) -> Child:
 
 def main(argv: list[str]) -> int:
     redis_url, query_address, port, concurrency = argv
-    asyncio.run(serve(redis_url, query_address, int(port), int(concurrency)))
+    machine.run(serve(redis_url, query_address, int(port), int(concurrency)))
     return 0
 
 

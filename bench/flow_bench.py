@@ -40,6 +40,8 @@ from typing import Any
 
 import grpc
 
+from bench import machine
+from bench.machine import Limits
 from bench.processes import (
     Child,
     bench_settings,
@@ -448,7 +450,9 @@ async def _start_jobs(
 class Followers:
     """StreamSession streams; counts delta events and records their latency."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
+        # A client of TENANT unless given.
+        self.metadata = tenant(TENANT) if metadata is None else metadata
         self.opened = 0
         self.all_open = asyncio.Event()
         self.expected_open = 0
@@ -475,7 +479,7 @@ class Followers:
         """Open ``per_session`` streams on each session, spread over ``channels``, in waves of
         ``batch`` (each confirmed open by its first event before the next wave: the server's
         Redis pool refuses rather than queues beyond its size)."""
-        metadata = tenant(TENANT)
+        metadata = self.metadata
         request = chat_pb2.StreamSessionRequest
         wanted = [sid for sid in session_ids for _ in range(per_session)]
         for start in range(0, len(wanted), batch):
@@ -555,9 +559,13 @@ async def publish(
     count: int,
     sequences: dict[str, int],
     interval_s: float = 0.0,
+    *,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+    service_pb: int = common_pb2.SERVICE_QUERY,
 ) -> task_update_pb2.PublishUpdatesResponse:
     """``count`` delta notices round-robin over ``jobs`` on one PublishUpdates stream, each
-    stamped with its send time; paced at one per ``interval_s`` when that is set."""
+    stamped with its send time; paced at one per ``interval_s`` when that is set. As
+    ``service_pb`` with ``metadata`` (the test service key unless given)."""
     stub = task_update_pb2_grpc.TaskUpdateServiceStub(channel)
 
     async def notices() -> AsyncIterator[task_update_pb2.PublishUpdatesRequest]:
@@ -572,7 +580,7 @@ async def publish(
             sequences[job_id] += 1
             yield task_update_pb2.PublishUpdatesRequest(
                 event=NOTICE.NOTICE_EVENT_DELTA,
-                service=common_pb2.SERVICE_QUERY,
+                service=service_pb,  # type: ignore[arg-type]
                 job_id=job_id,
                 tenant_id=TENANT,
                 sequence=sequences[job_id],
@@ -580,7 +588,7 @@ async def publish(
             )
 
     reply: task_update_pb2.PublishUpdatesResponse = await stub.PublishUpdates(
-        notices(), metadata=service(), timeout=120
+        notices(), metadata=service() if metadata is None else metadata, timeout=120
     )
     return reply
 
@@ -592,8 +600,10 @@ async def publish_all(
     publishers: int,
     sequences: dict[str, int],
     interval_s: float = 0.0,
+    **publish_args: Any,
 ) -> None:
-    """``publishers`` streams, each for its own share of the jobs (so per-job order holds)."""
+    """``publishers`` streams, each for its own share of the jobs (so per-job order holds);
+    ``publish_args`` go to :func:`publish`."""
     shares = [jobs[p::publishers] for p in range(publishers)]
     counts = [
         notices // publishers + (1 if p < notices % publishers else 0) for p in range(publishers)
@@ -606,6 +616,7 @@ async def publish_all(
                 counts[p],
                 sequences,
                 interval_s * publishers,
+                **publish_args,
             )
             for p in range(publishers)
             if counts[p]
@@ -743,6 +754,7 @@ class Results:
     relay: ChatResult
     fanout: FanoutResult
     idle: IdleResult
+    limits: Limits
 
     @property
     def chat_ratio(self) -> float:
@@ -761,12 +773,12 @@ def chat_ratio(orchestrator: ChatResult, relay: ChatResult) -> float:
     return quotient(orchestrator.per_second, relay.per_second)
 
 
-def print_chats(orchestrator: ChatResult, relay: ChatResult) -> None:
+def print_chats(orchestrator: ChatResult, relay: ChatResult, limits: Limits) -> None:
     ratio = chat_ratio(orchestrator, relay)
     print("1. chats: SendMessage -> completed (reference service, step delay 0)")
     print_table(
         [
-            ("path", "chats", "seconds", "chats/s", "p50 ms", "p99 ms"),
+            ("path", "chats", "seconds", "chats/s", "p50 ms", "p99 ms", "of bare unary"),
             *(
                 (
                     c.name,
@@ -775,9 +787,11 @@ def print_chats(orchestrator: ChatResult, relay: ChatResult) -> None:
                     f"{c.per_second:,.0f}",
                     f"{c.p50_ms:.1f}",
                     f"{c.p99_ms:.1f}",
+                    limits.unary_fraction(c.per_second),
                 )
                 for c in (relay, orchestrator)
             ),
+            ("bare grpc.aio unary echo", "", "", f"{limits.unary_per_s:,.0f}", "", "", "1"),
         ]
     )
     verdict = "ok" if ratio >= TARGET_CHAT_RATIO else "BELOW TARGET"
@@ -790,7 +804,7 @@ def print_results(r: Results) -> None:
     def mark(name: str) -> str:
         return "ok" if ok[name] else "BELOW TARGET"
 
-    print_chats(r.orchestrator, r.relay)
+    print_chats(r.orchestrator, r.relay, r.limits)
     f = r.fanout
     print(
         f"2. fan-out: {f.streams:,} StreamSession streams over {f.sessions} sessions, "
@@ -798,12 +812,20 @@ def print_results(r: Results) -> None:
     )
     print_table(
         [
-            ("measure", "value", "target", "verdict"),
+            ("measure", "value", "target", "verdict", "of bare streaming"),
             (
                 f"peak delivered events/s ({f.notices:,} notices -> {f.delivered:,} events)",
                 f"{f.per_second:,.0f}",
                 f">= {TARGET_FANOUT_EPS:,.0f}",
                 mark("fan-out rate"),
+                r.limits.stream_fraction(f.per_second),
+            ),
+            (
+                f"bare grpc.aio server-streaming msgs/s ({r.limits.streams} streams)",
+                f"{r.limits.stream_messages_per_s:,.0f}",
+                "",
+                "",
+                "1",
             ),
             (
                 f"notice->client p50 at {f.paced_rate:,.0f} events/s "
@@ -845,19 +867,21 @@ def print_results(r: Results) -> None:
             ),
         ]
     )
+    r.limits.print_line()
 
 
-async def chats(redis_url: str, args: argparse.Namespace) -> tuple[ChatResult, ChatResult]:
-    """The chats part: (orchestrator, relay)."""
+async def chats(redis_url: str, args: argparse.Namespace) -> tuple[ChatResult, ChatResult, Limits]:
+    """The chats part: (orchestrator, relay, the machine's bare figures in this run)."""
+    limits = await machine.measure()
     relay = await chats_on_relay(args.chats, args.concurrency, args.sessions, args.deltas)
     orchestrator = await chats_on_orchestrator(
         redis_url, args.chats, args.concurrency, args.sessions, args.deltas
     )
-    return orchestrator, relay
+    return orchestrator, relay, limits
 
 
 async def measure(redis_url: str, args: argparse.Namespace) -> Results:
-    orchestrator, relay = await chats(redis_url, args)
+    orchestrator, relay, limits = await chats(redis_url, args)
     fan = await fanout(
         redis_url,
         sessions=args.fanout_sessions,
@@ -872,7 +896,7 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
         per_session=args.idle_followers,
         idle_s=args.idle_seconds,
     )
-    return Results(orchestrator, relay, fan, idle)
+    return Results(orchestrator, relay, fan, idle, limits)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -899,15 +923,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.serve_child:
-        asyncio.run(serve_child(*args.serve_child))
+        machine.run(serve_child(*args.serve_child))
         return 0
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("server.app").setLevel(logging.ERROR)
     if args.only == "chats":
-        orchestrator, relay = asyncio.run(on_private_redis(lambda url: chats(url, args)))
-        print_chats(orchestrator, relay)
+        orchestrator, relay, limits = machine.run(on_private_redis(lambda url: chats(url, args)))
+        print_chats(orchestrator, relay, limits)
         return 0 if chat_ratio(orchestrator, relay) >= TARGET_CHAT_RATIO else 1
-    results = asyncio.run(on_private_redis(lambda url: measure(url, args)))
+    results = machine.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
     return 0 if all(results.verdicts().values()) else 1
 

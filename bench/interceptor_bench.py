@@ -51,6 +51,8 @@ from typing import Any
 
 import grpc
 
+from bench import machine
+from bench.machine import Limits
 from domain.api_keys import record_for_plaintext
 from domain.identity import Caller, Role
 from handlers.request_context import REQUEST_ID_HEADER, bind_request_context, new_request_id
@@ -266,14 +268,19 @@ async def run(
 
 
 def report(
-    comparison: Comparison, concurrency: int, registry: str = "memory", setup: str = ""
+    comparison: Comparison,
+    concurrency: int,
+    registry: str = "memory",
+    setup: str = "",
+    limits: Limits | None = None,
 ) -> str:
     rounds = len(comparison.baseline.qps)
     lines = [
         f"Edge chain: unary GetSession, concurrency {concurrency}, {registry} registry, "
         f"{rounds} interleaved rounds{setup}",
         f"{'server':<18} {'calls':>7} {'QPS (median)':>13} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'QPS overhead (quartiles)':>26} {'p50 overhead':>13}",
+        f"{'QPS overhead (quartiles)':>26} {'p50 overhead':>13}"
+        + (f" {'of bare unary':>14}" if limits else ""),
     ]
     for r in comparison.results:
         row = (
@@ -287,7 +294,16 @@ def report(
                 f" {comparison.overhead_pct(r):>10.1f} % ({spread:>11})"
                 f" {comparison.p50_overhead_pct(r):>11.1f} %"
             )
+        elif limits:
+            row += f" {'':>26} {'':>13}"
+        if limits:
+            row += f" {limits.unary_fraction(r.median_qps):>14}"
         lines.append(row)
+    if limits:
+        lines.append(
+            f"{'bare grpc.aio echo':<18} {'':>7} {limits.unary_per_s:>13.0f} "
+            f"(unary echo, {limits.unary_concurrency} concurrent, server in its own process)"
+        )
     pct = comparison.overhead_pct(comparison.chained)
     verdict = "within" if pct <= TARGET_OVERHEAD_PCT else "OVER"
     lines.append(
@@ -295,6 +311,13 @@ def report(
         f"rounds), {verdict} the {TARGET_OVERHEAD_PCT:.0f} % target"
     )
     return "\n".join(lines)
+
+
+async def _run_with_limits(
+    args: argparse.Namespace, redis_url: str | None
+) -> tuple[Comparison, Limits]:
+    comparison = await run(args.calls, args.concurrency, args.rounds, redis_url)
+    return comparison, await machine.measure(concurrency=args.concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,13 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         redis_server.start()
     try:
         url = redis_server.url if redis_server is not None else None
-        comparison = asyncio.run(run(args.calls, args.concurrency, args.rounds, url))
+        comparison, limits = machine.run(_run_with_limits(args, url))
     finally:
         if redis_server is not None:
             redis_server.close()
     print()
     setup = f", pinned to CPU {args.pin_cpu}" if args.pin_cpu is not None else ""
-    print(report(comparison, args.concurrency, "Redis" if args.redis else "memory", setup))
+    registry = "Redis" if args.redis else "memory"
+    print(report(comparison, args.concurrency, registry, setup, limits))
     return 0 if comparison.overhead_pct(comparison.chained) <= TARGET_OVERHEAD_PCT else 1
 
 

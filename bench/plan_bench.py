@@ -38,7 +38,6 @@ is shown beside it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -55,6 +54,7 @@ import redis.asyncio as redis_asyncio
 
 from agent_execution.v1 import agent_execution_pb2, agent_execution_pb2_grpc
 from agents.v1 import agents_pb2, agents_pb2_grpc
+from bench import machine
 from bench.flow_bench import (
     FINAL_NOTICES,
     NOTICE,
@@ -66,6 +66,7 @@ from bench.flow_bench import (
     reference_config,
     relay_event,
 )
+from bench.machine import Limits
 from bench.processes import (
     Child,
     bench_settings,
@@ -453,6 +454,7 @@ class Row:
 @dataclass(frozen=True, slots=True)
 class PlanResults:
     rows: list[Row]
+    limits: Limits
 
     def verdicts(self) -> dict[str, bool]:
         return {
@@ -505,7 +507,7 @@ async def measure(redis_url: str, args: argparse.Namespace) -> PlanResults:
                 for o, r in zip(side.runs[shape.name], relay.runs[shape.name], strict=True)
             ]
             rows.append(Row(figures(side, shape.name), statistics.median(ratios)))
-    return PlanResults(rows)
+    return PlanResults(rows, await machine.measure(concurrency=args.concurrency))
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -529,6 +531,7 @@ def print_results(results: PlanResults) -> None:
         "events/chat",
         "tool calls/chat",
         "ratio to relay",
+        "of bare unary",
     )
     table: list[tuple[str, ...]] = [header]
     for row in results.rows:
@@ -546,9 +549,14 @@ def print_results(results: PlanResults) -> None:
                 f"{f.events_per_chat:.1f}",
                 f"{f.tool_calls_per_chat:.1f}",
                 "" if row.ratio is None else f"{row.ratio:.2f}",
+                results.limits.unary_fraction(f.per_second),
             )
         )
+    table.append(
+        ("", "bare grpc.aio unary echo", "", f"{results.limits.unary_per_s:,.0f}", *[""] * 6, "1")
+    )
     print_table(table)
+    results.limits.print_line()
     missed = [name for name, ok in results.verdicts().items() if not ok]
     print(
         f"ratio = median of the per-round orchestrator/relay chats/s; target >= "
@@ -580,12 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         for quiet in ("server.app", "server.data_loss"):
             logging.getLogger(quiet).setLevel(logging.ERROR)
         if args.serve_relay:
-            asyncio.run(serve_relay())
+            machine.run(serve_relay())
         else:
-            asyncio.run(serve_orchestrator(args.serve_orchestrator, args.plans))
+            machine.run(serve_orchestrator(args.serve_orchestrator, args.plans))
         return 0
     logging.basicConfig(level=logging.WARNING)
-    results = asyncio.run(on_private_redis(lambda url: measure(url, args)))
+    results = machine.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
     return 0 if all(results.verdicts().values()) else 1
 

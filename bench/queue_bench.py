@@ -22,6 +22,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bench import machine
+from bench.machine import Limits
 from bench.processes import on_private_redis
 from bench.tables import Rate, print_table, quotient
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
@@ -132,35 +134,47 @@ async def queue_path(url: str, items: int, concurrency: int) -> Measurement:
     return Measurement(f"queue enqueue->worker->result (concurrency {concurrency})", items, seconds)
 
 
-def print_results(raw: Measurement, full: Measurement) -> None:
+def print_results(raw: Measurement, full: Measurement, limits: Limits) -> bool:
+    """Print the table; whether the target is met."""
     queue_ratio = quotient(full.per_second, raw.per_second)
     rows = [
-        ("path", "items", "seconds", "items/s"),
-        (raw.name, str(raw.items), f"{raw.seconds:.2f}", f"{raw.per_second:,.0f}"),
-        (full.name, str(full.items), f"{full.seconds:.2f}", f"{full.per_second:,.0f}"),
+        ("path", "items", "seconds", "items/s", "of bare unary"),
+        *(
+            (m.name, str(m.items), f"{m.seconds:.2f}", f"{m.per_second:,.0f}", fraction)
+            for m, fraction in (
+                (raw, limits.unary_fraction(raw.per_second)),
+                (full, limits.unary_fraction(full.per_second)),
+            )
+        ),
+        ("bare grpc.aio unary echo (calls/s)", "", "", f"{limits.unary_per_s:,.0f}", "1"),
     ]
     print_table(rows)
-    verdict = "ok" if queue_ratio >= TARGET_RATIO else "BELOW TARGET"
+    limits.print_line()
+    met = queue_ratio >= TARGET_RATIO
+    verdict = "ok" if met else "BELOW TARGET"
     print(f"ratio queue/raw = {queue_ratio:.2f} (target >= {TARGET_RATIO}) {verdict}")
+    return met
 
 
-async def measure(redis_url: str, items: int, concurrency: int) -> tuple[Measurement, Measurement]:
-    """(raw, queue) on the same server."""
+async def measure(
+    redis_url: str, items: int, concurrency: int
+) -> tuple[Measurement, Measurement, Limits]:
+    """(raw, queue) on the same server, and the machine's bare grpc.aio figures."""
     raw = await raw_streams(redis_url, items)
     full = await queue_path(redis_url, items, concurrency)
-    return raw, full
+    return raw, full, await machine.measure()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=200)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    raw, full = asyncio.run(
+    raw, full, limits = machine.run(
         on_private_redis(lambda url: measure(url, args.items, args.concurrency))
     )
-    print_results(raw, full)
+    return 0 if print_results(raw, full, limits) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,8 +7,11 @@ from typing import ClassVar
 
 
 def print_table(rows: Sequence[tuple[str, ...]]) -> None:
-    """Rows of cells, each column as wide as its widest cell."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    """Rows of cells, each column as wide as its widest cell; a short row is padded with empty
+    cells."""
+    columns = max(len(row) for row in rows)
+    rows = [(*row, *("",) * (columns - len(row))) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(columns)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
@@ -23,6 +26,12 @@ def percentile(values: list[float], fraction: float) -> float:
 def quotient(part: float, whole: float) -> float:
     """``part / whole``, or 0.0 when ``whole`` is nothing (no time, no rate measured)."""
     return part / whole if whole > 0 else 0.0
+
+
+def fraction(part: float, limit: float) -> str:
+    """``part`` as a fraction of the machine's bare grpc.aio ``limit`` for the same shape
+    (bench.machine), for a table cell."""
+    return f"{part / limit:.3f}" if limit > 0 else "-"
 
 
 class Rate:

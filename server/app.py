@@ -123,6 +123,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def loop_name() -> str:
+    """The running event loop's kind: uvloop or asyncio."""
+    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
+
+
 def transport_name(settings: Settings) -> str:
     if settings.tls_client_ca_file:
         return "mutual TLS"
@@ -330,7 +335,9 @@ class OrchestratorServer:
         elif self.settings.bootstrap_admin_key:
             log.warning("backend unavailable at start: the bootstrap admin key was not stored")
         if self.settings.ws_address:
-            await self.ws_bridge.start(self.settings.ws_address)
+            await self.ws_bridge.start(
+                self.settings.ws_address, reuse_port=self.settings.so_reuseport
+            )
         if self.settings.metrics_address:
             self.metrics_http = MetricsHttpServer(self.metrics, self.settings.metrics_address)
             await self.metrics_http.start()
@@ -349,11 +356,12 @@ class OrchestratorServer:
         if self.settings.chat_worker_enabled:
             self.workers.start_chat_worker()
         log.info(
-            "serving on %s (port %d, %s) with the %s registry",
+            "serving on %s (port %d, %s) with the %s registry, on the %s event loop",
             self.settings.listen_address,
             self.port,
             transport_name(self.settings),
             self.backend.name,
+            loop_name(),
         )
 
     def check_addresses(self) -> None:

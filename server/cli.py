@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server import event_loop, supervisor
 from server.app import OrchestratorServer
 from server.config import Settings, SettingsError
 from server.listen import EXIT_ADDRESS_IN_USE, ListenError
@@ -83,7 +84,7 @@ def _worker(settings: Settings, concurrency: int) -> int:
         return 2
     if concurrency > 0:
         settings = dataclasses.replace(settings, batch_worker_concurrency=concurrency)
-    asyncio.run(run_workers(settings, default_dispatcher(settings)))
+    event_loop.run(run_workers(settings, default_dispatcher(settings)), settings.event_loop)
     return 0
 
 
@@ -103,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="run the gRPC server (configured by environment variables)"
+    )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N server processes on the same port (SO_REUSEPORT) sharing REDIS_URL; "
+        "SIGTERM stops them all",
     )
     serve.add_argument(
         "--tracemalloc",
@@ -184,11 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         configure_tracer_provider()
     if args.command == "worker":
         return _worker(settings, args.concurrency)
+    refused = supervisor.refusal(settings, args.processes, bool(args.tracemalloc))
+    if refused:
+        print(f"configuration error: {refused}", file=sys.stderr)
+        return 2
+    if args.processes > 1:
+        command = supervisor.serve_command([])
+        return asyncio.run(supervisor.supervise(settings, args.processes, command))
     memory_probe = MemoryProbe(Path(args.tracemalloc)) if args.tracemalloc else None
     if memory_probe is not None:
         memory_probe.start()
     try:
-        asyncio.run(_serve(settings, memory_probe, args.tracemalloc_interval))
+        event_loop.run(
+            _serve(settings, memory_probe, args.tracemalloc_interval), settings.event_loop
+        )
     except SettingsError as exc:  # e.g. an unreadable ORCH_API_KEYS_FILE, found at start
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -128,6 +128,11 @@ class Settings:
         "let several processes bind the same port",
         _parse_bool,
     )
+    event_loop: str = _env(
+        "ORCH_EVENT_LOOP",
+        "uvloop",
+        "event loop of `orchestrator serve` and `worker`: uvloop (faster) or asyncio",
+    )
     shutdown_grace: float = _env(
         "ORCH_SHUTDOWN_GRACE",
         10.0,
@@ -576,6 +581,8 @@ class Settings:
             problems.append("ws_address must be host:port (or empty)")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            problems.append("event_loop must be uvloop or asyncio")
         if self.unary_request_id not in ("initial", "trailing"):
             problems.append("unary_request_id must be initial or trailing")
         if ":" not in self.listen_address:

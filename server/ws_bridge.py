@@ -52,13 +52,16 @@ class WebSocketBridge:
         # Sockets being served now.
         self.open_sockets = 0
 
-    async def start(self, address: str) -> None:
+    async def start(self, address: str, *, reuse_port: bool = False) -> None:
+        """Serve on ``address``; ``reuse_port`` lets other processes bind it too."""
         host, _, port = address.rpartition(":")
         app = web.Application()
         app.router.add_get(PATH, self._handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port))
+        site = web.TCPSite(
+            self._runner, host.strip("[]") or None, int(port), reuse_port=reuse_port or None
+        )
         await site.start()
         bound = self._runner.addresses
         self.port = int(bound[0][1]) if bound else int(port)

@@ -3,13 +3,24 @@ uses it, and real orchestrator servers on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import pytest
 from redis.asyncio import Redis
 
+from server.event_loop import loop_factory
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import RunningServer, running_server, test_settings
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on the event loop the service runs on: ORCH_EVENT_LOOP (default uvloop)."""
+    name = os.environ.get("ORCH_EVENT_LOOP", "uvloop")
+    return {name: loop_factory(name)}
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,8 @@ async def test_work_slower_than_the_grace_keeps_its_lease(registry: Backend) -> 
         await leases.holding(TENANT, job_id, asyncio.sleep(GRACE_MS / 1000 * 3))
     finally:
         watching.cancel()
-    assert time.monotonic() - began >= GRACE_MS / 1000 * 3
+    # uvloop keeps its timers in whole milliseconds: a sleep may end up to 1 ms early.
+    assert time.monotonic() - began >= GRACE_MS / 1000 * 3 - 0.001
     assert claimed == []
     assert leases.renewals >= 2
     # Once the work is over, nobody renews it: the lease runs out (the caller confirms it).

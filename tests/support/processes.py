@@ -70,11 +70,13 @@ class ServerProcess:
         }
         self._env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None
         self.proc: subprocess.Popen[bytes] | None = None
+        # More arguments of `orchestrator serve` (e.g. ["--processes", "2"]).
+        self.serve_args: list[str] = []
 
     def start(self, timeout_s: float = 20.0) -> None:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(BIN / "orchestrator"), "serve"],
+            [str(BIN / "orchestrator"), "serve", *self.serve_args],
             env=self._env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

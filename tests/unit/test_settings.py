@@ -88,3 +88,10 @@ def test_each_platform_address_is_its_own_setting() -> None:
     config = downstream_config(Settings.from_env(env))
     for service in variables:
         assert config.address(service) == f"{service.value}:7"
+
+
+def test_the_event_loop_is_uvloop_unless_set_to_asyncio() -> None:
+    assert Settings.from_env({}).event_loop == "uvloop"
+    assert Settings.from_env({"ORCH_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    with pytest.raises(SettingsError, match="event_loop must be uvloop or asyncio"):
+        Settings.from_env({"ORCH_EVENT_LOOP": "trio"})
