@@ -134,6 +134,11 @@ class RedisEventLog(RedisStore):
                     await pubsub.unsubscribe(channel)
         except _CONNECTION_ERRORS as exc:
             raise Unavailable(f"redis unavailable: {exc}") from exc
+        except AttributeError as exc:
+            # redis-py drops a connection's writer when the connection is closed under a
+            # command in flight (the reader reconnecting, the process stopping): "'NoneType'
+            # object has no attribute 'writelines'". That is a lost connection, not a bug here.
+            raise Unavailable(f"redis connection closed: {exc}") from exc
 
     async def _wait_confirmed(self, channel: str) -> None:
         confirmed = self._confirmed.get(channel)

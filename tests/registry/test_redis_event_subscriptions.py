@@ -56,3 +56,19 @@ async def test_subscriptions_tried_while_redis_was_away_are_forgotten_when_it_re
         # A second follower of the session waits for that resubscription to be confirmed.
         async with events.subscribe(TENANT, session_id):
             assert events.awaiting_confirmation == 0
+
+
+async def test_leaving_a_session_whose_connection_closed_under_it_is_quiet(
+    events: RedisEventLog, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with events.subscribe(TENANT, new_id()):
+        pubsub = events._pubsub
+        assert pubsub is not None
+
+        async def closed_under_it(*channels: str) -> None:
+            # What redis-py raises when the connection is closed while the command is written.
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+        monkeypatch.setattr(pubsub, "unsubscribe", closed_under_it)
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
