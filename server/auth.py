@@ -13,6 +13,8 @@ from domain.errors import PermissionDenied, Unauthenticated
 from domain.identity import Caller, Role
 
 AUTHORIZATION_HEADER = "authorization"
+# Headers whose Caller the Authenticator remembers; past this many it starts over.
+MAX_KNOWN_HEADERS = 10_000
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # The role each service family requires, by method prefix; first match wins.
@@ -56,28 +58,52 @@ async def authenticate_bearer(header_value: str | None, keys: ApiKeyManager) -> 
 def authorize(caller: Caller, needed: Role) -> None:
     """PermissionDenied unless the caller has exactly the role the method needs."""
     if caller.role is not needed:
-        raise PermissionDenied(
-            f"this method needs an API key with the {needed.value} role, "
-            f"the key {caller.key_id} has the {caller.role.value} role"
-        )
+        raise wrong_role(caller, needed)
+
+
+def wrong_role(caller: Caller, needed: Role) -> PermissionDenied:
+    return PermissionDenied(
+        f"this method needs an API key with the {needed.value} role, "
+        f"the key {caller.key_id} has the {caller.role.value} role"
+    )
 
 
 class Authenticator:
-    """authenticate_bearer bound to one key store: what the interceptor and the WebSocket
-    bridge hold (``OrchestratorServer.authenticator``)."""
+    """authenticate_bearer bound to one key store: what the edge and the WebSocket bridge hold
+    (``OrchestratorServer.authenticator``).
+
+    It remembers the Caller of every ``authorization`` header whose key verified (``known``),
+    so the edge need not read the key's record again: it checks the key's standing (revoked or
+    gone) in the same step as the caller's rate instead (server.edge_limits, one round trip on
+    Redis) and ``forget``s a header whose key is no longer live. A key's tenant, role and
+    services never change after it is created; only its revocation does. Only keys that
+    verified are remembered, so guessing cannot fill the memo."""
 
     def __init__(self, keys: ApiKeyManager) -> None:
         self.keys = keys
+        self._known: dict[str, Caller] = {}
+
+    def known(self, header_value: str | None) -> Caller | None:
+        """The Caller of a header whose key verified in this process, or None (no I/O; the
+        key's standing is the caller's to check)."""
+        return self._known.get(header_value) if header_value is not None else None
+
+    def forget(self, header_value: str) -> None:
+        self._known.pop(header_value, None)
 
     async def authenticate_bearer(self, header_value: str | None) -> Caller:
         return await authenticate_bearer(header_value, self.keys)
 
     async def authenticate_header(self, header_value: str | None, needed: Role) -> Caller:
-        """The authorized Caller for an ``authorization`` header value. The key is looked up
-        on every call."""
+        """The authorized Caller for an ``authorization`` header value, its key read from the
+        store; remembered for ``known`` once the key verified."""
         record = await self.keys.verify(bearer_token(header_value))
-        # Positional: a third cheaper than keywords, and this runs on every call.
+        # Positional: a third cheaper than keywords.
         caller = Caller(record.tenant_id, record.role, record.key_id, record.services)
+        if header_value is not None:
+            if len(self._known) >= MAX_KNOWN_HEADERS:
+                self._known.clear()
+            self._known[header_value] = caller
         authorize(caller, needed)
         return caller
 
