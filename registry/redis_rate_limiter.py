@@ -12,12 +12,17 @@ Each state key expires once its bucket is full again (an idle bucket needs no st
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from domain.rate_limits import ALLOWED, KEY_NOT_LIVE, Bucket, KeyRef, RateDecision
 from registry.keys import KeySpace
+from registry.lua_scripts import lua_script
 from registry.redis_client import RedisStore, redis_errors_as_unavailable
 
 # Script KEYS and ARGV kept per (buckets, key); past this many the cache starts over.
@@ -31,24 +36,52 @@ class RedisRateLimiter(RedisStore):
 
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         super().__init__(redis, keys)
-        self._calls: dict[tuple[tuple[Bucket, ...], KeyRef | None], tuple[list[str], list[str]]]
-        self._calls = {}
+        self._calls: dict[tuple[tuple[Bucket, ...], KeyRef | None], _Script] = {}
+        self._sha = lua_script("rate_limits/acquire").sha
 
     async def acquire(self, buckets: Sequence[Bucket], key: KeyRef | None = None) -> RateDecision:
         if not buckets and key is None:
             return ALLOWED
-        keys, args = self._call(tuple(buckets), key)
+        call = self._call(tuple(buckets), key)
         with redis_errors_as_unavailable():
-            allowed, retry_after_ms, index = await self._scripts.run(
-                "acquire", keys=keys, args=args
-            )
+            try:
+                reply = await self._send(call)
+            except (NoScriptError, RedisConnectionError):
+                # A Redis that lost the script, or a pooled connection that broke (Redis
+                # restarted): the ordinary path loads the script and retries on a new one.
+                reply = await self._scripts.run("acquire", keys=call.keys, args=call.args)
+        allowed, retry_after_ms, index = reply
         if int(allowed) == 1:
             return ALLOWED
         if int(index) < 0:
             return KEY_NOT_LIVE
         return RateDecision(False, retry_after_ms=int(retry_after_ms), limited=buckets[index - 1])
 
-    def _call(self, buckets: tuple[Bucket, ...], key: KeyRef | None) -> tuple[list[str], list[str]]:
+    async def _send(self, call: _Script) -> Any:
+        """EVALSHA of the script on a connection of the pool, the command packed once per
+        (buckets, key): this runs on every authenticated call, and redis-py's generic command
+        path (argument packing, retry wrapper, response callbacks) costs about a third of it.
+        A connection left in an unknown state (a transport error, or a cancellation while a
+        reply is on its way) is closed before it goes back to the pool, never reused."""
+        pool = self._redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = call.packed
+            if packed is None:
+                packed = call.packed = connection.pack_command(
+                    "EVALSHA", self._sha, len(call.keys), *call.keys, *call.args
+                )
+            await connection.send_packed_command(packed, check_health=False)
+            return await connection.read_response()
+        except ResponseError:  # a whole error reply (NOSCRIPT): the connection is in step
+            raise
+        except BaseException:
+            await asyncio.shield(connection.disconnect())
+            raise
+        finally:
+            await pool.release(connection)
+
+    def _call(self, buckets: tuple[Bucket, ...], key: KeyRef | None) -> _Script:
         """The script's KEYS and ARGV for these buckets and key, built once per pair (they
         follow from them alone, and the edge asks for the same few again and again)."""
         cache = self._calls
@@ -67,5 +100,16 @@ class RedisRateLimiter(RedisStore):
             args += [repr(bucket.rate.interval_us), str(bucket.rate.burst)]
         if len(cache) >= _MAX_CACHED_CALLS:
             cache.clear()
-        cache[(buckets, key)] = (keys, args)
-        return keys, args
+        found = cache[(buckets, key)] = _Script(keys, args)
+        return found
+
+
+class _Script:
+    """One call of the script: its KEYS and ARGV, and the command as sent (once packed)."""
+
+    __slots__ = ("args", "keys", "packed")
+
+    def __init__(self, keys: list[str], args: list[str]) -> None:
+        self.keys = keys
+        self.args = args
+        self.packed: Any = None
