@@ -23,19 +23,21 @@ Only then is the request parsed (server.decoding, applied by the registrar insid
 bytes that are not a valid message are INVALID_ARGUMENT, counted like any outcome, and a caller
 without a key never gets its bytes parsed.
 
-The key's record is read from the store on every call, so a revoked key is refused on its next
-call by every replica; only the parse and hash of a presented key that verified are remembered
-(domain.api_keys). What depends only on the method (its role, its metrics
-recorder, the wrapped handler) is computed once per method.
+A key's record is read from the store on its first call in the process; from then on the
+Authenticator remembers its Caller and the rate limiter checks the key's standing (in its
+tenant's key index, not in its revoked set) in the same step as the rate: one Redis round trip
+per call, and a revoked key is refused on its next call by every replica (ADR 0013). What
+depends only on the method (its role, its metrics recorder, the wrapped handler) is computed
+once per method.
 
 Echoing the request id in the initial metadata costs grpc.aio a send-initial-metadata batch of
 its own on unary-response calls (its final batch carries only empty initial metadata; grpc.aio
-has no way to put ours in it): in the bench (bench.interceptor_bench) that batch alone costs more
-than the rest of the chain. With ``trailing_request_ids`` (ORCH_UNARY_REQUEST_ID=trailing)
-unary-response calls return the id in their trailing metadata instead, which goes out in the
-final batch at no extra cost; server streams always send it in their initial metadata, before
-their first message. Refused and failed calls carry it in their trailers in both modes
-(handlers.errors).
+has no way to put ours in it): in the bench (bench.interceptor_bench) that batch alone cost more
+than the rest of the chain. So with ``trailing_request_ids`` (the default;
+ORCH_UNARY_REQUEST_ID=initial turns it off) unary calls return the id in their trailing
+metadata, which goes out in the final batch at no extra cost; streams of every direction send it
+in their initial metadata, before their first message. Refused and failed calls carry it in
+their trailers in both modes (handlers.errors).
 """
 
 from __future__ import annotations
