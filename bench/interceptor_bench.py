@@ -4,10 +4,14 @@ orchestrator's own server (memory registry) with the whole chain (server.edge: r
 the same server with no edge at all.
 
 Two more servers run in the same rounds, to show where the cost is: the chain with
-``ORCH_UNARY_REQUEST_ID=trailing`` (the request id returned in the trailers, sent with the
-response), and a server that does nothing but echo a request id in the initial metadata (the
-extra send-initial-metadata batch grpc.aio needs for it on a unary call). The target applies to
-the chain with its default settings.
+``ORCH_UNARY_REQUEST_ID=initial`` (the request id returned in the response headers instead of
+the trailers, the default), and a server that does nothing but echo a request id in the initial
+metadata (the extra send-initial-metadata batch grpc.aio needs for it on a unary call). The
+target applies to the chain with its default settings.
+
+Beside QPS, each row shows the process CPU time per call (client, servers and gRPC's threads:
+everything in this process) measured over the same load phases: it moves far less than QPS
+when other processes share the machine.
 
 Only the edge differs between the two: both are an ``OrchestratorServer`` with the same
 settings, services, background tasks and server options, run the same SessionServicer and are
@@ -21,9 +25,10 @@ Client and servers share one event loop, as in the test suite, so the figures ar
 one core; compare the ratios, not the absolute numbers. Exits non-zero when the QPS overhead is
 over the target.
 
-``--redis`` runs both servers on a private redis-server instead (the bench key is stored there),
-where the chain adds two Redis round trips per call (the key's record and the rate-limit script)
-to the handler's one.
+On Redis (``--registry redis``) every server runs on a private redis-server instead (the bench
+key is stored there), where the chain adds one Redis round trip per call (the rate-limit script,
+which checks the key's standing too; the key's record is read on its first call only) to the
+handler's one.
 
 ``--pin-cpu N`` runs the whole process (Python, gRPC's threads, client) on CPU N only. The
 ratio is then much steadier from run to run, but it counts all the work on one core: the
@@ -31,7 +36,8 @@ transport work of the extra initial-metadata batch can no longer overlap on the 
 the overhead reads higher than unpinned.
 
 Run with ``python -m bench.interceptor_bench [--calls N] [--rounds R] [--concurrency C]
-[--redis] [--pin-cpu N]``.
+[--registry memory|redis|both] [--pin-cpu N]`` (both, the default: the memory table, then the
+Redis one; the targets are 10 % on memory and 20 % on Redis).
 """
 
 from __future__ import annotations
@@ -65,13 +71,14 @@ from server.wrapping import Ctx
 from tests.support.redis_process import RedisProcess
 
 TENANT = "demo"
-TARGET_OVERHEAD_PCT = 15.0
+# QPS overhead targets (issue 16), by registry.
+TARGET_OVERHEAD_PCT = {"memory": 10.0, "Redis": 20.0}
 # The documented demo client key (tenant "demo"), which servers on the in-memory registry accept.
 API_KEY = "ao_democlient_local-demo-client-key-0001"
 METADATA = (("authorization", f"Bearer {API_KEY}"),)
 BASELINE = "no interceptors"
 CHAINED = "edge chain"
-TRAILING = "edge, id trailing"
+INITIAL = "edge, id initial"
 ECHO_ONLY = "id echo only"
 
 
@@ -82,6 +89,11 @@ class Result:
     name: str
     qps: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    cpu_per_call: list[float] = field(default_factory=list)
+
+    @property
+    def median_cpu_us(self) -> float:
+        return statistics.median(self.cpu_per_call) * 1e6
 
     @property
     def calls(self) -> int:
@@ -124,6 +136,13 @@ class Comparison:
 
     def overhead_pct(self, result: Result) -> float:
         return statistics.median(self.paired_overheads(result))
+
+    def cpu_overhead_pct(self, result: Result) -> float:
+        """Median per round of the extra process CPU per call, in percent of the baseline's."""
+        return statistics.median(
+            (other - base) / base * 100
+            for base, other in zip(self.baseline.cpu_per_call, result.cpu_per_call, strict=True)
+        )
 
     def p50_overhead_pct(self, result: Result) -> float:
         base = self.baseline.percentile_ms(0.5)
@@ -195,11 +214,11 @@ async def _start_chained(settings: Settings) -> OrchestratorServer:
 async def _start_all(redis_url: str | None) -> dict[str, OrchestratorServer]:
     """Every compared server, by name, the baseline first."""
     settings = _settings(redis_url)
-    trailing = dataclasses.replace(settings, unary_request_id="trailing")
+    initial = dataclasses.replace(settings, unary_request_id="initial")
     return {
         BASELINE: await _start_with_bench_caller(_NoEdgeServer(settings)),
         CHAINED: await _start_chained(settings),
-        TRAILING: await _start_chained(trailing),
+        INITIAL: await _start_chained(initial),
         ECHO_ONLY: await _start_with_bench_caller(_EchoOnlyServer(settings)),
     }
 
@@ -249,7 +268,9 @@ async def _measure(ports: dict[str, int], calls: int, concurrency: int, rounds: 
         forward = list(range(len(getters)))
         for round_number in range(rounds):
             for i in forward if round_number % 2 == 0 else forward[::-1]:
+                cpu = time.process_time()
                 latencies, elapsed = await _load(getters[i], calls, concurrency)
+                results[i].cpu_per_call.append((time.process_time() - cpu) / len(latencies))
                 results[i].qps.append(len(latencies) / elapsed)
                 results[i].latencies.extend(latencies)
     return Comparison(results)
@@ -279,13 +300,14 @@ def report(
         f"Edge chain: unary GetSession, concurrency {concurrency}, {registry} registry, "
         f"{rounds} interleaved rounds{setup}",
         f"{'server':<18} {'calls':>7} {'QPS (median)':>13} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'QPS overhead (quartiles)':>26} {'p50 overhead':>13}"
-        + (f" {'of bare unary':>14}" if limits else ""),
+        f"{'CPU us/call':>12} {'QPS overhead (quartiles)':>26} {'p50 overhead':>13} "
+        f"{'CPU overhead':>13}" + (f" {'of bare unary':>14}" if limits else ""),
     ]
     for r in comparison.results:
         row = (
             f"{r.name:<18} {r.calls:>7} {r.median_qps:>13.0f} "
-            f"{r.percentile_ms(0.5):>8.3f} {r.percentile_ms(0.99):>8.3f}"
+            f"{r.percentile_ms(0.5):>8.3f} {r.percentile_ms(0.99):>8.3f} "
+            f"{r.median_cpu_us:>12.0f}"
         )
         if r is not comparison.baseline:
             paired = sorted(comparison.paired_overheads(r))
@@ -293,9 +315,10 @@ def report(
             row += (
                 f" {comparison.overhead_pct(r):>10.1f} % ({spread:>11})"
                 f" {comparison.p50_overhead_pct(r):>11.1f} %"
+                f" {comparison.cpu_overhead_pct(r):>11.1f} %"
             )
         elif limits:
-            row += f" {'':>26} {'':>13}"
+            row += f" {'':>26} {'':>13} {'':>13}"
         if limits:
             row += f" {limits.unary_fraction(r.median_qps):>14}"
         lines.append(row)
@@ -305,10 +328,11 @@ def report(
             f"(unary echo, {limits.unary_concurrency} concurrent, server in its own process)"
         )
     pct = comparison.overhead_pct(comparison.chained)
-    verdict = "within" if pct <= TARGET_OVERHEAD_PCT else "OVER"
+    target = TARGET_OVERHEAD_PCT[registry]
+    verdict = "within" if pct <= target else "OVER"
     lines.append(
         f"{CHAINED} (default settings): {pct:.1f} % QPS overhead (median of {rounds} paired "
-        f"rounds), {verdict} the {TARGET_OVERHEAD_PCT:.0f} % target"
+        f"rounds), {verdict} the {target:.0f} % target on the {registry} registry"
     )
     return "\n".join(lines)
 
@@ -326,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=24, help="rounds (each runs both servers)")
     parser.add_argument(
-        "--redis", action="store_true", help="both servers on a private redis-server"
+        "--registry",
+        choices=("memory", "redis", "both"),
+        default="both",
+        help="which registry the servers use (both: memory first, then a private redis-server)",
     )
+    parser.add_argument("--redis", action="store_true", help="the same as --registry redis")
     parser.add_argument(
         "--pin-cpu", type=int, default=None, metavar="N", help="run on CPU N only (steadier)"
     )
@@ -335,21 +363,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("server").setLevel(logging.ERROR)
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})  # before gRPC starts its threads, which inherit it
-
-    redis_server = RedisProcess() if args.redis else None
-    if redis_server is not None:
-        redis_server.start()
-    try:
-        url = redis_server.url if redis_server is not None else None
-        comparison, limits = machine.run(_run_with_limits(args, url))
-    finally:
-        if redis_server is not None:
-            redis_server.close()
-    print()
+    registries = ["redis"] if args.redis else ["memory", "redis"]
+    if not args.redis and args.registry != "both":
+        registries = [args.registry]
     setup = f", pinned to CPU {args.pin_cpu}" if args.pin_cpu is not None else ""
-    registry = "Redis" if args.redis else "memory"
-    print(report(comparison, args.concurrency, registry, setup, limits))
-    return 0 if comparison.overhead_pct(comparison.chained) <= TARGET_OVERHEAD_PCT else 1
+    status = 0
+    for registry in registries:
+        redis_server = RedisProcess() if registry == "redis" else None
+        if redis_server is not None:
+            redis_server.start()
+        try:
+            url = redis_server.url if redis_server is not None else None
+            comparison, limits = machine.run(_run_with_limits(args, url))
+        finally:
+            if redis_server is not None:
+                redis_server.close()
+        name = "Redis" if registry == "redis" else "memory"
+        print()
+        print(report(comparison, args.concurrency, name, setup, limits), flush=True)
+        if comparison.overhead_pct(comparison.chained) > TARGET_OVERHEAD_PCT[name]:
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

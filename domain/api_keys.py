@@ -5,10 +5,12 @@ and the admin API); the secret is 32 random bytes, urlsafe base64, shown once at
 the SHA-256 of the secret is stored; verification compares digests in constant time. A secret
 carries 256 random bits, so a plain hash needs no salt or stretching.
 
-Lookups are not cached: every call reads the key record from the store, so a revocation takes
-effect on every replica at the next call. What is remembered per process is only a pure function
-of the presented text, its key id and secret digest (``ApiKeyManager.verify``), so a live key is
-not parsed and hashed again on every call.
+``verify`` reads the key's record from the store on every call. What it remembers per process
+is only a pure function of the presented text, its key id and secret digest, so a live key is
+not parsed and hashed again. The gRPC edge verifies a key once per process and then checks its
+standing (revoked or gone) with the caller's rate, in the rate limiter's one step
+(server.auth.Authenticator, domain.ports.rate_limits), so a revocation still takes effect on
+every replica at the key's next call.
 """
 
 from __future__ import annotations

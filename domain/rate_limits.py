@@ -60,15 +60,27 @@ class Bucket:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRef:
+    """An API key whose standing an acquire checks in the same step (domain.ports.rate_limits):
+    its tenant (whose buckets it draws from) and its id."""
+
+    tenant_id: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class RateDecision:
-    """The outcome of one acquire: allowed, or refused with when to retry and which bucket."""
+    """The outcome of one acquire: allowed, or refused with when to retry and which bucket.
+    ``key_live`` False: the key checked with it is revoked or unknown (nothing was charged)."""
 
     allowed: bool
     retry_after_ms: int = 0
     limited: Bucket | None = None
+    key_live: bool = True
 
 
 ALLOWED = RateDecision(allowed=True)
+KEY_NOT_LIVE = RateDecision(allowed=False, key_live=False)
 
 
 def gcra(tat_us: float | None, now_us: float, rate: Rate) -> tuple[float, float]:

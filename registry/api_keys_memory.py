@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from domain.models import Page
 from domain.ports.api_keys import ApiKey
+from domain.rate_limits import KeyRef
 from registry.memory_sessions import wall_clock_ms
 
 
@@ -29,6 +30,12 @@ class MemoryApiKeyStore:
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         return self._keys.get(key_id)
+
+    def is_live(self, key: KeyRef) -> bool:
+        """Whether the key exists, belongs to ``key.tenant_id`` and is not revoked (what the
+        memory rate limiter checks; registry.redis_rate_limiter does the same in its script)."""
+        record = self._keys.get(key.key_id)
+        return record is not None and record.tenant_id == key.tenant_id and not record.revoked
 
     async def get_keys(self, key_ids: Sequence[str]) -> list[ApiKey | None]:
         return [self._keys.get(key_id) for key_id in key_ids]

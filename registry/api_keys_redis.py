@@ -1,11 +1,13 @@
 """API keys in Redis.
 
 Layout (see registry.keys): one hash per key id (``{k:<key_id>}`` hash tag, since calls look a
-key up by id alone) and a per-tenant index sorted set under the tenant's hash tag. A key is
+key up by id alone), a per-tenant index sorted set and a per-tenant set of revoked key ids under
+the tenant's hash tag (the index and the revoked set are what the rate-limit script checks on
+every call: registry.redis_rate_limiter). A key is
 written hash first, index second, so a listed id always has its record; an index entry whose
 record is missing (a crash between the two writes) is skipped and pruned when listed. Scripts
-take the time from Redis. Nothing is cached by readers: a revocation is visible to every
-replica at its next lookup.
+take the time from Redis. A revocation is written to the tenant's revoked set first, then to
+the record; every replica sees it at its next call (its key check runs in the rate-limit script).
 """
 
 from __future__ import annotations
@@ -124,6 +126,14 @@ class RedisApiKeyStore(RedisStore):
                     return Page(found, None)
 
     async def revoke_key(self, key_id: str) -> ApiKey | None:
+        key_hash = self._keys.api_key(key_id)
         with redis_errors_as_unavailable():
-            raw = await self._scripts.run("revoke", keys=[self._keys.api_key(key_id)])
+            tenant = await self._redis.hget(key_hash, "tenant")
+            if tenant is None:
+                return None
+            # The tenant's revoked set first (what the rate-limit script checks on every call):
+            # a crash before the record is marked leaves the key refused, and revoking it again
+            # completes the record.
+            await self._redis.sadd(self._keys.revoked_api_keys(str(tenant)), key_id)
+            raw = await self._scripts.run("revoke", keys=[key_hash])
         return key_from_hash(key_id, pairs_to_dict(raw)) if raw else None

@@ -219,18 +219,19 @@ def open_memory_backend(config: BackendConfig) -> Backend:
         retention_ms=config.session_retention_ms, on_close=events.session_closed
     )
     usage = MemoryUsageStore()
+    api_keys = MemoryApiKeyStore()
     return Backend(
         instance=MemoryInstance(),
         sessions=sessions,
         jobs=MemoryJobStore(sessions, events, usage=usage),
         events=events,
         fanout=events.fanout,
-        api_keys=MemoryApiKeyStore(),
+        api_keys=api_keys,
         batches=MemoryBatchStore(retention_ms=config.batch_retention_ms),
         usage=usage,
         embedding_cache=MemoryEmbeddingCache(),
         agent_cache=MemoryAgentCache(),
-        rate_limiter=MemoryRateLimiter(),
+        rate_limiter=MemoryRateLimiter(keys=api_keys),
         queue_opener=lambda _name, queue_config: MemoryWorkQueue(queue_config),
     )
 

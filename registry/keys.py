@@ -178,6 +178,11 @@ class KeySpace:
         """Sorted set (all scores 0) of the tenant's key ids, for listing."""
         return f"{self.tenant_tag(tenant_id)}:apikeys"
 
+    def revoked_api_keys(self, tenant_id: str) -> str:
+        """Set of the tenant's revoked key ids: the revocation as the rate-limit script reads
+        it, in the tenant's slot (the key's record, under its own hash tag, says it too)."""
+        return f"{self.tenant_tag(tenant_id)}:apikeys:revoked"
+
     def batch_keys(self, tenant_id: str, batch_id: str) -> BatchKeys:
         """The keys of one batch."""
         base = f"{self.tenant_tag(tenant_id)}:batch:{batch_id}"

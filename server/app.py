@@ -229,12 +229,12 @@ class OrchestratorServer:
         refusals are counted, limits after identity because they need the caller. None serves
         the services bare (benchmarks compare against that)."""
         settings = self.settings
-        limiter = self.backend.rate_limiter if settings.rate_limit_enabled else None
         limits = EdgeLimits(
-            limiter,
+            self.backend.rate_limiter,
             settings.rate_limit_rules(),
             self.stream_slots,
             self.metrics,
+            rate_enabled=settings.rate_limit_enabled,
         )
         return Edge(
             self.metrics,

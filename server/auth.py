@@ -14,6 +14,8 @@ from domain.identity import Caller, Role
 from domain.ports.api_keys import ApiKey
 
 AUTHORIZATION_HEADER = "authorization"
+# Headers whose Caller the Authenticator remembers; past this many it starts over.
+MAX_KNOWN_HEADERS = 10_000
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # The role each service family requires, by method prefix; first match wins.
@@ -57,10 +59,14 @@ async def authenticate_bearer(header_value: str | None, keys: ApiKeyManager) -> 
 def authorize(caller: Caller, needed: Role) -> None:
     """PermissionDenied unless the caller has exactly the role the method needs."""
     if caller.role is not needed:
-        raise PermissionDenied(
-            f"this method needs an API key with the {needed.value} role, "
-            f"the key {caller.key_id} has the {caller.role.value} role"
-        )
+        raise wrong_role(caller, needed)
+
+
+def wrong_role(caller: Caller, needed: Role) -> PermissionDenied:
+    return PermissionDenied(
+        f"this method needs an API key with the {needed.value} role, "
+        f"the key {caller.key_id} has the {caller.role.value} role"
+    )
 
 
 # The key ids of the public demo keys (server.key_seeding), which only the in-memory registry
@@ -74,13 +80,21 @@ DEMO_KEY_HINT = (
 
 
 class Authenticator:
-    """authenticate_bearer bound to one key store: what the interceptor and the WebSocket
-    bridge hold (``OrchestratorServer.authenticator``). With ``demo_key_hint`` (a store that
-    never holds the demo keys) a refused demo key's message says where keys come from."""
+    """authenticate_bearer bound to one key store: what the edge and the WebSocket bridge hold
+    (``OrchestratorServer.authenticator``). With ``demo_key_hint`` (a store that never holds
+    the demo keys) a refused demo key's message says where keys come from.
+
+    It remembers the Caller of every ``authorization`` header whose key verified (``known``),
+    so the edge need not read the key's record again: it checks the key's standing (revoked or
+    gone) in the same step as the caller's rate instead (server.edge_limits, one round trip on
+    Redis) and ``forget``s a header whose key is no longer live. A key's tenant, role and
+    services never change after it is created; only its revocation does. Only keys that
+    verified are remembered, so guessing cannot fill the memo."""
 
     def __init__(self, keys: ApiKeyManager, *, demo_key_hint: bool = False) -> None:
         self.keys = keys
         self._demo_key_hint = demo_key_hint
+        self._known: dict[str, Caller] = {}
 
     async def _verify(self, api_key: str) -> ApiKey:
         try:
@@ -91,16 +105,28 @@ class Authenticator:
                 raise Unauthenticated(f"{exc.message}: {DEMO_KEY_HINT}") from None
             raise
 
+    def known(self, header_value: str | None) -> Caller | None:
+        """The Caller of a header whose key verified in this process, or None (no I/O; the
+        key's standing is the caller's to check)."""
+        return self._known.get(header_value) if header_value is not None else None
+
+    def forget(self, header_value: str) -> None:
+        self._known.pop(header_value, None)
+
     async def authenticate_bearer(self, header_value: str | None) -> Caller:
         record = await self._verify(bearer_token(header_value))
-        return Caller(record.tenant_id, record.role, record.key_id)
+        return Caller(record.tenant_id, record.role, record.key_id, record.services)
 
     async def authenticate_header(self, header_value: str | None, needed: Role) -> Caller:
-        """The authorized Caller for an ``authorization`` header value. The key is looked up
-        on every call."""
+        """The authorized Caller for an ``authorization`` header value, its key read from the
+        store; remembered for ``known`` once the key verified."""
         record = await self._verify(bearer_token(header_value))
-        # Positional: a third cheaper than keywords, and this runs on every call.
+        # Positional: a third cheaper than keywords.
         caller = Caller(record.tenant_id, record.role, record.key_id, record.services)
+        if header_value is not None:
+            if len(self._known) >= MAX_KNOWN_HEADERS:
+                self._known.clear()
+            self._known[header_value] = caller
         authorize(caller, needed)
         return caller
 

@@ -359,10 +359,10 @@ class Settings:
     )
     unary_request_id: str = _env(
         "ORCH_UNARY_REQUEST_ID",
-        "initial",
-        "where unary-response calls return x-request-id: initial (response headers, like "
-        "streams; grpc.aio sends them in a batch of their own) or trailing (response trailers, "
-        "sent with the response at no extra cost)",
+        "trailing",
+        "where unary calls return x-request-id: trailing (response trailers, sent with the "
+        "response at no extra cost) or initial (response headers, like streams; grpc.aio "
+        "sends them in a batch of their own)",
     )
     max_streams_per_tenant: int = _env(
         "ORCH_MAX_STREAMS_PER_TENANT",

@@ -23,19 +23,21 @@ Only then is the request parsed (server.decoding, applied by the registrar insid
 bytes that are not a valid message are INVALID_ARGUMENT, counted like any outcome, and a caller
 without a key never gets its bytes parsed.
 
-The key's record is read from the store on every call, so a revoked key is refused on its next
-call by every replica; only the parse and hash of a presented key that verified are remembered
-(domain.api_keys). What depends only on the method (its role, its metrics
-recorder, the wrapped handler) is computed once per method.
+A key's record is read from the store on its first call in the process; from then on the
+Authenticator remembers its Caller and the rate limiter checks the key's standing (in its
+tenant's key index, not in its revoked set) in the same step as the rate: one Redis round trip
+per call, and a revoked key is refused on its next call by every replica (ADR 0013). What
+depends only on the method (its role, its metrics recorder, the wrapped handler) is computed
+once per method.
 
 Echoing the request id in the initial metadata costs grpc.aio a send-initial-metadata batch of
 its own on unary-response calls (its final batch carries only empty initial metadata; grpc.aio
-has no way to put ours in it): in the bench (bench.interceptor_bench) that batch alone costs more
-than the rest of the chain. With ``trailing_request_ids`` (ORCH_UNARY_REQUEST_ID=trailing)
-unary-response calls return the id in their trailing metadata instead, which goes out in the
-final batch at no extra cost; server streams always send it in their initial metadata, before
-their first message. Refused and failed calls carry it in their trailers in both modes
-(handlers.errors).
+has no way to put ours in it): in the bench (bench.interceptor_bench) that batch alone cost more
+than the rest of the chain. So with ``trailing_request_ids`` (the default;
+ORCH_UNARY_REQUEST_ID=initial turns it off) unary calls return the id in their trailing
+metadata, which goes out in the final batch at no extra cost; streams of every direction send it
+in their initial metadata, before their first message. Refused and failed calls carry it in
+their trailers in both modes (handlers.errors).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from time import perf_counter
-from types import TracebackType
 from typing import Any, cast
 
 import grpc
@@ -61,7 +62,7 @@ from handlers.request_context import (
     valid_request_id,
 )
 from server import metrics as metrics_module
-from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role
+from server.auth import AUTHORIZATION_HEADER, Authenticator, required_role, wrong_role
 from server.auth_failures import AuthFailures
 from server.decoding import Decode, decode_in_handler, split_decoding
 from server.edge_limits import EdgeLimits
@@ -122,7 +123,7 @@ class Edge:
         authenticator: Authenticator,
         limits: EdgeLimits,
         *,
-        trailing_request_ids: bool = False,
+        trailing_request_ids: bool = True,
         open_streams: OpenStreams | None = None,
         auth_failures: AuthFailures | None = None,
         server_spans: bool = False,
@@ -157,7 +158,12 @@ class Edge:
     async def _begin(self, context: Ctx, plan: _Plan, *, trailing_id: bool) -> Caller | None:
         """Steps 1, 3 and 4 (step 2 wraps them): bind the request context, echo the request
         id (in the trailers when ``trailing_id``), authenticate and authorize, charge the rate.
-        Ends the call on refusal."""
+        Ends the call on refusal.
+
+        A header whose key verified before in this process (Authenticator.known) is not read
+        from the store again: the key's standing is checked with the rate, in one step (one
+        Redis round trip). A key found revoked or gone there is forgotten and authenticated
+        again from the store, which refuses it."""
         request_id, traceparent, authorization = read_metadata(context)
         if self._server_spans:
             traceparent = current_traceparent() or traceparent
@@ -175,8 +181,18 @@ class Edge:
             refusal = failures.refusal(context.peer())
             if refusal is not None:
                 await abort_with(context, refusal)
+        limits = self._limits
+        authenticator = self._authenticator
+        caller = authenticator.known(authorization)
+        if caller is not None and limits.checks_keys:
+            if caller.role is not needed:
+                await abort_with(context, wrong_role(caller, needed))
+            if await limits.check_rate(caller, context, check_key=True):
+                scope.caller = caller
+                return caller
+            authenticator.forget(cast(str, authorization))
         try:
-            caller = await self._authenticator.authenticate_header(authorization, needed)
+            caller = await authenticator.authenticate_header(authorization, needed)
         except Unauthenticated as error:
             failures.failed(context.peer(), authorization, plan.method, error.message)
             await abort_with(context, error)
@@ -188,7 +204,7 @@ class Edge:
             await abort_internal(context, exc)
             raise AssertionError("unreachable: abort raises") from None
         scope.caller = caller
-        await self._limits.check_rate(caller, context)
+        await limits.check_rate(caller, context)
         return caller
 
     def _unary(
@@ -198,12 +214,17 @@ class Edge:
         Streams of either direction are registered by key id while open (server.revocation)."""
         limits = self._limits
         begin = self._begin
-        trailing_id = self._trailing_request_ids and not stream
+        # Only unary calls return the id last: a stream of either direction may stay open for
+        # long, and its caller gets the id with the headers, at once.
+        trailing_id = self._trailing_request_ids and not (stream or client_stream)
         open_streams = self._open_streams
         tracked = stream or client_stream
+        edge = self
 
         async def run(request: Any, context: Ctx) -> Any:
-            async with _Call(self, plan, context, stream=stream) as call:
+            call = _Call(edge, plan, stream)
+            code = _UNKNOWN
+            try:
                 caller = await begin(context, plan, trailing_id=trailing_id)
                 if stream and caller is not None:
                     call.slot = await limits.take_stream_slot(caller, context)
@@ -211,7 +232,19 @@ class Edge:
                     call.entry = open_streams.open(caller.key_id)
                     call.entry.inside = True
                 with call_gone_is_cancellation():  # a stream written with context.write
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
+                code = _final_code(context, _OK)
+                return response
+            except asyncio.CancelledError:
+                code = _CANCELLED
+                if call.entry.revoked:
+                    await _end_revoked(context)
+                raise
+            except BaseException:
+                code = _final_code(context, _UNKNOWN)
+                raise
+            finally:
+                call.finish(code)
 
         return run
 
@@ -227,10 +260,13 @@ class Edge:
         nothing), so interceptors that iterate server streams (OpenTelemetry's) still can."""
         limits = self._limits
         open_streams = self._open_streams
+        edge = self
 
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            async with _Call(self, plan, context, stream=True) as call:
-                caller = await self._begin(context, plan, trailing_id=False)
+            call = _Call(edge, plan, True)
+            code = _UNKNOWN
+            try:
+                caller = await edge._begin(context, plan, trailing_id=False)
                 if caller is not None:
                     call.slot = await limits.take_stream_slot(caller, context)
                     call.entry = open_streams.open(caller.key_id)
@@ -248,6 +284,17 @@ class Edge:
                         if entry.revoked:
                             await abort_with(context, revoked_error())
                         entry.inside = True
+                code = _final_code(context, _OK)
+            except asyncio.CancelledError:
+                code = _CANCELLED
+                if call.entry.revoked:
+                    await _end_revoked(context)
+                raise
+            except BaseException:
+                code = _final_code(context, _UNKNOWN)
+                raise
+            finally:
+                call.finish(code)
             if False:  # an async generator that yields nothing: see the docstring
                 yield None  # type: ignore[unreachable]
 
@@ -259,55 +306,35 @@ _UNTRACKED = OpenStream("", None)
 
 
 class _Call:
-    """One call's bookkeeping, the same for both wrappers: the method's recorder gets its
-    duration and final code, a stream (``stream``) is counted while open, and on the way out
-    the tenant's stream ``slot`` is released and the call's ``entry`` in the open-streams
-    registry closed. A call cancelled because its key was revoked ends UNAUTHENTICATED
-    (_end_revoked)."""
+    """One call's bookkeeping, the same for both wrappers: made when the call starts (binds
+    the metrics, counts a ``stream`` as open), ``finish``ed with its final code on the way out
+    (the method's recorder gets its duration and code, the tenant's stream ``slot`` is
+    released and the call's ``entry`` in the open-streams registry closed). A call cancelled
+    because its key was revoked ends UNAUTHENTICATED (_end_revoked)."""
 
-    __slots__ = ("_context", "_edge", "_plan", "_start", "_stream", "entry", "slot")
+    __slots__ = ("_edge", "_plan", "_start", "_stream", "entry", "slot")
 
-    def __init__(self, edge: Edge, plan: _Plan, context: Ctx, *, stream: bool) -> None:
+    def __init__(self, edge: Edge, plan: _Plan, stream: bool) -> None:
         self._edge = edge
         self._plan = plan
-        self._context = context
         self._stream = stream
-        self._start = 0.0
         self.slot: str | None = None
         self.entry = _UNTRACKED
-
-    async def __aenter__(self) -> _Call:
-        metrics = self._edge._metrics
+        metrics = edge._metrics
         metrics_module.bind(metrics)
+        if stream:
+            metrics.stream_opened(plan.method)
         self._start = perf_counter()
-        if self._stream:
-            metrics.stream_opened(self._plan.method)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        code = _UNKNOWN
-        try:
-            if exc_type is None:
-                code = _final_code(self._context, _OK)
-            elif issubclass(exc_type, asyncio.CancelledError):
-                code = _CANCELLED
-                if self.entry.revoked:
-                    await _end_revoked(self._context)
-            else:
-                code = _final_code(self._context, _UNKNOWN)
-        finally:
-            edge = self._edge
-            if self.entry is not _UNTRACKED:
-                edge._open_streams.close(self.entry)
+    def finish(self, code: grpc.StatusCode) -> None:
+        edge = self._edge
+        if self.entry is not _UNTRACKED:
+            edge._open_streams.close(self.entry)
+        if self.slot is not None:
             edge._limits.release(self.slot)
-            if self._stream:
-                edge._metrics.stream_closed(self._plan.method)
-            self._plan.recorder.observe(code, perf_counter() - self._start)
+        if self._stream:
+            edge._metrics.stream_closed(self._plan.method)
+        self._plan.recorder.observe(code, perf_counter() - self._start)
 
 
 async def _end_revoked(context: Ctx) -> None:

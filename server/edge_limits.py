@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from domain.errors import ResourceExhausted, Unavailable
 from domain.identity import Caller
 from domain.ports.rate_limits import RateLimiter
-from domain.rate_limits import Bucket, RateLimitRules, StreamSlots
+from domain.rate_limits import Bucket, KeyRef, RateLimitRules, StreamSlots
 from handlers.errors import abort_with
 from server.log_sampling import Sampler
 from server.metrics import Metrics
@@ -34,29 +34,48 @@ _MAX_CACHED_BUCKETS = 10_000
 @dataclass(eq=False)
 class EdgeLimits:
     """Refuses calls over their tenant's (or key's) rate, and streams over the tenant's cap.
-    ``limiter`` None disables the rate limit; ``streams`` None disables the stream cap."""
+    ``limiter`` None disables the rate limit and the key check that goes with it (benchmarks);
+    ``rate_enabled`` False keeps the limiter for the key check only; ``streams`` None disables
+    the stream cap."""
 
     limiter: RateLimiter | None
     rules: RateLimitRules
     streams: StreamSlots | None = None
     metrics: Metrics | None = None
+    rate_enabled: bool = True
     _warnings: Sampler = field(init=False, default_factory=lambda: Sampler(_WARN_EVERY_S))
     # The buckets of a (tenant, key id) follow from the rules alone, which do not change.
-    _buckets: dict[tuple[str, str], tuple[Bucket, ...]] = field(init=False, default_factory=dict)
+    _buckets: dict[tuple[str, str], tuple[tuple[Bucket, ...], KeyRef]] = field(
+        init=False, default_factory=dict
+    )
 
-    async def check_rate(self, caller: Caller, context: Ctx) -> None:
-        """Abort the call when its tenant or key is over its rate."""
-        if self.limiter is None:
-            return
-        buckets = self.buckets(caller.tenant_id, caller.key_id)
+    @property
+    def checks_keys(self) -> bool:
+        """Whether ``check_rate(..., check_key=True)`` checks the key's standing."""
+        return self.limiter is not None
+
+    async def check_rate(self, caller: Caller, context: Ctx, *, check_key: bool = False) -> bool:
+        """Abort the call when its tenant or key is over its rate. With ``check_key`` the
+        caller's key is checked in the same step (domain.ports.rate_limits): False when it is
+        revoked or unknown (nothing charged, the call not ended: the caller authenticates it
+        again). A backend that cannot be reached lets the call through, unless the key was to
+        be checked: then the call ends UNAVAILABLE, as a key lookup that fails does."""
+        limiter = self.limiter
+        if limiter is None or not (check_key or self.rate_enabled):
+            return True
+        buckets, key = self.buckets(caller.tenant_id, caller.key_id)
         try:
-            decision = await self.limiter.acquire(buckets)
+            decision = await limiter.acquire(buckets, key if check_key else None)
         except Unavailable as exc:
+            if check_key:
+                await abort_with(context, exc)
             if self._warnings.due(time.monotonic()):
                 log.warning("rate limiter unavailable, letting calls through: %s", exc)
-            return
+            return True
         if decision.allowed:
-            return
+            return True
+        if not decision.key_live:
+            return False
         bucket = decision.limited or buckets[0]
         if self.metrics is not None:
             self.metrics.record_rate_limited(caller.tenant_id, bucket.kind)
@@ -70,17 +89,20 @@ class EdgeLimits:
                 quota_description=f"at most {bucket.rate}",
             ),
         )
+        return True  # unreachable: abort raises
 
-    def buckets(self, tenant_id: str, key_id: str) -> tuple[Bucket, ...]:
-        """``rules.buckets``, built once per tenant and key."""
+    def buckets(self, tenant_id: str, key_id: str) -> tuple[tuple[Bucket, ...], KeyRef]:
+        """``rules.buckets`` (none when the rate is not limited) and the key they are for,
+        built once per tenant and key."""
         subject = (tenant_id, key_id)
-        buckets = self._buckets.get(subject)
-        if buckets is None:
-            buckets = self.rules.buckets(tenant_id, key_id)
+        found = self._buckets.get(subject)
+        if found is None:
+            buckets = self.rules.buckets(tenant_id, key_id) if self.rate_enabled else ()
+            found = (buckets, KeyRef(tenant_id, key_id))
             if len(self._buckets) >= _MAX_CACHED_BUCKETS:
                 self._buckets.clear()
-            self._buckets[subject] = buckets
-        return buckets
+            self._buckets[subject] = found
+        return found
 
     async def take_stream_slot(self, caller: Caller, context: Ctx) -> str | None:
         """Take one of the tenant's stream slots (abort when none is left); returns the tenant

@@ -184,3 +184,39 @@ def test_admin_reads_usage_and_tasks_as_the_readme_shows(served: ServerProcess) 
         package="orchestrator.admin.v1",
     )
     assert "NotFound" in missing.stderr
+
+
+def verbose_sections(output: str) -> dict[str, str]:
+    """``grpcurl -v`` output by section ("Response headers received", "Response trailers
+    received", ...): the lines under each heading up to the next blank line."""
+    sections: dict[str, str] = {}
+    for block in output.split("\n\n"):
+        heading, _, body = block.strip().partition("\n")
+        sections[heading.rstrip(":")] = body
+    return sections
+
+
+def test_grpcurl_shows_a_unary_calls_request_id_in_its_trailers(served: ServerProcess) -> None:
+    key = DEMO[("demo", Role.CLIENT)]
+    flags: tuple[str, ...] = ("-v", "-H", f"authorization: Bearer {key}")
+    flags = (*flags, "-H", "x-request-id: grpcurl-unary-1")
+    flags = (*flags, "-d", json.dumps({"page_size": 1}))
+    result = grpcurl(served, "orchestrator.v1.SessionService/ListSessions", flags=flags)
+    assert result.returncode == 0, result.stderr
+    sections = verbose_sections(result.stdout)
+    assert "x-request-id: grpcurl-unary-1" in sections["Response trailers received"]
+    assert "x-request-id" not in sections["Response headers received"]
+
+
+def test_grpcurl_shows_a_streams_request_id_in_its_headers(served: ServerProcess) -> None:
+    created = call(served, "SessionService/CreateSession", {"agent_id": "support-bot"})
+    assert created.returncode == 0, created.stderr
+    session_id = json.loads(created.stdout)["session"]["session_id"]
+    key = DEMO[("demo", Role.CLIENT)]
+    flags: tuple[str, ...] = ("-v", "-H", f"authorization: Bearer {key}")
+    flags = (*flags, "-H", "x-request-id: grpcurl-stream-1")
+    flags = (*flags, "-max-time", "2", "-d", json.dumps({"session_id": session_id}))
+    # The session is idle: the stream stays open, with headers and no message, until -max-time.
+    result = grpcurl(served, "orchestrator.v1.ChatService/StreamSession", flags=flags)
+    sections = verbose_sections(result.stdout)
+    assert "x-request-id: grpcurl-stream-1" in sections["Response headers received"], result

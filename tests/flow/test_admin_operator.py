@@ -670,16 +670,35 @@ async def test_client_and_service_keys_cannot_call_operator_rpcs(
         )
 
 
+class AuditLogged(logging.Handler):
+    """Sets ``event`` when an audit line is logged (in the test's own loop thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.event.set()
+
+
 @pytest.mark.parametrize(("method", "request_"), OPERATOR_CALLS)
 async def test_every_operator_rpc_writes_one_audit_line(
     flow: Flow, method: str, request_: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="orchestrator.audit")
+    logged = AuditLogged()
+    logging.getLogger("orchestrator.audit").addHandler(logged)
     try:
-        await getattr(stub(flow), method)(request_, metadata=admin())
-        outcome = "OK"
-    except grpc.aio.AioRpcError as error:
-        outcome = error.code().name
+        try:
+            await getattr(stub(flow), method)(request_, metadata=admin())
+            outcome = "OK"
+        except grpc.aio.AioRpcError as error:
+            outcome = error.code().name
+        # A refused call's status can reach the client before the server's handler has run
+        # the audit's `finally` (both on this loop): wait for the line, not for the reply.
+        await asyncio.wait_for(logged.event.wait(), 10)
+    finally:
+        logging.getLogger("orchestrator.audit").removeHandler(logged)
     lines = [r for r in caplog.records if r.name == "orchestrator.audit"]
     assert len(lines) == 1
     line: Any = lines[0]

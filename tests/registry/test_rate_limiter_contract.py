@@ -8,12 +8,16 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from domain.identity import Role
+from domain.ports.api_keys import ApiKey
 from domain.ports.rate_limits import RateLimiter
-from domain.rate_limits import Rate, RateLimitRules
+from domain.rate_limits import KeyRef, Rate, RateLimitRules
+from registry.backend import Backend
 from registry.keys import KeySpace
 from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.redis_client import create_redis
 from registry.redis_rate_limiter import RedisRateLimiter
+from tests.support.registries import opened_registry
 
 
 @pytest.fixture
@@ -72,3 +76,43 @@ async def test_redis_state_expires_and_shares_the_tenant_hash_tag(redis_url: str
             assert 0 < await redis.pttl(key) <= 1000
     finally:
         await redis.aclose()
+
+
+# -- the key's standing, checked in the same step ----------------------------------------------
+
+
+@pytest.fixture
+async def keyed(backend_url: str | None) -> AsyncIterator[Backend]:
+    """A backend whose rate limiter and key store belong together, with key k0001 of acme."""
+    async with opened_registry(backend_url) as backend:
+        await backend.api_keys.add_key(ApiKey("k0001", "acme", Role.CLIENT, "", "0" * 64))
+        yield backend
+
+
+KEY = KeyRef("acme", "k0001")
+
+
+async def test_a_live_key_is_charged_with_its_buckets(keyed: Backend) -> None:
+    rules = RateLimitRules(Rate(per_second=0.1, burst=1))
+    assert (await keyed.rate_limiter.acquire(rules.buckets("acme", "k0001"), KEY)).allowed
+    refused = await keyed.rate_limiter.acquire(rules.buckets("acme", "k0001"), KEY)
+    assert not refused.allowed and refused.key_live and refused.limited is not None
+
+
+async def test_a_revoked_key_is_not_live_and_charges_nothing(keyed: Backend) -> None:
+    rules = RateLimitRules(Rate(per_second=0.1, burst=1))
+    await keyed.api_keys.revoke_key("k0001")
+    decision = await keyed.rate_limiter.acquire(rules.buckets("acme", "k0001"), KEY)
+    assert (decision.allowed, decision.key_live) == (False, False)
+    # Nothing was charged: the tenant's single request is still there.
+    assert (await keyed.rate_limiter.acquire(rules.buckets("acme"))).allowed
+
+
+async def test_an_unknown_key_or_another_tenants_key_is_not_live(keyed: Backend) -> None:
+    for key in (KeyRef("acme", "k0404"), KeyRef("globex", "k0001")):
+        decision = await keyed.rate_limiter.acquire((), key)
+        assert (decision.allowed, decision.key_live) == (False, False)
+
+
+async def test_a_key_is_checked_without_buckets(keyed: Backend) -> None:
+    assert (await keyed.rate_limiter.acquire((), KEY)).allowed

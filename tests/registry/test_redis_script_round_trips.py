@@ -139,3 +139,20 @@ async def test_a_redis_that_lost_its_scripts_loads_them_again_once(
     assert await count(round_trips, lambda: notice(1)) == 3
     # ...and from then on one round trip.
     assert await count(round_trips, lambda: notice(2)) == 1
+
+
+async def test_a_rate_limit_check_after_redis_lost_its_scripts_loads_it_and_goes_on(
+    redis_url: str, redis: Redis, round_trips: list[int]
+) -> None:
+    client = create_redis(redis_url, socket_timeout_s=1.0, connect_timeout_s=0.5)
+    limiter = RedisRateLimiter(client, KeySpace("test"))
+    buckets = RateLimitRules(Rate(per_second=100, burst=100)).buckets(TENANT, "k1")
+    try:
+        assert (await limiter.acquire(buckets)).allowed
+        await redis.script_flush()
+        # EVALSHA answered NOSCRIPT, then the ordinary path: EVALSHA, SCRIPT LOAD, EVALSHA...
+        assert await count(round_trips, lambda: limiter.acquire(buckets)) == 4
+        # ...and from then on one round trip again.
+        assert await count(round_trips, lambda: limiter.acquire(buckets)) == 1
+    finally:
+        await client.aclose()

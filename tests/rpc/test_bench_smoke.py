@@ -10,11 +10,12 @@ async def test_the_interceptor_bench_measures_every_server_in_interleaved_rounds
     assert [r.name for r in comparison.results] == [
         "no interceptors",
         "edge chain",
-        "edge, id trailing",
+        "edge, id initial",
         "id echo only",
     ]
     for r in comparison.results:
         assert r.calls == 80 and len(r.qps) == 2 and all(q > 0 for q in r.qps)
+        assert len(r.cpu_per_call) == 2 and all(c > 0 for c in r.cpu_per_call)
         assert r.percentile_ms(0.99) >= r.percentile_ms(0.5)
         assert len(comparison.paired_overheads(r)) == 2
     report = interceptor_bench.report(comparison, concurrency=4)
@@ -24,3 +25,5 @@ async def test_the_interceptor_bench_measures_every_server_in_interleaved_rounds
 async def test_the_interceptor_bench_runs_on_redis(redis_url: str) -> None:
     comparison = await interceptor_bench.run(calls=20, concurrency=4, rounds=1, redis_url=redis_url)
     assert all(r.calls == 20 for r in comparison.results)
+    report = interceptor_bench.report(comparison, concurrency=4, registry="Redis")
+    assert "20 % target on the Redis registry" in report

@@ -1,7 +1,7 @@
-"""Request ids and trace context over a real server: echoed in the initial metadata of every
-call (or, with ORCH_UNARY_REQUEST_ID=trailing, in the trailers of unary-response calls), in the
-trailers of refused calls, bound for handlers and handed to the domain in the CallContext, and on
-every JSON log line."""
+"""Request ids and trace context over a real server: returned in the trailers of unary calls
+(or, with ORCH_UNARY_REQUEST_ID=initial, in their headers) and in the headers of streams, before
+their first message; in the trailers of refused calls; bound for handlers and handed to the
+domain in the CallContext, and on every JSON log line."""
 
 from __future__ import annotations
 
@@ -34,31 +34,53 @@ async def server(probe: Probe) -> AsyncIterator[RunningServer]:
         yield running
 
 
-async def initial_request_id(server: RunningServer, **headers: str) -> str:
+async def returned_request_id(server: RunningServer, **headers: str) -> str:
+    """The request id a unary call got back (in its trailers, the default)."""
     call = session_pb2_grpc.SessionServiceStub(server.channel).ListSessions(
         session_pb2.ListSessionsRequest(), metadata=tenant("acme", **headers)
     )
     await call
-    return str(dict(await call.initial_metadata())["x-request-id"])
+    return str(dict(await call.trailing_metadata())["x-request-id"])
 
 
 async def test_a_given_request_id_is_echoed(server: RunningServer) -> None:
-    assert await initial_request_id(server, **{"x-request-id": "req-42.a"}) == "req-42.a"
+    assert await returned_request_id(server, **{"x-request-id": "req-42.a"}) == "req-42.a"
 
 
 async def test_a_request_id_is_generated_when_missing_or_invalid(server: RunningServer) -> None:
-    generated = await initial_request_id(server)
+    generated = await returned_request_id(server)
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
-    assert await initial_request_id(server) != generated
+    assert await returned_request_id(server) != generated
     for bad in ("x" * 129, "has space", 'quote"'):
-        replaced = await initial_request_id(server, **{"x-request-id": bad})
+        replaced = await returned_request_id(server, **{"x-request-id": bad})
         assert re.fullmatch(r"[0-9a-f]{32}", replaced)
+
+
+async def test_unary_calls_return_the_request_id_in_their_trailers_by_default(
+    server: RunningServer,
+) -> None:
+    call = session_pb2_grpc.SessionServiceStub(server.channel).ListSessions(
+        session_pb2.ListSessionsRequest(), metadata=tenant("acme", **{"x-request-id": "r-t"})
+    )
+    await call
+    assert dict(await call.trailing_metadata())["x-request-id"] == "r-t"
+    assert "x-request-id" not in dict(await call.initial_metadata())
 
 
 async def test_calls_without_identity_get_a_request_id_too(server: RunningServer) -> None:
     call = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest())
     await call
-    assert dict(await call.initial_metadata())["x-request-id"]
+    assert dict(await call.trailing_metadata())["x-request-id"]
+
+
+async def test_the_initial_setting_returns_unary_request_ids_in_the_headers() -> None:
+    async with running_server(test_settings(None, unary_request_id="initial")) as running:
+        call = session_pb2_grpc.SessionServiceStub(running.channel).ListSessions(
+            session_pb2.ListSessionsRequest(), metadata=tenant("acme", **{"x-request-id": "r-i"})
+        )
+        await call
+        assert dict(await call.initial_metadata())["x-request-id"] == "r-i"
+        assert "x-request-id" not in dict(await call.trailing_metadata())
 
 
 @pytest.mark.parametrize("mode", ["initial", "trailing"])
@@ -75,34 +97,25 @@ async def test_a_refused_call_names_its_request_id_in_its_trailers(mode: str) ->
         assert trailers["x-request-id"] == "r-no"
 
 
-async def test_unary_calls_can_return_the_request_id_in_their_trailers() -> None:
-    async with running_server(test_settings(None, unary_request_id="trailing")) as running:
-        call = session_pb2_grpc.SessionServiceStub(running.channel).ListSessions(
-            session_pb2.ListSessionsRequest(), metadata=tenant("acme", **{"x-request-id": "r-t"})
-        )
-        await call
-        assert dict(await call.trailing_metadata())["x-request-id"] == "r-t"
-        assert "x-request-id" not in dict(await call.initial_metadata())
-
-
-async def test_streams_send_the_request_id_first_even_when_unary_calls_send_it_last() -> None:
-    async with running_server(test_settings(None, unary_request_id="trailing")) as running:
-        created = await session_pb2_grpc.SessionServiceStub(running.channel).CreateSession(
-            session_pb2.CreateSessionRequest(agent_id="agent"), metadata=tenant("acme")
-        )
-        stream = chat_pb2_grpc.ChatServiceStub(running.channel).StreamSession(
-            chat_pb2.StreamSessionRequest(session_id=created.session.session_id),
-            metadata=tenant("acme", **{"x-request-id": "r-s"}),
-            timeout=10,
-        )
-        # No event is sent (the session is idle): the headers arrive before any message.
-        assert dict(await stream.initial_metadata())["x-request-id"] == "r-s"
-        stream.cancel()
-        watch = health_pb2_grpc.HealthStub(running.channel).Watch(
-            health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "r-w"),), timeout=10
-        )
-        assert dict(await watch.initial_metadata())["x-request-id"] == "r-w"
-        watch.cancel()
+async def test_streams_send_the_request_id_in_their_headers_before_any_message(
+    server: RunningServer,
+) -> None:
+    created = await session_pb2_grpc.SessionServiceStub(server.channel).CreateSession(
+        session_pb2.CreateSessionRequest(agent_id="agent"), metadata=tenant("acme")
+    )
+    stream = chat_pb2_grpc.ChatServiceStub(server.channel).StreamSession(
+        chat_pb2.StreamSessionRequest(session_id=created.session.session_id),
+        metadata=tenant("acme", **{"x-request-id": "r-s"}),
+        timeout=10,
+    )
+    # No event is sent (the session is idle): the headers arrive before any message.
+    assert dict(await stream.initial_metadata())["x-request-id"] == "r-s"
+    stream.cancel()
+    watch = health_pb2_grpc.HealthStub(server.channel).Watch(
+        health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "r-w"),), timeout=10
+    )
+    assert dict(await watch.initial_metadata())["x-request-id"] == "r-w"
+    watch.cancel()
 
 
 async def test_handlers_and_the_domain_see_the_same_context(

@@ -41,7 +41,8 @@ def test_inconsistent_values_are_rejected() -> None:
 
 
 def test_the_unary_request_id_goes_in_initial_or_trailing_metadata() -> None:
-    assert Settings.from_env({}).unary_request_id == "initial"
+    assert Settings.from_env({}).unary_request_id == "trailing"
+    assert Settings.from_env({"ORCH_UNARY_REQUEST_ID": "initial"}).unary_request_id == "initial"
     assert Settings.from_env({"ORCH_UNARY_REQUEST_ID": "trailing"}).unary_request_id == "trailing"
     with pytest.raises(SettingsError, match="unary_request_id"):
         Settings.from_env({"ORCH_UNARY_REQUEST_ID": "headers"})

@@ -9,14 +9,14 @@ import pytest
 
 from domain.errors import ResourceExhausted, Unavailable
 from domain.internal_calls import TenantRate
-from domain.rate_limits import Bucket, Rate, RateDecision, RateLimitRules
+from domain.rate_limits import Bucket, KeyRef, Rate, RateDecision, RateLimitRules
 from registry.memory_rate_limiter import MemoryRateLimiter
 
 RULES = RateLimitRules(default=Rate(1000, 1000), key=Rate(1, 1), overrides={"acme": Rate(0.001, 1)})
 
 
 class DownLimiter:
-    async def acquire(self, buckets: Sequence[Bucket]) -> RateDecision:
+    async def acquire(self, buckets: Sequence[Bucket], key: KeyRef | None = None) -> RateDecision:
         raise Unavailable("redis is down")
 
 
