@@ -7,6 +7,11 @@ channels of the sessions its clients follow, and the reader task hands each mess
 fan-out. Subscribing is confirmed before ``subscribe()`` returns, so a caller that reads the log
 afterwards misses nothing: older events are in the log, newer ones arrive live.
 
+One subscription per session serves every stream of the process following it, and it lingers
+for ``linger_s`` after the last one ends (at most ``max_lingering`` sessions): a session's next
+chat or stream within that time costs no SUBSCRIBE round trip and no wait for its confirmation,
+and a stream's end no UNSUBSCRIBE. Expired ones are unsubscribed together, in one command.
+
 The reader's connection has no retries of its own: when it drops, the reader reconnects,
 resubscribes and marks every feed lagging, so streams re-read what they may have missed.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,9 +60,13 @@ class RedisEventLog(RedisStore):
         *,
         read_block_s: float = 5.0,
         subscribe_timeout_s: float = 5.0,
+        linger_s: float = 10.0,
+        max_lingering: int = 10_000,
     ) -> None:
         """``redis`` serves log reads; ``subscriber`` is a client reserved for the pub/sub
-        connection (its socket timeout must exceed ``read_block_s``)."""
+        connection (its socket timeout must exceed ``read_block_s``). A session's subscription
+        stays ``linger_s`` after its last stream ends (0: unsubscribed at once), for at most
+        ``max_lingering`` sessions."""
         super().__init__(redis, keys)
         self._subscriber = subscriber
         self._read_block_s = read_block_s
@@ -73,6 +83,12 @@ class RedisEventLog(RedisStore):
         # exhausting the pool and losing the confirmations sent on the extra connections).
         self._command_lock = asyncio.Lock()
         self._closing = False
+        # Confirmed subscriptions no stream follows any more, oldest first: channel -> the
+        # loop time it expires. A channel is here only while no feed of its session exists.
+        self._linger_s = linger_s
+        self._max_lingering = max_lingering
+        self._lingering: OrderedDict[str, float] = OrderedDict()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -108,14 +124,66 @@ class RedisEventLog(RedisStore):
         channel = self._keys.session_channel(tenant_id, session_id)
         first = self.fanout.add(feed)
         try:
-            if first:
+            # A lingering subscription is still in effect (confirmed, never unsubscribed).
+            if first and self._lingering.pop(channel, None) is None:
                 await self._send("SUBSCRIBE", channel)
             await self._wait_confirmed(channel)
             yield feed
         finally:
             if self.fanout.remove(feed):
-                with contextlib.suppress(*_CONNECTION_ERRORS, Unavailable):
-                    await self._send("UNSUBSCRIBE", channel)
+                await self._release(channel)
+
+    async def _release(self, channel: str) -> None:
+        """The last stream of the channel's session ended: keep its subscription a while if
+        it is confirmed and the reader is connected, else unsubscribe now."""
+        overflow: list[str] = []
+        if (
+            self._linger_s > 0
+            and self._pubsub is not None
+            and not self._closing
+            and channel not in self._confirmed
+        ):
+            loop = asyncio.get_running_loop()
+            self._lingering[channel] = loop.time() + self._linger_s
+            while len(self._lingering) > self._max_lingering:
+                overflow.append(self._lingering.popitem(last=False)[0])
+            if self._sweeper is None:
+                self._sweeper = loop.create_task(self._sweep(), name="event-log-unsubscriber")
+        else:
+            overflow.append(channel)
+        if overflow:
+            await self._unsubscribe(overflow)
+
+    async def _unsubscribe(self, channels: list[str]) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:  # the reader is reconnecting; it subscribes only followed sessions
+            return
+        # AttributeError: redis-py drops a connection's writer when the connection is closed
+        # under a command in flight; like a lost connection, the reader's reconnect settles it.
+        with contextlib.suppress(*_CONNECTION_ERRORS, AttributeError):
+            async with self._command_lock:
+                await pubsub.unsubscribe(*channels)
+
+    async def _sweep(self) -> None:
+        """Unsubscribe the lingering subscriptions as they expire (one command for all those
+        due together); ends when none is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._lingering:
+                expires = next(iter(self._lingering.values()))
+                await asyncio.sleep(max(expires - loop.time(), 0.0) + 0.05)
+                now = loop.time()
+                due: list[str] = []
+                for channel, expires in self._lingering.items():
+                    if expires > now:
+                        break
+                    due.append(channel)
+                for channel in due:
+                    del self._lingering[channel]
+                if due:
+                    await self._unsubscribe(due)
+        finally:
+            self._sweeper = None
 
     async def _send(self, command: str, channel: str) -> None:
         self._ensure_reader()
@@ -148,6 +216,17 @@ class RedisEventLog(RedisStore):
             await asyncio.wait_for(confirmed.wait(), self._subscribe_timeout_s)
         except TimeoutError:
             raise Unavailable("redis did not confirm the event subscription") from None
+
+    @property
+    def lingering(self) -> int:
+        """Subscriptions kept for sessions no stream of this process follows now."""
+        return len(self._lingering)
+
+    async def lingering_dropped(self) -> None:
+        """Wait until every lingering subscription has been dropped (as they expire)."""
+        sweeper = self._sweeper
+        if sweeper is not None:
+            await asyncio.shield(sweeper)
 
     @property
     def awaiting_confirmation(self) -> int:
@@ -190,6 +269,8 @@ class RedisEventLog(RedisStore):
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         self._has_channels.clear()
+        # The next connection subscribes only followed sessions.
+        self._lingering.clear()
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -239,5 +320,7 @@ class RedisEventLog(RedisStore):
         self._closing = True
         await cancel_and_wait(self._task)
         self._task = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         await self._drop_pubsub()
         await self._subscriber.aclose()

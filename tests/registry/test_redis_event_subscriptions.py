@@ -1,5 +1,6 @@
 """The Redis event log's subscription bookkeeping stays as large as the set of followed
-sessions: subscriptions tried while Redis was away leave nothing behind once it is back."""
+sessions: subscriptions tried while Redis was away leave nothing behind once it is back, and a
+session's subscription outlives its last stream only for the linger time."""
 
 from __future__ import annotations
 
@@ -59,16 +60,67 @@ async def test_subscriptions_tried_while_redis_was_away_are_forgotten_when_it_re
 
 
 async def test_leaving_a_session_whose_connection_closed_under_it_is_quiet(
-    events: RedisEventLog, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    own_redis: RedisProcess, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with events.subscribe(TENANT, new_id()):
-        pubsub = events._pubsub
-        assert pubsub is not None
+    redis = create_redis(own_redis.url, socket_timeout_s=0.5, connect_timeout_s=0.2)
+    # No lingering: leaving the session unsubscribes at once.
+    events = RedisEventLog(redis, redis, KeySpace("test"), read_block_s=0.2, linger_s=0)
+    unsubscribed = asyncio.Event()
+    try:
+        async with events.subscribe(TENANT, new_id()):
+            pubsub = events._pubsub
+            assert pubsub is not None
 
-        async def closed_under_it(*channels: str) -> None:
-            # What redis-py raises when the connection is closed while the command is written.
-            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+            async def closed_under_it(*channels: str) -> None:
+                # What redis-py raises when the connection is closed while the command is sent.
+                unsubscribed.set()
+                raise AttributeError("'NoneType' object has no attribute 'writelines'")
 
-        monkeypatch.setattr(pubsub, "unsubscribe", closed_under_it)
+            monkeypatch.setattr(pubsub, "unsubscribe", closed_under_it)
+    finally:
+        await events.aclose()
+        await redis.aclose()
+    assert unsubscribed.is_set()
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def subscribers(redis_url: str, channel: str) -> int:
+    client = create_redis(redis_url, socket_timeout_s=1.0, connect_timeout_s=0.2)
+    try:
+        [(_, count)] = await client.pubsub_numsub(channel)
+        return int(count)
+    finally:
+        await client.aclose()
+
+
+async def test_a_sessions_subscription_is_dropped_when_its_linger_time_is_up(
+    own_redis: RedisProcess,
+) -> None:
+    redis = create_redis(own_redis.url, socket_timeout_s=0.5, connect_timeout_s=0.2)
+    subscriber = create_redis(own_redis.url, socket_timeout_s=1.0, connect_timeout_s=0.2)
+    keys = KeySpace("test")
+    events = RedisEventLog(redis, subscriber, keys, read_block_s=0.2, linger_s=0.05)
+    try:
+        session_id = new_id()
+        channel = keys.session_channel(TENANT, session_id)
+        async with events.subscribe(TENANT, session_id):
+            assert await subscribers(own_redis.url, channel) == 1
+        assert events.lingering == 1
+        await events.lingering_dropped()
+        assert await subscribers(own_redis.url, channel) == 0
+    finally:
+        await events.aclose()
+        await redis.aclose()
+
+
+async def test_a_session_followed_again_while_its_subscription_lingers_keeps_it(
+    events: RedisEventLog, own_redis: RedisProcess
+) -> None:
+    session_id = new_id()
+    channel = events._keys.session_channel(TENANT, session_id)
+    async with events.subscribe(TENANT, session_id):
+        pass
+    async with events.subscribe(TENANT, session_id):
+        assert events.lingering == 0
+        assert await subscribers(own_redis.url, channel) == 1

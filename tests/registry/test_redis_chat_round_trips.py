@@ -1,0 +1,128 @@
+"""A chat's own round trips to Redis, pinned so that they cannot creep back: SendMessage reads
+the session, subscribes to its events (only when no stream of this process follows the session
+and no recent one did) and starts the job (one pipelined round trip) before the caller sees
+`accepted`; once the final event is sent the stream ends without another round trip (the
+subscription lingers for the session's next chat and is dropped later, with others, in one
+command). The notices of the job are its service's round trips, not counted here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from domain.chat import ChatMessage, ChatOrchestrator
+from domain.dispatch import CallContext
+from domain.jobs import EventDraft, EventKind, JobLimits, SessionEvent
+from domain.sessions import SessionManager, SessionPolicy
+from registry.backend import Backend
+from tests.support.downstream import RecordingDispatcher
+from tests.support.platform import FakeConversation
+from tests.support.registries import count_round_trips, new_session, opened_registry
+
+TENANT = "acme"
+LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000)
+COMPLETED = {
+    "result": {"text": "hello", "model": "m1"},
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
+@pytest.fixture
+async def registry(redis_url: str) -> AsyncIterator[Backend]:
+    async with opened_registry(redis_url) as opened:
+        yield opened
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return count_round_trips(monkeypatch)
+
+
+@pytest.fixture
+def dispatcher() -> RecordingDispatcher:
+    return RecordingDispatcher()
+
+
+@pytest.fixture
+async def chat(
+    registry: Backend, dispatcher: RecordingDispatcher
+) -> AsyncIterator[ChatOrchestrator]:
+    sessions = SessionManager(
+        registry.sessions,
+        SessionPolicy(default_ttl_ms=60_000, max_ttl_ms=120_000),
+        conversation=FakeConversation(),
+    )
+    orchestrator = ChatOrchestrator(sessions, registry.jobs, registry.events, dispatcher, LIMITS)
+    # Warm up: connections made and scripts loaded (their first use costs round trips of its
+    # own), on a session of its own.
+    warm_up = await new_session(registry)
+    ctx = CallContext(tenant_id=TENANT, request_id="r0")
+    async for event in orchestrator.send(ctx, ChatMessage(session_id=warm_up, content="hi")):
+        if event.kind is not EventKind.ACCEPTED:
+            continue
+        await dispatcher.next_submit()
+        draft = EventDraft(event.job_id, EventKind.COMPLETED, "r0", COMPLETED)
+        await registry.jobs.finish_job(TENANT, event.job_id, draft, LIMITS)
+    yield orchestrator
+    await orchestrator.drain(5.0)
+
+
+async def chat_round_trips(
+    chat: ChatOrchestrator,
+    registry: Backend,
+    dispatcher: RecordingDispatcher,
+    round_trips: list[int],
+    session_id: str,
+) -> tuple[int, int]:
+    """One chat on ``session_id``: (round trips until `accepted` reached the caller, round
+    trips from the final event reaching the caller to the end of its stream)."""
+    ctx = CallContext(tenant_id=TENANT, request_id="r1")
+    stream = aiter(chat.send(ctx, ChatMessage(session_id=session_id, content="hi")))
+    before = len(round_trips)
+    accepted: SessionEvent = await anext(stream)
+    to_accepted = len(round_trips) - before
+    assert accepted.kind is EventKind.ACCEPTED
+    await dispatcher.next_submit()
+    draft = EventDraft(accepted.job_id, EventKind.COMPLETED, "r1", COMPLETED)
+    await registry.jobs.finish_job(TENANT, accepted.job_id, draft, LIMITS)
+    final: Any = await anext(stream)
+    assert final.kind is EventKind.COMPLETED
+    before = len(round_trips)
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    return to_accepted, len(round_trips) - before
+
+
+async def test_a_sessions_first_chat_costs_three_round_trips_before_it_is_accepted(
+    chat: ChatOrchestrator,
+    registry: Backend,
+    dispatcher: RecordingDispatcher,
+    round_trips: list[int],
+) -> None:
+    session_id = await new_session(registry)
+    # Session read, SUBSCRIBE, and the job's start with its hints (one pipeline).
+    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 3
+
+
+async def test_a_sessions_next_chat_reuses_its_subscription_and_costs_two_round_trips(
+    chat: ChatOrchestrator,
+    registry: Backend,
+    dispatcher: RecordingDispatcher,
+    round_trips: list[int],
+) -> None:
+    session_id = await new_session(registry)
+    await chat_round_trips(chat, registry, dispatcher, round_trips, session_id)
+    # Session read and the job's start: the first chat's subscription still serves.
+    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 2
+
+
+async def test_a_chats_stream_ends_after_its_final_event_without_a_round_trip(
+    chat: ChatOrchestrator,
+    registry: Backend,
+    dispatcher: RecordingDispatcher,
+    round_trips: list[int],
+) -> None:
+    session_id = await new_session(registry)
+    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[1] == 0
