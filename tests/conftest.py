@@ -11,6 +11,8 @@ from redis.asyncio import Redis
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import RunningServer, running_server, test_settings
 
+pytest_plugins = ["tests.support.watchdog"]
+
 
 @pytest.fixture(scope="session")
 def redis_process() -> Iterator[RedisProcess]:
