@@ -14,6 +14,8 @@ from server.event_loop import loop_factory
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import RunningServer, running_server, test_settings
 
+pytest_plugins = ["tests.support.watchdog"]
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item

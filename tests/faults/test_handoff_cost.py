@@ -6,6 +6,7 @@ written in one call, also at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ LIMITS = JobLimits(
     handoff_attempts=3,
 )
 TENANT = "acme"
+WAIT_S = 10.0
 
 
 class CountingJobs:
@@ -102,17 +104,23 @@ async def test_work_slower_than_the_grace_keeps_its_lease(registry: Backend) -> 
     job_id = await start(registry)
     claimed: list[HandoffClaim] = []
 
+    done = asyncio.Event()
+
     async def claimer() -> None:
-        while True:
+        # Ends on ``done`` (not by cancellation), and the test waits for it: nothing of the
+        # test is left running in the event loop, whatever the assertions below find.
+        while not done.is_set():
             claimed.extend(await registry.jobs.claim_handoffs(LIMITS, limit=10))
-            await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.02)
 
     watching = asyncio.create_task(claimer())
     began = time.monotonic()
     try:
         await leases.holding(TENANT, job_id, asyncio.sleep(GRACE_MS / 1000 * 3))
     finally:
-        watching.cancel()
+        done.set()
+        await asyncio.wait_for(watching, WAIT_S)
     # uvloop keeps its timers in whole milliseconds: a sleep may end up to 1 ms early.
     assert time.monotonic() - began >= GRACE_MS / 1000 * 3 - 0.001
     assert claimed == []

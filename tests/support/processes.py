@@ -13,6 +13,10 @@ from pathlib import Path
 from tests.support.redis_process import free_port
 
 BIN = Path(sys.executable).parent
+# One `orchestrator health` probe: its call times out after 1 s, but a probe process that never
+# exits must not hold the waiting thread (often an asyncio.to_thread worker, which the event
+# loop's close joins without a bound) for ever.
+PROBE_BOUND_S = 15.0
 
 
 def wait_healthy(
@@ -28,11 +32,15 @@ def wait_healthy(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited early:\n{read_log()}")
-        probe = subprocess.run(
-            [str(BIN / "orchestrator"), "health", "--address", address, "--timeout", "1"],
-            capture_output=True,
-            check=False,
-        )
+        try:
+            probe = subprocess.run(
+                [str(BIN / "orchestrator"), "health", "--address", address, "--timeout", "1"],
+                capture_output=True,
+                check=False,
+                timeout=PROBE_BOUND_S,
+            )
+        except subprocess.TimeoutExpired:
+            continue  # killed by run(): not healthy yet
         if probe.returncode == 0:
             return
         time.sleep(0.1)

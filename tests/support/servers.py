@@ -11,6 +11,7 @@ do not know the test keys; they use the demo keys (server.key_seeding.DEMO_KEYS)
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,10 @@ from server.app import OrchestratorServer
 from server.backend_config import backend_config
 from server.config import Settings
 from tests.support.keys import TestKeyStore, api_key_for
+
+# A server's stop takes its grace and a few round trips; one that takes longer than this is a
+# hang (reported as an error of the test's teardown, not a suite that never ends).
+STOP_BOUND_S = 60.0
 
 
 def test_settings(redis_url: str | None, **overrides: Any) -> Settings:
@@ -84,8 +89,9 @@ async def running_server(
     try:
         yield RunningServer(server, channel)
     finally:
-        await channel.close(grace=None)
-        await server.stop(grace=0.5)
+        async with asyncio.timeout(STOP_BOUND_S):
+            await channel.close(grace=None)
+            await server.stop(grace=0.5)
 
 
 def bearer(api_key: str) -> tuple[str, str]:
