@@ -9,7 +9,7 @@ from the event log on its own, so a slow client never holds back the reader or o
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import math
 from collections.abc import Iterable
 
 from domain.jobs import SessionEvent
@@ -18,15 +18,37 @@ DEFAULT_FEED_CAPACITY = 256
 
 
 class Feed:
-    """Live events of one session for one client stream (domain.ports.events.Feed)."""
+    """Live events of one session for one client stream (domain.ports.events.Feed).
 
-    __slots__ = ("_capacity", "_events", "_wakeup", "closed", "key", "lagging", "recheck")
+    Small, because every open stream holds one (idle streams are the common case): a list
+    rather than a deque, no asyncio.Event (a bare future while the stream waits) and no
+    timeout object per wait. The ``within_s`` of ``wait`` is kept by one timer per feed that
+    is moved lazily: a wait only records its deadline, and the timer, when it fires early
+    (the stream was busy meanwhile), re-arms itself for the latest deadline. A stream that
+    receives an event per wait thus costs no timer work per event, and an idle one one timer.
+    """
+
+    __slots__ = (
+        "_capacity",
+        "_deadline",
+        "_events",
+        "_timer",
+        "_waiter",
+        "closed",
+        "key",
+        "lagging",
+        "recheck",
+    )
 
     def __init__(self, key: tuple[str, str], capacity: int = DEFAULT_FEED_CAPACITY) -> None:
         self.key = key
         self._capacity = capacity
-        self._events: deque[SessionEvent] = deque()
-        self._wakeup = asyncio.Event()
+        self._events: list[SessionEvent] = []
+        # The stream's wait, while it waits.
+        self._waiter: asyncio.Future[None] | None = None
+        # The timer of the current wait's deadline (loop time), armed at most once at a time.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         # Events were dropped (full feed, or the reader reconnected): catch up from the log.
         self.lagging = False
         # The session was closed: the stream should end once it has caught up.
@@ -35,53 +57,87 @@ class Feed:
         # exist (server.data_loss).
         self.recheck = False
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def put(self, event: SessionEvent) -> None:
-        if len(self._events) >= self._capacity:
-            self._events.clear()
+        events = self._events
+        if len(events) >= self._capacity:
+            events.clear()
             self.lagging = True
         else:
-            self._events.append(event)
-        self._wakeup.set()
+            events.append(event)
+        self._wake()
 
     def mark_lagging(self) -> None:
         self.lagging = True
-        self._wakeup.set()
+        self._wake()
 
     def clear_lagging(self) -> None:
         self.lagging = False
 
     def mark_closed(self) -> None:
         self.closed = True
-        self._wakeup.set()
+        self._wake()
 
     def mark_recheck(self) -> None:
         """Re-read the log and check the session still exists (its data may be gone)."""
         self.recheck = True
         self.lagging = True
-        self._wakeup.set()
+        self._wake()
 
     def clear_recheck(self) -> None:
         self.recheck = False
+
+    def _ready(self) -> bool:
+        return bool(self._events) or self.lagging or self.closed or self.recheck
 
     async def wait(self, within_s: float | None = None) -> bool:
         """Wait until something is available (events, lag or close); False when nothing came
         within ``within_s`` seconds."""
         if self._events or self.lagging or self.closed or self.recheck:
             return True
-        self._wakeup.clear()
-        # asyncio.timeout, not wait_for: no extra task per wake-up (this runs once per event
-        # per stream, the hottest wait of the fan-out).
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        if within_s is None:
+            self._deadline = math.inf
+        else:
+            self._deadline = loop.time() + within_s
+            if self._timer is None:
+                self._timer = loop.call_at(self._deadline, self._expire)
         try:
-            async with asyncio.timeout(within_s):
-                await self._wakeup.wait()
-        except TimeoutError:
-            return False
-        return True
+            await waiter
+        finally:
+            self._waiter = None
+        return self._ready()
+
+    def _expire(self) -> None:
+        """The timer fired: re-armed for a later deadline, or ends the wait it was set for."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no wait pending: the next one arms a timer of its own
+        loop = waiter.get_loop()
+        if self._deadline == math.inf:
+            return  # this wait has no deadline
+        if self._deadline - loop.time() > 0.001:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        waiter.set_result(None)  # nothing came in time: wait() reports False
+
+    def discard(self) -> None:
+        """The stream stopped following: drop the timer (it would keep the feed alive)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     def drain(self) -> list[SessionEvent]:
         """Take every buffered event."""
-        events = list(self._events)
-        self._events.clear()
+        events = self._events
+        self._events = []
         return events
 
 
@@ -103,6 +159,7 @@ class LocalFanout:
         if feeds is None:
             return False
         feeds.discard(feed)
+        feed.discard()
         if feeds:
             return False
         del self._feeds[feed.key]
