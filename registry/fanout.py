@@ -10,11 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from domain.jobs import SessionEvent
 
 DEFAULT_FEED_CAPACITY = 256
+
+
+class SharedCheck:
+    """The latest idle check of one session in this process, shared by all its feeds: the
+    streams following a session ask whether it is still open once between them, not once
+    each (an idle stream's only work, so idle CPU scales with sessions, not streams)."""
+
+    __slots__ = ("answer", "started")
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Task[bool] | None = None
+        self.started = 0.0
+
+    async def ask(self, check: Callable[[], Awaitable[bool]], max_age_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        answer = self.answer
+        if answer is None or (
+            answer.done()
+            and (
+                answer.cancelled()
+                or answer.exception() is not None
+                or loop.time() - self.started > max_age_s
+            )
+        ):
+            answer = loop.create_task(_checked(check))
+            answer.add_done_callback(_retrieved)
+            self.answer, self.started = answer, loop.time()
+        # Shielded: a stream that goes away while waiting leaves the check to the others.
+        return await asyncio.shield(answer)
+
+
+async def _checked(check: Callable[[], Awaitable[bool]]) -> bool:
+    return await check()
+
+
+def _retrieved(task: asyncio.Task[bool]) -> None:
+    """Its failure reaches the streams that wait for it; none may wait any more."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Feed:
@@ -32,6 +71,7 @@ class Feed:
         "_capacity",
         "_deadline",
         "_events",
+        "_shared",
         "_timer",
         "_waiter",
         "closed",
@@ -49,6 +89,8 @@ class Feed:
         # The timer of the current wait's deadline (loop time), armed at most once at a time.
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
+        # The idle check shared with the other feeds of the session (LocalFanout.add).
+        self._shared: SharedCheck | None = None
         # Events were dropped (full feed, or the reader reconnected): catch up from the log.
         self.lagging = False
         # The session was closed: the stream should end once it has caught up.
@@ -128,6 +170,14 @@ class Feed:
             return
         waiter.set_result(None)  # nothing came in time: wait() reports False
 
+    async def shared_check(self, check: Callable[[], Awaitable[bool]], max_age_s: float) -> bool:
+        """``check()``'s answer, or the one another stream of the same session in this
+        process got at most ``max_age_s`` ago (or is getting now)."""
+        shared = self._shared
+        if shared is None:
+            return await check()
+        return await shared.ask(check, max_age_s)
+
     def discard(self) -> None:
         """The stream stopped following: drop the timer (it would keep the feed alive)."""
         timer, self._timer = self._timer, None
@@ -146,11 +196,16 @@ class LocalFanout:
 
     def __init__(self) -> None:
         self._feeds: dict[tuple[str, str], set[Feed]] = {}
+        self._checks: dict[tuple[str, str], SharedCheck] = {}
 
     def add(self, feed: Feed) -> bool:
         """Register a feed; True when it is the first for its session."""
         feeds = self._feeds.setdefault(feed.key, set())
         feeds.add(feed)
+        shared = self._checks.get(feed.key)
+        if shared is None:
+            shared = self._checks[feed.key] = SharedCheck()
+        feed._shared = shared
         return len(feeds) == 1
 
     def remove(self, feed: Feed) -> bool:
@@ -163,6 +218,7 @@ class LocalFanout:
         if feeds:
             return False
         del self._feeds[feed.key]
+        self._checks.pop(feed.key, None)
         return True
 
     def has(self, key: tuple[str, str]) -> bool:

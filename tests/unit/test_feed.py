@@ -89,3 +89,59 @@ def timers_of(feed: Feed) -> int:
         for handle in scheduled
         if not handle.cancelled() and getattr(handle._callback, "__self__", None) is feed
     )
+
+
+class Checks:
+    """A still-open check that counts its calls and answers ``open``."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.calls = 0
+        self.open = True
+        self.fail = fail
+
+    async def __call__(self) -> bool:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail:
+            raise ConnectionError("store away")
+        return self.open
+
+
+def following(fanout: LocalFanout, count: int) -> list[Feed]:
+    feeds = [Feed(KEY) for _ in range(count)]
+    for feed in feeds:
+        fanout.add(feed)
+    return feeds
+
+
+async def test_the_streams_of_a_session_share_one_idle_check() -> None:
+    checks, feeds = Checks(), following(LocalFanout(), 10)
+    answers = await asyncio.gather(*(feed.shared_check(checks, 30) for feed in feeds))
+    assert answers == [True] * 10 and checks.calls == 1
+    assert await feeds[3].shared_check(checks, 30) is True and checks.calls == 1
+
+
+async def test_an_idle_check_older_than_its_age_is_asked_again() -> None:
+    checks, feeds = Checks(), following(LocalFanout(), 2)
+    assert await feeds[0].shared_check(checks, 0.0) is True
+    checks.open = False
+    await asyncio.sleep(0.01)
+    assert await feeds[1].shared_check(checks, 0.0) is False and checks.calls == 2
+
+
+async def test_a_failed_idle_check_reaches_its_callers_and_is_not_reused() -> None:
+    checks, feeds = Checks(fail=True), following(LocalFanout(), 2)
+    with pytest.raises(ConnectionError):
+        await feeds[0].shared_check(checks, 30)
+    checks.fail = False
+    assert await feeds[1].shared_check(checks, 30) is True and checks.calls == 2
+
+
+async def test_sessions_do_not_share_idle_checks() -> None:
+    fanout, checks = LocalFanout(), Checks()
+    first, other = Feed(KEY), Feed(("acme", "s-2"))
+    fanout.add(first)
+    fanout.add(other)
+    await first.shared_check(checks, 30)
+    await other.shared_check(checks, 30)
+    assert checks.calls == 2
