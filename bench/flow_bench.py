@@ -551,6 +551,13 @@ class FanoutResult(Rate):
     paced_delivered: int
     p50_ms: float
     p99_ms: float
+    cpu_s: float = 0.0  # the server's CPU time (user + system) over the peak phase
+
+    @property
+    def cpu_us_per_event(self) -> float:
+        """Server CPU per delivered event in the peak phase: steadier than the rate on a
+        shared machine (other processes take wall time, not this process' CPU time)."""
+        return 1e6 * self.cpu_s / self.delivered if self.delivered else 0.0
 
 
 async def publish(
@@ -678,10 +685,12 @@ async def fanout(
         await publish_all(channels, jobs, len(jobs), publishers, sequences)
         await followers.wait_reached(30)
         followers.expect(notices * per_session)
+        cpu_before = busy.child.cpu_seconds()
         started = time.perf_counter()
         await publish_all(channels, jobs, notices, publishers, sequences)
         await followers.wait_reached(120)
         seconds = time.perf_counter() - started
+        cpu = busy.child.cpu_seconds() - cpu_before
         peak = notices * per_session / seconds
         # Paced at half the peak, with latencies.
         rate = peak / 2
@@ -703,6 +712,7 @@ async def fanout(
             len(latencies),
             percentile(latencies, 0.5),
             percentile(latencies, 0.99),
+            cpu,
         )
 
 
@@ -827,6 +837,7 @@ def print_results(r: Results) -> None:
                 "",
                 "1",
             ),
+            ("server CPU per delivered event (peak)", f"{f.cpu_us_per_event:.1f} us", "", ""),
             (
                 f"notice->client p50 at {f.paced_rate:,.0f} events/s "
                 f"({f.paced_delivered:,} events)",
@@ -882,20 +893,8 @@ async def chats(redis_url: str, args: argparse.Namespace) -> tuple[ChatResult, C
 
 async def measure(redis_url: str, args: argparse.Namespace) -> Results:
     orchestrator, relay, limits = await chats(redis_url, args)
-    fan = await fanout(
-        redis_url,
-        sessions=args.fanout_sessions,
-        per_session=args.followers,
-        notices=args.notices,
-        publishers=args.publishers,
-        paced_s=args.paced_seconds,
-    )
-    idle = await idle_streams(
-        redis_url,
-        sessions=args.idle_sessions,
-        per_session=args.idle_followers,
-        idle_s=args.idle_seconds,
-    )
+    fan = await fanout_part(redis_url, args)
+    idle = await idle_part(redis_url, args)
     return Results(orchestrator, relay, fan, idle, limits)
 
 
@@ -915,9 +914,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-sessions", type=int, default=1000)
     p.add_argument("--idle-followers", type=int, default=10, help="streams per idle session")
     p.add_argument("--idle-seconds", type=float, default=5.0)
-    p.add_argument("--only", choices=["chats"], help="run only this part (its table alone)")
+    p.add_argument(
+        "--only", choices=["chats", "fanout", "idle"], help="run only this part (its figures alone)"
+    )
     p.add_argument("--serve-child", nargs=2, metavar=("REDIS_URL", "QUERY_ADDRESS"))
     return p
+
+
+def run_part(args: argparse.Namespace) -> int:
+    """``--only fanout`` or ``--only idle``: that part's figures alone."""
+    if args.only == "fanout":
+        f = machine.run(on_private_redis(lambda url: fanout_part(url, args)))
+        print(
+            f"fan-out: {f.per_second:,.0f} delivered events/s (target >= {TARGET_FANOUT_EPS:,.0f})"
+            f"; at {f.paced_rate:,.0f} events/s p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms"
+            f" (target <= {TARGET_FANOUT_P99_MS:.0f} ms); server CPU {f.cpu_us_per_event:.1f} us"
+            " per delivered event"
+        )
+        return 0 if f.per_second >= TARGET_FANOUT_EPS and f.p99_ms <= TARGET_FANOUT_P99_MS else 1
+    i = machine.run(on_private_redis(lambda url: idle_part(url, args)))
+    print(
+        f"idle: {i.kb_per_stream:.1f} KB per stream (target <= {TARGET_IDLE_KB:.0f} KB), "
+        f"CPU {i.cpu_percent:.1f} % of a core over {i.idle_s:.1f} s"
+    )
+    return 0 if i.kb_per_stream <= TARGET_IDLE_KB else 1
+
+
+async def fanout_part(redis_url: str, args: argparse.Namespace) -> FanoutResult:
+    return await fanout(
+        redis_url,
+        sessions=args.fanout_sessions,
+        per_session=args.followers,
+        notices=args.notices,
+        publishers=args.publishers,
+        paced_s=args.paced_seconds,
+    )
+
+
+async def idle_part(redis_url: str, args: argparse.Namespace) -> IdleResult:
+    return await idle_streams(
+        redis_url,
+        sessions=args.idle_sessions,
+        per_session=args.idle_followers,
+        idle_s=args.idle_seconds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -931,6 +971,8 @@ def main(argv: list[str] | None = None) -> int:
         orchestrator, relay, limits = machine.run(on_private_redis(lambda url: chats(url, args)))
         print_chats(orchestrator, relay, limits)
         return 0 if chat_ratio(orchestrator, relay) >= TARGET_CHAT_RATIO else 1
+    if args.only in ("fanout", "idle"):
+        return run_part(args)
     results = machine.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
     return 0 if all(results.verdicts().values()) else 1

@@ -90,7 +90,12 @@ class SessionFollower:
                 if self.still_open is not None and not await self.still_open():
                     return
             if not await feed.wait(self.idle_check_s):
-                if self.still_open is not None and not await self.still_open():
+                # Idle: the answer is shared by the streams of the session in this process
+                # (at most half an idle period old), so idle streams cost per session.
+                still_open = self.still_open
+                if still_open is not None and not await feed.shared_check(
+                    still_open, self.idle_check_s / 2
+                ):
                     return
                 continue
             if feed.lagging:

@@ -9,24 +9,88 @@ from the event log on its own, so a slow client never holds back the reader or o
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Iterable
+import math
+from collections.abc import Awaitable, Callable, Iterable
 
 from domain.jobs import SessionEvent
 
 DEFAULT_FEED_CAPACITY = 256
 
 
-class Feed:
-    """Live events of one session for one client stream (domain.ports.events.Feed)."""
+class SharedCheck:
+    """The latest idle check of one session in this process, shared by all its feeds: the
+    streams following a session ask whether it is still open once between them, not once
+    each (an idle stream's only work, so idle CPU scales with sessions, not streams)."""
 
-    __slots__ = ("_capacity", "_events", "_wakeup", "closed", "key", "lagging", "recheck")
+    __slots__ = ("answer", "started")
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Task[bool] | None = None
+        self.started = 0.0
+
+    async def ask(self, check: Callable[[], Awaitable[bool]], max_age_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        answer = self.answer
+        if answer is None or (
+            answer.done()
+            and (
+                answer.cancelled()
+                or answer.exception() is not None
+                or loop.time() - self.started > max_age_s
+            )
+        ):
+            answer = loop.create_task(_checked(check))
+            answer.add_done_callback(_retrieved)
+            self.answer, self.started = answer, loop.time()
+        # Shielded: a stream that goes away while waiting leaves the check to the others.
+        return await asyncio.shield(answer)
+
+
+async def _checked(check: Callable[[], Awaitable[bool]]) -> bool:
+    return await check()
+
+
+def _retrieved(task: asyncio.Task[bool]) -> None:
+    """Its failure reaches the streams that wait for it; none may wait any more."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Feed:
+    """Live events of one session for one client stream (domain.ports.events.Feed).
+
+    Small, because every open stream holds one (idle streams are the common case): a list
+    rather than a deque, no asyncio.Event (a bare future while the stream waits) and no
+    timeout object per wait. The ``within_s`` of ``wait`` is kept by one timer per feed that
+    is moved lazily: a wait only records its deadline, and the timer, when it fires early
+    (the stream was busy meanwhile), re-arms itself for the latest deadline. A stream that
+    receives an event per wait thus costs no timer work per event, and an idle one one timer.
+    """
+
+    __slots__ = (
+        "_capacity",
+        "_deadline",
+        "_events",
+        "_shared",
+        "_timer",
+        "_waiter",
+        "closed",
+        "key",
+        "lagging",
+        "recheck",
+    )
 
     def __init__(self, key: tuple[str, str], capacity: int = DEFAULT_FEED_CAPACITY) -> None:
         self.key = key
         self._capacity = capacity
-        self._events: deque[SessionEvent] = deque()
-        self._wakeup = asyncio.Event()
+        self._events: list[SessionEvent] = []
+        # The stream's wait, while it waits.
+        self._waiter: asyncio.Future[None] | None = None
+        # The timer of the current wait's deadline (loop time), armed at most once at a time.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        # The idle check shared with the other feeds of the session (LocalFanout.add).
+        self._shared: SharedCheck | None = None
         # Events were dropped (full feed, or the reader reconnected): catch up from the log.
         self.lagging = False
         # The session was closed: the stream should end once it has caught up.
@@ -35,53 +99,95 @@ class Feed:
         # exist (server.data_loss).
         self.recheck = False
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def put(self, event: SessionEvent) -> None:
-        if len(self._events) >= self._capacity:
-            self._events.clear()
+        events = self._events
+        if len(events) >= self._capacity:
+            events.clear()
             self.lagging = True
         else:
-            self._events.append(event)
-        self._wakeup.set()
+            events.append(event)
+        self._wake()
 
     def mark_lagging(self) -> None:
         self.lagging = True
-        self._wakeup.set()
+        self._wake()
 
     def clear_lagging(self) -> None:
         self.lagging = False
 
     def mark_closed(self) -> None:
         self.closed = True
-        self._wakeup.set()
+        self._wake()
 
     def mark_recheck(self) -> None:
         """Re-read the log and check the session still exists (its data may be gone)."""
         self.recheck = True
         self.lagging = True
-        self._wakeup.set()
+        self._wake()
 
     def clear_recheck(self) -> None:
         self.recheck = False
+
+    def _ready(self) -> bool:
+        return bool(self._events) or self.lagging or self.closed or self.recheck
 
     async def wait(self, within_s: float | None = None) -> bool:
         """Wait until something is available (events, lag or close); False when nothing came
         within ``within_s`` seconds."""
         if self._events or self.lagging or self.closed or self.recheck:
             return True
-        self._wakeup.clear()
-        # asyncio.timeout, not wait_for: no extra task per wake-up (this runs once per event
-        # per stream, the hottest wait of the fan-out).
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        if within_s is None:
+            self._deadline = math.inf
+        else:
+            self._deadline = loop.time() + within_s
+            if self._timer is None:
+                self._timer = loop.call_at(self._deadline, self._expire)
         try:
-            async with asyncio.timeout(within_s):
-                await self._wakeup.wait()
-        except TimeoutError:
-            return False
-        return True
+            await waiter
+        finally:
+            self._waiter = None
+        return self._ready()
+
+    def _expire(self) -> None:
+        """The timer fired: re-armed for a later deadline, or ends the wait it was set for."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no wait pending: the next one arms a timer of its own
+        loop = waiter.get_loop()
+        if self._deadline == math.inf:
+            return  # this wait has no deadline
+        if self._deadline - loop.time() > 0.001:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        waiter.set_result(None)  # nothing came in time: wait() reports False
+
+    async def shared_check(self, check: Callable[[], Awaitable[bool]], max_age_s: float) -> bool:
+        """``check()``'s answer, or the one another stream of the same session in this
+        process got at most ``max_age_s`` ago (or is getting now)."""
+        shared = self._shared
+        if shared is None:
+            return await check()
+        return await shared.ask(check, max_age_s)
+
+    def discard(self) -> None:
+        """The stream stopped following: drop the timer (it would keep the feed alive)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     def drain(self) -> list[SessionEvent]:
         """Take every buffered event."""
-        events = list(self._events)
-        self._events.clear()
+        events = self._events
+        self._events = []
         return events
 
 
@@ -90,11 +196,16 @@ class LocalFanout:
 
     def __init__(self) -> None:
         self._feeds: dict[tuple[str, str], set[Feed]] = {}
+        self._checks: dict[tuple[str, str], SharedCheck] = {}
 
     def add(self, feed: Feed) -> bool:
         """Register a feed; True when it is the first for its session."""
         feeds = self._feeds.setdefault(feed.key, set())
         feeds.add(feed)
+        shared = self._checks.get(feed.key)
+        if shared is None:
+            shared = self._checks[feed.key] = SharedCheck()
+        feed._shared = shared
         return len(feeds) == 1
 
     def remove(self, feed: Feed) -> bool:
@@ -103,9 +214,11 @@ class LocalFanout:
         if feeds is None:
             return False
         feeds.discard(feed)
+        feed.discard()
         if feeds:
             return False
         del self._feeds[feed.key]
+        self._checks.pop(feed.key, None)
         return True
 
     def has(self, key: tuple[str, str]) -> bool:

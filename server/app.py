@@ -23,7 +23,7 @@ from domain.operator import OperatorQueries
 from domain.rate_limits import StreamSlots
 from handlers.admin_operator import OperatorAdminServicer
 from handlers.batches import BatchServicer
-from handlers.chat import ChatServicer
+from handlers.chat import ChatServicer, add_chat_service
 from handlers.internal_api import PlatformServicer
 from handlers.sessions import SessionServicer
 from handlers.task_updates import TaskUpdateServicer
@@ -33,7 +33,6 @@ from orchestrator.v1 import (
     batch_pb2,
     batch_pb2_grpc,
     chat_pb2,
-    chat_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     task_update_pb2,
@@ -273,7 +272,7 @@ class OrchestratorServer:
         session_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.services.sessions), target
         )
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.services.chat), target)
+        add_chat_service(ChatServicer(self.services.chat), target)
         batch_pb2_grpc.add_BatchServiceServicer_to_server(
             BatchServicer(self.services.batches), target
         )

@@ -4,6 +4,7 @@ registry.memory_jobs in memory) and the live feed one client stream reads from
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -43,6 +44,11 @@ class Feed(Protocol):
 
     def drain(self) -> list[SessionEvent]:
         """Take every buffered event."""
+        ...
+
+    async def shared_check(self, check: Callable[[], Awaitable[bool]], max_age_s: float) -> bool:
+        """``check()``'s answer, or the one another stream following the same session in this
+        process got at most ``max_age_s`` ago (or is getting now)."""
         ...
 
     def clear_lagging(self) -> None:

@@ -62,3 +62,24 @@ async def test_a_trimmed_log_reports_history_truncated_first() -> None:
     assert events[0].kind is EventKind.HISTORY_TRUNCATED
     assert dict(events[0].data) == {"requested_after": 5, "oldest_retained": 21}
     assert [e.sequence for e in events[1:]] == list(range(21, 31))
+
+
+async def test_idle_followers_of_a_session_end_once_it_is_no_longer_open() -> None:
+    log = MemoryEventLog(max_events=5000, ttl_ms=60_000)
+    asked = 0
+
+    async def closed() -> bool:
+        nonlocal asked
+        asked += 1
+        return False
+
+    async with log.subscribe(TENANT, SESSION) as one, log.subscribe(TENANT, SESSION) as two:
+        followers = [
+            SessionFollower(log, feed, TENANT, SESSION, still_open=closed, idle_check_s=0.05)
+            for feed in (one, two)
+        ]
+        ended = await asyncio.wait_for(
+            asyncio.gather(*(collect(follower, 0, 1) for follower in followers)), 5
+        )
+    assert ended == [[], []]
+    assert asked >= 1
