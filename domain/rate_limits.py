@@ -87,9 +87,11 @@ def gcra(tat_us: float | None, now_us: float, rate: Rate) -> tuple[float, float]
     """One GCRA step: (new TAT if allowed, microseconds to wait; 0 means allowed now).
     The Redis Lua script is the same arithmetic; keep the two in step."""
     tat = now_us if tat_us is None or tat_us < now_us else tat_us
-    new_tat = tat + rate.interval_us
-    allow_at = new_tat - rate.interval_us * rate.burst
-    return new_tat, max(0.0, allow_at - now_us)
+    # The wait is (tat + interval) - interval * burst - now, summed in this order: with a large
+    # interval, adding it to the clock and taking it off again loses the clock's low bits and
+    # a full bucket would refuse its first call by a fraction of a microsecond.
+    wait_us = (tat - now_us) - rate.interval_us * (rate.burst - 1)
+    return tat + rate.interval_us, max(0.0, wait_us)
 
 
 def parse_overrides(raw: str) -> dict[str, Rate]:

@@ -20,6 +20,13 @@ def test_gcra_allows_a_burst_then_spaces_requests_by_the_interval() -> None:
     assert wait == 0
 
 
+@pytest.mark.parametrize("now_us", [512_345_678.123, 987_654_321.987, 1.1e9 + 0.3])
+def test_gcra_allows_the_first_call_of_a_slow_bucket_at_any_clock_reading(now_us: float) -> None:
+    # One call per 1,000 s: adding the interval to a fractional clock and taking it off again
+    # used to leave a wait of a fraction of a microsecond, a refused first call.
+    assert gcra(None, now_us, Rate(per_second=0.001, burst=1))[1] == 0
+
+
 def test_overrides_parse_rate_and_burst() -> None:
     assert parse_overrides("tenantA=5:10, tenantB=1000:2000,c=2.5") == {
         "tenantA": Rate(5, 10),
