@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import Settings
+from server.gc_tuning import settle_heap
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import running_server, test_settings
 
@@ -62,6 +63,7 @@ async def until_sigterm(port: int) -> None:
 async def serve_until_sigterm(settings: Settings) -> None:
     """Run an orchestrator; print ``PORT <n>`` once serving and stop on SIGTERM."""
     async with running_server(settings) as running:
+        settle_heap(settings.gc_young_threshold)  # as OrchestratorServer.serve_until_signalled
         await until_sigterm(running.server.port)
 
 

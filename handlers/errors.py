@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -96,8 +96,31 @@ def _request_id_trailer() -> tuple[tuple[str, str | bytes], ...]:
     return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
 
 
-@contextmanager
-def call_gone_is_cancellation() -> Iterator[None]:
+class _CallGoneIsCancellation:
+    """The context manager of :func:`call_gone_is_cancellation`: a class with no state (one
+    instance serves every use), as it wraps every message a server stream writes and a
+    generator-based one costs a generator per use."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, grpc.aio.InternalError):
+            log.debug("call ended under an operation on it (the client went away): %s", exc)
+            raise asyncio.CancelledError("the call has ended") from None
+
+
+_CALL_GONE_IS_CANCELLATION = _CallGoneIsCancellation()
+
+
+def call_gone_is_cancellation() -> _CallGoneIsCancellation:
     """Around an operation on the call (sending metadata, a message or the status): when it
     fails because the call has already ended (the client cancelled, closed its channel or died,
     or the deadline passed), raise CancelledError, as grpc does when it notices the client went
@@ -108,11 +131,7 @@ def call_gone_is_cancellation() -> Iterator[None]:
     it has already seen the call's close, and the two race: a write blocked by flow control
     (a client that stopped reading) fails before grpc sees the close. A CancelledError it logs
     at DEBUG ("RPC cancelled"): a client going away is not an error."""
-    try:
-        yield
-    except grpc.aio.InternalError as exc:
-        log.debug("call ended under an operation on it (the client went away): %s", exc)
-        raise asyncio.CancelledError("the call has ended") from None
+    return _CALL_GONE_IS_CANCELLATION
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:

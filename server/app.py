@@ -48,6 +48,7 @@ from server.data_loss import DataLossWatch, warn_without_persistence
 from server.downstream_watch import DownstreamWatch, watched_services
 from server.edge import Edge, EdgeRegistrar
 from server.edge_limits import EdgeLimits
+from server.gc_tuning import settle_heap
 from server.health import HealthMonitor, HealthServicer
 from server.key_seeding import seed_keys, warn_without_keys
 from server.listen import ListenError, ensure_free
@@ -426,5 +427,6 @@ class OrchestratorServer:
     async def serve_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
         await self.start()
+        settle_heap(self.settings.gc_young_threshold)
         await wait_for_stop_signal()
         await self.stop()

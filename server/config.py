@@ -133,6 +133,13 @@ class Settings:
         "uvloop",
         "event loop of `orchestrator serve` and `worker`: uvloop (faster) or asyncio",
     )
+    gc_young_threshold: int = _env(
+        "ORCH_GC_YOUNG_THRESHOLD",
+        50_000,
+        "once serving, freeze the start-up heap and run young GC collections every this many"
+        " allocations (0: Python's defaults)",
+        at_least=0,
+    )
     shutdown_grace: float = _env(
         "ORCH_SHUTDOWN_GRACE",
         10.0,

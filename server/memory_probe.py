@@ -52,7 +52,8 @@ def _largest_growth(
 
 
 def count_objects() -> collections.Counter[str]:
-    """Live objects tracked by the garbage collector, by type name."""
+    """Live objects tracked by the garbage collector, by type name: those created since the
+    server froze its start-up heap (server.gc_tuning; gc.get_objects() leaves frozen ones out)."""
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
@@ -80,7 +81,8 @@ class MemoryProbe:
             out.write(
                 f"=== report {self.reports} ({reason}) at {time.monotonic() - self._started:.1f} s:"
                 f" traced {current / 1024:,.0f} KiB (peak {peak / 1024:,.0f} KiB),"
-                f" RSS {rss_kib():,} KiB, {sum(counts.values()):,} gc objects\n"
+                f" RSS {rss_kib():,} KiB, {sum(counts.values()):,} gc objects"
+                f" (+{gc.get_freeze_count():,} frozen at start-up, not counted by type)\n"
             )
             if self._first is None:
                 self._write_top(out, snapshot)

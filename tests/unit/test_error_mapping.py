@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from domain.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
-from handlers.errors import to_grpc_status, trailing_metadata_for
+from handlers.errors import call_gone_is_cancellation, to_grpc_status, trailing_metadata_for
 
 
 def details_of(status: grpc.Status) -> status_pb2.Status:
@@ -47,3 +50,16 @@ def test_resource_exhausted_carries_retry_info_quota_and_retry_after() -> None:
     assert details[1].Unpack(quota)
     assert quota.violations[0].subject == "tenant:acme"
     assert trailing_metadata_for(error) == (("retry-after", "2"),)
+
+
+def test_an_operation_on_an_ended_call_becomes_a_cancellation() -> None:
+    with pytest.raises(asyncio.CancelledError) as raised, call_gone_is_cancellation():
+        raise grpc.aio.InternalError("Failed send_message op")
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_other_errors_pass_through_the_call_gone_guard() -> None:
+    with pytest.raises(ValueError, match="not about the call"), call_gone_is_cancellation():
+        raise ValueError("not about the call")
+    with call_gone_is_cancellation():  # and nothing raised, nothing changes
+        pass
