@@ -83,15 +83,20 @@ async def answer_in_order(
             answers.put_nowait(None)
 
     async def apply() -> None:
-        while True:
-            await arrived.wait()
-            arrived.clear()
-            while waiting:
-                batch = waiting[:max_batch]
-                del waiting[:max_batch]
-                await _apply(batch)
-            if not reading:
-                return
+        batch: list[_Waiting] = []
+        try:
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                while waiting:
+                    batch = waiting[:max_batch]
+                    del waiting[:max_batch]
+                    await _apply(batch)
+                if not reading:
+                    return
+        finally:  # cancelled (the process stops): nobody waits on for an answer
+            for _, future in (*batch, *waiting):
+                future.cancel()
 
     async def _apply(batch: list[_Waiting]) -> None:
         try:
