@@ -500,9 +500,12 @@ class RedisJobStore(RedisStore):
                 elif isinstance(reply, Exception):
                     outcomes[index] = reply
                 else:
-                    outcomes[index] = self._notice_outcome(
-                        notices[index].job_id, tenant_id, session_id, reply
-                    )
+                    try:
+                        outcomes[index] = self._notice_outcome(
+                            notices[index].job_id, tenant_id, session_id, reply
+                        )
+                    except Exception as exc:  # e.g. DataLoss: an event that does not decode
+                        outcomes[index] = exc
             planned = again
         for index, _, _ in planned:  # NOSCRIPT twice: Redis restarted in between
             assert lost is not None
