@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from redis.asyncio import Redis
 
 from bench import machine
 from bench.machine import Limits
@@ -94,6 +96,20 @@ class ChatResult(Rate):
     seconds: float
     p50_ms: float
     p99_ms: float
+    # CPU of this whole process (client, server, reference service) per chat, and of the
+    # redis-server per chat (orchestrator path only): steadier than chats/s on a shared machine.
+    cpu_ms: float = 0.0
+    redis_cpu_ms: float = 0.0
+
+
+async def redis_cpu_s(redis_url: str) -> float:
+    """The redis-server's CPU so far (user + system), in seconds."""
+    client = Redis.from_url(redis_url)
+    try:
+        info = await client.info("cpu")
+    finally:
+        await client.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def drive_chats(
@@ -139,14 +155,17 @@ async def drive_chats(
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     return ChatResult(
         name,
         len(latencies),
         seconds,
         percentile(latencies, 0.5) * 1000,
         percentile(latencies, 0.99) * 1000,
+        cpu_ms=quotient(cpu * 1000, len(latencies)),
     )
 
 
@@ -304,9 +323,12 @@ async def chats_on_orchestrator(
             session_ids = await create_sessions(running.channel, sessions)
             # Warm up (channels, scripts, the reporter's stream), then measure.
             await drive_chats("warm-up", running.channel, session_ids, concurrency, concurrency)
-            return await drive_chats(
+            redis_before = await redis_cpu_s(redis_url)
+            result = await drive_chats(
                 "orchestrator (Redis)", running.channel, session_ids, chats, concurrency
             )
+            redis_ms = quotient((await redis_cpu_s(redis_url) - redis_before) * 1000, result.chats)
+            return dataclasses.replace(result, redis_cpu_ms=redis_ms)
         finally:
             await reference.stop()
 
@@ -804,7 +826,17 @@ def print_chats(orchestrator: ChatResult, relay: ChatResult, limits: Limits) -> 
     print("1. chats: SendMessage -> completed (reference service, step delay 0)")
     print_table(
         [
-            ("path", "chats", "seconds", "chats/s", "p50 ms", "p99 ms", "of bare unary"),
+            (
+                "path",
+                "chats",
+                "seconds",
+                "chats/s",
+                "p50 ms",
+                "p99 ms",
+                "CPU ms/chat",
+                "Redis CPU",
+                "of bare unary",
+            ),
             *(
                 (
                     c.name,
@@ -813,15 +845,19 @@ def print_chats(orchestrator: ChatResult, relay: ChatResult, limits: Limits) -> 
                     f"{c.per_second:,.0f}",
                     f"{c.p50_ms:.1f}",
                     f"{c.p99_ms:.1f}",
+                    f"{c.cpu_ms:.2f}",
+                    f"{c.redis_cpu_ms:.2f}" if c.redis_cpu_ms else "",
                     limits.unary_fraction(c.per_second),
                 )
                 for c in (relay, orchestrator)
             ),
-            ("bare grpc.aio unary echo", "", "", f"{limits.unary_per_s:,.0f}", "", "", "1"),
+            ("bare grpc.aio unary echo", "", "", f"{limits.unary_per_s:,.0f}", "", "", "", "", "1"),
         ]
     )
     verdict = "ok" if ratio >= TARGET_CHAT_RATIO else "BELOW TARGET"
     print(f"ratio orchestrator/relay = {ratio:.2f} (target >= {TARGET_CHAT_RATIO}) {verdict}")
+    cpu = quotient(relay.cpu_ms, orchestrator.cpu_ms + orchestrator.redis_cpu_ms)
+    print(f"CPU per chat relay/(orchestrator + its Redis) = {cpu:.2f}")
 
 
 def print_results(r: Results) -> None:

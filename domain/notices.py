@@ -7,14 +7,13 @@ and counted, and the stream goes on.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import DataLoss
@@ -369,40 +368,61 @@ class NoticeProcessor:
     async def process_many(
         self, raws: list[NoticeInput], caller: Caller | None
     ) -> list[NoticeOutcome]:
-        """Apply notices that arrived together: those about one job in order, different jobs
-        concurrently. Outcomes come back in the order of ``raws``."""
-        if len(raws) == 1:
-            return [await self.process(raws[0], caller)]
-        by_job: dict[str, list[int]] = {}
-        for index, raw in enumerate(raws):
-            by_job.setdefault(raw.job_id, []).append(index)
-        outcomes: list[NoticeOutcome | None] = [None] * len(raws)
-
-        async def run(indexes: list[int]) -> None:
-            for index in indexes:
-                outcomes[index] = await self.process(raws[index], caller)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for indexes in by_job.values():
-                    group.create_task(run(indexes))
-        except ExceptionGroup as failed:  # e.g. Redis went away: report it as itself
-            raise failed.exceptions[0] from None
-        return [outcome for outcome in outcomes if outcome is not None]
+        """Apply notices that arrived together (``process_each``); the first error applying
+        one is raised."""
+        outcomes = await self.process_each(raws, caller)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return cast(list[NoticeOutcome], outcomes)
 
     async def process(self, raw: NoticeInput, caller: Caller | None) -> NoticeOutcome:
-        """Judge and apply one notice sent by ``caller``: a notice for a service the caller's
-        key does not speak for (Caller.speaks_for) is WRONG_SERVICE, decided before the store
-        is read, so it never reveals whether the job exists. ``caller`` None skips that check
-        (callers inside the process, tests)."""
-        outcome = await self._process(raw, caller)
-        if self._metrics is not None:
-            self._metrics.record_notice(outcome.verdict.value)
-        return outcome
+        """Judge and apply one notice sent by ``caller`` (``process_each``)."""
+        return (await self.process_many([raw], caller))[0]
 
-    async def _process(self, raw: NoticeInput, caller: Caller | None) -> NoticeOutcome:
-        if raw.event is NoticeEvent.AGENT_CHANGED:
-            return await self._agent_changed(raw, caller)
+    async def process_each(
+        self, raws: Sequence[NoticeInput], caller: Caller | None
+    ) -> list[NoticeOutcome | Exception]:
+        """Judge and apply notices that arrived together, each on its own: a notice for a
+        service the caller's key does not speak for (Caller.speaks_for) is WRONG_SERVICE,
+        decided before the store is read, so it never reveals whether the job exists
+        (``caller`` None skips that check: callers inside the process, tests). The valid ones
+        go to the store together (JobStore.apply_notices: one round trip, those of one job in
+        their order). Each notice gets its own outcome, in the order of ``raws``, or the error
+        applying it; raises only when the store could apply none (unreachable)."""
+        outcomes: list[NoticeOutcome | Exception | None] = [None] * len(raws)
+        valid: list[tuple[int, Notice]] = []
+        for index, raw in enumerate(raws):
+            if raw.event is NoticeEvent.AGENT_CHANGED:
+                try:
+                    outcomes[index] = await self._agent_changed(raw, caller)
+                except Exception as exc:  # the hook failed: that notice alone
+                    outcomes[index] = exc
+                continue
+            judged = self._judge(raw, caller)
+            if isinstance(judged, NoticeOutcome):
+                outcomes[index] = judged
+            else:
+                valid.append((index, judged))
+        if valid:
+            start_ns = time.time_ns() if self._traced else 0
+            applied = await self._jobs.apply_notices([n for _, n in valid], self._limits)
+            for (index, notice), outcome in zip(valid, applied, strict=True):
+                if not isinstance(outcome, Exception):
+                    try:
+                        await self._followed(notice, outcome, start_ns)
+                    except Exception as exc:  # e.g. the embedding cache's read failed
+                        outcome = exc
+                outcomes[index] = outcome
+        done = [outcome for outcome in outcomes if outcome is not None]
+        if self._metrics is not None:
+            for outcome in done:
+                if isinstance(outcome, NoticeOutcome):
+                    self._metrics.record_notice(outcome.verdict.value)
+        return done
+
+    def _judge(self, raw: NoticeInput, caller: Caller | None) -> Notice | NoticeOutcome:
+        """The valid notice, or the verdict that rejects it before the store is asked."""
         try:
             notice = validate_notice(raw)
         except MalformedNotice as exc:
@@ -419,15 +439,14 @@ class NoticeProcessor:
                 Verdict.WRONG_SERVICE,
                 detail=f"service: the API key {refused} does not speak for {notice.service.value}",
             )
-        if not self._traced:
-            outcome = await self._jobs.apply_notice(notice, self._limits)
+        return notice
+
+    async def _followed(self, notice: Notice, outcome: NoticeOutcome, start_ns: int) -> None:
+        """What follows a notice the store applied (``_applied``), in the span of the notice in
+        its job's trace when tracing is on and the job has a trace."""
+        if not self._traced or not outcome.traceparent:
             await self._applied(notice, outcome)
-            return outcome
-        start_ns = time.time_ns()
-        outcome = await self._jobs.apply_notice(notice, self._limits)
-        if not outcome.traceparent:  # rejected, or a job accepted without a trace
-            await self._applied(notice, outcome)
-            return outcome
+            return
         attributes = {
             "orchestrator.job_id": notice.job_id,
             "orchestrator.service": notice.service.value,
@@ -437,7 +456,6 @@ class NoticeProcessor:
             f"notice {notice.event.value}", outcome.traceparent, start_ns, attributes=attributes
         ):
             await self._applied(notice, outcome)
-        return outcome
 
     async def _applied(self, notice: Notice, outcome: NoticeOutcome) -> None:
         """What follows a notice the store applied: the finalize it starts, the tokens counted,

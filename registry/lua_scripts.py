@@ -144,7 +144,7 @@ class ScriptRunner:
         try:
             return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError as exc:
-            raise _scripts_lost(exc) from exc
+            raise scripts_lost(exc) from exc
 
     async def in_one_round_trip(self, build: Callable[[ScriptPipeline], None]) -> list[Any]:
         """Execute the pipeline ``build`` makes (scripts and other commands) in one round trip.
@@ -157,13 +157,28 @@ class ScriptRunner:
                 return list(await pipe.commands.execute())
             except NoScriptError as exc:
                 if attempt == 2:
-                    raise _scripts_lost(exc) from exc
+                    raise scripts_lost(exc) from exc
                 for script in pipe.scripts:
                     await self._redis.script_load(script.source)
         raise AssertionError("unreachable")
 
+    async def each_in_one_round_trip(self, build: Callable[[ScriptPipeline], None]) -> list[Any]:
+        """Execute the pipeline ``build`` makes in one round trip, each command's error (a
+        script's ResponseError, NoScriptError included) in its place among the replies instead
+        of raised: the commands after it ran. When a script was missing (a Redis that
+        restarted), the pipeline's scripts are loaded before this returns, so the caller can
+        send again the commands that met NOSCRIPT (they did not run). A connection failure
+        raises (no command's outcome is known)."""
+        pipe = ScriptPipeline(self._redis.pipeline(transaction=False), self._scripts)
+        build(pipe)
+        replies = list(await pipe.commands.execute(raise_on_error=False))
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            for script in {script.sha: script for script in pipe.scripts}.values():
+                await self._redis.script_load(script.source)
+        return replies
 
-def _scripts_lost(exc: NoScriptError) -> Unavailable:
+
+def scripts_lost(exc: NoScriptError) -> Unavailable:
     """A script loaded just now was gone again: Redis restarted (or was flushed) in between.
     The caller sees UNAVAILABLE and retries, like any other moment Redis is away."""
     return Unavailable(f"redis lost its scripts while they were being loaded (restarted?): {exc}")

@@ -357,6 +357,17 @@ class MemoryJobStore:
             return jobs.NoticeOutcome(step.outcome, event)
         return jobs.NoticeOutcome(step.outcome, event, traceparent=job.traceparent)
 
+    async def apply_notices(
+        self, notices: Sequence[jobs.Notice], limits: jobs.JobLimits
+    ) -> list[jobs.NoticeOutcome | Exception]:
+        outcomes: list[jobs.NoticeOutcome | Exception] = []
+        for notice in notices:
+            try:
+                outcomes.append(await self.apply_notice(notice, limits))
+            except Exception as exc:  # that notice alone: the others are applied regardless
+                outcomes.append(exc)
+        return outcomes
+
     def _parent(self, job: jobs.Job) -> job_machine.ParentSide | None:
         """An internal call's parent job and its session."""
         if not job.parent_job_id:

@@ -31,6 +31,7 @@ tenants found with nothing unfinished, so the set follows the active tenants.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from domain.agents import AgentConfig
 from domain.errors import DataLoss
@@ -72,7 +74,7 @@ from domain.service_caps import LimitKind, LimitReached
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
 from registry.keys import KeySpace
-from registry.lua_scripts import ScriptPipeline
+from registry.lua_scripts import ScriptPipeline, scripts_lost
 from registry.redis_client import (
     RedisStore,
     as_str,
@@ -428,75 +430,172 @@ class RedisJobStore(RedisStore):
         return claims
 
     async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
-        located = await self._locate(notice.job_id)
-        if located is None:
-            return NoticeOutcome(Verdict.UNKNOWN_JOB)
-        tenant_id, session_id = located
-        if tenant_id != notice.tenant_id:
-            return NoticeOutcome(Verdict.WRONG_TENANT)
+        outcome = (await self.apply_notices([notice], limits))[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def _locate_all(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """The locations of the jobs of ``job_ids`` that exist: remembered ones at once, the
+        others read from the job index in one round trip."""
+        found: dict[str, tuple[str, str]] = {}
+        unknown: list[str] = []
+        for job_id in job_ids:
+            location = self._index.get(job_id)
+            if location is not None:
+                found[job_id] = location
+            elif job_id not in unknown:
+                unknown.append(job_id)
+        if not unknown:
+            return found
+        if len(unknown) == 1:
+            location = await self._locate(unknown[0])
+            if location is not None:
+                found[unknown[0]] = location
+            return found
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in unknown:
+                pipe.get(self._keys.job_index(job_id))
+            with redis_errors_as_unavailable():
+                raws = await pipe.execute()
+        for job_id, raw in zip(unknown, raws, strict=True):
+            if raw is not None:
+                tenant_id, _, session_id = as_str(raw).partition(" ")
+                self._remember(job_id, tenant_id, session_id)
+                found[job_id] = (tenant_id, session_id)
+        return found
+
+    async def apply_notices(
+        self, notices: Sequence[Notice], limits: JobLimits
+    ) -> list[NoticeOutcome | Exception]:
+        """One notice script per notice, all in one pipeline (Redis runs them in order on one
+        connection, so the notices of one job apply in their order; each script is atomic and
+        a script's error leaves the others applied); the job index is read first, in one round
+        trip, only for jobs this process does not remember."""
+        outcomes: list[NoticeOutcome | Exception | None] = [None] * len(notices)
+        located = await self._locate_all([notice.job_id for notice in notices])
+        planned: list[tuple[int, str, str]] = []  # (index, tenant, session) of each script
+        for index, notice in enumerate(notices):
+            location = located.get(notice.job_id)
+            if location is None:
+                outcomes[index] = NoticeOutcome(Verdict.UNKNOWN_JOB)
+            elif location[0] != notice.tenant_id:
+                outcomes[index] = NoticeOutcome(Verdict.WRONG_TENANT)
+            else:
+                planned.append((index, *location))
+        lost: NoScriptError | None = None
+        for _attempt in (1, 2):
+            if not planned:
+                break
+            positions: list[int] = []  # of each planned notice's script in the pipeline
+            build = functools.partial(self._queue_notices, notices, planned, positions, limits)
+            with redis_errors_as_unavailable():
+                replies = await self._scripts.each_in_one_round_trip(build)
+            again: list[tuple[int, str, str]] = []
+            for (index, tenant_id, session_id), position in zip(planned, positions, strict=True):
+                reply = replies[position]
+                if isinstance(reply, NoScriptError):  # did not run: sent again once loaded
+                    lost = reply
+                    again.append((index, tenant_id, session_id))
+                elif isinstance(reply, Exception):
+                    outcomes[index] = reply
+                else:
+                    try:
+                        outcomes[index] = self._notice_outcome(
+                            notices[index].job_id, tenant_id, session_id, reply
+                        )
+                    except Exception as exc:  # e.g. DataLoss: an event that does not decode
+                        outcomes[index] = exc
+            planned = again
+        for index, _, _ in planned:  # NOSCRIPT twice: Redis restarted in between
+            assert lost is not None
+            outcomes[index] = scripts_lost(lost)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _queue_notices(
+        self,
+        notices: Sequence[Notice],
+        planned: list[tuple[int, str, str]],
+        positions: list[int],
+        limits: JobLimits,
+        pipe: ScriptPipeline,
+    ) -> None:
+        for index, tenant_id, session_id in planned:
+            positions.append(len(pipe.commands))
+            self._queue_notice(pipe, notices[index], tenant_id, session_id, limits)
+
+    def _queue_notice(
+        self,
+        pipe: ScriptPipeline,
+        notice: Notice,
+        tenant_id: str,
+        session_id: str,
+        limits: JobLimits,
+    ) -> None:
+        """The notice script for ``notice`` (and its finalize hint) on ``pipe``: its reply is
+        the first the pipeline gets for these commands."""
         usage = notice.usage
         # A completed notice's data goes without its usage: the script appends the job's
         # (its own tokens and its internal calls', jobs/notice.lua).
         data = notice.data
         if notice.event is NoticeEvent.COMPLETED:
             data = {k: v for k, v in data.items() if k != "usage"}
+        pipe.run(
+            "notice",
+            keys=self._job_keys(tenant_id, session_id, notice.job_id),
+            args=[
+                notice.job_id,
+                notice.service.value,
+                notice.sequence,
+                notice.event.value,
+                _compact(data),
+                limits.heartbeat_ms,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                limits.retention_ms,
+                *self._log_args(tenant_id, session_id),
+                self._keys.usage_prefix(tenant_id),
+                USAGE_RETENTION_MS,
+                limits.handoff_grace_ms,
+                self._keys.job(tenant_id, ""),
+                self._keys.session(tenant_id, ""),
+            ],
+        )
         # A completed notice may make the job FINISHING: its finalize is then checked by its
         # lease, scored in the same round trip; not for a job started here without history to
         # append, nor for an embedding (its plan never appends history).
-        hint = (
+        if (
             notice.event is NoticeEvent.COMPLETED
             and notice.service is not Service.EMBEDDING
             and notice.job_id not in self._no_finalize
-        )
-
-        def build(pipe: ScriptPipeline) -> None:
-            pipe.run(
-                "notice",
-                keys=self._job_keys(tenant_id, session_id, notice.job_id),
-                args=[
-                    notice.job_id,
-                    notice.service.value,
-                    notice.sequence,
-                    notice.event.value,
-                    _compact(data),
-                    limits.heartbeat_ms,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    usage.total_tokens,
-                    limits.retention_ms,
-                    *self._log_args(tenant_id, session_id),
-                    self._keys.usage_prefix(tenant_id),
-                    USAGE_RETENTION_MS,
-                    limits.handoff_grace_ms,
-                    self._keys.job(tenant_id, ""),
-                    self._keys.session(tenant_id, ""),
-                ],
+        ):
+            member = _member(tenant_id, session_id, notice.job_id)
+            # Never later (LT): an entry there is the job's own finalize lease already (a
+            # repeated completed notice changes nothing).
+            pipe.commands.zadd(
+                self._keys.job_finalizes(),
+                {member: _now_ms() + limits.handoff_grace_ms},
+                lt=True,
             )
-            if hint:
-                member = _member(tenant_id, session_id, notice.job_id)
-                # Never later (LT): an entry there is the job's own finalize lease already (a
-                # repeated completed notice changes nothing).
-                pipe.commands.zadd(
-                    self._keys.job_finalizes(),
-                    {member: _now_ms() + limits.handoff_grace_ms},
-                    lt=True,
-                )
 
-        with redis_errors_as_unavailable():
-            reply = (await self._scripts.in_one_round_trip(build))[0]
+    def _notice_outcome(
+        self, job_id: str, tenant_id: str, session_id: str, reply: list[Any]
+    ) -> NoticeOutcome:
+        """The outcome of a notice script's ``reply``."""
         if as_str(reply[0]) == "finishing":
-            claim = _claim_from_reply(tenant_id, notice.job_id, reply)
+            claim = _claim_from_reply(tenant_id, job_id, reply)
             return NoticeOutcome(
                 Verdict.ACCEPTED, finishing=claim, traceparent=claim.job.traceparent
             )
         verdict = Verdict(as_str(reply[0]))
         if verdict is Verdict.JOB_FINISHED:
-            self._forget(notice.job_id)
+            self._forget(job_id)
         if verdict is not Verdict.ACCEPTED:
             return NoticeOutcome(verdict)
         event = self._event(session_id, reply)
         if event.kind.is_final:
-            self._forget(notice.job_id)
+            self._forget(job_id)
         return NoticeOutcome(verdict, event, traceparent=as_str(reply[4]))
 
     async def finish_job(

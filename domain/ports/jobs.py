@@ -115,6 +115,16 @@ class JobStore(Protocol):
         ``finishing`` claim; no event), all in one atomic step."""
         ...
 
+    async def apply_notices(
+        self, notices: Sequence[jobs.Notice], limits: jobs.JobLimits
+    ) -> list[jobs.NoticeOutcome | Exception]:
+        """Apply notices that arrived together, each exactly as ``apply_notice`` would, in
+        their order (those about one job one after the other), in one round trip: each notice
+        its own outcome, in the order given, or the error applying that notice alone (the
+        others are applied regardless). Raises when none could be applied (the store
+        unreachable)."""
+        ...
+
     async def finish_job(
         self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
     ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:

@@ -3,7 +3,8 @@ the session, subscribes to its events (only when no stream of this process follo
 and no recent one did) and starts the job (one pipelined round trip) before the caller sees
 `accepted`; once the final event is sent the stream ends without another round trip (the
 subscription lingers for the session's next chat and is dropped later, with others, in one
-command). The notices of the job are its service's round trips, not counted here."""
+command). The job's notices, sent together by its service (a burst on its ReportUpdates
+stream), are applied together: one round trip for all of them (they cost one each before)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio.connection import AbstractConnection
 
 from domain.chat import ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
-from domain.jobs import EventDraft, EventKind, JobLimits, SessionEvent
+from domain.jobs import EventDraft, EventKind, JobLimits, NoticeEvent, NoticeOutcome, SessionEvent
+from domain.models import Service, TokenUsage
+from domain.notices import NoticeInput, NoticeProcessor
 from domain.sessions import SessionManager, SessionPolicy
 from registry.backend import Backend
+from registry.lua_scripts import lua_script
 from tests.support.downstream import RecordingDispatcher
 from tests.support.platform import FakeConversation
 from tests.support.registries import count_round_trips, new_session, opened_registry
@@ -126,3 +131,70 @@ async def test_a_chats_stream_ends_after_its_final_event_without_a_round_trip(
 ) -> None:
     session_id = await new_session(registry)
     assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[1] == 0
+
+
+def reference_notices(job_id: str) -> list[NoticeInput]:
+    """What the reference Query service sends for a chat (2 deltas), numbered."""
+    events: list[tuple[NoticeEvent, dict[str, Any]]] = [
+        (NoticeEvent.PROGRESS, {"fraction": 0.1, "message": "retrieving"}),
+        (NoticeEvent.DELTA, {"text": "hel"}),
+        (NoticeEvent.DELTA, {"text": "lo"}),
+        (NoticeEvent.PROGRESS, {"fraction": 0.9, "message": "finishing"}),
+        (NoticeEvent.COMPLETED, {"result": {"text": "hello", "model": "m1"}}),
+    ]
+    return [
+        NoticeInput(
+            event,
+            Service.QUERY,
+            job_id,
+            TENANT,
+            n,
+            "agent-1",
+            data,
+            TokenUsage(1, 1, 2) if event is NoticeEvent.COMPLETED else TokenUsage(),
+        )
+        for n, (event, data) in enumerate(events, 1)
+    ]
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What each round trip of any Redis client of this process writes."""
+    written: list[bytes] = []
+    original = AbstractConnection.send_packed_command
+
+    async def recording(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        parts = command if isinstance(command, list) else [command]
+        written.append(b"".join(bytes(part) for part in parts))
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", recording)
+    return written
+
+
+async def test_a_chat_whose_notices_arrive_together_costs_three_round_trips_in_all(
+    chat: ChatOrchestrator,
+    registry: Backend,
+    dispatcher: RecordingDispatcher,
+    sent: list[bytes],
+) -> None:
+    """Session read and job start, then the five notices of its service in one round trip
+    (seven before: one per notice). Not counted: the hand-off's confirmation, written
+    for every hand-off that finished in the same loop iteration together."""
+    processor = NoticeProcessor(registry.jobs, LIMITS)
+    session_id = await new_session(registry)
+    notice_sha = lua_script("jobs/notice").sha.encode()
+    for attempt in (1, 2):  # the first chat loads the notice script and subscribes
+        ctx = CallContext(tenant_id=TENANT, request_id=f"r{attempt}")
+        stream = aiter(chat.send(ctx, ChatMessage(session_id=session_id, content="hi")))
+        sent.clear()
+        accepted: SessionEvent = await anext(stream)
+        await dispatcher.next_submit()
+        outcomes = await processor.process_each(reference_notices(accepted.job_id), None)
+        assert all(isinstance(o, NoticeOutcome) and o.event is not None for o in outcomes)
+        kinds = [event.kind async for event in stream]
+        assert kinds[-1] is EventKind.COMPLETED
+    notices = [written for written in sent if notice_sha in written]
+    assert len(notices) == 1 and notices[0].count(b"EVALSHA") == 5
+    confirmations = [written for written in sent if b"\r\nHDEL\r\n" in written]
+    assert len(sent) - len(confirmations) == 3

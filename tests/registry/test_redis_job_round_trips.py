@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from domain.agents import AgentConfig, AgentKind
 from domain.ids import new_id
@@ -26,6 +27,7 @@ from domain.jobs import (
     Notice,
     NoticeEvent,
     StartedJob,
+    Verdict,
 )
 from domain.models import Service, WorkKind
 from domain.plans import plan_for
@@ -195,3 +197,61 @@ async def test_a_completed_notice_is_one_round_trip_with_its_finalize_hint(
         hint = await redis.zscore(KEYS.job_finalizes(), member(started))
         assert (hint is not None) == (new is planned)
         assert (outcome.finishing is not None) == (new is planned)
+
+
+def delta(job_id: str, sequence: int) -> Notice:
+    return Notice(NoticeEvent.DELTA, Service.QUERY, job_id, TENANT, sequence, "", {"text": "x"})
+
+
+async def test_notices_applied_together_are_one_round_trip(
+    registry: Backend, round_trips: list[int]
+) -> None:
+    """Several jobs' notices, a completed one with its finalize hint among them: one pipeline."""
+    jobs = [(await start(registry)).job.job_id for _ in range(3)]
+    await registry.jobs.apply_notice(delta(jobs[0], 1), LIMITS)  # the script is loaded
+    round_trips.clear()
+    burst = [delta(jobs[0], 2), delta(jobs[1], 1), delta(jobs[0], 3), delta(jobs[2], 1)]
+    burst.append(Notice(NoticeEvent.COMPLETED, Service.QUERY, jobs[1], TENANT, 2, "", {}))
+    outcomes = await registry.jobs.apply_notices(burst, LIMITS)
+    assert len(round_trips) == 1
+    assert [getattr(o, "verdict", o) for o in outcomes] == [Verdict.ACCEPTED] * 5
+
+
+async def test_notices_of_jobs_this_process_does_not_know_cost_one_more_round_trip(
+    registry: Backend, redis_url: str, round_trips: list[int]
+) -> None:
+    """The job index is read for all of them at once (another replica started them)."""
+    jobs = [(await start(registry)).job.job_id for _ in range(3)]
+    async with opened_registry(redis_url) as other:
+        await other.jobs.apply_notice(delta(new_id(), 1), LIMITS)  # connected, nothing loaded
+        round_trips.clear()
+        burst = [delta(job_id, 1) for job_id in jobs] + [delta(new_id(), 1)]
+        outcomes = await other.jobs.apply_notices(burst, LIMITS)
+        assert len(round_trips) == 2
+    verdicts = [getattr(o, "verdict", o) for o in outcomes]
+    assert verdicts == [Verdict.ACCEPTED] * 3 + [Verdict.UNKNOWN_JOB]
+
+
+async def test_a_burst_on_a_redis_that_lost_its_scripts_applies_each_notice_once(
+    registry: Backend, redis: Redis
+) -> None:
+    jobs = [(await start(registry)).job.job_id for _ in range(2)]
+    await redis.script_flush()
+    burst = [delta(jobs[0], 0), delta(jobs[1], 0), delta(jobs[0], 0)]
+    outcomes = await registry.jobs.apply_notices(burst, LIMITS)
+    assert [getattr(o, "verdict", o) for o in outcomes] == [Verdict.ACCEPTED] * 3
+    first = await registry.jobs.get_job(TENANT, jobs[0])
+    second = await registry.jobs.get_job(TENANT, jobs[1])
+    assert first is not None and second is not None
+    assert (first.last_notice_sequence, second.last_notice_sequence) == (2, 1)
+
+
+async def test_a_notice_whose_script_fails_leaves_the_others_of_its_burst_applied(
+    registry: Backend, redis: Redis
+) -> None:
+    broken, fine = [(await start(registry)).job.job_id for _ in range(2)]
+    # A job record the script cannot read (its notice sequence is no number).
+    await redis.hset(KEYS.job(TENANT, broken), "nseq", "x")
+    outcomes = await registry.jobs.apply_notices([delta(broken, 0), delta(fine, 0)], LIMITS)
+    assert isinstance(outcomes[0], ResponseError)
+    assert getattr(outcomes[1], "verdict", None) is Verdict.ACCEPTED
