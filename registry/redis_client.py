@@ -92,21 +92,25 @@ def create_cluster(
     connection error or CLUSTERDOWN retries ``retries`` times (after re-reading the layout).
     Reads go to masters only (no stale reads from replicas). SCRIPT LOAD goes to every master,
     so ``ScriptRunner``'s NOSCRIPT reload works per node."""
-    options = dict(target.options)
-    for unused in ("host", "port", "db", "connection_class"):
-        options.pop(unused, None)
+    settings: dict[str, Any] = {
+        "ssl": target.tls,
+        "protocol": RESP_PROTOCOL,
+        "decode_responses": decode_responses,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_keepalive": True,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=retries),
+        "max_connections": max_connections * CLUSTER_CONNECTIONS_FACTOR,
+        "client_name": client_name,
+    }
+    # The URL's own options win, as they do for a single Redis (redis-py's from_url).
+    settings.update(
+        (name, value)
+        for name, value in target.options.items()
+        if name not in ("host", "port", "db", "connection_class")
+    )
     cluster = _Cluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in target.seeds],
-        ssl=target.tls,
-        protocol=RESP_PROTOCOL,
-        decode_responses=decode_responses,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=connect_timeout_s,
-        socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=retries),
-        max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
-        client_name=client_name,
-        **options,
+        startup_nodes=[ClusterNode(host, port) for host, port in target.seeds], **settings
     )
     return cast(Redis, cluster)
 

@@ -5,6 +5,10 @@ registry/lua/jobs/, which also keep the session's bookkeeping and append the eve
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
 slot and are only hints or lookups: the job index (job id -> tenant, session), written before
 the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
+Each hint set is split into shards (registry.keys ``INDEX_SHARDS``, by job id), each in a slot
+of its own: a job's hints go to its shard, and every scan reads all shards in one pipeline.
+On a cluster a pipeline's commands for different masters are sent in parallel, not in order;
+nothing here relies on their order across slots, only within the tenant's slot.
 A job enters the deadline set in the same pipeline as its start script, scored a little before
 its first possible deadline by this process's clock: the reaper then looks at it early and moves
 it to its real due time (REAP answers "later"), so no crash between two commands can leave a
@@ -24,9 +28,13 @@ notice scores the job there with the notice script, which turns it FINISHING or 
 for a job that completed outright is dropped by the claim that finds nothing to do), unless the
 job cannot turn FINISHING (an embedding, or a job this process started without history to
 append); completing or failing it drops the entry in the same pipeline.
-A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
-pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
-tenants found with nothing unfinished, so the set follows the active tenants.
+A third, the set of tenants with jobs (sharded by tenant: tenant -> listing), tells
+``count_unfinished`` which tenants' sets of queued, pending and running jobs (kept by the
+scripts, in the tenant's slot) to count. A tenant's listing (a key in its slot, the id of the
+job that listed it) is set after the start script in the same pipeline and slot; when it is new,
+the tenant goes into its shard under it. ``count_unfinished`` unlists the tenants found with
+nothing unfinished one slot at a time (jobs/unlist_tenant.lua, then jobs/drop_tenant.lua under
+the listing read), so the set follows the active tenants and no script spans two slots.
 """
 
 from __future__ import annotations

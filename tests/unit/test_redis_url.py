@@ -76,3 +76,17 @@ async def test_a_cluster_url_makes_a_cluster_client_without_io() -> None:
         assert not is_cluster(single)
     finally:
         await single.aclose()
+
+
+async def test_a_cluster_urls_options_win_over_the_defaults() -> None:
+    client = create_redis(
+        "redis+cluster://127.0.0.1:1/?socket_timeout=7&client_name=mine",
+        socket_timeout_s=1,
+        connect_timeout_s=1,
+    )
+    try:
+        kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
+        assert kwargs["socket_timeout"] == 7
+        assert kwargs["client_name"] == "mine"
+    finally:
+        await client.aclose()
