@@ -49,6 +49,7 @@ from registry.redis_jobs import EventLogConfig, RedisJobStore
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
 from registry.redis_rate_limiter import RedisRateLimiter
 from registry.redis_sessions import RedisSessionStore
+from registry.redis_url import parse_redis_url
 from registry.redis_usage import RedisEmbeddingCache, RedisUsageStore
 
 # How long the event reader blocks on its pub/sub connection before it checks its state; the
@@ -207,6 +208,16 @@ class Backend:
             await pool.aclose()
 
 
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a REDIS_URL (one Redis, or ``redis+cluster://`` seed nodes:
+    registry.redis_url), or None; no I/O, for the settings' check at startup."""
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def open_backend(config: BackendConfig) -> Backend:
     """The backend ``config`` names; no I/O happens until the first call."""
     return open_redis_backend(config) if config.redis_url else open_memory_backend(config)
@@ -237,7 +248,8 @@ def open_memory_backend(config: BackendConfig) -> Backend:
 
 
 def open_redis_backend(config: BackendConfig) -> Backend:
-    """Everything on the Redis at ``config.redis_url``, shared by every process using it."""
+    """Everything on the Redis at ``config.redis_url``, shared by every process using it: one
+    Redis, or a Redis Cluster for a ``redis+cluster://`` URL (registry.redis_client)."""
     if not config.redis_url:
         raise ValueError("the Redis backend needs a URL")
     redis = create_redis(

@@ -3,12 +3,31 @@
 Every key of a tenant carries the hash tag ``{t:<tenant>}``, so all of a tenant's keys live in
 one Redis Cluster slot and multi-key scripts over them stay atomic on a cluster. Tenant ids are
 validated (domain.ids) to contain no braces.
+
+The global indexes (the job deadline, hand-off and finalize hints, the batch expiry hints, the
+sets of tenants with jobs) are split into ``INDEX_SHARDS`` shards, each under a hash tag of its
+own (``{<index>:<n>}``), so on a cluster they spread over the masters and no scan or command
+needs two slots; a member's shard follows from its id (``shard_of``), and a scan reads every
+shard. Records looked up by an id alone (an API key, a job's location) carry a tag of their own
+(or none: the whole key is hashed), one slot each. A work queue keeps every key under its own
+tag ``{q:<queue>}``. One Redis holds the same layout.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
+
+# How many shards each global index is split into. Fixed: changing it moves members to other
+# keys (the scans would miss the old ones).
+INDEX_SHARDS = 16
+
+
+def shard_of(member_id: str) -> int:
+    """The shard (0 .. INDEX_SHARDS - 1) of an index member keyed by ``member_id`` (a job,
+    tenant or batch id): stable across processes and restarts."""
+    return zlib.crc32(member_id.encode()) % INDEX_SHARDS
 
 
 class SessionKeys(NamedTuple):
@@ -89,10 +108,23 @@ class KeySpace:
         the start script and trimmed to the longest a job is retained (admin ListTasks)."""
         return f"{self.tenant_tag(tenant_id)}:jobs:all"
 
-    def job_tenants_of_day(self, day: int) -> str:
-        """Set of the tenants that started a job on a UTC day (days since the epoch); kept
-        three days (admin GetStats sums their tokens of today)."""
-        return f"{self.prefix}:job-tenants:{day}"
+    def _shard(self, index: str, shard: int) -> str:
+        """The key of one shard of a global index, under a hash tag of its own."""
+        if not 0 <= shard < INDEX_SHARDS:
+            raise ValueError(f"shard {shard} out of range")
+        return f"{self.prefix}:{{{index}:{shard}}}"
+
+    def job_tenants_of_day(self, shard: int, day: int) -> str:
+        """Set of the tenants of one shard (``shard_of(tenant)``) that started a job on a UTC
+        day (days since the epoch); kept three days (admin GetStats sums their tokens of
+        today). In the slot of the shard's ``job_tenants``."""
+        return f"{self._shard('job-tenants', shard)}:{day}"
+
+    def tenant_listing(self, tenant_id: str) -> str:
+        """String in the tenant's slot: the listing of the tenant in its ``job_tenants`` shard
+        (a generation, the id of the job that listed it), expiring after a while so that a
+        listing lost between two round trips is made again (registry.redis_jobs)."""
+        return f"{self.tenant_tag(tenant_id)}:listed"
 
     def limits_prefix(self, tenant_id: str) -> str:
         """Prefix of the tenant's keys of the limits toward the services (domain.service_caps;
@@ -126,32 +158,43 @@ class KeySpace:
 
     def job_index(self, job_id: str) -> str:
         """String ``<tenant> <session>`` for a job id: lets a notice's claimed tenant be checked
-        against the job's real one (a wrong tenant is then reported, not "unknown job")."""
+        against the job's real one (a wrong tenant is then reported, not "unknown job"). One
+        key per job without a hash tag (job ids have no braces): the whole key is hashed, so
+        the index spreads over every slot; only ever read or written alone."""
         return f"{self.prefix}:jobidx:{job_id}"
 
-    def job_tenants(self) -> str:
-        """Set of the tenant ids that started jobs: where counting unfinished jobs looks (one
-        ``jobs_in_state`` pair per tenant). Written with every start, never pruned; outside
-        every tenant's slot, so only a lookup list."""
-        return f"{self.prefix}:job-tenants"
+    def job_tenants(self, shard: int) -> str:
+        """Hash of the tenants of one shard (``shard_of(tenant)``) that may have unfinished jobs
+        -> their listing generation (``tenant_listing``): where counting unfinished jobs looks.
+        Outside every tenant's slot, so only a lookup list, pruned per tenant
+        (registry.redis_jobs count_unfinished)."""
+        return self._shard("job-tenants", shard)
 
-    def job_deadlines(self) -> str:
-        """Sorted set of ``<tenant> <session> <job>`` by the time the reaper should look at it.
-        Only a hint: the job hash holds the real deadlines, checked atomically by the reaper."""
-        return f"{self.prefix}:job-deadlines"
+    def job_deadlines(self, shard: int) -> str:
+        """Sorted set of ``<tenant> <session> <job>`` by the time the reaper should look at it,
+        one per shard (``shard_of(job)``). Only a hint: the job hash holds the real deadlines,
+        checked atomically by the reaper."""
+        return self._shard("job-deadlines", shard)
 
-    def job_handoffs(self) -> str:
+    def job_handoffs(self, shard: int) -> str:
         """Sorted set of ``<tenant> <session> <job>`` by when a job's hand-off to its service
-        should be checked (the lease of the hand-off in progress). Only a hint, like
-        ``job_deadlines``: the job hash holds the spec and the real lease, checked atomically."""
-        return f"{self.prefix}:job-handoffs"
+        should be checked (the lease of the hand-off in progress), per shard of the job. Only a
+        hint, like ``job_deadlines``: the job hash holds the spec and the real lease, checked
+        atomically."""
+        return self._shard("job-handoffs", shard)
 
-    def job_finalizes(self) -> str:
+    def job_finalizes(self, shard: int) -> str:
         """Sorted set of ``<tenant> <session> <job>`` by when a FINISHING job's finalize
         (appending its turns, then completing it) should be checked: its finalize lease. A hint
         like ``job_handoffs`` (apart from it, so a late hand-off confirmation never drops it);
         the job hash holds the real lease."""
-        return f"{self.prefix}:job-finalizes"
+        return self._shard("job-finalizes", shard)
+
+    def hint_keys(self, index: str) -> list[str]:
+        """Every key a scan of the hint index ``index`` (job-deadlines, job-handoffs,
+        job-finalizes, batch-expiry) reads: its shards, then the unsharded key of releases
+        before the sharding (``<prefix>:<index>``), only drained now."""
+        return [self._shard(index, n) for n in range(INDEX_SHARDS)] + [f"{self.prefix}:{index}"]
 
     def instance_marker(self) -> str:
         """String naming this Redis data set (a random id, set once): when it is missing or
@@ -196,10 +239,11 @@ class KeySpace:
         """String: the batch id submitted with an idempotency key."""
         return f"{self.tenant_tag(tenant_id)}:batch-idem:{key}"
 
-    def batch_expiry(self) -> str:
-        """Sorted set of ``<tenant> <batch>`` by expiry time; a hint for the expiry sweeper
-        (the batch hash holds the real expiry, checked atomically)."""
-        return f"{self.prefix}:batch-expiry"
+    def batch_expiry(self, shard: int) -> str:
+        """Sorted set of ``<tenant> <batch>`` by expiry time, per shard (``shard_of(batch)``);
+        a hint for the expiry sweeper (the batch hash holds the real expiry, checked
+        atomically)."""
+        return self._shard("batch-expiry", shard)
 
     def work_queue(self, queue: str) -> str:
         """Prefix of every key of a work queue (registry/lua/prelude/queue.lua lists them). The

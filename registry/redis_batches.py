@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from domain import batch_models
 from domain.models import Page
 from domain.ports.queue import QueuePriority
-from registry.keys import KeySpace
+from registry.keys import KeySpace, shard_of
 from registry.redis_client import (
     RedisStore,
     due_members,
@@ -83,7 +83,8 @@ class RedisBatchStore(RedisStore):
                 raise RuntimeError(f"batch {batch_id} vanished")
             if int(created):
                 await self._redis.zadd(
-                    self._keys.batch_expiry(), {f"{tenant_id} {batch_id}": batch.expire_ms}
+                    self._keys.batch_expiry(shard_of(str(batch_id))),
+                    {f"{tenant_id} {batch_id}": batch.expire_ms},
                 )
         return batch, bool(int(created))
 
@@ -224,16 +225,23 @@ class RedisBatchStore(RedisStore):
 
     async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
         with redis_errors_as_unavailable():
-            members = await due_members(self._redis, self._keys.batch_expiry(), limit=limit)
+            members = await due_members(
+                self._redis, self._keys.hint_keys("batch-expiry"), limit=limit
+            )
         due: list[tuple[str, str]] = []
-        for member in members:
+        for _, member in members:
             tenant_id, _, batch_id = member.partition(" ")
             due.append((tenant_id, batch_id))
         return due
 
     async def forget_expiry(self, tenant_id: str, batch_id: str) -> None:
         with redis_errors_as_unavailable():
-            await self._redis.zrem(self._keys.batch_expiry(), f"{tenant_id} {batch_id}")
+            # From its shard, and from the unsharded set of earlier releases it may be in.
+            member = f"{tenant_id} {batch_id}"
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrem(self._keys.batch_expiry(shard_of(batch_id)), member)
+            pipe.zrem(self._keys.hint_keys("batch-expiry")[-1], member)
+            await pipe.execute()
 
 
 def _result(batch_id: str, entry_id: str, fields: Mapping[str, str]) -> batch_models.ItemResult:

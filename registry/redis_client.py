@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -17,6 +18,7 @@ from domain.errors import Unavailable
 from domain.models import Page
 from registry.keys import KeySpace
 from registry.lua_scripts import ScriptRunner
+from registry.redis_url import RedisTarget, parse_redis_url
 
 RESP_PROTOCOL = 3
 
@@ -38,7 +40,22 @@ def create_redis(
 
     The pool blocks (up to the socket timeout) when all its connections are busy, so a burst of
     calls queues for a connection instead of failing with "too many connections".
-    ``decode_responses`` False returns raw bytes (the work queue's payloads need no decoding)."""
+    ``decode_responses`` False returns raw bytes (the work queue's payloads need no decoding).
+
+    A cluster URL (registry.redis_url) gives a ``RedisCluster`` instead, typed as ``Redis``:
+    it offers the same command methods and non-transactional pipelines, the only ones the
+    stores use (every key of a command or script in one slot: registry.keys)."""
+    target = parse_redis_url(url)
+    if target.cluster:
+        return create_cluster(
+            target,
+            socket_timeout_s=socket_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            max_connections=max_connections,
+            client_name=client_name,
+            retries=retries,
+            decode_responses=decode_responses,
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         protocol=RESP_PROTOCOL,
@@ -52,6 +69,79 @@ def create_redis(
         client_name=client_name,
     )
     return Redis.from_pool(pool)  # the client owns the pool and closes it
+
+
+# A cluster client's connections are per node and do not queue for a free one (redis-py raises
+# MaxConnectionsError, seen as UNAVAILABLE), so each node gets this many times the pool size.
+CLUSTER_CONNECTIONS_FACTOR = 2
+
+
+def create_cluster(
+    target: RedisTarget,
+    *,
+    socket_timeout_s: float,
+    connect_timeout_s: float,
+    max_connections: int,
+    client_name: str,
+    retries: int,
+    decode_responses: bool,
+) -> Redis:
+    """A ``RedisCluster`` on ``target``'s seed nodes, with the options of a single client.
+
+    redis-py follows MOVED and ASK replies, refreshes the slot map when nodes change, and on a
+    connection error or CLUSTERDOWN retries ``retries`` times (after re-reading the layout).
+    Reads go to masters only (no stale reads from replicas). SCRIPT LOAD goes to every master,
+    so ``ScriptRunner``'s NOSCRIPT reload works per node."""
+    settings: dict[str, Any] = {
+        "ssl": target.tls,
+        "protocol": RESP_PROTOCOL,
+        "decode_responses": decode_responses,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_keepalive": True,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=retries),
+        "max_connections": max_connections * CLUSTER_CONNECTIONS_FACTOR,
+        "client_name": client_name,
+    }
+    # The URL's own options win, as they do for a single Redis (redis-py's from_url).
+    settings.update(
+        (name, value)
+        for name, value in target.options.items()
+        if name not in ("host", "port", "db", "connection_class")
+    )
+    cluster = _Cluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.seeds], **settings
+    )
+    return cast(Redis, cluster)
+
+
+class _ClusterSubscriber(ClusterPubSub):
+    """A cluster pub/sub that reads the cluster's layout before its first command (redis-py
+    picks the node of the first channel's slot from a slot map it has not loaded yet when the
+    client's first call is a SUBSCRIBE)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.cluster.initialize()  # a no-op once initialized
+        return await super().execute_command(*args, **kwargs)
+
+
+class _Cluster(RedisCluster):
+    """``RedisCluster`` whose pub/sub works as a first call. Classic SUBSCRIBE on any node
+    hears every PUBLISH of the cluster (messages are broadcast over the cluster bus)."""
+
+    def pubsub(
+        self,
+        node: ClusterNode | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> ClusterPubSub:
+        return _ClusterSubscriber(self, node=node, host=host, port=port, **kwargs)
+
+
+def is_cluster(redis: Redis) -> bool:
+    """Whether ``redis`` is a cluster client (create_cluster)."""
+    return isinstance(redis, RedisCluster)
 
 
 class RedisStore:
@@ -104,12 +194,23 @@ def time_ms(reply: Any) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def due_members(redis: Redis, hints: str, *, limit: int) -> list[str]:
-    """Up to ``limit`` members of ``hints`` (a sorted set scored by when to look at each member,
-    ms) that are due by the Redis clock, earliest first."""
+async def due_members(redis: Redis, hints: Sequence[str], *, limit: int) -> list[tuple[str, str]]:
+    """Up to ``limit`` (hint key, member) pairs of the sorted sets ``hints`` (the shards of one
+    index, scored by when to look at each member, ms) that are due by the Redis clock, earliest
+    first. One round trip for the clock, one pipeline for the shards (on a cluster, one
+    request per master, in parallel)."""
     now_ms = time_ms(await redis.time())
-    due = await redis.zrangebyscore(hints, "-inf", now_ms, start=0, num=limit)
-    return [as_str(member) for member in due]
+    pipe = redis.pipeline(transaction=False)
+    for key in hints:
+        pipe.zrangebyscore(key, "-inf", now_ms, start=0, num=limit, withscores=True)
+    replies = await pipe.execute()
+    due = [
+        (float(score), key, as_str(member))
+        for key, reply in zip(hints, replies, strict=True)
+        for member, score in reply
+    ]
+    due.sort(key=lambda entry: entry[0])
+    return [(key, member) for _, key, member in due[:limit]]
 
 
 async def newest_first(redis: Redis, index: str, *, before: str | None, count: int) -> list[str]:

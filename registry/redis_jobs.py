@@ -5,6 +5,10 @@ registry/lua/jobs/, which also keep the session's bookkeeping and append the eve
 (stream entry + pub/sub message) in the same atomic step. Two keys live outside the tenant's
 slot and are only hints or lookups: the job index (job id -> tenant, session), written before
 the job, and the deadline set the reaper scans; the scripts re-check everything they rely on.
+Each hint set is split into shards (registry.keys ``INDEX_SHARDS``, by job id), each in a slot
+of its own: a job's hints go to its shard, and every scan reads all shards in one pipeline.
+On a cluster a pipeline's commands for different masters are sent in parallel, not in order;
+nothing here relies on their order across slots, only within the tenant's slot.
 A job enters the deadline set in the same pipeline as its start script, scored a little before
 its first possible deadline by this process's clock: the reaper then looks at it early and moves
 it to its real due time (REAP answers "later"), so no crash between two commands can leave a
@@ -24,9 +28,13 @@ notice scores the job there with the notice script, which turns it FINISHING or 
 for a job that completed outright is dropped by the claim that finds nothing to do), unless the
 job cannot turn FINISHING (an embedding, or a job this process started without history to
 append); completing or failing it drops the entry in the same pipeline.
-A third, the set of tenants with jobs, tells ``count_unfinished`` which tenants' sets of queued,
-pending and running jobs (kept by the scripts, in the tenant's slot) to count; it drops the
-tenants found with nothing unfinished, so the set follows the active tenants.
+A third, the set of tenants with jobs (sharded by tenant: tenant -> listing), tells
+``count_unfinished`` which tenants' sets of queued, pending and running jobs (kept by the
+scripts, in the tenant's slot) to count. A tenant's listing (a key in its slot, the id of the
+job that listed it) is set after the start script in the same pipeline and slot; when it is new,
+the tenant goes into its shard under it. ``count_unfinished`` unlists the tenants found with
+nothing unfinished one slot at a time (jobs/unlist_tenant.lua, then jobs/drop_tenant.lua under
+the listing read), so the set follows the active tenants and no script spans two slots.
 """
 
 from __future__ import annotations
@@ -73,12 +81,13 @@ from domain.ports.usage import day_number
 from domain.service_caps import LimitKind, LimitReached
 from domain.usage import USAGE_RETENTION_MS
 from registry.event_codec import decode_envelope
-from registry.keys import KeySpace
+from registry.keys import INDEX_SHARDS, KeySpace, shard_of
 from registry.lua_scripts import ScriptPipeline, scripts_lost
 from registry.redis_client import (
     RedisStore,
     as_str,
     due_members,
+    pairs_to_dict,
     redis_errors_as_unavailable,
     time_ms,
 )
@@ -112,6 +121,10 @@ def _now_ms() -> int:
 _INDEX_CACHE_SIZE = 10_000
 # How long a day's set of tenants that started jobs is kept (registry.keys job_tenants_of_day).
 _DAY_TENANTS_TTL_MS = 3 * 86_400_000
+# How long a tenant's listing in the set of tenants with jobs lasts (registry.keys
+# tenant_listing): the longest a tenant stays uncounted when a process dies between listing it
+# and putting it in its shard.
+_TENANT_LISTING_TTL_MS = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +228,7 @@ class RedisJobStore(RedisStore):
         }
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         deadline_member = _member(tenant_id, new.session_id, new.job_id)
+        job_shard, tenant_shard = shard_of(new.job_id), shard_of(tenant_id)
         early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
         plan = new.plan
@@ -228,15 +242,15 @@ class RedisJobStore(RedisStore):
             # trip of its own (the index is outside the tenant's slot).
             commands.set(keys.job_index(new.job_id), f"{tenant_id} {new.session_id}", px=index_ttl)
             # Never later (LT): an entry already there is the existing job's own, due earlier.
-            commands.zadd(keys.job_deadlines(), {deadline_member: early_due}, lt=True)
+            commands.zadd(keys.job_deadlines(job_shard), {deadline_member: early_due}, lt=True)
             # A queued job's first hand-off is its enqueue: checked alike.
             commands.zadd(
-                keys.job_handoffs(),
+                keys.job_handoffs(job_shard),
                 {deadline_member: _now_ms() + limits.handoff_grace_ms},
                 lt=True,
             )
             # Where GetStats finds the tenants whose tokens of today to add up.
-            day_tenants = keys.job_tenants_of_day(day_number(_now_ms()))
+            day_tenants = keys.job_tenants_of_day(tenant_shard, day_number(_now_ms()))
             commands.sadd(day_tenants, tenant_id)
             commands.pexpire(day_tenants, _DAY_TENANTS_TTL_MS)
             pipe.run(
@@ -275,12 +289,25 @@ class RedisJobStore(RedisStore):
                     *_cap_args(tenant_id, limits),
                 ],
             )
-            # After the script, which counts the job: count_unfinished's pruning can then
-            # never drop the tenant of a counted job (jobs/prune_tenants.lua).
-            commands.sadd(keys.job_tenants(), tenant_id)
+            # After the script, which counts the job, in the tenant's slot (so in order with
+            # it, on a cluster too): the tenant's listing, made anew when it is missing (a
+            # first job, or one after count_unfinished unlisted the tenant).
+            # SET NX GET: the listing there before, or none; this job's own when the pipeline
+            # is sent again (after a NOSCRIPT reply, this command ran the first time).
+            commands.set(
+                keys.tenant_listing(tenant_id),
+                new.job_id,
+                nx=True,
+                get=True,
+                px=_TENANT_LISTING_TTL_MS,
+            )
 
         with redis_errors_as_unavailable():
-            reply = (await self._scripts.in_one_round_trip(build))[-2]
+            *_, reply, listing = await self._scripts.in_one_round_trip(build)
+            if listing is None or as_str(listing) == new.job_id:
+                # The listing is new: the tenant goes into its shard under it. Crashing
+                # before this leaves the tenant uncounted until the listing expires.
+                await self._redis.hset(keys.job_tenants(tenant_shard), tenant_id, new.job_id)
             status = as_str(reply[0])
             if status == StartRefused.JOB_EXISTS.value:
                 # The index and the hints are the existing job's own (the same id, tenant and
@@ -289,8 +316,8 @@ class RedisJobStore(RedisStore):
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
-                cleanup.zrem(keys.job_deadlines(), deadline_member)
-                cleanup.zrem(keys.job_handoffs(), deadline_member)
+                cleanup.zrem(keys.job_deadlines(job_shard), deadline_member)
+                cleanup.zrem(keys.job_handoffs(job_shard), deadline_member)
                 await cleanup.execute()
                 if status == "limited":
                     return _limit_reached(reply)
@@ -330,13 +357,16 @@ class RedisJobStore(RedisStore):
                     *_cap_args(tenant_id, limits),
                 ],
             )
+            shard = shard_of(job_id)
             pipe.commands.zadd(
-                self._keys.job_deadlines(),
+                self._keys.job_deadlines(shard),
                 {member: _early_due_ms(limits, may_queue=False)},
                 lt=True,
             )
             pipe.commands.zadd(
-                self._keys.job_handoffs(), {member: _now_ms() + limits.handoff_grace_ms}, lt=True
+                self._keys.job_handoffs(shard),
+                {member: _now_ms() + limits.handoff_grace_ms},
+                lt=True,
             )
 
         with redis_errors_as_unavailable():
@@ -362,7 +392,8 @@ class RedisJobStore(RedisStore):
             )
             # Only an entry still there moves (XX): a finished hand-off's stays gone. A
             # FINISHING job's finalize lease is in the other set.
-            for hints in (self._keys.job_handoffs(), self._keys.job_finalizes()):
+            shard = shard_of(job_id)
+            for hints in (self._keys.job_handoffs(shard), self._keys.job_finalizes(shard)):
                 pipe.commands.zadd(hints, {member: _now_ms() + limits.handoff_grace_ms}, xx=True)
 
         with redis_errors_as_unavailable():
@@ -384,7 +415,8 @@ class RedisJobStore(RedisStore):
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id, job_id, _ in members:
                 pipe.hdel(self._keys.job(tenant_id, job_id), "hol", "hoa", "hoq")
-            pipe.zrem(self._keys.job_handoffs(), *(member for _, _, member in members))
+            for _, job_id, member in members:
+                pipe.zrem(self._keys.job_handoffs(shard_of(job_id)), member)
             await pipe.execute()
 
     async def enqueue_done(self, tenant_id: str, job_id: str) -> None:
@@ -398,8 +430,11 @@ class RedisJobStore(RedisStore):
         finalize_failed = _compact(finalize_failed_data("{attempts}"))
         claims: list[HandoffClaim] = []
         with redis_errors_as_unavailable():
-            for hints in (self._keys.job_handoffs(), self._keys.job_finalizes()):
-                for member in await due_members(self._redis, hints, limit=limit - len(claims)):
+            for index in ("job-handoffs", "job-finalizes"):
+                due = await due_members(
+                    self._redis, self._keys.hint_keys(index), limit=limit - len(claims)
+                )
+                for hints, member in due:
                     tenant_id, session_id, job_id = member.split(" ", 2)
                     reply = await self._scripts.run(
                         "claim_handoff",
@@ -574,7 +609,7 @@ class RedisJobStore(RedisStore):
             # Never later (LT): an entry there is the job's own finalize lease already (a
             # repeated completed notice changes nothing).
             pipe.commands.zadd(
-                self._keys.job_finalizes(),
+                self._keys.job_finalizes(shard_of(notice.job_id)),
                 {member: _now_ms() + limits.handoff_grace_ms},
                 lt=True,
             )
@@ -619,7 +654,9 @@ class RedisJobStore(RedisStore):
                 ],
             )
             # A FINISHING job's finalize needs no check any more (a no-op for other jobs).
-            pipe.commands.zrem(self._keys.job_finalizes(), _member(tenant_id, session_id, job_id))
+            pipe.commands.zrem(
+                self._keys.job_finalizes(shard_of(job_id)), _member(tenant_id, session_id, job_id)
+            )
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
@@ -737,8 +774,15 @@ class RedisJobStore(RedisStore):
         keys = self._keys
         days = range(day_number(since_ms), day_number(_now_ms()) + 1)
         with redis_errors_as_unavailable():
-            members = await self._redis.sunion([keys.job_tenants_of_day(day) for day in days])
-        return {as_str(member) for member in members}
+            # One SUNION per shard: a shard's days share its slot.
+            pipe = self._redis.pipeline(transaction=False)
+            for shard in range(INDEX_SHARDS):
+                # Not .sunion(): refused in a cluster pipeline (the command is not).
+                pipe.execute_command(
+                    "SUNION", *(keys.job_tenants_of_day(shard, day) for day in days)
+                )
+            replies = await pipe.execute()
+        return {as_str(member) for members in replies for member in members}
 
     async def count_unfinished_of(self, tenant_id: str) -> dict[JobState, int]:
         keys = self._keys
@@ -751,17 +795,23 @@ class RedisJobStore(RedisStore):
         return {state: int(n) for state, n in zip(UNFINISHED_STATES, replies, strict=True)}
 
     async def count_unfinished(self) -> dict[JobState, int]:
-        """SMEMBERS with TIME, then the ZCOUNTs of each tenant that started a job, in one pipeline:
-        members scored before now are jobs whose hash expired unfinished, not counted. Tenants
-        found with nothing unfinished are dropped from the set (a script re-checks each)."""
+        """The tenants with jobs (every shard's) with TIME, then the ZCOUNTs of each tenant in
+        one pipeline: members scored before now are jobs whose hash expired unfinished, not
+        counted. Tenants found with nothing unfinished are unlisted, one tenant at a time."""
         keys = self._keys
         counts = dict.fromkeys(UNFINISHED_STATES, 0)
         with redis_errors_as_unavailable():
             read = self._redis.pipeline(transaction=False)
-            read.smembers(keys.job_tenants())
-            read.time()
-            members, now = await read.execute()
-            tenants = [as_str(t) for t in members]
+            for shard in range(INDEX_SHARDS):
+                read.hgetall(keys.job_tenants(shard))
+            read.execute_command("TIME")  # not .time(): refused in a cluster pipeline
+            *shards, now = await read.execute()
+            listed = {
+                as_str(tenant): as_str(generation)
+                for shard in shards
+                for tenant, generation in pairs_to_dict(shard).items()
+            }
+            tenants = list(listed)
             if not tenants:
                 return counts
             now_ms = time_ms(now)
@@ -777,27 +827,52 @@ class RedisJobStore(RedisStore):
                 if not any(replies[i * per_tenant : (i + 1) * per_tenant])
             ]
             if idle:
-                await self._scripts.run(
-                    "prune_tenants",
-                    keys=[
-                        keys.job_tenants(),
-                        *(
-                            keys.jobs_in_state(tenant_id, state.value)
-                            for tenant_id in idle
-                            for state in UNFINISHED_STATES
-                        ),
-                    ],
-                    args=idle,
-                )
+                await self._unlist(idle, listed)
         for i, n in enumerate(replies):
             counts[UNFINISHED_STATES[i % per_tenant]] += n
         return counts
 
+    async def _unlist(self, idle: Sequence[str], listed: Mapping[str, str]) -> None:
+        """Drop idle tenants from their shards, one slot per script: the tenant's own script
+        re-checks it has nothing unfinished and ends its listing (only the listing read, so a
+        start that listed it anew since keeps it), then its shard drops it only under that
+        same listing (a start listing it again meanwhile has replaced it)."""
+        keys = self._keys
+
+        def unlist(pipe: ScriptPipeline) -> None:
+            for tenant_id in idle:
+                pipe.run(
+                    "unlist_tenant",
+                    keys=[
+                        keys.tenant_listing(tenant_id),
+                        *(
+                            keys.jobs_in_state(tenant_id, state.value)
+                            for state in UNFINISHED_STATES
+                        ),
+                    ],
+                    args=[listed[tenant_id]],
+                )
+
+        unlisted = await self._scripts.in_one_round_trip(unlist)
+        dropped = [tenant_id for tenant_id, done in zip(idle, unlisted, strict=True) if int(done)]
+        if not dropped:
+            return
+
+        def drop(pipe: ScriptPipeline) -> None:
+            for tenant_id in dropped:
+                pipe.run(
+                    "drop_tenant",
+                    keys=[keys.job_tenants(shard_of(tenant_id))],
+                    args=[tenant_id, listed[tenant_id]],
+                )
+
+        await self._scripts.in_one_round_trip(drop)
+
     async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
-        deadlines = self._keys.job_deadlines()
+        shards = self._keys.hint_keys("job-deadlines")
         events: list[SessionEvent] = []
         with redis_errors_as_unavailable():
-            for member in await due_members(self._redis, deadlines, limit=limit):
+            for deadlines, member in await due_members(self._redis, shards, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
                 reply = await self._scripts.run(
                     "reap",

@@ -58,6 +58,7 @@ from domain.ports.queue import (
     WorkResult,
 )
 from registry.keys import KeySpace
+from registry.lua_scripts import ScriptRunner
 from registry.redis_client import (
     RedisStore,
     as_str,
@@ -191,11 +192,13 @@ class RedisWorkQueue(RedisStore):
         queue: str = "work",
         config: QueueConfig | None = None,
     ) -> None:
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        if redis.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
             raise ValueError("the work queue needs a client with decode_responses=False")
         super().__init__(redis, keys)
         self._queue = queue
         self._prefix = keys.work_queue(queue)
+        # The scripts take no KEYS: the prefix routes them to the queue's slot on a cluster.
+        self._scripts = ScriptRunner(redis, self.SCRIPTS, route=self._prefix)
         self._config = config or QueueConfig()
         self._listener = _Listener(redis, self._prefix + "ch:done", self._prefix + "ch:ready")
 

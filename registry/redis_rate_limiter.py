@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from domain.rate_limits import ALLOWED, KEY_NOT_LIVE, Bucket, KeyRef, RateDecision
 from registry.keys import KeySpace
 from registry.lua_scripts import lua_script
-from registry.redis_client import RedisStore, redis_errors_as_unavailable
+from registry.redis_client import RedisStore, is_cluster, redis_errors_as_unavailable
 
 # Script KEYS and ARGV kept per (buckets, key); past this many the cache starts over.
 _MAX_CACHED_CALLS = 10_000
@@ -38,6 +38,9 @@ class RedisRateLimiter(RedisStore):
         super().__init__(redis, keys)
         self._calls: dict[tuple[tuple[Bucket, ...], KeyRef | None], _Script] = {}
         self._sha = lua_script("rate_limits/acquire").sha
+        # A cluster client has no single pool: its calls take the ordinary path (routed by
+        # the slot of the tenant's keys).
+        self._cluster = is_cluster(redis)
 
     async def acquire(self, buckets: Sequence[Bucket], key: KeyRef | None = None) -> RateDecision:
         if not buckets and key is None:
@@ -45,6 +48,8 @@ class RedisRateLimiter(RedisStore):
         call = self._call(tuple(buckets), key)
         with redis_errors_as_unavailable():
             try:
+                if self._cluster:
+                    raise NoScriptError("the cluster client takes the ordinary path")
                 reply = await self._send(call)
             except (NoScriptError, RedisConnectionError):
                 # A Redis that lost the script, or a pooled connection that broke (Redis

@@ -112,7 +112,7 @@ class RedisSessionStore(RedisStore):
     ) -> Page[Session]:
         async def load(ids: list[str]) -> list[Session | None]:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.time()
+            pipe.execute_command("TIME")  # not .time(): refused in a cluster pipeline
             for session_id in ids:
                 keys = self._keys.session_keys(tenant_id, session_id)
                 pipe.hgetall(keys.hash)

@@ -48,9 +48,8 @@ class RedisUsageStore(RedisStore):
 
     async def tokens_today(self, tenant_id: str) -> int:
         with redis_errors_as_unavailable():
-            reply = await self._scripts.run(
-                "tokens_today", args=[self._keys.usage_prefix(tenant_id)]
-            )
+            prefix = self._keys.usage_prefix(tenant_id)
+            reply = await self._scripts.run("tokens_today", keys=[prefix], args=[prefix])
         return int(reply)
 
 

@@ -19,6 +19,7 @@ from domain.service_caps import (
     parse_cap_overrides,
 )
 from domain.usage import BudgetRules, parse_budget_overrides
+from registry.backend import redis_url_problem
 
 
 class SettingsError(ValueError):
@@ -72,7 +73,11 @@ class Settings:
         "ORCH_LISTEN_ADDRESS", "[::]:50051", "host:port the gRPC server binds"
     )
     redis_url: str | None = _env(
-        "REDIS_URL", None, "Redis URL; unset runs the single-process in-memory registry"
+        "REDIS_URL",
+        None,
+        "Redis URL (redis://, rediss://), or redis+cluster://host:port[,host:port...] "
+        "(rediss+cluster: TLS) for a Redis Cluster; unset runs the single-process in-memory "
+        "registry",
     )
     redis_key_prefix: str = _env("ORCH_REDIS_KEY_PREFIX", "ao", "prefix of every Redis key")
     redis_socket_timeout: float = _env(
@@ -594,6 +599,9 @@ class Settings:
             problems.append("unary_request_id must be initial or trailing")
         if ":" not in self.listen_address:
             problems.append("listen_address must be host:port")
+        url_problem = redis_url_problem(self.redis_url) if self.redis_url else None
+        if url_problem:
+            problems.append(url_problem)
         if self.api_keys_file and self.redis_url:
             problems.append(
                 "ORCH_API_KEYS_FILE applies to the in-memory registry only; on Redis use "

@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from server.event_loop import loop_factory
+from tests.support.redis_cluster import RedisClusterProcess
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import RunningServer, running_server, test_settings
 
@@ -40,6 +41,22 @@ async def redis_url(redis_process: RedisProcess) -> str:
     await client.flushall()
     await client.aclose()
     return redis_process.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    """A private 3-master Redis Cluster, started once per test session (about 2 s)."""
+    cluster = RedisClusterProcess()
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterProcess) -> str:
+    """The private cluster's ``redis+cluster://`` URL, every master emptied for this test."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ from domain.jobs import (
 )
 from domain.models import NewSession, Service, WorkKind
 from registry.backend import Backend, BackendConfig, open_backend
-from registry.keys import KeySpace
+from registry.keys import INDEX_SHARDS, KeySpace, shard_of
+from registry.redis_client import create_redis
+from registry.redis_jobs import RedisJobStore
 
 LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=60_000, retention_ms=60_000)
 # A job record that expires (unfinished) a moment after its start.
@@ -202,26 +204,79 @@ async def test_redis_keeps_no_sets_of_finished_or_vanished_jobs(redis_url: str) 
         await registry.aclose()
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, or the Redis Cluster (where unlisting tenants is one slot per script)."""
+    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+
+
 async def test_redis_forgets_tenants_with_nothing_unfinished_when_counting(
-    redis_url: str,
+    store_url: str,
 ) -> None:
     registry = open_backend(
-        BackendConfig(redis_url=redis_url, key_prefix=PREFIX, session_retention_ms=60_000)
+        BackendConfig(redis_url=store_url, key_prefix=PREFIX, session_retention_ms=60_000)
     )
-    redis = Redis.from_url(redis_url, decode_responses=True)
-    tenants = KeySpace(PREFIX).job_tenants()
+    redis = create_redis(store_url, socket_timeout_s=2.0, connect_timeout_s=1.0)
+    keys = KeySpace(PREFIX)
+
+    async def listed() -> set[str]:
+        return {
+            str(tenant)
+            for shard in range(INDEX_SHARDS)
+            for tenant in await redis.hkeys(keys.job_tenants(shard))
+        }
+
     try:
         done = await start(registry, "globex")
         await tell(registry, done, NoticeEvent.COMPLETED, 1)
         await start(registry, "acme")
-        assert await redis.smembers(tenants) == {"acme", "globex"}
+        # Tenants of several slots (and shards) are counted and unlisted in one call.
+        idle = [f"idle-{n}" for n in range(8)]
+        for tenant in idle:
+            ended = await start(registry, tenant)
+            await tell(registry, ended, NoticeEvent.FAILED, 1)
+        assert await listed() == {"acme", "globex", *idle}
 
         assert await registry.jobs.count_unfinished() == counts(pending=1)
-        assert await redis.smembers(tenants) == {"acme"}
+        assert await listed() == {"acme"}
+        assert await redis.exists(keys.tenant_listing("globex")) == 0
         # A tenant that starts again is counted again.
         await start(registry, "globex")
         assert await registry.jobs.count_unfinished() == counts(pending=2)
-        assert await redis.smembers(tenants) == {"acme", "globex"}
+        assert await listed() == {"acme", "globex"}
+    finally:
+        await redis.aclose()
+        await registry.aclose()
+
+
+async def test_unlisting_a_tenant_under_a_listing_it_no_longer_has_keeps_it(
+    store_url: str,
+) -> None:
+    """The race with a start that lists the tenant anew between count_unfinished's read and its
+    unlisting: the stale listing unlists nothing."""
+    registry = open_backend(
+        BackendConfig(redis_url=store_url, key_prefix=PREFIX, session_retention_ms=60_000)
+    )
+    redis = create_redis(store_url, socket_timeout_s=2.0, connect_timeout_s=1.0)
+    keys = KeySpace(PREFIX)
+    shard = keys.job_tenants(shard_of("globex"))
+    try:
+        first = await start(registry, "globex")
+        await tell(registry, first, NoticeEvent.COMPLETED, 1)
+        stale = str(await redis.hget(shard, "globex"))
+        # Unlisted by another counter, then listed anew by a start that has ended since.
+        await redis.delete(keys.tenant_listing("globex"))
+        second = await start(registry, "globex")
+        await tell(registry, second, NoticeEvent.COMPLETED, 1)
+        assert str(await redis.hget(shard, "globex")) == second.job.job_id != stale
+
+        jobs = registry.jobs
+        assert isinstance(jobs, RedisJobStore)
+        await jobs._unlist(["globex"], {"globex": stale})
+        assert str(await redis.hget(shard, "globex")) == second.job.job_id
+        # Under its current listing it goes.
+        assert await jobs.count_unfinished() == counts()
+        assert await redis.hget(shard, "globex") is None
     finally:
         await redis.aclose()
         await registry.aclose()

@@ -14,13 +14,18 @@ from domain.jobs import IfBusy, JobLimits, NewJob, StartedJob, StartRefused
 from domain.models import NewSession, Service, WorkKind
 from domain.service_caps import LimitReached
 from registry.backend import Backend, BackendConfig, open_backend
-from registry.keys import KeySpace
+from registry.keys import KeySpace, shard_of
 
 LIMITS = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
 )
 TENANT = "acme"
-DEADLINES = KeySpace("test").job_deadlines()
+KEYS = KeySpace("test")
+
+
+def deadlines(started: StartedJob) -> str:
+    """The shard of the deadline hints the job is in."""
+    return KEYS.job_deadlines(shard_of(started.job.job_id))
 
 
 @pytest.fixture
@@ -63,7 +68,7 @@ async def test_a_started_job_is_timed_no_later_than_its_deadline(
 ) -> None:
     started = await start(registry, await new_session(registry), IfBusy.RUN)
     assert isinstance(started, StartedJob)
-    score = await redis.zscore(DEADLINES, member(started))
+    score = await redis.zscore(deadlines(started), member(started))
     assert score is not None
     assert score <= started.accepted.data["deadline_ms"]
 
@@ -71,10 +76,13 @@ async def test_a_started_job_is_timed_no_later_than_its_deadline(
 async def test_an_early_look_moves_the_job_to_its_deadline(registry: Backend, redis: Redis) -> None:
     started = await start(registry, await new_session(registry), IfBusy.RUN)
     assert isinstance(started, StartedJob)
-    await redis.zadd(DEADLINES, {member(started): 0})
+    await redis.zadd(deadlines(started), {member(started): 0})
 
     assert await registry.jobs.reap_expired(LIMITS, limit=10) == []
-    assert await redis.zscore(DEADLINES, member(started)) == started.accepted.data["deadline_ms"]
+    assert (
+        await redis.zscore(deadlines(started), member(started))
+        == started.accepted.data["deadline_ms"]
+    )
     job = await registry.jobs.get_job(TENANT, started.job.job_id)
     assert job is not None and not job.state.is_final
 
@@ -84,4 +92,19 @@ async def test_a_refused_start_leaves_nothing_to_time(registry: Backend, redis: 
     assert isinstance(await start(registry, session_id, IfBusy.RUN), StartedJob)
     refused = await start(registry, session_id, IfBusy.REJECT)
     assert isinstance(refused, StartRefused)
-    assert await redis.zcard(DEADLINES) == 1
+    assert sum([await redis.zcard(key) for key in KEYS.hint_keys("job-deadlines")]) == 1
+
+
+async def test_the_reaper_drains_the_unsharded_hints_of_earlier_releases(
+    registry: Backend, redis: Redis
+) -> None:
+    started = await start(registry, await new_session(registry), IfBusy.RUN)
+    assert isinstance(started, StartedJob)
+    await redis.zrem(deadlines(started), member(started))
+    unsharded = KEYS.hint_keys("job-deadlines")[-1]
+    assert unsharded == "test:job-deadlines"
+    await redis.zadd(unsharded, {member(started): 0})
+
+    assert await registry.jobs.reap_expired(LIMITS, limit=10) == []
+    # Looked at early: moved to its real due time in the set it was found in.
+    assert await redis.zscore(unsharded, member(started)) == started.accepted.data["deadline_ms"]

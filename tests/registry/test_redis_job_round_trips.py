@@ -32,7 +32,7 @@ from domain.jobs import (
 from domain.models import Service, WorkKind
 from domain.plans import plan_for
 from registry.backend import Backend
-from registry.keys import KeySpace
+from registry.keys import KeySpace, shard_of
 from tests.support.registries import count_round_trips, new_session, opened_registry
 
 LIMITS = JobLimits(
@@ -85,6 +85,11 @@ def member(started: StartedJob) -> str:
     return f"{TENANT} {started.job.session_id} {started.job.job_id}"
 
 
+def shard(started: StartedJob) -> int:
+    """The shard of the job's hints."""
+    return shard_of(started.job.job_id)
+
+
 async def test_a_start_is_one_round_trip_with_its_hints(
     registry: Backend, redis: Redis, round_trips: list[int]
 ) -> None:
@@ -96,8 +101,8 @@ async def test_a_start_is_one_round_trip_with_its_hints(
 
     assert isinstance(started, StartedJob)
     assert len(round_trips) == 1
-    assert await redis.zscore(KEYS.job_handoffs(), member(started)) is not None
-    assert await redis.zscore(KEYS.job_deadlines(), member(started)) is not None
+    assert await redis.zscore(KEYS.job_handoffs(shard(started)), member(started)) is not None
+    assert await redis.zscore(KEYS.job_deadlines(shard(started)), member(started)) is not None
 
 
 async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_script(
@@ -107,7 +112,9 @@ async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_
     await registry.jobs.activate_job(TENANT, warm_up.job.job_id, LIMITS)
     started = await queued_job(registry)
     job_id = started.job.job_id
-    await redis.zrem(KEYS.job_handoffs(), member(started))  # as if its entry was looked at
+    await redis.zrem(
+        KEYS.job_handoffs(shard(started)), member(started)
+    )  # as if its entry was looked at
     round_trips.clear()
 
     outcome = await registry.jobs.activate_job(TENANT, job_id, LIMITS)
@@ -115,11 +122,11 @@ async def test_an_activation_writes_its_hand_off_check_in_the_round_trip_of_its_
 
     assert outcome is ActivateOutcome.STARTED
     assert len(round_trips) == 1
-    lease_end = await redis.zscore(KEYS.job_handoffs(), member(started))
+    lease_end = await redis.zscore(KEYS.job_handoffs(shard(started)), member(started))
     assert lease_end is not None
     assert lease_end <= activated_ms + LIMITS.handoff_grace_ms
     # ...and the reaper looks at it by its new deadline, not by the queue timeout.
-    due = await redis.zscore(KEYS.job_deadlines(), member(started))
+    due = await redis.zscore(KEYS.job_deadlines(shard(started)), member(started))
     assert due is not None and due <= activated_ms + LIMITS.heartbeat_ms
 
 
@@ -139,9 +146,9 @@ async def test_an_activation_of_a_started_job_never_moves_its_hints_later(
     again = await registry.jobs.activate_job(TENANT, job_id, longer)
 
     assert again is ActivateOutcome.ALREADY_STARTED
-    deadline_hint = await redis.zscore(KEYS.job_deadlines(), member(started))
+    deadline_hint = await redis.zscore(KEYS.job_deadlines(shard(started)), member(started))
     assert deadline_hint is not None and deadline_hint <= due
-    handoff_hint = await redis.zscore(KEYS.job_handoffs(), member(started))
+    handoff_hint = await redis.zscore(KEYS.job_handoffs(shard(started)), member(started))
     assert handoff_hint is not None and handoff_hint <= lease
 
 
@@ -169,7 +176,7 @@ async def test_confirming_several_hand_offs_is_one_round_trip(
 
     assert len(round_trips) == 1
     for s in started:
-        assert await redis.zscore(KEYS.job_handoffs(), member(s)) is None
+        assert await redis.zscore(KEYS.job_handoffs(shard(s)), member(s)) is None
         assert not await redis.hexists(KEYS.job(TENANT, s.job.job_id), "hol")
 
 
@@ -194,7 +201,7 @@ async def test_a_completed_notice_is_one_round_trip_with_its_finalize_hint(
         done = Notice(NoticeEvent.COMPLETED, Service.QUERY, new.job_id, TENANT, 1, "", {})
         outcome = await registry.jobs.apply_notice(done, LIMITS)
         assert len(round_trips) == 1
-        hint = await redis.zscore(KEYS.job_finalizes(), member(started))
+        hint = await redis.zscore(KEYS.job_finalizes(shard(started)), member(started))
         assert (hint is not None) == (new is planned)
         assert (outcome.finishing is not None) == (new is planned)
 

@@ -55,15 +55,26 @@ class RedisProcess:
     every write); can be stopped (or killed) and started again on the same port, keeping its
     data directory (to simulate an outage, or a restart with or without its data)."""
 
-    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        appendonly: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make tools` (installs it via apt)")
         self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = extra_args
         self._dir = tempfile.TemporaryDirectory(prefix="orch-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def directory(self) -> Path:
+        return Path(self._dir.name)
 
     @property
     def url(self) -> str:
@@ -89,6 +100,7 @@ class RedisProcess:
                 str(Path(self._dir.name) / "redis.log"),
                 "--protected-mode",
                 "yes",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -96,7 +108,9 @@ class RedisProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}")
+                log = Path(self._dir.name) / "redis.log"
+                tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {tail}")
             if self.ping():
                 return
             time.sleep(0.02)

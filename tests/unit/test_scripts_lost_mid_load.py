@@ -13,7 +13,7 @@ from registry.lua_scripts import ScriptRunner
 
 
 class _Pipeline:
-    def evalsha(self, *args: Any) -> None:
+    def execute_command(self, *args: Any) -> None:
         pass
 
     async def execute(self) -> list[Any]:
