@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
-from domain.batch_models import ItemKind, ItemOutcome, ItemState
+from domain.batch_models import ItemKind, ItemOutcome, ItemStart, ItemState
 from domain.batches import BatchManager
-from domain.chat import ChatMessage, ChatOrchestrator
+from domain.chat import BATCH_AGENT_ID, ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
 from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from domain.ids import derived_id
@@ -35,6 +36,10 @@ from domain.worker import Deferred
 log = logging.getLogger(__name__)
 
 DONE = b"done"
+# An item on its batch's own session reads the session (sliding its expiry) at most this often
+# per process; a batch's session lives its window plus an hour, so this keeps it alive.
+TOUCH_EVERY_S = 30.0
+_REMEMBERED = 4096  # sessions and batches remembered per runner before starting afresh
 SKIPPED = b"skipped"
 
 
@@ -94,6 +99,10 @@ class BatchRunner:
         self._manager = manager
         self._chat = chat
         self._tracing = tracing
+        # (tenant, batch) -> its own session, for items enqueued without it in the payload.
+        self._sessions_of: dict[tuple[str, str], str] = {}
+        # A batch's own session -> when an item last read it (monotonic seconds).
+        self._touched: dict[str, float] = {}
 
     async def handle(self, item: WorkItem) -> bytes:
         spec: dict[str, Any] = json.loads(item.payload)
@@ -111,17 +120,24 @@ class BatchRunner:
 
     async def _handle(self, item: WorkItem, spec: dict[str, Any], traceparent: str | None) -> bytes:
         tenant_id, batch_id, index = spec["tenant"], spec["batch"], int(spec["index"])
-        redelivery = item.deliveries > 1
         # An item found RUNNING is always one an earlier delivery did not finish (the queue
         # holds one delivery at a time): it died, was given back at shutdown or deferred over
         # a limit (neither counted as a delivery), so it may run again.
-        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=True):
+        started = await self._store.start_item(tenant_id, batch_id, index, redelivery=True)
+        if not started:
             return SKIPPED  # cancelled, expired or finished elsewhere
+        # Started from QUEUED on a first delivery: no delivery started its job before (the
+        # job is started only after this step), so it is started without reading it first.
+        likely_new = started is ItemStart.STARTED and item.deliveries <= 1
         kind = ItemKind(spec["kind"])
         session_id = spec["session"]
+        session_agent: str | None = None  # a user's session: read (and slid) by the start
         if kind is not ItemKind.CHAT_MESSAGE:
-            batch = await self._store.get_batch(tenant_id, batch_id)
-            session_id = batch.session_id if batch is not None else ""
+            # The batch's own session (in the payload since it was submitted; items enqueued
+            # before that read it from the batch).
+            session_id = session_id or await self._batch_session(tenant_id, batch_id)
+            if not self._touch_due(session_id):
+                session_agent = BATCH_AGENT_ID
         ctx = CallContext(
             tenant_id=tenant_id,
             request_id=spec.get("request_id") or batch_id,
@@ -138,7 +154,9 @@ class BatchRunner:
             if_busy=IfBusy.RUN,
         )
         try:
-            outcome = await self._run(ctx, batch_id, index, message, redelivery=redelivery)
+            outcome = await self._run(
+                ctx, batch_id, index, message, likely_new=likely_new, session_agent=session_agent
+            )
         except Unavailable:
             raise  # the queue retries the delivery; the item is still RUNNING
         except OverLimit as exc:
@@ -164,14 +182,24 @@ class BatchRunner:
         await self._store.finish_item(spec["tenant"], spec["batch"], int(spec["index"]), outcome)
 
     async def _run(
-        self, ctx: CallContext, batch_id: str, index: int, message: ChatMessage, *, redelivery: bool
+        self,
+        ctx: CallContext,
+        batch_id: str,
+        index: int,
+        message: ChatMessage,
+        *,
+        likely_new: bool,
+        session_agent: str | None,
     ) -> ItemOutcome:
         job_id = item_job_id(batch_id, index)
-        if redelivery:
+        if not likely_new:
             # The job may exist without being attached (its delivery died in between); attach
             # it, so that a cancellation finds it.
             await self._attach(ctx, batch_id, index, job_id, message.session_id)
-        async for event in self._chat.run_once(ctx, message, job_id):
+        events = self._chat.run_once(
+            ctx, message, job_id, likely_new=likely_new, session_agent=session_agent
+        )
+        async for event in events:
             if event.kind is EventKind.ACCEPTED:
                 await self._attach(ctx, batch_id, index, job_id, message.session_id)
             elif event.kind.is_final:
@@ -190,3 +218,28 @@ class BatchRunner:
         already ended)."""
         if not await self._store.attach_job(ctx.tenant_id, batch_id, index, job_id, session_id):
             await self._manager.cancel_job(ctx, session_id, job_id)
+
+    async def _batch_session(self, tenant_id: str, batch_id: str) -> str:
+        """The batch's own session, read from the batch (once per batch and process)."""
+        key = (tenant_id, batch_id)
+        session_id = self._sessions_of.get(key)
+        if session_id is None:
+            batch = await self._store.get_batch(tenant_id, batch_id)
+            session_id = batch.session_id if batch is not None else ""
+            if len(self._sessions_of) >= _REMEMBERED:
+                self._sessions_of.clear()
+            self._sessions_of[key] = session_id
+        return session_id
+
+    def _touch_due(self, session_id: str) -> bool:
+        """Whether an item on a batch's own session should read it (sliding its expiry, as
+        any message on a session does): once per TOUCH_EVERY_S per session and process; the
+        items in between start their jobs without reading it."""
+        now = time.monotonic()
+        last = self._touched.get(session_id)
+        if last is not None and now - last < TOUCH_EVERY_S:
+            return False
+        if len(self._touched) >= _REMEMBERED:
+            self._touched.clear()
+        self._touched[session_id] = now
+        return True

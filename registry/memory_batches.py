@@ -13,6 +13,7 @@ from domain.batch_models import (
     BatchState,
     ItemOutcome,
     ItemResult,
+    ItemStart,
     ItemState,
     NewBatch,
     RunningItem,
@@ -118,27 +119,27 @@ class MemoryBatchStore:
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
-    ) -> bool:
+    ) -> ItemStart:
         record = self._batches.get((tenant_id, batch_id))
         if record is None or not 0 <= index < len(record.states):
-            return False
+            return ItemStart.REFUSED
         batch = record.batch
         if batch.state not in (BatchState.QUEUED, BatchState.IN_PROGRESS):
-            return False
+            return ItemStart.REFUSED
         if _now_ms() >= batch.expire_ms:
-            return False
+            return ItemStart.REFUSED
         current = record.states[index]
         if current is ItemState.RUNNING and redelivery:
-            return True
+            return ItemStart.RESUMED
         if current is not ItemState.QUEUED:
-            return False
+            return ItemStart.REFUSED
         record.states[index] = ItemState.RUNNING
         counts = replace(batch.counts, queued=batch.counts.queued - 1)
         counts = replace(counts, running=counts.running + 1)
         record.batch = replace(
             batch, state=BatchState.IN_PROGRESS, counts=counts, updated_ms=_now_ms()
         )
-        return True
+        return ItemStart.STARTED
 
     async def attach_job(
         self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str

@@ -130,13 +130,13 @@ class RedisBatchStore(RedisStore):
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
-    ) -> bool:
+    ) -> batch_models.ItemStart:
         batch = self._keys.batch_keys(tenant_id, batch_id)
         with redis_errors_as_unavailable():
-            ok = await self._scripts.run(
+            started = await self._scripts.run(
                 "start_item", keys=[batch.hash, batch.states], args=[index, 1 if redelivery else 0]
             )
-        return bool(int(ok))
+        return batch_models.ItemStart(int(started))
 
     async def attach_job(
         self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str

@@ -18,6 +18,7 @@ from domain.batch_models import (
     BatchState,
     ItemOutcome,
     ItemResult,
+    ItemStart,
     ItemState,
     NewBatch,
     RunningItem,
@@ -48,10 +49,10 @@ class BatchStore(Protocol):
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
-    ) -> bool:
-        """QUEUED -> RUNNING (batch QUEUED -> IN_PROGRESS). False when the item must not run:
-        it is final, the batch is stopping or past its expiry. With ``redelivery`` an item
-        left RUNNING by a consumer that died may run again."""
+    ) -> ItemStart:
+        """QUEUED -> RUNNING (batch QUEUED -> IN_PROGRESS): STARTED. REFUSED when the item
+        must not run: it is final, the batch is stopping or past its expiry. With
+        ``redelivery`` an item left RUNNING by a consumer that died may run again: RESUMED."""
         ...
 
     async def attach_job(
