@@ -182,3 +182,12 @@ class RunningItem:
     index: int
     job_id: str
     session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRef:
+    """One item of one batch: what the several-items store calls take."""
+
+    tenant_id: str
+    batch_id: str
+    index: int

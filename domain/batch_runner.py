@@ -15,12 +15,14 @@ final event at once. Each item thus reaches its service as one job, and its usag
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
-from domain.batch_models import ItemKind, ItemOutcome, ItemStart, ItemState
+from domain.batch_models import ItemKind, ItemOutcome, ItemRef, ItemStart, ItemState
 from domain.batches import BatchManager
 from domain.chat import BATCH_AGENT_ID, ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
@@ -34,6 +36,9 @@ from domain.service_caps import OverLimit
 from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
 
 DONE = b"done"
 # An item on its batch's own session reads the session (sliding its expiry) at most this often
@@ -84,6 +89,49 @@ class FollowInterrupted(Exception):
     """The session's events stopped before the job's final one while the session is open."""
 
 
+class Coalesced(Generic[Request, Reply]):
+    """Calls to one store step made in the same event loop iteration (items leased together,
+    finals read from the same pub/sub chunk), sent as one call: ``send`` takes the requests and
+    answers them in order. A caller that goes away does not take its request back (it is sent
+    with the others, like a call already on the wire); an error fails every request of the
+    call."""
+
+    def __init__(self, send: Callable[[list[Request]], Awaitable[Sequence[Reply]]]) -> None:
+        self._send = send
+        self._pending: list[tuple[Request, asyncio.Future[Reply]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, request: Request) -> Reply:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Reply] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((request, reply))
+        return await reply
+
+    def _flush(self) -> None:
+        calls, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._call(calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _call(self, calls: list[tuple[Request, asyncio.Future[Reply]]]) -> None:
+        try:
+            replies = await self._send([request for request, _ in calls])
+        except Exception as exc:
+            for _, reply in calls:
+                if not reply.done():
+                    reply.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for _, reply in calls:
+                reply.cancel()
+            raise
+        for (_, reply), value in zip(calls, replies, strict=True):
+            if not reply.done():
+                reply.set_result(value)
+
+
 class BatchRunner:
     """The work queue handler for batch items. Each delivery is a consumer span in the trace
     of the call that submitted the batch; the item's job is accepted (and runs) under it."""
@@ -103,6 +151,10 @@ class BatchRunner:
         self._sessions_of: dict[tuple[str, str], str] = {}
         # A batch's own session -> when an item last read it (monotonic seconds).
         self._touched: dict[str, float] = {}
+        # The item steps of items that reach them in the same loop iteration: one round trip.
+        self._start_items = Coalesced(store.start_items)
+        self._attach_jobs = Coalesced(store.attach_jobs)
+        self._finish_items = Coalesced(store.finish_items)
 
     async def handle(self, item: WorkItem) -> bytes:
         spec: dict[str, Any] = json.loads(item.payload)
@@ -123,7 +175,8 @@ class BatchRunner:
         # An item found RUNNING is always one an earlier delivery did not finish (the queue
         # holds one delivery at a time): it died, was given back at shutdown or deferred over
         # a limit (neither counted as a delivery), so it may run again.
-        started = await self._store.start_item(tenant_id, batch_id, index, redelivery=True)
+        ref = ItemRef(tenant_id, batch_id, index)
+        started = await self._start_items(ref)
         if not started:
             return SKIPPED  # cancelled, expired or finished elsewhere
         # Started from QUEUED on a first delivery: no delivery started its job before (the
@@ -165,7 +218,7 @@ class BatchRunner:
             raise Deferred(exc.reached.retry_after_ms, exc.message) from None
         except DomainError as exc:
             outcome = _refused(exc)
-        await self._store.finish_item(tenant_id, batch_id, index, outcome)
+        await self._finish_items((ref, outcome))
         return DONE
 
     async def dead_lettered(self, item: WorkItem, error: str) -> None:
@@ -216,7 +269,8 @@ class BatchRunner:
     ) -> None:
         """Record the item's job; cancel it when the batch is being cancelled (or the item
         already ended)."""
-        if not await self._store.attach_job(ctx.tenant_id, batch_id, index, job_id, session_id):
+        ref = ItemRef(ctx.tenant_id, batch_id, index)
+        if not await self._attach_jobs((ref, job_id, session_id)):
             await self._manager.cancel_job(ctx, session_id, job_id)
 
     async def _batch_session(self, tenant_id: str, batch_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -12,6 +13,7 @@ from domain.batch_models import (
     BatchCounts,
     BatchState,
     ItemOutcome,
+    ItemRef,
     ItemResult,
     ItemStart,
     ItemState,
@@ -201,6 +203,23 @@ class MemoryBatchStore:
             else BatchState.COMPLETED
         )
         record.batch = replace(record.batch, state=final, finish_ms=record.batch.updated_ms)
+
+    async def start_items(self, items: Sequence[ItemRef]) -> list[ItemStart]:
+        return [
+            await self.start_item(i.tenant_id, i.batch_id, i.index, redelivery=True) for i in items
+        ]
+
+    async def attach_jobs(self, jobs: Sequence[tuple[ItemRef, str, str]]) -> list[bool]:
+        return [
+            await self.attach_job(i.tenant_id, i.batch_id, i.index, job_id, session_id)
+            for i, job_id, session_id in jobs
+        ]
+
+    async def finish_items(self, items: Sequence[tuple[ItemRef, ItemOutcome]]) -> list[int | None]:
+        return [
+            await self.finish_item(i.tenant_id, i.batch_id, i.index, outcome)
+            for i, outcome in items
+        ]
 
     async def stop_batch(
         self, tenant_id: str, batch_id: str, state: BatchState, error: dict[str, object]

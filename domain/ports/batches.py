@@ -11,12 +11,14 @@ appended with a new sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from domain.batch_models import (
     Batch,
     BatchState,
     ItemOutcome,
+    ItemRef,
     ItemResult,
     ItemStart,
     ItemState,
@@ -68,6 +70,19 @@ class BatchStore(Protocol):
         """Record an unfinished item's final state and append its result; returns the result's
         sequence, or None when the item had already finished. The batch becomes COMPLETED
         (CANCELLED when cancelling) with its last item."""
+        ...
+
+    async def start_items(self, items: Sequence[ItemRef]) -> list[ItemStart]:
+        """``start_item(..., redelivery=True)`` for each item (of any batches and tenants), in
+        one round trip; the answers in order."""
+        ...
+
+    async def attach_jobs(self, jobs: Sequence[tuple[ItemRef, str, str]]) -> list[bool]:
+        """``attach_job`` for each (item, job id, session id), in one round trip."""
+        ...
+
+    async def finish_items(self, items: Sequence[tuple[ItemRef, ItemOutcome]]) -> list[int | None]:
+        """``finish_item`` for each (item, outcome), in one round trip; the answers in order."""
         ...
 
     async def stop_batch(
