@@ -118,6 +118,8 @@ class Coalesced(Generic[Request, Reply]):
     async def _call(self, calls: list[tuple[Request, asyncio.Future[Reply]]]) -> None:
         try:
             replies = await self._send([request for request, _ in calls])
+            if len(replies) != len(calls):  # never left waiting on a short answer
+                raise RuntimeError(f"{len(replies)} answers to {len(calls)} requests")
         except Exception as exc:
             for _, reply in calls:
                 if not reply.done():

@@ -56,3 +56,12 @@ async def test_a_caller_going_away_leaves_the_others_answered() -> None:
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert recorder.calls == [[1, 2]]  # sent all the same, like a call already on the wire
+
+
+async def test_a_short_answer_fails_every_call_instead_of_leaving_one_waiting() -> None:
+    async def short(requests: list[int]) -> list[int]:
+        return requests[:1]
+
+    coalesced = Coalesced(short)
+    replies = await asyncio.gather(coalesced(1), coalesced(2), return_exceptions=True)
+    assert all(isinstance(reply, RuntimeError) for reply in replies)
