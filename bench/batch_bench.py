@@ -27,8 +27,8 @@ server CPU per item, measured against that baseline in the same run (so a busy m
 both): items/s at least TARGET_RATE_RATIO times the individual calls' and server CPU per item
 at most TARGET_CPU_RATIO times theirs (the first full run before issue 16's changes: 0.85 and
 0.89; the targets are twice as good; later before-runs gave 0.93-1.12 and 0.88-0.95, the CPU
-ratio being the steadier of the two). The exit status is non-zero when a correctness check fails, or a
-target is missed (a run without the baseline checks correctness only).
+ratio being the steadier of the two). The exit status is non-zero when a correctness check
+fails, or a target is missed (a run without the baseline checks correctness only).
 
 Bounded in count and time. ``python -m bench.batch_bench [--items N] ...``.
 """
