@@ -49,6 +49,19 @@ class ItemState(enum.StrEnum):
         return self not in (ItemState.QUEUED, ItemState.RUNNING)
 
 
+class ItemStart(enum.Enum):
+    """What BatchStore.start_item did: REFUSED (the item must not run), STARTED (QUEUED ->
+    RUNNING: no earlier delivery got this far, so no job runs it yet) or RESUMED (left RUNNING
+    by an earlier delivery that did not finish: its job may exist). Truthy when it may run."""
+
+    REFUSED = 0
+    STARTED = 1
+    RESUMED = 2
+
+    def __bool__(self) -> bool:
+        return self is not ItemStart.REFUSED
+
+
 class ItemKind(enum.StrEnum):
     """What a batch item asks for (orchestrator.v1.BatchItemKind)."""
 
@@ -169,3 +182,12 @@ class RunningItem:
     index: int
     job_id: str
     session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRef:
+    """One item of one batch: what the several-items store calls take."""
+
+    tenant_id: str
+    batch_id: str
+    index: int

@@ -15,13 +15,16 @@ final event at once. Each item thus reaches its service as one job, and its usag
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
-from domain.batch_models import ItemKind, ItemOutcome, ItemState
+from domain.batch_models import ItemKind, ItemOutcome, ItemRef, ItemStart, ItemState
 from domain.batches import BatchManager
-from domain.chat import ChatMessage, ChatOrchestrator
+from domain.chat import BATCH_AGENT_ID, ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
 from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from domain.ids import derived_id
@@ -34,7 +37,14 @@ from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
 
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
 DONE = b"done"
+# An item on its batch's own session reads the session (sliding its expiry) at most this often
+# per process; a batch's session lives its window plus an hour, so this keeps it alive.
+TOUCH_EVERY_S = 30.0
+_REMEMBERED = 4096  # sessions and batches remembered per runner before starting afresh
 SKIPPED = b"skipped"
 
 
@@ -79,6 +89,51 @@ class FollowInterrupted(Exception):
     """The session's events stopped before the job's final one while the session is open."""
 
 
+class Coalesced(Generic[Request, Reply]):
+    """Calls to one store step made in the same event loop iteration (items leased together,
+    finals read from the same pub/sub chunk), sent as one call: ``send`` takes the requests and
+    answers them in order. A caller that goes away does not take its request back (it is sent
+    with the others, like a call already on the wire); an error fails every request of the
+    call."""
+
+    def __init__(self, send: Callable[[list[Request]], Awaitable[Sequence[Reply]]]) -> None:
+        self._send = send
+        self._pending: list[tuple[Request, asyncio.Future[Reply]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, request: Request) -> Reply:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Reply] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((request, reply))
+        return await reply
+
+    def _flush(self) -> None:
+        calls, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._call(calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _call(self, calls: list[tuple[Request, asyncio.Future[Reply]]]) -> None:
+        try:
+            replies = await self._send([request for request, _ in calls])
+            if len(replies) != len(calls):  # never left waiting on a short answer
+                raise RuntimeError(f"{len(replies)} answers to {len(calls)} requests")
+        except Exception as exc:
+            for _, reply in calls:
+                if not reply.done():
+                    reply.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for _, reply in calls:
+                reply.cancel()
+            raise
+        for (_, reply), value in zip(calls, replies, strict=True):
+            if not reply.done():
+                reply.set_result(value)
+
+
 class BatchRunner:
     """The work queue handler for batch items. Each delivery is a consumer span in the trace
     of the call that submitted the batch; the item's job is accepted (and runs) under it."""
@@ -94,6 +149,14 @@ class BatchRunner:
         self._manager = manager
         self._chat = chat
         self._tracing = tracing
+        # (tenant, batch) -> its own session, for items enqueued without it in the payload.
+        self._sessions_of: dict[tuple[str, str], str] = {}
+        # A batch's own session -> when an item last read it (monotonic seconds).
+        self._touched: dict[str, float] = {}
+        # The item steps of items that reach them in the same loop iteration: one round trip.
+        self._start_items = Coalesced(store.start_items)
+        self._attach_jobs = Coalesced(store.attach_jobs)
+        self._finish_items = Coalesced(store.finish_items)
 
     async def handle(self, item: WorkItem) -> bytes:
         spec: dict[str, Any] = json.loads(item.payload)
@@ -111,17 +174,25 @@ class BatchRunner:
 
     async def _handle(self, item: WorkItem, spec: dict[str, Any], traceparent: str | None) -> bytes:
         tenant_id, batch_id, index = spec["tenant"], spec["batch"], int(spec["index"])
-        redelivery = item.deliveries > 1
         # An item found RUNNING is always one an earlier delivery did not finish (the queue
         # holds one delivery at a time): it died, was given back at shutdown or deferred over
         # a limit (neither counted as a delivery), so it may run again.
-        if not await self._store.start_item(tenant_id, batch_id, index, redelivery=True):
+        ref = ItemRef(tenant_id, batch_id, index)
+        started = await self._start_items(ref)
+        if not started:
             return SKIPPED  # cancelled, expired or finished elsewhere
+        # Started from QUEUED on a first delivery: no delivery started its job before (the
+        # job is started only after this step), so it is started without reading it first.
+        likely_new = started is ItemStart.STARTED and item.deliveries <= 1
         kind = ItemKind(spec["kind"])
         session_id = spec["session"]
+        session_agent: str | None = None  # a user's session: read (and slid) by the start
         if kind is not ItemKind.CHAT_MESSAGE:
-            batch = await self._store.get_batch(tenant_id, batch_id)
-            session_id = batch.session_id if batch is not None else ""
+            # The batch's own session (in the payload since it was submitted; items enqueued
+            # before that read it from the batch).
+            session_id = session_id or await self._batch_session(tenant_id, batch_id)
+            if not self._touch_due(session_id):
+                session_agent = BATCH_AGENT_ID
         ctx = CallContext(
             tenant_id=tenant_id,
             request_id=spec.get("request_id") or batch_id,
@@ -138,7 +209,9 @@ class BatchRunner:
             if_busy=IfBusy.RUN,
         )
         try:
-            outcome = await self._run(ctx, batch_id, index, message, redelivery=redelivery)
+            outcome = await self._run(
+                ctx, batch_id, index, message, likely_new=likely_new, session_agent=session_agent
+            )
         except Unavailable:
             raise  # the queue retries the delivery; the item is still RUNNING
         except OverLimit as exc:
@@ -147,7 +220,7 @@ class BatchRunner:
             raise Deferred(exc.reached.retry_after_ms, exc.message) from None
         except DomainError as exc:
             outcome = _refused(exc)
-        await self._store.finish_item(tenant_id, batch_id, index, outcome)
+        await self._finish_items((ref, outcome))
         return DONE
 
     async def dead_lettered(self, item: WorkItem, error: str) -> None:
@@ -164,14 +237,24 @@ class BatchRunner:
         await self._store.finish_item(spec["tenant"], spec["batch"], int(spec["index"]), outcome)
 
     async def _run(
-        self, ctx: CallContext, batch_id: str, index: int, message: ChatMessage, *, redelivery: bool
+        self,
+        ctx: CallContext,
+        batch_id: str,
+        index: int,
+        message: ChatMessage,
+        *,
+        likely_new: bool,
+        session_agent: str | None,
     ) -> ItemOutcome:
         job_id = item_job_id(batch_id, index)
-        if redelivery:
+        if not likely_new:
             # The job may exist without being attached (its delivery died in between); attach
             # it, so that a cancellation finds it.
             await self._attach(ctx, batch_id, index, job_id, message.session_id)
-        async for event in self._chat.run_once(ctx, message, job_id):
+        events = self._chat.run_once(
+            ctx, message, job_id, likely_new=likely_new, session_agent=session_agent
+        )
+        async for event in events:
             if event.kind is EventKind.ACCEPTED:
                 await self._attach(ctx, batch_id, index, job_id, message.session_id)
             elif event.kind.is_final:
@@ -188,5 +271,31 @@ class BatchRunner:
     ) -> None:
         """Record the item's job; cancel it when the batch is being cancelled (or the item
         already ended)."""
-        if not await self._store.attach_job(ctx.tenant_id, batch_id, index, job_id, session_id):
+        ref = ItemRef(ctx.tenant_id, batch_id, index)
+        if not await self._attach_jobs((ref, job_id, session_id)):
             await self._manager.cancel_job(ctx, session_id, job_id)
+
+    async def _batch_session(self, tenant_id: str, batch_id: str) -> str:
+        """The batch's own session, read from the batch (once per batch and process)."""
+        key = (tenant_id, batch_id)
+        session_id = self._sessions_of.get(key)
+        if session_id is None:
+            batch = await self._store.get_batch(tenant_id, batch_id)
+            session_id = batch.session_id if batch is not None else ""
+            if len(self._sessions_of) >= _REMEMBERED:
+                self._sessions_of.clear()
+            self._sessions_of[key] = session_id
+        return session_id
+
+    def _touch_due(self, session_id: str) -> bool:
+        """Whether an item on a batch's own session should read it (sliding its expiry, as
+        any message on a session does): once per TOUCH_EVERY_S per session and process; the
+        items in between start their jobs without reading it."""
+        now = time.monotonic()
+        last = self._touched.get(session_id)
+        if last is not None and now - last < TOUCH_EVERY_S:
+            return False
+        if len(self._touched) >= _REMEMBERED:
+            self._touched.clear()
+        self._touched[session_id] = now
+        return True

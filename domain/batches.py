@@ -178,9 +178,12 @@ def encode_item(
     spec: BatchItemSpec,
     request_id: str,
     traceparent: str | None = None,
+    batch_session_id: str = "",
 ) -> bytes:
     """The work queue payload of an item (``traceparent``: the trace context of the call that
-    submitted the batch, which the item's run continues)."""
+    submitted the batch, which the item's run continues). ``session``: a chat message's
+    session, else the batch's own (``batch_session_id``), so the runner need not read the
+    batch for it."""
     payload = {
         "tenant": tenant_id,
         "batch": batch_id,
@@ -188,7 +191,7 @@ def encode_item(
         "custom_id": spec.custom_id,
         "kind": spec.kind.value,
         "content": spec.content,
-        "session": spec.session_id,
+        "session": spec.session_id or batch_session_id,
         "model": spec.model,
         "collections": list(spec.collections),
         "request_id": request_id,
@@ -282,7 +285,9 @@ class BatchManager:
                 item_id=f"{batch_id}/{spec.index}",
                 tenant_id=tenant_id,
                 kind=WORK_KIND,
-                payload=encode_item(tenant_id, batch_id, spec, ctx.request_id, ctx.traceparent),
+                payload=encode_item(
+                    tenant_id, batch_id, spec, ctx.request_id, ctx.traceparent, session_id
+                ),
                 priority=sub.priority,
                 batch_id=batch_id,
             )

@@ -70,7 +70,7 @@ from domain.jobs import (
     StartedJob,
     StartRefused,
 )
-from domain.models import Service, Session, WorkKind
+from domain.models import Service, WorkKind
 from domain.plan_runner import PlanPorts, PlanRunner, RetryPolicy, call_error, runs_plan
 from domain.plans import OrchestrationPlan
 from domain.ports.events import EventLog, Feed
@@ -189,10 +189,11 @@ class ChatOrchestrator:
         session = await self._sessions.get_open(tenant_id, message.session_id)
         if self._budget is not None:
             await self._budget.check(tenant_id)
-        plan, agent = await self._plan(ctx, session, message)
+        plan, agent = await self._plan(ctx, session.agent_id, message)
         job = self._new_job(
             new_id(),
-            session,
+            session.session_id,
+            session.agent_id,
             message,
             ctx.request_id,
             priority=message.priority,
@@ -235,23 +236,20 @@ class ChatOrchestrator:
             await self._raise_if_lost(tenant_id, job_id)
 
     async def _plan(
-        self, ctx: CallContext, session: Session, message: ChatMessage
+        self, ctx: CallContext, agent_id: str, message: ChatMessage
     ) -> tuple[OrchestrationPlan | None, AgentConfig | None]:
         """The plan of a message on ``session`` and the agent it was made from (both None
         without the platform's services, and for an embedding: its one call, the work, is what
         a job without a plan does, and GetTask shows it the same, domain.jobs.plan_of)."""
-        if (
-            self._plans is None
-            or session.agent_id == BATCH_AGENT_ID
-            or message.kind is WorkKind.EMBEDDING
-        ):
+        if self._plans is None or agent_id == BATCH_AGENT_ID or message.kind is WorkKind.EMBEDDING:
             return None, None
-        return await self._plans.plan(message.kind, session.agent_id, ctx)
+        return await self._plans.plan(message.kind, agent_id, ctx)
 
     def _new_job(
         self,
         job_id: str,
-        session: Session,
+        session_id: str,
+        agent_id: str,
         message: ChatMessage,
         request_id: str,
         *,
@@ -267,8 +265,8 @@ class ChatOrchestrator:
         cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
         return NewJob(
             job_id=job_id,
-            session_id=session.session_id,
-            agent_id=session.agent_id,
+            session_id=session_id,
+            agent_id=agent_id,
             service=plan.run_service if plan is not None else Service.for_kind(message.kind),
             kind=message.kind,
             content=message.content,
@@ -706,7 +704,13 @@ class ChatOrchestrator:
         return await self._is_open(tenant_id, session_id)
 
     async def run_once(
-        self, ctx: CallContext, message: ChatMessage, job_id: str
+        self,
+        ctx: CallContext,
+        message: ChatMessage,
+        job_id: str,
+        *,
+        likely_new: bool = False,
+        session_agent: str | None = None,
     ) -> AsyncIterator[SessionEvent]:
         """Run ``message`` as the job ``job_id``, once however often this is called: work
         that is delivered at least once (a batch item) derives the id from its own identity
@@ -716,21 +720,32 @@ class ChatOrchestrator:
         follows the job, handing it to its service again while it is still PENDING (the
         earlier delivery may have died before the hand-off: at least once, under the same id;
         the job takes one final event). Ends with the job's final event, or without it when
-        the session closes first."""
+        the session closes first.
+
+        Fewer round trips for a caller that knows more (a batch item): ``likely_new`` (a
+        first delivery) starts the job without reading it first (an existing one is read
+        when the start finds it); ``session_agent`` (the agent of the session, when the
+        caller made the session itself and keeps it alive) starts it without reading the
+        session (the start still refuses a missing or closed one)."""
         validate_message(message)
         require_job_id(job_id)
         tenant_id = ctx.tenant_id
         async with self._events.subscribe(tenant_id, message.session_id) as feed:
             fresh = False  # whether this call started the job
-            job = await self._jobs.get_job(tenant_id, job_id)
+            job = None if likely_new else await self._jobs.get_job(tenant_id, job_id)
             if job is None:
-                session = await self._sessions.get_open(tenant_id, message.session_id)
+                if session_agent is None:
+                    session = await self._sessions.get_open(tenant_id, message.session_id)
+                    session_id, agent_id = session.session_id, session.agent_id
+                else:
+                    session_id, agent_id = message.session_id, session_agent
                 if self._budget is not None:
                     await self._budget.check(tenant_id)
-                plan, agent = await self._plan(ctx, session, message)
+                plan, agent = await self._plan(ctx, agent_id, message)
                 new = self._new_job(
                     job_id,
-                    session,
+                    session_id,
+                    agent_id,
                     message,
                     ctx.request_id,
                     keep_final=True,
@@ -751,9 +766,12 @@ class ChatOrchestrator:
                     # Nothing recorded: the caller (a work queue handler) waits and retries.
                     raise OverLimit(started, tenant_id)
                 elif started is not StartRefused.JOB_EXISTS:
-                    raise _refusal(started, session.session_id)
+                    raise _refusal(started, session_id)
+                elif likely_new:
+                    # Not new after all (an earlier delivery was given back): as if read.
+                    job = await self._jobs.get_job(tenant_id, job_id)
                 # else another delivery started it just now: follow it.
-            elif job.state is JobState.PENDING:
+            if job is not None and job.state is JobState.PENDING:
                 again = job.handed_again(message.content, message.collections)
                 log.info("job %s is still pending: handing it to %s again", job_id, job.service)
                 self._hand_off_soon(ctx, again)

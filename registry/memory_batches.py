@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -12,7 +13,9 @@ from domain.batch_models import (
     BatchCounts,
     BatchState,
     ItemOutcome,
+    ItemRef,
     ItemResult,
+    ItemStart,
     ItemState,
     NewBatch,
     RunningItem,
@@ -118,27 +121,27 @@ class MemoryBatchStore:
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
-    ) -> bool:
+    ) -> ItemStart:
         record = self._batches.get((tenant_id, batch_id))
         if record is None or not 0 <= index < len(record.states):
-            return False
+            return ItemStart.REFUSED
         batch = record.batch
         if batch.state not in (BatchState.QUEUED, BatchState.IN_PROGRESS):
-            return False
+            return ItemStart.REFUSED
         if _now_ms() >= batch.expire_ms:
-            return False
+            return ItemStart.REFUSED
         current = record.states[index]
         if current is ItemState.RUNNING and redelivery:
-            return True
+            return ItemStart.RESUMED
         if current is not ItemState.QUEUED:
-            return False
+            return ItemStart.REFUSED
         record.states[index] = ItemState.RUNNING
         counts = replace(batch.counts, queued=batch.counts.queued - 1)
         counts = replace(counts, running=counts.running + 1)
         record.batch = replace(
             batch, state=BatchState.IN_PROGRESS, counts=counts, updated_ms=_now_ms()
         )
-        return True
+        return ItemStart.STARTED
 
     async def attach_job(
         self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str
@@ -200,6 +203,23 @@ class MemoryBatchStore:
             else BatchState.COMPLETED
         )
         record.batch = replace(record.batch, state=final, finish_ms=record.batch.updated_ms)
+
+    async def start_items(self, items: Sequence[ItemRef]) -> list[ItemStart]:
+        return [
+            await self.start_item(i.tenant_id, i.batch_id, i.index, redelivery=True) for i in items
+        ]
+
+    async def attach_jobs(self, jobs: Sequence[tuple[ItemRef, str, str]]) -> list[bool]:
+        return [
+            await self.attach_job(i.tenant_id, i.batch_id, i.index, job_id, session_id)
+            for i, job_id, session_id in jobs
+        ]
+
+    async def finish_items(self, items: Sequence[tuple[ItemRef, ItemOutcome]]) -> list[int | None]:
+        return [
+            await self.finish_item(i.tenant_id, i.batch_id, i.index, outcome)
+            for i, outcome in items
+        ]
 
     async def stop_batch(
         self, tenant_id: str, batch_id: str, state: BatchState, error: dict[str, object]

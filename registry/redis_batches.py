@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -21,6 +21,7 @@ from domain import batch_models
 from domain.models import Page
 from domain.ports.queue import QueuePriority
 from registry.keys import KeySpace, shard_of
+from registry.lua_scripts import ScriptPipeline
 from registry.redis_client import (
     RedisStore,
     due_members,
@@ -131,13 +132,17 @@ class RedisBatchStore(RedisStore):
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
-    ) -> bool:
+    ) -> batch_models.ItemStart:
         batch = self._keys.batch_keys(tenant_id, batch_id)
         with redis_errors_as_unavailable():
-            ok = await self._scripts.run(
+            started = await self._scripts.run(
                 "start_item", keys=[batch.hash, batch.states], args=[index, 1 if redelivery else 0]
             )
-        return bool(int(ok))
+        return batch_models.ItemStart(int(started))
+
+    def _finish_args(self, index: int, outcome: batch_models.ItemOutcome) -> list[Any]:
+        data = _compact(outcome.to_data())
+        return [index, outcome.state.value, outcome.job_id, data, self._retention_ms]
 
     async def attach_job(
         self, tenant_id: str, batch_id: str, index: int, job_id: str, session_id: str
@@ -153,18 +158,49 @@ class RedisBatchStore(RedisStore):
     async def finish_item(
         self, tenant_id: str, batch_id: str, index: int, outcome: batch_models.ItemOutcome
     ) -> int | None:
-        args = [
-            index,
-            outcome.state.value,
-            outcome.job_id,
-            _compact(outcome.to_data()),
-            self._retention_ms,
-        ]
+        args = self._finish_args(index, outcome)
         with redis_errors_as_unavailable():
             seq = await self._scripts.run(
                 "finish_item", keys=list(self._keys.batch_keys(tenant_id, batch_id)), args=args
             )
         return int(seq) or None
+
+    async def start_items(
+        self, items: Sequence[batch_models.ItemRef]
+    ) -> list[batch_models.ItemStart]:
+        def build(pipe: ScriptPipeline) -> None:
+            for item in items:
+                batch = self._keys.batch_keys(item.tenant_id, item.batch_id)
+                pipe.run("start_item", keys=[batch.hash, batch.states], args=[item.index, 1])
+
+        with redis_errors_as_unavailable():
+            replies = await self._scripts.in_one_round_trip(build)
+        return [batch_models.ItemStart(int(reply)) for reply in replies]
+
+    async def attach_jobs(
+        self, jobs: Sequence[tuple[batch_models.ItemRef, str, str]]
+    ) -> list[bool]:
+        def build(pipe: ScriptPipeline) -> None:
+            for item, job_id, session_id in jobs:
+                batch = self._keys.batch_keys(item.tenant_id, item.batch_id)
+                keys = [batch.hash, batch.states, batch.jobs]
+                pipe.run("attach_job", keys=keys, args=[item.index, f"{job_id} {session_id}"])
+
+        with redis_errors_as_unavailable():
+            replies = await self._scripts.in_one_round_trip(build)
+        return [bool(int(reply)) for reply in replies]
+
+    async def finish_items(
+        self, items: Sequence[tuple[batch_models.ItemRef, batch_models.ItemOutcome]]
+    ) -> list[int | None]:
+        def build(pipe: ScriptPipeline) -> None:
+            for item, outcome in items:
+                keys = list(self._keys.batch_keys(item.tenant_id, item.batch_id))
+                pipe.run("finish_item", keys=keys, args=self._finish_args(item.index, outcome))
+
+        with redis_errors_as_unavailable():
+            replies = await self._scripts.in_one_round_trip(build)
+        return [int(reply) or None for reply in replies]
 
     async def stop_batch(
         self,

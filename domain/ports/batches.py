@@ -11,13 +11,16 @@ appended with a new sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from domain.batch_models import (
     Batch,
     BatchState,
     ItemOutcome,
+    ItemRef,
     ItemResult,
+    ItemStart,
     ItemState,
     NewBatch,
     RunningItem,
@@ -48,10 +51,10 @@ class BatchStore(Protocol):
 
     async def start_item(
         self, tenant_id: str, batch_id: str, index: int, *, redelivery: bool
-    ) -> bool:
-        """QUEUED -> RUNNING (batch QUEUED -> IN_PROGRESS). False when the item must not run:
-        it is final, the batch is stopping or past its expiry. With ``redelivery`` an item
-        left RUNNING by a consumer that died may run again."""
+    ) -> ItemStart:
+        """QUEUED -> RUNNING (batch QUEUED -> IN_PROGRESS): STARTED. REFUSED when the item
+        must not run: it is final, the batch is stopping or past its expiry. With
+        ``redelivery`` an item left RUNNING by a consumer that died may run again: RESUMED."""
         ...
 
     async def attach_job(
@@ -67,6 +70,19 @@ class BatchStore(Protocol):
         """Record an unfinished item's final state and append its result; returns the result's
         sequence, or None when the item had already finished. The batch becomes COMPLETED
         (CANCELLED when cancelling) with its last item."""
+        ...
+
+    async def start_items(self, items: Sequence[ItemRef]) -> list[ItemStart]:
+        """``start_item(..., redelivery=True)`` for each item (of any batches and tenants), in
+        one round trip; the answers in order."""
+        ...
+
+    async def attach_jobs(self, jobs: Sequence[tuple[ItemRef, str, str]]) -> list[bool]:
+        """``attach_job`` for each (item, job id, session id), in one round trip."""
+        ...
+
+    async def finish_items(self, items: Sequence[tuple[ItemRef, ItemOutcome]]) -> list[int | None]:
+        """``finish_item`` for each (item, outcome), in one round trip; the answers in order."""
         ...
 
     async def stop_batch(

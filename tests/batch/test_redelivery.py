@@ -7,11 +7,14 @@ session's log no longer holds it. Both backends; the test plays the dead first d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from typing import Any
 
 import pytest
 
+from domain.batch_models import ItemStart
 from domain.batch_runner import DONE, item_job_id
 from domain.ids import new_id
 from domain.jobs import IfBusy, NewJob, StartedJob
@@ -140,3 +143,106 @@ async def test_a_finished_job_gives_its_result_after_the_log_dropped_it(flow: Fl
     assert result.usage.total_tokens == 8
     usage = await tenant_usage(flow.channel, "acme")
     assert usage.completed_tasks == 1
+
+
+async def test_a_first_delivery_given_back_after_starting_its_job_follows_it(
+    flow: Flow,
+) -> None:
+    """Given back at shutdown (uncounted): the next delivery is a first one again, but the
+    item was left RUNNING (RESUMED), so the job is read and attached first, not started anew."""
+    batch = await submit(flow, [llm_item("only", "hello")])
+    server = flow.running.server
+    queue, store = server.services.batch_queue, server.backend.batches
+    (item,) = await queue.dequeue("stopping", count=1, lease_ms=60_000)
+    assert await store.start_item("acme", batch.batch_id, 0, redelivery=True) is ItemStart.STARTED
+    job_id = item_job_id(batch.batch_id, 0)
+    new = NewJob(
+        job_id,
+        await session_of(server, batch),
+        "batch",
+        Service.QUERY,
+        WorkKind.LLM_QUERY,
+        "hello",
+        batch.batch_id,
+        keep_final=True,
+    )
+    started = await server.backend.jobs.start_job(
+        "acme", new, server.services.limits, if_busy=IfBusy.RUN
+    )
+    assert isinstance(started, StartedJob)
+    assert await queue.release(item)
+    (again,) = await queue.dequeue("survivor", count=1, lease_ms=60_000)
+    assert again.deliveries == 1
+
+    async with NoticeDriver(flow).running():
+        assert await server.services.batch_runner.handle(again) == DONE
+
+    # The pending job was handed over again under its id, once; one result.
+    assert [work.job_id for work, _ in flow.dispatcher.submitted] == [job_id]
+    (result,) = await read_results(stream(flow, batch.batch_id))
+    assert (result.job_id, result.result.text) == (job_id, "re: hello")
+    assert (await tenant_usage(flow.channel, "acme")).completed_tasks == 1
+
+
+async def test_a_queued_item_whose_job_exists_is_not_started_twice(flow: Flow) -> None:
+    """A first delivery of a QUEUED item starts its job without reading it first; should the
+    job exist all the same, the start finds it and the item follows it."""
+    batch = await submit(flow, [llm_item("only", "hello")])
+    server = flow.running.server
+    job_id = item_job_id(batch.batch_id, 0)
+    new = NewJob(
+        job_id,
+        await session_of(server, batch),
+        "batch",
+        Service.QUERY,
+        WorkKind.LLM_QUERY,
+        "hello",
+        batch.batch_id,
+        keep_final=True,
+    )
+    started = await server.backend.jobs.start_job(
+        "acme", new, server.services.limits, if_busy=IfBusy.RUN
+    )
+    assert isinstance(started, StartedJob)
+    (item,) = await server.services.batch_queue.dequeue("only", count=1, lease_ms=60_000)
+    assert item.deliveries == 1
+
+    async with NoticeDriver(flow).running():
+        assert await server.services.batch_runner.handle(item) == DONE
+
+    assert [work.job_id for work, _ in flow.dispatcher.submitted] == [job_id]
+    (result,) = await read_results(stream(flow, batch.batch_id))
+    assert (result.job_id, result.result.text) == (job_id, "re: hello")
+    assert (await tenant_usage(flow.channel, "acme")).completed_tasks == 1
+
+
+async def test_an_item_enqueued_without_its_batch_session_reads_it(flow: Flow) -> None:
+    """Items enqueued before the payload named the batch's session find it in the batch."""
+    batch = await submit(flow, [llm_item("only", "hello")])
+    server = flow.running.server
+    (item,) = await server.services.batch_queue.dequeue("only", count=1, lease_ms=60_000)
+    spec = json.loads(item.payload)
+    assert spec["session"] == await session_of(server, batch)
+    older = dataclasses.replace(item, payload=json.dumps({**spec, "session": ""}).encode())
+
+    async with NoticeDriver(flow).running():
+        assert await server.services.batch_runner.handle(older) == DONE
+
+    (result,) = await read_results(stream(flow, batch.batch_id))
+    assert result.state == batch_pb2.BATCH_ITEM_STATE_COMPLETED
+
+
+async def test_items_on_a_closed_batch_session_fail_without_reading_it(flow: Flow) -> None:
+    """The start refuses a closed session even when the item does not read it first."""
+    batch = await submit(flow, [llm_item(f"c{n}", "hello") for n in range(3)])
+    server = flow.running.server
+    await server.services.sessions.close("acme", await session_of(server, batch))
+    items = await server.services.batch_queue.dequeue("only", count=3, lease_ms=60_000)
+    assert len(items) == 3
+    for item in items:
+        assert await server.services.batch_runner.handle(item) == DONE
+
+    results = await read_results(stream(flow, batch.batch_id))
+    assert len(results) == 3 and flow.dispatcher.submitted == []
+    assert {r.state for r in results} == {batch_pb2.BATCH_ITEM_STATE_FAILED}
+    assert {r.error.code for r in results} == {"failed_precondition"}

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from domain.batch_models import BatchState, ItemOutcome, ItemState, NewBatch
+from domain.batch_models import BatchState, ItemOutcome, ItemRef, ItemStart, ItemState, NewBatch
 from domain.ids import new_id
 from domain.ports.batches import BatchStore
 from domain.ports.queue import QueuePriority
@@ -297,3 +297,29 @@ async def test_a_reopened_batch_is_kept_past_the_retention_again(
     await _until_gone(store, "t1", finished.batch_id)
     kept = await store.get_batch("t1", batch.batch_id)
     assert kept is not None and kept.counts.queued == 1
+
+
+async def test_several_items_in_one_call_answer_as_one_by_one(store: BatchStore) -> None:
+    first, _ = await store.create_batch("t1", new_batch(3))
+    other, _ = await store.create_batch("t2", new_batch(1))
+    a, b = first.batch_id, other.batch_id
+    refs = [ItemRef("t1", a, 0), ItemRef("t1", a, 1), ItemRef("t2", b, 0), ItemRef("t1", a, 9)]
+    assert await store.start_items(refs) == [
+        ItemStart.STARTED,
+        ItemStart.STARTED,
+        ItemStart.STARTED,
+        ItemStart.REFUSED,  # no such item
+    ]
+    # Left RUNNING by a delivery that did not finish: it runs again.
+    assert await store.start_items(refs[:1]) == [ItemStart.RESUMED]
+    assert not ItemStart.REFUSED and ItemStart.STARTED and ItemStart.RESUMED
+    attached = await store.attach_jobs([(refs[0], "j0", "s"), (refs[2], "j2", "s")])
+    assert attached == [True, True]
+    seqs = await store.finish_items([(refs[0], done("j0")), (refs[2], done("j2"))])
+    assert seqs == [1, 1]
+    assert await store.finish_items([(refs[0], done("j0"))]) == [None]  # finished already
+    batch = await store.get_batch("t1", a)
+    assert batch is not None and (batch.counts.running, batch.counts.completed) == (1, 1)
+    assert await store.start_items([ItemRef("t1", a, 2)]) == [ItemStart.STARTED]
+    await store.stop_batch("t1", a, BatchState.CANCELLED, ERROR)
+    assert await store.attach_jobs([(refs[1], "j1", "s")]) == [False]  # cancelling
