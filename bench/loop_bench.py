@@ -34,6 +34,7 @@ import grpc
 
 from bench import machine
 from bench.flow_bench import create_sessions, fanout
+from bench.options import chat_load_parser
 from bench.plan_bench import SHAPES, TENANT, Side, child
 from bench.processes import on_private_redis
 from bench.tables import print_table, quotient
@@ -133,14 +134,8 @@ async def _sessions(side: Side, count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="bench.loop_bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--chats", type=int, default=600, help="measured chats per loop and round")
-    p.add_argument("--concurrency", type=int, default=16)
+    p = chat_load_parser("bench.loop_bench", __doc__, chats_per="loop and round")
+    p.set_defaults(rounds=3, chats=600, concurrency=16)
     p.add_argument("--sessions", type=int, default=160)
     p.add_argument("--notices", type=int, default=2000, help="fan-out notices at peak")
     p.add_argument("--paced-seconds", type=float, default=2.0)

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bench.processes import start_serving, until_sigterm
+from bench.processes import loopback_server, start_serving, until_sigterm
 from bench.tables import fraction
 from server import event_loop
 
@@ -62,7 +62,6 @@ async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
 
 async def serve() -> None:
     """The ``--serve`` child: the bare server on a free loopback port until SIGTERM."""
-    server = grpc.aio.server()
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(
             _echo, request_deserializer=_identity, response_serializer=_identity
@@ -71,13 +70,11 @@ async def serve() -> None:
             _stream, request_deserializer=_identity, response_serializer=_identity
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
+    async with loopback_server(
+        lambda server: server.add_generic_rpc_handlers((generic,)), grace_s=0.5
+    ) as port:
         await until_sigterm(port)
-    finally:
-        await server.stop(0.5)
 
 
 @dataclass(frozen=True)

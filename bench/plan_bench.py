@@ -67,9 +67,11 @@ from bench.flow_bench import (
     relay_event,
 )
 from bench.machine import Limits
+from bench.options import chat_load_parser
 from bench.processes import (
     Child,
     bench_settings,
+    loopback_server,
     on_private_redis,
     start_serving,
     until_sigterm,
@@ -321,18 +323,20 @@ async def serve_relay() -> None:
     """``--serve-relay``: the bare relay with the reference services embedded likewise."""
     reference_port = free_port()
     relay = PlanRelay(f"127.0.0.1:{reference_port}")  # type: ignore[abstract]
-    server = grpc.aio.server()
-    session_pb2_grpc.add_SessionServiceServicer_to_server(relay, server)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(relay, server)
-    task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(relay, server)
-    platform_pb2_grpc.add_PlatformServiceServicer_to_server(relay, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+
+    def register(server: grpc.aio.Server) -> None:
+        session_pb2_grpc.add_SessionServiceServicer_to_server(relay, server)
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(relay, server)
+        task_update_pb2_grpc.add_TaskUpdateServiceServicer_to_server(relay, server)
+        platform_pb2_grpc.add_PlatformServiceServicer_to_server(relay, server)
+
     try:
-        async with embedded_reference(reference_port, port):
+        async with (
+            loopback_server(register, grace_s=0.5) as port,
+            embedded_reference(reference_port, port),
+        ):
             await until_sigterm(port)
     finally:
-        await server.stop(0.5)
         await relay.aclose()
 
 
@@ -568,12 +572,8 @@ def print_results(results: PlanResults) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--chats", type=int, default=600, help="measured chats per shape and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=16)
+    p = chat_load_parser(None, __doc__, chats_per="shape and round")
+    p.set_defaults(rounds=3, chats=600, concurrency=16)
     p.add_argument("--sessions", type=int, default=160, help="sessions per shape and server")
     p.add_argument("--serve-orchestrator", metavar="REDIS_URL")
     p.add_argument("--plans", action="store_true", help="with --serve-orchestrator: ORCH_PLANS")

@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -50,6 +51,22 @@ def bench_settings(redis_url: str | None, **overrides: Any) -> Settings:
     )
     base.update(overrides)
     return test_settings(redis_url, **base)
+
+
+@asynccontextmanager
+async def loopback_server(
+    register: Callable[[grpc.aio.Server], object], *, grace_s: float
+) -> AsyncIterator[int]:
+    """A bare grpc.aio server serving what ``register`` adds to it on a free loopback port,
+    stopped (within ``grace_s``) on the way out; its port."""
+    server = grpc.aio.server()
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(grace_s)
 
 
 async def until_sigterm(port: int) -> None:

@@ -49,7 +49,8 @@ from bench.flow_bench import (
     publish_all,
 )
 from bench.machine import Limits
-from bench.processes import BIN, on_private_redis
+from bench.options import chat_load_parser
+from bench.processes import BIN, loopback_server, on_private_redis
 from bench.tables import print_table, quotient
 from embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from orchestrator.admin.v1 import admin_pb2
@@ -82,14 +83,11 @@ class StubEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
 @contextlib.asynccontextmanager
 async def stub_embedding() -> AsyncIterator[tuple[str, StubEmbedding]]:
     stub = StubEmbedding()  # type: ignore[abstract]
-    server = grpc.aio.server()
-    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(stub, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with loopback_server(
+        lambda server: embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(stub, server),
+        grace_s=0.2,
+    ) as port:
         yield f"127.0.0.1:{port}", stub
-    finally:
-        await server.stop(0.2)
 
 
 @dataclass
@@ -432,14 +430,8 @@ def print_results(scale: Scale, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="bench.scale_bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--chats", type=int, default=1600, help="measured chats per phase")
-    p.add_argument("--concurrency", type=int, default=32)
+    p = chat_load_parser("bench.scale_bench", __doc__, chats_per="phase")
+    p.set_defaults(rounds=2, chats=1600, concurrency=32)
     p.add_argument("--notices", type=int, default=2000, help="fan-out notices per phase")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as logs:

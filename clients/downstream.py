@@ -5,6 +5,7 @@ retry and error mapping every downstream call shares (clients.platform uses it t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -135,8 +136,26 @@ class ServiceCaller:
     ) -> Resp:
         """One logical call (``name`` on ``service``), retried within the caller's budget.
         Raises domain.dispatch.DownstreamError (its ``__cause__`` is the last gRPC error)."""
+        with self._client_span(service, name, ctx) as traceparent:
+            metadata = call_metadata(ctx, traceparent)
+
+            async def attempt(attempt_s: float) -> Resp:
+                return await method(request, timeout=attempt_s, metadata=metadata)
+
+            return await call_with_retries(
+                attempt,
+                what=f"{service.value} service ({name} at {self.config.address(service)})",
+                policy=self._policy,
+                budget_s=ctx.timeout_s,
+            )
+
+    def _client_span(
+        self, service: Service, name: str, ctx: CallContext
+    ) -> AbstractContextManager[str | None]:
+        """The client span of a call, yielding the traceparent to send (tracing off: no span,
+        the context's traceparent)."""
         if not self._traced:
-            return await self._unary(service, name, method, request, ctx, call_metadata(ctx))
+            return nullcontext(ctx.traceparent)
         grpc_service = _GRPC_SERVICES[service]
         attributes = {
             "rpc.system": "grpc",
@@ -145,29 +164,8 @@ class ServiceCaller:
             "server.address": self.config.address(service),
             "orchestrator.tenant": ctx.tenant_id,
         }
-        with self.tracing.job_span(
+        return self.tracing.job_span(
             f"{grpc_service}/{name}", ctx.traceparent, kind=SpanKind.CLIENT, attributes=attributes
-        ) as traceparent:
-            metadata = call_metadata(ctx, traceparent)
-            return await self._unary(service, name, method, request, ctx, metadata)
-
-    async def _unary(
-        self,
-        service: Service,
-        name: str,
-        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
-        request: Req,
-        ctx: CallContext,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> Resp:
-        async def attempt(attempt_s: float) -> Resp:
-            return await method(request, timeout=attempt_s, metadata=metadata)
-
-        return await call_with_retries(
-            attempt,
-            what=f"{service.value} service ({name} at {self.config.address(service)})",
-            policy=self._policy,
-            budget_s=ctx.timeout_s,
         )
 
     async def aclose(self) -> None:
@@ -283,36 +281,33 @@ def _embedding_request(work: WorkRequest, ctx: CallContext) -> embedding_pb2.Sub
     )
 
 
+def _agent_work(work: WorkRequest, ctx: CallContext) -> dict[str, Any]:
+    """The fields a start of agent work carries whichever service runs it (StartRun and
+    StartWorkflow): whose, which job, the model, the message and the conversation so far."""
+    return {
+        "tenant_id": work.tenant_id,
+        "session_id": work.session_id,
+        "agent_id": work.agent_id,
+        "job_id": work.job_id,
+        "request_id": ctx.request_id,
+        "model": work.model,
+        "input": work.content,
+        "history": turns_to_pb(work.history),
+        "agent_version": work.agent_version,
+    }
+
+
 def _run_request(work: WorkRequest, ctx: CallContext) -> agent_execution_pb2.StartRunRequest:
     return agent_execution_pb2.StartRunRequest(
-        tenant_id=work.tenant_id,
-        session_id=work.session_id,
-        agent_id=work.agent_id,
-        job_id=work.job_id,
-        request_id=ctx.request_id,
-        model=work.model,
+        **_agent_work(work, ctx),
         system_prompt=work.system_prompt,
-        input=work.content,
-        history=turns_to_pb(work.history),
         tools=tools_to_pb(work.tools),
         max_tool_calls=work.max_tool_calls,
-        agent_version=work.agent_version,
     )
 
 
 def _workflow_request(work: WorkRequest, ctx: CallContext) -> workflow_pb2.StartWorkflowRequest:
-    return workflow_pb2.StartWorkflowRequest(
-        tenant_id=work.tenant_id,
-        session_id=work.session_id,
-        agent_id=work.agent_id,
-        job_id=work.job_id,
-        request_id=ctx.request_id,
-        workflow_id=work.workflow_id,
-        model=work.model,
-        input=work.content,
-        history=turns_to_pb(work.history),
-        agent_version=work.agent_version,
-    )
+    return workflow_pb2.StartWorkflowRequest(**_agent_work(work, ctx), workflow_id=work.workflow_id)
 
 
 def _query_request(work: WorkRequest, ctx: CallContext) -> query_pb2.SubmitQueryRequest:

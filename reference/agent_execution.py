@@ -11,14 +11,11 @@ import json
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
-
-import grpc
+from typing import TYPE_CHECKING
 
 from agent_execution.v1 import agent_execution_pb2, agent_execution_pb2_grpc
 from orchestrator.v1 import common_pb2
 from reference import fields
-from reference.fields import InvalidField
 from reference.jobs import NoticeWriter
 from reference.platform_api import CallOrigin
 from reference.services import (
@@ -30,7 +27,7 @@ from reference.services import (
 from reference.tools import CALCULATOR, CLOCK, MAX_EXPRESSION_CHARS, ToolBox, ToolError
 
 if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    from reference.fields import Context
 
 DEFAULT_AGENT_MODEL = "reference-agent"
 # Tool calls per run when the request leaves it to the service, and the most a request may ask.
@@ -203,7 +200,7 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
     async def StartRun(
         self, request: agent_execution_pb2.StartRunRequest, context: Context
     ) -> agent_execution_pb2.StartRunResponse:
-        try:
+        async with fields.checked(context):
             fields.job_start(request)
             fields.text(
                 request.system_prompt,
@@ -213,23 +210,12 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
             )
             _check_tools(request)
             fields.number(request.max_tool_calls, "max_tool_calls", maximum=MAX_TOOL_CALLS)
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
-        job_id = await self.runtime.submit(
+        job_id = await self.runtime.start(
             "StartRun",
             common_pb2.SERVICE_AGENT_EXECUTION,
-            request.job_id,
-            request.tenant_id,
-            request.agent_id,
+            request,
             context,
-            missing="",
-            job=lambda notices: run_agent(
-                self.runtime,
-                self.toolbox,
-                notices,
-                request,
-                self.runtime.origin(request.tenant_id, request.job_id, context),
-            ),
+            lambda notices, origin: run_agent(self.runtime, self.toolbox, notices, request, origin),
         )
         return agent_execution_pb2.StartRunResponse(job_id=job_id)
 

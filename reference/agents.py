@@ -7,20 +7,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from agents.v1 import agents_pb2, agents_pb2_grpc
 from orchestrator.v1 import common_pb2, task_update_pb2
 from reference import fields
-from reference.fields import InvalidField
 from reference.reporter import Notice, Reporter
 from reference.tools import CALCULATOR, CLOCK, TOOLS
 from reference.workflows import RESEARCH_FLOW, WORKFLOWS
 
 if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    from reference.fields import Context
 
 KINDS = ("llm", "tool_agent", "workflow")
 _KIND_PROTO = {
@@ -185,11 +184,9 @@ class AgentManagementServicer(agents_pb2_grpc.AgentManagementServiceServicer):
     async def GetAgent(
         self, request: agents_pb2.GetAgentRequest, context: Context
     ) -> agents_pb2.GetAgentResponse:
-        try:
+        async with fields.checked(context):
             fields.ident(request.tenant_id, "tenant_id")
             fields.ident(request.agent_id, "agent_id")
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
         agent = self.book.get(request.tenant_id, request.agent_id)
         if agent is None:
             await context.abort(

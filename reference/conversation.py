@@ -16,9 +16,8 @@ import json
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from conversation.v1 import conversation_pb2, conversation_pb2_grpc
@@ -27,7 +26,7 @@ from reference.fields import InvalidField
 from reference.tools import Clock, system_clock
 
 if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    from reference.fields import Context
 
 # Memory bounds: the newest turns of a session kept, and sessions kept (least recently
 # appended to dropped first).
@@ -175,15 +174,13 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
     async def AppendTurns(
         self, request: conversation_pb2.AppendTurnsRequest, context: Context
     ) -> conversation_pb2.AppendTurnsResponse:
-        try:
+        async with fields.checked(context):
             fields.ident(request.tenant_id, "tenant_id")
             fields.ident(request.session_id, "session_id")
             fields.ident(request.job_id, "job_id")
             fields.ident(request.request_id, "request_id", required=False)
             fields.count(request.turns, "turns", minimum=1, maximum=MAX_APPEND_TURNS)
             fields.turns(request.turns, "turns", maximum=MAX_APPEND_TURNS)
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
         appended = self.log.append(
             request.tenant_id, request.session_id, request.job_id, request.turns
         )
@@ -192,7 +189,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
     async def ListHistory(
         self, request: conversation_pb2.ListHistoryRequest, context: Context
     ) -> conversation_pb2.ListHistoryResponse:
-        try:
+        async with fields.checked(context):
             fields.ident(request.tenant_id, "tenant_id")
             fields.ident(request.session_id, "session_id")
             fields.number(request.last_turns, "last_turns", maximum=MAX_WINDOW)
@@ -206,8 +203,6 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
                 page_size=request.page_size,
                 page_token=request.page_token,
             )
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
         return conversation_pb2.ListHistoryResponse(
             turns=page.turns, next_page_token=page.next_page_token
         )

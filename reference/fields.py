@@ -3,7 +3,8 @@ a bad one is refused with INVALID_ARGUMENT naming it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias
 
 import grpc
@@ -35,6 +36,15 @@ class InvalidField(ValueError):
 
 async def refuse(context: Context, error: InvalidField) -> NoReturn:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+@asynccontextmanager
+async def checked(context: Context) -> AsyncIterator[None]:
+    """Runs a request's field checks: the InvalidField one raises is refused (:func:`refuse`)."""
+    try:
+        yield
+    except InvalidField as exc:
+        await refuse(context, exc)
 
 
 def text(value: str, field: str, *, max_chars: int, required: bool = True) -> str:

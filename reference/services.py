@@ -21,7 +21,7 @@ from reference.platform_api import CallOrigin, PlatformApi, PlatformCallError
 from reference.reporter import Reporter
 
 if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    from reference.fields import Context
 
 
 class Seen(NamedTuple):
@@ -99,6 +99,29 @@ class Runtime:
         notices = NoticeWriter(self.reporter, service, job_id, tenant_id, agent_id)
         self.jobs.start(job_id, tenant_id, self._run(notices, job))
         return job_id
+
+    async def start(
+        self,
+        method: str,
+        service: common_pb2.Service.ValueType,
+        request: fields.JobStart,
+        context: Context,
+        job: Callable[[NoticeWriter, CallOrigin], Coroutine[Any, Any, None]],
+    ) -> str:
+        """:meth:`submit` for a start of agent work (StartRun, StartWorkflow; its fields
+        checked already): ``job`` also gets the origin of the internal calls it makes."""
+        return await self.submit(
+            method,
+            service,
+            request.job_id,
+            request.tenant_id,
+            request.agent_id,
+            context,
+            missing="",
+            job=lambda notices: job(
+                notices, self.origin(request.tenant_id, request.job_id, context)
+            ),
+        )
 
     async def _run(self, notices: NoticeWriter, job: JobBody) -> None:
         """Progress 0 "started", then the job; or as the job id decides: nothing at all, or
@@ -228,11 +251,9 @@ async def run_embedding(
 
 async def cancel_job(runtime: Runtime, tenant_id: str, job_id: str, context: Context) -> bool:
     """Stop a running job of the tenant (both ids required and bounded); whether it ran."""
-    try:
+    async with fields.checked(context):
         fields.ident(tenant_id, "tenant_id")
         fields.ident(job_id, "job_id")
-    except fields.InvalidField as exc:
-        await fields.refuse(context, exc)
     return runtime.jobs.cancel(job_id, tenant_id)
 
 
@@ -243,7 +264,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def SubmitQuery(
         self, request: query_pb2.SubmitQueryRequest, context: Context
     ) -> query_pb2.SubmitQueryResponse:
-        try:
+        async with fields.checked(context):
             fields.text(
                 request.system_prompt,
                 "system_prompt",
@@ -251,8 +272,6 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 required=False,
             )
             fields.turns(request.history, "history", maximum=fields.HISTORY_TURNS)
-        except fields.InvalidField as exc:
-            await fields.refuse(context, exc)
         job_id = await self.runtime.submit(
             "SubmitQuery",
             common_pb2.SERVICE_QUERY,

@@ -3,17 +3,16 @@ catalogue (reference.tools). The catalogue is the same for every tenant."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING
 
 import grpc
 
 from reference import fields
-from reference.fields import InvalidField
 from reference.tools import TOOLS, ToolBox
 from tools.v1 import tools_pb2, tools_pb2_grpc
 
 if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    from reference.fields import Context
 
 # Names one request may resolve.
 MAX_NAMES = 64
@@ -26,13 +25,11 @@ class ToolRegistryServicer(tools_pb2_grpc.ToolRegistryServiceServicer):
     async def ResolveTools(
         self, request: tools_pb2.ResolveToolsRequest, context: Context
     ) -> tools_pb2.ResolveToolsResponse:
-        try:
+        async with fields.checked(context):
             fields.ident(request.tenant_id, "tenant_id")
             fields.count(request.names, "names", minimum=1, maximum=MAX_NAMES)
             for index, name in enumerate(request.names):
                 fields.text(name, f"names[{index}]", max_chars=fields.TOOL_NAME_CHARS)
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
         unknown = next((name for name in request.names if name not in TOOLS), None)
         if unknown is not None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"names: no tool {unknown!r}")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING
 
 import grpc
 
 from conversation.v1 import conversation_pb2
 from orchestrator.v1 import common_pb2
 from reference import content, fields
-from reference.fields import InvalidField
 from reference.jobs import NoticeWriter
 from reference.platform_api import CallOrigin
 from reference.services import (
@@ -25,7 +24,7 @@ from reference.services import (
 from workflow.v1 import workflow_pb2, workflow_pb2_grpc
 
 if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    from reference.fields import Context
 
 RESEARCH_FLOW = "research-flow"
 # Workflow id -> its steps, in order.
@@ -114,29 +113,19 @@ class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
     async def StartWorkflow(
         self, request: workflow_pb2.StartWorkflowRequest, context: Context
     ) -> workflow_pb2.StartWorkflowResponse:
-        try:
+        async with fields.checked(context):
             fields.job_start(request)
             fields.ident(request.workflow_id, "workflow_id")
-        except InvalidField as exc:
-            await fields.refuse(context, exc)
         if request.workflow_id not in WORKFLOWS:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"workflow_id: no workflow {request.workflow_id!r}"
             )
-        job_id = await self.runtime.submit(
+        job_id = await self.runtime.start(
             "StartWorkflow",
             common_pb2.SERVICE_WORKFLOW_ENGINE,
-            request.job_id,
-            request.tenant_id,
-            request.agent_id,
+            request,
             context,
-            missing="",
-            job=lambda notices: run_research_flow(
-                self.runtime,
-                notices,
-                request,
-                self.runtime.origin(request.tenant_id, request.job_id, context),
-            ),
+            lambda notices, origin: run_research_flow(self.runtime, notices, request, origin),
         )
         return workflow_pb2.StartWorkflowResponse(job_id=job_id)
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from domain.ports.tracing import NO_TRACING, Attributes, SpanKind, Tracing
+from domain.ports.tracing import NO_TRACING, SpanKind, SpanSpec, Tracing
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -114,7 +114,7 @@ def current_traceparent() -> str | None:
     return traceparent_of(trace.get_current_span())
 
 
-class OtelTracing:
+class OtelTracing(Tracing):
     """domain.ports.tracing.Tracing on OpenTelemetry (see the module docstring)."""
 
     def __init__(self, tracer_provider: Any = None) -> None:
@@ -132,43 +132,16 @@ class OtelTracing:
     def enabled(self) -> bool:
         return True
 
-    def job_span(
-        self,
-        name: str,
-        traceparent: str | None,
-        *,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Attributes | None = None,
-    ) -> AbstractContextManager[str | None]:
-        return self._span(name, traceparent, kind, attributes, None)
-
-    def record_span(
-        self,
-        name: str,
-        traceparent: str | None,
-        start_ns: int,
-        *,
-        attributes: Attributes | None = None,
-    ) -> AbstractContextManager[str | None]:
-        return self._span(name, traceparent, SpanKind.INTERNAL, attributes, start_ns)
-
     @contextmanager
-    def _span(
-        self,
-        name: str,
-        traceparent: str | None,
-        kind: SpanKind,
-        attributes: Attributes | None,
-        start_ns: int | None,
-    ) -> Iterator[str | None]:
-        parent, links = self._parent(traceparent)
+    def open_span(self, spec: SpanSpec) -> Iterator[str | None]:
+        parent, links = self._parent(spec.traceparent)
         span = self._tracer.start_span(
-            name,
+            spec.name,
             context=parent,
-            kind=self._kinds[kind],
-            attributes=attributes,
+            kind=self._kinds[spec.kind],
+            attributes=spec.attributes,
             links=links,
-            start_time=start_ns,
+            start_time=spec.start_ns,
         )
         with self._trace.use_span(
             span, end_on_exit=True, record_exception=True, set_status_on_exception=True

@@ -15,7 +15,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
@@ -154,6 +154,16 @@ def _run(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     raise typer.Exit(code or 0)
+
+
+def _run_printed(ctx: typer.Context, call: Callable[[AsyncClient], Awaitable[Message]]) -> None:
+    """Runs one ``call`` with a client (as :func:`_run`) and prints its reply (JSON)."""
+
+    async def work(client: AsyncClient) -> int:
+        _print_json(_json(await call(client)))
+        return 0
+
+    _run(ctx, work)
 
 
 def _json(message: Message) -> dict[str, Any]:
@@ -441,12 +451,7 @@ def batch_submit(
 @batch_app.command("get")
 def batch_get(ctx: typer.Context, batch_id: str) -> None:
     """Print a batch (JSON)."""
-
-    async def work(client: AsyncClient) -> int:
-        _print_json(_json(await client.batches.get(batch_id)))
-        return 0
-
-    _run(ctx, work)
+    _run_printed(ctx, lambda client: client.batches.get(batch_id))
 
 
 @batch_app.command("results")
@@ -468,12 +473,7 @@ def batch_results(
 @batch_app.command("cancel")
 def batch_cancel(ctx: typer.Context, batch_id: str) -> None:
     """Cancel a batch."""
-
-    async def work(client: AsyncClient) -> int:
-        _print_json(_json(await client.batches.cancel(batch_id)))
-        return 0
-
-    _run(ctx, work)
+    _run_printed(ctx, lambda client: client.batches.cancel(batch_id))
 
 
 # -- sessions --------------------------------------------------------------------------------
@@ -486,23 +486,13 @@ def sessions_create(
     ttl: Annotated[float | None, typer.Option(help="seconds the session lives idle")] = None,
 ) -> None:
     """Create a session; prints it (JSON)."""
-
-    async def work(client: AsyncClient) -> int:
-        _print_json(_json(await client.sessions.create(agent, ttl=ttl)))
-        return 0
-
-    _run(ctx, work)
+    _run_printed(ctx, lambda client: client.sessions.create(agent, ttl=ttl))
 
 
 @sessions_app.command("get")
 def sessions_get(ctx: typer.Context, session_id: str) -> None:
     """Print a session (JSON)."""
-
-    async def work(client: AsyncClient) -> int:
-        _print_json(_json(await client.sessions.get(session_id)))
-        return 0
-
-    _run(ctx, work)
+    _run_printed(ctx, lambda client: client.sessions.get(session_id))
 
 
 @sessions_app.command("list")
@@ -531,12 +521,7 @@ def sessions_list(
 @sessions_app.command("close")
 def sessions_close(ctx: typer.Context, session_id: str) -> None:
     """Close a session."""
-
-    async def work(client: AsyncClient) -> int:
-        _print_json(_json(await client.sessions.close(session_id)))
-        return 0
-
-    _run(ctx, work)
+    _run_printed(ctx, lambda client: client.sessions.close(session_id))
 
 
 # -- admin -----------------------------------------------------------------------------------
@@ -623,12 +608,7 @@ def tasks_get(
     tenant: Annotated[str, typer.Option(help="the job's tenant")],
 ) -> None:
     """Print a task (a job's record, with its plan), as JSON."""
-
-    async def work(client: AsyncClient) -> int:
-        _print_json(_json(await client.admin.task(tenant, job_id)))
-        return 0
-
-    _run(ctx, work)
+    _run_printed(ctx, lambda client: client.admin.task(tenant, job_id))
 
 
 @app.command()
