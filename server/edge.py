@@ -222,7 +222,9 @@ class Edge:
         edge = self
 
         async def run(request: Any, context: Ctx) -> Any:
-            async with _Call(edge, plan, stream, context) as call:
+            call = _Call(edge, plan, stream)
+            code = _UNKNOWN
+            try:
                 caller = await begin(context, plan, trailing_id=trailing_id)
                 if stream and caller is not None:
                     call.slot = await limits.take_stream_slot(caller, context)
@@ -230,7 +232,19 @@ class Edge:
                     call.entry = open_streams.open(caller.key_id)
                     call.entry.inside = True
                 with call_gone_is_cancellation():  # a stream written with context.write
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
+                code = _final_code(context, _OK)
+                return response
+            except asyncio.CancelledError:
+                code = _CANCELLED
+                if call.entry.revoked:
+                    await _end_revoked(context)
+                raise
+            except BaseException:
+                code = _final_code(context, _UNKNOWN)
+                raise
+            finally:
+                call.finish(code)
 
         return run
 
@@ -249,7 +263,9 @@ class Edge:
         edge = self
 
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            async with _Call(edge, plan, True, context) as call:
+            call = _Call(edge, plan, True)
+            code = _UNKNOWN
+            try:
                 caller = await edge._begin(context, plan, trailing_id=False)
                 if caller is not None:
                     call.slot = await limits.take_stream_slot(caller, context)
@@ -268,6 +284,17 @@ class Edge:
                         if entry.revoked:
                             await abort_with(context, revoked_error())
                         entry.inside = True
+                code = _final_code(context, _OK)
+            except asyncio.CancelledError:
+                code = _CANCELLED
+                if call.entry.revoked:
+                    await _end_revoked(context)
+                raise
+            except BaseException:
+                code = _final_code(context, _UNKNOWN)
+                raise
+            finally:
+                call.finish(code)
             if False:  # an async generator that yields nothing: see the docstring
                 yield None  # type: ignore[unreachable]
 
@@ -279,20 +306,18 @@ _UNTRACKED = OpenStream("", None)
 
 
 class _Call:
-    """One call's bookkeeping, the same for both wrappers, which run the call inside it
-    (``async with``): made when the call starts (binds the metrics, counts a ``stream`` as
-    open), ``finish``ed with its final code on the way out (OK, CANCELLED, else what the
-    context was set to, else UNKNOWN: the method's recorder gets its duration and code, the
-    tenant's stream ``slot`` is released and the call's ``entry`` in the open-streams registry
-    closed). A call cancelled because its key was revoked ends UNAUTHENTICATED (_end_revoked)."""
+    """One call's bookkeeping, the same for both wrappers: made when the call starts (binds
+    the metrics, counts a ``stream`` as open), ``finish``ed with its final code on the way out
+    (the method's recorder gets its duration and code, the tenant's stream ``slot`` is
+    released and the call's ``entry`` in the open-streams registry closed). A call cancelled
+    because its key was revoked ends UNAUTHENTICATED (_end_revoked)."""
 
-    __slots__ = ("_context", "_edge", "_plan", "_start", "_stream", "entry", "slot")
+    __slots__ = ("_edge", "_plan", "_start", "_stream", "entry", "slot")
 
-    def __init__(self, edge: Edge, plan: _Plan, stream: bool, context: Ctx) -> None:
+    def __init__(self, edge: Edge, plan: _Plan, stream: bool) -> None:
         self._edge = edge
         self._plan = plan
         self._stream = stream
-        self._context = context
         self.slot: str | None = None
         self.entry = _UNTRACKED
         metrics = edge._metrics
@@ -300,26 +325,6 @@ class _Call:
         if stream:
             metrics.stream_opened(plan.method)
         self._start = perf_counter()
-
-    async def __aenter__(self) -> _Call:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
-    ) -> None:
-        context = self._context
-        code = _UNKNOWN
-        try:
-            if kind is None:
-                code = _final_code(context, _OK)
-            elif issubclass(kind, asyncio.CancelledError):
-                code = _CANCELLED
-                if self.entry.revoked:
-                    await _end_revoked(context)
-            else:
-                code = _final_code(context, _UNKNOWN)
-        finally:
-            self.finish(code)
 
     def finish(self, code: grpc.StatusCode) -> None:
         edge = self._edge
