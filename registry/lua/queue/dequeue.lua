@@ -13,11 +13,18 @@
 local consumer, count = ARGV[2], tonumber(ARGV[3])
 local lease_ms, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5])
 
-local out, packed = {}, {}
+local out, packed, npacked = {}, {}, 0
+
+-- One "<length>:<bytes>" field of the reply, in two pieces: the value is never copied.
+local function field(v)
+  packed[npacked + 1] = #v .. ':'
+  packed[npacked + 2] = v
+  npacked = npacked + 2
+end
 
 local function deliver(stream, entry, id, reclaimed)
   local rec = prefix .. 'i:' .. id
-  local f = redis.call('HMGET', rec, 'st', 'e', 'n')
+  local f = redis.call('HMGET', rec, 'st', 'e', 'n', 't', 'k', 'p', 'b', 'd', 'q')
   if not f[1] or final(f[1]) or f[2] ~= entry then
     ack(stream, entry)  -- stale entry: the item finished, expired or was queued again
     return
@@ -30,22 +37,21 @@ local function deliver(stream, entry, id, reclaimed)
   end
   n = n + 1
   redis.call('HSET', rec, 'st', 'running', 'n', n)
-  local d = redis.call('HMGET', rec, 't', 'k', 'p', 'b', 'd', 'q')
   out[#out + 1] = id
-  for _, v in ipairs({id, entry, d[1], d[2], d[3], d[4], d[5], tostring(n), d[6]}) do
-    packed[#packed + 1] = #v .. ':' .. v
-  end
+  field(id); field(entry); field(f[4]); field(f[5]); field(f[6]); field(f[7]); field(f[8])
+  field(tostring(n)); field(f[9])
 end
 
 -- 1. Retries whose backoff is over go back to the tail of their stream.
 local delayed = prefix .. 'delayed'
+local prepared = {}  -- nothing in this step deletes a stream
 for _, id in ipairs(redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)) do
   redis.call('ZREM', delayed, id)
   local rec = prefix .. 'i:' .. id
   local f = redis.call('HMGET', rec, 'st', 'p', 't')
   if f[1] == 'delayed' then
     tally('delayed', f[2], f[3], -1)
-    push(rec, id, f[2], f[3])
+    push(rec, id, f[2], f[3], prepared)
   end
 end
 
