@@ -6,20 +6,21 @@
 --
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, consumer, count, lease_ms, max_deliveries
--- Returns: {items, wait_hint_ms}. items is one string: per item the fields id, entry, tenant,
---   kind, prio, batch, payload, deliveries, enqueued_ms, each as "<length>:<bytes>" (one bulk
---   reply instead of nine elements per item: the client parses replies far slower than Redis
---   builds them). wait_hint_ms: how long a consumer finding nothing may sleep.
+-- Returns: {values, lengths, wait_hint_ms}. values is one string: per item the fields id, entry,
+--   tenant, kind, prio, batch, payload, deliveries, enqueued_ms, back to back; lengths the
+--   length of each field in order, space-separated (two bulk replies instead of nine elements
+--   per item: the client parses replies far slower than Redis builds them, and splits these
+--   in C). wait_hint_ms: how long a consumer finding nothing may sleep.
 local consumer, count = ARGV[2], tonumber(ARGV[3])
 local lease_ms, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5])
 
-local out, packed, npacked = {}, {}, 0
+local out, values, lengths, nfields = {}, {}, {}, 0
 
--- One "<length>:<bytes>" field of the reply, in two pieces: the value is never copied.
+-- One field of the reply: its value (never copied) and its length.
 local function field(v)
-  packed[npacked + 1] = #v .. ':'
-  packed[npacked + 2] = v
-  npacked = npacked + 2
+  nfields = nfields + 1
+  values[nfields] = v
+  lengths[nfields] = #v
 end
 
 local function deliver(stream, entry, id, reclaimed)
@@ -115,4 +116,4 @@ end
 local hint = math.max(math.floor(lease_ms / 4), 10)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #nxt == 2 then hint = math.min(hint, math.max(tonumber(nxt[2]) - now, 1)) end
-return {table.concat(packed), hint}
+return {table.concat(values), table.concat(lengths, ' '), hint}
