@@ -8,8 +8,9 @@ it, any other exception fails it with a retry (backoff and the delivery limit ar
 
 Completions are batched: finished items wait a moment in a buffer that one flusher task hands
 to ``queue.complete`` in a single call, so a fast handler costs one round trip per batch, not
-per item. A slot is freed only once its item's outcome is recorded, so leases keep being renewed
-until then.
+per item. An item's task ends when its handler returns, but its slot is freed only by the
+flusher once its outcome is recorded, so leases keep being renewed until then (and no
+per-item future is needed to wait for the flush).
 
 ``stop()`` stops leasing; ``run()`` then lets in-flight items finish for ``grace_s`` and
 releases the rest (they are ready again at once, their delivery uncounted), so a rolling restart
@@ -113,11 +114,14 @@ class QueueWorker:
         self.on_dead_letter = on_dead_letter
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
-        self._inflight: dict[asyncio.Task[None], WorkItem] = {}
+        # Every item holding a slot, by its task: from its lease until its outcome is recorded
+        # (a task whose handler returned a value ends before the flusher records it).
+        self._inflight: dict[asyncio.Task[bool], WorkItem] = {}
         self._slot_free = asyncio.Event()
-        self._to_complete: list[tuple[WorkItem, bytes, asyncio.Future[bool]]] = []
+        self._to_complete: list[tuple[asyncio.Task[bool], WorkItem, bytes]] = []
         self._completions_waiting = asyncio.Event()
-        self._lost: set[WorkItem] = set()  # deliveries whose lease another consumer took
+        self._run_over = asyncio.Event()  # run() is ending: stop renewing
+        self._lost: set[asyncio.Task[bool]] = set()  # deliveries whose lease another consumer took
 
     def stop(self) -> None:
         """Stop leasing new items; ``run`` returns after the grace period at the latest."""
@@ -125,12 +129,18 @@ class QueueWorker:
 
     async def run(self) -> None:
         """Lease and process items until :meth:`stop`, then drain gracefully."""
+        # Kept: asyncio.create_task and current_task look the loop up with a getpid() system call
+        # each time, a cost per item.
+        self._loop = asyncio.get_running_loop()
         flusher = asyncio.create_task(self._flush_loop(), name="queue-worker-flush")
         renewer = asyncio.create_task(self._renew_loop(), name="queue-worker-renew")
         try:
             await self._lease_loop()
         finally:
             await self._drain()
+            # The flag ends the renewer even when the cancel lands inside a Redis call that
+            # turns it into a connection error (Unavailable), which the loop survives.
+            self._run_over.set()
             renewer.cancel()
             self._stopping.set()
             self._completions_waiting.set()
@@ -153,7 +163,7 @@ class QueueWorker:
                 continue
             self.stats.leased += len(items)
             for item in items:
-                task = asyncio.create_task(self._process(item), name=f"work-{item.item_id}")
+                task = self._loop.create_task(self._process(item), name=f"work-{item.item_id}")
                 self._inflight[task] = item
                 task.add_done_callback(self._task_done)
 
@@ -167,13 +177,26 @@ class QueueWorker:
             for waiter in waits:
                 waiter.cancel()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        item = self._inflight.pop(task, None)
-        if item is not None:
-            self._lost.discard(item)
-        self._slot_free.set()
+    def _task_done(self, task: asyncio.Task[bool]) -> None:
+        # A task that buffered a value keeps its slot until the flusher records it.
+        if task.cancelled():
+            self._free(task)
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("work item task failed", exc_info=error)
+            self._free(task)
+        elif not task.result():
+            self._free(task)
 
-    async def _process(self, item: WorkItem) -> None:
+    def _free(self, task: asyncio.Task[bool]) -> None:
+        if self._inflight.pop(task, None) is not None:
+            self._lost.discard(task)
+            self._slot_free.set()
+
+    async def _process(self, item: WorkItem) -> bool:
+        """Run the handler; True when its value was buffered for the flusher (which frees the
+        slot), False when the outcome was recorded here."""
         try:
             value = await self.handler(item)
         except asyncio.CancelledError:
@@ -188,21 +211,19 @@ class QueueWorker:
                     self.stats.deferred += 1
             except Unavailable as unavailable:  # the lease will expire and the item come back
                 log.warning("could not defer %s: %s", item.item_id, unavailable)
-            return
+            return False
         except PermanentError as exc:
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=False)
-            return
+            return False
         except Exception as exc:
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=True)
-            return
-        # The value is buffered for the flusher; a cancellation from here on still stores it.
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._to_complete.append((item, value, done))
+            return False
+        # The value is buffered for the flusher, which records it and frees the slot.
+        task = asyncio.current_task(self._loop)
+        assert task is not None
+        self._to_complete.append((task, item, value))
         self._completions_waiting.set()
-        if await asyncio.shield(done):
-            self.stats.completed += 1
-        else:
-            self.stats.duplicates += 1
+        return True
 
     async def _fail(self, item: WorkItem, error: str, *, retry: bool) -> None:
         try:
@@ -233,31 +254,37 @@ class QueueWorker:
                 return
 
     async def _complete_batch(
-        self, batch: list[tuple[WorkItem, bytes, asyncio.Future[bool]]]
+        self, batch: list[tuple[asyncio.Task[bool], WorkItem, bytes]]
     ) -> None:
-        for attempt in range(3):
-            try:
-                stored = await self.queue.complete([(item, value) for item, value, _ in batch])
-            except Unavailable as exc:
-                log.warning("could not store %d results (attempt %d): %s", len(batch), attempt, exc)
-                await asyncio.sleep(_ERROR_BACKOFF_S)
-                continue
-            for (_, _, done), flag in zip(batch, stored, strict=True):
-                if not done.done():
-                    done.set_result(flag)
-            return
-        # Give up: leases expire and the items are redelivered; their results stored then.
-        for _, _, done in batch:
-            if not done.done():
-                done.set_result(False)
+        try:
+            for attempt in range(3):
+                try:
+                    stored = await self.queue.complete([(item, value) for _, item, value in batch])
+                except Unavailable as exc:
+                    log.warning(
+                        "could not store %d results (attempt %d): %s", len(batch), attempt, exc
+                    )
+                    await asyncio.sleep(_ERROR_BACKOFF_S)
+                    continue
+                kept = sum(stored)
+                self.stats.completed += kept
+                self.stats.duplicates += len(stored) - kept
+                return
+            # Give up: leases expire and the items are redelivered; their results stored then.
+            self.stats.duplicates += len(batch)
+        finally:
+            for task, _, _ in batch:
+                self._free(task)
 
     async def _renew_loop(self) -> None:
         """Renew every in-flight lease each third of the lease."""
         interval = self.lease_ms / 3000.0
-        while True:
+        while not self._run_over.is_set():
             await asyncio.sleep(interval)
-            for item in list(self._inflight.values()):
-                if item in self._lost:
+            for task, item in list(self._inflight.items()):
+                if self._run_over.is_set():
+                    return
+                if task in self._lost:
                     continue
                 try:
                     held = await self.queue.renew(item)
@@ -265,7 +292,8 @@ class QueueWorker:
                     log.warning("could not renew lease of %s: %s", item.item_id, exc)
                     break
                 if not held:  # reclaimed meanwhile; the result is still offered (CAS decides)
-                    self._lost.add(item)
+                    if task in self._inflight:
+                        self._lost.add(task)
                     self.stats.lost_leases += 1
 
     async def _drain(self) -> None:

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -245,8 +246,8 @@ class RedisWorkQueue(RedisStore):
                 await self._listener.ensure_started()
                 self._listener.work_ready.clear()
             with redis_errors_as_unavailable():
-                packed, hint_ms = await self._scripts.run("dequeue", args=args)
-            items = self._items(consumer, packed)
+                values, lengths, hint_ms = await self._scripts.run("dequeue", args=args)
+            items = self._items(consumer, values, lengths)
             remaining = deadline - loop.time()
             if items or remaining <= 0:
                 return items
@@ -400,32 +401,26 @@ class RedisWorkQueue(RedisStore):
         return self._keys.work_stream(self._queue, item.priority.value, item.tenant_id)
 
     @staticmethod
-    def _items(consumer: str, packed: bytes) -> list[WorkItem]:
-        """Decode the dequeue script's reply: nine "<length>:<bytes>" fields per item."""
-        fields: list[bytes] = []
-        pos, end = 0, len(packed)
-        while pos < end:
-            colon = packed.index(b":", pos)
-            start = colon + 1
-            pos = start + int(packed[pos:colon])
-            fields.append(packed[start:pos])
+    def _items(consumer: str, values: bytes, lengths: bytes) -> list[WorkItem]:
+        """Decode the dequeue script's reply: nine fields per item back to back in ``values``,
+        their lengths in ``lengths``."""
+        at = list(accumulate(map(int, lengths.split()), initial=0))
         items: list[WorkItem] = []
-        for i in range(0, len(fields), 9):
-            item_id, entry, tenant, kind, priority, batch, payload, deliveries, enqueued = fields[
-                i : i + 9
-            ]
+        for i in range(0, len(at) - 1, 9):
+            # id, entry, tenant, kind, priority, batch, payload, deliveries, enqueued_ms
+            o = at[i : i + 10]
             items.append(
                 WorkItem(
-                    item_id=item_id.decode(),
-                    tenant_id=tenant.decode(),
-                    kind=kind.decode(),
-                    payload=payload,
-                    priority=QueuePriority(priority.decode()),
-                    batch_id=batch.decode() or None,
-                    deliveries=int(deliveries),
-                    enqueued_at_ms=int(enqueued),
+                    item_id=values[o[0] : o[1]].decode(),
+                    tenant_id=values[o[2] : o[3]].decode(),
+                    kind=values[o[3] : o[4]].decode(),
+                    payload=values[o[6] : o[7]],
+                    priority=QueuePriority(values[o[4] : o[5]].decode()),
+                    batch_id=values[o[5] : o[6]].decode() or None,
+                    deliveries=int(values[o[7] : o[8]]),
+                    enqueued_at_ms=int(values[o[8] : o[9]]),
                     consumer=consumer,
-                    receipt=entry.decode(),
+                    receipt=values[o[1] : o[2]].decode(),
                 )
             )
         return items

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
+from domain.errors import Unavailable
 from domain.ports.queue import QueueStats, ResultStatus, WorkItem, WorkQueue
 from domain.worker import Deferred, PermanentError, QueueWorker
+from registry.memory_queue import MemoryWorkQueue
 from tests.registry.queue_fixtures import CONFIG, LEASE_MS, new_item, open_queue
 
 pytestmark = pytest.mark.timeout(30)
@@ -205,3 +207,74 @@ async def test_a_deferred_item_waits_in_the_queue_and_is_never_dead_lettered(
     assert worker.stats.deferred == deferrals
     assert (worker.stats.retried, worker.stats.dead_lettered) == (0, 0)
     assert await queue.list_dead() == []
+
+
+class _GatedCompletions(MemoryWorkQueue):
+    """Completions wait for ``gate``; ``completing`` is set once one waits."""
+
+    def __init__(self) -> None:
+        super().__init__(CONFIG)
+        self.gate = asyncio.Event()
+        self.completing = asyncio.Event()
+
+    async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:
+        self.completing.set()
+        await self.gate.wait()
+        return await super().complete(results)
+
+
+async def test_a_slot_is_held_until_its_result_is_recorded() -> None:
+    # The item's task ends when its handler returns; its slot (and its lease renewal) lasts
+    # until the flusher has recorded the result.
+    queue = _GatedCompletions()
+    calls: list[str] = []
+
+    async def handler(item: WorkItem) -> bytes:
+        calls.append(item.item_id)
+        return b"ok"
+
+    worker = make_worker(queue, handler, concurrency=1)
+    async with running(worker):
+        await queue.enqueue([new_item("i1"), new_item("i2")])
+        await asyncio.wait_for(queue.completing.wait(), 5)
+        await asyncio.sleep(LEASE_MS / 1000)  # a lease renewal and several polls pass
+        assert calls == ["i1"]
+        assert await queue.stats() == QueueStats(ready=1, leased=1, delayed=0, dead=0)
+        queue.gate.set()
+        result = await queue.wait_result("i2", 5)
+    assert result is not None
+    assert calls == ["i1", "i2"]
+    assert (worker.stats.completed, worker.stats.lost_leases) == (2, 0)
+
+
+class _RenewalsHang(MemoryWorkQueue):
+    """A renewal hangs, and its cancellation surfaces as Unavailable (as a Redis client cut
+    off mid-command may report it)."""
+
+    def __init__(self) -> None:
+        super().__init__(CONFIG)
+        self.renewing = asyncio.Event()
+
+    async def renew(self, item: WorkItem) -> bool:
+        self.renewing.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise Unavailable("connection closed while renewing") from None
+        raise AssertionError("unreachable")
+
+
+async def test_the_worker_stops_when_a_renewal_swallows_its_cancellation() -> None:
+    queue = _RenewalsHang()
+
+    async def handler(item: WorkItem) -> bytes:
+        await queue.renewing.wait()
+        return b"ok"
+
+    worker = make_worker(queue, handler)
+    task = asyncio.create_task(worker.run())
+    await queue.enqueue([new_item("i1")])
+    result = await queue.wait_result("i1", 5)
+    assert result is not None
+    worker.stop()
+    await asyncio.wait_for(task, 5)

@@ -324,3 +324,71 @@ async def test_an_item_released_with_a_delay_waits_then_comes_back_uncounted(
     assert time.monotonic() - released_at >= 0.2 * 0.8
     assert (again.item_id, again.deliveries) == ("i1", 1)
     assert await queue.complete([(again, b"ok")]) == [True]
+
+
+async def test_one_enqueue_across_streams_keeps_priority_and_tenant_turns(
+    queue: WorkQueue,
+) -> None:
+    # One call readies each (priority, tenant) stream once: every item still lands in its own.
+    added = await queue.enqueue(
+        [
+            new_item("a1", "ta"),
+            new_item("a2", "ta"),
+            new_item("b1", "tb"),
+            new_item("h1", "tb", QueuePriority.HIGH),
+            new_item("a1", "ta"),  # repeated in the same call: skipped
+            new_item("l1", "ta", QueuePriority.LOW),
+            new_item("a3", "ta"),
+        ]
+    )
+    assert added == 6
+    order = [item.item_id for item in await take(queue, count=10)]
+    assert order[0] == "h1"
+    assert order[-1] == "l1"
+    normal = order[1:-1]
+    assert sorted(normal) == ["a1", "a2", "a3", "b1"]
+    assert normal.index("b1") <= 1  # tb's single item is served on the first or second turn
+    assert [i for i in normal if i.startswith("a")] == ["a1", "a2", "a3"]
+
+
+async def test_one_completion_call_across_streams_stores_each_result_once(
+    queue: WorkQueue,
+) -> None:
+    # Deliveries of several (priority, tenant) streams, one of them twice, and one whose
+    # item already finished, completed in one call: each item's first result is stored, every
+    # delivery acknowledged, and the emptied streams take new work again.
+    await queue.enqueue(
+        [
+            new_item("a1", "ta"),
+            new_item("a2", "ta"),
+            new_item("b1", "tb"),
+            new_item("h1", "tb", QueuePriority.HIGH),
+            new_item("done", "tc"),
+        ]
+    )
+    items = {item.item_id: item for item in await take(queue, count=10)}
+    assert await queue.complete([(items["done"], b"first")]) == [True]
+    batch = [(items[i], f"r-{i}".encode()) for i in ("a1", "h1", "b1", "a2")]
+    batch += [(items["a1"], b"again"), (items["done"], b"late")]
+    assert await queue.complete(batch) == [True, True, True, True, False, False]
+    for item_id, value in [("a1", b"r-a1"), ("a2", b"r-a2"), ("b1", b"r-b1"), ("done", b"first")]:
+        result = await queue.get_result(item_id)
+        assert result is not None
+        assert result.value == value
+    assert await queue.stats() == QueueStats(0, 0, 0, 0)
+    assert await queue.enqueue([new_item("a4", "ta"), new_item("h2", "tb", QueuePriority.HIGH)])
+    assert [item.item_id for item in await take(queue, count=10)] == ["h2", "a4"]
+
+
+async def test_completing_some_deliveries_leaves_the_others_leased_and_ready(
+    queue: WorkQueue,
+) -> None:
+    # Acknowledgement and deletion touch only the completed deliveries' entries.
+    await queue.enqueue([new_item(f"i{n}") for n in range(6)])
+    first = await take(queue, count=3)
+    assert await queue.complete([(first[0], b"ok"), (first[2], b"ok")]) == [True, True]
+    assert await queue.stats() == QueueStats(ready=3, leased=1, delayed=0, dead=0)
+    rest = await take(queue, count=10)
+    assert [item.item_id for item in rest] == ["i3", "i4", "i5"]
+    assert await queue.complete([(first[1], b"ok"), *((i, b"ok") for i in rest)]) == [True] * 4
+    assert await queue.stats() == QueueStats(0, 0, 0, 0)

@@ -6,7 +6,8 @@
 -- scripts stay atomic on a cluster. Only Redis 7.0 commands are used.
 --
 -- Keys (after the prefix):
---   i:<item>            hash: t tenant, k kind, p priority, b batch, d payload, q enqueued ms,
+--   i:<item>            hash: t tenant, k kind, p priority, b batch, d payload ('' once done),
+--                       q enqueued ms,
 --                       st state (queued|running|delayed|done|dead), n deliveries,
 --                       e current stream entry id, v result, err last error, f finished ms,
 --                       x dead-letter entry id
@@ -44,18 +45,28 @@ local function owns(stream, entry, consumer)
   return #p == 1 and p[1][2] == consumer
 end
 
--- Append a fresh entry for the item to its (priority, tenant) stream; mark the tenant ready.
-local function push(rec, id, prio, tenant)
+-- Append an entry for the item to its (priority, tenant) stream, creating the stream with its
+-- group when missing, and put the tenant in the rotation of its priority; returns the entry id.
+-- ``prepared`` (optional): a table of the streams this script call already readied, so a batch
+-- checks each stream once; pass it only while nothing in the call can delete a stream.
+local function append(id, prio, tenant, prepared)
   local stream = prefix .. 's:' .. prio .. ':' .. tenant
-  if redis.call('EXISTS', stream) == 0 then
-    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
-    redis.call('SADD', prefix .. 'streams', stream)
+  if not (prepared and prepared[stream]) then
+    if redis.call('EXISTS', stream) == 0 then
+      redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+      redis.call('SADD', prefix .. 'streams', stream)
+    end
+    if redis.call('SADD', prefix .. 'rs:' .. prio, tenant) == 1 then
+      redis.call('RPUSH', prefix .. 'rr:' .. prio, tenant)
+    end
+    if prepared then prepared[stream] = true end
   end
-  local entry = redis.call('XADD', stream, '*', 'i', id)
-  redis.call('HSET', rec, 'st', 'queued', 'e', entry)
-  if redis.call('SADD', prefix .. 'rs:' .. prio, tenant) == 1 then
-    redis.call('RPUSH', prefix .. 'rr:' .. prio, tenant)
-  end
+  return redis.call('XADD', stream, '*', 'i', id)
+end
+
+-- Append a fresh entry for a known item (see append) and mark its record queued.
+local function push(rec, id, prio, tenant, prepared)
+  redis.call('HSET', rec, 'st', 'queued', 'e', append(id, prio, tenant, prepared))
 end
 
 -- Count an item into (delta 1) or out of (-1) the delayed set or the dead letter (``what``)

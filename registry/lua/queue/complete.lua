@@ -1,18 +1,31 @@
 --! include: prelude/queue
 -- Stores the results of deliveries, compare-and-set: the first result of an unfinished item
 -- is stored; later ones are discarded. Every delivery is acknowledged either way, and the
--- items that finished are announced on ch:done.
+-- items that finished are announced on ch:done. The acknowledged entries of each stream are
+-- deleted in one XDEL at the end (only those XACK found pending, as ack does).
 --
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, result_ttl_ms, then per delivery: id, stream, entry, value
 -- Returns: per delivery 1 (stored) or 0 (discarded)
 local result_ttl_ms = tonumber(ARGV[2])
 local first_delivery = 3
+-- Entry ids per XDEL: well under Lua's limit on unpacked values.
+local xdel_chunk = 500
 
-local res, done = {}, {}
+local res, done, ndone = {}, {}, 0
+local acked, streams = {}, {}
 for i = first_delivery, #ARGV, 4 do
   local id, stream, entry, value = unpack(ARGV, i, i + 3)
-  ack(stream, entry)
+  -- XACK on a missing stream or group answers 0, as it does for an entry no longer pending.
+  if redis.call('XACK', stream, group, entry) == 1 then
+    local entries = acked[stream]
+    if not entries then
+      entries = {}
+      acked[stream] = entries
+      streams[#streams + 1] = stream
+    end
+    entries[#entries + 1] = entry
+  end
   local rec = prefix .. 'i:' .. id
   local st = redis.call('HGET', rec, 'st')
   if st and not final(st) then
@@ -21,14 +34,25 @@ for i = first_delivery, #ARGV, 4 do
       local pt = redis.call('HMGET', rec, 'p', 't')
       tally('delayed', pt[1], pt[2], -1)
     end
-    redis.call('HSET', rec, 'st', 'done', 'v', value, 'f', now)
-    redis.call('HDEL', rec, 'd', 'err')
+    -- The payload and any earlier error are blanked rather than deleted: one command less.
+    redis.call('HSET', rec, 'st', 'done', 'v', value, 'f', now, 'd', '', 'err', '')
     redis.call('PEXPIRE', rec, result_ttl_ms)
     res[#res + 1] = 1
-    done[#done + 1] = id
+    ndone = ndone + 1
+    done[ndone] = id
   else
     res[#res + 1] = 0
   end
 end
-if #done > 0 then redis.call('PUBLISH', prefix .. 'ch:done', table.concat(done, ',')) end
+for _, stream in ipairs(streams) do
+  local entries = acked[stream]
+  for first = 1, #entries, xdel_chunk do
+    redis.call('XDEL', stream, unpack(entries, first, math.min(first + xdel_chunk - 1, #entries)))
+  end
+  if redis.call('XLEN', stream) == 0 then
+    redis.call('DEL', stream)
+    redis.call('SREM', prefix .. 'streams', stream)
+  end
+end
+if ndone > 0 then redis.call('PUBLISH', prefix .. 'ch:done', table.concat(done, ',')) end
 return res

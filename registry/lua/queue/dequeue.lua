@@ -6,18 +6,26 @@
 --
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, consumer, count, lease_ms, max_deliveries
--- Returns: {items, wait_hint_ms}. items is one string: per item the fields id, entry, tenant,
---   kind, prio, batch, payload, deliveries, enqueued_ms, each as "<length>:<bytes>" (one bulk
---   reply instead of nine elements per item: the client parses replies far slower than Redis
---   builds them). wait_hint_ms: how long a consumer finding nothing may sleep.
+-- Returns: {values, lengths, wait_hint_ms}. values is one string: per item the fields id, entry,
+--   tenant, kind, prio, batch, payload, deliveries, enqueued_ms, back to back; lengths the
+--   length of each field in order, space-separated (two bulk replies instead of nine elements
+--   per item: the client parses replies far slower than Redis builds them, and splits these
+--   in C). wait_hint_ms: how long a consumer finding nothing may sleep.
 local consumer, count = ARGV[2], tonumber(ARGV[3])
 local lease_ms, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5])
 
-local out, packed = {}, {}
+local out, values, lengths, nfields = {}, {}, {}, 0
+
+-- One field of the reply: its value (never copied) and its length.
+local function field(v)
+  nfields = nfields + 1
+  values[nfields] = v
+  lengths[nfields] = #v
+end
 
 local function deliver(stream, entry, id, reclaimed)
   local rec = prefix .. 'i:' .. id
-  local f = redis.call('HMGET', rec, 'st', 'e', 'n')
+  local f = redis.call('HMGET', rec, 'st', 'e', 'n', 't', 'k', 'p', 'b', 'd', 'q')
   if not f[1] or final(f[1]) or f[2] ~= entry then
     ack(stream, entry)  -- stale entry: the item finished, expired or was queued again
     return
@@ -30,22 +38,21 @@ local function deliver(stream, entry, id, reclaimed)
   end
   n = n + 1
   redis.call('HSET', rec, 'st', 'running', 'n', n)
-  local d = redis.call('HMGET', rec, 't', 'k', 'p', 'b', 'd', 'q')
   out[#out + 1] = id
-  for _, v in ipairs({id, entry, d[1], d[2], d[3], d[4], d[5], tostring(n), d[6]}) do
-    packed[#packed + 1] = #v .. ':' .. v
-  end
+  field(id); field(entry); field(f[4]); field(f[5]); field(f[6]); field(f[7]); field(f[8])
+  field(tostring(n)); field(f[9])
 end
 
 -- 1. Retries whose backoff is over go back to the tail of their stream.
 local delayed = prefix .. 'delayed'
+local prepared = {}  -- nothing in this step deletes a stream
 for _, id in ipairs(redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)) do
   redis.call('ZREM', delayed, id)
   local rec = prefix .. 'i:' .. id
   local f = redis.call('HMGET', rec, 'st', 'p', 't')
   if f[1] == 'delayed' then
     tally('delayed', f[2], f[3], -1)
-    push(rec, id, f[2], f[3])
+    push(rec, id, f[2], f[3], prepared)
   end
 end
 
@@ -109,4 +116,4 @@ end
 local hint = math.max(math.floor(lease_ms / 4), 10)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #nxt == 2 then hint = math.min(hint, math.max(tonumber(nxt[2]) - now, 1)) end
-return {table.concat(packed), hint}
+return {table.concat(values), table.concat(lengths, ' '), hint}

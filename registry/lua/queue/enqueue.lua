@@ -1,20 +1,21 @@
 --! include: prelude/queue
 -- Adds items to the queue: each new item id gets its record and a stream entry, and its
--- tenant joins the rotation of its priority; an id already known is left as it is.
+-- tenant joins the rotation of its priority; an id already known is left as it is. Three
+-- commands per item (EXISTS, XADD, HSET); each stream is readied once per call.
 --
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, then per item: id, tenant, kind, priority, batch ('' for none), payload
 -- Returns: how many items were added
 local first_item = 2
 
-local added = 0
+local added, prepared = 0, {}
 for i = first_item, #ARGV, 6 do
   local id, tenant, kind, priority, batch, payload = unpack(ARGV, i, i + 5)
   local rec = prefix .. 'i:' .. id
   if redis.call('EXISTS', rec) == 0 then
+    local entry = append(id, priority, tenant, prepared)
     redis.call('HSET', rec, 't', tenant, 'k', kind, 'p', priority,
-      'b', batch, 'd', payload, 'n', 0, 'q', now)
-    push(rec, id, priority, tenant)
+      'b', batch, 'd', payload, 'n', 0, 'q', now, 'st', 'queued', 'e', entry)
     added = added + 1
   end
 end
