@@ -7,7 +7,9 @@
     result — from the first enqueue to the last stored result.
 
 Both run in one process on the same server, so the ratio (b)/(a) measures the queue's own cost.
-Bounded: ``--items`` (default 20,000) per run, then it stops.
+Bounded: ``--items`` (default 20,000) per run, then it stops. ``--cluster`` runs (a) and (b)
+again on a private 3-master Redis Cluster (every node on this machine; the queue is one slot, so
+one master) and prints both backends' rows with the ratio cluster/single.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from redis.asyncio import Redis
 
 from bench import machine
 from bench.machine import Limits
-from bench.processes import on_private_redis
-from bench.tables import Rate, print_table, quotient
+from bench.processes import on_private_cluster, on_private_redis
+from bench.tables import Rate, print_cluster_rows, print_table, quotient
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
@@ -169,11 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--cluster", action="store_true", help="also on a private Redis Cluster")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     raw, full, limits = machine.run(
         on_private_redis(lambda url: measure(url, args.items, args.concurrency))
     )
-    return 0 if print_results(raw, full, limits) else 1
+    met = print_results(raw, full, limits)
+    if args.cluster:
+        c_raw, c_full, _ = machine.run(
+            on_private_cluster(lambda url: measure(url, args.items, args.concurrency))
+        )
+        print("items/s, single Redis vs a 3-master Redis Cluster (same machine):")
+        print_cluster_rows(
+            [
+                (m.name, m.per_second, c.per_second, ",.0f")
+                for m, c in ((raw, c_raw), (full, c_full))
+            ]
+        )
+    return 0 if met else 1
 
 
 if __name__ == "__main__":
