@@ -22,7 +22,9 @@
    stream); CPU is the child's utime+stime (/proc/<pid>/stat) over 5 s of idling, as a
    percentage of one core.
 
-Bounded in count and time. ``python -m bench.flow_bench [--chats N] ...``.
+Bounded in count and time. ``python -m bench.flow_bench [--chats N] ...``. ``--cluster`` runs
+the chats and fan-out parts again on a private 3-master Redis Cluster (every node on this
+machine) after the single Redis, and prints both rows with the ratio cluster/single.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ from bench.machine import Limits
 from bench.processes import (
     Child,
     bench_settings,
+    on_private_cluster,
     on_private_redis,
     serve_until_sigterm,
     start_serving,
 )
-from bench.tables import Rate, percentile, print_table, quotient
+from bench.tables import Rate, percentile, print_cluster_rows, print_table, quotient
 from orchestrator.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -65,6 +68,7 @@ from orchestrator.v1 import (
 from query.v1 import query_pb2, query_pb2_grpc
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
+from registry.redis_url import parse_redis_url
 from server.gc_tuning import settle_heap
 from tests.support.redis_process import free_port
 from tests.support.servers import running_server, service, tenant
@@ -103,13 +107,19 @@ class ChatResult(Rate):
 
 
 async def redis_cpu_s(redis_url: str) -> float:
-    """The redis-server's CPU so far (user + system), in seconds."""
-    client = Redis.from_url(redis_url)
-    try:
-        info = await client.info("cpu")
-    finally:
-        await client.aclose()
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    """The redis-server's CPU so far (user + system), in seconds; for a cluster URL, the sum
+    over its seed nodes (the benchmarks' private clusters name every master)."""
+    target = parse_redis_url(redis_url)
+    urls = [f"redis://{host}:{port}" for host, port in target.seeds] or [redis_url]
+    total = 0.0
+    for url in urls:
+        client = Redis.from_url(url)
+        try:
+            info = await client.info("cpu")
+        finally:
+            await client.aclose()
+        total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return total
 
 
 async def drive_chats(
@@ -306,7 +316,13 @@ def reference_config(listen: str, orchestrator: str, deltas: int) -> ReferenceCo
 
 
 async def chats_on_orchestrator(
-    redis_url: str, chats: int, concurrency: int, sessions: int, deltas: int
+    redis_url: str,
+    chats: int,
+    concurrency: int,
+    sessions: int,
+    deltas: int,
+    *,
+    name: str = "orchestrator (Redis)",
 ) -> ChatResult:
     orchestrator_port, reference_port = free_port(), free_port()
     settings = bench_settings(
@@ -324,9 +340,7 @@ async def chats_on_orchestrator(
             # Warm up (channels, scripts, the reporter's stream), then measure.
             await drive_chats("warm-up", running.channel, session_ids, concurrency, concurrency)
             redis_before = await redis_cpu_s(redis_url)
-            result = await drive_chats(
-                "orchestrator (Redis)", running.channel, session_ids, chats, concurrency
-            )
+            result = await drive_chats(name, running.channel, session_ids, chats, concurrency)
             redis_ms = quotient((await redis_cpu_s(redis_url) - redis_before) * 1000, result.chats)
             return dataclasses.replace(result, redis_cpu_ms=redis_ms)
         finally:
@@ -821,7 +835,13 @@ def chat_ratio(orchestrator: ChatResult, relay: ChatResult) -> float:
     return quotient(orchestrator.per_second, relay.per_second)
 
 
-def print_chats(orchestrator: ChatResult, relay: ChatResult, limits: Limits) -> None:
+def print_chats(
+    orchestrator: ChatResult,
+    relay: ChatResult,
+    limits: Limits,
+    on_cluster: ChatResult | None = None,
+) -> None:
+    """The chats table; with ``on_cluster``, its row too and the cluster/single ratios."""
     ratio = chat_ratio(orchestrator, relay)
     print("1. chats: SendMessage -> completed (reference service, step delay 0)")
     print_table(
@@ -849,7 +869,7 @@ def print_chats(orchestrator: ChatResult, relay: ChatResult, limits: Limits) -> 
                     f"{c.redis_cpu_ms:.2f}" if c.redis_cpu_ms else "",
                     limits.unary_fraction(c.per_second),
                 )
-                for c in (relay, orchestrator)
+                for c in (relay, orchestrator, *([on_cluster] if on_cluster else []))
             ),
             ("bare grpc.aio unary echo", "", "", f"{limits.unary_per_s:,.0f}", "", "", "", "", "1"),
         ]
@@ -858,6 +878,47 @@ def print_chats(orchestrator: ChatResult, relay: ChatResult, limits: Limits) -> 
     print(f"ratio orchestrator/relay = {ratio:.2f} (target >= {TARGET_CHAT_RATIO}) {verdict}")
     cpu = quotient(relay.cpu_ms, orchestrator.cpu_ms + orchestrator.redis_cpu_ms)
     print(f"CPU per chat relay/(orchestrator + its Redis) = {cpu:.2f}")
+    if on_cluster is not None:
+        print_cluster_chats(orchestrator, on_cluster)
+
+
+def print_cluster_chats(single: ChatResult, cluster: ChatResult) -> None:
+    print("chats, orchestrator on a single Redis vs a 3-master Redis Cluster (same machine):")
+    print_cluster_rows(
+        [
+            ("chats/s", single.per_second, cluster.per_second, ",.0f"),
+            ("p50 ms", single.p50_ms, cluster.p50_ms, ".1f"),
+            ("p99 ms", single.p99_ms, cluster.p99_ms, ".1f"),
+            ("CPU ms/chat (this process)", single.cpu_ms, cluster.cpu_ms, ".2f"),
+            ("Redis CPU ms/chat (all nodes)", single.redis_cpu_ms, cluster.redis_cpu_ms, ".2f"),
+        ]
+    )
+
+
+def fanout_line(f: FanoutResult) -> str:
+    return (
+        f"{f.per_second:,.0f} delivered events/s (target >= {TARGET_FANOUT_EPS:,.0f})"
+        f"; at {f.paced_rate:,.0f} events/s p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms"
+        f" (target <= {TARGET_FANOUT_P99_MS:.0f} ms); CPU per delivered event: server"
+        f" {f.cpu_us_per_event:.1f} us, client {f.client_cpu_us_per_event:.1f} us"
+    )
+
+
+def print_cluster_fanout(single: FanoutResult, cluster: FanoutResult) -> None:
+    print("fan-out, orchestrator on a single Redis vs a 3-master Redis Cluster (same machine):")
+    print_cluster_rows(
+        [
+            ("peak delivered events/s", single.per_second, cluster.per_second, ",.0f"),
+            ("paced p50 ms", single.p50_ms, cluster.p50_ms, ".2f"),
+            ("paced p99 ms", single.p99_ms, cluster.p99_ms, ".2f"),
+            (
+                "server CPU us/event (peak)",
+                single.cpu_us_per_event,
+                cluster.cpu_us_per_event,
+                ".1f",
+            ),
+        ]
+    )
 
 
 def print_results(r: Results) -> None:
@@ -975,6 +1036,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only", choices=["chats", "fanout", "idle"], help="run only this part (its figures alone)"
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also run chats and fan-out on a private 3-master Redis Cluster; print both",
+    )
     p.add_argument("--serve-child", nargs=2, metavar=("REDIS_URL", "QUERY_ADDRESS"))
     return p
 
@@ -983,12 +1049,11 @@ def run_part(args: argparse.Namespace) -> int:
     """``--only fanout`` or ``--only idle``: that part's figures alone."""
     if args.only == "fanout":
         f = machine.run(on_private_redis(lambda url: fanout_part(url, args)))
-        print(
-            f"fan-out: {f.per_second:,.0f} delivered events/s (target >= {TARGET_FANOUT_EPS:,.0f})"
-            f"; at {f.paced_rate:,.0f} events/s p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms"
-            f" (target <= {TARGET_FANOUT_P99_MS:.0f} ms); CPU per delivered event: server"
-            f" {f.cpu_us_per_event:.1f} us, client {f.client_cpu_us_per_event:.1f} us"
-        )
+        print(f"fan-out: {fanout_line(f)}")
+        if args.cluster:
+            on_cluster = machine.run(on_private_cluster(lambda url: fanout_part(url, args)))
+            print(f"fan-out on the cluster: {fanout_line(on_cluster)}")
+            print_cluster_fanout(f, on_cluster)
         return 0 if f.per_second >= TARGET_FANOUT_EPS and f.p99_ms <= TARGET_FANOUT_P99_MS else 1
     i = machine.run(on_private_redis(lambda url: idle_part(url, args)))
     print(
@@ -996,6 +1061,22 @@ def run_part(args: argparse.Namespace) -> int:
         f"CPU {i.cpu_percent:.1f} % of a core over {i.idle_s:.1f} s"
     )
     return 0 if i.kb_per_stream <= TARGET_IDLE_KB else 1
+
+
+def cluster_chats(args: argparse.Namespace) -> ChatResult:
+    """The orchestrator's chats on a private cluster (``--cluster``), the same shape."""
+    return machine.run(  # type: ignore[no-any-return]
+        on_private_cluster(
+            lambda url: chats_on_orchestrator(
+                url,
+                args.chats,
+                args.concurrency,
+                args.sessions,
+                args.deltas,
+                name="orchestrator (Redis Cluster)",
+            )
+        )
+    )
 
 
 async def fanout_part(redis_url: str, args: argparse.Namespace) -> FanoutResult:
@@ -1027,12 +1108,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("server.app").setLevel(logging.ERROR)
     if args.only == "chats":
         orchestrator, relay, limits = machine.run(on_private_redis(lambda url: chats(url, args)))
-        print_chats(orchestrator, relay, limits)
+        print_chats(orchestrator, relay, limits, cluster_chats(args) if args.cluster else None)
         return 0 if chat_ratio(orchestrator, relay) >= TARGET_CHAT_RATIO else 1
     if args.only in ("fanout", "idle"):
         return run_part(args)
     results = machine.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
+    if args.cluster:
+        print_cluster_chats(results.orchestrator, cluster_chats(args))
+        on_cluster = machine.run(on_private_cluster(lambda url: fanout_part(url, args)))
+        print_cluster_fanout(results.fanout, on_cluster)
     return 0 if all(results.verdicts().values()) else 1
 
 

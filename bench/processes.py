@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import Settings
 from server.gc_tuning import settle_heap
+from tests.support.redis_cluster import RedisClusterProcess
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import running_server, test_settings
 
@@ -186,3 +187,19 @@ async def on_private_redis(measure: Callable[[str], Awaitable[T]]) -> T:
         return await measure(redis_server.url)
     finally:
         redis_server.close()
+
+
+async def on_private_cluster(measure: Callable[[str], Awaitable[T]]) -> T:
+    """``measure(cluster_url)`` on a private 3-master Redis Cluster (``redis+cluster://``, every
+    node on this machine), stopped afterwards."""
+    with RedisClusterProcess() as cluster:
+        return await measure(cluster.url)
+
+
+async def on_redis_and_cluster(
+    measure: Callable[[str], Awaitable[T]], *, cluster: bool
+) -> tuple[T, T | None]:
+    """``measure`` on a private single Redis, then (``cluster``) on a private cluster: the same
+    shape on both backends in one run (None for the cluster when not asked)."""
+    single = await on_private_redis(measure)
+    return single, (await on_private_cluster(measure) if cluster else None)

@@ -12,6 +12,9 @@ are run and the median of the rounds' ratios is the verdict; each path's figures
 round. Beside the rates: CPU per item of this process (the client: redis-py, the worker) and of
 the redis-server (INFO cpu), which load on the machine moves far less than the rates.
 Bounded: ``--items`` (default 20,000) per round and path, then it stops.
+``--cluster`` runs the rounds again on a private 3-master Redis Cluster (every node on this
+machine; the queue is one slot, so one master) and prints both backends' rows (median rounds)
+with the ratio cluster/single.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from redis.asyncio import Redis
 
 from bench import machine
 from bench.machine import Limits
-from bench.processes import on_private_redis
-from bench.tables import Rate, print_table, quotient
+from bench.processes import on_private_cluster, on_private_redis
+from bench.tables import Rate, print_cluster_rows, print_table, quotient
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
@@ -246,13 +249,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cluster", action="store_true", help="also on a private Redis Cluster")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.rounds < 1 or args.items < 1:
         parser.error("--rounds and --items must be at least 1")
     rounds, limits = machine.run(
         on_private_redis(lambda url: measure(url, args.items, args.concurrency, args.rounds))
     )
-    return 0 if print_results(rounds, limits) else 1
+    met = print_results(rounds, limits)
+    if args.cluster:
+        c_rounds, _ = machine.run(
+            on_private_cluster(lambda url: measure(url, args.items, args.concurrency, args.rounds))
+        )
+        print("items/s, single Redis vs a 3-master Redis Cluster (same machine; median rounds):")
+        print_cluster_rows(
+            [
+                (m.name, m.per_second, c.per_second, ",.0f")
+                for m, c in (
+                    (Rounds.median(rounds.raw), Rounds.median(c_rounds.raw)),
+                    (Rounds.median(rounds.queue), Rounds.median(c_rounds.queue)),
+                )
+            ]
+        )
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

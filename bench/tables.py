@@ -34,6 +34,28 @@ def fraction(part: float, limit: float) -> str:
     return f"{part / limit:.3f}" if limit > 0 else "-"
 
 
+CLUSTER_HEADER = ("measure", "single Redis", "Redis Cluster (3 masters)", "cluster/single")
+
+
+def print_cluster_rows(rows: Sequence[tuple[str, float, float, str]]) -> None:
+    """One row per measure: (name, on single Redis, on the cluster, format) and the quotient
+    cluster/single; the cluster's masters share this machine's cores with everything else."""
+    print_table(
+        [
+            CLUSTER_HEADER,
+            *(
+                (
+                    name,
+                    format(single, fmt),
+                    format(cluster, fmt),
+                    f"{quotient(cluster, single):.2f}",
+                )
+                for name, single, cluster, fmt in rows
+            ),
+        ]
+    )
+
+
 class Rate:
     """A measurement of things done in ``seconds``: the base of the benchmarks' result
     dataclasses, which name the field holding the count in ``COUNTED``."""

@@ -1,5 +1,8 @@
 """A private Redis Cluster: three masters on free loopback ports, each in its own directory,
-joined with ``redis-cli --cluster create`` (no replicas)."""
+joined with ``redis-cli --cluster create`` (no replicas).
+
+No pytest here: the test fixtures (tests/conftest.py) and the benchmarks (bench.processes) both
+start their clusters with :class:`RedisClusterProcess`."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from types import TracebackType
 
 import redis
 
@@ -128,5 +132,25 @@ class RedisClusterProcess:
                 node.flushall()
 
     def close(self) -> None:
+        """Stop every node and remove its directory, each even when another's stop fails."""
+        errors: list[BaseException] = []
         for node in self.nodes:
-            node.close()
+            try:
+                node.close()
+            except BaseException as exc:  # every node is stopped, then the first re-raised
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> RedisClusterProcess:
+        """Started; stopped on the way out of the block."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
