@@ -656,7 +656,9 @@ async def publish_all(
     **publish_args: Any,
 ) -> None:
     """``publishers`` streams, each for its own share of the jobs (so per-job order holds);
-    ``publish_args`` go to :func:`publish`."""
+    ``publish_args`` go to :func:`publish`. No more streams than jobs: a stream without a job
+    of its own would have nothing to publish for."""
+    publishers = max(1, min(publishers, len(jobs)))
     shares = [jobs[p::publishers] for p in range(publishers)]
     counts = [
         notices // publishers + (1 if p < notices % publishers else 0) for p in range(publishers)

@@ -25,3 +25,10 @@ async def test_fanout_and_idle_streams_on_a_child_orchestrator(redis_url: str) -
     assert fan.paced_delivered > 0 and fan.p99_ms >= fan.p50_ms > 0
     idle = await flow_bench.idle_streams(redis_url, sessions=4, per_session=3, idle_s=0.2)
     assert idle.streams == 12 and idle.rss_after > 0 and idle.cpu_s >= 0
+
+
+async def test_fanout_runs_with_more_publishers_than_sessions(redis_url: str) -> None:
+    fan = await flow_bench.fanout(
+        redis_url, sessions=2, per_session=2, notices=20, publishers=8, paced_s=0.2
+    )
+    assert fan.streams == 4 and fan.delivered == 40
