@@ -12,10 +12,15 @@ from redis.asyncio import Redis
 
 from server.event_loop import loop_factory
 from tests.support.redis_cluster import RedisClusterProcess
-from tests.support.redis_process import RedisProcess
+from tests.support.redis_process import RedisProcess, sweep_orphans
 from tests.support.servers import RunningServer, running_server, test_settings
 
 pytest_plugins = ["tests.support.watchdog"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Servers left by an earlier run that was killed (no teardown ran) are stopped first."""
+    sweep_orphans()
 
 
 def pytest_asyncio_loop_factories(

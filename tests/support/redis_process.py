@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import socket
@@ -50,6 +51,49 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_DIR_PREFIX = "orch-redis-"
+_OWNER_FILE = "owner.pid"
+_SERVER_FILE = "server.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False  # a zombie: ended, not yet reaped by its parent
+    return True
+
+
+def sweep_orphans(root: Path | None = None) -> int:
+    """Stop the redis-servers of test and bench processes that are gone, and remove their
+    directories; how many servers were stopped.
+
+    A process killed (or ended by the hard per-test bound) runs no teardown, so its servers
+    would outlive it. A server is only stopped when its directory's owner process is gone and
+    the process recorded for it is a redis-server working in that directory (Redis changes
+    into its ``--dir``), so a reused pid is never hit."""
+    stopped = 0
+    for directory in Path(root or tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*"):
+        try:
+            owner = int((directory / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being made
+        if _alive(owner):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            server = int((directory / _SERVER_FILE).read_text())
+            if os.readlink(f"/proc/{server}/cwd") == os.path.realpath(directory) and _alive(server):
+                os.kill(server, 9)
+                stopped += 1
+        shutil.rmtree(directory, ignore_errors=True)
+    return stopped
+
+
 class RedisProcess:
     """A redis-server child process, without persistence unless ``appendonly`` (AOF, fsync on
     every write); can be stopped (or killed) and started again on the same port, keeping its
@@ -69,7 +113,8 @@ class RedisProcess:
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args
-        self._dir = tempfile.TemporaryDirectory(prefix="orch-redis-")
+        self._dir = tempfile.TemporaryDirectory(prefix=_DIR_PREFIX)
+        (self.directory / _OWNER_FILE).write_text(str(os.getpid()))
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,6 +150,7 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        (self.directory / _SERVER_FILE).write_text(str(self._proc.pid))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
