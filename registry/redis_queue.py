@@ -279,11 +279,7 @@ class RedisWorkQueue(RedisStore):
             outcome = await self._scripts.run(
                 "fail",
                 args=[
-                    self._prefix,
-                    item.item_id,
-                    self._stream(item),
-                    item.receipt,
-                    item.consumer,
+                    *self._delivery(item),
                     error,
                     "1" if retry else "0",
                     config.max_deliveries,
@@ -297,16 +293,15 @@ class RedisWorkQueue(RedisStore):
         with redis_errors_as_unavailable():
             released = await self._scripts.run(
                 "release",
-                args=[
-                    self._prefix,
-                    item.item_id,
-                    self._stream(item),
-                    item.receipt,
-                    item.consumer,
-                    delay_ms,
-                ],
+                args=[*self._delivery(item), delay_ms],
             )
         return bool(released)
+
+    def _delivery(self, item: WorkItem) -> list[str]:
+        """The first arguments of the scripts that end or give back one delivery (fail,
+        release): the queue's prefix, the item, its stream, the delivery's receipt and
+        consumer."""
+        return [self._prefix, item.item_id, self._stream(item), item.receipt, item.consumer]
 
     async def get_result(self, item_id: str) -> WorkResult | None:
         with redis_errors_as_unavailable():
