@@ -15,16 +15,15 @@ final event at once. Each item thus reaches its service as one job, and its usag
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from domain.batch_models import ItemKind, ItemOutcome, ItemRef, ItemStart, ItemState
 from domain.batches import BatchManager
 from domain.chat import BATCH_AGENT_ID, ChatMessage, ChatOrchestrator
+from domain.coalesced import Coalesced
 from domain.dispatch import CallContext
 from domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from domain.ids import derived_id
@@ -36,9 +35,6 @@ from domain.service_caps import OverLimit
 from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
-
-Request = TypeVar("Request")
-Reply = TypeVar("Reply")
 
 DONE = b"done"
 # An item on its batch's own session reads the session (sliding its expiry) at most this often
@@ -87,51 +83,6 @@ def _refused(exc: DomainError) -> ItemOutcome:
 
 class FollowInterrupted(Exception):
     """The session's events stopped before the job's final one while the session is open."""
-
-
-class Coalesced(Generic[Request, Reply]):
-    """Calls to one store step made in the same event loop iteration (items leased together,
-    finals read from the same pub/sub chunk), sent as one call: ``send`` takes the requests and
-    answers them in order. A caller that goes away does not take its request back (it is sent
-    with the others, like a call already on the wire); an error fails every request of the
-    call."""
-
-    def __init__(self, send: Callable[[list[Request]], Awaitable[Sequence[Reply]]]) -> None:
-        self._send = send
-        self._pending: list[tuple[Request, asyncio.Future[Reply]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
-
-    async def __call__(self, request: Request) -> Reply:
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[Reply] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((request, reply))
-        return await reply
-
-    def _flush(self) -> None:
-        calls, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._call(calls))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _call(self, calls: list[tuple[Request, asyncio.Future[Reply]]]) -> None:
-        try:
-            replies = await self._send([request for request, _ in calls])
-            if len(replies) != len(calls):  # never left waiting on a short answer
-                raise RuntimeError(f"{len(replies)} answers to {len(calls)} requests")
-        except Exception as exc:
-            for _, reply in calls:
-                if not reply.done():
-                    reply.set_exception(exc)
-            return
-        except asyncio.CancelledError:
-            for _, reply in calls:
-                reply.cancel()
-            raise
-        for (_, reply), value in zip(calls, replies, strict=True):
-            if not reply.done():
-                reply.set_result(value)
 
 
 class BatchRunner:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from domain.batch_runner import Coalesced
+from domain.coalesced import Coalesced
 from domain.errors import Unavailable
 
 
