@@ -210,6 +210,11 @@ class RedisJobStore(RedisStore):
             return found
         with redis_errors_as_unavailable():
             raw = await self._redis.get(self._keys.job_index(job_id))
+        return self._located(job_id, raw)
+
+    def _located(self, job_id: str, raw: bytes | str | None) -> tuple[str, str] | None:
+        """The (tenant, session) of a job index entry read from Redis, remembered; None when
+        the job has none."""
         if raw is None:
             return None
         tenant_id, _, session_id = as_str(raw).partition(" ")
@@ -494,10 +499,9 @@ class RedisJobStore(RedisStore):
             with redis_errors_as_unavailable():
                 raws = await pipe.execute()
         for job_id, raw in zip(unknown, raws, strict=True):
-            if raw is not None:
-                tenant_id, _, session_id = as_str(raw).partition(" ")
-                self._remember(job_id, tenant_id, session_id)
-                found[job_id] = (tenant_id, session_id)
+            location = self._located(job_id, raw)
+            if location is not None:
+                found[job_id] = location
         return found
 
     async def apply_notices(
