@@ -73,6 +73,8 @@ class BackendConfig:
     event_log_max_events: int = 1000
     event_log_ttl_ms: int = 24 * 3600 * 1000
     batch_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Shards of each work queue (registry.redis_queue); None: 1 on one Redis, 8 on a cluster.
+    queue_shards: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +279,9 @@ def open_redis_backend(config: BackendConfig) -> Backend:
     events = RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S)
 
     def open_queue(name: str, queue_config: QueueConfig | None) -> WorkQueue:
-        return RedisWorkQueue(queue_redis, keys, queue=name, config=queue_config)
+        return RedisWorkQueue(
+            queue_redis, keys, queue=name, config=queue_config, shards=config.queue_shards
+        )
 
     return Backend(
         instance=RedisInstance(redis, keys),
