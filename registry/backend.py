@@ -35,6 +35,7 @@ from registry.agent_cache_redis import RedisAgentCache
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
 from registry.fanout import LocalFanout
+from registry.keys import MAX_QUEUE_SHARDS as MAX_QUEUE_SHARDS  # for the settings' bound
 from registry.keys import KeySpace
 from registry.memory_batches import MemoryBatchStore
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore

@@ -301,7 +301,15 @@ class RedisWorkQueue(RedisStore):
         """The whole dequeue of an unsharded queue: one script, one round trip."""
         values, lengths, hint_ms, *_ = await self._scripts.run(
             "dequeue",
-            args=[self._prefix, consumer, count, lease_ms, self._config.max_deliveries],
+            args=[
+                self._prefix,
+                consumer,
+                count,
+                lease_ms,
+                self._config.max_deliveries,
+                "all",
+                "low",
+            ],
         )
         return self._items(consumer, values, lengths, 0), int(hint_ms)
 
@@ -315,7 +323,7 @@ class RedisWorkQueue(RedisStore):
         in its shard takes its turn like a tenant in a crowded one)."""
         base: list[str | bytes | int] = [consumer, count, lease_ms, self._config.max_deliveries]
         peeked = await self._on_shards(
-            "dequeue", [(shard, [*base, "peek"]) for shard in range(self._shards)]
+            "dequeue", [(shard, [*base, "peek", "low"]) for shard in range(self._shards)]
         )
         items: list[WorkItem] = []
         levels: dict[int, list[int]] = {}

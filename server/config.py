@@ -19,8 +19,7 @@ from domain.service_caps import (
     parse_cap_overrides,
 )
 from domain.usage import BudgetRules, parse_budget_overrides
-from registry.backend import redis_url_problem
-from registry.keys import MAX_QUEUE_SHARDS
+from registry.backend import MAX_QUEUE_SHARDS, redis_url_problem
 
 
 class SettingsError(ValueError):
@@ -98,8 +97,9 @@ class Settings:
     queue_shards: int = _env(
         "ORCH_QUEUE_SHARDS",
         0,
-        "shards of each work queue, each in a cluster slot of its own (at most 256; every "
-        "process of a deployment must use the same count); 0: 1 on one Redis, 8 on a cluster",
+        "shards of each work queue, each in a cluster slot of its own, at most 256; 0: 1 on one "
+        "Redis, 8 on a cluster. Every process must use the same count; raise it, never lower it "
+        "(the shards dropped would keep their items)",
         at_least=0,
     )
     session_default_ttl: float = _env(

@@ -20,7 +20,7 @@
 --   high, normal, low: how many tenants of each level have undelivered entries afterwards.
 local consumer, count = ARGV[2], tonumber(ARGV[3])
 local lease_ms, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5])
-local mode, floor = ARGV[6] or 'all', ARGV[7] or 'low'
+local mode, floor = ARGV[6], ARGV[7]
 local levels = {'high', 'normal', 'low'}
 
 local out, values, lengths, nfields = {}, {}, {}, 0
