@@ -1,11 +1,35 @@
 """The work queue on Redis Streams consumer groups (no queue library).
 
-Design (key layout in registry/lua/prelude/queue.lua, scripts in registry/lua/queue/):
+Design (key layout in registry/lua/prelude/queue.lua, scripts in registry/lua/queue/, ADR 0014
+for the shards):
 
+- **Shards.** A queue is split into ``shards`` shards (``ORCH_QUEUE_SHARDS``; 1 on one Redis,
+  8 on a cluster), each a complete queue under a hash tag of its own (``KeySpace.work_queue``),
+  so on a cluster the shards sit in different slots, spread over the masters, and no script
+  touches two slots. Shard 0 keeps the unsharded tag ``{q:<queue>}``: items queued before the
+  sharding run after it. Every item of a tenant goes to one shard (``queue_shard_of``), which
+  keeps the tenant's order and its place in its shard's rotation. A delivery's receipt names
+  its shard (``<shard>/<entry>``; shard 0's receipts are bare entry ids, as before), so
+  renew, complete, fail and release go straight to it; reads by item id alone (results, dead
+  letters, redrive) ask every shard in one pipeline. A one-shard queue runs every dequeue as
+  one script, as before the sharding.
+- **Dequeue across shards.** One pipeline (one round trip; on a cluster one per master, in
+  parallel) runs ``dequeue`` in mode ``peek`` on every shard: due retries back to their
+  streams, expired leases reclaimed (up to count per shard; a surplus over count is released
+  at once), and the shard's number of tenants with undelivered work per level. Then take
+  rounds (usually one) run mode ``take`` on the shards holding the highest level present
+  anywhere, never serving below it, so a higher-priority item in any shard goes before a
+  lower one. The count is shared among those shards by their tenants at that level, with a
+  smooth weighted round robin whose credit carries over between calls: a tenant alone in its
+  shard gets the same turns as one among many in another, and single-item dequeues alternate.
+  The items of a round are interleaved shard by shard, turn by turn. A round that leaves
+  count unfilled while a shard still has work runs again (at most ``_TAKE_ROUNDS``).
 - **Priorities and fairness.** One stream per (priority, tenant), each with consumer group
   ``w``. Per level a rotation list holds the tenants that may have undelivered entries; dequeue
   walks the levels highest first and, within a level, takes one entry from the tenant at the
-  head of the rotation and moves it to the tail (``LMOVE``). So a tenant with 10,000 queued
+  head of the rotation and moves it to the tail (``LMOVE``); a tenant leaves the rotation as
+  soon as the entry it was served is its stream's last, so a rotation's length is the number
+  of tenants with work at its level (the peek reads it). So a tenant with 10,000 queued
   items and another with one alternate: the single item is served on the second turn.
 - **At-least-once.** Reading an entry (``XREADGROUP``) leaves it in the group's pending entries
   list with its consumer and idle time; that pending entry *is* the lease. A running item's
@@ -23,10 +47,16 @@ Design (key layout in registry/lua/prelude/queue.lua, scripts in registry/lua/qu
   entries); every acknowledged entry is deleted, and an empty stream is dropped with its group.
   Finished records expire after ``result_ttl_ms``; dead ones stay until redriven.
 - **Waiting without polling.** One pub/sub connection per queue object carries "item finished"
-  and "work ready" notices to every local waiter; waiters re-check Redis only on a notice, on a
-  reconnect, or every few seconds as a safety net, never in a tight loop. Reads on that
-  connection use a bounded ``get_message`` timeout, so the client's socket timeout never cuts a
-  blocking read short.
+  and "work ready" notices of every shard (each shard publishes on its own ``ch:done`` and
+  ``ch:ready``; classic pub/sub, broadcast over a cluster) to every local waiter; waiters
+  re-check Redis only on a notice, on a reconnect, or every few seconds as a safety net,
+  never in a tight loop. Reads on that connection use a bounded ``get_message`` timeout, so
+  the client's socket timeout never cuts a blocking read short. A sharded queue also keeps,
+  from the ready notices (each names the highest level that became ready), its view of which
+  shard has work at which level: while the listener stays subscribed, a dequeue trusts that
+  view for up to the peek's wait hint (at most a second) and skips the peek, one round trip
+  instead of two. Priority across shards then holds as of the latest notice (a notice is
+  sub-millisecond behind its enqueue; this process's own enqueues count at once).
 
 The client must be created with ``decode_responses=False`` (payloads and results are opaque
 bytes); :func:`create_queue_redis` makes one.
@@ -37,7 +67,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate, zip_longest
 from typing import Any
 
@@ -103,12 +133,22 @@ def create_queue_redis(
 class _Listener:
     """One pub/sub subscription shared by every waiter of a queue object."""
 
-    def __init__(self, redis: Redis, done_channels: list[str], ready_channels: list[str]) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        done_channels: list[str],
+        ready_channels: list[str],
+        on_ready: Callable[[int, bytes], None] | None = None,
+    ) -> None:
         self._redis = redis
         self._done_channels = {channel.encode() for channel in done_channels}
-        self._ready_channels = {channel.encode() for channel in ready_channels}
+        # A ready notice is passed on with the index of its channel (the shard) and its data.
+        self._ready_channels = {channel.encode(): i for i, channel in enumerate(ready_channels)}
+        self._on_ready = on_ready
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self.work_ready = asyncio.Event()
+        # Counts the subscriptions made: notices are known complete since the current one only.
+        self.epoch = 0
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -119,6 +159,11 @@ class _Listener:
             self._task = asyncio.create_task(self._run(), name="work-queue-listener")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), timeout_s)
+        return self._subscribed.is_set()
+
+    @property
+    def listening(self) -> bool:
+        """Subscribed now: every notice from now on arrives (until the connection is lost)."""
         return self._subscribed.is_set()
 
     def watch(self, item_id: str) -> asyncio.Event:
@@ -149,6 +194,7 @@ class _Listener:
             pubsub: PubSub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(*self._done_channels, *self._ready_channels)
+                self.epoch += 1
                 self._subscribed.set()
                 self.wake_all()  # anything may have happened while we were not listening
                 while True:
@@ -171,10 +217,13 @@ class _Listener:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message.get("channel")
-        if channel in self._ready_channels:
-            self.work_ready.set()
-            return
         data = message.get("data")
+        shard = self._ready_channels.get(channel) if isinstance(channel, bytes) else None
+        if shard is not None:
+            self.work_ready.set()
+            if self._on_ready is not None:
+                self._on_ready(shard, data if isinstance(data, bytes) else b"")
+            return
         if channel not in self._done_channels or not isinstance(data, bytes):
             return
         for item_id in data.decode().split(","):
@@ -184,6 +233,11 @@ class _Listener:
 
 # How many take rounds one dequeue of a sharded queue makes at most after its peek.
 _TAKE_ROUNDS = 4
+# Longest a sharded queue trusts its view of the shards without a peek.
+_VIEW_TTL_S = 1.0
+# Ready notices kept between peeks at most (then the view is dropped).
+_NOTICES_KEPT = 1000
+_LEVELS = {priority.value.encode(): i for i, priority in enumerate(PRIORITY_ORDER)}
 # Shards of a work queue when ORCH_QUEUE_SHARDS is unset: one Redis runs every shard on its one
 # thread (more shards only cost round trips), while a cluster needs shards on each master.
 DEFAULT_SHARDS_SINGLE = 1
@@ -224,8 +278,21 @@ class RedisWorkQueue(RedisStore):
         self._scripts = self._runners[0]
         self._config = config or QueueConfig()
         self._listener = _Listener(
-            redis, [p + "ch:done" for p in self._prefixes], [p + "ch:ready" for p in self._prefixes]
+            redis,
+            [p + "ch:done" for p in self._prefixes],
+            [p + "ch:ready" for p in self._prefixes],
+            self._noticed if count > 1 else None,
         )
+        # A sharded queue's view of its shards: per shard, the tenants with work at each level
+        # (PRIORITY_ORDER), from the last peek, the takes since and the ready notices since
+        # (each names its highest level). Trusted instead of a peek only while the listener
+        # has stayed subscribed since the peek, and for at most the peek's wait hint (a retry
+        # falling due or a lease scan, which only a peek does) or _VIEW_TTL_S.
+        self._view: dict[int, list[int]] | None = None
+        self._view_epoch = -1
+        self._view_until = 0.0
+        # The ready notices (shard, level or None) since the last peek began.
+        self._notices: list[tuple[int, int | None]] = []
         # Smooth weighted round robin over the shards (weight: tenants with work at the level
         # served), so tenants in different shards take turns as they do within one shard.
         self._credit: dict[int, int] = {}
@@ -253,8 +320,11 @@ class RedisWorkQueue(RedisStore):
         if not items:
             return 0
         per_shard: dict[int, list[str | bytes]] = {}
+        best: dict[int, int] = {}  # per shard, the highest level enqueued (its index)
         for item in items:
             shard = self.shard_of(item.tenant_id)
+            level = PRIORITY_ORDER.index(item.priority)
+            best[shard] = min(best.get(shard, level), level)
             args = per_shard.setdefault(shard, [self._prefixes[shard]])
             args += [
                 item.item_id,
@@ -267,10 +337,15 @@ class RedisWorkQueue(RedisStore):
         with redis_errors_as_unavailable():
             if len(per_shard) == 1:
                 [(shard, args)] = per_shard.items()
-                return int(await self._runners[shard].run("enqueue", args=args))
-            added = await self._on_shards(
-                "enqueue", [(shard, args[1:]) for shard, args in per_shard.items()]
-            )
+                added = [await self._runners[shard].run("enqueue", args=args)]
+            else:
+                added = await self._on_shards(
+                    "enqueue", [(shard, args[1:]) for shard, args in per_shard.items()]
+                )
+        if self._shards > 1:
+            # This process's dequeues see its own enqueues at once, before their notices.
+            for shard, level in best.items():
+                self._noticed(shard, PRIORITY_ORDER[level].value.encode())
         return sum(int(n) for n in added)
 
     async def dequeue(
@@ -316,27 +391,85 @@ class RedisWorkQueue(RedisStore):
     async def _dequeue_sharded(
         self, consumer: str, count: int, lease_ms: int
     ) -> tuple[list[WorkItem], int]:
-        """Dequeue across the shards: one round trip peeks at every shard (due retries and
-        expired leases handled there, each shard's levels read), then take rounds lease new
-        entries of the highest level any shard has, shared among the shards holding it by
-        their number of tenants at that level (smooth weighted round robin, so a tenant alone
-        in its shard takes its turn like a tenant in a crowded one)."""
+        """Dequeue across the shards: a peek at every shard in one round trip (due retries
+        and expired leases handled there, each shard's levels read; skipped while the view of
+        the shards is fresh), then take rounds that lease new entries of the highest level any
+        shard has, shared among the shards holding it by their number of tenants at that level
+        (smooth weighted round robin, so a tenant alone in its shard takes its turn like a
+        tenant in a crowded one)."""
+        loop = asyncio.get_running_loop()
         base: list[str | bytes | int] = [consumer, count, lease_ms, self._config.max_deliveries]
+        listener = self._listener
+        items: list[WorkItem] = []
+        hint_ms = max(lease_ms, 10)
+        for attempt in (1, 2):
+            now = loop.time()
+            view = self._view
+            if (
+                attempt == 1
+                and view is not None
+                and listener.listening
+                and listener.epoch == self._view_epoch
+                and now < self._view_until
+            ):
+                levels = view
+                hint_ms = max(int((self._view_until - now) * 1000), 1)
+            else:
+                view = None
+                levels, hint_ms = await self._peek(base, items, count, lease_ms)
+            expected = any(any(t) for t in levels.values())
+            got = len(items)
+            await self._take_rounds(base, items, count, levels)
+            if view is None or len(items) > got or not expected:
+                break
+            # The view promised work that was gone (taken by other consumers): look again.
+            self._view = None
+        return items, hint_ms
+
+    async def _peek(
+        self, base: list[str | bytes | int], items: list[WorkItem], count: int, lease_ms: int
+    ) -> tuple[dict[int, list[int]], int]:
+        """Run mode 'peek' on every shard (one round trip); reclaimed items are added to
+        ``items`` (a surplus over ``count`` released). Returns each shard's levels, which
+        become the view of the shards, and the wait hint."""
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        epoch = listener.epoch if listener.listening else -1
+        started = loop.time()
+        self._notices = []
         peeked = await self._on_shards(
             "dequeue", [(shard, [*base, "peek", "low"]) for shard in range(self._shards)]
         )
-        items: list[WorkItem] = []
         levels: dict[int, list[int]] = {}
         hint_ms = max(lease_ms, 10)
+        reclaimed: list[WorkItem] = []
         for shard, (values, lengths, hint, *tenants) in enumerate(peeked):
-            items += self._items(consumer, values, lengths, shard)
+            reclaimed += self._items(str(base[0]), values, lengths, shard)
             hint_ms = min(hint_ms, int(hint))
             levels[shard] = [int(n) for n in tenants]
-        if len(items) > count:
+        if len(items) + len(reclaimed) > count:
             # Expired leases reclaimed by several shards at once beyond count (each shard may
             # reclaim up to count): give the surplus back at once, its delivery not counted.
-            surplus, items = items[count:], items[:count]
-            await self._release_all(surplus)
+            keep = count - len(items)
+            await self._release_all(reclaimed[keep:])
+            reclaimed = reclaimed[:keep]
+        items += reclaimed
+        # Notices that arrived while the peek was under way may be missing from its replies.
+        valid = self._replay(levels, self._notices)
+        self._view = levels if valid else None
+        self._view_epoch = epoch
+        self._view_until = started + min(hint_ms / 1000.0, _VIEW_TTL_S)
+        return levels, hint_ms
+
+    async def _take_rounds(
+        self,
+        base: list[str | bytes | int],
+        items: list[WorkItem],
+        count: int,
+        levels: dict[int, list[int]],
+    ) -> None:
+        """Lease new entries into ``items`` up to ``count``, from the highest level present,
+        updating ``levels`` with each shard's state after its take."""
         for _ in range(_TAKE_ROUNDS):
             want = count - len(items)
             best = next(
@@ -344,21 +477,45 @@ class RedisWorkQueue(RedisStore):
                 None,
             )
             if want <= 0 or best is None:
-                break
+                return
             shares = self._share({s: t[best] for s, t in levels.items() if t[best]}, want)
             floor = PRIORITY_ORDER[best].value
             calls: list[tuple[int, list[str | bytes | int]]] = [
                 (shard, [*base[:1], n, *base[2:], "take", floor]) for shard, n in shares.items()
             ]
+            seen = len(self._notices)
             taken: list[list[WorkItem]] = []
             for (shard, _), (values, lengths, _hint, *tenants) in zip(
                 calls, await self._on_shards("dequeue", calls), strict=True
             ):
-                taken.append(self._items(consumer, values, lengths, shard))
+                taken.append(self._items(str(base[0]), values, lengths, shard))
                 levels[shard] = [int(n) for n in tenants]
+            if not self._replay(levels, self._notices[seen:]) and levels is self._view:
+                self._view = None
             # Interleaved: each shard's items come in its tenants' turns, so turn by turn.
             items += [item for turn in zip_longest(*taken) for item in turn if item is not None]
-        return items, hint_ms
+
+    def _noticed(self, shard: int, data: bytes) -> None:
+        """A ready notice of ``shard`` (data: the highest level that became ready)."""
+        level = _LEVELS.get(data)
+        if len(self._notices) >= _NOTICES_KEPT:
+            # Nobody dequeued for long: forget the view rather than keep every notice.
+            self._notices = []
+            self._view = None
+        self._notices.append((shard, level))
+        if self._view is not None and not self._replay(self._view, [(shard, level)]):
+            self._view = None
+
+    @staticmethod
+    def _replay(levels: dict[int, list[int]], notices: Sequence[tuple[int, int | None]]) -> bool:
+        """Count each noticed level as having work in ``levels``; False when a notice named
+        no level (a release older than the sharding): the view is then not to be trusted."""
+        for shard, level in notices:
+            if level is None or shard not in levels:
+                return False
+            row = levels[shard]
+            row[level] = max(row[level], 1)
+        return True
 
     def _share(self, weights: dict[int, int], want: int) -> dict[int, int]:
         """Split ``want`` items among shards by weight: whole rounds of every weight, then one

@@ -165,3 +165,26 @@ async def test_items_queued_unsharded_all_run_once_after_the_upgrade(sharded_url
         assert (await new.stats()).dead == 0
         # Each item's result was stored once (a redelivery only finds it finished).
         assert all(r is not None and r.deliveries <= 2 for r in results)
+
+
+async def test_a_fresh_view_of_the_shards_learns_of_work_from_the_notices(
+    sharded_url: str,
+) -> None:
+    # A consumer that waits (its listener subscribed) trusts its view of the shards for a
+    # while instead of peeking at every shard; work another process enqueues reaches that view
+    # by its ready notice, so the higher level it brings is served first.
+    low, high = tenants_in_distinct_shards(SHARDS, 2)
+    async with (
+        open_queue(sharded_url, shards=SHARDS) as consumer,
+        open_queue(sharded_url, shards=SHARDS) as producer,
+    ):
+        assert isinstance(consumer, RedisWorkQueue)
+        await producer.enqueue([new_item(f"low{n}", low, QueuePriority.LOW) for n in range(3)])
+        first = await consumer.dequeue("c1", count=1, lease_ms=LEASE_MS, wait_ms=1000)
+        assert [i.item_id for i in first] == ["low0"]
+        notified = consumer._listener.work_ready  # the event a waiting dequeue wakes on
+        notified.clear()
+        await producer.enqueue([new_item("high", high, QueuePriority.HIGH)])
+        await asyncio.wait_for(notified.wait(), 5)
+        assert await take(consumer) == ["high"]
+        assert await take(consumer) == ["low1"]
