@@ -13,8 +13,11 @@ round. Beside the rates: CPU per item of this process (the client: redis-py, the
 the redis-server (INFO cpu), which load on the machine moves far less than the rates.
 Bounded: ``--items`` (default 20,000) per round and path, then it stops.
 ``--cluster`` runs the rounds again on a private 3-master Redis Cluster (every node on this
-machine; the queue is one slot, so one master) and prints both backends' rows (median rounds)
-with the ratio cluster/single.
+machine) and prints both backends' rows (median rounds) with the ratio cluster/single, and the
+queue's CPU per item (client, and redis-server summed over the masters). ``--tenants`` spreads
+the items over that many tenants (a tenant's items are in one shard of the queue, so one tenant
+keeps a sharded queue's work on one shard); ``--shards`` sets the queue's shards (default: 1 on
+one Redis, 8 on a cluster).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import sys
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from bench import machine
 from bench.machine import Limits
@@ -37,6 +40,7 @@ from bench.tables import Rate, print_cluster_rows, print_table, quotient
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
+from registry.redis_client import is_cluster
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
 
 BATCH = 100
@@ -56,14 +60,31 @@ class Measurement(Rate):
     client_cpu_s: float = 0.0
     redis_cpu_s: float = 0.0
 
+    @property
+    def client_us(self) -> float:
+        """This process's CPU microseconds per item."""
+        return self.client_cpu_s / self.items * 1e6 if self.items else 0.0
+
+    @property
+    def redis_us(self) -> float:
+        """The redis-server's (every master's) CPU microseconds per item."""
+        return self.redis_cpu_s / self.items * 1e6 if self.items else 0.0
+
     def cpu_us(self, seconds: float) -> str:
         """CPU seconds per item, in microseconds, for a table cell."""
         return f"{seconds / self.items * 1e6:.1f}" if self.items else "-"
 
 
 async def _redis_cpu_s(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    """CPU seconds of the redis-server, or of every master of a cluster together."""
+    if is_cluster(redis):
+        cluster = cast(RedisCluster, redis)
+        await cluster.initialize()
+        per_node = await cluster.info("cpu", target_nodes=RedisCluster.PRIMARIES)
+        infos = list(per_node.values())
+    else:
+        infos = [await redis.info("cpu")]
+    return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in infos)
 
 
 async def with_cpu(url: str, run: Awaitable[Measurement]) -> Measurement:
@@ -118,9 +139,13 @@ def _entry_ids(read: Any) -> list[bytes]:
 class _CountingQueue(RedisWorkQueue):
     """The Redis queue, announcing when ``expected`` results have been stored."""
 
-    def __init__(self, redis: Redis, expected: int, queue: str) -> None:
+    def __init__(self, redis: Redis, expected: int, queue: str, shards: int | None) -> None:
         super().__init__(
-            redis, KeySpace("bench"), queue=queue, config=QueueConfig(result_ttl_ms=600_000)
+            redis,
+            KeySpace("bench"),
+            queue=queue,
+            config=QueueConfig(result_ttl_ms=600_000),
+            shards=shards,
         )
         self.expected = expected
         self.stored = 0
@@ -134,13 +159,23 @@ class _CountingQueue(RedisWorkQueue):
         return stored
 
 
-async def queue_path(
-    url: str, items: int, concurrency: int, queue_name: str = "bench"
-) -> Measurement:
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What the queue path runs: items, worker concurrency, tenants the items are spread over
+    (round robin) and the queue's shards (None: the backend's default)."""
+
+    items: int
+    concurrency: int
+    tenants: int = 1
+    shards: int | None = None
+
+
+async def queue_path(url: str, shape: Shape, queue_name: str = "bench") -> Measurement:
     """enqueue -> QueueWorker (no-op handler) -> complete with stored result, on a queue of its
     own name (item ids are reused: a queue that knows them would skip them)."""
+    items, concurrency = shape.items, shape.concurrency
     redis = create_queue_redis(url, max_connections=32)
-    queue = _CountingQueue(redis, items, queue_name)
+    queue = _CountingQueue(redis, items, queue_name, shape.shards)
 
     async def no_op(item: WorkItem) -> bytes:
         return b"ok"
@@ -152,7 +187,12 @@ async def queue_path(
     for start in range(0, items, BATCH):
         await queue.enqueue(
             [
-                NewWorkItem(item_id=f"i{n}", tenant_id="t1", kind="bench", payload=payload)
+                NewWorkItem(
+                    item_id=f"i{n}",
+                    tenant_id=f"t{n % shape.tenants + 1}",
+                    kind="bench",
+                    payload=payload,
+                )
                 for n in range(start, min(start + BATCH, items))
             ]
         )
@@ -164,7 +204,11 @@ async def queue_path(
     assert last is not None and last.value == b"ok"
     await queue.aclose()
     await redis.aclose()
-    return Measurement(f"queue enqueue->worker->result (concurrency {concurrency})", items, seconds)
+    shards = queue.prefixes
+    name = f"queue enqueue->worker->result (concurrency {concurrency})"
+    if shape.tenants > 1 or len(shards) > 1:
+        name += f", {shape.tenants} tenants, {len(shards)} shards"
+    return Measurement(name, items, seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,17 +274,13 @@ def print_results(rounds: Rounds, limits: Limits) -> bool:
     return met
 
 
-async def measure(
-    redis_url: str, items: int, concurrency: int, rounds: int
-) -> tuple[Rounds, Limits]:
+async def measure(redis_url: str, shape: Shape, rounds: int) -> tuple[Rounds, Limits]:
     """Alternating (raw, queue) rounds on the same server, and the machine's bare grpc.aio
     figures."""
     measured = Rounds([], [])
     for n in range(rounds):
-        measured.raw.append(await with_cpu(redis_url, raw_streams(redis_url, items)))
-        measured.queue.append(
-            await with_cpu(redis_url, queue_path(redis_url, items, concurrency, f"bench{n}"))
-        )
+        measured.raw.append(await with_cpu(redis_url, raw_streams(redis_url, shape.items)))
+        measured.queue.append(await with_cpu(redis_url, queue_path(redis_url, shape, f"bench{n}")))
     return measured, await machine.measure()
 
 
@@ -250,25 +290,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cluster", action="store_true", help="also on a private Redis Cluster")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.rounds < 1 or args.items < 1:
-        parser.error("--rounds and --items must be at least 1")
-    rounds, limits = machine.run(
-        on_private_redis(lambda url: measure(url, args.items, args.concurrency, args.rounds))
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="tenants the items are spread over (round robin)"
     )
+    parser.add_argument(
+        "--shards", type=int, default=0, help="shards of the queue (0: 1 on Redis, 8 on a cluster)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rounds < 1 or args.items < 1 or args.tenants < 1 or args.shards < 0:
+        parser.error("--rounds, --items and --tenants must be at least 1, --shards at least 0")
+    shape = Shape(args.items, args.concurrency, args.tenants, args.shards or None)
+    rounds, limits = machine.run(on_private_redis(lambda url: measure(url, shape, args.rounds)))
     met = print_results(rounds, limits)
     if args.cluster:
-        c_rounds, _ = machine.run(
-            on_private_cluster(lambda url: measure(url, args.items, args.concurrency, args.rounds))
-        )
+        c_rounds, _ = machine.run(on_private_cluster(lambda url: measure(url, shape, args.rounds)))
         print("items/s, single Redis vs a 3-master Redis Cluster (same machine; median rounds):")
+        raw, c_raw = Rounds.median(rounds.raw), Rounds.median(c_rounds.raw)
+        single, cluster = Rounds.median(rounds.queue), Rounds.median(c_rounds.queue)
+        if single.name != cluster.name:  # the shard counts differ (a cluster's default is 8)
+            print(f"queue path, single Redis: {single.name}; cluster: {cluster.name}")
         print_cluster_rows(
             [
-                (m.name, m.per_second, c.per_second, ",.0f")
-                for m, c in (
-                    (Rounds.median(rounds.raw), Rounds.median(c_rounds.raw)),
-                    (Rounds.median(rounds.queue), Rounds.median(c_rounds.queue)),
+                (
+                    m.name if m is raw else "queue enqueue->worker->result",
+                    m.per_second,
+                    c.per_second,
+                    ",.0f",
                 )
+                for m, c in ((raw, c_raw), (single, cluster))
+            ]
+            + [
+                ("queue: client CPU us/item", single.client_us, cluster.client_us, ".1f"),
+                ("queue: redis CPU us/item, all masters", single.redis_us, cluster.redis_us, ".1f"),
             ]
         )
     return 0 if met else 1

@@ -35,6 +35,7 @@ from registry.agent_cache_redis import RedisAgentCache
 from registry.api_keys_memory import MemoryApiKeyStore
 from registry.api_keys_redis import RedisApiKeyStore
 from registry.fanout import LocalFanout
+from registry.keys import MAX_QUEUE_SHARDS as MAX_QUEUE_SHARDS  # for the settings' bound
 from registry.keys import KeySpace
 from registry.memory_batches import MemoryBatchStore
 from registry.memory_jobs import MemoryEventLog, MemoryJobStore
@@ -73,6 +74,8 @@ class BackendConfig:
     event_log_max_events: int = 1000
     event_log_ttl_ms: int = 24 * 3600 * 1000
     batch_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Shards of each work queue (registry.redis_queue); None: 1 on one Redis, 8 on a cluster.
+    queue_shards: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +280,9 @@ def open_redis_backend(config: BackendConfig) -> Backend:
     events = RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S)
 
     def open_queue(name: str, queue_config: QueueConfig | None) -> WorkQueue:
-        return RedisWorkQueue(queue_redis, keys, queue=name, config=queue_config)
+        return RedisWorkQueue(
+            queue_redis, keys, queue=name, config=queue_config, shards=config.queue_shards
+        )
 
     return Backend(
         instance=RedisInstance(redis, keys),

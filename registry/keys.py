@@ -10,14 +10,20 @@ own (``{<index>:<n>}``), so on a cluster they spread over the masters and no sca
 needs two slots; a member's shard follows from its id (``shard_of``), and a scan reads every
 shard. Records looked up by an id alone (an API key, a job's location) carry a tag of their own
 (or none: the whole key is hashed), one slot each. A work queue keeps every key under its own
-tag ``{q:<queue>}``. One Redis holds the same layout.
+tag per shard: ``{q:<queue>}`` for shard 0, ``{q:<queue>/<n>.<j>}`` for shard n
+(``queue_shard_tag``), a tenant's items all in one shard (``queue_shard_of``). One Redis holds
+the same layout.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from redis.crc import key_slot
 
 # How many shards each global index is split into. Fixed: changing it moves members to other
 # keys (the scans would miss the old ones).
@@ -245,16 +251,56 @@ class KeySpace:
         atomically)."""
         return self._shard("batch-expiry", shard)
 
-    def work_queue(self, queue: str) -> str:
-        """Prefix of every key of a work queue (registry/lua/prelude/queue.lua lists them). The
-        hash tag is the queue, not a tenant: the per-level tenant rotation and the scripts that
-        serve several tenants in one call need every key of the queue in one slot."""
-        return f"{self.prefix}:{{q:{queue}}}:"
+    def work_queue(self, queue: str, shard: int = 0) -> str:
+        """Prefix of every key of one shard of a work queue (registry/lua/prelude/queue.lua
+        lists them). The hash tag is the queue's shard, not a tenant: the per-level tenant
+        rotation and the scripts that serve several tenants in one call need every key of the
+        shard in one slot. Shard 0 is ``{q:<queue>}``, the tag of the queue before it was
+        sharded (its items run after an upgrade); shard ``n`` > 0 has a tag of its own
+        (``queue_shard_tag``) placed so that shards spread evenly over the slots."""
+        return f"{self.prefix}:{{{queue_shard_tag(queue, shard)}}}:"
 
-    def work_item(self, queue: str, item_id: str) -> str:
+    def work_item(self, queue: str, item_id: str, shard: int = 0) -> str:
         """Hash with a work item's metadata, payload, state and result."""
-        return f"{self.work_queue(queue)}i:{item_id}"
+        return f"{self.work_queue(queue, shard)}i:{item_id}"
 
-    def work_stream(self, queue: str, priority: str, tenant_id: str) -> str:
+    def work_stream(self, queue: str, priority: str, tenant_id: str, shard: int = 0) -> str:
         """Stream of one tenant's ready items at one priority level."""
-        return f"{self.work_queue(queue)}s:{priority}:{tenant_id}"
+        return f"{self.work_queue(queue, shard)}s:{priority}:{tenant_id}"
+
+
+# A work queue has at most this many shards (ORCH_QUEUE_SHARDS).
+MAX_QUEUE_SHARDS = 256
+# Slot targets of the shards: a shard's tag is placed in a window of CLUSTER_SLOTS >> _TARGET_BITS
+# slots (CLUSTER_SLOTS: every slot of a cluster).
+CLUSTER_SLOTS = 16384
+_TARGET_BITS = 10
+
+
+def queue_shard_of(tenant_id: str, shards: int) -> int:
+    """The shard (0 .. shards - 1) holding every item of ``tenant_id``: stable across
+    processes and restarts for one shard count."""
+    return zlib.crc32(tenant_id.encode()) % shards if shards > 1 else 0
+
+
+@functools.cache
+def queue_shard_tag(queue: str, shard: int) -> str:
+    """The hash tag of shard ``shard`` of work queue ``queue`` (without braces).
+
+    Shard 0 keeps the queue's unsharded tag ``q:<queue>``. Shard n > 0 gets ``q:<queue>/n.j``
+    with the smallest ``j`` whose slot falls in the window of slot ``bitreverse(n) *
+    16384 / 1024``: shards 1, 2, 3, ... land at slots 8192, 4096, 12288, 2048, ... whatever
+    the shard count, so any first few shards spread evenly over the masters of a cluster
+    (which own contiguous slot ranges), and a shard's tag never depends on how many shards
+    there are."""
+    if shard == 0:
+        return f"q:{queue}"
+    if not 0 < shard < 1 << _TARGET_BITS:
+        raise ValueError(f"queue shard {shard} out of range")
+    width = CLUSTER_SLOTS >> _TARGET_BITS
+    target = int(f"{shard:0{_TARGET_BITS}b}"[::-1], 2) * width
+    for j in itertools.count():
+        tag = f"q:{queue}/{shard}.{j}"
+        if target <= key_slot(tag.encode()) < target + width:
+            return tag
+    raise AssertionError("unreachable")

@@ -19,4 +19,5 @@ def backend_config(settings: Settings) -> BackendConfig:
         event_log_max_events=settings.event_log_max_events,
         event_log_ttl_ms=int(settings.event_log_ttl * 1000),
         batch_retention_ms=int(settings.batch_retention * 1000),
+        queue_shards=settings.queue_shards or None,
     )

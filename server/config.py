@@ -19,7 +19,7 @@ from domain.service_caps import (
     parse_cap_overrides,
 )
 from domain.usage import BudgetRules, parse_budget_overrides
-from registry.backend import redis_url_problem
+from registry.backend import MAX_QUEUE_SHARDS, redis_url_problem
 
 
 class SettingsError(ValueError):
@@ -93,6 +93,14 @@ class Settings:
         "ORCH_REDIS_MAX_CONNECTIONS",
         64,
         "Redis connection pool size (the stores' pool and the work queues' pool each)",
+    )
+    queue_shards: int = _env(
+        "ORCH_QUEUE_SHARDS",
+        0,
+        "shards of each work queue, each in a cluster slot of its own, at most 256; 0: 1 on one "
+        "Redis, 8 on a cluster. Every process must use the same count; raise it, never lower it "
+        "(the shards dropped would keep their items)",
+        at_least=0,
     )
     session_default_ttl: float = _env(
         "ORCH_SESSION_DEFAULT_TTL", 3600.0, "sliding session TTL when a request sets none", above=0
@@ -591,6 +599,8 @@ class Settings:
             problems.append("session_default_ttl must not exceed session_max_ttl")
         if self.ws_address and ":" not in self.ws_address:
             problems.append("ws_address must be host:port (or empty)")
+        if self.queue_shards > MAX_QUEUE_SHARDS:
+            problems.append(f"ORCH_QUEUE_SHARDS must be at most {MAX_QUEUE_SHARDS}")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be text or json")
         if self.event_loop not in ("uvloop", "asyncio"):

@@ -15,11 +15,17 @@ LEASE_MS = 300
 
 @asynccontextmanager
 async def open_queue(
-    backend_url: str | None, config: QueueConfig = CONFIG
+    backend_url: str | None, config: QueueConfig = CONFIG, *, shards: int | None = None
 ) -> AsyncIterator[WorkQueue]:
-    """A queue on the given backend (None: memory), closed afterwards."""
+    """A queue on the given backend (None: memory), closed afterwards; ``shards``: the Redis
+    queue's shard count (None: the backend's default, 1 on one Redis, 8 on a cluster)."""
     backend = open_backend(
-        BackendConfig(redis_url=backend_url, key_prefix="test", session_retention_ms=60_000)
+        BackendConfig(
+            redis_url=backend_url,
+            key_prefix="test",
+            session_retention_ms=60_000,
+            queue_shards=shards,
+        )
     )
     try:
         yield backend.work_queue("work", config)

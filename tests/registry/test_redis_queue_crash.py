@@ -1,5 +1,6 @@
 """Crash recovery and boundedness of the Redis work queue, with worker *processes*
-(tests/support/queue_worker_process.py) killed with SIGKILL mid-item."""
+(tests/support/queue_worker_process.py) killed with SIGKILL mid-item; the queue in one shard
+and in four."""
 
 from __future__ import annotations
 
@@ -25,9 +26,14 @@ ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 0.3
 
 
+@pytest.fixture(params=[1, 4], ids=["1-shard", "4-shards"])
+def shards(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
 @pytest.fixture
-async def queue(redis_url: str) -> AsyncIterator[RedisWorkQueue]:
-    async with open_queue(redis_url) as opened:
+async def queue(redis_url: str, shards: int) -> AsyncIterator[RedisWorkQueue]:
+    async with open_queue(redis_url, shards=shards) as opened:
         assert isinstance(opened, RedisWorkQueue)
         yield opened
 
@@ -35,9 +41,10 @@ async def queue(redis_url: str) -> AsyncIterator[RedisWorkQueue]:
 class WorkerProcesses:
     """Worker processes started by a test; whatever is left is killed at teardown."""
 
-    def __init__(self, redis_url: str, log_dir: Path) -> None:
+    def __init__(self, redis_url: str, log_dir: Path, shards: int) -> None:
         self.redis_url = redis_url
         self.log_dir = log_dir
+        self.shards = shards
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, consumer: str, handler: str, concurrency: int = 4) -> subprocess.Popen[bytes]:
@@ -59,6 +66,8 @@ class WorkerProcesses:
                 str(concurrency),
                 "--max-deliveries",
                 "3",
+                "--shards",
+                str(self.shards),
             ],
             cwd=ROOT,
             stdout=log,
@@ -76,8 +85,8 @@ class WorkerProcesses:
 
 
 @pytest.fixture
-def workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerProcesses]:
-    started = WorkerProcesses(redis_url, tmp_path)
+def workers(redis_url: str, tmp_path: Path, shards: int) -> Iterator[WorkerProcesses]:
+    started = WorkerProcesses(redis_url, tmp_path, shards)
     yield started
     started.kill_all()
 
@@ -94,7 +103,7 @@ async def count_stored(redis: Redis, queue: RedisWorkQueue, stop: asyncio.Event)
     """Count the "item finished" notices per item: one per stored result."""
     stored: Counter[str] = Counter()
     pubsub = redis.pubsub()
-    await pubsub.subscribe(queue.prefix + "ch:done")
+    await pubsub.subscribe(*(prefix + "ch:done" for prefix in queue.prefixes))
     try:
         while not stop.is_set():
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
@@ -109,8 +118,9 @@ async def assert_drained(redis: Redis, queue: WorkQueue) -> None:
     """Every stream entry was acknowledged and deleted: no stream, no pending entry is left."""
     assert await queue.stats() == QueueStats(0, 0, 0, 0)
     assert isinstance(queue, RedisWorkQueue)
-    assert await redis.keys(queue.prefix + "s:*") == []
-    assert await redis.smembers(queue.prefix + "streams") == set()
+    for prefix in queue.prefixes:
+        assert await redis.keys(prefix + "s:*") == []
+        assert await redis.smembers(prefix + "streams") == set()
 
 
 async def test_items_of_a_killed_worker_are_reclaimed_and_finish_exactly_once(
@@ -183,8 +193,9 @@ async def test_streams_stay_bounded_while_work_flows(
         await queue.enqueue([new_item(i, tenant=f"t{n % 4}") for n, i in enumerate(ids)])
         results = await asyncio.gather(*(queue.wait_result(i, 20) for i in ids))
         assert all(r is not None for r in results)
-        for stream in await redis_client.smembers(queue.prefix + "streams"):
-            max_len = max(max_len, await redis_client.xlen(stream))
+        for prefix in queue.prefixes:
+            for stream in await redis_client.smembers(prefix + "streams"):
+                max_len = max(max_len, await redis_client.xlen(stream))
     assert max_len <= 100  # acknowledged entries are deleted, never piled up
     await assert_drained(redis_client, queue)
 

@@ -53,8 +53,12 @@ async def test_chats_and_fanout_run_on_the_cluster(cluster_url: str) -> None:
 
 async def test_the_queue_paths_run_on_the_cluster(cluster_url: str) -> None:
     raw = await queue_bench.raw_streams(cluster_url, 300)
-    full = await queue_bench.queue_path(cluster_url, 300, concurrency=8)
+    full = await queue_bench.queue_path(cluster_url, queue_bench.Shape(300, concurrency=8))
     assert raw.items == full.items == 300 and raw.per_second > 0 and full.per_second > 0
+    spread = await queue_bench.queue_path(
+        cluster_url, queue_bench.Shape(300, concurrency=8, tenants=16), "spread"
+    )
+    assert spread.items == 300 and "16 tenants, 8 shards" in spread.name
 
 
 def test_the_flow_bench_prints_single_and_cluster_rows(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,3 +77,4 @@ def test_the_queue_bench_prints_single_and_cluster_rows(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "ratio queue/raw" in out and "cluster/single" in out
     assert out.count("raw XADD/XREADGROUP/XACK") == 2
+    assert "queue: redis CPU us/item, all masters" in out

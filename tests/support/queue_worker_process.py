@@ -35,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--grace", type=float, default=2.0)
     parser.add_argument("--max-deliveries", type=int, default=5)
+    parser.add_argument("--shards", type=int, default=1)
     return parser.parse_args(argv)
 
 
@@ -68,6 +69,7 @@ async def main_async(args: argparse.Namespace) -> None:
         KeySpace(args.prefix),
         queue=args.queue,
         config=QueueConfig(max_deliveries=args.max_deliveries, retry_base_ms=50),
+        shards=args.shards,
     )
     worker = QueueWorker(
         queue,

@@ -3,6 +3,8 @@ a tenant's keys share its slot, each shard of a global index has a slot of its o
 
 from __future__ import annotations
 
+from collections import Counter
+
 from redis.crc import key_slot
 
 from registry.keys import INDEX_SHARDS, KeySpace, shard_of
@@ -77,12 +79,24 @@ def test_records_looked_up_by_id_alone_are_spread() -> None:
     assert len(api_keys) > 40 and len(job_index) > 40
 
 
-def test_a_work_queue_is_in_one_slot() -> None:
-    prefix = KEYS.work_queue("chat")
-    keys = [
-        prefix + "streams",
-        prefix + "dead",
-        KEYS.work_item("chat", "i1"),
-        KEYS.work_stream("chat", "high", "acme"),
-    ]
-    assert {slot(key) for key in keys} == {slot(prefix)}
+def test_each_shard_of_a_work_queue_is_in_one_slot() -> None:
+    for shard in range(8):
+        prefix = KEYS.work_queue("chat", shard)
+        keys = [
+            prefix + "streams",
+            prefix + "dead",
+            KEYS.work_item("chat", "i1", shard),
+            KEYS.work_stream("chat", "high", "acme", shard),
+        ]
+        assert {slot(key) for key in keys} == {slot(prefix)}
+
+
+def test_the_shards_of_a_work_queue_spread_evenly_over_the_slots() -> None:
+    # Shards 1..7 sit near 8192, 4096, 12288, 2048, 10240, 6144, 14336, whatever the queue:
+    # each third of the slots (three masters of equal ranges) holds two or three of them, and
+    # shard 0 (the queue's unsharded slot) lands anywhere.
+    for queue in ("chat", "batch"):
+        assert len({slot(KEYS.work_queue(queue, shard)) for shard in range(8)}) == 8
+        thirds = Counter(slot(KEYS.work_queue(queue, shard)) * 3 // 16384 for shard in range(1, 8))
+        assert sorted(thirds.values()) == [2, 2, 3]
+    assert KEYS.work_queue("chat", 0) == f"{KEYS.prefix}:{{q:chat}}:"

@@ -1,9 +1,11 @@
 --! include: prelude/time
 -- The work queue's shared part (registry.redis_queue): every state change is one script, so
 -- an item's record, its stream entry, the tenant rotation and the delayed set never disagree.
--- Every queue script takes the queue's key prefix as ARGV[1] and builds key names from it;
--- every key of a queue shares the hash tag {q:<queue>}, so they live in one slot and the
--- scripts stay atomic on a cluster. Only Redis 7.0 commands are used.
+-- Every queue script takes the key prefix of one shard of the queue as ARGV[1] and builds key
+-- names from it; every key of a shard shares its hash tag ({q:<queue>} for shard 0, the
+-- layout of the unsharded queue; registry.keys.queue_shard_tag for the others), so they live
+-- in one slot and the scripts stay atomic on a cluster. A script never touches two shards.
+-- Only Redis 7.0 commands are used.
 --
 -- Keys (after the prefix):
 --   i:<item>            hash: t tenant, k kind, p priority, b batch, d payload ('' once done),
@@ -12,14 +14,14 @@
 --                       e current stream entry id, v result, err last error, f finished ms,
 --                       x dead-letter entry id
 --   s:<prio>:<tenant>   stream of {i: item id}, consumer group "w"; deleted when empty
---   rr:<prio>           list: rotation of tenants that may have undelivered entries at <prio>
+--   rr:<prio>           list: rotation of the tenants with undelivered entries at <prio>
 --   rs:<prio>           set: the same tenants, to keep the rotation free of duplicates
 --   streams             set of every existing stream (scanned by XAUTOCLAIM)
 --   delayed             zset item -> due ms (retries waiting for their backoff)
 --   dead                stream of {i: item id}: the dead letter, in order of death
 --   reclaim_at          ms before which no dequeue scans for expired leases again
 --   ch:done             channel: comma-separated ids of items that just finished
---   ch:ready            channel: "1" when items became ready
+--   ch:ready            channel: the highest priority of the items that just became ready
 --   tally               hash: delayed:<prio>:<tenant> and dead:<prio>:<tenant> -> count of the
 --                       items in the delayed set and the dead letter (for per-tenant stats)
 local prefix = ARGV[1]

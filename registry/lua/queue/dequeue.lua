@@ -1,18 +1,27 @@
 --! include: prelude/queue
--- Leases up to count items to a consumer. Order of work: due retries back to their streams,
--- expired leases (XAUTOCLAIM, at most every lease_ms / 4 per queue), then new entries by priority
--- and tenant turn. An item leased for the max_deliveries-th time and not finished goes to the
--- dead letter.
+-- Leases up to count items of one shard of the queue to a consumer. Order of work: due retries
+-- back to their streams, expired leases (XAUTOCLAIM, at most every lease_ms / 4 per shard),
+-- then new entries by priority and tenant turn. An item leased for the max_deliveries-th time
+-- and not finished goes to the dead letter.
+--
+-- A queue of one shard runs the whole of it in one call (mode 'all'). A sharded queue
+-- (registry.redis_queue) first runs mode 'peek' on every shard: due retries, expired leases
+-- (up to count, which may be 0: no scan then) and the shard's levels; then mode 'take' on the
+-- shards it picked: new entries only, of the levels from 'high' down to floor.
 --
 -- KEYS: none (built from the prefix: one hash tag)
--- ARGV: prefix, consumer, count, lease_ms, max_deliveries
--- Returns: {values, lengths, wait_hint_ms}. values is one string: per item the fields id, entry,
---   tenant, kind, prio, batch, payload, deliveries, enqueued_ms, back to back; lengths the
---   length of each field in order, space-separated (two bulk replies instead of nine elements
---   per item: the client parses replies far slower than Redis builds them, and splits these
---   in C). wait_hint_ms: how long a consumer finding nothing may sleep.
+-- ARGV: prefix, consumer, count, lease_ms, max_deliveries, mode ('all' | 'peek' | 'take'),
+--   floor (lowest level served: 'high' | 'normal' | 'low')
+-- Returns: {values, lengths, wait_hint_ms, high, normal, low}. values is one string: per item
+--   the fields id, entry, tenant, kind, prio, batch, payload, deliveries, enqueued_ms, back to
+--   back; lengths the length of each field in order, space-separated (two bulk replies instead
+--   of nine elements per item: the client parses replies far slower than Redis builds them,
+--   and splits these in C). wait_hint_ms: how long a consumer finding nothing may sleep.
+--   high, normal, low: how many tenants of each level have undelivered entries afterwards.
 local consumer, count = ARGV[2], tonumber(ARGV[3])
 local lease_ms, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5])
+local mode, floor = ARGV[6], ARGV[7]
+local levels = {'high', 'normal', 'low'}
 
 local out, values, lengths, nfields = {}, {}, {}, 0
 
@@ -46,7 +55,12 @@ end
 -- 1. Retries whose backoff is over go back to the tail of their stream.
 local delayed = prefix .. 'delayed'
 local prepared = {}  -- nothing in this step deletes a stream
-for _, id in ipairs(redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)) do
+local housekeeping = mode ~= 'take'
+local due = {}
+if housekeeping then
+  due = redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
+end
+for _, id in ipairs(due) do
   redis.call('ZREM', delayed, id)
   local rec = prefix .. 'i:' .. id
   local f = redis.call('HMGET', rec, 'st', 'p', 't')
@@ -58,7 +72,7 @@ end
 
 -- 2. Entries idle (not renewed) for a whole lease belonged to a dead consumer: claim them.
 local gate = prefix .. 'reclaim_at'
-if now >= tonumber(redis.call('GET', gate) or '0') then
+if housekeeping and count > 0 and now >= tonumber(redis.call('GET', gate) or '0') then
   local full = false
   for _, stream in ipairs(redis.call('SMEMBERS', prefix .. 'streams')) do
     if redis.call('EXISTS', stream) == 0 then
@@ -83,32 +97,51 @@ if now >= tonumber(redis.call('GET', gate) or '0') then
   end
 end
 
--- 3. New entries: levels highest first; within a level one entry per tenant per turn (a lone
--- tenant takes the whole batch at once).
-for _, prio in ipairs({'high', 'normal', 'low'}) do
+-- 3. New entries: levels highest first, down to floor; within a level one entry per tenant per
+-- turn (a lone tenant takes the whole batch at once). A tenant leaves the rotation as soon as
+-- its stream has no undelivered entry left (the last entry read is the stream's last), so the
+-- length of a rotation is the number of tenants with work at that level.
+-- Whether stream entry id a comes after b.
+local function after(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  return ams > bms or (ams == bms and tonumber(aseq) > tonumber(bseq))
+end
+
+local function take(prio)
   local rr, rs = prefix .. 'rr:' .. prio, prefix .. 'rs:' .. prio
   while #out < count do
     local n = redis.call('LLEN', rr)
     if n == 0 then break end
     local tenant = redis.call('LMOVE', rr, rr, 'LEFT', 'RIGHT')
     local stream = prefix .. 's:' .. prio .. ':' .. tenant
-    local got = false
+    local more = false
     if redis.call('EXISTS', stream) == 1 then
       local want = 1
       if n == 1 then want = count - #out end
       local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
         'STREAMS', stream, '>')
-      if r then
-        for _, e in ipairs(r[1][2]) do
-          got = true
-          deliver(stream, e[1], e[2][2], false)
-        end
+      if r and #r[1][2] > 0 then
+        local entries = r[1][2]
+        local last = entries[#entries][1]
+        for _, e in ipairs(entries) do deliver(stream, e[1], e[2][2], false) end
+        -- deliver may have deleted stale entries, or the stream with the last of them.
+        local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+        more = top ~= nil and after(top[1], last)
       end
     end
-    if not got then
+    if not more then
       redis.call('LREM', rr, 1, tenant)
       redis.call('SREM', rs, tenant)
     end
+  end
+end
+
+if mode ~= 'peek' then
+  for _, prio in ipairs(levels) do
+    take(prio)
+    if prio == floor then break end
   end
 end
 
@@ -116,4 +149,6 @@ end
 local hint = math.max(math.floor(lease_ms / 4), 10)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #nxt == 2 then hint = math.min(hint, math.max(tonumber(nxt[2]) - now, 1)) end
-return {table.concat(values), table.concat(lengths, ' '), hint}
+return {table.concat(values), table.concat(lengths, ' '), hint,
+  redis.call('LLEN', prefix .. 'rr:high'), redis.call('LLEN', prefix .. 'rr:normal'),
+  redis.call('LLEN', prefix .. 'rr:low')}

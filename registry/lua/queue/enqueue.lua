@@ -8,7 +8,8 @@
 -- Returns: how many items were added
 local first_item = 2
 
-local added, prepared = 0, {}
+local rank = {high = 1, normal = 2, low = 3}
+local added, prepared, best = 0, {}, 'low'
 for i = first_item, #ARGV, 6 do
   local id, tenant, kind, priority, batch, payload = unpack(ARGV, i, i + 5)
   local rec = prefix .. 'i:' .. id
@@ -17,7 +18,8 @@ for i = first_item, #ARGV, 6 do
     redis.call('HSET', rec, 't', tenant, 'k', kind, 'p', priority,
       'b', batch, 'd', payload, 'n', 0, 'q', now, 'st', 'queued', 'e', entry)
     added = added + 1
+    if (rank[priority] or 3) < rank[best] then best = priority end
   end
 end
-if added > 0 then redis.call('PUBLISH', prefix .. 'ch:ready', '1') end
+if added > 0 then redis.call('PUBLISH', prefix .. 'ch:ready', best) end
 return added

@@ -14,5 +14,5 @@ tally('dead', f[2], f[3], -1)
 redis.call('HSET', rec, 'n', 0)
 redis.call('HDEL', rec, 'err', 'f', 'x')
 push(rec, id, f[2], f[3])
-redis.call('PUBLISH', prefix .. 'ch:ready', '1')
+redis.call('PUBLISH', prefix .. 'ch:ready', f[2])
 return 1

@@ -20,5 +20,5 @@ if delay_ms > 0 then
   return 1
 end
 push(rec, id, f[2], f[3])
-redis.call('PUBLISH', prefix .. 'ch:ready', '1')
+redis.call('PUBLISH', prefix .. 'ch:ready', f[2])
 return 1
