@@ -2,15 +2,18 @@
 events reach every client following the session.
 
 SendMessage: check the session and the tenant's daily token budget, subscribe to the session's
-events, record the job (accepted event), hand it to the service with the orchestrator-assigned
-job id, then stream the job's events until its final one. Because the job is recorded before the
-service sees it, a notice can never arrive for a job the orchestrator does not know yet.
+events, record the job (accepted event; the session check is part of the start, one round
+trip, when no budget check or plan needs the session first), hand it to the service with the
+orchestrator-assigned job id, then stream the job's events until its final one. Because the
+job is recorded before the service sees it, a notice can never arrive for a job the
+orchestrator does not know yet.
 
 The hand-off is not the caller's: it runs in a task this orchestrator owns, started before the
 accepted event is yielded, so a caller that goes away cannot stop it. The job store keeps the
 job's work spec and a hand-off lease with the job (renewed while a slow submit goes on) until
-the hand-off is confirmed (domain.handoff_upkeep: one loop renews the leases, confirmations are
-written in batches); if this process dies first, any process's ``HandoffRecovery`` loop
+the hand-off is confirmed (domain.handoff_upkeep: one loop renews the leases; the service's
+first notice confirms it, else a confirmation is written, in batches, a sixth of the grace
+later); if this process dies first, any process's ``HandoffRecovery`` loop
 (domain.handoff) claims the job when the lease runs out and hands it over again, and fails it
 ``handoff_failed`` after ``JobLimits.handoff_attempts`` hand-offs (docs/adr/0007).
 
