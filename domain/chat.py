@@ -2,15 +2,18 @@
 events reach every client following the session.
 
 SendMessage: check the session and the tenant's daily token budget, subscribe to the session's
-events, record the job (accepted event), hand it to the service with the orchestrator-assigned
-job id, then stream the job's events until its final one. Because the job is recorded before the
-service sees it, a notice can never arrive for a job the orchestrator does not know yet.
+events, record the job (accepted event; the session check is part of the start, one round
+trip, when no budget check or plan needs the session first), hand it to the service with the
+orchestrator-assigned job id, then stream the job's events until its final one. Because the
+job is recorded before the service sees it, a notice can never arrive for a job the
+orchestrator does not know yet.
 
 The hand-off is not the caller's: it runs in a task this orchestrator owns, started before the
 accepted event is yielded, so a caller that goes away cannot stop it. The job store keeps the
 job's work spec and a hand-off lease with the job (renewed while a slow submit goes on) until
-the hand-off is confirmed (domain.handoff_upkeep: one loop renews the leases, confirmations are
-written in batches); if this process dies first, any process's ``HandoffRecovery`` loop
+the hand-off is confirmed (domain.handoff_upkeep: one loop renews the leases; the service's
+first notice confirms it, else a confirmation is written, in batches, a sixth of the grace
+later); if this process dies first, any process's ``HandoffRecovery`` loop
 (domain.handoff) claims the job when the lease runs out and hands it over again, and fails it
 ``handoff_failed`` after ``JobLimits.handoff_attempts`` hand-offs (docs/adr/0007).
 
@@ -67,6 +70,7 @@ from domain.jobs import (
     JobState,
     NewJob,
     SessionEvent,
+    SessionNotOpen,
     StartedJob,
     StartRefused,
 )
@@ -173,7 +177,9 @@ class ChatOrchestrator:
         self._handoffs: set[asyncio.Task[None]] = set()
         # Their leases (one renewal loop for all) and their confirmations (coalesced).
         self._leases = HandoffLeases(jobs, limits)
-        self._confirmations = HandoffConfirmations(jobs)
+        # Written a sixth of the grace after the submit returned (the lease has at least half
+        # of it left then), unless the service's first notice confirmed the hand-off first.
+        self._confirmations = HandoffConfirmations(jobs, delay_s=limits.handoff_grace_ms / 6000)
         self._plans = (
             PlanRunner(jobs, dispatcher, platform, limits, retry=plan_retry)
             if platform is not None
@@ -186,14 +192,26 @@ class ChatOrchestrator:
         if message.background and self._queue is None:
             raise Unavailable("background work is not available: no work queue is configured")
         tenant_id = ctx.tenant_id
-        session = await self._sessions.get_open(tenant_id, message.session_id)
-        if self._budget is not None:
-            await self._budget.check(tenant_id)
-        plan, agent = await self._plan(ctx, session.agent_id, message)
+        session_id = message.session_id
+        # The session is read in the start's round trip (JobStore.start_on_session), unless
+        # something must come between the two: the tenant's token budget check, or a plan,
+        # which is made from the session's agent.
+        read_with_start = (self._plans is None or message.kind is WorkKind.EMBEDDING) and (
+            self._budget is None or not self._budget.applies(tenant_id)
+        )
+        if read_with_start:
+            agent_id = ""  # the session's, set by the start
+            plan, agent = None, None
+        else:
+            session = await self._sessions.get_open(tenant_id, session_id)
+            if self._budget is not None:
+                await self._budget.check(tenant_id)
+            agent_id = session.agent_id
+            plan, agent = await self._plan(ctx, agent_id, message)
         job = self._new_job(
             new_id(),
-            session.session_id,
-            session.agent_id,
+            session_id,
+            agent_id,
             message,
             ctx.request_id,
             priority=message.priority,
@@ -204,12 +222,21 @@ class ChatOrchestrator:
         if_busy = message.if_busy
         if if_busy is IfBusy.HOLD and self._queue is None:
             if_busy = IfBusy.RUN
-        async with self._events.subscribe(tenant_id, session.session_id) as feed:
-            started = await self._jobs.start_job(
-                tenant_id, job, self._limits, if_busy=if_busy, hold=message.background
-            )
+        async with self._events.subscribe(tenant_id, session_id) as feed:
+            if read_with_start:
+                started = await self._jobs.start_on_session(
+                    tenant_id, job, self._limits, if_busy=if_busy, hold=message.background
+                )
+                if isinstance(started, SessionNotOpen):
+                    raise FailedPrecondition(f"session {session_id} is {started.state.value}")
+                if isinstance(started, StartedJob):
+                    job = replace(job, agent_id=started.job.agent_id)
+            else:
+                started = await self._jobs.start_job(
+                    tenant_id, job, self._limits, if_busy=if_busy, hold=message.background
+                )
             if isinstance(started, StartRefused):
-                raise _refusal(started, session.session_id)
+                raise _refusal(started, session_id)
             if isinstance(started, LimitReached):
                 # Interactive: refused now (RetryInfo, QuotaFailure); nothing was recorded.
                 raise started.error(tenant_id)
@@ -227,7 +254,7 @@ class ChatOrchestrator:
             # events are picked here rather than through ``_job_events``: one generator layer
             # less per event on the chat path.
             job_id = job.job_id
-            follower = self._follower(feed, tenant_id, session.session_id)
+            follower = self._follower(feed, tenant_id, session_id)
             async for event in follower.events(started.accepted.sequence, catch_up=False):
                 if event.job_id == job_id:
                     yield event
@@ -487,6 +514,8 @@ class ChatOrchestrator:
             "orchestrator.service": job.service.value,
             "orchestrator.attempt": attempt,
         }
+        confirmations = self._confirmations
+        confirmations.begin(job.job_id)
         try:
             with self._tracing.job_span(
                 "hand over job", ctx.traceparent, attributes=attributes
@@ -496,6 +525,7 @@ class ChatOrchestrator:
                     ctx.tenant_id, job.job_id, self._launch(ctx, job, outputs, deadline_ms)
                 )
         except asyncio.CancelledError:
+            confirmations.abandon(job.job_id)
             log.warning(
                 "hand-off of job %s to the %s service interrupted by shutdown; another process "
                 "will hand it over when its lease runs out",
@@ -504,6 +534,7 @@ class ChatOrchestrator:
             )
             raise
         except Exception as exc:
+            confirmations.abandon(job.job_id)
             log.warning(
                 "hand-off of job %s to the %s service (attempt %d) did not finish: %s: %s; it "
                 "is handed over again when its lease runs out",
@@ -514,10 +545,17 @@ class ChatOrchestrator:
                 exc,
             )
             return
-        # Written with other confirmations on the next loop iteration. A lost one is
-        # harmless: the service's first notice confirms it too; until then the recovery may
-        # hand it over once more (at least once).
-        self._confirmations.add(ctx.tenant_id, job.job_id)
+        # Written with other confirmations a little later, unless the service's first notice
+        # (which confirms it in its own script) was applied here first. A lost one is
+        # harmless: until the first notice the recovery may hand it over once more (at least
+        # once).
+        confirmations.add(ctx.tenant_id, job.job_id)
+
+    def notice_applied(self, job_id: str) -> None:
+        """The notice intake applied a notice of the job (accepted, or the job found
+        finished): its hand-off record is gone, so a hand-off of it in this process needs no
+        confirmation of its own."""
+        self._confirmations.notice_applied(job_id)
 
     async def recover_handoffs(self, *, limit: int = 100) -> list[HandoffClaim]:
         """Claim the jobs whose hand-off was interrupted (no confirmation within the lease, in

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.agents import AgentConfig
-from domain.models import Service, TokenUsage, WorkKind
+from domain.models import Service, SessionState, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.queue import QueuePriority
 from domain.service_caps import NO_CAPS, ServiceCaps
@@ -532,6 +532,14 @@ class StartRefused(enum.StrEnum):
     PARENT_NOT_IN_FLIGHT = "parent_not_in_flight"
     # An internal call's parent job has made JobLimits.max_internal_calls calls already.
     CALL_LIMIT = "call_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionNotOpen:
+    """A job could not be recorded because its session is not open (``start_on_session``):
+    the state the session was found in (closed or expired)."""
+
+    state: SessionState
 
 
 @dataclass(frozen=True, slots=True)

@@ -350,16 +350,21 @@ class NoticeProcessor:
         metrics: NoticeMetrics | None = None,
         on_agent_changed: AgentChangedHook | None = None,
         on_finishing: Callable[[HandoffClaim], None] | None = None,
+        on_handed_over: Callable[[str], None] | None = None,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         """``on_finishing`` starts the finalize of a job a completed notice made FINISHING
         (domain.chat.ChatOrchestrator.finalize_soon): this process holds its lease.
+        ``on_handed_over`` hears the id of every job a notice was applied to (accepted, or the
+        job found finished: either way its hand-off record is gone), so that a hand-off of it
+        in this process skips its own confirmation (ChatOrchestrator.notice_applied).
         ``tracing``: each accepted notice is a span in its job's trace (the store answers
         with the job's trace context), and what it starts (the finalize) runs under it."""
         self._tracing = tracing
         self._traced = tracing.enabled  # read once: tracing off costs one check per notice
         self._jobs = jobs
         self._on_finishing = on_finishing
+        self._on_handed_over = on_handed_over
         self._limits = limits
         self._cache = embedding_cache
         self._metrics = metrics
@@ -407,8 +412,11 @@ class NoticeProcessor:
         if valid:
             start_ns = time.time_ns() if self._traced else 0
             applied = await self._jobs.apply_notices([n for _, n in valid], self._limits)
+            handed_over = self._on_handed_over
             for (index, notice), outcome in zip(valid, applied, strict=True):
                 if not isinstance(outcome, Exception):
+                    if handed_over is not None and outcome.verdict in _HANDED_OVER:
+                        handed_over(notice.job_id)
                     try:
                         await self._followed(notice, outcome, start_ns)
                     except Exception as exc:  # e.g. the embedding cache's read failed
@@ -504,6 +512,10 @@ class NoticeProcessor:
             return
         if job is not None and job.cache_key:
             await cache.fill(notice.tenant_id, job.cache_key, result)
+
+
+# The verdicts of notices that ran on their job (which dropped its hand-off record, if any).
+_HANDED_OVER = frozenset((Verdict.ACCEPTED, Verdict.JOB_FINISHED))
 
 
 def _not_spoken_for(caller: Caller | None, service: Service) -> str | None:

@@ -77,6 +77,10 @@ class TokenBudget:
         self._store = store
         self._rules = rules
 
+    def applies(self, tenant_id: str) -> bool:
+        """Whether the tenant has a budget (``check`` reads its usage only then)."""
+        return self._rules.budget_for(tenant_id) > 0
+
     async def check(self, tenant_id: str) -> None:
         budget = self._rules.budget_for(tenant_id)
         if budget <= 0:

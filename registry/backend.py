@@ -287,7 +287,9 @@ def open_redis_backend(config: BackendConfig) -> Backend:
     return Backend(
         instance=RedisInstance(redis, keys),
         sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
-        jobs=RedisJobStore(redis, keys, log_config),
+        jobs=RedisJobStore(
+            redis, keys, log_config, session_retention_ms=config.session_retention_ms
+        ),
         events=events,
         fanout=events.fanout,
         api_keys=RedisApiKeyStore(redis, keys),

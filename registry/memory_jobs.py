@@ -11,7 +11,7 @@ import contextlib
 import heapq
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain import job_machine, jobs
@@ -246,6 +246,26 @@ class MemoryJobStore:
         assert event is not None
         self._index_job(tenant_id, step.outcome.created_at_ms, new.job_id, limits)
         return jobs.StartedJob(step.outcome, event)
+
+    async def start_on_session(
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.SessionNotOpen | jobs.StartRefused | LimitReached:
+        assert not new.parent_job_id, "an internal call's job starts with start_job"
+        if self._record(new.job_id) is not None:
+            return jobs.StartRefused.JOB_EXISTS
+        session = await self._sessions.get_session(tenant_id, new.session_id, touch=True)
+        if session is None:
+            return jobs.StartRefused.SESSION_MISSING
+        if not session.state.is_open:
+            return jobs.SessionNotOpen(session.state)
+        new = replace(new, agent_id=session.agent_id)
+        return await self.start_job(tenant_id, new, limits, if_busy=if_busy, hold=hold)
 
     def _index_job(
         self, tenant_id: str, created_ms: int, job_id: str, limits: jobs.JobLimits

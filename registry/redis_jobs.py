@@ -39,6 +39,7 @@ the listing read), so the set follows the active tenants and no script spans two
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -68,13 +69,14 @@ from domain.jobs import (
     NoticeEvent,
     NoticeOutcome,
     SessionEvent,
+    SessionNotOpen,
     StartedJob,
     StartRefused,
     Verdict,
     finalize_failed_data,
     handoff_failed_data,
 )
-from domain.models import Service, TokenUsage, WorkKind
+from domain.models import Service, SessionState, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, ServiceCall
 from domain.ports.queue import QueuePriority
 from domain.ports.usage import day_number
@@ -119,6 +121,9 @@ def _now_ms() -> int:
 # beyond it costs one GET per notice). It was 100,000 (30 MB), filled by finished jobs only:
 # at 20 chats/s it grew for 80 minutes and looked like a leak.
 _INDEX_CACHE_SIZE = 10_000
+# The notice script's answers after which the job has no hand-off record (it dropped it, or the
+# job had ended).
+_HANDED_OVER = frozenset(("accepted", "finishing", "job_finished"))
 # How long a day's set of tenants that started jobs is kept (registry.keys job_tenants_of_day).
 _DAY_TENANTS_TTL_MS = 3 * 86_400_000
 # How long a tenant's listing in the set of tenants with jobs lasts (registry.keys
@@ -155,14 +160,28 @@ class RedisJobStore(RedisStore):
 
     SCRIPTS = "jobs"
 
-    def __init__(self, redis: Redis, keys: KeySpace, log: EventLogConfig) -> None:
+    def __init__(
+        self, redis: Redis, keys: KeySpace, log: EventLogConfig, *, session_retention_ms: int
+    ) -> None:
+        """``session_retention_ms``: how long a session that expired is kept (the session
+        store's), for the session read of ``start_on_session``."""
         super().__init__(redis, keys)
         self._log = log
+        self._session_retention_ms = session_retention_ms
         # job id -> (tenant, session): immutable once written, so safe to cache.
         self._index: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # Ids of the remembered jobs this process started knowing their plan appends nothing
         # after the work: their completed notices need no finalize hint.
         self._no_finalize: set[str] = set()
+        # The jobs this process started or activated whose hand-off entry (in the hand-off
+        # set) may still be there: job id -> its member. A notice of one applied here dropped
+        # its hand-off record in the notice script (the hand-off needs no confirmation of its
+        # own, domain.handoff_upkeep): its entry is then removed by the next pipeline this
+        # store sends (``_hint_drops``), without a round trip of its own. If none is sent, or
+        # the one that carries it fails, the recovery's claim finds the job handed over and
+        # drops the entry, as for a lost confirmation.
+        self._hinted: OrderedDict[str, str] = OrderedDict()
+        self._hint_drops: list[tuple[str, str]] = []  # (job id, member)
 
     def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
         """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
@@ -204,6 +223,31 @@ class RedisJobStore(RedisStore):
     def remembered_locations(self) -> int:
         return len(self._index)
 
+    def _hint(self, job_id: str, member: str) -> None:
+        """The job's hand-off entry was written by this process."""
+        self._hinted[job_id] = member
+        if len(self._hinted) > _INDEX_CACHE_SIZE:  # the oldest is left to the claim
+            self._hinted.popitem(last=False)
+
+    def _handed_over(self, job_id: str) -> None:
+        """A notice of the job was applied (its hand-off record is gone): its hand-off entry,
+        if this process wrote it, goes with the next pipeline."""
+        member = self._hinted.pop(job_id, None)
+        if member is not None:
+            self._hint_drops.append((job_id, member))
+
+    def _queue_hint_drops(self, commands: Any) -> None:
+        """Remove the hand-off entries of jobs handed over (``_handed_over``) in the pipeline
+        ``commands`` being built (one ZREM per shard)."""
+        if not self._hint_drops:
+            return
+        drops, self._hint_drops = self._hint_drops, []
+        by_key: dict[str, list[str]] = {}
+        for job_id, member in drops:
+            by_key.setdefault(self._keys.job_handoffs(shard_of(job_id)), []).append(member)
+        for key, members in by_key.items():
+            commands.zrem(key, *members)
+
     async def _locate(self, job_id: str) -> tuple[str, str] | None:
         found = self._index.get(job_id)
         if found is not None:
@@ -224,6 +268,28 @@ class RedisJobStore(RedisStore):
     async def start_job(
         self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
     ) -> StartedJob | StartRefused | LimitReached:
+        started = await self._start(tenant_id, new, limits, if_busy, hold, read_session=False)
+        assert not isinstance(started, SessionNotOpen)
+        return started
+
+    async def start_on_session(
+        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
+    ) -> StartedJob | SessionNotOpen | StartRefused | LimitReached:
+        assert not new.parent_job_id, "an internal call's job starts with start_job"
+        return await self._start(tenant_id, new, limits, if_busy, hold, read_session=True)
+
+    async def _start(
+        self,
+        tenant_id: str,
+        new: NewJob,
+        limits: JobLimits,
+        if_busy: IfBusy,
+        hold: bool,
+        *,
+        read_session: bool,
+    ) -> StartedJob | SessionNotOpen | StartRefused | LimitReached:
+        """The start script's round trip; ``read_session``: with the session's read (the
+        job's agent is then the session's)."""
         keys = self._keys
         accepted = {
             "service": new.service.value,
@@ -241,6 +307,7 @@ class RedisJobStore(RedisStore):
 
         def build(pipe: ScriptPipeline) -> None:
             commands = pipe.commands
+            self._queue_hint_drops(commands)
             # The index is written first so that a notice can never find a job it cannot
             # locate. Job ids are the orchestrator's own (UUIDv7, or derived from a batch's):
             # an id is not refused for another tenant or session, which would cost a round
@@ -292,6 +359,7 @@ class RedisJobStore(RedisStore):
                     limits.max_internal_calls,
                     keys.job(tenant_id, ""),
                     *_cap_args(tenant_id, limits),
+                    self._session_retention_ms if read_session else "",
                 ],
             )
             # After the script, which counts the job, in the tenant's slot (so in order with
@@ -326,12 +394,19 @@ class RedisJobStore(RedisStore):
                 await cleanup.execute()
                 if status == "limited":
                     return _limit_reached(reply)
+                if status == StartRefused.SESSION_NOT_OPEN.value and read_session:
+                    return SessionNotOpen(SessionState(as_str(reply[1])))
                 return StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
             if not appends:
                 self._no_finalize.add(new.job_id)
             event = self._event(new.session_id, reply)
-        job = new.recorded(tenant_id, event.time_ms, limits, queued=bool(event.data.get("queued")))
+        queued = bool(event.data.get("queued"))
+        if not queued:  # a queued job's entry is its enqueue's, left to the claim
+            self._hint(new.job_id, deadline_member)
+        if read_session:
+            new = dataclasses.replace(new, agent_id=as_str(reply[4]))
+        job = new.recorded(tenant_id, event.time_ms, limits, queued=queued)
         return StartedJob(job, event)
 
     async def activate_job(
@@ -381,6 +456,8 @@ class RedisJobStore(RedisStore):
         outcome = ActivateOutcome(as_str(reply[0]))
         if outcome is ActivateOutcome.FINAL:
             self._forget(job_id)
+        elif outcome is ActivateOutcome.STARTED:
+            self._hint(job_id, member)
         return outcome
 
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
@@ -418,9 +495,11 @@ class RedisJobStore(RedisStore):
             return
         with redis_errors_as_unavailable():
             pipe = self._redis.pipeline(transaction=False)
+            self._queue_hint_drops(pipe)
             for tenant_id, job_id, _ in members:
                 pipe.hdel(self._keys.job(tenant_id, job_id), "hol", "hoa", "hoq")
             for _, job_id, member in members:
+                self._hinted.pop(job_id, None)
                 pipe.zrem(self._keys.job_handoffs(shard_of(job_id)), member)
             await pipe.execute()
 
@@ -559,6 +638,7 @@ class RedisJobStore(RedisStore):
         limits: JobLimits,
         pipe: ScriptPipeline,
     ) -> None:
+        self._queue_hint_drops(pipe.commands)
         for index, tenant_id, session_id in planned:
             positions.append(len(pipe.commands))
             self._queue_notice(pipe, notices[index], tenant_id, session_id, limits)
@@ -622,12 +702,15 @@ class RedisJobStore(RedisStore):
         self, job_id: str, tenant_id: str, session_id: str, reply: list[Any]
     ) -> NoticeOutcome:
         """The outcome of a notice script's ``reply``."""
-        if as_str(reply[0]) == "finishing":
+        status = as_str(reply[0])
+        if status in _HANDED_OVER:
+            self._handed_over(job_id)
+        if status == "finishing":
             claim = _claim_from_reply(tenant_id, job_id, reply)
             return NoticeOutcome(
                 Verdict.ACCEPTED, finishing=claim, traceparent=claim.job.traceparent
             )
-        verdict = Verdict(as_str(reply[0]))
+        verdict = Verdict(status)
         if verdict is Verdict.JOB_FINISHED:
             self._forget(job_id)
         if verdict is not Verdict.ACCEPTED:

@@ -223,6 +223,8 @@ def build_services(
             on_agent_changed=agents.on_agent_changed,
             # A completed notice that made a job FINISHING: this process appends its turns.
             on_finishing=chat.finalize_soon,
+            # A notice applied here spares a hand-off of this process its confirmation.
+            on_handed_over=chat.notice_applied,
             tracing=tracing,
         ),
         chat_queue=chat_queue,

@@ -46,6 +46,25 @@ class JobStore(Protocol):
         activated."""
         ...
 
+    async def start_on_session(
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.SessionNotOpen | jobs.StartRefused | LimitReached:
+        """``start_job`` for a job on its session's agent (``new.agent_id`` is not used: the
+        recorded job's agent is the session's), with the session read as
+        ``SessionStore.get_session(touch=True)`` reads it (an open one's expiry slides from now,
+        an open one past its expiry turns EXPIRED) in the same atomic step, after the job id
+        was found new: a message's session check and start in one round trip. A session that
+        is missing (or another tenant's) is StartRefused.SESSION_MISSING; one that is not open
+        is ``SessionNotOpen`` with its state. Not for an internal call's job
+        (``new.parent_job_id`` must be empty)."""
+        ...
+
     async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
         """Extend the lease of a hand-off (or of a QUEUED job's enqueue) in progress to
         ``limits.handoff_grace_ms`` from now; False (and no change) when the job is no longer

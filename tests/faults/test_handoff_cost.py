@@ -1,7 +1,8 @@
 """The per-process upkeep of hand-offs (domain.handoff_upkeep) keeps every guarantee of the
 durable hand-off at a lower cost per chat: a hand-off runs in its own task alone (one loop
-renews the leases of all slow ones), and the confirmations of hand-offs finishing together are
-written in one call, also at shutdown."""
+renews the leases of all slow ones), the confirmations of hand-offs finishing together are
+written in one call, also at shutdown, and none is written for a hand-off whose first notice
+(which confirms it in its own script) was applied before its confirmation was due."""
 
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ class CountingJobs:
     def __init__(self, jobs: Any) -> None:
         self._jobs = jobs
         self.confirm_calls: list[list[tuple[str, str]]] = []
+        self.confirmed = asyncio.Event()  # set once a confirmation call returned
 
     async def handoffs_done(self, done: Sequence[tuple[str, str]]) -> None:
         self.confirm_calls.append(list(done))
         await self._jobs.handoffs_done(done)
+        self.confirmed.set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jobs, name)
@@ -96,6 +99,56 @@ async def test_confirmations_added_while_one_is_written_go_in_the_next_call(
 
     assert jobs.confirm_calls == [[(TENANT, first)], [(TENANT, second), (TENANT, third)]]
     assert confirmations.pending == 0
+    assert await claims_after_the_grace(registry) == []
+
+
+async def test_a_hand_off_whose_first_notice_came_first_writes_no_confirmation(
+    registry: Backend,
+) -> None:
+    jobs = CountingJobs(registry.jobs)
+    confirmations = HandoffConfirmations(jobs)
+    job_id = await start(registry)
+
+    confirmations.begin(job_id)
+    confirmations.notice_applied(job_id)  # while the submit goes on
+    confirmations.add(TENANT, job_id)
+    await confirmations.flush()
+
+    assert jobs.confirm_calls == []
+    assert confirmations.skipped == 1
+
+
+async def test_a_confirmation_waits_its_delay_and_a_notice_meanwhile_drops_it(
+    registry: Backend,
+) -> None:
+    jobs = CountingJobs(registry.jobs)
+    confirmations = HandoffConfirmations(jobs, delay_s=GRACE_MS / 6000)
+    noticed, silent = await start(registry), await start(registry)
+    for job_id in (noticed, silent):
+        confirmations.begin(job_id)
+        confirmations.add(TENANT, job_id)
+
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert jobs.confirm_calls == []  # not yet due
+    confirmations.notice_applied(noticed)
+    # Written once due, by the writer (no flush).
+    await asyncio.wait_for(jobs.confirmed.wait(), WAIT_S)
+
+    assert jobs.confirm_calls == [[(TENANT, silent)]]
+    assert confirmations.skipped == 1
+
+
+async def test_a_flush_writes_the_confirmations_not_yet_due_at_once(registry: Backend) -> None:
+    jobs = CountingJobs(registry.jobs)
+    confirmations = HandoffConfirmations(jobs, delay_s=60.0)
+    job_id = await start(registry)
+    confirmations.begin(job_id)
+    confirmations.add(TENANT, job_id)
+
+    await asyncio.wait_for(confirmations.flush(), WAIT_S)
+
+    assert jobs.confirm_calls == [[(TENANT, job_id)]]
     assert await claims_after_the_grace(registry) == []
 
 

@@ -105,6 +105,7 @@ async def test_unknown_session_is_not_found(flow: Flow) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await read_to_end(flow.send("0190a0b0-0000-7000-8000-000000000000"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error.value.details() == "session 0190a0b0-0000-7000-8000-000000000000 not found"
 
 
 async def test_another_tenants_session_is_not_found(flow: Flow) -> None:
@@ -124,6 +125,7 @@ async def test_a_closed_session_refuses_messages(flow: Flow) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await read_to_end(flow.send(session_id))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.value.details() == f"session {session_id} is closed"
 
 
 async def test_empty_content_names_the_field(flow: Flow) -> None:

@@ -1,5 +1,6 @@
 """The two job stores make the same transitions: seeded random sequences of operations (starts
-with each if-busy choice and held jobs, activations, notices of every kind (tool calls and
+with each if-busy choice and held jobs, some with the session read in the same step as a
+message's, activations, notices of every kind (tool calls and
 workflow steps too) and verdict, cancels and other finishes, time-outs by the reaper, hand-off
 renewals, confirmations and claims, jobs with plans that turn FINISHING on completion and are
 completed or claimed for their finalize, plan step records) go through the memory store
@@ -43,6 +44,7 @@ from domain.jobs import (
     NoticeEvent,
     NoticeOutcome,
     SessionEvent,
+    SessionNotOpen,
     StartedJob,
 )
 from domain.models import NewSession, Service, TokenUsage, WorkKind
@@ -349,6 +351,8 @@ class Run:
         await self.compare_jobs(step, label, [j for j in self.jobs if every or j.job_id == job_id])
 
     def note_coverage(self, outcome: Any) -> None:
+        if isinstance(outcome, SessionNotOpen):
+            self.covered.add("session not open on a message's start")
         if isinstance(outcome, LimitReached):
             self.covered.add(f"limited {outcome.limit.value}")
         if isinstance(outcome, NoticeOutcome) and outcome.finishing is not None:
@@ -441,9 +445,21 @@ class Run:
         limits = await self.with_caps(await self.limits_for(known, *TIMERS))
         if_busy = rng.choice(list(IfBusy))
         hold = rng.random() < 0.2
-        label = f"start {job_id} in {session_id} if_busy={if_busy.value} hold={hold} {limits}"
+        # A message's start: the session read in the same step, the job on the session's agent
+        # (every third step; drawing it from ``rng`` would change what every seed covers).
+        on_session = step % 3 == 0
+        if on_session:
+            new = replace(new, agent_id="")
+        label = (
+            f"start {job_id} in {session_id} if_busy={if_busy.value} hold={hold} "
+            f"on_session={on_session} {limits}"
+        )
 
         async def call(stores: Stores) -> Any:
+            if on_session:
+                return await stores.jobs.start_on_session(
+                    tenant_id, new, limits, if_busy=if_busy, hold=hold
+                )
             return await stores.jobs.start_job(tenant_id, new, limits, if_busy=if_busy, hold=hold)
 
         await self.both(step, label, call, job_id)
@@ -717,6 +733,7 @@ async def test_memory_and_redis_stores_make_the_same_transitions(
             "finalize",
             "finalize exhausted",
             "plan step",
+            "session not open on a message's start",
             "finish a finishing job completed",
             "limited in_flight",
             "limited tokens_per_minute",

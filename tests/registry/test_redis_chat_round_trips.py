@@ -1,10 +1,13 @@
-"""A chat's own round trips to Redis, pinned so that they cannot creep back: SendMessage reads
-the session, subscribes to its events (only when no stream of this process follows the session
-and no recent one did) and starts the job (one pipelined round trip) before the caller sees
+"""A chat's own round trips to Redis, pinned so that they cannot creep back: SendMessage
+subscribes to the session's events (only when no stream of this process follows the session and
+no recent one did) and starts the job, reading the session in the same script (one pipelined
+round trip; the session read was a round trip of its own before) before the caller sees
 `accepted`; once the final event is sent the stream ends without another round trip (the
 subscription lingers for the session's next chat and is dropped later, with others, in one
 command). The job's notices, sent together by its service (a burst on its ReportUpdates
-stream), are applied together: one round trip for all of them (they cost one each before)."""
+stream), are applied together: one round trip for all of them (they cost one each before), and
+the first of them confirms the hand-off, so it costs no round trip of its own (0.75 per chat
+before, coalesced), its entry in the hand-off set removed by the next pipeline."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from domain.jobs import EventDraft, EventKind, JobLimits, NoticeEvent, NoticeOut
 from domain.models import Service, TokenUsage
 from domain.notices import NoticeInput, NoticeProcessor
 from domain.sessions import SessionManager, SessionPolicy
-from registry.backend import Backend
+from registry.backend import Backend, RedisInstance
+from registry.keys import KeySpace
 from registry.lua_scripts import lua_script
 from tests.support.downstream import RecordingDispatcher
 from tests.support.platform import FakeConversation
@@ -100,18 +104,18 @@ async def chat_round_trips(
     return to_accepted, len(round_trips) - before
 
 
-async def test_a_sessions_first_chat_costs_three_round_trips_before_it_is_accepted(
+async def test_a_sessions_first_chat_costs_two_round_trips_before_it_is_accepted(
     chat: ChatOrchestrator,
     registry: Backend,
     dispatcher: RecordingDispatcher,
     round_trips: list[int],
 ) -> None:
     session_id = await new_session(registry)
-    # Session read, SUBSCRIBE, and the job's start with its hints (one pipeline).
-    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 3
+    # SUBSCRIBE, and the job's start with the session read and its hints (one pipeline).
+    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 2
 
 
-async def test_a_sessions_next_chat_reuses_its_subscription_and_costs_two_round_trips(
+async def test_a_sessions_next_chat_reuses_its_subscription_and_costs_one_round_trip(
     chat: ChatOrchestrator,
     registry: Backend,
     dispatcher: RecordingDispatcher,
@@ -119,8 +123,8 @@ async def test_a_sessions_next_chat_reuses_its_subscription_and_costs_two_round_
 ) -> None:
     session_id = await new_session(registry)
     await chat_round_trips(chat, registry, dispatcher, round_trips, session_id)
-    # Session read and the job's start: the first chat's subscription still serves.
-    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 2
+    # The job's start with the session read: the first chat's subscription still serves.
+    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 1
 
 
 async def test_a_chats_stream_ends_after_its_final_event_without_a_round_trip(
@@ -172,18 +176,29 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return written
 
 
-async def test_a_chat_whose_notices_arrive_together_costs_three_round_trips_in_all(
+async def handoff_entries(registry: Backend) -> list[str]:
+    """The members of the hand-off set (every shard)."""
+    assert isinstance(registry.instance, RedisInstance)
+    redis = registry.instance.redis
+    members: list[str] = []
+    for key in KeySpace("test").hint_keys("job-handoffs"):
+        members += [str(m) for m in await redis.zrange(key, 0, -1)]
+    return members
+
+
+async def test_a_chat_whose_notices_arrive_together_costs_two_round_trips_in_all(
     chat: ChatOrchestrator,
     registry: Backend,
     dispatcher: RecordingDispatcher,
     sent: list[bytes],
 ) -> None:
-    """Session read and job start, then the five notices of its service in one round trip
-    (seven before: one per notice). Not counted: the hand-off's confirmation, written
-    for every hand-off that finished in the same loop iteration together."""
-    processor = NoticeProcessor(registry.jobs, LIMITS)
+    """The job's start (with the session read), then the five notices of its service in one
+    round trip (seven before: one per notice). The first notice confirmed the hand-off: none is
+    written for it, not even when the orchestrator stops (it writes the rest then)."""
+    processor = NoticeProcessor(registry.jobs, LIMITS, on_handed_over=chat.notice_applied)
     session_id = await new_session(registry)
     notice_sha = lua_script("jobs/notice").sha.encode()
+    await chat.drain(5.0)  # the warm-up's confirmation (its job was finished without notices)
     for attempt in (1, 2):  # the first chat loads the notice script and subscribes
         ctx = CallContext(tenant_id=TENANT, request_id=f"r{attempt}")
         stream = aiter(chat.send(ctx, ChatMessage(session_id=session_id, content="hi")))
@@ -194,7 +209,29 @@ async def test_a_chat_whose_notices_arrive_together_costs_three_round_trips_in_a
         assert all(isinstance(o, NoticeOutcome) and o.event is not None for o in outcomes)
         kinds = [event.kind async for event in stream]
         assert kinds[-1] is EventKind.COMPLETED
+    await chat.drain(5.0)
     notices = [written for written in sent if notice_sha in written]
     assert len(notices) == 1 and notices[0].count(b"EVALSHA") == 5
-    confirmations = [written for written in sent if b"\r\nHDEL\r\n" in written]
-    assert len(sent) - len(confirmations) == 3
+    assert len(sent) == 2
+
+
+async def test_a_hand_off_its_first_notice_confirmed_leaves_the_hand_off_set_in_the_next_pipeline(
+    chat: ChatOrchestrator,
+    registry: Backend,
+    dispatcher: RecordingDispatcher,
+    round_trips: list[int],
+) -> None:
+    processor = NoticeProcessor(registry.jobs, LIMITS, on_handed_over=chat.notice_applied)
+    session_id = await new_session(registry)
+    ctx = CallContext(tenant_id=TENANT, request_id="r1")
+    stream = aiter(chat.send(ctx, ChatMessage(session_id=session_id, content="hi")))
+    accepted: SessionEvent = await anext(stream)
+    await dispatcher.next_submit()
+    await processor.process_each(reference_notices(accepted.job_id), None)
+    assert [event.kind async for event in stream][-1] is EventKind.COMPLETED
+    member = f"{TENANT} {session_id} {accepted.job_id}"
+    assert member in await handoff_entries(registry)  # no round trip was spent on it
+
+    # The next chat's start takes it along (no round trip more).
+    assert (await chat_round_trips(chat, registry, dispatcher, round_trips, session_id))[0] == 1
+    assert member not in await handoff_entries(registry)

@@ -25,14 +25,18 @@
 --   parent_job_id (an internal call's parent job, '' for none), max_calls (the internal calls a
 --   job may make), job_prefix (the key of a job of the tenant is job_prefix .. its id),
 --   in_flight_cap, tpm_cap (tokens per minute), retry_after_ms (the tenant's limits toward the
---   services, 0: none; checked for a job that would be PENDING, see over_limit)
+--   services, 0: none; checked for a job that would be PENDING, see over_limit),
+--   session_retention_ms ('': the session is only checked; else the session is read first as
+--   sessions/get.lua reads it with touch, in the same step: an open one past its expiry
+--   becomes EXPIRED, kept this long, and is refused; an open one's expiry slides from now;
+--   and the job's agent is the session's, agent_id is not used)
 -- An internal call's job starts only while its parent (same tenant, so the same slot) is
 -- pending or running and has made fewer than max_calls calls; the parent counts it (`ic`) and
 -- lists it (`calls`: the children's ids, space-separated, oldest first), and
 -- the child keeps its parent (`par`) and the parent's session (`pses`) for notice.lua.
--- Returns: {'ok', sequence, now, envelope}, {'limited', limit, cap, retry_after_ms, service} or
---   {reason} (job_exists | parent_not_in_flight | call_limit | session_missing |
---   session_not_open | session_busy)
+-- Returns: {'ok', sequence, now, envelope, agent_id}, {'limited', limit, cap, retry_after_ms,
+--   service}, {'session_not_open', state} or {reason} (job_exists | parent_not_in_flight |
+--   call_limit | session_missing | session_busy)
 local job_id = ARGV[1]
 local session_id = ARGV[2]
 local service = ARGV[3]
@@ -64,6 +68,7 @@ local job_prefix = ARGV[28]
 local in_flight_cap = tonumber(ARGV[29])
 local tpm_cap = tonumber(ARGV[30])
 local retry_after_ms = tonumber(ARGV[31])
+local session_retention_ms = tonumber(ARGV[32])
 local tenant_jobs_key = KEYS[12]
 
 if redis.call('EXISTS', job_key) == 1 then return {'job_exists'} end
@@ -75,10 +80,28 @@ if parent_job_id ~= '' then
   if tonumber(p[2] or '0') >= max_calls then return {'call_limit'} end
 end
 if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
-local s = redis.call('HMGET', session_key, 'state', 'expires')
-if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2]) then
-  return {'session_not_open'}
+local s = redis.call('HMGET', session_key, 'state', 'expires', 'ttl', 'agent_id')
+if session_retention_ms and (s[1] == 'active' or s[1] == 'busy') then
+  -- The session read of sessions/get.lua (touch), the session and its pending set kept until
+  -- ``keep_to`` (prelude/sessions.lua's keep_until).
+  local expires = tonumber(s[2])
+  local keep_to
+  if now >= expires then
+    redis.call('HSET', session_key, 'state', 'expired', 'updated', expires)
+    s[1] = 'expired'
+    keep_to = expires + session_retention_ms
+  else
+    s[2] = now + tonumber(s[3])
+    redis.call('HSET', session_key, 'expires', s[2])
+    keep_to = s[2] + session_retention_ms
+  end
+  redis.call('PEXPIREAT', session_key, keep_to)
+  redis.call('PEXPIREAT', pending_key, keep_to)
 end
+if (s[1] ~= 'active' and s[1] ~= 'busy') or now >= tonumber(s[2]) then
+  return {'session_not_open', s[1]}
+end
+if session_retention_ms then agent_id = s[4] end
 local busy = redis.call('SCARD', pending_key) > 0
 if if_busy == 'reject' and busy then return {'session_busy'} end
 local queued = hold == '1' or (if_busy == 'hold' and busy)
@@ -144,4 +167,4 @@ if queued then members[#members + 1] = '"queued":true' end
 local env = envelope(job_id, request_json, 'accepted', with_members(accepted_json, members))
 local seq = append(env, maxlen, log_ttl_ms, channel)
 if queued then redis.call('HSET', job_key, 'hoq', seq) end
-return {'ok', seq, now, env}
+return {'ok', seq, now, env, agent_id}
