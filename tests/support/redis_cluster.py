@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -231,6 +232,24 @@ class RedisClusterProcess:
         die with it."""
         node.kill()
         self.killed.append(node)
+
+    def hold_back_replication(self, master: RedisProcess) -> list[RedisProcess]:
+        """Stop ``master``'s replicas (SIGSTOP) and close its links to them: until
+        ``release`` they receive nothing ``master`` writes from now on (what an asynchronous
+        replica may lack when its master dies). Keep it shorter than the node timeout, or the
+        stopped replicas are taken for failed too."""
+        replicas = self.replicas_of(master)
+        for replica in replicas:
+            replica.signal(signal.SIGSTOP)
+        with _node(master.port) as client:
+            client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        return replicas
+
+    @staticmethod
+    def release(replicas: list[RedisProcess]) -> None:
+        """Let replicas stopped by ``hold_back_replication`` run again."""
+        for replica in replicas:
+            replica.signal(signal.SIGCONT)
 
     def wait_failed_over(self, key: str, timeout_s: float = 20.0) -> RedisProcess:
         """The node serving ``key``'s slot once a running replica was promoted in place of its
