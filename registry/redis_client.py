@@ -207,6 +207,9 @@ def unavailable_from(exc: BaseException) -> Unavailable | None:
         return Unavailable(f"redis unavailable: {exc}")
     if isinstance(exc, _FAILOVER_ERRORS) or _closed_transport(exc):
         return Unavailable(f"redis unavailable (failing over): {exc}")
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("NOREPLICAS"):
+        # min-replicas-to-write: the master has too few replicas in sync to take writes.
+        return Unavailable(f"redis refuses writes: {exc}")
     return None
 
 
@@ -219,6 +222,7 @@ def redis_errors_as_unavailable() -> Iterator[None]:
     except (
         redis_errors.ConnectionError,
         redis_errors.TimeoutError,
+        redis_errors.ResponseError,
         *_FAILOVER_ERRORS,
         RuntimeError,
     ) as exc:
