@@ -44,7 +44,8 @@ class MarkedBackend(Protocol):
 
 
 class DataLossWatch:
-    """The health probe (ping plus instance marker check); ``on_lost`` runs once per loss."""
+    """The health probe (ping, the cluster's masters, the instance marker); ``on_lost`` runs
+    once per loss, ``on_failover`` once per change of a cluster's masters."""
 
     def __init__(
         self,
