@@ -255,6 +255,7 @@ class ChatOrchestrator:
             # less per event on the chat path.
             job_id = job.job_id
             follower = self._follower(feed, tenant_id, session_id)
+            follower.still_there = lambda: self._job_exists(tenant_id, job_id)
             async for event in follower.events(started.accepted.sequence, catch_up=False):
                 if event.job_id == job_id:
                     yield event
@@ -325,6 +326,7 @@ class ChatOrchestrator:
         """The job's events on the session after ``after``, up to and including its final one
         (fewer if the session closes first)."""
         follower = self._follower(feed, tenant_id, feed.key[1])
+        follower.still_there = lambda: self._job_exists(tenant_id, job_id)
         async for event in follower.events(after, catch_up=catch_up):
             if event.job_id != job_id:
                 continue
@@ -333,12 +335,16 @@ class ChatOrchestrator:
                 return
         await self._raise_if_lost(tenant_id, job_id)
 
+    async def _job_exists(self, tenant_id: str, job_id: str) -> bool:
+        return await self._jobs.get_job(tenant_id, job_id) is not None
+
     async def _raise_if_lost(self, tenant_id: str, job_id: str) -> None:
         """After the events of a job ended without its final one: never end quietly when the
         job's record is gone."""
         if await self._jobs.get_job(tenant_id, job_id) is None:
             raise Aborted(
-                f"the record of job {job_id} was lost (the backend lost its data): its outcome "
+                f"the record of job {job_id} was lost (the backend lost its data, or a Redis "
+                "Cluster failover lost what its master had not yet replicated): its outcome "
                 "is unknown; send the message again"
             )
 
@@ -458,8 +464,10 @@ class ChatOrchestrator:
         idle check interval passes."""
         while await feed.wait(self._idle_check_s):
             events = feed.drain()
-            if feed.lagging or feed.closed or any(e.kind.is_final for e in events):
+            if feed.lagging or feed.recheck or feed.closed or any(e.kind.is_final for e in events):
+                # The caller reads the job again (which a recheck asks for).
                 feed.clear_lagging()
+                feed.clear_recheck()
                 return
 
     def _owned(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -840,8 +848,9 @@ class ChatOrchestrator:
             for event in feed.drain():
                 if event.job_id == job_id and event.kind.is_final:
                     return event
-            if feed.lagging:  # events were dropped: read the job again
+            if feed.lagging or feed.recheck:  # events dropped, or data lost: read the job again
                 feed.clear_lagging()
+                feed.clear_recheck()
                 continue
             if feed.closed:
                 job = await self._jobs.get_job(tenant_id, job_id)

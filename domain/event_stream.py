@@ -35,9 +35,9 @@ class SessionFollower:
     """Yields the events of one session after a cursor, for one client stream.
 
     ``still_open`` is asked when no event arrived for ``idle_check_s``, when the feed asks for a
-    recheck (the backend lost its data) and when the log's last sequence went below the cursor
-    (its data is gone); the stream ends when it returns False (the session expired or vanished).
-    It also ends after the feed reports the session closed.
+    recheck (the backend lost its data, or a cluster failed over) and when the log's last
+    sequence went below the cursor (its data is gone); the stream ends when it returns False
+    (the session expired or vanished). It also ends after the feed reports the session closed.
     """
 
     log: EventLog
@@ -46,6 +46,9 @@ class SessionFollower:
     session_id: str
     _: KW_ONLY
     still_open: Callable[[], Awaitable[bool]] | None = None
+    # Asked on a recheck after ``still_open`` (a job's stream: does the job still exist; a
+    # cluster failover may lose a job its session outlives); never shared between streams.
+    still_there: Callable[[], Awaitable[bool]] | None = None
     idle_check_s: float = 30.0
     # The cursor: the sequence of the last event yielded.
     last: int = field(init=False, default=0)
@@ -88,6 +91,8 @@ class SessionFollower:
                 feed.clear_recheck()
                 self._log_reset = False
                 if self.still_open is not None and not await self.still_open():
+                    return
+                if self.still_there is not None and not await self.still_there():
                     return
             if not await feed.wait(self.idle_check_s):
                 # Idle: the answer is shared by the streams of the session in this process

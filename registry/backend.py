@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from domain.ports.api_keys import ApiKeyStore
 from domain.ports.batches import BatchStore
@@ -44,7 +45,7 @@ from registry.memory_rate_limiter import MemoryRateLimiter
 from registry.memory_sessions import MemorySessionStore
 from registry.memory_usage import MemoryEmbeddingCache, MemoryUsageStore
 from registry.redis_batches import RedisBatchStore
-from registry.redis_client import create_redis, redis_errors_as_unavailable
+from registry.redis_client import create_redis, is_cluster, redis_errors_as_unavailable
 from registry.redis_events import RedisEventLog
 from registry.redis_jobs import EventLogConfig, RedisJobStore
 from registry.redis_queue import RedisWorkQueue, create_queue_redis
@@ -111,6 +112,10 @@ class MemoryInstance:
     async def persistence(self) -> Persistence:
         return Persistence(aof=False, snapshots=False)
 
+    def masters(self) -> frozenset[str] | None:
+        """Not a cluster: no masters to watch."""
+        return None
+
 
 class RedisInstance:
     """The Redis data set behind the stores' pool: reachability, marker, persistence."""
@@ -124,6 +129,14 @@ class RedisInstance:
     async def ping(self) -> None:
         with redis_errors_as_unavailable():
             await self.redis.ping()
+
+    def masters(self) -> frozenset[str] | None:
+        """On a cluster, the masters (host:port) of the client's slot map as it stands (it is
+        read again after a call meets a moved slot or a dead node); None for one Redis."""
+        if not is_cluster(self.redis):
+            return None
+        cluster = cast(RedisCluster, self.redis)
+        return frozenset(node.name for node in cluster.get_primaries())
 
     async def instance_marker(self, candidate: str) -> str:
         """The data set's marker: ``candidate`` if there was none (stored, in the same

@@ -118,16 +118,34 @@ def create_cluster(
 class _ClusterSubscriber(ClusterPubSub):
     """A cluster pub/sub that reads the cluster's layout before its first command (redis-py
     picks the node of the first channel's slot from a slot map it has not loaded yet when the
-    client's first call is a SUBSCRIBE)."""
+    client's first call is a SUBSCRIBE), and again after a command failed to reach its node.
+
+    redis-py re-reads the layout after a failed command of the cluster client, never after one
+    of its pub/sub: once a master died, every new subscriber would pick it again from the same
+    stale slot map (a failover's promoted replica never being tried), so its reader would
+    reconnect to the dead node for ever."""
+
+    cluster: _Cluster
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         await self.cluster.initialize()  # a no-op once initialized
-        return await super().execute_command(*args, **kwargs)
+        if self.connection is None and self.cluster.layout_stale:
+            self.cluster.layout_stale = False
+            await self.cluster.nodes_manager.initialize()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+            self.cluster.layout_stale = True
+            raise
 
 
 class _Cluster(RedisCluster):
-    """``RedisCluster`` whose pub/sub works as a first call. Classic SUBSCRIBE on any node
-    hears every PUBLISH of the cluster (messages are broadcast over the cluster bus)."""
+    """``RedisCluster`` whose pub/sub works as a first call and follows a failover. Classic
+    SUBSCRIBE on any node hears every PUBLISH of the cluster (messages are broadcast over the
+    cluster bus)."""
+
+    # A subscriber failed to reach its node: the next one re-reads the layout first.
+    layout_stale = False
 
     def pubsub(
         self,
@@ -164,15 +182,54 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
             await task
 
 
+# A cluster between a master's death and its replica's promotion: CLUSTERDOWN, TRYAGAIN, a slot
+# no node serves for a moment. A call made again shortly succeeds, as after a lost connection.
+_FAILOVER_ERRORS = (
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.SlotNotCoveredError,
+)
+
+
+def _closed_transport(exc: BaseException) -> bool:
+    """uvloop's RuntimeError for a write on a connection whose peer just died ("unable to
+    perform operation on <TCPTransport closed=True ...>; the handler is closed"), which
+    redis-py lets through instead of raising ConnectionError (seen when a master is killed)."""
+    return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
+
+
+def unavailable_from(exc: BaseException) -> Unavailable | None:
+    """``exc`` as domain.errors.Unavailable when it is a connection-level Redis failure (one
+    that a later call may not meet), else None."""
+    if isinstance(exc, redis_errors.BusyLoadingError):
+        return Unavailable(f"redis is loading: {exc}")
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
+        return Unavailable(f"redis unavailable: {exc}")
+    if isinstance(exc, _FAILOVER_ERRORS) or _closed_transport(exc):
+        return Unavailable(f"redis unavailable (failing over): {exc}")
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("NOREPLICAS"):
+        # min-replicas-to-write: the master has too few replicas in sync to take writes.
+        return Unavailable(f"redis refuses writes: {exc}")
+    return None
+
+
 @contextmanager
 def redis_errors_as_unavailable() -> Iterator[None]:
-    """Map connection-level Redis failures to domain.errors.Unavailable."""
+    """Map connection-level Redis failures (and a cluster's failover) to
+    domain.errors.Unavailable."""
     try:
         yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-        raise Unavailable(f"redis unavailable: {exc}") from exc
-    except redis_errors.BusyLoadingError as exc:  # pragma: no cover - subclass kept explicit
-        raise Unavailable(f"redis is loading: {exc}") from exc
+    except (
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+        redis_errors.ResponseError,
+        *_FAILOVER_ERRORS,
+        RuntimeError,
+    ) as exc:
+        unavailable = unavailable_from(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
 
 
 def as_str(value: Any) -> str:

@@ -92,6 +92,7 @@ from registry.redis_client import (
     pairs_to_dict,
     redis_errors_as_unavailable,
     time_ms,
+    unavailable_from,
 )
 
 log = logging.getLogger(__name__)
@@ -616,7 +617,7 @@ class RedisJobStore(RedisStore):
                     lost = reply
                     again.append((index, tenant_id, session_id))
                 elif isinstance(reply, Exception):
-                    outcomes[index] = reply
+                    outcomes[index] = unavailable_from(reply) or reply
                 else:
                     try:
                         outcomes[index] = self._notice_outcome(

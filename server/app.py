@@ -186,7 +186,11 @@ class OrchestratorServer:
         )
         self.health_servicer = HealthServicer()
         # Each health probe also checks the backend's instance marker (server.data_loss).
-        self.data_loss = DataLossWatch(self.backend.instance, self._recover_from_data_loss)
+        self.data_loss = DataLossWatch(
+            self.backend.instance,
+            self._recover_from_data_loss,
+            on_failover=self.backend.fanout.recheck_all,
+        )
         self.health = HealthMonitor(
             self.health_servicer,
             SERVICE_NAMES,

@@ -40,14 +40,25 @@ class MarkedBackend(Protocol):
 
     async def persistence(self) -> Persistence: ...
 
+    def masters(self) -> frozenset[str] | None: ...
+
 
 class DataLossWatch:
-    """The health probe (ping plus instance marker check); ``on_lost`` runs once per loss."""
+    """The health probe (ping, the cluster's masters, the instance marker); ``on_lost`` runs
+    once per loss, ``on_failover`` once per change of a cluster's masters."""
 
-    def __init__(self, backend: MarkedBackend, on_lost: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        backend: MarkedBackend,
+        on_lost: Callable[[], Awaitable[None]],
+        on_failover: Callable[[], None] | None = None,
+    ) -> None:
         self._backend = backend
         self._on_lost = on_lost
+        self._on_failover = on_failover
         self._known: str | None = None
+        self._masters: frozenset[str] | None = None
+        self.failovers = 0
         self._refused_logged = False
         self.losses = 0
         self.lost = asyncio.Event()  # set once a loss was handled (for tests and tools)
@@ -55,6 +66,7 @@ class DataLossWatch:
     async def probe(self) -> None:
         """Raises domain.errors.Unavailable when the backend cannot be reached."""
         await self._backend.ping()
+        self._check_masters()
         try:
             marker = await self._backend.instance_marker(uuid.uuid4().hex)
         except redis_errors.ResponseError as exc:  # read-only replica, out of memory, ACL
@@ -80,6 +92,27 @@ class DataLossWatch:
         self._known = marker
         self.losses += 1
         self.lost.set()
+
+    def _check_masters(self) -> None:
+        """On a cluster, a change of its masters (a failover, or masters added or removed)
+        runs ``on_failover`` once: a promoted replica lacks what its master acknowledged but had
+        not sent it yet (Redis replicates asynchronously), so jobs may be gone."""
+        masters = self._backend.masters()
+        if masters is None:
+            return
+        known, self._masters = self._masters, masters
+        if known is None or masters == known:
+            return
+        self.failovers += 1
+        log.warning(
+            "the Redis Cluster's masters changed (gone: %s; new: %s): a replica promoted in a "
+            "failover lacks the writes its master had not yet sent it; every stream checks that "
+            "what it follows still exists (README, Scaling out)",
+            ", ".join(sorted(known - masters)) or "none",
+            ", ".join(sorted(masters - known)) or "none",
+        )
+        if self._on_failover is not None:
+            self._on_failover()
 
 
 async def warn_without_persistence(backend: MarkedBackend) -> None:

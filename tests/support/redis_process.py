@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -188,6 +189,13 @@ class RedisProcess:
             self._proc.wait()
         self._proc = None
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the running server (SIGSTOP / SIGCONT: pause and resume it)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signum)
+
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.signal(signal.SIGCONT)  # a paused server cannot be stopped
         self.stop()
         self._dir.cleanup()
