@@ -19,4 +19,7 @@ def backend_config(settings: Settings) -> BackendConfig:
         event_log_max_events=settings.event_log_max_events,
         event_log_ttl_ms=int(settings.event_log_ttl * 1000),
         batch_retention_ms=int(settings.batch_retention * 1000),
+        event_heartbeat_interval_s=settings.event_heartbeat_interval,
+        event_heartbeat_timeout_s=settings.event_heartbeat_timeout,
+        event_pubsub_legacy=settings.event_pubsub_legacy,
     )
