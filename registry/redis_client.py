@@ -166,13 +166,18 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
 
 @contextmanager
 def redis_errors_as_unavailable() -> Iterator[None]:
-    """Map connection-level Redis failures to domain.errors.Unavailable."""
+    """Map connection-level Redis failures (and a cluster that is down for the moment) to
+    domain.errors.Unavailable."""
     try:
         yield
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
         raise Unavailable(f"redis unavailable: {exc}") from exc
     except redis_errors.BusyLoadingError as exc:  # pragma: no cover - subclass kept explicit
         raise Unavailable(f"redis is loading: {exc}") from exc
+    except (redis_errors.ClusterDownError, redis_errors.TryAgainError) as exc:
+        # A cluster between layouts (a master restarting or failing over, a slot moving):
+        # redis-py retried already; the caller may retry later.
+        raise Unavailable(f"redis cluster unavailable: {exc}") from exc
 
 
 def as_str(value: Any) -> str:
