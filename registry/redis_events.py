@@ -316,8 +316,8 @@ class RedisEventLog(RedisStore):
 
     async def _subscribe(self, channel: str) -> None:
         self._start()
-        self._confirmed.setdefault(channel, asyncio.Event())
         reader = await self._reader_of(channel)
+        self._confirmed.setdefault(channel, asyncio.Event())
         self._route[channel] = reader.node
         reader.channels.add(channel)
         try:
@@ -345,7 +345,8 @@ class RedisEventLog(RedisStore):
         if confirmed is None:
             return
         try:
-            await asyncio.wait_for(confirmed.wait(), self._subscribe_timeout_s)
+            async with asyncio.timeout(self._subscribe_timeout_s):
+                await confirmed.wait()
         except TimeoutError:
             raise Unavailable("redis did not confirm the event subscription") from None
 
@@ -427,6 +428,17 @@ class RedisEventLog(RedisStore):
                 self._want_resync()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            except redis_errors.ResponseError as exc:
+                # MOVED for a slot the node gave away before this process saw the new layout.
+                log.warning(
+                    "%s refused an event subscription (%s); reading the layout again",
+                    reader.node,
+                    exc,
+                )
+                await self._drop(reader)
+                self._want_resync()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
             except Exception:
                 log.exception("event reader of %s failed; reconnecting", reader.node)
                 await self._drop(reader)
@@ -473,11 +485,11 @@ class RedisEventLog(RedisStore):
         pubsub, reader.pubsub = reader.pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                # A stopped node may never answer the close: bounded.
-                await asyncio.wait_for(
-                    pubsub.aclose(),  # type: ignore[no-untyped-call]
-                    self._heartbeat_interval_s,
-                )
+                # A stopped node may never answer the close: bounded. (asyncio.timeout, not
+                # wait_for: Python 3.11's wait_for can lose a cancellation that lands as its
+                # awaitable finishes, and a stream being cancelled then hangs.)
+                async with asyncio.timeout(self._heartbeat_interval_s):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _restart(self, reader: _Reader) -> None:
         """Replace ``reader``'s connection (it is silent) and its task."""
@@ -540,6 +552,7 @@ class RedisEventLog(RedisStore):
                 log.info("%s dropped event subscriptions (slot moved); re-routing", reader.node)
                 reader.channels.discard(channel)
                 self._route.pop(channel, None)
+                self._lingering.pop(channel, None)
                 if channel != reader.heartbeat_channel and self._followed(channel):
                     self._moved.add(channel)
                 self._want_resync()
@@ -659,43 +672,53 @@ class RedisEventLog(RedisStore):
 
     async def _beat(self) -> None:
         """Every interval: a heartbeat to each connected reader, then a look for silent ones."""
-        loop = asyncio.get_running_loop()
         while not self._closing:
             await asyncio.sleep(self._heartbeat_interval_s)
-            readers = [r for r in self._readers.values() if r.pubsub is not None]
-            if readers:
-                await asyncio.gather(*(self._send_heartbeat(r) for r in readers))
-            now = loop.time()
-            for reader in list(self._readers.values()):
-                if now - reader.heard <= self._heartbeat_timeout_s:
-                    continue
-                if not reader.silent:
-                    reader.silent = True
-                    self.silences += 1
-                log.warning(
-                    "event reader of %s heard no heartbeat for %.1f s: reconnecting it and "
-                    "reading the layout again (health entry events NOT_SERVING)",
-                    reader.node,
-                    now - reader.heard,
-                )
-                # The next attempt after another timeout.
-                reader.heard = now
-                self._want_resync()
-                await self._restart(reader)
+            try:
+                await self._beat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the watch must outlive any one round's failure
+                log.warning("event reader heartbeat round failed: %r", exc)
+
+    async def _beat_once(self) -> None:
+        readers = [r for r in self._readers.values() if r.pubsub is not None]
+        if readers:
+            await asyncio.gather(*(self._send_heartbeat(r) for r in readers))
+        now = asyncio.get_running_loop().time()
+        for reader in list(self._readers.values()):
+            if now - reader.heard <= self._heartbeat_timeout_s:
+                continue
+            if not reader.silent:
+                reader.silent = True
+                self.silences += 1
+            log.warning(
+                "event reader of %s heard no heartbeat for %.1f s: reconnecting it and "
+                "reading the layout again (health entry events NOT_SERVING)",
+                reader.node,
+                now - reader.heard,
+            )
+            # The next attempt after another timeout.
+            reader.heard = now
+            self._want_resync()
+            await self._restart(reader)
 
     async def _send_heartbeat(self, reader: _Reader) -> None:
         """SPUBLISH on the reader's heartbeat channel through the stores' client, routed as
         the job scripts' events are. A failure is only logged: the reader's silence is what
         counts (and a lost master shows there too)."""
         try:
-            await asyncio.wait_for(
-                self._redis.execute_command(  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(max(self._heartbeat_interval_s, 0.1)):
+                await self._redis.execute_command(  # type: ignore[no-untyped-call]
                     "SPUBLISH", reader.heartbeat_channel, "1"
-                ),
-                max(self._heartbeat_interval_s, 0.1),
-            )
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            log.debug("event heartbeat to %s not sent: %s", reader.node, exc)
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Whatever the client raises (a redis error, a timeout, a connection closed under
+            # the call: uvloop's RuntimeError), the heartbeats go on; the reader's silence is
+            # what is reported.
+            log.debug("event heartbeat to %s not sent: %r", reader.node, exc)
             self._want_resync()
 
     def silent_readers(self) -> list[str]:

@@ -10,10 +10,11 @@ reader's pub/sub connection is taken from it, never from the stores' pools.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import bisect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +31,8 @@ SLOTS = 16384
 
 # The name of the node of a single Redis.
 SINGLE_NODE = "redis"
+# Longest wait for one node's CLUSTER SLOTS (a hung node must not hold up the others').
+LAYOUT_TIMEOUT_S = 2.0
 
 
 def slot_of(name: str) -> int:
@@ -58,10 +61,14 @@ def tag_in_slot(slot: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The masters and the slot ranges each owns: ``starts`` sorted, ``ranges[i]`` =
-    (start, end, node name)."""
+    """The masters and the slot ranges each owns: ``ranges`` sorted, each (start, end, node
+    name)."""
 
     ranges: tuple[tuple[int, int, str], ...]
+    _starts: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_starts", [start for start, _, _ in self.ranges])
 
     @property
     def nodes(self) -> list[str]:
@@ -69,8 +76,7 @@ class Layout:
 
     def node_of(self, slot: int) -> str | None:
         """The master owning ``slot``, or None while no master does."""
-        starts = [start for start, _, _ in self.ranges]
-        index = bisect.bisect_right(starts, slot) - 1
+        index = bisect.bisect_right(self._starts, slot) - 1
         if index < 0:
             return None
         start, end, name = self.ranges[index]
@@ -168,10 +174,11 @@ class ClusterNodes:
         problems: list[str] = []
         for name in names:
             try:
-                reply = await self.client(name).execute_command(  # type: ignore[no-untyped-call]
-                    "CLUSTER", "SLOTS"
-                )
-            except (redis_errors.RedisError, OSError) as exc:
+                async with asyncio.timeout(LAYOUT_TIMEOUT_S):
+                    reply = await self.client(name).execute_command(  # type: ignore[no-untyped-call]
+                        "CLUSTER", "SLOTS"
+                    )
+            except (redis_errors.RedisError, OSError, TimeoutError) as exc:
                 problems.append(f"{name}: {exc}")
                 continue
             layout = self._parse(reply, self._addresses[name][0])

@@ -74,9 +74,10 @@ async def streaming(events: RedisEventLog, session_id: str) -> AsyncIterator[See
     resumed after its last sequence, as clients do."""
     seen = Seen()
     subscribed = asyncio.Event()
+    stopping = False
 
     async def run() -> None:
-        while True:
+        while not stopping:
             after = seen.sequences[-1] if seen.sequences else 0
             try:
                 async with events.subscribe(TENANT, session_id) as feed:
@@ -85,7 +86,9 @@ async def streaming(events: RedisEventLog, session_id: str) -> AsyncIterator[See
                     async for event in follower.events(after):
                         seen.add(event.sequence)
             except Unavailable:
-                if not subscribed.is_set():
+                # (A cancellation that lands inside redis-py may come back as a lost
+                # connection: a stream being stopped is not resumed.)
+                if not subscribed.is_set() or stopping:
                     raise
                 await asyncio.sleep(0.1)
 
@@ -99,9 +102,11 @@ async def streaming(events: RedisEventLog, session_id: str) -> AsyncIterator[See
     try:
         yield seen
     finally:
+        stopping = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            async with asyncio.timeout(BOUND_S):  # a stream that cannot be cancelled fails here
+                await task
 
 
 async def append_event(backend: Backend, session_id: str) -> int:
@@ -324,10 +329,10 @@ async def test_a_silent_reader_makes_health_not_serving_until_it_hears_again(
 
             proxy.stall()
             missed = [await append(), await append()]
-            await eventually(lambda: events.silent_readers() == [SINGLE_NODE])
+            await eventually(lambda: events.silences == 1)
+            assert events.silent_readers() == [SINGLE_NODE]
             assert await statuses() == {"": NOT_SERVING, EVENTS_SERVICE: NOT_SERVING}
             assert servicer._server_status[LIVENESS_SERVICE] == SERVING
-            assert events.silences == 1
 
             proxy.resume()
             await eventually(lambda: events.silent_readers() == [])
@@ -448,3 +453,45 @@ async def test_a_stream_follows_its_session_to_the_replica_promoted_after_its_ma
                     await eventually(lambda: events.silent_readers() == [])
                 finally:
                     replica.close()
+
+
+async def test_during_an_upgrade_old_and_new_processes_hear_each_others_events(
+    target: Target,
+) -> None:
+    """ORCH_EVENT_PUBSUB_LEGACY: this release publishes on the classic channel too (an older
+    process's SUBSCRIBE hears it) and subscribes to it too (an older process's PUBLISH reaches
+    its streams); its streams yield each event once."""
+    backend = open_backend(
+        BackendConfig(
+            redis_url=target.url,
+            key_prefix="test",
+            session_retention_ms=60_000,
+            event_pubsub_legacy=True,
+        )
+    )
+    old_reader = create_redis(target.url, socket_timeout_s=5.0, connect_timeout_s=1.0)
+    old_pubsub = old_reader.pubsub()
+    try:
+        keys = KeySpace("test")
+        session_id = await new_session(backend)
+        classic = keys.legacy_session_channel(TENANT, session_id)
+        await old_pubsub.subscribe(classic)
+        assert (await old_pubsub.get_message(timeout=5))["type"] == "subscribe"
+        async with streaming(event_log(backend), session_id) as seen:
+            new = await append_event(backend, session_id)
+            heard = await old_pubsub.get_message(timeout=BOUND_S)
+            assert heard is not None and heard["data"].startswith(f"{new} ")
+            # An older process's job script: the log entry, then PUBLISH on the classic channel.
+            old = int(await old_reader.incr(keys.session_event_seq(TENANT, session_id)))
+            envelope = '{"j":"job-1","r":"req-1","k":"accepted","d":{}}'
+            await old_reader.xadd(
+                keys.session_events(TENANT, session_id), {"t": "1", "e": envelope}, id=f"{old}-0"
+            )
+            await old_reader.publish(classic, f"{old} 1 {envelope}")
+            assert await seen.reach(2) == [new, old]
+            last = await append_event(backend, session_id)
+            assert await seen.reach(3) == [new, old, last]
+    finally:
+        await old_pubsub.aclose()  # type: ignore[no-untyped-call]
+        await old_reader.aclose()
+        await backend.aclose()
