@@ -26,7 +26,8 @@ LIVENESS_SERVICE = "liveness"
 
 # The entry of this process's live event readers (registry.redis_events): NOT_SERVING while
 # one of them is silent (no heartbeat heard for ORCH_EVENT_HEARTBEAT_TIMEOUT), and readiness
-# with it: streams served here would miss live events until the reader recovers.
+# with it: streams served here would miss live events until the reader recovers. Like every
+# readiness entry it is NOT_SERVING during a backend outage too.
 EVENTS_SERVICE = "events"
 
 # More entries than this and List answers RESOURCE_EXHAUSTED, as the health protocol allows.
@@ -102,7 +103,8 @@ class HealthMonitor(PeriodicTask):
             log.warning("health %s NOT_SERVING: %s", EVENTS_SERVICE, problem)
         elif problem is None and self._events_ok is False:
             log.info("event readers hear their heartbeats again, health %s SERVING", EVENTS_SERVICE)
-        await self._publish(ok and problem is None, events_ok=problem is None)
+        # Live events need the backend too: the entry follows an outage as every other does.
+        await self._publish(ok and problem is None, events_ok=ok and problem is None)
         return ok
 
     async def _publish(self, ok: bool, *, events_ok: bool = True) -> None:
