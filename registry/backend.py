@@ -8,7 +8,8 @@ encoder is made from the pool's arguments), so a client that wants raw bytes can
 decoding client's connections. The stores, the rate limiter and the marker read text, so they
 share one decoding pool; the work queues carry opaque bytes (payloads and results), so every
 work queue of the backend shares one raw pool (before, each queue opened its own). The event
-fan-out keeps its own small pool, whose socket timeout outlasts its blocking pub/sub read.
+fan-out keeps its own small pool (one per master on a cluster: registry.shard_nodes), whose
+socket timeout outlasts its blocking pub/sub read.
 Three pools per process, however many queues; no pool does I/O before its first call.
 """
 
@@ -53,6 +54,7 @@ from registry.redis_rate_limiter import RedisRateLimiter
 from registry.redis_sessions import RedisSessionStore
 from registry.redis_url import parse_redis_url
 from registry.redis_usage import RedisEmbeddingCache, RedisUsageStore
+from registry.shard_nodes import ClusterNodes
 
 # How long the event reader blocks on its pub/sub connection before it checks its state; the
 # connection's socket timeout is longer than this, so an idle subscription is never mistaken for
@@ -77,6 +79,12 @@ class BackendConfig:
     batch_retention_ms: int = 7 * 24 * 3600 * 1000
     # Shards of each work queue (registry.redis_queue); None: 1 on one Redis, 8 on a cluster.
     queue_shards: int | None = None
+    # Event readers (registry.redis_events): how often each hears a heartbeat, and after how
+    # long without one it is silent (reported in health, reconnected).
+    event_heartbeat_interval_s: float = 1.0
+    event_heartbeat_timeout_s: float = 5.0
+    # A rolling upgrade from releases with classic pub/sub: publish and subscribe both ways.
+    event_pubsub_legacy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +202,8 @@ class Backend:
     agent_cache: AgentCache
     rate_limiter: RateLimiter
     queue_opener: QueueOpener
+    # What is wrong with the live event readers of this process now (for health), or None.
+    events_problem: Callable[[], str | None] = lambda: None
     # Clients to close after everything above (the Redis pools).
     pools: tuple[Redis, ...] = ()
     _queues: dict[str, tuple[WorkQueue, QueueConfig | None]] = field(default_factory=dict)
@@ -280,17 +290,38 @@ def open_redis_backend(config: BackendConfig) -> Backend:
         connect_timeout_s=config.connect_timeout_s,
         max_connections=config.max_connections,
     )
-    subscriber = create_redis(
-        config.redis_url,
-        socket_timeout_s=EVENT_READ_BLOCK_S + 5.0,
-        connect_timeout_s=config.connect_timeout_s,
-        max_connections=2,
-        client_name="agent-orchestrator-events",
-        retries=0,
-    )
+    subscriber: Redis | ClusterNodes
+    if parse_redis_url(config.redis_url).cluster:
+        # One pub/sub connection per master, to the owner of each session's slot.
+        subscriber = ClusterNodes(
+            config.redis_url,
+            socket_timeout_s=EVENT_READ_BLOCK_S + 5.0,
+            connect_timeout_s=config.connect_timeout_s,
+        )
+    else:
+        subscriber = create_redis(
+            config.redis_url,
+            socket_timeout_s=EVENT_READ_BLOCK_S + 5.0,
+            connect_timeout_s=config.connect_timeout_s,
+            max_connections=2,
+            client_name="agent-orchestrator-events",
+            retries=0,
+        )
     keys = KeySpace(config.key_prefix)
-    log_config = EventLogConfig(config.event_log_max_events, config.event_log_ttl_ms)
-    events = RedisEventLog(redis, subscriber, keys, read_block_s=EVENT_READ_BLOCK_S)
+    log_config = EventLogConfig(
+        config.event_log_max_events,
+        config.event_log_ttl_ms,
+        legacy_channel=config.event_pubsub_legacy,
+    )
+    events = RedisEventLog(
+        redis,
+        subscriber,
+        keys,
+        read_block_s=EVENT_READ_BLOCK_S,
+        heartbeat_interval_s=config.event_heartbeat_interval_s,
+        heartbeat_timeout_s=config.event_heartbeat_timeout_s,
+        legacy_channels=config.event_pubsub_legacy,
+    )
 
     def open_queue(name: str, queue_config: QueueConfig | None) -> WorkQueue:
         return RedisWorkQueue(
@@ -299,7 +330,12 @@ def open_redis_backend(config: BackendConfig) -> Backend:
 
     return Backend(
         instance=RedisInstance(redis, keys),
-        sessions=RedisSessionStore(redis, keys, retention_ms=config.session_retention_ms),
+        sessions=RedisSessionStore(
+            redis,
+            keys,
+            retention_ms=config.session_retention_ms,
+            legacy_channel=config.event_pubsub_legacy,
+        ),
         jobs=RedisJobStore(
             redis, keys, log_config, session_retention_ms=config.session_retention_ms
         ),
@@ -312,6 +348,7 @@ def open_redis_backend(config: BackendConfig) -> Backend:
         agent_cache=RedisAgentCache(redis, keys),
         rate_limiter=RedisRateLimiter(redis, keys),
         queue_opener=open_queue,
+        events_problem=events.readers_problem,
         # The subscriber's pool is closed by the event log.
         pools=(queue_redis, redis),
     )

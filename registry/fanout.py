@@ -235,6 +235,11 @@ class LocalFanout:
         for feed in self._feeds.get(key, ()):
             feed.mark_closed()
 
+    def mark_session_lagging(self, key: tuple[str, str]) -> None:
+        """Every stream of the session re-reads the log (its events may have been missed)."""
+        for feed in self._feeds.get(key, ()):
+            feed.mark_lagging()
+
     def mark_all_lagging(self) -> None:
         for feeds in self._feeds.values():
             for feed in feeds:

@@ -208,15 +208,41 @@ class KeySpace:
         return f"{self.prefix}:instance"
 
     def session_channel(self, tenant_id: str, session_id: str) -> str:
-        """Pub/sub channel of the session's events (fan-out to every server process)."""
-        return f"{self.prefix}:ev:{tenant_id}:{session_id}"
+        """Shard channel of the session's events (SPUBLISH / SSUBSCRIBE, fan-out to every
+        server process), under the tenant's hash tag: the slot of the scripts that publish."""
+        return f"{self.tenant_tag(tenant_id)}:ev:{session_id}"
 
     def parse_session_channel(self, channel: str) -> tuple[str, str] | None:
+        """(tenant, session) of a session's shard channel, or of its classic channel
+        (``legacy_session_channel``); None for any other channel."""
+        head = f"{self.prefix}:{{t:"
+        if channel.startswith(head):
+            tenant_id, sep, session_id = channel[len(head) :].partition("}:ev:")
+            return (tenant_id, session_id) if sep and tenant_id and session_id else None
         head = f"{self.prefix}:ev:"
         if not channel.startswith(head):
             return None
         tenant_id, _, session_id = channel[len(head) :].partition(":")
         return (tenant_id, session_id) if session_id else None
+
+    def legacy_session_channel(self, tenant_id: str, session_id: str) -> str:
+        """Classic PUBLISH / SUBSCRIBE channel of the session's events, of the releases before
+        sharded pub/sub; used only during a rolling upgrade (ORCH_EVENT_PUBSUB_LEGACY)."""
+        return f"{self.prefix}:ev:{tenant_id}:{session_id}"
+
+    def event_publish_channel(self, tenant_id: str, session_id: str, *, legacy: bool) -> str:
+        """What the scripts publish a session's events on (the ``channel`` argument of
+        prelude/jobs.lua's ``append`` and sessions/close.lua): its shard channel, and with
+        ``legacy`` its classic channel too, after a newline (ORCH_EVENT_PUBSUB_LEGACY)."""
+        channel = self.session_channel(tenant_id, session_id)
+        if legacy:
+            channel += "\n" + self.legacy_session_channel(tenant_id, session_id)
+        return channel
+
+    def event_heartbeat_channel(self, tag: str, process_id: str) -> str:
+        """Shard channel of one process's heartbeats to its event reader of one node: the
+        hash tag ``tag`` puts it in a slot of that node (registry.shard_nodes)."""
+        return f"{self.prefix}:evhb:{{{tag}}}:{process_id}"
 
     def api_key(self, key_id: str) -> str:
         """Hash with one API key's record (tenant, role, secret hash, times). Looked up by key

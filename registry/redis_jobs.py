@@ -139,6 +139,9 @@ class EventLogConfig:
 
     max_events: int
     ttl_ms: int
+    # Also PUBLISH on the classic channel of releases before sharded pub/sub (a rolling
+    # upgrade; ORCH_EVENT_PUBSUB_LEGACY).
+    legacy_channel: bool = False
 
 
 def _final_event(session_id: str, kept: str) -> SessionEvent:
@@ -187,7 +190,9 @@ class RedisJobStore(RedisStore):
     def _log_args(self, tenant_id: str, session_id: str) -> list[str | int]:
         """The ARGV a job script appends the session's event with (maxlen, log_ttl_ms,
         channel: prelude/jobs.lua's ``append``)."""
-        channel = self._keys.session_channel(tenant_id, session_id)
+        channel = self._keys.event_publish_channel(
+            tenant_id, session_id, legacy=self._log.legacy_channel
+        )
         return [self._log.max_events, self._log.ttl_ms, channel]
 
     def _job_keys(self, tenant_id: str, session_id: str, job_id: str) -> list[str]:

@@ -62,9 +62,14 @@ class RedisSessionStore(RedisStore):
 
     SCRIPTS = "sessions"
 
-    def __init__(self, redis: Redis, keys: KeySpace, *, retention_ms: int) -> None:
+    def __init__(
+        self, redis: Redis, keys: KeySpace, *, retention_ms: int, legacy_channel: bool = False
+    ) -> None:
+        """``legacy_channel``: closing also PUBLISHes on the session's classic channel (a
+        rolling upgrade from releases before sharded pub/sub)."""
         super().__init__(redis, keys)
         self._retention_ms = retention_ms
+        self._legacy_channel = legacy_channel
 
     async def create_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
         keys = self._keys
@@ -101,7 +106,12 @@ class RedisSessionStore(RedisStore):
             raw = await self._scripts.run(
                 "close",
                 keys=list(self._keys.session_keys(tenant_id, session_id)),
-                args=[self._retention_ms, self._keys.session_channel(tenant_id, session_id)],
+                args=[
+                    self._retention_ms,
+                    self._keys.event_publish_channel(
+                        tenant_id, session_id, legacy=self._legacy_channel
+                    ),
+                ],
             )
         if not raw:
             return None

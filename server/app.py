@@ -196,6 +196,7 @@ class OrchestratorServer:
             SERVICE_NAMES,
             self.data_loss.probe,
             interval_s=settings.health_interval,
+            events_problem=self.backend.events_problem,
         )
         # Configured downstream addresses that cannot be reached: logged and in health.
         self.downstream_watch: DownstreamWatch | None = None

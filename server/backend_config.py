@@ -20,4 +20,7 @@ def backend_config(settings: Settings) -> BackendConfig:
         event_log_ttl_ms=int(settings.event_log_ttl * 1000),
         batch_retention_ms=int(settings.batch_retention * 1000),
         queue_shards=settings.queue_shards or None,
+        event_heartbeat_interval_s=settings.event_heartbeat_interval,
+        event_heartbeat_timeout_s=settings.event_heartbeat_timeout,
+        event_pubsub_legacy=settings.event_pubsub_legacy,
     )

@@ -280,6 +280,26 @@ class Settings:
         "a session's event log is dropped this long after its last event",
         above=0,
     )
+    event_heartbeat_interval: float = _env(
+        "ORCH_EVENT_HEARTBEAT_INTERVAL",
+        1.0,
+        "how often each live event reader (one per Redis shard node) is sent a heartbeat",
+        above=0,
+    )
+    event_heartbeat_timeout: float = _env(
+        "ORCH_EVENT_HEARTBEAT_TIMEOUT",
+        5.0,
+        "an event reader that heard no heartbeat this long is silent: health entry events and "
+        "readiness NOT_SERVING, the reader reconnected; must exceed the interval",
+        above=0,
+    )
+    event_pubsub_legacy: bool = _env(
+        "ORCH_EVENT_PUBSUB_LEGACY",
+        False,
+        "rolling upgrade from a release with classic pub/sub: also PUBLISH and SUBSCRIBE each "
+        "session's classic channel (README, Scaling out); off once no older process runs",
+        _parse_bool,
+    )
     ws_address: str = _env(
         "ORCH_WS_ADDRESS",
         "0.0.0.0:8000",
@@ -597,6 +617,8 @@ class Settings:
                 problems.append(problem)
         if self.session_default_ttl > self.session_max_ttl:
             problems.append("session_default_ttl must not exceed session_max_ttl")
+        if self.event_heartbeat_timeout <= self.event_heartbeat_interval:
+            problems.append("event_heartbeat_timeout must exceed event_heartbeat_interval")
         if self.ws_address and ":" not in self.ws_address:
             problems.append("ws_address must be host:port (or empty)")
         if self.queue_shards > MAX_QUEUE_SHARDS:

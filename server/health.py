@@ -24,6 +24,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # other entries ("" and each service) are readiness: NOT_SERVING while the backend is down.
 LIVENESS_SERVICE = "liveness"
 
+# The entry of this process's live event readers (registry.redis_events): NOT_SERVING while
+# one of them is silent (no heartbeat heard for ORCH_EVENT_HEARTBEAT_TIMEOUT), and readiness
+# with it: streams served here would miss live events until the reader recovers. Like every
+# readiness entry it is NOT_SERVING during a backend outage too.
+EVENTS_SERVICE = "events"
+
 # More entries than this and List answers RESOURCE_EXHAUSTED, as the health protocol allows.
 MAX_LISTED_SERVICES = 100
 
@@ -51,7 +57,9 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined,mi
 
 class HealthMonitor(PeriodicTask):
     """Sets every service (and the overall "" entry) SERVING while ``probe`` succeeds and
-    NOT_SERVING while it fails; flips back on its own when the backend returns. Probes every
+    NOT_SERVING while it fails; flips back on its own when the backend returns. Also
+    NOT_SERVING while ``events_problem`` names one (a silent event reader), with the
+    ``EVENTS_SERVICE`` entry saying so. Probes every
     ``interval_s`` (domain.periodic runs the loop). ``LIVENESS_SERVICE`` is SERVING from the
     first probe on, whatever its outcome, until ``shutdown()``."""
 
@@ -62,11 +70,14 @@ class HealthMonitor(PeriodicTask):
         probe: Callable[[], Awaitable[None]],
         *,
         interval_s: float,
+        events_problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         super().__init__("health-monitor", self.check_once, interval_s)
         self.servicer = servicer
         self._names = ["", *services]
         self._probe = probe
+        self._events_problem = events_problem
+        self._events_ok: bool | None = None
         self._probe_timeout_s = max(interval_s, 1.0)
         self._serving: bool | None = None
         self._shut_down = False
@@ -76,7 +87,8 @@ class HealthMonitor(PeriodicTask):
         return bool(self._serving)
 
     async def check_once(self) -> bool:
-        """Probe now and publish the result; returns whether the backend is up."""
+        """Probe now and publish the result (readiness also needs the event readers to hear
+        their heartbeats); returns whether the backend is up."""
         try:
             await asyncio.wait_for(self._probe(), timeout=self._probe_timeout_s)
             ok = True
@@ -86,14 +98,22 @@ class HealthMonitor(PeriodicTask):
                 log.warning("backend unavailable, health NOT_SERVING: %s", exc)
         if ok and self._serving is False:
             log.info("backend reachable again, health SERVING")
-        await self._publish(ok)
+        problem = self._events_problem()
+        if problem is not None and self._events_ok is not False:
+            log.warning("health %s NOT_SERVING: %s", EVENTS_SERVICE, problem)
+        elif problem is None and self._events_ok is False:
+            log.info("event readers hear their heartbeats again, health %s SERVING", EVENTS_SERVICE)
+        # Live events need the backend too: the entry follows an outage as every other does.
+        await self._publish(ok and problem is None, events_ok=ok and problem is None)
         return ok
 
-    async def _publish(self, ok: bool) -> None:
+    async def _publish(self, ok: bool, *, events_ok: bool = True) -> None:
         if self._shut_down:
             return
         self._serving = ok
+        self._events_ok = events_ok
         await self.servicer.set(LIVENESS_SERVICE, SERVING)
+        await self.servicer.set(EVENTS_SERVICE, SERVING if events_ok else NOT_SERVING)
         for name in self._names:
             await self.servicer.set(name, SERVING if ok else NOT_SERVING)
 

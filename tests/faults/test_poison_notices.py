@@ -255,7 +255,7 @@ async def _store_raw_redis(
         await redis.xadd(
             keys.session_events("acme", session_id), {"t": "1", "e": envelope}, id=f"{seq}-0"
         )
-        await redis.publish(keys.session_channel("acme", session_id), f"{seq} 1 {envelope}")
+        await redis.spublish(keys.session_channel("acme", session_id), f"{seq} 1 {envelope}")
     finally:
         await redis.aclose()
     return seq

@@ -1,7 +1,7 @@
 """The Redis Cluster backend (tests/support/redis_cluster.py, three masters): the cluster itself
 refuses what is not slot-correct, so the contract suites run on it (backend "cluster") would
 fail on any key outside its command's or script's slot; session events reach a follower over
-classic pub/sub, whichever master publishes them."""
+sharded pub/sub, on the master that owns the session's slot."""
 
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ async def test_a_stores_keys_spread_over_every_master(
 
 
 async def test_session_events_reach_a_follower_on_another_backend(cluster_url: str) -> None:
-    """Classic PUBLISH (from the job scripts, on the session's master) reaches a SUBSCRIBE on
-    any node: the cluster broadcasts it over its bus."""
+    """SPUBLISH from the job scripts, on the session's master, reaches the follower's reader
+    of that master (SSUBSCRIBE there)."""
     async with opened_registry(cluster_url) as follower, opened_registry(cluster_url) as other:
         tenant, session_id = "acme", new_id()
         await other.sessions.create_session(

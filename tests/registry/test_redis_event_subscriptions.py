@@ -68,7 +68,8 @@ async def test_leaving_a_session_whose_connection_closed_under_it_is_quiet(
     unsubscribed = asyncio.Event()
     try:
         async with events.subscribe(TENANT, new_id()):
-            pubsub = events._pubsub
+            [reader] = events._readers.values()
+            pubsub = reader.pubsub
             assert pubsub is not None
 
             async def closed_under_it(*channels: str) -> None:
@@ -76,7 +77,7 @@ async def test_leaving_a_session_whose_connection_closed_under_it_is_quiet(
                 unsubscribed.set()
                 raise AttributeError("'NoneType' object has no attribute 'writelines'")
 
-            monkeypatch.setattr(pubsub, "unsubscribe", closed_under_it)
+            monkeypatch.setattr(pubsub, "sunsubscribe", closed_under_it)
     finally:
         await events.aclose()
         await redis.aclose()
@@ -88,7 +89,7 @@ async def test_leaving_a_session_whose_connection_closed_under_it_is_quiet(
 async def subscribers(redis_url: str, channel: str) -> int:
     client = create_redis(redis_url, socket_timeout_s=1.0, connect_timeout_s=0.2)
     try:
-        [(_, count)] = await client.pubsub_numsub(channel)
+        [(_, count)] = await client.pubsub_shardnumsub(channel)
         return int(count)
     finally:
         await client.aclose()

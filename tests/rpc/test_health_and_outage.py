@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.v1 import session_pb2, session_pb2_grpc
-from server.health import LIVENESS_SERVICE
+from server.health import EVENTS_SERVICE, LIVENESS_SERVICE
 from tests.support.redis_process import RedisProcess
 from tests.support.servers import RunningServer, running_server, tenant, test_settings
 
@@ -101,6 +101,7 @@ async def test_health_list_reports_every_service_with_its_status(
     assert {name: entry.status for name, entry in reply.statuses.items()} == {
         "": SERVING,
         LIVENESS_SERVICE: SERVING,
+        EVENTS_SERVICE: SERVING,
         "orchestrator.v1.SessionService": SERVING,
         "orchestrator.v1.ChatService": SERVING,
         "orchestrator.v1.BatchService": SERVING,

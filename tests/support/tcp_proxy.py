@@ -15,6 +15,9 @@ class DroppingProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
+        # Cleared while stalled: nothing is forwarded, no connection is closed.
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> str:
         """Returns the address to give the client."""
@@ -24,6 +27,7 @@ class DroppingProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -42,6 +46,14 @@ class DroppingProxy:
         ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def stall(self) -> None:
+        """Stop forwarding in both directions and keep every connection open: a path that
+        goes silent (no reset, no FIN); what was sent meanwhile is held until ``resume``."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def drop_all(self) -> None:
         """Resets every open connection (new ones are accepted as before)."""

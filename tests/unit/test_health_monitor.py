@@ -7,9 +7,10 @@ import asyncio
 
 from grpc_health.v1 import health_pb2
 
-from server.health import HealthMonitor, HealthServicer
+from server.health import EVENTS_SERVICE, LIVENESS_SERVICE, HealthMonitor, HealthServicer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def test_probing_goes_on_after_a_probe_fails_unexpectedly() -> None:
@@ -32,3 +33,27 @@ async def test_probing_goes_on_after_a_probe_fails_unexpectedly() -> None:
     finally:
         await monitor.shutdown()
     assert not monitor.running
+
+
+async def test_a_silent_event_reader_takes_readiness_and_the_events_entry_down_until_it_hears() -> (
+    None
+):
+    problems: list[str | None] = ["event reader of n1 heard no heartbeat for 5 s", None]
+
+    async def probe() -> None:
+        return None
+
+    servicer = HealthServicer()
+    monitor = HealthMonitor(
+        servicer, ["svc"], probe, interval_s=1.0, events_problem=lambda: problems[0]
+    )
+    assert await monitor.check_once()  # the backend itself is up
+    assert servicer._server_status == {
+        LIVENESS_SERVICE: SERVING,
+        EVENTS_SERVICE: NOT_SERVING,
+        "": NOT_SERVING,
+        "svc": NOT_SERVING,
+    }
+    problems.pop(0)
+    await monitor.check_once()
+    assert set(servicer._server_status.values()) == {SERVING}

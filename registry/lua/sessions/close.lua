@@ -14,6 +14,13 @@ local state, expires = f[1], tonumber(f[2])
 if (state == 'active' or state == 'busy') and still_open(expires, retention_ms) then
   redis.call('HSET', session_key, 'state', 'closed', 'updated', now)
   keep_until(now + retention_ms)
-  redis.call('PUBLISH', channel, '0 ' .. now .. ' closed')
+  -- The shard channel, or '<shard channel>\n<classic channel>' (prelude/jobs.lua's append).
+  local message, cut = '0 ' .. now .. ' closed', string.find(channel, '\n', 1, true)
+  if cut then
+    redis.call('SPUBLISH', string.sub(channel, 1, cut - 1), message)
+    redis.call('PUBLISH', string.sub(channel, cut + 1), message)
+  else
+    redis.call('SPUBLISH', channel, message)
+  end
 end
 return session_reply()
