@@ -104,9 +104,11 @@ async def answer_in_order(
         except Exception as exc:  # the store unreachable: every notice of the batch failed
             outcomes = [exc] * len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception) and abandoned:
+                log.warning("a notice of an ended stream failed to apply: %s", outcome)
+            if future.done():  # cancelled with its answer's wait: the caller went away
+                continue
             if isinstance(outcome, Exception):
-                if abandoned:
-                    log.warning("a notice of an ended stream failed to apply: %s", outcome)
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)

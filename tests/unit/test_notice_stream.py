@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 
+from domain import notice_stream
 from domain.identity import Caller
 from domain.jobs import NoticeOutcome, Verdict
 from domain.notice_stream import answer_in_order
@@ -162,9 +163,14 @@ async def test_notices_read_are_applied_after_the_consumer_left() -> None:
     with pytest.raises(asyncio.CancelledError):
         await first
     await stream.aclose()
+    appliers = list(notice_stream._orphans)
     processor.gate("a", 1).set()
     processor.gate("b", 1).set()
     await processor.wait_for(lambda: len(processor.applied) == 2)
+    async with asyncio.timeout(5):
+        ended = await asyncio.gather(*appliers, return_exceptions=True)
+    # The first notice's answer was cancelled with the consumer's wait: applying it ends quietly.
+    assert appliers and ended == [None] * len(appliers)
 
 
 async def test_reading_ahead_stops_at_the_bound() -> None:
