@@ -300,7 +300,9 @@ async def test_a_silent_reader_makes_health_not_serving_until_it_hears_again(
         heartbeat_timeout_s=SILENT_AFTER_S,
     )
     sessions = RedisSessionStore(redis_client, keys, retention_ms=60_000)
-    jobs = RedisJobStore(redis_client, keys, EventLogConfig(1000, 60_000))
+    jobs = RedisJobStore(
+        redis_client, keys, EventLogConfig(1000, 60_000), session_retention_ms=60_000
+    )
     servicer = HealthServicer()
     health = HealthMonitor(
         servicer,
