@@ -1,4 +1,5 @@
 --! include: prelude/time
+--! include: prelude/publish
 -- The eleven keys every job script but renew_handoff takes (in this order), all under the
 -- tenant's hash tag (one cluster slot), and the helpers that change a job, its session's
 -- bookkeeping and the session's event log in one step.
@@ -46,15 +47,7 @@ local function append(env, maxlen, ttl, channel)
   redis.call('PEXPIRE', event_seq_key, ttl)
   redis.call('XADD', events_key, 'MAXLEN', maxlen, seq .. '-0', 't', now, 'e', env)
   redis.call('PEXPIRE', events_key, ttl)
-  -- The session's shard channel (its slot is the tenant's); during a rolling upgrade from
-  -- classic pub/sub, '<shard channel>\n<classic channel>': published on both.
-  local message, cut = seq .. ' ' .. now .. ' ' .. env, string.find(channel, '\n', 1, true)
-  if cut then
-    redis.call('SPUBLISH', string.sub(channel, 1, cut - 1), message)
-    redis.call('PUBLISH', string.sub(channel, cut + 1), message)
-  else
-    redis.call('SPUBLISH', channel, message)
-  end
+  publish_event(channel, seq .. ' ' .. now .. ' ' .. env)
   return seq
 end
 

@@ -1,4 +1,5 @@
 --! include: prelude/sessions
+--! include: prelude/publish
 -- Closes an open session (one past its expiry becomes EXPIRED instead), kept for the
 -- retention. Followers of the session's events are told on its channel
 -- (registry.event_codec: "0 <now> closed") so their streams end.
@@ -14,13 +15,6 @@ local state, expires = f[1], tonumber(f[2])
 if (state == 'active' or state == 'busy') and still_open(expires, retention_ms) then
   redis.call('HSET', session_key, 'state', 'closed', 'updated', now)
   keep_until(now + retention_ms)
-  -- The shard channel, or '<shard channel>\n<classic channel>' (prelude/jobs.lua's append).
-  local message, cut = '0 ' .. now .. ' closed', string.find(channel, '\n', 1, true)
-  if cut then
-    redis.call('SPUBLISH', string.sub(channel, 1, cut - 1), message)
-    redis.call('PUBLISH', string.sub(channel, cut + 1), message)
-  else
-    redis.call('SPUBLISH', channel, message)
-  end
+  publish_event(channel, '0 ' .. now .. ' closed')
 end
 return session_reply()
