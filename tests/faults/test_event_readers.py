@@ -36,7 +36,12 @@ from server.health import (
     HealthMonitor,
     HealthServicer,
 )
-from tests.support.redis_cluster import NODE_TIMEOUT_MS, RedisClusterProcess, free_node_port
+from tests.support.redis_cluster import (
+    NODE_TIMEOUT_MS,
+    RedisClusterProcess,
+    free_node_port,
+    parse_cluster_nodes,
+)
 from tests.support.redis_process import RedisProcess
 from tests.support.tcp_proxy import DroppingProxy
 
@@ -400,8 +405,10 @@ async def test_a_stream_follows_its_session_to_the_master_its_slot_moves_to(
             assert events.silent_readers() == []
 
 
-def add_replica(master_port: int) -> RedisProcess:
-    """A new cluster node made a replica of the master on ``master_port``, in sync with it."""
+def add_replica(master_port: int, ports: list[int]) -> RedisProcess:
+    """A new cluster node made a replica of the master on ``master_port``, in sync with it and
+    known as its replica to every node on ``ports`` (the masters vote for its promotion only
+    once they know it)."""
     replica = RedisProcess(
         free_node_port(),
         extra_args=(
@@ -428,6 +435,15 @@ def add_replica(master_port: int) -> RedisProcess:
         while node.info("replication").get("master_link_status") != "up":
             assert time.monotonic() < deadline, "the replica never synced"
             time.sleep(0.05)
+        replica_id = str(node.execute_command("CLUSTER", "MYID"))
+    for port in ports:
+        with redis.Redis(port=port, decode_responses=True) as other:
+            while not any(
+                view.node_id == replica_id and view.master_id == master_id
+                for view in parse_cluster_nodes(other.execute_command("CLUSTER", "NODES"))
+            ):
+                assert time.monotonic() < deadline, f"node {port} never learnt of the replica"
+                time.sleep(0.05)
     return replica
 
 
@@ -443,7 +459,7 @@ async def test_a_stream_follows_its_session_to_the_replica_promoted_after_its_ma
                 first = await append_event(backend, session_id)
                 assert await seen.reach(1) == [first]
                 master = node_port(events, session_id, 0)
-                replica = add_replica(master)
+                replica = add_replica(master, cluster.ports)
                 try:
                     with redis.Redis(port=master) as node:
                         node.execute_command("WAIT", 1, 5000)  # the replica has the event
