@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
 from redis import exceptions as redis_errors
@@ -198,6 +199,19 @@ def _closed_transport(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
 
 
+def _torn_down_connection(exc: BaseException) -> bool:
+    """redis-py's AttributeError for a command sent on a connection whose reader or writer a
+    concurrent disconnect had just dropped ("'NoneType' object has no attribute 'writelines'",
+    raised inside redis-py; seen on a cluster node's connection while its master was killed).
+    An AttributeError raised anywhere else is a bug and is left alone."""
+    if not isinstance(exc, AttributeError) or "'NoneType' object" not in str(exc):
+        return False
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "redis" in Path(frame.tb_frame.f_code.co_filename).parts
+
+
 def unavailable_from(exc: BaseException) -> Unavailable | None:
     """``exc`` as domain.errors.Unavailable when it is a connection-level Redis failure (one
     that a later call may not meet), else None."""
@@ -205,7 +219,7 @@ def unavailable_from(exc: BaseException) -> Unavailable | None:
         return Unavailable(f"redis is loading: {exc}")
     if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
         return Unavailable(f"redis unavailable: {exc}")
-    if isinstance(exc, _FAILOVER_ERRORS) or _closed_transport(exc):
+    if isinstance(exc, _FAILOVER_ERRORS) or _closed_transport(exc) or _torn_down_connection(exc):
         return Unavailable(f"redis unavailable (failing over): {exc}")
     if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("NOREPLICAS"):
         # min-replicas-to-write: the master has too few replicas in sync to take writes.
@@ -225,6 +239,7 @@ def redis_errors_as_unavailable() -> Iterator[None]:
         redis_errors.ResponseError,
         *_FAILOVER_ERRORS,
         RuntimeError,
+        AttributeError,
     ) as exc:
         unavailable = unavailable_from(exc)
         if unavailable is None:

@@ -7,9 +7,11 @@ master under load."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from redis import exceptions as redis_errors
+from redis.asyncio import Connection
 
 from domain.errors import Unavailable
 from registry.redis_client import redis_errors_as_unavailable, unavailable_from
@@ -54,6 +56,29 @@ def test_another_error_is_left_as_it_is(error: Exception) -> None:
     assert unavailable_from(error) is None
     with pytest.raises(type(error)), redis_errors_as_unavailable():
         raise error
+
+
+async def test_a_command_on_a_connection_torn_down_under_it_is_unavailable() -> None:
+    """redis-py raises AttributeError when a concurrent disconnect dropped the connection's
+    writer just before a command is sent on it (seen while a cluster master was killed)."""
+    connection = Connection(host="127.0.0.1", port=1)  # never connected: no writer
+    with pytest.raises(AttributeError) as raised:
+        await connection._send_packed_command([b"PING"])
+    assert isinstance(unavailable_from(raised.value), Unavailable)
+    with pytest.raises(Unavailable), redis_errors_as_unavailable():
+        await connection._send_packed_command([b"PING"])
+
+
+def test_an_attribute_error_of_our_own_code_is_left_as_it_is() -> None:
+    def own_bug() -> None:
+        none: Any = None
+        none.writelines([b"PING"])
+
+    with pytest.raises(AttributeError) as raised:
+        own_bug()
+    assert unavailable_from(raised.value) is None
+    with pytest.raises(AttributeError), redis_errors_as_unavailable():
+        own_bug()
 
 
 @pytest.fixture
