@@ -53,6 +53,7 @@ from redis.asyncio.client import PubSub
 
 from domain.errors import Unavailable
 from domain.jobs import EventPage
+from domain.periodic import PeriodicTask
 from registry.event_codec import decode_message, decode_stream_entry
 from registry.fanout import Feed, LocalFanout
 from registry.keys import KeySpace
@@ -173,7 +174,7 @@ class RedisEventLog(RedisStore):
         self._layout_lock = asyncio.Lock()
         self._resync_wanted = asyncio.Event()
         self._resyncer: asyncio.Task[None] | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat: PeriodicTask | None = None
         self._closing = False
         # Confirmed subscriptions no stream follows any more, oldest first: channel -> the
         # loop time it expires. A channel is here only while no feed of its session exists.
@@ -372,7 +373,13 @@ class RedisEventLog(RedisStore):
         if self._closing:
             raise Unavailable("the event log is closed")
         if self._heartbeat is None:
-            self._heartbeat = asyncio.create_task(self._beat(), name="event-log-heartbeat")
+            self._heartbeat = PeriodicTask(
+                "event-log-heartbeat",
+                self._beat_once,
+                self._heartbeat_interval_s,
+                wait_first=True,
+            )
+            self._heartbeat.start()
             self._resyncer = asyncio.create_task(self._resync_loop(), name="event-log-layout")
 
     async def _current_layout(self) -> Layout:
@@ -670,18 +677,9 @@ class RedisEventLog(RedisStore):
 
     # -- heartbeats ------------------------------------------------------------------------
 
-    async def _beat(self) -> None:
-        """Every interval: a heartbeat to each connected reader, then a look for silent ones."""
-        while not self._closing:
-            await asyncio.sleep(self._heartbeat_interval_s)
-            try:
-                await self._beat_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the watch must outlive any one round's failure
-                log.warning("event reader heartbeat round failed: %r", exc)
-
     async def _beat_once(self) -> None:
+        """A heartbeat to each connected reader, then a look for silent ones (every interval,
+        run by domain.periodic, which outlives any one round's failure)."""
         readers = [r for r in self._readers.values() if r.pubsub is not None]
         if readers:
             await asyncio.gather(*(self._send_heartbeat(r) for r in readers))
@@ -744,8 +742,9 @@ class RedisEventLog(RedisStore):
 
     async def aclose(self) -> None:
         self._closing = True
-        await cancel_and_wait(self._heartbeat)
-        self._heartbeat = None
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
+            self._heartbeat = None
         await cancel_and_wait(self._resyncer)
         self._resyncer = None
         await cancel_and_wait(self._sweeper)

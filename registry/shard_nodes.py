@@ -11,7 +11,6 @@ reader's pub/sub connection is taken from it, never from the stores' pools.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import bisect
 import logging
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from domain.errors import Unavailable
 from registry.redis_client import as_str, create_redis
@@ -37,12 +37,7 @@ LAYOUT_TIMEOUT_S = 2.0
 
 def slot_of(name: str) -> int:
     """The cluster slot of a key or shard channel (its hash tag's, when it has one)."""
-    start = name.find("{")
-    if start >= 0:
-        end = name.find("}", start + 1)
-        if end > start + 1:
-            name = name[start + 1 : end]
-    return binascii.crc_hqx(name.encode(), 0) % SLOTS
+    return key_slot(name.encode(), SLOTS)
 
 
 _tags: dict[int, str] = {}
@@ -53,7 +48,7 @@ def tag_in_slot(slot: int) -> str:
     tag = _tags.get(slot)
     if tag is None:
         n = 0
-        while binascii.crc_hqx(str(n).encode(), 0) % SLOTS != slot:
+        while key_slot(str(n).encode(), SLOTS) != slot:
             n += 1
         tag = _tags[slot] = str(n)
     return tag
