@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -69,7 +69,68 @@ def create_redis(
         timeout=socket_timeout_s,
         client_name=client_name,
     )
+    pool.connection_class = writes_in_caller_task(pool.connection_class)
     return Redis.from_pool(pool)  # the client owns the pool and closes it
+
+
+class PooledConnection:
+    """A connection whose commands are written in the calling task, under ``asyncio.timeout``.
+
+    redis-py bounds a write by the socket timeout with ``asyncio.wait_for``, which on Python
+    3.11 wraps the write in a task of its own, with its future and timer: one task per round
+    trip, on every command of the service (issue 16's chat path). This is the same bound
+    without the task: the write is queued on the transport at once and only a drain that must
+    wait (Redis not reading) waits, at most the socket timeout; then, as in redis-py, the
+    connection is closed and the command fails with redis' TimeoutError (UNAVAILABLE)."""
+
+    socket_timeout: float | None
+    _writer: asyncio.StreamWriter
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        timeout = self.socket_timeout
+        base = cast(Any, super())
+        if not timeout:
+            await base.send_packed_command(command, check_health)
+            return
+        connection = cast(Any, self)
+        if not connection.is_connected:
+            await connection.connect_check_health(check_health=False)
+        if check_health:
+            await connection.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with asyncio.timeout(timeout):
+                self._writer.writelines(command)
+                await self._writer.drain()
+        except TimeoutError:
+            await connection.disconnect(nowait=True)
+            raise redis_errors.TimeoutError("Timeout writing to socket") from None
+        except OSError as e:
+            await connection.disconnect(nowait=True)
+            err_no, errmsg = ("UNKNOWN", e.args[0]) if len(e.args) == 1 else e.args[:2]
+            raise redis_errors.ConnectionError(
+                f"Error {err_no} while writing to socket. {errmsg}."
+            ) from e
+        except BaseException:  # a cancellation mid-write: the connection is in no known state
+            await connection.disconnect(nowait=True)
+            raise
+
+
+def writes_in_caller_task(base: type[T]) -> type[T]:
+    """``base`` (the pool's connection class: TCP, TLS or Unix socket) with
+    ``PooledConnection``'s writes (one class per base)."""
+    made = _IN_TASK.get(base)
+    if made is None:
+        made = _IN_TASK[base] = type(f"InTask{base.__name__}", (PooledConnection, base), {})
+    return cast(type[T], made)
+
+
+_IN_TASK: dict[type, type] = {}
 
 
 # A cluster client's connections are per node and do not queue for a free one (redis-py raises

@@ -1,0 +1,68 @@
+"""A command to Redis is written in the task that sends it, still bounded by the socket
+timeout (registry.redis_client: no task per round trip)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator, Iterator
+from typing import Any
+
+import pytest
+from redis import exceptions as redis_errors
+
+from registry.redis_client import create_redis
+from tests.support.redis_process import RedisProcess
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A Redis this test may pause."""
+    proc = RedisProcess()
+    proc.start()
+    yield proc
+    proc.resume()
+    proc.close()
+
+
+async def test_a_command_makes_no_task_of_its_own(redis_url: str) -> None:
+    client = create_redis(redis_url, socket_timeout_s=5.0, connect_timeout_s=1.0)
+    try:
+        await client.ping()  # connected before counting
+        loop = asyncio.get_running_loop()
+        made: list[object] = []
+        previous = loop.get_task_factory()
+
+        def counting(
+            loop: asyncio.AbstractEventLoop,
+            coro: Generator[Any, None, Any] | Coroutine[Any, Any, Any],
+            **kwargs: Any,
+        ) -> asyncio.Future[Any]:
+            made.append(coro)
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        loop.set_task_factory(counting)
+        try:
+            await client.set("k", "v")
+            assert await client.get("k") == "v"
+        finally:
+            loop.set_task_factory(previous)
+        assert made == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_write_redis_does_not_read_times_out_and_the_next_command_works(
+    own_redis: RedisProcess,
+) -> None:
+    client = create_redis(own_redis.url, socket_timeout_s=0.5, connect_timeout_s=0.5, retries=0)
+    try:
+        await client.ping()
+        own_redis.pause()
+        # Far more than the socket buffers hold: the write waits for a reader that is stopped.
+        with pytest.raises(redis_errors.TimeoutError, match="Timeout writing to socket"):
+            await asyncio.wait_for(client.set("big", "x" * 64_000_000), 10)
+        own_redis.resume()
+        assert await client.set("small", "1")
+        assert await client.get("small") == "1"
+    finally:
+        await client.aclose()
