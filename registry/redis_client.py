@@ -120,10 +120,41 @@ class PooledConnection:
             await connection.disconnect(nowait=True)
             raise
 
+    def pack_command(self, *args: Any) -> list[bytes]:
+        """The command in the Redis protocol, as redis-py packs it, in one buffer built once:
+        redis-py re-joins its buffer at every argument and passes each through its encoder.
+        Arguments of other types (floats, memoryviews, int subclasses), long ones and commands
+        named with a space (``CONFIG GET``) take redis-py's own path."""
+        name = args[0]
+        base = cast(Any, super())
+        if type(name) is not str or " " in name:
+            return cast(list[bytes], base.pack_command(*args))
+        encoder = cast(Any, self).encoder
+        encoding, errors = encoder.encoding, encoder.encoding_errors
+        cutoff = _BUFFER_CUTOFF
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            kind = type(arg)
+            if kind is str:
+                arg = arg.encode(encoding, errors)
+            elif kind is int:
+                arg = b"%d" % arg
+            elif kind is not bytes:
+                return cast(list[bytes], base.pack_command(*args))
+            if len(arg) > cutoff:
+                return cast(list[bytes], base.pack_command(*args))
+            parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        return [b"".join(parts)]
+
+
+# Arguments longer than this go through redis-py's packing, which sends them as buffers of
+# their own rather than copying them (its own cutoff).
+_BUFFER_CUTOFF = 6000
+
 
 def writes_in_caller_task(base: type[T]) -> type[T]:
     """``base`` (the pool's connection class: TCP, TLS or Unix socket) with
-    ``PooledConnection``'s writes (one class per base)."""
+    ``PooledConnection``'s writes and packing (one class per base)."""
     made = _IN_TASK.get(base)
     if made is None:
         made = _IN_TASK[base] = type(f"InTask{base.__name__}", (PooledConnection, base), {})

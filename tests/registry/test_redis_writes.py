@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from redis import exceptions as redis_errors
+from redis.asyncio.connection import Connection
 
 from registry.redis_client import create_redis
 from tests.support.redis_process import RedisProcess
@@ -66,3 +67,23 @@ async def test_a_write_redis_does_not_read_times_out_and_the_next_command_works(
         assert await client.get("small") == "1"
     finally:
         await client.aclose()
+
+
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them() -> None:
+    """The service's own packing (the common shapes) and redis-py's (the others) agree."""
+    client = create_redis("redis://127.0.0.1:1/0", socket_timeout_s=5.0, connect_timeout_s=1.0)
+    ours = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    theirs = Connection()
+    shapes: list[tuple[Any, ...]] = [
+        ("GET", "k"),
+        ("SET", "k", b"v\r\n\x00"),
+        ("EVALSHA", "f" * 40, 2, "ao:{t}:a", "ao:{t}:b", "é", 0, -7, 2**70, "", '{"d": 1}'),
+        ("CONFIG GET", "maxmemory"),  # a command named with a space
+        ("ZADD", "z", 1.5, "m"),  # a float
+        ("SET", "k", "x" * 10_000),  # a long argument: sent as a buffer of its own
+        ("SET", "k", memoryview(b"v")),
+    ]
+    for args in shapes:
+        assert ours.pack_command(*args) == theirs.pack_command(*args), args
+    with pytest.raises(redis_errors.DataError):
+        ours.pack_command("SET", "k", True)
