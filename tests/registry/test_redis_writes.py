@@ -87,3 +87,47 @@ def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them() -> None:
         assert ours.pack_command(*args) == theirs.pack_command(*args), args
     with pytest.raises(redis_errors.DataError):
         ours.pack_command("SET", "k", True)
+
+
+class _CountingCondition(asyncio.Condition):
+    acquired = 0
+
+    async def __aenter__(self) -> None:
+        self.acquired += 1
+        await super().__aenter__()
+
+
+async def test_a_command_on_an_idle_connection_takes_no_pool_lock(redis_url: str) -> None:
+    client = create_redis(redis_url, socket_timeout_s=5.0, connect_timeout_s=1.0)
+    try:
+        await client.ping()  # one connection, idle in the pool
+        pool: Any = client.connection_pool
+        pool._condition = condition = _CountingCondition()
+        await client.set("k", "v")
+        assert await client.get("k") == "v"
+        assert condition.acquired == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_task_waiting_for_a_connection_gets_the_next_one_freed(redis_url: str) -> None:
+    client = create_redis(redis_url, socket_timeout_s=2.0, connect_timeout_s=1.0, max_connections=1)
+    pool: Any = client.connection_pool
+    try:
+        held = await pool.get_connection()
+        waiter = asyncio.create_task(pool.get_connection())
+        await asyncio.sleep(0.05)  # the waiter waits on the pool (nothing to await on)
+        await pool.release(held)
+        newcomer = asyncio.create_task(pool.get_connection())
+        assert await asyncio.wait_for(waiter, 2) is held  # first come, first served
+        assert not newcomer.done()
+        await pool.release(held)
+        assert await asyncio.wait_for(newcomer, 2) is held
+        await pool.release(held)
+        held = await pool.get_connection()
+        with pytest.raises(redis_errors.ConnectionError, match="No connection available"):
+            await pool.get_connection()  # none freed within the pool's timeout
+        await pool.release(held)
+        assert await client.get("missing") is None
+    finally:
+        await client.aclose()
