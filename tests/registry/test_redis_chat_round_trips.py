@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis.asyncio.connection import AbstractConnection
 
 from domain.chat import ChatMessage, ChatOrchestrator
 from domain.dispatch import CallContext
@@ -26,6 +25,7 @@ from domain.sessions import SessionManager, SessionPolicy
 from registry.backend import Backend, RedisInstance
 from registry.keys import KeySpace
 from registry.lua_scripts import lua_script
+from registry.redis_client import PooledConnection
 from tests.support.downstream import RecordingDispatcher
 from tests.support.platform import FakeConversation
 from tests.support.registries import count_round_trips, new_session, opened_registry
@@ -165,14 +165,14 @@ def reference_notices(job_id: str) -> list[NoticeInput]:
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """What each round trip of any Redis client of this process writes."""
     written: list[bytes] = []
-    original = AbstractConnection.send_packed_command
+    original = PooledConnection.send_packed_command
 
-    async def recording(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+    async def recording(self: PooledConnection, command: Any, check_health: bool = True) -> None:
         parts = command if isinstance(command, list) else [command]
         written.append(b"".join(bytes(part) for part in parts))
         await original(self, command, check_health)
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", recording)
+    monkeypatch.setattr(PooledConnection, "send_packed_command", recording)
     return written
 
 

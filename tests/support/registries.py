@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from redis.asyncio.connection import AbstractConnection
 
 from domain.ids import new_id
 from domain.models import NewSession
 from registry.backend import Backend, BackendConfig, open_backend
+from registry.redis_client import PooledConnection
 
 
 @asynccontextmanager
@@ -40,13 +40,13 @@ def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the requests any Redis client of this process writes (one per round trip: a
     pipeline is written at once), but the event readers' heartbeats (a timer's, not a call's)."""
     sent: list[int] = []
-    original = AbstractConnection.send_packed_command
+    original = PooledConnection.send_packed_command
 
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+    async def counting(self: PooledConnection, command: Any, check_health: bool = True) -> None:
         chunks = [command] if isinstance(command, bytes | str) else command
         if not any(b":evhb:{" in bytes(chunk) for chunk in chunks if not isinstance(chunk, str)):
             sent.append(1)
         await original(self, command, check_health)
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    monkeypatch.setattr(PooledConnection, "send_packed_command", counting)
     return sent
