@@ -373,7 +373,7 @@ async def platform(redis_url: str, args: argparse.Namespace) -> AsyncIterator[Pl
                 reference_port,
                 orchestrator_address,
                 step_delay_s=args.step_delay,
-                deltas=2,
+                deltas=args.deltas,
                 failure_rate=args.failure_rate,
             )
         )
@@ -543,6 +543,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-sessions", type=int, default=4, help="sessions for chat items")
     p.add_argument("--baseline-items", type=int, default=2000, help="0 skips the baseline")
     p.add_argument("--step-delay", type=float, default=0.002, help="reference step delay (s)")
+    p.add_argument(
+        "--deltas",
+        type=int,
+        default=2,
+        help="delta notices per reference job (fewer: what an item costs with fewer notices)",
+    )
     p.add_argument("--failure-rate", type=float, default=0.02, help="reference failure rate")
     p.add_argument("--timeout", type=float, default=150.0, help="longest wait for the batch (s)")
     return p

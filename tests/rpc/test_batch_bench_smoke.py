@@ -9,7 +9,10 @@ from bench import batch_bench
 
 async def test_a_small_batch_runs_exactly_once_with_its_baseline(redis_url: str) -> None:
     args = batch_bench.parser().parse_args(
-        ["--items", "50", "--baseline-items", "20", "--concurrency", "4", "--timeout", "60"]
+        [
+            *("--items", "50", "--baseline-items", "20", "--concurrency", "4"),
+            *("--timeout", "60", "--deltas", "1"),
+        ]
     )
     results = await batch_bench.measure(redis_url, args)
     assert results.problems == []
