@@ -38,12 +38,12 @@ tools: $(STAMP) $(BUF)  ## Also install buf (npm), redis-server and docker-compo
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
 gen: $(STAMP)  ## Regenerate generated/, the SDK's stubs and the API reference (docs/api/).
-	$(PY) scripts/gen_protos.py
-	$(PY) scripts/gen_api_docs.py
+	$(PY) -m scripts.gen_protos
+	$(PY) -m scripts.gen_api_docs
 
 gen-check: $(STAMP)  ## Fail if generated/, the SDK's stubs or docs/api/ is stale.
-	$(PY) scripts/gen_protos.py --check
-	$(PY) scripts/gen_api_docs.py --check
+	$(PY) -m scripts.gen_protos --check
+	$(PY) -m scripts.gen_api_docs --check
 
 breaking: tools  ## buf breaking against the main branch's merge base (skips without history).
 	$(PY) scripts/check_breaking.py --buf $(BUF)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.agents import AgentConfig
-from domain.dispatch import CallContext, Dispatcher, DownstreamError, WorkRequest
+from domain.dispatch import CallContext, Dispatcher, DownstreamError
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import (
     Aborted,
@@ -716,18 +716,8 @@ class ChatOrchestrator:
         if self._plans is not None and runs_plan(job):
             await self._plans.hand_over(ctx, job, outputs, deadline_ms=deadline_ms)
             return
-        work = WorkRequest(
-            job_id=job.job_id,
-            tenant_id=ctx.tenant_id,
-            session_id=job.session_id,
-            agent_id=job.agent_id,
-            kind=job.kind,
-            content=job.content,
-            model=job.model,
-            collections=job.collections,
-        )
         try:
-            await self._dispatcher.submit(work, ctx)
+            await self._dispatcher.submit(job.work(ctx.tenant_id), ctx)
         except DownstreamError as exc:
             log.warning("job %s not handed to %s: %s", job.job_id, job.service.value, exc)
             await self._fail(ctx.tenant_id, job.job_id, job.request_id, call_error(exc))

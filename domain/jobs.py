@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.agents import AgentConfig
+from domain.dispatch import WorkRequest
 from domain.models import Service, SessionState, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.queue import QueuePriority
@@ -234,6 +235,20 @@ class NewJob:
             agent=self.agent,
             traceparent=self.traceparent,
             parent_job_id=self.parent_job_id,
+        )
+
+    def work(self, tenant_id: str) -> WorkRequest:
+        """The work the job's service is handed (a plan adds its run's service and the agent's
+        snapshot: domain.plan_runner)."""
+        return WorkRequest(
+            job_id=self.job_id,
+            tenant_id=tenant_id,
+            session_id=self.session_id,
+            agent_id=self.agent_id,
+            kind=self.kind,
+            content=self.content,
+            model=self.model,
+            collections=self.collections,
         )
 
 

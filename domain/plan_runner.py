@@ -316,15 +316,9 @@ class PlanRunner:
         agent = job.agent
         plan = job.plan
         assert plan is not None
-        return WorkRequest(
-            job_id=job.job_id,
-            tenant_id=ctx.tenant_id,
-            session_id=job.session_id,
-            agent_id=job.agent_id,
-            kind=job.kind,
-            content=job.content,
+        return replace(
+            job.work(ctx.tenant_id),
             model=job.model or (agent.model if agent else ""),
-            collections=job.collections,
             run_service=plan.run_service,
             system_prompt=agent.system_prompt if agent else "",
             history=(

@@ -287,7 +287,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def CancelQuery(
         self, request: query_pb2.CancelQueryRequest, context: Context
     ) -> query_pb2.CancelQueryResponse:
-        cancelled = self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
         return query_pb2.CancelQueryResponse(cancelled=cancelled)
 
 
@@ -313,5 +313,5 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def CancelEmbedding(
         self, request: embedding_pb2.CancelEmbeddingRequest, context: Context
     ) -> embedding_pb2.CancelEmbeddingResponse:
-        cancelled = self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
         return embedding_pb2.CancelEmbeddingResponse(cancelled=cancelled)

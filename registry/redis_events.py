@@ -257,6 +257,10 @@ class RedisEventLog(RedisStore):
 
     async def _unsubscribe(self, channels: list[str]) -> None:
         """Stop carrying ``channels`` (sessions no stream of this process follows)."""
+        await self._send_unsubscribes(self._unroute(channels))
+
+    def _unroute(self, channels: list[str]) -> dict[str, list[str]]:
+        """Take ``channels`` off the readers that carry them: those each carried, by node."""
         by_node: dict[str, list[str]] = {}
         for channel in channels:
             node = self._route.pop(channel, None)
@@ -264,6 +268,9 @@ class RedisEventLog(RedisStore):
             if reader is not None:
                 reader.channels.discard(channel)
                 by_node.setdefault(reader.node, []).append(channel)
+        return by_node
+
+    async def _send_unsubscribes(self, by_node: dict[str, list[str]]) -> None:
         for node, dropped in by_node.items():
             reader = self._readers.get(node)
             if reader is not None:
@@ -641,22 +648,14 @@ class RedisEventLog(RedisStore):
     async def _move(self, channels: list[str], target: str, layout: Layout) -> None:
         """Carry ``channels`` on ``target``'s reader from now on; their sessions re-read the
         log once subscribed there. Lingering ones are dropped instead."""
-        by_node: dict[str, list[str]] = {}
+        by_node = self._unroute(channels)
         moving: list[str] = []
         for channel in channels:
-            node = self._route.pop(channel, None)
-            old = self._readers.get(node) if node is not None else None
-            if old is not None:
-                old.channels.discard(channel)
-                by_node.setdefault(old.node, []).append(channel)
             if self._followed(channel):
                 moving.append(channel)
             else:
                 self._lingering.pop(channel, None)
-        for node, dropped in by_node.items():
-            old = self._readers.get(node)
-            if old is not None:
-                await self._send_unsubscribe(old, dropped)
+        await self._send_unsubscribes(by_node)
         if not moving:
             return
         reader = self._reader(target, layout)

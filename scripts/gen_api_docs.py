@@ -5,7 +5,7 @@ package becomes one Markdown file listing its services and methods, messages and
 enums and values, each with the comment written above it in the .proto file. docs/api/README.md
 indexes the packages.
 
-Usage: python scripts/gen_api_docs.py [--check]
+Usage: python -m scripts.gen_api_docs [--check]
   --check  fail if docs/api/ differs from what the protos say (the drift check of make gen-check).
 """
 
@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
+
+from scripts import drift
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -283,14 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pages = render(descriptor_set())
     if args.check:
-        wrong = stale(pages, args.out)
-        if wrong:
-            print("docs/api/ is out of date with protos/; run `make gen`:", file=sys.stderr)
-            for name in wrong:
-                print(f"  {name}", file=sys.stderr)
-            return 1
-        print("docs/api/ is up to date")
-        return 0
+        return drift.report(stale(pages, args.out), "docs/api/", "docs/api/ is up to date")
     args.out.mkdir(parents=True, exist_ok=True)
     for extra in stale(pages, args.out):
         if extra not in pages:

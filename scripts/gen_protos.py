@@ -11,7 +11,7 @@ to ``aorkestra._proto.<package>``. The proto file names and the serialized descr
 unchanged, so the SDK's copy and generated/ can be loaded in one process (the descriptor pool
 takes an identical file twice) and share their message classes.
 
-Usage: python scripts/gen_protos.py [--check]
+Usage: python -m scripts.gen_protos [--check]
   --check  generate into a temporary folder and fail if it differs from generated/ or the SDK's
            copy.
 """
@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from scripts import drift
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -121,13 +123,9 @@ def main() -> int:
                 gen(Path(tmp))
                 rel = target.relative_to(ROOT).as_posix()
                 stale += [f"{rel}/{name}" for name in differences(Path(tmp), target)]
-        if stale:
-            print("generated code is out of date with protos/; run `make gen`:", file=sys.stderr)
-            for name in stale:
-                print(f"  {name}", file=sys.stderr)
-            return 1
-        print("generated/ and the SDK's stubs are up to date")
-        return 0
+        return drift.report(
+            stale, "generated code", "generated/ and the SDK's stubs are up to date"
+        )
     for target, gen in targets:
         if target.exists():
             shutil.rmtree(target)

@@ -47,21 +47,34 @@ def _env(
     *,
     above: float | None = None,
     at_least: float | None = None,
+    at_most: float | None = None,
 ) -> Any:
-    """Declare a setting: its environment variable, default and description, and the bound
-    Settings.validate checks (a number ``above`` or ``at_least`` some value)."""
-    metadata = {"env": name, "help": help, "parse": parse, "above": above, "at_least": at_least}
+    """Declare a setting: its environment variable, default and description, and the bounds
+    Settings.validate checks (a number ``above`` or ``at_least`` some value, and ``at_most``
+    another)."""
+    metadata = {
+        "env": name,
+        "help": help,
+        "parse": parse,
+        "above": above,
+        "at_least": at_least,
+        "at_most": at_most,
+    }
     return field(default=default, metadata=metadata)
 
 
-def _out_of_bounds(name: str, value: float, above: float | None, at_least: float | None) -> str:
-    """What is wrong with ``value`` of setting ``name`` ("" when it is within its bound)."""
+def _out_of_bounds(name: str, value: float, bounds: Mapping[str, Any]) -> str:
+    """What is wrong with ``value`` of setting ``name`` ("" when it is within its bounds, the
+    ``above``, ``at_least`` and ``at_most`` of its declaration)."""
+    above, at_least, at_most = bounds["above"], bounds["at_least"], bounds["at_most"]
     if above is not None and not value > above:
         return f"{name} must be positive" if above == 0 else f"{name} must be > {above:g}"
     if at_least is not None and not value >= at_least:
         return (
             f"{name} must not be negative" if at_least == 0 else f"{name} must be >= {at_least:g}"
         )
+    if at_most is not None and not value <= at_most:
+        return f"{name} must be <= {at_most}"
     return ""
 
 
@@ -448,6 +461,7 @@ class Settings:
         "all replicas; beyond it SendMessage gets RESOURCE_EXHAUSTED and queued messages and "
         f"batch items wait in their queue; 0: unlimited (at most {MAX_IN_FLIGHT_CAP})",
         at_least=0,
+        at_most=MAX_IN_FLIGHT_CAP,
     )
     service_in_flight_overrides: str = _env(
         "ORCH_SERVICE_IN_FLIGHT_OVERRIDES",
@@ -460,6 +474,7 @@ class Settings:
         "tokens a tenant may be charged per minute before new work waits or is refused, as "
         f"ORCH_SERVICE_IN_FLIGHT_CAP; 0: unlimited (at most {MAX_TOKENS_PER_MINUTE})",
         at_least=0,
+        at_most=MAX_TOKENS_PER_MINUTE,
     )
     tokens_per_minute_overrides: str = _env(
         "ORCH_TOKENS_PER_MINUTE_OVERRIDES",
@@ -470,8 +485,10 @@ class Settings:
         "ORCH_LIMIT_RETRY_AFTER",
         1.0,
         "the retry delay RESOURCE_EXHAUSTED names over the in-flight cap, and how long a queued "
-        "message or batch item over it waits before it is tried again (at most 3600)",
+        "message or batch item over it waits before it is tried again (at most "
+        f"{MAX_LIMIT_RETRY_AFTER_S:g})",
         above=0,
+        at_most=MAX_LIMIT_RETRY_AFTER_S,
     )
     embedding_cache_ttl: float = _env(
         "ORCH_EMBEDDING_CACHE_TTL",
@@ -610,9 +627,7 @@ class Settings:
     def validate(self) -> None:
         problems = []
         for f in dataclasses.fields(self):
-            problem = _out_of_bounds(
-                f.name, getattr(self, f.name), f.metadata["above"], f.metadata["at_least"]
-            )
+            problem = _out_of_bounds(f.name, getattr(self, f.name), f.metadata)
             if problem:
                 problems.append(problem)
         if self.session_default_ttl > self.session_max_ttl:
@@ -665,12 +680,6 @@ class Settings:
             parse_budget_overrides(self.token_budget_overrides)
         except ValueError as exc:
             problems.append(f"token budgets: {exc}")
-        if self.service_in_flight_cap > MAX_IN_FLIGHT_CAP:
-            problems.append(f"service_in_flight_cap must be <= {MAX_IN_FLIGHT_CAP}")
-        if self.tokens_per_minute > MAX_TOKENS_PER_MINUTE:
-            problems.append(f"tokens_per_minute must be <= {MAX_TOKENS_PER_MINUTE}")
-        if self.limit_retry_after > MAX_LIMIT_RETRY_AFTER_S:
-            problems.append(f"limit_retry_after must be <= {MAX_LIMIT_RETRY_AFTER_S}")
         try:
             self.service_caps()
         except ValueError as exc:

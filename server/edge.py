@@ -222,9 +222,7 @@ class Edge:
         edge = self
 
         async def run(request: Any, context: Ctx) -> Any:
-            call = _Call(edge, plan, stream)
-            code = _UNKNOWN
-            try:
+            async with _Call(edge, plan, stream, context) as call:
                 caller = await begin(context, plan, trailing_id=trailing_id)
                 if stream and caller is not None:
                     call.slot = await limits.take_stream_slot(caller, context)
@@ -232,19 +230,7 @@ class Edge:
                     call.entry = open_streams.open(caller.key_id)
                     call.entry.inside = True
                 with call_gone_is_cancellation():  # a stream written with context.write
-                    response = await behavior(request, context)
-                code = _final_code(context, _OK)
-                return response
-            except asyncio.CancelledError:
-                code = _CANCELLED
-                if call.entry.revoked:
-                    await _end_revoked(context)
-                raise
-            except BaseException:
-                code = _final_code(context, _UNKNOWN)
-                raise
-            finally:
-                call.finish(code)
+                    return await behavior(request, context)
 
         return run
 
@@ -263,9 +249,7 @@ class Edge:
         edge = self
 
         async def run(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            call = _Call(edge, plan, True)
-            code = _UNKNOWN
-            try:
+            async with _Call(edge, plan, True, context) as call:
                 caller = await edge._begin(context, plan, trailing_id=False)
                 if caller is not None:
                     call.slot = await limits.take_stream_slot(caller, context)
@@ -284,17 +268,6 @@ class Edge:
                         if entry.revoked:
                             await abort_with(context, revoked_error())
                         entry.inside = True
-                code = _final_code(context, _OK)
-            except asyncio.CancelledError:
-                code = _CANCELLED
-                if call.entry.revoked:
-                    await _end_revoked(context)
-                raise
-            except BaseException:
-                code = _final_code(context, _UNKNOWN)
-                raise
-            finally:
-                call.finish(code)
             if False:  # an async generator that yields nothing: see the docstring
                 yield None  # type: ignore[unreachable]
 
@@ -306,18 +279,20 @@ _UNTRACKED = OpenStream("", None)
 
 
 class _Call:
-    """One call's bookkeeping, the same for both wrappers: made when the call starts (binds
-    the metrics, counts a ``stream`` as open), ``finish``ed with its final code on the way out
-    (the method's recorder gets its duration and code, the tenant's stream ``slot`` is
-    released and the call's ``entry`` in the open-streams registry closed). A call cancelled
-    because its key was revoked ends UNAUTHENTICATED (_end_revoked)."""
+    """One call's bookkeeping, the same for both wrappers, which run the call inside it
+    (``async with``): made when the call starts (binds the metrics, counts a ``stream`` as
+    open), finished with its final code on the way out (the method's recorder gets its
+    duration and code, the tenant's stream ``slot`` is released and the call's ``entry`` in
+    the open-streams registry closed). A call cancelled because its key was revoked ends
+    UNAUTHENTICATED (_end_revoked)."""
 
-    __slots__ = ("_edge", "_plan", "_start", "_stream", "entry", "slot")
+    __slots__ = ("_context", "_edge", "_plan", "_start", "_stream", "entry", "slot")
 
-    def __init__(self, edge: Edge, plan: _Plan, stream: bool) -> None:
+    def __init__(self, edge: Edge, plan: _Plan, stream: bool, context: Ctx) -> None:
         self._edge = edge
         self._plan = plan
         self._stream = stream
+        self._context = context
         self.slot: str | None = None
         self.entry = _UNTRACKED
         metrics = edge._metrics
@@ -326,7 +301,26 @@ class _Call:
             metrics.stream_opened(plan.method)
         self._start = perf_counter()
 
-    def finish(self, code: grpc.StatusCode) -> None:
+    async def __aenter__(self) -> _Call:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: object
+    ) -> None:
+        code = _UNKNOWN
+        try:
+            if kind is None:
+                code = _final_code(self._context, _OK)
+            elif issubclass(kind, asyncio.CancelledError):
+                code = _CANCELLED
+                if self.entry.revoked:
+                    await _end_revoked(self._context)
+            else:
+                code = _final_code(self._context, _UNKNOWN)
+        finally:
+            self._finish(code)
+
+    def _finish(self, code: grpc.StatusCode) -> None:
         edge = self._edge
         if self.entry is not _UNTRACKED:
             edge._open_streams.close(self.entry)

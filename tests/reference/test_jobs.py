@@ -155,6 +155,25 @@ async def test_cancel_embedding(stack: Stack) -> None:
     assert (await stack.embedding.CancelEmbedding(cancel, timeout=5)).cancelled is False
 
 
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [({"job_id": "x"}, "tenant_id"), ({"tenant_id": "acme"}, "job_id")],
+)
+async def test_cancel_bounds(stack: Stack, request_fields: dict[str, str], field: str) -> None:
+    await refused(
+        stack.query.CancelQuery(query_pb2.CancelQueryRequest(**request_fields), timeout=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field,
+    )
+    await refused(
+        stack.embedding.CancelEmbedding(
+            embedding_pb2.CancelEmbeddingRequest(**request_fields), timeout=5
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field,
+    )
+
+
 async def test_repeated_submit_is_the_same_job(stack: Stack) -> None:
     for _ in range(3):
         reply = await stack.query.SubmitQuery(ask("once", "dup"), timeout=5)
