@@ -49,9 +49,12 @@ class Deadlines:
             feeds.add(feed)
             return slot
         self._slots[slot] = {feed}
-        heapq.heappush(self._heap, slot)
-        if self._timer is None or slot < self._timer_slot:
-            self._arm(loop, slot)
+        heap = self._heap
+        heapq.heappush(heap, slot)
+        # The earliest slot, not this one: a feed placed again while the timer fires may go
+        # after slots still waiting.
+        if self._timer is None or heap[0] < self._timer_slot:
+            self._arm(loop, heap[0])
         return slot
 
     def remove(self, feed: Feed, slot: int) -> None:

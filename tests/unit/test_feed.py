@@ -157,3 +157,19 @@ async def test_sessions_do_not_share_idle_checks() -> None:
     await first.shared_check(checks, 30)
     await other.shared_check(checks, 30)
     assert checks.calls == 2
+
+
+async def test_a_feed_placed_again_does_not_delay_an_earlier_deadline() -> None:
+    fanout = LocalFanout()
+    busy, idle = following(fanout, 2)
+    loop = asyncio.get_running_loop()
+    first = asyncio.create_task(busy.wait(0.05))
+    await asyncio.sleep(0.01)
+    busy.put(event(1))
+    assert await first is True
+    busy.drain()
+    later = asyncio.create_task(busy.wait(5))  # placed again when its first slot comes
+    started = loop.time()
+    assert await idle.wait(0.1) is False
+    assert loop.time() - started < 1
+    later.cancel()
