@@ -40,9 +40,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from domain.agents import AgentConfig
 from domain.dispatch import CallContext, Dispatcher, DownstreamError
@@ -88,6 +88,8 @@ from domain.usage import TokenBudget
 from domain.worker import Deferred
 
 log = logging.getLogger(__name__)
+# What a stream of ChatOrchestrator.follow yields per event (its caller's encoding).
+Encoded = TypeVar("Encoded")
 
 # The agent of the sessions the orchestrator makes for itself (a batch's items without a session
 # of their own): no agent is configured for it, so their messages are one call, planless.
@@ -850,9 +852,16 @@ class ChatOrchestrator:
             read = False
 
     async def follow(
-        self, tenant_id: str, session_id: str, after: int
-    ) -> AsyncIterator[SessionEvent]:
-        """Yield the session's events after ``after``, then live ones, until it closes."""
+        self,
+        tenant_id: str,
+        session_id: str,
+        after: int,
+        encode: Callable[[SessionEvent], Encoded | None],
+    ) -> AsyncIterator[Encoded]:
+        """Yield the session's events after ``after``, then live ones, until it closes; each
+        as ``encode`` gives it (one it gives None for is skipped). The caller's encoding is
+        applied here rather than in a generator of its own around this one: an open stream
+        holds one generator frame less, and each event passes one generator less."""
         if after < 0:
             raise InvalidArgument.field("after_sequence", "must not be negative")
         require_session_id(session_id)
@@ -863,7 +872,9 @@ class ChatOrchestrator:
             if not session.state.is_open:
                 feed.mark_closed()  # replay what is retained, then end
             async for event in self._follower(feed, tenant_id, session_id).events(after):
-                yield event
+                encoded = encode(event)
+                if encoded is not None:
+                    yield encoded
             if await self._sessions.peek(tenant_id, session_id) is None:
                 raise Aborted(
                     f"the record of session {session_id} was lost (the backend lost its data)"

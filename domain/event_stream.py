@@ -30,7 +30,7 @@ def history_truncated(session_id: str, requested_after: int, oldest: int) -> Ses
     )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SessionFollower:
     """Yields the events of one session after a cursor, for one client stream.
 

@@ -93,16 +93,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 yield chat_pb2.SendMessageResponse(event=pb)
 
     @stream_errors
-    async def StreamSession(  # type: ignore[override]  # encoded responses: add_chat_service
+    def StreamSession(  # type: ignore[override]  # encoded responses: add_chat_service
         self, request: chat_pb2.StreamSessionRequest, context: Ctx
     ) -> AsyncIterator[bytes]:
-        """Yields each StreamSessionResponse encoded (``add_chat_service``)."""
-        tenant_id = current_caller().tenant_id
-        responses = self._responses
-        async for event in self._chat.follow(tenant_id, request.session_id, request.after_sequence):
-            response = responses.response(event)
-            if response is not None:
-                yield response
+        """Each StreamSessionResponse encoded (``add_chat_service``). Not a generator of its
+        own: the domain's yields the encoded responses (every open stream holds its frames)."""
+        return self._chat.follow(
+            current_caller().tenant_id,
+            request.session_id,
+            request.after_sequence,
+            self._responses.response,
+        )
 
     @unary_errors
     async def CancelJob(

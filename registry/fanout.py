@@ -9,12 +9,84 @@ from the event log on its own, so a slow client never holds back the reader or o
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from collections.abc import Awaitable, Callable, Iterable
 
 from domain.jobs import SessionEvent
 
 DEFAULT_FEED_CAPACITY = 256
+# The granularity of the feeds' wait deadlines (Deadlines): a wait with a deadline ends at most
+# this much after it.
+DEADLINE_SLOT_S = 0.02
+
+
+class Deadlines:
+    """The wait deadlines of many feeds kept by one timer instead of one timer each (every
+    idle stream waits with a deadline, and a timer handle is the largest thing it would hold
+    of its own). Feeds are grouped in slots of DEADLINE_SLOT_S; the timer is armed for the
+    earliest slot, and a feed found there is asked whether its wait is due (Feed._expire), which
+    may place it again. A feed whose stream ends leaves its slot (nothing keeps it alive)."""
+
+    __slots__ = ("_heap", "_loop", "_slots", "_timer", "_timer_slot")
+
+    def __init__(self) -> None:
+        self._slots: dict[int, set[Feed]] = {}
+        self._heap: list[int] = []  # the slots' numbers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_slot = 0
+
+    def add(self, loop: asyncio.AbstractEventLoop, feed: Feed, deadline: float) -> int:
+        """Keep ``deadline`` for ``feed``: the slot it is in (never 0)."""
+        if loop is not self._loop:  # first use, or a new loop: the old one's waits are gone
+            if self._timer is not None:
+                self._timer.cancel()
+            self._slots, self._heap, self._loop, self._timer = {}, [], loop, None
+        slot = math.ceil(deadline / DEADLINE_SLOT_S)
+        feeds = self._slots.get(slot)
+        if feeds is not None:
+            feeds.add(feed)
+            return slot
+        self._slots[slot] = {feed}
+        heap = self._heap
+        heapq.heappush(heap, slot)
+        # The earliest slot, not this one: a feed placed again while the timer fires may go
+        # after slots still waiting.
+        if self._timer is None or heap[0] < self._timer_slot:
+            self._arm(loop, heap[0])
+        return slot
+
+    def remove(self, feed: Feed, slot: int) -> None:
+        """``feed`` no longer waits (its slot stays, maybe empty, until due)."""
+        feeds = self._slots.get(slot)
+        if feeds is not None:
+            feeds.discard(feed)
+
+    def held(self) -> int:
+        """How many feeds are in slots (for tests)."""
+        return sum(len(feeds) for feeds in self._slots.values())
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, slot: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_slot = slot
+        self._timer = loop.call_at(slot * DEADLINE_SLOT_S, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        heap, slots = self._heap, self._slots
+        due: list[Feed] = []
+        while heap and heap[0] * DEADLINE_SLOT_S <= now + 0.001:
+            due.extend(slots.pop(heapq.heappop(heap)))
+        for feed in due:
+            feed._expire()  # may add the feed again
+        if heap and self._timer is None:
+            self._arm(loop, heap[0])
 
 
 class SharedCheck:
@@ -60,19 +132,20 @@ class Feed:
     """Live events of one session for one client stream (domain.ports.events.Feed).
 
     Small, because every open stream holds one (idle streams are the common case): a list
-    rather than a deque, no asyncio.Event (a bare future while the stream waits) and no
-    timeout object per wait. The ``within_s`` of ``wait`` is kept by one timer per feed that
-    is moved lazily: a wait only records its deadline, and the timer, when it fires early
-    (the stream was busy meanwhile), re-arms itself for the latest deadline. A stream that
-    receives an event per wait thus costs no timer work per event, and an idle one one timer.
+    rather than a deque, no asyncio.Event (a bare future while the stream waits), no timeout
+    object per wait and no timer of its own. The ``within_s`` of ``wait`` is kept by the
+    fanout's Deadlines, lazily: a wait only records its deadline, and the feed, when its slot
+    comes early (the stream was busy meanwhile), is placed again for the latest deadline. A
+    stream that receives an event per wait thus costs no timer work per event.
     """
 
     __slots__ = (
         "_capacity",
         "_deadline",
+        "_deadlines",
         "_events",
         "_shared",
-        "_timer",
+        "_slot",
         "_waiter",
         "closed",
         "key",
@@ -86,9 +159,11 @@ class Feed:
         self._events: list[SessionEvent] = []
         # The stream's wait, while it waits.
         self._waiter: asyncio.Future[None] | None = None
-        # The timer of the current wait's deadline (loop time), armed at most once at a time.
-        self._timer: asyncio.TimerHandle | None = None
+        # The current wait's deadline (loop time), and the slot of ``_deadlines`` the feed is
+        # in (0: none; in one at most at a time); the fanout's, or one of its own outside one.
         self._deadline = 0.0
+        self._slot = 0
+        self._deadlines: Deadlines | None = None
         # The idle check shared with the other feeds of the session (LocalFanout.add).
         self._shared: SharedCheck | None = None
         # Events were dropped (full feed, or the reader reconnected): catch up from the log.
@@ -148,8 +223,11 @@ class Feed:
             self._deadline = math.inf
         else:
             self._deadline = loop.time() + within_s
-            if self._timer is None:
-                self._timer = loop.call_at(self._deadline, self._expire)
+            if not self._slot:
+                deadlines = self._deadlines
+                if deadlines is None:
+                    deadlines = self._deadlines = Deadlines()
+                self._slot = deadlines.add(loop, self, self._deadline)
         try:
             await waiter
         finally:
@@ -157,17 +235,20 @@ class Feed:
         return self._ready()
 
     def _expire(self) -> None:
-        """The timer fired: re-armed for a later deadline, or ends the wait it was set for."""
-        self._timer = None
+        """Its deadline slot came: placed again for a later deadline, or ends the wait it was
+        placed for."""
+        self._slot = 0
         waiter = self._waiter
         if waiter is None or waiter.done():
-            return  # no wait pending: the next one arms a timer of its own
+            return  # no wait pending: the next one places the feed again
         loop = waiter.get_loop()
         if self._deadline == math.inf:
             return  # this wait has no deadline
         if self._deadline - loop.time() > 0.001:
-            self._timer = loop.call_at(self._deadline, self._expire)
-            return
+            deadlines = self._deadlines
+            if deadlines is not None:
+                self._slot = deadlines.add(loop, self, self._deadline)
+                return
         waiter.set_result(None)  # nothing came in time: wait() reports False
 
     async def shared_check(self, check: Callable[[], Awaitable[bool]], max_age_s: float) -> bool:
@@ -179,10 +260,11 @@ class Feed:
         return await shared.ask(check, max_age_s)
 
     def discard(self) -> None:
-        """The stream stopped following: drop the timer (it would keep the feed alive)."""
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+        """The stream stopped following: leave the deadline slot (it would keep the feed
+        alive)."""
+        slot, self._slot = self._slot, 0
+        if slot and self._deadlines is not None:
+            self._deadlines.remove(self, slot)
 
     def drain(self) -> list[SessionEvent]:
         """Take every buffered event."""
@@ -197,6 +279,7 @@ class LocalFanout:
     def __init__(self) -> None:
         self._feeds: dict[tuple[str, str], set[Feed]] = {}
         self._checks: dict[tuple[str, str], SharedCheck] = {}
+        self._deadlines = Deadlines()
 
     def add(self, feed: Feed) -> bool:
         """Register a feed; True when it is the first for its session."""
@@ -206,6 +289,8 @@ class LocalFanout:
         if shared is None:
             shared = self._checks[feed.key] = SharedCheck()
         feed._shared = shared
+        if not feed._slot:
+            feed._deadlines = self._deadlines
         return len(feeds) == 1
 
     def remove(self, feed: Feed) -> bool:

@@ -44,7 +44,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -118,6 +118,26 @@ class _Reader:
         self.silent = False
         # SUNSUBSCRIBEs this process sent and whose replies are still due, by channel.
         self.unsubscribing: dict[str, int] = {}
+
+
+class _Subscription:
+    """``RedisEventLog.subscribe``'s context manager: a plain object rather than a generator,
+    since every open stream holds one for its whole life (no generator frame, no entry in the
+    loop's set of live async generators)."""
+
+    __slots__ = ("_channel", "_feed", "_log")
+
+    def __init__(self, log: RedisEventLog, feed: Feed) -> None:
+        self._log = log
+        self._feed = feed
+        self._channel = ""
+
+    async def __aenter__(self) -> Feed:
+        self._channel = await self._log._follow(self._feed)
+        return self._feed
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._log._unfollow(self._feed, self._channel)
 
 
 class RedisEventLog(RedisStore):
@@ -213,20 +233,27 @@ class RedisEventLog(RedisStore):
 
     # -- following -------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def subscribe(self, tenant_id: str, session_id: str) -> AsyncIterator[Feed]:
-        feed = Feed((tenant_id, session_id))
-        channel = self._keys.session_channel(tenant_id, session_id)
+    def subscribe(self, tenant_id: str, session_id: str) -> _Subscription:
+        return _Subscription(self, Feed((tenant_id, session_id)))
+
+    async def _follow(self, feed: Feed) -> str:
+        """Start carrying ``feed``'s session (if no other stream does): its channel, once the
+        subscription is in effect."""
+        channel = self._keys.session_channel(*feed.key)
         first = self.fanout.add(feed)
         try:
             # A lingering subscription is still in effect (confirmed, never unsubscribed).
             if first and self._lingering.pop(channel, None) is None:
                 await self._subscribe(channel)
             await self._wait_confirmed(channel)
-            yield feed
-        finally:
-            if self.fanout.remove(feed):
-                await self._release(channel)
+        except BaseException:
+            await self._unfollow(feed, channel)
+            raise
+        return channel
+
+    async def _unfollow(self, feed: Feed, channel: str) -> None:
+        if self.fanout.remove(feed):
+            await self._release(channel)
 
     def _followed(self, channel: str) -> bool:
         key = self._keys.parse_session_channel(channel)

@@ -69,23 +69,38 @@ async def test_a_full_feed_drops_what_it_holds_and_lags() -> None:
     assert feed.lagging and feed.drain() == []
 
 
-async def test_a_removed_feed_keeps_no_timer_scheduled() -> None:
+async def test_a_removed_feed_leaves_the_deadlines() -> None:
     fanout, feed = LocalFanout(), Feed(KEY)
     fanout.add(feed)
     waiting = asyncio.create_task(feed.wait(30))
     await asyncio.sleep(0)
     feed.put(event(1))
     await waiting
-    armed = timer_of(feed)
-    assert armed is not None and not armed.cancelled()  # the wait's deadline is still armed
+    assert fanout._deadlines.held() == 1  # the wait's deadline is still kept
     fanout.remove(feed)
-    assert timer_of(feed) is None and armed.cancelled()
+    assert fanout._deadlines.held() == 0
 
 
-def timer_of(feed: Feed) -> asyncio.TimerHandle | None:
-    """The feed's deadline timer (read directly: no event loop, asyncio's or uvloop's, lists
-    its timers in a public API)."""
-    return feed._timer
+async def test_the_feeds_of_a_fanout_share_one_deadline_timer() -> None:
+    fanout = LocalFanout()
+    feeds = following(fanout, 3)
+    waits = [asyncio.create_task(feed.wait(0.05)) for feed in feeds]
+    assert await asyncio.gather(*waits) == [False, False, False]
+    assert all(feed._deadlines is fanout._deadlines for feed in feeds)
+
+
+async def test_a_busy_feed_still_times_out_after_its_latest_wait() -> None:
+    fanout, feed = LocalFanout(), Feed(KEY)
+    fanout.add(feed)
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(feed.wait(0.05))
+    await asyncio.sleep(0.03)
+    feed.put(event(1))
+    assert await waiting is True
+    feed.drain()
+    started = loop.time()
+    assert await feed.wait(0.1) is False
+    assert loop.time() - started >= 0.099
 
 
 class Checks:
@@ -142,3 +157,19 @@ async def test_sessions_do_not_share_idle_checks() -> None:
     await first.shared_check(checks, 30)
     await other.shared_check(checks, 30)
     assert checks.calls == 2
+
+
+async def test_a_feed_placed_again_does_not_delay_an_earlier_deadline() -> None:
+    fanout = LocalFanout()
+    busy, idle = following(fanout, 2)
+    loop = asyncio.get_running_loop()
+    first = asyncio.create_task(busy.wait(0.05))
+    await asyncio.sleep(0.01)
+    busy.put(event(1))
+    assert await first is True
+    busy.drain()
+    later = asyncio.create_task(busy.wait(5))  # placed again when its first slot comes
+    started = loop.time()
+    assert await idle.wait(0.1) is False
+    assert loop.time() - started < 1
+    later.cancel()
