@@ -435,19 +435,10 @@ class NoticeProcessor:
             notice = validate_notice(raw)
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
-        refused = _not_spoken_for(caller, notice.service)
-        if refused is not None:
-            log.info(
-                "notice rejected: wrong_service (key %s does not speak for %s; job %s)",
-                refused,
-                notice.service.value,
-                notice.job_id,
-            )
-            return NoticeOutcome(
-                Verdict.WRONG_SERVICE,
-                detail=f"service: the API key {refused} does not speak for {notice.service.value}",
-            )
-        return notice
+        refusal = _refused_unless_spoken_for(
+            caller, notice.service, f"notice of job {notice.job_id}"
+        )
+        return notice if refusal is None else refusal
 
     async def _followed(self, notice: Notice, outcome: NoticeOutcome, start_ns: int) -> None:
         """What follows a notice the store applied (``_applied``), in the span of the notice in
@@ -489,13 +480,9 @@ class NoticeProcessor:
             change = validate_agent_change(raw)
         except MalformedNotice as exc:
             return NoticeOutcome(Verdict.MALFORMED, detail=str(exc))
-        refused = _not_spoken_for(caller, Service.AGENT_MANAGEMENT)
-        if refused is not None:
-            log.info("agent_changed rejected: key %s does not speak for agent_management", refused)
-            return NoticeOutcome(
-                Verdict.WRONG_SERVICE,
-                detail=f"service: the API key {refused} does not speak for agent_management",
-            )
+        refusal = _refused_unless_spoken_for(caller, Service.AGENT_MANAGEMENT, "agent_changed")
+        if refusal is not None:
+            return refusal
         log.info("agent %s of tenant %s changed", change.agent_id, change.tenant_id)
         if self.on_agent_changed is not None:
             await self.on_agent_changed(change.tenant_id, change.agent_id)
@@ -518,9 +505,18 @@ class NoticeProcessor:
 _HANDED_OVER = frozenset((Verdict.ACCEPTED, Verdict.JOB_FINISHED))
 
 
-def _not_spoken_for(caller: Caller | None, service: Service) -> str | None:
-    """The caller's key id (or "of this caller" for a test caller without one) when the caller
-    does not speak for ``service``; None when it does or no caller is given."""
+def _refused_unless_spoken_for(
+    caller: Caller | None, service: Service, what: str
+) -> NoticeOutcome | None:
+    """WRONG_SERVICE, logged, when the caller's key does not speak for ``service`` (``what``
+    names the notice in the log); None when it does or no caller is given."""
     if caller is None or caller.speaks_for(service):
         return None
-    return caller.key_id or "of this caller"
+    refused = caller.key_id or "of this caller"  # a test caller may have no key id
+    log.info(
+        "%s rejected: wrong_service (key %s does not speak for %s)", what, refused, service.value
+    )
+    return NoticeOutcome(
+        Verdict.WRONG_SERVICE,
+        detail=f"service: the API key {refused} does not speak for {service.value}",
+    )
