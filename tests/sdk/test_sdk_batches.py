@@ -94,7 +94,11 @@ async def test_a_cancelled_batch_ends_cancelled(backend_url: str | None) -> None
 async def test_results_continue_after_a_dropped_connection_without_loss_or_duplicate(
     backend_url: str | None,
 ) -> None:
-    async with start_platform(backend_url, batch_worker_enabled=True, step_delay_s=0.1) as slow:
+    # One item at a time, so that results are still to come when the connection drops (with
+    # every item running at once, all results could already sit in the client's buffer).
+    async with start_platform(
+        backend_url, batch_worker_enabled=True, batch_worker_concurrency=1, step_delay_s=0.1
+    ) as slow:
         proxy = DroppingProxy(slow.address)
         address = await proxy.start()
         notices: list[RetryNotice] = []
