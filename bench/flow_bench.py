@@ -13,8 +13,9 @@
    several PublishUpdates streams publish delta notices for those jobs. Each delta carries its
    perf_counter send time (publisher and followers share this process). Peak: N notices as
    fast as possible, delivered events/s across the 1,000 streams (target >= 20,000). Then
-   notices paced at half that rate for a few seconds: p99 notice-to-client latency (target
-   <= 5 ms; the client process settles its heap first, as the server does).
+   notices paced at half that rate for a few seconds, the publishers taking turns: p99
+   notice-to-client latency (target <= 5 ms; the client process settles its heap first, as
+   the server does).
 3. idle: a fresh orchestrator child, 10,000 StreamSession streams (1,000 sessions x 10, over
    20 channels, each stream confirmed open by reading the session's accepted event). Memory per
    stream is the child's RSS (/proc/<pid>/status VmRSS) after opening them minus before,
@@ -613,19 +614,21 @@ async def publish(
     sequences: dict[str, int],
     interval_s: float = 0.0,
     *,
+    offset_s: float = 0.0,
     metadata: tuple[tuple[str, str], ...] | None = None,
     service_pb: int = common_pb2.SERVICE_QUERY,
 ) -> task_update_pb2.PublishUpdatesResponse:
     """``count`` delta notices round-robin over ``jobs`` on one PublishUpdates stream, each
-    stamped with its send time; paced at one per ``interval_s`` when that is set. As
-    ``service_pb`` with ``metadata`` (the test service key unless given)."""
+    stamped with its send time; paced at one per ``interval_s`` when that is set, the first
+    ``offset_s`` after the stream's start. As ``service_pb`` with ``metadata`` (the test
+    service key unless given)."""
     stub = task_update_pb2_grpc.TaskUpdateServiceStub(channel)
 
     async def notices() -> AsyncIterator[task_update_pb2.PublishUpdatesRequest]:
         started = time.perf_counter()
         for n in range(count):
             if interval_s:
-                due = started + n * interval_s
+                due = started + offset_s + n * interval_s
                 delay = due - time.perf_counter()
                 if delay > 0.001:
                     await asyncio.sleep(delay)
@@ -657,7 +660,9 @@ async def publish_all(
 ) -> None:
     """``publishers`` streams, each for its own share of the jobs (so per-job order holds);
     ``publish_args`` go to :func:`publish`. No more streams than jobs: a stream without a job
-    of its own would have nothing to publish for."""
+    of its own would have nothing to publish for. Paced, the streams take turns (stream ``p``
+    starts ``p * interval_s`` late): one notice every ``interval_s`` in all, not one from
+    every stream at once every ``publishers * interval_s``."""
     publishers = max(1, min(publishers, len(jobs)))
     shares = [jobs[p::publishers] for p in range(publishers)]
     counts = [
@@ -671,6 +676,7 @@ async def publish_all(
                 counts[p],
                 sequences,
                 interval_s * publishers,
+                offset_s=interval_s * p,
                 **publish_args,
             )
             for p in range(publishers)
