@@ -40,6 +40,15 @@ def redis_process() -> Iterator[RedisProcess]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A Redis of this test's own, which it may stop, restart, pause or kill."""
+    proc = RedisProcess()
+    proc.start()
+    yield proc
+    proc.close()  # resumes a paused server first
+
+
+@pytest.fixture
 async def redis_url(redis_process: RedisProcess) -> str:
     """The private Redis, emptied for this test."""
     client = Redis.from_url(redis_process.url)

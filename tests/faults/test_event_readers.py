@@ -272,14 +272,6 @@ async def test_a_reader_on_a_hung_node_is_reported_silent_then_recovers(target: 
             assert await seen.reach(2) == [first, later]
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    proc = RedisProcess()
-    proc.start()
-    yield proc
-    proc.close()
-
-
 async def test_a_silent_reader_makes_health_not_serving_until_it_hears_again(
     own_redis: RedisProcess,
 ) -> None:

@@ -3,7 +3,12 @@ Cluster of three masters (tests/support/redis_cluster.py, started once per sessi
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+
+from registry.backend import Backend
+from tests.support.registries import opened_registry
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
@@ -14,3 +19,10 @@ def backend_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "cluster":
         return str(request.getfixturevalue("cluster_url"))
     return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
+    """The whole backend on ``backend_url``, opened for this test and closed after it."""
+    async with opened_registry(backend_url) as opened:
+        yield opened

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
-
-import pytest
 
 from domain.agents import AgentConfig, AgentKind
 from domain.ids import new_id
@@ -34,7 +31,7 @@ from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, StepName, StepState, plan_for
 from domain.ports.usage import day_number
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 GRACE_MS = 300
 LIMITS = JobLimits(
@@ -51,12 +48,6 @@ RESULT = {"result": {"text": "Refunds take 5 days."}}
 # A completed notice's stored result and event carry the job's usage as their last member.
 STORED = {**RESULT, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
 USAGE = TokenUsage(3, 4, 7)
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 def planned_job(session_id: str, agent: AgentConfig | None = AGENT) -> NewJob:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
-
-import pytest
 
 from domain.ids import new_id
 from domain.jobs import (
@@ -32,7 +29,7 @@ from domain.jobs import (
 from domain.models import Service, WorkKind
 from domain.ports.queue import QueuePriority
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 GRACE_MS = 300
 LIMITS = JobLimits(
@@ -44,12 +41,6 @@ LIMITS = JobLimits(
     handoff_attempts=3,
 )
 TENANT = "acme"
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 def rag_job(session_id: str) -> NewJob:

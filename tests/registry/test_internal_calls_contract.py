@@ -6,10 +6,7 @@ event reports its own tokens plus its children's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
-
-import pytest
 
 from domain.ids import derived_id, new_id
 from domain.jobs import (
@@ -27,18 +24,12 @@ from domain.jobs import (
 )
 from domain.models import NewSession, Service, SessionFilter, TokenUsage, WorkKind
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 LIMITS = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, max_internal_calls=2
 )
 TENANT = "acme"
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 def job(session_id: str, *, parent: str = "", job_id: str = "") -> NewJob:

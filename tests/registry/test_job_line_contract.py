@@ -5,9 +5,6 @@ accepted before it is still in flight."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from domain.ids import new_id
 from domain.jobs import (
@@ -28,18 +25,12 @@ from domain.jobs import (
 from domain.models import Service, WorkKind
 from domain.service_caps import LimitReached
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 LIMITS = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
 )
 TENANT = "acme"
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 async def start(

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-
-import pytest
 
 from domain.agents import AgentConfig, AgentKind
 from domain.ids import new_id
@@ -26,7 +23,7 @@ from domain.jobs import (
 from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import plan_for
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 GRACE_MS = 200
 LIMITS = JobLimits(
@@ -39,12 +36,6 @@ LIMITS = JobLimits(
 TENANT = "acme"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 AGENT = AgentConfig(TENANT, "agent-1", AgentKind.LLM, 1, model="m1")
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 async def start(registry: Backend, *, traceparent: str = TRACEPARENT, plan: bool = False) -> NewJob:

@@ -5,11 +5,9 @@ notice's event is appended exactly once."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import pytest
 
 from domain.identity import Caller, Role
 from domain.ids import new_id
@@ -26,18 +24,12 @@ from domain.jobs import (
 from domain.models import Service, TokenUsage, WorkKind
 from domain.notices import NoticeInput, NoticeProcessor
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 TENANT = "acme"
 OTHER = "globex"
 LIMITS = JobLimits(deadline_ms=60_000, heartbeat_ms=60_000, retention_ms=60_000)
 QUERY_KEY = Caller(TENANT, Role.SERVICE, "k1", frozenset({Service.QUERY}))
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 @dataclass(frozen=True, slots=True)

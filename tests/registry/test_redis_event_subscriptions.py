@@ -5,7 +5,7 @@ session's subscription outlives its last stream only for the linger time."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,15 +17,6 @@ from registry.redis_events import RedisEventLog
 from tests.support.redis_process import RedisProcess
 
 TENANT = "acme"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A Redis this test may stop and start."""
-    proc = RedisProcess()
-    proc.start()
-    yield proc
-    proc.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ timeout (registry.redis_client: no task per round trip)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator, Iterator
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import pytest
@@ -13,16 +13,6 @@ from redis.asyncio.connection import Connection
 
 from registry.redis_client import create_redis
 from tests.support.redis_process import RedisProcess
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A Redis this test may pause."""
-    proc = RedisProcess()
-    proc.start()
-    yield proc
-    proc.resume()
-    proc.close()
 
 
 async def test_a_command_makes_no_task_of_its_own(redis_url: str) -> None:

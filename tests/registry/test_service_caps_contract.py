@@ -4,10 +4,7 @@ in the same atomic step as the start (domain.service_caps)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
-
-import pytest
 
 from domain.agents import AgentConfig, AgentKind
 from domain.ids import new_id
@@ -28,7 +25,7 @@ from domain.models import Service, TokenUsage, WorkKind
 from domain.plans import plan_for
 from domain.service_caps import MINUTE_MS, LimitKind, LimitReached, ServiceCaps
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 TENANT = "acme"
 OTHER = "globex"
@@ -36,12 +33,6 @@ BASE = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
 )
 CAPPED = replace(BASE, caps=ServiceCaps(in_flight=2, retry_after_ms=750))
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 def new_job(session_id: str, service: Service = Service.QUERY) -> NewJob:

@@ -7,9 +7,6 @@ FAILED_PRECONDITION naming the state), and nothing is recorded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from domain.ids import new_id
 from domain.jobs import (
@@ -24,18 +21,12 @@ from domain.jobs import (
 from domain.models import NewSession, Service, SessionState, WorkKind
 from domain.service_caps import LimitReached
 from registry.backend import Backend
-from tests.support.registries import new_session, opened_registry
+from tests.support.registries import new_session
 
 LIMITS = JobLimits(
     deadline_ms=60_000, heartbeat_ms=30_000, retention_ms=60_000, queue_timeout_ms=600_000
 )
 TENANT = "acme"
-
-
-@pytest.fixture
-async def registry(backend_url: str | None) -> AsyncIterator[Backend]:
-    async with opened_registry(backend_url) as opened:
-        yield opened
 
 
 def message_job(session_id: str, job_id: str | None = None) -> NewJob:

@@ -6,7 +6,7 @@ never let through."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -103,15 +103,6 @@ async def test_a_known_key_revoked_is_refused_at_its_next_call(
         )
         assert await echo(running, metadata) == grpc.StatusCode.UNAUTHENTICATED
         assert await echo(running, metadata) == grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A Redis this test may stop."""
-    proc = RedisProcess()
-    proc.start()
-    yield proc
-    proc.close()
 
 
 @pytest.fixture

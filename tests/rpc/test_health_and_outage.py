@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -20,15 +20,6 @@ from tests.support.servers import RunningServer, running_server, tenant, test_se
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A Redis this test may stop and start."""
-    proc = RedisProcess()
-    proc.start()
-    yield proc
-    proc.close()
 
 
 @pytest.fixture
