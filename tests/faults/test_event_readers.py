@@ -37,9 +37,8 @@ from server.health import (
     HealthServicer,
 )
 from tests.support.redis_cluster import (
-    NODE_TIMEOUT_MS,
     RedisClusterProcess,
-    free_node_port,
+    cluster_node,
     parse_cluster_nodes,
 )
 from tests.support.redis_process import RedisProcess
@@ -401,17 +400,7 @@ def add_replica(master_port: int, ports: list[int]) -> RedisProcess:
     """A new cluster node made a replica of the master on ``master_port``, in sync with it and
     known as its replica to every node on ``ports`` (the masters vote for its promotion only
     once they know it)."""
-    replica = RedisProcess(
-        free_node_port(),
-        extra_args=(
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            str(NODE_TIMEOUT_MS),
-        ),
-    )
+    replica = cluster_node()
     replica.start()
     master_id = _node_id(master_port)
     deadline = time.monotonic() + BOUND_S

@@ -57,6 +57,24 @@ def free_node_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def cluster_node(node_timeout_ms: int = NODE_TIMEOUT_MS) -> RedisProcess:
+    """A cluster-enabled redis-server (not started yet) on a port whose bus port is free too;
+    it syncs a new replica without delay."""
+    return RedisProcess(
+        free_node_port(),
+        extra_args=(
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+        ),
+    )
+
+
 def _node(port: int, timeout_s: float = 1.0) -> redis.Redis:
     """A plain client of one node (commands to its own slots or the node itself)."""
     return redis.Redis(port=port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -120,22 +138,7 @@ class RedisClusterProcess:
     def __init__(self, *, replicas: int = 0, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
-        self.nodes = [
-            RedisProcess(
-                free_node_port(),
-                extra_args=(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--cluster-node-timeout",
-                    str(node_timeout_ms),
-                ),
-            )
-            for _ in range(MASTERS * (1 + replicas))
-        ]
+        self.nodes = [cluster_node(node_timeout_ms) for _ in range(MASTERS * (1 + replicas))]
         self.killed: list[RedisProcess] = []
 
     @property
