@@ -16,7 +16,6 @@
 --   `{attempts}` to fill in), finalize_failed_template (the same for a finalize, `{attempts}`)
 -- Returns: {'gone'} | {'done'} (nothing to claim) | {'later', lease} | claim_reply(...) with
 --   status 'claimed' | 'requeue' | 'finalize' | 'exhausted' | 'finalize_exhausted'
-local job_id = ARGV[1]
 local handoff_grace_ms = tonumber(ARGV[2])
 local max_handoffs = tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
@@ -57,13 +56,13 @@ local reply = claim_reply(finalize and 'finalize_exhausted' or 'exhausted', 0, a
   finalize, accepted)
 redis.call('HSET', job_key, 'state', 'failed', 'updated', now)
 redis.call('PEXPIRE', job_key, retention_ms)
-release(job_id)
+release()
 local data
 if finalize then
   data = string.gsub(finalize_failed_template, '{attempts}', attempts)
 else
   data = string.gsub((string.gsub(failed_template, '{service}', f[8])), '{attempts}', attempts)
 end
-local env = envelope(job_id, f[9], 'failed', data)
+local env = envelope(f[9], 'failed', data)
 keep_final(append(env, maxlen, log_ttl_ms, channel), env)
 return reply

@@ -32,7 +32,6 @@
 -- Returns: {'accepted', sequence, now, envelope, traceparent (the job's `tp`, or '')},
 --   claim_reply('finishing', ...) or {verdict}
 --   (unknown_job | wrong_service | duplicate | job_finished)
-local job_id = ARGV[1]
 local service = ARGV[2]
 local notice_sequence = tonumber(ARGV[3])
 local event = ARGV[4]
@@ -142,7 +141,7 @@ else
   add_usage()
   redis.call('HSET', job_key, 'state', event, 'nseq', n, 'updated', now)
   redis.call('PEXPIRE', job_key, retention_ms)
-  release(job_id)
+  release()
   if event == 'completed' and redis.call('EXISTS', session_key) == 1 then
     redis.call('HINCRBY', session_key, 'msgs', 1)
     session_tokens()
@@ -152,7 +151,7 @@ else
     roll_up()
   end
 end
-local env = envelope(job_id, f[4], event, data_json)
+local env = envelope(f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)
 if not running then keep_final(seq, env) end
 return {'accepted', seq, now, env, f[5] or ''}

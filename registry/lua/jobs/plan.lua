@@ -11,7 +11,6 @@
 --   event's data JSON per changed call
 -- Returns: {'ok', now, sequence, envelope, sequence, envelope, ...} or {reason}
 --   (unknown_job | final)
-local job_id = ARGV[1]
 local plan_json = ARGV[2]
 local outputs_json = ARGV[3]
 local maxlen = ARGV[4]
@@ -31,7 +30,7 @@ else
 end
 local reply = {'ok', now}
 for i = 8, #ARGV do
-  local env = envelope(job_id, f[2], 'plan_step', ARGV[i])
+  local env = envelope(f[2], 'plan_step', ARGV[i])
   reply[#reply + 1] = append(env, maxlen, log_ttl_ms, channel)
   reply[#reply + 1] = env
 end

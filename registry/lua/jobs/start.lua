@@ -37,7 +37,6 @@
 -- Returns: {'ok', sequence, now, envelope, agent_id}, {'limited', limit, cap, retry_after_ms,
 --   service}, {'session_not_open', state} or {reason} (job_exists | parent_not_in_flight |
 --   call_limit | session_missing | session_busy)
-local job_id = ARGV[1]
 local session_id = ARGV[2]
 local service = ARGV[3]
 local kind = ARGV[4]
@@ -148,7 +147,7 @@ local counted = tenant_pending_key
 if queued then counted = tenant_queued_key end
 redis.call('ZADD', counted, now + lifetime, job_id)
 extend(counted, lifetime)
-if not queued then count_in_flight(job_id, service, now + lifetime) end
+if not queued then count_in_flight(service, now + lifetime) end
 redis.call('SADD', pending_key, job_id)
 local ttl = redis.call('PTTL', session_key)
 if ttl > 0 then redis.call('PEXPIRE', pending_key, ttl) end
@@ -164,7 +163,7 @@ redis.call('HINCRBY', session_key, 'msgs', 1)
 redis.call('HSET', session_key, 'state', 'busy', 'updated', now)
 local members = {'"deadline_ms":' .. math.min(deadline, hb)}
 if queued then members[#members + 1] = '"queued":true' end
-local env = envelope(job_id, request_json, 'accepted', with_members(accepted_json, members))
+local env = envelope(request_json, 'accepted', with_members(accepted_json, members))
 local seq = append(env, maxlen, log_ttl_ms, channel)
 if queued then redis.call('HSET', job_key, 'hoq', seq) end
 return {'ok', seq, now, env, agent_id}
