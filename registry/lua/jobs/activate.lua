@@ -12,12 +12,10 @@
 --   service}
 --   (it stays QUEUED) or {reason} (domain.jobs.ActivateOutcome: unknown_job |
 --   already_started | final | session_not_open | wait)
-local deadline_ms = tonumber(ARGV[2])
-local heartbeat_ms = tonumber(ARGV[3])
+local deadline_ms, heartbeat_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
 local handoff_grace_ms = tonumber(ARGV[5])
-local in_flight_cap = tonumber(ARGV[6])
-local tpm_cap = tonumber(ARGV[7])
+local in_flight_cap, tpm_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 local retry_after_ms = tonumber(ARGV[8])
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end

@@ -16,14 +16,10 @@
 --   `{attempts}` to fill in), finalize_failed_template (the same for a finalize, `{attempts}`)
 -- Returns: {'gone'} | {'done'} (nothing to claim) | {'later', lease} | claim_reply(...) with
 --   status 'claimed' | 'requeue' | 'finalize' | 'exhausted' | 'finalize_exhausted'
-local handoff_grace_ms = tonumber(ARGV[2])
-local max_handoffs = tonumber(ARGV[3])
+local handoff_grace_ms, max_handoffs = tonumber(ARGV[2]), tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
-local maxlen = ARGV[5]
-local log_ttl_ms = tonumber(ARGV[6])
-local channel = ARGV[7]
-local failed_template = ARGV[8]
-local finalize_failed_template = ARGV[9]
+local maxlen, log_ttl_ms, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local failed_template, finalize_failed_template = ARGV[8], ARGV[9]
 
 if redis.call('EXISTS', job_key) == 0 then return {'gone'} end
 local f = redis.call('HMGET', job_key, 'state', 'hol', 'hoa', 'deadline', 'hoq', 'fl', 'fa',

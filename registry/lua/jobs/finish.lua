@@ -9,12 +9,9 @@
 -- ARGV: job_id, final_state (cancelled | failed | completed), data_json,
 --   retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope} or {reason} (unknown_job | already_final)
-local final_state = ARGV[2]
-local data_json = ARGV[3]
+local final_state, data_json = ARGV[2], ARGV[3]
 local retention_ms = tonumber(ARGV[4])
-local maxlen = ARGV[5]
-local log_ttl_ms = tonumber(ARGV[6])
-local channel = ARGV[7]
+local maxlen, log_ttl_ms, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', job_key, 'state', 'request', 'res')

@@ -10,9 +10,7 @@
 -- Returns: {'done', sequence, now, envelope}, {'later', due} (a heartbeat moved the
 --   deadline), {'gone'} or {'final'}
 local retention_ms = tonumber(ARGV[2])
-local maxlen = ARGV[3]
-local log_ttl_ms = tonumber(ARGV[4])
-local channel = ARGV[5]
+local maxlen, log_ttl_ms, channel = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
 if redis.call('EXISTS', job_key) == 0 then
   uncount()
