@@ -50,9 +50,7 @@ if attempts < max_handoffs and now < tonumber(f[4]) then
 end
 local reply = claim_reply(finalize and 'finalize_exhausted' or 'exhausted', 0, attempts,
   finalize, accepted)
-redis.call('HSET', job_key, 'state', 'failed', 'updated', now)
-redis.call('PEXPIRE', job_key, retention_ms)
-release()
+end_job('failed', retention_ms)
 local data
 if finalize then
   data = string.gsub(finalize_failed_template, '{attempts}', attempts)

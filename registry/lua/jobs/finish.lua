@@ -17,9 +17,7 @@ if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', job_key, 'state', 'request', 'res')
 if is_final(f[1]) then return {'already_final'} end
 if final_state == 'completed' and f[1] == 'finishing' then data_json = f[3] or '{}' end
-redis.call('HSET', job_key, 'state', final_state, 'updated', now)
-redis.call('PEXPIRE', job_key, retention_ms)
-release()
+end_job(final_state, retention_ms)
 -- Completed from the embedding cache: the reply counts as a message, as with a notice.
 if final_state == 'completed' and redis.call('EXISTS', session_key) == 1 then
   redis.call('HINCRBY', session_key, 'msgs', 1)

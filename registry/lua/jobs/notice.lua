@@ -131,9 +131,7 @@ if running then
   end
 else
   add_usage()
-  redis.call('HSET', job_key, 'state', event, 'nseq', n, 'updated', now)
-  redis.call('PEXPIRE', job_key, retention_ms)
-  release()
+  end_job(event, retention_ms, 'nseq', n)
   if event == 'completed' and redis.call('EXISTS', session_key) == 1 then
     redis.call('HINCRBY', session_key, 'msgs', 1)
     session_tokens()

@@ -20,9 +20,7 @@ local f = redis.call('HMGET', job_key, 'state', 'request', 'deadline', 'hb')
 if is_final(f[1]) then return {'final'} end
 local due = math.min(tonumber(f[3]), tonumber(f[4]))
 if now < due then return {'later', due} end
-redis.call('HSET', job_key, 'state', 'timed_out', 'updated', now)
-redis.call('PEXPIRE', job_key, retention_ms)
-release()
+end_job('timed_out', retention_ms)
 local env = envelope(f[2], 'timed_out', cjson.encode({deadline_ms = due}))
 local seq = append(env, maxlen, log_ttl_ms, channel)
 keep_final(seq, env)

@@ -104,10 +104,13 @@ local function handed_over()
   redis.call('HDEL', job_key, 'hol', 'hoa', 'hoq')
 end
 
--- The job is final: its work spec, plan outputs, stored result and finalize lease go, it is
--- no longer counted and leaves the session's pending set (and its line, if it was queued); an
--- idle busy session becomes active again.
-local function release()
+-- The job ends now in the final ``state`` (with the hash fields ``...``, name and value pairs,
+-- in the same write) and is kept ``retention_ms`` more: its work spec, plan outputs, stored
+-- result and finalize lease go, it is no longer counted and leaves the session's pending set
+-- (and its line, if it was queued); an idle busy session becomes active again.
+local function end_job(state, retention_ms, ...)
+  redis.call('HSET', job_key, 'state', state, 'updated', now, ...)
+  redis.call('PEXPIRE', job_key, retention_ms)
   handed_over()
   redis.call('HDEL', job_key, 'ho', 'po', 'res', 'fl', 'fa', 'pa')
   uncount()
@@ -128,7 +131,7 @@ end
 -- plan, agent snapshot (a hand-off's) or '', plan outputs (a hand-off's) or '', result (a
 -- finalize's) or '', deadline, traceparent (the job's trace context) or ''}. A finalize needs
 -- neither the snapshot nor the outputs.
--- Read before the job is released (which drops the spec, outputs and result).
+-- Read before the job ends (end_job drops the spec, outputs and result).
 local function claim_reply(status, lease, attempts, finalize, accepted)
   local f = redis.call('HMGET', job_key, 'ho', 'session', 'service', 'kind', 'request', 'agent',
     'model', 'ckey', 'keep', 'plan', 'deadline', 'tp')
