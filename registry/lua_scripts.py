@@ -2,9 +2,11 @@
 
 Every script is a file under ``registry/lua/`` (``<area>/<name>.lua``), opening with a header
 comment (what it does, its KEYS and ARGV by name, what it returns) and unpacking KEYS and ARGV
-into named locals at its top. A script names the shared preludes it needs in its first lines
-(``--! include: shared/time``, ``--! include: jobs/job``); a prelude may include others, and each
-is included once, before the script. A file is read once per process (``lua_script``).
+into named locals at its top. A script names the shared preludes (``registry/lua/prelude/``) it
+needs in its first lines (``--! include: prelude/time``, ``--! include: prelude/jobs``); a prelude
+may include others, and each is included once, before the script, in the same chunk: its locals
+(keys, arguments every such script takes, helper functions) are the script's. A file is read
+once per process (``lua_script``).
 
 ``ScriptRunner`` runs the scripts of one area (a store's folder) by name on one client, every
 one of them read when the runner is made: EVALSHA straight away, and only on a NOSCRIPT reply

@@ -12,13 +12,10 @@
 --   service}
 --   (it stays QUEUED) or {reason} (domain.jobs.ActivateOutcome: unknown_job |
 --   already_started | final | session_not_open | wait)
-local job_id = ARGV[1]
-local deadline_ms = tonumber(ARGV[2])
-local heartbeat_ms = tonumber(ARGV[3])
+local deadline_ms, heartbeat_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
 local handoff_grace_ms = tonumber(ARGV[5])
-local in_flight_cap = tonumber(ARGV[6])
-local tpm_cap = tonumber(ARGV[7])
+local in_flight_cap, tpm_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 local retry_after_ms = tonumber(ARGV[8])
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
@@ -51,5 +48,5 @@ redis.call('PEXPIRE', job_key, lifetime)
 redis.call('ZREM', tenant_queued_key, job_id)
 redis.call('ZADD', tenant_pending_key, now + lifetime, job_id)
 extend(tenant_pending_key, lifetime)
-count_in_flight(job_id, service, now + lifetime)
+count_in_flight(service, now + lifetime)
 return {'started', math.min(deadline, hb)}

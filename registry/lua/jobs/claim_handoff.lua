@@ -16,15 +16,10 @@
 --   `{attempts}` to fill in), finalize_failed_template (the same for a finalize, `{attempts}`)
 -- Returns: {'gone'} | {'done'} (nothing to claim) | {'later', lease} | claim_reply(...) with
 --   status 'claimed' | 'requeue' | 'finalize' | 'exhausted' | 'finalize_exhausted'
-local job_id = ARGV[1]
-local handoff_grace_ms = tonumber(ARGV[2])
-local max_handoffs = tonumber(ARGV[3])
+local handoff_grace_ms, max_handoffs = tonumber(ARGV[2]), tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
-local maxlen = ARGV[5]
-local log_ttl_ms = tonumber(ARGV[6])
-local channel = ARGV[7]
-local failed_template = ARGV[8]
-local finalize_failed_template = ARGV[9]
+local maxlen, log_ttl_ms, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local failed_template, finalize_failed_template = ARGV[8], ARGV[9]
 
 if redis.call('EXISTS', job_key) == 0 then return {'gone'} end
 local f = redis.call('HMGET', job_key, 'state', 'hol', 'hoa', 'deadline', 'hoq', 'fl', 'fa',
@@ -55,15 +50,13 @@ if attempts < max_handoffs and now < tonumber(f[4]) then
 end
 local reply = claim_reply(finalize and 'finalize_exhausted' or 'exhausted', 0, attempts,
   finalize, accepted)
-redis.call('HSET', job_key, 'state', 'failed', 'updated', now)
-redis.call('PEXPIRE', job_key, retention_ms)
-release(job_id)
+end_job('failed', retention_ms)
 local data
 if finalize then
   data = string.gsub(finalize_failed_template, '{attempts}', attempts)
 else
   data = string.gsub((string.gsub(failed_template, '{service}', f[8])), '{attempts}', attempts)
 end
-local env = envelope(job_id, f[9], 'failed', data)
+local env = envelope(f[9], 'failed', data)
 keep_final(append(env, maxlen, log_ttl_ms, channel), env)
 return reply

@@ -9,26 +9,20 @@
 -- ARGV: job_id, final_state (cancelled | failed | completed), data_json,
 --   retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope} or {reason} (unknown_job | already_final)
-local job_id = ARGV[1]
-local final_state = ARGV[2]
-local data_json = ARGV[3]
+local final_state, data_json = ARGV[2], ARGV[3]
 local retention_ms = tonumber(ARGV[4])
-local maxlen = ARGV[5]
-local log_ttl_ms = tonumber(ARGV[6])
-local channel = ARGV[7]
+local maxlen, log_ttl_ms, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', job_key, 'state', 'request', 'res')
 if is_final(f[1]) then return {'already_final'} end
 if final_state == 'completed' and f[1] == 'finishing' then data_json = f[3] or '{}' end
-redis.call('HSET', job_key, 'state', final_state, 'updated', now)
-redis.call('PEXPIRE', job_key, retention_ms)
-release(job_id)
+end_job(final_state, retention_ms)
 -- Completed from the embedding cache: the reply counts as a message, as with a notice.
 if final_state == 'completed' and redis.call('EXISTS', session_key) == 1 then
   redis.call('HINCRBY', session_key, 'msgs', 1)
 end
-local env = envelope(job_id, f[2], final_state, data_json)
+local env = envelope(f[2], final_state, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)
 keep_final(seq, env)
 return {'done', seq, now, env}

@@ -32,24 +32,15 @@
 -- Returns: {'accepted', sequence, now, envelope, traceparent (the job's `tp`, or '')},
 --   claim_reply('finishing', ...) or {verdict}
 --   (unknown_job | wrong_service | duplicate | job_finished)
-local job_id = ARGV[1]
-local service = ARGV[2]
-local notice_sequence = tonumber(ARGV[3])
-local event = ARGV[4]
-local data_json = ARGV[5]
+local service, notice_sequence = ARGV[2], tonumber(ARGV[3])
+local event, data_json = ARGV[4], ARGV[5]
 local heartbeat_ms = tonumber(ARGV[6])
-local prompt_tokens = ARGV[7]
-local completion_tokens = ARGV[8]
-local total_tokens = ARGV[9]
+local prompt_tokens, completion_tokens, total_tokens = ARGV[7], ARGV[8], ARGV[9]
 local retention_ms = tonumber(ARGV[10])
-local maxlen = ARGV[11]
-local log_ttl_ms = tonumber(ARGV[12])
-local channel = ARGV[13]
-local usage_prefix = ARGV[14]
-local usage_retention_ms = tonumber(ARGV[15])
+local maxlen, log_ttl_ms, channel = ARGV[11], tonumber(ARGV[12]), ARGV[13]
+local usage_prefix, usage_retention_ms = ARGV[14], tonumber(ARGV[15])
 local handoff_grace_ms = tonumber(ARGV[16])
-local job_prefix = ARGV[17]
-local session_prefix = ARGV[18]
+local job_prefix, session_prefix = ARGV[17], ARGV[18]
 
 -- A completed notice's tokens go to the tenant's usage of the day.
 local function charge()
@@ -140,9 +131,7 @@ if running then
   end
 else
   add_usage()
-  redis.call('HSET', job_key, 'state', event, 'nseq', n, 'updated', now)
-  redis.call('PEXPIRE', job_key, retention_ms)
-  release(job_id)
+  end_job(event, retention_ms, 'nseq', n)
   if event == 'completed' and redis.call('EXISTS', session_key) == 1 then
     redis.call('HINCRBY', session_key, 'msgs', 1)
     session_tokens()
@@ -152,7 +141,7 @@ else
     roll_up()
   end
 end
-local env = envelope(job_id, f[4], event, data_json)
+local env = envelope(f[4], event, data_json)
 local seq = append(env, maxlen, log_ttl_ms, channel)
 if not running then keep_final(seq, env) end
 return {'accepted', seq, now, env, f[5] or ''}

@@ -11,12 +11,8 @@
 --   event's data JSON per changed call
 -- Returns: {'ok', now, sequence, envelope, sequence, envelope, ...} or {reason}
 --   (unknown_job | final)
-local job_id = ARGV[1]
-local plan_json = ARGV[2]
-local outputs_json = ARGV[3]
-local maxlen = ARGV[4]
-local log_ttl_ms = tonumber(ARGV[5])
-local channel = ARGV[6]
+local plan_json, outputs_json = ARGV[2], ARGV[3]
+local maxlen, log_ttl_ms, channel = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local appends = ARGV[7]
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
@@ -31,7 +27,7 @@ else
 end
 local reply = {'ok', now}
 for i = 8, #ARGV do
-  local env = envelope(job_id, f[2], 'plan_step', ARGV[i])
+  local env = envelope(f[2], 'plan_step', ARGV[i])
   reply[#reply + 1] = append(env, maxlen, log_ttl_ms, channel)
   reply[#reply + 1] = env
 end

@@ -9,24 +9,19 @@
 -- ARGV: job_id, retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope}, {'later', due} (a heartbeat moved the
 --   deadline), {'gone'} or {'final'}
-local job_id = ARGV[1]
 local retention_ms = tonumber(ARGV[2])
-local maxlen = ARGV[3]
-local log_ttl_ms = tonumber(ARGV[4])
-local channel = ARGV[5]
+local maxlen, log_ttl_ms, channel = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
 if redis.call('EXISTS', job_key) == 0 then
-  uncount(job_id)
+  uncount()
   return {'gone'}
 end
 local f = redis.call('HMGET', job_key, 'state', 'request', 'deadline', 'hb')
 if is_final(f[1]) then return {'final'} end
 local due = math.min(tonumber(f[3]), tonumber(f[4]))
 if now < due then return {'later', due} end
-redis.call('HSET', job_key, 'state', 'timed_out', 'updated', now)
-redis.call('PEXPIRE', job_key, retention_ms)
-release(job_id)
-local env = envelope(job_id, f[2], 'timed_out', cjson.encode({deadline_ms = due}))
+end_job('timed_out', retention_ms)
+local env = envelope(f[2], 'timed_out', cjson.encode({deadline_ms = due}))
 local seq = append(env, maxlen, log_ttl_ms, channel)
 keep_final(seq, env)
 return {'done', seq, now, env}

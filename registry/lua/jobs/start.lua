@@ -37,36 +37,22 @@
 -- Returns: {'ok', sequence, now, envelope, agent_id}, {'limited', limit, cap, retry_after_ms,
 --   service}, {'session_not_open', state} or {reason} (job_exists | parent_not_in_flight |
 --   call_limit | session_missing | session_busy)
-local job_id = ARGV[1]
 local session_id = ARGV[2]
-local service = ARGV[3]
-local kind = ARGV[4]
-local request_json = ARGV[5]
-local agent_id = ARGV[6]
-local model = ARGV[7]
+local service, kind, request_json = ARGV[3], ARGV[4], ARGV[5]
+local agent_id, model = ARGV[6], ARGV[7]
 local accepted_json = ARGV[8]
-local deadline_ms = tonumber(ARGV[9])
-local heartbeat_ms = tonumber(ARGV[10])
+local deadline_ms, heartbeat_ms = tonumber(ARGV[9]), tonumber(ARGV[10])
 local retention_ms = tonumber(ARGV[11])
 local if_busy = ARGV[12]
-local maxlen = ARGV[13]
-local log_ttl_ms = tonumber(ARGV[14])
-local channel = ARGV[15]
+local maxlen, log_ttl_ms, channel = ARGV[13], tonumber(ARGV[14]), ARGV[15]
 local cache_key = ARGV[16]
-local queue_timeout_ms = tonumber(ARGV[17])
-local hold = ARGV[18]
-local handoff_spec = ARGV[19]
-local handoff_grace_ms = tonumber(ARGV[20])
+local queue_timeout_ms, hold = tonumber(ARGV[17]), ARGV[18]
+local handoff_spec, handoff_grace_ms = ARGV[19], tonumber(ARGV[20])
 local keep = ARGV[21]
-local plan_json = ARGV[22]
-local agent_json = ARGV[23]
-local appends = ARGV[24]
+local plan_json, agent_json, appends = ARGV[22], ARGV[23], ARGV[24]
 local traceparent = ARGV[25]
-local parent_job_id = ARGV[26]
-local max_calls = tonumber(ARGV[27])
-local job_prefix = ARGV[28]
-local in_flight_cap = tonumber(ARGV[29])
-local tpm_cap = tonumber(ARGV[30])
+local parent_job_id, max_calls, job_prefix = ARGV[26], tonumber(ARGV[27]), ARGV[28]
+local in_flight_cap, tpm_cap = tonumber(ARGV[29]), tonumber(ARGV[30])
 local retry_after_ms = tonumber(ARGV[31])
 local session_retention_ms = tonumber(ARGV[32])
 local tenant_jobs_key = KEYS[12]
@@ -148,7 +134,7 @@ local counted = tenant_pending_key
 if queued then counted = tenant_queued_key end
 redis.call('ZADD', counted, now + lifetime, job_id)
 extend(counted, lifetime)
-if not queued then count_in_flight(job_id, service, now + lifetime) end
+if not queued then count_in_flight(service, now + lifetime) end
 redis.call('SADD', pending_key, job_id)
 local ttl = redis.call('PTTL', session_key)
 if ttl > 0 then redis.call('PEXPIRE', pending_key, ttl) end
@@ -164,7 +150,7 @@ redis.call('HINCRBY', session_key, 'msgs', 1)
 redis.call('HSET', session_key, 'state', 'busy', 'updated', now)
 local members = {'"deadline_ms":' .. math.min(deadline, hb)}
 if queued then members[#members + 1] = '"queued":true' end
-local env = envelope(job_id, request_json, 'accepted', with_members(accepted_json, members))
+local env = envelope(request_json, 'accepted', with_members(accepted_json, members))
 local seq = append(env, maxlen, log_ttl_ms, channel)
 if queued then redis.call('HSET', job_key, 'hoq', seq) end
 return {'ok', seq, now, env, agent_id}

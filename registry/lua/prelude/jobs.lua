@@ -1,8 +1,9 @@
 --! include: prelude/time
 --! include: prelude/publish
 -- The eleven keys every job script but renew_handoff takes (in this order), all under the
--- tenant's hash tag (one cluster slot), and the helpers that change a job, its session's
--- bookkeeping and the session's event log in one step.
+-- tenant's hash tag (one cluster slot), the job's id (their first argument), and the helpers
+-- that change the job, its session's bookkeeping and the session's event log in one step.
+local job_id = ARGV[1]              -- the job's id
 local job_key = KEYS[1]             -- the job hash
 local session_key = KEYS[2]         -- the session hash
 local pending_key = KEYS[3]         -- the session's jobs in flight (queued or not): a set
@@ -24,10 +25,10 @@ local limits_prefix = KEYS[11]
 local function inflight_key(service) return limits_prefix .. 'inflight:' .. service end
 local function minute_tokens_key() return limits_prefix .. 'tpm:' .. math.floor(now / 60000) end
 
--- An event envelope, from complete JSON pieces: the job id is validated by the caller, the
+-- An event envelope of the job, from complete JSON pieces: its id is validated by the caller, the
 -- request id is stored JSON-encoded, the data is JSON made by the caller. Concatenated, not
 -- cjson-encoded, so the members keep this order and the bytes clients read stay the same.
-local function envelope(job_id, request_json, kind, data_json)
+local function envelope(request_json, kind, data_json)
   return '{"j":"' .. job_id .. '","r":' .. request_json .. ',"k":"' .. kind .. '","d":'
     .. data_json .. '}'
 end
@@ -72,7 +73,7 @@ local function over_limit(service, in_flight_cap, tpm_cap, retry_after_ms)
 end
 
 -- The job is in flight at ``service`` until it ends or its hash expires (at ``expires``).
-local function count_in_flight(job_id, service, expires)
+local function count_in_flight(service, expires)
   local key = inflight_key(service)
   redis.call('ZADD', key, expires, job_id)
   extend(key, expires - now)
@@ -88,7 +89,7 @@ end
 -- The job is final or gone: it leaves the tenant's sets of unfinished jobs (and, when its
 -- hash is still there to name its service, the in-flight count: a gone job's entry is
 -- trimmed by its score).
-local function uncount(job_id)
+local function uncount()
   local service = redis.call('HGET', job_key, 'service')
   if service then redis.call('ZREM', inflight_key(service), job_id) end
   redis.call('ZREM', tenant_pending_key, job_id)
@@ -103,13 +104,16 @@ local function handed_over()
   redis.call('HDEL', job_key, 'hol', 'hoa', 'hoq')
 end
 
--- The job is final: its work spec, plan outputs, stored result and finalize lease go, it is
--- no longer counted and leaves the session's pending set (and its line, if it was queued); an
--- idle busy session becomes active again.
-local function release(job_id)
+-- The job ends now in the final ``state`` (with the hash fields ``...``, name and value pairs,
+-- in the same write) and is kept ``retention_ms`` more: its work spec, plan outputs, stored
+-- result and finalize lease go, it is no longer counted and leaves the session's pending set
+-- (and its line, if it was queued); an idle busy session becomes active again.
+local function end_job(state, retention_ms, ...)
+  redis.call('HSET', job_key, 'state', state, 'updated', now, ...)
+  redis.call('PEXPIRE', job_key, retention_ms)
   handed_over()
   redis.call('HDEL', job_key, 'ho', 'po', 'res', 'fl', 'fa', 'pa')
-  uncount(job_id)
+  uncount()
   redis.call('SREM', pending_key, job_id)
   redis.call('LREM', line_key, 1, job_id)
   if redis.call('HGET', session_key, 'state') == 'busy'
@@ -125,8 +129,9 @@ end
 -- What a claim of the job (redis_jobs parses it) carries: {status, lease, attempts, spec,
 -- session, service, kind, request, agent, model, cache key, accepted sequence or '', keep,
 -- plan, agent snapshot (a hand-off's) or '', plan outputs (a hand-off's) or '', result (a
--- finalize's) or '', deadline, traceparent (the job's trace context) or ''}. A finalize needs neither the snapshot nor the outputs.
--- Read before the job is released (which drops the spec, outputs and result).
+-- finalize's) or '', deadline, traceparent (the job's trace context) or ''}. A finalize needs
+-- neither the snapshot nor the outputs.
+-- Read before the job ends (end_job drops the spec, outputs and result).
 local function claim_reply(status, lease, attempts, finalize, accepted)
   local f = redis.call('HMGET', job_key, 'ho', 'session', 'service', 'kind', 'request', 'agent',
     'model', 'ckey', 'keep', 'plan', 'deadline', 'tp')
