@@ -792,9 +792,8 @@ class RedisJobStore(RedisStore):
             fields = await self._redis.hgetall(self._keys.job(tenant_id, job_id))
         if not fields:
             return None
-        f = {as_str(k): as_str(v) for k, v in fields.items()}
         try:
-            return _job_from_fields(tenant_id, job_id, f)
+            return _job_from_hash(tenant_id, job_id, fields)
         except (KeyError, ValueError, TypeError) as exc:
             log.warning(
                 "job %s of tenant %s: stored record cannot be read (%r)", job_id, tenant_id, exc
@@ -846,9 +845,8 @@ class RedisJobStore(RedisStore):
             if not fields:
                 found.append(None)
                 continue
-            f = {as_str(k): as_str(v) for k, v in fields.items()}
             try:
-                found.append(_job_from_fields(tenant_id, job_id, f))
+                found.append(_job_from_hash(tenant_id, job_id, fields))
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning(
                     "job %s of tenant %s: unreadable record skipped (%r)", job_id, tenant_id, exc
@@ -871,12 +869,10 @@ class RedisJobStore(RedisStore):
         return {as_str(member) for members in replies for member in members}
 
     async def count_unfinished_of(self, tenant_id: str) -> dict[jobs.JobState, int]:
-        keys = self._keys
         with redis_errors_as_unavailable():
             now_ms = time_ms(await self._redis.time())
             pipe = self._redis.pipeline(transaction=False)
-            for state in jobs.UNFINISHED_STATES:
-                pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
+            self._count_unfinished_in(pipe, tenant_id, now_ms)
             replies = await pipe.execute()
         return {state: int(n) for state, n in zip(jobs.UNFINISHED_STATES, replies, strict=True)}
 
@@ -903,8 +899,7 @@ class RedisJobStore(RedisStore):
             now_ms = time_ms(now)
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:
-                for state in jobs.UNFINISHED_STATES:
-                    pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
+                self._count_unfinished_in(pipe, tenant_id, now_ms)
             replies = [int(n) for n in await pipe.execute()]
             per_tenant = len(jobs.UNFINISHED_STATES)
             idle = [
@@ -917,6 +912,13 @@ class RedisJobStore(RedisStore):
         for i, n in enumerate(replies):
             counts[jobs.UNFINISHED_STATES[i % per_tenant]] += n
         return counts
+
+    def _count_unfinished_in(self, pipe: Any, tenant_id: str, now_ms: int) -> None:
+        """A ZCOUNT in ``pipe`` of the tenant's set of each unfinished state, in the order of
+        UNFINISHED_STATES: members scored before ``now_ms`` are jobs whose hash expired
+        unfinished, not counted."""
+        for state in jobs.UNFINISHED_STATES:
+            pipe.zcount(self._keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
 
     async def _unlist(self, idle: Sequence[str], listed: Mapping[str, str]) -> None:
         """Drop idle tenants from their shards, one slot per script: the tenant's own script
@@ -997,8 +999,10 @@ def _limit_reached(reply: list[Any]) -> LimitReached:
     )
 
 
-def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> jobs.Job:
-    """A job hash as a Job; raises KeyError, ValueError or TypeError when it does not parse."""
+def _job_from_hash(tenant_id: str, job_id: str, fields: Mapping[Any, Any]) -> jobs.Job:
+    """A job hash as HGETALL returns it, as a Job; raises KeyError, ValueError or TypeError
+    when it does not parse."""
+    f = {as_str(k): as_str(v) for k, v in fields.items()}
     request_id = json.loads(f["request"])
     if not isinstance(request_id, str):
         raise TypeError("request id is not text")
