@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,12 +20,9 @@ from domain.batch_models import (
     RunningItem,
 )
 from domain.models import Page
+from registry.memory_sessions import wall_clock_ms
 
 _COUNT_FIELDS = ("queued", "running", "completed", "failed", "cancelled", "expired")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -52,7 +48,7 @@ class MemoryBatchStore:
     def _drop_retired(self) -> None:
         """Forget batches final for longer than the retention, with their idempotency keys
         (a scan, so at most every 100 ms)."""
-        now = _now_ms()
+        now = wall_clock_ms()
         if now - self._swept_ms < 100:
             return
         self._swept_ms = now
@@ -73,7 +69,7 @@ class MemoryBatchStore:
             if existing is not None:
                 return self._batches[(tenant_id, existing)].batch, False
             self._idempotency[(tenant_id, new.idempotency_key)] = new.batch_id
-        now = _now_ms()
+        now = wall_clock_ms()
         total = len(new.custom_ids)
         batch = Batch(
             batch_id=new.batch_id,
@@ -128,7 +124,7 @@ class MemoryBatchStore:
         batch = record.batch
         if batch.state not in (BatchState.QUEUED, BatchState.IN_PROGRESS):
             return ItemStart.REFUSED
-        if _now_ms() >= batch.expire_ms:
+        if wall_clock_ms() >= batch.expire_ms:
             return ItemStart.REFUSED
         current = record.states[index]
         if current is ItemState.RUNNING and redelivery:
@@ -139,7 +135,7 @@ class MemoryBatchStore:
         counts = replace(batch.counts, queued=batch.counts.queued - 1)
         counts = replace(counts, running=counts.running + 1)
         record.batch = replace(
-            batch, state=BatchState.IN_PROGRESS, counts=counts, updated_ms=_now_ms()
+            batch, state=BatchState.IN_PROGRESS, counts=counts, updated_ms=wall_clock_ms()
         )
         return ItemStart.STARTED
 
@@ -172,7 +168,7 @@ class MemoryBatchStore:
         }
         counts[previous.value] -= 1
         counts[state.value] += 1
-        now = _now_ms()
+        now = wall_clock_ms()
         record.batch = replace(
             record.batch,
             counts=BatchCounts(total=record.batch.counts.total, **counts),
@@ -238,7 +234,7 @@ class MemoryBatchStore:
                 running.append(RunningItem(index, job_id, session_id))
             if current is ItemState.QUEUED or (expire and current is ItemState.RUNNING):
                 self._finish(record, index, item_state, "", {"error": dict(error)})
-        now = _now_ms()
+        now = wall_clock_ms()
         if expire:
             record.batch = replace(record.batch, state=BatchState.EXPIRED, finish_ms=now)
         elif record.batch.counts.running > 0:
@@ -259,7 +255,7 @@ class MemoryBatchStore:
         item = record.states[index]
         if (
             batch.state not in (BatchState.QUEUED, BatchState.IN_PROGRESS, BatchState.COMPLETED)
-            or _now_ms() >= batch.expire_ms
+            or wall_clock_ms() >= batch.expire_ms
             or item not in (ItemState.FAILED, ItemState.RUNNING)
         ):
             return batch.state, item
@@ -279,7 +275,7 @@ class MemoryBatchStore:
             batch,
             state=state,
             counts=BatchCounts(total=batch.counts.total, **counts),
-            updated_ms=_now_ms(),
+            updated_ms=wall_clock_ms(),
             finish_ms=0,
         )
         return state, ItemState.QUEUED
@@ -298,7 +294,7 @@ class MemoryBatchStore:
         return [result for result in record.results if result.sequence > after][:limit]
 
     async def due_for_expiry(self, *, limit: int) -> list[tuple[str, str]]:
-        now = _now_ms()
+        now = wall_clock_ms()
         due = [
             key
             for key, record in self._batches.items()

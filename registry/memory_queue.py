@@ -20,14 +20,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from domain.ports import queue
+from registry.memory_sessions import wall_clock_ms
 
 
 def monotonic_ms() -> float:
     return time.monotonic() * 1000.0
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)

@@ -52,30 +52,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from domain import jobs
 from domain.agents import AgentConfig
 from domain.errors import DataLoss
-from domain.jobs import (
-    UNFINISHED_STATES,
-    ActivateOutcome,
-    EventDraft,
-    FinishOutcome,
-    HandoffClaim,
-    IfBusy,
-    Job,
-    JobLimits,
-    JobState,
-    NewJob,
-    Notice,
-    NoticeEvent,
-    NoticeOutcome,
-    SessionEvent,
-    SessionNotOpen,
-    StartedJob,
-    StartRefused,
-    Verdict,
-    finalize_failed_data,
-    handoff_failed_data,
-)
 from domain.models import Service, SessionState, TokenUsage, WorkKind
 from domain.plans import OrchestrationPlan, ServiceCall
 from domain.ports.queue import QueuePriority
@@ -102,7 +81,7 @@ log = logging.getLogger(__name__)
 _EARLY_DEADLINE_MARGIN_MS = 2_000
 
 
-def _early_due_ms(limits: JobLimits, *, may_queue: bool) -> int:
+def _early_due_ms(limits: jobs.JobLimits, *, may_queue: bool) -> int:
     """A score at or before the deadline the start script will give a new job, so the reaper
     looks at it no later than it is due."""
     first = min(limits.deadline_ms, limits.heartbeat_ms)
@@ -144,7 +123,7 @@ class EventLogConfig:
     legacy_channel: bool = False
 
 
-def _final_event(session_id: str, kept: str) -> SessionEvent:
+def _final_event(session_id: str, kept: str) -> jobs.SessionEvent:
     """A job's kept final event, stored as "<sequence> <time> <envelope>"."""
     sequence, time_ms, envelope = kept.split(" ", 2)
     return decode_envelope(session_id, int(sequence), int(time_ms), envelope)
@@ -203,15 +182,15 @@ class RedisJobStore(RedisStore):
             k.session_pending(tenant_id, session_id),
             k.session_event_seq(tenant_id, session_id),
             k.session_events(tenant_id, session_id),
-            k.jobs_in_state(tenant_id, JobState.PENDING.value),
-            k.jobs_in_state(tenant_id, JobState.RUNNING.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.PENDING.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.RUNNING.value),
             k.session_line(tenant_id, session_id),
-            k.jobs_in_state(tenant_id, JobState.QUEUED.value),
-            k.jobs_in_state(tenant_id, JobState.FINISHING.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.QUEUED.value),
+            k.jobs_in_state(tenant_id, jobs.JobState.FINISHING.value),
             k.limits_prefix(tenant_id),
         ]
 
-    def _event(self, session_id: str, reply: list[Any]) -> SessionEvent:
+    def _event(self, session_id: str, reply: list[Any]) -> jobs.SessionEvent:
         return decode_envelope(session_id, int(reply[1]), int(reply[2]), as_str(reply[3]))
 
     def _remember(self, job_id: str, tenant_id: str, session_id: str) -> None:
@@ -272,28 +251,40 @@ class RedisJobStore(RedisStore):
         return tenant_id, session_id
 
     async def start_job(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
-    ) -> StartedJob | StartRefused | LimitReached:
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.StartRefused | LimitReached:
         started = await self._start(tenant_id, new, limits, if_busy, hold, read_session=False)
-        assert not isinstance(started, SessionNotOpen)
+        assert not isinstance(started, jobs.SessionNotOpen)
         return started
 
     async def start_on_session(
-        self, tenant_id: str, new: NewJob, limits: JobLimits, *, if_busy: IfBusy, hold: bool = False
-    ) -> StartedJob | SessionNotOpen | StartRefused | LimitReached:
+        self,
+        tenant_id: str,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        *,
+        if_busy: jobs.IfBusy,
+        hold: bool = False,
+    ) -> jobs.StartedJob | jobs.SessionNotOpen | jobs.StartRefused | LimitReached:
         assert not new.parent_job_id, "an internal call's job starts with start_job"
         return await self._start(tenant_id, new, limits, if_busy, hold, read_session=True)
 
     async def _start(
         self,
         tenant_id: str,
-        new: NewJob,
-        limits: JobLimits,
-        if_busy: IfBusy,
+        new: jobs.NewJob,
+        limits: jobs.JobLimits,
+        if_busy: jobs.IfBusy,
         hold: bool,
         *,
         read_session: bool,
-    ) -> StartedJob | SessionNotOpen | StartRefused | LimitReached:
+    ) -> jobs.StartedJob | jobs.SessionNotOpen | jobs.StartRefused | LimitReached:
         """The start script's round trip; ``read_session``: with the session's read (the
         job's agent is then the session's)."""
         keys = self._keys
@@ -306,7 +297,7 @@ class RedisJobStore(RedisStore):
         index_ttl = limits.queue_timeout_ms + limits.deadline_ms + limits.retention_ms
         deadline_member = _member(tenant_id, new.session_id, new.job_id)
         job_shard, tenant_shard = shard_of(new.job_id), shard_of(tenant_id)
-        early_due = _early_due_ms(limits, may_queue=hold or if_busy is IfBusy.HOLD)
+        early_due = _early_due_ms(limits, may_queue=hold or if_busy is jobs.IfBusy.HOLD)
         spec = _compact({"c": new.content, "l": list(new.collections), "p": new.priority.value})
         plan = new.plan
         appends = plan is not None and plan.appends_history
@@ -388,10 +379,10 @@ class RedisJobStore(RedisStore):
                 # before this leaves the tenant uncounted until the listing expires.
                 await self._redis.hset(keys.job_tenants(tenant_shard), tenant_id, new.job_id)
             status = as_str(reply[0])
-            if status == StartRefused.JOB_EXISTS.value:
+            if status == jobs.StartRefused.JOB_EXISTS.value:
                 # The index and the hints are the existing job's own (the same id, tenant and
                 # session; moved earlier at most): they stay.
-                return StartRefused.JOB_EXISTS
+                return jobs.StartRefused.JOB_EXISTS
             if status != "ok":
                 cleanup = self._redis.pipeline(transaction=False)
                 cleanup.delete(keys.job_index(new.job_id))
@@ -400,9 +391,9 @@ class RedisJobStore(RedisStore):
                 await cleanup.execute()
                 if status == "limited":
                     return _limit_reached(reply)
-                if status == StartRefused.SESSION_NOT_OPEN.value and read_session:
-                    return SessionNotOpen(SessionState(as_str(reply[1])))
-                return StartRefused(status)
+                if status == jobs.StartRefused.SESSION_NOT_OPEN.value and read_session:
+                    return jobs.SessionNotOpen(SessionState(as_str(reply[1])))
+                return jobs.StartRefused(status)
             self._remember(new.job_id, tenant_id, new.session_id)
             if not appends:
                 self._no_finalize.add(new.job_id)
@@ -413,14 +404,14 @@ class RedisJobStore(RedisStore):
         if read_session:
             new = dataclasses.replace(new, agent_id=as_str(reply[4]))
         job = new.recorded(tenant_id, event.time_ms, limits, queued=queued)
-        return StartedJob(job, event)
+        return jobs.StartedJob(job, event)
 
     async def activate_job(
-        self, tenant_id: str, job_id: str, limits: JobLimits
-    ) -> ActivateOutcome | LimitReached:
+        self, tenant_id: str, job_id: str, limits: jobs.JobLimits
+    ) -> jobs.ActivateOutcome | LimitReached:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
-            return ActivateOutcome.UNKNOWN_JOB
+            return jobs.ActivateOutcome.UNKNOWN_JOB
         session_id = located[1]
         member = _member(tenant_id, session_id, job_id)
 
@@ -459,14 +450,14 @@ class RedisJobStore(RedisStore):
             reply = (await self._scripts.in_one_round_trip(build))[0]
         if as_str(reply[0]) == "limited":
             return _limit_reached(reply)
-        outcome = ActivateOutcome(as_str(reply[0]))
-        if outcome is ActivateOutcome.FINAL:
+        outcome = jobs.ActivateOutcome(as_str(reply[0]))
+        if outcome is jobs.ActivateOutcome.FINAL:
             self._forget(job_id)
-        elif outcome is ActivateOutcome.STARTED:
+        elif outcome is jobs.ActivateOutcome.STARTED:
             self._hint(job_id, member)
         return outcome
 
-    async def renew_handoff(self, tenant_id: str, job_id: str, limits: JobLimits) -> bool:
+    async def renew_handoff(self, tenant_id: str, job_id: str, limits: jobs.JobLimits) -> bool:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return False
@@ -515,10 +506,12 @@ class RedisJobStore(RedisStore):
         with redis_errors_as_unavailable():
             await self._redis.hdel(self._keys.job(tenant_id, job_id), "hoq")
 
-    async def claim_handoffs(self, limits: JobLimits, *, limit: int) -> list[HandoffClaim]:
-        failed_data = _compact(handoff_failed_data("{service}", "{attempts}"))
-        finalize_failed = _compact(finalize_failed_data("{attempts}"))
-        claims: list[HandoffClaim] = []
+    async def claim_handoffs(
+        self, limits: jobs.JobLimits, *, limit: int
+    ) -> list[jobs.HandoffClaim]:
+        failed_data = _compact(jobs.handoff_failed_data("{service}", "{attempts}"))
+        finalize_failed = _compact(jobs.finalize_failed_data("{attempts}"))
+        claims: list[jobs.HandoffClaim] = []
         with redis_errors_as_unavailable():
             for index in ("job-handoffs", "job-finalizes"):
                 due = await due_members(
@@ -554,7 +547,7 @@ class RedisJobStore(RedisStore):
                     break
         return claims
 
-    async def apply_notice(self, notice: Notice, limits: JobLimits) -> NoticeOutcome:
+    async def apply_notice(self, notice: jobs.Notice, limits: jobs.JobLimits) -> jobs.NoticeOutcome:
         outcome = (await self.apply_notices([notice], limits))[0]
         if isinstance(outcome, Exception):
             raise outcome
@@ -590,21 +583,21 @@ class RedisJobStore(RedisStore):
         return found
 
     async def apply_notices(
-        self, notices: Sequence[Notice], limits: JobLimits
-    ) -> list[NoticeOutcome | Exception]:
+        self, notices: Sequence[jobs.Notice], limits: jobs.JobLimits
+    ) -> list[jobs.NoticeOutcome | Exception]:
         """One notice script per notice, all in one pipeline (Redis runs them in order on one
         connection, so the notices of one job apply in their order; each script is atomic and
         a script's error leaves the others applied); the job index is read first, in one round
         trip, only for jobs this process does not remember."""
-        outcomes: list[NoticeOutcome | Exception | None] = [None] * len(notices)
+        outcomes: list[jobs.NoticeOutcome | Exception | None] = [None] * len(notices)
         located = await self._locate_all([notice.job_id for notice in notices])
         planned: list[tuple[int, str, str]] = []  # (index, tenant, session) of each script
         for index, notice in enumerate(notices):
             location = located.get(notice.job_id)
             if location is None:
-                outcomes[index] = NoticeOutcome(Verdict.UNKNOWN_JOB)
+                outcomes[index] = jobs.NoticeOutcome(jobs.Verdict.UNKNOWN_JOB)
             elif location[0] != notice.tenant_id:
-                outcomes[index] = NoticeOutcome(Verdict.WRONG_TENANT)
+                outcomes[index] = jobs.NoticeOutcome(jobs.Verdict.WRONG_TENANT)
             else:
                 planned.append((index, *location))
         lost: NoScriptError | None = None
@@ -638,10 +631,10 @@ class RedisJobStore(RedisStore):
 
     def _queue_notices(
         self,
-        notices: Sequence[Notice],
+        notices: Sequence[jobs.Notice],
         planned: list[tuple[int, str, str]],
         positions: list[int],
-        limits: JobLimits,
+        limits: jobs.JobLimits,
         pipe: ScriptPipeline,
     ) -> None:
         self._queue_hint_drops(pipe.commands)
@@ -652,10 +645,10 @@ class RedisJobStore(RedisStore):
     def _queue_notice(
         self,
         pipe: ScriptPipeline,
-        notice: Notice,
+        notice: jobs.Notice,
         tenant_id: str,
         session_id: str,
-        limits: JobLimits,
+        limits: jobs.JobLimits,
     ) -> None:
         """The notice script for ``notice`` (and its finalize hint) on ``pipe``: its reply is
         the first the pipeline gets for these commands."""
@@ -663,7 +656,7 @@ class RedisJobStore(RedisStore):
         # A completed notice's data goes without its usage: the script appends the job's
         # (its own tokens and its internal calls', jobs/notice.lua).
         data = notice.data
-        if notice.event is NoticeEvent.COMPLETED:
+        if notice.event is jobs.NoticeEvent.COMPLETED:
             data = {k: v for k, v in data.items() if k != "usage"}
         pipe.run(
             "notice",
@@ -691,7 +684,7 @@ class RedisJobStore(RedisStore):
         # lease, scored in the same round trip; not for a job started here without history to
         # append, nor for an embedding (its plan never appends history).
         if (
-            notice.event is NoticeEvent.COMPLETED
+            notice.event is jobs.NoticeEvent.COMPLETED
             and notice.service is not Service.EMBEDDING
             and notice.job_id not in self._no_finalize
         ):
@@ -706,32 +699,32 @@ class RedisJobStore(RedisStore):
 
     def _notice_outcome(
         self, job_id: str, tenant_id: str, session_id: str, reply: list[Any]
-    ) -> NoticeOutcome:
+    ) -> jobs.NoticeOutcome:
         """The outcome of a notice script's ``reply``."""
         status = as_str(reply[0])
         if status in _HANDED_OVER:
             self._handed_over(job_id)
         if status == "finishing":
             claim = _claim_from_reply(tenant_id, job_id, reply)
-            return NoticeOutcome(
-                Verdict.ACCEPTED, finishing=claim, traceparent=claim.job.traceparent
+            return jobs.NoticeOutcome(
+                jobs.Verdict.ACCEPTED, finishing=claim, traceparent=claim.job.traceparent
             )
-        verdict = Verdict(status)
-        if verdict is Verdict.JOB_FINISHED:
+        verdict = jobs.Verdict(status)
+        if verdict is jobs.Verdict.JOB_FINISHED:
             self._forget(job_id)
-        if verdict is not Verdict.ACCEPTED:
-            return NoticeOutcome(verdict)
+        if verdict is not jobs.Verdict.ACCEPTED:
+            return jobs.NoticeOutcome(verdict)
         event = self._event(session_id, reply)
         if event.kind.is_final:
             self._forget(job_id)
-        return NoticeOutcome(verdict, event, traceparent=as_str(reply[4]))
+        return jobs.NoticeOutcome(verdict, event, traceparent=as_str(reply[4]))
 
     async def finish_job(
-        self, tenant_id: str, job_id: str, draft: EventDraft, limits: JobLimits
-    ) -> tuple[FinishOutcome, SessionEvent | None]:
+        self, tenant_id: str, job_id: str, draft: jobs.EventDraft, limits: jobs.JobLimits
+    ) -> tuple[jobs.FinishOutcome, jobs.SessionEvent | None]:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
-            return FinishOutcome.UNKNOWN_JOB, None
+            return jobs.FinishOutcome.UNKNOWN_JOB, None
         session_id = located[1]
 
         def build(pipe: ScriptPipeline) -> None:
@@ -753,10 +746,10 @@ class RedisJobStore(RedisStore):
 
         with redis_errors_as_unavailable():
             reply = (await self._scripts.in_one_round_trip(build))[0]
-        outcome = FinishOutcome(as_str(reply[0]))
-        if outcome is not FinishOutcome.UNKNOWN_JOB:
+        outcome = jobs.FinishOutcome(as_str(reply[0]))
+        if outcome is not jobs.FinishOutcome.UNKNOWN_JOB:
             self._forget(job_id)
-        if outcome is not FinishOutcome.DONE:
+        if outcome is not jobs.FinishOutcome.DONE:
             return outcome, None
         return outcome, self._event(session_id, reply)
 
@@ -768,7 +761,7 @@ class RedisJobStore(RedisStore):
         steps: Sequence[ServiceCall],
         *,
         outputs: Mapping[str, Any] | None = None,
-    ) -> list[SessionEvent] | None:
+    ) -> list[jobs.SessionEvent] | None:
         located = await self._locate(job_id)
         if located is None or located[0] != tenant_id:
             return None
@@ -794,14 +787,13 @@ class RedisJobStore(RedisStore):
             for i in range(2, len(reply), 2)
         ]
 
-    async def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+    async def get_job(self, tenant_id: str, job_id: str) -> jobs.Job | None:
         with redis_errors_as_unavailable():
             fields = await self._redis.hgetall(self._keys.job(tenant_id, job_id))
         if not fields:
             return None
-        f = {as_str(k): as_str(v) for k, v in fields.items()}
         try:
-            return _job_from_fields(tenant_id, job_id, f)
+            return _job_from_hash(tenant_id, job_id, fields)
         except (KeyError, ValueError, TypeError) as exc:
             log.warning(
                 "job %s of tenant %s: stored record cannot be read (%r)", job_id, tenant_id, exc
@@ -840,7 +832,7 @@ class RedisJobStore(RedisStore):
             found = [entry for entry in found if entry[0] >= created_from_ms]
         return found[:limit]
 
-    async def get_jobs(self, tenant_id: str, job_ids: Sequence[str]) -> list[Job | None]:
+    async def get_jobs(self, tenant_id: str, job_ids: Sequence[str]) -> list[jobs.Job | None]:
         if not job_ids:
             return []
         with redis_errors_as_unavailable():
@@ -848,14 +840,13 @@ class RedisJobStore(RedisStore):
             for job_id in job_ids:
                 pipe.hgetall(self._keys.job(tenant_id, job_id))
             replies = await pipe.execute()
-        found: list[Job | None] = []
+        found: list[jobs.Job | None] = []
         for job_id, fields in zip(job_ids, replies, strict=True):
             if not fields:
                 found.append(None)
                 continue
-            f = {as_str(k): as_str(v) for k, v in fields.items()}
             try:
-                found.append(_job_from_fields(tenant_id, job_id, f))
+                found.append(_job_from_hash(tenant_id, job_id, fields))
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning(
                     "job %s of tenant %s: unreadable record skipped (%r)", job_id, tenant_id, exc
@@ -877,22 +868,20 @@ class RedisJobStore(RedisStore):
             replies = await pipe.execute()
         return {as_str(member) for members in replies for member in members}
 
-    async def count_unfinished_of(self, tenant_id: str) -> dict[JobState, int]:
-        keys = self._keys
+    async def count_unfinished_of(self, tenant_id: str) -> dict[jobs.JobState, int]:
         with redis_errors_as_unavailable():
             now_ms = time_ms(await self._redis.time())
             pipe = self._redis.pipeline(transaction=False)
-            for state in UNFINISHED_STATES:
-                pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
+            self._count_unfinished_in(pipe, tenant_id, now_ms)
             replies = await pipe.execute()
-        return {state: int(n) for state, n in zip(UNFINISHED_STATES, replies, strict=True)}
+        return {state: int(n) for state, n in zip(jobs.UNFINISHED_STATES, replies, strict=True)}
 
-    async def count_unfinished(self) -> dict[JobState, int]:
+    async def count_unfinished(self) -> dict[jobs.JobState, int]:
         """The tenants with jobs (every shard's) with TIME, then the ZCOUNTs of each tenant in
         one pipeline: members scored before now are jobs whose hash expired unfinished, not
         counted. Tenants found with nothing unfinished are unlisted, one tenant at a time."""
         keys = self._keys
-        counts = dict.fromkeys(UNFINISHED_STATES, 0)
+        counts = dict.fromkeys(jobs.UNFINISHED_STATES, 0)
         with redis_errors_as_unavailable():
             read = self._redis.pipeline(transaction=False)
             for shard in range(INDEX_SHARDS):
@@ -910,10 +899,9 @@ class RedisJobStore(RedisStore):
             now_ms = time_ms(now)
             pipe = self._redis.pipeline(transaction=False)
             for tenant_id in tenants:
-                for state in UNFINISHED_STATES:
-                    pipe.zcount(keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
+                self._count_unfinished_in(pipe, tenant_id, now_ms)
             replies = [int(n) for n in await pipe.execute()]
-            per_tenant = len(UNFINISHED_STATES)
+            per_tenant = len(jobs.UNFINISHED_STATES)
             idle = [
                 tenant_id
                 for i, tenant_id in enumerate(tenants)
@@ -922,8 +910,15 @@ class RedisJobStore(RedisStore):
             if idle:
                 await self._unlist(idle, listed)
         for i, n in enumerate(replies):
-            counts[UNFINISHED_STATES[i % per_tenant]] += n
+            counts[jobs.UNFINISHED_STATES[i % per_tenant]] += n
         return counts
+
+    def _count_unfinished_in(self, pipe: Any, tenant_id: str, now_ms: int) -> None:
+        """A ZCOUNT in ``pipe`` of the tenant's set of each unfinished state, in the order of
+        UNFINISHED_STATES: members scored before ``now_ms`` are jobs whose hash expired
+        unfinished, not counted."""
+        for state in jobs.UNFINISHED_STATES:
+            pipe.zcount(self._keys.jobs_in_state(tenant_id, state.value), now_ms, "+inf")
 
     async def _unlist(self, idle: Sequence[str], listed: Mapping[str, str]) -> None:
         """Drop idle tenants from their shards, one slot per script: the tenant's own script
@@ -940,7 +935,7 @@ class RedisJobStore(RedisStore):
                         keys.tenant_listing(tenant_id),
                         *(
                             keys.jobs_in_state(tenant_id, state.value)
-                            for state in UNFINISHED_STATES
+                            for state in jobs.UNFINISHED_STATES
                         ),
                     ],
                     args=[listed[tenant_id]],
@@ -961,9 +956,9 @@ class RedisJobStore(RedisStore):
 
         await self._scripts.in_one_round_trip(drop)
 
-    async def reap_expired(self, limits: JobLimits, *, limit: int) -> list[SessionEvent]:
+    async def reap_expired(self, limits: jobs.JobLimits, *, limit: int) -> list[jobs.SessionEvent]:
         shards = self._keys.hint_keys("job-deadlines")
-        events: list[SessionEvent] = []
+        events: list[jobs.SessionEvent] = []
         with redis_errors_as_unavailable():
             for deadlines, member in await due_members(self._redis, shards, limit=limit):
                 tenant_id, session_id, job_id = member.split(" ", 2)
@@ -987,7 +982,7 @@ class RedisJobStore(RedisStore):
         return events
 
 
-def _cap_args(tenant_id: str, limits: JobLimits) -> list[int]:
+def _cap_args(tenant_id: str, limits: jobs.JobLimits) -> list[int]:
     """The ARGV of the start and activate scripts' limit check (prelude/jobs.lua over_limit)."""
     caps = limits.caps
     return [
@@ -1004,18 +999,20 @@ def _limit_reached(reply: list[Any]) -> LimitReached:
     )
 
 
-def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
-    """A job hash as a Job; raises KeyError, ValueError or TypeError when it does not parse."""
+def _job_from_hash(tenant_id: str, job_id: str, fields: Mapping[Any, Any]) -> jobs.Job:
+    """A job hash as HGETALL returns it, as a Job; raises KeyError, ValueError or TypeError
+    when it does not parse."""
+    f = {as_str(k): as_str(v) for k, v in fields.items()}
     request_id = json.loads(f["request"])
     if not isinstance(request_id, str):
         raise TypeError("request id is not text")
-    return Job(
+    return jobs.Job(
         job_id=job_id,
         tenant_id=tenant_id,
         session_id=f["session"],
         service=Service(f["service"]),
         kind=WorkKind(f["kind"]),
-        state=JobState(f["state"]),
+        state=jobs.JobState(f["state"]),
         request_id=request_id,
         created_at_ms=int(f["created"]),
         updated_at_ms=int(f["updated"]),
@@ -1037,12 +1034,12 @@ def _job_from_fields(tenant_id: str, job_id: str, f: dict[str, str]) -> Job:
     )
 
 
-def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffClaim:
+def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> jobs.HandoffClaim:
     """A claim as the scripts return it (claim_reply in registry/lua/prelude/jobs.lua)."""
     status = as_str(reply[0])
     spec = json.loads(as_str(reply[3]))
     plan, agent, outputs, result = (as_str(reply[i]) for i in range(13, 17))
-    job = NewJob(
+    job = jobs.NewJob(
         job_id=job_id,
         session_id=as_str(reply[4]),
         agent_id=as_str(reply[8]),
@@ -1061,7 +1058,7 @@ def _claim_from_reply(tenant_id: str, job_id: str, reply: list[Any]) -> HandoffC
     )
     accepted = as_str(reply[11])
     finalize = status in ("finishing", "finalize", "finalize_exhausted")
-    return HandoffClaim(
+    return jobs.HandoffClaim(
         tenant_id,
         job,
         int(reply[2]),
