@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from domain.chat import ChatOrchestrator
+from domain.chat import ChatMessage, ChatOrchestrator, new_job
 from domain.dispatch import CallContext
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import (
@@ -431,22 +431,17 @@ class InternalCalls:
         model: str,
         collections: Sequence[str] = (),
     ) -> NewJob:
-        cache = self._cache
-        cacheable = cache is not None and cache.enabled and kind is WorkKind.EMBEDDING
-        return NewJob(
-            job_id=job_id,
-            session_id=session_id,
-            agent_id=parent.agent_id,
-            service=Service.for_kind(kind),
-            kind=kind,
-            content=content,
-            request_id=ctx.request_id,
-            model=model,
-            cache_key=cache.key_for(model, content) if cache is not None and cacheable else "",
-            collections=tuple(collections),
+        message = ChatMessage(session_id, content, kind, model, collections)
+        return new_job(
+            self._cache,
+            job_id,
+            session_id,
+            parent.agent_id,
+            message,
+            ctx.request_id,
             keep_final=True,
+            traceparent=ctx.traceparent,  # the call's span (its notices nest under it)
             parent_job_id=parent.job_id,
-            traceparent=ctx.traceparent or "",  # the call's span (its notices nest under it)
         )
 
     async def _run(
