@@ -420,22 +420,12 @@ class InternalCalls:
                 self._sessions_seen.popitem(last=False)
         return session_id
 
-    def _child(
-        self,
-        ctx: CallContext,
-        parent: Job,
-        session_id: str,
-        job_id: str,
-        kind: WorkKind,
-        content: str,
-        model: str,
-        collections: Sequence[str] = (),
-    ) -> NewJob:
-        message = ChatMessage(session_id, content, kind, model, collections)
+    def _child(self, ctx: CallContext, parent: Job, job_id: str, message: ChatMessage) -> NewJob:
+        """The child job that runs ``message`` (on the parent's calls session) for the call."""
         return new_job(
             self._cache,
             job_id,
-            session_id,
+            message.session_id,
             parent.agent_id,
             message,
             ctx.request_id,
@@ -496,12 +486,12 @@ class InternalCalls:
         parent = await self._parent(caller, call.tenant_id, call.job_id)
         kind = WorkKind.RAG_QUERY if call.collections else WorkKind.LLM_QUERY
         job_id = child_job_id(parent.job_id, call.call_id)
-        session_id = calls_session_id(parent.job_id)
+        message = ChatMessage(
+            calls_session_id(parent.job_id), call.prompt, kind, call.model, call.collections
+        )
         with self._span(parent, ctx, "Complete", call.call_id) as traceparent:
             ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, traceparent or None)
-            child = self._child(
-                ctx, parent, session_id, job_id, kind, call.prompt, call.model, call.collections
-            )
+            child = self._child(ctx, parent, job_id, message)
             async for event, replayed in self._run(ctx, parent, child):
                 if event.kind is EventKind.DELTA:
                     text = event.data.get("text")
@@ -537,9 +527,8 @@ class InternalCalls:
         async def one(index: int, text: str) -> tuple[list[float], TokenUsage, bool, bool]:
             """(vector, usage, from the cache, replayed)"""
             job_id = child_job_id(parent.job_id, call.call_id, index)
-            child = self._child(
-                ctx, parent, session_id, job_id, WorkKind.EMBEDDING, text, call.model
-            )
+            message = ChatMessage(session_id, text, WorkKind.EMBEDDING, call.model)
+            child = self._child(ctx, parent, job_id, message)
             if child.cache_key and cache is not None:
                 known = await self._jobs.get_job(parent.tenant_id, job_id)
                 cached = (
