@@ -141,6 +141,47 @@ def validate_message(message: ChatMessage) -> None:
         raise InvalidArgument(violations)
 
 
+def new_job(
+    cache: EmbeddingResultCache | None,
+    job_id: str,
+    session_id: str,
+    agent_id: str,
+    message: ChatMessage,
+    request_id: str,
+    *,
+    priority: QueuePriority = QueuePriority.NORMAL,
+    keep_final: bool = False,
+    plan: OrchestrationPlan | None = None,
+    agent: AgentConfig | None = None,
+    traceparent: str | None = None,
+    parent_job_id: str = "",
+) -> NewJob:
+    """The job a message asks for on its (open) session, in the trace of ``traceparent`` (the
+    accepting call's); an embedding's result is cached under its key when ``cache`` is on. An
+    internal call's child job (domain.internal_calls) is made the same way, for its
+    ``parent_job_id``."""
+    cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
+    return NewJob(
+        job_id=job_id,
+        session_id=session_id,
+        agent_id=agent_id,
+        service=plan.run_service if plan is not None else Service.for_kind(message.kind),
+        kind=message.kind,
+        content=message.content,
+        request_id=request_id,
+        model=message.model,
+        # Where a completed result goes (a cache hit completes the job and fills nothing).
+        cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
+        collections=tuple(message.collections),
+        keep_final=keep_final,
+        priority=priority,
+        plan=plan,
+        agent=agent,
+        traceparent=traceparent or "",
+        parent_job_id=parent_job_id,
+    )
+
+
 class ChatOrchestrator:
     """Sends messages, follows sessions and cancels jobs, for one tenant per call."""
 
@@ -210,7 +251,8 @@ class ChatOrchestrator:
                 await self._budget.check(tenant_id)
             agent_id = session.agent_id
             plan, agent = await self._plan(ctx, agent_id, message)
-        job = self._new_job(
+        job = new_job(
+            self._cache,
             new_id(),
             session_id,
             agent_id,
@@ -274,43 +316,6 @@ class ChatOrchestrator:
         if self._plans is None or agent_id == BATCH_AGENT_ID or message.kind is WorkKind.EMBEDDING:
             return None, None
         return await self._plans.plan(message.kind, agent_id, ctx)
-
-    def _new_job(
-        self,
-        job_id: str,
-        session_id: str,
-        agent_id: str,
-        message: ChatMessage,
-        request_id: str,
-        *,
-        priority: QueuePriority = QueuePriority.NORMAL,
-        keep_final: bool = False,
-        plan: OrchestrationPlan | None = None,
-        agent: AgentConfig | None = None,
-        traceparent: str | None = None,
-    ) -> NewJob:
-        """The job a message asks for on its (open) session, in the trace of ``traceparent``
-        (the accepting call's)."""
-        cache = self._cache
-        cacheable = cache is not None and cache.enabled and message.kind is WorkKind.EMBEDDING
-        return NewJob(
-            job_id=job_id,
-            session_id=session_id,
-            agent_id=agent_id,
-            service=plan.run_service if plan is not None else Service.for_kind(message.kind),
-            kind=message.kind,
-            content=message.content,
-            request_id=request_id,
-            model=message.model,
-            # Where a completed result goes (a cache hit completes the job and fills nothing).
-            cache_key=cache.key_for(message.model, message.content) if cache and cacheable else "",
-            collections=tuple(message.collections),
-            keep_final=keep_final,
-            priority=priority,
-            plan=plan,
-            agent=agent,
-            traceparent=traceparent or "",
-        )
 
     def _follower(self, feed: Feed, tenant_id: str, session_id: str) -> SessionFollower:
         return SessionFollower(
@@ -513,8 +518,8 @@ class ChatOrchestrator:
         ctx: CallContext,
         job: NewJob,
         attempt: int,
-        outputs: Mapping[str, Any] | None = None,
-        deadline_ms: int = 0,
+        outputs: Mapping[str, Any] | None,
+        deadline_ms: int,
     ) -> None:
         """Launch the job holding its hand-off lease, then mark the hand-off done. A hand-off
         that cannot finish (the registry unreachable, an unexpected error, this process
@@ -702,11 +707,7 @@ class ChatOrchestrator:
             )
 
     async def _launch(
-        self,
-        ctx: CallContext,
-        job: NewJob,
-        outputs: Mapping[str, Any] | None = None,
-        deadline_ms: int = 0,
+        self, ctx: CallContext, job: NewJob, outputs: Mapping[str, Any] | None, deadline_ms: int
     ) -> None:
         """Complete a started job from the embedding cache, or run its plan up to the
         hand-over of its work, or hand it to its service."""
@@ -780,7 +781,8 @@ class ChatOrchestrator:
                 if self._budget is not None:
                     await self._budget.check(tenant_id)
                 plan, agent = await self._plan(ctx, agent_id, message)
-                new = self._new_job(
+                new = new_job(
+                    self._cache,
                     job_id,
                     session_id,
                     agent_id,

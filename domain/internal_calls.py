@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from domain.chat import ChatOrchestrator
+from domain.chat import ChatMessage, ChatOrchestrator, new_job
 from domain.dispatch import CallContext
 from domain.embedding_cache import EmbeddingResultCache
 from domain.errors import (
@@ -420,33 +420,18 @@ class InternalCalls:
                 self._sessions_seen.popitem(last=False)
         return session_id
 
-    def _child(
-        self,
-        ctx: CallContext,
-        parent: Job,
-        session_id: str,
-        job_id: str,
-        kind: WorkKind,
-        content: str,
-        model: str,
-        collections: Sequence[str] = (),
-    ) -> NewJob:
-        cache = self._cache
-        cacheable = cache is not None and cache.enabled and kind is WorkKind.EMBEDDING
-        return NewJob(
-            job_id=job_id,
-            session_id=session_id,
-            agent_id=parent.agent_id,
-            service=Service.for_kind(kind),
-            kind=kind,
-            content=content,
-            request_id=ctx.request_id,
-            model=model,
-            cache_key=cache.key_for(model, content) if cache is not None and cacheable else "",
-            collections=tuple(collections),
+    def _child(self, ctx: CallContext, parent: Job, job_id: str, message: ChatMessage) -> NewJob:
+        """The child job that runs ``message`` (on the parent's calls session) for the call."""
+        return new_job(
+            self._cache,
+            job_id,
+            message.session_id,
+            parent.agent_id,
+            message,
+            ctx.request_id,
             keep_final=True,
+            traceparent=ctx.traceparent,  # the call's span (its notices nest under it)
             parent_job_id=parent.job_id,
-            traceparent=ctx.traceparent or "",  # the call's span (its notices nest under it)
         )
 
     async def _run(
@@ -501,12 +486,12 @@ class InternalCalls:
         parent = await self._parent(caller, call.tenant_id, call.job_id)
         kind = WorkKind.RAG_QUERY if call.collections else WorkKind.LLM_QUERY
         job_id = child_job_id(parent.job_id, call.call_id)
-        session_id = calls_session_id(parent.job_id)
+        message = ChatMessage(
+            calls_session_id(parent.job_id), call.prompt, kind, call.model, call.collections
+        )
         with self._span(parent, ctx, "Complete", call.call_id) as traceparent:
             ctx = CallContext(parent.tenant_id, ctx.request_id, ctx.timeout_s, traceparent or None)
-            child = self._child(
-                ctx, parent, session_id, job_id, kind, call.prompt, call.model, call.collections
-            )
+            child = self._child(ctx, parent, job_id, message)
             async for event, replayed in self._run(ctx, parent, child):
                 if event.kind is EventKind.DELTA:
                     text = event.data.get("text")
@@ -542,9 +527,8 @@ class InternalCalls:
         async def one(index: int, text: str) -> tuple[list[float], TokenUsage, bool, bool]:
             """(vector, usage, from the cache, replayed)"""
             job_id = child_job_id(parent.job_id, call.call_id, index)
-            child = self._child(
-                ctx, parent, session_id, job_id, WorkKind.EMBEDDING, text, call.model
-            )
+            message = ChatMessage(session_id, text, WorkKind.EMBEDDING, call.model)
+            child = self._child(ctx, parent, job_id, message)
             if child.cache_key and cache is not None:
                 known = await self._jobs.get_job(parent.tenant_id, job_id)
                 cached = (
