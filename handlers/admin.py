@@ -4,9 +4,6 @@ operators (admin role)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import grpc
 
 from domain.admin import AdminQueries, TenantUsage
 from domain.agent_directory import CachedAgentDirectory
@@ -16,6 +13,7 @@ from domain.internal_calls import internal_steps
 from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
 from handlers.audit import audited
+from handlers.call_context import Ctx
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
 from handlers.errors import unary_errors
 from handlers.event_converters import (
@@ -25,8 +23,6 @@ from handlers.event_converters import (
     service_from_pb,
 )
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _ROLE_TO_PB = enum_to_pb(Role, admin_pb2.ApiKeyRole, "API_KEY_ROLE_")
 _ROLE_FROM_PB = {value: role.value for role, value in _ROLE_TO_PB.items()}

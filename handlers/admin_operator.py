@@ -4,9 +4,6 @@ and usage RPCs of handlers.admin. Every method is audited (handlers.audit)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
 from google.protobuf import timestamp_pb2
 
 from domain.admin import AdminQueries
@@ -19,13 +16,12 @@ from domain.ports.queue import QueuePriority
 from handlers.admin import AdminServicer, task_state_to_pb, task_to_pb
 from handlers.audit import audited
 from handlers.batch_converters import batch_to_pb
+from handlers.call_context import Ctx
 from handlers.converters import enum_to_pb, session_to_pb, timestamp_from_ms
 from handlers.errors import unary_errors
 from handlers.event_converters import event_to_pb, service_from_pb
 from orchestrator.admin.v1 import admin_pb2
 from orchestrator.v1 import common_pb2
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _PRIORITY_TO_PB = enum_to_pb(QueuePriority, common_pb2.Priority, "PRIORITY_")
 # An operator's RUNNING covers FINISHING (the plan's last calls run), as Task.state shows it.

@@ -21,10 +21,11 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
+from handlers.call_context import Ctx
 from handlers.request_context import peek_caller
 
 AUDIT_LOGGER = "orchestrator.audit"
@@ -33,7 +34,6 @@ log = logging.getLogger(AUDIT_LOGGER)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
-Ctx = grpc.aio.ServicerContext[Any, Any]
 # Longest value of a target field written to the line (ids are far shorter; a bad one is cut).
 _MAX_TARGET_VALUE = 128
 
