@@ -154,11 +154,11 @@ async def abort_internal(context: Ctx, exc: Exception) -> None:
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
+UnaryMethod = Callable[[Self, Req, Ctx], Awaitable[Resp]]
+"""A unary servicer method (``UnaryMethod[Servicer, Request, Response]``)."""
 
 
-def unary_errors(
-    method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
-) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
+def unary_errors(method: UnaryMethod[Self, Req, Resp]) -> UnaryMethod[Self, Req, Resp]:
     """Decorate a unary servicer method so domain errors end the call with their status."""
 
     @functools.wraps(method)
