@@ -4,9 +4,6 @@ operators (admin role)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import grpc
 
 from domain.admin import AdminQueries, TenantUsage
 from domain.agent_directory import CachedAgentDirectory
@@ -15,9 +12,9 @@ from domain.identity import Role
 from domain.internal_calls import internal_steps
 from domain.jobs import Job, JobState, plan_of
 from domain.ports.api_keys import ApiKey
-from handlers.audit import audited
+from handlers.audit import admin_rpc
+from handlers.call_context import Ctx
 from handlers.converters import enum_to_pb, timestamp_from_ms, usage_to_pb
-from handlers.errors import unary_errors
 from handlers.event_converters import (
     KIND_TO_PB,
     SERVICE_TO_PB,
@@ -25,8 +22,6 @@ from handlers.event_converters import (
     service_from_pb,
 )
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _ROLE_TO_PB = enum_to_pb(Role, admin_pb2.ApiKeyRole, "API_KEY_ROLE_")
 _ROLE_FROM_PB = {value: role.value for role, value in _ROLE_TO_PB.items()}
@@ -127,8 +122,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._queries = queries
         self._agents = agents
 
-    @audited("tenant_id")
-    @unary_errors
+    @admin_rpc("tenant_id")
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Ctx
     ) -> admin_pb2.CreateApiKeyResponse:
@@ -143,8 +137,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             key=api_key_to_pb(issued.record),
         )
 
-    @audited("tenant_id")
-    @unary_errors
+    @admin_rpc("tenant_id")
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Ctx
     ) -> admin_pb2.ListApiKeysResponse:
@@ -154,16 +147,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             next_page_token=page.next_cursor or "",
         )
 
-    @audited("key_id")
-    @unary_errors
+    @admin_rpc("key_id")
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: Ctx
     ) -> admin_pb2.RevokeApiKeyResponse:
         revoked = await self._keys.revoke(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_to_pb(revoked))
 
-    @audited("tenant_id", "job_id")
-    @unary_errors
+    @admin_rpc("tenant_id", "job_id")
     async def GetTask(
         self, request: admin_pb2.GetTaskRequest, context: Ctx
     ) -> admin_pb2.GetTaskResponse:
@@ -182,8 +173,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             task.plan.extend(merged)
         return admin_pb2.GetTaskResponse(task=task)
 
-    @audited("tenant_id", "start_date", "end_date")
-    @unary_errors
+    @admin_rpc("tenant_id", "start_date", "end_date")
     async def GetTenantUsage(
         self, request: admin_pb2.GetTenantUsageRequest, context: Ctx
     ) -> admin_pb2.GetTenantUsageResponse:
@@ -192,8 +182,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         return tenant_usage_to_pb(usage)
 
-    @audited("tenant_id", "agent_id")
-    @unary_errors
+    @admin_rpc("tenant_id", "agent_id")
     async def InvalidateAgent(
         self, request: admin_pb2.InvalidateAgentRequest, context: Ctx
     ) -> admin_pb2.InvalidateAgentResponse:

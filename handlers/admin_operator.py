@@ -1,12 +1,9 @@
 """The operator RPCs of orchestrator.admin.v1.AdminService (ListTasks, GetStats, dead letters,
 sessions, batches, RevokeTenantKeys): protobuf <-> domain.operator, on top of the key, task
-and usage RPCs of handlers.admin. Every method is audited (handlers.audit)."""
+and usage RPCs of handlers.admin. Every method is an audited admin RPC (handlers.audit)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
 from google.protobuf import timestamp_pb2
 
 from domain.admin import AdminQueries
@@ -17,15 +14,13 @@ from domain.jobs import JobState
 from domain.operator import OperatorQueries, QueuedDeadLetter, TaskFilter
 from domain.ports.queue import QueuePriority
 from handlers.admin import AdminServicer, task_state_to_pb, task_to_pb
-from handlers.audit import audited
+from handlers.audit import admin_rpc
 from handlers.batch_converters import batch_to_pb
+from handlers.call_context import Ctx
 from handlers.converters import enum_to_pb, session_to_pb, timestamp_from_ms
-from handlers.errors import unary_errors
 from handlers.event_converters import event_to_pb, service_from_pb
 from orchestrator.admin.v1 import admin_pb2
 from orchestrator.v1 import common_pb2
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _PRIORITY_TO_PB = enum_to_pb(QueuePriority, common_pb2.Priority, "PRIORITY_")
 # An operator's RUNNING covers FINISHING (the plan's last calls run), as Task.state shows it.
@@ -99,8 +94,7 @@ class OperatorAdminServicer(AdminServicer):
         super().__init__(keys, queries, agents)
         self._operator = operator
 
-    @audited("tenant_id", "agent_id", "session_id")
-    @unary_errors
+    @admin_rpc("tenant_id", "agent_id", "session_id")
     async def ListTasks(
         self, request: admin_pb2.ListTasksRequest, context: Ctx
     ) -> admin_pb2.ListTasksResponse:
@@ -111,8 +105,7 @@ class OperatorAdminServicer(AdminServicer):
             tasks=[task_to_pb(job) for job in page.items], next_page_token=page.next_cursor or ""
         )
 
-    @audited("tenant_id")
-    @unary_errors
+    @admin_rpc("tenant_id")
     async def GetStats(
         self, request: admin_pb2.GetStatsRequest, context: Ctx
     ) -> admin_pb2.GetStatsResponse:
@@ -142,8 +135,7 @@ class OperatorAdminServicer(AdminServicer):
             tokens_today=stats.tokens_today,
         )
 
-    @audited("queue", "tenant_id")
-    @unary_errors
+    @admin_rpc("queue", "tenant_id")
     async def ListDeadLetters(
         self, request: admin_pb2.ListDeadLettersRequest, context: Ctx
     ) -> admin_pb2.ListDeadLettersResponse:
@@ -155,16 +147,14 @@ class OperatorAdminServicer(AdminServicer):
             next_page_token=page.next_cursor or "",
         )
 
-    @audited("queue", "item_id")
-    @unary_errors
+    @admin_rpc("queue", "item_id")
     async def GetDeadLetter(
         self, request: admin_pb2.GetDeadLetterRequest, context: Ctx
     ) -> admin_pb2.GetDeadLetterResponse:
         found = await self._operator.get_dead_letter(request.queue, request.item_id)
         return admin_pb2.GetDeadLetterResponse(dead_letter=dead_letter_to_pb(found, payload=True))
 
-    @audited("queue", "item_id")
-    @unary_errors
+    @admin_rpc("queue", "item_id")
     async def RedriveDeadLetter(
         self, request: admin_pb2.RedriveDeadLetterRequest, context: Ctx
     ) -> admin_pb2.RedriveDeadLetterResponse:
@@ -173,16 +163,14 @@ class OperatorAdminServicer(AdminServicer):
             dead_letter=dead_letter_to_pb(found, payload=False)
         )
 
-    @audited("tenant_id", "session_id")
-    @unary_errors
+    @admin_rpc("tenant_id", "session_id")
     async def GetSession(
         self, request: admin_pb2.GetSessionRequest, context: Ctx
     ) -> admin_pb2.GetSessionResponse:
         session = await self._operator.get_session(request.tenant_id, request.session_id)
         return admin_pb2.GetSessionResponse(session=session_to_pb(session))
 
-    @audited("tenant_id", "session_id")
-    @unary_errors
+    @admin_rpc("tenant_id", "session_id")
     async def ListSessionEvents(
         self, request: admin_pb2.ListSessionEventsRequest, context: Ctx
     ) -> admin_pb2.ListSessionEventsResponse:
@@ -195,16 +183,14 @@ class OperatorAdminServicer(AdminServicer):
             last_sequence=page.last_sequence,
         )
 
-    @audited("tenant_id", "batch_id")
-    @unary_errors
+    @admin_rpc("tenant_id", "batch_id")
     async def GetBatch(
         self, request: admin_pb2.GetBatchRequest, context: Ctx
     ) -> admin_pb2.GetBatchResponse:
         batch = await self._operator.get_batch(request.tenant_id, request.batch_id)
         return admin_pb2.GetBatchResponse(batch=batch_to_pb(batch))
 
-    @audited("tenant_id")
-    @unary_errors
+    @admin_rpc("tenant_id")
     async def RevokeTenantKeys(
         self, request: admin_pb2.RevokeTenantKeysRequest, context: Ctx
     ) -> admin_pb2.RevokeTenantKeysResponse:

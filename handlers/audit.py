@@ -19,21 +19,18 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 import grpc
 
+from handlers.call_context import Ctx
+from handlers.errors import Req, Resp, Self, UnaryMethod, unary_errors
 from handlers.request_context import peek_caller
 
 AUDIT_LOGGER = "orchestrator.audit"
 log = logging.getLogger(AUDIT_LOGGER)
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Self = TypeVar("Self")
-Ctx = grpc.aio.ServicerContext[Any, Any]
 # Longest value of a target field written to the line (ids are far shorter; a bad one is cut).
 _MAX_TARGET_VALUE = 128
 
@@ -57,25 +54,23 @@ def _targets(request: object, fields: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
-def audited(
+def admin_rpc(
     *target_fields: str,
-) -> Callable[
-    [Callable[[Self, Req, Ctx], Awaitable[Resp]]], Callable[[Self, Req, Ctx], Awaitable[Resp]]
-]:
-    """Decorate an admin RPC (outside handlers.errors.unary_errors) so every call logs one
-    audit line naming the request's ``target_fields``."""
+) -> Callable[[UnaryMethod[Self, Req, Resp]], UnaryMethod[Self, Req, Resp]]:
+    """Decorate an admin RPC: domain errors end the call with their status
+    (handlers.errors.unary_errors), and every call logs one audit line naming the request's
+    ``target_fields`` and, written outside the error mapping, the status the call ended with."""
 
-    def decorate(
-        method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
-    ) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
+    def decorate(method: UnaryMethod[Self, Req, Resp]) -> UnaryMethod[Self, Req, Resp]:
         name = method.__name__
+        mapped = unary_errors(method)
 
         @functools.wraps(method)
         async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
             started = datetime.now(UTC)
             outcome = "UNKNOWN"
             try:
-                response = await method(self, request, context)
+                response = await mapped(self, request, context)
                 outcome = "OK"
                 return response
             except BaseException:

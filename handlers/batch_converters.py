@@ -15,7 +15,7 @@ from handlers.converters import (
     timestamp_from_ms,
     usage_to_pb,
 )
-from handlers.event_converters import result_from_data, usage_from_data
+from handlers.event_converters import error_from_data, result_from_data, usage_from_data
 from orchestrator.v1 import batch_pb2, common_pb2
 
 _BATCH_STATE_TO_PB = enum_to_pb(BatchState, batch_pb2.BatchState, "BATCH_STATE_")
@@ -93,11 +93,5 @@ def result_to_pb(result: ItemResult) -> batch_pb2.BatchItemResult:
         message.usage.CopyFrom(usage_to_pb(usage_from_data(data.get("usage"))))
     error = data.get("error")
     if error:
-        message.error.CopyFrom(
-            common_pb2.JobError(
-                code=str(error.get("code", "")),
-                message=str(error.get("message", "")),
-                retryable=bool(error.get("retryable", False)),
-            )
-        )
+        message.error.CopyFrom(error_from_data(error, missing_code=""))
     return message

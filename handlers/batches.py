@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
 
 from domain.batches import BatchManager
 from handlers.batch_converters import (
@@ -14,12 +11,10 @@ from handlers.batch_converters import (
     result_to_pb,
     submission_from_pb,
 )
-from handlers.call_context import call_context
+from handlers.call_context import Ctx, call_context
 from handlers.errors import stream_errors, unary_errors
 from handlers.request_context import current_caller
 from orchestrator.v1 import batch_pb2, batch_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class BatchServicer(batch_pb2_grpc.BatchServiceServicer):

@@ -10,8 +10,11 @@ import grpc
 from domain.dispatch import CallContext
 from handlers.request_context import authenticated_context
 
+Ctx = grpc.aio.ServicerContext[Any, Any]
+"""The servicer context every handler method receives."""
 
-def call_context(context: grpc.aio.ServicerContext[Any, Any]) -> CallContext:
+
+def call_context(context: Ctx) -> CallContext:
     scope, caller = authenticated_context()
     return CallContext(
         tenant_id=caller.tenant_id,

@@ -11,15 +11,12 @@ import grpc
 from domain.chat import ChatMessage, ChatOrchestrator
 from domain.jobs import IfBusy, SessionEvent
 from handlers.batch_converters import priority_from_pb
-from handlers.call_context import call_context
+from handlers.call_context import Ctx, call_context
 from handlers.converters import enum_from_pb
 from handlers.errors import stream_errors, unary_errors
 from handlers.event_converters import event_to_pb, sendable_event, work_kind_from_pb
 from handlers.request_context import current_caller
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
-
 
 _IF_BUSY_FROM_PB = {
     chat_pb2.BUSY_POLICY_UNSPECIFIED: IfBusy.HOLD,

@@ -29,6 +29,7 @@ from domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from handlers.call_context import Ctx
 from handlers.request_context import REQUEST_ID_HEADER, current_request_id
 from handlers.request_limits import check_request
 
@@ -134,7 +135,7 @@ def call_gone_is_cancellation() -> _CallGoneIsCancellation:
     return _CALL_GONE_IS_CANCELLATION
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
+async def abort_with(context: Ctx, error: DomainError) -> None:
     """End the call with the status for ``error`` (CancelledError when it has ended already)."""
     status = to_grpc_status(error)
     metadata = (
@@ -144,7 +145,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainE
         await context.abort(status.code, status.details, metadata)
 
 
-async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+async def abort_internal(context: Ctx, exc: Exception) -> None:
     log.exception("unhandled error in RPC handler", exc_info=exc)
     with call_gone_is_cancellation():
         await context.abort(grpc.StatusCode.INTERNAL, "internal error", _request_id_trailer())
@@ -153,12 +154,11 @@ async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: Excep
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
-Ctx = grpc.aio.ServicerContext[Any, Any]
+UnaryMethod = Callable[[Self, Req, Ctx], Awaitable[Resp]]
+"""A unary servicer method (``UnaryMethod[Servicer, Request, Response]``)."""
 
 
-def unary_errors(
-    method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
-) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
+def unary_errors(method: UnaryMethod[Self, Req, Resp]) -> UnaryMethod[Self, Req, Resp]:
     """Decorate a unary servicer method so domain errors end the call with their status."""
 
     @functools.wraps(method)

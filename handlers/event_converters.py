@@ -95,9 +95,10 @@ def error_to_data(error: common_pb2.JobError) -> dict[str, Any]:
     }
 
 
-def error_from_data(error: Mapping[str, Any]) -> common_pb2.JobError:
+def error_from_data(error: Mapping[str, Any], missing_code: str = "unknown") -> common_pb2.JobError:
+    """Error data as a JobError (``missing_code`` when the data names no code)."""
     return common_pb2.JobError(
-        code=str(error.get("code", "unknown")),
+        code=str(error.get("code", missing_code)),
         message=str(error.get("message", "")),
         retryable=bool(error.get("retryable", False)),
     )

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
-
-import grpc
 
 from domain.internal_calls import (
     Completion,
@@ -16,14 +13,12 @@ from domain.internal_calls import (
     Embeddings,
     InternalCalls,
 )
-from handlers.call_context import call_context
+from handlers.call_context import Ctx, call_context
 from handlers.converters import usage_to_pb
 from handlers.errors import stream_errors, unary_errors
 from handlers.request_context import current_caller
 from orchestrator.internal.v1 import platform_pb2, platform_pb2_grpc
 from orchestrator.v1 import common_pb2
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def completion_to_pb(completion: Completion) -> platform_pb2.CompleteResponse:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
 from domain.sessions import SessionManager
-from handlers.call_context import call_context
+from handlers.call_context import Ctx, call_context
 from handlers.converters import (
     history_page_to_pb,
     optional_duration_ms,
@@ -17,8 +13,6 @@ from handlers.converters import (
 from handlers.errors import unary_errors
 from handlers.request_context import current_caller
 from orchestrator.v1 import session_pb2, session_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
 
 from domain.jobs import NoticeOutcome, Verdict
 from domain.notice_stream import answer_in_order
 from domain.notices import NoticeInput, NoticeProcessor, VerdictTally
+from handlers.call_context import Ctx
 from handlers.errors import stream_errors, unary_errors
 from handlers.event_converters import notice_from_pb
 from handlers.framing import raw_request_frames
 from handlers.request_context import current_caller
 from orchestrator.v1 import task_update_pb2, task_update_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _REASONS = {
     Verdict.UNKNOWN_JOB: task_update_pb2.REJECT_REASON_UNKNOWN_JOB,
