@@ -39,28 +39,33 @@ def _parse_bool(raw: str) -> bool:
 MAX_LIMIT_RETRY_AFTER_S = 3600.0
 
 
-def _env(
-    name: str,
+def _setting(
     default: Any,
     help: str,
-    parse: Callable[[str], Any] | None = None,
     *,
     above: float | None = None,
     at_least: float | None = None,
     at_most: float | None = None,
+    env: str | None = None,
 ) -> Any:
-    """Declare a setting: its environment variable, default and description, and the bounds
-    Settings.validate checks (a number ``above`` or ``at_least`` some value, and ``at_most``
-    another)."""
+    """Declare a setting: its default (whose type says how the variable is parsed: a boolean
+    word, an int, a float or text), its description, and the bounds Settings.validate checks (a
+    number ``above`` or ``at_least`` some value, and ``at_most`` another). Its variable is
+    ORCH_ and the setting's name in capitals unless ``env`` names another."""
     metadata = {
-        "env": name,
+        "env": env,
         "help": help,
-        "parse": parse,
         "above": above,
         "at_least": at_least,
         "at_most": at_most,
     }
     return field(default=default, metadata=metadata)
+
+
+def _variable(setting: dataclasses.Field[Any]) -> str:
+    """The environment variable of a setting declared with _setting."""
+    env: str | None = setting.metadata["env"]
+    return env or f"ORCH_{setting.name.upper()}"
 
 
 def _out_of_bounds(name: str, value: float, bounds: Mapping[str, Any]) -> str:
@@ -82,380 +87,267 @@ def _out_of_bounds(name: str, value: float, bounds: Mapping[str, Any]) -> str:
 class Settings:
     """Service configuration. Durations are in seconds."""
 
-    listen_address: str = _env(
-        "ORCH_LISTEN_ADDRESS", "[::]:50051", "host:port the gRPC server binds"
-    )
-    redis_url: str | None = _env(
-        "REDIS_URL",
+    listen_address: str = _setting("[::]:50051", "host:port the gRPC server binds")
+    redis_url: str | None = _setting(
         None,
         "Redis URL (redis://, rediss://), or redis+cluster://host:port[,host:port...] "
         "(rediss+cluster: TLS) for a Redis Cluster; unset runs the single-process in-memory "
         "registry",
+        env="REDIS_URL",
     )
-    redis_key_prefix: str = _env("ORCH_REDIS_KEY_PREFIX", "ao", "prefix of every Redis key")
-    redis_socket_timeout: float = _env(
-        "ORCH_REDIS_SOCKET_TIMEOUT",
-        2.0,
-        "Redis command timeout (not used for blocking reads)",
-        above=0,
+    redis_key_prefix: str = _setting("ao", "prefix of every Redis key")
+    redis_socket_timeout: float = _setting(
+        2.0, "Redis command timeout (not used for blocking reads)", above=0
     )
-    redis_connect_timeout: float = _env(
-        "ORCH_REDIS_CONNECT_TIMEOUT", 1.0, "Redis connect timeout", above=0
+    redis_connect_timeout: float = _setting(1.0, "Redis connect timeout", above=0)
+    redis_max_connections: int = _setting(
+        64, "Redis connection pool size (the stores' pool and the work queues' pool each)"
     )
-    redis_max_connections: int = _env(
-        "ORCH_REDIS_MAX_CONNECTIONS",
-        64,
-        "Redis connection pool size (the stores' pool and the work queues' pool each)",
-    )
-    queue_shards: int = _env(
-        "ORCH_QUEUE_SHARDS",
+    queue_shards: int = _setting(
         0,
         "shards of each work queue, each in a cluster slot of its own, at most 256; 0: 1 on one "
         "Redis, 8 on a cluster. Every process must use the same count; raise it, never lower it "
         "(the shards dropped would keep their items)",
         at_least=0,
     )
-    session_default_ttl: float = _env(
-        "ORCH_SESSION_DEFAULT_TTL", 3600.0, "sliding session TTL when a request sets none", above=0
+    session_default_ttl: float = _setting(
+        3600.0, "sliding session TTL when a request sets none", above=0
     )
-    session_max_ttl: float = _env(
-        "ORCH_SESSION_MAX_TTL",
-        7 * 24 * 3600.0,
-        "largest session TTL a request may ask for",
-        above=0,
+    session_max_ttl: float = _setting(
+        7 * 24 * 3600.0, "largest session TTL a request may ask for", above=0
     )
-    session_retention: float = _env(
-        "ORCH_SESSION_RETENTION",
-        3600.0,
-        "how long closed and expired sessions stay readable before they vanish",
-        at_least=0,
+    session_retention: float = _setting(
+        3600.0, "how long closed and expired sessions stay readable before they vanish", at_least=0
     )
-    max_message_bytes: int = _env(
-        "ORCH_MAX_MESSAGE_BYTES",
-        4 * 1024 * 1024,
-        "largest gRPC message sent or received",
-        at_least=1024,
+    max_message_bytes: int = _setting(
+        4 * 1024 * 1024, "largest gRPC message sent or received", at_least=1024
     )
-    max_concurrent_rpcs: int = _env(
-        "ORCH_MAX_CONCURRENT_RPCS",
+    max_concurrent_rpcs: int = _setting(
         20000,
         "cap on RPCs in flight (open streams count); beyond it calls get RESOURCE_EXHAUSTED",
         at_least=1,
     )
-    keepalive_time: float = _env(
-        "ORCH_KEEPALIVE_TIME", 30.0, "HTTP/2 keepalive ping interval on idle connections", above=0
+    keepalive_time: float = _setting(
+        30.0, "HTTP/2 keepalive ping interval on idle connections", above=0
     )
-    keepalive_timeout: float = _env(
-        "ORCH_KEEPALIVE_TIMEOUT", 10.0, "time to wait for a keepalive ack before closing", above=0
+    keepalive_timeout: float = _setting(
+        10.0, "time to wait for a keepalive ack before closing", above=0
     )
-    so_reuseport: bool = _env(
-        "ORCH_SO_REUSEPORT",
-        False,
-        "let several processes bind the same port",
-        _parse_bool,
+    so_reuseport: bool = _setting(False, "let several processes bind the same port")
+    event_loop: str = _setting(
+        "uvloop", "event loop of `orchestrator serve` and `worker`: uvloop (faster) or asyncio"
     )
-    event_loop: str = _env(
-        "ORCH_EVENT_LOOP",
-        "uvloop",
-        "event loop of `orchestrator serve` and `worker`: uvloop (faster) or asyncio",
-    )
-    gc_young_threshold: int = _env(
-        "ORCH_GC_YOUNG_THRESHOLD",
+    gc_young_threshold: int = _setting(
         50_000,
         "once serving, freeze the start-up heap and run young GC collections every this many"
         " allocations (0: Python's defaults)",
         at_least=0,
     )
-    shutdown_grace: float = _env(
-        "ORCH_SHUTDOWN_GRACE",
-        10.0,
-        "time in-flight calls get to finish on SIGTERM/SIGINT",
-        at_least=0,
+    shutdown_grace: float = _setting(
+        10.0, "time in-flight calls get to finish on SIGTERM/SIGINT", at_least=0
     )
-    health_interval: float = _env(
-        "ORCH_HEALTH_INTERVAL",
-        1.0,
-        "how often the backend is probed for the health service",
-        above=0,
+    health_interval: float = _setting(
+        1.0, "how often the backend is probed for the health service", above=0
     )
-    query_service_address: str = _env(
-        "ORCH_QUERY_SERVICE_ADDRESS", "localhost:50061", "host:port of the Query Service"
+    query_service_address: str = _setting("localhost:50061", "host:port of the Query Service")
+    embedding_service_address: str = _setting(
+        "localhost:50061", "host:port of the Embedding Service"
     )
-    embedding_service_address: str = _env(
-        "ORCH_EMBEDDING_SERVICE_ADDRESS", "localhost:50061", "host:port of the Embedding Service"
-    )
-    agent_execution_address: str | None = _env(
-        "ORCH_AGENT_EXECUTION_ADDRESS",
+    agent_execution_address: str | None = _setting(
         None,
         "host:port of the Agent Execution Service; unset: ORCH_QUERY_SERVICE_ADDRESS (where the "
         "embedded reference serves every service)",
     )
-    workflow_engine_address: str | None = _env(
-        "ORCH_WORKFLOW_ENGINE_ADDRESS",
-        None,
-        "host:port of the Workflow Engine; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    workflow_engine_address: str | None = _setting(
+        None, "host:port of the Workflow Engine; unset: ORCH_QUERY_SERVICE_ADDRESS"
     )
-    conversation_address: str | None = _env(
-        "ORCH_CONVERSATION_ADDRESS",
-        None,
-        "host:port of the Conversation Service; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    conversation_address: str | None = _setting(
+        None, "host:port of the Conversation Service; unset: ORCH_QUERY_SERVICE_ADDRESS"
     )
-    agent_management_address: str | None = _env(
-        "ORCH_AGENT_MANAGEMENT_ADDRESS",
-        None,
-        "host:port of the Agent Management Service; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    agent_management_address: str | None = _setting(
+        None, "host:port of the Agent Management Service; unset: ORCH_QUERY_SERVICE_ADDRESS"
     )
-    tool_registry_address: str | None = _env(
-        "ORCH_TOOL_REGISTRY_ADDRESS",
-        None,
-        "host:port of the Tool Registry; unset: ORCH_QUERY_SERVICE_ADDRESS",
+    tool_registry_address: str | None = _setting(
+        None, "host:port of the Tool Registry; unset: ORCH_QUERY_SERVICE_ADDRESS"
     )
-    plans: bool = _env(
-        "ORCH_PLANS",
+    plans: bool = _setting(
         True,
         "run each chat message as an orchestration plan of its session's agent (Agent "
         "Management, Conversation, Tool Registry, then Query, Agent Execution or Workflow "
         "Engine); false: one call to Query or Embedding per message (a deployment without "
         "the other platform services)",
-        _parse_bool,
     )
-    downstream_timeout: float = _env(
-        "ORCH_DOWNSTREAM_TIMEOUT", 5.0, "longest wait for one downstream call attempt", above=0
+    downstream_timeout: float = _setting(
+        5.0, "longest wait for one downstream call attempt", above=0
     )
-    downstream_attempts: int = _env(
-        "ORCH_DOWNSTREAM_ATTEMPTS",
-        3,
-        "downstream call attempts (retried on UNAVAILABLE only)",
-        at_least=1,
+    downstream_attempts: int = _setting(
+        3, "downstream call attempts (retried on UNAVAILABLE only)", at_least=1
     )
-    downstream_check_interval: float = _env(
-        "ORCH_DOWNSTREAM_CHECK_INTERVAL",
+    downstream_check_interval: float = _setting(
         10.0,
         "how often each configured downstream address is checked for a connection (a "
         "warning at start and when one becomes unreachable; health entry "
         "downstream:<service>); 0 turns the check off",
         at_least=0,
     )
-    job_deadline: float = _env(
-        "ORCH_JOB_DEADLINE", 300.0, "a job times out this long after it started", above=0
-    )
-    job_heartbeat: float = _env(
-        "ORCH_JOB_HEARTBEAT",
+    job_deadline: float = _setting(300.0, "a job times out this long after it started", above=0)
+    job_heartbeat: float = _setting(
         60.0,
         "...or this long after its service last reported (progress and deltas extend it)",
         above=0,
     )
-    job_retention: float = _env(
-        "ORCH_JOB_RETENTION", 86400.0, "how long finished jobs stay readable", at_least=0
-    )
-    job_queue_timeout: float = _env(
-        "ORCH_JOB_QUEUE_TIMEOUT",
+    job_retention: float = _setting(86400.0, "how long finished jobs stay readable", at_least=0)
+    job_queue_timeout: float = _setting(
         3600.0,
         "a queued message (background, or behind a busy session) times out if its turn has not "
         "come by then",
         above=0,
     )
-    reaper_interval: float = _env(
-        "ORCH_REAPER_INTERVAL",
+    reaper_interval: float = _setting(
         1.0,
         "how often each process looks for timed-out jobs and for interrupted hand-offs",
         above=0,
     )
-    handoff_grace: float = _env(
-        "ORCH_HANDOFF_GRACE",
+    handoff_grace: float = _setting(
         5.0,
         "a started job whose hand-off to its service is not confirmed this long after it began "
         "(the lease is renewed while a submit goes on) is handed over again by any process",
         above=0,
     )
-    handoff_attempts: int = _env(
-        "ORCH_HANDOFF_ATTEMPTS",
+    handoff_attempts: int = _setting(
         3,
         "hand-offs a job gets (the first included) before it fails with handoff_failed",
         at_least=1,
     )
-    internal_max_calls: int = _env(
-        "ORCH_INTERNAL_MAX_CALLS",
+    internal_max_calls: int = _setting(
         64,
         "calls of the internal API one job may make (each Complete, and each text of an Embed "
         "not answered from the cache); beyond it RESOURCE_EXHAUSTED",
         at_least=1,
     )
-    event_log_max_events: int = _env(
-        "ORCH_EVENT_LOG_MAX_EVENTS",
-        1000,
-        "events kept per session for resuming streams",
-        at_least=1,
+    event_log_max_events: int = _setting(
+        1000, "events kept per session for resuming streams", at_least=1
     )
-    event_log_ttl: float = _env(
-        "ORCH_EVENT_LOG_TTL",
-        86400.0,
-        "a session's event log is dropped this long after its last event",
-        above=0,
+    event_log_ttl: float = _setting(
+        86400.0, "a session's event log is dropped this long after its last event", above=0
     )
-    event_heartbeat_interval: float = _env(
-        "ORCH_EVENT_HEARTBEAT_INTERVAL",
+    event_heartbeat_interval: float = _setting(
         1.0,
         "how often each live event reader (one per Redis shard node) is sent a heartbeat",
         above=0,
     )
-    event_heartbeat_timeout: float = _env(
-        "ORCH_EVENT_HEARTBEAT_TIMEOUT",
+    event_heartbeat_timeout: float = _setting(
         5.0,
         "an event reader that heard no heartbeat this long is silent: health entry events and "
         "readiness NOT_SERVING, the reader reconnected; must exceed the interval",
         above=0,
     )
-    event_pubsub_legacy: bool = _env(
-        "ORCH_EVENT_PUBSUB_LEGACY",
+    event_pubsub_legacy: bool = _setting(
         False,
         "rolling upgrade from a release with classic pub/sub: also PUBLISH and SUBSCRIBE each "
         "session's classic channel (README, Scaling out); off once no older process runs",
-        _parse_bool,
     )
-    ws_address: str = _env(
-        "ORCH_WS_ADDRESS",
+    ws_address: str = _setting(
         "0.0.0.0:8000",
         "host:port of the WebSocket bridge for JSON notices (/ws/task_updates); empty: off",
     )
-    embedded_reference: bool = _env(
-        "ORCH_EMBEDDED_REFERENCE",
-        False,
-        "also run the reference Query/Embedding services in this process (for `make run`)",
-        _parse_bool,
+    embedded_reference: bool = _setting(
+        False, "also run the reference Query/Embedding services in this process (for `make run`)"
     )
-    log_level: str = _env("ORCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = _env("ORCH_LOG_FORMAT", "text", "text or json (one object per line)")
-    demo_keys: bool = _env(
-        "ORCH_DEMO_KEYS",
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("text", "text or json (one object per line)")
+    demo_keys: bool = _setting(
         True,
         "in-memory registry only: seed the fixed demo API keys listed in the README "
         "(local use only)",
-        _parse_bool,
     )
-    api_keys_file: str | None = _env(
-        "ORCH_API_KEYS_FILE",
+    api_keys_file: str | None = _setting(
         None,
         "in-memory registry only: JSON file of API keys to accept (plaintext or SHA-256 "
         "hashed secrets)",
     )
-    bootstrap_admin_key: str | None = _env(
-        "ORCH_BOOTSTRAP_ADMIN_KEY",
+    bootstrap_admin_key: str | None = _setting(
         None,
         "an admin API key (ao_<key_id>_<secret>) stored at start unless its id exists; "
         "creates the first admin key of a Redis deployment",
     )
-    bootstrap_service_key: str | None = _env(
-        "ORCH_BOOTSTRAP_SERVICE_KEY",
+    bootstrap_service_key: str | None = _setting(
         None,
         "a service API key (ao_<key_id>_<secret>, tenant platform) stored at start unless its "
         "id exists; lets the platform services of a Redis deployment report "
         "(docker-compose.yml)",
     )
-    tls_cert_file: str | None = _env(
-        "ORCH_TLS_CERT_FILE", None, "PEM server certificate chain; set with the key to serve TLS"
+    tls_cert_file: str | None = _setting(
+        None, "PEM server certificate chain; set with the key to serve TLS"
     )
-    tls_key_file: str | None = _env("ORCH_TLS_KEY_FILE", None, "PEM private key of the certificate")
-    tls_client_ca_file: str | None = _env(
-        "ORCH_TLS_CLIENT_CA_FILE",
-        None,
-        "PEM CA bundle; when set, every client must present a certificate it signed (mTLS)",
+    tls_key_file: str | None = _setting(None, "PEM private key of the certificate")
+    tls_client_ca_file: str | None = _setting(
+        None, "PEM CA bundle; when set, every client must present a certificate it signed (mTLS)"
     )
-    healthcheck_ca_file: str | None = _env(
-        "ORCH_HEALTHCHECK_CA_FILE",
+    healthcheck_ca_file: str | None = _setting(
         None,
         "`orchestrator health` without --address, when the server serves TLS: PEM CA that "
         "signed its certificate; unset: ORCH_TLS_CERT_FILE (a self-signed certificate, or a "
         "chain that holds its CA)",
     )
-    healthcheck_cert_file: str | None = _env(
-        "ORCH_HEALTHCHECK_CERT_FILE",
-        None,
-        "`orchestrator health` without --address, under mTLS: PEM client certificate",
+    healthcheck_cert_file: str | None = _setting(
+        None, "`orchestrator health` without --address, under mTLS: PEM client certificate"
     )
-    healthcheck_key_file: str | None = _env(
-        "ORCH_HEALTHCHECK_KEY_FILE",
-        None,
-        "`orchestrator health` without --address, under mTLS: PEM key of that certificate",
+    healthcheck_key_file: str | None = _setting(
+        None, "`orchestrator health` without --address, under mTLS: PEM key of that certificate"
     )
-    healthcheck_server_name: str | None = _env(
-        "ORCH_HEALTHCHECK_SERVER_NAME",
+    healthcheck_server_name: str | None = _setting(
         None,
         "`orchestrator health` without --address, under TLS: the name to verify in the "
         "server certificate (it connects to loopback); unset: the loopback address",
     )
-    rate_limit_enabled: bool = _env(
-        "ORCH_RATE_LIMIT_ENABLED",
-        True,
-        "enforce the per-tenant and per-key request rates",
-        _parse_bool,
+    rate_limit_enabled: bool = _setting(True, "enforce the per-tenant and per-key request rates")
+    rate_limit_rps: float = _setting(50.0, "sustained requests per second per tenant")
+    rate_limit_burst: int = _setting(100, "requests a tenant may make at once above its rate")
+    rate_limit_key_rps: float = _setting(
+        0.0, "requests per second per API key; 0: no per-key limit", at_least=0
     )
-    rate_limit_rps: float = _env(
-        "ORCH_RATE_LIMIT_RPS", 50.0, "sustained requests per second per tenant"
+    rate_limit_key_burst: int = _setting(0, "burst per API key; 0: twice the key rate", at_least=0)
+    rate_limit_overrides: str = _setting(
+        "", "per-tenant rate:burst, e.g. tenantA=5:10,tenantB=1000:2000"
     )
-    rate_limit_burst: int = _env(
-        "ORCH_RATE_LIMIT_BURST", 100, "requests a tenant may make at once above its rate"
-    )
-    rate_limit_key_rps: float = _env(
-        "ORCH_RATE_LIMIT_KEY_RPS",
-        0.0,
-        "requests per second per API key; 0: no per-key limit",
-        at_least=0,
-    )
-    rate_limit_key_burst: int = _env(
-        "ORCH_RATE_LIMIT_KEY_BURST", 0, "burst per API key; 0: twice the key rate", at_least=0
-    )
-    rate_limit_overrides: str = _env(
-        "ORCH_RATE_LIMIT_OVERRIDES",
-        "",
-        "per-tenant rate:burst, e.g. tenantA=5:10,tenantB=1000:2000",
-    )
-    unary_request_id: str = _env(
-        "ORCH_UNARY_REQUEST_ID",
+    unary_request_id: str = _setting(
         "trailing",
         "where unary calls return x-request-id: trailing (response trailers, sent with the "
         "response at no extra cost) or initial (response headers, like streams; grpc.aio "
         "sends them in a batch of their own)",
     )
-    max_streams_per_tenant: int = _env(
-        "ORCH_MAX_STREAMS_PER_TENANT",
+    max_streams_per_tenant: int = _setting(
         1000,
         "open server-streaming calls per tenant and process; beyond it RESOURCE_EXHAUSTED",
         at_least=1,
     )
-    revocation_check_interval: float = _env(
-        "ORCH_REVOCATION_CHECK_INTERVAL",
+    revocation_check_interval: float = _setting(
         1.0,
         "how often each process checks whether the API keys of its open streams were revoked "
         "(one read for all of them) and ends those streams; 0: never",
         at_least=0,
     )
-    auth_failure_limit: int = _env(
-        "ORCH_AUTH_FAILURE_LIMIT",
+    auth_failure_limit: int = _setting(
         20,
         "failed authentications one client address may make per ORCH_AUTH_FAILURE_WINDOW; "
         "beyond it its calls get RESOURCE_EXHAUSTED without a key check; 0: no limit",
         at_least=0,
     )
-    auth_failure_window: float = _env(
-        "ORCH_AUTH_FAILURE_WINDOW",
+    auth_failure_window: float = _setting(
         60.0,
         "the window of ORCH_AUTH_FAILURE_LIMIT (failures are forgiven at limit/window per second)",
         above=0,
     )
-    token_budget_daily: int = _env(
-        "ORCH_TOKEN_BUDGET_DAILY",
+    token_budget_daily: int = _setting(
         0,
         "tokens a tenant may use per UTC day before new work is refused; 0: unlimited",
         at_least=0,
     )
-    token_budget_overrides: str = _env(
-        "ORCH_TOKEN_BUDGET_OVERRIDES",
-        "",
-        "per-tenant daily token budgets, e.g. tenantA=100000,tenantB=0 (0: unlimited)",
+    token_budget_overrides: str = _setting(
+        "", "per-tenant daily token budgets, e.g. tenantA=100000,tenantB=0 (0: unlimited)"
     )
-    service_in_flight_cap: int = _env(
-        "ORCH_SERVICE_IN_FLIGHT_CAP",
+    service_in_flight_cap: int = _setting(
         0,
         "jobs one tenant may have in flight at each service (query, embedding, ...), shared by "
         "all replicas; beyond it SendMessage gets RESOURCE_EXHAUSTED and queued messages and "
@@ -463,26 +355,21 @@ class Settings:
         at_least=0,
         at_most=MAX_IN_FLIGHT_CAP,
     )
-    service_in_flight_overrides: str = _env(
-        "ORCH_SERVICE_IN_FLIGHT_OVERRIDES",
+    service_in_flight_overrides: str = _setting(
         "",
         "per-tenant caps on jobs in flight per service, e.g. tenantA=20,tenantB=0 (0: unlimited)",
     )
-    tokens_per_minute: int = _env(
-        "ORCH_TOKENS_PER_MINUTE",
+    tokens_per_minute: int = _setting(
         0,
         "tokens a tenant may be charged per minute before new work waits or is refused, as "
         f"ORCH_SERVICE_IN_FLIGHT_CAP; 0: unlimited (at most {MAX_TOKENS_PER_MINUTE})",
         at_least=0,
         at_most=MAX_TOKENS_PER_MINUTE,
     )
-    tokens_per_minute_overrides: str = _env(
-        "ORCH_TOKENS_PER_MINUTE_OVERRIDES",
-        "",
-        "per-tenant tokens-per-minute limits, e.g. tenantA=50000,tenantB=0 (0: unlimited)",
+    tokens_per_minute_overrides: str = _setting(
+        "", "per-tenant tokens-per-minute limits, e.g. tenantA=50000,tenantB=0 (0: unlimited)"
     )
-    limit_retry_after: float = _env(
-        "ORCH_LIMIT_RETRY_AFTER",
+    limit_retry_after: float = _setting(
         1.0,
         "the retry delay RESOURCE_EXHAUSTED names over the in-flight cap, and how long a queued "
         "message or batch item over it waits before it is tried again (at most "
@@ -490,119 +377,84 @@ class Settings:
         above=0,
         at_most=MAX_LIMIT_RETRY_AFTER_S,
     )
-    embedding_cache_ttl: float = _env(
-        "ORCH_EMBEDDING_CACHE_TTL",
+    embedding_cache_ttl: float = _setting(
         86400.0,
         "how long embedding results are cached per (tenant, model, text); 0 disables the cache",
         at_least=0,
     )
-    embedding_model_version: str = _env(
-        "ORCH_EMBEDDING_MODEL_VERSION",
-        "1",
-        "part of every embedding cache key: change it when the embedding model changes",
+    embedding_model_version: str = _setting(
+        "1", "part of every embedding cache key: change it when the embedding model changes"
     )
-    agent_check: bool = _env(
-        "ORCH_AGENT_CHECK",
+    agent_check: bool = _setting(
         True,
         "CreateSession checks that the agent exists at Agent Management (NOT_FOUND otherwise); "
         "false takes any agent id (only for tests of the session rules without Agent Management)",
-        _parse_bool,
     )
-    agent_cache_ttl: float = _env(
-        "ORCH_AGENT_CACHE_TTL",
+    agent_cache_ttl: float = _setting(
         300.0,
         "how long an agent's configuration from Agent Management is cached (shared by every "
         "replica on the backend; dropped earlier by AdminService.InvalidateAgent or an "
         "AGENT_CHANGED notice); 0 asks Agent Management on every lookup",
         at_least=0,
     )
-    metrics_address: str = _env(
-        "ORCH_METRICS_ADDRESS",
-        "0.0.0.0:9464",
-        "host:port of the Prometheus /metrics endpoint; empty disables it",
+    metrics_address: str = _setting(
+        "0.0.0.0:9464", "host:port of the Prometheus /metrics endpoint; empty disables it"
     )
-    metrics_max_tenants: int = _env(
-        "ORCH_METRICS_MAX_TENANTS",
+    metrics_max_tenants: int = _setting(
         1000,
         "distinct tenant label values per metric (rate limits, tokens); later tenants are "
         'counted under tenant="_other"',
         at_least=1,
     )
-    metrics_sample_interval: float = _env(
-        "ORCH_METRICS_SAMPLE_INTERVAL",
+    metrics_sample_interval: float = _setting(
         5.0,
         "how often each process reads the tasks-by-state and queue-depth gauges from the "
         "registry (only while the /metrics endpoint is enabled)",
         above=0,
     )
-    batch_max_items: int = _env(
-        "ORCH_BATCH_MAX_ITEMS", 10_000, "most items one SubmitBatch may carry", at_least=1
-    )
-    batch_completion_window: float = _env(
-        "ORCH_BATCH_COMPLETION_WINDOW",
+    batch_max_items: int = _setting(10_000, "most items one SubmitBatch may carry", at_least=1)
+    batch_completion_window: float = _setting(
         86400.0,
         "time a batch may take when the request sets no completion_window; then unfinished "
         "items expire",
         above=0,
     )
-    batch_max_completion_window: float = _env(
-        "ORCH_BATCH_MAX_COMPLETION_WINDOW",
-        7 * 24 * 3600.0,
-        "largest completion_window a request may ask for",
-        above=0,
+    batch_max_completion_window: float = _setting(
+        7 * 24 * 3600.0, "largest completion_window a request may ask for", above=0
     )
-    batch_retention: float = _env(
-        "ORCH_BATCH_RETENTION",
+    batch_retention: float = _setting(
         7 * 24 * 3600.0,
         "a finished batch (its results and idempotency key too) is dropped this long after it "
         "became final",
         above=0,
     )
-    batch_worker_enabled: bool = _env(
-        "ORCH_BATCH_WORKER_ENABLED",
-        True,
-        "run a batch worker inside the server process (`orchestrator worker` runs more)",
-        _parse_bool,
+    batch_worker_enabled: bool = _setting(
+        True, "run a batch worker inside the server process (`orchestrator worker` runs more)"
     )
-    batch_worker_concurrency: int = _env(
-        "ORCH_BATCH_WORKER_CONCURRENCY", 16, "batch items each worker runs at once", at_least=1
-    )
-    chat_worker_enabled: bool = _env(
-        "ORCH_CHAT_WORKER_ENABLED",
+    batch_worker_concurrency: int = _setting(16, "batch items each worker runs at once", at_least=1)
+    chat_worker_enabled: bool = _setting(
         True,
         "run the worker of queued chat messages inside the server process (`orchestrator "
         "worker` runs more)",
-        _parse_bool,
     )
-    chat_worker_concurrency: int = _env(
-        "ORCH_CHAT_WORKER_CONCURRENCY",
-        64,
-        "queued chat messages each worker runs (or waits for their turn) at once",
-        at_least=1,
+    chat_worker_concurrency: int = _setting(
+        64, "queued chat messages each worker runs (or waits for their turn) at once", at_least=1
     )
-    batch_worker_lease: float = _env(
-        "ORCH_BATCH_WORKER_LEASE",
+    batch_worker_lease: float = _setting(
         30.0,
         "work queue lease of a running item; renewed while it runs, reclaimed when a worker dies",
         above=0,
     )
-    batch_worker_poll: float = _env(
-        "ORCH_BATCH_WORKER_POLL",
+    batch_worker_poll: float = _setting(
         1.0,
         "longest wait of an idle worker for work; also bounds how long stopping it takes",
         above=0,
     )
-    batch_expiry_interval: float = _env(
-        "ORCH_BATCH_EXPIRY_INTERVAL",
-        1.0,
-        "how often each server process looks for batches past their completion window",
-        above=0,
+    batch_expiry_interval: float = _setting(
+        1.0, "how often each server process looks for batches past their completion window", above=0
     )
-    otel_enabled: bool = _env(
-        "ORCH_OTEL_ENABLED",
-        False,
-        "trace every RPC with OpenTelemetry (needs the tracing extra)",
-        _parse_bool,
+    otel_enabled: bool = _setting(
+        False, "trace every RPC with OpenTelemetry (needs the tracing extra)"
     )
 
     @classmethod
@@ -611,13 +463,12 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            name = f.metadata["env"]
+            name = _variable(f)
             raw = environ.get(name)
             if raw is None or (raw == "" and f.default is None):
                 continue
-            parse = f.metadata["parse"] or _parser_for(f.default)
             try:
-                values[f.name] = parse(raw)
+                values[f.name] = _parser_for(f.default)(raw)
             except ValueError as exc:
                 raise SettingsError(f"{name}={raw!r}: {exc}") from None
         settings = cls(**values)
@@ -726,7 +577,7 @@ class Settings:
         environ = os.environ if environ is None else environ
         rows = []
         for f in dataclasses.fields(self):
-            name = f.metadata["env"]
+            name = _variable(f)
             value = getattr(self, f.name)
             shown = "" if value is None else str(value)
             if f.name == "bootstrap_admin_key" and value:
@@ -740,7 +591,7 @@ class Settings:
     def documentation(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) for every setting, for the README and --help."""
         return [
-            (f.metadata["env"], "" if f.default is None else str(f.default), f.metadata["help"])
+            (_variable(f), "" if f.default is None else str(f.default), f.metadata["help"])
             for f in dataclasses.fields(cls)
         ]
 
