@@ -1,10 +1,11 @@
 """Bounds on what the reference services accept: every request field is checked at the edge and
-a bad one is refused with INVALID_ARGUMENT naming it."""
+a bad one is refused with INVALID_ARGUMENT naming it (NOT_FOUND when it names something the
+service does not have)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias
 
 import grpc
@@ -46,14 +47,28 @@ async def refuse(context: Context, error: InvalidField) -> NoReturn:
     await context.abort(error.status, str(error))
 
 
-@asynccontextmanager
-async def checked(context: Context) -> AsyncIterator[None]:
-    """Runs a request's field checks and look-ups: the InvalidField one raises is refused
-    (:func:`refuse`)."""
-    try:
-        yield
-    except InvalidField as exc:
-        await refuse(context, exc)
+class checked:
+    """``async with checked(context):`` runs a request's field checks and look-ups: the
+    InvalidField one raises is refused (:func:`refuse`). A lower-case class like
+    ``contextlib.suppress`` rather than an ``@asynccontextmanager`` generator, which costs
+    about a microsecond more on every call of the reference services."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, InvalidField):
+            await refuse(self._context, exc)
 
 
 def text(value: str, field: str, *, max_chars: int, required: bool = True) -> str:
