@@ -19,8 +19,8 @@ from reference import fields
 from reference.jobs import NoticeWriter
 from reference.platform_api import CallOrigin
 from reference.services import (
+    JobServicer,
     Runtime,
-    cancel_job,
     complete_through_orchestrator,
     complete_with_calls_usage,
 )
@@ -192,9 +192,9 @@ def _check_tools(request: agent_execution_pb2.StartRunRequest) -> None:
         )
 
 
-class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServicer):
+class AgentExecutionServicer(JobServicer, agent_execution_pb2_grpc.AgentExecutionServiceServicer):
     def __init__(self, runtime: Runtime, toolbox: ToolBox) -> None:
-        self.runtime = runtime
+        super().__init__(runtime)
         self.toolbox = toolbox
 
     async def StartRun(
@@ -202,12 +202,7 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
     ) -> agent_execution_pb2.StartRunResponse:
         async with fields.checked(context):
             fields.job_start(request)
-            fields.text(
-                request.system_prompt,
-                "system_prompt",
-                max_chars=fields.SYSTEM_PROMPT_CHARS,
-                required=False,
-            )
+            fields.system_prompt(request.system_prompt, "system_prompt")
             _check_tools(request)
             fields.number(request.max_tool_calls, "max_tool_calls", maximum=MAX_TOOL_CALLS)
         job_id = await self.runtime.start(
@@ -222,5 +217,4 @@ class AgentExecutionServicer(agent_execution_pb2_grpc.AgentExecutionServiceServi
     async def CancelRun(
         self, request: agent_execution_pb2.CancelRunRequest, context: Context
     ) -> agent_execution_pb2.CancelRunResponse:
-        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
-        return agent_execution_pb2.CancelRunResponse(cancelled=cancelled)
+        return agent_execution_pb2.CancelRunResponse(cancelled=await self.cancel(request, context))

@@ -9,8 +9,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from agents.v1 import agents_pb2, agents_pb2_grpc
 from orchestrator.v1 import common_pb2, task_update_pb2
 from reference import fields
@@ -185,11 +183,8 @@ class AgentManagementServicer(agents_pb2_grpc.AgentManagementServiceServicer):
         self, request: agents_pb2.GetAgentRequest, context: Context
     ) -> agents_pb2.GetAgentResponse:
         async with fields.checked(context):
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.agent_id, "agent_id")
-        agent = self.book.get(request.tenant_id, request.agent_id)
-        if agent is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"agent_id: no agent {request.agent_id!r}"
-            )
+            fields.idents(request, "tenant_id", "agent_id")
+            agent = self.book.get(request.tenant_id, request.agent_id)
+            if agent is None:
+                raise fields.NotFound("agent_id", f"no agent {request.agent_id!r}")
         return agents_pb2.GetAgentResponse(agent=agent.to_proto())

@@ -31,14 +31,20 @@ from workflow.v1 import workflow_pb2, workflow_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
-    embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
-    conversation_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
-    agents_pb2.DESCRIPTOR.services_by_name["AgentManagementService"].full_name,
-    tools_pb2.DESCRIPTOR.services_by_name["ToolRegistryService"].full_name,
-    agent_execution_pb2.DESCRIPTOR.services_by_name["AgentExecutionService"].full_name,
-    workflow_pb2.DESCRIPTOR.services_by_name["WorkflowEngineService"].full_name,
+# The proto files of the hosted services; health and reflection serve every service they declare.
+SERVICE_FILES = (
+    query_pb2,
+    embedding_pb2,
+    conversation_pb2,
+    agents_pb2,
+    tools_pb2,
+    agent_execution_pb2,
+    workflow_pb2,
+)
+SERVICE_NAMES = tuple(
+    service.full_name
+    for file in SERVICE_FILES
+    for service in file.DESCRIPTOR.services_by_name.values()
 )
 
 

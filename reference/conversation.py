@@ -175,10 +175,8 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
         self, request: conversation_pb2.AppendTurnsRequest, context: Context
     ) -> conversation_pb2.AppendTurnsResponse:
         async with fields.checked(context):
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.session_id, "session_id")
-            fields.ident(request.job_id, "job_id")
-            fields.ident(request.request_id, "request_id", required=False)
+            fields.idents(request, "tenant_id", "session_id", "job_id")
+            fields.idents(request, "request_id", required=False)
             fields.count(request.turns, "turns", minimum=1, maximum=MAX_APPEND_TURNS)
             fields.turns(request.turns, "turns", maximum=MAX_APPEND_TURNS)
         appended = self.log.append(
@@ -190,8 +188,7 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
         self, request: conversation_pb2.ListHistoryRequest, context: Context
     ) -> conversation_pb2.ListHistoryResponse:
         async with fields.checked(context):
-            fields.ident(request.tenant_id, "tenant_id")
-            fields.ident(request.session_id, "session_id")
+            fields.idents(request, "tenant_id", "session_id")
             fields.number(request.last_turns, "last_turns", maximum=MAX_WINDOW)
             fields.number(request.token_budget, "token_budget", maximum=MAX_WINDOW)
             fields.number(request.page_size, "page_size", maximum=MAX_PAGE_SIZE)

@@ -7,7 +7,7 @@ import asyncio
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
 
 import grpc
 
@@ -249,28 +249,33 @@ async def run_embedding(
     )
 
 
-async def cancel_job(runtime: Runtime, tenant_id: str, job_id: str, context: Context) -> bool:
-    """Stop a running job of the tenant (both ids required and bounded); whether it ran."""
-    async with fields.checked(context):
-        fields.ident(tenant_id, "tenant_id")
-        fields.ident(job_id, "job_id")
-    return runtime.jobs.cancel(job_id, tenant_id)
+class JobRef(Protocol):
+    """What every Cancel<Job> request carries."""
+
+    tenant_id: str
+    job_id: str
 
 
-class QueryServicer(query_pb2_grpc.QueryServiceServicer):
+class JobServicer:
+    """The base of the servicers of the job-running services: the runtime their jobs run on,
+    and the cancel their Cancel<Job> methods answer with."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    async def cancel(self, request: JobRef, context: Context) -> bool:
+        """Stop a running job of the tenant (both ids required and bounded); whether it ran."""
+        async with fields.checked(context):
+            fields.idents(request, "tenant_id", "job_id")
+        return self.runtime.jobs.cancel(request.job_id, request.tenant_id)
+
+
+class QueryServicer(JobServicer, query_pb2_grpc.QueryServiceServicer):
     async def SubmitQuery(
         self, request: query_pb2.SubmitQueryRequest, context: Context
     ) -> query_pb2.SubmitQueryResponse:
         async with fields.checked(context):
-            fields.text(
-                request.system_prompt,
-                "system_prompt",
-                max_chars=fields.SYSTEM_PROMPT_CHARS,
-                required=False,
-            )
+            fields.system_prompt(request.system_prompt, "system_prompt")
             fields.turns(request.history, "history", maximum=fields.HISTORY_TURNS)
         job_id = await self.runtime.submit(
             "SubmitQuery",
@@ -287,14 +292,10 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def CancelQuery(
         self, request: query_pb2.CancelQueryRequest, context: Context
     ) -> query_pb2.CancelQueryResponse:
-        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
-        return query_pb2.CancelQueryResponse(cancelled=cancelled)
+        return query_pb2.CancelQueryResponse(cancelled=await self.cancel(request, context))
 
 
-class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
+class EmbeddingServicer(JobServicer, embedding_pb2_grpc.EmbeddingServiceServicer):
     async def SubmitEmbedding(
         self, request: embedding_pb2.SubmitEmbeddingRequest, context: Context
     ) -> embedding_pb2.SubmitEmbeddingResponse:
@@ -313,5 +314,4 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def CancelEmbedding(
         self, request: embedding_pb2.CancelEmbeddingRequest, context: Context
     ) -> embedding_pb2.CancelEmbeddingResponse:
-        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
-        return embedding_pb2.CancelEmbeddingResponse(cancelled=cancelled)
+        return embedding_pb2.CancelEmbeddingResponse(cancelled=await self.cancel(request, context))

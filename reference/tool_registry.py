@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import grpc
-
 from reference import fields
-from reference.tools import TOOLS, ToolBox
+from reference.tools import ToolBox
 from tools.v1 import tools_pb2, tools_pb2_grpc
 
 if TYPE_CHECKING:
@@ -26,14 +24,14 @@ class ToolRegistryServicer(tools_pb2_grpc.ToolRegistryServiceServicer):
         self, request: tools_pb2.ResolveToolsRequest, context: Context
     ) -> tools_pb2.ResolveToolsResponse:
         async with fields.checked(context):
-            fields.ident(request.tenant_id, "tenant_id")
+            fields.idents(request, "tenant_id")
             fields.count(request.names, "names", minimum=1, maximum=MAX_NAMES)
             for index, name in enumerate(request.names):
                 fields.text(name, f"names[{index}]", max_chars=fields.TOOL_NAME_CHARS)
-        unknown = next((name for name in request.names if name not in TOOLS), None)
-        if unknown is not None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"names: no tool {unknown!r}")
-        specs = self.toolbox.resolve(request.names)
+            try:
+                specs = self.toolbox.resolve(request.names)
+            except KeyError as unknown:
+                raise fields.NotFound("names", f"no tool {unknown.args[0]!r}") from None
         return tools_pb2.ResolveToolsResponse(
             tools=[
                 tools_pb2.ToolDefinition(

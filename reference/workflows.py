@@ -8,16 +8,14 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import grpc
-
 from conversation.v1 import conversation_pb2
 from orchestrator.v1 import common_pb2
 from reference import content, fields
 from reference.jobs import NoticeWriter
 from reference.platform_api import CallOrigin
 from reference.services import (
+    JobServicer,
     Runtime,
-    cancel_job,
     complete_through_orchestrator,
     complete_with_calls_usage,
 )
@@ -106,20 +104,15 @@ async def run_research_flow(
     complete_with_calls_usage(notices, result)
 
 
-class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
+class WorkflowEngineServicer(JobServicer, workflow_pb2_grpc.WorkflowEngineServiceServicer):
     async def StartWorkflow(
         self, request: workflow_pb2.StartWorkflowRequest, context: Context
     ) -> workflow_pb2.StartWorkflowResponse:
         async with fields.checked(context):
             fields.job_start(request)
-            fields.ident(request.workflow_id, "workflow_id")
-        if request.workflow_id not in WORKFLOWS:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"workflow_id: no workflow {request.workflow_id!r}"
-            )
+            fields.idents(request, "workflow_id")
+            if request.workflow_id not in WORKFLOWS:
+                raise fields.NotFound("workflow_id", f"no workflow {request.workflow_id!r}")
         job_id = await self.runtime.start(
             "StartWorkflow",
             common_pb2.SERVICE_WORKFLOW_ENGINE,
@@ -132,5 +125,4 @@ class WorkflowEngineServicer(workflow_pb2_grpc.WorkflowEngineServiceServicer):
     async def CancelWorkflow(
         self, request: workflow_pb2.CancelWorkflowRequest, context: Context
     ) -> workflow_pb2.CancelWorkflowResponse:
-        cancelled = await cancel_job(self.runtime, request.tenant_id, request.job_id, context)
-        return workflow_pb2.CancelWorkflowResponse(cancelled=cancelled)
+        return workflow_pb2.CancelWorkflowResponse(cancelled=await self.cancel(request, context))
