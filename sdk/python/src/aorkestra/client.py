@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Unpack
+from typing import Any, Literal, Protocol, Unpack
 
 import grpc
 import grpc.aio
@@ -34,38 +34,24 @@ from aorkestra.errors import OrchestratorError, from_rpc_error
 WorkKind = Literal["llm_query", "rag_query", "embedding"]
 Priority = Literal["high", "normal", "low"]
 
-_KINDS: dict[str, int] = {
-    "llm_query": common_pb2.WORK_KIND_LLM_QUERY,
-    "rag_query": common_pb2.WORK_KIND_RAG_QUERY,
-    "embedding": common_pb2.WORK_KIND_EMBEDDING,
-}
-_BATCH_KINDS: dict[str, int] = {
-    "chat_message": batch_pb2.BATCH_ITEM_KIND_CHAT_MESSAGE,
-    "llm_query": batch_pb2.BATCH_ITEM_KIND_LLM_QUERY,
-    "rag_query": batch_pb2.BATCH_ITEM_KIND_RAG_QUERY,
-    "embedding": batch_pb2.BATCH_ITEM_KIND_EMBEDDING,
-}
-_PRIORITIES: dict[str, int] = {
-    "high": common_pb2.PRIORITY_HIGH,
-    "normal": common_pb2.PRIORITY_NORMAL,
-    "low": common_pb2.PRIORITY_LOW,
-}
-_SERVICES: dict[str, int] = {
-    name.removeprefix("SERVICE_").lower(): number
-    for name, number in common_pb2.Service.items()
-    if number != common_pb2.SERVICE_UNSPECIFIED
-}
-_ROLES: dict[str, int] = {
-    "client": admin_pb2.API_KEY_ROLE_CLIENT,
-    "service": admin_pb2.API_KEY_ROLE_SERVICE,
-    "admin": admin_pb2.API_KEY_ROLE_ADMIN,
-}
-_SESSION_STATES: dict[str, int] = {
-    "active": session_pb2.SESSION_STATE_ACTIVE,
-    "busy": session_pb2.SESSION_STATE_BUSY,
-    "closed": session_pb2.SESSION_STATE_CLOSED,
-    "expired": session_pb2.SESSION_STATE_EXPIRED,
-}
+
+class _ProtoEnum(Protocol):
+    def items(self) -> Iterable[tuple[str, int]]: ...
+
+
+def _by_short_name(enum: _ProtoEnum, prefix: str) -> dict[str, int]:
+    """An enum's values by the names the SDK takes: ``prefix`` dropped, lower case
+    (PRIORITY_HIGH: high); the unspecified value (0) left out."""
+    return {name.removeprefix(prefix).lower(): number for name, number in enum.items() if number}
+
+
+_KINDS = _by_short_name(common_pb2.WorkKind, "WORK_KIND_")
+_BATCH_KINDS = _by_short_name(batch_pb2.BatchItemKind, "BATCH_ITEM_KIND_")
+_PRIORITIES = _by_short_name(common_pb2.Priority, "PRIORITY_")
+_SERVICES = _by_short_name(common_pb2.Service, "SERVICE_")
+_ROLES = _by_short_name(admin_pb2.ApiKeyRole, "API_KEY_ROLE_")
+_SESSION_STATES = _by_short_name(session_pb2.SessionState, "SESSION_STATE_")
+
 BATCH_DONE = frozenset(
     {
         batch_pb2.BATCH_STATE_COMPLETED,
