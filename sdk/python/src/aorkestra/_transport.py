@@ -12,7 +12,14 @@ import grpc
 import grpc.aio
 
 from aorkestra import events as ev
-from aorkestra._proto.orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
+from aorkestra._proto.orchestrator.admin.v1 import admin_pb2_grpc
+from aorkestra._proto.orchestrator.v1 import (
+    batch_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+)
 from aorkestra.config import ClientConfig
 from aorkestra.errors import (
     HistoryTruncatedError,
@@ -73,6 +80,8 @@ class Transport:
         )
         self.chat = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+        self.batches = batch_pb2_grpc.BatchServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(grace=None)

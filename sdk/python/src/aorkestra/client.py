@@ -19,10 +19,9 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aorkestra import events as ev
-from aorkestra._proto.orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from aorkestra._proto.orchestrator.admin.v1 import admin_pb2
 from aorkestra._proto.orchestrator.v1 import (
     batch_pb2,
-    batch_pb2_grpc,
     chat_pb2,
     common_pb2,
     session_pb2,
@@ -80,10 +79,15 @@ def _choice(table: Mapping[str, int], value: str | None, what: str) -> int:
         raise ValueError(f"{what} must be one of {', '.join(table)}; got {value!r}") from None
 
 
-class Sessions:
+class _Api:
+    """One of the client's APIs. They share the client's transport: its channel, its stubs
+    and its retry loops."""
+
     def __init__(self, transport: Transport) -> None:
         self._t = transport
 
+
+class Sessions(_Api):
     async def create(
         self,
         agent_id: str,
@@ -147,10 +151,7 @@ class Sessions:
         return self._t.follow(session_id, after, on_truncated=on_truncated)
 
 
-class Chat:
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-
+class Chat(_Api):
     async def send(
         self,
         session_id: str,
@@ -314,11 +315,7 @@ def read_jsonl(path: str | Path) -> list[batch_pb2.BatchItem]:
     return items
 
 
-class Batches:
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._stub = batch_pb2_grpc.BatchServiceStub(transport.channel)
-
+class Batches(_Api):
     async def submit(
         self,
         items: Iterable[Mapping[str, Any] | batch_pb2.BatchItem],
@@ -337,7 +334,9 @@ class Batches:
             completion_window=_duration(completion_window),
             metadata=dict(metadata or {}),
         )
-        response = await self._t.unary("SubmitBatch", self._stub.SubmitBatch, request, safe=True)
+        response = await self._t.unary(
+            "SubmitBatch", self._t.batches.SubmitBatch, request, safe=True
+        )
         return response.batch
 
     async def submit_jsonl(self, path: str | Path, **options: Any) -> batch_pb2.Batch:
@@ -346,18 +345,20 @@ class Batches:
 
     async def get(self, batch_id: str) -> batch_pb2.Batch:
         request = batch_pb2.GetBatchRequest(batch_id=batch_id)
-        response = await self._t.unary("GetBatch", self._stub.GetBatch, request, safe=True)
+        response = await self._t.unary("GetBatch", self._t.batches.GetBatch, request, safe=True)
         return response.batch
 
     async def list(
         self, *, page_size: int = 50, page_token: str = ""
     ) -> batch_pb2.ListBatchesResponse:
         request = batch_pb2.ListBatchesRequest(page_size=page_size, page_token=page_token)
-        return await self._t.unary("ListBatches", self._stub.ListBatches, request, safe=True)
+        return await self._t.unary("ListBatches", self._t.batches.ListBatches, request, safe=True)
 
     async def cancel(self, batch_id: str) -> batch_pb2.Batch:
         request = batch_pb2.CancelBatchRequest(batch_id=batch_id)
-        response = await self._t.unary("CancelBatch", self._stub.CancelBatch, request, safe=True)
+        response = await self._t.unary(
+            "CancelBatch", self._t.batches.CancelBatch, request, safe=True
+        )
         return response.batch
 
     async def wait(
@@ -393,7 +394,7 @@ class Batches:
         cursor = after
         failures = 0
         while True:
-            call = self._stub.StreamBatchResults(
+            call = self._t.batches.StreamBatchResults(
                 batch_pb2.StreamBatchResultsRequest(batch_id=batch_id, after_sequence=cursor),
                 metadata=self._t.metadata,
             )
@@ -417,12 +418,8 @@ class Batches:
                 call.cancel()
 
 
-class Keys:
+class Keys(_Api):
     """API keys (admin role)."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._stub = admin_pb2_grpc.AdminServiceStub(transport.channel)
 
     async def create(
         self,
@@ -441,7 +438,7 @@ class Keys:
             description=description,
             services=[_choice(_SERVICES, name, "service") for name in services],  # type: ignore[misc]
         )
-        return await self._t.unary("CreateApiKey", self._stub.CreateApiKey, request, safe=False)
+        return await self._t.unary("CreateApiKey", self._t.admin.CreateApiKey, request, safe=False)
 
     async def list(
         self, tenant_id: str = "", *, page_size: int = 100, page_token: str = ""
@@ -449,24 +446,22 @@ class Keys:
         request = admin_pb2.ListApiKeysRequest(
             tenant_id=tenant_id, page_size=page_size, page_token=page_token
         )
-        return await self._t.unary("ListApiKeys", self._stub.ListApiKeys, request, safe=True)
+        return await self._t.unary("ListApiKeys", self._t.admin.ListApiKeys, request, safe=True)
 
     async def revoke(self, key_id: str) -> admin_pb2.ApiKey:
         request = admin_pb2.RevokeApiKeyRequest(key_id=key_id)
-        response = await self._t.unary("RevokeApiKey", self._stub.RevokeApiKey, request, safe=True)
+        response = await self._t.unary(
+            "RevokeApiKey", self._t.admin.RevokeApiKey, request, safe=True
+        )
         return response.key
 
 
-class Admin:
+class Admin(_Api):
     """Tasks and token usage (admin role)."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._stub = admin_pb2_grpc.AdminServiceStub(transport.channel)
 
     async def task(self, tenant_id: str, job_id: str) -> admin_pb2.Task:
         request = admin_pb2.GetTaskRequest(tenant_id=tenant_id, job_id=job_id)
-        response = await self._t.unary("GetTask", self._stub.GetTask, request, safe=True)
+        response = await self._t.unary("GetTask", self._t.admin.GetTask, request, safe=True)
         return response.task
 
     async def usage(
@@ -476,7 +471,9 @@ class Admin:
         request = admin_pb2.GetTenantUsageRequest(
             tenant_id=tenant_id, start_date=start_date, end_date=end_date
         )
-        return await self._t.unary("GetTenantUsage", self._stub.GetTenantUsage, request, safe=True)
+        return await self._t.unary(
+            "GetTenantUsage", self._t.admin.GetTenantUsage, request, safe=True
+        )
 
 
 class AsyncClient:
