@@ -113,7 +113,6 @@ class Transport:
 
     async def unary(
         self,
-        method: str,
         call: Callable[..., Awaitable[T]],
         request: Any,
         *,
@@ -121,7 +120,9 @@ class Transport:
         timeout_s: float | None = None,
     ) -> T:
         """One unary call with retries: RESOURCE_EXHAUSTED with an advertised delay always,
-        UNAVAILABLE when ``safe`` (reads, idempotent writes), up to max_attempts."""
+        UNAVAILABLE when ``safe`` (reads, idempotent writes), up to max_attempts. Errors and
+        retries name the method after its request (GetBatchRequest: GetBatch), the naming
+        buf lint holds every RPC to."""
         attempt = 0
         while True:
             attempt += 1
@@ -132,6 +133,7 @@ class Transport:
                     timeout=timeout_s or self.config.timeout_s,
                 )
             except grpc.aio.AioRpcError as exc:
+                method = type(request).__name__.removesuffix("Request")
                 error = from_rpc_error(exc, method)
                 delay = self.retry_delay(
                     error, attempt, safe=safe, limit=self.config.retry.max_attempts
@@ -160,7 +162,6 @@ class Transport:
         away rather than the session closing). Retries while the server is unreachable."""
         try:
             response = await self.unary(
-                "GetSession",
                 self.sessions.GetSession,
                 session_pb2.GetSessionRequest(session_id=session_id),
                 safe=True,

@@ -100,16 +100,12 @@ class Sessions(_Api):
         request = session_pb2.CreateSessionRequest(
             agent_id=agent_id, user_id=user_id, metadata=dict(metadata or {}), ttl=_duration(ttl)
         )
-        response = await self._t.unary(
-            "CreateSession", self._t.sessions.CreateSession, request, safe=False
-        )
+        response = await self._t.unary(self._t.sessions.CreateSession, request, safe=False)
         return response.session
 
     async def get(self, session_id: str) -> session_pb2.Session:
         request = session_pb2.GetSessionRequest(session_id=session_id)
-        response = await self._t.unary(
-            "GetSession", self._t.sessions.GetSession, request, safe=True
-        )
+        response = await self._t.unary(self._t.sessions.GetSession, request, safe=True)
         return response.session
 
     async def list(
@@ -119,9 +115,7 @@ class Sessions(_Api):
         request = session_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
         if state is not None:
             request.state = _choice(_SESSION_STATES, state, "state")  # type: ignore[assignment]
-        return await self._t.unary(
-            "ListSessions", self._t.sessions.ListSessions, request, safe=True
-        )
+        return await self._t.unary(self._t.sessions.ListSessions, request, safe=True)
 
     async def iterate(self, *, state: str | None = None) -> AsyncIterator[session_pb2.Session]:
         """Every session of the caller's tenant, page after page."""
@@ -137,9 +131,7 @@ class Sessions(_Api):
     async def close(self, session_id: str) -> session_pb2.Session:
         """Closes a session (idempotent, so retried like a read)."""
         request = session_pb2.CloseSessionRequest(session_id=session_id)
-        response = await self._t.unary(
-            "CloseSession", self._t.sessions.CloseSession, request, safe=True
-        )
+        response = await self._t.unary(self._t.sessions.CloseSession, request, safe=True)
         return response.session
 
     def follow(
@@ -247,7 +239,7 @@ class Chat(_Api):
     async def cancel(self, session_id: str, job_id: str) -> ev.Event:
         """Cancels a job (idempotent); returns the event the cancellation produced."""
         request = chat_pb2.CancelJobRequest(session_id=session_id, job_id=job_id)
-        response = await self._t.unary("CancelJob", self._t.chat.CancelJob, request, safe=True)
+        response = await self._t.unary(self._t.chat.CancelJob, request, safe=True)
         return ev.from_proto(response.event)
 
 
@@ -334,9 +326,7 @@ class Batches(_Api):
             completion_window=_duration(completion_window),
             metadata=dict(metadata or {}),
         )
-        response = await self._t.unary(
-            "SubmitBatch", self._t.batches.SubmitBatch, request, safe=True
-        )
+        response = await self._t.unary(self._t.batches.SubmitBatch, request, safe=True)
         return response.batch
 
     async def submit_jsonl(self, path: str | Path, **options: Any) -> batch_pb2.Batch:
@@ -345,20 +335,18 @@ class Batches(_Api):
 
     async def get(self, batch_id: str) -> batch_pb2.Batch:
         request = batch_pb2.GetBatchRequest(batch_id=batch_id)
-        response = await self._t.unary("GetBatch", self._t.batches.GetBatch, request, safe=True)
+        response = await self._t.unary(self._t.batches.GetBatch, request, safe=True)
         return response.batch
 
     async def list(
         self, *, page_size: int = 50, page_token: str = ""
     ) -> batch_pb2.ListBatchesResponse:
         request = batch_pb2.ListBatchesRequest(page_size=page_size, page_token=page_token)
-        return await self._t.unary("ListBatches", self._t.batches.ListBatches, request, safe=True)
+        return await self._t.unary(self._t.batches.ListBatches, request, safe=True)
 
     async def cancel(self, batch_id: str) -> batch_pb2.Batch:
         request = batch_pb2.CancelBatchRequest(batch_id=batch_id)
-        response = await self._t.unary(
-            "CancelBatch", self._t.batches.CancelBatch, request, safe=True
-        )
+        response = await self._t.unary(self._t.batches.CancelBatch, request, safe=True)
         return response.batch
 
     async def wait(
@@ -438,7 +426,7 @@ class Keys(_Api):
             description=description,
             services=[_choice(_SERVICES, name, "service") for name in services],  # type: ignore[misc]
         )
-        return await self._t.unary("CreateApiKey", self._t.admin.CreateApiKey, request, safe=False)
+        return await self._t.unary(self._t.admin.CreateApiKey, request, safe=False)
 
     async def list(
         self, tenant_id: str = "", *, page_size: int = 100, page_token: str = ""
@@ -446,13 +434,11 @@ class Keys(_Api):
         request = admin_pb2.ListApiKeysRequest(
             tenant_id=tenant_id, page_size=page_size, page_token=page_token
         )
-        return await self._t.unary("ListApiKeys", self._t.admin.ListApiKeys, request, safe=True)
+        return await self._t.unary(self._t.admin.ListApiKeys, request, safe=True)
 
     async def revoke(self, key_id: str) -> admin_pb2.ApiKey:
         request = admin_pb2.RevokeApiKeyRequest(key_id=key_id)
-        response = await self._t.unary(
-            "RevokeApiKey", self._t.admin.RevokeApiKey, request, safe=True
-        )
+        response = await self._t.unary(self._t.admin.RevokeApiKey, request, safe=True)
         return response.key
 
 
@@ -461,7 +447,7 @@ class Admin(_Api):
 
     async def task(self, tenant_id: str, job_id: str) -> admin_pb2.Task:
         request = admin_pb2.GetTaskRequest(tenant_id=tenant_id, job_id=job_id)
-        response = await self._t.unary("GetTask", self._t.admin.GetTask, request, safe=True)
+        response = await self._t.unary(self._t.admin.GetTask, request, safe=True)
         return response.task
 
     async def usage(
@@ -471,9 +457,7 @@ class Admin(_Api):
         request = admin_pb2.GetTenantUsageRequest(
             tenant_id=tenant_id, start_date=start_date, end_date=end_date
         )
-        return await self._t.unary(
-            "GetTenantUsage", self._t.admin.GetTenantUsage, request, safe=True
-        )
+        return await self._t.unary(self._t.admin.GetTenantUsage, request, safe=True)
 
 
 class AsyncClient:
