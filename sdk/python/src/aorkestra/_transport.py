@@ -12,7 +12,14 @@ import grpc
 import grpc.aio
 
 from aorkestra import events as ev
-from aorkestra._proto.orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
+from aorkestra._proto.orchestrator.admin.v1 import admin_pb2_grpc
+from aorkestra._proto.orchestrator.v1 import (
+    batch_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+)
 from aorkestra.config import ClientConfig
 from aorkestra.errors import (
     HistoryTruncatedError,
@@ -73,6 +80,8 @@ class Transport:
         )
         self.chat = chat_pb2_grpc.ChatServiceStub(self.channel)
         self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+        self.batches = batch_pb2_grpc.BatchServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -104,7 +113,6 @@ class Transport:
 
     async def unary(
         self,
-        method: str,
         call: Callable[..., Awaitable[T]],
         request: Any,
         *,
@@ -112,7 +120,9 @@ class Transport:
         timeout_s: float | None = None,
     ) -> T:
         """One unary call with retries: RESOURCE_EXHAUSTED with an advertised delay always,
-        UNAVAILABLE when ``safe`` (reads, idempotent writes), up to max_attempts."""
+        UNAVAILABLE when ``safe`` (reads, idempotent writes), up to max_attempts. Errors and
+        retries name the method after its request (GetBatchRequest: GetBatch), the naming
+        buf lint holds every RPC to."""
         attempt = 0
         while True:
             attempt += 1
@@ -123,6 +133,7 @@ class Transport:
                     timeout=timeout_s or self.config.timeout_s,
                 )
             except grpc.aio.AioRpcError as exc:
+                method = type(request).__name__.removesuffix("Request")
                 error = from_rpc_error(exc, method)
                 delay = self.retry_delay(
                     error, attempt, safe=safe, limit=self.config.retry.max_attempts
@@ -151,7 +162,6 @@ class Transport:
         away rather than the session closing). Retries while the server is unreachable."""
         try:
             response = await self.unary(
-                "GetSession",
                 self.sessions.GetSession,
                 session_pb2.GetSessionRequest(session_id=session_id),
                 safe=True,

@@ -40,7 +40,7 @@ from google.protobuf.message import Message
 
 from aorkestra import events
 from aorkestra._proto.orchestrator.admin.v1 import admin_pb2
-from aorkestra._proto.orchestrator.v1 import batch_pb2, session_pb2
+from aorkestra._proto.orchestrator.v1 import batch_pb2, common_pb2, session_pb2
 from aorkestra.client import AsyncClient, BatchProgress, JobFailedError, read_jsonl
 from aorkestra.config import ClientConfig, ConfigError
 from aorkestra.errors import HistoryTruncatedError, OrchestratorError
@@ -276,6 +276,20 @@ class EventPrinter:
             )
 
 
+def _event_output(as_json: bool) -> Callable[[events.Event], None]:
+    """Where a command's events go: one JSON object per line, or shown for a human."""
+    if as_json:
+        return lambda event: _print_json(event.to_dict())
+    return EventPrinter().show
+
+
+# The session a message goes to (chat, send): an existing one, or a new one of an agent.
+_SessionOption = Annotated[
+    str | None, typer.Option(help="an existing session (default: a new one)")
+]
+_AgentOption = Annotated[str, typer.Option(help="agent of a new session")]
+
+
 async def _session_for(client: AsyncClient, session_id: str | None, agent: str) -> str:
     if session_id:
         return session_id
@@ -286,10 +300,8 @@ async def _session_for(client: AsyncClient, session_id: str | None, agent: str) 
 @app.command()
 def chat(
     ctx: typer.Context,
-    session: Annotated[
-        str | None, typer.Option(help="an existing session (default: a new one)")
-    ] = None,
-    agent: Annotated[str, typer.Option(help="agent of a new session")] = "support-bot",
+    session: _SessionOption = None,
+    agent: _AgentOption = "support-bot",
 ) -> None:
     """Interactive chat: type a message, watch the answer arrive. /quit or Ctrl-D ends."""
 
@@ -321,10 +333,8 @@ def chat(
 def send(
     ctx: typer.Context,
     message: Annotated[str, typer.Argument(help="the message")],
-    session: Annotated[
-        str | None, typer.Option(help="an existing session (default: a new one)")
-    ] = None,
-    agent: Annotated[str, typer.Option(help="agent of a new session")] = "support-bot",
+    session: _SessionOption = None,
+    agent: _AgentOption = "support-bot",
     kind: Annotated[str | None, typer.Option(help="llm_query, rag_query or embedding")] = None,
     background: Annotated[bool, typer.Option(help="run through the work queue")] = False,
     as_json: Annotated[
@@ -335,7 +345,7 @@ def send(
 
     async def work(client: AsyncClient) -> int:
         session_id = await _session_for(client, session, agent)
-        printer = EventPrinter()
+        show = _event_output(as_json)
         final: events.Event | None = None
         async for event in client.chat.send(
             session_id,
@@ -343,10 +353,7 @@ def send(
             kind=cast(Any, kind),
             background=background,
         ):
-            if as_json:
-                _print_json(event.to_dict())
-            else:
-                printer.show(event)
+            show(event)
             final = event
         return 0 if isinstance(final, events.Completed) else EXIT_JOB_FAILED
 
@@ -363,12 +370,9 @@ def follow(
     """Print a session's events as they happen (resumes by itself; Ctrl-C to stop)."""
 
     async def work(client: AsyncClient) -> int:
-        printer = EventPrinter()
+        show = _event_output(as_json)
         async for event in client.sessions.follow(session_id, after=after, on_truncated="yield"):
-            if as_json:
-                _print_json(event.to_dict())
-            else:
-                printer.show(event)
+            show(event)
         return 0
 
     _run(ctx, work)
@@ -611,6 +615,10 @@ def tasks_get(
     _run_printed(ctx, lambda client: client.admin.task(tenant, job_id))
 
 
+def _token_cells(usage: common_pb2.TokenUsage) -> tuple[str, str, str]:
+    return str(usage.prompt_tokens), str(usage.completion_tokens), str(usage.total_tokens)
+
+
 @app.command()
 def usage(
     ctx: typer.Context,
@@ -628,22 +636,9 @@ def usage(
             return 0
         table = Table("day", "prompt", "completion", "total", "tasks", title=f"tenant {tenant}")
         for day in report.days:
-            u = day.usage
-            table.add_row(
-                day.date,
-                str(u.prompt_tokens),
-                str(u.completion_tokens),
-                str(u.total_tokens),
-                str(day.completed_tasks),
-            )
-        t = report.total
+            table.add_row(day.date, *_token_cells(day.usage), str(day.completed_tasks))
         table.add_row(
-            "total",
-            str(t.prompt_tokens),
-            str(t.completion_tokens),
-            str(t.total_tokens),
-            str(report.completed_tasks),
-            style="bold",
+            "total", *_token_cells(report.total), str(report.completed_tasks), style="bold"
         )
         out.print(table)
         if report.daily_token_budget:

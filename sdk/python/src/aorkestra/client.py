@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, Unpack
 
 import grpc
 import grpc.aio
@@ -19,54 +19,38 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aorkestra import events as ev
-from aorkestra._proto.orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
+from aorkestra._proto.orchestrator.admin.v1 import admin_pb2
 from aorkestra._proto.orchestrator.v1 import (
     batch_pb2,
-    batch_pb2_grpc,
     chat_pb2,
     common_pb2,
     session_pb2,
 )
 from aorkestra._transport import OnTruncated, RetryNotice, Transport
-from aorkestra.config import ClientConfig
+from aorkestra.config import ClientConfig, ConnectionSettings
 from aorkestra.errors import OrchestratorError, from_rpc_error
-from aorkestra.retry import RetryPolicy
 
 WorkKind = Literal["llm_query", "rag_query", "embedding"]
 Priority = Literal["high", "normal", "low"]
 
-_KINDS: dict[str, int] = {
-    "llm_query": common_pb2.WORK_KIND_LLM_QUERY,
-    "rag_query": common_pb2.WORK_KIND_RAG_QUERY,
-    "embedding": common_pb2.WORK_KIND_EMBEDDING,
-}
-_BATCH_KINDS: dict[str, int] = {
-    "chat_message": batch_pb2.BATCH_ITEM_KIND_CHAT_MESSAGE,
-    "llm_query": batch_pb2.BATCH_ITEM_KIND_LLM_QUERY,
-    "rag_query": batch_pb2.BATCH_ITEM_KIND_RAG_QUERY,
-    "embedding": batch_pb2.BATCH_ITEM_KIND_EMBEDDING,
-}
-_PRIORITIES: dict[str, int] = {
-    "high": common_pb2.PRIORITY_HIGH,
-    "normal": common_pb2.PRIORITY_NORMAL,
-    "low": common_pb2.PRIORITY_LOW,
-}
-_SERVICES: dict[str, int] = {
-    name.removeprefix("SERVICE_").lower(): number
-    for name, number in common_pb2.Service.items()
-    if number != common_pb2.SERVICE_UNSPECIFIED
-}
-_ROLES: dict[str, int] = {
-    "client": admin_pb2.API_KEY_ROLE_CLIENT,
-    "service": admin_pb2.API_KEY_ROLE_SERVICE,
-    "admin": admin_pb2.API_KEY_ROLE_ADMIN,
-}
-_SESSION_STATES: dict[str, int] = {
-    "active": session_pb2.SESSION_STATE_ACTIVE,
-    "busy": session_pb2.SESSION_STATE_BUSY,
-    "closed": session_pb2.SESSION_STATE_CLOSED,
-    "expired": session_pb2.SESSION_STATE_EXPIRED,
-}
+
+class _ProtoEnum(Protocol):
+    def items(self) -> Iterable[tuple[str, int]]: ...
+
+
+def _by_short_name(enum: _ProtoEnum, prefix: str) -> dict[str, int]:
+    """An enum's values by the names the SDK takes: ``prefix`` dropped, lower case
+    (PRIORITY_HIGH: high); the unspecified value (0) left out."""
+    return {name.removeprefix(prefix).lower(): number for name, number in enum.items() if number}
+
+
+_KINDS = _by_short_name(common_pb2.WorkKind, "WORK_KIND_")
+_BATCH_KINDS = _by_short_name(batch_pb2.BatchItemKind, "BATCH_ITEM_KIND_")
+_PRIORITIES = _by_short_name(common_pb2.Priority, "PRIORITY_")
+_SERVICES = _by_short_name(common_pb2.Service, "SERVICE_")
+_ROLES = _by_short_name(admin_pb2.ApiKeyRole, "API_KEY_ROLE_")
+_SESSION_STATES = _by_short_name(session_pb2.SessionState, "SESSION_STATE_")
+
 BATCH_DONE = frozenset(
     {
         batch_pb2.BATCH_STATE_COMPLETED,
@@ -95,10 +79,15 @@ def _choice(table: Mapping[str, int], value: str | None, what: str) -> int:
         raise ValueError(f"{what} must be one of {', '.join(table)}; got {value!r}") from None
 
 
-class Sessions:
+class _Api:
+    """One of the client's APIs. They share the client's transport: its channel, its stubs
+    and its retry loops."""
+
     def __init__(self, transport: Transport) -> None:
         self._t = transport
 
+
+class Sessions(_Api):
     async def create(
         self,
         agent_id: str,
@@ -111,16 +100,12 @@ class Sessions:
         request = session_pb2.CreateSessionRequest(
             agent_id=agent_id, user_id=user_id, metadata=dict(metadata or {}), ttl=_duration(ttl)
         )
-        response = await self._t.unary(
-            "CreateSession", self._t.sessions.CreateSession, request, safe=False
-        )
+        response = await self._t.unary(self._t.sessions.CreateSession, request, safe=False)
         return response.session
 
     async def get(self, session_id: str) -> session_pb2.Session:
         request = session_pb2.GetSessionRequest(session_id=session_id)
-        response = await self._t.unary(
-            "GetSession", self._t.sessions.GetSession, request, safe=True
-        )
+        response = await self._t.unary(self._t.sessions.GetSession, request, safe=True)
         return response.session
 
     async def list(
@@ -130,9 +115,7 @@ class Sessions:
         request = session_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
         if state is not None:
             request.state = _choice(_SESSION_STATES, state, "state")  # type: ignore[assignment]
-        return await self._t.unary(
-            "ListSessions", self._t.sessions.ListSessions, request, safe=True
-        )
+        return await self._t.unary(self._t.sessions.ListSessions, request, safe=True)
 
     async def iterate(self, *, state: str | None = None) -> AsyncIterator[session_pb2.Session]:
         """Every session of the caller's tenant, page after page."""
@@ -148,9 +131,7 @@ class Sessions:
     async def close(self, session_id: str) -> session_pb2.Session:
         """Closes a session (idempotent, so retried like a read)."""
         request = session_pb2.CloseSessionRequest(session_id=session_id)
-        response = await self._t.unary(
-            "CloseSession", self._t.sessions.CloseSession, request, safe=True
-        )
+        response = await self._t.unary(self._t.sessions.CloseSession, request, safe=True)
         return response.session
 
     def follow(
@@ -162,10 +143,7 @@ class Sessions:
         return self._t.follow(session_id, after, on_truncated=on_truncated)
 
 
-class Chat:
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-
+class Chat(_Api):
     async def send(
         self,
         session_id: str,
@@ -261,7 +239,7 @@ class Chat:
     async def cancel(self, session_id: str, job_id: str) -> ev.Event:
         """Cancels a job (idempotent); returns the event the cancellation produced."""
         request = chat_pb2.CancelJobRequest(session_id=session_id, job_id=job_id)
-        response = await self._t.unary("CancelJob", self._t.chat.CancelJob, request, safe=True)
+        response = await self._t.unary(self._t.chat.CancelJob, request, safe=True)
         return ev.from_proto(response.event)
 
 
@@ -329,11 +307,7 @@ def read_jsonl(path: str | Path) -> list[batch_pb2.BatchItem]:
     return items
 
 
-class Batches:
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._stub = batch_pb2_grpc.BatchServiceStub(transport.channel)
-
+class Batches(_Api):
     async def submit(
         self,
         items: Iterable[Mapping[str, Any] | batch_pb2.BatchItem],
@@ -352,7 +326,7 @@ class Batches:
             completion_window=_duration(completion_window),
             metadata=dict(metadata or {}),
         )
-        response = await self._t.unary("SubmitBatch", self._stub.SubmitBatch, request, safe=True)
+        response = await self._t.unary(self._t.batches.SubmitBatch, request, safe=True)
         return response.batch
 
     async def submit_jsonl(self, path: str | Path, **options: Any) -> batch_pb2.Batch:
@@ -361,18 +335,18 @@ class Batches:
 
     async def get(self, batch_id: str) -> batch_pb2.Batch:
         request = batch_pb2.GetBatchRequest(batch_id=batch_id)
-        response = await self._t.unary("GetBatch", self._stub.GetBatch, request, safe=True)
+        response = await self._t.unary(self._t.batches.GetBatch, request, safe=True)
         return response.batch
 
     async def list(
         self, *, page_size: int = 50, page_token: str = ""
     ) -> batch_pb2.ListBatchesResponse:
         request = batch_pb2.ListBatchesRequest(page_size=page_size, page_token=page_token)
-        return await self._t.unary("ListBatches", self._stub.ListBatches, request, safe=True)
+        return await self._t.unary(self._t.batches.ListBatches, request, safe=True)
 
     async def cancel(self, batch_id: str) -> batch_pb2.Batch:
         request = batch_pb2.CancelBatchRequest(batch_id=batch_id)
-        response = await self._t.unary("CancelBatch", self._stub.CancelBatch, request, safe=True)
+        response = await self._t.unary(self._t.batches.CancelBatch, request, safe=True)
         return response.batch
 
     async def wait(
@@ -408,7 +382,7 @@ class Batches:
         cursor = after
         failures = 0
         while True:
-            call = self._stub.StreamBatchResults(
+            call = self._t.batches.StreamBatchResults(
                 batch_pb2.StreamBatchResultsRequest(batch_id=batch_id, after_sequence=cursor),
                 metadata=self._t.metadata,
             )
@@ -432,12 +406,8 @@ class Batches:
                 call.cancel()
 
 
-class Keys:
+class Keys(_Api):
     """API keys (admin role)."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._stub = admin_pb2_grpc.AdminServiceStub(transport.channel)
 
     async def create(
         self,
@@ -456,7 +426,7 @@ class Keys:
             description=description,
             services=[_choice(_SERVICES, name, "service") for name in services],  # type: ignore[misc]
         )
-        return await self._t.unary("CreateApiKey", self._stub.CreateApiKey, request, safe=False)
+        return await self._t.unary(self._t.admin.CreateApiKey, request, safe=False)
 
     async def list(
         self, tenant_id: str = "", *, page_size: int = 100, page_token: str = ""
@@ -464,24 +434,20 @@ class Keys:
         request = admin_pb2.ListApiKeysRequest(
             tenant_id=tenant_id, page_size=page_size, page_token=page_token
         )
-        return await self._t.unary("ListApiKeys", self._stub.ListApiKeys, request, safe=True)
+        return await self._t.unary(self._t.admin.ListApiKeys, request, safe=True)
 
     async def revoke(self, key_id: str) -> admin_pb2.ApiKey:
         request = admin_pb2.RevokeApiKeyRequest(key_id=key_id)
-        response = await self._t.unary("RevokeApiKey", self._stub.RevokeApiKey, request, safe=True)
+        response = await self._t.unary(self._t.admin.RevokeApiKey, request, safe=True)
         return response.key
 
 
-class Admin:
+class Admin(_Api):
     """Tasks and token usage (admin role)."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._stub = admin_pb2_grpc.AdminServiceStub(transport.channel)
 
     async def task(self, tenant_id: str, job_id: str) -> admin_pb2.Task:
         request = admin_pb2.GetTaskRequest(tenant_id=tenant_id, job_id=job_id)
-        response = await self._t.unary("GetTask", self._stub.GetTask, request, safe=True)
+        response = await self._t.unary(self._t.admin.GetTask, request, safe=True)
         return response.task
 
     async def usage(
@@ -491,13 +457,15 @@ class Admin:
         request = admin_pb2.GetTenantUsageRequest(
             tenant_id=tenant_id, start_date=start_date, end_date=end_date
         )
-        return await self._t.unary("GetTenantUsage", self._stub.GetTenantUsage, request, safe=True)
+        return await self._t.unary(self._t.admin.GetTenantUsage, request, safe=True)
 
 
 class AsyncClient:
     """The asynchronous client. Use as ``async with AsyncClient(...) as client:``.
 
-    Every argument may come from the environment instead (see aorkestra.config).
+    ``address`` and the keyword settings (``api_key``, ``tls``, ``ca_file``, ``cert_file``,
+    ``key_file``, ``server_name``, ``timeout_s``, ``retry``: aorkestra.config.ConnectionSettings)
+    may come from the environment instead (see aorkestra.config); ``config`` replaces them all.
     ``on_retry`` is told about every retry and reconnect before the SDK waits.
     """
 
@@ -505,28 +473,11 @@ class AsyncClient:
         self,
         address: str | None = None,
         *,
-        api_key: str | None = None,
-        tls: bool | None = None,
-        ca_file: str | None = None,
-        cert_file: str | None = None,
-        key_file: str | None = None,
-        server_name: str | None = None,
-        timeout_s: float | None = None,
-        retry: RetryPolicy | None = None,
         on_retry: Callable[[RetryNotice], None] | None = None,
         config: ClientConfig | None = None,
+        **settings: Unpack[ConnectionSettings],
     ) -> None:
-        self.config = config or ClientConfig.resolve(
-            address=address,
-            api_key=api_key,
-            tls=tls,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            server_name=server_name,
-            timeout_s=timeout_s,
-            retry=retry,
-        )
+        self.config = config or ClientConfig.resolve(address=address, **settings)
         self._transport = Transport(self.config, on_retry)
         self.sessions = Sessions(self._transport)
         self.chat = Chat(self._transport)

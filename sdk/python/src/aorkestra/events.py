@@ -158,8 +158,9 @@ def _enum(enum: Any, value: int, prefix: str) -> str:
     return name.removeprefix(prefix).lower()
 
 
-def _error(present: bool, pb: common_pb2.JobError) -> JobError | None:
-    return JobError.of(pb) if present else None
+def _error(step: Any) -> JobError | None:
+    """The error of a tool call, workflow step or plan step; None when it has none."""
+    return JobError.of(step.error) if step.HasField("error") else None
 
 
 def from_proto(pb: chat_pb2.ChatEvent) -> Event:
@@ -221,7 +222,7 @@ def from_proto(pb: chat_pb2.ChatEvent) -> Event:
             phase=_enum(common_pb2.StepPhase, t.phase, "STEP_PHASE_"),
             arguments_json=t.arguments_json,
             result_summary=t.result_summary,
-            error=_error(t.HasField("error"), t.error),
+            error=_error(t),
         )
     if kind == "workflow_step":
         w = pb.workflow_step
@@ -232,7 +233,7 @@ def from_proto(pb: chat_pb2.ChatEvent) -> Event:
             index=w.index,
             phase=_enum(common_pb2.StepPhase, w.phase, "STEP_PHASE_"),
             summary=w.summary,
-            error=_error(w.HasField("error"), w.error),
+            error=_error(w),
         )
     if kind == "plan_step":
         p = pb.plan_step
@@ -244,6 +245,6 @@ def from_proto(pb: chat_pb2.ChatEvent) -> Event:
             method=p.method,
             state=_enum(common_pb2.PlanStepState, p.state, "PLAN_STEP_STATE_"),
             attempts=p.attempts,
-            error=_error(p.HasField("error"), p.error),
+            error=_error(p),
         )
     return UnknownEvent(**base)

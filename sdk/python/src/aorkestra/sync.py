@@ -4,20 +4,18 @@ thread and turns its coroutines into calls and its async iterators into iterator
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-from aorkestra import events as ev
-from aorkestra._proto.orchestrator.admin.v1 import admin_pb2
-from aorkestra._proto.orchestrator.v1 import batch_pb2, session_pb2
-from aorkestra._transport import OnTruncated
-from aorkestra.client import Admin, AsyncClient, Batches, BatchProgress, Chat, Keys, Sessions
+from aorkestra._proto.orchestrator.v1 import batch_pb2
+from aorkestra.client import Admin, AsyncClient, Batches, Chat, Keys, Sessions
 
 T = TypeVar("T")
 A = TypeVar("A")
+P = ParamSpec("P")
 
 
 class _Loop:
@@ -64,104 +62,75 @@ class _Sync(Generic[A]):
         self._a = target
 
 
+def _blocking(
+    method: Callable[Concatenate[A, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[_Sync[A], P], T]:
+    """The synchronous form of an async API method: the same parameters, run on the loop."""
+
+    @functools.wraps(method)
+    def call(self: _Sync[A], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._loop.run(method(self._a, *args, **kwargs))
+
+    return call
+
+
+def _iterating(
+    method: Callable[Concatenate[A, P], AsyncIterator[T]],
+) -> Callable[Concatenate[_Sync[A], P], Generator[T, None, None]]:
+    """The synchronous form of an async API stream: the same parameters, an iterator."""
+
+    @functools.wraps(method)
+    def call(self: _Sync[A], /, *args: P.args, **kwargs: P.kwargs) -> Generator[T, None, None]:
+        return self._loop.iterate(method(self._a, *args, **kwargs))
+
+    return call
+
+
 class SyncSessions(_Sync[Sessions]):
-    def create(
-        self,
-        agent_id: str,
-        *,
-        user_id: str = "",
-        metadata: Mapping[str, str] | None = None,
-        ttl: float | timedelta | None = None,
-    ) -> session_pb2.Session:
-        return self._loop.run(self._a.create(agent_id, user_id=user_id, metadata=metadata, ttl=ttl))
+    create = _blocking(Sessions.create)
+    get = _blocking(Sessions.get)
+    list = _blocking(Sessions.list)
+    close = _blocking(Sessions.close)
+    follow = _iterating(Sessions.follow)
 
-    def get(self, session_id: str) -> session_pb2.Session:
-        return self._loop.run(self._a.get(session_id))
 
-    def list(self, **options: Any) -> session_pb2.ListSessionsResponse:
-        return self._loop.run(self._a.list(**options))
-
-    def close(self, session_id: str) -> session_pb2.Session:
-        return self._loop.run(self._a.close(session_id))
-
-    def follow(
-        self, session_id: str, *, after: int = 0, on_truncated: OnTruncated = "raise"
-    ) -> Generator[ev.Event, None, None]:
-        return self._loop.iterate(
-            self._a.follow(session_id, after=after, on_truncated=on_truncated)
-        )
+# Methods that take ``**options`` are written out: mypy cannot give _blocking their
+# parameters (``self`` could be one of the options).
 
 
 class SyncChat(_Sync[Chat]):
-    def send(
-        self, session_id: str, content: str, **options: Any
-    ) -> Generator[ev.Event, None, None]:
-        return self._loop.iterate(self._a.send(session_id, content, **options))
+    send = _iterating(Chat.send)
+    cancel = _blocking(Chat.cancel)
 
     def reply(self, session_id: str, content: str, **options: Any) -> str:
         return self._loop.run(self._a.reply(session_id, content, **options))
-
-    def cancel(self, session_id: str, job_id: str) -> ev.Event:
-        return self._loop.run(self._a.cancel(session_id, job_id))
 
 
 class SyncBatches(_Sync[Batches]):
     def submit(
         self, items: Iterable[Mapping[str, Any] | batch_pb2.BatchItem], **options: Any
     ) -> batch_pb2.Batch:
+        # The items are read here, in the caller's thread, not on the client's loop.
         return self._loop.run(self._a.submit(list(items), **options))
 
     def submit_jsonl(self, path: str | Path, **options: Any) -> batch_pb2.Batch:
         return self._loop.run(self._a.submit_jsonl(path, **options))
 
-    def get(self, batch_id: str) -> batch_pb2.Batch:
-        return self._loop.run(self._a.get(batch_id))
-
-    def cancel(self, batch_id: str) -> batch_pb2.Batch:
-        return self._loop.run(self._a.cancel(batch_id))
-
-    def wait(
-        self,
-        batch_id: str,
-        *,
-        progress: Callable[[BatchProgress], None] | None = None,
-        poll_s: float = 0.5,
-        timeout_s: float | None = None,
-    ) -> batch_pb2.Batch:
-        return self._loop.run(
-            self._a.wait(batch_id, progress=progress, poll_s=poll_s, timeout_s=timeout_s)
-        )
-
-    def results(
-        self, batch_id: str, *, after: int = 0
-    ) -> Generator[batch_pb2.BatchItemResult, None, None]:
-        return self._loop.iterate(self._a.results(batch_id, after=after))
+    get = _blocking(Batches.get)
+    cancel = _blocking(Batches.cancel)
+    wait = _blocking(Batches.wait)
+    results = _iterating(Batches.results)
 
 
 class SyncKeys(_Sync[Keys]):
-    def create(
-        self,
-        tenant_id: str,
-        role: Literal["client", "service", "admin"],
-        description: str = "",
-        *,
-        services: Iterable[str] = (),
-    ) -> admin_pb2.CreateApiKeyResponse:
-        return self._loop.run(self._a.create(tenant_id, role, description, services=services))
-
-    def list(self, tenant_id: str = "", **options: Any) -> admin_pb2.ListApiKeysResponse:
-        return self._loop.run(self._a.list(tenant_id, **options))
-
-    def revoke(self, key_id: str) -> admin_pb2.ApiKey:
-        return self._loop.run(self._a.revoke(key_id))
+    create = _blocking(Keys.create)
+    list = _blocking(Keys.list)
+    revoke = _blocking(Keys.revoke)
 
 
 class SyncAdmin(_Sync[Admin]):
-    def task(self, tenant_id: str, job_id: str) -> admin_pb2.Task:
-        return self._loop.run(self._a.task(tenant_id, job_id))
-
-    def usage(self, tenant_id: str, **options: Any) -> admin_pb2.GetTenantUsageResponse:
-        return self._loop.run(self._a.usage(tenant_id, **options))
+    task = _blocking(Admin.task)
+    usage = _blocking(Admin.usage)
 
 
 class Client:
