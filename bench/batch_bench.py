@@ -53,6 +53,7 @@ from redis.asyncio import Redis
 from bench import machine
 from bench.batch_processes import start_orchestrator, start_reference, start_worker
 from bench.machine import Limits
+from bench.options import doc_parser
 from bench.processes import Child, on_private_redis, wait_serving
 from bench.tables import Rate, print_table, quotient
 from orchestrator.v1 import (
@@ -527,9 +528,7 @@ def print_results(r: Results) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--items", type=int, default=10_000, help="items in the measured batch")
     p.add_argument(
         "--concurrency",

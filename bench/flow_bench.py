@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 
 from bench import machine
 from bench.machine import Limits
+from bench.options import doc_parser
 from bench.processes import (
     Child,
     bench_settings,
@@ -1026,9 +1027,7 @@ async def measure(redis_url: str, args: argparse.Namespace) -> Results:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--chats", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--sessions", type=int, default=320)

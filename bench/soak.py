@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis
 
+from bench.options import doc_parser
 from bench.processes import BIN, ROOT, Child, on_private_redis, wait_serving
 from orchestrator.admin.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.v1 import chat_pb2, chat_pb2_grpc, session_pb2, session_pb2_grpc
@@ -537,9 +538,7 @@ def print_results(r: Results) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--streams", type=int, default=500, help="idle StreamSession streams")
     p.add_argument("--rate", type=float, default=20.0, help="chats per second")
     p.add_argument("--duration", type=float, default=300.0, help="seconds of steady load")
