@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol, Unpack
+from typing import Any, Literal, Protocol
 
 import grpc
 import grpc.aio
@@ -27,8 +27,9 @@ from aorkestra._proto.orchestrator.v1 import (
     session_pb2,
 )
 from aorkestra._transport import OnTruncated, RetryNotice, Transport
-from aorkestra.config import ClientConfig, ConnectionSettings
+from aorkestra.config import ClientConfig
 from aorkestra.errors import OrchestratorError, from_rpc_error
+from aorkestra.retry import RetryPolicy
 
 WorkKind = Literal["llm_query", "rag_query", "embedding"]
 Priority = Literal["high", "normal", "low"]
@@ -463,9 +464,7 @@ class Admin(_Api):
 class AsyncClient:
     """The asynchronous client. Use as ``async with AsyncClient(...) as client:``.
 
-    ``address`` and the keyword settings (``api_key``, ``tls``, ``ca_file``, ``cert_file``,
-    ``key_file``, ``server_name``, ``timeout_s``, ``retry``: aorkestra.config.ConnectionSettings)
-    may come from the environment instead (see aorkestra.config); ``config`` replaces them all.
+    Every argument may come from the environment instead (see aorkestra.config).
     ``on_retry`` is told about every retry and reconnect before the SDK waits.
     """
 
@@ -473,11 +472,28 @@ class AsyncClient:
         self,
         address: str | None = None,
         *,
+        api_key: str | None = None,
+        tls: bool | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_name: str | None = None,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
         on_retry: Callable[[RetryNotice], None] | None = None,
         config: ClientConfig | None = None,
-        **settings: Unpack[ConnectionSettings],
     ) -> None:
-        self.config = config or ClientConfig.resolve(address=address, **settings)
+        self.config = config or ClientConfig.resolve(
+            address=address,
+            api_key=api_key,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            server_name=server_name,
+            timeout_s=timeout_s,
+            retry=retry,
+        )
         self._transport = Transport(self.config, on_retry)
         self.sessions = Sessions(self._transport)
         self.chat = Chat(self._transport)

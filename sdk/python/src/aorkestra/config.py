@@ -14,7 +14,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict, Unpack
 
 import grpc
 
@@ -27,21 +26,6 @@ _TRUE = {"1", "true", "yes", "on"}
 
 class ConfigError(ValueError):
     """A connection setting that cannot work (a missing certificate file, a half mTLS pair)."""
-
-
-class ConnectionSettings(TypedDict, total=False):
-    """The connection settings ``AsyncClient``, ``Client`` and ``ClientConfig.resolve`` take
-    as keyword arguments besides ``address``; one left out (or None) comes from the
-    environment, else from its default."""
-
-    api_key: str | None
-    tls: bool | None
-    ca_file: str | None
-    cert_file: str | None
-    key_file: str | None
-    server_name: str | None
-    timeout_s: float | None
-    retry: RetryPolicy | None
 
 
 @dataclass(frozen=True)
@@ -61,8 +45,15 @@ class ClientConfig:
         cls,
         *,
         address: str | None = None,
+        api_key: str | None = None,
+        tls: bool | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_name: str | None = None,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
         env: Mapping[str, str] | None = None,
-        **settings: Unpack[ConnectionSettings],
     ) -> ClientConfig:
         """Arguments, then ``AORKESTRA_*`` variables, then defaults."""
         env = os.environ if env is None else env
@@ -70,16 +61,14 @@ class ClientConfig:
         def pick(value: str | None, name: str) -> str | None:
             return value if value is not None else (env.get(ENV_PREFIX + name) or None)
 
-        ca = pick(settings.get("ca_file"), "CA_FILE")
-        cert = pick(settings.get("cert_file"), "CERT_FILE")
-        key = pick(settings.get("key_file"), "KEY_FILE")
-        tls = settings.get("tls")
+        ca = pick(ca_file, "CA_FILE")
+        cert = pick(cert_file, "CERT_FILE")
+        key = pick(key_file, "KEY_FILE")
         if tls is None:
             tls = (env.get(ENV_PREFIX + "TLS", "").strip().lower() in _TRUE) or bool(
                 ca or cert or key
             )
         raw_timeout = env.get(ENV_PREFIX + "TIMEOUT")
-        timeout_s = settings.get("timeout_s")
         if timeout_s is None:
             try:
                 timeout_s = float(raw_timeout) if raw_timeout else 30.0
@@ -87,14 +76,14 @@ class ClientConfig:
                 raise ConfigError(f"{ENV_PREFIX}TIMEOUT must be a number of seconds") from None
         config = cls(
             address=pick(address, "ADDRESS") or DEFAULT_ADDRESS,
-            api_key=pick(settings.get("api_key"), "API_KEY"),
+            api_key=pick(api_key, "API_KEY"),
             tls=tls,
             ca_file=ca,
             cert_file=cert,
             key_file=key,
-            server_name=pick(settings.get("server_name"), "SERVER_NAME"),
+            server_name=pick(server_name, "SERVER_NAME"),
             timeout_s=timeout_s,
-            retry=settings.get("retry") or RetryPolicy(),
+            retry=retry or RetryPolicy(),
         )
         config.validate()
         return config
