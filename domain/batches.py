@@ -11,6 +11,7 @@ and embedding items) run on one internal session created per batch at submission
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -43,6 +44,7 @@ from domain.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from domain.ids import is_resource_id, new_id, require_id
 from domain.models import Page, page_limit
@@ -60,6 +62,7 @@ WORK_KIND = "batch_item"  # the work queue's kind for batch items
 _ENQUEUE_CHUNK = 500
 _RESULT_PAGE = 500
 _STREAM_WAIT_S = 1.0
+_OUTAGE_WAITED_OUT_S = 30.0  # a result stream waits out a backend outage this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,30 +382,44 @@ class BatchManager:
         self, tenant_id: str, batch_id: str, after: int
     ) -> AsyncIterator[ItemResult]:
         """Results with sequence > ``after`` as they are appended, until the batch is final and
-        every result was yielded."""
+        every result was yielded; a backend outage of up to _OUTAGE_WAITED_OUT_S is waited
+        out."""
         if after < 0:
             raise InvalidArgument.field("after_sequence", "must not be negative")
         # The state is read before each page of results: a final batch has every result
         # appended already.
         batch: Batch | None = await self.get(tenant_id, batch_id)
         cursor = after
+        down_since: float | None = None
         while batch is not None:
             final = batch.state.is_final
-            results = await self._store.read_results(
-                tenant_id,
-                batch_id,
-                cursor,
-                limit=_RESULT_PAGE,
-                wait_s=0 if final else _STREAM_WAIT_S,
-            )
+            try:
+                results = await self._store.read_results(
+                    tenant_id,
+                    batch_id,
+                    cursor,
+                    limit=_RESULT_PAGE,
+                    wait_s=0 if final else _STREAM_WAIT_S,
+                )
+                if final and not results:
+                    return
+                batch = await self._store.get_batch(tenant_id, batch_id)
+                if batch is not None:
+                    batch = await self._settle(batch)
+            except Unavailable as exc:
+                # Redis restarting: wait it out as session streams do (README, Operations),
+                # then read this page again; an outage that lasts ends the stream.
+                if down_since is None:
+                    log.info("result stream of batch %s waits for the backend: %s", batch_id, exc)
+                    down_since = time.monotonic()
+                if time.monotonic() - down_since > _OUTAGE_WAITED_OUT_S:
+                    raise
+                await asyncio.sleep(_STREAM_WAIT_S)
+                continue
+            down_since = None
             for result in results:
                 cursor = result.sequence
                 yield result
-            if final and not results:
-                return
-            batch = await self._store.get_batch(tenant_id, batch_id)
-            if batch is not None:
-                batch = await self._settle(batch)
         # A batch is kept for its retention after it became final, so one that vanished while
         # followed was lost with the backend's data: never end as if it had finished.
         raise Aborted(f"the record of batch {batch_id} was lost (the backend lost its data)")

@@ -86,10 +86,10 @@ class _Stream:
 
     def __init__(self) -> None:
         self.closed = False
-        self.in_flight: Notice | None = None
         self.written = 0
         self.answered = 0
-        self.unanswered: deque[Notice] = deque()  # written, not yet answered, in order
+        # Written (or being written), not yet answered, in order.
+        self.unanswered: deque[Notice] = deque()
 
     def ended(self) -> bool:
         return self.closed
@@ -223,14 +223,13 @@ class Reporter:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            stream.in_flight = notice
+            # Counted as unanswered before it is written: gRPC resumes this generator only
+            # after the write, and the answer may be read before that.
+            stream.unanswered.append(notice)
             yield ReportRequest(notice=notice)
-            # gRPC asks for the next message only after this one was written.
             if stream.ended():
                 return  # the call ended meanwhile; _requeue already took the notice back
-            stream.in_flight = None
             stream.written += 1
-            stream.unanswered.append(notice)
 
     def _answered(self, stream: _Stream, answer: Answer) -> None:
         """The orchestrator answered the oldest unanswered notice of the stream."""
@@ -255,16 +254,12 @@ class Reporter:
         self._wakeup.set()  # room to write again
 
     def _requeue(self, stream: _Stream) -> None:
-        """After a call ended: put the notices written but not answered, and the one being
-        written, back in front of the queue, in order."""
+        """After a call ended: put the notices written (or being written) but not answered
+        back in front of the queue, in order."""
         stream.closed = True
         self._wakeup.set()  # let the ended call's generator see it is closed
-        again = list(stream.unanswered)
+        self._retry.extendleft(reversed(stream.unanswered))
         stream.unanswered.clear()
-        if stream.in_flight is not None:
-            again.append(stream.in_flight)
-            stream.in_flight = None
-        self._retry.extendleft(reversed(again))
 
     async def _run(self) -> None:
         stubs = [task_update_pb2_grpc.TaskUpdateServiceStub(c) for c in self._channels]

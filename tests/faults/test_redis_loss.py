@@ -140,6 +140,34 @@ async def read_until_error(call: Any, timeout_s: float = TIMEOUT_S) -> tuple[lis
     return messages, ended
 
 
+async def running_batch_followed(stack: Stack, size: int) -> tuple[str, Any]:
+    """Submit a batch of ``size`` queries and follow its results; returns once every item is
+    running (its job handed to the reference services): the batch id and the open stream."""
+    items = [
+        batch_pb2.BatchItem(
+            custom_id=f"q{i}", kind=batch_pb2.BATCH_ITEM_KIND_LLM_QUERY, content="hello"
+        )
+        for i in range(size)
+    ]
+    submitted = await stack.batches.SubmitBatch(
+        batch_pb2.SubmitBatchRequest(items=items), metadata=stack.client, timeout=TIMEOUT_S
+    )
+    batch_id: str = submitted.batch.batch_id
+    results = stack.batches.StreamBatchResults(
+        batch_pb2.StreamBatchResultsRequest(batch_id=batch_id),
+        metadata=stack.client,
+        timeout=90,
+    )
+    await wait_for_log(stack.server, f"batch {batch_id} .* queued")
+    while True:
+        batch = await stack.batches.GetBatch(
+            batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=stack.client
+        )
+        if batch.batch.counts.running == size:
+            return batch_id, results
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator[Any]:
     started: list[Any] = []
@@ -259,30 +287,8 @@ async def test_a_batch_stream_ends_aborted_when_redis_loses_the_batch(
     stack_without_persistence: Stack,
 ) -> None:
     stack = stack_without_persistence
-    items = [
-        batch_pb2.BatchItem(
-            custom_id=f"q{i}", kind=batch_pb2.BATCH_ITEM_KIND_LLM_QUERY, content="hello"
-        )
-        for i in range(3)
-    ]
-    submitted = await stack.batches.SubmitBatch(
-        batch_pb2.SubmitBatchRequest(items=items), metadata=stack.client, timeout=TIMEOUT_S
-    )
-    batch_id = submitted.batch.batch_id
-    results = stack.batches.StreamBatchResults(
-        batch_pb2.StreamBatchResultsRequest(batch_id=batch_id),
-        metadata=stack.client,
-        timeout=60,
-    )
     # The items are running (their jobs handed to the reference services) when Redis goes.
-    await wait_for_log(stack.server, f"batch {batch_id} .* queued")
-    while True:
-        batch = await stack.batches.GetBatch(
-            batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=stack.client
-        )
-        if batch.batch.counts.running == 3:
-            break
-        await asyncio.sleep(0.05)
+    batch_id, results = await running_batch_followed(stack, size=3)
 
     stack.restart_redis(kill=False)
 
@@ -330,6 +336,25 @@ async def test_with_aof_a_job_in_flight_completes_and_streams_resume_across_a_re
     await list_keys_as_admin(stack.channel)
     await stack.new_session()
     assert LOSS_LINE not in stack.server.log()
+
+
+async def test_with_aof_a_batch_stream_waits_out_redis_being_down_and_ends_ok(
+    stack_with_aof: Stack,
+) -> None:
+    stack = stack_with_aof
+    batch_id, results = await running_batch_followed(stack, size=2)
+
+    stack.redis.stop()
+    # The open stream read while Redis was down (however long a restart takes on this machine).
+    await wait_for_log(stack.server, f"result stream of batch {batch_id} waits for the backend")
+    stack.redis.start()
+
+    # An item whose handler met Redis down, and could not record that, runs again once its
+    # lease (ORCH_BATCH_WORKER_LEASE, 30 s) runs out: the results may take that long.
+    streamed, ended = await read_until_error(results, timeout_s=60)
+    assert ended is None, f"StreamBatchResults failed across the restart: {ended}"
+    assert sorted(r.result.custom_id for r in streamed) == ["q0", "q1"]
+    assert [r.result.sequence for r in streamed] == sorted({r.result.sequence for r in streamed})
 
 
 async def test_two_replicas_notice_one_loss_once_each_and_agree_on_the_new_marker(

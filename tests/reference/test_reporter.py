@@ -11,7 +11,7 @@ import pytest
 from orchestrator.v1 import common_pb2, task_update_pb2
 from query.v1 import query_pb2, query_pb2_grpc
 from reference.app import ReferenceServices
-from reference.reporter import Notice, Reporter
+from reference.reporter import Answer, Notice, Reporter, _Stream
 from tests.reference.conftest import Stack, reference_config
 from tests.support.redis_process import free_port
 from tests.support.task_updates import RecordingOrchestrator
@@ -199,6 +199,23 @@ async def test_unanswered_notices_are_sent_again_in_order_after_a_restart() -> N
         await reporter.stop(1)
         await first.stop(None)
         await second.stop(None)
+
+
+async def test_an_answer_read_before_the_next_notice_is_asked_for_is_counted() -> None:
+    """gRPC resumes the request generator only after a write, and may read the notice's
+    answer first (a loaded machine): that answer still settles the notice."""
+    reporter = Reporter("127.0.0.1:1", ())  # never started: the test plays the call
+    reporter.publish(progress("j"))
+    stream = _Stream()
+    requests = reporter._requests(stream)
+    written = await anext(requests)  # written; gRPC has not asked for the next one yet
+    assert written.notice.job_id == "j"
+
+    reporter._answered(stream, Answer(verdict=task_update_pb2.NOTICE_VERDICT_ACCEPTED))
+
+    assert reporter.counts.accepted == 1
+    assert reporter.unanswered == 0
+    await reporter.wait_drained(0.1)
 
 
 async def test_a_rejected_notice_is_counted_logged_and_not_retried(
