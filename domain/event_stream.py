@@ -8,14 +8,23 @@ exactly once and in order.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 
+from domain.errors import Unavailable
 from domain.jobs import EventKind, SessionEvent
 from domain.ports.events import EventLog, Feed
 
+log = logging.getLogger(__name__)
+
 CATCH_UP_PAGE = 500
+# An open stream re-reading the log waits out a backend outage (Redis restarting) this long,
+# reading again every OUTAGE_RETRY_S; a longer one ends the stream UNAVAILABLE.
+OUTAGE_WAITED_OUT_S = 30.0
+OUTAGE_RETRY_S = 0.5
 
 
 def history_truncated(session_id: str, requested_after: int, oldest: int) -> SessionEvent:
@@ -78,6 +87,30 @@ class SessionFollower:
             if len(page.events) < CATCH_UP_PAGE:
                 return
 
+    async def _catch_up_again(self) -> AsyncIterator[SessionEvent]:
+        """``_catch_up`` for a stream already open. The feed asks for it after the reader
+        reconnected, and Redis may go down again before the read: the stream then reads again
+        from its cursor until the backend answers, for up to OUTAGE_WAITED_OUT_S, so a
+        restart does not end a stream the reader itself rides out."""
+        down_since: float | None = None
+        while True:
+            try:
+                async for event in self._catch_up(report_truncation=True):
+                    yield event
+                return
+            except Unavailable as exc:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    log.info(
+                        "stream of session %s waits for the backend to re-read its log: %s",
+                        self.session_id,
+                        exc,
+                    )
+                elif now - down_since > OUTAGE_WAITED_OUT_S:
+                    raise
+                await asyncio.sleep(OUTAGE_RETRY_S)
+
     async def events(self, after: int, *, catch_up: bool = True) -> AsyncIterator[SessionEvent]:
         """Events after ``after``. ``catch_up=False`` skips the first read of the log, for a
         caller whose feed was in effect before the event ``after`` was appended."""
@@ -106,18 +139,18 @@ class SessionFollower:
             if feed.lagging:
                 feed.clear_lagging()
                 feed.drain()
-                async for event in self._catch_up(report_truncation=True):
+                async for event in self._catch_up_again():
                     yield event
             for event in feed.drain():
                 if event.sequence <= self.last:
                     continue
                 if event.sequence > self.last + 1:  # something was missed: re-read the log
-                    async for missed in self._catch_up(report_truncation=True):
+                    async for missed in self._catch_up_again():
                         yield missed
                     continue
                 self.last = event.sequence
                 yield event
             if feed.closed and not feed.lagging:
-                async for event in self._catch_up(report_truncation=True):
+                async for event in self._catch_up_again():
                     yield event
                 return

@@ -4,9 +4,15 @@ saw a gap catches up from the log, in order, exactly once; delivery never waits 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
+from typing import cast
 
+import pytest
+
+from domain import event_stream
+from domain.errors import Unavailable
 from domain.event_stream import SessionFollower
-from domain.jobs import EventDraft, EventKind
+from domain.jobs import EventDraft, EventKind, EventPage, SessionEvent
 from registry.memory_jobs import MemoryEventLog
 
 TENANT, SESSION = "acme", "s-1"
@@ -83,3 +89,54 @@ async def test_idle_followers_of_a_session_end_once_it_is_no_longer_open() -> No
         )
     assert ended == [[], []]
     assert asked >= 1
+
+
+class FlakyLog(MemoryEventLog):
+    """The memory log, whose next ``outages`` reads fail as Redis does while it restarts."""
+
+    outages = 0
+
+    async def read_after(
+        self, tenant_id: str, session_id: str, after: int, *, limit: int
+    ) -> EventPage:
+        if self.outages:
+            self.outages -= 1
+            raise Unavailable("redis unavailable: connection refused")
+        return await super().read_after(tenant_id, session_id, after, limit=limit)
+
+
+async def test_an_open_stream_waits_out_an_outage_met_while_catching_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(event_stream, "OUTAGE_RETRY_S", 0.01)
+    log = FlakyLog(max_events=5000, ttl_ms=60_000)
+    async with log.subscribe(TENANT, SESSION) as feed:
+        follower = SessionFollower(log, feed, TENANT, SESSION)
+        events = cast(AsyncGenerator[SessionEvent, None], follower.events(0))
+        append(log, 1)
+        assert (await anext(events)).sequence == 1
+        # The reader reconnected (the feed must re-read the log) and Redis went down again.
+        append(log, 2)
+        feed.drain()
+        log.outages = 3
+        feed.mark_lagging()
+        assert (await asyncio.wait_for(anext(events), 5)).sequence == 2
+        assert log.outages == 0
+        await events.aclose()
+
+
+async def test_an_outage_longer_than_the_bound_ends_the_stream_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(event_stream, "OUTAGE_RETRY_S", 0.01)
+    monkeypatch.setattr(event_stream, "OUTAGE_WAITED_OUT_S", 0.05)
+    log = FlakyLog(max_events=5000, ttl_ms=60_000)
+    async with log.subscribe(TENANT, SESSION) as feed:
+        follower = SessionFollower(log, feed, TENANT, SESSION)
+        events = follower.events(0)
+        append(log, 1)
+        assert (await anext(events)).sequence == 1
+        log.outages = 1_000_000
+        feed.mark_lagging()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(anext(events), 5)
