@@ -11,7 +11,6 @@ and embedding items) run on one internal session created per batch at submission
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -48,6 +47,7 @@ from domain.errors import (
 )
 from domain.ids import is_resource_id, new_id, require_id
 from domain.models import Page, page_limit
+from domain.outages import OutageWait
 from domain.periodic import PeriodicTask
 from domain.ports.batches import BatchStore
 from domain.ports.queue import NewWorkItem, QueuePriority, WorkQueue
@@ -390,7 +390,7 @@ class BatchManager:
         # appended already.
         batch: Batch | None = await self.get(tenant_id, batch_id)
         cursor = after
-        down_since: float | None = None
+        outage = OutageWait(f"result stream of batch {batch_id}")
         while batch is not None:
             final = batch.state.is_final
             try:
@@ -407,16 +407,11 @@ class BatchManager:
                 if batch is not None:
                     batch = await self._settle(batch)
             except Unavailable as exc:
-                # Redis restarting: wait it out as session streams do (README, Operations),
-                # then read this page again; an outage that lasts ends the stream.
-                if down_since is None:
-                    log.info("result stream of batch %s waits for the backend: %s", batch_id, exc)
-                    down_since = time.monotonic()
-                if time.monotonic() - down_since > _OUTAGE_WAITED_OUT_S:
-                    raise
-                await asyncio.sleep(_STREAM_WAIT_S)
+                # Redis restarting: wait it out as session streams do, then read this page
+                # again; an outage that lasts ends the stream.
+                await outage.wait(exc, limit_s=_OUTAGE_WAITED_OUT_S, retry_s=_STREAM_WAIT_S)
                 continue
-            down_since = None
+            outage.over()
             for result in results:
                 cursor = result.sequence
                 yield result

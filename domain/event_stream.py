@@ -8,17 +8,14 @@ exactly once and in order.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 
 from domain.errors import Unavailable
 from domain.jobs import EventKind, SessionEvent
+from domain.outages import OutageWait
 from domain.ports.events import EventLog, Feed
-
-log = logging.getLogger(__name__)
 
 CATCH_UP_PAGE = 500
 # An open stream re-reading the log waits out a backend outage (Redis restarting) this long,
@@ -92,24 +89,14 @@ class SessionFollower:
         reconnected, and Redis may go down again before the read: the stream then reads again
         from its cursor until the backend answers, for up to OUTAGE_WAITED_OUT_S, so a
         restart does not end a stream the reader itself rides out."""
-        down_since: float | None = None
+        outage = OutageWait(f"stream of session {self.session_id} (re-reading its log)")
         while True:
             try:
                 async for event in self._catch_up(report_truncation=True):
                     yield event
                 return
             except Unavailable as exc:
-                now = time.monotonic()
-                if down_since is None:
-                    down_since = now
-                    log.info(
-                        "stream of session %s waits for the backend to re-read its log: %s",
-                        self.session_id,
-                        exc,
-                    )
-                elif now - down_since > OUTAGE_WAITED_OUT_S:
-                    raise
-                await asyncio.sleep(OUTAGE_RETRY_S)
+                await outage.wait(exc, limit_s=OUTAGE_WAITED_OUT_S, retry_s=OUTAGE_RETRY_S)
 
     async def events(self, after: int, *, catch_up: bool = True) -> AsyncIterator[SessionEvent]:
         """Events after ``after``. ``catch_up=False`` skips the first read of the log, for a
