@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
+from functools import partial
 
 from domain.errors import Unavailable
 from domain.jobs import EventKind, SessionEvent
@@ -98,6 +99,17 @@ class SessionFollower:
             except Unavailable as exc:
                 await outage.wait(exc, limit_s=OUTAGE_WAITED_OUT_S, retry_s=OUTAGE_RETRY_S)
 
+    async def _answer(self, check: Callable[[], Awaitable[bool]]) -> bool:
+        """``check()`` for a stream already open, asked again through a backend outage for up
+        to OUTAGE_WAITED_OUT_S: the recheck after the reader reconnected, or an idle check,
+        may meet Redis down (again), and the stream rides that out as its reads do."""
+        outage = OutageWait(f"stream of session {self.session_id} (checking it is still open)")
+        while True:
+            try:
+                return await check()
+            except Unavailable as exc:
+                await outage.wait(exc, limit_s=OUTAGE_WAITED_OUT_S, retry_s=OUTAGE_RETRY_S)
+
     async def events(self, after: int, *, catch_up: bool = True) -> AsyncIterator[SessionEvent]:
         """Events after ``after``. ``catch_up=False`` skips the first read of the log, for a
         caller whose feed was in effect before the event ``after`` was appended."""
@@ -110,16 +122,16 @@ class SessionFollower:
             if feed.recheck or self._log_reset:
                 feed.clear_recheck()
                 self._log_reset = False
-                if self.still_open is not None and not await self.still_open():
+                if self.still_open is not None and not await self._answer(self.still_open):
                     return
-                if self.still_there is not None and not await self.still_there():
+                if self.still_there is not None and not await self._answer(self.still_there):
                     return
             if not await feed.wait(self.idle_check_s):
                 # Idle: the answer is shared by the streams of the session in this process
                 # (at most half an idle period old), so idle streams cost per session.
                 still_open = self.still_open
                 if still_open is not None and not await feed.shared_check(
-                    still_open, self.idle_check_s / 2
+                    partial(self._answer, still_open), self.idle_check_s / 2
                 ):
                     return
                 continue

@@ -140,3 +140,76 @@ async def test_an_outage_longer_than_the_bound_ends_the_stream_unavailable(
         feed.mark_lagging()
         with pytest.raises(Unavailable):
             await asyncio.wait_for(anext(events), 5)
+
+
+class FlakyCheck:
+    """A ``still_open`` check whose next ``outages`` calls fail as Redis does while it restarts."""
+
+    def __init__(self, outages: int) -> None:
+        self.outages = outages
+        self.asked = 0
+        self.answered = asyncio.Event()
+
+    async def __call__(self) -> bool:
+        self.asked += 1
+        if self.outages:
+            self.outages -= 1
+            raise Unavailable("redis unavailable: connection refused")
+        self.answered.set()
+        return True
+
+
+async def test_a_recheck_that_meets_an_outage_is_asked_again_and_the_stream_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(event_stream, "OUTAGE_RETRY_S", 0.01)
+    log = MemoryEventLog(max_events=5000, ttl_ms=60_000)
+    check = FlakyCheck(outages=3)
+    async with log.subscribe(TENANT, SESSION) as feed:
+        follower = SessionFollower(log, feed, TENANT, SESSION, still_open=check)
+        events = cast(AsyncGenerator[SessionEvent, None], follower.events(0))
+        append(log, 1)
+        assert (await anext(events)).sequence == 1
+        # Redis lost its data (the feed asks for a recheck), and is down again for the check.
+        feed.mark_recheck()
+        append(log, 2)
+        assert (await asyncio.wait_for(anext(events), 5)).sequence == 2
+        assert (check.outages, check.asked) == (0, 4)
+        await events.aclose()
+
+
+async def test_an_idle_check_that_meets_an_outage_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(event_stream, "OUTAGE_RETRY_S", 0.01)
+    log = MemoryEventLog(max_events=5000, ttl_ms=60_000)
+    check = FlakyCheck(outages=2)
+    async with log.subscribe(TENANT, SESSION) as feed:
+        follower = SessionFollower(log, feed, TENANT, SESSION, still_open=check, idle_check_s=0.02)
+        events = cast(AsyncGenerator[SessionEvent, None], follower.events(0))
+        append(log, 1)
+        assert (await anext(events)).sequence == 1
+        later = asyncio.ensure_future(anext(events))
+        await asyncio.wait_for(check.answered.wait(), 5)  # failed twice, then answered
+        assert check.asked == 3
+        assert not later.done()
+        append(log, 2)
+        assert (await asyncio.wait_for(later, 5)).sequence == 2
+        await events.aclose()
+
+
+async def test_a_recheck_outage_longer_than_the_bound_ends_the_stream_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(event_stream, "OUTAGE_RETRY_S", 0.01)
+    monkeypatch.setattr(event_stream, "OUTAGE_WAITED_OUT_S", 0.05)
+    log = MemoryEventLog(max_events=5000, ttl_ms=60_000)
+    check = FlakyCheck(outages=1_000_000)
+    async with log.subscribe(TENANT, SESSION) as feed:
+        follower = SessionFollower(log, feed, TENANT, SESSION, still_open=check)
+        events = follower.events(0)
+        append(log, 1)
+        assert (await anext(events)).sequence == 1
+        feed.mark_recheck()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(anext(events), 5)
