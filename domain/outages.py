@@ -25,6 +25,11 @@ class OutageWait:
         self._down_since: float | None = None
 
     async def wait(self, exc: Unavailable, *, limit_s: float, retry_s: float) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The stream was cancelled (its client went away) and the client library turned the
+            # cancellation into a lost connection (redis-py may): nothing to wait out.
+            raise asyncio.CancelledError from exc
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
