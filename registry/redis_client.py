@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
+import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode, ClusterPubSub
@@ -161,35 +162,31 @@ class PooledConnection:
             raise
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        """The command in the Redis protocol, as redis-py packs it, in one buffer built once:
-        redis-py re-joins its buffer at every argument and passes each through its encoder.
-        Arguments of other types (floats, memoryviews, int subclasses), long ones and commands
-        named with a space (``CONFIG GET``) take redis-py's own path."""
+        """The command in the Redis protocol, byte for byte as redis-py packs it, packed by
+        hiredis' C packer in one buffer: redis-py's asyncio connection packs in Python and
+        re-joins its buffer at every argument (a queue enqueue of 100 items, 600 arguments:
+        250 us against hiredis' 100). Arguments of other types (floats, memoryviews, bools,
+        int subclasses), commands named with a space (``CONFIG GET``) and an encoder other
+        than strict UTF-8 take redis-py's own path."""
         name = args[0]
         base = cast(Any, super())
-        if type(name) is not str or " " in name:
-            return cast(list[bytes], base.pack_command(*args))
         encoder = cast(Any, self).encoder
-        encoding, errors = encoder.encoding, encoder.encoding_errors
-        cutoff = _BUFFER_CUTOFF
-        parts = [b"*%d\r\n" % len(args)]
+        if (
+            type(name) is not str
+            or " " in name
+            or encoder.encoding != "utf-8"
+            or encoder.encoding_errors != "strict"
+        ):
+            return cast(list[bytes], base.pack_command(*args))
         for arg in args:
-            kind = type(arg)
-            if kind is str:
-                arg = arg.encode(encoding, errors)
-            elif kind is int:
-                arg = b"%d" % arg
-            elif kind is not bytes:
+            if type(arg) not in _PACKED_BY_HIREDIS:
                 return cast(list[bytes], base.pack_command(*args))
-            if len(arg) > cutoff:
-                return cast(list[bytes], base.pack_command(*args))
-            parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        return [b"".join(parts)]
+        return [cast(bytes, hiredis.pack_command(args))]
 
 
-# Arguments longer than this go through redis-py's packing, which sends them as buffers of
-# their own rather than copying them (its own cutoff).
-_BUFFER_CUTOFF = 6000
+# The argument types hiredis packs exactly as redis-py's encoder does (its floats differ in
+# form from redis-py's repr; bools, which redis-py refuses, are ints to hiredis).
+_PACKED_BY_HIREDIS = frozenset({str, bytes, int})
 
 
 def writes_in_caller_task(base: type[T]) -> type[T]:
