@@ -164,7 +164,7 @@ class BatchRunner:
                 ctx, batch_id, index, message, likely_new=likely_new, session_agent=session_agent
             )
         except Unavailable:
-            raise  # the queue retries the delivery; the item is still RUNNING
+            raise  # the worker gives the delivery back uncounted; the item is still RUNNING
         except OverLimit as exc:
             # Its tenant is at a limit toward the service: nothing was started; the item
             # waits in the queue (RUNNING here) and is delivered again later.

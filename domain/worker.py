@@ -5,6 +5,10 @@
 ``handler(item)`` for each, renews every in-flight lease on one timer (a third of the lease) and
 records the outcome: a returned value completes the item, :class:`PermanentError` dead-letters
 it, any other exception fails it with a retry (backoff and the delivery limit are the queue's).
+A handler that meets an outage (:class:`Unavailable`: Redis, a platform service) gives its
+item back uncounted, for a delivery after a backoff of its own: an outage is not the item's
+fault, and counting it would spend the item's deliveries on a Redis failover or a service
+restart and dead-letter work that was accepted, which must run once the outage is over.
 
 Completions are batched: finished items wait a moment in a buffer that one flusher task hands
 to ``queue.complete`` in a single call, so a fast handler costs one round trip per batch, not
@@ -50,6 +54,12 @@ class ItemRunner(Protocol):
 
 # After a backend error the worker waits this long before leasing again.
 _ERROR_BACKOFF_S = 0.5
+# An item whose handler met an outage is given back for this long, doubling on each outage it
+# meets in a row here, up to the cap.
+_OUTAGE_RETRY_S = 0.5
+_OUTAGE_RETRY_CAP_S = 30.0
+# Items whose outages in a row are remembered at most (then the count starts afresh).
+_OUTAGES_REMEMBERED = 10_000
 # Largest number of completions sent in one call.
 _COMPLETE_BATCH = 200
 
@@ -79,6 +89,7 @@ class WorkerStats:
     dead_lettered: int = 0
     released: int = 0
     deferred: int = 0  # given back for later (Deferred)
+    backed_off: int = 0  # given back for later after their handler met an outage (Unavailable)
     lost_leases: int = 0  # renewals that found the item reclaimed by another consumer
 
 
@@ -101,9 +112,10 @@ class QueueWorker:
         poll_s: float = 1.0,
         grace_s: float = 10.0,
         on_dead_letter: DeadLetterHook | None = None,
+        outage_retry_s: float = _OUTAGE_RETRY_S,
     ) -> None:
-        if concurrency < 1 or lease_s <= 0 or poll_s <= 0 or grace_s < 0:
-            raise ValueError("concurrency, lease_s and poll_s must be positive")
+        if concurrency < 1 or lease_s <= 0 or poll_s <= 0 or grace_s < 0 or outage_retry_s <= 0:
+            raise ValueError("concurrency, lease_s, poll_s and outage_retry_s must be positive")
         self.queue = queue
         self.handler = handler
         self.concurrency = concurrency
@@ -112,7 +124,10 @@ class QueueWorker:
         self.poll_ms = max(int(poll_s * 1000), 1)
         self.grace_s = grace_s
         self.on_dead_letter = on_dead_letter
+        self.outage_retry_s = outage_retry_s
         self.stats = WorkerStats()
+        # Item id -> the outages its handler met in a row here (for the backoff).
+        self._outages: dict[str, int] = {}
         self._stopping = asyncio.Event()
         # Every item holding a slot, by its task: from its lease until its outcome is recorded
         # (a task whose handler returned a value ends before the flusher records it).
@@ -212,18 +227,40 @@ class QueueWorker:
             except Unavailable as unavailable:  # the lease will expire and the item come back
                 log.warning("could not defer %s: %s", item.item_id, unavailable)
             return False
+        except Unavailable as exc:
+            await self._back_off(item, exc)
+            return False
         except PermanentError as exc:
+            self._outages.pop(item.item_id, None)
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=False)
             return False
         except Exception as exc:
+            self._outages.pop(item.item_id, None)
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=True)
             return False
+        if self._outages:
+            self._outages.pop(item.item_id, None)
         # The value is buffered for the flusher, which records it and frees the slot.
         task = asyncio.current_task(self._loop)
         assert task is not None
         self._to_complete.append((task, item, value))
         self._completions_waiting.set()
         return True
+
+    async def _back_off(self, item: WorkItem, exc: Unavailable) -> None:
+        """Give an item whose handler met an outage back to its queue, uncounted, for a
+        delivery after a backoff that doubles with each outage it meets in a row."""
+        in_a_row = self._outages.get(item.item_id, 0)
+        if in_a_row == 0 and len(self._outages) >= _OUTAGES_REMEMBERED:
+            self._outages.clear()
+        self._outages[item.item_id] = in_a_row + 1
+        delay_s = min(self.outage_retry_s * 2 ** min(in_a_row, 20), _OUTAGE_RETRY_CAP_S)
+        log.warning("work item %s meets an outage; again in %.1f s: %s", item.item_id, delay_s, exc)
+        try:
+            if await self.queue.release(item, delay_ms=max(int(delay_s * 1000), 1)):
+                self.stats.backed_off += 1
+        except Unavailable as unavailable:  # the lease will expire and the item come back
+            log.warning("could not give back %s: %s", item.item_id, unavailable)
 
     async def _fail(self, item: WorkItem, error: str, *, retry: bool) -> None:
         try:

@@ -395,7 +395,7 @@ async def test_a_master_killed_mid_load_loses_and_repeats_no_event_and_no_item(
     result_sequences = [r.sequence for r in reader.results]
     assert result_sequences == list(range(1, ITEMS + 1))
     for result in reader.results:
-        assert result.state == batch_pb2.BATCH_ITEM_STATE_COMPLETED, result
+        assert result.state == batch_pb2.BATCH_ITEM_STATE_COMPLETED, str(result)
         assert set(platform.submits[prompts[result.custom_id]]) == {result.job_id}, result
     for chatter in chatters:
         for job_id, content in chatter.jobs.items():

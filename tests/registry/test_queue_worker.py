@@ -41,6 +41,7 @@ def make_worker(
     consumer: str = "w1",
     concurrency: int = 4,
     grace_s: float = 2.0,
+    outage_retry_s: float = 0.01,
 ) -> QueueWorker:
     return QueueWorker(
         queue,
@@ -50,6 +51,7 @@ def make_worker(
         consumer=consumer,
         poll_s=0.05,
         grace_s=grace_s,
+        outage_retry_s=outage_retry_s,
     )
 
 
@@ -207,6 +209,60 @@ async def test_a_deferred_item_waits_in_the_queue_and_is_never_dead_lettered(
     assert worker.stats.deferred == deferrals
     assert (worker.stats.retried, worker.stats.dead_lettered) == (0, 0)
     assert await queue.list_dead() == []
+
+
+async def test_an_item_whose_handler_meets_outages_runs_after_them_never_dead_lettered(
+    queue: WorkQueue,
+) -> None:
+    # A Redis failover or a platform service down: more outages in a row than the deliveries
+    # a failing item gets, and the item still runs, its deliveries uncounted.
+    outages = CONFIG.max_deliveries + 2
+    calls: Counter[str] = Counter()
+
+    async def during_an_outage(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        if calls[item.item_id] <= outages:
+            raise Unavailable("redis unavailable: Error 111 connecting. Connection refused.")
+        return b"ran"
+
+    worker = make_worker(queue, during_an_outage)
+    async with running(worker):
+        await queue.enqueue([new_item("i1")])
+        result = await queue.wait_result("i1", 10)
+    assert result is not None
+    assert (result.status, result.value, result.deliveries) == (ResultStatus.SUCCEEDED, b"ran", 1)
+    assert calls["i1"] == outages + 1
+    assert worker.stats.backed_off == outages
+    assert (worker.stats.retried, worker.stats.dead_lettered) == (0, 0)
+    assert await queue.list_dead() == []
+
+
+class _GivenBackDelays(MemoryWorkQueue):
+    """Records the delay of every delivery given back."""
+
+    def __init__(self) -> None:
+        super().__init__(CONFIG)
+        self.delays_ms: list[int] = []
+
+    async def release(self, item: WorkItem, *, delay_ms: int = 0) -> bool:
+        self.delays_ms.append(delay_ms)
+        return await super().release(item, delay_ms=delay_ms)
+
+
+async def test_an_item_meeting_outages_in_a_row_waits_twice_as_long_each_time() -> None:
+    queue = _GivenBackDelays()
+    calls: Counter[str] = Counter()
+
+    async def during_an_outage(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        if calls[item.item_id] <= 4:
+            raise Unavailable("redis unavailable")
+        return b"ran"
+
+    async with running(make_worker(queue, during_an_outage, outage_retry_s=0.005)):
+        await queue.enqueue([new_item("i1")])
+        assert await queue.wait_result("i1", 10) is not None
+    assert queue.delays_ms == [5, 10, 20, 40]
 
 
 class _GatedCompletions(MemoryWorkQueue):
