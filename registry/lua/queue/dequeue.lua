@@ -25,11 +25,11 @@ local levels = {'high', 'normal', 'low'}
 
 local out, values, lengths, nfields = {}, {}, {}, 0
 
--- One field of the reply: its value (never copied) and its length.
+-- One field of the reply: its value (never copied) and its length (4 bytes, big-endian).
 local function field(v)
   nfields = nfields + 1
   values[nfields] = v
-  lengths[nfields] = #v
+  lengths[nfields] = struct.pack('>I4', #v)
 end
 
 local function deliver(stream, entry, id, reclaimed)
@@ -149,6 +149,6 @@ end
 local hint = math.max(math.floor(lease_ms / 4), 10)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #nxt == 2 then hint = math.min(hint, math.max(tonumber(nxt[2]) - now, 1)) end
-return {table.concat(values), table.concat(lengths, ' '), hint,
+return {table.concat(values), table.concat(lengths), hint,
   redis.call('LLEN', prefix .. 'rr:high'), redis.call('LLEN', prefix .. 'rr:normal'),
   redis.call('LLEN', prefix .. 'rr:low')}
