@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -164,9 +165,19 @@ class QueueWorker:
                 await self._wait_or_stop(None, _ERROR_BACKOFF_S)
                 continue
             self.stats.leased += len(items)
-            create_task, inflight, process = self._loop.create_task, self._inflight, self._process
+            new_task, inflight, process = self._task_maker(), self._inflight, self._process
             for item in items:
-                inflight[create_task(process(item), name=f"work-{item.item_id}")] = item
+                inflight[new_task(process(item), name=f"work-{item.item_id}")] = item
+
+    def _task_maker(self) -> Callable[..., asyncio.Task[None]]:
+        """What makes an item's task: the Task that ``loop.create_task`` would make, made
+        directly. uvloop's create_task builds it without the name (so Python formats a
+        ``Task-<n>`` name) and then calls ``set_name``; named in the constructor, a task costs
+        ~1.5 us less per item. A loop with a task factory still makes its tasks itself."""
+        loop = self._loop
+        if loop.get_task_factory() is not None:
+            return loop.create_task
+        return functools.partial(asyncio.Task, loop=loop)
 
     async def _wait_or_stop(self, event: asyncio.Event | None, timeout_s: float | None) -> None:
         waits = [asyncio.ensure_future(self._stopping.wait())]
