@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -131,12 +132,14 @@ class QueueWorker:
         self._stopping = asyncio.Event()
         # Every item holding a slot, by its task: from its lease until its outcome is recorded
         # (a task whose handler returned a value ends before the flusher records it).
-        self._inflight: dict[asyncio.Task[bool], WorkItem] = {}
+        self._inflight: dict[asyncio.Task[None], WorkItem] = {}
         self._slot_free = asyncio.Event()
-        self._to_complete: list[tuple[asyncio.Task[bool], WorkItem, bytes]] = []
+        # Values waiting for the flusher, and the tasks whose slots they hold, in step.
+        self._to_complete: list[tuple[WorkItem, bytes]] = []
+        self._to_free: list[asyncio.Task[None]] = []
         self._completions_waiting = asyncio.Event()
         self._run_over = asyncio.Event()  # run() is ending: stop renewing
-        self._lost: set[asyncio.Task[bool]] = set()  # deliveries whose lease another consumer took
+        self._lost: set[asyncio.Task[None]] = set()  # deliveries whose lease another consumer took
 
     def stop(self) -> None:
         """Stop leasing new items; ``run`` returns after the grace period at the latest."""
@@ -177,10 +180,19 @@ class QueueWorker:
                 await self._wait_or_stop(None, _ERROR_BACKOFF_S)
                 continue
             self.stats.leased += len(items)
+            new_task, inflight, process = self._task_maker(), self._inflight, self._process
             for item in items:
-                task = self._loop.create_task(self._process(item), name=f"work-{item.item_id}")
-                self._inflight[task] = item
-                task.add_done_callback(self._task_done)
+                inflight[new_task(process(item), name=f"work-{item.item_id}")] = item
+
+    def _task_maker(self) -> Callable[..., asyncio.Task[None]]:
+        """What makes an item's task: the Task that ``loop.create_task`` would make, made
+        directly. uvloop's create_task builds it without the name (so Python formats a
+        ``Task-<n>`` name) and then calls ``set_name``; named in the constructor, a task costs
+        ~1.5 us less per item. A loop with a task factory still makes its tasks itself."""
+        loop = self._loop
+        if loop.get_task_factory() is not None:
+            return loop.create_task
+        return functools.partial(asyncio.Task, loop=loop)
 
     async def _wait_or_stop(self, event: asyncio.Event | None, timeout_s: float | None) -> None:
         waits = [asyncio.ensure_future(self._stopping.wait())]
@@ -192,60 +204,62 @@ class QueueWorker:
             for waiter in waits:
                 waiter.cancel()
 
-    def _task_done(self, task: asyncio.Task[bool]) -> None:
-        # A task that buffered a value keeps its slot until the flusher records it.
-        if task.cancelled():
-            self._free(task)
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("work item task failed", exc_info=error)
-            self._free(task)
-        elif not task.result():
-            self._free(task)
-
-    def _free(self, task: asyncio.Task[bool]) -> None:
+    def _free(self, task: asyncio.Task[None]) -> None:
         if self._inflight.pop(task, None) is not None:
             self._lost.discard(task)
             self._slot_free.set()
 
-    async def _process(self, item: WorkItem) -> bool:
-        """Run the handler; True when its value was buffered for the flusher (which frees the
-        slot), False when the outcome was recorded here."""
+    async def _process(self, item: WorkItem) -> None:
+        """Run the handler and hand its value to the flusher (which frees the slot once the
+        value is recorded), or record the outcome here and free the slot on the way out.
+        Freed here rather than by a done callback: one callback less per item."""
         try:
             value = await self.handler(item)
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            try:
+                await self._handler_failed(item, exc)
+            except Exception:  # a bug on the way out: say so; the item's lease will expire
+                log.exception("work item task failed")
+            finally:
+                self._free(self._current_task())
+            return
+        if self._outages:
+            self._outages.pop(item.item_id, None)
+        # Buffered for the flusher, which records the value and frees the slot.
+        self._to_complete.append((item, value))
+        self._to_free.append(self._current_task())
+        self._completions_waiting.set()
+
+    def _current_task(self) -> asyncio.Task[None]:
+        task = asyncio.current_task(self._loop)
+        assert task is not None
+        return task
+
+    async def _handler_failed(self, item: WorkItem, exc: BaseException) -> None:
+        """Record what the handler's exception ``exc`` means for ``item``; a cancellation is
+        raised again once the item is given back."""
+        if isinstance(exc, asyncio.CancelledError):
             # Stopped past the grace period: give the item back so another worker starts it now.
             with contextlib.suppress(Unavailable):
                 if await asyncio.shield(self.queue.release(item)):
                     self.stats.released += 1
-            raise
-        except Deferred as exc:
+            raise exc
+        if isinstance(exc, Deferred):
             try:
                 if await self.queue.release(item, delay_ms=max(exc.delay_ms, 1)):
                     self.stats.deferred += 1
             except Unavailable as unavailable:  # the lease will expire and the item come back
                 log.warning("could not defer %s: %s", item.item_id, unavailable)
-            return False
-        except Unavailable as exc:
+        elif isinstance(exc, Unavailable):
             await self._back_off(item, exc)
-            return False
-        except PermanentError as exc:
+        elif isinstance(exc, PermanentError):
             self._outages.pop(item.item_id, None)
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=False)
-            return False
-        except Exception as exc:
+        elif isinstance(exc, Exception):
             self._outages.pop(item.item_id, None)
             await self._fail(item, f"{type(exc).__name__}: {exc}", retry=True)
-            return False
-        if self._outages:
-            self._outages.pop(item.item_id, None)
-        # The value is buffered for the flusher, which records it and frees the slot.
-        task = asyncio.current_task(self._loop)
-        assert task is not None
-        self._to_complete.append((task, item, value))
-        self._completions_waiting.set()
-        return True
+        else:  # KeyboardInterrupt, SystemExit and the like: not the item's outcome
+            raise exc
 
     async def _back_off(self, item: WorkItem, exc: Unavailable) -> None:
         """Give an item whose handler met an outage back to its queue, uncounted, for a
@@ -285,18 +299,20 @@ class QueueWorker:
             self._completions_waiting.clear()
             while self._to_complete:
                 batch = self._to_complete[:_COMPLETE_BATCH]
-                del self._to_complete[: len(batch)]
-                await self._complete_batch(batch)
+                tasks = self._to_free[:_COMPLETE_BATCH]
+                del self._to_complete[:_COMPLETE_BATCH], self._to_free[:_COMPLETE_BATCH]
+                await self._complete_batch(batch, tasks)
             if self._stopping.is_set() and not self._inflight:
                 return
 
     async def _complete_batch(
-        self, batch: list[tuple[asyncio.Task[bool], WorkItem, bytes]]
+        self, batch: list[tuple[WorkItem, bytes]], tasks: list[asyncio.Task[None]]
     ) -> None:
+        """Record ``batch``, then free the slots its ``tasks`` held (the slot event set once)."""
         try:
             for attempt in range(3):
                 try:
-                    stored = await self.queue.complete([(item, value) for _, item, value in batch])
+                    stored = await self.queue.complete(batch)
                 except Unavailable as exc:
                     log.warning(
                         "could not store %d results (attempt %d): %s", len(batch), attempt, exc
@@ -310,8 +326,11 @@ class QueueWorker:
             # Give up: leases expire and the items are redelivered; their results stored then.
             self.stats.duplicates += len(batch)
         finally:
-            for task, _, _ in batch:
-                self._free(task)
+            inflight, lost = self._inflight, self._lost
+            for task in tasks:
+                if inflight.pop(task, None) is not None:
+                    lost.discard(task)
+            self._slot_free.set()
 
     async def _renew_loop(self) -> None:
         """Renew every in-flight lease each third of the lease."""

@@ -292,7 +292,7 @@ class KeySpace:
 
     def work_stream(self, queue: str, priority: str, tenant_id: str, shard: int = 0) -> str:
         """Stream of one tenant's ready items at one priority level."""
-        return f"{self.work_queue(queue, shard)}s:{priority}:{tenant_id}"
+        return work_stream_key(self.work_queue(queue, shard), priority, tenant_id)
 
 
 # A work queue has at most this many shards (ORCH_QUEUE_SHARDS).
@@ -301,6 +301,12 @@ MAX_QUEUE_SHARDS = 256
 # slots (CLUSTER_SLOTS: every slot of a cluster).
 CLUSTER_SLOTS = 16384
 _TARGET_BITS = 10
+
+
+def work_stream_key(shard_prefix: str, priority: str, tenant_id: str) -> str:
+    """``KeySpace.work_stream`` from the shard's prefix (``KeySpace.work_queue``), which the
+    queue keeps: the stream of every completed item is named on the worker's hot path."""
+    return f"{shard_prefix}s:{priority}:{tenant_id}"
 
 
 def queue_shard_of(tenant_id: str, shards: int) -> int:

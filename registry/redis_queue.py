@@ -69,6 +69,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from itertools import accumulate, zip_longest
+from struct import unpack
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -89,7 +90,7 @@ from domain.ports.queue import (
     WorkItem,
     WorkResult,
 )
-from registry.keys import MAX_QUEUE_SHARDS, KeySpace, queue_shard_of
+from registry.keys import MAX_QUEUE_SHARDS, KeySpace, queue_shard_of, work_stream_key
 from registry.lua_scripts import ScriptPipeline, ScriptRunner, scripts_lost
 from registry.redis_client import (
     RedisStore,
@@ -238,6 +239,8 @@ _VIEW_TTL_S = 1.0
 # Ready notices kept between peeks at most (then the view is dropped).
 _NOTICES_KEPT = 1000
 _LEVELS = {priority.value.encode(): i for i, priority in enumerate(PRIORITY_ORDER)}
+# A priority level by its name as the scripts return it.
+_PRIORITIES = {priority.value.encode(): priority for priority in QueuePriority}
 # Shards of a work queue when ORCH_QUEUE_SHARDS is unset: one Redis runs every shard on its one
 # thread (more shards only cost round trips), while a cluster needs shards on each master.
 DEFAULT_SHARDS_SINGLE = 1
@@ -321,19 +324,24 @@ class RedisWorkQueue(RedisStore):
             return 0
         per_shard: dict[int, list[str | bytes]] = {}
         best: dict[int, int] = {}  # per shard, the highest level enqueued (its index)
+        sharded = self._shards > 1
         for item in items:
-            shard = self.shard_of(item.tenant_id)
-            level = PRIORITY_ORDER.index(item.priority)
-            best[shard] = min(best.get(shard, level), level)
-            args = per_shard.setdefault(shard, [self._prefixes[shard]])
-            args += [
+            shard = 0
+            if sharded:
+                shard = self.shard_of(item.tenant_id)
+                level = PRIORITY_ORDER.index(item.priority)
+                best[shard] = min(best.get(shard, level), level)
+            args = per_shard.get(shard)
+            if args is None:
+                args = per_shard[shard] = [self._prefixes[shard]]
+            args += (
                 item.item_id,
                 item.tenant_id,
                 item.kind,
-                item.priority.value,
+                str(item.priority),  # its value as a plain str (Enum.value costs a property)
                 item.batch_id or "",
                 item.payload,
-            ]
+            )
         with redis_errors_as_unavailable():
             if len(per_shard) == 1:
                 [(shard, args)] = per_shard.items()
@@ -342,7 +350,7 @@ class RedisWorkQueue(RedisStore):
                 added = await self._on_shards(
                     "enqueue", [(shard, args[1:]) for shard, args in per_shard.items()]
                 )
-        if self._shards > 1:
+        if sharded:
             # This process's dequeues see its own enqueues at once, before their notices.
             for shard, level in best.items():
                 self._noticed(shard, PRIORITY_ORDER[level].value.encode())
@@ -575,36 +583,34 @@ class RedisWorkQueue(RedisStore):
         return replies
 
     async def renew(self, item: WorkItem) -> bool:
-        shard = self._shard(item)
+        shard, stream, entry = self._where(item)
         with redis_errors_as_unavailable():
             held = await self._runners[shard].run(
-                "renew",
-                args=[self._prefixes[shard], item.consumer, self._stream(item), _entry(item)],
+                "renew", args=[self._prefixes[shard], item.consumer, stream, entry]
             )
         return bool(held[0])
 
     async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:
         if not results:
             return []
+        ttl = self._config.result_ttl_ms
         per_shard: dict[int, list[str | bytes | int]] = {}
         order: list[int] = []
         for item, value in results:
-            shard = self._shard(item)
-            args = per_shard.setdefault(shard, [self._prefixes[shard], self._config.result_ttl_ms])
-            args += [item.item_id, self._stream(item), _entry(item), value]
+            shard, stream, entry = self._where(item)
+            args = per_shard.get(shard)
+            if args is None:
+                args = per_shard[shard] = [self._prefixes[shard], ttl]
+            args += (item.item_id, stream, entry, value)
             order.append(shard)
         with redis_errors_as_unavailable():
             if len(per_shard) == 1:
                 [(shard, args)] = per_shard.items()
-                stored = {shard: list(await self._runners[shard].run("complete", args=args))}
-            else:
-                calls = [(shard, args[1:]) for shard, args in per_shard.items()]
-                replies = await self._on_shards("complete", calls)
-                stored = {
-                    shard: list(reply) for (shard, _), reply in zip(calls, replies, strict=True)
-                }
+                return [bool(n) for n in await self._runners[shard].run("complete", args=args)]
+            calls = [(shard, args[1:]) for shard, args in per_shard.items()]
+            replies = await self._on_shards("complete", calls)
         # Each shard answered for its deliveries in their order: put them back in the caller's.
-        answers = {shard: iter(flags) for shard, flags in stored.items()}
+        answers = {shard: iter(reply) for (shard, _), reply in zip(calls, replies, strict=True)}
         return [bool(next(answers[shard])) for shard in order]
 
     async def fail(self, item: WorkItem, error: str, *, retry: bool = True) -> FailOutcome:
@@ -635,13 +641,8 @@ class RedisWorkQueue(RedisStore):
         """The first arguments of the scripts that end or give back one delivery (fail,
         release): the prefix of the item's shard, the item, its stream, the delivery's entry
         and consumer."""
-        return [
-            self._prefixes[self._shard(item)],
-            item.item_id,
-            self._stream(item),
-            _entry(item),
-            item.consumer,
-        ]
+        shard, stream, entry = self._where(item)
+        return [self._prefixes[shard], item.item_id, stream, entry, item.consumer]
 
     async def _find(self, item_id: str, fields: Sequence[str]) -> tuple[int, list[Any]]:
         """The item's shard and the ``fields`` of its record, read from every shard in one
@@ -794,37 +795,43 @@ class RedisWorkQueue(RedisStore):
     def _shard(self, item: WorkItem) -> int:
         """The shard a delivery came from (its receipt says; not the tenant's shard of today's
         shard count, which may have changed since)."""
-        shard = _split_receipt(item.receipt)[0]
+        return self._where(item)[0]
+
+    def _where(self, item: WorkItem) -> tuple[int, str, str]:
+        """A delivery's shard (``_shard``), stream and entry id, its receipt read once (a
+        completion batch asks this of every item)."""
+        shard, entry = _split_receipt(item.receipt)
         if shard >= self._shards:
             raise ValueError(f"receipt of shard {shard} on a queue of {self._shards} shards")
-        return shard
-
-    def _stream(self, item: WorkItem) -> str:
-        return self._keys.work_stream(
-            self._queue, item.priority.value, item.tenant_id, self._shard(item)
-        )
+        # A QueuePriority is a str of its value.
+        return shard, work_stream_key(self._prefixes[shard], item.priority, item.tenant_id), entry
 
     @staticmethod
     def _items(consumer: str, values: bytes, lengths: bytes, shard: int) -> list[WorkItem]:
         """Decode the dequeue script's reply: nine fields per item back to back in ``values``,
-        their lengths in ``lengths``; the items came from ``shard``."""
-        at = list(accumulate(map(int, lengths.split()), initial=0))
+        their lengths in ``lengths`` (4-byte big-endian each); the items came from ``shard``.
+        Per item on the worker's hot path: the offsets come from one C call, the fields go
+        to WorkItem by position, the priority from a dict (an Enum call costs more)."""
+        at = list(accumulate(unpack(f">{len(lengths) // 4}I", lengths), initial=0))
+        shard_tag = f"{shard}/" if shard else ""  # as _receipt
+        priorities = _PRIORITIES
         items: list[WorkItem] = []
+        append = items.append
         for i in range(0, len(at) - 1, 9):
             # id, entry, tenant, kind, priority, batch, payload, deliveries, enqueued_ms
-            o = at[i : i + 10]
-            items.append(
+            o0, o1, o2, o3, o4, o5, o6, o7, o8, o9 = at[i : i + 10]
+            append(
                 WorkItem(
-                    item_id=values[o[0] : o[1]].decode(),
-                    tenant_id=values[o[2] : o[3]].decode(),
-                    kind=values[o[3] : o[4]].decode(),
-                    payload=values[o[6] : o[7]],
-                    priority=QueuePriority(values[o[4] : o[5]].decode()),
-                    batch_id=values[o[5] : o[6]].decode() or None,
-                    deliveries=int(values[o[7] : o[8]]),
-                    enqueued_at_ms=int(values[o[8] : o[9]]),
-                    consumer=consumer,
-                    receipt=_receipt(shard, values[o[1] : o[2]].decode()),
+                    values[o0:o1].decode(),  # item_id
+                    values[o2:o3].decode(),  # tenant_id
+                    values[o3:o4].decode(),  # kind
+                    values[o6:o7],  # payload
+                    priorities[values[o4:o5]],  # priority
+                    values[o5:o6].decode() or None,  # batch_id
+                    int(values[o7:o8]),  # deliveries
+                    int(values[o8:o9]),  # enqueued_at_ms
+                    consumer,
+                    shard_tag + values[o1:o2].decode(),  # receipt
                 )
             )
         return items
@@ -840,11 +847,6 @@ def _split_receipt(receipt: str) -> tuple[int, str]:
     """The shard and entry id of a receipt or position (``_receipt``)."""
     shard, _, entry = receipt.rpartition("/")
     return (int(shard) if shard else 0), entry
-
-
-def _entry(item: WorkItem) -> str:
-    """The stream entry id of a delivery."""
-    return _split_receipt(item.receipt)[1]
 
 
 def _entry_order(entry: str) -> tuple[int, int]:
