@@ -122,7 +122,9 @@ class PooledConnection:
     trip, on every command of the service (issue 16's chat path). This is the same bound
     without the task: the write is queued on the transport at once and only a drain that must
     wait (Redis not reading) waits, at most the socket timeout; then, as in redis-py, the
-    connection is closed and the command fails with redis' TimeoutError (UNAVAILABLE)."""
+    connection is closed and the command fails with redis' TimeoutError (UNAVAILABLE). A write
+    that went to the socket whole (the common case) arms no timer at all: its drain could
+    neither wait nor fail (a lost connection closes the transport first)."""
 
     socket_timeout: float | None
     _writer: asyncio.StreamWriter
@@ -144,10 +146,15 @@ class PooledConnection:
             command = command.encode()
         if isinstance(command, bytes):
             command = [command]
+        writer = self._writer
         try:
-            async with asyncio.timeout(timeout):
-                self._writer.writelines(command)
-                await self._writer.drain()
+            writer.writelines(command)
+            transport = writer.transport
+            # All of it on the socket and the connection open: drain would return at once,
+            # so no timeout is armed for it (a timer per round trip otherwise).
+            if transport.is_closing() or transport.get_write_buffer_size():
+                async with asyncio.timeout(timeout):
+                    await writer.drain()
         except TimeoutError:
             await connection.disconnect(nowait=True)
             raise redis_errors.TimeoutError("Timeout writing to socket") from None
