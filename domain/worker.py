@@ -245,11 +245,8 @@ class QueueWorker:
                     self.stats.released += 1
             raise exc
         if isinstance(exc, Deferred):
-            try:
-                if await self.queue.release(item, delay_ms=max(exc.delay_ms, 1)):
-                    self.stats.deferred += 1
-            except Unavailable as unavailable:  # the lease will expire and the item come back
-                log.warning("could not defer %s: %s", item.item_id, unavailable)
+            if await self._give_back(item, exc.delay_ms):
+                self.stats.deferred += 1
         elif isinstance(exc, Unavailable):
             await self._back_off(item, exc)
         elif isinstance(exc, PermanentError):
@@ -270,11 +267,18 @@ class QueueWorker:
         self._outages[item.item_id] = in_a_row + 1
         delay_s = min(self.outage_retry_s * 2 ** min(in_a_row, 20), _OUTAGE_RETRY_CAP_S)
         log.warning("work item %s meets an outage; again in %.1f s: %s", item.item_id, delay_s, exc)
+        if await self._give_back(item, int(delay_s * 1000)):
+            self.stats.backed_off += 1
+
+    async def _give_back(self, item: WorkItem, delay_ms: int) -> bool:
+        """Give the delivery back, uncounted, for one ``delay_ms`` from now; False when the
+        queue did not take it back (or could not be reached: the lease will expire and the
+        item come back)."""
         try:
-            if await self.queue.release(item, delay_ms=max(int(delay_s * 1000), 1)):
-                self.stats.backed_off += 1
-        except Unavailable as unavailable:  # the lease will expire and the item come back
-            log.warning("could not give back %s: %s", item.item_id, unavailable)
+            return await self.queue.release(item, delay_ms=max(delay_ms, 1))
+        except Unavailable as exc:
+            log.warning("could not give back %s: %s", item.item_id, exc)
+            return False
 
     async def _fail(self, item: WorkItem, error: str, *, retry: bool) -> None:
         try:
@@ -308,7 +312,7 @@ class QueueWorker:
     async def _complete_batch(
         self, batch: list[tuple[WorkItem, bytes]], tasks: list[asyncio.Task[None]]
     ) -> None:
-        """Record ``batch``, then free the slots its ``tasks`` held (the slot event set once)."""
+        """Record ``batch``, then free the slots its ``tasks`` held."""
         try:
             for attempt in range(3):
                 try:
@@ -326,11 +330,8 @@ class QueueWorker:
             # Give up: leases expire and the items are redelivered; their results stored then.
             self.stats.duplicates += len(batch)
         finally:
-            inflight, lost = self._inflight, self._lost
             for task in tasks:
-                if inflight.pop(task, None) is not None:
-                    lost.discard(task)
-            self._slot_free.set()
+                self._free(task)
 
     async def _renew_loop(self) -> None:
         """Renew every in-flight lease each third of the lease."""

@@ -547,7 +547,7 @@ class RedisWorkQueue(RedisStore):
 
     async def _release_all(self, items: Sequence[WorkItem]) -> None:
         await self._on_shards(
-            "release", [(self._shard(item), [*self._delivery(item)[1:], 0]) for item in items]
+            "release", [(shard, [*args[1:], 0]) for shard, args in map(self._delivery, items)]
         )
 
     async def _on_shards(
@@ -615,11 +615,12 @@ class RedisWorkQueue(RedisStore):
 
     async def fail(self, item: WorkItem, error: str, *, retry: bool = True) -> FailOutcome:
         config = self._config
+        shard, delivery = self._delivery(item)
         with redis_errors_as_unavailable():
-            outcome = await self._runners[self._shard(item)].run(
+            outcome = await self._runners[shard].run(
                 "fail",
                 args=[
-                    *self._delivery(item),
+                    *delivery,
                     error,
                     "1" if retry else "0",
                     config.max_deliveries,
@@ -630,19 +631,17 @@ class RedisWorkQueue(RedisStore):
         return FailOutcome(as_str(outcome))
 
     async def release(self, item: WorkItem, *, delay_ms: int = 0) -> bool:
+        shard, delivery = self._delivery(item)
         with redis_errors_as_unavailable():
-            released = await self._runners[self._shard(item)].run(
-                "release",
-                args=[*self._delivery(item), delay_ms],
-            )
+            released = await self._runners[shard].run("release", args=[*delivery, delay_ms])
         return bool(released)
 
-    def _delivery(self, item: WorkItem) -> list[str]:
-        """The first arguments of the scripts that end or give back one delivery (fail,
-        release): the prefix of the item's shard, the item, its stream, the delivery's entry
-        and consumer."""
+    def _delivery(self, item: WorkItem) -> tuple[int, list[str]]:
+        """The delivery's shard and the first arguments of the scripts that end or give back
+        one delivery (fail, release): the prefix of the item's shard, the item, its stream, the
+        delivery's entry and consumer."""
         shard, stream, entry = self._where(item)
-        return [self._prefixes[shard], item.item_id, stream, entry, item.consumer]
+        return shard, [self._prefixes[shard], item.item_id, stream, entry, item.consumer]
 
     async def _find(self, item_id: str, fields: Sequence[str]) -> tuple[int, list[Any]]:
         """The item's shard and the ``fields`` of its record, read from every shard in one
@@ -792,14 +791,10 @@ class RedisWorkQueue(RedisStore):
     async def aclose(self) -> None:
         await self._listener.aclose()
 
-    def _shard(self, item: WorkItem) -> int:
-        """The shard a delivery came from (its receipt says; not the tenant's shard of today's
-        shard count, which may have changed since)."""
-        return self._where(item)[0]
-
     def _where(self, item: WorkItem) -> tuple[int, str, str]:
-        """A delivery's shard (``_shard``), stream and entry id, its receipt read once (a
-        completion batch asks this of every item)."""
+        """A delivery's shard, stream and entry id, its receipt read once (a completion batch
+        asks this of every item). The shard is the one the delivery came from (its receipt
+        says; not the tenant's shard of today's shard count, which may have changed since)."""
         shard, entry = _split_receipt(item.receipt)
         if shard >= self._shards:
             raise ValueError(f"receipt of shard {shard} on a queue of {self._shards} shards")
