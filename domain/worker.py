@@ -2,9 +2,10 @@
 
 :class:`QueueWorker` keeps up to ``concurrency`` items in flight: it leases items in batches
 (only as many as it has free slots, so it never holds work it cannot start), runs
-``handler(item)`` for each, renews every in-flight lease on one timer (a third of the lease) and
-records the outcome: a returned value completes the item, :class:`PermanentError` dead-letters
-it, any other exception fails it with a retry (backoff and the delivery limit are the queue's).
+``handler(item)`` for each, renews every in-flight lease on one timer (a third of the lease;
+all of them in one ``queue.renew`` call, one round trip rather than one per item) and records
+the outcome: a returned value completes the item, :class:`PermanentError` dead-letters it,
+any other exception fails it with a retry (backoff and the delivery limit are the queue's).
 A handler that meets an outage (:class:`Unavailable`: Redis, a platform service) gives its
 item back uncounted, for a delivery after a backoff of its own: an outage is not the item's
 fault, and counting it would spend the item's deliveries on a Redis failover or a service
@@ -63,6 +64,8 @@ _OUTAGE_RETRY_CAP_S = 30.0
 _OUTAGES_REMEMBERED = 10_000
 # Largest number of completions sent in one call.
 _COMPLETE_BATCH = 200
+# Largest number of leases renewed in one call (one script on Redis: kept short).
+_RENEW_BATCH = 500
 
 
 class PermanentError(Exception):
@@ -334,21 +337,27 @@ class QueueWorker:
                 self._free(task)
 
     async def _renew_loop(self) -> None:
-        """Renew every in-flight lease each third of the lease."""
+        """Renew every in-flight lease each third of the lease, all in one call per tick (in
+        chunks of ``_RENEW_BATCH``, so one script never holds Redis long)."""
         interval = self.lease_ms / 3000.0
         while not self._run_over.is_set():
             await asyncio.sleep(interval)
-            for task, item in list(self._inflight.items()):
+            lost = self._lost
+            todo = [(task, item) for task, item in self._inflight.items() if task not in lost]
+            for start in range(0, len(todo), _RENEW_BATCH):
                 if self._run_over.is_set():
                     return
-                if task in self._lost:
-                    continue
+                chunk = todo[start : start + _RENEW_BATCH]
                 try:
-                    held = await self.queue.renew(item)
+                    renewed = await self.queue.renew([item for _, item in chunk])
                 except Unavailable as exc:
-                    log.warning("could not renew lease of %s: %s", item.item_id, exc)
+                    log.warning("could not renew %d leases: %s", len(chunk), exc)
                     break
-                if not held:  # reclaimed meanwhile; the result is still offered (CAS decides)
+                for (task, _), kept in zip(chunk, renewed, strict=True):
+                    if kept:
+                        continue
+                    # Reclaimed meanwhile; the result is still offered (CAS decides). A task
+                    # that finished since the snapshot (its outcome recorded) is not lost.
                     if task in self._inflight:
                         self._lost.add(task)
                     self.stats.lost_leases += 1

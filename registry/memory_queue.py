@@ -127,15 +127,21 @@ class MemoryWorkQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_ready.wait(), max(wake, 1.0) / 1000.0)
 
-    async def renew(self, item: queue.WorkItem) -> bool:
-        lease = self._leases.get(item.receipt)
-        if lease is None or lease.consumer != item.consumer:
-            return False
-        # Re-insert so the dict stays ordered by last renewal (oldest first).
-        del self._leases[item.receipt]
-        lease.renewed_at = self._clock()
-        self._leases[item.receipt] = lease
-        return True
+    async def renew(self, items: Sequence[queue.WorkItem]) -> list[bool]:
+        now = self._clock()
+        leases = self._leases
+        held: list[bool] = []
+        for item in items:
+            lease = leases.get(item.receipt)
+            if lease is None or lease.consumer != item.consumer:
+                held.append(False)
+                continue
+            # Re-insert so the dict stays ordered by last renewal (oldest first).
+            del leases[item.receipt]
+            lease.renewed_at = now
+            leases[item.receipt] = lease
+            held.append(True)
+        return held
 
     async def complete(self, results: Sequence[tuple[queue.WorkItem, bytes]]) -> list[bool]:
         stored: list[bool] = []

@@ -10,7 +10,8 @@ for the shards):
   sharding run after it. Every item of a tenant goes to one shard (``queue_shard_of``), which
   keeps the tenant's order and its place in its shard's rotation. A delivery's receipt names
   its shard (``<shard>/<entry>``; shard 0's receipts are bare entry ids, as before), so
-  renew, complete, fail and release go straight to it; reads by item id alone (results, dead
+  renew, complete, fail and release go straight to it (renew and complete take many
+  deliveries: one script call per shard in one pipeline); reads by item id alone (results, dead
   letters, redrive) ask every shard in one pipeline. A one-shard queue runs every dequeue as
   one script, as before the sharding.
 - **Dequeue across shards.** One pipeline (one round trip; on a cluster one per master, in
@@ -582,13 +583,30 @@ class RedisWorkQueue(RedisStore):
             pending = retry
         return replies
 
-    async def renew(self, item: WorkItem) -> bool:
-        shard, stream, entry = self._where(item)
+    async def renew(self, items: Sequence[WorkItem]) -> list[bool]:
+        if not items:
+            return []
+        # One script call per shard and consumer (the script renews for one consumer; a
+        # worker's items all have its own): one round trip, on a cluster one per node.
+        per_call: dict[tuple[int, str], list[str]] = {}
+        order: list[tuple[int, str]] = []
+        for item in items:
+            shard, stream, entry = self._where(item)
+            key = (shard, item.consumer)
+            args = per_call.get(key)
+            if args is None:
+                args = per_call[key] = [self._prefixes[shard], item.consumer]
+            args += (stream, entry)
+            order.append(key)
         with redis_errors_as_unavailable():
-            held = await self._runners[shard].run(
-                "renew", args=[self._prefixes[shard], item.consumer, stream, entry]
-            )
-        return bool(held[0])
+            if len(per_call) == 1:
+                [((shard, _), args)] = per_call.items()
+                return [bool(n) for n in await self._runners[shard].run("renew", args=args)]
+            calls = [(shard, args[1:]) for (shard, _), args in per_call.items()]
+            replies = await self._on_shards("renew", calls)
+        # Each call answered for its deliveries in their order: put them back in the caller's.
+        answers = {key: iter(reply) for key, reply in zip(per_call, replies, strict=True)}
+        return [bool(next(answers[key])) for key in order]
 
     async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:
         if not results:

@@ -173,8 +173,10 @@ class WorkQueue(Protocol):
         its delivery has not been renewed for ``lease_ms`` of the reclaiming consumer."""
         ...
 
-    async def renew(self, item: WorkItem) -> bool:
-        """Restart the delivery's lease; False when the delivery no longer holds the item."""
+    async def renew(self, items: Sequence[WorkItem]) -> list[bool]:
+        """Restart each delivery's lease, all in one call (a worker renews every item it runs
+        at once). Per item, in the caller's order: False when its delivery no longer holds it
+        (reclaimed by another consumer, or finished)."""
         ...
 
     async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:

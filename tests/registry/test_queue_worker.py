@@ -311,7 +311,7 @@ class _RenewalsHang(MemoryWorkQueue):
         super().__init__(CONFIG)
         self.renewing = asyncio.Event()
 
-    async def renew(self, item: WorkItem) -> bool:
+    async def renew(self, items: Sequence[WorkItem]) -> list[bool]:
         self.renewing.set()
         try:
             await asyncio.Event().wait()
@@ -334,3 +334,74 @@ async def test_the_worker_stops_when_a_renewal_swallows_its_cancellation() -> No
     assert result is not None
     worker.stop()
     await asyncio.wait_for(task, 5)
+
+
+class _CountedRenewals(MemoryWorkQueue):
+    """Records the item ids of each renew call; answers False for the ``reclaimed`` ones (as
+    when another consumer took them over); ``ticks`` is set once ``wanted`` calls came."""
+
+    def __init__(self, wanted: int, reclaimed: frozenset[str] = frozenset()) -> None:
+        super().__init__(CONFIG)
+        self.calls: list[list[str]] = []
+        self.wanted = wanted
+        self.reclaimed = reclaimed
+        self.ticks = asyncio.Event()
+
+    async def renew(self, items: Sequence[WorkItem]) -> list[bool]:
+        self.calls.append([item.item_id for item in items])
+        if len(self.calls) >= self.wanted:
+            self.ticks.set()
+        held = await super().renew(items)
+        taken = [item.item_id in self.reclaimed for item in items]
+        return [h and not t for h, t in zip(held, taken, strict=True)]
+
+
+async def test_the_worker_renews_every_inflight_lease_in_one_call_per_tick() -> None:
+    queue = _CountedRenewals(wanted=2)
+    await queue.enqueue([new_item(f"i{n}") for n in range(6)])
+
+    async def handler(item: WorkItem) -> bytes:
+        await queue.ticks.wait()
+        return b"ok"
+
+    worker = make_worker(queue, handler, concurrency=6)
+    async with running(worker):
+        await asyncio.wait_for(queue.ticks.wait(), 5)
+        every = [f"i{n}" for n in range(6)]
+        assert [sorted(call) for call in queue.calls[:2]] == [every, every]
+    assert worker.stats.lost_leases == 0
+
+
+async def test_a_lease_lost_among_held_ones_is_marked_lost_alone() -> None:
+    queue = _CountedRenewals(wanted=2, reclaimed=frozenset({"i1"}))
+    await queue.enqueue([new_item(f"i{n}") for n in range(3)])
+
+    async def handler(item: WorkItem) -> bytes:
+        await queue.ticks.wait()
+        return b"ok"
+
+    worker = make_worker(queue, handler, concurrency=3)
+    async with running(worker):
+        await asyncio.wait_for(queue.ticks.wait(), 5)
+        # The lost one is renewed no more; the others still are.
+        assert [sorted(call) for call in queue.calls[:2]] == [["i0", "i1", "i2"], ["i0", "i2"]]
+    assert worker.stats.lost_leases == 1
+
+
+async def test_a_tick_renews_many_leases_in_calls_of_bounded_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("domain.worker._RENEW_BATCH", 2)
+    queue = _CountedRenewals(wanted=3)
+    await queue.enqueue([new_item(f"i{n}") for n in range(5)])
+
+    async def handler(item: WorkItem) -> bytes:
+        await queue.ticks.wait()
+        return b"ok"
+
+    worker = make_worker(queue, handler, concurrency=5)
+    async with running(worker):
+        await asyncio.wait_for(queue.ticks.wait(), 5)
+        first_tick = queue.calls[:3]
+        assert [len(call) for call in first_tick] == [2, 2, 1]
+        assert sorted(i for call in first_tick for i in call) == [f"i{n}" for n in range(5)]

@@ -188,3 +188,25 @@ async def test_a_fresh_view_of_the_shards_learns_of_work_from_the_notices(
         await asyncio.wait_for(notified.wait(), 5)
         assert await take(consumer) == ["high"]
         assert await take(consumer) == ["low1"]
+
+
+async def test_a_renewal_across_shards_answers_in_the_callers_order(
+    queue: RedisWorkQueue,
+) -> None:
+    tenants = tenants_in_distinct_shards(SHARDS, 4)
+    await queue.enqueue([new_item("x", tenants[0])])
+    [stale] = await queue.dequeue("c1", count=1, lease_ms=LEASE_MS)
+    await asyncio.sleep(LEASE_MS / 1000 * 1.5)  # the lease expires
+    [reclaimed] = await queue.dequeue("c2", count=1, lease_ms=LEASE_MS)
+    assert reclaimed.item_id == "x"
+    await queue.enqueue([new_item(f"{t}/{n}", t) for t in tenants for n in range(2)])
+    held: dict[str, WorkItem] = {}
+    while len(held) < 8:
+        held |= {i.item_id: i for i in await queue.dequeue("c1", count=8, lease_ms=LEASE_MS)}
+    # Shards interleaved, the stale delivery and another consumer's one of the same shard
+    # among them: each answer lands at its own delivery's place.
+    order = [f"{tenants[s]}/{n}" for n in (1, 0) for s in (3, 0, 2, 1)]
+    asked = [*order[:3], "stale", *order[3:6], "reclaimed", *order[6:]]
+    items = {**held, "stale": stale, "reclaimed": reclaimed}
+    answers = await queue.renew([items[name] for name in asked])
+    assert answers == [name != "stale" for name in asked]

@@ -158,7 +158,7 @@ async def test_an_expired_lease_is_reclaimed_by_another_consumer(queue: WorkQueu
     assert second.consumer == "c2"
     assert first.deliveries == 1
     # The first consumer no longer holds it.
-    assert await queue.renew(first) is False
+    assert await queue.renew([first]) == [False]
     assert await queue.fail(first, "late failure") is FailOutcome.IGNORED
     assert await queue.release(first) is False
     assert await queue.complete([(second, b"ok")]) == [True]
@@ -182,20 +182,40 @@ async def test_a_finished_item_redelivered_is_only_acknowledged(queue: WorkQueue
     assert await take(queue, "c3") == []
 
 
-async def test_renewing_keeps_a_long_item_from_being_reclaimed(queue: WorkQueue) -> None:
-    await queue.enqueue([new_item("i1")])
-    item = await take_one(queue)
+async def test_renewing_keeps_long_items_from_being_reclaimed(queue: WorkQueue) -> None:
+    # Several deliveries (of tenants that may sit in different shards) renewed in one call.
+    await queue.enqueue([new_item(f"i{n}", f"t{n}") for n in range(4)])
+    items = await take(queue, count=4)
+    assert len(items) == 4
     deadline = time.monotonic() + LEASE_MS / 1000 * 3
     checked = 0
     while time.monotonic() < deadline or checked == 0:
-        assert await queue.renew(item) is True
+        assert await queue.renew(items) == [True] * 4
         renewed = time.monotonic()
         await asyncio.sleep(LEASE_MS / 1000 / 3)
         # A loop stalled past the lease (a loaded machine) proves nothing either way.
         if time.monotonic() - renewed < LEASE_MS / 1000 * 0.8:
-            assert await take(queue, "c2") == []
+            assert await take(queue, "c2", count=4) == []
             checked += 1
-    assert await queue.complete([(item, b"ok")]) == [True]
+    assert await queue.complete([(item, b"ok") for item in items]) == [True] * 4
+
+
+async def test_renewal_answers_for_each_delivery_in_the_callers_order(queue: WorkQueue) -> None:
+    await queue.enqueue([new_item("lost", "t1")])
+    first = await take_one(queue, "c1")
+    await wait_lease_expiry()
+    second = await take_one(queue, "c2")  # c2 reclaims it; c1's delivery no longer holds it
+    await queue.enqueue([new_item("a", "t2"), new_item("b", "t3")])
+    a, b = sorted(await take(queue, "c1", count=2), key=lambda item: item.item_id)
+    # Only the reclaimed delivery answers False, at its own place; another consumer's delivery
+    # in the same call is renewed for that consumer.
+    assert await queue.renew([a, first, b, second]) == [True, False, True, True]
+    assert await queue.renew([first, b, a]) == [False, True, True]
+    assert await queue.complete([(second, b"ok"), (a, b"ok"), (b, b"ok")]) == [True] * 3
+
+
+async def test_renewing_no_delivery_answers_nothing(queue: WorkQueue) -> None:
+    assert await queue.renew([]) == []
 
 
 async def test_failures_retry_with_backoff_then_go_to_the_dead_letter(queue: WorkQueue) -> None:
