@@ -6,7 +6,11 @@
    Redis or auth (client -> relay SendMessage -> SubmitQuery on the same reference service ->
    its notices back over its ReportUpdates stream into the relay -> the client). Client,
    servers and reference service share one event loop in this process, for both paths, so the
-   ratio orchestrator/relay is the orchestrator's own cost. Target ratio >= 0.5.
+   ratio orchestrator/relay is the orchestrator's own cost. Both paths stay up and run in
+   ``--rounds`` alternating rounds (default 4, ``--chats`` split between them): a shared
+   machine's speed drifts within minutes, and a pair of runs one right after the other drifts
+   alike. The ratio is the median of the rounds' ratios (target >= 0.5); each path's row is
+   its median round.
 2. fan-out: the orchestrator runs as a child process (``--serve-child``); this process opens
    1,000 StreamSession streams over 100 sessions (10 followers each, over several channels),
    each session has one job in flight (accepted through a stub Query service here), and
@@ -35,6 +39,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import statistics
 import sys
 import time
 import uuid
@@ -317,15 +322,40 @@ def reference_config(listen: str, orchestrator: str, deltas: int) -> ReferenceCo
     )
 
 
-async def chats_on_orchestrator(
+@dataclass
+class ChatPath:
+    """One chat path, set up and warmed up, ready for closed loops (``drive``): the paths stay
+    up side by side so that their runs can alternate."""
+
+    name: str
+    channel: grpc.aio.Channel
+    session_ids: list[str]
+    concurrency: int
+    redis_url: str | None = None  # the backend's redis-server, whose CPU counts too
+
+    async def drive(self, chats: int) -> ChatResult:
+        if self.redis_url is None:
+            return await drive_chats(
+                self.name, self.channel, self.session_ids, chats, self.concurrency
+            )
+        redis_before = await redis_cpu_s(self.redis_url)
+        result = await drive_chats(
+            self.name, self.channel, self.session_ids, chats, self.concurrency
+        )
+        redis_ms = quotient((await redis_cpu_s(self.redis_url) - redis_before) * 1000, result.chats)
+        return dataclasses.replace(result, redis_cpu_ms=redis_ms)
+
+
+@contextlib.asynccontextmanager
+async def orchestrator_path(
     redis_url: str,
-    chats: int,
     concurrency: int,
     sessions: int,
     deltas: int,
     *,
     name: str = "orchestrator (Redis)",
-) -> ChatResult:
+) -> AsyncIterator[ChatPath]:
+    """The orchestrator on ``redis_url`` beside its reference service, sessions on it, warm."""
     orchestrator_port, reference_port = free_port(), free_port()
     settings = bench_settings(
         redis_url,
@@ -339,17 +369,16 @@ async def chats_on_orchestrator(
         await reference.start()
         try:
             session_ids = await create_sessions(running.channel, sessions)
-            # Warm up (channels, scripts, the reporter's stream), then measure.
+            # Warm up (channels, scripts, the reporter's stream) before any measured run.
             await drive_chats("warm-up", running.channel, session_ids, concurrency, concurrency)
-            redis_before = await redis_cpu_s(redis_url)
-            result = await drive_chats(name, running.channel, session_ids, chats, concurrency)
-            redis_ms = quotient((await redis_cpu_s(redis_url) - redis_before) * 1000, result.chats)
-            return dataclasses.replace(result, redis_cpu_ms=redis_ms)
+            yield ChatPath(name, running.channel, session_ids, concurrency, redis_url)
         finally:
             await reference.stop()
 
 
-async def chats_on_relay(chats: int, concurrency: int, sessions: int, deltas: int) -> ChatResult:
+@contextlib.asynccontextmanager
+async def relay_path(concurrency: int, sessions: int, deltas: int) -> AsyncIterator[ChatPath]:
+    """The bare grpc.aio relay beside its reference service, warm."""
     relay_port, reference_port = free_port(), free_port()
     relay = BareRelay(f"127.0.0.1:{reference_port}")  # type: ignore[abstract]
     server = grpc.aio.server()
@@ -365,12 +394,82 @@ async def chats_on_relay(chats: int, concurrency: int, sessions: int, deltas: in
     try:
         session_ids = [f"s{n}" for n in range(sessions)]
         await drive_chats("warm-up", channel, session_ids, concurrency, concurrency)
-        return await drive_chats("bare grpc.aio relay", channel, session_ids, chats, concurrency)
+        yield ChatPath("bare grpc.aio relay", channel, session_ids, concurrency)
     finally:
         await channel.close(None)
         await reference.stop()
         await server.stop(0.5)
         await relay.aclose()
+
+
+async def chats_on_orchestrator(
+    redis_url: str,
+    chats: int,
+    concurrency: int,
+    sessions: int,
+    deltas: int,
+    *,
+    name: str = "orchestrator (Redis)",
+) -> ChatResult:
+    """One closed loop of ``chats`` on a fresh orchestrator."""
+    async with orchestrator_path(redis_url, concurrency, sessions, deltas, name=name) as path:
+        return await path.drive(chats)
+
+
+async def chats_on_relay(chats: int, concurrency: int, sessions: int, deltas: int) -> ChatResult:
+    """One closed loop of ``chats`` on a fresh bare relay."""
+    async with relay_path(concurrency, sessions, deltas) as path:
+        return await path.drive(chats)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRounds:
+    """Alternating rounds of both paths, both up throughout: ``relay[i]`` and
+    ``orchestrator[i]`` ran one right after the other, so a machine whose speed drifts (a
+    shared one does, by 2x within minutes) moves both alike. The verdict is the median of the
+    rounds' ratios; each path's row is its median round."""
+
+    relay: list[ChatResult]
+    orchestrator: list[ChatResult]
+
+    def ratios(self) -> list[float]:
+        return [chat_ratio(o, r) for o, r in zip(self.orchestrator, self.relay, strict=True)]
+
+    def cpu_ratios(self) -> list[float]:
+        return [cpu_ratio(o, r) for o, r in zip(self.orchestrator, self.relay, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios())
+
+    @property
+    def cpu_ratio(self) -> float:
+        return statistics.median(self.cpu_ratios())
+
+    @staticmethod
+    def median(runs: list[ChatResult]) -> ChatResult:
+        """The run of median rate."""
+        return sorted(runs, key=lambda run: run.per_second)[(len(runs) - 1) // 2]
+
+
+async def chat_rounds(
+    redis_url: str, *, chats: int, rounds: int, concurrency: int, sessions: int, deltas: int
+) -> ChatRounds:
+    """``rounds`` alternating rounds (relay first, then orchestrator first, ...) of
+    ``chats // rounds`` chats per path."""
+    per_round = max(1, chats // rounds)
+    relay_runs: list[ChatResult] = []
+    orchestrator_runs: list[ChatResult] = []
+    async with (
+        relay_path(concurrency, sessions, deltas) as relay,
+        orchestrator_path(redis_url, concurrency, sessions, deltas) as orchestrator,
+    ):
+        for number in range(rounds):
+            first, second = (relay, orchestrator) if number % 2 == 0 else (orchestrator, relay)
+            for path in (first, second):
+                result = await path.drive(per_round)
+                (relay_runs if path is relay else orchestrator_runs).append(result)
+    return ChatRounds(relay_runs, orchestrator_runs)
 
 
 async def create_sessions(
@@ -821,19 +920,14 @@ async def idle_streams(
 
 @dataclass
 class Results:
-    orchestrator: ChatResult
-    relay: ChatResult
+    chats: ChatRounds
     fanout: FanoutResult
     idle: IdleResult
     limits: Limits
 
-    @property
-    def chat_ratio(self) -> float:
-        return chat_ratio(self.orchestrator, self.relay)
-
     def verdicts(self) -> dict[str, bool]:
         return {
-            "chat ratio": self.chat_ratio >= TARGET_CHAT_RATIO,
+            "chat ratio": self.chats.ratio >= TARGET_CHAT_RATIO,
             "fan-out rate": self.fanout.per_second >= TARGET_FANOUT_EPS,
             "fan-out p99": self.fanout.p99_ms <= TARGET_FANOUT_P99_MS,
             "idle memory": self.idle.kb_per_stream <= TARGET_IDLE_KB,
@@ -844,15 +938,24 @@ def chat_ratio(orchestrator: ChatResult, relay: ChatResult) -> float:
     return quotient(orchestrator.per_second, relay.per_second)
 
 
+def cpu_ratio(orchestrator: ChatResult, relay: ChatResult) -> float:
+    """CPU per chat, relay / (orchestrator + its Redis)."""
+    return quotient(relay.cpu_ms, orchestrator.cpu_ms + orchestrator.redis_cpu_ms)
+
+
 def print_chats(
-    orchestrator: ChatResult,
-    relay: ChatResult,
+    rounds: ChatRounds,
     limits: Limits,
     on_cluster: ChatResult | None = None,
 ) -> None:
-    """The chats table; with ``on_cluster``, its row too and the cluster/single ratios."""
-    ratio = chat_ratio(orchestrator, relay)
-    print("1. chats: SendMessage -> completed (reference service, step delay 0)")
+    """The chats table (each path's median round); with ``on_cluster``, its row too and the
+    cluster/single ratios."""
+    relay, orchestrator = rounds.median(rounds.relay), rounds.median(rounds.orchestrator)
+    ratio = rounds.ratio
+    print(
+        "1. chats: SendMessage -> completed (reference service, step delay 0); "
+        f"median rounds of {len(rounds.relay)} alternating"
+    )
     print_table(
         [
             (
@@ -883,10 +986,21 @@ def print_chats(
             ("bare grpc.aio unary echo", "", "", f"{limits.unary_per_s:,.0f}", "", "", "", "", "1"),
         ]
     )
+    print("relay rounds (chats/s): " + ", ".join(f"{r.per_second:,.0f}" for r in rounds.relay))
+    print(
+        "orchestrator rounds (chats/s): "
+        + ", ".join(f"{o.per_second:,.0f}" for o in rounds.orchestrator)
+    )
     verdict = "ok" if ratio >= TARGET_CHAT_RATIO else "BELOW TARGET"
-    print(f"ratio orchestrator/relay = {ratio:.2f} (target >= {TARGET_CHAT_RATIO}) {verdict}")
-    cpu = quotient(relay.cpu_ms, orchestrator.cpu_ms + orchestrator.redis_cpu_ms)
-    print(f"CPU per chat relay/(orchestrator + its Redis) = {cpu:.2f}")
+    print(
+        f"ratio orchestrator/relay = {ratio:.2f} (median of the rounds: "
+        f"{', '.join(f'{x:.2f}' for x in rounds.ratios())}; target >= {TARGET_CHAT_RATIO}) "
+        f"{verdict}"
+    )
+    print(
+        f"CPU per chat relay/(orchestrator + its Redis) = {rounds.cpu_ratio:.2f} (median of the "
+        f"rounds: {', '.join(f'{x:.2f}' for x in rounds.cpu_ratios())})"
+    )
     if on_cluster is not None:
         print_cluster_chats(orchestrator, on_cluster)
 
@@ -936,7 +1050,7 @@ def print_results(r: Results) -> None:
     def mark(name: str) -> str:
         return "ok" if ok[name] else "BELOW TARGET"
 
-    print_chats(r.orchestrator, r.relay, r.limits)
+    print_chats(r.chats, r.limits)
     f = r.fanout
     print(
         f"2. fan-out: {f.streams:,} StreamSession streams over {f.sessions} sessions, "
@@ -1009,26 +1123,33 @@ def print_results(r: Results) -> None:
     r.limits.print_line()
 
 
-async def chats(redis_url: str, args: argparse.Namespace) -> tuple[ChatResult, ChatResult, Limits]:
-    """The chats part: (orchestrator, relay, the machine's bare figures in this run)."""
+async def chats(redis_url: str, args: argparse.Namespace) -> tuple[ChatRounds, Limits]:
+    """The chats part: (the rounds of both paths, the machine's bare figures in this run)."""
     limits = await machine.measure()
-    relay = await chats_on_relay(args.chats, args.concurrency, args.sessions, args.deltas)
-    orchestrator = await chats_on_orchestrator(
-        redis_url, args.chats, args.concurrency, args.sessions, args.deltas
+    rounds = await chat_rounds(
+        redis_url,
+        chats=args.chats,
+        rounds=args.rounds,
+        concurrency=args.concurrency,
+        sessions=args.sessions,
+        deltas=args.deltas,
     )
-    return orchestrator, relay, limits
+    return rounds, limits
 
 
 async def measure(redis_url: str, args: argparse.Namespace) -> Results:
-    orchestrator, relay, limits = await chats(redis_url, args)
+    rounds, limits = await chats(redis_url, args)
     fan = await fanout_part(redis_url, args)
     idle = await idle_part(redis_url, args)
-    return Results(orchestrator, relay, fan, idle, limits)
+    return Results(rounds, fan, idle, limits)
 
 
 def parser() -> argparse.ArgumentParser:
     p = doc_parser(__doc__)
-    p.add_argument("--chats", type=int, default=2000)
+    p.add_argument("--chats", type=int, default=2000, help="chats per path, over all rounds")
+    p.add_argument(
+        "--rounds", type=int, default=4, help="alternating chat rounds (the ratio is their median)"
+    )
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--sessions", type=int, default=320)
     p.add_argument("--deltas", type=int, default=2)
@@ -1114,15 +1235,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("server.app").setLevel(logging.ERROR)
     if args.only == "chats":
-        orchestrator, relay, limits = machine.run(on_private_redis(lambda url: chats(url, args)))
-        print_chats(orchestrator, relay, limits, cluster_chats(args) if args.cluster else None)
-        return 0 if chat_ratio(orchestrator, relay) >= TARGET_CHAT_RATIO else 1
+        rounds, limits = machine.run(on_private_redis(lambda url: chats(url, args)))
+        print_chats(rounds, limits, cluster_chats(args) if args.cluster else None)
+        return 0 if rounds.ratio >= TARGET_CHAT_RATIO else 1
     if args.only in ("fanout", "idle"):
         return run_part(args)
     results = machine.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
     if args.cluster:
-        print_cluster_chats(results.orchestrator, cluster_chats(args))
+        print_cluster_chats(results.chats.median(results.chats.orchestrator), cluster_chats(args))
         on_cluster = machine.run(on_private_cluster(lambda url: fanout_part(url, args)))
         print_cluster_fanout(results.fanout, on_cluster)
     return 0 if all(results.verdicts().values()) else 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import flow_bench
 
 
@@ -32,3 +34,28 @@ async def test_fanout_runs_with_more_publishers_than_sessions(redis_url: str) ->
         redis_url, sessions=2, per_session=2, notices=20, publishers=8, paced_s=0.2
     )
     assert fan.streams == 4 and fan.delivered == 40
+
+
+async def test_chat_rounds_run_both_paths_in_each_round(redis_url: str) -> None:
+    rounds = await flow_bench.chat_rounds(
+        redis_url, chats=24, rounds=3, concurrency=4, sessions=8, deltas=2
+    )
+    assert [run.chats for run in rounds.relay] == [8, 8, 8]
+    assert [run.chats for run in rounds.orchestrator] == [8, 8, 8]
+    assert all(run.redis_cpu_ms > 0 for run in rounds.orchestrator)
+    assert len(rounds.ratios()) == len(rounds.cpu_ratios()) == 3
+
+
+def test_the_chat_verdict_is_the_median_of_the_rounds_ratios() -> None:
+    def run(per_second: float) -> flow_bench.ChatResult:
+        return flow_bench.ChatResult(
+            "path", 100, 100 / per_second, 1.0, 2.0, cpu_ms=1000 / per_second
+        )
+
+    rounds = flow_bench.ChatRounds(
+        relay=[run(100), run(200), run(100)], orchestrator=[run(40), run(120), run(50)]
+    )
+    assert rounds.ratios() == pytest.approx([0.4, 0.6, 0.5])
+    assert rounds.ratio == pytest.approx(0.5)
+    assert rounds.cpu_ratio == pytest.approx(0.5)
+    assert rounds.median(rounds.orchestrator).per_second == pytest.approx(50)
