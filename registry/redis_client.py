@@ -277,12 +277,21 @@ class _ClusterSubscriber(ClusterPubSub):
 
 
 class _Cluster(RedisCluster):
-    """``RedisCluster`` whose pub/sub works as a first call and follows a failover. Classic
-    SUBSCRIBE on any node hears every PUBLISH of the cluster (messages are broadcast over the
-    cluster bus)."""
+    """``RedisCluster`` that reads the layout before a command picks its node, and whose
+    pub/sub works as a first call and follows a failover. Classic SUBSCRIBE on any node hears
+    every PUBLISH of the cluster (messages are broadcast over the cluster bus)."""
 
     # A subscriber failed to reach its node: the next one re-reads the layout first.
     layout_stale = False
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py picks a command's node before it reads the layout: on a client with none
+        # (new, or after a failed command dropped it) a keyed command goes to a random node.
+        # Its MOVED replies then add up to a full re-read, which closes every connection,
+        # those of other calls in flight too (their commands fail as UNAVAILABLE).
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
     def pubsub(
         self,

@@ -5,6 +5,7 @@ sharded pub/sub, on the master that owns the session's slot."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -62,6 +63,31 @@ async def test_a_script_touching_a_key_of_another_slot_is_refused_on_the_same_no
         await cluster_redis.execute_command("EVAL", SHEBANG + script, 1, declared)
     # Without the shebang Redis 7 lets it through (what the shebang is for).
     assert await cluster_redis.execute_command("EVAL", script, 1, declared) is None
+
+
+def moved_replies(cluster: RedisClusterProcess) -> int:
+    """MOVED replies the masters have sent so far (INFO errorstats)."""
+    total = 0
+    for port in cluster.ports:
+        with redis.Redis(port=port) as node:
+            total += node.info("errorstats").get("errorstat_MOVED", {}).get("count", 0)
+    return total
+
+
+async def test_a_new_clients_first_commands_go_to_their_slots_node(
+    redis_cluster: RedisClusterProcess, cluster_url: str
+) -> None:
+    """Calls side by side on a new client: each goes straight to the node of its key's slot,
+    none to a random node that answers MOVED (enough of those re-read the layout, closing the
+    connections of the other calls in flight: they failed as UNAVAILABLE)."""
+    before = moved_replies(redis_cluster)
+    client = create_redis(cluster_url, socket_timeout_s=2.0, connect_timeout_s=1.0)
+    try:
+        keys = [f"{{t:tenant-{n}}}:x" for n in range(16)]
+        assert await asyncio.gather(*(client.get(key) for key in keys)) == [None] * 16
+    finally:
+        await client.aclose()
+    assert moved_replies(redis_cluster) == before
 
 
 async def test_a_stores_keys_spread_over_every_master(
