@@ -355,10 +355,8 @@ class InternalCalls:
         self._cache = embedding_cache
         self._rate = rate
         self._tracing = tracing
-        # Serializes this process's look-ups of calls sessions it has not seen (an Embed's texts
-        # start side by side), so a job's hidden session is created once; the sessions seen
-        # (they outlive their job's deadline, so stay open while it is in flight).
-        self._session_lock = asyncio.Lock()
+        # The calls sessions this process has seen open (they outlive their job's deadline, so
+        # stay open while it is in flight): no round trip for a job's later calls.
         self._sessions_seen: OrderedDict[str, None] = OrderedDict()
 
     async def _parent(self, caller: Caller, tenant_id: str, job_id: str) -> Job:
@@ -403,21 +401,20 @@ class InternalCalls:
             await self._budget.check(parent.tenant_id)
 
     async def _calls_session(self, parent: Job) -> str:
-        """The parent's hidden session, created on its first call (it outlives the parent)."""
+        """The parent's hidden session, created on its first call (it outlives the parent).
+        Opened in one atomic round trip (the open one kept, else a new one), so calls that
+        start side by side (an Embed's texts) need no lock: they all get the one session."""
         session_id = calls_session_id(parent.job_id)
         if session_id in self._sessions_seen:
             return session_id
-        async with self._session_lock:
-            found = await self._sessions.get_session(parent.tenant_id, session_id, touch=False)
-            if found is None or not found.state.is_open:
-                ttl_ms = 2 * self._limits.deadline_ms + self._limits.heartbeat_ms
-                new = NewSession(
-                    agent_id=parent.agent_id, user_id="", metadata={}, ttl_ms=ttl_ms, hidden=True
-                )
-                await self._sessions.create_session(parent.tenant_id, session_id, new)
-            self._sessions_seen[session_id] = None
-            if len(self._sessions_seen) > _SESSIONS_SEEN:
-                self._sessions_seen.popitem(last=False)
+        ttl_ms = 2 * self._limits.deadline_ms + self._limits.heartbeat_ms
+        new = NewSession(
+            agent_id=parent.agent_id, user_id="", metadata={}, ttl_ms=ttl_ms, hidden=True
+        )
+        await self._sessions.open_session(parent.tenant_id, session_id, new)
+        self._sessions_seen[session_id] = None
+        if len(self._sessions_seen) > _SESSIONS_SEEN:
+            self._sessions_seen.popitem(last=False)
         return session_id
 
     def _child(self, ctx: CallContext, parent: Job, job_id: str, message: ChatMessage) -> NewJob:

@@ -54,6 +54,12 @@ class MemorySessionStore:
             bisect.insort(self._index.setdefault(tenant_id, []), session_id)
         return session
 
+    async def open_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
+        session = self._current(tenant_id, session_id)
+        if session is not None and session.state.is_open:
+            return session
+        return await self.create_session(tenant_id, session_id, new)
+
     async def get_session(self, tenant_id: str, session_id: str, *, touch: bool) -> Session | None:
         session = self._current(tenant_id, session_id)
         if session is not None and touch and session.state.is_open:

@@ -72,6 +72,14 @@ class RedisSessionStore(RedisStore):
         self._legacy_channel = legacy_channel
 
     async def create_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
+        return await self._create(tenant_id, session_id, new, keep_open=False)
+
+    async def open_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
+        return await self._create(tenant_id, session_id, new, keep_open=True)
+
+    async def _create(
+        self, tenant_id: str, session_id: str, new: NewSession, *, keep_open: bool
+    ) -> Session:
         keys = self._keys
         with redis_errors_as_unavailable():
             raw = await self._scripts.run(
@@ -86,6 +94,7 @@ class RedisSessionStore(RedisStore):
                     self._retention_ms,
                     keys.session(tenant_id, ""),
                     "1" if new.hidden else "0",
+                    "1" if keep_open else "0",
                 ],
             )
         return session_from_hash(tenant_id, session_id, pairs_to_dict(raw[0]), raw[1])

@@ -16,6 +16,12 @@ class SessionStore(Protocol):
         """Store a new ACTIVE session expiring ``new.ttl_ms`` from now."""
         ...
 
+    async def open_session(self, tenant_id: str, session_id: str, new: NewSession) -> Session:
+        """The session ``session_id`` as it is when open; else (missing, closed or past its
+        expiry) a new one stored in its place as ``create_session`` stores it. One atomic step:
+        callers racing for the same id all get the one session."""
+        ...
+
     async def get_session(self, tenant_id: str, session_id: str, *, touch: bool) -> Session | None:
         """Read a session, or None when missing. An open session past its expiry reads (and is
         recorded) as EXPIRED; with ``touch`` an open session's expiry slides to now + ttl."""

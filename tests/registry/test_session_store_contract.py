@@ -112,6 +112,56 @@ async def test_closing_an_expired_session_leaves_it_expired(store: SessionStore)
     assert result is not None and result.state is SessionState.EXPIRED
 
 
+async def test_open_session_creates_a_missing_one(store: SessionStore) -> None:
+    sid = new_id()
+    opened = await store.open_session("t1", sid, new_session())
+    assert opened.state is SessionState.ACTIVE and opened.agent_id == "agent-1"
+    assert await store.get_session("t1", sid, touch=False) == opened
+
+
+async def test_open_session_keeps_an_open_one_as_it_is(store: SessionStore) -> None:
+    sid = new_id()
+    created = await store.create_session("t1", sid, new_session("agent-1"))
+    opened = await store.open_session("t1", sid, new_session("agent-2"))
+    assert opened == created
+
+
+async def test_open_session_replaces_a_closed_one(store: SessionStore) -> None:
+    sid = new_id()
+    await store.create_session("t1", sid, new_session("agent-1"))
+    await store.close_session("t1", sid)
+    opened = await store.open_session("t1", sid, new_session("agent-2"))
+    assert opened.state is SessionState.ACTIVE and opened.agent_id == "agent-2"
+    assert await store.get_session("t1", sid, touch=False) == opened
+
+
+async def test_open_session_replaces_one_past_its_expiry(store: SessionStore) -> None:
+    sid = new_id()
+    await store.create_session("t1", sid, new_session("agent-1", ttl_ms=100))
+    await asyncio.sleep(0.15)
+    opened = await store.open_session("t1", sid, new_session("agent-2"))
+    assert opened.state is SessionState.ACTIVE and opened.agent_id == "agent-2"
+
+
+async def test_racing_opens_of_one_id_all_get_the_same_session(store: SessionStore) -> None:
+    sid = new_id()
+    opened = await asyncio.gather(
+        *(store.open_session("t1", sid, new_session(f"agent-{n}")) for n in range(8))
+    )
+    assert len({session.agent_id for session in opened}) == 1
+    read = await store.get_session("t1", sid, touch=False)
+    assert read is not None and read.agent_id == opened[0].agent_id
+
+
+async def test_open_session_is_scoped_to_its_tenant(store: SessionStore) -> None:
+    sid = new_id()
+    await store.create_session("t1", sid, new_session("agent-1"))
+    theirs = await store.open_session("t2", sid, new_session("agent-2"))
+    assert theirs.tenant_id == "t2" and theirs.agent_id == "agent-2"
+    mine = await store.get_session("t1", sid, touch=False)
+    assert mine is not None and mine.agent_id == "agent-1"
+
+
 async def test_list_pages_newest_first_without_gaps_or_repeats(store: SessionStore) -> None:
     ids = []
     for _ in range(7):
