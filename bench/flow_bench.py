@@ -62,7 +62,14 @@ from bench.processes import (
     serve_until_sigterm,
     start_serving,
 )
-from bench.tables import Rate, percentile, print_cluster_rows, print_table, quotient
+from bench.tables import (
+    Rate,
+    median_run,
+    percentile,
+    print_cluster_rows,
+    print_table,
+    quotient,
+)
 from orchestrator.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -334,15 +341,14 @@ class ChatPath:
     redis_url: str | None = None  # the backend's redis-server, whose CPU counts too
 
     async def drive(self, chats: int) -> ChatResult:
-        if self.redis_url is None:
-            return await drive_chats(
-                self.name, self.channel, self.session_ids, chats, self.concurrency
-            )
-        redis_before = await redis_cpu_s(self.redis_url)
+        redis_url = self.redis_url
+        redis_before = await redis_cpu_s(redis_url) if redis_url else 0.0
         result = await drive_chats(
             self.name, self.channel, self.session_ids, chats, self.concurrency
         )
-        redis_ms = quotient((await redis_cpu_s(self.redis_url) - redis_before) * 1000, result.chats)
+        if not redis_url:
+            return result
+        redis_ms = quotient((await redis_cpu_s(redis_url) - redis_before) * 1000, result.chats)
         return dataclasses.replace(result, redis_cpu_ms=redis_ms)
 
 
@@ -445,11 +451,6 @@ class ChatRounds:
     @property
     def cpu_ratio(self) -> float:
         return statistics.median(self.cpu_ratios())
-
-    @staticmethod
-    def median(runs: list[ChatResult]) -> ChatResult:
-        """The run of median rate."""
-        return sorted(runs, key=lambda run: run.per_second)[(len(runs) - 1) // 2]
 
 
 async def chat_rounds(
@@ -950,7 +951,7 @@ def print_chats(
 ) -> None:
     """The chats table (each path's median round); with ``on_cluster``, its row too and the
     cluster/single ratios."""
-    relay, orchestrator = rounds.median(rounds.relay), rounds.median(rounds.orchestrator)
+    relay, orchestrator = median_run(rounds.relay), median_run(rounds.orchestrator)
     ratio = rounds.ratio
     print(
         "1. chats: SendMessage -> completed (reference service, step delay 0); "
@@ -1243,7 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
     results = machine.run(on_private_redis(lambda url: measure(url, args)))
     print_results(results)
     if args.cluster:
-        print_cluster_chats(results.chats.median(results.chats.orchestrator), cluster_chats(args))
+        print_cluster_chats(median_run(results.chats.orchestrator), cluster_chats(args))
         on_cluster = machine.run(on_private_cluster(lambda url: fanout_part(url, args)))
         print_cluster_fanout(results.fanout, on_cluster)
     return 0 if all(results.verdicts().values()) else 1

@@ -36,7 +36,7 @@ from redis.asyncio import Redis, RedisCluster
 from bench import machine
 from bench.machine import Limits
 from bench.processes import on_private_cluster, on_private_redis
-from bench.tables import Rate, print_cluster_rows, print_table, quotient
+from bench.tables import Rate, median_run, print_cluster_rows, print_table, quotient
 from domain.ports.queue import NewWorkItem, QueueConfig, WorkItem
 from domain.worker import QueueWorker
 from registry.keys import KeySpace
@@ -223,15 +223,10 @@ class Rounds:
             quotient(q.per_second, r.per_second) for r, q in zip(self.raw, self.queue, strict=True)
         ]
 
-    @staticmethod
-    def median(runs: list[Measurement]) -> Measurement:
-        """The run of median rate."""
-        return sorted(runs, key=lambda m: m.per_second)[(len(runs) - 1) // 2]
-
 
 def print_results(rounds: Rounds, limits: Limits) -> bool:
     """Print the table; whether the target is met (the median of the rounds' ratios)."""
-    raw, full = Rounds.median(rounds.raw), Rounds.median(rounds.queue)
+    raw, full = median_run(rounds.raw), median_run(rounds.queue)
     ratios = rounds.ratios()
     queue_ratio = statistics.median(ratios)
     rows = [
@@ -305,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         c_rounds, _ = machine.run(on_private_cluster(lambda url: measure(url, shape, args.rounds)))
         print("items/s, single Redis vs a 3-master Redis Cluster (same machine; median rounds):")
-        raw, c_raw = Rounds.median(rounds.raw), Rounds.median(c_rounds.raw)
-        single, cluster = Rounds.median(rounds.queue), Rounds.median(c_rounds.queue)
+        raw, c_raw = median_run(rounds.raw), median_run(c_rounds.raw)
+        single, cluster = median_run(rounds.queue), median_run(c_rounds.queue)
         if single.name != cluster.name:  # the shard counts differ (a cluster's default is 8)
             print(f"queue path, single Redis: {single.name}; cluster: {cluster.name}")
         print_cluster_rows(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 
 def print_table(rows: Sequence[tuple[str, ...]]) -> None:
@@ -67,3 +67,11 @@ class Rate:
     @property
     def per_second(self) -> float:
         return quotient(getattr(self, self.COUNTED), self.seconds)
+
+
+R = TypeVar("R", bound=Rate)
+
+
+def median_run(runs: Sequence[R]) -> R:
+    """The run of median rate (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda run: run.per_second)[(len(runs) - 1) // 2]

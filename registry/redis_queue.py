@@ -584,52 +584,51 @@ class RedisWorkQueue(RedisStore):
         return replies
 
     async def renew(self, items: Sequence[WorkItem]) -> list[bool]:
-        if not items:
-            return []
         # One script call per shard and consumer (the script renews for one consumer; a
-        # worker's items all have its own): one round trip, on a cluster one per node.
-        per_call: dict[tuple[int, str], list[str]] = {}
+        # worker's items all have its own).
+        calls: dict[tuple[int, str], tuple[int, list[str | bytes | int]]] = {}
         order: list[tuple[int, str]] = []
         for item in items:
             shard, stream, entry = self._where(item)
             key = (shard, item.consumer)
-            args = per_call.get(key)
-            if args is None:
-                args = per_call[key] = [self._prefixes[shard], item.consumer]
-            args += (stream, entry)
+            call = calls.get(key)
+            if call is None:
+                call = calls[key] = (shard, [self._prefixes[shard], item.consumer])
+            call[1].extend((stream, entry))
             order.append(key)
-        with redis_errors_as_unavailable():
-            if len(per_call) == 1:
-                [((shard, _), args)] = per_call.items()
-                return [bool(n) for n in await self._runners[shard].run("renew", args=args)]
-            calls = [(shard, args[1:]) for (shard, _), args in per_call.items()]
-            replies = await self._on_shards("renew", calls)
-        # Each call answered for its deliveries in their order: put them back in the caller's.
-        answers = {key: iter(reply) for key, reply in zip(per_call, replies, strict=True)}
-        return [bool(next(answers[key])) for key in order]
+        return await self._per_delivery("renew", calls, order)
 
     async def complete(self, results: Sequence[tuple[WorkItem, bytes]]) -> list[bool]:
-        if not results:
-            return []
         ttl = self._config.result_ttl_ms
-        per_shard: dict[int, list[str | bytes | int]] = {}
+        calls: dict[int, tuple[int, list[str | bytes | int]]] = {}
         order: list[int] = []
         for item, value in results:
             shard, stream, entry = self._where(item)
-            args = per_shard.get(shard)
-            if args is None:
-                args = per_shard[shard] = [self._prefixes[shard], ttl]
-            args += (item.item_id, stream, entry, value)
+            call = calls.get(shard)
+            if call is None:
+                call = calls[shard] = (shard, [self._prefixes[shard], ttl])
+            call[1].extend((item.item_id, stream, entry, value))
             order.append(shard)
+        return await self._per_delivery("complete", calls, order)
+
+    async def _per_delivery(
+        self, name: str, calls: dict[Any, tuple[int, list[str | bytes | int]]], order: list[Any]
+    ) -> list[bool]:
+        """Run script ``name`` once per call (its shard, its ARGV from the shard's prefix on):
+        a lone call as it is, several in one pipeline (one round trip; on a cluster one per
+        node). Each call answers per delivery in its order; the answers come back in the
+        caller's, ``order`` naming the call of each of its deliveries."""
+        if not calls:
+            return []
         with redis_errors_as_unavailable():
-            if len(per_shard) == 1:
-                [(shard, args)] = per_shard.items()
-                return [bool(n) for n in await self._runners[shard].run("complete", args=args)]
-            calls = [(shard, args[1:]) for shard, args in per_shard.items()]
-            replies = await self._on_shards("complete", calls)
-        # Each shard answered for its deliveries in their order: put them back in the caller's.
-        answers = {shard: iter(reply) for (shard, _), reply in zip(calls, replies, strict=True)}
-        return [bool(next(answers[shard])) for shard in order]
+            if len(calls) == 1:
+                [(shard, args)] = calls.values()
+                return [bool(n) for n in await self._runners[shard].run(name, args=args)]
+            replies = await self._on_shards(
+                name, [(shard, args[1:]) for shard, args in calls.values()]
+            )
+        answers = {key: iter(reply) for key, reply in zip(calls, replies, strict=True)}
+        return [bool(next(answers[key])) for key in order]
 
     async def fail(self, item: WorkItem, error: str, *, retry: bool = True) -> FailOutcome:
         config = self._config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import flow_bench
+from bench.tables import median_run
 
 
 async def test_chats_run_on_the_bare_relay() -> None:
@@ -58,4 +59,4 @@ def test_the_chat_verdict_is_the_median_of_the_rounds_ratios() -> None:
     assert rounds.ratios() == pytest.approx([0.4, 0.6, 0.5])
     assert rounds.ratio == pytest.approx(0.5)
     assert rounds.cpu_ratio == pytest.approx(0.5)
-    assert rounds.median(rounds.orchestrator).per_second == pytest.approx(50)
+    assert median_run(rounds.orchestrator).per_second == pytest.approx(50)
