@@ -67,13 +67,14 @@ def declarations(name: str) -> list[tuple[str, str]]:
 
 def run_by_stores() -> set[str]:
     """``<area>/<name>`` of every script a store runs: the area its class names (``SCRIPTS``)
-    with every name its module passes to ``run``."""
+    with every name its module passes to ``run`` (or to the queue's ``_per_delivery``, which
+    runs the script it is given)."""
     run: set[str] = set()
     for module in REGISTRY.glob("*.py"):
         source = module.read_text(encoding="utf-8")
         areas = re.findall(r'^    SCRIPTS = "(\w+)"$', source, re.MULTILINE)
         assert len(areas) <= 1, f"{module.name}: one store with scripts per module"
-        names = re.findall(r'\brun\(\s*"(\w+)"', source)
+        names = re.findall(r'\b(?:run|_per_delivery)\(\s*"(\w+)"', source)
         run.update(f"{area}/{name}" for area in areas for name in names)
     return run
 
