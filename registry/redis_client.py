@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, TypeVar, cast
 import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode, ClusterPubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, ClusterPubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -276,10 +277,28 @@ class _ClusterSubscriber(ClusterPubSub):
             raise
 
 
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline whose retries re-read the layout without closing other calls'
+    connections (_Cluster.aclose)."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        token = _IN_A_CALL.set(True)
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        finally:
+            _IN_A_CALL.reset(token)
+
+
+# Set while redis-py runs one of our calls: an ``aclose`` it makes then is its own error
+# handling asking for a new layout (_Cluster.aclose), not the owner closing the client.
+_IN_A_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_a_call", default=False)
+
+
 class _Cluster(RedisCluster):
-    """``RedisCluster`` that reads the layout before a command picks its node, and whose
-    pub/sub works as a first call and follows a failover. Classic SUBSCRIBE on any node hears
-    every PUBLISH of the cluster (messages are broadcast over the cluster bus)."""
+    """``RedisCluster`` that reads the layout before a command picks its node, whose re-reads
+    of the layout leave other calls' connections alone, and whose pub/sub works as a first
+    call and follows a failover. Classic SUBSCRIBE on any node hears every PUBLISH of the
+    cluster (messages are broadcast over the cluster bus)."""
 
     # A subscriber failed to reach its node: the next one re-reads the layout first.
     layout_stale = False
@@ -287,11 +306,32 @@ class _Cluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         # redis-py picks a command's node before it reads the layout: on a client with none
         # (new, or after a failed command dropped it) a keyed command goes to a random node.
-        # Its MOVED replies then add up to a full re-read, which closes every connection,
-        # those of other calls in flight too (their commands fail as UNAVAILABLE).
+        # Its MOVED replies then add up to a full re-read (see aclose).
         if self._initialize:
             await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        token = _IN_A_CALL.set(True)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            _IN_A_CALL.reset(token)
+
+    async def aclose(self) -> None:
+        """Close the client; but when redis-py calls this from inside a call (on CLUSTERDOWN,
+        a slot no node serves, every ``reinitialize_steps`` MOVED replies, or a pipeline's
+        lost connection) to re-read the layout, only mark the layout for re-reading. redis-py
+        closes every connection of every node there, those of other calls in flight too: a
+        slot moving or one master failing over would fail calls on the healthy masters. The
+        failed call's own connection is dropped by redis-py already, and a node gone from the
+        new layout has its idle connections closed when the layout is read."""
+        if _IN_A_CALL.get():
+            self._initialize = True
+            return
+        await super().aclose()
+
+    def pipeline(self, transaction: bool | None = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused there
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
 
     def pubsub(
         self,
