@@ -17,6 +17,11 @@ per item. An item's task ends when its handler returns, but its slot is freed on
 flusher once its outcome is recorded, so leases keep being renewed until then (and no
 per-item future is needed to wait for the flush).
 
+An item whose lease ran out while its handler still runs here (renewals failed through a Redis
+outage longer than the lease) comes back to a consumer once Redis does, maybe to this one: this
+worker then does not start the item again beside itself, but hands the new delivery to the
+handler already running (its outcome is recorded, and its lease renewed, under the new one).
+
 ``stop()`` stops leasing; ``run()`` then lets in-flight items finish for ``grace_s`` and
 releases the rest (they are ready again at once, their delivery uncounted), so a rolling restart
 loses and delays nothing. A worker that dies without stopping loses nothing either: its leases
@@ -95,6 +100,8 @@ class WorkerStats:
     deferred: int = 0  # given back for later (Deferred)
     backed_off: int = 0  # given back for later after their handler met an outage (Unavailable)
     lost_leases: int = 0  # renewals that found the item reclaimed by another consumer
+    # Deliveries of an item whose handler was still running here: taken over by that handler.
+    adopted: int = 0
 
 
 def default_consumer_name() -> str:
@@ -185,7 +192,30 @@ class QueueWorker:
             self.stats.leased += len(items)
             new_task, inflight, process = self._task_maker(), self._inflight, self._process
             for item in items:
+                # Only a redelivery can be of an item still running here (a first never is).
+                if item.deliveries > 1 and self._adopt(item):
+                    continue
                 inflight[new_task(process(item), name=f"work-{item.item_id}")] = item
+
+    def _adopt(self, item: WorkItem) -> bool:
+        """Whether ``item`` is a new delivery of an item whose handler still runs here (its
+        lease ran out meanwhile): that handler takes the delivery over, whose receipt its
+        renewals and its outcome use from now on."""
+        for task, running in self._inflight.items():
+            if running.item_id == item.item_id:
+                self._inflight[task] = item
+                self._lost.discard(task)
+                self.stats.adopted += 1
+                log.warning(
+                    "work item %s came back while its handler still runs here: not run twice",
+                    item.item_id,
+                )
+                return True
+        return False
+
+    def _delivery(self, task: asyncio.Task[None], item: WorkItem) -> WorkItem:
+        """The delivery ``task`` holds now: ``item``, or one it took over since (_adopt)."""
+        return self._inflight.get(task, item)
 
     def _task_maker(self) -> Callable[..., asyncio.Task[None]]:
         """What makes an item's task: the Task that ``loop.create_task`` would make, made
@@ -219,18 +249,20 @@ class QueueWorker:
         try:
             value = await self.handler(item)
         except BaseException as exc:
+            task = self._current_task()
             try:
-                await self._handler_failed(item, exc)
+                await self._handler_failed(self._delivery(task, item), exc)
             except Exception:  # a bug on the way out: say so; the item's lease will expire
                 log.exception("work item task failed")
             finally:
-                self._free(self._current_task())
+                self._free(task)
             return
         if self._outages:
             self._outages.pop(item.item_id, None)
+        task = self._current_task()
         # Buffered for the flusher, which records the value and frees the slot.
-        self._to_complete.append((item, value))
-        self._to_free.append(self._current_task())
+        self._to_complete.append((self._delivery(task, item), value))
+        self._to_free.append(task)
         self._completions_waiting.set()
 
     def _current_task(self) -> asyncio.Task[None]:
@@ -353,14 +385,15 @@ class QueueWorker:
                 except Unavailable as exc:
                     log.warning("could not renew %d leases: %s", len(chunk), exc)
                     break
-                for (task, _), kept in zip(chunk, renewed, strict=True):
+                for (task, item), kept in zip(chunk, renewed, strict=True):
                     if kept:
                         continue
                     # Reclaimed meanwhile; the result is still offered (CAS decides). A task
-                    # that finished since the snapshot (its outcome recorded) is not lost.
-                    if task in self._inflight:
+                    # whose handler is done (its outcome being recorded, or recorded: the lease
+                    # goes with it), or that took a new delivery over (_adopt), lost nothing.
+                    if not task.done() and self._inflight.get(task) is item:
                         self._lost.add(task)
-                    self.stats.lost_leases += 1
+                        self.stats.lost_leases += 1
 
     async def _drain(self) -> None:
         """Let in-flight items finish for the grace period, then cancel (release) the rest."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import cast
 
 import pytest
 
@@ -405,3 +406,57 @@ async def test_a_tick_renews_many_leases_in_calls_of_bounded_size(
         first_tick = queue.calls[:3]
         assert [len(call) for call in first_tick] == [2, 2, 1]
         assert sorted(i for call in first_tick for i in call) == [f"i{n}" for n in range(5)]
+
+
+class _RenewalsFailWhile:
+    """``queue`` whose renewals fail (Unavailable, as through a Redis outage) while ``down``
+    is set; ``redelivered`` is set once an item is leased a second time."""
+
+    def __init__(self, queue: WorkQueue) -> None:
+        self._queue = queue
+        self.down = True
+        self.redelivered = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._queue, name)
+
+    async def renew(self, items: Sequence[WorkItem]) -> list[bool]:
+        if self.down:
+            raise Unavailable("redis unavailable: connection refused")
+        return await self._queue.renew(items)
+
+    async def dequeue(self, consumer: str, **kwargs: int) -> list[WorkItem]:
+        items = await self._queue.dequeue(consumer, **kwargs)
+        if any(item.deliveries > 1 for item in items):
+            self.redelivered.set()
+        return items
+
+
+async def test_an_item_whose_lease_ran_out_under_its_running_handler_is_not_run_twice(
+    queue: WorkQueue,
+) -> None:
+    """Renewals fail for longer than the lease while the handler runs; the worker leases the
+    item again (its own, expired): the running handler takes the new delivery over, whose
+    result is stored once renewals work again."""
+    flaky = _RenewalsFailWhile(queue)
+    calls: Counter[str] = Counter()
+    finish = asyncio.Event()
+
+    async def slow(item: WorkItem) -> bytes:
+        calls[item.item_id] += 1
+        await finish.wait()
+        return b"done"
+
+    worker = make_worker(cast(WorkQueue, flaky), slow)
+    async with running(worker):
+        await queue.enqueue([new_item("long")])
+        await asyncio.wait_for(flaky.redelivered.wait(), 10)
+        flaky.down = False
+        finish.set()
+        result = await queue.wait_result("long", 10)
+    assert result is not None
+    assert (result.status, result.value) == (ResultStatus.SUCCEEDED, b"done")
+    # However often it came back (a slow machine may let a lease run out again), it ran once.
+    assert result.deliveries >= 2
+    assert calls == {"long": 1}
+    assert (worker.stats.adopted, worker.stats.completed) == (result.deliveries - 1, 1)
