@@ -26,6 +26,10 @@
 --                       items in the delayed set and the dead letter (for per-tenant stats)
 local prefix = ARGV[1]
 local group = 'w'
+-- now as a string, formatted once: a Lua number passed to redis.call is formatted with
+-- printf's '%.17g' on every call (Redis 7.0), far dearer than the command it goes with, so
+-- the per-item calls pass strings only.
+local now_text = string.format('%d', now)
 -- Acknowledge and delete a delivered entry. XDEL only when XACK found it pending, so a stale
 -- receipt never deletes anything else. An empty stream is dropped with its group: its tenant
 -- leaves no keys behind, and enqueue recreates both.
@@ -85,7 +89,7 @@ local function bury(rec, id, err)
   local pt = redis.call('HMGET', rec, 'p', 't')
   tally('dead', pt[1], pt[2], 1)
   local x = redis.call('XADD', prefix .. 'dead', '*', 'i', id)
-  redis.call('HSET', rec, 'st', 'dead', 'err', err, 'f', now, 'x', x)
+  redis.call('HSET', rec, 'st', 'dead', 'err', err, 'f', now_text, 'x', x)
   redis.call('PUBLISH', prefix .. 'ch:done', id)
 end
 

@@ -7,7 +7,8 @@
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, result_ttl_ms, then per delivery: id, stream, entry, value
 -- Returns: per delivery 1 (stored) or 0 (discarded)
-local result_ttl_ms = tonumber(ARGV[2])
+-- Kept as the caller's text: passed on as it is (see now_text).
+local result_ttl_ms = ARGV[2]
 local first_delivery = 3
 -- Entry ids per XDEL: well under Lua's limit on unpacked values.
 local xdel_chunk = 500
@@ -35,7 +36,7 @@ for i = first_delivery, #ARGV, 4 do
       tally('delayed', pt[1], pt[2], -1)
     end
     -- The payload and any earlier error are blanked rather than deleted: one command less.
-    redis.call('HSET', rec, 'st', 'done', 'v', value, 'f', now, 'd', '', 'err', '')
+    redis.call('HSET', rec, 'st', 'done', 'v', value, 'f', now_text, 'd', '', 'err', '')
     redis.call('PEXPIRE', rec, result_ttl_ms)
     res[#res + 1] = 1
     ndone = ndone + 1

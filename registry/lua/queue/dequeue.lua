@@ -36,6 +36,9 @@ local function fields(v1, v2, v3, v4, v5, v6, v7, v8, v9)
   lengths[#lengths + 1] = struct.pack(nine_lengths, #v1, #v2, #v3, #v4, #v5, #v6, #v7, #v8, #v9)
 end
 
+-- Delivery counts as text, each formatted once per call (see now_text in the prelude).
+local count_texts = {}
+
 local function deliver(stream, entry, id, reclaimed)
   local rec = prefix .. 'i:' .. id
   local f = redis.call('HMGET', rec, 'st', 'e', 'n', 't', 'k', 'p', 'b', 'd', 'q')
@@ -50,9 +53,14 @@ local function deliver(stream, entry, id, reclaimed)
     return
   end
   n = n + 1
-  redis.call('HSET', rec, 'st', 'running', 'n', n)
+  local n_text = count_texts[n]
+  if not n_text then
+    n_text = string.format('%d', n)
+    count_texts[n] = n_text
+  end
+  redis.call('HSET', rec, 'st', 'running', 'n', n_text)
   out[#out + 1] = id
-  fields(id, entry, f[4], f[5], f[6], f[7], f[8], tostring(n), f[9])
+  fields(id, entry, f[4], f[5], f[6], f[7], f[8], n_text, f[9])
 end
 
 -- 1. Retries whose backoff is over go back to the tail of their stream.

@@ -16,7 +16,7 @@ for i = first_item, #ARGV, 6 do
   if redis.call('EXISTS', rec) == 0 then
     local entry = append(id, priority, tenant, prepared)
     redis.call('HSET', rec, 't', tenant, 'k', kind, 'p', priority,
-      'b', batch, 'd', payload, 'n', 0, 'q', now, 'st', 'queued', 'e', entry)
+      'b', batch, 'd', payload, 'n', '0', 'q', now_text, 'st', 'queued', 'e', entry)
     added = added + 1
     if (rank[priority] or 3) < rank[best] then best = priority end
   end
