@@ -1,8 +1,10 @@
 --! include: prelude/queue
 -- Stores the results of deliveries, compare-and-set: the first result of an unfinished item
 -- is stored; later ones are discarded. Every delivery is acknowledged either way, and the
--- items that finished are announced on ch:done. The acknowledged entries of each stream are
--- deleted in one XDEL at the end (only those XACK found pending, as ack does).
+-- items that finished are announced on ch:done. The entries XACK found pending (as ack
+-- does) are deleted at the end, per stream: those older than every entry still pending in
+-- one XTRIM MINID (an XDEL walks its entry's stream node from the start, over the entries
+-- deleted before it: dearer than anything else per item), the others by XDEL.
 --
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, result_ttl_ms, then per delivery: id, stream, entry, value
@@ -45,14 +47,41 @@ for i = first_delivery, #ARGV, 4 do
     res[#res + 1] = 0
   end
 end
+-- Whether stream entry id a is older than b.
+local function older(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
+end
+
+-- Every entry of a stream is pending, not yet delivered, or acknowledged and deleted in the
+-- same script (here, ack, deliver): the entries older than the oldest one pending are all
+-- acknowledged ones (the undelivered are newer than every delivered entry), so trimming them
+-- deletes nothing else. With none pending, the oldest #entries are exactly these entries.
 for _, stream in ipairs(streams) do
   local entries = acked[stream]
-  for first = 1, #entries, xdel_chunk do
-    redis.call('XDEL', stream, unpack(entries, first, math.min(first + xdel_chunk - 1, #entries)))
-  end
-  if redis.call('XLEN', stream) == 0 then
-    redis.call('DEL', stream)
-    redis.call('SREM', prefix .. 'streams', stream)
+  local oldest = redis.call('XPENDING', stream, group, '-', '+', '1')[1]
+  if oldest then
+    local pending = oldest[1]
+    if redis.call('XTRIM', stream, 'MINID', pending) < #entries then
+      -- Acknowledged after an entry that is still pending: deleted one by one.
+      local rest = {}
+      for _, entry in ipairs(entries) do
+        if not older(entry, pending) then rest[#rest + 1] = entry end
+      end
+      for first = 1, #rest, xdel_chunk do
+        redis.call('XDEL', stream, unpack(rest, first, math.min(first + xdel_chunk - 1, #rest)))
+      end
+    end
+  else
+    local keep = redis.call('XLEN', stream) - #entries
+    if keep > 0 then
+      redis.call('XTRIM', stream, 'MAXLEN', string.format('%d', keep))
+    else
+      redis.call('DEL', stream)
+      redis.call('SREM', prefix .. 'streams', stream)
+    end
   end
 end
 if ndone > 0 then redis.call('PUBLISH', prefix .. 'ch:done', table.concat(done, ',')) end
