@@ -15,8 +15,10 @@ for i = first_item, #ARGV, 6 do
   local rec = prefix .. 'i:' .. id
   if redis.call('EXISTS', rec) == 0 then
     local entry = append(id, priority, tenant, prepared)
-    redis.call('HSET', rec, 't', tenant, 'k', kind, 'p', priority,
-      'b', batch, 'd', payload, 'n', '0', 'q', now_text, 'st', 'queued', 'e', entry)
+    -- The fields every later script reads or writes first: a small hash is a list, searched
+    -- from its head for each field named.
+    redis.call('HSET', rec, 'st', 'queued', 'e', entry, 'n', '0', 't', tenant, 'k', kind,
+      'p', priority, 'b', batch, 'd', payload, 'q', now_text)
     added = added + 1
     if (rank[priority] or 3) < rank[best] then best = priority end
   end
