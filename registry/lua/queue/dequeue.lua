@@ -39,9 +39,17 @@ end
 -- Delivery counts as text, each formatted once per call (see now_text in the prelude).
 local count_texts = {}
 
-local function deliver(stream, entry, id, reclaimed)
+-- Leases the stream's entry to the consumer (or acknowledges it when stale). prio and tenant:
+-- the stream's, when the caller knows them (the record is not asked for them then).
+local function deliver(stream, entry, id, reclaimed, prio, tenant)
   local rec = prefix .. 'i:' .. id
-  local f = redis.call('HMGET', rec, 'st', 'e', 'n', 't', 'k', 'p', 'b', 'd', 'q')
+  local f
+  if prio then
+    f = redis.call('HMGET', rec, 'st', 'e', 'n', 'k', 'b', 'd', 'q')
+    f[4], f[5], f[6], f[7], f[8], f[9] = tenant, f[4], prio, f[5], f[6], f[7]
+  else
+    f = redis.call('HMGET', rec, 'st', 'e', 'n', 't', 'k', 'p', 'b', 'd', 'q')
+  end
   if not f[1] or final(f[1]) or f[2] ~= entry then
     ack(stream, entry)  -- stale entry: the item finished, expired or was queued again
     return
@@ -136,7 +144,7 @@ local function take(prio)
       if r and #r[1][2] > 0 then
         local entries = r[1][2]
         local last = entries[#entries][1]
-        for _, e in ipairs(entries) do deliver(stream, e[1], e[2][2], false) end
+        for _, e in ipairs(entries) do deliver(stream, e[1], e[2][2], false, prio, tenant) end
         -- deliver may have deleted stale entries, or the stream with the last of them.
         local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
         more = top ~= nil and after(top[1], last)
