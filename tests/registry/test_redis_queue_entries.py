@@ -68,3 +68,16 @@ async def test_a_stale_receipt_deletes_no_entry_of_the_stream(queue: RedisWorkQu
     assert await entries(queue) == left
     assert await queue.complete([(i1, b"ok")]) == [True]
     assert len(await entries(queue)) == 1
+
+
+async def test_with_nothing_pending_only_delivered_entries_are_trimmed(
+    queue: RedisWorkQueue,
+) -> None:
+    # Even when an entry went missing while leased (deleted behind the queue's back), the
+    # entries trimmed are those up to the last one delivered: the undelivered stay.
+    await queue.enqueue([new_item("i0"), new_item("i1"), new_item("i2")])
+    i0, i1 = await take(queue, "c1", 2)
+    stream = work_stream_key(queue.prefix, QueuePriority.NORMAL, "t1")
+    assert await queue.redis.xdel(stream, i1.receipt) == 1
+    assert await queue.complete([(i0, b"ok"), (i1, b"ok")]) == [True, True]
+    assert [item.item_id for item in await take(queue, "c1", 5)] == ["i2"]

@@ -55,10 +55,27 @@ local function older(a, b)
   return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
 end
 
+-- The id right after stream entry id ``id``.
+local function next_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+end
+
+-- The id of the last entry the group has delivered from ``stream``.
+local function last_delivered(stream)
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local fields = {}
+    for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
+    if fields['name'] == group then return fields['last-delivered-id'] end
+  end
+  return '0-0'
+end
+
 -- Every entry of a stream is pending, not yet delivered, or acknowledged and deleted in the
--- same script (here, ack, deliver): the entries older than the oldest one pending are all
--- acknowledged ones (the undelivered are newer than every delivered entry), so trimming them
--- deletes nothing else. With none pending, the oldest #entries are exactly these entries.
+-- same script (here, ack, deliver). The entries older than the oldest one pending were
+-- delivered (the undelivered are newer than every delivered entry) and are not pending: they
+-- are acknowledged, and trimming them deletes nothing else. With nothing pending, that holds
+-- of every entry up to the last one delivered.
 for _, stream in ipairs(streams) do
   local entries = acked[stream]
   local oldest = redis.call('XPENDING', stream, group, '-', '+', '1')[1]
@@ -75,10 +92,8 @@ for _, stream in ipairs(streams) do
       end
     end
   else
-    local keep = redis.call('XLEN', stream) - #entries
-    if keep > 0 then
-      redis.call('XTRIM', stream, 'MAXLEN', string.format('%d', keep))
-    else
+    redis.call('XTRIM', stream, 'MINID', next_id(last_delivered(stream)))
+    if redis.call('XLEN', stream) == 0 then
       redis.call('DEL', stream)
       redis.call('SREM', prefix .. 'streams', stream)
     end
