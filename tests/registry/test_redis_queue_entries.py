@@ -5,6 +5,7 @@ others one by one) and never an entry still pending or not yet delivered."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,8 @@ async def take(queue: RedisWorkQueue, consumer: str, count: int) -> list[WorkIte
 async def entries(queue: RedisWorkQueue) -> list[str]:
     """The entry ids in tenant t1's stream, oldest first."""
     stream = work_stream_key(queue.prefix, QueuePriority.NORMAL, "t1")
-    return [entry.decode() for entry, _ in await queue.redis.xrange(stream)]
+    found: list[tuple[bytes, Any]] = await queue.redis.xrange(stream)  # type: ignore[assignment]
+    return [entry.decode() for entry, _ in found]
 
 
 async def test_completing_out_of_order_deletes_only_the_acknowledged_entries(
