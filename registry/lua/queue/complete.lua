@@ -2,9 +2,10 @@
 -- Stores the results of deliveries, compare-and-set: the first result of an unfinished item
 -- is stored; later ones are discarded. Every delivery is acknowledged either way, and the
 -- items that finished are announced on ch:done. The entries XACK found pending (as ack
--- does) are deleted at the end, per stream: those older than every entry still pending in
--- one XTRIM MINID (an XDEL walks its entry's stream node from the start, over the entries
--- deleted before it: dearer than anything else per item), the others by XDEL.
+-- does) are deleted at the end, per stream: those older than every entry still pending
+-- (with none pending, every entry up to the last one delivered) in one XTRIM MINID (an XDEL
+-- walks its entry's stream node from the start, over the entries deleted before it: dearer
+-- than anything else per item), the others by XDEL.
 --
 -- KEYS: none (built from the prefix: one hash tag)
 -- ARGV: prefix, result_ttl_ms, then per delivery: id, stream, entry, value
