@@ -17,8 +17,8 @@
 -- Returns: {'gone'} | {'done'} (nothing to claim) | {'later', lease} | claim_reply(...) with
 --   status 'claimed' | 'requeue' | 'finalize' | 'exhausted' | 'finalize_exhausted'
 local handoff_grace_ms, max_handoffs = tonumber(ARGV[2]), tonumber(ARGV[3])
-local retention_ms = tonumber(ARGV[4])
-local maxlen, log_ttl_ms, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local retention_ms = ARGV[4]
+local maxlen, log_ttl_ms, channel = ARGV[5], ARGV[6], ARGV[7]
 local failed_template, finalize_failed_template = ARGV[8], ARGV[9]
 
 if redis.call('EXISTS', job_key) == 0 then return {'gone'} end

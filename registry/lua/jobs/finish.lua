@@ -10,8 +10,8 @@
 --   retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope} or {reason} (unknown_job | already_final)
 local final_state, data_json = ARGV[2], ARGV[3]
-local retention_ms = tonumber(ARGV[4])
-local maxlen, log_ttl_ms, channel = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local retention_ms = ARGV[4]
+local maxlen, log_ttl_ms, channel = ARGV[5], ARGV[6], ARGV[7]
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end
 local f = redis.call('HMGET', job_key, 'state', 'request', 'res')

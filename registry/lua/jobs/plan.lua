@@ -12,7 +12,7 @@
 -- Returns: {'ok', now, sequence, envelope, sequence, envelope, ...} or {reason}
 --   (unknown_job | final)
 local plan_json, outputs_json = ARGV[2], ARGV[3]
-local maxlen, log_ttl_ms, channel = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local maxlen, log_ttl_ms, channel = ARGV[4], ARGV[5], ARGV[6]
 local appends = ARGV[7]
 
 if redis.call('EXISTS', job_key) == 0 then return {'unknown_job'} end

@@ -9,8 +9,8 @@
 -- ARGV: job_id, retention_ms (the job's, once final), maxlen, log_ttl_ms, channel
 -- Returns: {'done', sequence, now, envelope}, {'later', due} (a heartbeat moved the
 --   deadline), {'gone'} or {'final'}
-local retention_ms = tonumber(ARGV[2])
-local maxlen, log_ttl_ms, channel = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local retention_ms = ARGV[2]
+local maxlen, log_ttl_ms, channel = ARGV[3], ARGV[4], ARGV[5]
 
 if redis.call('EXISTS', job_key) == 0 then
   uncount()

@@ -22,8 +22,17 @@ local tenant_finishing_key = KEYS[10]  -- the tenant's FINISHING jobs (as the th
 -- `tpm:<minute>`, the tokens charged to the tenant in it.
 local limits_prefix = KEYS[11]
 
+-- now as a string, formatted once: a Lua number passed to redis.call is formatted with
+-- printf's '%.17g' on every call (Redis 7.0), and one concatenated with '%.14g', both far
+-- dearer than an integer's '%d'. So the scripts pass strings: ARGV texts as they came, and
+-- numbers they compute through int() (the same digits: every such number is an integer).
+local now_text = string.format('%d', now)
+local function int(n) return string.format('%d', n) end
+
 local function inflight_key(service) return limits_prefix .. 'inflight:' .. service end
-local function minute_tokens_key() return limits_prefix .. 'tpm:' .. math.floor(now / 60000) end
+local function minute_tokens_key()
+  return limits_prefix .. 'tpm:' .. int(math.floor(now / 60000))
+end
 
 -- An event envelope of the job, from complete JSON pieces: its id is validated by the caller, the
 -- request id is stored JSON-encoded, the data is JSON made by the caller. Concatenated, not
@@ -42,19 +51,27 @@ local function with_members(object_json, members)
   return head .. table.concat(members, ',') .. '}'
 end
 
--- Append an event: next sequence, stream entry <seq>-0 (capped at maxlen), publish.
+-- Append an event: next sequence, stream entry <seq>-0 (capped at maxlen), publish. ``ttl``
+-- is the caller's ARGV text (log_ttl_ms).
 local function append(env, maxlen, ttl, channel)
   local seq = redis.call('INCR', event_seq_key)
+  local seq_text = int(seq)
   redis.call('PEXPIRE', event_seq_key, ttl)
-  redis.call('XADD', events_key, 'MAXLEN', maxlen, seq .. '-0', 't', now, 'e', env)
+  redis.call('XADD', events_key, 'MAXLEN', maxlen, seq_text .. '-0', 't', now_text, 'e', env)
   redis.call('PEXPIRE', events_key, ttl)
-  publish_event(channel, seq .. ' ' .. now .. ' ' .. env)
+  publish_event(channel, seq_text .. ' ' .. now_text .. ' ' .. env)
   return seq
 end
 
--- Keep a key at least ``ttl`` ms longer (a key without a TTL gets one).
+-- Keep a key that exists at least ``ttl`` ms longer (a key without a TTL gets one). GT sets
+-- the expiry only when later than the key's, which is all the work when the key has one (the
+-- usual case: each job keeps the sets a little longer); GT treats a key without one as never
+-- expiring, so a refusal is checked with PTTL: -1, no TTL, gets one (as with PTTL < ttl).
 local function extend(key, ttl)
-  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  local ttl_text = int(ttl)
+  if redis.call('PEXPIRE', key, ttl_text, 'GT') == 0 and redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIRE', key, ttl_text)
+  end
 end
 
 -- Whether a job for ``service`` may start now (domain.service_caps.check): nil, or the reply
@@ -62,7 +79,7 @@ end
 -- unfinished are trimmed from the count first.
 local function over_limit(service, in_flight_cap, tpm_cap, retry_after_ms)
   local key = inflight_key(service)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now_text)
   if in_flight_cap > 0 and redis.call('ZCARD', key) >= in_flight_cap then
     return {'limited', 'in_flight', in_flight_cap, retry_after_ms, service}
   end
@@ -75,7 +92,7 @@ end
 -- The job is in flight at ``service`` until it ends or its hash expires (at ``expires``).
 local function count_in_flight(service, expires)
   local key = inflight_key(service)
-  redis.call('ZADD', key, expires, job_id)
+  redis.call('ZADD', key, int(expires), job_id)
   extend(key, expires - now)
 end
 
@@ -83,14 +100,14 @@ end
 local function charge_minute(tokens)
   local key = minute_tokens_key()
   redis.call('INCRBY', key, tokens)
-  redis.call('PEXPIRE', key, 120000)
+  redis.call('PEXPIRE', key, '120000')
 end
 
 -- The job is final or gone: it leaves the tenant's sets of unfinished jobs (and, when its
 -- hash is still there to name its service, the in-flight count: a gone job's entry is
--- trimmed by its score).
-local function uncount()
-  local service = redis.call('HGET', job_key, 'service')
+-- trimmed by its score). ``service``: the job's, when the caller read it already.
+local function uncount(service)
+  service = service or redis.call('HGET', job_key, 'service')
   if service then redis.call('ZREM', inflight_key(service), job_id) end
   redis.call('ZREM', tenant_pending_key, job_id)
   redis.call('ZREM', tenant_running_key, job_id)
@@ -108,17 +125,18 @@ end
 -- in the same write) and is kept ``retention_ms`` more: its work spec, plan outputs, stored
 -- result and finalize lease go, it is no longer counted and leaves the session's pending set
 -- (and its line, if it was queued); an idle busy session becomes active again.
-local function end_job(state, retention_ms, ...)
-  redis.call('HSET', job_key, 'state', state, 'updated', now, ...)
+-- ``retention_ms`` as the caller's ARGV text; ``service``: the job's if read already, or nil.
+local function end_job(state, retention_ms, service, ...)
+  redis.call('HSET', job_key, 'state', state, 'updated', now_text, ...)
   redis.call('PEXPIRE', job_key, retention_ms)
-  handed_over()
-  redis.call('HDEL', job_key, 'ho', 'po', 'res', 'fl', 'fa', 'pa')
-  uncount()
+  -- handed_over()'s fields and the rest, in one call.
+  redis.call('HDEL', job_key, 'hol', 'hoa', 'hoq', 'ho', 'po', 'res', 'fl', 'fa', 'pa')
+  uncount(service)
   redis.call('SREM', pending_key, job_id)
-  redis.call('LREM', line_key, 1, job_id)
+  redis.call('LREM', line_key, '1', job_id)
   if redis.call('HGET', session_key, 'state') == 'busy'
       and redis.call('SCARD', pending_key) == 0 then
-    redis.call('HSET', session_key, 'state', 'active', 'updated', now)
+    redis.call('HSET', session_key, 'state', 'active', 'updated', now_text)
   end
 end
 
@@ -148,9 +166,11 @@ local function claim_reply(status, lease, attempts, finalize, accepted)
 end
 
 -- A job started with 'keep' set keeps its final event ("<seq> <time> <envelope>", the
--- published form) in its hash, readable after the session's capped log dropped it.
-local function keep_final(seq, env)
-  if redis.call('HGET', job_key, 'keep') == '1' then
-    redis.call('HSET', job_key, 'final', seq .. ' ' .. now .. ' ' .. env)
+-- published form) in its hash, readable after the session's capped log dropped it. ``keep``:
+-- the job's field `keep` when the caller read it already (false: none), or nil.
+local function keep_final(seq, env, keep)
+  if keep == nil then keep = redis.call('HGET', job_key, 'keep') end
+  if keep == '1' then
+    redis.call('HSET', job_key, 'final', int(seq) .. ' ' .. now_text .. ' ' .. env)
   end
 end
