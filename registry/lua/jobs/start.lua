@@ -65,21 +65,22 @@ if parent_job_id ~= '' then
   if p[1] ~= 'pending' and p[1] ~= 'running' then return {'parent_not_in_flight'} end
   if tonumber(p[2] or '0') >= max_calls then return {'call_limit'} end
 end
-if redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
 local s = redis.call('HMGET', session_key, 'state', 'expires', 'ttl', 'agent_id')
+-- Every session hash has its state: none, and the session is gone, unless it is there without.
+if not s[1] and redis.call('EXISTS', session_key) == 0 then return {'session_missing'} end
+local keep_to -- when the session (and so its pending set) expires, once read with touch
 if session_retention_ms and (s[1] == 'active' or s[1] == 'busy') then
   -- The session read of sessions/get.lua (touch), the session and its pending set kept until
   -- ``keep_to`` (prelude/sessions.lua's keep_until).
   local expires = tonumber(s[2])
-  local keep_to
   if now >= expires then
     redis.call('HSET', session_key, 'state', 'expired', 'updated', expires)
     s[1] = 'expired'
-    keep_to = expires + session_retention_ms
+    keep_to = int(expires + session_retention_ms)
   else
     s[2] = now + tonumber(s[3])
-    redis.call('HSET', session_key, 'expires', s[2])
-    keep_to = s[2] + session_retention_ms
+    redis.call('HSET', session_key, 'expires', int(s[2]))
+    keep_to = int(s[2] + session_retention_ms)
   end
   redis.call('PEXPIREAT', session_key, keep_to)
   redis.call('PEXPIREAT', pending_key, keep_to)
@@ -105,18 +106,25 @@ if queued then
   deadline = now + queue_timeout_ms
   hb = deadline
 end
-redis.call('HSET', job_key, 'session', session_id, 'service', service, 'kind', kind,
+local deadline_text, hb_text = int(deadline), int(hb)
+local fields = {'session', session_id, 'service', service, 'kind', kind,
   'state', state, 'request', request_json, 'agent', agent_id, 'model', model,
-  'created', now, 'updated', now, 'deadline', deadline, 'hb', hb, 'nseq', 0,
-  'ptok', 0, 'ctok', 0, 'ttok', 0, 'ckey', cache_key,
-  'ho', handoff_spec, 'hol', now + handoff_grace_ms, 'hoa', 1)
-if keep == '1' then redis.call('HSET', job_key, 'keep', '1') end
-if plan_json ~= '' then redis.call('HSET', job_key, 'plan', plan_json) end
-if agent_json ~= '' then redis.call('HSET', job_key, 'ag', agent_json) end
-if appends == '1' then redis.call('HSET', job_key, 'pa', '1') end
-if traceparent ~= '' then redis.call('HSET', job_key, 'tp', traceparent) end
+  'created', now_text, 'updated', now_text, 'deadline', deadline_text, 'hb', hb_text,
+  'nseq', '0', 'ptok', '0', 'ctok', '0', 'ttok', '0', 'ckey', cache_key,
+  'ho', handoff_spec, 'hol', int(now + handoff_grace_ms), 'hoa', '1'}
+-- The optional fields in the same write, after the others (as separate writes would add them).
+local function field(name, value)
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
+if keep == '1' then field('keep', '1') end
+if plan_json ~= '' then field('plan', plan_json) end
+if agent_json ~= '' then field('ag', agent_json) end
+if appends == '1' then field('pa', '1') end
+if traceparent ~= '' then field('tp', traceparent) end
+redis.call('HSET', job_key, unpack(fields))
 if parent_key then
-  redis.call('HINCRBY', parent_key, 'ic', 1)
+  redis.call('HINCRBY', parent_key, 'ic', '1')
   local calls = redis.call('HGET', parent_key, 'calls')
   if calls then calls = calls .. ' ' .. job_id else calls = job_id end
   redis.call('HSET', parent_key, 'calls', calls)
@@ -124,31 +132,40 @@ if parent_key then
     'pses', redis.call('HGET', parent_key, 'session'))
 end
 lifetime = lifetime + retention_ms
-redis.call('PEXPIRE', job_key, lifetime)
+redis.call('PEXPIRE', job_key, int(lifetime))
 -- Counted as queued or pending until the job ends or its hash expires; jobs that vanished
 -- unfinished (their hash expired first) are trimmed here.
-redis.call('ZREMRANGEBYSCORE', tenant_pending_key, '-inf', '(' .. now)
-redis.call('ZREMRANGEBYSCORE', tenant_running_key, '-inf', '(' .. now)
-redis.call('ZREMRANGEBYSCORE', tenant_queued_key, '-inf', '(' .. now)
+local before_now = '(' .. now_text
+redis.call('ZREMRANGEBYSCORE', tenant_pending_key, '-inf', before_now)
+redis.call('ZREMRANGEBYSCORE', tenant_running_key, '-inf', before_now)
+redis.call('ZREMRANGEBYSCORE', tenant_queued_key, '-inf', before_now)
 local counted = tenant_pending_key
 if queued then counted = tenant_queued_key end
-redis.call('ZADD', counted, now + lifetime, job_id)
+redis.call('ZADD', counted, int(now + lifetime), job_id)
 extend(counted, lifetime)
 if not queued then count_in_flight(service, now + lifetime) end
 redis.call('SADD', pending_key, job_id)
-local ttl = redis.call('PTTL', session_key)
-if ttl > 0 then redis.call('PEXPIRE', pending_key, ttl) end
+-- The pending set (and the line) expire with the session. Read with touch, the session's
+-- expiry is keep_to, just set: the same as its PTTL from now, without reading it.
+local ttl, keep_list
+if keep_to then
+  keep_list = function(key) redis.call('PEXPIREAT', key, keep_to) end
+else
+  ttl = redis.call('PTTL', session_key)
+  keep_list = function(key) if ttl > 0 then redis.call('PEXPIRE', key, ttl) end end
+end
+keep_list(pending_key)
 if queued then
   redis.call('RPUSH', line_key, job_id)
-  if ttl > 0 then redis.call('PEXPIRE', line_key, ttl) end
+  keep_list(line_key)
 end
 local kept_ms = queue_timeout_ms + deadline_ms + retention_ms
-redis.call('ZREMRANGEBYSCORE', tenant_jobs_key, '-inf', '(' .. (now - kept_ms))
-redis.call('ZADD', tenant_jobs_key, now, job_id)
+redis.call('ZREMRANGEBYSCORE', tenant_jobs_key, '-inf', '(' .. int(now - kept_ms))
+redis.call('ZADD', tenant_jobs_key, now_text, job_id)
 extend(tenant_jobs_key, kept_ms)
-redis.call('HINCRBY', session_key, 'msgs', 1)
-redis.call('HSET', session_key, 'state', 'busy', 'updated', now)
-local members = {'"deadline_ms":' .. math.min(deadline, hb)}
+redis.call('HINCRBY', session_key, 'msgs', '1')
+redis.call('HSET', session_key, 'state', 'busy', 'updated', now_text)
+local members = {'"deadline_ms":' .. int(math.min(deadline, hb))}
 if queued then members[#members + 1] = '"queued":true' end
 local env = envelope(request_json, 'accepted', with_members(accepted_json, members))
 local seq = append(env, maxlen, log_ttl_ms, channel)
