@@ -16,8 +16,10 @@ the layout back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import pytest
@@ -102,6 +104,25 @@ def serve(master: NodeView, slot: int) -> None:
             node.execute_command("CLUSTER", "ADDSLOTS", slot)
 
 
+@contextmanager
+def slot_unserved(
+    cluster: RedisClusterProcess, master: NodeView
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A slot of ``master`` that no master serves, the cluster serving the others: yields a
+    key of it and what has ``master`` serve it again (done on the way out in any case, and
+    full coverage required again)."""
+    lost_key = keys_on(cluster, master, 1)[0]
+    slot = cluster.slot_of(lost_key)
+    on_every_master(cluster, "CONFIG", "SET", "cluster-require-full-coverage", "no")
+    try:
+        with redis.Redis(port=master.port) as node:
+            node.execute_command("CLUSTER", "DELSLOTS", slot)
+        yield lost_key, partial(serve, master, slot)
+    finally:
+        serve(master, slot)
+        on_every_master(cluster, "CONFIG", "SET", "cluster-require-full-coverage", "yes")
+
+
 async def blocked_on(master: NodeView) -> set[str]:
     """Once ``master`` has a client blocked (the BLPOP arrived): its connection's id."""
     while not (blocked := blocked_clients(master)):  # noqa: ASYNC110 (another process)
@@ -159,8 +180,8 @@ async def test_slots_moving_to_another_master_leave_calls_in_flight_alone(
             assert [node.get(moved_key) for moved_key in moved] == [b"x"] * len(moved)
     finally:
         waiting.call.cancel()
+        cluster.flush()
         for moved_key in moved:
-            cluster.flush()
             set_owner(cluster, cluster.slot_of(moved_key), first)
 
 
@@ -172,21 +193,15 @@ async def test_a_slot_no_master_serves_fails_its_own_call_only(
     served again once a master takes it."""
     first, second, _ = masters(cluster)
     waiting = await waiting_call(client, cluster, second)
-    lost_key = keys_on(cluster, first, 1)[0]
-    slot = cluster.slot_of(lost_key)
-    on_every_master(cluster, "CONFIG", "SET", "cluster-require-full-coverage", "no")
     try:
-        with redis.Redis(port=first.port) as node:
-            node.execute_command("CLUSTER", "DELSLOTS", slot)
-        with pytest.raises(ClusterDownError):
-            await client.set(lost_key, "x")
-        assert await waiting.answered() == [waiting.key, "value"]
-        serve(first, slot)
-        assert await client.set(lost_key, "x")
+        with slot_unserved(cluster, first) as (lost_key, serve_again):
+            with pytest.raises(ClusterDownError):
+                await client.set(lost_key, "x")
+            assert await waiting.answered() == [waiting.key, "value"]
+            serve_again()
+            assert await client.set(lost_key, "x")
     finally:
-        serve(first, slot)
         waiting.call.cancel()
-        on_every_master(cluster, "CONFIG", "SET", "cluster-require-full-coverage", "yes")
 
 
 async def test_a_pipeline_meeting_a_slot_no_master_serves_leaves_calls_in_flight_alone(
@@ -196,22 +211,16 @@ async def test_a_pipeline_meeting_a_slot_no_master_serves_leaves_calls_in_flight
     layout their own way."""
     first, second, _ = masters(cluster)
     waiting = await waiting_call(client, cluster, second)
-    lost_key = keys_on(cluster, first, 1)[0]
-    slot = cluster.slot_of(lost_key)
-    on_every_master(cluster, "CONFIG", "SET", "cluster-require-full-coverage", "no")
     try:
-        with redis.Redis(port=first.port) as node:
-            node.execute_command("CLUSTER", "DELSLOTS", slot)
-        pipe = client.pipeline(transaction=False)
-        pipe.set(lost_key, "x")
-        with pytest.raises(ClusterDownError):
-            await pipe.execute()
-        assert await waiting.answered() == [waiting.key, "value"]
-        serve(first, slot)
-        pipe = client.pipeline(transaction=False)
-        pipe.set(lost_key, "x")
-        assert await pipe.execute() == [True]
+        with slot_unserved(cluster, first) as (lost_key, serve_again):
+            pipe = client.pipeline(transaction=False)
+            pipe.set(lost_key, "x")
+            with pytest.raises(ClusterDownError):
+                await pipe.execute()
+            assert await waiting.answered() == [waiting.key, "value"]
+            serve_again()
+            pipe = client.pipeline(transaction=False)
+            pipe.set(lost_key, "x")
+            assert await pipe.execute() == [True]
     finally:
-        serve(first, slot)
         waiting.call.cancel()
-        on_every_master(cluster, "CONFIG", "SET", "cluster-require-full-coverage", "yes")
