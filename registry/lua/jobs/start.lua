@@ -147,17 +147,18 @@ if not queued then count_in_flight(service, now + lifetime) end
 redis.call('SADD', pending_key, job_id)
 -- The pending set (and the line) expire with the session. Read with touch, the session's
 -- expiry is keep_to, just set: the same as its PTTL from now, without reading it.
-local ttl, keep_list
-if keep_to then
-  keep_list = function(key) redis.call('PEXPIREAT', key, keep_to) end
-else
-  ttl = redis.call('PTTL', session_key)
-  keep_list = function(key) if ttl > 0 then redis.call('PEXPIRE', key, ttl) end end
+local ttl = not keep_to and redis.call('PTTL', session_key)
+local function with_session(key)
+  if keep_to then
+    redis.call('PEXPIREAT', key, keep_to)
+  elseif ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+  end
 end
-keep_list(pending_key)
+with_session(pending_key)
 if queued then
   redis.call('RPUSH', line_key, job_id)
-  keep_list(line_key)
+  with_session(line_key)
 end
 local kept_ms = queue_timeout_ms + deadline_ms + retention_ms
 redis.call('ZREMRANGEBYSCORE', tenant_jobs_key, '-inf', '(' .. int(now - kept_ms))

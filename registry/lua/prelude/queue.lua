@@ -30,6 +30,13 @@ local group = 'w'
 -- printf's '%.17g' on every call (Redis 7.0), far dearer than the command it goes with, so
 -- the per-item calls pass strings only.
 local now_text = string.format('%d', now)
+-- Whether stream entry id a comes before b.
+local function entry_before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
+end
 -- Acknowledge and delete a delivered entry. XDEL only when XACK found it pending, so a stale
 -- receipt never deletes anything else. An empty stream is dropped with its group: its tenant
 -- leaves no keys behind, and enqueue recreates both.

@@ -48,14 +48,6 @@ for i = first_delivery, #ARGV, 4 do
     res[#res + 1] = 0
   end
 end
--- Whether stream entry id a is older than b.
-local function older(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, bms = tonumber(ams), tonumber(bms)
-  return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
-end
-
 -- The id right after stream entry id ``id``.
 local function next_id(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -86,7 +78,7 @@ for _, stream in ipairs(streams) do
       -- Acknowledged after an entry that is still pending: deleted one by one.
       local rest = {}
       for _, entry in ipairs(entries) do
-        if not older(entry, pending) then rest[#rest + 1] = entry end
+        if not entry_before(entry, pending) then rest[#rest + 1] = entry end
       end
       for first = 1, #rest, xdel_chunk do
         redis.call('XDEL', stream, unpack(rest, first, math.min(first + xdel_chunk - 1, #rest)))

@@ -120,14 +120,6 @@ end
 -- turn (a lone tenant takes the whole batch at once). A tenant leaves the rotation as soon as
 -- its stream has no undelivered entry left (the last entry read is the stream's last), so the
 -- length of a rotation is the number of tenants with work at that level.
--- Whether stream entry id a comes after b.
-local function after(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, bms = tonumber(ams), tonumber(bms)
-  return ams > bms or (ams == bms and tonumber(aseq) > tonumber(bseq))
-end
-
 local function take(prio)
   local rr, rs = prefix .. 'rr:' .. prio, prefix .. 'rs:' .. prio
   while #out < count do
@@ -147,7 +139,7 @@ local function take(prio)
         for _, e in ipairs(entries) do deliver(stream, e[1], e[2][2], false, prio, tenant) end
         -- deliver may have deleted stale entries, or the stream with the last of them.
         local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
-        more = top ~= nil and after(top[1], last)
+        more = top ~= nil and entry_before(last, top[1])
       end
     end
     if not more then
