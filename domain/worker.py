@@ -67,6 +67,12 @@ _OUTAGE_RETRY_S = 0.5
 _OUTAGE_RETRY_CAP_S = 30.0
 # Items whose outages in a row are remembered at most (then the count starts afresh).
 _OUTAGES_REMEMBERED = 10_000
+# What became of a failed delivery, as the worker's warning says it.
+_FAIL_OUTCOME_WORDS = {
+    FailOutcome.RETRY_SCHEDULED: "it runs again after a backoff",
+    FailOutcome.DEAD_LETTERED: "given up on: dead-lettered",
+    FailOutcome.IGNORED: "the item had finished meanwhile",
+}
 # Largest number of completions sent in one call.
 _COMPLETE_BATCH = 200
 # Largest number of leases renewed in one call (one script on Redis: kept short).
@@ -321,6 +327,15 @@ class QueueWorker:
         except Unavailable as exc:  # the lease will expire and the item come back
             log.warning("could not record failure of %s: %s", item.item_id, exc)
             return
+        # Said once per failed delivery: a handler's failures would otherwise show only in
+        # the counts (and in the dead letter, once every delivery failed).
+        log.warning(
+            "work item %s failed on delivery %d: %s; %s",
+            item.item_id,
+            item.deliveries,
+            error,
+            _FAIL_OUTCOME_WORDS[outcome],
+        )
         if outcome is FailOutcome.RETRY_SCHEDULED:
             self.stats.retried += 1
         elif outcome is FailOutcome.DEAD_LETTERED:

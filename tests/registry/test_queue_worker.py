@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
@@ -127,6 +128,30 @@ async def test_failures_are_retried_then_dead_lettered(queue: WorkQueue) -> None
     assert (permanent.status, permanent.error) == (ResultStatus.FAILED, "PermanentError: bad input")
     assert calls == {"flaky": 2, "always": CONFIG.max_deliveries, "permanent": 1}
     assert sorted(d.item_id for d in await queue.list_dead()) == ["always", "permanent"]
+
+
+async def test_each_failed_delivery_is_logged_with_what_became_of_the_item(
+    queue: WorkQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def always_fails(item: WorkItem) -> bytes:
+        raise RuntimeError(f"attempt {item.deliveries}")
+
+    worker = make_worker(queue, always_fails)
+    with caplog.at_level(logging.WARNING, logger="domain.worker"):
+        async with running(worker):
+            await queue.enqueue([new_item("doomed")])
+            assert await queue.wait_result("doomed", 10) is not None
+    said = [r.getMessage() for r in caplog.records if "doomed" in r.getMessage()]
+    last = CONFIG.max_deliveries
+    assert said == [
+        *(
+            f"work item doomed failed on delivery {n}: RuntimeError: attempt {n}; "
+            "it runs again after a backoff"
+            for n in range(1, last)
+        ),
+        f"work item doomed failed on delivery {last}: RuntimeError: attempt {last}; "
+        "given up on: dead-lettered",
+    ]
 
 
 async def test_the_dead_letter_hook_hears_of_each_item_given_up_on(queue: WorkQueue) -> None:
