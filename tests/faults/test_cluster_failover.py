@@ -40,7 +40,7 @@ from query.v1 import query_pb2
 from reference.app import ReferenceServices
 from reference.config import ReferenceConfig
 from reference.services import QueryServicer
-from registry.keys import KeySpace
+from registry.keys import KeySpace, queue_shard_of
 from server.services import BATCH_QUEUE
 from tests.support.batches import llm_item
 from tests.support.flow import EOF
@@ -60,6 +60,8 @@ STEP_DELAY_S = 0.15  # the reference services' pace: a query takes about 1 s
 BOUND_S = float(
     __import__("os").environ.get("FAILOVER_BOUND_S", "90")
 )  # the whole load, failover included
+QUEUE_SHARDS = 8  # a cluster's default, set so that a test can place a tenant's shard
+QUEUE_ELSEWHERE = "the tenant's batch queue shard on another master"
 FINAL_KINDS = frozenset({"completed", "failed", "timed_out", "cancelled"})
 # Stream failures a client answers by opening the stream again after its last sequence.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -231,12 +233,19 @@ class Platform:
         ]
 
 
-def tenant_on(cluster: RedisClusterProcess, keys: KeySpace, master: RedisProcess) -> str:
-    """A tenant id whose slot is served by ``master``."""
+def tenant_on(
+    cluster: RedisClusterProcess, keys: KeySpace, master: RedisProcess, *, queue_elsewhere: bool
+) -> str:
+    """A tenant id whose slot is served by ``master`` (``queue_elsewhere``: and whose shard of
+    the batch queue is served by another master)."""
     for n in range(10_000):
         candidate = f"failover-{n}"
-        if cluster.master_of(keys.session(candidate, "x")) is master:
-            return candidate
+        if cluster.master_of(keys.session(candidate, "x")) is not master:
+            continue
+        shard = keys.work_queue(BATCH_QUEUE, queue_shard_of(candidate, QUEUE_SHARDS))
+        if queue_elsewhere and cluster.master_of(shard) is master:
+            continue
+        return candidate
     raise AssertionError("no tenant id hashes onto the master")
 
 
@@ -251,8 +260,13 @@ def failover_cluster() -> Iterator[RedisClusterProcess]:
 
 @pytest.fixture
 async def platform(
-    failover_cluster: RedisClusterProcess, monkeypatch: pytest.MonkeyPatch
+    failover_cluster: RedisClusterProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Platform]:
+    """The server and the reference services on the cluster, and a tenant on the master to be
+    killed; parametrized (indirect) with ``QUEUE_ELSEWHERE``, the tenant's shard of the batch
+    queue is on another master."""
     submits: dict[str, list[str]] = collections.defaultdict(list)
 
     class CountingQuery(QueryServicer):
@@ -274,10 +288,12 @@ async def platform(
         embedding_service_address=reference_address,
         batch_worker_enabled=True,
         batch_worker_lease=3.0,
+        queue_shards=QUEUE_SHARDS,
     )
     keys = KeySpace(settings.redis_key_prefix)
     victim = failover_cluster.master_of(keys.work_queue(BATCH_QUEUE))
-    tenant_id = tenant_on(failover_cluster, keys, victim)
+    queue_elsewhere = getattr(request, "param", None) == QUEUE_ELSEWHERE
+    tenant_id = tenant_on(failover_cluster, keys, victim, queue_elsewhere=queue_elsewhere)
     services = ReferenceServices(
         ReferenceConfig(
             listen_address=reference_address,
@@ -439,6 +455,17 @@ REUSED_SEQUENCE = (
 )
 
 
+class BatchNotEnded(AssertionError):
+    """A batch was still in progress after the test's bound."""
+
+
+LOST_RESULT = (
+    "a batch item's result the replica never got is lost while its completion on the work "
+    "queue (another master) stays: the item stays RUNNING and the batch in progress until its "
+    "window ends (ADR 0016)"
+)
+
+
 async def accept_while_replication_is_held_back(
     platform: Platform, follower: Follower, content: str
 ) -> tuple[Any, chat_pb2.ChatEvent]:
@@ -545,3 +572,50 @@ async def test_a_follower_misses_no_event_when_its_master_dies_before_replicatin
         f"followed {[(e.sequence, kind_of(e), e.job_id[-6:]) for e in follower.events]}, "
         f"log {[(e.sequence, kind_of(e), e.job_id[-6:]) for e in log]}"
     )
+
+
+@pytest.mark.parametrize("platform", [QUEUE_ELSEWHERE], indirect=True)
+@pytest.mark.xfail(reason=LOST_RESULT, raises=BatchNotEnded, strict=True)
+async def test_a_batch_ends_when_its_master_dies_before_replicating_an_item_result(
+    platform: Platform,
+) -> None:
+    running, tenant_id, cluster = platform.running, platform.tenant_id, platform.cluster
+    stub = batches_stub(running)
+    prompts = {f"item-{n}": f"batch question {n}" for n in range(ITEMS)}
+    submitted = await stub.SubmitBatch(
+        batch_pb2.SubmitBatchRequest(items=[llm_item(c, p) for c, p in prompts.items()]),
+        metadata=tenant(tenant_id),
+        timeout=10.0,
+    )
+    batch_id = submitted.batch.batch_id
+    changes = Changes()
+    reader = BatchReader(running, tenant_id, batch_id, changes)
+    reading = asyncio.create_task(reader.run())
+    try:
+        await changes.wait_for(lambda: len(reader.results) >= 2, BOUND_S)
+        # An item finishes while the tenant's master replicates nothing; the work queue's
+        # shard, on another master, records its completion.
+        held = cluster.hold_back_replication(platform.victim)
+        try:
+            seen = len(reader.results)
+            await changes.wait_for(lambda: len(reader.results) > seen, 0.5)
+            lost = reader.results[seen]
+            index = int(lost.custom_id.removeprefix("item-"))
+            queue = running.server.services.batch_queue
+            assert await queue.wait_result(f"{batch_id}/{index}", 0.3) is not None
+            cluster.kill(platform.victim)
+        finally:
+            cluster.release(held)
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    await asyncio.to_thread(cluster.wait_failed_over, platform.tenant_key)
+
+    # A new client reads every result; its stream ends once the batch has ended. The
+    # reference services take about 1 s per item, 16 at a time.
+    after = BatchReader(running, tenant_id, batch_id, Changes())
+    try:
+        await asyncio.wait_for(after.run(), 15.0)
+    except TimeoutError:
+        raise BatchNotEnded(f"{len(after.results)} of {ITEMS} results") from None
+    assert sorted(r.custom_id for r in after.results) == sorted(prompts)
