@@ -184,6 +184,11 @@ class RunningItem:
     session_id: str
 
 
+def item_queue_id(batch_id: str, index: int) -> str:
+    """The id of item ``index`` of the batch on the work queue."""
+    return f"{batch_id}/{index}"
+
+
 @dataclass(frozen=True, slots=True)
 class ItemRef:
     """One item of one batch: what the several-items store calls take."""

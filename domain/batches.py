@@ -27,6 +27,7 @@ from domain.batch_models import (
     ItemResult,
     ItemState,
     NewBatch,
+    item_queue_id,
 )
 from domain.chat import (
     BATCH_AGENT_ID,
@@ -285,7 +286,7 @@ class BatchManager:
             return batch
         work = [
             NewWorkItem(
-                item_id=f"{batch_id}/{spec.index}",
+                item_id=item_queue_id(batch_id, spec.index),
                 tenant_id=tenant_id,
                 kind=WORK_KIND,
                 payload=encode_item(

@@ -304,3 +304,16 @@ class MemoryBatchStore:
 
     async def forget_expiry(self, tenant_id: str, batch_id: str) -> None:
         return None
+
+    async def scheduled_batches(self, *, limit: int) -> list[tuple[str, str]]:
+        self._drop_retired()
+        unfinished = [
+            key for key, record in self._batches.items() if not record.batch.state.is_final
+        ]
+        return unfinished[:limit]
+
+    async def running_items(self, tenant_id: str, batch_id: str) -> list[int]:
+        record = self._batches.get((tenant_id, batch_id))
+        if record is None:
+            return []
+        return [i for i, state in enumerate(record.states) if state is ItemState.RUNNING]

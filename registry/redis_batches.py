@@ -24,6 +24,7 @@ from registry.keys import KeySpace, shard_of
 from registry.lua_scripts import ScriptPipeline
 from registry.redis_client import (
     RedisStore,
+    as_str,
     due_members,
     page_newest_first,
     redis_errors_as_unavailable,
@@ -278,6 +279,28 @@ class RedisBatchStore(RedisStore):
             pipe.zrem(self._keys.batch_expiry(shard_of(batch_id)), member)
             pipe.zrem(self._keys.hint_keys("batch-expiry")[-1], member)
             await pipe.execute()
+
+    async def scheduled_batches(self, *, limit: int) -> list[tuple[str, str]]:
+        with redis_errors_as_unavailable():
+            # Every shard in one pipeline (on a cluster, one request per master).
+            pipe = self._redis.pipeline(transaction=False)
+            for key in self._keys.hint_keys("batch-expiry"):
+                pipe.zrange(key, 0, limit - 1)
+            replies = await pipe.execute()
+        scheduled: list[tuple[str, str]] = []
+        for members in replies:
+            for member in members:
+                tenant_id, _, batch_id = as_str(member).partition(" ")
+                scheduled.append((tenant_id, batch_id))
+        return scheduled[:limit]
+
+    async def running_items(self, tenant_id: str, batch_id: str) -> list[int]:
+        with redis_errors_as_unavailable():
+            states: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
+                self._keys.batch_keys(tenant_id, batch_id).states
+            )
+        running = batch_models.ItemState.RUNNING.value
+        return sorted(int(index) for index, state in states.items() if state == running)
 
 
 def _result(batch_id: str, entry_id: str, fields: Mapping[str, str]) -> batch_models.ItemResult:

@@ -121,3 +121,12 @@ class BatchStore(Protocol):
     async def forget_expiry(self, tenant_id: str, batch_id: str) -> None:
         """Drop a batch from the expiry schedule (it is final)."""
         ...
+
+    async def scheduled_batches(self, *, limit: int) -> list[tuple[str, str]]:
+        """(tenant, batch id) of up to ``limit`` batches on the expiry schedule, due or not:
+        every unfinished batch, and final ones whose expiry was not yet forgotten."""
+        ...
+
+    async def running_items(self, tenant_id: str, batch_id: str) -> list[int]:
+        """The indexes of the batch's RUNNING items (none for a missing batch)."""
+        ...

@@ -323,3 +323,25 @@ async def test_several_items_in_one_call_answer_as_one_by_one(store: BatchStore)
     assert await store.start_items([ItemRef("t1", a, 2)]) == [ItemStart.STARTED]
     await store.stop_batch("t1", a, BatchState.CANCELLED, ERROR)
     assert await store.attach_jobs([(refs[1], "j1", "s")]) == [False]  # cancelling
+
+
+async def test_every_unfinished_batch_is_on_the_expiry_schedule(store: BatchStore) -> None:
+    first, _ = await store.create_batch("t1", new_batch(1))
+    second, _ = await store.create_batch("t2", new_batch(2))
+
+    scheduled = await store.scheduled_batches(limit=100)
+
+    assert {("t1", first.batch_id), ("t2", second.batch_id)} <= set(scheduled)
+    assert len(await store.scheduled_batches(limit=1)) == 1
+
+
+async def test_running_items_are_the_started_unfinished_ones(store: BatchStore) -> None:
+    batch, _ = await store.create_batch("t1", new_batch(4))
+    bid = batch.batch_id
+    for index in (0, 2, 3):
+        assert await store.start_item("t1", bid, index, redelivery=False)
+    assert await store.finish_item("t1", bid, 3, done())
+
+    assert await store.running_items("t1", bid) == [0, 2]
+    assert await store.running_items("t2", bid) == []
+    assert await store.running_items("t1", new_id()) == []
