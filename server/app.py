@@ -189,7 +189,7 @@ class OrchestratorServer:
         self.data_loss = DataLossWatch(
             self.backend.instance,
             self._recover_from_data_loss,
-            on_failover=self.backend.fanout.recheck_all,
+            on_failover=self._failed_over,
         )
         self.health = HealthMonitor(
             self.health_servicer,
@@ -392,6 +392,12 @@ class OrchestratorServer:
         await self._seed_keys()
         self.backend.fanout.recheck_all()
 
+    def _failed_over(self) -> None:
+        """The cluster's masters changed: every stream of this process checks what it
+        follows, and a pass settles the batch items whose result the failover lost."""
+        self.backend.fanout.recheck_all()
+        self.services.batch_repair.request()
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish
         within the grace period, end streams, then close the backend."""
@@ -407,6 +413,7 @@ class OrchestratorServer:
         # Batch items in flight get the grace period before their streams are ended below.
         await self.workers.stop()
         await self.services.expirer.stop()
+        await self.services.batch_repair.stop()
         await self.services.reaper.stop()
         await self.revocation.stop()
         await self.ws_bridge.stop()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from domain.agent_directory import CachedAgentDirectory
+from domain.batch_repair import BatchRepair
 from domain.batch_runner import BatchRunner
 from domain.batches import BatchExpirer, BatchManager, BatchPolicy
 from domain.chat import ChatOrchestrator
@@ -160,6 +161,7 @@ class Services:
     reaper: JobReaper
     handoffs: HandoffRecovery
     expirer: BatchExpirer
+    batch_repair: BatchRepair
     # Spans in jobs' traces: handlers working for a job call ``tracing.job_span``.
     tracing: Tracing = NO_TRACING
 
@@ -255,5 +257,7 @@ def build_services(
         # Hands over again the jobs whose hand-off was interrupted (in any process).
         handoffs=HandoffRecovery(chat, interval_s=settings.reaper_interval),
         expirer=BatchExpirer(backend.batches, batches, interval_s=settings.batch_expiry_interval),
+        # After a failover: settles the batch items whose result the promoted replica lacks.
+        batch_repair=BatchRepair(backend.batches, batch_queue, backend.jobs),
         tracing=tracing,
     )

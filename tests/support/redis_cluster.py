@@ -239,13 +239,20 @@ class RedisClusterProcess:
     def kill_in_sync(self, master: RedisProcess, timeout_s: float = 5.0) -> None:
         """SIGKILL ``master`` once its replicas have every write it acknowledged: its writes
         paused first (``CLIENT PAUSE WRITE``: calls arriving meanwhile wait, then fail with
-        the kill, unanswered), then each replica's offset polled up to the master's. A plain
+        the kill, unanswered), then its replicas waited for (``wait_in_sync``). A plain
         ``kill`` under load can land between a reply and the replica's copy of that write
         (Redis may answer a client before it writes to the replica, in the same event loop
         pass), losing it (ADR 0016); this kill loses nothing the master answered."""
-        replicas = self.replicas_of(master)
         with _node(master.port) as client:
             client.execute_command("CLIENT", "PAUSE", int(timeout_s * 1000) * 2, "WRITE")
+        self.wait_in_sync(master, timeout_s)
+        self.kill(master)
+
+    def wait_in_sync(self, master: RedisProcess, timeout_s: float = 5.0) -> None:
+        """Wait until each replica of ``master`` has what ``master`` had written when called
+        (its replication offset, polled)."""
+        replicas = self.replicas_of(master)
+        with _node(master.port) as client:
             target = int(client.info("replication")["master_repl_offset"])
         deadline = time.monotonic() + timeout_s
         for replica in replicas:
@@ -254,7 +261,6 @@ class RedisClusterProcess:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"replica {replica.port} never reached {target}")
                     time.sleep(0.001)
-        self.kill(master)
 
     def hold_back_replication(self, master: RedisProcess) -> list[RedisProcess]:
         """Stop ``master``'s replicas (SIGSTOP) and close its links to them: until
