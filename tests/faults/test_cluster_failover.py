@@ -611,7 +611,8 @@ async def test_a_batch_ends_when_its_master_dies_before_replicating_an_item_resu
     failover settles it (domain.batch_repair), and the batch ends."""
     running, tenant_id, cluster = platform.running, platform.tenant_id, platform.cluster
     stub = batches_stub(running)
-    prompts = {f"item-{n}": f"batch question {n}" for n in range(ITEMS)}
+    # Items finish in waves (16 at a time, about 1 s each): more waves, more tries.
+    prompts = {f"item-{n}": f"batch question {n}" for n in range(2 * ITEMS)}
     submitted = await stub.SubmitBatch(
         batch_pb2.SubmitBatchRequest(items=[llm_item(c, p) for c, p in prompts.items()]),
         metadata=tenant(tenant_id),
