@@ -71,7 +71,7 @@ _OUTAGES_REMEMBERED = 10_000
 _FAIL_OUTCOME_WORDS = {
     FailOutcome.RETRY_SCHEDULED: "it runs again after a backoff",
     FailOutcome.DEAD_LETTERED: "given up on: dead-lettered",
-    FailOutcome.IGNORED: "the item had finished meanwhile",
+    FailOutcome.IGNORED: "ignored: the item had finished, or another delivery holds it",
 }
 # Largest number of completions sent in one call.
 _COMPLETE_BATCH = 200
