@@ -575,7 +575,7 @@ async def result_lost_with_its_master(
     """Kill the tenant's master right after an item finished on it while its replica got
     nothing (the item's completion recorded on the work queue's shard, on another master); the
     item's result. Items finish in waves, so replication is held back (each time shorter than
-    the node timeout) until one does, and let catch up between tries."""
+    the node timeout) until one does, the replica catching up between tries."""
     cluster, running = platform.cluster, platform.running
     store, queue = running.server.backend.batches, running.server.services.batch_queue
     for _ in range(20):
