@@ -15,13 +15,11 @@ compare-and-set, so passes in several processes give each item one result.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from domain.batch_models import ItemOutcome, ItemState, item_queue_id
 from domain.batch_runner import item_job_id, outcome_of
-from domain.errors import Unavailable
+from domain.periodic import PeriodicTask
 from domain.ports.batches import BatchStore
 from domain.ports.jobs import JobStore
 from domain.ports.queue import WorkQueue
@@ -30,9 +28,9 @@ log = logging.getLogger(__name__)
 
 # Batches looked at per pass at most.
 MAX_BATCHES = 10_000
-# A pass that meets an outage (the cluster still settling) is tried again this often.
-ATTEMPTS = 5
-RETRY_S = 1.0
+# How soon a requested pass runs, and a pass that met an outage (the cluster still settling)
+# is tried again.
+INTERVAL_S = 1.0
 
 
 def lost_outcome(job_id: str) -> ItemOutcome:
@@ -45,8 +43,10 @@ def lost_outcome(job_id: str) -> ItemOutcome:
     return ItemOutcome(ItemState.FAILED, job_id, error=error)
 
 
-class BatchRepair:
-    """Runs repair passes on request (``request``: after a failover), one at a time."""
+class BatchRepair(PeriodicTask):
+    """Runs a repair pass once requested (``request``: after a failover), at the loop's next
+    turn, and again every ``interval_s`` until one finishes (domain.periodic runs the loop and
+    logs its failures)."""
 
     def __init__(
         self,
@@ -54,52 +54,30 @@ class BatchRepair:
         queue: WorkQueue,
         jobs: JobStore,
         *,
-        attempts: int = ATTEMPTS,
-        retry_s: float = RETRY_S,
+        interval_s: float = INTERVAL_S,
     ) -> None:
+        super().__init__("batch-repair", self._requested_pass, interval_s)
         self._store = store
         self._queue = queue
         self._jobs = jobs
-        self._attempts = attempts
-        self._retry_s = retry_s
-        self._task: asyncio.Task[None] | None = None
-        self._again = False
+        self._requested = False
         self.settled = 0  # items settled so far (for tests and operators)
         self.passes = 0  # passes finished so far
 
     def request(self) -> None:
-        """Run a pass soon; one asked for while a pass runs runs after it."""
-        if self._task is not None and not self._task.done():
-            self._again = True
+        """Run a pass at the loop's next turn (one asked for during a pass runs after it)."""
+        self._requested = True
+
+    async def _requested_pass(self) -> None:
+        if not self._requested:
             return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-repair")
-
-    async def stop(self) -> None:
-        """Cancel a pass in progress (the next failover's pass covers what it did not)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            self._again = False
-            for attempt in range(1, self._attempts + 1):
-                try:
-                    self.settled += await self.repair_once()
-                    break
-                except Unavailable as exc:
-                    log.warning(
-                        "batch repair after a failover could not run (attempt %d of %d): %s",
-                        attempt,
-                        self._attempts,
-                        exc,
-                    )
-                    await asyncio.sleep(self._retry_s)
-            self.passes += 1
-            if not self._again:
-                return
+        self._requested = False
+        try:
+            self.settled += await self.repair_once()
+        except Exception:
+            self._requested = True  # tried again at the next turn
+            raise
+        self.passes += 1
 
     async def repair_once(self) -> int:
         """One pass; returns how many items it settled."""

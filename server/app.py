@@ -356,6 +356,7 @@ class OrchestratorServer:
         self.services.handoffs.start()
         self.revocation.start()
         self.services.expirer.start()
+        self.services.batch_repair.start()
         if self.settings.batch_worker_enabled:
             self.workers.start_batch_worker()
         if self.settings.chat_worker_enabled:
